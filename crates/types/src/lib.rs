@@ -1,0 +1,130 @@
+//! Tandem's vocabulary: identifiers, limits and the names every other crate shares.
+//!
+//! This crate does no I/O and depends on nothing but `serde`. It is the bottom of the crate
+//! graph: if a name is needed by two crates, it lives here.
+
+use std::fmt;
+
+/// A node's identity in the cluster. Raft needs a plain integer id; `0` is never a valid node.
+pub type NodeId = u64;
+
+/// Upper bound on one network frame (header + payload). Raft snapshot chunks, replication
+/// writes and bulk copies are all sized below it; a peer announcing a larger frame is
+/// misbehaving and its connection is dropped before anything is allocated.
+pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Raft snapshots are shipped in chunks of this size, well below `FRAME_BYTES_MAX`.
+pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
+
+/// The longest setting value accepted by the metadata store. Metadata is small by design;
+/// bulk data goes through the data plane.
+pub const SETTING_VALUE_BYTES_MAX: usize = 4096;
+
+/// The longest name (site, setting key, later dataset/volume/host names).
+pub const NAME_BYTES_MAX: usize = 128;
+
+/// The logical channels of a peer link. Each has its own queue so that bulk traffic never sits
+/// in front of Raft heartbeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum Channel {
+    /// Raft RPCs and metadata forwarding.
+    Control,
+    /// Synchronous replication of host writes.
+    Replication,
+    /// Resync and copies: large, throughput-bound.
+    Bulk,
+    /// Liveness and latency probes.
+    Probe,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 4] = [Channel::Control, Channel::Replication, Channel::Bulk, Channel::Probe];
+
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Channel::Control => 0,
+            Channel::Replication => 1,
+            Channel::Bulk => 2,
+            Channel::Probe => 3,
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Channel> {
+        Channel::ALL.get(v as usize).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Control => "control",
+            Channel::Replication => "replication",
+            Channel::Bulk => "bulk",
+            Channel::Probe => "probe",
+        }
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("is longer than {NAME_BYTES_MAX} bytes")]
+    TooLong,
+    #[error("may contain only a-z, A-Z, 0-9, '-', '_' and '.', and must start with a letter or digit")]
+    BadCharacter,
+}
+
+/// Validates a user-chosen name (site, setting key, and later dataset, volume and host names).
+/// Names end up in file paths, URLs and NBD export names, so the alphabet is kept small.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > NAME_BYTES_MAX {
+        return Err(NameError::TooLong);
+    }
+    let mut chars = name.chars();
+    let first = chars.next().ok_or(NameError::Empty)?;
+    if !first.is_ascii_alphanumeric() {
+        return Err(NameError::BadCharacter);
+    }
+    if !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err(NameError::BadCharacter);
+    }
+    Ok(())
+}
+
+/// The DNS name carried by a node's certificate. Peers check it on both sides of every
+/// connection, so a certificate issued for node 2 cannot be used to speak as node 3.
+pub fn node_cert_name(id: NodeId) -> String {
+    format!("node-{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_numbers_round_trip() {
+        for c in Channel::ALL {
+            assert_eq!(Channel::from_u8(c.as_u8()), Some(c));
+        }
+        assert_eq!(Channel::from_u8(4), None);
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("site-a").is_ok());
+        assert!(validate_name("vol_1.x").is_ok());
+        assert_eq!(validate_name(""), Err(NameError::Empty));
+        assert_eq!(validate_name("-x"), Err(NameError::BadCharacter));
+        assert_eq!(validate_name("a/b"), Err(NameError::BadCharacter));
+        assert_eq!(validate_name(&"a".repeat(NAME_BYTES_MAX + 1)), Err(NameError::TooLong));
+    }
+}
