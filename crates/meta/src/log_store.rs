@@ -1,0 +1,214 @@
+//! The Raft log on sled, with group commit.
+//!
+//! Layout (trees of one `sled::Db`): `raft_log` maps an index (u64 big-endian, so byte order is
+//! log order) to an encoded entry; `raft_state` holds the vote, the committed log id and the
+//! last purged log id.
+//!
+//! Durability: `append` writes the entries into sled's in-memory log at once and hands
+//! openraft's flush callback to one flusher task. The flusher takes every callback waiting,
+//! makes one `flush_async` (an fsync) for all of them, then fires them in order: entries that
+//! arrive while a flush runs share the next one (group commit). A callback never fires before
+//! the flush that covers its entries has returned. Votes are flushed before `save_vote`
+//! returns, since a vote forgotten in a crash can elect two leaders in one term.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::sync::mpsc;
+
+use crate::raft_types::TypeConfig;
+use tandem_types::NodeId;
+
+/// Callbacks waiting for the flusher. openraft has a bounded number of appends in flight, so
+/// this bound is only reached when the disk stalls; then `append` waits (backpressure).
+const FLUSH_QUEUE_MAX: usize = 4096;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+
+fn io_err(e: impl ToString) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+pub(crate) fn read_err(e: impl ToString) -> StorageError<NodeId> {
+    StorageIOError::read(&io_err(e)).into()
+}
+
+pub(crate) fn write_err(e: impl ToString) -> StorageError<NodeId> {
+    StorageIOError::write(&io_err(e)).into()
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
+    tandem_wire::encode(v).map_err(write_err)
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError<NodeId>> {
+    tandem_wire::decode(bytes).map_err(read_err)
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Reads log entries; cheap to clone (sled trees are shared handles).
+#[derive(Clone)]
+pub struct LogReader {
+    log: sled::Tree,
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for kv in self.log.range::<[u8; 8], _>((start, end)) {
+            let (_, v) = kv.map_err(read_err)?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+}
+
+pub struct LogStore {
+    db: sled::Db,
+    reader: LogReader,
+    state: sled::Tree,
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    /// Opens the log in `db`; starts the flusher task on the current tokio runtime.
+    pub fn open(db: &sled::Db) -> Result<LogStore, StorageError<NodeId>> {
+        let log = db.open_tree("raft_log").map_err(read_err)?;
+        let state = db.open_tree("raft_state").map_err(read_err)?;
+        let (tx, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
+        tokio::spawn(flusher(db.clone(), rx));
+        Ok(LogStore { db: db.clone(), reader: LogReader { log }, state, flusher: tx })
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
+        match self.state.get(key).map_err(read_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_durable<T: Serialize>(&self, key: &[u8], v: &T) -> Result<(), StorageError<NodeId>> {
+        self.state.insert(key, encode(v)?).map_err(write_err)?;
+        self.db.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+}
+
+async fn flusher(db: sled::Db, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while let Ok(cb) = rx.try_recv() {
+            batch.push(cb);
+        }
+        let result = db.flush_async().await;
+        for cb in batch.drain(..) {
+            cb.log_io_completed(result.as_ref().map(|_| ()).map_err(io_err));
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        self.reader.try_get_log_entries(range).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let last_purged: Option<LogId<NodeId>> = self.get(KEY_PURGED)?;
+        let last = match self.reader.log.last().map_err(read_err)? {
+            Some((_, v)) => Some(*decode::<Entry<TypeConfig>>(&v)?.get_log_id()),
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.reader.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.put_durable(KEY_VOTE, vote).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        self.get(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+        // Not flushed: a committed index that is lost in a crash is learned again from the
+        // leader; it only lets a restarted node re-apply sooner.
+        self.state.insert(KEY_COMMITTED, encode(&committed)?).map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self.get::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&index_key(entry.get_log_id().index), encode(&entry)?);
+        }
+        self.reader.log.apply_batch(batch).map_err(write_err)?;
+        self.flusher.send(callback).await.map_err(|_| write_err("log flusher stopped"))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let mut batch = sled::Batch::default();
+        for kv in self.reader.log.range(index_key(log_id.index)..) {
+            let (k, _) = kv.map_err(read_err)?;
+            batch.remove(k);
+        }
+        self.reader.log.apply_batch(batch).map_err(write_err)?;
+        self.db.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // Record the purge point first: a crash in between leaves entries that are merely
+        // unreachable, never a gap that openraft would read as missing log.
+        self.put_durable(KEY_PURGED, &log_id).await?;
+        let mut batch = sled::Batch::default();
+        for kv in self.reader.log.range(..=index_key(log_id.index)) {
+            let (k, _) = kv.map_err(read_err)?;
+            batch.remove(k);
+        }
+        self.reader.log.apply_batch(batch).map_err(write_err)?;
+        Ok(())
+    }
+}

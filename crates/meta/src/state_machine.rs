@@ -1,0 +1,238 @@
+//! The Raft state machine on sled: an adapter around [`ClusterMap::apply`].
+//!
+//! The map lives in memory (reads are served from it) and in the `state_machine` tree, one
+//! record per [`ObjectKey`], next to the last applied log id and the membership. Each batch of
+//! applied entries is written as one atomic sled batch, so the stored map always matches the
+//! stored `applied` id. It is not flushed per batch: the log is durable, and after a crash
+//! openraft re-applies from the stored `applied` id. Snapshots flush the whole database before
+//! they are reported built, because the log before a snapshot may then be purged.
+//!
+//! Snapshots are the encoded [`SnapshotBody`] (map, applied id, membership) kept in the
+//! `snapshot` tree, so a restarted node can still send its latest one to a lagging peer.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tandem_types::NodeId;
+
+use crate::cluster_map::{ClusterMap, MetaReply, Object, ObjectKey};
+use crate::log_store::{decode, encode, read_err, write_err};
+use crate::raft_types::TypeConfig;
+
+const KEY_APPLIED: &[u8] = b"\0applied";
+const KEY_MEMBERSHIP: &[u8] = b"\0membership";
+const KEY_SNAPSHOT_META: &[u8] = b"meta";
+const KEY_SNAPSHOT_DATA: &[u8] = b"data";
+
+/// What the state machine holds; shared with readers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SmState {
+    pub map: ClusterMap,
+    pub last_applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, BasicNode>,
+}
+
+/// A snapshot's content.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    state: SmState,
+}
+
+/// A read-only handle on the applied state, for the API.
+#[derive(Clone)]
+pub struct SmReader {
+    state: Arc<RwLock<SmState>>,
+}
+
+impl SmReader {
+    pub fn read<T>(&self, f: impl FnOnce(&SmState) -> T) -> T {
+        f(&self.state.read().expect("state lock"))
+    }
+}
+
+pub struct StateMachine {
+    db: sled::Db,
+    tree: sled::Tree,
+    snapshots: sled::Tree,
+    state: Arc<RwLock<SmState>>,
+    snapshot_seq: u64,
+}
+
+impl StateMachine {
+    pub fn open(db: &sled::Db) -> Result<StateMachine, StorageError<NodeId>> {
+        let tree = db.open_tree("state_machine").map_err(read_err)?;
+        let snapshots = db.open_tree("snapshot").map_err(read_err)?;
+        let mut state = SmState::default();
+        let mut objects = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(read_err)?;
+            match &k[..] {
+                KEY_APPLIED => state.last_applied = decode(&v)?,
+                KEY_MEMBERSHIP => state.membership = decode(&v)?,
+                key => {
+                    let key = ObjectKey::decode(key).ok_or_else(|| read_err(format!("unknown state key {key:?}")))?;
+                    objects.push((key, decode::<Object>(&v)?));
+                }
+            }
+        }
+        state.map = ClusterMap::from_objects(objects).map_err(read_err)?;
+        Ok(StateMachine {
+            db: db.clone(),
+            tree,
+            snapshots,
+            state: Arc::new(RwLock::new(state)),
+            snapshot_seq: 0,
+        })
+    }
+
+    pub fn reader(&self) -> SmReader {
+        SmReader { state: self.state.clone() }
+    }
+
+    fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let meta = self.snapshots.get(KEY_SNAPSHOT_META).map_err(read_err)?;
+        let data = self.snapshots.get(KEY_SNAPSHOT_DATA).map_err(read_err)?;
+        match (meta, data) {
+            (Some(meta), Some(data)) => Ok(Some(Snapshot {
+                meta: decode(&meta)?,
+                snapshot: Box::new(Cursor::new(data.to_vec())),
+            })),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Stores a snapshot as the node's current one, durably.
+async fn save_snapshot(
+    db: &sled::Db,
+    snapshots: &sled::Tree,
+    meta: &SnapshotMeta<NodeId, BasicNode>,
+    data: &[u8],
+) -> Result<(), StorageError<NodeId>> {
+    let mut batch = sled::Batch::default();
+    batch.insert(KEY_SNAPSHOT_META, encode(meta)?);
+    batch.insert(KEY_SNAPSHOT_DATA, data);
+    snapshots.apply_batch(batch).map_err(write_err)?;
+    db.flush_async().await.map_err(write_err)?;
+    Ok(())
+}
+
+pub struct SnapshotBuilder {
+    db: sled::Db,
+    snapshots: sled::Tree,
+    state: SmState,
+    seq: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let last = self.state.last_applied;
+        let snapshot_id = match last {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
+            None => format!("0-0-{}", self.seq),
+        };
+        let meta =
+            SnapshotMeta { last_log_id: last, last_membership: self.state.membership.clone(), snapshot_id };
+        let data = encode(&SnapshotBody { state: self.state.clone() })?;
+        // Flushes the state machine tree too: once this returns, the log up to `last` may go.
+        save_snapshot(&self.db, &self.snapshots, &meta, &data).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
+        let st = self.state.read().expect("state lock");
+        Ok((st.last_applied, st.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<MetaReply>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut replies = Vec::new();
+        let mut batch = sled::Batch::default();
+        {
+            let mut st = self.state.write().expect("state lock");
+            for entry in entries {
+                st.last_applied = Some(entry.log_id);
+                let reply = match entry.payload {
+                    EntryPayload::Blank => MetaReply::Done { changed: false },
+                    EntryPayload::Normal(cmd) => st.map.apply(cmd),
+                    EntryPayload::Membership(m) => {
+                        st.membership = StoredMembership::new(Some(entry.log_id), m);
+                        batch.insert(KEY_MEMBERSHIP, encode(&st.membership)?);
+                        MetaReply::Done { changed: true }
+                    }
+                };
+                replies.push(reply);
+            }
+            for key in st.map.take_touched() {
+                match st.map.object(&key) {
+                    Some(obj) => batch.insert(key.encode(), encode(&obj)?),
+                    None => batch.remove(key.encode()),
+                }
+            }
+            batch.insert(KEY_APPLIED, encode(&st.last_applied)?);
+        }
+        self.tree.apply_batch(batch).map_err(write_err)?;
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        self.snapshot_seq += 1;
+        SnapshotBuilder {
+            db: self.db.clone(),
+            snapshots: self.snapshots.clone(),
+            state: self.state.read().expect("state lock").clone(),
+            seq: self.snapshot_seq,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        let body: SnapshotBody = decode(&data)?;
+        let mut new_state = body.state;
+        // The meta is authoritative for what the snapshot covers.
+        new_state.last_applied = meta.last_log_id;
+        new_state.membership = meta.last_membership.clone();
+
+        let mut batch = sled::Batch::default();
+        for kv in self.tree.iter() {
+            let (k, _) = kv.map_err(read_err)?;
+            batch.remove(k);
+        }
+        for (key, obj) in new_state.map.objects() {
+            batch.insert(key.encode(), encode(&obj)?);
+        }
+        batch.insert(KEY_APPLIED, encode(&new_state.last_applied)?);
+        batch.insert(KEY_MEMBERSHIP, encode(&new_state.membership)?);
+        self.tree.apply_batch(batch).map_err(write_err)?;
+        save_snapshot(&self.db, &self.snapshots, meta, &data).await?;
+        *self.state.write().expect("state lock") = new_state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        self.current_snapshot()
+    }
+}

@@ -1,0 +1,404 @@
+//! [`MetaStore`]: one node's handle on the replicated metadata.
+//!
+//! Any node accepts any operation. Reads are linearizable everywhere: a node gets a read index
+//! from the leader (which confirms its leadership with a quorum first, openraft's read-index
+//! path), waits until it has applied that far, and answers from its own state machine. Writes
+//! and membership changes are carried out by the leader; another node forwards them over the
+//! transport and retries while an election is in progress, up to [`LEADER_WAIT`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use serde::{de::DeserializeOwned, Serialize};
+use tandem_transport::{BoxFuture, Channel, Handler, Transport};
+use tandem_types::{NodeId, SNAPSHOT_CHUNK_BYTES};
+use tokio::time::Instant;
+
+use crate::cluster_map::{MetaCmd, MetaReply, NodeRecord};
+use crate::log_store::LogStore;
+use crate::network::{call, decode_msg, encode_msg, Forwarded, MetaError, MetaRpc, Network};
+use crate::raft_types::Raft;
+use crate::state_machine::{SmReader, SmState, StateMachine};
+
+/// How long an operation waits for a reachable leader (elections, a leader change) before it
+/// reports the store unavailable.
+pub const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// How long a new node may take to catch up as a learner before it is made a voter.
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
+/// How long a follower waits to apply up to a read index.
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// Raft timing and log compaction, from the cluster config.
+#[derive(Clone, Debug)]
+pub struct MetaConfig {
+    pub cluster_name: String,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot (for followers slightly behind); older ones
+    /// are purged, and a follower further behind is sent the snapshot.
+    pub logs_to_keep: u64,
+}
+
+impl MetaConfig {
+    fn raft_config(&self) -> Result<Config, String> {
+        Config {
+            cluster_name: self.cluster_name.clone(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: self.logs_to_keep,
+            purge_batch_size: 1,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            install_snapshot_timeout: 5_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// One node's view of Raft, for status displays.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub id: NodeId,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+}
+
+pub struct MetaStore {
+    id: NodeId,
+    raft: Raft,
+    sm: SmReader,
+    transport: Arc<dyn Transport>,
+    db: sled::Db,
+}
+
+fn not_leader(leader: Option<NodeId>) -> MetaError {
+    MetaError::NotLeader { leader }
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> MetaError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f.leader_id),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => MetaError::Conflict(c.to_string()),
+        RaftError::Fatal(f) => MetaError::Internal(f.to_string()),
+    }
+}
+
+fn reply_result(reply: MetaReply) -> Result<MetaReply, MetaError> {
+    match reply {
+        MetaReply::NotFound(m) => Err(MetaError::NotFound(m)),
+        MetaReply::Invalid(m) => Err(MetaError::Invalid(m)),
+        done @ MetaReply::Done { .. } => Ok(done),
+    }
+}
+
+impl MetaStore {
+    /// Opens (or creates) the store in `dir` and starts Raft. A node restarted on its dir comes
+    /// back with its log, vote and state, and rejoins the cluster on its own.
+    pub async fn open(
+        id: NodeId,
+        config: &MetaConfig,
+        dir: &Path,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<MetaStore>, String> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| format!("cannot open metadata store in {}: {e}", dir.display()))?;
+        let log = LogStore::open(&db).map_err(|e| e.to_string())?;
+        let sm = StateMachine::open(&db).map_err(|e| e.to_string())?;
+        let reader = sm.reader();
+        // Peers already in the map get their addresses now, so even forwarded requests to them
+        // work before Raft has replicated to them.
+        reader.read(|st| {
+            for (nid, node) in st.membership.membership().nodes() {
+                if let Ok(addr) = node.addr.parse() {
+                    transport.set_peer_addr(*nid, addr);
+                }
+            }
+        });
+        let raft_config = Arc::new(config.raft_config()?);
+        let network = Network { transport: transport.clone() };
+        let raft = Raft::new(id, raft_config, network, log, sm).await.map_err(|e| e.to_string())?;
+        Ok(Arc::new(MetaStore { id, raft, sm: reader, transport, db }))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The handler for this store's requests on the control channel.
+    pub fn handler(self: &Arc<Self>) -> Arc<dyn Handler> {
+        Arc::new(RpcHandler { store: self.clone() })
+    }
+
+    /// Forms a new cluster from `members` (each must be running). Call on one pristine node;
+    /// on a node that already belongs to a cluster it does nothing and returns `Ok(false)`.
+    pub async fn initialize(&self, members: &[NodeRecord]) -> Result<bool, MetaError> {
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            members.iter().map(|m| (m.id, BasicNode::new(m.raft_addr.to_string()))).collect();
+        for m in members {
+            m.validate().map_err(MetaError::Invalid)?;
+            self.transport.set_peer_addr(m.id, m.raft_addr);
+        }
+        match self.raft.initialize(nodes).await {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => return Ok(false),
+            Err(e) => return Err(MetaError::Invalid(e.to_string())),
+        }
+        for m in members {
+            self.write(MetaCmd::RegisterNode(m.clone())).await?;
+        }
+        Ok(true)
+    }
+
+    /// Proposes a command and returns its reply once it is committed and applied.
+    pub async fn write(&self, cmd: MetaCmd) -> Result<MetaReply, MetaError> {
+        let reply = self.on_leader(Forwarded::Write(cmd.clone()), || self.local_write(cmd.clone())).await?;
+        reply_result(reply)
+    }
+
+    /// Runs `f` on state that reflects every write committed before this call began.
+    pub async fn read<T>(&self, f: impl FnOnce(&SmState) -> T) -> Result<T, MetaError> {
+        let index: Option<u64> = self.on_leader(Forwarded::ReadIndex, || self.local_read_index()).await?;
+        self.raft
+            .wait(Some(APPLY_WAIT))
+            .applied_index_at_least(index, "linearizable read")
+            .await
+            .map_err(|e| MetaError::Unavailable(format!("could not apply up to the read index: {e}")))?;
+        Ok(self.sm.read(f))
+    }
+
+    /// This node's applied state as it is now, without asking the leader (may be stale).
+    pub fn local_read<T>(&self, f: impl FnOnce(&SmState) -> T) -> T {
+        self.sm.read(f)
+    }
+
+    /// Adds a node: records it in the map, lets it catch up as a learner, then makes it a voter.
+    pub async fn add_node(&self, rec: NodeRecord) -> Result<MetaReply, MetaError> {
+        rec.validate().map_err(MetaError::Invalid)?;
+        let reply = self.on_leader(Forwarded::AddNode(rec.clone()), || self.local_add_node(rec.clone())).await?;
+        reply_result(reply)
+    }
+
+    /// Removes a node from the Raft membership and the map.
+    pub async fn remove_node(&self, id: NodeId) -> Result<MetaReply, MetaError> {
+        let reply = self.on_leader(Forwarded::RemoveNode(id), || self.local_remove_node(id)).await?;
+        reply_result(reply)
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let membership = m.membership_config.membership();
+        RaftStatus {
+            id: self.id,
+            role: role.to_string(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+        }
+    }
+
+    /// Waits until this node knows a leader, up to `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, MetaError> {
+        let m = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a known leader")
+            .await
+            .map_err(|e| MetaError::Unavailable(e.to_string()))?;
+        m.current_leader.ok_or_else(|| MetaError::Unavailable("no leader".into()))
+    }
+
+    /// Stops Raft and flushes everything to disk.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        if let Err(e) = self.db.flush_async().await {
+            tracing::warn!(error = %e, "final flush of the metadata store failed");
+        }
+    }
+
+    /// Runs `local` if this node leads, else forwards `fwd` to the leader; retries while there
+    /// is no leader or it moved, until [`LEADER_WAIT`] has passed.
+    async fn on_leader<T, F, Fut>(&self, fwd: Forwarded, local: F) -> Result<T, MetaError>
+    where
+        T: DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, MetaError>>,
+    {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            let result = match leader {
+                Some(l) if l == self.id => local().await,
+                Some(l) => match call::<Result<T, MetaError>>(self.transport.as_ref(), l, &MetaRpc::Forward(fwd.clone()))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => Err(MetaError::Unavailable(format!("leader {l} unreachable: {e}"))),
+                },
+                None => Err(MetaError::Unavailable("no leader elected".into())),
+            };
+            match result {
+                Err(e @ (MetaError::NotLeader { .. } | MetaError::Unavailable(_))) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(match e {
+                            MetaError::NotLeader { .. } => MetaError::Unavailable("leadership kept moving".into()),
+                            e => e,
+                        });
+                    }
+                    // Wake on a metrics change (a new leader) or after a short pause.
+                    let pause = Duration::from_millis(50).min(deadline - now);
+                    let _ = tokio::time::timeout(pause, metrics.changed()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn local_write(&self, cmd: MetaCmd) -> Result<MetaReply, MetaError> {
+        self.raft.client_write(cmd).await.map(|r| r.data).map_err(write_error)
+    }
+
+    async fn local_read_index(&self) -> Result<Option<u64>, MetaError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map(|l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(f.leader_id)),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                Err(MetaError::Unavailable(q.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(MetaError::Internal(f.to_string())),
+        }
+    }
+
+    fn membership_sets(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        (membership.voter_ids().collect(), membership.learner_ids().collect())
+    }
+
+    async fn local_add_node(&self, rec: NodeRecord) -> Result<MetaReply, MetaError> {
+        let id = rec.id;
+        let (voters, _) = self.membership_sets();
+        let known = self.sm.read(|st| st.map.nodes.get(&id).cloned());
+        if voters.contains(&id) {
+            return match known {
+                // A retry of an add that already completed.
+                Some(k) if k == rec => Ok(MetaReply::Done { changed: false }),
+                _ => Err(MetaError::Conflict(format!("node {id} is already a member; remove it first"))),
+            };
+        }
+        reply_result(self.local_write(MetaCmd::RegisterNode(rec.clone())).await?)?;
+        self.transport.set_peer_addr(id, rec.raft_addr);
+        let node = BasicNode::new(rec.raft_addr.to_string());
+        match tokio::time::timeout(CATCH_UP_WAIT, self.raft.add_learner(id, node, true)).await {
+            Ok(r) => r.map_err(write_error)?,
+            Err(_) => {
+                return Err(MetaError::Unavailable(format!(
+                    "node {id} did not catch up within {CATCH_UP_WAIT:?}; is it running and reachable at {}?",
+                    rec.raft_addr
+                )))
+            }
+        };
+        self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(write_error)?;
+        Ok(MetaReply::Done { changed: true })
+    }
+
+    async fn local_remove_node(&self, id: NodeId) -> Result<MetaReply, MetaError> {
+        let (voters, learners) = self.membership_sets();
+        let in_map = self.sm.read(|st| st.map.nodes.contains_key(&id));
+        if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(MetaError::Conflict(format!("node {id} is the last voter; a cluster cannot remove it")));
+            }
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_error)?;
+        } else if learners.contains(&id) {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(write_error)?;
+        } else if !in_map {
+            return Err(MetaError::NotFound(format!("node {id} is not a member of the cluster")));
+        }
+        // If this node just removed itself it is no longer leader: the caller retries on the
+        // new leader, which finds the node out of the membership and finishes here.
+        match self.local_write(MetaCmd::RemoveNode { id }).await? {
+            MetaReply::NotFound(_) => Ok(MetaReply::Done { changed: true }),
+            other => Ok(other),
+        }
+    }
+}
+
+/// Serves [`MetaRpc`]s arriving on the control channel.
+struct RpcHandler {
+    store: Arc<MetaStore>,
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Bytes, String> {
+    encode_msg(v)
+}
+
+impl RpcHandler {
+    async fn handle_rpc(&self, payload: Bytes) -> Result<Bytes, String> {
+        let raft = &self.store.raft;
+        match decode_msg::<MetaRpc>(&payload)? {
+            MetaRpc::AppendEntries(req) => reply(&raft.append_entries(req).await),
+            MetaRpc::Vote(req) => reply(&raft.vote(req).await),
+            MetaRpc::InstallSnapshot(req) => reply(&raft.install_snapshot(req).await),
+            MetaRpc::Forward(Forwarded::Write(cmd)) => reply(&self.store.local_write(cmd).await),
+            MetaRpc::Forward(Forwarded::ReadIndex) => reply(&self.store.local_read_index().await),
+            MetaRpc::Forward(Forwarded::AddNode(rec)) => reply(&self.store.local_add_node(rec).await),
+            MetaRpc::Forward(Forwarded::RemoveNode(id)) => reply(&self.store.local_remove_node(id).await),
+        }
+    }
+}
+
+impl Handler for RpcHandler {
+    fn handle(&self, _from: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            if channel != Channel::Control {
+                return Err(format!("the metadata store does not serve the {channel} channel"));
+            }
+            self.handle_rpc(payload).await
+        })
+    }
+}
