@@ -43,17 +43,26 @@ impl NodeRecord {
 pub enum MetaCmd {
     /// Adds a node's record, or replaces it (new addresses, new site).
     RegisterNode(NodeRecord),
-    RemoveNode { id: NodeId },
+    RemoveNode {
+        id: NodeId,
+    },
     /// A cluster-wide setting: small, named, free-form text.
-    PutSetting { key: String, value: String },
-    DeleteSetting { key: String },
+    PutSetting {
+        key: String,
+        value: String,
+    },
+    DeleteSetting {
+        key: String,
+    },
 }
 
 /// The outcome of applying one command. A refused command changes nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaReply {
     /// Applied; `changed` is false when the map already held this value.
-    Done { changed: bool },
+    Done {
+        changed: bool,
+    },
     NotFound(String),
     Invalid(String),
 }
@@ -83,7 +92,8 @@ impl ObjectKey {
         if let Some(id) = s.strip_prefix(Self::NODE) {
             return id.parse().ok().map(ObjectKey::Node);
         }
-        s.strip_prefix(Self::SETTING).map(|k| ObjectKey::Setting(k.to_string()))
+        s.strip_prefix(Self::SETTING)
+            .map(|k| ObjectKey::Setting(k.to_string()))
     }
 }
 
@@ -119,8 +129,15 @@ impl ClusterMap {
                 if let Err(e) = rec.validate() {
                     return MetaReply::Invalid(e);
                 }
-                if let Some(other) = self.nodes.values().find(|n| n.id != rec.id && n.raft_addr == rec.raft_addr) {
-                    return MetaReply::Invalid(format!("raft address {} is already used by node {}", rec.raft_addr, other.id));
+                if let Some(other) = self
+                    .nodes
+                    .values()
+                    .find(|n| n.id != rec.id && n.raft_addr == rec.raft_addr)
+                {
+                    return MetaReply::Invalid(format!(
+                        "raft address {} is already used by node {}",
+                        rec.raft_addr, other.id
+                    ));
                 }
                 let id = rec.id;
                 let changed = self.nodes.get(&id) != Some(&rec);
@@ -182,13 +199,21 @@ impl ClusterMap {
 
     /// Every object, for a full rewrite (snapshot install).
     pub fn objects(&self) -> Vec<(ObjectKey, Object)> {
-        let nodes = self.nodes.iter().map(|(id, n)| (ObjectKey::Node(*id), Object::Node(n.clone())));
-        let settings = self.settings.iter().map(|(k, v)| (ObjectKey::Setting(k.clone()), Object::Setting(v.clone())));
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(id, n)| (ObjectKey::Node(*id), Object::Node(n.clone())));
+        let settings = self
+            .settings
+            .iter()
+            .map(|(k, v)| (ObjectKey::Setting(k.clone()), Object::Setting(v.clone())));
         nodes.chain(settings).collect()
     }
 
     /// Rebuilds a map from stored objects (the inverse of [`ClusterMap::objects`]).
-    pub fn from_objects(objects: impl IntoIterator<Item = (ObjectKey, Object)>) -> Result<ClusterMap, String> {
+    pub fn from_objects(
+        objects: impl IntoIterator<Item = (ObjectKey, Object)>,
+    ) -> Result<ClusterMap, String> {
         let mut map = ClusterMap::default();
         for (key, obj) in objects {
             match (key, obj) {
@@ -198,7 +223,11 @@ impl ClusterMap {
                 (ObjectKey::Setting(k), Object::Setting(v)) => {
                     map.settings.insert(k, v);
                 }
-                (key, _) => return Err(format!("object stored under {key:?} has the wrong kind or id")),
+                (key, _) => {
+                    return Err(format!(
+                        "object stored under {key:?} has the wrong kind or id"
+                    ))
+                }
             }
         }
         Ok(map)
@@ -223,15 +252,30 @@ mod tests {
     #[test]
     fn register_update_and_remove_nodes() {
         let mut m = ClusterMap::default();
-        assert_eq!(m.apply(MetaCmd::RegisterNode(node(1, 7000))), MetaReply::Done { changed: true });
-        assert_eq!(m.apply(MetaCmd::RegisterNode(node(1, 7000))), MetaReply::Done { changed: false });
+        assert_eq!(
+            m.apply(MetaCmd::RegisterNode(node(1, 7000))),
+            MetaReply::Done { changed: true }
+        );
+        assert_eq!(
+            m.apply(MetaCmd::RegisterNode(node(1, 7000))),
+            MetaReply::Done { changed: false }
+        );
         let mut moved = node(1, 7000);
         moved.site = "b".into();
-        assert_eq!(m.apply(MetaCmd::RegisterNode(moved.clone())), MetaReply::Done { changed: true });
+        assert_eq!(
+            m.apply(MetaCmd::RegisterNode(moved.clone())),
+            MetaReply::Done { changed: true }
+        );
         assert_eq!(m.nodes[&1], moved);
         assert_eq!(m.take_touched(), vec![ObjectKey::Node(1)]);
-        assert!(matches!(m.apply(MetaCmd::RemoveNode { id: 9 }), MetaReply::NotFound(_)));
-        assert_eq!(m.apply(MetaCmd::RemoveNode { id: 1 }), MetaReply::Done { changed: true });
+        assert!(matches!(
+            m.apply(MetaCmd::RemoveNode { id: 9 }),
+            MetaReply::NotFound(_)
+        ));
+        assert_eq!(
+            m.apply(MetaCmd::RemoveNode { id: 1 }),
+            MetaReply::Done { changed: true }
+        );
         assert!(m.nodes.is_empty());
         assert_eq!(m.take_touched(), vec![ObjectKey::Node(1)]);
     }
@@ -242,21 +286,39 @@ mod tests {
         m.apply(MetaCmd::RegisterNode(node(1, 7000)));
         m.take_touched();
         let before = m.clone();
-        assert!(matches!(m.apply(MetaCmd::RegisterNode(node(0, 7100))), MetaReply::Invalid(_)));
+        assert!(matches!(
+            m.apply(MetaCmd::RegisterNode(node(0, 7100))),
+            MetaReply::Invalid(_)
+        ));
         let mut bad_site = node(2, 7200);
         bad_site.site = "a b".into();
-        assert!(matches!(m.apply(MetaCmd::RegisterNode(bad_site)), MetaReply::Invalid(_)));
+        assert!(matches!(
+            m.apply(MetaCmd::RegisterNode(bad_site)),
+            MetaReply::Invalid(_)
+        ));
         // Another node on node 1's raft address.
-        assert!(matches!(m.apply(MetaCmd::RegisterNode(node(3, 7000))), MetaReply::Invalid(_)));
         assert!(matches!(
-            m.apply(MetaCmd::PutSetting { key: "../x".into(), value: "v".into() }),
+            m.apply(MetaCmd::RegisterNode(node(3, 7000))),
             MetaReply::Invalid(_)
         ));
         assert!(matches!(
-            m.apply(MetaCmd::PutSetting { key: "k".into(), value: "v".repeat(SETTING_VALUE_BYTES_MAX + 1) }),
+            m.apply(MetaCmd::PutSetting {
+                key: "../x".into(),
+                value: "v".into()
+            }),
             MetaReply::Invalid(_)
         ));
-        assert!(matches!(m.apply(MetaCmd::DeleteSetting { key: "nope".into() }), MetaReply::NotFound(_)));
+        assert!(matches!(
+            m.apply(MetaCmd::PutSetting {
+                key: "k".into(),
+                value: "v".repeat(SETTING_VALUE_BYTES_MAX + 1)
+            }),
+            MetaReply::Invalid(_)
+        ));
+        assert!(matches!(
+            m.apply(MetaCmd::DeleteSetting { key: "nope".into() }),
+            MetaReply::NotFound(_)
+        ));
         assert_eq!(m, before);
         assert!(m.take_touched().is_empty());
     }
@@ -264,17 +326,42 @@ mod tests {
     #[test]
     fn settings_put_overwrite_delete() {
         let mut m = ClusterMap::default();
-        assert_eq!(m.apply(MetaCmd::PutSetting { key: "k".into(), value: "1".into() }), MetaReply::Done { changed: true });
-        assert_eq!(m.apply(MetaCmd::PutSetting { key: "k".into(), value: "1".into() }), MetaReply::Done { changed: false });
-        assert_eq!(m.apply(MetaCmd::PutSetting { key: "k".into(), value: "2".into() }), MetaReply::Done { changed: true });
+        assert_eq!(
+            m.apply(MetaCmd::PutSetting {
+                key: "k".into(),
+                value: "1".into()
+            }),
+            MetaReply::Done { changed: true }
+        );
+        assert_eq!(
+            m.apply(MetaCmd::PutSetting {
+                key: "k".into(),
+                value: "1".into()
+            }),
+            MetaReply::Done { changed: false }
+        );
+        assert_eq!(
+            m.apply(MetaCmd::PutSetting {
+                key: "k".into(),
+                value: "2".into()
+            }),
+            MetaReply::Done { changed: true }
+        );
         assert_eq!(m.settings["k"], "2");
-        assert_eq!(m.apply(MetaCmd::DeleteSetting { key: "k".into() }), MetaReply::Done { changed: true });
+        assert_eq!(
+            m.apply(MetaCmd::DeleteSetting { key: "k".into() }),
+            MetaReply::Done { changed: true }
+        );
         assert!(m.settings.is_empty());
     }
 
     #[test]
     fn object_keys_round_trip_and_sort_numerically() {
-        for key in [ObjectKey::Node(1), ObjectKey::Node(u64::MAX), ObjectKey::Setting("a.b-c".into())] {
+        for key in [
+            ObjectKey::Node(1),
+            ObjectKey::Node(u64::MAX),
+            ObjectKey::Setting("a.b-c".into()),
+        ] {
             assert_eq!(ObjectKey::decode(&key.encode()), Some(key));
         }
         assert!(ObjectKey::Node(2).encode() < ObjectKey::Node(10).encode());

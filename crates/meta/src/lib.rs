@@ -10,6 +10,9 @@
 //! openraft is an adapter here; nothing outside this crate names an openraft type except
 //! through [`store::MetaStore`]'s status.
 
+// openraft's storage traits return its own (large) `StorageError`; our helpers return it too.
+#![allow(clippy::result_large_err)]
+
 pub mod cluster_map;
 pub mod log_store;
 pub mod network;

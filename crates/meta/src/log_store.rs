@@ -16,7 +16,9 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::{
+    Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote,
+};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::mpsc;
 
@@ -99,7 +101,12 @@ impl LogStore {
         let state = db.open_tree("raft_state").map_err(read_err)?;
         let (tx, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
         tokio::spawn(flusher(db.clone(), rx));
-        Ok(LogStore { db: db.clone(), reader: LogReader { log }, state, flusher: tx })
+        Ok(LogStore {
+            db: db.clone(),
+            reader: LogReader { log },
+            state,
+            flusher: tx,
+        })
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
@@ -109,7 +116,11 @@ impl LogStore {
         }
     }
 
-    async fn put_durable<T: Serialize>(&self, key: &[u8], v: &T) -> Result<(), StorageError<NodeId>> {
+    async fn put_durable<T: Serialize>(
+        &self,
+        key: &[u8],
+        v: &T,
+    ) -> Result<(), StorageError<NodeId>> {
         self.state.insert(key, encode(v)?).map_err(write_err)?;
         self.db.flush_async().await.map_err(write_err)?;
         Ok(())
@@ -148,7 +159,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((_, v)) => Some(*decode::<Entry<TypeConfig>>(&v)?.get_log_id()),
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -163,10 +177,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.get(KEY_VOTE)
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
         // Not flushed: a committed index that is lost in a crash is learned again from the
         // leader; it only lets a restarted node re-apply sooner.
-        self.state.insert(KEY_COMMITTED, encode(&committed)?).map_err(write_err)?;
+        self.state
+            .insert(KEY_COMMITTED, encode(&committed)?)
+            .map_err(write_err)?;
         Ok(())
     }
 
@@ -174,7 +193,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -184,7 +207,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.get_log_id().index), encode(&entry)?);
         }
         self.reader.log.apply_batch(batch).map_err(write_err)?;
-        self.flusher.send(callback).await.map_err(|_| write_err("log flusher stopped"))?;
+        self.flusher
+            .send(callback)
+            .await
+            .map_err(|_| write_err("log flusher stopped"))?;
         Ok(())
     }
 

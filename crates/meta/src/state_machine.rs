@@ -15,8 +15,8 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use tandem_types::NodeId;
@@ -76,7 +76,8 @@ impl StateMachine {
                 KEY_APPLIED => state.last_applied = decode(&v)?,
                 KEY_MEMBERSHIP => state.membership = decode(&v)?,
                 key => {
-                    let key = ObjectKey::decode(key).ok_or_else(|| read_err(format!("unknown state key {key:?}")))?;
+                    let key = ObjectKey::decode(key)
+                        .ok_or_else(|| read_err(format!("unknown state key {key:?}")))?;
                     objects.push((key, decode::<Object>(&v)?));
                 }
             }
@@ -92,7 +93,9 @@ impl StateMachine {
     }
 
     pub fn reader(&self) -> SmReader {
-        SmReader { state: self.state.clone() }
+        SmReader {
+            state: self.state.clone(),
+        }
     }
 
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
@@ -137,12 +140,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
             None => format!("0-0-{}", self.seq),
         };
-        let meta =
-            SnapshotMeta { last_log_id: last, last_membership: self.state.membership.clone(), snapshot_id };
-        let data = encode(&SnapshotBody { state: self.state.clone() })?;
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: self.state.membership.clone(),
+            snapshot_id,
+        };
+        let data = encode(&SnapshotBody {
+            state: self.state.clone(),
+        })?;
         // Flushes the state machine tree too: once this returns, the log up to `last` may go.
         save_snapshot(&self.db, &self.snapshots, &meta, &data).await?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -151,7 +162,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    {
         let st = self.state.read().expect("state lock");
         Ok((st.last_applied, st.membership.clone()))
     }
@@ -200,7 +212,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -232,7 +246,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         self.current_snapshot()
     }
 }

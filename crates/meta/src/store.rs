@@ -98,7 +98,9 @@ fn not_leader(leader: Option<NodeId>) -> MetaError {
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> MetaError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f.leader_id),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => MetaError::Conflict(c.to_string()),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            MetaError::Conflict(c.to_string())
+        }
         RaftError::Fatal(f) => MetaError::Internal(f.to_string()),
     }
 }
@@ -138,9 +140,19 @@ impl MetaStore {
             }
         });
         let raft_config = Arc::new(config.raft_config()?);
-        let network = Network { transport: transport.clone() };
-        let raft = Raft::new(id, raft_config, network, log, sm).await.map_err(|e| e.to_string())?;
-        Ok(Arc::new(MetaStore { id, raft, sm: reader, transport, db }))
+        let network = Network {
+            transport: transport.clone(),
+        };
+        let raft = Raft::new(id, raft_config, network, log, sm)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(MetaStore {
+            id,
+            raft,
+            sm: reader,
+            transport,
+            db,
+        }))
     }
 
     pub fn id(&self) -> NodeId {
@@ -149,14 +161,18 @@ impl MetaStore {
 
     /// The handler for this store's requests on the control channel.
     pub fn handler(self: &Arc<Self>) -> Arc<dyn Handler> {
-        Arc::new(RpcHandler { store: self.clone() })
+        Arc::new(RpcHandler {
+            store: self.clone(),
+        })
     }
 
     /// Forms a new cluster from `members` (each must be running). Call on one pristine node;
     /// on a node that already belongs to a cluster it does nothing and returns `Ok(false)`.
     pub async fn initialize(&self, members: &[NodeRecord]) -> Result<bool, MetaError> {
-        let nodes: BTreeMap<NodeId, BasicNode> =
-            members.iter().map(|m| (m.id, BasicNode::new(m.raft_addr.to_string()))).collect();
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|m| (m.id, BasicNode::new(m.raft_addr.to_string())))
+            .collect();
         for m in members {
             m.validate().map_err(MetaError::Invalid)?;
             self.transport.set_peer_addr(m.id, m.raft_addr);
@@ -174,18 +190,26 @@ impl MetaStore {
 
     /// Proposes a command and returns its reply once it is committed and applied.
     pub async fn write(&self, cmd: MetaCmd) -> Result<MetaReply, MetaError> {
-        let reply = self.on_leader(Forwarded::Write(cmd.clone()), || self.local_write(cmd.clone())).await?;
+        let reply = self
+            .on_leader(Forwarded::Write(cmd.clone()), || {
+                self.local_write(cmd.clone())
+            })
+            .await?;
         reply_result(reply)
     }
 
     /// Runs `f` on state that reflects every write committed before this call began.
     pub async fn read<T>(&self, f: impl FnOnce(&SmState) -> T) -> Result<T, MetaError> {
-        let index: Option<u64> = self.on_leader(Forwarded::ReadIndex, || self.local_read_index()).await?;
+        let index: Option<u64> = self
+            .on_leader(Forwarded::ReadIndex, || self.local_read_index())
+            .await?;
         self.raft
             .wait(Some(APPLY_WAIT))
             .applied_index_at_least(index, "linearizable read")
             .await
-            .map_err(|e| MetaError::Unavailable(format!("could not apply up to the read index: {e}")))?;
+            .map_err(|e| {
+                MetaError::Unavailable(format!("could not apply up to the read index: {e}"))
+            })?;
         Ok(self.sm.read(f))
     }
 
@@ -197,13 +221,19 @@ impl MetaStore {
     /// Adds a node: records it in the map, lets it catch up as a learner, then makes it a voter.
     pub async fn add_node(&self, rec: NodeRecord) -> Result<MetaReply, MetaError> {
         rec.validate().map_err(MetaError::Invalid)?;
-        let reply = self.on_leader(Forwarded::AddNode(rec.clone()), || self.local_add_node(rec.clone())).await?;
+        let reply = self
+            .on_leader(Forwarded::AddNode(rec.clone()), || {
+                self.local_add_node(rec.clone())
+            })
+            .await?;
         reply_result(reply)
     }
 
     /// Removes a node from the Raft membership and the map.
     pub async fn remove_node(&self, id: NodeId) -> Result<MetaReply, MetaError> {
-        let reply = self.on_leader(Forwarded::RemoveNode(id), || self.local_remove_node(id)).await?;
+        let reply = self
+            .on_leader(Forwarded::RemoveNode(id), || self.local_remove_node(id))
+            .await?;
         reply_result(reply)
     }
 
@@ -239,7 +269,8 @@ impl MetaStore {
             .metrics(|m| m.current_leader.is_some(), "a known leader")
             .await
             .map_err(|e| MetaError::Unavailable(e.to_string()))?;
-        m.current_leader.ok_or_else(|| MetaError::Unavailable("no leader".into()))
+        m.current_leader
+            .ok_or_else(|| MetaError::Unavailable("no leader".into()))
     }
 
     /// Stops Raft and flushes everything to disk.
@@ -266,11 +297,11 @@ impl MetaStore {
             let leader = metrics.borrow_and_update().current_leader;
             let result = match leader {
                 Some(l) if l == self.id => local().await,
-                Some(l) => match call::<Result<T, MetaError>>(self.transport.as_ref(), l, &MetaRpc::Forward(fwd.clone()))
-                    .await
-                {
+                Some(l) => match self.forward::<T>(l, &fwd).await {
                     Ok(r) => r,
-                    Err(e) => Err(MetaError::Unavailable(format!("leader {l} unreachable: {e}"))),
+                    Err(e) => Err(MetaError::Unavailable(format!(
+                        "leader {l} unreachable: {e}"
+                    ))),
                 },
                 None => Err(MetaError::Unavailable("no leader elected".into())),
             };
@@ -279,7 +310,9 @@ impl MetaStore {
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(match e {
-                            MetaError::NotLeader { .. } => MetaError::Unavailable("leadership kept moving".into()),
+                            MetaError::NotLeader { .. } => {
+                                MetaError::Unavailable("leadership kept moving".into())
+                            }
                             e => e,
                         });
                     }
@@ -292,14 +325,46 @@ impl MetaStore {
         }
     }
 
+    /// Sends a forwarded operation to the leader, first making sure the transport knows the
+    /// leader's address (it may have joined after this node started).
+    async fn forward<T: DeserializeOwned>(
+        &self,
+        leader: NodeId,
+        fwd: &Forwarded,
+    ) -> Result<Result<T, MetaError>, tandem_transport::TransportError> {
+        let addr = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone());
+        if let Some(addr) = addr.and_then(|a| a.parse().ok()) {
+            self.transport.set_peer_addr(leader, addr);
+        }
+        call::<Result<T, MetaError>>(
+            self.transport.as_ref(),
+            leader,
+            &MetaRpc::Forward(fwd.clone()),
+        )
+        .await
+    }
+
     async fn local_write(&self, cmd: MetaCmd) -> Result<MetaReply, MetaError> {
-        self.raft.client_write(cmd).await.map(|r| r.data).map_err(write_error)
+        self.raft
+            .client_write(cmd)
+            .await
+            .map(|r| r.data)
+            .map_err(write_error)
     }
 
     async fn local_read_index(&self) -> Result<Option<u64>, MetaError> {
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(f.leader_id)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(not_leader(f.leader_id))
+            }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
                 Err(MetaError::Unavailable(q.to_string()))
             }
@@ -310,7 +375,10 @@ impl MetaStore {
     fn membership_sets(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
         let m = self.raft.metrics().borrow().membership_config.clone();
         let membership = m.membership();
-        (membership.voter_ids().collect(), membership.learner_ids().collect())
+        (
+            membership.voter_ids().collect(),
+            membership.learner_ids().collect(),
+        )
     }
 
     async fn local_add_node(&self, rec: NodeRecord) -> Result<MetaReply, MetaError> {
@@ -321,7 +389,9 @@ impl MetaStore {
             return match known {
                 // A retry of an add that already completed.
                 Some(k) if k == rec => Ok(MetaReply::Done { changed: false }),
-                _ => Err(MetaError::Conflict(format!("node {id} is already a member; remove it first"))),
+                _ => Err(MetaError::Conflict(format!(
+                    "node {id} is already a member; remove it first"
+                ))),
             };
         }
         reply_result(self.local_write(MetaCmd::RegisterNode(rec.clone())).await?)?;
@@ -336,7 +406,10 @@ impl MetaStore {
                 )))
             }
         };
-        self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await.map_err(write_error)?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(write_error)?;
         Ok(MetaReply::Done { changed: true })
     }
 
@@ -345,7 +418,9 @@ impl MetaStore {
         let in_map = self.sm.read(|st| st.map.nodes.contains_key(&id));
         if voters.contains(&id) {
             if voters.len() == 1 {
-                return Err(MetaError::Conflict(format!("node {id} is the last voter; a cluster cannot remove it")));
+                return Err(MetaError::Conflict(format!(
+                    "node {id} is the last voter; a cluster cannot remove it"
+                )));
             }
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
@@ -357,7 +432,9 @@ impl MetaStore {
                 .await
                 .map_err(write_error)?;
         } else if !in_map {
-            return Err(MetaError::NotFound(format!("node {id} is not a member of the cluster")));
+            return Err(MetaError::NotFound(format!(
+                "node {id} is not a member of the cluster"
+            )));
         }
         // If this node just removed itself it is no longer leader: the caller retries on the
         // new leader, which finds the node out of the membership and finishes here.
@@ -386,17 +463,28 @@ impl RpcHandler {
             MetaRpc::InstallSnapshot(req) => reply(&raft.install_snapshot(req).await),
             MetaRpc::Forward(Forwarded::Write(cmd)) => reply(&self.store.local_write(cmd).await),
             MetaRpc::Forward(Forwarded::ReadIndex) => reply(&self.store.local_read_index().await),
-            MetaRpc::Forward(Forwarded::AddNode(rec)) => reply(&self.store.local_add_node(rec).await),
-            MetaRpc::Forward(Forwarded::RemoveNode(id)) => reply(&self.store.local_remove_node(id).await),
+            MetaRpc::Forward(Forwarded::AddNode(rec)) => {
+                reply(&self.store.local_add_node(rec).await)
+            }
+            MetaRpc::Forward(Forwarded::RemoveNode(id)) => {
+                reply(&self.store.local_remove_node(id).await)
+            }
         }
     }
 }
 
 impl Handler for RpcHandler {
-    fn handle(&self, _from: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+    fn handle(
+        &self,
+        _from: NodeId,
+        channel: Channel,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<Bytes, String>> {
         Box::pin(async move {
             if channel != Channel::Control {
-                return Err(format!("the metadata store does not serve the {channel} channel"));
+                return Err(format!(
+                    "the metadata store does not serve the {channel} channel"
+                ));
             }
             self.handle_rpc(payload).await
         })

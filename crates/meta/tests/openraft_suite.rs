@@ -1,3 +1,4 @@
+#![allow(clippy::result_large_err)]
 //! openraft's own storage conformance suite against the sled log store and state machine.
 
 use openraft::testing::{StoreBuilder, Suite};
@@ -9,7 +10,9 @@ use tandem_meta::TypeConfig;
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::Config::new().path(dir.path()).open().expect("sled");
         let log = LogStore::open(&db)?;

@@ -32,10 +32,16 @@ fn entries(cmds: Vec<MetaCmd>) -> Vec<Entry<TypeConfig>> {
     let leader = CommittedLeaderId::new(1, 1);
     let mut out = vec![Entry {
         log_id: LogId::new(leader, 1),
-        payload: EntryPayload::Membership(Membership::new(vec![[1u64, 2, 3].into_iter().collect()], None)),
+        payload: EntryPayload::Membership(Membership::new(
+            vec![[1u64, 2, 3].into_iter().collect()],
+            None,
+        )),
     }];
     for (i, c) in cmds.into_iter().enumerate() {
-        out.push(Entry { log_id: LogId::new(leader, i as u64 + 2), payload: EntryPayload::Normal(c) });
+        out.push(Entry {
+            log_id: LogId::new(leader, i as u64 + 2),
+            payload: EntryPayload::Normal(c),
+        });
     }
     out
 }
@@ -57,10 +63,17 @@ async fn check(cmds: Vec<MetaCmd>, split: usize) -> Result<(), TestCaseError> {
     let before = state(&a);
     prop_assert_eq!(before.last_applied.map(|l| l.index), Some(all.len() as u64));
 
-    let snapshot = a.get_snapshot_builder().await.build_snapshot().await.expect("build");
+    let snapshot = a
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build");
     let db_b = sled::Config::new().path(dir_b.path()).open().expect("sled");
     let mut b = StateMachine::open(&db_b).expect("open");
-    b.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
+    b.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .expect("install");
     prop_assert_eq!(&state(&b), &before);
 
     // Both survive a reopen from their files.
@@ -71,7 +84,11 @@ async fn check(cmds: Vec<MetaCmd>, split: usize) -> Result<(), TestCaseError> {
     let b = StateMachine::open(&db_b).expect("reopen");
     prop_assert_eq!(&state(&b), &before);
     let mut b = b;
-    let current = b.get_current_snapshot().await.expect("read").expect("a snapshot");
+    let current = b
+        .get_current_snapshot()
+        .await
+        .expect("read")
+        .expect("a snapshot");
     prop_assert_eq!(current.meta.last_log_id, before.last_applied);
     Ok(())
 }

@@ -1,1 +1,223 @@
-fn main() {}
+//! `tandem`: the one binary of Tandem, for operators, hosts and the nodes themselves.
+//! Its subcommands and flags are the contract of ../../shared/design/INTERFACE.md.
+
+mod bench;
+mod client;
+mod local;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tandem_types::NodeId;
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem: a distributed block-storage cluster with synchronous replication"
+)]
+struct Cli {
+    /// Log output format (the level comes from RUST_LOG, default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How admin commands find the cluster.
+#[derive(Args, Clone, Debug)]
+pub struct Target {
+    /// A data dir made by `tandem up` (default ./tandem-data).
+    #[arg(long, global = true)]
+    cluster: Option<PathBuf>,
+    /// Any node's API, e.g. http://127.0.0.1:7201 (takes precedence over --cluster).
+    #[arg(long, global = true)]
+    endpoint: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a local cluster: certificates, config and N node processes on 127.0.0.1.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value = "tandem-data")]
+        dir: PathBuf,
+        /// Return once the cluster has a leader, leaving the nodes running.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop a local cluster started with `up --detach`.
+    Down {
+        #[arg(long, default_value = "tandem-data")]
+        dir: PathBuf,
+    },
+    /// Run one node (`--config FILE --id ID`), or change the membership (`add`, `remove`).
+    Node(NodeCmd),
+    /// Members, leader, term, log indexes, and per node its role and addresses.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Cluster-wide settings kept in the metadata store.
+    Setting {
+        #[command(subcommand)]
+        cmd: SettingCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Benchmarks, each beside its reference in the same run.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct NodeCmd {
+    #[command(subcommand)]
+    sub: Option<NodeSub>,
+    /// The cluster config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Which of its nodes to run.
+    #[arg(long)]
+    id: Option<NodeId>,
+}
+
+#[derive(Subcommand)]
+enum NodeSub {
+    /// Add a node. With addresses, registers a node that is already running; without, on a
+    /// cluster made by `tandem up`, also makes its certificate, config entry and process.
+    Add {
+        #[arg(long)]
+        id: Option<NodeId>,
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        raft_addr: Option<std::net::SocketAddr>,
+        #[arg(long)]
+        api_addr: Option<std::net::SocketAddr>,
+        #[arg(long)]
+        nbd_addr: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a node from the cluster (on a local cluster, also stop its process).
+    Remove {
+        id: NodeId,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The nodes in the cluster map.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum SettingCmd {
+    Set {
+        key: String,
+        value: String,
+    },
+    Get {
+        key: String,
+    },
+    Delete {
+        key: String,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Up { nodes, dir, detach } => local::up(&dir, nodes, detach, cli.log_format).await,
+        Cmd::Down { dir } => local::down(&dir).await,
+        Cmd::Node(NodeCmd {
+            sub: None,
+            config,
+            id,
+        }) => {
+            let (Some(config), Some(id)) = (config, id) else {
+                anyhow::bail!("`tandem node` needs --config FILE and --id ID (or a subcommand: add, remove, list)");
+            };
+            local::run_node(&config, id).await
+        }
+        Cmd::Node(NodeCmd { sub: Some(sub), .. }) => match sub {
+            NodeSub::Add {
+                id,
+                site,
+                raft_addr,
+                api_addr,
+                nbd_addr,
+                target,
+            } => {
+                local::node_add(
+                    &target,
+                    id,
+                    site,
+                    raft_addr,
+                    api_addr,
+                    nbd_addr,
+                    cli.log_format,
+                )
+                .await
+            }
+            NodeSub::Remove { id, target } => local::node_remove(&target, id).await,
+            NodeSub::List { json, target } => client::node_list(&target, json).await,
+        },
+        Cmd::Status { json, target } => client::status(&target, json).await,
+        Cmd::Setting { cmd, target } => client::setting(&target, cmd).await,
+        Cmd::Bench { cmd } => bench::run(cmd).await,
+    }
+}

@@ -40,7 +40,12 @@ pub enum TransportError {
 /// Implementations connect lazily, share one link per peer among all callers, and reconnect
 /// with capped exponential backoff after a failure.
 pub trait Transport: Send + Sync + 'static {
-    fn call(&self, peer: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, TransportError>>;
+    fn call(
+        &self,
+        peer: NodeId,
+        channel: Channel,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<Bytes, TransportError>>;
 
     /// Records (or changes) the address of a peer. Later calls use it.
     fn set_peer_addr(&self, peer: NodeId, addr: std::net::SocketAddr);
@@ -49,5 +54,10 @@ pub trait Transport: Send + Sync + 'static {
 /// The server side: what a node does with a request that arrived from an authenticated peer.
 /// An `Err` travels back to the caller as [`TransportError::Remote`].
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, from: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>>;
+    fn handle(
+        &self,
+        from: NodeId,
+        channel: Channel,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<Bytes, String>>;
 }

@@ -79,7 +79,10 @@ impl Conn {
             map.drain().map(|(_, tx)| tx).collect()
         };
         for tx in pending {
-            let _ = tx.send(Err(TransportError::Unreachable { peer, reason: reason.to_string() }));
+            let _ = tx.send(Err(TransportError::Unreachable {
+                peer,
+                reason: reason.to_string(),
+            }));
         }
     }
 
@@ -99,7 +102,11 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.conn.pending.lock().expect("pending lock").remove(&self.id);
+        self.conn
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&self.id);
     }
 }
 
@@ -147,7 +154,14 @@ impl TcpTransport {
     }
 
     pub fn link_stats(&self) -> Vec<LinkStats> {
-        let links: Vec<Arc<Link>> = self.inner.links.lock().expect("links lock").values().cloned().collect();
+        let links: Vec<Arc<Link>> = self
+            .inner
+            .links
+            .lock()
+            .expect("links lock")
+            .values()
+            .cloned()
+            .collect();
         let mut out: Vec<LinkStats> = links
             .iter()
             .map(|l| {
@@ -198,7 +212,10 @@ impl TcpTransport {
             if Instant::now() < at {
                 return Err(TransportError::Unreachable {
                     peer: link.peer,
-                    reason: format!("backing off after {} failed connects: {}", st.failures, st.last_error),
+                    reason: format!(
+                        "backing off after {} failed connects: {}",
+                        st.failures, st.last_error
+                    ),
                 });
             }
         }
@@ -226,21 +243,41 @@ impl TcpTransport {
         }
     }
 
-    fn connect_failed(&self, st: &mut LinkState, link: &Link, addr: SocketAddr, reason: String) -> TransportError {
+    fn connect_failed(
+        &self,
+        st: &mut LinkState,
+        link: &Link,
+        addr: SocketAddr,
+        reason: String,
+    ) -> TransportError {
         st.conn = None;
         st.failures = st.failures.saturating_add(1);
-        let backoff = BACKOFF_BASE.saturating_mul(1u32 << st.failures.min(16)).min(BACKOFF_MAX);
+        let backoff = BACKOFF_BASE
+            .saturating_mul(1u32 << st.failures.min(16))
+            .min(BACKOFF_MAX);
         st.retry_at = Some(Instant::now() + backoff);
         st.last_error = format!("{addr}: {reason}");
         tracing::debug!(peer = link.peer, channel = %link.channel, %addr, %reason, "connect failed");
-        TransportError::Unreachable { peer: link.peer, reason: st.last_error.clone() }
+        TransportError::Unreachable {
+            peer: link.peer,
+            reason: st.last_error.clone(),
+        }
     }
 
     async fn connect(&self, link: &Link, addr: SocketAddr) -> io::Result<Arc<Conn>> {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let mut tls = self.inner.connector.connect(server_name(link.peer), tcp).await?;
-        let hello = Frame::new(FrameKind::Hello, link.channel, 0, self.inner.identity.node_id.to_be_bytes().to_vec());
+        let mut tls = self
+            .inner
+            .connector
+            .connect(server_name(link.peer), tcp)
+            .await?;
+        let hello = Frame::new(
+            FrameKind::Hello,
+            link.channel,
+            0,
+            self.inner.identity.node_id.to_be_bytes().to_vec(),
+        );
         tls.write_all(&hello.encode()).await?;
         tls.flush().await?;
         let (r, w) = tokio::io::split(tls);
@@ -274,7 +311,12 @@ impl TcpTransport {
         Ok(conn)
     }
 
-    async fn call_inner(&self, peer: NodeId, channel: Channel, payload: Bytes) -> Result<Bytes, TransportError> {
+    async fn call_inner(
+        &self,
+        peer: NodeId,
+        channel: Channel,
+        payload: Bytes,
+    ) -> Result<Bytes, TransportError> {
         let link = self.link(peer, channel);
         let conn = self.connection(&link).await?;
         let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
@@ -284,33 +326,60 @@ impl TcpTransport {
         // The connection may have closed between lookup and insert; close() drains the map,
         // so check again now that the slot is visible to it.
         if conn.closed.load(Ordering::SeqCst) {
-            return Err(TransportError::Unreachable { peer, reason: "connection closed".into() });
+            return Err(TransportError::Unreachable {
+                peer,
+                reason: "connection closed".into(),
+            });
         }
         let len = payload.len();
         conn.out
             .send(Frame::new(FrameKind::Request, channel, id, payload))
             .await
-            .map_err(|_| TransportError::Unreachable { peer, reason: "connection closed".into() })?;
+            .map_err(|_| TransportError::Unreachable {
+                peer,
+                reason: "connection closed".into(),
+            })?;
         link.counters.messages_sent.fetch_add(1, Ordering::Relaxed);
-        link.counters.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+        link.counters
+            .bytes_sent
+            .fetch_add(len as u64, Ordering::Relaxed);
         match rx.await {
-            Ok(Err(TransportError::Remote { reason, .. })) => Err(TransportError::Remote { peer, reason }),
+            Ok(Err(TransportError::Remote { reason, .. })) => {
+                Err(TransportError::Remote { peer, reason })
+            }
             Ok(result) => result,
-            Err(_) => Err(TransportError::Unreachable { peer, reason: "connection closed".into() }),
+            Err(_) => Err(TransportError::Unreachable {
+                peer,
+                reason: "connection closed".into(),
+            }),
         }
     }
 }
 
 impl Transport for TcpTransport {
-    fn call(&self, peer: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, TransportError>> {
+    fn call(
+        &self,
+        peer: NodeId,
+        channel: Channel,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<Bytes, TransportError>> {
         Box::pin(self.call_inner(peer, channel, payload))
     }
 
     fn set_peer_addr(&self, peer: NodeId, addr: SocketAddr) {
-        let old = self.inner.peers.write().expect("peers lock").insert(peer, addr);
+        let old = self
+            .inner
+            .peers
+            .write()
+            .expect("peers lock")
+            .insert(peer, addr);
         if old.is_some() && old != Some(addr) {
             // Drop links to the old address; the next call connects to the new one.
-            self.inner.links.lock().expect("links lock").retain(|(p, _), _| *p != peer);
+            self.inner
+                .links
+                .lock()
+                .expect("links lock")
+                .retain(|(p, _), _| *p != peer);
         }
     }
 }
@@ -333,7 +402,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Fr
     Frame::decode_body(body.into()).map(Some).map_err(invalid)
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::Receiver<Frame>) -> io::Result<()> {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::Receiver<Frame>,
+) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     while let Some(frame) = rx.recv().await {
         buf.clear();
@@ -358,7 +430,10 @@ async fn client_read_loop<R: AsyncRead + Unpin>(r: R, conn: &Conn) -> io::Result
             FrameKind::Error => {
                 let reason = String::from_utf8_lossy(&frame.payload).into_owned();
                 // The peer id is not known here; the caller's error names it via the link.
-                conn.complete(frame.request_id, Err(TransportError::Remote { peer: 0, reason }));
+                conn.complete(
+                    frame.request_id,
+                    Err(TransportError::Remote { peer: 0, reason }),
+                );
             }
             other => return Err(invalid(format!("unexpected {other:?} frame from server"))),
         }
@@ -381,9 +456,15 @@ impl Drop for TcpServer {
 
 impl TcpServer {
     /// Serves authenticated peers on `listener`, passing each request to `handler`.
-    pub fn start(listener: TcpListener, identity: &Identity, handler: Arc<dyn Handler>) -> Result<TcpServer, TlsError> {
+    pub fn start(
+        listener: TcpListener,
+        identity: &Identity,
+        handler: Arc<dyn Handler>,
+    ) -> Result<TcpServer, TlsError> {
         let acceptor = TlsAcceptor::from(identity.server_config()?);
-        let local_addr = listener.local_addr().map_err(|e| TlsError::Config(e.to_string()))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let task = tokio::spawn(async move {
             loop {
                 let (tcp, remote) = match listener.accept().await {
@@ -407,21 +488,34 @@ impl TcpServer {
     }
 }
 
-async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, handler: Arc<dyn Handler>) -> io::Result<()> {
+async fn serve_conn(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    handler: Arc<dyn Handler>,
+) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let (mut tls, from, channel) = tokio::time::timeout(CONNECT_TIMEOUT, async {
         let mut tls = acceptor.accept(tcp).await?;
-        let hello = read_frame(&mut tls).await?.ok_or_else(|| invalid("closed before hello"))?;
+        let hello = read_frame(&mut tls)
+            .await?
+            .ok_or_else(|| invalid("closed before hello"))?;
         if hello.kind != FrameKind::Hello || hello.payload.len() != 8 {
             return Err(invalid("first frame is not a hello"));
         }
         let mut id = [0u8; 8];
         id.copy_from_slice(&hello.payload);
         let from = NodeId::from_be_bytes(id);
-        let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .cloned();
         match cert {
             Some(cert) if cert_names_node(&cert, from) => Ok((tls, from, hello.channel)),
-            _ => Err(invalid(format!("peer claims to be node {from} but its certificate does not say so"))),
+            _ => Err(invalid(format!(
+                "peer claims to be node {from} but its certificate does not say so"
+            ))),
         }
     })
     .await
@@ -435,15 +529,25 @@ async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, handler: Arc<dyn Hand
     let result = async {
         while let Some(frame) = read_frame(&mut r).await? {
             if frame.kind != FrameKind::Request || frame.channel != channel {
-                return Err(invalid(format!("unexpected {:?} frame on {} from node {from}", frame.kind, frame.channel)));
+                return Err(invalid(format!(
+                    "unexpected {:?} frame on {} from node {from}",
+                    frame.kind, frame.channel
+                )));
             }
             let permit = permits.clone().acquire_owned().await.map_err(invalid)?;
             let handler = handler.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let reply = match handler.handle(from, frame.channel, frame.payload).await {
-                    Ok(bytes) => Frame::new(FrameKind::Response, frame.channel, frame.request_id, bytes),
-                    Err(msg) => Frame::new(FrameKind::Error, frame.channel, frame.request_id, msg.into_bytes()),
+                    Ok(bytes) => {
+                        Frame::new(FrameKind::Response, frame.channel, frame.request_id, bytes)
+                    }
+                    Err(msg) => Frame::new(
+                        FrameKind::Error,
+                        frame.channel,
+                        frame.request_id,
+                        msg.into_bytes(),
+                    ),
                 };
                 let _ = tx.send(reply).await;
                 drop(permit);

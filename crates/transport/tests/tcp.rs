@@ -15,7 +15,12 @@ use tokio::net::TcpListener;
 struct Echo;
 
 impl Handler for Echo {
-    fn handle(&self, from: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+    fn handle(
+        &self,
+        from: NodeId,
+        channel: Channel,
+        payload: Bytes,
+    ) -> BoxFuture<'_, Result<Bytes, String>> {
         Box::pin(async move {
             if &payload[..] == b"fail" {
                 return Err(format!("refused on {channel}"));
@@ -34,7 +39,10 @@ struct Ca {
 
 impl Ca {
     fn new(name: &'static str) -> Ca {
-        Ca { name, ca: generate_ca(name).expect("ca") }
+        Ca {
+            name,
+            ca: generate_ca(name).expect("ca"),
+        }
     }
     fn identity(&self, id: NodeId) -> Identity {
         let pair = issue_node_cert(self.name, &self.ca.key_pem, id).expect("node cert");
@@ -56,13 +64,30 @@ async fn round_trips_on_every_channel_and_size() {
     for channel in Channel::ALL {
         for size in [0usize, 1, 4096, 8 * 1024 * 1024] {
             let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-            let reply = client.call(2, channel, Bytes::from(payload.clone())).await.expect("call");
-            assert_eq!(&reply[..8], &1u64.to_be_bytes(), "server saw the authenticated sender id");
-            assert_eq!(&reply[8..], &payload[..], "payload of {size} bytes on {channel}");
+            let reply = client
+                .call(2, channel, Bytes::from(payload.clone()))
+                .await
+                .expect("call");
+            assert_eq!(
+                &reply[..8],
+                &1u64.to_be_bytes(),
+                "server saw the authenticated sender id"
+            );
+            assert_eq!(
+                &reply[8..],
+                &payload[..],
+                "payload of {size} bytes on {channel}"
+            );
         }
     }
-    let err = client.call(2, Channel::Control, Bytes::from_static(b"fail")).await.expect_err("remote error");
-    assert!(matches!(err, TransportError::Remote { peer: 2, ref reason } if reason.contains("control")), "{err}");
+    let err = client
+        .call(2, Channel::Control, Bytes::from_static(b"fail"))
+        .await
+        .expect_err("remote error");
+    assert!(
+        matches!(err, TransportError::Remote { peer: 2, ref reason } if reason.contains("control")),
+        "{err}"
+    );
     let stats = client.link_stats();
     assert_eq!(stats.len(), 4);
     assert!(stats.iter().all(|s| s.connected && s.messages_sent >= 4));
@@ -78,7 +103,14 @@ async fn many_concurrent_requests_share_a_link() {
     for i in 0..500u32 {
         let c = client.clone();
         tasks.push(tokio::spawn(async move {
-            let reply = c.call(2, Channel::Replication, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
+            let reply = c
+                .call(
+                    2,
+                    Channel::Replication,
+                    Bytes::from(i.to_be_bytes().to_vec()),
+                )
+                .await
+                .expect("call");
             assert_eq!(&reply[8..], &i.to_be_bytes());
         }));
     }
@@ -96,7 +128,10 @@ async fn reconnects_after_the_server_restarts() {
     let addr = srv.local_addr;
     let client = TcpTransport::new(ca.identity(1)).expect("client");
     client.set_peer_addr(2, addr);
-    client.call(2, Channel::Control, Bytes::from_static(b"a")).await.expect("first call");
+    client
+        .call(2, Channel::Control, Bytes::from_static(b"a"))
+        .await
+        .expect("first call");
     drop(srv);
     // Rebind the same port; poll until the client gets through again.
     let listener = loop {
@@ -108,14 +143,20 @@ async fn reconnects_after_the_server_restarts() {
     let _srv = TcpServer::start(listener, &identity, Arc::new(Echo)).expect("server");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match client.call(2, Channel::Control, Bytes::from_static(b"b")).await {
+        match client
+            .call(2, Channel::Control, Bytes::from_static(b"b"))
+            .await
+        {
             Ok(reply) => {
                 assert_eq!(&reply[8..], b"b");
                 break;
             }
             Err(e) => {
                 assert!(matches!(e, TransportError::Unreachable { .. }), "{e}");
-                assert!(tokio::time::Instant::now() < deadline, "never reconnected: {e}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never reconnected: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -131,14 +172,20 @@ async fn a_peer_from_another_ca_is_refused_both_ways() {
     // A client holding a certificate from another CA cannot call our node.
     let intruder = TcpTransport::new(theirs.identity(1)).expect("client");
     intruder.set_peer_addr(2, srv.local_addr);
-    let err = intruder.call(2, Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
+    let err = intruder
+        .call(2, Channel::Control, Bytes::from_static(b"x"))
+        .await
+        .expect_err("refused");
     assert!(matches!(err, TransportError::Unreachable { .. }), "{err}");
 
     // And our node does not talk to a server of another CA.
     let foreign = server(&theirs.identity(3)).await;
     let client = TcpTransport::new(ours.identity(1)).expect("client");
     client.set_peer_addr(3, foreign.local_addr);
-    let err = client.call(3, Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
+    let err = client
+        .call(3, Channel::Control, Bytes::from_static(b"x"))
+        .await
+        .expect_err("refused");
     assert!(matches!(err, TransportError::Unreachable { .. }), "{err}");
 }
 
@@ -148,8 +195,12 @@ async fn a_node_cannot_claim_another_nodes_id() {
     let srv = server(&ca.identity(2)).await;
     // Node 1's certificate, but the client says it is node 3 in its hello.
     let pair = issue_node_cert("claim", &ca.ca.key_pem, 1).expect("cert");
-    let liar = TcpTransport::new(Identity::from_pem(3, &ca.ca.cert_pem, &pair).expect("identity")).expect("client");
+    let liar = TcpTransport::new(Identity::from_pem(3, &ca.ca.cert_pem, &pair).expect("identity"))
+        .expect("client");
     liar.set_peer_addr(2, srv.local_addr);
-    let err = liar.call(2, Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
+    let err = liar
+        .call(2, Channel::Control, Bytes::from_static(b"x"))
+        .await
+        .expect_err("refused");
     assert!(matches!(err, TransportError::Unreachable { .. }), "{err}");
 }

@@ -70,8 +70,18 @@ pub enum FrameError {
 }
 
 impl Frame {
-    pub fn new(kind: FrameKind, channel: Channel, request_id: u64, payload: impl Into<Bytes>) -> Frame {
-        Frame { kind, channel, request_id, payload: payload.into() }
+    pub fn new(
+        kind: FrameKind,
+        channel: Channel,
+        request_id: u64,
+        payload: impl Into<Bytes>,
+    ) -> Frame {
+        Frame {
+            kind,
+            channel,
+            request_id,
+            payload: payload.into(),
+        }
     }
 
     /// The value of the length prefix for this frame.
@@ -89,7 +99,10 @@ impl Frame {
 
     pub fn encode_into(&self, out: &mut BytesMut) {
         let len = self.body_len();
-        assert!(len <= FRAME_BYTES_MAX, "frame of {len} bytes built above FRAME_BYTES_MAX");
+        assert!(
+            len <= FRAME_BYTES_MAX,
+            "frame of {len} bytes built above FRAME_BYTES_MAX"
+        );
         out.reserve(LEN_BYTES + len);
         out.put_u32(len as u32);
         out.put_u8(FRAME_VERSION);
@@ -126,7 +139,12 @@ impl Frame {
         let channel = Channel::from_u8(body[2]).ok_or(FrameError::Channel(body[2]))?;
         let mut id = [0u8; 8];
         id.copy_from_slice(&body[3..11]);
-        Ok(Frame { kind, channel, request_id: u64::from_be_bytes(id), payload: body.slice(FRAME_HEADER_BYTES..) })
+        Ok(Frame {
+            kind,
+            channel,
+            request_id: u64::from_be_bytes(id),
+            payload: body.slice(FRAME_HEADER_BYTES..),
+        })
     }
 
     /// Decodes one frame from the front of `buf`. `Ok(None)` means more bytes are needed;
@@ -181,8 +199,14 @@ mod tests {
     #[test]
     fn oversized_length_is_refused_before_allocating() {
         let prefix = ((FRAME_BYTES_MAX + 1) as u32).to_be_bytes();
-        assert_eq!(Frame::decode_len(prefix), Err(FrameError::TooLarge(FRAME_BYTES_MAX + 1)));
-        assert_eq!(Frame::decode(&u32::MAX.to_be_bytes()), Err(FrameError::TooLarge(u32::MAX as usize)));
+        assert_eq!(
+            Frame::decode_len(prefix),
+            Err(FrameError::TooLarge(FRAME_BYTES_MAX + 1))
+        );
+        assert_eq!(
+            Frame::decode(&u32::MAX.to_be_bytes()),
+            Err(FrameError::TooLarge(u32::MAX as usize))
+        );
     }
 
     #[test]
@@ -197,6 +221,9 @@ mod tests {
         let mut v = good.to_vec();
         v[6] = 4;
         assert_eq!(Frame::decode(&v), Err(FrameError::Channel(4)));
-        assert_eq!(Frame::decode(&[0, 0, 0, 2, 1, 1]), Err(FrameError::TooShort(2)));
+        assert_eq!(
+            Frame::decode(&[0, 0, 0, 2, 1, 1]),
+            Err(FrameError::TooShort(2))
+        );
     }
 }

@@ -1,0 +1,310 @@
+//! The admin HTTP API (JSON). Every node serves all of it; reads are linearizable and writes
+//! are carried out by the Raft leader whichever node receives them. Bad input is answered with
+//! a 4xx and `{"error": "..."}`, and changes nothing.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tandem_meta::network::MetaError;
+use tandem_meta::store::{MetaStore, RaftStatus};
+use tandem_meta::{MetaCmd, NodeRecord};
+use tandem_transport::tcp::TcpTransport;
+use tandem_types::NodeId;
+
+use crate::config::ClusterConfig;
+
+/// Request bodies are small JSON documents; anything larger is refused unread.
+const BODY_BYTES_MAX: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct ApiState {
+    meta: Arc<MetaStore>,
+    cfg: Arc<ClusterConfig>,
+    transport: Arc<TcpTransport>,
+}
+
+impl ApiState {
+    pub fn new(
+        meta: Arc<MetaStore>,
+        cfg: Arc<ClusterConfig>,
+        transport: Arc<TcpTransport>,
+    ) -> ApiState {
+        ApiState {
+            meta,
+            cfg,
+            transport,
+        }
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/cluster", get(get_cluster))
+        .route("/v1/cluster/init", post(init_cluster))
+        .route("/v1/nodes", get(list_nodes).post(add_node))
+        .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
+        .route("/v1/settings", get(list_settings))
+        .route(
+            "/v1/settings/{key}",
+            get(get_setting).put(put_setting).delete(delete_setting),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+/// An error answer: a status and `{"error": message}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<MetaError> for ApiError {
+    fn from(e: MetaError) -> ApiError {
+        let status = match &e {
+            MetaError::NotFound(_) => StatusCode::NOT_FOUND,
+            MetaError::Invalid(_) => StatusCode::BAD_REQUEST,
+            MetaError::Conflict(_) => StatusCode::CONFLICT,
+            MetaError::NotLeader { .. } | MetaError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            MetaError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        ApiError(e.status(), format!("bad request body: {}", e.body_text()))
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A node as the API shows it: its record and its place in the Raft membership.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    /// `voter`, `learner`, or `none` (recorded but not in the membership).
+    pub membership: String,
+}
+
+/// `GET /v1/cluster`: this node's view of the cluster. Answered from local state, without a
+/// round trip to the leader, so it works (and shows the trouble) even without a quorum.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub cluster_name: String,
+    /// The node that answered.
+    pub node_id: NodeId,
+    pub raft: RaftStatus,
+    pub nodes: Vec<NodeView>,
+}
+
+fn node_views(records: Vec<NodeRecord>, status: &RaftStatus) -> Vec<NodeView> {
+    let mut views: Vec<NodeView> = records
+        .into_iter()
+        .map(|record| {
+            let membership = if status.voters.contains(&record.id) {
+                "voter"
+            } else if status.learners.contains(&record.id) {
+                "learner"
+            } else {
+                "none"
+            };
+            NodeView {
+                record,
+                membership: membership.into(),
+            }
+        })
+        .collect();
+    views.sort_by_key(|v| v.record.id);
+    views
+}
+
+async fn get_cluster(State(s): State<ApiState>) -> ApiResult<ClusterView> {
+    let status = s.meta.status();
+    let records = s
+        .meta
+        .local_read(|st| st.map.nodes.values().cloned().collect());
+    Ok(Json(ClusterView {
+        cluster_name: s.cfg.cluster.name.clone(),
+        node_id: s.meta.id(),
+        nodes: node_views(records, &status),
+        raft: status,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InitRequest {
+    /// Defaults to the config's `initial_members`.
+    #[serde(default)]
+    members: Option<Vec<NodeRecord>>,
+}
+
+/// `POST /v1/cluster/init`: forms the cluster (once). Idempotent: on an initialized cluster it
+/// answers `{"initialized": false}`.
+async fn init_cluster(
+    State(s): State<ApiState>,
+    body: Result<Json<InitRequest>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let Json(req) = body?;
+    let members = req.members.unwrap_or_else(|| s.cfg.initial_records());
+    if members.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "no members: give some or set cluster.initial_members".into(),
+        ));
+    }
+    let initialized = s.meta.initialize(&members).await?;
+    Ok(Json(serde_json::json!({ "initialized": initialized })))
+}
+
+async fn list_nodes(State(s): State<ApiState>) -> ApiResult<Vec<NodeView>> {
+    let records = s
+        .meta
+        .read(|st| st.map.nodes.values().cloned().collect())
+        .await?;
+    Ok(Json(node_views(records, &s.meta.status())))
+}
+
+/// `POST /v1/nodes`: add a node (it must be running, with a certificate from the cluster CA).
+async fn add_node(
+    State(s): State<ApiState>,
+    body: Result<Json<NodeRecord>, JsonRejection>,
+) -> Result<(StatusCode, Json<NodeRecord>), ApiError> {
+    let Json(rec) = body?;
+    rec.validate()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    s.meta.add_node(rec.clone()).await?;
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+async fn remove_node(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    let id: NodeId = id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("node id {id:?} is not a number"),
+        )
+    })?;
+    s.meta.remove_node(id).await?;
+    Ok(Json(serde_json::json!({ "removed": id })))
+}
+
+async fn list_settings(
+    State(s): State<ApiState>,
+) -> ApiResult<std::collections::BTreeMap<String, String>> {
+    Ok(Json(s.meta.read(|st| st.map.settings.clone()).await?))
+}
+
+async fn get_setting(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult<SettingBody> {
+    match s.meta.read(|st| st.map.settings.get(&key).cloned()).await? {
+        Some(value) => Ok(Json(SettingBody { value })),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no setting named {key:?}"),
+        )),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingBody {
+    pub value: String,
+}
+
+async fn put_setting(
+    State(s): State<ApiState>,
+    Path(key): Path<String>,
+    body: Result<Json<SettingBody>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let Json(body) = body?;
+    let reply = s
+        .meta
+        .write(MetaCmd::PutSetting {
+            key,
+            value: body.value,
+        })
+        .await?;
+    Ok(Json(serde_json::to_value(reply).unwrap_or_default()))
+}
+
+async fn delete_setting(
+    State(s): State<ApiState>,
+    Path(key): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    s.meta
+        .write(MetaCmd::DeleteSetting { key: key.clone() })
+        .await?;
+    Ok(Json(serde_json::json!({ "deleted": key })))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    use std::fmt::Write;
+    let st = s.meta.status();
+    let mut out = String::new();
+    let is_leader = u8::from(st.role == "leader");
+    let _ = writeln!(
+        out,
+        "# TYPE tandem_raft_term gauge\ntandem_raft_term {}",
+        st.term
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE tandem_raft_is_leader gauge\ntandem_raft_is_leader {is_leader}"
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE tandem_raft_last_log_index gauge\ntandem_raft_last_log_index {}",
+        st.last_log_index.unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE tandem_raft_applied_index gauge\ntandem_raft_applied_index {}",
+        st.applied_index.unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE tandem_raft_voters gauge\ntandem_raft_voters {}",
+        st.voters.len()
+    );
+    let _ = writeln!(out, "# TYPE tandem_transport_bytes_sent counter");
+    for l in s.transport.link_stats() {
+        let _ = writeln!(
+            out,
+            "tandem_transport_bytes_sent{{peer=\"{}\",channel=\"{}\"}} {}",
+            l.peer, l.channel, l.bytes_sent
+        );
+    }
+    let _ = writeln!(out, "# TYPE tandem_transport_reconnects counter");
+    for l in s.transport.link_stats() {
+        let _ = writeln!(
+            out,
+            "tandem_transport_reconnects{{peer=\"{}\",channel=\"{}\"}} {}",
+            l.peer, l.channel, l.reconnects
+        );
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+}

@@ -1,0 +1,327 @@
+//! The cluster config file (TOML): one format for the file `tandem up` writes and for files
+//! written by hand for production. Relative paths are relative to the file's own folder.
+//!
+//! ```toml
+//! [cluster]
+//! name = "local"
+//! initial_members = [1, 2, 3]
+//!
+//! [tls]
+//! ca_cert = "certs/ca.pem"
+//!
+//! [[node]]
+//! id = 1
+//! site = "dc1"
+//! raft_addr = "127.0.0.1:7101"
+//! api_addr = "127.0.0.1:7201"
+//! nbd_addr = "127.0.0.1:10809"
+//! data_dir = "node-1"
+//! cert = "certs/node-1.pem"
+//! key = "certs/node-1.key"
+//! ```
+//!
+//! Every error names the file, the field and the problem.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tandem_meta::store::MetaConfig;
+use tandem_meta::NodeRecord;
+use tandem_types::{validate_name, NodeId};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub cluster: ClusterSection,
+    pub tls: TlsSection,
+    #[serde(rename = "node")]
+    pub nodes: Vec<NodeSection>,
+    /// The folder relative paths are resolved against (the file's folder).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+fn default_heartbeat() -> u64 {
+    150
+}
+fn default_election_min() -> u64 {
+    750
+}
+fn default_election_max() -> u64 {
+    1500
+}
+fn default_snapshot_after() -> u64 {
+    10_000
+}
+fn default_logs_to_keep() -> u64 {
+    2_000
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    pub name: String,
+    /// The voters a new cluster is formed with (by `tandem up`, or `POST /v1/cluster/init`).
+    /// Nodes listed under `[[node]]` but not here join later with `tandem node add`.
+    #[serde(default)]
+    pub initial_members: Vec<NodeId>,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    /// A follower that hears no leader for a random time in [min, max] starts an election.
+    #[serde(default = "default_election_min")]
+    pub election_timeout_min_ms: u64,
+    #[serde(default = "default_election_max")]
+    pub election_timeout_max_ms: u64,
+    #[serde(default = "default_snapshot_after")]
+    pub snapshot_after_entries: u64,
+    #[serde(default = "default_logs_to_keep")]
+    pub logs_to_keep: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca_cert: PathBuf,
+    /// The CA's private key. Only on the machine that issues node certificates (`tandem up`
+    /// keeps it in its data dir); production nodes should not have it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub id: NodeId,
+    pub site: String,
+    pub raft_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub nbd_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl NodeSection {
+    pub fn record(&self) -> NodeRecord {
+        NodeRecord {
+            id: self.id,
+            site: self.site.clone(),
+            raft_addr: self.raft_addr,
+            api_addr: self.api_addr,
+            nbd_addr: self.nbd_addr,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        ClusterConfig::parse(&text, &file, &base)
+    }
+
+    pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<ClusterConfig, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: file.to_string(),
+            message,
+        };
+        let mut cfg: ClusterConfig =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        cfg.base_dir = base_dir.to_path_buf();
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let c = &self.cluster;
+        validate_name(&c.name).map_err(|e| format!("cluster.name {:?} {e}", c.name))?;
+        if c.heartbeat_interval_ms == 0 {
+            return Err("cluster.heartbeat_interval_ms must be at least 1".into());
+        }
+        if c.election_timeout_min_ms <= c.heartbeat_interval_ms {
+            return Err(format!(
+                "cluster.election_timeout_min_ms ({}) must be greater than cluster.heartbeat_interval_ms ({})",
+                c.election_timeout_min_ms, c.heartbeat_interval_ms
+            ));
+        }
+        if c.election_timeout_max_ms <= c.election_timeout_min_ms {
+            return Err(format!(
+                "cluster.election_timeout_max_ms ({}) must be greater than cluster.election_timeout_min_ms ({})",
+                c.election_timeout_max_ms, c.election_timeout_min_ms
+            ));
+        }
+        if c.snapshot_after_entries == 0 {
+            return Err("cluster.snapshot_after_entries must be at least 1".into());
+        }
+        if self.nodes.is_empty() {
+            return Err("no [[node]] entries: a cluster needs at least one node".into());
+        }
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let at = format!("node[{i}] (id {})", n.id);
+            if n.id == 0 {
+                return Err(format!("{at}: id must be at least 1"));
+            }
+            if !ids.insert(n.id) {
+                return Err(format!("{at}: id {} appears twice", n.id));
+            }
+            validate_name(&n.site).map_err(|e| format!("{at}: site {:?} {e}", n.site))?;
+            for (field, addr) in [
+                ("raft_addr", n.raft_addr),
+                ("api_addr", n.api_addr),
+                ("nbd_addr", n.nbd_addr),
+            ] {
+                if addr.port() == 0 {
+                    return Err(format!("{at}: {field} {addr} needs a port"));
+                }
+                if !addrs.insert(addr) {
+                    return Err(format!("{at}: {field} {addr} is used twice in this file"));
+                }
+            }
+        }
+        for m in &c.initial_members {
+            if !ids.contains(m) {
+                return Err(format!(
+                    "cluster.initial_members: node {m} has no [[node]] entry"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeSection> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    pub fn initial_records(&self) -> Vec<NodeRecord> {
+        self.nodes
+            .iter()
+            .filter(|n| self.cluster.initial_members.contains(&n.id))
+            .map(NodeSection::record)
+            .collect()
+    }
+
+    pub fn meta_config(&self) -> MetaConfig {
+        let c = &self.cluster;
+        MetaConfig {
+            cluster_name: c.name.clone(),
+            heartbeat_interval_ms: c.heartbeat_interval_ms,
+            election_timeout_min_ms: c.election_timeout_min_ms,
+            election_timeout_max_ms: c.election_timeout_max_ms,
+            snapshot_after_entries: c.snapshot_after_entries,
+            logs_to_keep: c.logs_to_keep,
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a config always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cluster]
+name = "t"
+initial_members = [1, 2]
+
+[tls]
+ca_cert = "ca.pem"
+
+[[node]]
+id = 1
+site = "a"
+raft_addr = "127.0.0.1:7001"
+api_addr = "127.0.0.1:7002"
+nbd_addr = "127.0.0.1:7003"
+data_dir = "n1"
+cert = "n1.pem"
+key = "n1.key"
+
+[[node]]
+id = 2
+site = "b"
+raft_addr = "127.0.0.1:7011"
+api_addr = "127.0.0.1:7012"
+nbd_addr = "127.0.0.1:7013"
+data_dir = "/abs/n2"
+cert = "n2.pem"
+key = "n2.key"
+"#;
+
+    fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
+        ClusterConfig::parse(text, "test.toml", Path::new("/base"))
+    }
+
+    #[test]
+    fn a_good_file_parses_with_defaults_and_paths() {
+        let cfg = parse(GOOD).expect("parses");
+        assert_eq!(cfg.nodes.len(), 2);
+        assert_eq!(cfg.cluster.heartbeat_interval_ms, 150);
+        assert_eq!(
+            cfg.resolve(&cfg.nodes[0].data_dir),
+            PathBuf::from("/base/n1")
+        );
+        assert_eq!(
+            cfg.resolve(&cfg.nodes[1].data_dir),
+            PathBuf::from("/abs/n2")
+        );
+        assert_eq!(cfg.initial_records().len(), 2);
+        // What `up` writes reads back the same.
+        let again = parse(&cfg.to_toml()).expect("round trip");
+        assert_eq!(again, cfg);
+    }
+
+    fn error_of(text: &str) -> String {
+        let e = parse(text).expect_err("must fail");
+        assert_eq!(e.file, "test.toml");
+        e.to_string()
+    }
+
+    #[test]
+    fn bad_files_name_the_field_and_the_problem() {
+        let e = error_of(&GOOD.replace("127.0.0.1:7011", "nonsense"));
+        assert!(e.contains("raft_addr") && e.contains("test.toml"), "{e}");
+        let e = error_of(&GOOD.replace("id = 2", "id = 1"));
+        assert!(e.contains("appears twice"), "{e}");
+        let e = error_of(&GOOD.replace("7012", "7002"));
+        assert!(e.contains("api_addr") && e.contains("used twice"), "{e}");
+        let e = error_of(&GOOD.replace("[1, 2]", "[1, 5]"));
+        assert!(e.contains("initial_members") && e.contains('5'), "{e}");
+        let e = error_of(&GOOD.replace("site = \"b\"", "site = \"b c\""));
+        assert!(e.contains("site"), "{e}");
+        let e =
+            error_of(&GOOD.replace("name = \"t\"", "name = \"t\"\nelection_timeout_min_ms = 10"));
+        assert!(e.contains("election_timeout_min_ms"), "{e}");
+        let e = error_of(&GOOD.replace("name = \"t\"", "name = \"t\"\ncolour = 1"));
+        assert!(e.contains("colour"), "{e}");
+        let e = error_of(&GOOD.replace("key = \"n2.key\"", ""));
+        assert!(e.contains("key"), "{e}");
+        let e = error_of("node = []\n[cluster]\nname = \"t\"\n[tls]\nca_cert = \"x\"\n");
+        assert!(e.contains("no [[node]]"), "{e}");
+    }
+}

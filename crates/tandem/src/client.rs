@@ -1,0 +1,376 @@
+//! Admin commands: a small client of the HTTP API, and how its answers are shown.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use reqwest::Method;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tandem_node::api::{ClusterView, NodeView, SettingBody};
+use tandem_node::config::ClusterConfig;
+use tandem_types::NodeId;
+
+use crate::{SettingCmd, Target};
+
+/// A request to a node that does not answer within this long counts that node as down.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Writes may wait for an election or for a new node to catch up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub const DEFAULT_DIR: &str = "tandem-data";
+
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("cluster.toml")
+}
+
+/// One node's API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .expect("an HTTP client without TLS always builds")
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        let base = if base.starts_with("http://") || base.starts_with("https://") {
+            base.trim_end_matches('/').to_string()
+        } else {
+            format!("http://{}", base.trim_end_matches('/'))
+        };
+        Api {
+            base,
+            http: http_client(REQUEST_TIMEOUT),
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Api {
+        self.http = http_client(timeout);
+        self
+    }
+
+    /// Finds a node that answers: `--endpoint`, else each node of the `--cluster` dir's config.
+    pub async fn find(target: &Target) -> anyhow::Result<Api> {
+        if let Some(e) = &target.endpoint {
+            return Ok(Api::new(e));
+        }
+        let dir = target
+            .cluster
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+        let path = config_path(&dir);
+        if !path.exists() {
+            bail!(
+                "no cluster at {}: give --endpoint URL, or --cluster DIR of a cluster made by `tandem up`",
+                dir.display()
+            );
+        }
+        let cfg = ClusterConfig::load(&path)?;
+        let mut errors = Vec::new();
+        for n in &cfg.nodes {
+            let api = Api::new(&n.api_addr.to_string()).with_timeout(PROBE_TIMEOUT);
+            match api.get::<ClusterView>("/v1/cluster").await {
+                Ok(_) => return Ok(Api::new(&n.api_addr.to_string())),
+                Err(e) => errors.push(format!("node {}: {e:#}", n.id)),
+            }
+        }
+        bail!(
+            "no node of the cluster in {} answers:\n  {}",
+            dir.display(),
+            errors.join("\n  ")
+        )
+    }
+
+    pub async fn request<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .with_context(|| format!("{method} {url}: reading the answer"))?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{method} {url}: {status}: {msg}");
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("{method} {url}: unexpected answer"))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.request::<(), T>(Method::GET, path, None).await
+    }
+}
+
+/// One node's line in `tandem status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    #[serde(flatten)]
+    pub node: NodeView,
+    pub up: bool,
+    /// The node's own Raft role (`leader`, `follower`, ...), or `unknown` when it is down.
+    pub role: String,
+    pub term: Option<u64>,
+    /// The leader as this node sees it.
+    pub leader: Option<NodeId>,
+    pub applied_index: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub cluster_name: String,
+    pub answered_by: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+pub async fn status_report(api: &Api) -> anyhow::Result<StatusReport> {
+    let view: ClusterView = api.get("/v1/cluster").await?;
+    let probes = view.nodes.iter().map(|n| {
+        let api = Api::new(&n.record.api_addr.to_string()).with_timeout(PROBE_TIMEOUT);
+        async move { api.get::<ClusterView>("/v1/cluster").await }
+    });
+    let answers = futures::future::join_all(probes).await;
+    let nodes = view
+        .nodes
+        .iter()
+        .zip(answers)
+        .map(|(n, answer)| match answer {
+            Ok(v) => NodeStatus {
+                node: n.clone(),
+                up: true,
+                role: v.raft.role.clone(),
+                term: Some(v.raft.term),
+                leader: v.raft.leader,
+                applied_index: v.raft.applied_index,
+                error: None,
+            },
+            Err(e) => NodeStatus {
+                node: n.clone(),
+                up: false,
+                role: "unknown".into(),
+                term: None,
+                leader: None,
+                applied_index: None,
+                error: Some(format!("{e:#}")),
+            },
+        })
+        .collect();
+    Ok(StatusReport {
+        cluster_name: view.cluster_name,
+        answered_by: view.node_id,
+        leader: view.raft.leader,
+        term: view.raft.term,
+        last_log_index: view.raft.last_log_index,
+        applied_index: view.raft.applied_index,
+        voters: view.raft.voters,
+        learners: view.raft.learners,
+        nodes,
+    })
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// Prints rows as left-aligned columns.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:w$}", c, w = widths[i]))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+pub fn print_status(r: &StatusReport) {
+    println!(
+        "cluster {}  leader {}  term {}  last log {}  applied {}  (answered by node {})",
+        r.cluster_name,
+        opt(r.leader),
+        r.term,
+        opt(r.last_log_index),
+        opt(r.applied_index),
+        r.answered_by
+    );
+    let rows: Vec<Vec<String>> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.node.record.id.to_string(),
+                n.node.record.site.clone(),
+                n.role.clone(),
+                n.node.membership.clone(),
+                if n.up { "up".into() } else { "down".into() },
+                n.node.record.api_addr.to_string(),
+                n.node.record.nbd_addr.to_string(),
+                n.node.record.raft_addr.to_string(),
+                "tcp".into(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "SITE",
+            "ROLE",
+            "MEMBER",
+            "STATE",
+            "API",
+            "NBD",
+            "RAFT",
+            "TRANSPORT",
+        ],
+        &rows,
+    );
+}
+
+/// The status as the leader sees it when there is one (a node that just restarted may still
+/// hold an old map), else as the answering node sees it.
+pub async fn leader_status_report(api: &Api) -> anyhow::Result<StatusReport> {
+    let report = status_report(api).await?;
+    let leader_api = report
+        .leader
+        .filter(|l| *l != report.answered_by)
+        .and_then(|l| {
+            report
+                .nodes
+                .iter()
+                .find(|n| n.node.record.id == l && n.up)
+                .map(|n| n.node.record.api_addr)
+        });
+    match leader_api {
+        Some(addr) => Ok(status_report(&Api::new(&addr.to_string()))
+            .await
+            .unwrap_or(report)),
+        None => Ok(report),
+    }
+}
+
+pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
+    let api = Api::find(target).await?;
+    let report = leader_status_report(&api).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_status(&report);
+    }
+    Ok(())
+}
+
+pub async fn node_list(target: &Target, json: bool) -> anyhow::Result<()> {
+    let api = Api::find(target).await?;
+    let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.record.id.to_string(),
+                n.record.site.clone(),
+                n.membership.clone(),
+                n.record.api_addr.to_string(),
+                n.record.nbd_addr.to_string(),
+                n.record.raft_addr.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "SITE", "MEMBER", "API", "NBD", "RAFT"], &rows);
+    Ok(())
+}
+
+pub async fn setting(target: &Target, cmd: SettingCmd) -> anyhow::Result<()> {
+    let api = Api::find(target).await?;
+    match cmd {
+        SettingCmd::Set { key, value } => {
+            let _: serde_json::Value = api
+                .request(
+                    Method::PUT,
+                    &format!("/v1/settings/{key}"),
+                    Some(&SettingBody { value }),
+                )
+                .await?;
+        }
+        SettingCmd::Get { key } => {
+            let b: SettingBody = api.get(&format!("/v1/settings/{key}")).await?;
+            println!("{}", b.value);
+        }
+        SettingCmd::Delete { key } => {
+            let _: serde_json::Value = api
+                .request::<(), _>(Method::DELETE, &format!("/v1/settings/{key}"), None)
+                .await?;
+        }
+        SettingCmd::List { json } => {
+            let all: std::collections::BTreeMap<String, String> = api.get("/v1/settings").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                let rows: Vec<Vec<String>> = all.into_iter().map(|(k, v)| vec![k, v]).collect();
+                print_table(&["KEY", "VALUE"], &rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `api` reports a leader; returns the report.
+pub async fn wait_for_leader(api: &Api, timeout: Duration) -> anyhow::Result<StatusReport> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match leader_status_report(api).await {
+            Ok(r) if r.leader == Some(r.answered_by) => return Ok(r),
+            Ok(_) | Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(_) => return Err(anyhow!("no leader elected within {timeout:?}")),
+            Err(e) => return Err(e.context(format!("no leader elected within {timeout:?}"))),
+        }
+    }
+}

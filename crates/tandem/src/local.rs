@@ -1,0 +1,465 @@
+//! Local clusters (`tandem up`, `down`, local `node add|remove`) and running one node.
+//!
+//! A local cluster lives in one data dir: `cluster.toml`, `certs/` (the CA with its key, and a
+//! certificate per node), `node-<id>/` (each node's data), `node-<id>.log` and, while the node
+//! runs, `node-<id>.pid`.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use reqwest::Method;
+use tandem_node::config::{ClusterConfig, ClusterSection, NodeSection, TlsSection};
+use tandem_transport::tls;
+use tandem_types::NodeId;
+use tokio::time::Instant;
+
+use crate::client::{self, config_path, Api, DEFAULT_DIR};
+use crate::{LogFormat, Target};
+
+/// How long `up` waits for the nodes' APIs and for a leader.
+const START_WAIT: Duration = Duration::from_secs(60);
+/// How long a node gets to stop after SIGTERM before it is killed.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+const SITE_DEFAULT: &str = "local";
+
+fn pid_path(dir: &Path, id: NodeId) -> PathBuf {
+    dir.join(format!("node-{id}.pid"))
+}
+
+fn log_path(dir: &Path, id: NodeId) -> PathBuf {
+    dir.join(format!("node-{id}.log"))
+}
+
+/// A port that is free now. (Another process could take it before the node binds it; the node
+/// then reports the port as in use and `up` shows that.)
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
+    Ok(l.local_addr()?)
+}
+
+fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Makes a certificate for node `id` and its `[[node]]` entry with fresh ports.
+fn new_node(
+    dir: &Path,
+    cluster_name: &str,
+    ca_key: &Path,
+    id: NodeId,
+    site: &str,
+) -> anyhow::Result<NodeSection> {
+    let ca_key_pem = fs::read_to_string(ca_key)
+        .with_context(|| format!("cannot read the CA key {}", ca_key.display()))?;
+    let pair = tls::issue_node_cert(cluster_name, &ca_key_pem, id)?;
+    let cert = PathBuf::from(format!("certs/node-{id}.pem"));
+    let key = PathBuf::from(format!("certs/node-{id}.key"));
+    write_file(&dir.join(&cert), &pair.cert_pem)?;
+    write_private(&dir.join(&key), &pair.key_pem)?;
+    Ok(NodeSection {
+        id,
+        site: site.to_string(),
+        raft_addr: free_addr()?,
+        api_addr: free_addr()?,
+        nbd_addr: free_addr()?,
+        data_dir: PathBuf::from(format!("node-{id}")),
+        cert,
+        key,
+    })
+}
+
+/// Creates a new local cluster's files in `dir`.
+fn create(dir: &Path, nodes: u32) -> anyhow::Result<ClusterConfig> {
+    if nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    fs::create_dir_all(dir.join("certs"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = "local";
+    let ca = tls::generate_ca(name)?;
+    write_file(&dir.join("certs/ca.pem"), &ca.cert_pem)?;
+    write_private(&dir.join("certs/ca.key"), &ca.key_pem)?;
+    let mut node_sections = Vec::new();
+    for id in 1..=u64::from(nodes) {
+        node_sections.push(new_node(
+            dir,
+            name,
+            &dir.join("certs/ca.key"),
+            id,
+            SITE_DEFAULT,
+        )?);
+    }
+    let cfg = ClusterConfig {
+        cluster: ClusterSection {
+            name: name.to_string(),
+            initial_members: (1..=u64::from(nodes)).collect(),
+            heartbeat_interval_ms: 150,
+            election_timeout_min_ms: 750,
+            election_timeout_max_ms: 1500,
+            snapshot_after_entries: 10_000,
+            logs_to_keep: 2_000,
+        },
+        tls: TlsSection {
+            ca_cert: "certs/ca.pem".into(),
+            ca_key: Some("certs/ca.key".into()),
+        },
+        nodes: node_sections,
+        base_dir: dir.to_path_buf(),
+    };
+    save_config(dir, &cfg)?;
+    Ok(cfg)
+}
+
+fn save_config(dir: &Path, cfg: &ClusterConfig) -> anyhow::Result<()> {
+    let text = format!(
+        "# Tandem cluster config, written by `tandem up`; the same format serves hand-written\n\
+         # production files (see cluster-config/). Paths are relative to this file.\n\n{}",
+        cfg.to_toml()
+    );
+    // Write-then-rename, so a crash never leaves half a config.
+    let tmp = dir.join("cluster.toml.tmp");
+    write_file(&tmp, &text)?;
+    fs::rename(&tmp, config_path(dir)).context("cannot replace cluster.toml")
+}
+
+/// The pid in `node-<id>.pid`, if that process is alive and is a tandem process.
+fn running_pid(dir: &Path, id: NodeId) -> Option<i32> {
+    let text = fs::read_to_string(pid_path(dir, id)).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let alive_tandem = String::from_utf8_lossy(&cmdline).contains("tandem");
+    let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false);
+    (alive_tandem && !zombie).then_some(pid)
+}
+
+/// Starts node `id` as a child process in its own process group (so a Ctrl-C at the terminal
+/// reaches `up`, which then stops the nodes in order), logging to `node-<id>.log`.
+fn spawn_node(dir: &Path, id: NodeId, log_format: LogFormat) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find the tandem executable")?;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(dir, id))
+        .with_context(|| format!("cannot open {}", log_path(dir, id).display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("node")
+        .arg("--config")
+        .arg(config_path(dir))
+        .arg("--id")
+        .arg(id.to_string());
+    if log_format == LogFormat::Json {
+        cmd.arg("--log-format").arg("json");
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start node {id}"))?;
+    write_file(&pid_path(dir, id), &format!("{}\n", child.id()))?;
+    Ok(child)
+}
+
+fn log_tail(dir: &Path, id: NodeId) -> String {
+    let text = fs::read_to_string(log_path(dir, id)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Waits until node `id`'s API answers; fails early, with its log, if the process exits.
+async fn wait_for_api(
+    dir: &Path,
+    id: NodeId,
+    api: &Api,
+    child: &mut Option<Child>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        if api.get::<serde_json::Value>("/v1/cluster").await.is_ok() {
+            return Ok(());
+        }
+        if let Some(c) = child.as_mut() {
+            if let Some(status) = c.try_wait()? {
+                let _ = fs::remove_file(pid_path(dir, id));
+                bail!(
+                    "node {id} exited ({status}) while starting; the end of {}:\n{}",
+                    log_path(dir, id).display(),
+                    log_tail(dir, id)
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "node {id} did not answer on its API within {START_WAIT:?}; see {}",
+                log_path(dir, id).display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn up(dir: &Path, nodes: u32, detach: bool, log_format: LogFormat) -> anyhow::Result<()> {
+    let fresh = !config_path(dir).exists();
+    let cfg = if fresh {
+        create(dir, nodes)?
+    } else {
+        let cfg = ClusterConfig::load(&config_path(dir))?;
+        if cfg.nodes.len() != nodes as usize && nodes != 3 {
+            eprintln!(
+                "note: {} already holds a cluster of {} nodes; restarting it as it is (--nodes applies to new clusters)",
+                dir.display(),
+                cfg.nodes.len()
+            );
+        }
+        cfg
+    };
+    let mut children: Vec<(NodeId, Option<Child>)> = Vec::new();
+    for n in &cfg.nodes {
+        if let Some(pid) = running_pid(dir, n.id) {
+            eprintln!("node {} is already running (pid {pid})", n.id);
+            children.push((n.id, None));
+            continue;
+        }
+        children.push((n.id, Some(spawn_node(dir, n.id, log_format)?)));
+    }
+    let started = async {
+        for (id, child) in children.iter_mut() {
+            let n = cfg.node(*id).expect("node from the config");
+            wait_for_api(dir, *id, &Api::new(&n.api_addr.to_string()), child).await?;
+        }
+        let first = Api::new(&cfg.nodes[0].api_addr.to_string());
+        if fresh {
+            let _: serde_json::Value = first
+                .request(
+                    Method::POST,
+                    "/v1/cluster/init",
+                    Some(&serde_json::json!({})),
+                )
+                .await?;
+        }
+        client::wait_for_leader(&first, START_WAIT).await
+    };
+    let report = match started.await {
+        Ok(r) => r,
+        Err(e) => {
+            stop_children(dir, &mut children).await;
+            return Err(e);
+        }
+    };
+    client::print_status(&report);
+    if detach {
+        println!(
+            "\ncluster running in the background; stop it with `tandem down --dir {}`",
+            dir.display()
+        );
+        return Ok(());
+    }
+    println!("\ncluster running; press Ctrl-C to stop it");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("stopping the nodes...");
+    stop_children(dir, &mut children).await;
+    println!("stopped");
+    Ok(())
+}
+
+/// SIGTERM to a pid, then wait for it to go, then SIGKILL.
+async fn stop_pid(pid: i32, is_gone: impl Fn() -> bool) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let deadline = Instant::now() + STOP_WAIT;
+    while Instant::now() < deadline {
+        if is_gone() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+async fn stop_children(dir: &Path, children: &mut [(NodeId, Option<Child>)]) {
+    for (id, child) in children.iter_mut() {
+        if let Some(c) = child.as_mut() {
+            let pid = c.id() as i32;
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_WAIT;
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(25)).await,
+                }
+            }
+            let _ = fs::remove_file(pid_path(dir, *id));
+        }
+    }
+}
+
+pub async fn down(dir: &Path) -> anyhow::Result<()> {
+    let cfg = ClusterConfig::load(&config_path(dir))?;
+    let mut stopped = 0;
+    for n in &cfg.nodes {
+        if let Some(pid) = running_pid(dir, n.id) {
+            let id = n.id;
+            stop_pid(pid, || running_pid(dir, id).is_none()).await;
+            stopped += 1;
+        }
+        let _ = fs::remove_file(pid_path(dir, n.id));
+    }
+    println!(
+        "stopped {stopped} node(s) of the cluster in {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+pub async fn run_node(config: &Path, id: NodeId) -> anyhow::Result<()> {
+    let cfg = ClusterConfig::load(config)?;
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    tandem_node::run(cfg, id, shutdown).await
+}
+
+fn local_dir(target: &Target) -> Option<PathBuf> {
+    if target.endpoint.is_some() {
+        return None;
+    }
+    let dir = target
+        .cluster
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+    config_path(&dir).exists().then_some(dir)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn node_add(
+    target: &Target,
+    id: Option<NodeId>,
+    site: Option<String>,
+    raft_addr: Option<SocketAddr>,
+    api_addr: Option<SocketAddr>,
+    nbd_addr: Option<SocketAddr>,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let api = Api::find(target).await?;
+    let record = match (raft_addr, api_addr, nbd_addr) {
+        (Some(raft_addr), Some(api_addr), Some(nbd_addr)) => {
+            let id = id.ok_or_else(|| anyhow!("--id is required with explicit addresses"))?;
+            tandem_meta::NodeRecord {
+                id,
+                site: site.unwrap_or_else(|| SITE_DEFAULT.into()),
+                raft_addr,
+                api_addr,
+                nbd_addr,
+            }
+        }
+        (None, None, None) => {
+            let dir = local_dir(target).ok_or_else(|| {
+                anyhow!("give --raft-addr, --api-addr and --nbd-addr of the running node, or use a cluster made by `tandem up`")
+            })?;
+            let mut cfg = ClusterConfig::load(&config_path(&dir))?;
+            let ca_key = cfg.tls.ca_key.clone().ok_or_else(|| {
+                anyhow!(
+                    "{} has no tls.ca_key to issue a certificate with",
+                    config_path(&dir).display()
+                )
+            })?;
+            let id = id.unwrap_or_else(|| cfg.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1);
+            if cfg.node(id).is_some() {
+                bail!("node {id} is already in {}", config_path(&dir).display());
+            }
+            let section = new_node(
+                &dir,
+                &cfg.cluster.name,
+                &cfg.resolve(&ca_key),
+                id,
+                site.as_deref().unwrap_or(SITE_DEFAULT),
+            )?;
+            let record = section.record();
+            cfg.nodes.push(section);
+            save_config(&dir, &cfg)?;
+            let mut child = Some(spawn_node(&dir, id, log_format)?);
+            wait_for_api(
+                &dir,
+                id,
+                &Api::new(&record.api_addr.to_string()),
+                &mut child,
+            )
+            .await?;
+            record
+        }
+        _ => bail!("give all of --raft-addr, --api-addr and --nbd-addr, or none of them"),
+    };
+    let added: tandem_meta::NodeRecord = api
+        .request(Method::POST, "/v1/nodes", Some(&record))
+        .await?;
+    println!(
+        "node {} added (raft {}, api {}, nbd {})",
+        added.id, added.raft_addr, added.api_addr, added.nbd_addr
+    );
+    Ok(())
+}
+
+pub async fn node_remove(target: &Target, id: NodeId) -> anyhow::Result<()> {
+    let api = Api::find(target).await?;
+    let _: serde_json::Value = api
+        .request::<(), _>(Method::DELETE, &format!("/v1/nodes/{id}"), None)
+        .await?;
+    println!("node {id} removed from the cluster");
+    if let Some(dir) = local_dir(target) {
+        if let Some(pid) = running_pid(&dir, id) {
+            stop_pid(pid, || running_pid(&dir, id).is_none()).await;
+            println!("stopped its process (pid {pid})");
+        }
+        let _ = fs::remove_file(pid_path(&dir, id));
+        let mut cfg = ClusterConfig::load(&config_path(&dir))?;
+        cfg.nodes.retain(|n| n.id != id);
+        cfg.cluster.initial_members.retain(|m| *m != id);
+        save_config(&dir, &cfg)?;
+    }
+    Ok(())
+}

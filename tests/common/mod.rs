@@ -1,0 +1,250 @@
+//! Harness for black-box tests: local clusters of real `tandem` processes in temp dirs.
+//!
+//! Everything polls with a deadline; nothing sleeps a fixed time to "let things settle".
+//! A [`Cluster`] stops its processes when dropped, also when the test panics.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tandem"))
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tandem")
+}
+
+pub fn run_ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "tandem {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// A local cluster made by `tandem up --detach` in a temp dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn up(nodes: u32) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-test-")
+            .tempdir()
+            .expect("temp dir");
+        let c = Cluster { dir };
+        c.tandem(&[
+            "up",
+            "--detach",
+            "--nodes",
+            &nodes.to_string(),
+            "--dir",
+            c.path_str(),
+        ]);
+        c
+    }
+
+    /// Creates a cluster, then restarts it with `edit` applied to its cluster.toml.
+    pub fn up_with(nodes: u32, edit: impl FnOnce(&str) -> String) -> Cluster {
+        let c = Cluster::up(nodes);
+        c.down();
+        let path = c.path().join("cluster.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(&path, edit(&text)).expect("write config");
+        c.restart_missing();
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.dir.path().to_str().expect("utf-8 temp path")
+    }
+
+    pub fn tandem(&self, args: &[&str]) -> String {
+        run_ok(args)
+    }
+
+    /// Runs an admin command against this cluster.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--cluster", self.path_str()]);
+        run_ok(&all)
+    }
+
+    pub fn down(&self) {
+        self.tandem(&["down", "--dir", self.path_str()]);
+    }
+
+    /// `tandem up --detach` on the existing dir: starts every node that is not running.
+    pub fn restart_missing(&self) {
+        self.tandem(&["up", "--detach", "--dir", self.path_str()]);
+    }
+
+    pub fn config(&self) -> toml::Value {
+        let text = std::fs::read_to_string(self.path().join("cluster.toml")).expect("config");
+        toml::from_str(&text).expect("toml")
+    }
+
+    pub fn node_ids(&self) -> Vec<u64> {
+        self.config()["node"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n["id"].as_integer().expect("id") as u64)
+            .collect()
+    }
+
+    pub fn api(&self, id: u64) -> String {
+        let cfg = self.config();
+        let node = cfg["node"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["id"].as_integer() == Some(id as i64))
+            .unwrap_or_else(|| panic!("node {id} not in config"))
+            .clone();
+        format!("http://{}", node["api_addr"].as_str().expect("api_addr"))
+    }
+
+    pub fn pid(&self, id: u64) -> i32 {
+        std::fs::read_to_string(self.path().join(format!("node-{id}.pid")))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    pub fn kill9(&self, id: u64) {
+        let pid = self.pid(id);
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        wait_for(
+            &format!("node {id} (pid {pid}) to die"),
+            Duration::from_secs(10),
+            || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                (stat.is_empty()
+                    || stat
+                        .rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z')))
+                .then_some(())
+            },
+        );
+    }
+
+    /// `GET /v1/cluster` of one node; `None` if it does not answer.
+    pub fn view(&self, id: u64) -> Option<Value> {
+        let resp = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .ok()?
+            .get(format!("{}/v1/cluster", self.api(id)))
+            .send()
+            .ok()?;
+        resp.json().ok()
+    }
+
+    pub fn status_json(&self, endpoint_node: u64) -> Value {
+        let out = run_ok(&["status", "--json", "--endpoint", &self.api(endpoint_node)]);
+        serde_json::from_str(&out).expect("status --json is JSON")
+    }
+
+    /// Waits until every given node reports the same leader, and returns it.
+    pub fn agreed_leader(&self, nodes: &[u64], timeout: Duration) -> u64 {
+        wait_for("all nodes to agree on a leader", timeout, || {
+            let leaders: Vec<Option<u64>> = nodes
+                .iter()
+                .map(|id| self.view(*id).and_then(|v| v["raft"]["leader"].as_u64()))
+                .collect();
+            let first = leaders[0]?;
+            leaders.iter().all(|l| *l == Some(first)).then_some(first)
+        })
+    }
+
+    pub fn put_setting(&self, via: u64, key: &str, value: &str) {
+        let resp = http()
+            .put(format!("{}/v1/settings/{key}", self.api(via)))
+            .json(&serde_json::json!({ "value": value }))
+            .send()
+            .expect("put");
+        assert!(
+            resp.status().is_success(),
+            "put {key} via node {via}: {} {}",
+            resp.status(),
+            resp.text().unwrap_or_default()
+        );
+    }
+
+    pub fn get_setting(&self, via: u64, key: &str) -> Option<String> {
+        let resp = http()
+            .get(format!("{}/v1/settings/{key}", self.api(via)))
+            .send()
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let v: Value = resp.json().ok()?;
+        v["value"].as_str().map(str::to_string)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(bin())
+            .args(["down", "--dir", self.path_str()])
+            .output();
+        // Belt and braces: anything left from a pid file is killed.
+        if let Ok(entries) = std::fs::read_dir(self.path()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".pid") {
+                    let pid = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let cmdline =
+                        std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+                    if String::from_utf8_lossy(&cmdline).contains("tandem") {
+                        let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                    }
+                }
+            }
+        }
+    }
+}
