@@ -1,19 +1,30 @@
-//! Node-to-node messaging: mutual-TLS links between peers, each carrying the logical channels
-//! of [`Channel`], with request/response semantics.
+//! Node-to-node messaging: mutual-TLS links between peers over QUIC or TCP, each carrying the
+//! logical channels of [`Channel`], with request/response semantics, exactly-once in-order
+//! delivery per channel, live switching between the two network layers, and one-sided region
+//! writes through descriptor rings (an emulated RDMA WRITE).
 //!
-//! - [`tls`]: the cluster CA, node certificates (generation with rcgen, loading from PEM), and
-//!   rustls configurations that refuse any peer whose certificate the CA did not sign.
-//! - [`tcp`]: the TCP + rustls implementation of [`Transport`].
+//! - [`tls`]: the cluster CA, node certificates, and rustls configurations that refuse any peer
+//!   whose certificate the CA did not sign or that claims another node's id.
+//! - [`pipe`]: frames over one ordered byte stream (a TCP connection or a QUIC stream).
+//! - [`tcp`], [`quic`]: how each network layer dials and accepts pipes. Nothing else differs.
+//! - [`link`]: [`link::Mesh`], the [`Transport`]: per peer and channel a sequenced, windowed
+//!   link that sends over whichever layer is selected and moves between layers
+//!   make-before-break; on the receiving side, reordering, deduplication and dispatch.
+//! - [`ring`]: registered memory regions, descriptor rings and their completion queues.
 //!
-//! The crate moves opaque payloads; it never interprets them (that is `meta`'s and the data
-//! plane's job), and it never retries a request on its own: a request either gets its response
-//! or an error, and the caller decides.
+//! The crate moves opaque payloads; it never interprets them.
 
+pub mod link;
+pub mod pipe;
+pub mod quic;
+pub mod ring;
 pub mod tcp;
 pub mod tls;
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::str::FromStr;
 
 use bytes::Bytes;
 pub use tandem_types::Channel;
@@ -23,7 +34,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransportError {
-    /// No connection could be made, or the link broke before the response came back.
+    /// No connection could be made on any layer, or every connection broke before the reply.
     #[error("peer {peer} unreachable: {reason}")]
     Unreachable { peer: NodeId, reason: String },
     /// No address is known for the peer.
@@ -36,16 +47,86 @@ pub enum TransportError {
     Closed,
 }
 
+/// The network layer under a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Tcp,
+    Quic,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Quic => "quic",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TransportKind, String> {
+        match s {
+            "tcp" => Ok(TransportKind::Tcp),
+            "quic" => Ok(TransportKind::Quic),
+            other => Err(format!("unknown transport {other:?}: expected tcp or quic")),
+        }
+    }
+}
+
+/// Which traffic a transport setting governs: Raft (`control`) or everything else (`data`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    Control,
+    Data,
+}
+
+impl Layer {
+    pub fn of(channel: Channel) -> Layer {
+        match channel {
+            Channel::Control => Layer::Control,
+            Channel::Replication | Channel::Bulk | Channel::Probe => Layer::Data,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Layer::Control => "control",
+            Layer::Data => "data",
+        }
+    }
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Layer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Layer, String> {
+        match s {
+            "control" => Ok(Layer::Control),
+            "data" => Ok(Layer::Data),
+            other => Err(format!("unknown layer {other:?}: expected data or control")),
+        }
+    }
+}
+
 /// The client side: send a request to a peer on a channel and wait for its response.
 /// Implementations connect lazily, share one link per peer among all callers, and reconnect
 /// with capped exponential backoff after a failure.
 pub trait Transport: Send + Sync + 'static {
-    fn call(
-        &self,
-        peer: NodeId,
-        channel: Channel,
-        payload: Bytes,
-    ) -> BoxFuture<'_, Result<Bytes, TransportError>>;
+    fn call(&self, peer: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, TransportError>>;
 
     /// Records (or changes) the address of a peer. Later calls use it.
     fn set_peer_addr(&self, peer: NodeId, addr: std::net::SocketAddr);
@@ -54,10 +135,5 @@ pub trait Transport: Send + Sync + 'static {
 /// The server side: what a node does with a request that arrived from an authenticated peer.
 /// An `Err` travels back to the caller as [`TransportError::Remote`].
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
-        &self,
-        from: NodeId,
-        channel: Channel,
-        payload: Bytes,
-    ) -> BoxFuture<'_, Result<Bytes, String>>;
+    fn handle(&self, from: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>>;
 }

@@ -12,4 +12,4 @@ pub mod codec;
 pub mod frame;
 
 pub use codec::{decode, encode, CodecError};
-pub use frame::{Frame, FrameError, FrameKind, FRAME_HEADER_BYTES, FRAME_VERSION};
+pub use frame::{Frame, FrameError, FrameKind, FRAME_HEADER_BYTES, FRAME_LEN_BYTES, FRAME_VERSION};

@@ -1,0 +1,121 @@
+//! A pipe: frames over one ordered, reliable byte stream (a TLS-over-TCP connection or one
+//! QUIC stream). A writer task drains a bounded queue ([`PIPE_QUEUE_MAX`] frames; full means
+//! the sender waits) and coalesces small frames into one write; a reader turns bytes back into
+//! frames, checking each length before allocating.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tandem_types::{Channel, NodeId};
+use tandem_wire::{Frame, FrameKind, FRAME_LEN_BYTES};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Frames waiting to be written on one pipe.
+pub const PIPE_QUEUE_MAX: usize = 256;
+/// Small frames are coalesced into one write up to this size; larger payloads are written
+/// straight from their buffer.
+const COALESCE_BYTES: usize = 64 * 1024;
+
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::Result<Option<Frame>> {
+    let mut prefix = [0u8; FRAME_LEN_BYTES];
+    match r.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = Frame::decode_len(prefix).map_err(invalid)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Frame::decode_body(body.into()).map(Some).map_err(invalid)
+}
+
+/// The hello that opens every pipe: who is speaking, and for which channel.
+pub fn hello(me: NodeId, channel: Channel) -> Frame {
+    Frame::new(FrameKind::Hello, channel, 0, 0, 0, me.to_be_bytes().to_vec())
+}
+
+/// Reads and checks a hello; returns the claimed node id and channel.
+pub async fn read_hello<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::Result<(NodeId, Channel)> {
+    let frame = read_frame(r).await?.ok_or_else(|| invalid("closed before hello"))?;
+    if frame.kind != FrameKind::Hello || frame.payload.len() != 8 {
+        return Err(invalid("first frame is not a hello"));
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&frame.payload);
+    Ok((NodeId::from_be_bytes(id), frame.channel))
+}
+
+/// The sending half of a pipe, shared by whoever writes on it.
+#[derive(Clone)]
+pub struct PipeTx {
+    pub out: mpsc::Sender<Frame>,
+    alive: Arc<AtomicBool>,
+}
+
+impl PipeTx {
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) && !self.out.is_closed()
+    }
+
+    pub fn mark_dead(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        PIPE_QUEUE_MAX - self.out.capacity()
+    }
+}
+
+/// Starts the writer task of a pipe; `on_dead` runs once when writing fails or the queue is
+/// closed and drained.
+pub fn spawn_writer(mut w: BoxWrite, on_dead: impl FnOnce() + Send + 'static) -> PipeTx {
+    let (tx, mut rx) = mpsc::channel::<Frame>(PIPE_QUEUE_MAX);
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
+    tokio::spawn(async move {
+        let result: io::Result<()> = async {
+            let mut buf = BytesMut::with_capacity(COALESCE_BYTES * 2);
+            while let Some(frame) = rx.recv().await {
+                buf.clear();
+                let mut next = Some(frame);
+                while let Some(f) = next.take() {
+                    if f.payload.len() >= COALESCE_BYTES {
+                        // Flush what is coalesced, then the big payload without copying it.
+                        f.encode_header_into(&mut buf);
+                        w.write_all(&buf).await?;
+                        buf.clear();
+                        w.write_all(&f.payload).await?;
+                    } else {
+                        f.encode_into(&mut buf);
+                    }
+                    if buf.len() < COALESCE_BYTES {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !buf.is_empty() {
+                    w.write_all(&buf).await?;
+                }
+                w.flush().await?;
+            }
+            w.shutdown().await
+        }
+        .await;
+        flag.store(false, Ordering::SeqCst);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "pipe writer ended");
+        }
+        on_dead();
+    });
+    PipeTx { out: tx, alive }
+}
