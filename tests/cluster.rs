@@ -252,7 +252,7 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
     let victim = *ids.iter().find(|i| **i != leader).expect("a follower");
 
     // Another cluster's CA issues a certificate for the same node id.
-    let other = Cluster::up(3);
+    let other = Cluster::also_up(3);
     other.down();
     let cert = other.path().join(format!("certs/node-{victim}.pem"));
     let key = other.path().join(format!("certs/node-{victim}.key"));
@@ -327,6 +327,77 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
         .expect("get");
     assert!(!resp.status().is_success(), "impostor served a read");
     drop(guard);
+}
+
+#[test]
+fn up_in_the_foreground_stops_its_nodes_cleanly_on_ctrl_c() {
+    let turn = common::take_turn();
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-test-")
+        .tempdir()
+        .expect("dir");
+    let dir_str = dir.path().to_str().expect("utf-8").to_string();
+    let up = std::process::Command::new(common::bin())
+        .args(["up", "--nodes", "3", "--dir", &dir_str])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start up");
+    // Whatever happens below, the nodes are stopped (Cluster's drop) and `up` is killed.
+    struct Foreground(std::process::Child);
+    impl Drop for Foreground {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut up = Foreground(up);
+    let c = Cluster::adopt(dir, Some(turn));
+
+    let out = up.0.stdout.take().expect("stdout");
+    let mut reader = std::io::BufReader::new(out);
+    let mut seen = String::new();
+    wait_for("up to print the status table", LEADER_WAIT, || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        seen.push_str(&line);
+        seen.contains("press Ctrl-C").then_some(())
+    });
+    assert!(seen.contains("leader"), "{seen}");
+    let pids: Vec<i32> = c.node_ids().iter().map(|id| c.pid(*id)).collect();
+    assert_eq!(pids.len(), 3);
+    c.put_setting(1, "kept", "yes");
+
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &up.0.id().to_string()])
+        .status();
+    let status = wait_for("up to exit", Duration::from_secs(30), || {
+        up.0.try_wait().expect("wait")
+    });
+    assert!(status.success(), "up exited with {status}");
+    for pid in pids {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false);
+        assert!(!alive, "node process {pid} survived Ctrl-C");
+    }
+    for id in c.node_ids() {
+        assert!(
+            !c.path().join(format!("node-{id}.pid")).exists(),
+            "pid file of node {id} left behind"
+        );
+    }
+    // The clean stop kept the state: `up` on the same dir brings the cluster back with it.
+    c.restart_missing();
+    assert_eq!(c.get_setting(2, "kept").as_deref(), Some("yes"));
 }
 
 #[test]

@@ -57,18 +57,47 @@ pub fn http() -> reqwest::blocking::Client {
         .expect("client")
 }
 
+/// Clusters of one test binary run one at a time: the machine has two cores, and timing
+/// assertions (a new leader within 3 s) must not depend on how many other clusters are busy.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits for this test binary's turn to run a cluster.
+pub fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A local cluster made by `tandem up --detach` in a temp dir.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    _turn: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 impl Cluster {
     pub fn up(nodes: u32) -> Cluster {
+        Cluster::start(nodes, Some(take_turn()))
+    }
+
+    /// A second cluster inside a test that already holds a [`Cluster`] (and so the turn).
+    pub fn also_up(nodes: u32) -> Cluster {
+        Cluster::start(nodes, None)
+    }
+
+    /// Adopts a dir made by a `tandem up` the test ran itself; stops its nodes on drop.
+    pub fn adopt(
+        dir: tempfile::TempDir,
+        turn: Option<std::sync::MutexGuard<'static, ()>>,
+    ) -> Cluster {
+        Cluster { dir, _turn: turn }
+    }
+
+    fn start(nodes: u32, turn: Option<std::sync::MutexGuard<'static, ()>>) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("tandem-test-")
             .tempdir()
             .expect("temp dir");
-        let c = Cluster { dir };
+        let c = Cluster { dir, _turn: turn };
         c.tandem(&[
             "up",
             "--detach",
