@@ -16,20 +16,9 @@ fn three_nodes_elect_exactly_one_leader_and_status_agrees_everywhere() {
     let ids = c.node_ids();
     assert_eq!(ids, vec![1, 2, 3]);
     let leader = c.agreed_leader(&ids, LEADER_WAIT);
-    let roles: Vec<String> = ids
-        .iter()
-        .map(|id| {
-            c.view(*id).expect("view")["raft"]["role"]
-                .as_str()
-                .expect("role")
-                .to_string()
-        })
-        .collect();
-    assert_eq!(
-        roles.iter().filter(|r| *r == "leader").count(),
-        1,
-        "roles: {roles:?}"
-    );
+    let roles: Vec<String> =
+        ids.iter().map(|id| c.view(*id).expect("view")["raft"]["role"].as_str().expect("role").to_string()).collect();
+    assert_eq!(roles.iter().filter(|r| *r == "leader").count(), 1, "roles: {roles:?}");
     assert_eq!(roles[(leader - 1) as usize], "leader");
 
     // `tandem status --json`, asked through each node, tells the same story.
@@ -43,18 +32,9 @@ fn three_nodes_elect_exactly_one_leader_and_status_agrees_everywhere() {
         for n in nodes {
             assert_eq!(n["up"], true, "{n}");
             assert_eq!(n["leader"].as_u64(), Some(leader), "{n}");
-            let expected = if n["id"].as_u64() == Some(leader) {
-                "leader"
-            } else {
-                "follower"
-            };
+            let expected = if n["id"].as_u64() == Some(leader) { "leader" } else { "follower" };
             assert_eq!(n["role"], expected, "{n}");
-            assert!(
-                n["nbd_addr"]
-                    .as_str()
-                    .is_some_and(|a| a.starts_with("127.0.0.1:")),
-                "{n}"
-            );
+            assert!(n["nbd_addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{n}");
         }
     }
     // The human form names the leader too.
@@ -73,35 +53,25 @@ fn killing_the_leader_elects_a_new_one_within_3s_and_it_rejoins_with_its_state()
     let killed_at = Instant::now();
     let survivors: Vec<u64> = ids.iter().copied().filter(|i| *i != old).collect();
     let new = wait_for("a new leader", Duration::from_secs(10), || {
-        let leaders: Vec<Option<u64>> = survivors
-            .iter()
-            .map(|id| c.view(*id).and_then(|v| v["raft"]["leader"].as_u64()))
-            .collect();
+        let leaders: Vec<Option<u64>> =
+            survivors.iter().map(|id| c.view(*id).and_then(|v| v["raft"]["leader"].as_u64())).collect();
         match leaders[0] {
             Some(l) if l != old && leaders.iter().all(|x| *x == Some(l)) => Some(l),
             _ => None,
         }
     });
     let elapsed = killed_at.elapsed();
-    assert!(
-        elapsed < Duration::from_secs(3),
-        "new leader {new} took {elapsed:?}"
-    );
+    assert!(elapsed < Duration::from_secs(3), "new leader {new} took {elapsed:?}");
 
     // The cluster keeps working without the old leader.
     c.put_setting(survivors[0], "after-kill", "2");
 
     // Restart it: it comes back as a follower of the new leader, with the old and new state.
     c.restart_missing();
-    wait_for(
-        "the old leader to rejoin as a follower",
-        LEADER_WAIT,
-        || {
-            let v = c.view(old)?;
-            (v["raft"]["role"] == "follower" && v["raft"]["leader"].as_u64() == Some(new))
-                .then_some(())
-        },
-    );
+    wait_for("the old leader to rejoin as a follower", LEADER_WAIT, || {
+        let v = c.view(old)?;
+        (v["raft"]["role"] == "follower" && v["raft"]["leader"].as_u64() == Some(new)).then_some(())
+    });
     assert_eq!(c.get_setting(old, "before-kill").as_deref(), Some("1"));
     assert_eq!(c.get_setting(old, "after-kill").as_deref(), Some("2"));
 }
@@ -126,20 +96,11 @@ fn metadata_survives_stopping_and_starting_every_node() {
     for id in &ids {
         for i in 0..30u64 {
             let expected = (i != 7).then(|| format!("value-{i}"));
-            assert_eq!(
-                c.get_setting(*id, &format!("key-{i}")),
-                expected,
-                "key-{i} read via node {id}"
-            );
+            assert_eq!(c.get_setting(*id, &format!("key-{i}")), expected, "key-{i} read via node {id}");
         }
     }
     // The node records survived too.
-    let nodes: Value = http()
-        .get(format!("{}/v1/nodes", c.api(2)))
-        .send()
-        .expect("get")
-        .json()
-        .expect("json");
+    let nodes: Value = http().get(format!("{}/v1/nodes", c.api(2))).send().expect("get").json().expect("json");
     assert_eq!(nodes.as_array().map(Vec::len), Some(3));
 }
 
@@ -148,11 +109,8 @@ fn add_a_node_that_catches_up_by_snapshot_then_remove_one() {
     // Snapshot every 20 entries and keep only 5 behind it, so the log a new node would need is
     // gone and it can only catch up from a snapshot.
     let c = Cluster::up_with(3, |cfg| {
-        cfg.replace(
-            "snapshot_after_entries = 10000",
-            "snapshot_after_entries = 20",
-        )
-        .replace("logs_to_keep = 2000", "logs_to_keep = 5")
+        cfg.replace("snapshot_after_entries = 10000", "snapshot_after_entries = 20")
+            .replace("logs_to_keep = 2000", "logs_to_keep = 5")
     });
     let ids = c.node_ids();
     let leader = c.agreed_leader(&ids, LEADER_WAIT);
@@ -171,76 +129,40 @@ fn add_a_node_that_catches_up_by_snapshot_then_remove_one() {
         let leader_applied = c.view(leader)?["raft"]["applied_index"].as_u64()?;
         (v["raft"]["applied_index"].as_u64()? >= leader_applied).then_some(v)
     });
-    assert!(
-        v4["raft"]["snapshot_index"].as_u64().is_some(),
-        "node 4 did not receive a snapshot: {v4}"
-    );
+    assert!(v4["raft"]["snapshot_index"].as_u64().is_some(), "node 4 did not receive a snapshot: {v4}");
     assert_eq!(v4["raft"]["voters"], serde_json::json!([1, 2, 3, 4]));
-    assert_eq!(
-        c.get_setting(4, "k0").as_deref(),
-        Some("x".repeat(200).as_str())
-    );
-    assert_eq!(
-        c.get_setting(4, "k79").as_deref(),
-        Some("x".repeat(200).as_str())
-    );
+    assert_eq!(c.get_setting(4, "k0").as_deref(), Some("x".repeat(200).as_str()));
+    assert_eq!(c.get_setting(4, "k79").as_deref(), Some("x".repeat(200).as_str()));
 
     // Remove a node that is not the leader; both changes are committed everywhere.
     let victim = *ids.iter().find(|i| **i != leader).expect("a follower");
     let victim_api = c.api(victim);
     c.admin(&["node", "remove", &victim.to_string()]);
     let remaining: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|i| *i != victim).collect();
-    wait_for(
-        "every remaining node to see the new membership",
-        LEADER_WAIT,
-        || {
-            remaining
-                .iter()
-                .all(|id| {
-                    c.view(*id).is_some_and(|v| {
-                        let voters: BTreeSet<u64> = v["raft"]["voters"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(Value::as_u64)
-                            .collect();
-                        voters == remaining.iter().copied().collect()
-                    })
+    wait_for("every remaining node to see the new membership", LEADER_WAIT, || {
+        remaining
+            .iter()
+            .all(|id| {
+                c.view(*id).is_some_and(|v| {
+                    let voters: BTreeSet<u64> =
+                        v["raft"]["voters"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+                    voters == remaining.iter().copied().collect()
                 })
-                .then_some(())
-        },
-    );
+            })
+            .then_some(())
+    });
     assert!(
-        http()
-            .get(format!("{victim_api}/v1/cluster"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .is_err(),
+        http().get(format!("{victim_api}/v1/cluster")).timeout(Duration::from_secs(2)).send().is_err(),
         "the removed node's process was stopped"
     );
-    assert!(
-        !c.node_ids().contains(&victim),
-        "the removed node left the local config"
-    );
-    let nodes: Value = http()
-        .get(format!("{}/v1/nodes", c.api(remaining[0])))
-        .send()
-        .expect("get")
-        .json()
-        .expect("json");
-    let listed: Vec<u64> = nodes
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter_map(|n| n["id"].as_u64())
-        .collect();
+    assert!(!c.node_ids().contains(&victim), "the removed node left the local config");
+    let nodes: Value =
+        http().get(format!("{}/v1/nodes", c.api(remaining[0]))).send().expect("get").json().expect("json");
+    let listed: Vec<u64> = nodes.as_array().expect("list").iter().filter_map(|n| n["id"].as_u64()).collect();
     assert_eq!(listed, remaining);
     // And the cluster still commits.
     c.put_setting(remaining[1], "after-remove", "ok");
-    assert_eq!(
-        c.get_setting(remaining[2], "after-remove").as_deref(),
-        Some("ok")
-    );
+    assert_eq!(c.get_setting(remaining[2], "after-remove").as_deref(), Some("ok"));
 }
 
 #[test]
@@ -264,28 +186,13 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
     let cfg = std::fs::read_to_string(c.path().join("cluster.toml")).expect("config");
     let ours_ca = c.path().join("certs/ca.pem");
     let cfg = cfg
-        .replace(
-            "ca_cert = \"certs/ca.pem\"",
-            &format!("ca_cert = {:?}", ours_ca.display().to_string()),
-        )
-        .replace(
-            &format!("cert = \"certs/node-{victim}.pem\""),
-            &format!("cert = {:?}", cert.display().to_string()),
-        )
-        .replace(
-            &format!("key = \"certs/node-{victim}.key\""),
-            &format!("key = {:?}", key.display().to_string()),
-        );
+        .replace("ca_cert = \"certs/ca.pem\"", &format!("ca_cert = {:?}", ours_ca.display().to_string()))
+        .replace(&format!("cert = \"certs/node-{victim}.pem\""), &format!("cert = {:?}", cert.display().to_string()))
+        .replace(&format!("key = \"certs/node-{victim}.key\""), &format!("key = {:?}", key.display().to_string()));
     let cfg_path = impostor_dir.path().join("cluster.toml");
     std::fs::write(&cfg_path, cfg).expect("write");
     let mut impostor = std::process::Command::new(common::bin())
-        .args([
-            "node",
-            "--config",
-            cfg_path.to_str().expect("utf-8"),
-            "--id",
-            &victim.to_string(),
-        ])
+        .args(["node", "--config", cfg_path.to_str().expect("utf-8"), "--id", &victim.to_string()])
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -310,14 +217,8 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
         n += 1;
         let v = c.view(victim).expect("impostor answers");
         assert_eq!(v["raft"]["term"], 0, "impostor learned a term: {v}");
-        assert!(
-            v["raft"]["leader"].is_null(),
-            "impostor learned the leader: {v}"
-        );
-        assert!(
-            v["raft"]["applied_index"].is_null(),
-            "impostor applied entries: {v}"
-        );
+        assert!(v["raft"]["leader"].is_null(), "impostor learned the leader: {v}");
+        assert!(v["raft"]["applied_index"].is_null(), "impostor applied entries: {v}");
         std::thread::sleep(Duration::from_millis(200));
     }
     let resp = http()
@@ -332,10 +233,7 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
 #[test]
 fn up_in_the_foreground_stops_its_nodes_cleanly_on_ctrl_c() {
     let turn = common::take_turn();
-    let dir = tempfile::Builder::new()
-        .prefix("tandem-test-")
-        .tempdir()
-        .expect("dir");
+    let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("dir");
     let dir_str = dir.path().to_str().expect("utf-8").to_string();
     let up = std::process::Command::new(common::bin())
         .args(["up", "--nodes", "3", "--dir", &dir_str])
@@ -370,30 +268,17 @@ fn up_in_the_foreground_stops_its_nodes_cleanly_on_ctrl_c() {
     assert_eq!(pids.len(), 3);
     c.put_setting(1, "kept", "yes");
 
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &up.0.id().to_string()])
-        .status();
-    let status = wait_for("up to exit", Duration::from_secs(30), || {
-        up.0.try_wait().expect("wait")
-    });
+    let _ = std::process::Command::new("kill").args(["-INT", &up.0.id().to_string()]).status();
+    let status = wait_for("up to exit", Duration::from_secs(30), || up.0.try_wait().expect("wait"));
     assert!(status.success(), "up exited with {status}");
     for pid in pids {
         let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                !s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
+            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
             .unwrap_or(false);
         assert!(!alive, "node process {pid} survived Ctrl-C");
     }
     for id in c.node_ids() {
-        assert!(
-            !c.path().join(format!("node-{id}.pid")).exists(),
-            "pid file of node {id} left behind"
-        );
+        assert!(!c.path().join(format!("node-{id}.pid")).exists(), "pid file of node {id} left behind");
     }
     // The clean stop kept the state: `up` on the same dir brings the cluster back with it.
     c.restart_missing();
@@ -407,12 +292,7 @@ fn bad_http_input_gets_a_4xx_with_a_json_error_and_changes_nothing() {
     c.agreed_leader(&ids, LEADER_WAIT);
     let api = c.api(2);
     let h = http();
-    let before: Value = h
-        .get(format!("{api}/v1/nodes"))
-        .send()
-        .expect("get")
-        .json()
-        .expect("json");
+    let before: Value = h.get(format!("{api}/v1/nodes")).send().expect("get").json().expect("json");
 
     let cases: Vec<(reqwest::blocking::RequestBuilder, u16)> = vec![
         (h.post(format!("{api}/v1/nodes")).body("{not json").header("content-type", "application/json"), 400),
@@ -428,42 +308,26 @@ fn bad_http_input_gets_a_4xx_with_a_json_error_and_changes_nothing() {
         (h.put(format!("{api}/v1/settings/bad%20key")).json(&serde_json::json!({"value": "v"})), 400),
         (h.put(format!("{api}/v1/settings/k")).json(&serde_json::json!({"value": "v".repeat(5000)})), 400),
         (h.put(format!("{api}/v1/settings/k")).json(&serde_json::json!({"valu": "v"})), 422),
-        (h.put(format!("{api}/v1/settings/k")).body(vec![b'x'; 200_000]).header("content-type", "application/json"), 413),
+        (
+            h.put(format!("{api}/v1/settings/k")).body(vec![b'x'; 200_000]).header("content-type", "application/json"),
+            413,
+        ),
         (h.get(format!("{api}/v1/settings/missing")), 404),
         (h.get(format!("{api}/v1/no-such-thing")), 404),
     ];
     for (i, (req, status)) in cases.into_iter().enumerate() {
         let resp = req.send().expect("send");
         assert_eq!(resp.status().as_u16(), status, "case {i}");
-        let body: Value = resp
-            .json()
-            .unwrap_or_else(|e| panic!("case {i}: error body is not JSON: {e}"));
-        assert!(
-            body["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "case {i}: {body}"
-        );
+        let body: Value = resp.json().unwrap_or_else(|e| panic!("case {i}: error body is not JSON: {e}"));
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "case {i}: {body}");
     }
-    let after: Value = h
-        .get(format!("{api}/v1/nodes"))
-        .send()
-        .expect("get")
-        .json()
-        .expect("json");
+    let after: Value = h.get(format!("{api}/v1/nodes")).send().expect("get").json().expect("json");
     assert_eq!(before, after);
-    let settings: Value = h
-        .get(format!("{api}/v1/settings"))
-        .send()
-        .expect("get")
-        .json()
-        .expect("json");
+    let settings: Value = h.get(format!("{api}/v1/settings")).send().expect("get").json().expect("json");
     assert_eq!(settings, serde_json::json!({}));
 
     // The CLI reports API errors on stderr with a non-zero exit.
     let out = run(&["node", "remove", "99", "--endpoint", &api]);
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a member"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a member"), "{}", String::from_utf8_lossy(&out.stderr));
 }

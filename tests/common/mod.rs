@@ -22,20 +22,13 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 pub fn run(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run tandem")
+    Command::new(bin()).args(args).env("RUST_LOG", "warn").output().expect("run tandem")
 }
 
 pub fn run_ok(args: &[&str]) -> String {
@@ -51,10 +44,7 @@ pub fn run_ok(args: &[&str]) -> String {
 }
 
 pub fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client")
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
 }
 
 /// Clusters of one test binary run one at a time: the machine has two cores, and timing
@@ -63,9 +53,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Waits for this test binary's turn to run a cluster.
 pub fn take_turn() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A local cluster made by `tandem up --detach` in a temp dir.
@@ -85,27 +73,14 @@ impl Cluster {
     }
 
     /// Adopts a dir made by a `tandem up` the test ran itself; stops its nodes on drop.
-    pub fn adopt(
-        dir: tempfile::TempDir,
-        turn: Option<std::sync::MutexGuard<'static, ()>>,
-    ) -> Cluster {
+    pub fn adopt(dir: tempfile::TempDir, turn: Option<std::sync::MutexGuard<'static, ()>>) -> Cluster {
         Cluster { dir, _turn: turn }
     }
 
     fn start(nodes: u32, turn: Option<std::sync::MutexGuard<'static, ()>>) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("tandem-test-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("temp dir");
         let c = Cluster { dir, _turn: turn };
-        c.tandem(&[
-            "up",
-            "--detach",
-            "--nodes",
-            &nodes.to_string(),
-            "--dir",
-            c.path_str(),
-        ]);
+        c.tandem(&["up", "--detach", "--nodes", &nodes.to_string(), "--dir", c.path_str()]);
         c
     }
 
@@ -185,19 +160,10 @@ impl Cluster {
     pub fn kill9(&self, id: u64) {
         let pid = self.pid(id);
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        wait_for(
-            &format!("node {id} (pid {pid}) to die"),
-            Duration::from_secs(10),
-            || {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                (stat.is_empty()
-                    || stat
-                        .rsplit(')')
-                        .next()
-                        .is_some_and(|r| r.trim_start().starts_with('Z')))
-                .then_some(())
-            },
-        );
+        wait_for(&format!("node {id} (pid {pid}) to die"), Duration::from_secs(10), || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            (stat.is_empty() || stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'))).then_some(())
+        });
     }
 
     /// `GET /v1/cluster` of one node; `None` if it does not answer.
@@ -220,10 +186,8 @@ impl Cluster {
     /// Waits until every given node reports the same leader, and returns it.
     pub fn agreed_leader(&self, nodes: &[u64], timeout: Duration) -> u64 {
         wait_for("all nodes to agree on a leader", timeout, || {
-            let leaders: Vec<Option<u64>> = nodes
-                .iter()
-                .map(|id| self.view(*id).and_then(|v| v["raft"]["leader"].as_u64()))
-                .collect();
+            let leaders: Vec<Option<u64>> =
+                nodes.iter().map(|id| self.view(*id).and_then(|v| v["raft"]["leader"].as_u64())).collect();
             let first = leaders[0]?;
             leaders.iter().all(|l| *l == Some(first)).then_some(first)
         })
@@ -244,10 +208,7 @@ impl Cluster {
     }
 
     pub fn get_setting(&self, via: u64, key: &str) -> Option<String> {
-        let resp = http()
-            .get(format!("{}/v1/settings/{key}", self.api(via)))
-            .send()
-            .ok()?;
+        let resp = http().get(format!("{}/v1/settings/{key}", self.api(via))).send().ok()?;
         if !resp.status().is_success() {
             return None;
         }
@@ -258,17 +219,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(bin())
-            .args(["down", "--dir", self.path_str()])
-            .output();
+        let _ = Command::new(bin()).args(["down", "--dir", self.path_str()]).output();
         // Belt and braces: anything left from a pid file is killed.
         if let Ok(entries) = std::fs::read_dir(self.path()) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.ends_with(".pid") {
                     let pid = std::fs::read_to_string(e.path()).unwrap_or_default();
-                    let cmdline =
-                        std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+                    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
                     if String::from_utf8_lossy(&cmdline).contains("tandem") {
                         let _ = Command::new("kill").args(["-9", pid.trim()]).status();
                     }

@@ -10,15 +10,20 @@
 //! arrive while a flush runs share the next one (group commit). A callback never fires before
 //! the flush that covers its entries has returned. Votes are flushed before `save_vote`
 //! returns, since a vote forgotten in a crash can elect two leaders in one term.
+//!
+//! A "flush" here is [`DiskSync::flush`]: sled's own flush, which on Linux writes its log with
+//! `sync_file_range` (that neither empties the drive's write cache nor persists file
+//! metadata), followed by an `fdatasync` of sled's file, so that flushed means on stable
+//! storage, also across a power loss.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{
-    Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote,
-};
+use openraft::{Entry, LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::mpsc;
 
@@ -51,6 +56,27 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId
 
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError<NodeId>> {
     tandem_wire::decode(bytes).map_err(read_err)
+}
+
+/// Makes everything written to a sled database durable. Cheap to clone.
+#[derive(Clone)]
+pub struct DiskSync {
+    db: sled::Db,
+    file: Arc<std::fs::File>,
+}
+
+impl DiskSync {
+    /// `dir` is the folder the database was opened in; sled keeps its data in `dir/db`.
+    pub fn open(db: &sled::Db, dir: &Path) -> Result<DiskSync, StorageError<NodeId>> {
+        let file = std::fs::File::open(dir.join("db")).map_err(read_err)?;
+        Ok(DiskSync { db: db.clone(), file: Arc::new(file) })
+    }
+
+    pub async fn flush(&self) -> io::Result<()> {
+        self.db.flush_async().await.map_err(io_err)?;
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(io_err)?
+    }
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -88,25 +114,22 @@ impl RaftLogReader<TypeConfig> for LogReader {
 }
 
 pub struct LogStore {
-    db: sled::Db,
+    sync: DiskSync,
     reader: LogReader,
     state: sled::Tree,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
 }
 
 impl LogStore {
-    /// Opens the log in `db`; starts the flusher task on the current tokio runtime.
-    pub fn open(db: &sled::Db) -> Result<LogStore, StorageError<NodeId>> {
+    /// Opens the log in `db` (opened in `dir`); starts the flusher task on the current tokio
+    /// runtime.
+    pub fn open(db: &sled::Db, dir: &Path) -> Result<LogStore, StorageError<NodeId>> {
         let log = db.open_tree("raft_log").map_err(read_err)?;
         let state = db.open_tree("raft_state").map_err(read_err)?;
+        let sync = DiskSync::open(db, dir)?;
         let (tx, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
-        tokio::spawn(flusher(db.clone(), rx));
-        Ok(LogStore {
-            db: db.clone(),
-            reader: LogReader { log },
-            state,
-            flusher: tx,
-        })
+        tokio::spawn(flusher(sync.clone(), rx));
+        Ok(LogStore { sync, reader: LogReader { log }, state, flusher: tx })
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
@@ -116,25 +139,21 @@ impl LogStore {
         }
     }
 
-    async fn put_durable<T: Serialize>(
-        &self,
-        key: &[u8],
-        v: &T,
-    ) -> Result<(), StorageError<NodeId>> {
+    async fn put_durable<T: Serialize>(&self, key: &[u8], v: &T) -> Result<(), StorageError<NodeId>> {
         self.state.insert(key, encode(v)?).map_err(write_err)?;
-        self.db.flush_async().await.map_err(write_err)?;
+        self.sync.flush().await.map_err(write_err)?;
         Ok(())
     }
 }
 
-async fn flusher(db: sled::Db, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+async fn flusher(sync: DiskSync, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while let Ok(cb) = rx.try_recv() {
             batch.push(cb);
         }
-        let result = db.flush_async().await;
+        let result = sync.flush().await;
         for cb in batch.drain(..) {
             cb.log_io_completed(result.as_ref().map(|_| ()).map_err(io_err));
         }
@@ -159,10 +178,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((_, v)) => Some(*decode::<Entry<TypeConfig>>(&v)?.get_log_id()),
             None => last_purged,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -177,15 +193,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.get(KEY_VOTE)
     }
 
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId<NodeId>>,
-    ) -> Result<(), StorageError<NodeId>> {
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
         // Not flushed: a committed index that is lost in a crash is learned again from the
         // leader; it only lets a restarted node re-apply sooner.
-        self.state
-            .insert(KEY_COMMITTED, encode(&committed)?)
-            .map_err(write_err)?;
+        self.state.insert(KEY_COMMITTED, encode(&committed)?).map_err(write_err)?;
         Ok(())
     }
 
@@ -193,11 +204,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -207,10 +214,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&index_key(entry.get_log_id().index), encode(&entry)?);
         }
         self.reader.log.apply_batch(batch).map_err(write_err)?;
-        self.flusher
-            .send(callback)
-            .await
-            .map_err(|_| write_err("log flusher stopped"))?;
+        self.flusher.send(callback).await.map_err(|_| write_err("log flusher stopped"))?;
         Ok(())
     }
 
@@ -221,7 +225,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.remove(k);
         }
         self.reader.log.apply_batch(batch).map_err(write_err)?;
-        self.db.flush_async().await.map_err(write_err)?;
+        self.sync.flush().await.map_err(write_err)?;
         Ok(())
     }
 

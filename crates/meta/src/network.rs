@@ -7,13 +7,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -66,9 +64,7 @@ pub enum MetaError {
 }
 
 pub(crate) fn encode_msg<T: Serialize>(v: &T) -> Result<Bytes, String> {
-    tandem_wire::encode(v)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+    tandem_wire::encode(v).map(Bytes::from).map_err(|e| e.to_string())
 }
 
 pub(crate) fn decode_msg<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
@@ -81,15 +77,9 @@ pub(crate) async fn call<T: DeserializeOwned>(
     target: NodeId,
     msg: &MetaRpc,
 ) -> Result<T, TransportError> {
-    let bytes = encode_msg(msg).map_err(|reason| TransportError::Remote {
-        peer: target,
-        reason,
-    })?;
+    let bytes = encode_msg(msg).map_err(|reason| TransportError::Remote { peer: target, reason })?;
     let reply = transport.call(target, Channel::Control, bytes).await?;
-    decode_msg(&reply).map_err(|reason| TransportError::Remote {
-        peer: target,
-        reason,
-    })
+    decode_msg(&reply).map_err(|reason| TransportError::Remote { peer: target, reason })
 }
 
 /// Creates a [`PeerClient`] per target; openraft calls it when it starts replicating to one.
@@ -108,10 +98,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 tracing::error!(target, addr = %node.addr, error = %e, "bad raft address in membership")
             }
         }
-        PeerClient {
-            target,
-            transport: self.transport.clone(),
-        }
+        PeerClient { target, transport: self.transport.clone() }
     }
 }
 
@@ -121,11 +108,7 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    async fn rpc<R, E>(
-        &self,
-        msg: MetaRpc,
-        option: &RPCOption,
-    ) -> Result<R, RPCError<NodeId, BasicNode, E>>
+    async fn rpc<R, E>(&self, msg: MetaRpc, option: &RPCOption) -> Result<R, RPCError<NodeId, BasicNode, E>>
     where
         R: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
@@ -133,9 +116,7 @@ impl PeerClient {
         let fut = call::<Result<R, E>>(self.transport.as_ref(), self.target, &msg);
         match tokio::time::timeout(option.hard_ttl(), fut).await {
             Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(remote))) => {
-                Err(RPCError::RemoteError(RemoteError::new(self.target, remote)))
-            }
+            Ok(Ok(Err(remote))) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
             // A dead or unknown peer: openraft backs off before trying it again.
             Ok(Err(e @ (TransportError::Unreachable { .. } | TransportError::UnknownPeer(_)))) => {
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
@@ -143,11 +124,7 @@ impl PeerClient {
             Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Err(_) => Err(RPCError::Network(NetworkError::new(&std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!(
-                    "no reply from node {} within {:?}",
-                    self.target,
-                    option.hard_ttl()
-                ),
+                format!("no reply from node {} within {:?}", self.target, option.hard_ttl()),
             )))),
         }
     }
@@ -166,10 +143,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
         self.rpc(MetaRpc::InstallSnapshot(rpc), &option).await
     }
 

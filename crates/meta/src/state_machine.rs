@@ -15,14 +15,14 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StoredMembership,
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use tandem_types::NodeId;
 
 use crate::cluster_map::{ClusterMap, MetaReply, Object, ObjectKey};
-use crate::log_store::{decode, encode, read_err, write_err};
+use crate::log_store::{decode, encode, read_err, write_err, DiskSync};
 use crate::raft_types::TypeConfig;
 
 const KEY_APPLIED: &[u8] = b"\0applied";
@@ -48,24 +48,32 @@ struct SnapshotBody {
 #[derive(Clone)]
 pub struct SmReader {
     state: Arc<RwLock<SmState>>,
+    applied: tokio::sync::watch::Receiver<u64>,
 }
 
 impl SmReader {
     pub fn read<T>(&self, f: impl FnOnce(&SmState) -> T) -> T {
         f(&self.state.read().expect("state lock"))
     }
+
+    /// The applied log index; changes whenever the state machine moves on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.clone()
+    }
 }
 
 pub struct StateMachine {
-    db: sled::Db,
+    sync: DiskSync,
     tree: sled::Tree,
     snapshots: sled::Tree,
     state: Arc<RwLock<SmState>>,
     snapshot_seq: u64,
+    applied_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl StateMachine {
-    pub fn open(db: &sled::Db) -> Result<StateMachine, StorageError<NodeId>> {
+    /// Opens the state machine in `db` (opened in `dir`).
+    pub fn open(db: &sled::Db, dir: &std::path::Path) -> Result<StateMachine, StorageError<NodeId>> {
         let tree = db.open_tree("state_machine").map_err(read_err)?;
         let snapshots = db.open_tree("snapshot").map_err(read_err)?;
         let mut state = SmState::default();
@@ -76,36 +84,34 @@ impl StateMachine {
                 KEY_APPLIED => state.last_applied = decode(&v)?,
                 KEY_MEMBERSHIP => state.membership = decode(&v)?,
                 key => {
-                    let key = ObjectKey::decode(key)
-                        .ok_or_else(|| read_err(format!("unknown state key {key:?}")))?;
+                    let key = ObjectKey::decode(key).ok_or_else(|| read_err(format!("unknown state key {key:?}")))?;
                     objects.push((key, decode::<Object>(&v)?));
                 }
             }
         }
         state.map = ClusterMap::from_objects(objects).map_err(read_err)?;
+        let applied = state.last_applied.map_or(0, |l| l.index);
         Ok(StateMachine {
-            db: db.clone(),
+            sync: DiskSync::open(db, dir)?,
             tree,
             snapshots,
             state: Arc::new(RwLock::new(state)),
             snapshot_seq: 0,
+            applied_tx: tokio::sync::watch::channel(applied).0,
         })
     }
 
     pub fn reader(&self) -> SmReader {
-        SmReader {
-            state: self.state.clone(),
-        }
+        SmReader { state: self.state.clone(), applied: self.applied_tx.subscribe() }
     }
 
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         let meta = self.snapshots.get(KEY_SNAPSHOT_META).map_err(read_err)?;
         let data = self.snapshots.get(KEY_SNAPSHOT_DATA).map_err(read_err)?;
         match (meta, data) {
-            (Some(meta), Some(data)) => Ok(Some(Snapshot {
-                meta: decode(&meta)?,
-                snapshot: Box::new(Cursor::new(data.to_vec())),
-            })),
+            (Some(meta), Some(data)) => {
+                Ok(Some(Snapshot { meta: decode(&meta)?, snapshot: Box::new(Cursor::new(data.to_vec())) }))
+            }
             _ => Ok(None),
         }
     }
@@ -113,7 +119,7 @@ impl StateMachine {
 
 /// Stores a snapshot as the node's current one, durably.
 async fn save_snapshot(
-    db: &sled::Db,
+    sync: &DiskSync,
     snapshots: &sled::Tree,
     meta: &SnapshotMeta<NodeId, BasicNode>,
     data: &[u8],
@@ -122,12 +128,12 @@ async fn save_snapshot(
     batch.insert(KEY_SNAPSHOT_META, encode(meta)?);
     batch.insert(KEY_SNAPSHOT_DATA, data);
     snapshots.apply_batch(batch).map_err(write_err)?;
-    db.flush_async().await.map_err(write_err)?;
+    sync.flush().await.map_err(write_err)?;
     Ok(())
 }
 
 pub struct SnapshotBuilder {
-    db: sled::Db,
+    sync: DiskSync,
     snapshots: sled::Tree,
     state: SmState,
     seq: u64,
@@ -140,20 +146,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
             None => format!("0-0-{}", self.seq),
         };
-        let meta = SnapshotMeta {
-            last_log_id: last,
-            last_membership: self.state.membership.clone(),
-            snapshot_id,
-        };
-        let data = encode(&SnapshotBody {
-            state: self.state.clone(),
-        })?;
+        let meta = SnapshotMeta { last_log_id: last, last_membership: self.state.membership.clone(), snapshot_id };
+        let data = encode(&SnapshotBody { state: self.state.clone() })?;
         // Flushes the state machine tree too: once this returns, the log up to `last` may go.
-        save_snapshot(&self.db, &self.snapshots, &meta, &data).await?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        save_snapshot(&self.sync, &self.snapshots, &meta, &data).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -162,8 +159,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
-    {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
         let st = self.state.read().expect("state lock");
         Ok((st.last_applied, st.membership.clone()))
     }
@@ -199,22 +195,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.insert(KEY_APPLIED, encode(&st.last_applied)?);
         }
         self.tree.apply_batch(batch).map_err(write_err)?;
+        let applied = self.state.read().expect("state lock").last_applied.map_or(0, |l| l.index);
+        self.applied_tx.send_replace(applied);
         Ok(replies)
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.snapshot_seq += 1;
         SnapshotBuilder {
-            db: self.db.clone(),
+            sync: self.sync.clone(),
             snapshots: self.snapshots.clone(),
             state: self.state.read().expect("state lock").clone(),
             seq: self.snapshot_seq,
         }
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -241,14 +237,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.insert(KEY_APPLIED, encode(&new_state.last_applied)?);
         batch.insert(KEY_MEMBERSHIP, encode(&new_state.membership)?);
         self.tree.apply_batch(batch).map_err(write_err)?;
-        save_snapshot(&self.db, &self.snapshots, meta, &data).await?;
+        save_snapshot(&self.sync, &self.snapshots, meta, &data).await?;
+        let applied = new_state.last_applied.map_or(0, |l| l.index);
         *self.state.write().expect("state lock") = new_state;
+        self.applied_tx.send_replace(applied);
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
         self.current_snapshot()
     }
 }

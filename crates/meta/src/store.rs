@@ -58,6 +58,7 @@ impl MetaConfig {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             max_in_snapshot_log_to_keep: self.logs_to_keep,
             purge_batch_size: 1,
+            max_payload_entries: ENTRIES_PER_APPEND_MAX,
             snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
             install_snapshot_timeout: 5_000,
             ..Default::default()
@@ -89,6 +90,7 @@ pub struct MetaStore {
     sm: SmReader,
     transport: Arc<dyn Transport>,
     db: sled::Db,
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
 }
 
 fn not_leader(leader: Option<NodeId>) -> MetaError {
@@ -98,9 +100,7 @@ fn not_leader(leader: Option<NodeId>) -> MetaError {
 fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> MetaError {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f.leader_id),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-            MetaError::Conflict(c.to_string())
-        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => MetaError::Conflict(c.to_string()),
         RaftError::Fatal(f) => MetaError::Internal(f.to_string()),
     }
 }
@@ -109,7 +109,92 @@ fn reply_result(reply: MetaReply) -> Result<MetaReply, MetaError> {
     match reply {
         MetaReply::NotFound(m) => Err(MetaError::NotFound(m)),
         MetaReply::Invalid(m) => Err(MetaError::Invalid(m)),
+        MetaReply::Batch(_) => Err(MetaError::Internal("a batch reply reached a single writer".into())),
         done @ MetaReply::Done { .. } => Ok(done),
+    }
+}
+
+/// Client writes waiting to be proposed; when the leader falls behind, writers wait.
+const PROPOSALS_QUEUED_MAX: usize = 4096;
+/// Estimated encoded bytes of commands batched into one log entry. With
+/// [`ENTRIES_PER_APPEND_MAX`] this keeps an AppendEntries request far below the frame limit.
+const BATCH_BYTES_MAX: usize = 256 * 1024;
+/// Log entries per AppendEntries request.
+const ENTRIES_PER_APPEND_MAX: u64 = 32;
+/// Batches proposed and not yet committed. More than one lets the leader flush the next batch
+/// while the previous one is being replicated.
+const BATCHES_IN_FLIGHT_MAX: usize = 4;
+
+type Proposal = (MetaCmd, tokio::sync::oneshot::Sender<Result<MetaReply, MetaError>>);
+
+/// An upper estimate of a command's encoded size.
+fn estimated_bytes(cmd: &MetaCmd) -> usize {
+    64 + match cmd {
+        MetaCmd::PutSetting { key, value } => key.len() + value.len(),
+        MetaCmd::DeleteSetting { key } => key.len(),
+        MetaCmd::RegisterNode(n) => n.site.len() + 64,
+        MetaCmd::Batch(cmds) => cmds.iter().map(estimated_bytes).sum(),
+        MetaCmd::RemoveNode { .. } | MetaCmd::SetTransport { .. } => 0,
+    }
+}
+
+/// Proposes client writes on the leader: every write that arrived while earlier batches were
+/// being committed goes into the next log entry together (group commit for the metadata
+/// store; see [`MetaCmd::Batch`]).
+async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+    let mut carried: Option<Proposal> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        // Wait for room first, so that writes arriving meanwhile join this batch.
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let mut bytes = estimated_bytes(&first.0);
+        let mut batch = vec![first];
+        while let Ok(p) = rx.try_recv() {
+            bytes += estimated_bytes(&p.0);
+            if bytes > BATCH_BYTES_MAX {
+                carried = Some(p);
+                break;
+            }
+            batch.push(p);
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            if batch.len() == 1 {
+                let (cmd, tx) = batch.pop().expect("one proposal");
+                let _ = tx.send(raft.client_write(cmd).await.map(|r| r.data).map_err(write_error));
+            } else {
+                let (cmds, txs): (Vec<MetaCmd>, Vec<_>) = batch.into_iter().unzip();
+                match raft.client_write(MetaCmd::Batch(cmds)).await {
+                    Ok(resp) => match resp.data {
+                        MetaReply::Batch(replies) if replies.len() == txs.len() => {
+                            for (tx, r) in txs.into_iter().zip(replies) {
+                                let _ = tx.send(Ok(r));
+                            }
+                        }
+                        other => {
+                            let e = MetaError::Internal(format!("unexpected reply to a batch: {other:?}"));
+                            for tx in txs {
+                                let _ = tx.send(Err(e.clone()));
+                            }
+                        }
+                    },
+                    Err(e) => {
+                        let e = write_error(e);
+                        for tx in txs {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+            drop(permit);
+        });
     }
 }
 
@@ -127,8 +212,8 @@ impl MetaStore {
             .flush_every_ms(Some(500))
             .open()
             .map_err(|e| format!("cannot open metadata store in {}: {e}", dir.display()))?;
-        let log = LogStore::open(&db).map_err(|e| e.to_string())?;
-        let sm = StateMachine::open(&db).map_err(|e| e.to_string())?;
+        let log = LogStore::open(&db, dir).map_err(|e| e.to_string())?;
+        let sm = StateMachine::open(&db, dir).map_err(|e| e.to_string())?;
         let reader = sm.reader();
         // Peers already in the map get their addresses now, so even forwarded requests to them
         // work before Raft has replicated to them.
@@ -140,19 +225,11 @@ impl MetaStore {
             }
         });
         let raft_config = Arc::new(config.raft_config()?);
-        let network = Network {
-            transport: transport.clone(),
-        };
-        let raft = Raft::new(id, raft_config, network, log, sm)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Arc::new(MetaStore {
-            id,
-            raft,
-            sm: reader,
-            transport,
-            db,
-        }))
+        let network = Network { transport: transport.clone() };
+        let raft = Raft::new(id, raft_config, network, log, sm).await.map_err(|e| e.to_string())?;
+        let (proposals, rx) = tokio::sync::mpsc::channel(PROPOSALS_QUEUED_MAX);
+        tokio::spawn(batcher(raft.clone(), rx));
+        Ok(Arc::new(MetaStore { id, raft, sm: reader, transport, db, proposals }))
     }
 
     pub fn id(&self) -> NodeId {
@@ -161,18 +238,14 @@ impl MetaStore {
 
     /// The handler for this store's requests on the control channel.
     pub fn handler(self: &Arc<Self>) -> Arc<dyn Handler> {
-        Arc::new(RpcHandler {
-            store: self.clone(),
-        })
+        Arc::new(RpcHandler { store: self.clone() })
     }
 
     /// Forms a new cluster from `members` (each must be running). Call on one pristine node;
     /// on a node that already belongs to a cluster it does nothing and returns `Ok(false)`.
     pub async fn initialize(&self, members: &[NodeRecord]) -> Result<bool, MetaError> {
-        let nodes: BTreeMap<NodeId, BasicNode> = members
-            .iter()
-            .map(|m| (m.id, BasicNode::new(m.raft_addr.to_string())))
-            .collect();
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            members.iter().map(|m| (m.id, BasicNode::new(m.raft_addr.to_string()))).collect();
         for m in members {
             m.validate().map_err(MetaError::Invalid)?;
             self.transport.set_peer_addr(m.id, m.raft_addr);
@@ -190,27 +263,24 @@ impl MetaStore {
 
     /// Proposes a command and returns its reply once it is committed and applied.
     pub async fn write(&self, cmd: MetaCmd) -> Result<MetaReply, MetaError> {
-        let reply = self
-            .on_leader(Forwarded::Write(cmd.clone()), || {
-                self.local_write(cmd.clone())
-            })
-            .await?;
+        let reply = self.on_leader(Forwarded::Write(cmd.clone()), || self.local_write(cmd.clone())).await?;
         reply_result(reply)
     }
 
     /// Runs `f` on state that reflects every write committed before this call began.
     pub async fn read<T>(&self, f: impl FnOnce(&SmState) -> T) -> Result<T, MetaError> {
-        let index: Option<u64> = self
-            .on_leader(Forwarded::ReadIndex, || self.local_read_index())
-            .await?;
+        let index: Option<u64> = self.on_leader(Forwarded::ReadIndex, || self.local_read_index()).await?;
         self.raft
             .wait(Some(APPLY_WAIT))
             .applied_index_at_least(index, "linearizable read")
             .await
-            .map_err(|e| {
-                MetaError::Unavailable(format!("could not apply up to the read index: {e}"))
-            })?;
+            .map_err(|e| MetaError::Unavailable(format!("could not apply up to the read index: {e}")))?;
         Ok(self.sm.read(f))
+    }
+
+    /// Changes whenever this node applies more of the log (its value is the applied index).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sm.subscribe()
     }
 
     /// This node's applied state as it is now, without asking the leader (may be stale).
@@ -221,19 +291,13 @@ impl MetaStore {
     /// Adds a node: records it in the map, lets it catch up as a learner, then makes it a voter.
     pub async fn add_node(&self, rec: NodeRecord) -> Result<MetaReply, MetaError> {
         rec.validate().map_err(MetaError::Invalid)?;
-        let reply = self
-            .on_leader(Forwarded::AddNode(rec.clone()), || {
-                self.local_add_node(rec.clone())
-            })
-            .await?;
+        let reply = self.on_leader(Forwarded::AddNode(rec.clone()), || self.local_add_node(rec.clone())).await?;
         reply_result(reply)
     }
 
     /// Removes a node from the Raft membership and the map.
     pub async fn remove_node(&self, id: NodeId) -> Result<MetaReply, MetaError> {
-        let reply = self
-            .on_leader(Forwarded::RemoveNode(id), || self.local_remove_node(id))
-            .await?;
+        let reply = self.on_leader(Forwarded::RemoveNode(id), || self.local_remove_node(id)).await?;
         reply_result(reply)
     }
 
@@ -269,8 +333,7 @@ impl MetaStore {
             .metrics(|m| m.current_leader.is_some(), "a known leader")
             .await
             .map_err(|e| MetaError::Unavailable(e.to_string()))?;
-        m.current_leader
-            .ok_or_else(|| MetaError::Unavailable("no leader".into()))
+        m.current_leader.ok_or_else(|| MetaError::Unavailable("no leader".into()))
     }
 
     /// Stops Raft and flushes everything to disk.
@@ -299,9 +362,7 @@ impl MetaStore {
                 Some(l) if l == self.id => local().await,
                 Some(l) => match self.forward::<T>(l, &fwd).await {
                     Ok(r) => r,
-                    Err(e) => Err(MetaError::Unavailable(format!(
-                        "leader {l} unreachable: {e}"
-                    ))),
+                    Err(e) => Err(MetaError::Unavailable(format!("leader {l} unreachable: {e}"))),
                 },
                 None => Err(MetaError::Unavailable("no leader elected".into())),
             };
@@ -310,9 +371,7 @@ impl MetaStore {
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(match e {
-                            MetaError::NotLeader { .. } => {
-                                MetaError::Unavailable("leadership kept moving".into())
-                            }
+                            MetaError::NotLeader { .. } => MetaError::Unavailable("leadership kept moving".into()),
                             e => e,
                         });
                     }
@@ -332,39 +391,24 @@ impl MetaStore {
         leader: NodeId,
         fwd: &Forwarded,
     ) -> Result<Result<T, MetaError>, tandem_transport::TransportError> {
-        let addr = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone());
+        let addr =
+            self.raft.metrics().borrow().membership_config.membership().get_node(&leader).map(|n| n.addr.clone());
         if let Some(addr) = addr.and_then(|a| a.parse().ok()) {
             self.transport.set_peer_addr(leader, addr);
         }
-        call::<Result<T, MetaError>>(
-            self.transport.as_ref(),
-            leader,
-            &MetaRpc::Forward(fwd.clone()),
-        )
-        .await
+        call::<Result<T, MetaError>>(self.transport.as_ref(), leader, &MetaRpc::Forward(fwd.clone())).await
     }
 
     async fn local_write(&self, cmd: MetaCmd) -> Result<MetaReply, MetaError> {
-        self.raft
-            .client_write(cmd)
-            .await
-            .map(|r| r.data)
-            .map_err(write_error)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.proposals.send((cmd, tx)).await.map_err(|_| MetaError::Internal("proposer stopped".into()))?;
+        rx.await.map_err(|_| MetaError::Internal("proposer stopped".into()))?
     }
 
     async fn local_read_index(&self) -> Result<Option<u64>, MetaError> {
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(not_leader(f.leader_id))
-            }
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(f.leader_id)),
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
                 Err(MetaError::Unavailable(q.to_string()))
             }
@@ -375,10 +419,7 @@ impl MetaStore {
     fn membership_sets(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
         let m = self.raft.metrics().borrow().membership_config.clone();
         let membership = m.membership();
-        (
-            membership.voter_ids().collect(),
-            membership.learner_ids().collect(),
-        )
+        (membership.voter_ids().collect(), membership.learner_ids().collect())
     }
 
     async fn local_add_node(&self, rec: NodeRecord) -> Result<MetaReply, MetaError> {
@@ -389,9 +430,7 @@ impl MetaStore {
             return match known {
                 // A retry of an add that already completed.
                 Some(k) if k == rec => Ok(MetaReply::Done { changed: false }),
-                _ => Err(MetaError::Conflict(format!(
-                    "node {id} is already a member; remove it first"
-                ))),
+                _ => Err(MetaError::Conflict(format!("node {id} is already a member; remove it first"))),
             };
         }
         reply_result(self.local_write(MetaCmd::RegisterNode(rec.clone())).await?)?;
@@ -418,9 +457,7 @@ impl MetaStore {
         let in_map = self.sm.read(|st| st.map.nodes.contains_key(&id));
         if voters.contains(&id) {
             if voters.len() == 1 {
-                return Err(MetaError::Conflict(format!(
-                    "node {id} is the last voter; a cluster cannot remove it"
-                )));
+                return Err(MetaError::Conflict(format!("node {id} is the last voter; a cluster cannot remove it")));
             }
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
@@ -432,9 +469,7 @@ impl MetaStore {
                 .await
                 .map_err(write_error)?;
         } else if !in_map {
-            return Err(MetaError::NotFound(format!(
-                "node {id} is not a member of the cluster"
-            )));
+            return Err(MetaError::NotFound(format!("node {id} is not a member of the cluster")));
         }
         // If this node just removed itself it is no longer leader: the caller retries on the
         // new leader, which finds the node out of the membership and finishes here.
@@ -463,28 +498,17 @@ impl RpcHandler {
             MetaRpc::InstallSnapshot(req) => reply(&raft.install_snapshot(req).await),
             MetaRpc::Forward(Forwarded::Write(cmd)) => reply(&self.store.local_write(cmd).await),
             MetaRpc::Forward(Forwarded::ReadIndex) => reply(&self.store.local_read_index().await),
-            MetaRpc::Forward(Forwarded::AddNode(rec)) => {
-                reply(&self.store.local_add_node(rec).await)
-            }
-            MetaRpc::Forward(Forwarded::RemoveNode(id)) => {
-                reply(&self.store.local_remove_node(id).await)
-            }
+            MetaRpc::Forward(Forwarded::AddNode(rec)) => reply(&self.store.local_add_node(rec).await),
+            MetaRpc::Forward(Forwarded::RemoveNode(id)) => reply(&self.store.local_remove_node(id).await),
         }
     }
 }
 
 impl Handler for RpcHandler {
-    fn handle(
-        &self,
-        _from: NodeId,
-        channel: Channel,
-        payload: Bytes,
-    ) -> BoxFuture<'_, Result<Bytes, String>> {
+    fn handle(&self, _from: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
         Box::pin(async move {
             if channel != Channel::Control {
-                return Err(format!(
-                    "the metadata store does not serve the {channel} channel"
-                ));
+                return Err(format!("the metadata store does not serve the {channel} channel"));
             }
             self.handle_rpc(payload).await
         })

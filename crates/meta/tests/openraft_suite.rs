@@ -10,13 +10,11 @@ use tandem_meta::TypeConfig;
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::Config::new().path(dir.path()).open().expect("sled");
-        let log = LogStore::open(&db)?;
-        let sm = StateMachine::open(&db)?;
+        let log = LogStore::open(&db, dir.path())?;
+        let sm = StateMachine::open(&db, dir.path())?;
         Ok((dir, log, sm))
     }
 }

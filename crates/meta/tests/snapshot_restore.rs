@@ -8,6 +8,7 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftSn
 use proptest::prelude::*;
 use tandem_meta::state_machine::{SmState, StateMachine};
 use tandem_meta::{MetaCmd, NodeRecord, TypeConfig};
+use tandem_transport::{Layer, TransportKind};
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -25,6 +26,10 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
         (1u64..8).prop_map(|id| MetaCmd::RemoveNode { id }),
         ("[a-e]", "[a-z0-9]{0,16}").prop_map(|(key, value)| MetaCmd::PutSetting { key, value }),
         "[a-e]".prop_map(|key| MetaCmd::DeleteSetting { key }),
+        (any::<bool>(), any::<bool>()).prop_map(|(data, quic)| MetaCmd::SetTransport {
+            layer: if data { Layer::Data } else { Layer::Control },
+            kind: if quic { TransportKind::Quic } else { TransportKind::Tcp },
+        }),
     ]
 }
 
@@ -32,16 +37,10 @@ fn entries(cmds: Vec<MetaCmd>) -> Vec<Entry<TypeConfig>> {
     let leader = CommittedLeaderId::new(1, 1);
     let mut out = vec![Entry {
         log_id: LogId::new(leader, 1),
-        payload: EntryPayload::Membership(Membership::new(
-            vec![[1u64, 2, 3].into_iter().collect()],
-            None,
-        )),
+        payload: EntryPayload::Membership(Membership::new(vec![[1u64, 2, 3].into_iter().collect()], None)),
     }];
     for (i, c) in cmds.into_iter().enumerate() {
-        out.push(Entry {
-            log_id: LogId::new(leader, i as u64 + 2),
-            payload: EntryPayload::Normal(c),
-        });
+        out.push(Entry { log_id: LogId::new(leader, i as u64 + 2), payload: EntryPayload::Normal(c) });
     }
     out
 }
@@ -54,7 +53,7 @@ async fn check(cmds: Vec<MetaCmd>, split: usize) -> Result<(), TestCaseError> {
     let dir_a = tempfile::tempdir().expect("dir");
     let dir_b = tempfile::tempdir().expect("dir");
     let db_a = sled::Config::new().path(dir_a.path()).open().expect("sled");
-    let mut a = StateMachine::open(&db_a).expect("open");
+    let mut a = StateMachine::open(&db_a, dir_a.path()).expect("open");
     let all = entries(cmds);
     let split = split.min(all.len());
     // Apply in two batches, as openraft does.
@@ -63,32 +62,21 @@ async fn check(cmds: Vec<MetaCmd>, split: usize) -> Result<(), TestCaseError> {
     let before = state(&a);
     prop_assert_eq!(before.last_applied.map(|l| l.index), Some(all.len() as u64));
 
-    let snapshot = a
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build");
+    let snapshot = a.get_snapshot_builder().await.build_snapshot().await.expect("build");
     let db_b = sled::Config::new().path(dir_b.path()).open().expect("sled");
-    let mut b = StateMachine::open(&db_b).expect("open");
-    b.install_snapshot(&snapshot.meta, snapshot.snapshot)
-        .await
-        .expect("install");
+    let mut b = StateMachine::open(&db_b, dir_b.path()).expect("open");
+    b.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install");
     prop_assert_eq!(&state(&b), &before);
 
     // Both survive a reopen from their files.
     drop(a);
     drop(b);
-    let a = StateMachine::open(&db_a).expect("reopen");
+    let a = StateMachine::open(&db_a, dir_a.path()).expect("reopen");
     prop_assert_eq!(&state(&a), &before);
-    let b = StateMachine::open(&db_b).expect("reopen");
+    let b = StateMachine::open(&db_b, dir_b.path()).expect("reopen");
     prop_assert_eq!(&state(&b), &before);
     let mut b = b;
-    let current = b
-        .get_current_snapshot()
-        .await
-        .expect("read")
-        .expect("a snapshot");
+    let current = b.get_current_snapshot().await.expect("read").expect("a snapshot");
     prop_assert_eq!(current.meta.last_log_id, before.last_applied);
     Ok(())
 }

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use tandem_meta::network::MetaError;
 use tandem_meta::store::{MetaStore, RaftStatus};
 use tandem_meta::{MetaCmd, NodeRecord};
-use tandem_transport::tcp::TcpTransport;
+use tandem_transport::link::{LinkStats, Mesh};
+use tandem_transport::{Layer, TransportKind};
 use tandem_types::NodeId;
 
 use crate::config::ClusterConfig;
@@ -26,20 +27,12 @@ const BODY_BYTES_MAX: usize = 64 * 1024;
 pub struct ApiState {
     meta: Arc<MetaStore>,
     cfg: Arc<ClusterConfig>,
-    transport: Arc<TcpTransport>,
+    transport: Mesh,
 }
 
 impl ApiState {
-    pub fn new(
-        meta: Arc<MetaStore>,
-        cfg: Arc<ClusterConfig>,
-        transport: Arc<TcpTransport>,
-    ) -> ApiState {
-        ApiState {
-            meta,
-            cfg,
-            transport,
-        }
+    pub fn new(meta: Arc<MetaStore>, cfg: Arc<ClusterConfig>, transport: Mesh) -> ApiState {
+        ApiState { meta, cfg, transport }
     }
 }
 
@@ -50,10 +43,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes", get(list_nodes).post(add_node))
         .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
         .route("/v1/settings", get(list_settings))
-        .route(
-            "/v1/settings/{key}",
-            get(get_setting).put(put_setting).delete(delete_setting),
-        )
+        .route("/v1/settings/{key}", get(get_setting).put(put_setting).delete(delete_setting))
+        .route("/v1/transport", get(get_transport).put(put_transport))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -75,9 +66,7 @@ impl From<MetaError> for ApiError {
             MetaError::NotFound(_) => StatusCode::NOT_FOUND,
             MetaError::Invalid(_) => StatusCode::BAD_REQUEST,
             MetaError::Conflict(_) => StatusCode::CONFLICT,
-            MetaError::NotLeader { .. } | MetaError::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            MetaError::NotLeader { .. } | MetaError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             MetaError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -123,10 +112,7 @@ fn node_views(records: Vec<NodeRecord>, status: &RaftStatus) -> Vec<NodeView> {
             } else {
                 "none"
             };
-            NodeView {
-                record,
-                membership: membership.into(),
-            }
+            NodeView { record, membership: membership.into() }
         })
         .collect();
     views.sort_by_key(|v| v.record.id);
@@ -135,9 +121,7 @@ fn node_views(records: Vec<NodeRecord>, status: &RaftStatus) -> Vec<NodeView> {
 
 async fn get_cluster(State(s): State<ApiState>) -> ApiResult<ClusterView> {
     let status = s.meta.status();
-    let records = s
-        .meta
-        .local_read(|st| st.map.nodes.values().cloned().collect());
+    let records = s.meta.local_read(|st| st.map.nodes.values().cloned().collect());
     Ok(Json(ClusterView {
         cluster_name: s.cfg.cluster.name.clone(),
         node_id: s.meta.id(),
@@ -163,20 +147,61 @@ async fn init_cluster(
     let Json(req) = body?;
     let members = req.members.unwrap_or_else(|| s.cfg.initial_records());
     if members.is_empty() {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "no members: give some or set cluster.initial_members".into(),
-        ));
+        return Err(ApiError(StatusCode::BAD_REQUEST, "no members: give some or set cluster.initial_members".into()));
     }
     let initialized = s.meta.initialize(&members).await?;
+    if initialized {
+        // Record the starting transport, so nodes that join later follow the cluster's choice
+        // rather than their own config's.
+        for layer in [Layer::Control, Layer::Data] {
+            s.meta.write(MetaCmd::SetTransport { layer, kind: s.cfg.cluster.transport }).await?;
+        }
+    }
     Ok(Json(serde_json::json!({ "initialized": initialized })))
 }
 
+/// `GET /v1/transport`: the layers this node uses now, and its links.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransportView {
+    pub node_id: NodeId,
+    pub control: TransportKind,
+    pub data: TransportKind,
+    pub links: Vec<LinkStats>,
+}
+
+async fn get_transport(State(s): State<ApiState>) -> ApiResult<TransportView> {
+    Ok(Json(TransportView {
+        node_id: s.meta.id(),
+        control: s.transport.kind(Layer::Control),
+        data: s.transport.kind(Layer::Data),
+        links: s.transport.link_stats(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportRequest {
+    pub transport: TransportKind,
+    /// Defaults to `data`.
+    #[serde(default)]
+    pub layer: Option<Layer>,
+}
+
+/// `PUT /v1/transport`: selects the network layer of `layer` for the whole cluster. Every node
+/// moves its links when it applies the change, make-before-break.
+async fn put_transport(
+    State(s): State<ApiState>,
+    body: Result<Json<TransportRequest>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let Json(req) = body?;
+    let layer = req.layer.unwrap_or(Layer::Data);
+    s.meta.write(MetaCmd::SetTransport { layer, kind: req.transport }).await?;
+    let policy = s.meta.read(|st| st.map.transport.clone()).await?;
+    Ok(Json(serde_json::json!({ "layer": layer, "transport": req.transport, "policy": policy })))
+}
+
 async fn list_nodes(State(s): State<ApiState>) -> ApiResult<Vec<NodeView>> {
-    let records = s
-        .meta
-        .read(|st| st.map.nodes.values().cloned().collect())
-        .await?;
+    let records = s.meta.read(|st| st.map.nodes.values().cloned().collect()).await?;
     Ok(Json(node_views(records, &s.meta.status())))
 }
 
@@ -186,39 +211,26 @@ async fn add_node(
     body: Result<Json<NodeRecord>, JsonRejection>,
 ) -> Result<(StatusCode, Json<NodeRecord>), ApiError> {
     let Json(rec) = body?;
-    rec.validate()
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    rec.validate().map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     s.meta.add_node(rec.clone()).await?;
     Ok((StatusCode::CREATED, Json(rec)))
 }
 
-async fn remove_node(
-    State(s): State<ApiState>,
-    Path(id): Path<String>,
-) -> ApiResult<serde_json::Value> {
-    let id: NodeId = id.parse().map_err(|_| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("node id {id:?} is not a number"),
-        )
-    })?;
+async fn remove_node(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+    let id: NodeId =
+        id.parse().map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("node id {id:?} is not a number")))?;
     s.meta.remove_node(id).await?;
     Ok(Json(serde_json::json!({ "removed": id })))
 }
 
-async fn list_settings(
-    State(s): State<ApiState>,
-) -> ApiResult<std::collections::BTreeMap<String, String>> {
+async fn list_settings(State(s): State<ApiState>) -> ApiResult<std::collections::BTreeMap<String, String>> {
     Ok(Json(s.meta.read(|st| st.map.settings.clone()).await?))
 }
 
 async fn get_setting(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult<SettingBody> {
     match s.meta.read(|st| st.map.settings.get(&key).cloned()).await? {
         Some(value) => Ok(Json(SettingBody { value })),
-        None => Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no setting named {key:?}"),
-        )),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no setting named {key:?}"))),
     }
 }
 
@@ -234,23 +246,12 @@ async fn put_setting(
     body: Result<Json<SettingBody>, JsonRejection>,
 ) -> ApiResult<serde_json::Value> {
     let Json(body) = body?;
-    let reply = s
-        .meta
-        .write(MetaCmd::PutSetting {
-            key,
-            value: body.value,
-        })
-        .await?;
+    let reply = s.meta.write(MetaCmd::PutSetting { key, value: body.value }).await?;
     Ok(Json(serde_json::to_value(reply).unwrap_or_default()))
 }
 
-async fn delete_setting(
-    State(s): State<ApiState>,
-    Path(key): Path<String>,
-) -> ApiResult<serde_json::Value> {
-    s.meta
-        .write(MetaCmd::DeleteSetting { key: key.clone() })
-        .await?;
+async fn delete_setting(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult<serde_json::Value> {
+    s.meta.write(MetaCmd::DeleteSetting { key: key.clone() }).await?;
     Ok(Json(serde_json::json!({ "deleted": key })))
 }
 
@@ -260,15 +261,8 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let st = s.meta.status();
     let mut out = String::new();
     let is_leader = u8::from(st.role == "leader");
-    let _ = writeln!(
-        out,
-        "# TYPE tandem_raft_term gauge\ntandem_raft_term {}",
-        st.term
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE tandem_raft_is_leader gauge\ntandem_raft_is_leader {is_leader}"
-    );
+    let _ = writeln!(out, "# TYPE tandem_raft_term gauge\ntandem_raft_term {}", st.term);
+    let _ = writeln!(out, "# TYPE tandem_raft_is_leader gauge\ntandem_raft_is_leader {is_leader}");
     let _ = writeln!(
         out,
         "# TYPE tandem_raft_last_log_index gauge\ntandem_raft_last_log_index {}",
@@ -279,13 +273,10 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         "# TYPE tandem_raft_applied_index gauge\ntandem_raft_applied_index {}",
         st.applied_index.unwrap_or(0)
     );
-    let _ = writeln!(
-        out,
-        "# TYPE tandem_raft_voters gauge\ntandem_raft_voters {}",
-        st.voters.len()
-    );
+    let _ = writeln!(out, "# TYPE tandem_raft_voters gauge\ntandem_raft_voters {}", st.voters.len());
+    let links = s.transport.link_stats();
     let _ = writeln!(out, "# TYPE tandem_transport_bytes_sent counter");
-    for l in s.transport.link_stats() {
+    for l in &links {
         let _ = writeln!(
             out,
             "tandem_transport_bytes_sent{{peer=\"{}\",channel=\"{}\"}} {}",
@@ -293,18 +284,12 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         );
     }
     let _ = writeln!(out, "# TYPE tandem_transport_reconnects counter");
-    for l in s.transport.link_stats() {
+    for l in &links {
         let _ = writeln!(
             out,
             "tandem_transport_reconnects{{peer=\"{}\",channel=\"{}\"}} {}",
             l.peer, l.channel, l.reconnects
         );
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

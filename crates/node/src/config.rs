@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tandem_meta::store::MetaConfig;
 use tandem_meta::NodeRecord;
+use tandem_transport::TransportKind;
 use tandem_types::{validate_name, NodeId};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,9 @@ pub struct ClusterConfig {
     pub base_dir: PathBuf,
 }
 
+fn default_transport() -> TransportKind {
+    TransportKind::Tcp
+}
 fn default_heartbeat() -> u64 {
     150
 }
@@ -74,6 +78,10 @@ pub struct ClusterSection {
     /// Nodes listed under `[[node]]` but not here join later with `tandem node add`.
     #[serde(default)]
     pub initial_members: Vec<NodeId>,
+    /// The network layer node-to-node traffic starts on (`tcp` or `quic`), until the cluster
+    /// map selects one (`tandem transport set`).
+    #[serde(default = "default_transport")]
+    pub transport: TransportKind,
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_ms: u64,
     /// A follower that hears no leader for a random time in [min, max] starts an election.
@@ -125,21 +133,15 @@ impl NodeSection {
 impl ClusterConfig {
     pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { file: file.clone(), message: format!("cannot read: {e}") })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         ClusterConfig::parse(&text, &file, &base)
     }
 
     pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<ClusterConfig, ConfigError> {
-        let err = |message: String| ConfigError {
-            file: file.to_string(),
-            message,
-        };
-        let mut cfg: ClusterConfig =
-            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        let err = |message: String| ConfigError { file: file.to_string(), message };
+        let mut cfg: ClusterConfig = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
         cfg.base_dir = base_dir.to_path_buf();
         cfg.validate().map_err(err)?;
         Ok(cfg)
@@ -180,11 +182,7 @@ impl ClusterConfig {
                 return Err(format!("{at}: id {} appears twice", n.id));
             }
             validate_name(&n.site).map_err(|e| format!("{at}: site {:?} {e}", n.site))?;
-            for (field, addr) in [
-                ("raft_addr", n.raft_addr),
-                ("api_addr", n.api_addr),
-                ("nbd_addr", n.nbd_addr),
-            ] {
+            for (field, addr) in [("raft_addr", n.raft_addr), ("api_addr", n.api_addr), ("nbd_addr", n.nbd_addr)] {
                 if addr.port() == 0 {
                     return Err(format!("{at}: {field} {addr} needs a port"));
                 }
@@ -195,9 +193,7 @@ impl ClusterConfig {
         }
         for m in &c.initial_members {
             if !ids.contains(m) {
-                return Err(format!(
-                    "cluster.initial_members: node {m} has no [[node]] entry"
-                ));
+                return Err(format!("cluster.initial_members: node {m} has no [[node]] entry"));
             }
         }
         Ok(())
@@ -216,11 +212,7 @@ impl ClusterConfig {
     }
 
     pub fn initial_records(&self) -> Vec<NodeRecord> {
-        self.nodes
-            .iter()
-            .filter(|n| self.cluster.initial_members.contains(&n.id))
-            .map(NodeSection::record)
-            .collect()
+        self.nodes.iter().filter(|n| self.cluster.initial_members.contains(&n.id)).map(NodeSection::record).collect()
     }
 
     pub fn meta_config(&self) -> MetaConfig {
@@ -282,14 +274,8 @@ key = "n2.key"
         let cfg = parse(GOOD).expect("parses");
         assert_eq!(cfg.nodes.len(), 2);
         assert_eq!(cfg.cluster.heartbeat_interval_ms, 150);
-        assert_eq!(
-            cfg.resolve(&cfg.nodes[0].data_dir),
-            PathBuf::from("/base/n1")
-        );
-        assert_eq!(
-            cfg.resolve(&cfg.nodes[1].data_dir),
-            PathBuf::from("/abs/n2")
-        );
+        assert_eq!(cfg.resolve(&cfg.nodes[0].data_dir), PathBuf::from("/base/n1"));
+        assert_eq!(cfg.resolve(&cfg.nodes[1].data_dir), PathBuf::from("/abs/n2"));
         assert_eq!(cfg.initial_records().len(), 2);
         // What `up` writes reads back the same.
         let again = parse(&cfg.to_toml()).expect("round trip");
@@ -314,8 +300,7 @@ key = "n2.key"
         assert!(e.contains("initial_members") && e.contains('5'), "{e}");
         let e = error_of(&GOOD.replace("site = \"b\"", "site = \"b c\""));
         assert!(e.contains("site"), "{e}");
-        let e =
-            error_of(&GOOD.replace("name = \"t\"", "name = \"t\"\nelection_timeout_min_ms = 10"));
+        let e = error_of(&GOOD.replace("name = \"t\"", "name = \"t\"\nelection_timeout_min_ms = 10"));
         assert!(e.contains("election_timeout_min_ms"), "{e}");
         let e = error_of(&GOOD.replace("name = \"t\"", "name = \"t\"\ncolour = 1"));
         assert!(e.contains("colour"), "{e}");

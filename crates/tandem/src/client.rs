@@ -6,11 +6,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use reqwest::Method;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use tandem_node::api::{ClusterView, NodeView, SettingBody};
+use tandem_node::api::{ClusterView, NodeView, SettingBody, TransportView};
 use tandem_node::config::ClusterConfig;
+use tandem_transport::{Layer, TransportKind};
 use tandem_types::NodeId;
 
-use crate::{SettingCmd, Target};
+use crate::{SettingCmd, Target, TransportCmd};
 
 /// A request to a node that does not answer within this long counts that node as down.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,10 +51,7 @@ impl Api {
         } else {
             format!("http://{}", base.trim_end_matches('/'))
         };
-        Api {
-            base,
-            http: http_client(REQUEST_TIMEOUT),
-        }
+        Api { base, http: http_client(REQUEST_TIMEOUT) }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Api {
@@ -66,10 +64,7 @@ impl Api {
         if let Some(e) = &target.endpoint {
             return Ok(Api::new(e));
         }
-        let dir = target
-            .cluster
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+        let dir = target.cluster.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
         let path = config_path(&dir);
         if !path.exists() {
             bail!(
@@ -86,11 +81,7 @@ impl Api {
                 Err(e) => errors.push(format!("node {}: {e:#}", n.id)),
             }
         }
-        bail!(
-            "no node of the cluster in {} answers:\n  {}",
-            dir.display(),
-            errors.join("\n  ")
-        )
+        bail!("no node of the cluster in {} answers:\n  {}", dir.display(), errors.join("\n  "))
     }
 
     pub async fn request<B: Serialize, T: DeserializeOwned>(
@@ -104,15 +95,9 @@ impl Api {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("{method} {url}"))?;
+        let resp = req.send().await.with_context(|| format!("{method} {url}"))?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .with_context(|| format!("{method} {url}: reading the answer"))?;
+        let bytes = resp.bytes().await.with_context(|| format!("{method} {url}: reading the answer"))?;
         if !status.is_success() {
             let msg = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)
@@ -139,6 +124,9 @@ pub struct NodeStatus {
     /// The leader as this node sees it.
     pub leader: Option<NodeId>,
     pub applied_index: Option<u64>,
+    /// The network layers the node uses now for data and control traffic.
+    pub transport_data: Option<TransportKind>,
+    pub transport_control: Option<TransportKind>,
     pub error: Option<String>,
 }
 
@@ -159,7 +147,11 @@ pub async fn status_report(api: &Api) -> anyhow::Result<StatusReport> {
     let view: ClusterView = api.get("/v1/cluster").await?;
     let probes = view.nodes.iter().map(|n| {
         let api = Api::new(&n.record.api_addr.to_string()).with_timeout(PROBE_TIMEOUT);
-        async move { api.get::<ClusterView>("/v1/cluster").await }
+        async move {
+            let view = api.get::<ClusterView>("/v1/cluster").await?;
+            let transport = api.get::<TransportView>("/v1/transport").await?;
+            anyhow::Ok((view, transport))
+        }
     });
     let answers = futures::future::join_all(probes).await;
     let nodes = view
@@ -167,13 +159,15 @@ pub async fn status_report(api: &Api) -> anyhow::Result<StatusReport> {
         .iter()
         .zip(answers)
         .map(|(n, answer)| match answer {
-            Ok(v) => NodeStatus {
+            Ok((v, t)) => NodeStatus {
                 node: n.clone(),
                 up: true,
                 role: v.raft.role.clone(),
                 term: Some(v.raft.term),
                 leader: v.raft.leader,
                 applied_index: v.raft.applied_index,
+                transport_data: Some(t.data),
+                transport_control: Some(t.control),
                 error: None,
             },
             Err(e) => NodeStatus {
@@ -183,6 +177,8 @@ pub async fn status_report(api: &Api) -> anyhow::Result<StatusReport> {
                 term: None,
                 leader: None,
                 applied_index: None,
+                transport_data: None,
+                transport_control: None,
                 error: Some(format!("{e:#}")),
             },
         })
@@ -213,11 +209,7 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{:w$}", c, w = widths[i]))
-            .collect();
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:w$}", c, w = widths[i])).collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -249,24 +241,14 @@ pub fn print_status(r: &StatusReport) {
                 n.node.record.api_addr.to_string(),
                 n.node.record.nbd_addr.to_string(),
                 n.node.record.raft_addr.to_string(),
-                "tcp".into(),
+                match (n.transport_data, n.transport_control) {
+                    (Some(d), Some(c)) => format!("data {d}, control {c}"),
+                    _ => "-".into(),
+                },
             ]
         })
         .collect();
-    print_table(
-        &[
-            "ID",
-            "SITE",
-            "ROLE",
-            "MEMBER",
-            "STATE",
-            "API",
-            "NBD",
-            "RAFT",
-            "TRANSPORT",
-        ],
-        &rows,
-    );
+    print_table(&["ID", "SITE", "ROLE", "MEMBER", "STATE", "API", "NBD", "RAFT", "TRANSPORT"], &rows);
 }
 
 /// The status as the leader sees it when there is one (a node that just restarted may still
@@ -276,17 +258,9 @@ pub async fn leader_status_report(api: &Api) -> anyhow::Result<StatusReport> {
     let leader_api = report
         .leader
         .filter(|l| *l != report.answered_by)
-        .and_then(|l| {
-            report
-                .nodes
-                .iter()
-                .find(|n| n.node.record.id == l && n.up)
-                .map(|n| n.node.record.api_addr)
-        });
+        .and_then(|l| report.nodes.iter().find(|n| n.node.record.id == l && n.up).map(|n| n.node.record.api_addr));
     match leader_api {
-        Some(addr) => Ok(status_report(&Api::new(&addr.to_string()))
-            .await
-            .unwrap_or(report)),
+        Some(addr) => Ok(status_report(&Api::new(&addr.to_string())).await.unwrap_or(report)),
         None => Ok(report),
     }
 }
@@ -330,22 +304,16 @@ pub async fn setting(target: &Target, cmd: SettingCmd) -> anyhow::Result<()> {
     let api = Api::find(target).await?;
     match cmd {
         SettingCmd::Set { key, value } => {
-            let _: serde_json::Value = api
-                .request(
-                    Method::PUT,
-                    &format!("/v1/settings/{key}"),
-                    Some(&SettingBody { value }),
-                )
-                .await?;
+            let _: serde_json::Value =
+                api.request(Method::PUT, &format!("/v1/settings/{key}"), Some(&SettingBody { value })).await?;
         }
         SettingCmd::Get { key } => {
             let b: SettingBody = api.get(&format!("/v1/settings/{key}")).await?;
             println!("{}", b.value);
         }
         SettingCmd::Delete { key } => {
-            let _: serde_json::Value = api
-                .request::<(), _>(Method::DELETE, &format!("/v1/settings/{key}"), None)
-                .await?;
+            let _: serde_json::Value =
+                api.request::<(), _>(Method::DELETE, &format!("/v1/settings/{key}"), None).await?;
         }
         SettingCmd::List { json } => {
             let all: std::collections::BTreeMap<String, String> = api.get("/v1/settings").await?;
@@ -373,4 +341,94 @@ pub async fn wait_for_leader(api: &Api, timeout: Duration) -> anyhow::Result<Sta
             Err(e) => return Err(e.context(format!("no leader elected within {timeout:?}"))),
         }
     }
+}
+
+/// How long `transport set` waits for every node to report the new layer.
+const SWITCH_WAIT: Duration = Duration::from_secs(15);
+
+async fn transport_views(api: &Api) -> anyhow::Result<Vec<(NodeId, anyhow::Result<TransportView>)>> {
+    let report = leader_status_report(api).await?;
+    let probes = report.nodes.iter().map(|n| {
+        let api = Api::new(&n.node.record.api_addr.to_string()).with_timeout(PROBE_TIMEOUT);
+        let id = n.node.record.id;
+        async move { (id, api.get::<TransportView>("/v1/transport").await) }
+    });
+    Ok(futures::future::join_all(probes).await)
+}
+
+pub async fn transport(target: &Target, cmd: TransportCmd) -> anyhow::Result<()> {
+    let api = Api::find(target).await?;
+    match cmd {
+        TransportCmd::Set { transport, layer } => {
+            let body = serde_json::json!({ "transport": transport, "layer": layer });
+            let _: serde_json::Value = api.request(Method::PUT, "/v1/transport", Some(&body)).await?;
+            // The change is committed; wait until every reachable node has moved to it.
+            let deadline = tokio::time::Instant::now() + SWITCH_WAIT;
+            loop {
+                let views = transport_views(&api).await?;
+                let lagging: Vec<NodeId> = views
+                    .iter()
+                    .filter_map(|(id, v)| match v {
+                        Ok(v) if (if layer == Layer::Data { v.data } else { v.control }) == transport => None,
+                        Ok(_) => Some(*id),
+                        Err(_) => None, // down: it follows the map when it comes back
+                    })
+                    .collect();
+                if lagging.is_empty() {
+                    println!("{layer} layer now on {transport} on every reachable node");
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!("the change is committed, but nodes {lagging:?} did not report {transport} within {SWITCH_WAIT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        TransportCmd::Status { json } => {
+            let views = transport_views(&api).await?;
+            if json {
+                let ok: Vec<&TransportView> = views.iter().filter_map(|(_, v)| v.as_ref().ok()).collect();
+                println!("{}", serde_json::to_string_pretty(&ok)?);
+                return Ok(());
+            }
+            let mut rows = Vec::new();
+            for (id, v) in &views {
+                match v {
+                    Ok(v) => {
+                        for l in &v.links {
+                            rows.push(vec![
+                                id.to_string(),
+                                l.peer.to_string(),
+                                l.channel.to_string(),
+                                l.transport.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                                l.pipes.to_string(),
+                                l.pending.to_string(),
+                                l.queue_depth.to_string(),
+                                l.bytes_sent.to_string(),
+                                l.messages_sent.to_string(),
+                                l.reconnects.to_string(),
+                                l.switches.to_string(),
+                            ]);
+                        }
+                    }
+                    Err(e) => rows.push(vec![id.to_string(), format!("down: {e:#}")]),
+                }
+            }
+            let header = [
+                "NODE",
+                "PEER",
+                "CHANNEL",
+                "TRANSPORT",
+                "PIPES",
+                "PENDING",
+                "QUEUE",
+                "BYTES",
+                "MSGS",
+                "RECONNECTS",
+                "SWITCHES",
+            ];
+            print_table(&header, &rows);
+        }
+    }
+    Ok(())
 }

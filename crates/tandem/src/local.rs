@@ -15,7 +15,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::Method;
 use tandem_node::config::{ClusterConfig, ClusterSection, NodeSection, TlsSection};
-use tandem_transport::tls;
+use tandem_transport::{tls, TransportKind};
 use tandem_types::NodeId;
 use tokio::time::Instant;
 
@@ -43,6 +43,17 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// A port free for both TCP and UDP now (a node's raft_addr serves TCP and, for QUIC, UDP).
+fn free_addr_tcp_udp() -> anyhow::Result<SocketAddr> {
+    for _ in 0..100 {
+        let addr = free_addr()?;
+        if std::net::UdpSocket::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("cannot find a port free for both TCP and UDP on 127.0.0.1")
+}
+
 fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -57,20 +68,13 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+    f.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Makes a certificate for node `id` and its `[[node]]` entry with fresh ports.
-fn new_node(
-    dir: &Path,
-    cluster_name: &str,
-    ca_key: &Path,
-    id: NodeId,
-    site: &str,
-) -> anyhow::Result<NodeSection> {
-    let ca_key_pem = fs::read_to_string(ca_key)
-        .with_context(|| format!("cannot read the CA key {}", ca_key.display()))?;
+fn new_node(dir: &Path, cluster_name: &str, ca_key: &Path, id: NodeId, site: &str) -> anyhow::Result<NodeSection> {
+    let ca_key_pem =
+        fs::read_to_string(ca_key).with_context(|| format!("cannot read the CA key {}", ca_key.display()))?;
     let pair = tls::issue_node_cert(cluster_name, &ca_key_pem, id)?;
     let cert = PathBuf::from(format!("certs/node-{id}.pem"));
     let key = PathBuf::from(format!("certs/node-{id}.key"));
@@ -79,7 +83,7 @@ fn new_node(
     Ok(NodeSection {
         id,
         site: site.to_string(),
-        raft_addr: free_addr()?,
+        raft_addr: free_addr_tcp_udp()?,
         api_addr: free_addr()?,
         nbd_addr: free_addr()?,
         data_dir: PathBuf::from(format!("node-{id}")),
@@ -89,40 +93,31 @@ fn new_node(
 }
 
 /// Creates a new local cluster's files in `dir`.
-fn create(dir: &Path, nodes: u32) -> anyhow::Result<ClusterConfig> {
+fn create(dir: &Path, nodes: u32, transport: TransportKind) -> anyhow::Result<ClusterConfig> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
-    fs::create_dir_all(dir.join("certs"))
-        .with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::create_dir_all(dir.join("certs")).with_context(|| format!("cannot create {}", dir.display()))?;
     let name = "local";
     let ca = tls::generate_ca(name)?;
     write_file(&dir.join("certs/ca.pem"), &ca.cert_pem)?;
     write_private(&dir.join("certs/ca.key"), &ca.key_pem)?;
     let mut node_sections = Vec::new();
     for id in 1..=u64::from(nodes) {
-        node_sections.push(new_node(
-            dir,
-            name,
-            &dir.join("certs/ca.key"),
-            id,
-            SITE_DEFAULT,
-        )?);
+        node_sections.push(new_node(dir, name, &dir.join("certs/ca.key"), id, SITE_DEFAULT)?);
     }
     let cfg = ClusterConfig {
         cluster: ClusterSection {
             name: name.to_string(),
             initial_members: (1..=u64::from(nodes)).collect(),
+            transport,
             heartbeat_interval_ms: 150,
             election_timeout_min_ms: 750,
             election_timeout_max_ms: 1500,
             snapshot_after_entries: 10_000,
             logs_to_keep: 2_000,
         },
-        tls: TlsSection {
-            ca_cert: "certs/ca.pem".into(),
-            ca_key: Some("certs/ca.key".into()),
-        },
+        tls: TlsSection { ca_cert: "certs/ca.pem".into(), ca_key: Some("certs/ca.key".into()) },
         nodes: node_sections,
         base_dir: dir.to_path_buf(),
     };
@@ -149,12 +144,7 @@ fn running_pid(dir: &Path, id: NodeId) -> Option<i32> {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let alive_tandem = String::from_utf8_lossy(&cmdline).contains("tandem");
     let zombie = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .map(|r| r.trim_start().starts_with('Z'))
-                .unwrap_or(false)
-        })
+        .map(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('Z')).unwrap_or(false))
         .unwrap_or(false);
     (alive_tandem && !zombie).then_some(pid)
 }
@@ -170,11 +160,7 @@ fn spawn_node(dir: &Path, id: NodeId, log_format: LogFormat) -> anyhow::Result<C
         .open(log_path(dir, id))
         .with_context(|| format!("cannot open {}", log_path(dir, id).display()))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("node")
-        .arg("--config")
-        .arg(config_path(dir))
-        .arg("--id")
-        .arg(id.to_string());
+    cmd.arg("node").arg("--config").arg(config_path(dir)).arg("--id").arg(id.to_string());
     if log_format == LogFormat::Json {
         cmd.arg("--log-format").arg("json");
     }
@@ -196,12 +182,7 @@ fn log_tail(dir: &Path, id: NodeId) -> String {
 }
 
 /// Waits until node `id`'s API answers; fails early, with its log, if the process exits.
-async fn wait_for_api(
-    dir: &Path,
-    id: NodeId,
-    api: &Api,
-    child: &mut Option<Child>,
-) -> anyhow::Result<()> {
+async fn wait_for_api(dir: &Path, id: NodeId, api: &Api, child: &mut Option<Child>) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_WAIT;
     loop {
         if api.get::<serde_json::Value>("/v1/cluster").await.is_ok() {
@@ -218,19 +199,22 @@ async fn wait_for_api(
             }
         }
         if Instant::now() > deadline {
-            bail!(
-                "node {id} did not answer on its API within {START_WAIT:?}; see {}",
-                log_path(dir, id).display()
-            );
+            bail!("node {id} did not answer on its API within {START_WAIT:?}; see {}", log_path(dir, id).display());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-pub async fn up(dir: &Path, nodes: u32, detach: bool, log_format: LogFormat) -> anyhow::Result<()> {
+pub async fn up(
+    dir: &Path,
+    nodes: u32,
+    transport: Option<TransportKind>,
+    detach: bool,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
     let fresh = !config_path(dir).exists();
     let cfg = if fresh {
-        create(dir, nodes)?
+        create(dir, nodes, transport.unwrap_or(TransportKind::Tcp))?
     } else {
         let cfg = ClusterConfig::load(&config_path(dir))?;
         if cfg.nodes.len() != nodes as usize && nodes != 3 {
@@ -258,13 +242,8 @@ pub async fn up(dir: &Path, nodes: u32, detach: bool, log_format: LogFormat) -> 
         }
         let first = Api::new(&cfg.nodes[0].api_addr.to_string());
         if fresh {
-            let _: serde_json::Value = first
-                .request(
-                    Method::POST,
-                    "/v1/cluster/init",
-                    Some(&serde_json::json!({})),
-                )
-                .await?;
+            let _: serde_json::Value =
+                first.request(Method::POST, "/v1/cluster/init", Some(&serde_json::json!({}))).await?;
         }
         client::wait_for_leader(&first, START_WAIT).await
     };
@@ -277,10 +256,7 @@ pub async fn up(dir: &Path, nodes: u32, detach: bool, log_format: LogFormat) -> 
     };
     client::print_status(&report);
     if detach {
-        println!(
-            "\ncluster running in the background; stop it with `tandem down --dir {}`",
-            dir.display()
-        );
+        println!("\ncluster running in the background; stop it with `tandem down --dir {}`", dir.display());
         return Ok(());
     }
     println!("\ncluster running; press Ctrl-C to stop it");
@@ -341,21 +317,17 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
         }
         let _ = fs::remove_file(pid_path(dir, n.id));
     }
-    println!(
-        "stopped {stopped} node(s) of the cluster in {}",
-        dir.display()
-    );
+    println!("stopped {stopped} node(s) of the cluster in {}", dir.display());
     Ok(())
 }
 
 pub async fn run_node(config: &Path, id: NodeId) -> anyhow::Result<()> {
     let cfg = ClusterConfig::load(config)?;
     let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return std::future::pending().await,
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return std::future::pending().await,
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -368,10 +340,7 @@ fn local_dir(target: &Target) -> Option<PathBuf> {
     if target.endpoint.is_some() {
         return None;
     }
-    let dir = target
-        .cluster
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+    let dir = target.cluster.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
     config_path(&dir).exists().then_some(dir)
 }
 
@@ -403,52 +372,31 @@ pub async fn node_add(
             })?;
             let mut cfg = ClusterConfig::load(&config_path(&dir))?;
             let ca_key = cfg.tls.ca_key.clone().ok_or_else(|| {
-                anyhow!(
-                    "{} has no tls.ca_key to issue a certificate with",
-                    config_path(&dir).display()
-                )
+                anyhow!("{} has no tls.ca_key to issue a certificate with", config_path(&dir).display())
             })?;
             let id = id.unwrap_or_else(|| cfg.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1);
             if cfg.node(id).is_some() {
                 bail!("node {id} is already in {}", config_path(&dir).display());
             }
-            let section = new_node(
-                &dir,
-                &cfg.cluster.name,
-                &cfg.resolve(&ca_key),
-                id,
-                site.as_deref().unwrap_or(SITE_DEFAULT),
-            )?;
+            let section =
+                new_node(&dir, &cfg.cluster.name, &cfg.resolve(&ca_key), id, site.as_deref().unwrap_or(SITE_DEFAULT))?;
             let record = section.record();
             cfg.nodes.push(section);
             save_config(&dir, &cfg)?;
             let mut child = Some(spawn_node(&dir, id, log_format)?);
-            wait_for_api(
-                &dir,
-                id,
-                &Api::new(&record.api_addr.to_string()),
-                &mut child,
-            )
-            .await?;
+            wait_for_api(&dir, id, &Api::new(&record.api_addr.to_string()), &mut child).await?;
             record
         }
         _ => bail!("give all of --raft-addr, --api-addr and --nbd-addr, or none of them"),
     };
-    let added: tandem_meta::NodeRecord = api
-        .request(Method::POST, "/v1/nodes", Some(&record))
-        .await?;
-    println!(
-        "node {} added (raft {}, api {}, nbd {})",
-        added.id, added.raft_addr, added.api_addr, added.nbd_addr
-    );
+    let added: tandem_meta::NodeRecord = api.request(Method::POST, "/v1/nodes", Some(&record)).await?;
+    println!("node {} added (raft {}, api {}, nbd {})", added.id, added.raft_addr, added.api_addr, added.nbd_addr);
     Ok(())
 }
 
 pub async fn node_remove(target: &Target, id: NodeId) -> anyhow::Result<()> {
     let api = Api::find(target).await?;
-    let _: serde_json::Value = api
-        .request::<(), _>(Method::DELETE, &format!("/v1/nodes/{id}"), None)
-        .await?;
+    let _: serde_json::Value = api.request::<(), _>(Method::DELETE, &format!("/v1/nodes/{id}"), None).await?;
     println!("node {id} removed from the cluster");
     if let Some(dir) = local_dir(target) {
         if let Some(pid) = running_pid(&dir, id) {

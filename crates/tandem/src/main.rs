@@ -9,14 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tandem_transport::{Layer, TransportKind};
 use tandem_types::NodeId;
 
 #[derive(Parser)]
-#[command(
-    name = "tandem",
-    version,
-    about = "Tandem: a distributed block-storage cluster with synchronous replication"
-)]
+#[command(name = "tandem", version, about = "Tandem: a distributed block-storage cluster with synchronous replication")]
 struct Cli {
     /// Log output format (the level comes from RUST_LOG, default `info`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -50,6 +47,10 @@ enum Cmd {
         nodes: u32,
         #[arg(long, default_value = "tandem-data")]
         dir: PathBuf,
+        /// The network layer node-to-node traffic starts on (a new cluster; switch a running
+        /// one with `tandem transport set`).
+        #[arg(long, value_parser = parse_transport)]
+        transport: Option<TransportKind>,
         /// Return once the cluster has a leader, leaving the nodes running.
         #[arg(long)]
         detach: bool,
@@ -72,6 +73,13 @@ enum Cmd {
     Setting {
         #[command(subcommand)]
         cmd: SettingCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// The node-to-node transport: switch it live, or show every link.
+    Transport {
+        #[command(subcommand)]
+        cmd: TransportCmd,
         #[command(flatten)]
         target: Target,
     },
@@ -129,6 +137,32 @@ enum NodeSub {
 }
 
 #[derive(Subcommand)]
+pub enum TransportCmd {
+    /// Select QUIC or TCP for the data layer (replication, bulk, probe) or the control layer
+    /// (Raft). Every link moves make-before-break; nothing in flight is lost or repeated.
+    Set {
+        #[arg(value_parser = parse_transport)]
+        transport: TransportKind,
+        #[arg(long, value_parser = parse_layer, default_value = "data")]
+        layer: Layer,
+    },
+    /// Per node and peer link: the transport in use, queue depths, bytes and messages sent,
+    /// reconnects and switches.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_transport(s: &str) -> Result<TransportKind, String> {
+    s.parse()
+}
+
+fn parse_layer(s: &str) -> Result<Layer, String> {
+    s.parse()
+}
+
+#[derive(Subcommand)]
 enum SettingCmd {
     Set {
         key: String,
@@ -181,43 +215,24 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Up { nodes, dir, detach } => local::up(&dir, nodes, detach, cli.log_format).await,
+        Cmd::Up { nodes, dir, transport, detach } => local::up(&dir, nodes, transport, detach, cli.log_format).await,
         Cmd::Down { dir } => local::down(&dir).await,
-        Cmd::Node(NodeCmd {
-            sub: None,
-            config,
-            id,
-        }) => {
+        Cmd::Node(NodeCmd { sub: None, config, id }) => {
             let (Some(config), Some(id)) = (config, id) else {
                 anyhow::bail!("`tandem node` needs --config FILE and --id ID (or a subcommand: add, remove, list)");
             };
             local::run_node(&config, id).await
         }
         Cmd::Node(NodeCmd { sub: Some(sub), .. }) => match sub {
-            NodeSub::Add {
-                id,
-                site,
-                raft_addr,
-                api_addr,
-                nbd_addr,
-                target,
-            } => {
-                local::node_add(
-                    &target,
-                    id,
-                    site,
-                    raft_addr,
-                    api_addr,
-                    nbd_addr,
-                    cli.log_format,
-                )
-                .await
+            NodeSub::Add { id, site, raft_addr, api_addr, nbd_addr, target } => {
+                local::node_add(&target, id, site, raft_addr, api_addr, nbd_addr, cli.log_format).await
             }
             NodeSub::Remove { id, target } => local::node_remove(&target, id).await,
             NodeSub::List { json, target } => client::node_list(&target, json).await,
         },
         Cmd::Status { json, target } => client::status(&target, json).await,
         Cmd::Setting { cmd, target } => client::setting(&target, cmd).await,
+        Cmd::Transport { cmd, target } => client::transport(&target, cmd).await,
         Cmd::Bench { cmd } => bench::run(cmd).await,
     }
 }

@@ -59,13 +59,9 @@ impl QuicLayer {
         let client_crypto = QuicClientConfig::try_from(identity.client_config()?).map_err(tls_err)?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport_config());
-        let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(tls_err)?;
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
+                .map_err(tls_err)?;
         endpoint.set_default_client_config(client);
         Ok(QuicLayer { me: identity.node_id, endpoint, conns: Mutex::new(HashMap::new()) })
     }

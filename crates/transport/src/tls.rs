@@ -8,10 +8,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -42,18 +39,11 @@ pub struct PemPair {
 fn ca_params(cluster_name: &str) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        format!("Tandem cluster CA {cluster_name}"),
-    );
+    dn.push(DnType::CommonName, format!("Tandem cluster CA {cluster_name}"));
     dn.push(DnType::OrganizationName, "Tandem");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     Ok(params)
 }
 
@@ -61,42 +51,23 @@ fn ca_params(cluster_name: &str) -> Result<CertificateParams, TlsError> {
 pub fn generate_ca(cluster_name: &str) -> Result<PemPair, TlsError> {
     let key = KeyPair::generate()?;
     let cert = ca_params(cluster_name)?.self_signed(&key)?;
-    Ok(PemPair {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
 /// Issues a node certificate signed by the CA (`ca_key_pem` is the CA's private key; the CA's
 /// name is rebuilt from `cluster_name`, as [`generate_ca`] made it).
-pub fn issue_node_cert(
-    cluster_name: &str,
-    ca_key_pem: &str,
-    id: NodeId,
-) -> Result<PemPair, TlsError> {
+pub fn issue_node_cert(cluster_name: &str, ca_key_pem: &str, id: NodeId) -> Result<PemPair, TlsError> {
     let ca_key = KeyPair::from_pem(ca_key_pem)?;
     let issuer = Issuer::new(ca_params(cluster_name)?, ca_key);
     let mut params = CertificateParams::new(vec![node_cert_name(id), "localhost".to_string()])?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, node_cert_name(id));
-    params.subject_alt_names.push(rcgen::SanType::IpAddress(
-        std::net::Ipv4Addr::LOCALHOST.into(),
-    ));
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.distinguished_name.push(DnType::CommonName, node_cert_name(id));
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    Ok(PemPair {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
 /// A node's TLS material, loaded and checked.
@@ -109,85 +80,49 @@ pub struct Identity {
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Identity {
-            node_id: self.node_id,
-            ca: self.ca.clone(),
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-        }
+        Identity { node_id: self.node_id, ca: self.ca.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
     }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::File {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
+    std::fs::read(path).map_err(|e| TlsError::File { path: path.display().to_string(), reason: e.to_string() })
 }
 
 fn certs_from_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
-    let certs = certs.map_err(|e| TlsError::File {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let certs = certs.map_err(|e| TlsError::File { path: path.display().to_string(), reason: e.to_string() })?;
     if certs.is_empty() {
-        return Err(TlsError::File {
-            path: path.display().to_string(),
-            reason: "no PEM certificate in file".into(),
-        });
+        return Err(TlsError::File { path: path.display().to_string(), reason: "no PEM certificate in file".into() });
     }
     Ok(certs)
 }
 
 impl Identity {
-    pub fn load(
-        node_id: NodeId,
-        ca_cert: &Path,
-        cert: &Path,
-        key: &Path,
-    ) -> Result<Identity, TlsError> {
+    pub fn load(node_id: NodeId, ca_cert: &Path, cert: &Path, key: &Path) -> Result<Identity, TlsError> {
         let ca = certs_from_pem(ca_cert, &read(ca_cert)?)?;
         let chain = certs_from_pem(cert, &read(cert)?)?;
         let key_pem = read(key)?;
         let key = rustls_pemfile::private_key(&mut &key_pem[..])
-            .map_err(|e| TlsError::File {
-                path: key.display().to_string(),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| TlsError::File { path: key.display().to_string(), reason: e.to_string() })?
             .ok_or_else(|| TlsError::File {
                 path: key.display().to_string(),
                 reason: "no PEM private key in file".into(),
             })?;
-        let identity = Identity {
-            node_id,
-            ca,
-            chain,
-            key,
-        };
+        let identity = Identity { node_id, ca, chain, key };
         // Fail at start-up, naming the file, rather than at the first connection.
         identity.server_config()?;
         identity.client_config()?;
         Ok(identity)
     }
 
-    pub fn from_pem(
-        node_id: NodeId,
-        ca_cert_pem: &str,
-        node: &PemPair,
-    ) -> Result<Identity, TlsError> {
+    pub fn from_pem(node_id: NodeId, ca_cert_pem: &str, node: &PemPair) -> Result<Identity, TlsError> {
         let path = Path::new("<memory>");
         let ca = certs_from_pem(path, ca_cert_pem.as_bytes())?;
         let chain = certs_from_pem(path, node.cert_pem.as_bytes())?;
         let key = rustls_pemfile::private_key(&mut node.key_pem.as_bytes())
             .map_err(|e| TlsError::Config(e.to_string()))?
             .ok_or_else(|| TlsError::Config("no PEM private key".into()))?;
-        Ok(Identity {
-            node_id,
-            ca,
-            chain,
-            key,
-        })
+        Ok(Identity { node_id, ca, chain, key })
     }
 
     fn provider() -> Arc<CryptoProvider> {
@@ -197,9 +132,7 @@ impl Identity {
     fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
         let mut roots = RootCertStore::empty();
         for c in &self.ca {
-            roots
-                .add(c.clone())
-                .map_err(|e| TlsError::Config(format!("bad CA certificate: {e}")))?;
+            roots.add(c.clone()).map_err(|e| TlsError::Config(format!("bad CA certificate: {e}")))?;
         }
         Ok(Arc::new(roots))
     }
@@ -242,8 +175,7 @@ pub fn cert_names_node(cert: &CertificateDer<'_>, id: NodeId) -> bool {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return false;
     };
-    ee.verify_is_valid_for_subject_name(&server_name(id))
-        .is_ok()
+    ee.verify_is_valid_for_subject_name(&server_name(id)).is_ok()
 }
 
 #[cfg(test)]

@@ -232,7 +232,15 @@ async fn descriptor_ring_blocks_when_full_and_completes_in_order_at_the_offsets(
         let mut posted = 0u64;
         let descriptor = |i: u64| {
             let data: Vec<u8> = (0..4096u64).map(|j| ((j + i) % 251) as u8).collect();
-            (Descriptor { data: Bytes::from(data.clone()), region: 7, offset: i * 4096, channel: Channel::Replication }, data)
+            (
+                Descriptor {
+                    data: Bytes::from(data.clone()),
+                    region: 7,
+                    offset: i * 4096,
+                    channel: Channel::Replication,
+                },
+                data,
+            )
         };
         loop {
             let (d, data) = descriptor(posted);
@@ -286,7 +294,8 @@ async fn descriptor_ring_blocks_when_full_and_completes_in_order_at_the_offsets(
         }
         // Writes outside the region, or to an unknown region, fail and change nothing.
         let before = b.regions().read(7, 1024 * 1024 - 8, 8).expect("read");
-        let bad = Descriptor { data: Bytes::from(vec![1u8; 16]), region: 7, offset: 1024 * 1024 - 8, channel: Channel::Bulk };
+        let bad =
+            Descriptor { data: Bytes::from(vec![1u8; 16]), region: 7, offset: 1024 * 1024 - 8, channel: Channel::Bulk };
         ring.post(bad).await.expect("post");
         assert!(ring.next_completion().await.expect("completion").result.is_err(), "{kind}: out of range");
         assert_eq!(b.regions().read(7, 1024 * 1024 - 8, 8).expect("read"), before);

@@ -25,9 +25,7 @@ pub const NAME_BYTES_MAX: usize = 128;
 
 /// The logical channels of a peer link. Each has its own queue so that bulk traffic never sits
 /// in front of Raft heartbeats.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Channel {
     /// Raft RPCs and metadata forwarding.
     Control,
@@ -40,12 +38,7 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub const ALL: [Channel; 4] = [
-        Channel::Control,
-        Channel::Replication,
-        Channel::Bulk,
-        Channel::Probe,
-    ];
+    pub const ALL: [Channel; 4] = [Channel::Control, Channel::Replication, Channel::Bulk, Channel::Probe];
 
     pub fn as_u8(self) -> u8 {
         match self {
@@ -83,9 +76,7 @@ pub enum NameError {
     Empty,
     #[error("is longer than {NAME_BYTES_MAX} bytes")]
     TooLong,
-    #[error(
-        "may contain only a-z, A-Z, 0-9, '-', '_' and '.', and must start with a letter or digit"
-    )]
+    #[error("may contain only a-z, A-Z, 0-9, '-', '_' and '.', and must start with a letter or digit")]
     BadCharacter,
 }
 
@@ -134,9 +125,6 @@ mod tests {
         assert_eq!(validate_name(""), Err(NameError::Empty));
         assert_eq!(validate_name("-x"), Err(NameError::BadCharacter));
         assert_eq!(validate_name("a/b"), Err(NameError::BadCharacter));
-        assert_eq!(
-            validate_name(&"a".repeat(NAME_BYTES_MAX + 1)),
-            Err(NameError::TooLong)
-        );
+        assert_eq!(validate_name(&"a".repeat(NAME_BYTES_MAX + 1)), Err(NameError::TooLong));
     }
 }

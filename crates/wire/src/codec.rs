@@ -19,9 +19,7 @@ fn config() -> bincode::config::Configuration<
     bincode::config::Varint,
     bincode::config::Limit<FRAME_BYTES_MAX>,
 > {
-    bincode::config::standard()
-        .with_big_endian()
-        .with_limit::<FRAME_BYTES_MAX>()
+    bincode::config::standard().with_big_endian().with_limit::<FRAME_BYTES_MAX>()
 }
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
@@ -31,8 +29,8 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
 /// Decodes one message that must fill `bytes` exactly. The allocation limit keeps a hostile
 /// length field inside the message from reserving more than a frame's worth of memory.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (msg, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (msg, used) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }
@@ -77,9 +75,6 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = encode(&Msg::C).expect("encodes");
         bytes.push(0);
-        assert!(matches!(
-            decode::<Msg>(&bytes),
-            Err(CodecError::Trailing(1))
-        ));
+        assert!(matches!(decode::<Msg>(&bytes), Err(CodecError::Trailing(1))));
     }
 }

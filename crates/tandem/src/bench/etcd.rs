@@ -38,7 +38,9 @@ pub async fn ensure_installed() -> anyhow::Result<PathBuf> {
     if let Some(p) = on_path("etcd") {
         return Ok(p);
     }
-    eprintln!("etcd is not on PATH: installing Debian's etcd-server (apt-get update && apt-get install -y etcd-server)");
+    eprintln!(
+        "etcd is not on PATH: installing Debian's etcd-server (apt-get update && apt-get install -y etcd-server)"
+    );
     apt_get(&["update"]).await?;
     apt_get(&["install", "-y", "etcd-server"]).await?;
     on_path("etcd").ok_or_else(|| anyhow!("etcd-server is installed but `etcd` is not on PATH"))
@@ -63,9 +65,7 @@ async fn apt_get(args: &[&str]) -> anyhow::Result<()> {
 
 fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 /// `etcd --version`'s first line's version, e.g. `3.4.23`.
@@ -102,22 +102,16 @@ impl EtcdCluster {
             .tempdir()
             .context("cannot make a temporary dir for etcd")?;
         let (client_addrs, peer_addrs) = free_addrs()?;
-        let initial_cluster = (0..MEMBERS)
-            .map(|i| format!("m{}=http://{}", i + 1, peer_addrs[i]))
-            .collect::<Vec<_>>()
-            .join(",");
+        let initial_cluster =
+            (0..MEMBERS).map(|i| format!("m{}=http://{}", i + 1, peer_addrs[i])).collect::<Vec<_>>().join(",");
         // Distinct per run, so members of an earlier run can never join this cluster.
         let token = format!("tandem-bench-{}", std::process::id());
-        let mut cluster = EtcdCluster {
-            members: Vec::with_capacity(MEMBERS),
-            _dir: dir,
-        };
+        let mut cluster = EtcdCluster { members: Vec::with_capacity(MEMBERS), _dir: dir };
         for i in 0..MEMBERS {
             let name = format!("m{}", i + 1);
             let data = cluster._dir.path().join(&name);
             let log = cluster._dir.path().join(format!("{name}.log"));
-            let log_file = std::fs::File::create(&log)
-                .with_context(|| format!("cannot create {}", log.display()))?;
+            let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
             let client_url = format!("http://{}", client_addrs[i]);
             let peer_url = format!("http://{}", peer_addrs[i]);
             use std::os::unix::process::CommandExt;
@@ -151,12 +145,7 @@ impl EtcdCluster {
                 .process_group(0)
                 .spawn()
                 .with_context(|| format!("cannot start {} (member {name})", etcd.display()))?;
-            cluster.members.push(Member {
-                name,
-                client_addr: client_addrs[i],
-                log,
-                child,
-            });
+            cluster.members.push(Member { name, client_addr: client_addrs[i], log, child });
         }
         cluster.wait_healthy().await?;
         Ok(cluster)
@@ -196,9 +185,8 @@ impl EtcdCluster {
     pub async fn leader_addr(&self) -> anyhow::Result<SocketAddr> {
         let mut statuses = Vec::with_capacity(self.members.len());
         for m in &self.members {
-            let s = status(m.client_addr)
-                .await
-                .with_context(|| format!("etcd member {} ({})", m.name, m.client_addr))?;
+            let s =
+                status(m.client_addr).await.with_context(|| format!("etcd member {} ({})", m.name, m.client_addr))?;
             statuses.push((m.client_addr, s));
         }
         let leader = statuses[0].1.leader;
@@ -251,10 +239,7 @@ fn free_addrs() -> anyhow::Result<(Vec<SocketAddr>, Vec<SocketAddr>)> {
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
         .context("cannot find free ports on 127.0.0.1")?;
-    let addrs = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<Result<Vec<_>, _>>()?;
+    let addrs = listeners.iter().map(|l| l.local_addr()).collect::<Result<Vec<_>, _>>()?;
     Ok((addrs[..MEMBERS].to_vec(), addrs[MEMBERS..].to_vec()))
 }
 
@@ -317,26 +302,16 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Channel>
         .with_context(|| format!("cannot connect to etcd at {addr}"))
 }
 
-async fn unary<Req, Resp>(
-    channel: Channel,
-    path: &'static str,
-    request: Req,
-) -> anyhow::Result<Resp>
+async fn unary<Req, Resp>(channel: Channel, path: &'static str, request: Req) -> anyhow::Result<Resp>
 where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
 {
     let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .context("the gRPC channel is not ready")?;
+    grpc.ready().await.context("the gRPC channel is not ready")?;
     let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
     let answer = grpc
-        .unary(
-            tonic::Request::new(request),
-            http::uri::PathAndQuery::from_static(path),
-            codec,
-        )
+        .unary(tonic::Request::new(request), http::uri::PathAndQuery::from_static(path), codec)
         .await
         .map_err(|s| anyhow!("{path}: {:?}: {}", s.code(), s.message()))?;
     Ok(answer.into_inner())
@@ -354,18 +329,13 @@ pub struct EtcdClient {
 
 impl EtcdClient {
     pub async fn connect(leader: SocketAddr) -> anyhow::Result<EtcdClient> {
-        Ok(EtcdClient {
-            channel: connect(leader, PUT_TIMEOUT).await?,
-        })
+        Ok(EtcdClient { channel: connect(leader, PUT_TIMEOUT).await? })
     }
 }
 
 impl KvClient for EtcdClient {
     async fn put(&self, key: &str, value: &Bytes) -> anyhow::Result<()> {
-        let request = PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.clone(),
-        };
+        let request = PutRequest { key: key.as_bytes().to_vec(), value: value.clone() };
         let _: PutResponse = unary(self.channel.clone(), PUT_PATH, request).await?;
         Ok(())
     }

@@ -103,11 +103,7 @@ fn figures(mut latencies_ns: Vec<u64>, elapsed: Duration) -> RunFigures {
     RunFigures {
         writes,
         elapsed_s,
-        writes_per_s: if elapsed_s > 0.0 {
-            writes as f64 / elapsed_s
-        } else {
-            0.0
-        },
+        writes_per_s: if elapsed_s > 0.0 { writes as f64 / elapsed_s } else { 0.0 },
         p50_ms: percentile(&latencies_ns, 0.50) as f64 / 1e6,
         p99_ms: percentile(&latencies_ns, 0.99) as f64 / 1e6,
     }
@@ -154,10 +150,7 @@ mod tests {
 
     #[test]
     fn figures_count_writes_over_elapsed_time() {
-        let f = figures(
-            vec![2_000_000, 1_000_000, 3_000_000, 4_000_000],
-            Duration::from_secs(2),
-        );
+        let f = figures(vec![2_000_000, 1_000_000, 3_000_000, 4_000_000], Duration::from_secs(2));
         assert_eq!(f.writes, 4);
         assert_eq!(f.writes_per_s, 2.0);
         assert_eq!(f.p50_ms, 2.0);
@@ -177,14 +170,9 @@ mod tests {
     #[tokio::test]
     async fn every_completed_put_is_counted_once() {
         let c = Arc::new(Counter(Default::default()));
-        let f = run(
-            vec![c.clone(), c.clone()],
-            Duration::from_millis(50),
-            "k",
-            Bytes::from_static(b"v"),
-        )
-        .await
-        .expect("run");
+        let f = run(vec![c.clone(), c.clone()], Duration::from_millis(50), "k", Bytes::from_static(b"v"))
+            .await
+            .expect("run");
         // Two warm-up puts are not counted.
         assert_eq!(f.writes + 2, c.0.load(std::sync::atomic::Ordering::Relaxed));
     }

@@ -40,12 +40,7 @@ impl LocalCluster {
             .tempdir()
             .context("cannot make a temporary dir for the Tandem cluster")?;
         // The guard exists before `up` runs, so that nodes of a half-started cluster are stopped.
-        let mut cluster = LocalCluster {
-            exe,
-            dir,
-            api_addrs: Vec::new(),
-            stopped: false,
-        };
+        let mut cluster = LocalCluster { exe, dir, api_addrs: Vec::new(), stopped: false };
         let up = tokio::process::Command::new(&cluster.exe)
             .arg("up")
             .arg("--detach")
@@ -87,12 +82,10 @@ impl LocalCluster {
                 let api = Api::new(&addr.to_string()).with_timeout(PROBE_TIMEOUT);
                 match api.get::<ClusterView>("/v1/cluster").await {
                     Ok(view) => {
-                        let leader = view.raft.leader.and_then(|id| {
-                            view.nodes
-                                .iter()
-                                .find(|n| n.record.id == id)
-                                .map(|n| n.record.api_addr)
-                        });
+                        let leader = view
+                            .raft
+                            .leader
+                            .and_then(|id| view.nodes.iter().find(|n| n.record.id == id).map(|n| n.record.api_addr));
                         if let Some(leader) = leader {
                             return Ok(leader);
                         }
@@ -166,25 +159,15 @@ impl TandemClient {
             .pool_max_idle_per_host(1)
             .build()
             .context("cannot build an HTTP client")?;
-        Ok(TandemClient {
-            http,
-            base: format!("http://{leader_api}/v1/settings/"),
-        })
+        Ok(TandemClient { http, base: format!("http://{leader_api}/v1/settings/") })
     }
 }
 
 impl KvClient for TandemClient {
     async fn put(&self, key: &str, value: &Bytes) -> anyhow::Result<()> {
         let value = std::str::from_utf8(value).context("a setting's value must be UTF-8")?;
-        let body = SettingBody {
-            value: value.to_string(),
-        };
-        let resp = self
-            .http
-            .put(format!("{}{key}", self.base))
-            .json(&body)
-            .send()
-            .await?;
+        let body = SettingBody { value: value.to_string() };
+        let resp = self.http.put(format!("{}{key}", self.base)).json(&body).send().await?;
         let status = resp.status();
         // Reading the whole answer lets the connection be reused for the next put.
         let answer = resp.bytes().await?;

@@ -109,11 +109,7 @@ pub async fn run(args: MetaArgs) -> anyhow::Result<()> {
     eprintln!("starting a {NODES}-node Tandem cluster (tandem up --detach)");
     let tandem = LocalCluster::start(NODES).await?;
     eprintln!("  in {}", tandem.dir().display());
-    eprintln!(
-        "starting a {}-member etcd {etcd_version} ({}) on 127.0.0.1",
-        etcd::MEMBERS,
-        etcd_bin.display()
-    );
+    eprintln!("starting a {}-member etcd {etcd_version} ({}) on 127.0.0.1", etcd::MEMBERS, etcd_bin.display());
     let etcd = EtcdCluster::start(&etcd_bin).await?;
     let measured = measure(&args, &tandem, &etcd).await;
     eprintln!("stopping etcd and the Tandem cluster");
@@ -123,52 +119,33 @@ pub async fn run(args: MetaArgs) -> anyhow::Result<()> {
     stopped?;
     let report = report(&args, etcd_version, runs);
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("cannot encode the report")?
-        );
+        println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the report")?);
     } else {
         print_table(&report);
     }
     Ok(())
 }
 
-async fn measure(
-    args: &MetaArgs,
-    tandem: &LocalCluster,
-    etcd: &EtcdCluster,
-) -> anyhow::Result<Vec<Run>> {
+async fn measure(args: &MetaArgs, tandem: &LocalCluster, etcd: &EtcdCluster) -> anyhow::Result<Vec<Run>> {
     let duration = Duration::from_secs(args.seconds);
-    let value = Bytes::from(
-        (0..VALUE_BYTES)
-            .map(|i| b'a' + (i % 26) as u8)
-            .collect::<Vec<u8>>(),
-    );
+    let value = Bytes::from((0..VALUE_BYTES).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>());
     let mut runs = Vec::new();
     for repeat in 1..=args.repeats {
         for clients in CLIENT_COUNTS {
             for system in [System::Tandem, System::Etcd] {
                 // Distinct keys in every run: each put creates a key, on both systems.
                 let prefix = format!("bench.r{repeat}.{}.n{clients}", system.name());
-                let what = format!(
-                    "repeat {repeat}/{}: {} with {clients} client(s)",
-                    args.repeats,
-                    system.name()
-                );
+                let what = format!("repeat {repeat}/{}: {} with {clients} client(s)", args.repeats, system.name());
                 let figures = match system {
                     System::Tandem => {
                         let leader = tandem.leader_api().await?;
-                        let cs = (0..clients)
-                            .map(|_| TandemClient::new(leader))
-                            .collect::<anyhow::Result<Vec<_>>>()?;
+                        let cs = (0..clients).map(|_| TandemClient::new(leader)).collect::<anyhow::Result<Vec<_>>>()?;
                         load::run(cs, duration, &prefix, value.clone()).await
                     }
                     System::Etcd => {
                         let leader = etcd.leader_addr().await?;
-                        let cs = futures::future::try_join_all(
-                            (0..clients).map(|_| EtcdClient::connect(leader)),
-                        )
-                        .await?;
+                        let cs =
+                            futures::future::try_join_all((0..clients).map(|_| EtcdClient::connect(leader))).await?;
                         load::run(cs, duration, &prefix, value.clone()).await
                     }
                 }
@@ -177,12 +154,7 @@ async fn measure(
                     "{what}: {:.0} writes/s, p50 {:.3} ms, p99 {:.3} ms",
                     figures.writes_per_s, figures.p50_ms, figures.p99_ms
                 );
-                runs.push(Run {
-                    repeat,
-                    system,
-                    clients,
-                    figures,
-                });
+                runs.push(Run { repeat, system, clients, figures });
             }
         }
     }
@@ -191,18 +163,11 @@ async fn measure(
 
 fn medians(runs: &[Run], system: System, clients: usize) -> Figures {
     let of = |f: fn(&RunFigures) -> f64| {
-        let v: Vec<f64> = runs
-            .iter()
-            .filter(|r| r.system == system && r.clients == clients)
-            .map(|r| f(&r.figures))
-            .collect();
+        let v: Vec<f64> =
+            runs.iter().filter(|r| r.system == system && r.clients == clients).map(|r| f(&r.figures)).collect();
         load::median(&v)
     };
-    Figures {
-        writes_per_s: of(|f| f.writes_per_s),
-        p50_ms: of(|f| f.p50_ms),
-        p99_ms: of(|f| f.p99_ms),
-    }
+    Figures { writes_per_s: of(|f| f.writes_per_s), p50_ms: of(|f| f.p50_ms), p99_ms: of(|f| f.p99_ms) }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -224,12 +189,7 @@ fn report(args: &MetaArgs, etcd_version: String, runs: Vec<Run>) -> Report {
                 p50: ratio(tandem.p50_ms, etcd.p50_ms),
                 p99: ratio(tandem.p99_ms, etcd.p99_ms),
             };
-            Row {
-                clients,
-                tandem,
-                etcd,
-                ratio,
-            }
+            Row { clients, tandem, etcd, ratio }
         })
         .collect();
     let mut goals = Vec::new();
@@ -251,13 +211,7 @@ fn report(args: &MetaArgs, etcd_version: String, runs: Vec<Run>) -> Report {
             1 => "1-client".to_string(),
             n => format!("{n}-clients"),
         };
-        goals.push(Goal::ratio(
-            &format!("meta-p50-{suffix}"),
-            row.ratio.p50,
-            "etcd",
-            Op::AtMost,
-            1.0,
-        ));
+        goals.push(Goal::ratio(&format!("meta-p50-{suffix}"), row.ratio.p50, "etcd", Op::AtMost, 1.0));
     }
     Report {
         benchmark: "meta",
@@ -267,9 +221,7 @@ fn report(args: &MetaArgs, etcd_version: String, runs: Vec<Run>) -> Report {
         value_bytes: VALUE_BYTES,
         seconds_per_run: args.seconds,
         repeats: args.repeats,
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         rows,
         runs,
         goals,
@@ -286,16 +238,10 @@ fn print_table(r: &Report) {
         r.tandem_nodes, r.etcd_version, r.etcd_members
     );
     println!();
-    println!(
-        "{:>7}  {:<7} {:>10} {:>9} {:>9}",
-        "clients", "system", "writes/s", "p50 ms", "p99 ms"
-    );
+    println!("{:>7}  {:<7} {:>10} {:>9} {:>9}", "clients", "system", "writes/s", "p50 ms", "p99 ms");
     for row in &r.rows {
         for (name, f) in [("tandem", &row.tandem), ("etcd", &row.etcd)] {
-            println!(
-                "{:>7}  {:<7} {:>10.0} {:>9.3} {:>9.3}",
-                row.clients, name, f.writes_per_s, f.p50_ms, f.p99_ms
-            );
+            println!("{:>7}  {:<7} {:>10.0} {:>9.3} {:>9.3}", row.clients, name, f.writes_per_s, f.p50_ms, f.p99_ms);
         }
         println!(
             "{:>7}  {:<7} {:>9.2}x {:>8.2}x {:>8.2}x",

@@ -90,15 +90,7 @@ impl Goal {
             op.symbol(),
             if met { "met" } else { "missed" }
         );
-        Goal {
-            name: name.to_string(),
-            measured,
-            reference: reference.to_string(),
-            op,
-            target,
-            met,
-            line,
-        }
+        Goal { name: name.to_string(), measured, reference: reference.to_string(), op, target, met, line }
     }
 }
 
@@ -109,15 +101,9 @@ mod tests {
     #[test]
     fn goal_line_has_the_scripted_form() {
         let g = Goal::ratio("meta-writes-64-clients", 1.6213, "etcd", Op::AtLeast, 1.5);
-        assert_eq!(
-            g.line,
-            "goal meta-writes-64-clients: 1.62x etcd (target >= 1.5x) met"
-        );
+        assert_eq!(g.line, "goal meta-writes-64-clients: 1.62x etcd (target >= 1.5x) met");
         let g = Goal::ratio("meta-p50-1-client", 1.2, "etcd", Op::AtMost, 1.0);
-        assert_eq!(
-            g.line,
-            "goal meta-p50-1-client: 1.20x etcd (target <= 1.0x) missed"
-        );
+        assert_eq!(g.line, "goal meta-p50-1-client: 1.20x etcd (target <= 1.0x) missed");
     }
 
     #[test]
