@@ -10,9 +10,34 @@ use serde_json::Value;
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 
-#[test]
-fn three_nodes_elect_exactly_one_leader_and_status_agrees_everywhere() {
-    let c = Cluster::up(3);
+/// Runs a cluster test once with node-to-node traffic on TCP and once on QUIC.
+macro_rules! on_both_transports {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn tcp() {
+                    super::$name("tcp")
+                }
+                #[test]
+                fn quic() {
+                    super::$name("quic")
+                }
+            }
+        )*
+    };
+}
+
+on_both_transports!(
+    three_nodes_elect_exactly_one_leader_and_status_agrees_everywhere,
+    killing_the_leader_elects_a_new_one_within_3s_and_it_rejoins_with_its_state,
+    metadata_survives_stopping_and_starting_every_node,
+    add_a_node_that_catches_up_by_snapshot_then_remove_one,
+    a_node_with_a_certificate_from_another_ca_cannot_join,
+);
+
+fn three_nodes_elect_exactly_one_leader_and_status_agrees_everywhere(transport: &str) {
+    let c = Cluster::up_on(3, transport);
     let ids = c.node_ids();
     assert_eq!(ids, vec![1, 2, 3]);
     let leader = c.agreed_leader(&ids, LEADER_WAIT);
@@ -42,9 +67,8 @@ fn three_nodes_elect_exactly_one_leader_and_status_agrees_everywhere() {
     assert!(table.contains(&format!("leader {leader}")), "{table}");
 }
 
-#[test]
-fn killing_the_leader_elects_a_new_one_within_3s_and_it_rejoins_with_its_state() {
-    let c = Cluster::up(3);
+fn killing_the_leader_elects_a_new_one_within_3s_and_it_rejoins_with_its_state(transport: &str) {
+    let c = Cluster::up_on(3, transport);
     let ids = c.node_ids();
     let old = c.agreed_leader(&ids, LEADER_WAIT);
     c.put_setting(old, "before-kill", "1");
@@ -76,9 +100,8 @@ fn killing_the_leader_elects_a_new_one_within_3s_and_it_rejoins_with_its_state()
     assert_eq!(c.get_setting(old, "after-kill").as_deref(), Some("2"));
 }
 
-#[test]
-fn metadata_survives_stopping_and_starting_every_node() {
-    let c = Cluster::up(3);
+fn metadata_survives_stopping_and_starting_every_node(transport: &str) {
+    let c = Cluster::up_on(3, transport);
     let ids = c.node_ids();
     c.agreed_leader(&ids, LEADER_WAIT);
     // Writes through every node: followers forward to the leader.
@@ -104,11 +127,10 @@ fn metadata_survives_stopping_and_starting_every_node() {
     assert_eq!(nodes.as_array().map(Vec::len), Some(3));
 }
 
-#[test]
-fn add_a_node_that_catches_up_by_snapshot_then_remove_one() {
+fn add_a_node_that_catches_up_by_snapshot_then_remove_one(transport: &str) {
     // Snapshot every 20 entries and keep only 5 behind it, so the log a new node would need is
     // gone and it can only catch up from a snapshot.
-    let c = Cluster::up_with(3, |cfg| {
+    let c = Cluster::up_with(3, transport, |cfg| {
         cfg.replace("snapshot_after_entries = 10000", "snapshot_after_entries = 20")
             .replace("logs_to_keep = 2000", "logs_to_keep = 5")
     });
@@ -165,16 +187,15 @@ fn add_a_node_that_catches_up_by_snapshot_then_remove_one() {
     assert_eq!(c.get_setting(remaining[2], "after-remove").as_deref(), Some("ok"));
 }
 
-#[test]
-fn a_node_with_a_certificate_from_another_ca_cannot_join() {
-    let c = Cluster::up(3);
+fn a_node_with_a_certificate_from_another_ca_cannot_join(transport: &str) {
+    let c = Cluster::up_on(3, transport);
     let ids = c.node_ids();
     let leader = c.agreed_leader(&ids, LEADER_WAIT);
     c.put_setting(leader, "secret", "s3");
     let victim = *ids.iter().find(|i| **i != leader).expect("a follower");
 
     // Another cluster's CA issues a certificate for the same node id.
-    let other = Cluster::also_up(3);
+    let other = Cluster::also_up(3, transport);
     other.down();
     let cert = other.path().join(format!("certs/node-{victim}.pem"));
     let key = other.path().join(format!("certs/node-{victim}.key"));
@@ -330,4 +351,80 @@ fn bad_http_input_gets_a_4xx_with_a_json_error_and_changes_nothing() {
     let out = run(&["node", "remove", "99", "--endpoint", &api]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a member"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn transports_switch_live_while_writes_and_a_membership_change_commit() {
+    let c = Cluster::up_on(3, "quic");
+    let ids = c.node_ids();
+    let leader = c.agreed_leader(&ids, LEADER_WAIT);
+    let api = c.api(leader);
+
+    // A writer keeps committing numbered metadata writes through the whole test; every one
+    // must be acknowledged.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let apis: Vec<String> = ids.iter().map(|id| c.api(*id)).collect();
+        std::thread::spawn(move || {
+            let h = http();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let via = &apis[(n % apis.len() as u64) as usize];
+                let resp = h
+                    .put(format!("{via}/v1/settings/w{n}"))
+                    .json(&serde_json::json!({ "value": n.to_string() }))
+                    .send()
+                    .unwrap_or_else(|e| panic!("write {n} failed: {e}"));
+                assert!(resp.status().is_success(), "write {n}: {}", resp.status());
+                n += 1;
+            }
+            n
+        })
+    };
+
+    let endpoint = ["--endpoint", api.as_str()];
+    let flip = |kind: &str, layer: &str| {
+        let out = common::run_ok(&["transport", "set", kind, "--layer", layer, endpoint[0], endpoint[1]]);
+        assert!(out.contains(&format!("{layer} layer now on {kind}")), "{out}");
+    };
+    flip("tcp", "data");
+    flip("tcp", "control");
+    // A membership change commits while the layers keep moving.
+    let adder = {
+        let dir = c.path_str().to_string();
+        std::thread::spawn(move || common::run_ok(&["node", "add", "--cluster", &dir]))
+    };
+    flip("quic", "data");
+    flip("quic", "control");
+    flip("tcp", "data");
+    let added = adder.join().expect("node add");
+    assert!(added.contains("node 4 added"), "{added}");
+    flip("quic", "data");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().expect("every write was acknowledged");
+    assert!(written > 10, "only {written} writes");
+
+    // Every node, the new one included, holds every acknowledged write.
+    let all: Vec<u64> = c.node_ids();
+    assert_eq!(all, vec![1, 2, 3, 4]);
+    c.agreed_leader(&all, LEADER_WAIT);
+    for id in &all {
+        let settings: Value =
+            http().get(format!("{}/v1/settings", c.api(*id))).send().expect("get").json().expect("json");
+        for n in 0..written {
+            assert_eq!(settings[format!("w{n}")], n.to_string(), "write {n} on node {id}");
+        }
+    }
+    // The links report the switches.
+    let status: Value = serde_json::from_str(&c.admin(&["transport", "status", "--json"])).expect("json");
+    let switches: u64 = status
+        .as_array()
+        .expect("views")
+        .iter()
+        .flat_map(|v| v["links"].as_array().cloned().unwrap_or_default())
+        .filter_map(|l| l["switches"].as_u64())
+        .sum();
+    assert!(switches > 0, "no link switched: {status}");
 }

@@ -64,12 +64,17 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn up(nodes: u32) -> Cluster {
-        Cluster::start(nodes, Some(take_turn()))
+        Cluster::up_on(nodes, "tcp")
+    }
+
+    /// A cluster whose node-to-node traffic starts on `transport` (`tcp` or `quic`).
+    pub fn up_on(nodes: u32, transport: &str) -> Cluster {
+        Cluster::start(nodes, transport, Some(take_turn()))
     }
 
     /// A second cluster inside a test that already holds a [`Cluster`] (and so the turn).
-    pub fn also_up(nodes: u32) -> Cluster {
-        Cluster::start(nodes, None)
+    pub fn also_up(nodes: u32, transport: &str) -> Cluster {
+        Cluster::start(nodes, transport, None)
     }
 
     /// Adopts a dir made by a `tandem up` the test ran itself; stops its nodes on drop.
@@ -77,16 +82,17 @@ impl Cluster {
         Cluster { dir, _turn: turn }
     }
 
-    fn start(nodes: u32, turn: Option<std::sync::MutexGuard<'static, ()>>) -> Cluster {
+    fn start(nodes: u32, transport: &str, turn: Option<std::sync::MutexGuard<'static, ()>>) -> Cluster {
         let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("temp dir");
         let c = Cluster { dir, _turn: turn };
-        c.tandem(&["up", "--detach", "--nodes", &nodes.to_string(), "--dir", c.path_str()]);
+        let nodes = nodes.to_string();
+        c.tandem(&["up", "--detach", "--nodes", &nodes, "--transport", transport, "--dir", c.path_str()]);
         c
     }
 
     /// Creates a cluster, then restarts it with `edit` applied to its cluster.toml.
-    pub fn up_with(nodes: u32, edit: impl FnOnce(&str) -> String) -> Cluster {
-        let c = Cluster::up(nodes);
+    pub fn up_with(nodes: u32, transport: &str, edit: impl FnOnce(&str) -> String) -> Cluster {
+        let c = Cluster::up_on(nodes, transport);
         c.down();
         let path = c.path().join("cluster.toml");
         let text = std::fs::read_to_string(&path).expect("config");
