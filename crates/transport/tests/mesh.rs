@@ -166,6 +166,36 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
     assert_eq!(&reply[8..], b"after");
 }
 
+#[tokio::test]
+async fn garbage_and_oversized_frames_on_a_quic_stream_close_only_that_stream() {
+    let ca = Ca::new("garbage-quic");
+    let (_srv, srv_addr) = mesh(&ca.identity(2), TransportKind::Quic, Arc::new(Echo)).await;
+    let (client, _) = mesh(&ca.identity(1), TransportKind::Quic, Arc::new(Echo)).await;
+    client.set_peer_addr(2, srv_addr);
+    client.call(2, Channel::Control, Bytes::from_static(b"before")).await.expect("call");
+
+    // A raw authenticated QUIC connection opens streams that say hello, then send garbage.
+    let identity = ca.identity(1);
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(identity.client_config().expect("config"))
+        .expect("quic client config");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint.connect(srv_addr, "node-2").expect("connect").await.expect("handshake");
+    let oversized = ((16 * 1024 * 1024 + 1) as u32).to_be_bytes().to_vec();
+    for bad in [vec![0xffu8; 64], u32::MAX.to_be_bytes().to_vec(), oversized] {
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(&tandem_transport::pipe::hello(1, Channel::Bulk).encode()).await.expect("hello");
+        send.write_all(&bad).await.expect("garbage");
+        let mut buf = [0u8; 16];
+        let n =
+            tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf)).await.expect("server ends the stream");
+        assert!(matches!(n, Ok(None) | Err(_)), "server answered garbage: {n:?}");
+    }
+    // The real link is unaffected.
+    let reply = client.call(2, Channel::Control, Bytes::from_static(b"after")).await.expect("call");
+    assert_eq!(&reply[8..], b"after");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_bulk_channel_does_not_delay_control() {
     for kind in KINDS {

@@ -8,11 +8,14 @@
 //! - `load.rs`: the client loop every system is driven by, and the latency figures.
 //! - `local_cluster.rs`: a throwaway local Tandem cluster, stopped even on error.
 //! - `etcd.rs`: the etcd reference: install, start, a minimal gRPC client, stop.
+//! - `transport.rs`: `bench transport`, the Mesh over TCP+TLS and QUIC beside plaintext TCP,
+//!   between this process and a peer process it starts (the hidden `transport-peer`).
 
 mod etcd;
 mod load;
 mod local_cluster;
 mod meta;
+mod transport;
 
 use clap::Subcommand;
 use serde::Serialize;
@@ -22,6 +25,13 @@ pub enum BenchCmd {
     /// Small (256 B) metadata writes from 1 and 64 clients: a local 3-node Tandem cluster beside
     /// a 3-member etcd on 127.0.0.1, interleaved; prints writes/s, p50, p99 and the ratios.
     Meta(meta::MetaArgs),
+    /// 1 MiB throughput and 4 KiB round trips between two processes over the Mesh on TCP+TLS
+    /// and on QUIC, beside plaintext TCP, interleaved; plus the longest stall while the data
+    /// layer switches between them under load.
+    Transport(transport::TransportArgs),
+    /// The peer process of `bench transport`; started by the benchmark, not by hand.
+    #[command(hide = true)]
+    TransportPeer(transport::PeerArgs),
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
@@ -30,6 +40,8 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     let bench = async {
         match cmd {
             BenchCmd::Meta(args) => meta::run(args).await,
+            BenchCmd::Transport(args) => transport::run(args).await,
+            BenchCmd::TransportPeer(args) => transport::peer(args).await,
         }
     };
     let interrupted = async {
@@ -62,14 +74,16 @@ impl Op {
     }
 }
 
-/// One goal of a benchmark, as a ratio of Tandem's figure to its reference's.
+/// One goal of a benchmark: a ratio of Tandem's figure to its reference's, or an absolute figure.
 #[derive(Clone, Debug, Serialize)]
 pub struct Goal {
     pub name: String,
-    /// Tandem's figure divided by the reference's, rounded to the two decimals printed.
+    /// Tandem's figure divided by the reference's (or the absolute figure), rounded to the
+    /// decimals printed.
     pub measured: f64,
-    /// What the ratio is relative to, e.g. `etcd`.
-    pub reference: String,
+    /// What the ratio is relative to, e.g. `etcd`; absent for an absolute figure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     pub op: Op,
     pub target: f64,
     pub met: bool,
@@ -81,17 +95,50 @@ impl Goal {
     pub fn ratio(name: &str, ratio: f64, reference: &str, op: Op, target: f64) -> Goal {
         // Judge the rounded value, so that the printed figure and the verdict never disagree.
         let measured = (ratio * 100.0).round() / 100.0;
-        let met = match op {
-            Op::AtLeast => measured >= target,
-            Op::AtMost => measured <= target,
-        };
+        let met = judge(measured, op, target);
         let line = format!(
-            "goal {name}: {measured:.2}x {reference} (target {} {target:.1}x) {}",
+            "goal {name}: {measured:.2}x {reference} (target {} {}x) {}",
             op.symbol(),
-            if met { "met" } else { "missed" }
+            target_text(target),
+            verdict(met)
         );
-        Goal { name: name.to_string(), measured, reference: reference.to_string(), op, target, met, line }
+        Goal { name: name.to_string(), measured, reference: Some(reference.to_string()), op, target, met, line }
     }
+
+    /// A goal on an absolute figure such as a count, printed with `decimals` decimals and
+    /// judged on the printed value, e.g. `goal x-failed-requests: 0 (target <= 0) met`.
+    pub fn absolute(name: &str, figure: f64, decimals: u8, op: Op, target: f64) -> Goal {
+        let scale = 10f64.powi(i32::from(decimals));
+        let measured = (figure * scale).round() / scale;
+        let met = judge(measured, op, target);
+        let d = usize::from(decimals);
+        let line = format!("goal {name}: {measured:.d$} (target {} {target:.d$}) {}", op.symbol(), verdict(met));
+        Goal { name: name.to_string(), measured, reference: None, op, target, met, line }
+    }
+}
+
+fn judge(measured: f64, op: Op, target: f64) -> bool {
+    match op {
+        Op::AtLeast => measured >= target,
+        Op::AtMost => measured <= target,
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "missed"
+    }
+}
+
+/// A ratio target with one decimal, or two when it needs them (`1.5`, `0.25`).
+fn target_text(target: f64) -> String {
+    let mut s = format!("{target:.2}");
+    if s.ends_with('0') && !s.ends_with(".0") {
+        s.pop();
+    }
+    s
 }
 
 #[cfg(test)]
@@ -104,6 +151,21 @@ mod tests {
         assert_eq!(g.line, "goal meta-writes-64-clients: 1.62x etcd (target >= 1.5x) met");
         let g = Goal::ratio("meta-p50-1-client", 1.2, "etcd", Op::AtMost, 1.0);
         assert_eq!(g.line, "goal meta-p50-1-client: 1.20x etcd (target <= 1.0x) missed");
+    }
+
+    #[test]
+    fn ratio_targets_keep_a_second_decimal_they_need() {
+        let g = Goal::ratio("transport-quic-throughput", 0.3, "plaintext", Op::AtLeast, 0.25);
+        assert_eq!(g.line, "goal transport-quic-throughput: 0.30x plaintext (target >= 0.25x) met");
+        let g = Goal::ratio("transport-tls-rtt", 2.004, "plaintext", Op::AtMost, 2.0);
+        assert_eq!(g.line, "goal transport-tls-rtt: 2.00x plaintext (target <= 2.0x) met");
+    }
+
+    #[test]
+    fn absolute_goal_line_has_the_scripted_form() {
+        let g = Goal::absolute("transport-switch-failed-requests", 0.0, 0, Op::AtMost, 0.0);
+        assert_eq!(g.line, "goal transport-switch-failed-requests: 0 (target <= 0) met");
+        assert!(!Goal::absolute("f", 3.0, 0, Op::AtMost, 0.0).met);
     }
 
     #[test]
