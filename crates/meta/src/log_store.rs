@@ -73,9 +73,14 @@ impl DiskSync {
     }
 
     pub async fn flush(&self) -> io::Result<()> {
-        self.db.flush_async().await.map_err(io_err)?;
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(io_err)?
+        // Both steps block on the disk; one trip to the blocking pool does both.
+        let (db, file) = (self.db.clone(), self.file.clone());
+        tokio::task::spawn_blocking(move || {
+            db.flush().map_err(io_err)?;
+            file.sync_data()
+        })
+        .await
+        .map_err(io_err)?
     }
 }
 
