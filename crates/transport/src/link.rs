@@ -62,6 +62,9 @@ pub const BACKOFF_MAX: Duration = Duration::from_millis(800);
 
 type ReplyTx = oneshot::Sender<Result<Bytes, TransportError>>;
 
+/// Bytes read from a pipe at a time when frames are small (large bodies bypass the buffer).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
 /// The reply to a request that has been queued on a link.
 pub struct PendingReply {
     peer: NodeId,
@@ -581,7 +584,7 @@ fn serve_pipe(mesh: &Arc<MeshInner>, incoming: Incoming) {
     let route = spawn_writer(write, || {});
     let mesh = Arc::downgrade(mesh);
     tokio::spawn(async move {
-        let mut r = BufReader::new(read);
+        let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, read);
         loop {
             match read_frame(&mut r).await {
                 Ok(Some(frame)) => {
@@ -834,7 +837,7 @@ impl ChannelLink {
 
 fn spawn_reply_reader(link: Weak<ChannelLink>, peer: NodeId, gen: u64, read: BoxRead, tx: PipeTx) {
     tokio::spawn(async move {
-        let mut r = BufReader::new(read);
+        let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, read);
         let mut answered = false;
         let reason = loop {
             let frame = match read_frame(&mut r).await {

@@ -35,9 +35,15 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::Result<
         Err(e) => return Err(e),
     }
     let len = Frame::decode_len(prefix).map_err(invalid)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Frame::decode_body(body.into()).map(Some).map_err(invalid)
+    // Read into uninitialised capacity: zeroing a large body first would cost a pass over it.
+    let mut body = BytesMut::with_capacity(len);
+    let mut limited = (&mut *r).take(len as u64);
+    while body.len() < len {
+        if limited.read_buf(&mut body).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended inside a frame"));
+        }
+    }
+    Frame::decode_body(body.freeze()).map(Some).map_err(invalid)
 }
 
 /// The hello that opens every pipe: who is speaking, and for which channel.
