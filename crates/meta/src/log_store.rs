@@ -72,6 +72,12 @@ impl DiskSync {
         Ok(DiskSync { db: db.clone(), file: Arc::new(file) })
     }
 
+    /// Flushes from a thread that may block.
+    pub fn flush_blocking(&self) -> io::Result<()> {
+        self.db.flush().map_err(io_err)?;
+        self.file.sync_data()
+    }
+
     pub async fn flush(&self) -> io::Result<()> {
         // Both steps block on the disk; one trip to the blocking pool does both.
         let (db, file) = (self.db.clone(), self.file.clone());
@@ -133,7 +139,11 @@ impl LogStore {
         let state = db.open_tree("raft_state").map_err(read_err)?;
         let sync = DiskSync::open(db, dir)?;
         let (tx, rx) = mpsc::channel(FLUSH_QUEUE_MAX);
-        tokio::spawn(flusher(sync.clone(), rx));
+        let thread_sync = sync.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flush".into())
+            .spawn(move || flusher(thread_sync, rx))
+            .map_err(write_err)?;
         Ok(LogStore { sync, reader: LogReader { log }, state, flusher: tx })
     }
 
@@ -151,14 +161,17 @@ impl LogStore {
     }
 }
 
-async fn flusher(sync: DiskSync, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+/// The group-commit loop, on a thread of its own: flushing blocks on the disk, and a dedicated
+/// thread saves the hops through the async runtime's blocking pool on every commit. It ends
+/// when the log store (the sender) is dropped.
+fn flusher(sync: DiskSync, mut rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     let mut batch = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while let Ok(cb) = rx.try_recv() {
             batch.push(cb);
         }
-        let result = sync.flush().await;
+        let result = sync.flush_blocking();
         for cb in batch.drain(..) {
             cb.log_io_completed(result.as_ref().map(|_| ()).map_err(io_err));
         }
