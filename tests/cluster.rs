@@ -62,6 +62,13 @@ fn three_nodes_elect_exactly_one_leader_and_status_agrees_everywhere(transport: 
             assert!(n["nbd_addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{n}");
         }
     }
+    // Prometheus metrics tell the same: exactly the leader reports itself as leader.
+    for id in &ids {
+        let text = http().get(format!("{}/metrics", c.api(*id))).send().expect("metrics").text().expect("text");
+        let expected = format!("tandem_raft_is_leader {}", u8::from(*id == leader));
+        assert!(text.contains(&expected), "node {id}: {text}");
+        assert!(text.contains("# TYPE tandem_transport_bytes_sent counter"), "{text}");
+    }
     // The human form names the leader too.
     let table = c.admin(&["status"]);
     assert!(table.contains(&format!("leader {leader}")), "{table}");

@@ -275,21 +275,17 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     );
     let _ = writeln!(out, "# TYPE tandem_raft_voters gauge\ntandem_raft_voters {}", st.voters.len());
     let links = s.transport.link_stats();
-    let _ = writeln!(out, "# TYPE tandem_transport_bytes_sent counter");
-    for l in &links {
-        let _ = writeln!(
-            out,
-            "tandem_transport_bytes_sent{{peer=\"{}\",channel=\"{}\"}} {}",
-            l.peer, l.channel, l.bytes_sent
-        );
-    }
-    let _ = writeln!(out, "# TYPE tandem_transport_reconnects counter");
-    for l in &links {
-        let _ = writeln!(
-            out,
-            "tandem_transport_reconnects{{peer=\"{}\",channel=\"{}\"}} {}",
-            l.peer, l.channel, l.reconnects
-        );
+    let per_link: [(&str, fn(&LinkStats) -> u64); 4] = [
+        ("tandem_transport_bytes_sent", |l| l.bytes_sent),
+        ("tandem_transport_messages_sent", |l| l.messages_sent),
+        ("tandem_transport_reconnects", |l| l.reconnects),
+        ("tandem_transport_switches", |l| l.switches),
+    ];
+    for (name, value) in per_link {
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for l in &links {
+            let _ = writeln!(out, "{name}{{peer=\"{}\",channel=\"{}\"}} {}", l.peer, l.channel, value(l));
+        }
     }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
