@@ -187,23 +187,20 @@ impl DescriptorRing {
     /// Posts a descriptor; waits while the ring is full.
     pub async fn post(&self, d: Descriptor) -> Result<(), TransportError> {
         let permit = self.slots.clone().acquire_owned().await.map_err(|_| TransportError::Closed)?;
-        self.queue(d, permit)
+        self.queue(d, permit).map_err(|_| TransportError::Closed)
     }
 
     /// Posts without waiting; gives the descriptor back when the ring is full.
     pub fn try_post(&self, d: Descriptor) -> Result<(), Descriptor> {
         match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let channel = d.channel;
-                self.queue(d, permit).map_err(|_| Descriptor { data: Bytes::new(), region: 0, offset: 0, channel })
-            }
+            Ok(permit) => self.queue(d, permit),
             Err(_) => Err(d),
         }
     }
 
-    fn queue(&self, d: Descriptor, permit: tokio::sync::OwnedSemaphorePermit) -> Result<(), TransportError> {
-        let q = self.queues.get(&d.channel).ok_or(TransportError::Closed)?;
-        q.send((d, permit)).map_err(|_| TransportError::Closed)
+    /// Hands a descriptor to its channel's engine; gives it back if the engine has stopped.
+    fn queue(&self, d: Descriptor, permit: tokio::sync::OwnedSemaphorePermit) -> Result<(), Descriptor> {
+        self.queues[&d.channel].send((d, permit)).map_err(|rejected| rejected.0 .0)
     }
 
     /// The next finished transfer, in ring order per channel. Taking it frees its slot.
