@@ -319,7 +319,13 @@ fn bad_http_input_gets_a_4xx_with_a_json_error_and_changes_nothing() {
     let ids = c.node_ids();
     c.agreed_leader(&ids, LEADER_WAIT);
     let api = c.api(2);
-    let h = http();
+    // A fresh connection per request: the server closes a connection after refusing an
+    // oversized body unread, and a pooled connection reused after that would fail to send.
+    let h = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
     let before: Value = h.get(format!("{api}/v1/nodes")).send().expect("get").json().expect("json");
 
     let cases: Vec<(reqwest::blocking::RequestBuilder, u16)> = vec![
