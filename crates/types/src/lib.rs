@@ -23,6 +23,26 @@ pub const SETTING_VALUE_BYTES_MAX: usize = 4096;
 /// The longest name (site, setting key, later dataset/volume/host names).
 pub const NAME_BYTES_MAX: usize = 128;
 
+/// A volume's identity, assigned by the metadata store when the volume is created and never
+/// reused. Names can be reused after a delete; ids cannot, so a late message about a deleted
+/// volume can never touch its successor.
+pub type VolumeId = u64;
+
+/// A volume's configuration generation: it grows every time the volume's primary changes.
+/// Replicas reject replication messages from an older epoch, which fences a deposed primary.
+pub type Epoch = u64;
+
+/// The position of a write in a volume's order of writes, assigned by the primary.
+pub type Seq = u64;
+
+/// The unit of allocation, checksumming and replication bookkeeping. Volume sizes are
+/// multiples of it; hosts may still read and write at any byte offset.
+pub const BLOCK_BYTES: u64 = 4096;
+
+/// The largest volume the store accepts (64 TiB): the block map of a volume this size still
+/// fits the metadata budget of one node.
+pub const VOLUME_BYTES_MAX: u64 = 64 << 40;
+
 /// The logical channels of a peer link. Each has its own queue so that bulk traffic never sits
 /// in front of Raft heartbeats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
