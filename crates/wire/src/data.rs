@@ -1,0 +1,163 @@
+//! The data plane's messages: replication between a volume's primary and its backups, resync
+//! and reconciliation, and host I/O proxied from a node that is not the primary.
+//!
+//! Which channel carries what (see docs/PROTOCOL.md for the sequences):
+//! - `replication`: [`Record`]s from primary to backup, through the descriptor ring (a one-sided
+//!   write into the backup's region for that primary); [`DataMsg::Open`], [`DataMsg::Acks`],
+//!   [`DataMsg::Nack`] and the proxied host I/O as ordinary requests.
+//! - `bulk`: [`DataMsg::Checksums`] and [`DataMsg::Chunk`] of resync and reconciliation.
+
+use serde::{Deserialize, Serialize};
+use tandem_types::{Epoch, NodeId, Seq, VolumeId};
+
+use crate::codec::{decode, encode, CodecError};
+
+/// What a replicated write does to its range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteKind {
+    /// The record's payload is the new data.
+    Data,
+    /// The range reads as zeros afterwards (NBD WRITE_ZEROES and TRIM).
+    Zeroes,
+}
+
+/// The header of one replicated write. On the wire a record is this header (encoded by
+/// [`encode_record`]) followed by the data bytes, written into the backup's region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordHeader {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub seq: Seq,
+    pub kind: WriteKind,
+    pub offset: u64,
+    pub len: u64,
+    /// crc32c of the data (0 for [`WriteKind::Zeroes`]); checked by the backup before it
+    /// applies anything.
+    pub crc: u32,
+}
+
+/// A record's header is at most this long; its length prefix is refused above it.
+pub const RECORD_HEADER_BYTES_MAX: usize = 128;
+
+/// Lays out a record: `u16 header length | header | data`.
+pub fn encode_record(header: &RecordHeader, data: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let h = encode(header)?;
+    if h.len() > RECORD_HEADER_BYTES_MAX {
+        return Err(CodecError::Encode(format!("record header of {} bytes", h.len())));
+    }
+    let mut out = Vec::with_capacity(2 + h.len() + data.len());
+    out.extend_from_slice(&(h.len() as u16).to_be_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+/// Splits a record into its header and data, checking that the data length matches.
+pub fn decode_record(bytes: &[u8]) -> Result<(RecordHeader, &[u8]), CodecError> {
+    if bytes.len() < 2 {
+        return Err(CodecError::Decode("record shorter than its length prefix".into()));
+    }
+    let hlen = u16::from_be_bytes([bytes[0], bytes[1]]) as usize;
+    if hlen > RECORD_HEADER_BYTES_MAX || bytes.len() < 2 + hlen {
+        return Err(CodecError::Decode(format!("record header length {hlen} is bad")));
+    }
+    let header: RecordHeader = decode(&bytes[2..2 + hlen])?;
+    let data = &bytes[2 + hlen..];
+    let expect = match header.kind {
+        WriteKind::Data => header.len,
+        WriteKind::Zeroes => 0,
+    };
+    if data.len() as u64 != expect {
+        return Err(CodecError::Decode(format!("record carries {} data bytes, header says {expect}", data.len())));
+    }
+    Ok((header, data))
+}
+
+/// Requests between nodes about volumes. Every variant names its volume and, where it matters,
+/// the sender's epoch: a receiver that knows a newer epoch refuses the request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataMsg {
+    /// Primary → replica: from now on accept records of `epoch` from me, the first with a
+    /// sequence number of at least `start_seq`. The reply is [`DataReply::Opened`].
+    Open { volume: VolumeId, epoch: Epoch, primary: NodeId, start_seq: Seq },
+    /// Backup → primary: these records are durable here.
+    Acks { volume: VolumeId, epoch: Epoch, seqs: Vec<Seq> },
+    /// Backup → primary: this record was refused, and will not be applied.
+    Nack { volume: VolumeId, epoch: Epoch, seq: Seq, reason: String },
+    /// Primary → replica (bulk): the per-block checksums of a block-aligned range.
+    Checksums { volume: VolumeId, epoch: Epoch, offset: u64, len: u64 },
+    /// Primary → replica (bulk): overwrite a block-aligned range with the primary's data, and
+    /// make it durable before answering.
+    Chunk { volume: VolumeId, epoch: Epoch, offset: u64, data: Vec<u8> },
+    /// Any node → primary: host I/O arriving at a node that does not serve the volume.
+    ProxyRead { volume: VolumeId, offset: u64, len: u64 },
+    ProxyWrite { volume: VolumeId, offset: u64, data: Vec<u8>, fua: bool },
+    ProxyZeroes { volume: VolumeId, offset: u64, len: u64, fua: bool },
+    ProxyFlush { volume: VolumeId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataReply {
+    Ok,
+    /// The replica's recent writes, as block-aligned ranges, for reconciliation; `None` when it
+    /// cannot tell (it restarted since it last opened), so every block must be compared.
+    Opened { recent: Option<Vec<(u64, u64)>> },
+    Checksums(Vec<u32>),
+    Data(Vec<u8>),
+    /// Refused: a newer epoch, not the primary, no such volume, bad range. The text says which.
+    Refused(String),
+    /// The I/O failed on the serving node; the text says why.
+    Failed(String),
+}
+
+impl DataMsg {
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        encode(self)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<DataMsg, CodecError> {
+        decode(bytes)
+    }
+}
+
+impl DataReply {
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        encode(self)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<DataReply, CodecError> {
+        decode(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn records_round_trip() {
+        let h = RecordHeader { volume: 7, epoch: 3, seq: 99, kind: WriteKind::Data, offset: 4096, len: 5, crc: 1 };
+        let bytes = encode_record(&h, b"hello").expect("encodes");
+        let (back, data) = decode_record(&bytes).expect("decodes");
+        assert_eq!(back, h);
+        assert_eq!(data, b"hello");
+        let z = RecordHeader { kind: WriteKind::Zeroes, len: 1 << 20, crc: 0, ..h };
+        let bytes = encode_record(&z, b"").expect("encodes");
+        assert_eq!(decode_record(&bytes).expect("decodes").0, z);
+    }
+
+    #[test]
+    fn a_record_whose_data_does_not_match_its_header_is_refused() {
+        let h = RecordHeader { volume: 1, epoch: 1, seq: 1, kind: WriteKind::Data, offset: 0, len: 10, crc: 0 };
+        let bytes = encode_record(&h, b"short").expect("encodes");
+        assert!(decode_record(&bytes).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_records_are_errors(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_record(&bytes);
+            let _ = DataMsg::decode(&bytes);
+            let _ = DataReply::decode(&bytes);
+        }
+    }
+}
