@@ -30,6 +30,55 @@ pub struct Completion {
     pub region: RegionId,
     pub offset: u64,
     pub len: u64,
+    /// For a region registered with [`RegionRegistry::register_credited`]: fires when the
+    /// application has taken the bytes out (explicitly, or when the last copy of this
+    /// completion is dropped). Only then does the sender see its write complete, so it may
+    /// reuse that part of the region, like a receive credit in RDMA.
+    pub consumed: ConsumeSignal,
+}
+
+/// See [`Completion::consumed`].
+#[derive(Clone, Default)]
+pub struct ConsumeSignal(Option<Arc<ConsumeInner>>);
+
+struct ConsumeInner(Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+
+impl ConsumeInner {
+    fn fire(&self) {
+        if let Some(tx) = self.0.lock().expect("consume lock").take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for ConsumeInner {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
+impl ConsumeSignal {
+    /// Tells the sender the bytes have been taken out of the region.
+    pub fn consume(&self) {
+        if let Some(inner) = &self.0 {
+            inner.fire();
+        }
+    }
+}
+
+/// Signals carry no state worth comparing.
+impl PartialEq for ConsumeSignal {
+    fn eq(&self, _: &ConsumeSignal) -> bool {
+        true
+    }
+}
+
+impl Eq for ConsumeSignal {}
+
+impl std::fmt::Debug for ConsumeSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "ConsumeSignal(credited)" } else { "ConsumeSignal" })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,12 +93,18 @@ pub enum RegionError {
     OutOfRange { region: RegionId, offset: u64, len: u64, size: usize },
 }
 
+#[derive(Clone)]
+struct Region {
+    buf: Arc<Mutex<Vec<u8>>>,
+    credited: bool,
+}
+
 /// The regions a node has registered for one-sided writes, and their completion queue.
 pub struct RegionRegistry {
     region_bytes: usize,
     buffers_total: usize,
     pool: Mutex<Vec<Vec<u8>>>,
-    regions: Mutex<HashMap<RegionId, Arc<Mutex<Vec<u8>>>>>,
+    regions: Mutex<HashMap<RegionId, Region>>,
     completions_tx: mpsc::Sender<Completion>,
     completions_rx: tokio::sync::Mutex<mpsc::Receiver<Completion>>,
 }
@@ -74,19 +129,33 @@ impl RegionRegistry {
     }
 
     pub fn register(&self, id: RegionId) -> Result<(), RegionError> {
+        self.register_region(id, false)
+    }
+
+    /// Registers a region whose writers see their write complete only once the application
+    /// has consumed its [`Completion`] (see [`Completion::consumed`]).
+    pub fn register_credited(&self, id: RegionId) -> Result<(), RegionError> {
+        self.register_region(id, true)
+    }
+
+    fn register_region(&self, id: RegionId, credited: bool) -> Result<(), RegionError> {
         let mut regions = self.regions.lock().expect("regions lock");
         if regions.contains_key(&id) {
             return Err(RegionError::Exists(id));
         }
         let buf = self.pool.lock().expect("pool lock").pop().ok_or(RegionError::PoolEmpty(self.buffers_total))?;
-        regions.insert(id, Arc::new(Mutex::new(buf)));
+        regions.insert(id, Region { buf: Arc::new(Mutex::new(buf)), credited });
         Ok(())
+    }
+
+    pub fn is_registered(&self, id: RegionId) -> bool {
+        self.regions.lock().expect("regions lock").contains_key(&id)
     }
 
     /// Returns the region's buffer to the pool (zeroed, so no data leaks to the next user).
     pub fn deregister(&self, id: RegionId) -> Result<(), RegionError> {
         let region = self.regions.lock().expect("regions lock").remove(&id).ok_or(RegionError::Unknown(id))?;
-        let mut buf = std::mem::take(&mut *region.lock().expect("region lock"));
+        let mut buf = std::mem::take(&mut *region.buf.lock().expect("region lock"));
         buf.fill(0);
         self.pool.lock().expect("pool lock").push(buf);
         Ok(())
@@ -95,7 +164,7 @@ impl RegionRegistry {
     /// Copies bytes out of a region.
     pub fn read(&self, id: RegionId, offset: u64, len: u64) -> Result<Vec<u8>, RegionError> {
         let region = self.regions.lock().expect("regions lock").get(&id).cloned().ok_or(RegionError::Unknown(id))?;
-        let buf = region.lock().expect("region lock");
+        let buf = region.buf.lock().expect("region lock");
         let range = checked_range(id, offset, len, buf.len())?;
         Ok(buf[range].to_vec())
     }
@@ -120,12 +189,22 @@ impl RegionRegistry {
         let target = self.regions.lock().expect("regions lock").get(&region).cloned();
         let target = target.ok_or_else(|| RegionError::Unknown(region).to_string())?;
         {
-            let mut buf = target.lock().expect("region lock");
+            let mut buf = target.buf.lock().expect("region lock");
             let range = checked_range(region, offset, data.len() as u64, buf.len()).map_err(|e| e.to_string())?;
             buf[range].copy_from_slice(data);
         }
-        let completion = Completion { from, channel, region, offset, len: data.len() as u64 };
+        let (consumed, taken) = if target.credited {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (ConsumeSignal(Some(Arc::new(ConsumeInner(Mutex::new(Some(tx)))))), Some(rx))
+        } else {
+            (ConsumeSignal::default(), None)
+        };
+        let completion = Completion { from, channel, region, offset, len: data.len() as u64, consumed };
         self.completions_tx.send(completion).await.map_err(|_| "completion queue closed".to_string())?;
+        if let Some(rx) = taken {
+            // Either fired or dropped unread: both mean the bytes are no longer needed.
+            let _ = rx.await;
+        }
         Ok(Bytes::new())
     }
 }

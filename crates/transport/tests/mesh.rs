@@ -400,3 +400,33 @@ async fn switching_layers_under_load_delivers_every_message_once_in_order() {
     assert!(s.switches >= 2, "{s:?}");
     eprintln!("{flips} switches: {s:?}");
 }
+
+#[tokio::test]
+async fn a_credited_region_completes_a_write_only_once_the_receiver_consumed_it() {
+    for kind in KINDS {
+        let (a, b) = pair(kind, Arc::new(Echo)).await;
+        b.regions().register_credited(9).expect("register");
+        let ring = DescriptorRing::new(&a, 2, 8);
+        let d =
+            Descriptor { data: Bytes::from_static(b"record"), region: 9, offset: 64, channel: Channel::Replication };
+        ring.post(d).await.expect("post");
+        let landed = b.regions().next_completion().await.expect("remote completion");
+        assert_eq!(b.regions().read(9, landed.offset, landed.len).expect("read"), b"record");
+        // The bytes sit unconsumed in the receiver's region: the sender must not see them done.
+        let early = tokio::time::timeout(Duration::from_millis(300), ring.next_completion()).await;
+        assert!(early.is_err(), "{kind}: the sender saw a completion before the receiver consumed the bytes");
+        landed.consumed.consume();
+        let done = tokio::time::timeout(Duration::from_secs(5), ring.next_completion())
+            .await
+            .expect("completion after consume")
+            .expect("ring open");
+        done.result.expect("write succeeded");
+        // Dropping an unread completion also gives the space back.
+        let d = Descriptor { data: Bytes::from_static(b"again"), region: 9, offset: 0, channel: Channel::Replication };
+        ring.post(d).await.expect("post");
+        drop(b.regions().next_completion().await.expect("remote completion"));
+        let done =
+            tokio::time::timeout(Duration::from_secs(5), ring.next_completion()).await.expect("completion after drop");
+        done.expect("ring open").result.expect("write succeeded");
+    }
+}
