@@ -110,6 +110,42 @@ pub enum DataReply {
     Failed(String),
 }
 
+/// Requests on the `probe` channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeMsg {
+    /// Node → Raft leader: "I am alive; confirm you still lead." A granted request renews the
+    /// sender's lease, and tells the leader's failure detector the sender is alive.
+    LeaseRequest,
+    /// Round-trip measurement; answered at once.
+    Ping,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeReply {
+    Granted,
+    /// This node is not the leader (it names the leader it knows, if any).
+    NotLeader(Option<NodeId>),
+    Pong,
+}
+
+impl ProbeMsg {
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        encode(self)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<ProbeMsg, CodecError> {
+        decode(bytes)
+    }
+}
+
+impl ProbeReply {
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        encode(self)
+    }
+    pub fn decode(bytes: &[u8]) -> Result<ProbeReply, CodecError> {
+        decode(bytes)
+    }
+}
+
 impl DataMsg {
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
         encode(self)
