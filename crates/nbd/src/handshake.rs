@@ -1,0 +1,433 @@
+//! Option haggling as a state machine: options in, reply bytes and decisions out. Sans-IO; the
+//! server feeds it what it reads and opens exports when told to (the only async step).
+//!
+//! Driver loop (see `server.rs`): send [`Handshake::greeting`]; feed the client flags to
+//! [`Handshake::on_client_flags`]; then for each option header call
+//! [`Handshake::on_option_header`], read (or drain) its data as told, call
+//! [`Handshake::on_option`] and act on the [`Step`]: send bytes, list exports, or open an export
+//! and pass the outcome to [`Handshake::on_opened`], until transmission, abort or disconnect.
+
+use thiserror::Error;
+
+use crate::backend::OpenError;
+use crate::codec::{
+    client_flag, encode_export_name_reply, encode_greeting, encode_info_reply, encode_option_error,
+    encode_option_reply, encode_server_reply, handshake_flag, info, opt, rep, tx_flag, ClientOption, DecodeError, Info,
+    InfoQuery, OptionHeader, BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED, NAME_BYTES_MAX, OPTION_DATA_BYTES_MAX,
+    REQUEST_BYTES_MAX,
+};
+
+/// The server offers fixed newstyle and lets the client drop the 124 padding zeroes.
+pub const SERVER_HANDSHAKE_FLAGS: u16 = handshake_flag::FIXED_NEWSTYLE | handshake_flag::NO_ZEROES;
+/// Options one connection may send before transmission. Real clients send a handful (nbdinfo
+/// --list sends two per export); the cap stops a client from keeping a connection slot busy
+/// with an endless negotiation.
+pub const HANDSHAKE_OPTIONS_MAX: u32 = 4096;
+/// Option data longer than [`OPTION_DATA_BYTES_MAX`] but at most this is read and discarded in
+/// small pieces, then answered with `NBD_REP_ERR_TOO_BIG`; longer data is not worth reading, so
+/// the server answers and disconnects.
+pub const OPTION_DRAIN_BYTES_MAX: u32 = 1024 * 1024;
+
+/// What the server tells a client about an opened export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub multi_conn: bool,
+}
+
+impl ExportInfo {
+    /// Every command is supported; read-only and multi-connection safety come from the volume.
+    pub fn transmission_flags(&self) -> u16 {
+        let mut flags = tx_flag::HAS_FLAGS
+            | tx_flag::SEND_FLUSH
+            | tx_flag::SEND_FUA
+            | tx_flag::SEND_TRIM
+            | tx_flag::SEND_WRITE_ZEROES;
+        if self.read_only {
+            flags |= tx_flag::READ_ONLY;
+        }
+        if self.multi_conn {
+            flags |= tx_flag::CAN_MULTI_CONN;
+        }
+        flags
+    }
+}
+
+/// Why the server ends a negotiation with a hard disconnect.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HandshakeError {
+    #[error("client flags {0:#x} lack NBD_FLAG_C_FIXED_NEWSTYLE")]
+    NotFixedNewstyle(u32),
+    #[error("client flags {0:#x} include unknown bits")]
+    UnknownClientFlags(u32),
+    #[error("more than {HANDSHAKE_OPTIONS_MAX} options")]
+    TooManyOptions,
+    #[error("option {option} claims {len} data bytes")]
+    OptionTooLong { option: u32, len: u32 },
+    #[error("bad option frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("NBD_OPT_EXPORT_NAME for an export that cannot be opened: {0}")]
+    ExportNameFailed(String),
+}
+
+/// What to do with an option's data, decided from its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OptionData {
+    /// Read this many bytes and pass them to [`Handshake::on_option`].
+    Read(usize),
+    /// Read and discard this many bytes, then send [`Handshake::too_big_reply`].
+    DrainThenTooBig(u32),
+    /// Send [`Handshake::too_big_reply`] (if the option has replies) and disconnect.
+    TooBigDisconnect(HandshakeError),
+}
+
+/// An export to open before the option can be answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRequest {
+    pub name: String,
+    kind: OpenKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OpenKind {
+    ExportName,
+    Info(InfoQuery),
+    Go(InfoQuery),
+}
+
+/// The outcome of one option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Send these bytes and wait for the next option.
+    Reply(Vec<u8>),
+    /// Send [`Handshake::list_reply`] of the export names and wait for the next option.
+    List,
+    /// Open the export and pass the result to [`Handshake::on_opened`].
+    Open(OpenRequest),
+    /// Send these bytes (the ACK to `NBD_OPT_ABORT`) and close; the client asked for it.
+    Abort(Vec<u8>),
+    /// Close without a reply.
+    Disconnect(HandshakeError),
+}
+
+/// The outcome of opening an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// Send these bytes and wait for the next option (`NBD_OPT_INFO`, or a failed `NBD_OPT_GO`).
+    Reply(Vec<u8>),
+    /// Send these bytes, then serve requests on the opened export.
+    Transmission(Vec<u8>),
+    /// Close without a reply.
+    Disconnect(HandshakeError),
+}
+
+/// Negotiation state of one connection.
+#[derive(Debug, Default)]
+pub struct Handshake {
+    no_zeroes: bool,
+    options_seen: u32,
+}
+
+impl Handshake {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn greeting() -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_greeting(&mut out, SERVER_HANDSHAKE_FLAGS);
+        out
+    }
+
+    /// Fixed newstyle is required (every current client sets it); unknown bits end the session
+    /// as the protocol says.
+    pub fn on_client_flags(&mut self, flags: u32) -> Result<(), HandshakeError> {
+        if flags & !(client_flag::FIXED_NEWSTYLE | client_flag::NO_ZEROES) != 0 {
+            return Err(HandshakeError::UnknownClientFlags(flags));
+        }
+        if flags & client_flag::FIXED_NEWSTYLE == 0 {
+            return Err(HandshakeError::NotFixedNewstyle(flags));
+        }
+        self.no_zeroes = flags & client_flag::NO_ZEROES != 0;
+        Ok(())
+    }
+
+    pub fn on_option_header(&mut self, header: OptionHeader) -> OptionData {
+        self.options_seen += 1;
+        if self.options_seen > HANDSHAKE_OPTIONS_MAX {
+            return OptionData::TooBigDisconnect(HandshakeError::TooManyOptions);
+        }
+        let too_long = HandshakeError::OptionTooLong { option: header.option, len: header.data_len };
+        if header.data_len as usize <= OPTION_DATA_BYTES_MAX {
+            OptionData::Read(header.data_len as usize)
+        } else if header.option == opt::EXPORT_NAME || header.data_len > OPTION_DRAIN_BYTES_MAX {
+            // EXPORT_NAME has no error reply: a name that long can only end the session.
+            OptionData::TooBigDisconnect(too_long)
+        } else {
+            OptionData::DrainThenTooBig(header.data_len)
+        }
+    }
+
+    /// `NBD_REP_ERR_TOO_BIG` for an option whose data was too long; empty for
+    /// `NBD_OPT_EXPORT_NAME`, which has no replies.
+    pub fn too_big_reply(option: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        if option != opt::EXPORT_NAME {
+            let message = format!("option data is limited to {OPTION_DATA_BYTES_MAX} bytes");
+            encode_option_error(&mut out, option, rep::ERR_TOO_BIG, &message);
+        }
+        out
+    }
+
+    /// `data` is the option's complete data, as announced by its header.
+    pub fn on_option(&mut self, option: u32, data: &[u8]) -> Step {
+        let parsed = match ClientOption::parse(option, data) {
+            Ok(parsed) => parsed,
+            Err(err) if option == opt::EXPORT_NAME => return Step::Disconnect(HandshakeError::Decode(err)),
+            Err(err) => {
+                let mut out = Vec::new();
+                encode_option_error(&mut out, option, rep::ERR_INVALID, &err.to_string());
+                return Step::Reply(out);
+            }
+        };
+        match parsed {
+            ClientOption::ExportName { name } => Step::Open(OpenRequest { name, kind: OpenKind::ExportName }),
+            ClientOption::Info(query) => {
+                Step::Open(OpenRequest { name: query.name.clone(), kind: OpenKind::Info(query) })
+            }
+            ClientOption::Go(query) => Step::Open(OpenRequest { name: query.name.clone(), kind: OpenKind::Go(query) }),
+            ClientOption::List => Step::List,
+            ClientOption::Abort => {
+                let mut out = Vec::new();
+                encode_option_reply(&mut out, opt::ABORT, rep::ACK, &[]);
+                Step::Abort(out)
+            }
+            ClientOption::StructuredReply => {
+                let mut out = Vec::new();
+                encode_option_error(&mut out, option, rep::ERR_UNSUP, "this server sends simple replies only");
+                Step::Reply(out)
+            }
+            ClientOption::Other { option, .. } => {
+                let mut out = Vec::new();
+                encode_option_error(&mut out, option, rep::ERR_UNSUP, &format!("option {option} is not supported"));
+                Step::Reply(out)
+            }
+        }
+    }
+
+    /// One `NBD_REP_SERVER` per export, then `NBD_REP_ACK`.
+    pub fn list_reply(names: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for name in names.iter().filter(|name| name.len() <= NAME_BYTES_MAX) {
+            encode_server_reply(&mut out, name);
+        }
+        encode_option_reply(&mut out, opt::LIST, rep::ACK, &[]);
+        out
+    }
+
+    pub fn on_opened(&mut self, request: OpenRequest, result: Result<ExportInfo, OpenError>) -> Opened {
+        let (option, query) = match request.kind {
+            OpenKind::ExportName => {
+                return match result {
+                    Ok(export) => {
+                        let mut out = Vec::new();
+                        encode_export_name_reply(
+                            &mut out,
+                            export.size_bytes,
+                            export.transmission_flags(),
+                            self.no_zeroes,
+                        );
+                        Opened::Transmission(out)
+                    }
+                    Err(err) => Opened::Disconnect(HandshakeError::ExportNameFailed(err.to_string())),
+                };
+            }
+            OpenKind::Info(query) => (opt::INFO, query),
+            OpenKind::Go(query) => (opt::GO, query),
+        };
+        let mut out = Vec::new();
+        let export = match result {
+            Ok(export) => export,
+            Err(err) => {
+                encode_option_error(&mut out, option, rep::ERR_UNKNOWN, &err.to_string());
+                return Opened::Reply(out);
+            }
+        };
+        encode_info_reply(
+            &mut out,
+            option,
+            &Info::Export { size_bytes: export.size_bytes, transmission_flags: export.transmission_flags() },
+        );
+        if query.info_requests.contains(&info::NAME) {
+            encode_info_reply(&mut out, option, &Info::Name(query.name.clone()));
+        }
+        // Sent even when not requested (the protocol allows it): these are the default
+        // constraints, so a client that ignores them is still served correctly.
+        encode_info_reply(
+            &mut out,
+            option,
+            &Info::BlockSize { min: BLOCK_SIZE_MIN, preferred: BLOCK_SIZE_PREFERRED, max: REQUEST_BYTES_MAX },
+        );
+        encode_option_reply(&mut out, option, rep::ACK, &[]);
+        if option == opt::GO {
+            Opened::Transmission(out)
+        } else {
+            Opened::Reply(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_server_reply, OptionReplyHeader, OPTION_REPLY_HEADER_BYTES};
+
+    const EXPORT: ExportInfo = ExportInfo { size_bytes: 1 << 30, read_only: false, multi_conn: true };
+
+    /// Splits a byte string of option replies into (header, data) pairs.
+    fn replies(mut bytes: &[u8]) -> Vec<(OptionReplyHeader, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let header = OptionReplyHeader::decode(bytes).expect("reply header");
+            let end = OPTION_REPLY_HEADER_BYTES + header.data_len as usize;
+            out.push((header, bytes[OPTION_REPLY_HEADER_BYTES..end].to_vec()));
+            bytes = &bytes[end..];
+        }
+        out
+    }
+
+    fn go_data(name: &str, requests: &[u16]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        ClientOption::Go(InfoQuery { name: name.into(), info_requests: requests.to_vec() }).encode(&mut bytes);
+        bytes[16..].to_vec()
+    }
+
+    #[test]
+    fn client_flags_require_fixed_newstyle_and_no_unknown_bits() {
+        let mut hs = Handshake::new();
+        assert_eq!(hs.on_client_flags(0), Err(HandshakeError::NotFixedNewstyle(0)));
+        assert_eq!(hs.on_client_flags(1 << 5 | 1), Err(HandshakeError::UnknownClientFlags(0x21)));
+        assert_eq!(hs.on_client_flags(client_flag::FIXED_NEWSTYLE | client_flag::NO_ZEROES), Ok(()));
+        assert!(hs.no_zeroes);
+    }
+
+    #[test]
+    fn go_answers_export_name_block_size_then_ack() {
+        let mut hs = Handshake::new();
+        let Step::Open(request) = hs.on_option(opt::GO, &go_data("vol", &[info::NAME, info::BLOCK_SIZE, 77])) else {
+            panic!("GO must open the export");
+        };
+        assert_eq!(request.name, "vol");
+        let Opened::Transmission(bytes) = hs.on_opened(request, Ok(EXPORT)) else { panic!("GO enters transmission") };
+        let got = replies(&bytes);
+        let kinds: Vec<u32> = got.iter().map(|(h, _)| h.reply_type).collect();
+        assert_eq!(kinds, [rep::INFO, rep::INFO, rep::INFO, rep::ACK]);
+        assert!(got.iter().all(|(h, _)| h.option == opt::GO));
+        assert_eq!(
+            Info::decode(&got[0].1),
+            Ok(Some(Info::Export { size_bytes: 1 << 30, transmission_flags: EXPORT.transmission_flags() }))
+        );
+        assert_eq!(Info::decode(&got[1].1), Ok(Some(Info::Name("vol".into()))));
+        assert_eq!(Info::decode(&got[2].1), Ok(Some(Info::BlockSize { min: 1, preferred: 4096, max: 32 << 20 })));
+    }
+
+    #[test]
+    fn info_stays_in_negotiation_and_unknown_exports_get_err_unknown() {
+        let mut hs = Handshake::new();
+        let Step::Open(request) = hs.on_option(opt::INFO, &go_data("x", &[])) else { panic!("INFO opens") };
+        assert!(matches!(hs.on_opened(request.clone(), Ok(EXPORT)), Opened::Reply(_)));
+        let Opened::Reply(bytes) = hs.on_opened(request, Err(OpenError::NotFound("x".into()))) else {
+            panic!("a failed INFO is an error reply")
+        };
+        let got = replies(&bytes);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.reply_type, rep::ERR_UNKNOWN);
+        assert!(String::from_utf8_lossy(&got[0].1).contains("no such export"));
+    }
+
+    #[test]
+    fn export_name_failure_disconnects_and_success_honours_no_zeroes() {
+        let mut hs = Handshake::new();
+        hs.on_client_flags(client_flag::FIXED_NEWSTYLE | client_flag::NO_ZEROES).expect("flags");
+        let Step::Open(request) = hs.on_option(opt::EXPORT_NAME, b"vol") else { panic!("opens") };
+        assert!(matches!(
+            hs.on_opened(request.clone(), Err(OpenError::Unavailable("no".into()))),
+            Opened::Disconnect(_)
+        ));
+        assert_eq!(
+            hs.on_opened(request, Ok(EXPORT)),
+            Opened::Transmission({
+                let mut out = Vec::new();
+                encode_export_name_reply(&mut out, EXPORT.size_bytes, EXPORT.transmission_flags(), true);
+                out
+            })
+        );
+        assert!(matches!(hs.on_option(opt::EXPORT_NAME, &[0xff]), Step::Disconnect(_)));
+    }
+
+    #[test]
+    fn other_options_are_answered_without_ending_negotiation() {
+        let mut hs = Handshake::new();
+        for (option, data, expected) in [
+            (opt::STRUCTURED_REPLY, &b""[..], rep::ERR_UNSUP),
+            (opt::STARTTLS, b"", rep::ERR_UNSUP),
+            (12345, b"junk", rep::ERR_UNSUP),
+            (opt::LIST, b"junk", rep::ERR_INVALID),
+            (opt::GO, b"\0\0", rep::ERR_INVALID),
+        ] {
+            let Step::Reply(bytes) = hs.on_option(option, data) else { panic!("option {option} must be answered") };
+            let got = replies(&bytes);
+            assert_eq!((got.len(), got[0].0.option, got[0].0.reply_type), (1, option, expected));
+        }
+        assert_eq!(hs.on_option(opt::LIST, b""), Step::List);
+        assert!(matches!(hs.on_option(opt::ABORT, b"ignored"), Step::Abort(_)));
+    }
+
+    #[test]
+    fn list_reply_names_every_export() {
+        let names = vec!["a".to_string(), "b".repeat(NAME_BYTES_MAX + 1), "c".to_string()];
+        let got = replies(&Handshake::list_reply(&names));
+        let listed: Vec<String> = got
+            .iter()
+            .filter(|(h, _)| h.reply_type == rep::SERVER)
+            .map(|(_, data)| decode_server_reply(data).expect("server reply"))
+            .collect();
+        assert_eq!(listed, ["a", "c"]);
+        assert_eq!(got.last().map(|(h, _)| h.reply_type), Some(rep::ACK));
+    }
+
+    #[test]
+    fn option_lengths_are_bounded() {
+        let mut hs = Handshake::new();
+        let header = |option, data_len| OptionHeader { option, data_len };
+        assert_eq!(hs.on_option_header(header(opt::GO, 12)), OptionData::Read(12));
+        assert_eq!(hs.on_option_header(header(opt::GO, 10_000)), OptionData::DrainThenTooBig(10_000));
+        assert!(matches!(hs.on_option_header(header(opt::GO, u32::MAX)), OptionData::TooBigDisconnect(_)));
+        assert!(matches!(hs.on_option_header(header(opt::EXPORT_NAME, 10_000)), OptionData::TooBigDisconnect(_)));
+        assert!(Handshake::too_big_reply(opt::EXPORT_NAME).is_empty());
+        let got = replies(&Handshake::too_big_reply(opt::GO));
+        assert_eq!(got[0].0.reply_type, rep::ERR_TOO_BIG);
+        for _ in 4..HANDSHAKE_OPTIONS_MAX {
+            assert_eq!(hs.on_option_header(header(opt::LIST, 0)), OptionData::Read(0));
+        }
+        assert_eq!(
+            hs.on_option_header(header(opt::LIST, 0)),
+            OptionData::TooBigDisconnect(HandshakeError::TooManyOptions)
+        );
+    }
+
+    #[test]
+    fn transmission_flags_follow_the_export() {
+        let base = ExportInfo { size_bytes: 0, read_only: false, multi_conn: false }.transmission_flags();
+        assert_eq!(base & tx_flag::READ_ONLY, 0);
+        assert_eq!(base & tx_flag::CAN_MULTI_CONN, 0);
+        for flag in
+            [tx_flag::HAS_FLAGS, tx_flag::SEND_FLUSH, tx_flag::SEND_FUA, tx_flag::SEND_TRIM, tx_flag::SEND_WRITE_ZEROES]
+        {
+            assert_ne!(base & flag, 0);
+        }
+        let ro = ExportInfo { size_bytes: 0, read_only: true, multi_conn: true }.transmission_flags();
+        assert_eq!(ro, base | tx_flag::READ_ONLY | tx_flag::CAN_MULTI_CONN);
+    }
+}

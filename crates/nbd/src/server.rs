@@ -1,0 +1,540 @@
+//! The async driver: sockets in, [`crate::handshake`] and [`crate::transmission`] decide,
+//! the [`Volume`] does the I/O.
+//!
+//! One connection is one task reading requests in order plus one task per accepted request
+//! (at most [`INFLIGHT_MAX`]). Replies go out in completion order, each written whole under
+//! the lock of the socket's write half, so they never interleave. Memory per connection is
+//! bounded by constants: buffered write payloads by [`WRITE_BUFFER_BYTES_MAX`] (acquired before
+//! the payload is read, so a full budget stops the reader and TCP pushes back on the client),
+//! read buffers by `INFLIGHT_MAX * READ_CHUNK_BYTES`, socket buffers by
+//! `2 * SOCKET_BUFFER_BYTES`. A write over [`REQUEST_BYTES_MAX`] is answered with EINVAL and
+//! the connection is closed: its payload is not read, and the stream cannot be resynchronised
+//! without reading it.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf,
+    WriteHalf,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinError, JoinSet};
+use tracing::{debug, error, info, warn};
+
+use crate::backend::{Exports, IoError, Volume};
+use crate::codec::{
+    decode_client_flags, DecodeError, OptionHeader, RequestHeader, SimpleReply, CLIENT_FLAGS_BYTES,
+    OPTION_HEADER_BYTES, REQUEST_BYTES_MAX, REQUEST_HEADER_BYTES,
+};
+use crate::handshake::{ExportInfo, Handshake, HandshakeError, Opened, OptionData, Step};
+use crate::transmission::{classify, Payload, Request};
+
+/// Largest piece of a read held in memory: a longer read is streamed to the socket in pieces
+/// of this size, so its length does not change the memory it takes.
+pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Requests of one connection run concurrently up to this many (qemu uses 16, fio's nbd engine
+/// its iodepth, nbdcopy 64 per connection); the next request is not read until one finishes.
+pub const INFLIGHT_MAX: usize = 64;
+/// Write payloads one connection may hold in memory at once: two maximal writes.
+pub const WRITE_BUFFER_BYTES_MAX: u32 = 2 * REQUEST_BYTES_MAX;
+/// Connections served at once by [`serve`]; more wait in the listen backlog. With the
+/// per-connection bounds above this caps the server's buffers at about 10 GiB in the worst case
+/// (every connection full of maximal writes), and at a few MiB per idle connection.
+pub const CONNECTIONS_MAX: usize = 128;
+/// A client that has not finished negotiating by then is disconnected, so stalled handshakes
+/// cannot hold connection slots.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 30_000;
+/// Buffer of each direction of the socket: small frames are read and written in few system
+/// calls, large payloads bypass it.
+pub const SOCKET_BUFFER_BYTES: usize = 64 * 1024;
+/// Pause after a failed accept (for example, out of file descriptors) before the next one.
+pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
+
+/// Why a connection ended other than by the client's choice.
+#[derive(Debug, Error)]
+pub enum ConnectionError {
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("client closed the connection in the middle of a frame")]
+    Truncated,
+    #[error("handshake not finished within {HANDSHAKE_TIMEOUT_MS} ms")]
+    HandshakeTimeout,
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("bad request frame: {0}")]
+    BadRequest(DecodeError),
+    #[error("write of {length} bytes is over REQUEST_BYTES_MAX; its payload was not read")]
+    WriteTooLarge { length: u32 },
+    #[error("volume failed after a read reply had started (cookie {cookie}): {error}")]
+    StreamedRead { cookie: u64, error: IoError },
+}
+
+/// Accepts NBD clients on `listener` until `shutdown` completes, serving at most
+/// [`CONNECTIONS_MAX`] at a time, each in its own task. Connection errors are logged, not
+/// returned. On shutdown, open connections are dropped (in-flight volume calls are cancelled).
+pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>, shutdown: impl Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(joined) = connections.join_next() => {
+                log_panic(joined);
+                continue;
+            }
+            accepted = accept_with_slot(&listener, &slots) => accepted,
+        };
+        let (stream, peer, slot) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                warn!(error = %err, "NBD accept failed");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
+                continue;
+            }
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            warn!(%peer, error = %err, "could not set TCP_NODELAY");
+        }
+        let exports = Arc::clone(&exports);
+        connections.spawn(async move {
+            let _slot = slot;
+            debug!(%peer, "NBD client connected");
+            match serve_connection(stream, exports).await {
+                Ok(()) => debug!(%peer, "NBD client disconnected"),
+                Err(err) => warn!(%peer, error = %err, "NBD connection closed on error"),
+            }
+        });
+    }
+    info!(connections = connections.len(), "NBD server shutting down");
+    connections.shutdown().await;
+}
+
+async fn accept_with_slot(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> io::Result<(tokio::net::TcpStream, std::net::SocketAddr, OwnedSemaphorePermit)> {
+    let slot = Arc::clone(slots).acquire_owned().await.expect("the slot semaphore is never closed");
+    let (stream, peer) = listener.accept().await?;
+    Ok((stream, peer, slot))
+}
+
+fn log_panic(joined: Result<(), JoinError>) {
+    if let Err(err) = joined {
+        if err.is_panic() {
+            error!(error = %err, "NBD connection task panicked");
+        }
+    }
+}
+
+/// Serves one client on `stream`: negotiation, then requests until the client disconnects.
+/// `Ok` when the client ended the session (`NBD_OPT_ABORT`, `NBD_CMD_DISC`, or closing the
+/// socket between frames).
+pub async fn serve_connection<S, E>(stream: S, exports: Arc<E>) -> Result<(), ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: Exports,
+{
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
+    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
+    let negotiation = negotiate(&mut reader, &mut writer, &*exports);
+    let negotiated = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), negotiation)
+        .await
+        .map_err(|_| ConnectionError::HandshakeTimeout)??;
+    match negotiated {
+        Some((volume, export)) => transmit(reader, writer, Arc::new(volume), export).await,
+        None => Ok(()),
+    }
+}
+
+/// Runs option haggling; `None` when the client aborted or went away.
+async fn negotiate<R, W, E>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &E,
+) -> Result<Option<(E::Volume, ExportInfo)>, ConnectionError>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+    E: Exports,
+{
+    let mut handshake = Handshake::new();
+    send(writer, &Handshake::greeting()).await?;
+    let mut flags = [0u8; CLIENT_FLAGS_BYTES];
+    if !read_frame(reader, &mut flags).await? {
+        return Ok(None);
+    }
+    handshake.on_client_flags(decode_client_flags(&flags).map_err(HandshakeError::from)?)?;
+    loop {
+        let mut raw = [0u8; OPTION_HEADER_BYTES];
+        if !read_frame(reader, &mut raw).await? {
+            return Ok(None);
+        }
+        let header = OptionHeader::decode(&raw).map_err(HandshakeError::from)?;
+        let data = match handshake.on_option_header(header) {
+            OptionData::Read(len) => {
+                let mut data = vec![0u8; len];
+                reader.read_exact(&mut data).await.map_err(eof_is_truncated)?;
+                data
+            }
+            OptionData::DrainThenTooBig(len) => {
+                discard(reader, len).await?;
+                send(writer, &Handshake::too_big_reply(header.option)).await?;
+                continue;
+            }
+            OptionData::TooBigDisconnect(err) => {
+                // Best effort: the client learns why before the connection closes.
+                let _ = send(writer, &Handshake::too_big_reply(header.option)).await;
+                return Err(err.into());
+            }
+        };
+        match handshake.on_option(header.option, &data) {
+            Step::Reply(bytes) => send(writer, &bytes).await?,
+            Step::List => send(writer, &Handshake::list_reply(&exports.list())).await?,
+            Step::Abort(bytes) => {
+                // The client may already be gone; that is its right after ABORT.
+                if send(writer, &bytes).await.is_ok() {
+                    let _ = writer.shutdown().await;
+                }
+                return Ok(None);
+            }
+            Step::Disconnect(err) => return Err(err.into()),
+            Step::Open(request) => {
+                let name = request.name.clone();
+                let (result, volume) = match exports.open(&name).await {
+                    Ok(volume) => (Ok(export_info(&volume)), Some(volume)),
+                    Err(err) => {
+                        info!(export = %name, error = %err, "NBD client asked for an export that cannot be opened");
+                        (Err(err), None)
+                    }
+                };
+                match handshake.on_opened(request, result.clone()) {
+                    Opened::Reply(bytes) => send(writer, &bytes).await?,
+                    Opened::Disconnect(err) => return Err(err.into()),
+                    Opened::Transmission(bytes) => {
+                        send(writer, &bytes).await?;
+                        let (Some(volume), Ok(export)) = (volume, result) else {
+                            unreachable!("transmission starts only on an opened export")
+                        };
+                        debug!(export = %name, size_bytes = export.size_bytes, "NBD transmission starts");
+                        return Ok(Some((volume, export)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn export_info<V: Volume>(volume: &V) -> ExportInfo {
+    ExportInfo { size_bytes: volume.size_bytes(), read_only: volume.read_only(), multi_conn: volume.multi_conn() }
+}
+
+/// The socket's write half, shared by the request tasks. Once `broken` (a reply could not be
+/// completed), nothing more is written: a half-sent read reply must not be followed by bytes
+/// the client would take for its data.
+struct ReplyWriter<W> {
+    sink: BufWriter<W>,
+    broken: bool,
+}
+
+impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
+    async fn reply(&mut self, cookie: u64, error: u32) -> Result<(), ConnectionError> {
+        if self.broken {
+            return Ok(());
+        }
+        let header = SimpleReply { error, cookie }.to_bytes();
+        let sent = async {
+            self.sink.write_all(&header).await?;
+            self.sink.flush().await
+        };
+        if let Err(err) = sent.await {
+            self.broken = true;
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    async fn write_or_break(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
+        if let Err(err) = self.sink.write_all(bytes).await {
+            self.broken = true;
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) {
+        self.broken = true;
+        let _ = self.sink.flush().await;
+        let _ = self.sink.shutdown().await;
+    }
+}
+
+/// A request accepted for execution, with the budget it holds until it is answered.
+struct Job {
+    cookie: u64,
+    request: Request,
+    payload: Bytes,
+    _inflight: OwnedSemaphorePermit,
+    _payload_budget: Option<OwnedSemaphorePermit>,
+}
+
+enum Incoming {
+    Run(Job),
+    /// `too_large` is the length of a write whose payload will not be read.
+    Rejected {
+        cookie: u64,
+        errno: u32,
+        too_large: Option<u32>,
+    },
+    Disconnect,
+}
+
+async fn transmit<S, V>(
+    mut reader: BufReader<ReadHalf<S>>,
+    writer: BufWriter<WriteHalf<S>>,
+    volume: Arc<V>,
+    export: ExportInfo,
+) -> Result<(), ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    V: Volume,
+{
+    let writer = Arc::new(Mutex::new(ReplyWriter { sink: writer, broken: false }));
+    let inflight = Arc::new(Semaphore::new(INFLIGHT_MAX));
+    let payload_budget = Arc::new(Semaphore::new(WRITE_BUFFER_BYTES_MAX as usize));
+    // Set by a task whose failure ends the connection, so the reader stops waiting for requests.
+    let (failed_tx, mut failed_rx) = watch::channel(false);
+    let failed_tx = Arc::new(failed_tx);
+    let mut tasks: JoinSet<Result<(), ConnectionError>> = JoinSet::new();
+    let mut task_error = None;
+
+    let reader_result = loop {
+        while let Some(joined) = tasks.try_join_next() {
+            keep_first_error(&mut task_error, joined);
+        }
+        if task_error.is_some() {
+            break Ok(());
+        }
+        // Cancelling `next_request` loses a partly read frame; that only happens when the
+        // connection is being torn down anyway.
+        let incoming = tokio::select! {
+            biased;
+            // The failed task's error is collected below.
+            _ = failed_rx.wait_for(|failed| *failed) => break Ok(()),
+            incoming = next_request(&mut reader, &export, &inflight, &payload_budget) => incoming,
+        };
+        match incoming {
+            Ok(Some(Incoming::Run(job))) => {
+                let volume = Arc::clone(&volume);
+                let writer = Arc::clone(&writer);
+                let failed_tx = Arc::clone(&failed_tx);
+                tasks.spawn(async move {
+                    let result = execute(job, &*volume, &writer).await;
+                    if result.is_err() {
+                        failed_tx.send_replace(true);
+                    }
+                    result
+                });
+            }
+            Ok(Some(Incoming::Rejected { cookie, errno, too_large })) => {
+                if let Err(err) = writer.lock().await.reply(cookie, errno).await {
+                    break Err(err);
+                }
+                if let Some(length) = too_large {
+                    break Err(ConnectionError::WriteTooLarge { length });
+                }
+            }
+            Ok(Some(Incoming::Disconnect)) | Ok(None) => break Ok(()),
+            Err(err) => break Err(err),
+        }
+    };
+    // Requests already accepted are finished and answered (the protocol asks this of
+    // NBD_CMD_DISC; on errors it keeps volume calls from being cut short).
+    while let Some(joined) = tasks.join_next().await {
+        keep_first_error(&mut task_error, joined);
+    }
+    writer.lock().await.close().await;
+    match (reader_result, task_error) {
+        (Err(err), _) | (Ok(()), Some(err)) => Err(err),
+        (Ok(()), None) => Ok(()),
+    }
+}
+
+fn keep_first_error(first: &mut Option<ConnectionError>, joined: Result<Result<(), ConnectionError>, JoinError>) {
+    let err = match joined {
+        Ok(Ok(())) => return,
+        Ok(Err(err)) => err,
+        Err(join_error) => ConnectionError::Io(io::Error::other(format!("request task failed: {join_error}"))),
+    };
+    if first.is_none() {
+        *first = Some(err);
+    }
+}
+
+/// Reads the next request and, for a write, its payload. `None` at a clean end of stream.
+async fn next_request<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    export: &ExportInfo,
+    inflight: &Arc<Semaphore>,
+    payload_budget: &Arc<Semaphore>,
+) -> Result<Option<Incoming>, ConnectionError> {
+    let mut raw = [0u8; REQUEST_HEADER_BYTES];
+    if !read_frame(reader, &mut raw).await? {
+        return Ok(None);
+    }
+    let header = RequestHeader::decode(&raw).map_err(ConnectionError::BadRequest)?;
+    let request = match classify(&header, export) {
+        Ok(Request::Disconnect) => return Ok(Some(Incoming::Disconnect)),
+        Ok(request) => request,
+        Err(rejection) => {
+            debug!(cookie = header.cookie, command = header.command, reason = rejection.reason, "NBD request rejected");
+            if let Payload::Discard(len) = rejection.payload {
+                discard(reader, len).await?;
+            }
+            return Ok(Some(Incoming::Rejected {
+                cookie: header.cookie,
+                errno: rejection.errno,
+                too_large: (rejection.payload == Payload::Disconnect).then_some(header.length),
+            }));
+        }
+    };
+    let inflight = Arc::clone(inflight).acquire_owned().await.expect("the inflight semaphore is never closed");
+    let (payload, payload_budget) = match request {
+        Request::Write { length, .. } => {
+            // Budget first, then the bytes: a full budget leaves the payload in the socket.
+            let permit = Arc::clone(payload_budget)
+                .acquire_many_owned(length)
+                .await
+                .expect("the payload semaphore is never closed");
+            let mut payload = BytesMut::zeroed(length as usize);
+            reader.read_exact(&mut payload).await.map_err(eof_is_truncated)?;
+            (payload.freeze(), Some(permit))
+        }
+        _ => (Bytes::new(), None),
+    };
+    Ok(Some(Incoming::Run(Job {
+        cookie: header.cookie,
+        request,
+        payload,
+        _inflight: inflight,
+        _payload_budget: payload_budget,
+    })))
+}
+
+/// Runs one request on the volume and sends its reply. An error return ends the connection.
+async fn execute<V, W>(job: Job, volume: &V, writer: &Mutex<ReplyWriter<W>>) -> Result<(), ConnectionError>
+where
+    V: Volume,
+    W: AsyncWrite + Unpin,
+{
+    let cookie = job.cookie;
+    let outcome = match job.request {
+        Request::Read { offset, length } => return stream_read(cookie, offset, length, volume, writer).await,
+        Request::Write { length: 0, .. } | Request::Trim { length: 0, .. } | Request::WriteZeroes { length: 0, .. } => {
+            Ok(())
+        }
+        Request::Write { offset, fua, .. } => volume.write(offset, job.payload, fua).await,
+        Request::Flush => volume.flush().await,
+        Request::Trim { offset, length, fua } => match volume.trim(offset, u64::from(length)).await {
+            Ok(()) if fua => volume.flush().await,
+            other => other,
+        },
+        Request::WriteZeroes { offset, length, fua } => volume.write_zeroes(offset, u64::from(length), fua).await,
+        Request::Disconnect => unreachable!("the reader handles NBD_CMD_DISC"),
+    };
+    let errno = match outcome {
+        Ok(()) => 0,
+        Err(err) => {
+            warn!(cookie, request = ?job.request, error = %err, "NBD request failed");
+            err.errno()
+        }
+    };
+    writer.lock().await.reply(cookie, errno).await
+}
+
+/// Sends a read reply through a buffer of at most [`READ_CHUNK_BYTES`]. The first piece is read
+/// before the reply header is sent, so its failure can still be reported; a failure after that
+/// can only be reported by closing the connection.
+async fn stream_read<V, W>(
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    volume: &V,
+    writer: &Mutex<ReplyWriter<W>>,
+) -> Result<(), ConnectionError>
+where
+    V: Volume,
+    W: AsyncWrite + Unpin,
+{
+    let length = u64::from(length);
+    let chunk_bytes = (READ_CHUNK_BYTES as u64).min(length);
+    let mut buf = vec![0u8; chunk_bytes as usize];
+    if chunk_bytes > 0 {
+        if let Err(err) = volume.read(offset, &mut buf).await {
+            warn!(cookie, offset, length, error = %err, "NBD read failed");
+            return writer.lock().await.reply(cookie, err.errno()).await;
+        }
+    }
+    // Held for the whole reply: its data must not be interleaved with other replies.
+    let mut sink = writer.lock().await;
+    if sink.broken {
+        return Ok(());
+    }
+    sink.write_or_break(&SimpleReply { error: 0, cookie }.to_bytes()).await?;
+    sink.write_or_break(&buf).await?;
+    let mut done = chunk_bytes;
+    while done < length {
+        let piece = &mut buf[..(length - done).min(chunk_bytes) as usize];
+        if let Err(error) = volume.read(offset + done, piece).await {
+            sink.close().await;
+            return Err(ConnectionError::StreamedRead { cookie, error });
+        }
+        sink.write_or_break(piece).await?;
+        done += piece.len() as u64;
+    }
+    if let Err(err) = sink.sink.flush().await {
+        sink.broken = true;
+        return Err(err.into());
+    }
+    Ok(())
+}
+
+async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Result<()> {
+    writer.write_all(bytes).await?;
+    writer.flush().await
+}
+
+/// Fills `buf` with the next frame. `false` if the stream ended cleanly before the frame;
+/// [`ConnectionError::Truncated`] if it ended inside it.
+async fn read_frame<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut [u8]) -> Result<bool, ConnectionError> {
+    if reader.fill_buf().await?.is_empty() {
+        return Ok(false);
+    }
+    reader.read_exact(buf).await.map_err(eof_is_truncated)?;
+    Ok(true)
+}
+
+/// Reads and drops `len` bytes through a small fixed buffer.
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> Result<(), ConnectionError> {
+    let copied = tokio::io::copy(&mut (&mut *reader).take(u64::from(len)), &mut tokio::io::sink()).await?;
+    if copied < u64::from(len) {
+        return Err(ConnectionError::Truncated);
+    }
+    Ok(())
+}
+
+fn eof_is_truncated(err: io::Error) -> ConnectionError {
+    if err.kind() == io::ErrorKind::UnexpectedEof {
+        ConnectionError::Truncated
+    } else {
+        ConnectionError::Io(err)
+    }
+}
