@@ -20,5 +20,7 @@ pub mod raft_types;
 pub mod state_machine;
 pub mod store;
 
-pub use cluster_map::{ClusterMap, MetaCmd, MetaReply, NodeRecord};
+pub use cluster_map::{
+    ClusterMap, DatasetRecord, MetaCmd, MetaReply, NodeRecord, ResyncProgress, VolumeRecord, DEFAULT_DATASET,
+};
 pub use raft_types::TypeConfig;

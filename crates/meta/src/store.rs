@@ -134,7 +134,16 @@ fn estimated_bytes(cmd: &MetaCmd) -> usize {
         MetaCmd::DeleteSetting { key } => key.len(),
         MetaCmd::RegisterNode(n) => n.site.len() + 64,
         MetaCmd::Batch(cmds) => cmds.iter().map(estimated_bytes).sum(),
-        MetaCmd::RemoveNode { .. } | MetaCmd::SetTransport { .. } => 0,
+        MetaCmd::CreateDataset { name, preferred_site, .. } => {
+            name.len() + preferred_site.as_ref().map_or(0, String::len)
+        }
+        MetaCmd::DeleteDataset { name } | MetaCmd::DeleteVolume { name } => name.len(),
+        MetaCmd::CreateVolume { name, dataset, .. } => name.len() + dataset.as_ref().map_or(0, String::len),
+        MetaCmd::SetVolumeIsr { isr, .. } | MetaCmd::Failover { isr, .. } => 8 * isr.len(),
+        MetaCmd::RemoveNode { .. }
+        | MetaCmd::SetTransport { .. }
+        | MetaCmd::SetResyncProgress { .. }
+        | MetaCmd::ClearResync { .. } => 0,
     }
 }
 
@@ -453,6 +462,18 @@ impl MetaStore {
     }
 
     async fn local_remove_node(&self, id: NodeId) -> Result<MetaReply, MetaError> {
+        // `MetaCmd::RemoveNode` refuses a node that holds replicas, but it is applied after the
+        // membership change; check first, on state that reflects every committed write, so a
+        // refused removal leaves the membership alone too.
+        let index = self.local_read_index().await?;
+        self.raft
+            .wait(Some(APPLY_WAIT))
+            .applied_index_at_least(index, "node removal check")
+            .await
+            .map_err(|e| MetaError::Unavailable(format!("could not apply up to the read index: {e}")))?;
+        if let Some(why) = self.sm.read(|st| st.map.node_in_use(id)) {
+            return Err(MetaError::Invalid(why));
+        }
         let (voters, learners) = self.membership_sets();
         let in_map = self.sm.read(|st| st.map.nodes.contains_key(&id));
         if voters.contains(&id) {

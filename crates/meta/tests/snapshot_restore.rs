@@ -30,6 +30,25 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             layer: if data { Layer::Data } else { Layer::Control },
             kind: if quic { TransportKind::Quic } else { TransportKind::Tcp },
         }),
+        ("[pq]", proptest::option::of(1u32..4), proptest::option::of("[a-c]"))
+            .prop_map(|(name, replicas, preferred_site)| MetaCmd::CreateDataset { name, replicas, preferred_site }),
+        "[pq]".prop_map(|name| MetaCmd::DeleteDataset { name }),
+        ("[vw]", proptest::option::of("[pq]"), 1u64..4).prop_map(|(name, dataset, blocks)| MetaCmd::CreateVolume {
+            name,
+            dataset,
+            size_bytes: blocks * tandem_types::BLOCK_BYTES
+        }),
+        "[vw]".prop_map(|name| MetaCmd::DeleteVolume { name }),
+        (1u64..4, 1u64..3, proptest::collection::vec(1u64..8, 1..4))
+            .prop_map(|(volume, epoch, isr)| MetaCmd::SetVolumeIsr { volume, epoch, isr }),
+        (1u64..4, 1u64..3, 1u64..8, proptest::collection::vec(1u64..8, 1..4))
+            .prop_map(|(volume, epoch, primary, isr)| MetaCmd::Failover { volume, epoch, primary, isr }),
+        (1u64..4, 1u64..8, 0u64..10).prop_map(|(volume, node, done_bytes)| MetaCmd::SetResyncProgress {
+            volume,
+            node,
+            done_bytes,
+            total_bytes: 10
+        }),
     ]
 }
 

@@ -13,10 +13,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem_meta::network::MetaError;
 use tandem_meta::store::{MetaStore, RaftStatus};
-use tandem_meta::{MetaCmd, NodeRecord};
+use tandem_meta::{DatasetRecord, MetaCmd, MetaReply, NodeRecord, VolumeRecord};
 use tandem_transport::link::{LinkStats, Mesh};
 use tandem_transport::{Layer, TransportKind};
-use tandem_types::NodeId;
+use tandem_types::{Epoch, NodeId, VolumeId};
 
 use crate::config::ClusterConfig;
 
@@ -45,6 +45,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/settings", get(list_settings))
         .route("/v1/settings/{key}", get(get_setting).put(put_setting).delete(delete_setting))
         .route("/v1/transport", get(get_transport).put(put_transport))
+        .route("/v1/datasets", get(list_datasets).post(create_dataset))
+        .route("/v1/datasets/{name}", get(get_dataset).delete(delete_dataset))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -99,6 +103,9 @@ pub struct ClusterView {
     pub node_id: NodeId,
     pub raft: RaftStatus,
     pub nodes: Vec<NodeView>,
+    /// Every volume, as this node's map holds it.
+    #[serde(default)]
+    pub volumes: Vec<VolumeView>,
 }
 
 fn node_views(records: Vec<NodeRecord>, status: &RaftStatus) -> Vec<NodeView> {
@@ -121,12 +128,15 @@ fn node_views(records: Vec<NodeRecord>, status: &RaftStatus) -> Vec<NodeView> {
 
 async fn get_cluster(State(s): State<ApiState>) -> ApiResult<ClusterView> {
     let status = s.meta.status();
-    let records = s.meta.local_read(|st| st.map.nodes.values().cloned().collect());
+    let (records, volumes) = s.meta.local_read(|st| {
+        (st.map.nodes.values().cloned().collect(), st.map.volumes.values().map(VolumeView::from).collect())
+    });
     Ok(Json(ClusterView {
         cluster_name: s.cfg.cluster.name.clone(),
         node_id: s.meta.id(),
         nodes: node_views(records, &status),
         raft: status,
+        volumes,
     }))
 }
 
@@ -253,6 +263,170 @@ async fn put_setting(
 async fn delete_setting(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult<serde_json::Value> {
     s.meta.write(MetaCmd::DeleteSetting { key: key.clone() }).await?;
     Ok(Json(serde_json::json!({ "deleted": key })))
+}
+
+/// A dataset as the API shows it: its record and the names of its volumes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DatasetView {
+    #[serde(flatten)]
+    pub record: DatasetRecord,
+    pub volumes: Vec<String>,
+}
+
+/// `POST /v1/datasets`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetRequest {
+    pub name: String,
+    /// How many nodes hold a copy; every node when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_site: Option<String>,
+}
+
+/// One replica's resync progress.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResyncView {
+    pub node: NodeId,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// A volume as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeView {
+    pub id: VolumeId,
+    pub name: String,
+    pub dataset: String,
+    pub size_bytes: u64,
+    pub replicas: Vec<NodeId>,
+    pub primary: NodeId,
+    pub isr: Vec<NodeId>,
+    pub epoch: Epoch,
+    /// Replicas being resynced, by node id.
+    pub resync: Vec<ResyncView>,
+}
+
+impl From<&VolumeRecord> for VolumeView {
+    fn from(v: &VolumeRecord) -> VolumeView {
+        VolumeView {
+            id: v.id,
+            name: v.name.clone(),
+            dataset: v.dataset.clone(),
+            size_bytes: v.size_bytes,
+            replicas: v.replicas.clone(),
+            primary: v.primary,
+            isr: v.isr.clone(),
+            epoch: v.epoch,
+            resync: v
+                .resync
+                .iter()
+                .map(|(node, p)| ResyncView { node: *node, done_bytes: p.done_bytes, total_bytes: p.total_bytes })
+                .collect(),
+        }
+    }
+}
+
+/// `POST /v1/volumes`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRequest {
+    pub name: String,
+    /// A positive multiple of the block size (4096).
+    pub size_bytes: u64,
+    /// The `default` dataset (every node) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+}
+
+fn dataset_view(map: &tandem_meta::ClusterMap, record: &DatasetRecord) -> DatasetView {
+    let volumes = map.volumes.values().filter(|v| v.dataset == record.name).map(|v| v.name.clone()).collect();
+    DatasetView { record: record.clone(), volumes }
+}
+
+/// 201 when a command created something, 200 when it already existed as asked.
+fn created_status(reply: &MetaReply) -> StatusCode {
+    match reply {
+        MetaReply::Done { changed: true } => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    }
+}
+
+fn no_dataset(name: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no dataset named {name:?}"))
+}
+
+fn no_volume(name: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no volume named {name:?}"))
+}
+
+async fn list_datasets(State(s): State<ApiState>) -> ApiResult<Vec<DatasetView>> {
+    let views = s.meta.read(|st| st.map.datasets.values().map(|d| dataset_view(&st.map, d)).collect()).await?;
+    Ok(Json(views))
+}
+
+async fn get_dataset(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<DatasetView> {
+    s.meta
+        .read(|st| st.map.datasets.get(&name).map(|d| dataset_view(&st.map, d)))
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_dataset(&name))
+}
+
+/// `POST /v1/datasets`: 201 with the new dataset, or 200 if it already existed as asked.
+async fn create_dataset(
+    State(s): State<ApiState>,
+    body: Result<Json<DatasetRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<DatasetView>), ApiError> {
+    let Json(req) = body?;
+    let name = req.name.clone();
+    let reply = s
+        .meta
+        .write(MetaCmd::CreateDataset { name: req.name, replicas: req.replicas, preferred_site: req.preferred_site })
+        .await?;
+    let view = s.meta.read(|st| st.map.datasets.get(&name).map(|d| dataset_view(&st.map, d))).await?;
+    // Only a concurrent delete can get between the write and the read.
+    let view = view.ok_or_else(|| ApiError(StatusCode::CONFLICT, format!("dataset {name:?} was deleted meanwhile")))?;
+    Ok((created_status(&reply), Json(view)))
+}
+
+async fn delete_dataset(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
+    s.meta.write(MetaCmd::DeleteDataset { name: name.clone() }).await?;
+    Ok(Json(serde_json::json!({ "deleted": name })))
+}
+
+async fn list_volumes(State(s): State<ApiState>) -> ApiResult<Vec<VolumeView>> {
+    Ok(Json(s.meta.read(|st| st.map.volumes.values().map(VolumeView::from).collect()).await?))
+}
+
+async fn get_volume(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<VolumeView> {
+    s.meta
+        .read(|st| st.map.volume_by_name(&name).map(VolumeView::from))
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_volume(&name))
+}
+
+/// `POST /v1/volumes`: 201 with the new volume, or 200 if it already existed as asked.
+async fn create_volume(
+    State(s): State<ApiState>,
+    body: Result<Json<VolumeRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    let Json(req) = body?;
+    let name = req.name.clone();
+    let reply = s
+        .meta
+        .write(MetaCmd::CreateVolume { name: req.name, dataset: req.dataset, size_bytes: req.size_bytes })
+        .await?;
+    let view = s.meta.read(|st| st.map.volume_by_name(&name).map(VolumeView::from)).await?;
+    let view = view.ok_or_else(|| ApiError(StatusCode::CONFLICT, format!("volume {name:?} was deleted meanwhile")))?;
+    Ok((created_status(&reply), Json(view)))
+}
+
+async fn delete_volume(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
+    s.meta.write(MetaCmd::DeleteVolume { name: name.clone() }).await?;
+    Ok(Json(serde_json::json!({ "deleted": name })))
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -6,12 +6,14 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use reqwest::Method;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use tandem_node::api::{ClusterView, NodeView, SettingBody, TransportView};
+use tandem_node::api::{
+    ClusterView, DatasetRequest, DatasetView, NodeView, SettingBody, TransportView, VolumeRequest, VolumeView,
+};
 use tandem_node::config::ClusterConfig;
 use tandem_transport::{Layer, TransportKind};
 use tandem_types::NodeId;
 
-use crate::{SettingCmd, Target, TransportCmd};
+use crate::{DatasetCmd, SettingCmd, Target, TransportCmd, VolumeCmd};
 
 /// A request to a node that does not answer within this long counts that node as down.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -90,6 +92,16 @@ impl Api {
         path: &str,
         body: Option<&B>,
     ) -> anyhow::Result<T> {
+        Ok(self.request_with_status(method, path, body).await?.1)
+    }
+
+    /// [`Api::request`], also returning the (successful) HTTP status.
+    pub async fn request_with_status<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<(reqwest::StatusCode, T)> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(b) = body {
@@ -104,7 +116,8 @@ impl Api {
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
             bail!("{method} {url}: {status}: {msg}");
         }
-        serde_json::from_slice(&bytes).with_context(|| format!("{method} {url}: unexpected answer"))
+        let answer = serde_json::from_slice(&bytes).with_context(|| format!("{method} {url}: unexpected answer"))?;
+        Ok((status, answer))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -141,6 +154,8 @@ pub struct StatusReport {
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     pub nodes: Vec<NodeStatus>,
+    /// Every volume, as the answering node's map holds it.
+    pub volumes: Vec<VolumeView>,
 }
 
 pub async fn status_report(api: &Api) -> anyhow::Result<StatusReport> {
@@ -193,6 +208,7 @@ pub async fn status_report(api: &Api) -> anyhow::Result<StatusReport> {
         voters: view.raft.voters,
         learners: view.raft.learners,
         nodes,
+        volumes: view.volumes,
     })
 }
 
@@ -249,6 +265,174 @@ pub fn print_status(r: &StatusReport) {
         })
         .collect();
     print_table(&["ID", "SITE", "ROLE", "MEMBER", "STATE", "API", "NBD", "RAFT", "TRANSPORT"], &rows);
+    println!();
+    if r.volumes.is_empty() {
+        println!("no volumes");
+    } else {
+        print_volumes(&r.volumes);
+    }
+}
+
+/// Parses a size: plain bytes, or a number with a suffix K, M, G or T (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "size {s:?} is not a number of bytes with an optional suffix K, M, G or T (powers of 1024), e.g. 64M or 1G"
+        )
+    };
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| format!("size {s:?} is too large"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// A size for people: exact with the largest suffix that divides it (`64M`, `12K`, `5000`),
+/// else one decimal of the largest unit it reaches (`1.5G`).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(u32, &str); 4] = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
+    for (shift, unit) in UNITS {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    for (shift, unit) in UNITS {
+        if bytes >= 1 << shift {
+            return format!("{:.1}{unit}", bytes as f64 / (1u64 << shift) as f64);
+        }
+    }
+    bytes.to_string()
+}
+
+fn ids(list: &[NodeId]) -> String {
+    list.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+}
+
+pub fn print_volumes(volumes: &[VolumeView]) {
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            let resync = if v.resync.is_empty() {
+                "-".to_string()
+            } else {
+                v.resync
+                    .iter()
+                    .map(|r| format!("{}:{}/{}", r.node, format_size(r.done_bytes), format_size(r.total_bytes)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            vec![
+                v.name.clone(),
+                v.id.to_string(),
+                format_size(v.size_bytes),
+                v.dataset.clone(),
+                v.primary.to_string(),
+                ids(&v.isr),
+                ids(&v.replicas),
+                v.epoch.to_string(),
+                resync,
+            ]
+        })
+        .collect();
+    print_table(&["VOLUME", "ID", "SIZE", "DATASET", "PRIMARY", "ISR", "REPLICAS", "EPOCH", "RESYNC"], &rows);
+}
+
+fn created(status: reqwest::StatusCode) -> &'static str {
+    if status == reqwest::StatusCode::CREATED {
+        "created"
+    } else {
+        "already exists as requested"
+    }
+}
+
+pub async fn dataset(target: &Target, cmd: DatasetCmd) -> anyhow::Result<()> {
+    let api = Api::find(target).await?;
+    match cmd {
+        DatasetCmd::Create { name, replicas, preferred_site } => {
+            let req = DatasetRequest { name, replicas, preferred_site };
+            let (status, d): (_, DatasetView) =
+                api.request_with_status(Method::POST, "/v1/datasets", Some(&req)).await?;
+            println!(
+                "dataset {} {}: replicas {}, preferred site {}",
+                d.record.name,
+                created(status),
+                ids(&d.record.replicas),
+                d.record.preferred_site.as_deref().unwrap_or("none")
+            );
+        }
+        DatasetCmd::List { json } => {
+            let all: Vec<DatasetView> = api.get("/v1/datasets").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.record.name.clone(),
+                            ids(&d.record.replicas),
+                            d.record.preferred_site.clone().unwrap_or_else(|| "-".into()),
+                            d.volumes.join(","),
+                        ]
+                    })
+                    .collect();
+                print_table(&["DATASET", "REPLICAS", "PREFERRED-SITE", "VOLUMES"], &rows);
+            }
+        }
+        DatasetCmd::Delete { name } => {
+            let _: serde_json::Value =
+                api.request::<(), _>(Method::DELETE, &format!("/v1/datasets/{name}"), None).await?;
+            println!("dataset {name} deleted");
+        }
+    }
+    Ok(())
+}
+
+pub async fn volume(target: &Target, cmd: VolumeCmd) -> anyhow::Result<()> {
+    let api = Api::find(target).await?;
+    match cmd {
+        VolumeCmd::Create { name, size, dataset } => {
+            let req = VolumeRequest { name, size_bytes: size, dataset };
+            let (status, v): (_, VolumeView) = api.request_with_status(Method::POST, "/v1/volumes", Some(&req)).await?;
+            println!(
+                "volume {} {}: id {}, {}, dataset {}, primary {}, replicas {}",
+                v.name,
+                created(status),
+                v.id,
+                format_size(v.size_bytes),
+                v.dataset,
+                v.primary,
+                ids(&v.replicas)
+            );
+        }
+        VolumeCmd::List { json } => {
+            let all: Vec<VolumeView> = api.get("/v1/volumes").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print_volumes(&all);
+            }
+        }
+        VolumeCmd::Delete { name } => {
+            let _: serde_json::Value =
+                api.request::<(), _>(Method::DELETE, &format!("/v1/volumes/{name}"), None).await?;
+            println!("volume {name} deleted");
+        }
+    }
+    Ok(())
 }
 
 /// The status as the leader sees it when there is one (a node that just restarted may still
@@ -431,4 +615,33 @@ pub async fn transport(target: &Target, cmd: TransportCmd) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes_and_refuse_the_rest() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2t"), Ok(2 << 40));
+        assert_eq!(parse_size("8k"), Ok(8192));
+        for bad in ["", "M", "12Q", "1.5G", "-1", "64MB", "1 G", "0x10", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse_size("12Q").unwrap_err().contains("K, M, G or T"));
+    }
+
+    #[test]
+    fn sizes_format_exactly_when_they_can() {
+        assert_eq!(format_size(64 << 20), "64M");
+        assert_eq!(format_size(1 << 30), "1G");
+        assert_eq!(format_size(12288), "12K");
+        assert_eq!(format_size(5000), "4.9K");
+        assert_eq!(format_size(3 << 29), "1536M");
+        assert_eq!(format_size(100), "100");
+        assert_eq!(format_size(0), "0");
+    }
 }

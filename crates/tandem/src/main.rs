@@ -76,6 +76,20 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Datasets (pods): groups of volumes replicated on the same nodes, failing over together.
+    Dataset {
+        #[command(subcommand)]
+        cmd: DatasetCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Volumes: block devices, replicated synchronously on their dataset's nodes.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+        #[command(flatten)]
+        target: Target,
+    },
     /// The node-to-node transport: switch it live, or show every link.
     Transport {
         #[command(subcommand)]
@@ -152,6 +166,47 @@ pub enum TransportCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum DatasetCmd {
+    /// Create a dataset. Its replicas are spread over the sites, the preferred site first;
+    /// its volumes' primaries are in the preferred site when it holds a replica.
+    Create {
+        name: String,
+        /// How many nodes hold a copy of each volume (default: every node).
+        #[arg(long)]
+        replicas: Option<u32>,
+        #[arg(long)]
+        preferred_site: Option<String>,
+    },
+    /// Every dataset: replicas, preferred site, volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a dataset that has no volumes.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume (in the `default` dataset, on every node, unless --dataset says).
+    Create {
+        name: String,
+        /// Bytes, or with a suffix K, M, G or T (powers of 1024): 64M, 1G. A multiple of 4096.
+        #[arg(long, value_parser = client::parse_size)]
+        size: u64,
+        #[arg(long)]
+        dataset: Option<String>,
+    },
+    /// Every volume: size, dataset, primary, in-sync set, epoch, resync progress.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume.
+    Delete { name: String },
 }
 
 fn parse_transport(s: &str) -> Result<TransportKind, String> {
@@ -232,6 +287,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Status { json, target } => client::status(&target, json).await,
         Cmd::Setting { cmd, target } => client::setting(&target, cmd).await,
+        Cmd::Dataset { cmd, target } => client::dataset(&target, cmd).await,
+        Cmd::Volume { cmd, target } => client::volume(&target, cmd).await,
         Cmd::Transport { cmd, target } => client::transport(&target, cmd).await,
         Cmd::Bench { cmd } => bench::run(cmd).await,
     }
