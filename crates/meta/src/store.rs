@@ -414,6 +414,12 @@ impl MetaStore {
         rx.await.map_err(|_| MetaError::Internal("proposer stopped".into()))?
     }
 
+    /// Succeeds only on the leader, once a majority has confirmed that it still leads (a
+    /// heartbeat round). Leases build on it.
+    pub async fn confirm_leadership(&self) -> Result<(), MetaError> {
+        self.local_read_index().await.map(|_| ())
+    }
+
     async fn local_read_index(&self) -> Result<Option<u64>, MetaError> {
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index)),

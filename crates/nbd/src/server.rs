@@ -6,7 +6,8 @@
 //! the lock of the socket's write half, so they never interleave. Memory per connection is
 //! bounded by constants: buffered write payloads by [`WRITE_BUFFER_BYTES_MAX`] (acquired before
 //! the payload is read, so a full budget stops the reader and TCP pushes back on the client),
-//! read buffers by `INFLIGHT_MAX * READ_CHUNK_BYTES`, socket buffers by
+//! read buffers by `INFLIGHT_MAX * READ_CHUNK_BYTES` (and all connections together by
+//! [`READ_BUFFER_BYTES_MAX`]), socket buffers by
 //! `2 * SOCKET_BUFFER_BYTES`. A write over [`REQUEST_BYTES_MAX`] is answered with EINVAL and
 //! the connection is closed: its payload is not read, and the stream cannot be resynchronised
 //! without reading it.
@@ -38,6 +39,11 @@ use crate::transmission::{classify, Payload, Request};
 /// Largest piece of a read held in memory: a longer read is streamed to the socket in pieces
 /// of this size, so its length does not change the memory it takes.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Read buffers of all connections of the process together: many clients reading at full
+/// queue depth wait for buffers rather than multiply them.
+pub const READ_BUFFER_BYTES_MAX: u64 = 8 * 1024 * 1024;
+const READ_BUDGET_UNIT_BYTES: u64 = 4096;
+static READ_BUDGET: Semaphore = Semaphore::const_new((READ_BUFFER_BYTES_MAX / READ_BUDGET_UNIT_BYTES) as usize);
 /// Requests of one connection run concurrently up to this many (qemu uses 16, fio's nbd engine
 /// its iodepth, nbdcopy 64 per connection); the next request is not read until one finishes.
 pub const INFLIGHT_MAX: usize = 64;
@@ -476,6 +482,8 @@ where
 {
     let length = u64::from(length);
     let chunk_bytes = (READ_CHUNK_BYTES as u64).min(length);
+    // Taken before the buffer exists and held until the reply is out: the process-wide bound.
+    let _budget = READ_BUDGET.acquire_many(chunk_bytes.div_ceil(READ_BUDGET_UNIT_BYTES) as u32).await;
     let mut buf = vec![0u8; chunk_bytes as usize];
     if chunk_bytes > 0 {
         if let Err(err) = volume.read(offset, &mut buf).await {

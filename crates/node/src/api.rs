@@ -19,6 +19,7 @@ use tandem_transport::{Layer, TransportKind};
 use tandem_types::{Epoch, NodeId, VolumeId};
 
 use crate::config::ClusterConfig;
+use crate::volumes::Plane;
 
 /// Request bodies are small JSON documents; anything larger is refused unread.
 const BODY_BYTES_MAX: usize = 64 * 1024;
@@ -28,11 +29,12 @@ pub struct ApiState {
     meta: Arc<MetaStore>,
     cfg: Arc<ClusterConfig>,
     transport: Mesh,
+    plane: Plane,
 }
 
 impl ApiState {
-    pub fn new(meta: Arc<MetaStore>, cfg: Arc<ClusterConfig>, transport: Mesh) -> ApiState {
-        ApiState { meta, cfg, transport }
+    pub fn new(meta: Arc<MetaStore>, cfg: Arc<ClusterConfig>, transport: Mesh, plane: Plane) -> ApiState {
+        ApiState { meta, cfg, transport, plane }
     }
 }
 
@@ -49,6 +51,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/datasets/{name}", get(get_dataset).delete(delete_dataset))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/local/volumes", get(local_volumes))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -462,4 +465,30 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         }
     }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// This node's own copies of volumes: whether it serves each as primary, resync figures, and a
+/// digest of its data (for comparing replicas). Answered locally, never forwarded.
+async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
+    let plane = st.plane.clone();
+    let volumes = tokio::task::spawn_blocking(move || {
+        plane
+            .stats()
+            .into_iter()
+            .map(|v| {
+                let digest = plane.local_digest(v.id).map(|d| format!("{d:016x}")).ok();
+                serde_json::json!({
+                    "id": v.id,
+                    "name": v.name,
+                    "serving": v.serving,
+                    "resync_bytes_sent": v.resync_bytes_sent,
+                    "resync_bytes_compared": v.resync_bytes_compared,
+                    "digest": digest,
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    Json(serde_json::json!({ "node": st.meta.id(), "volumes": volumes }))
 }

@@ -4,10 +4,14 @@
 //! - [`config`]: the cluster config file (TOML), parsed and validated.
 //! - [`api`]: the HTTP/JSON admin API (axum). It validates input and calls the metadata store;
 //!   it holds no state of its own.
+//! - [`lease`]: this node's lease, and on the Raft leader the failure detector and failover.
+//! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, NBD.
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
 
 pub mod api;
 pub mod config;
+pub mod lease;
+pub mod volumes;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,6 +19,8 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use tandem_meta::store::MetaStore;
+use tandem_replication::driver::{DataPlane, DataPlaneConfig};
+use tandem_storage::SledStore;
 use tandem_transport::link::{Listeners, Mesh};
 use tandem_transport::ring::RegionRegistry;
 use tandem_transport::tls::Identity;
@@ -22,11 +28,14 @@ use tandem_transport::{Channel, Layer, Transport, TransportKind};
 use tandem_types::NodeId;
 use tokio::net::TcpListener;
 
+use crate::lease::Leases;
+
 use crate::config::ClusterConfig;
 
-/// Region buffers for one-sided writes from peers (the data plane registers regions in them).
-const REGION_BUFFERS: usize = 8;
-const REGION_BYTES: usize = 4 * 1024 * 1024;
+/// Region buffers for one-sided writes from peers: the data plane registers one per peer, so
+/// this bounds the cluster size a node can replicate with.
+const REGION_BUFFERS: usize = 32;
+const REGION_BYTES: usize = tandem_replication::driver::REGION_BYTES;
 const REGION_COMPLETIONS_MAX: usize = 1024;
 
 fn bind_error(id: NodeId, field: &str, addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
@@ -50,6 +59,7 @@ pub async fn run(
     let listeners =
         Listeners::bind(me.raft_addr).await.map_err(|e| bind_error(id, "raft_addr (TCP and UDP)", me.raft_addr, e))?;
     let api_listener = TcpListener::bind(me.api_addr).await.map_err(|e| bind_error(id, "api_addr", me.api_addr, e))?;
+    let nbd_listener = TcpListener::bind(me.nbd_addr).await.map_err(|e| bind_error(id, "nbd_addr", me.nbd_addr, e))?;
 
     let default_kind = cfg.cluster.transport;
     let regions = RegionRegistry::new(REGION_BUFFERS, REGION_BYTES, REGION_COMPLETIONS_MAX);
@@ -66,10 +76,30 @@ pub async fn run(
     mesh.set_handler(Channel::Control, meta.handler());
     follow_transport_policy(meta.clone(), mesh.clone(), default_kind);
 
+    let leases = Leases::new(id, meta.clone());
+    mesh.set_handler(Channel::Probe, leases.handler());
+    leases.spawn_renewal(mesh.clone());
+    leases.spawn_supervisor();
+    let store = SledStore::open(&data_dir.join("blocks"))
+        .map_err(|e| anyhow!("node {id}: cannot open the block store: {e}"))?;
+    let coord = Arc::new(volumes::MetaCoordinator { meta: meta.clone(), leases: leases.clone() });
+    let plane = DataPlane::start(id, mesh.clone(), Arc::new(store), coord, DataPlaneConfig::default());
+    volumes::follow_volumes(meta.clone(), plane.clone());
+    let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let nbd = tokio::spawn(tandem_nbd::serve(
+        nbd_listener,
+        Arc::new(volumes::NbdExports { plane: plane.clone() }),
+        async move {
+            let _ = nbd_stop_rx.await;
+        },
+    ));
+
     tracing::info!(node = id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");
-    let state = api::ApiState::new(meta.clone(), Arc::new(cfg), mesh.clone());
+    let state = api::ApiState::new(meta.clone(), Arc::new(cfg), mesh.clone(), plane.clone());
     let served = axum::serve(api_listener, api::router(state)).with_graceful_shutdown(shutdown).await;
     tracing::info!(node = id, "stopping");
+    let _ = nbd_stop_tx.send(());
+    let _ = nbd.await;
     meta.shutdown().await;
     mesh.shutdown();
     served.context("admin API server failed")?;

@@ -3,8 +3,12 @@
 //! - [`protocol`]: the primary's and the backups' state machines. No I/O, no clock, no tokio:
 //!   inputs in, [`protocol::Output`]s out. Every invariant of the replication model (I1–I5,
 //!   docs/ARCHITECTURE.md) is kept here and tested without a network.
+//! - [`driver`]: [`driver::DataPlane`] runs the protocol for every volume of a node over the
+//!   transport's rings and channels and the node's block store, and serves (or proxies) host
+//!   I/O. docs/PROTOCOL.md walks through its sequences.
 //!
 //! This crate never talks to Raft directly: the node hands it the committed volume
 //! configuration and carries its ISR proposals to the metadata store.
 
+pub mod driver;
 pub mod protocol;

@@ -51,46 +51,96 @@ pub fn chunks_of(offset: u64, len: u64) -> Range<u64> {
 }
 
 /// Where a replica wrote recently, bounded. `complete` is false when the log does not reach
-/// back far enough to be trusted (the process restarted since the volume was opened).
+/// back far enough to be trusted (the process restarted since the volume was opened, or a
+/// copy had to push out an entry).
+///
+/// Two kinds of entries: writes ([`RecentLog::record`]) and chunks received by copy
+/// ([`RecentLog::record_copy`]). A write entry may be pushed out by newer entries: while a
+/// write is not on every ISR member, fewer than [`INFLIGHT_WRITES_MAX`] writes follow it. A
+/// copy gives no such bound (a resync or reconciliation copies any number of chunks, and a
+/// primary may die between copying a chunk to one member and to the next), so an entry is
+/// never pushed out for a copy, nor a copy entry pushed out, without the log becoming
+/// incomplete.
 #[derive(Clone, Debug)]
 pub struct RecentLog {
-    ranges: VecDeque<(u64, u64)>,
+    entries: VecDeque<RecentEntry>,
     complete: bool,
+    entries_max: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RecentEntry {
+    offset: u64,
+    len: u64,
+    /// Received by copy since the log was last marked complete.
+    copy: bool,
 }
 
 impl RecentLog {
     /// A log for a process that just started: it knows nothing of what came before.
     pub fn after_restart() -> RecentLog {
-        RecentLog { ranges: VecDeque::new(), complete: false }
+        RecentLog { entries: VecDeque::new(), complete: false, entries_max: RECENT_WRITES_MAX }
     }
 
     /// A log for a volume that was just created (every replica holds zeros).
     pub fn fresh() -> RecentLog {
-        RecentLog { ranges: VecDeque::new(), complete: true }
+        RecentLog { entries: VecDeque::new(), complete: true, entries_max: RECENT_WRITES_MAX }
+    }
+
+    /// The same log with room for `entries_max` entries instead of [`RECENT_WRITES_MAX`]:
+    /// simulations scale the bounds down. It must exceed the writes a primary keeps in flight.
+    pub fn with_entries_max(mut self, entries_max: usize) -> RecentLog {
+        assert!(entries_max > 0);
+        self.entries_max = entries_max;
+        while self.entries.len() > entries_max {
+            self.entries.pop_front();
+            self.complete = false;
+        }
+        self
     }
 
     /// Declares the log trustworthy from now on: the replica was just made identical to its
-    /// primary (a resync or reconciliation finished).
+    /// primary (a resync or reconciliation finished). What it recorded stays: a write it
+    /// applied just before may not have reached the other replicas yet, and if the primary
+    /// dies now, this log is what tells the next one to reconcile that range. Copies received
+    /// so far are now the primary's data and age like writes.
     pub fn mark_complete(&mut self) {
-        self.ranges.clear();
         self.complete = true;
+        for e in &mut self.entries {
+            e.copy = false;
+        }
     }
 
+    /// A host write applied at `offset`, `len` bytes.
     pub fn record(&mut self, offset: u64, len: u64) {
-        if self.ranges.len() == RECENT_WRITES_MAX {
-            self.ranges.pop_front();
+        self.push(RecentEntry { offset, len, copy: false });
+    }
+
+    /// A chunk (or range) made identical to the primary's by a copy. The driver records every
+    /// copy it accepts: the copy may carry writes that other ISR members lack, and if the
+    /// primary dies before they have them, only this log shows the next primary where.
+    pub fn record_copy(&mut self, offset: u64, len: u64) {
+        self.push(RecentEntry { offset, len, copy: true });
+    }
+
+    fn push(&mut self, e: RecentEntry) {
+        if self.entries.len() == self.entries_max {
+            let old = self.entries.pop_front().expect("full");
+            if old.copy || e.copy {
+                self.complete = false;
+            }
         }
-        self.ranges.push_back((offset, len));
+        self.entries.push_back(e);
     }
 
     /// The block-aligned ranges written recently, or `None` if the log cannot be trusted.
     pub fn ranges(&self) -> Option<Vec<(u64, u64)>> {
         self.complete.then(|| {
-            self.ranges
+            self.entries
                 .iter()
-                .map(|&(o, l)| {
-                    let start = o / BLOCK_BYTES * BLOCK_BYTES;
-                    let end = (o + l).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+                .map(|e| {
+                    let start = e.offset / BLOCK_BYTES * BLOCK_BYTES;
+                    let end = (e.offset + e.len).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
                     (start, end - start)
                 })
                 .collect()
@@ -228,7 +278,8 @@ pub enum Output {
     Open { to: NodeId, start_seq: Seq },
     /// Make chunk `chunk` of `to` identical to the local copy (compare checksums, send what
     /// differs, wait until durable there). Read the local data before handling any later
-    /// output. Answer with `on_copied` or `on_member_failed`.
+    /// output. The member records the chunk with [`RecentLog::record_copy`] before it
+    /// answers. Answer with `on_copied` or `on_member_failed`.
     Copy { to: NodeId, chunk: u64 },
     /// Propose the ISR `isr` for this epoch through Raft; answer with `on_isr_committed`,
     /// `on_isr_refused` (a newer epoch: deposed) or `on_isr_unavailable` (try again).
@@ -441,6 +492,25 @@ impl Primary {
                 m.state = MemberState::Leaving;
                 m.copying = None;
                 self.propose();
+                self.drop_leavers();
+            }
+            MemberState::Opening | MemberState::Syncing
+                if self.phase == Phase::Reconciling && self.committed_isr.contains(&n) =>
+            {
+                // A member being reconciled is still in the committed ISR: it leaves only
+                // through a committed shrink (I3), and the volume is not served before (I4).
+                // What it still lacks is what was left to copy, or, if it never reported its
+                // recent writes, unknown.
+                if m.state == MemberState::Opening {
+                    m.dirty = Dirty::all(self.chunks_total);
+                }
+                if let Some((c, _)) = m.copying.take() {
+                    m.dirty.add(c..c + 1);
+                }
+                m.state = MemberState::Leaving;
+                m.recent = None;
+                self.propose();
+                self.maybe_finish_reconcile();
             }
             MemberState::Opening | MemberState::Syncing => {
                 m.state = MemberState::Out;
@@ -449,7 +519,8 @@ impl Primary {
                 }
                 m.recent = None;
                 for p in self.pending.values_mut() {
-                    if p.extra.remove(&n) {
+                    // Also what it has but another member may still lack: see `drop_leavers`.
+                    if p.extra.remove(&n) || !p.completed {
                         m.dirty.add(p.chunks.clone());
                     }
                 }
@@ -465,11 +536,18 @@ impl Primary {
     }
 
     /// The ISR this primary wants: itself and every member that gates writes, except those
-    /// leaving.
+    /// leaving; while reconciling, also the committed members still being reconciled (they
+    /// leave only if they fail).
     fn desired_isr(&self) -> BTreeSet<NodeId> {
+        let reconciling = self.phase == Phase::Reconciling;
         let mut isr = BTreeSet::from([self.me]);
         for (&n, m) in &self.members {
-            if matches!(m.state, MemberState::InSync | MemberState::Joining) {
+            let keep = match m.state {
+                MemberState::InSync | MemberState::Joining => true,
+                MemberState::Opening | MemberState::Syncing => reconciling && self.committed_isr.contains(&n),
+                MemberState::Leaving | MemberState::Out => false,
+            };
+            if keep {
                 isr.insert(n);
             }
         }
@@ -492,30 +570,45 @@ impl Primary {
         let isr: BTreeSet<NodeId> = isr.iter().copied().collect();
         self.proposing = None;
         self.committed_isr = isr.clone();
+        for (&n, m) in self.members.iter_mut() {
+            if m.state == MemberState::Joining && isr.contains(&n) {
+                m.state = MemberState::InSync;
+                self.outputs.push_back(Output::Progress { node: n, done_chunks: 0, total_chunks: 0 });
+            }
+        }
+        self.drop_leavers();
+        self.propose();
+        self.maybe_finish_reconcile();
+    }
+
+    /// Failed members that are neither in the committed ISR nor in a proposal that may still
+    /// commit stop gating writes: no shrink has to commit for them to go (a member that failed
+    /// while `Joining` before its grow committed). The writes they held back are released and
+    /// what they miss is remembered as dirty, and so is every write not yet complete, even one
+    /// they acknowledged: if they restarted, their recent log forgot it, and when they are back
+    /// in the ISR only the copy of that chunk (recorded in their log) still shows where they
+    /// may differ from a member that has not received it yet.
+    fn drop_leavers(&mut self) {
         let mut released = Vec::new();
         for (&n, m) in self.members.iter_mut() {
-            match m.state {
-                MemberState::Leaving if !isr.contains(&n) => {
-                    m.state = MemberState::Out;
-                    for (&s, p) in self.pending.iter_mut() {
-                        if p.need.remove(&n) {
-                            m.dirty.add(p.chunks.clone());
-                            released.push(s);
-                        }
-                    }
+            let may_be_in_isr =
+                self.committed_isr.contains(&n) || self.proposing.as_ref().is_some_and(|p| p.contains(&n));
+            if m.state != MemberState::Leaving || may_be_in_isr {
+                continue;
+            }
+            m.state = MemberState::Out;
+            for (&s, p) in self.pending.iter_mut() {
+                if p.need.remove(&n) {
+                    released.push(s);
                 }
-                MemberState::Joining if isr.contains(&n) => {
-                    m.state = MemberState::InSync;
-                    self.outputs.push_back(Output::Progress { node: n, done_chunks: 0, total_chunks: 0 });
+                if !p.completed {
+                    m.dirty.add(p.chunks.clone());
                 }
-                _ => {}
             }
         }
         for s in released {
             self.settle(s);
         }
-        self.propose();
-        self.maybe_finish_reconcile();
     }
 
     /// The ISR proposal was refused because the epoch moved on: this primary is deposed.
@@ -524,9 +617,12 @@ impl Primary {
     }
 
     /// The proposal could not be carried out (no Raft leader reachable); it is made again on
-    /// the next tick.
+    /// the next tick. Call it only when the proposal is known not to have committed: a
+    /// proposal that may still commit must be answered with its outcome.
     pub fn on_isr_unavailable(&mut self) {
         self.proposing = None;
+        self.drop_leavers();
+        self.maybe_finish_reconcile();
     }
 
     /// Stops serving: fails every write in flight. The driver calls it when the cluster map
@@ -647,7 +743,11 @@ impl Primary {
         m.copying = None;
         m.chunks_done += 1;
         if m.chunks_done % 16 == 0 || m.dirty.is_empty() {
-            self.outputs.push_back(Output::Progress { node: n, done_chunks: m.chunks_done, total_chunks: m.chunks_total });
+            self.outputs.push_back(Output::Progress {
+                node: n,
+                done_chunks: m.chunks_done,
+                total_chunks: m.chunks_total,
+            });
         }
         self.release_deferred_soon();
         self.advance_copies();
@@ -841,10 +941,7 @@ mod tests {
     fn serving() -> (Primary, Instant) {
         let now = Instant::now();
         let mut p = Primary::new(now, 9, 1, 2, 8 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], Some(vec![]), cfg());
-        assert_eq!(
-            drain(&mut p),
-            vec![Output::Open { to: 2, start_seq: 1 }, Output::Open { to: 3, start_seq: 1 }]
-        );
+        assert_eq!(drain(&mut p), vec![Output::Open { to: 2, start_seq: 1 }, Output::Open { to: 3, start_seq: 1 }]);
         p.on_opened(2, Some(vec![]));
         p.on_opened(3, Some(vec![]));
         let out = drain(&mut p);
@@ -932,7 +1029,8 @@ mod tests {
 
     #[test]
     fn a_new_primary_reconciles_the_union_of_recent_writes_before_serving() {
-        let mut p = Primary::new(Instant::now(), 9, 2, 3, 8 * CHUNK_BYTES, &[1, 2, 3], &[2, 3], Some(vec![(0, 4096)]), cfg());
+        let mut p =
+            Primary::new(Instant::now(), 9, 2, 3, 8 * CHUNK_BYTES, &[1, 2, 3], &[2, 3], Some(vec![(0, 4096)]), cfg());
         assert_eq!(drain(&mut p), vec![Output::Open { to: 3, start_seq: 1 }]);
         assert_eq!(p.member_state(1), Some(MemberState::Out));
         p.on_opened(3, Some(vec![(3 * CHUNK_BYTES, 8192)]));
@@ -990,6 +1088,62 @@ mod tests {
         assert!(matches!(b.check(1, 2, Some(6)), Err(Refusal::NoSession { .. })));
         b.on_epoch(3);
         assert!(matches!(b.check(3, 2, Some(6)), Err(Refusal::StaleEpoch { .. })));
+    }
+
+    #[test]
+    fn a_member_failing_during_reconciliation_leaves_only_through_a_committed_shrink() {
+        let now = Instant::now();
+        let mut p = Primary::new(now, 9, 1, 2, 8 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], Some(vec![]), cfg());
+        drain(&mut p);
+        // Reconciling members are not proposed out on a tick.
+        p.on_tick(now + Duration::from_secs(5));
+        assert!(drain(&mut p).is_empty());
+        p.on_opened(2, Some(vec![]));
+        p.on_member_failed(3);
+        let out = drain(&mut p);
+        assert!(out.contains(&Output::ProposeIsr { isr: vec![1, 2] }), "{out:?}");
+        assert!(!out.contains(&Output::Serving), "{out:?}");
+        assert_eq!(p.member_state(3), Some(MemberState::Leaving));
+        assert_eq!(p.phase(), Phase::Reconciling);
+        p.on_isr_committed(&[1, 2]);
+        assert!(drain(&mut p).contains(&Output::Serving));
+        assert_eq!(p.member_state(3), Some(MemberState::Out));
+    }
+
+    #[test]
+    fn a_joining_member_that_fails_before_its_grow_commits_stops_gating_writes() {
+        let (mut p, now) = serving();
+        p.on_member_failed(3);
+        drain(&mut p);
+        p.on_isr_committed(&[1, 2]);
+        p.start_resync(3);
+        p.on_opened(3, Some(vec![]));
+        assert!(drain(&mut p).contains(&Output::ProposeIsr { isr: vec![1, 2, 3] }));
+        p.on_isr_unavailable();
+        p.on_member_failed(3);
+        assert_eq!(p.member_state(3), Some(MemberState::Out));
+        p.on_write(now, 1, 0, 4096);
+        assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: 1, to: vec![2] }]);
+        p.on_local_durable(1);
+        p.on_ack(2, 1);
+        assert_eq!(drain(&mut p), vec![Output::Complete { token: 1 }]);
+    }
+
+    #[test]
+    fn recent_log_keeps_entries_when_marked_complete_and_copies_never_push_out_silently() {
+        let mut log = RecentLog::after_restart().with_entries_max(2);
+        log.record(0, 4096);
+        log.mark_complete();
+        assert_eq!(log.ranges(), Some(vec![(0, 4096)]));
+        log.record(8192, 4096);
+        log.record(16384, 4096);
+        assert_eq!(log.ranges(), Some(vec![(8192, 4096), (16384, 4096)]), "writes age out");
+        log.record_copy(CHUNK_BYTES, CHUNK_BYTES);
+        assert_eq!(log.ranges(), None, "a copy pushed out an entry");
+        log.mark_complete();
+        log.record_copy(2 * CHUNK_BYTES, CHUNK_BYTES);
+        log.record(0, 1);
+        assert_eq!(log.ranges(), None, "a copy entry was pushed out");
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! Which channel carries what (see docs/PROTOCOL.md for the sequences):
 //! - `replication`: [`Record`]s from primary to backup, through the descriptor ring (a one-sided
 //!   write into the backup's region for that primary); [`DataMsg::Open`], [`DataMsg::Acks`],
-//!   [`DataMsg::Nack`] and the proxied host I/O as ordinary requests.
-//! - `bulk`: [`DataMsg::Checksums`] and [`DataMsg::Chunk`] of resync and reconciliation.
+//!   [`DataMsg::Nack`] as ordinary requests.
+//! - `bulk`: [`DataMsg::Checksums`] and [`DataMsg::Chunk`] of resync and reconciliation, and
+//!   host I/O proxied to the primary.
 
 use serde::{Deserialize, Serialize};
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
@@ -79,21 +80,67 @@ pub fn decode_record(bytes: &[u8]) -> Result<(RecordHeader, &[u8]), CodecError> 
 pub enum DataMsg {
     /// Primary → replica: from now on accept records of `epoch` from me, the first with a
     /// sequence number of at least `start_seq`. The reply is [`DataReply::Opened`].
-    Open { volume: VolumeId, epoch: Epoch, primary: NodeId, start_seq: Seq },
+    Open {
+        volume: VolumeId,
+        epoch: Epoch,
+        primary: NodeId,
+        start_seq: Seq,
+    },
     /// Backup → primary: these records are durable here.
-    Acks { volume: VolumeId, epoch: Epoch, seqs: Vec<Seq> },
+    Acks {
+        volume: VolumeId,
+        epoch: Epoch,
+        seqs: Vec<Seq>,
+    },
     /// Backup → primary: this record was refused, and will not be applied.
-    Nack { volume: VolumeId, epoch: Epoch, seq: Seq, reason: String },
+    Nack {
+        volume: VolumeId,
+        epoch: Epoch,
+        seq: Seq,
+        reason: String,
+    },
     /// Primary → replica (bulk): the per-block checksums of a block-aligned range.
-    Checksums { volume: VolumeId, epoch: Epoch, offset: u64, len: u64 },
+    Checksums {
+        volume: VolumeId,
+        epoch: Epoch,
+        offset: u64,
+        len: u64,
+    },
     /// Primary → replica (bulk): overwrite a block-aligned range with the primary's data, and
     /// make it durable before answering.
-    Chunk { volume: VolumeId, epoch: Epoch, offset: u64, data: Vec<u8> },
+    Chunk {
+        volume: VolumeId,
+        epoch: Epoch,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Primary → member: you are level with me and back in the ISR; from now on your log of
+    /// recent writes is complete (reconciliation may trust it).
+    Level {
+        volume: VolumeId,
+        epoch: Epoch,
+    },
     /// Any node → primary: host I/O arriving at a node that does not serve the volume.
-    ProxyRead { volume: VolumeId, offset: u64, len: u64 },
-    ProxyWrite { volume: VolumeId, offset: u64, data: Vec<u8>, fua: bool },
-    ProxyZeroes { volume: VolumeId, offset: u64, len: u64, fua: bool },
-    ProxyFlush { volume: VolumeId },
+    ProxyRead {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    },
+    ProxyWrite {
+        volume: VolumeId,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    ProxyZeroes {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    ProxyFlush {
+        volume: VolumeId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +148,9 @@ pub enum DataReply {
     Ok,
     /// The replica's recent writes, as block-aligned ranges, for reconciliation; `None` when it
     /// cannot tell (it restarted since it last opened), so every block must be compared.
-    Opened { recent: Option<Vec<(u64, u64)>> },
+    Opened {
+        recent: Option<Vec<(u64, u64)>>,
+    },
     Checksums(Vec<u32>),
     Data(Vec<u8>),
     /// Refused: a newer epoch, not the primary, no such volume, bad range. The text says which.

@@ -1,0 +1,225 @@
+//! Leases and failure detection: how a primary knows it may still serve, and how the cluster
+//! decides that a primary is gone.
+//!
+//! Every node asks the Raft leader for a lease every [`RENEW_EVERY`] on the `probe` channel.
+//! The leader answers only after confirming with a majority that it still leads, and notes
+//! when it last heard from each node. A node's lease lasts [`LEASE`] from the moment it *sent*
+//! the granted request; the leader declares a node failed only after [`FAILURE_TIMEOUT`]
+//! without hearing from it, measured from when it *received* the request. As `LEASE <
+//! FAILURE_TIMEOUT`, a primary's lease has ended before anyone can replace it (I2), even if
+//! clocks run at slightly different rates. A leader that just took over knows nothing of the
+//! past, so it counts every node as heard from at the moment it became leader.
+//!
+//! The supervisor runs on the leader: for every volume whose primary has failed, it commits a
+//! `Failover` to a live member of the committed ISR (I4: the new primary reconciles before it
+//! serves).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tandem_meta::store::MetaStore;
+use tandem_meta::MetaCmd;
+use tandem_transport::link::Mesh;
+use tandem_transport::{BoxFuture, Channel, Handler};
+use tandem_types::NodeId;
+use tandem_wire::data::{ProbeMsg, ProbeReply};
+
+/// How long a granted lease lasts, from when its request was sent.
+pub const LEASE: Duration = Duration::from_millis(1500);
+/// How long the leader waits without hearing from a node before it fails the node's volumes
+/// over. Must exceed [`LEASE`] by more than the clock drift over that span.
+pub const FAILURE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// How often a node renews its lease: several renewals per lease, so one lost request does
+/// not cost the lease.
+pub const RENEW_EVERY: Duration = Duration::from_millis(250);
+/// How long one renewal may take before it counts as failed.
+const RENEW_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How often the leader's supervisor looks for failed primaries.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+
+/// This node's lease and, when it leads, what it heard from the others.
+pub struct Leases {
+    me: NodeId,
+    meta: Arc<MetaStore>,
+    until: Mutex<Option<Instant>>,
+    heard: Mutex<HashMap<NodeId, Instant>>,
+    /// When this node last became leader (None while it does not lead).
+    leading_since: Mutex<Option<Instant>>,
+}
+
+impl Leases {
+    pub fn new(me: NodeId, meta: Arc<MetaStore>) -> Arc<Leases> {
+        Arc::new(Leases {
+            me,
+            meta,
+            until: Mutex::new(None),
+            heard: Mutex::new(HashMap::new()),
+            leading_since: Mutex::new(None),
+        })
+    }
+
+    pub fn valid(&self) -> bool {
+        self.until.lock().expect("lease lock").is_some_and(|u| Instant::now() < u)
+    }
+
+    fn extend(&self, sent: Instant) {
+        let mut until = self.until.lock().expect("lease lock");
+        let new = sent + LEASE;
+        if until.is_none_or(|u| u < new) {
+            *until = Some(new);
+        }
+    }
+
+    /// On the leader: confirm leadership with a majority, then note that `from` is alive.
+    async fn grant(&self, from: NodeId) -> ProbeReply {
+        match tokio::time::timeout(RENEW_TIMEOUT, self.meta.confirm_leadership()).await {
+            Ok(Ok(())) => {
+                self.heard.lock().expect("heard lock").insert(from, Instant::now());
+                ProbeReply::Granted
+            }
+            _ => ProbeReply::NotLeader(self.meta.status().leader.filter(|l| *l != self.me)),
+        }
+    }
+
+    /// Whether the leader heard from `node` recently (only meaningful on the leader).
+    fn alive(&self, node: NodeId, now: Instant, since: Instant) -> bool {
+        let heard = self.heard.lock().expect("heard lock").get(&node).copied();
+        let last = heard.map_or(since, |h| h.max(since));
+        now.saturating_duration_since(last) < FAILURE_TIMEOUT
+    }
+
+    /// The probe channel's handler: lease requests and pings.
+    pub fn handler(self: &Arc<Self>) -> Arc<dyn Handler> {
+        Arc::new(ProbeHandler { leases: self.clone() })
+    }
+
+    /// Renews this node's lease for as long as the node runs.
+    pub fn spawn_renewal(self: &Arc<Self>, mesh: Mesh) {
+        let leases = self.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(RENEW_EVERY);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let sent = Instant::now();
+                let granted = match leases.meta.status().leader {
+                    Some(l) if l == leases.me => matches!(leases.grant(leases.me).await, ProbeReply::Granted),
+                    Some(l) => request_lease(&mesh, l).await,
+                    None => false,
+                };
+                if granted {
+                    leases.extend(sent);
+                }
+            }
+        });
+    }
+
+    /// Runs the failover supervisor (it acts only while this node leads).
+    pub fn spawn_supervisor(self: &Arc<Self>) {
+        let leases = self.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(SUPERVISE_EVERY);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                leases.supervise().await;
+            }
+        });
+    }
+
+    async fn supervise(&self) {
+        let status = self.meta.status();
+        let now = Instant::now();
+        let since = {
+            let mut s = self.leading_since.lock().expect("leading lock");
+            if status.role != "leader" {
+                *s = None;
+                self.heard.lock().expect("heard lock").clear();
+                return;
+            }
+            *s.get_or_insert(now)
+        };
+        self.heard.lock().expect("heard lock").insert(self.me, now);
+        let (volumes, sites, preferred) = self.meta.local_read(|st| {
+            let sites: HashMap<NodeId, String> = st.map.nodes.iter().map(|(id, n)| (*id, n.site.clone())).collect();
+            let preferred: HashMap<String, Option<String>> =
+                st.map.datasets.iter().map(|(name, d)| (name.clone(), d.preferred_site.clone())).collect();
+            (st.map.volumes.values().cloned().collect::<Vec<_>>(), sites, preferred)
+        });
+        for v in volumes {
+            if self.alive(v.primary, now, since) {
+                continue;
+            }
+            let live: Vec<NodeId> =
+                v.isr.iter().copied().filter(|&n| n != v.primary && self.alive(n, now, since)).collect();
+            let want_site = preferred.get(&v.dataset).cloned().flatten();
+            let Some(new_primary) = pick_primary(&live, &sites, want_site.as_deref()) else {
+                tracing::warn!(volume = %v.name, primary = v.primary, "primary failed and no in-sync replica is alive");
+                continue;
+            };
+            tracing::warn!(volume = %v.name, old = v.primary, new = new_primary, epoch = v.epoch + 1, "failing over");
+            let cmd = MetaCmd::Failover { volume: v.id, epoch: v.epoch, primary: new_primary, isr: live };
+            if let Err(e) = self.meta.write(cmd).await {
+                tracing::warn!(volume = %v.name, error = %e, "failover not committed");
+            }
+        }
+    }
+}
+
+/// The new primary: a live in-sync replica, in the dataset's preferred site when possible,
+/// else the lowest id (deterministic, so two leaders in a row pick the same).
+pub fn pick_primary(live: &[NodeId], sites: &HashMap<NodeId, String>, preferred: Option<&str>) -> Option<NodeId> {
+    let in_site =
+        live.iter().copied().filter(|n| preferred.is_some() && sites.get(n).map(String::as_str) == preferred).min();
+    in_site.or_else(|| live.iter().copied().min())
+}
+
+async fn request_lease(mesh: &Mesh, leader: NodeId) -> bool {
+    let Ok(payload) = ProbeMsg::LeaseRequest.encode() else { return false };
+    let call = async {
+        let reply = mesh.send(leader, Channel::Probe, Bytes::from(payload)).await.ok()?;
+        let bytes = reply.wait().await.ok()?;
+        ProbeReply::decode(&bytes).ok()
+    };
+    matches!(tokio::time::timeout(RENEW_TIMEOUT, call).await, Ok(Some(ProbeReply::Granted)))
+}
+
+struct ProbeHandler {
+    leases: Arc<Leases>,
+}
+
+impl Handler for ProbeHandler {
+    fn handle(&self, from: NodeId, _channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let msg = ProbeMsg::decode(&payload).map_err(|e| e.to_string())?;
+            let reply = match msg {
+                ProbeMsg::LeaseRequest => self.leases.grant(from).await,
+                ProbeMsg::Ping => ProbeReply::Pong,
+            };
+            reply.encode().map(Bytes::from).map_err(|e| e.to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_new_primary_prefers_the_preferred_site_then_the_lowest_id() {
+        let sites: HashMap<NodeId, String> =
+            [(1, "a".to_string()), (2, "b".to_string()), (3, "b".to_string())].into_iter().collect();
+        assert_eq!(pick_primary(&[2, 3], &sites, Some("b")), Some(2));
+        assert_eq!(pick_primary(&[1, 3], &sites, Some("b")), Some(3));
+        assert_eq!(pick_primary(&[3, 1], &sites, None), Some(1));
+        assert_eq!(pick_primary(&[], &sites, None), None);
+    }
+
+    #[test]
+    fn a_lease_ends_before_a_failover_can_begin() {
+        assert!(LEASE + Duration::from_millis(500) <= FAILURE_TIMEOUT);
+        assert!(RENEW_EVERY * 4 <= LEASE);
+    }
+}

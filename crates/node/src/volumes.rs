@@ -1,0 +1,167 @@
+//! The node's side of the data plane: it feeds the committed volume configuration to the
+//! replication driver, carries the driver's ISR proposals and progress reports to the
+//! metadata store, and serves every volume over NBD.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tandem_meta::network::MetaError;
+use tandem_meta::store::MetaStore;
+use tandem_meta::{MetaCmd, MetaReply};
+use tandem_nbd::{Exports, IoError, OpenError, Volume};
+use tandem_replication::driver::{Coordinator, DataPlane, IoFail, ProposeError, VolumeConfig};
+use tandem_storage::SledStore;
+use tandem_transport::BoxFuture;
+use tandem_types::{Epoch, NodeId, VolumeId};
+
+use crate::lease::Leases;
+
+pub type Plane = DataPlane<SledStore>;
+
+/// [`Coordinator`] over the metadata store and this node's lease.
+pub struct MetaCoordinator {
+    pub meta: Arc<MetaStore>,
+    pub leases: Arc<Leases>,
+}
+
+impl Coordinator for MetaCoordinator {
+    fn propose_isr(&self, volume: VolumeId, epoch: Epoch, isr: Vec<NodeId>) -> BoxFuture<'_, Result<(), ProposeError>> {
+        Box::pin(async move {
+            let proposed = isr.clone();
+            match self.meta.write(MetaCmd::SetVolumeIsr { volume, epoch, isr }).await {
+                Ok(_) => Ok(()),
+                Err(MetaError::Invalid(why) | MetaError::NotFound(why) | MetaError::Conflict(why)) => {
+                    Err(ProposeError::Refused(why))
+                }
+                // The outcome is unknown (the write may have committed before the reply was
+                // lost): the protocol must hear the truth, so look at the committed state.
+                Err(e) => {
+                    let now = self.meta.read(|st| st.map.volumes.get(&volume).map(|v| (v.epoch, v.isr.clone()))).await;
+                    match now {
+                        Ok(Some((e2, isr2))) if e2 == epoch && isr2 == proposed => Ok(()),
+                        Ok(Some((e2, _))) if e2 != epoch => Err(ProposeError::Refused(format!("epoch is now {e2}"))),
+                        Ok(None) => Err(ProposeError::Refused("the volume was deleted".into())),
+                        _ => Err(ProposeError::Unavailable(e.to_string())),
+                    }
+                }
+            }
+        })
+    }
+
+    fn report_progress(&self, volume: VolumeId, node: NodeId, done_bytes: u64, total_bytes: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let cmd = if total_bytes == 0 {
+                MetaCmd::ClearResync { volume, node }
+            } else {
+                MetaCmd::SetResyncProgress { volume, node, done_bytes, total_bytes }
+            };
+            match self.meta.write(cmd).await {
+                Ok(MetaReply::Done { .. }) | Ok(_) => {}
+                Err(e) => tracing::debug!(volume, node, error = %e, "resync progress not recorded"),
+            }
+        })
+    }
+
+    fn lease_valid(&self) -> bool {
+        self.leases.valid()
+    }
+}
+
+/// Keeps the data plane in line with the committed cluster map.
+pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane) {
+    tokio::spawn(async move {
+        let mut applied = meta.subscribe();
+        loop {
+            let (nodes, volumes) = meta.local_read(|st| {
+                let nodes: Vec<NodeId> = st.map.nodes.keys().copied().collect();
+                let volumes: Vec<VolumeConfig> = st
+                    .map
+                    .volumes
+                    .values()
+                    .map(|v| VolumeConfig {
+                        id: v.id,
+                        name: v.name.clone(),
+                        size_bytes: v.size_bytes,
+                        replicas: v.replicas.clone(),
+                        primary: v.primary,
+                        isr: v.isr.clone(),
+                        epoch: v.epoch,
+                    })
+                    .collect();
+                (nodes, volumes)
+            });
+            plane.set_peers(&nodes);
+            plane.apply_config(volumes);
+            if applied.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// NBD exports: every volume of the cluster, by name.
+pub struct NbdExports {
+    pub plane: Plane,
+}
+
+pub struct NbdVolume {
+    plane: Plane,
+    cfg: VolumeConfig,
+}
+
+fn io_error(e: IoFail) -> IoError {
+    match e {
+        IoFail::Invalid(m) => IoError::Invalid(m),
+        IoFail::NoVolume(m) => IoError::Shutdown(m),
+        IoFail::Unavailable(m) => IoError::Io(m),
+        IoFail::Io(m) => IoError::Io(m),
+    }
+}
+
+impl Exports for NbdExports {
+    type Volume = NbdVolume;
+
+    fn list(&self) -> Vec<String> {
+        self.plane.volume_names()
+    }
+
+    async fn open(&self, name: &str) -> Result<NbdVolume, OpenError> {
+        match self.plane.volume_by_name(name) {
+            Some(cfg) => Ok(NbdVolume { plane: self.plane.clone(), cfg }),
+            None => Err(OpenError::NotFound(format!("no volume named {name:?}"))),
+        }
+    }
+}
+
+impl Volume for NbdVolume {
+    fn size_bytes(&self) -> u64 {
+        self.cfg.size_bytes
+    }
+
+    /// Every node sends every request to the volume's one primary, and a write is acknowledged
+    /// only once durable on every in-sync replica: all connections see one volume.
+    fn multi_conn(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.plane.read(&self.cfg, offset, buf).await.map_err(io_error)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> Result<(), IoError> {
+        // Every acknowledged write is durable already, so FUA needs nothing more.
+        self.plane.write(&self.cfg, offset, data).await.map_err(io_error)
+    }
+
+    async fn flush(&self) -> Result<(), IoError> {
+        self.plane.flush(&self.cfg).await.map_err(io_error)
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.plane.write_zeroes(&self.cfg, offset, len).await.map_err(io_error)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> Result<(), IoError> {
+        self.plane.write_zeroes(&self.cfg, offset, len).await.map_err(io_error)
+    }
+}

@@ -1,0 +1,1374 @@
+//! The async driver: [`DataPlane`] runs the protocol of [`crate::protocol`] for every volume
+//! this node holds, over the node's [`Mesh`] and its [`BlockStore`].
+//!
+//! ## How a host write travels (primary side)
+//! 1. [`DataPlane::write`] takes an in-flight permit, registers the write under a token and
+//!    calls `Primary::on_write`, then pumps the outputs while still holding the volume's lock.
+//! 2. `Output::Write`: the bytes are applied to the local store at once (so local order is
+//!    sequence order), the local durability wait is queued on the volume's flusher, and a
+//!    record is queued to each member's [`PeerSender`]. The sender allocates space in the
+//!    member's region for this node and posts a descriptor on the member's ring (replication
+//!    channel); the member's region is *credited*, so the descriptor completes only once the
+//!    member has taken the bytes out, and the space is reused after that.
+//! 3. The member checks the record (epoch, session, order, checksum), applies it, and once it
+//!    is durable sends `Acks`. The primary feeds acks to the core; `Output::Complete` answers
+//!    the host.
+//!
+//! ## Everything else
+//! - Replica side: records arrive as region completions and are applied strictly in arrival
+//!   order by one task; `Open`, `Checksums` and `Chunk` arrive as requests.
+//! - Proxying: a node that is not the primary forwards host I/O to the primary, and retries
+//!   (re-reading the committed configuration) across a failover, until a deadline.
+//! - A ticker drives time: ack timeouts, ISR proposals to retry, resync of members that are
+//!   back, and the lease (a primary without a lease stops serving).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tandem_storage::{BlockStore, Lsn};
+use tandem_transport::link::Mesh;
+use tandem_transport::ring::{Descriptor, DescriptorRing, RegionRegistry};
+use tandem_transport::{BoxFuture, Channel, Handler};
+use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
+use tandem_wire::data::{decode_record, encode_record, DataMsg, DataReply, RecordHeader, WriteKind};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+
+use crate::protocol::{Backup, Output, Phase, Primary, PrimaryConfig, RecentLog, Token, CHUNK_BYTES};
+
+/// The largest piece a host write is cut into; each piece is one sequenced record.
+pub const WRITE_PIECE_BYTES_MAX: u64 = 1024 * 1024;
+/// The largest range one zeroing record covers (it carries no data).
+pub const ZEROES_PIECE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Proxied host I/O travels on the bulk channel, never on the replication channel: a proxied
+/// write waits for acks that a member sends on the replication channel, and a flood of
+/// proxied writes from that same member must not take every handler slot of that channel.
+const PROXY_CHANNEL: Channel = Channel::Bulk;
+/// Bytes of proxied reads a node has in flight at once, over all connections: whatever the
+/// hosts ask for, a proxying node holds at most this much read data (plus one piece).
+pub const PROXY_READ_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// The largest proxied read or write message (well below the frame limit).
+pub const PROXY_BYTES_MAX: u64 = 4 * 1024 * 1024;
+/// Bytes of the region each node keeps for one peer's records.
+pub const REGION_BYTES: usize = 8 * 1024 * 1024;
+/// Descriptors in flight per peer ring.
+const RING_SLOTS: usize = 256;
+/// A member that does not answer an `Open` within this is declared failed.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A member that does not take a 1 MiB chunk within this is declared failed.
+const COPY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the ticker runs.
+const TICK: Duration = Duration::from_millis(100);
+/// How often an out-of-sync member is offered a resync.
+const RESYNC_RETRY: Duration = Duration::from_secs(1);
+
+/// What the data plane needs from the metadata store. The node implements it over Raft.
+pub trait Coordinator: Send + Sync + 'static {
+    /// Commits `isr` as the in-sync set of `volume` if its epoch is still `epoch`.
+    fn propose_isr(&self, volume: VolumeId, epoch: Epoch, isr: Vec<NodeId>) -> BoxFuture<'_, Result<(), ProposeError>>;
+    /// Publishes resync progress (for `tandem volume list`); `total_bytes == 0` clears it.
+    fn report_progress(&self, volume: VolumeId, node: NodeId, done_bytes: u64, total_bytes: u64) -> BoxFuture<'_, ()>;
+    /// Whether this node holds its lease: it heard from the Raft majority recently enough
+    /// that no other node can have been made primary of its volumes.
+    fn lease_valid(&self) -> bool;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    /// The configuration moved on (another epoch): the proposer is deposed.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// No leader could be reached; try again later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Why host I/O failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IoFail {
+    #[error("no volume named {0:?}")]
+    NoVolume(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// The volume cannot be served now (no primary reachable, no lease); hosts may retry.
+    #[error("volume unavailable: {0}")]
+    Unavailable(String),
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+/// A volume as committed in the cluster map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeConfig {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub replicas: Vec<NodeId>,
+    pub primary: NodeId,
+    pub isr: Vec<NodeId>,
+    pub epoch: Epoch,
+}
+
+#[derive(Clone, Debug)]
+pub struct DataPlaneConfig {
+    /// A member that does not acknowledge a write for this long leaves the ISR.
+    pub ack_timeout: Duration,
+    /// How long a host request waits across a failover before it fails.
+    pub retry_deadline: Duration,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig { ack_timeout: Duration::from_secs(2), retry_deadline: Duration::from_secs(15) }
+    }
+}
+
+/// Resync figures of one volume on this node (when it is the primary), for status and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VolumeStats {
+    pub id: VolumeId,
+    pub name: String,
+    pub serving: bool,
+    /// Bytes sent to other replicas by resync and reconciliation since this node started.
+    pub resync_bytes_sent: u64,
+    /// Bytes compared (by checksum) by resync and reconciliation since this node started.
+    pub resync_bytes_compared: u64,
+}
+
+/// The data plane of one node.
+#[derive(Clone)]
+pub struct DataPlane<S: BlockStore> {
+    inner: Arc<Inner<S>>,
+}
+
+struct Inner<S: BlockStore> {
+    me: NodeId,
+    mesh: Mesh,
+    store: Arc<S>,
+    coord: Arc<dyn Coordinator>,
+    config: DataPlaneConfig,
+    volumes: Mutex<HashMap<VolumeId, Arc<Vol>>>,
+    /// Every volume of the cluster, including those this node holds no copy of (it proxies
+    /// their I/O to their primary).
+    configs: Mutex<HashMap<VolumeId, VolumeConfig>>,
+    /// Bumped on every configuration change; waiters re-read the volumes.
+    version: watch::Sender<u64>,
+    senders: Mutex<HashMap<NodeId, Arc<PeerSender>>>,
+    /// Wire sequence numbers are unique for the life of the process, across primaries.
+    next_wire_seq: AtomicU64,
+    /// [`PROXY_READ_BYTES_MAX`], in blocks.
+    proxy_read_budget: Semaphore,
+}
+
+struct Vol {
+    cfg: Mutex<VolumeConfig>,
+    backup: Mutex<Backup>,
+    recent: Mutex<RecentLog>,
+    primary: Mutex<Option<Arc<PrimaryDriver>>>,
+    /// Records of this volume that this replica applied and must acknowledge once durable.
+    acks: mpsc::UnboundedSender<(NodeId, Epoch, Seq, Lsn)>,
+    resync_bytes_sent: AtomicU64,
+    resync_bytes_compared: AtomicU64,
+}
+
+/// The primary of one volume for one epoch: the protocol core and what the driver keeps
+/// beside it.
+struct PrimaryDriver {
+    volume: VolumeId,
+    epoch: Epoch,
+    st: Mutex<CoreState>,
+    /// In-flight host writes ([`crate::protocol::INFLIGHT_WRITES_MAX`]).
+    room: Semaphore,
+    phase: watch::Sender<Phase>,
+    /// Local durability waits, in sequence order.
+    local: mpsc::UnboundedSender<(Seq, Lsn)>,
+}
+
+struct CoreState {
+    core: Primary,
+    next_token: Token,
+    waiters: HashMap<Token, HostWrite>,
+    /// Wire sequence number of core sequence 0.
+    seq_base: Seq,
+    resync_tried: HashMap<NodeId, Instant>,
+}
+
+struct HostWrite {
+    kind: WriteKind,
+    offset: u64,
+    data: Bytes,
+    len: u64,
+    reply: Option<oneshot::Sender<Result<(), IoFail>>>,
+}
+
+impl<S: BlockStore> DataPlane<S> {
+    /// Starts the data plane: registers as the handler of the replication and bulk channels
+    /// and starts the record reader and the ticker.
+    pub fn start(me: NodeId, mesh: Mesh, store: Arc<S>, coord: Arc<dyn Coordinator>, config: DataPlaneConfig) -> Self {
+        let (version, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            me,
+            mesh: mesh.clone(),
+            store,
+            coord,
+            config,
+            volumes: Mutex::new(HashMap::new()),
+            configs: Mutex::new(HashMap::new()),
+            version,
+            senders: Mutex::new(HashMap::new()),
+            next_wire_seq: AtomicU64::new(1),
+            proxy_read_budget: Semaphore::new((PROXY_READ_BYTES_MAX / BLOCK_BYTES) as usize),
+        });
+        let handler: Arc<dyn Handler> = Arc::new(DataHandler { inner: Arc::downgrade(&inner) });
+        mesh.set_handler(Channel::Replication, handler.clone());
+        mesh.set_handler(Channel::Bulk, handler);
+        tokio::spawn(read_records(Arc::downgrade(&inner), mesh.regions().clone()));
+        tokio::spawn(tick(Arc::downgrade(&inner)));
+        DataPlane { inner }
+    }
+
+    /// Makes sure every peer can write records into a region of this node.
+    pub fn set_peers(&self, peers: &[NodeId]) {
+        let regions = self.inner.mesh.regions();
+        for &p in peers.iter().filter(|&&p| p != self.inner.me) {
+            if !regions.is_registered(p) {
+                if let Err(e) = regions.register_credited(p) {
+                    tracing::error!(peer = p, error = %e, "cannot register a replication region");
+                }
+            }
+        }
+    }
+
+    /// Brings the node in line with the committed volumes: creates and deletes local copies,
+    /// fences old epochs, and starts or stops being primary.
+    pub fn apply_config(&self, volumes: Vec<VolumeConfig>) {
+        let inner = &self.inner;
+        *inner.configs.lock().expect("configs lock") = volumes.iter().map(|v| (v.id, v.clone())).collect();
+        let mine: HashMap<VolumeId, VolumeConfig> =
+            volumes.into_iter().filter(|v| v.replicas.contains(&inner.me)).map(|v| (v.id, v)).collect();
+        let gone: Vec<(VolumeId, Arc<Vol>)> = {
+            let mut vols = inner.volumes.lock().expect("volumes lock");
+            let gone: Vec<VolumeId> = vols.keys().filter(|id| !mine.contains_key(id)).copied().collect();
+            gone.into_iter().filter_map(|id| vols.remove(&id).map(|v| (id, v))).collect()
+        };
+        for (id, vol) in gone {
+            if let Some(p) = vol.primary.lock().expect("primary lock").take() {
+                p.depose(inner, "the volume was deleted");
+            }
+            if let Err(e) = inner.store.delete_volume(id) {
+                tracing::error!(volume = id, error = %e, "cannot delete the local copy");
+            }
+        }
+        for (id, cfg) in mine {
+            let vol = {
+                let mut vols = inner.volumes.lock().expect("volumes lock");
+                match vols.get(&id) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let fresh = cfg.epoch == 1;
+                        let existed = inner.store.volumes().iter().any(|(v, _)| *v == id);
+                        if let Err(e) = inner.store.create_volume(id, cfg.size_bytes) {
+                            tracing::error!(volume = id, error = %e, "cannot create the local copy");
+                            continue;
+                        }
+                        let (acks, rx) = mpsc::unbounded_channel();
+                        let v = Arc::new(Vol {
+                            cfg: Mutex::new(cfg.clone()),
+                            backup: Mutex::new(Backup::default()),
+                            // A copy made just now holds zeros like every other copy of a new
+                            // volume; a copy that was already on disk has an unknown past.
+                            recent: Mutex::new(if fresh && !existed {
+                                RecentLog::fresh()
+                            } else {
+                                RecentLog::after_restart()
+                            }),
+                            primary: Mutex::new(None),
+                            acks,
+                            resync_bytes_sent: AtomicU64::new(0),
+                            resync_bytes_compared: AtomicU64::new(0),
+                        });
+                        tokio::spawn(send_acks(Arc::downgrade(inner), id, rx));
+                        vols.insert(id, v.clone());
+                        v
+                    }
+                }
+            };
+            *vol.cfg.lock().expect("cfg lock") = cfg.clone();
+            vol.backup.lock().expect("backup lock").on_epoch(cfg.epoch);
+            inner.reconcile_role(id, &vol);
+        }
+        inner.version.send_modify(|v| *v += 1);
+    }
+
+    pub fn stats(&self) -> Vec<VolumeStats> {
+        let vols: Vec<(VolumeId, Arc<Vol>)> =
+            self.inner.volumes.lock().expect("volumes lock").iter().map(|(k, v)| (*k, v.clone())).collect();
+        vols.into_iter()
+            .map(|(id, v)| VolumeStats {
+                id,
+                name: v.cfg.lock().expect("cfg lock").name.clone(),
+                serving: v.serving_primary().is_some(),
+                resync_bytes_sent: v.resync_bytes_sent.load(Ordering::Relaxed),
+                resync_bytes_compared: v.resync_bytes_compared.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// A digest of this node's own copy of volume `id` (FNV-1a over its per-block checksums),
+    /// to compare replicas. Not proxied: it says what this node holds.
+    pub fn local_digest(&self, id: VolumeId) -> Result<u64, String> {
+        let size = self.inner.volume(id).ok_or("no local copy")?.cfg.lock().expect("cfg lock").size_bytes;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut at = 0;
+        while at < size {
+            let len = (size - at).min(CHUNK_BYTES * 64);
+            for sum in self.inner.store.block_checksums(id, at, len).map_err(|e| e.to_string())? {
+                for b in sum.to_be_bytes() {
+                    h ^= b as u64;
+                    h = h.wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+            at += len;
+        }
+        Ok(h)
+    }
+
+    /// The committed configuration of the volume named `name`. Any node serves any volume:
+    /// those it holds no copy of are proxied to their primary.
+    pub fn volume_by_name(&self, name: &str) -> Option<VolumeConfig> {
+        self.inner.configs.lock().expect("configs lock").values().find(|v| v.name == name).cloned()
+    }
+
+    /// Every volume's name, for NBD's export list.
+    pub fn volume_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.inner.configs.lock().expect("configs lock").values().map(|v| v.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of volume `id` (served here or proxied).
+    pub async fn read(&self, cfg: &VolumeConfig, offset: u64, buf: &mut [u8]) -> Result<(), IoFail> {
+        check_range(cfg, offset, buf.len() as u64)?;
+        let deadline = Instant::now() + self.inner.config.retry_deadline;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let piece = (buf.len() - done).min(PROXY_BYTES_MAX as usize);
+            let at = offset + done as u64;
+            let target = &mut buf[done..done + piece];
+            let mut backoff = Duration::from_millis(20);
+            let mut version = self.inner.version.subscribe();
+            loop {
+                match self.inner.clone().read_once(cfg.id, at, target).await {
+                    Err(IoFail::Unavailable(why)) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            return Err(IoFail::Unavailable(why));
+                        }
+                        let _ = tokio::time::timeout(backoff.min(deadline - now), version.changed()).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                    other => {
+                        other?;
+                        break;
+                    }
+                }
+            }
+            done += piece;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (served here or proxied); returns once durable on every
+    /// in-sync replica.
+    pub async fn write(&self, cfg: &VolumeConfig, offset: u64, data: Bytes) -> Result<(), IoFail> {
+        check_range(cfg, offset, data.len() as u64)?;
+        let deadline = Instant::now() + self.inner.config.retry_deadline;
+        let mut done = 0usize;
+        while done < data.len() {
+            let piece = (data.len() - done).min(PROXY_BYTES_MAX as usize);
+            let part = data.slice(done..done + piece);
+            let at = offset + done as u64;
+            self.inner
+                .retry(cfg.id, deadline, |inner| {
+                    let part = part.clone();
+                    async move { inner.write_once(cfg.id, WriteKind::Data, at, part.len() as u64, part).await }
+                })
+                .await?;
+            done += piece;
+        }
+        Ok(())
+    }
+
+    /// Makes a range read as zeros (WRITE_ZEROES and TRIM).
+    pub async fn write_zeroes(&self, cfg: &VolumeConfig, offset: u64, len: u64) -> Result<(), IoFail> {
+        check_range(cfg, offset, len)?;
+        let deadline = Instant::now() + self.inner.config.retry_deadline;
+        self.inner
+            .retry(cfg.id, deadline, |inner| async move {
+                inner.write_once(cfg.id, WriteKind::Zeroes, offset, len, Bytes::new()).await
+            })
+            .await
+    }
+
+    /// Every acknowledged write is already durable on every in-sync replica, so a flush only
+    /// has to confirm that the volume is still served.
+    pub async fn flush(&self, cfg: &VolumeConfig) -> Result<(), IoFail> {
+        let deadline = Instant::now() + self.inner.config.retry_deadline;
+        self.inner.retry(cfg.id, deadline, |inner| async move { inner.flush_once(cfg.id).await }).await
+    }
+}
+
+fn check_range(cfg: &VolumeConfig, offset: u64, len: u64) -> Result<(), IoFail> {
+    match offset.checked_add(len) {
+        Some(end) if end <= cfg.size_bytes => Ok(()),
+        _ => Err(IoFail::Invalid(format!(
+            "range {offset}+{len} is outside volume {:?} of {} bytes",
+            cfg.name, cfg.size_bytes
+        ))),
+    }
+}
+
+/// Where a request for a volume goes right now.
+enum Route {
+    Local(Arc<PrimaryDriver>),
+    Remote(NodeId),
+}
+
+impl Vol {
+    fn serving_primary(&self) -> Option<Arc<PrimaryDriver>> {
+        let p = self.primary.lock().expect("primary lock").clone()?;
+        let serving = *p.phase.borrow() == Phase::Serving;
+        serving.then_some(p)
+    }
+}
+
+impl<S: BlockStore> Inner<S> {
+    fn volume(&self, id: VolumeId) -> Option<Arc<Vol>> {
+        self.volumes.lock().expect("volumes lock").get(&id).cloned()
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or the deadline passes; between attempts
+    /// it waits for the configuration to change (a failover) or a short while.
+    async fn retry<F, Fut, T>(self: &Arc<Self>, _volume: VolumeId, deadline: Instant, mut op: F) -> Result<T, IoFail>
+    where
+        F: FnMut(Arc<Self>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, IoFail>>,
+    {
+        let mut version = self.version.subscribe();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match op(self.clone()).await {
+                Err(IoFail::Unavailable(why)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(IoFail::Unavailable(why));
+                    }
+                    let wait = backoff.min(deadline - now);
+                    let _ = tokio::time::timeout(wait, version.changed()).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The primary as this node sees it: a local serving primary, or another node.
+    async fn route(&self, id: VolumeId, cfg_primary: NodeId) -> Result<Route, IoFail> {
+        if cfg_primary == self.me {
+            let vol = self.volume(id).ok_or_else(|| IoFail::Unavailable("the local copy is not ready".into()))?;
+            let p = vol.primary.lock().expect("primary lock").clone();
+            let Some(p) = p else { return Err(IoFail::Unavailable("this node is not serving the volume yet".into())) };
+            let mut phase = p.phase.subscribe();
+            // Reconciliation runs before serving; wait for it a little.
+            let ready =
+                tokio::time::timeout(Duration::from_millis(500), phase.wait_for(|ph| *ph != Phase::Reconciling)).await;
+            match ready {
+                Ok(Ok(ph)) if *ph == Phase::Serving => {}
+                _ => return Err(IoFail::Unavailable("the primary is reconciling or deposed".into())),
+            }
+            if !self.coord.lease_valid() {
+                return Err(IoFail::Unavailable("this node has no lease (cut off from the metadata majority)".into()));
+            }
+            return Ok(Route::Local(p));
+        }
+        Ok(Route::Remote(cfg_primary))
+    }
+
+    fn primary_of(&self, id: VolumeId) -> Result<NodeId, IoFail> {
+        let configs = self.configs.lock().expect("configs lock");
+        let cfg = configs.get(&id).ok_or_else(|| IoFail::NoVolume(format!("volume {id} no longer exists")))?;
+        Ok(cfg.primary)
+    }
+
+    async fn read_once(self: Arc<Self>, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), IoFail> {
+        let primary = self.primary_of(id)?;
+        match self.route(id, primary).await? {
+            Route::Local(_) => self.store.read(id, offset, buf).map_err(|e| IoFail::Io(e.to_string())),
+            Route::Remote(node) => {
+                let blocks = (buf.len() as u64).div_ceil(BLOCK_BYTES).min(PROXY_READ_BYTES_MAX / BLOCK_BYTES) as u32;
+                let _budget = self
+                    .proxy_read_budget
+                    .acquire_many(blocks)
+                    .await
+                    .map_err(|_| IoFail::Unavailable("stopping".into()))?;
+                let msg = DataMsg::ProxyRead { volume: id, offset, len: buf.len() as u64 };
+                match self.call(node, PROXY_CHANNEL, &msg).await? {
+                    DataReply::Data(d) if d.len() == buf.len() => {
+                        buf.copy_from_slice(&d);
+                        Ok(())
+                    }
+                    other => Err(reply_error(node, other)),
+                }
+            }
+        }
+    }
+
+    async fn write_once(
+        self: Arc<Self>,
+        id: VolumeId,
+        kind: WriteKind,
+        offset: u64,
+        len: u64,
+        data: Bytes,
+    ) -> Result<(), IoFail> {
+        let primary = self.primary_of(id)?;
+        match self.route(id, primary).await? {
+            Route::Local(p) => p.write(&self, kind, offset, len, data).await,
+            Route::Remote(node) => {
+                let msg = match kind {
+                    WriteKind::Data => DataMsg::ProxyWrite { volume: id, offset, data: data.to_vec(), fua: false },
+                    WriteKind::Zeroes => DataMsg::ProxyZeroes { volume: id, offset, len, fua: false },
+                };
+                match self.call(node, PROXY_CHANNEL, &msg).await? {
+                    DataReply::Ok => Ok(()),
+                    other => Err(reply_error(node, other)),
+                }
+            }
+        }
+    }
+
+    async fn flush_once(self: Arc<Self>, id: VolumeId) -> Result<(), IoFail> {
+        let primary = self.primary_of(id)?;
+        match self.route(id, primary).await? {
+            Route::Local(_) => Ok(()),
+            Route::Remote(node) => match self.call(node, PROXY_CHANNEL, &DataMsg::ProxyFlush { volume: id }).await? {
+                DataReply::Ok => Ok(()),
+                other => Err(reply_error(node, other)),
+            },
+        }
+    }
+
+    async fn call(&self, node: NodeId, channel: Channel, msg: &DataMsg) -> Result<DataReply, IoFail> {
+        let payload = msg.encode().map_err(|e| IoFail::Io(e.to_string()))?;
+        let reply = self.mesh.send(node, channel, Bytes::from(payload)).await;
+        let reply = match reply {
+            Ok(r) => r.wait().await,
+            Err(e) => Err(e),
+        };
+        match reply {
+            Ok(bytes) => DataReply::decode(&bytes).map_err(|e| IoFail::Io(format!("bad reply from node {node}: {e}"))),
+            Err(e) => Err(IoFail::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Starts, keeps or stops this node's primary for `vol` to match its configuration and the
+    /// lease.
+    fn reconcile_role(self: &Arc<Self>, id: VolumeId, vol: &Arc<Vol>) {
+        let cfg = vol.cfg.lock().expect("cfg lock").clone();
+        let mut slot = vol.primary.lock().expect("primary lock");
+        if let Some(p) = slot.as_ref() {
+            let deposed = *p.phase.borrow() == Phase::Deposed;
+            if cfg.primary != self.me || cfg.epoch != p.epoch || deposed {
+                p.depose(self, "the volume has a new primary");
+                *slot = None;
+            }
+        }
+        if slot.is_none() && cfg.primary == self.me && self.coord.lease_valid() {
+            let recent = vol.recent.lock().expect("recent lock").ranges();
+            let seq_base = self.next_wire_seq.fetch_add(1 << 32, Ordering::Relaxed);
+            let core = Primary::new(
+                Instant::now(),
+                id,
+                self.me,
+                cfg.epoch,
+                cfg.size_bytes,
+                &cfg.replicas,
+                &cfg.isr,
+                recent,
+                PrimaryConfig { ack_timeout: self.config.ack_timeout },
+            );
+            let (local, local_rx) = mpsc::unbounded_channel();
+            let (phase, _) = watch::channel(Phase::Reconciling);
+            let p = Arc::new(PrimaryDriver {
+                volume: id,
+                epoch: cfg.epoch,
+                st: Mutex::new(CoreState {
+                    core,
+                    next_token: 1,
+                    waiters: HashMap::new(),
+                    seq_base,
+                    resync_tried: HashMap::new(),
+                }),
+                room: Semaphore::new(crate::protocol::INFLIGHT_WRITES_MAX),
+                phase,
+                local,
+            });
+            tokio::spawn(local_durability(Arc::downgrade(self), p.clone(), local_rx));
+            tracing::info!(volume = id, epoch = cfg.epoch, "taking over as primary; reconciling");
+            let mut st = p.st.lock().expect("core lock");
+            p.pump(self, &mut st);
+            drop(st);
+            *slot = Some(p);
+        }
+    }
+
+    fn sender(self: &Arc<Self>, peer: NodeId) -> Arc<PeerSender> {
+        let mut senders = self.senders.lock().expect("senders lock");
+        senders.entry(peer).or_insert_with(|| PeerSender::start(Arc::downgrade(self), peer)).clone()
+    }
+
+    fn member_failed(self: &Arc<Self>, volume: VolumeId, epoch: Epoch, member: NodeId) {
+        let Some(p) = self.volume(volume).and_then(|v| v.primary.lock().expect("primary lock").clone()) else { return };
+        if p.epoch != epoch {
+            return;
+        }
+        let mut st = p.st.lock().expect("core lock");
+        st.core.on_member_failed(member);
+        p.pump(self, &mut st);
+    }
+}
+
+fn reply_error(node: NodeId, reply: DataReply) -> IoFail {
+    match reply {
+        DataReply::Refused(why) => IoFail::Unavailable(format!("node {node}: {why}")),
+        DataReply::Failed(why) => IoFail::Io(format!("node {node}: {why}")),
+        other => IoFail::Io(format!("node {node} answered {other:?}")),
+    }
+}
+
+impl PrimaryDriver {
+    async fn write<S: BlockStore>(
+        self: &Arc<Self>,
+        inner: &Arc<Inner<S>>,
+        kind: WriteKind,
+        offset: u64,
+        len: u64,
+        data: Bytes,
+    ) -> Result<(), IoFail> {
+        // Cut into pieces; each is one sequenced record. All must complete.
+        let mut waits = Vec::new();
+        let mut permits = Vec::new();
+        let mut at = 0u64;
+        while at < len {
+            let piece_max = match kind {
+                WriteKind::Data => WRITE_PIECE_BYTES_MAX,
+                WriteKind::Zeroes => ZEROES_PIECE_BYTES_MAX,
+            };
+            let piece = (len - at).min(piece_max);
+            permits.push(self.room.acquire().await.map_err(|_| IoFail::Unavailable("primary stopped".into()))?);
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut st = self.st.lock().expect("core lock");
+                if st.core.phase() != Phase::Serving {
+                    return Err(IoFail::Unavailable("the primary stopped serving".into()));
+                }
+                let token = st.next_token;
+                st.next_token += 1;
+                let bytes = match kind {
+                    WriteKind::Data => data.slice(at as usize..(at + piece) as usize),
+                    WriteKind::Zeroes => Bytes::new(),
+                };
+                st.waiters
+                    .insert(token, HostWrite { kind, offset: offset + at, data: bytes, len: piece, reply: Some(tx) });
+                st.core.on_write(Instant::now(), token, offset + at, piece);
+                self.pump(inner, &mut st);
+            }
+            waits.push(rx);
+            at += piece;
+        }
+        for rx in waits {
+            match rx.await {
+                Ok(r) => r?,
+                Err(_) => return Err(IoFail::Unavailable("the primary stopped".into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn depose<S: BlockStore>(self: &Arc<Self>, inner: &Arc<Inner<S>>, reason: &str) {
+        let mut st = self.st.lock().expect("core lock");
+        st.core.depose(reason);
+        self.pump(inner, &mut st);
+    }
+
+    /// Carries out the core's outputs. Runs under the core lock, so local writes are applied
+    /// in sequence order and copies read the data as of their place in that order.
+    fn pump<S: BlockStore>(self: &Arc<Self>, inner: &Arc<Inner<S>>, st: &mut CoreState) {
+        while let Some(out) = st.core.poll_output() {
+            match out {
+                Output::Write { token, seq, to } => {
+                    let Some(w) = st.waiters.get(&token) else { continue };
+                    let applied = match w.kind {
+                        WriteKind::Data => inner.store.write(self.volume, w.offset, &w.data),
+                        WriteKind::Zeroes => inner.store.write_zeroes(self.volume, w.offset, w.len),
+                    };
+                    let lsn = match applied {
+                        Ok(lsn) => lsn,
+                        Err(e) => {
+                            tracing::error!(volume = self.volume, error = %e, "local write failed; stepping down");
+                            st.core.depose(&format!("local store failed: {e}"));
+                            continue;
+                        }
+                    };
+                    if let Some(v) = inner.volume(self.volume) {
+                        v.recent.lock().expect("recent lock").record(w.offset, w.len);
+                    }
+                    let _ = self.local.send((seq, lsn));
+                    let wire_seq = st.seq_base + seq;
+                    let crc = match w.kind {
+                        WriteKind::Data => crc32c::crc32c(&w.data),
+                        WriteKind::Zeroes => 0,
+                    };
+                    let header = RecordHeader {
+                        volume: self.volume,
+                        epoch: self.epoch,
+                        seq: wire_seq,
+                        kind: w.kind,
+                        offset: w.offset,
+                        len: w.len,
+                        crc,
+                    };
+                    match encode_record(&header, &w.data) {
+                        Ok(record) => {
+                            let record = Bytes::from(record);
+                            for n in to {
+                                inner.sender(n).push(SendItem {
+                                    volume: self.volume,
+                                    epoch: self.epoch,
+                                    record: record.clone(),
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot encode a record");
+                            for n in to {
+                                st.core.on_member_failed(n);
+                            }
+                        }
+                    }
+                }
+                Output::Complete { token } => {
+                    if let Some(mut w) = st.waiters.remove(&token) {
+                        if let Some(tx) = w.reply.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                }
+                Output::Fail { token, reason } => {
+                    if let Some(mut w) = st.waiters.remove(&token) {
+                        if let Some(tx) = w.reply.take() {
+                            let _ = tx.send(Err(IoFail::Unavailable(reason)));
+                        }
+                    }
+                }
+                Output::Open { to, start_seq } => {
+                    let msg = DataMsg::Open {
+                        volume: self.volume,
+                        epoch: self.epoch,
+                        primary: inner.me,
+                        start_seq: st.seq_base + start_seq,
+                    };
+                    let (inner, p) = (inner.clone(), self.clone());
+                    tokio::spawn(async move {
+                        let result = match tokio::time::timeout(
+                            OPEN_TIMEOUT,
+                            inner.call(to, Channel::Replication, &msg),
+                        )
+                        .await
+                        {
+                            Ok(r) => r,
+                            Err(_) => Err(IoFail::Unavailable(format!("no answer to open within {OPEN_TIMEOUT:?}"))),
+                        };
+                        let mut st = p.st.lock().expect("core lock");
+                        match result {
+                            Ok(DataReply::Opened { recent }) => st.core.on_opened(to, recent),
+                            Ok(other) => {
+                                tracing::info!(volume = p.volume, member = to, reply = ?other, "open refused");
+                                st.core.on_member_failed(to)
+                            }
+                            Err(e) => {
+                                tracing::info!(volume = p.volume, member = to, error = %e, "open failed");
+                                st.core.on_member_failed(to)
+                            }
+                        }
+                        p.pump(&inner, &mut st);
+                    });
+                }
+                Output::Copy { to, chunk } => {
+                    let size =
+                        inner.volume(self.volume).map(|v| v.cfg.lock().expect("cfg lock").size_bytes).unwrap_or(0);
+                    let offset = chunk * CHUNK_BYTES;
+                    let len = CHUNK_BYTES.min(size.saturating_sub(offset));
+                    let mut data = vec![0u8; len as usize];
+                    let local = inner
+                        .store
+                        .read(self.volume, offset, &mut data)
+                        .and_then(|_| inner.store.block_checksums(self.volume, offset, len));
+                    let (inner, p) = (inner.clone(), self.clone());
+                    tokio::spawn(async move {
+                        let result = match local {
+                            Ok(sums) => tokio::time::timeout(
+                                COPY_TIMEOUT,
+                                copy_chunk(&inner, p.volume, p.epoch, to, offset, data, sums),
+                            )
+                            .await
+                            .unwrap_or_else(|_| Err(format!("chunk copy took over {COPY_TIMEOUT:?}"))),
+                            Err(e) => Err(format!("local read failed: {e}")),
+                        };
+                        let mut st = p.st.lock().expect("core lock");
+                        match result {
+                            Ok(()) => st.core.on_copied(to, chunk),
+                            Err(e) => {
+                                tracing::info!(volume = p.volume, member = to, chunk, error = %e, "chunk copy failed");
+                                st.core.on_member_failed(to);
+                            }
+                        }
+                        p.pump(&inner, &mut st);
+                    });
+                }
+                Output::ProposeIsr { isr } => {
+                    let (inner, p) = (inner.clone(), self.clone());
+                    tokio::spawn(async move {
+                        let result = inner.coord.propose_isr(p.volume, p.epoch, isr.clone()).await;
+                        let mut st = p.st.lock().expect("core lock");
+                        match result {
+                            Ok(()) => {
+                                tracing::info!(volume = p.volume, epoch = p.epoch, ?isr, "ISR committed");
+                                st.core.on_isr_committed(&isr)
+                            }
+                            Err(ProposeError::Refused(why)) => st.core.on_isr_refused(&why),
+                            Err(ProposeError::Unavailable(why)) => {
+                                tracing::warn!(volume = p.volume, error = %why, "ISR change not committed yet; will retry");
+                                st.core.on_isr_unavailable()
+                            }
+                        }
+                        p.pump(&inner, &mut st);
+                    });
+                }
+                Output::Progress { node, done_chunks, total_chunks } => {
+                    let inner = inner.clone();
+                    let (volume, epoch) = (self.volume, self.epoch);
+                    tokio::spawn(async move {
+                        if total_chunks == 0 {
+                            // Back in sync: its recent-write log can be trusted again. If this
+                            // is lost, the member's log stays incomplete: only slower
+                            // reconciliation, never a wrong one.
+                            let _ = inner.call(node, Channel::Replication, &DataMsg::Level { volume, epoch }).await;
+                        }
+                        inner
+                            .coord
+                            .report_progress(volume, node, done_chunks * CHUNK_BYTES, total_chunks * CHUNK_BYTES)
+                            .await;
+                    });
+                }
+                Output::Serving => {
+                    tracing::info!(volume = self.volume, epoch = self.epoch, "serving");
+                    if let Some(v) = inner.volume(self.volume) {
+                        // Reconciled: every member now matches this copy.
+                        v.recent.lock().expect("recent lock").mark_complete();
+                    }
+                    self.phase.send_replace(Phase::Serving);
+                }
+            }
+        }
+        if st.core.phase() == Phase::Deposed {
+            self.phase.send_replace(Phase::Deposed);
+            for (_, mut w) in st.waiters.drain() {
+                if let Some(tx) = w.reply.take() {
+                    let _ = tx.send(Err(IoFail::Unavailable("the primary stepped down".into())));
+                }
+            }
+        }
+    }
+}
+
+/// Makes one chunk of `to` equal to `data` (the primary's copy): compares checksums first
+/// and sends only the runs of blocks that differ.
+async fn copy_chunk<S: BlockStore>(
+    inner: &Arc<Inner<S>>,
+    volume: VolumeId,
+    epoch: Epoch,
+    to: NodeId,
+    offset: u64,
+    data: Vec<u8>,
+    local_sums: Vec<u32>,
+) -> Result<(), String> {
+    let len = data.len() as u64;
+    let theirs = match inner.call(to, Channel::Bulk, &DataMsg::Checksums { volume, epoch, offset, len }).await {
+        Ok(DataReply::Checksums(s)) => s,
+        Ok(other) => return Err(format!("{other:?}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    if let Some(v) = inner.volume(volume) {
+        v.resync_bytes_compared.fetch_add(len, Ordering::Relaxed);
+    }
+    let blocks = local_sums.len();
+    let mut i = 0;
+    while i < blocks {
+        if theirs.get(i) == Some(&local_sums[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < blocks && theirs.get(i) != Some(&local_sums[i]) {
+            i += 1;
+        }
+        let (a, b) = (start * BLOCK_BYTES as usize, (i * BLOCK_BYTES as usize).min(data.len()));
+        let msg = DataMsg::Chunk { volume, epoch, offset: offset + a as u64, data: data[a..b].to_vec() };
+        match inner.call(to, Channel::Bulk, &msg).await {
+            Ok(DataReply::Ok) => {}
+            Ok(other) => return Err(format!("{other:?}")),
+            Err(e) => return Err(e.to_string()),
+        }
+        if let Some(v) = inner.volume(volume) {
+            v.resync_bytes_sent.fetch_add((b - a) as u64, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// Waits for local durability of the primary's own writes, in order, in groups.
+async fn local_durability<S: BlockStore>(
+    inner: Weak<Inner<S>>,
+    p: Arc<PrimaryDriver>,
+    mut rx: mpsc::UnboundedReceiver<(Seq, Lsn)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let last = batch.iter().map(|(_, l)| *l).max().expect("non-empty batch");
+        let result = inner.store.durable(last).await;
+        let mut st = p.st.lock().expect("core lock");
+        match result {
+            Ok(()) => batch.iter().for_each(|(s, _)| st.core.on_local_durable(*s)),
+            Err(e) => {
+                tracing::error!(volume = p.volume, error = %e, "local flush failed; stepping down");
+                st.core.depose(&format!("local flush failed: {e}"));
+            }
+        }
+        p.pump(&inner, &mut st);
+        if st.core.phase() == Phase::Deposed {
+            return;
+        }
+    }
+}
+
+/// Sends `Acks` for records this replica applied, once they are durable, in groups.
+async fn send_acks<S: BlockStore>(
+    inner: Weak<Inner<S>>,
+    volume: VolumeId,
+    mut rx: mpsc::UnboundedReceiver<(NodeId, Epoch, Seq, Lsn)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let last = batch.iter().map(|b| b.3).max().expect("non-empty batch");
+        if let Err(e) = inner.store.durable(last).await {
+            tracing::error!(volume, error = %e, "flush failed; these records stay unacknowledged");
+            continue;
+        }
+        let mut groups: HashMap<(NodeId, Epoch), Vec<Seq>> = HashMap::new();
+        for (primary, epoch, seq, _) in batch {
+            groups.entry((primary, epoch)).or_default().push(seq);
+        }
+        for ((primary, epoch), seqs) in groups {
+            let msg = DataMsg::Acks { volume, epoch, seqs };
+            let inner = inner.clone();
+            // The primary times the member out if the acks never arrive.
+            tokio::spawn(async move {
+                let _ = inner.call(primary, Channel::Replication, &msg).await;
+            });
+        }
+    }
+}
+
+/// One record on its way to a member.
+struct SendItem {
+    volume: VolumeId,
+    epoch: Epoch,
+    record: Bytes,
+}
+
+/// Per peer: places records in the peer's region for this node through a descriptor ring.
+/// The region is used as a circular buffer; space comes back as descriptors complete, which
+/// (the region being credited) means the peer took the bytes out.
+struct PeerSender {
+    queue: mpsc::UnboundedSender<SendItem>,
+}
+
+struct RegionSpace {
+    head: u64,
+    /// Allocated extents, oldest first: (offset, len, volume, epoch).
+    used: VecDeque<(u64, u64, VolumeId, Epoch)>,
+}
+
+impl RegionSpace {
+    /// Finds room for `len` bytes after the newest allocation, wrapping to 0 if needed.
+    /// `head` is where the newest allocation ends; with allocations outstanding, `head ==
+    /// tail` means the region is full.
+    fn alloc(&mut self, len: u64) -> Option<u64> {
+        let size = REGION_BYTES as u64;
+        let Some(&(tail, _, _, _)) = self.used.front() else {
+            return (len <= size).then_some(0);
+        };
+        if self.head > tail {
+            if self.head + len <= size {
+                return Some(self.head);
+            }
+            return (len <= tail).then_some(0);
+        }
+        (self.head + len <= tail).then_some(self.head)
+    }
+}
+
+impl PeerSender {
+    fn start<S: BlockStore>(inner: Weak<Inner<S>>, peer: NodeId) -> Arc<PeerSender> {
+        // Unbounded in type only: every item is a write holding an in-flight permit of its
+        // volume's primary.
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_sender(inner, peer, rx));
+        Arc::new(PeerSender { queue: tx })
+    }
+
+    fn push(&self, item: SendItem) {
+        let _ = self.queue.send(item);
+    }
+}
+
+async fn run_sender<S: BlockStore>(inner: Weak<Inner<S>>, peer: NodeId, mut rx: mpsc::UnboundedReceiver<SendItem>) {
+    let (me, mesh) = match inner.upgrade() {
+        Some(i) => (i.me, i.mesh.clone()),
+        None => return,
+    };
+    let ring = Arc::new(DescriptorRing::new(&mesh, peer, RING_SLOTS));
+    let space = Arc::new(Mutex::new(RegionSpace { head: 0, used: VecDeque::new() }));
+    let freed = Arc::new(Notify::new());
+    {
+        let (ring, space, freed, inner) = (ring.clone(), space.clone(), freed.clone(), inner.clone());
+        tokio::spawn(async move {
+            while let Some(c) = ring.next_completion().await {
+                let front = space.lock().expect("space lock").used.pop_front();
+                freed.notify_one();
+                if let (Err(e), Some((_, _, volume, epoch))) = (&c.result, front) {
+                    tracing::info!(peer, volume, error = %e, "record not delivered");
+                    if let Some(inner) = inner.upgrade() {
+                        inner.member_failed(volume, epoch, peer);
+                    }
+                }
+            }
+        });
+    }
+    while let Some(item) = rx.recv().await {
+        let len = item.record.len() as u64;
+        let offset = loop {
+            let notified = freed.notified();
+            if let Some(off) = space.lock().expect("space lock").alloc(len) {
+                break off;
+            }
+            notified.await;
+        };
+        {
+            let mut s = space.lock().expect("space lock");
+            s.head = offset + len;
+            s.used.push_back((offset, len, item.volume, item.epoch));
+        }
+        let d = Descriptor { data: item.record, region: me, offset, channel: Channel::Replication };
+        if ring.post(d).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Applies records from every primary, strictly in arrival order.
+async fn read_records<S: BlockStore>(inner: Weak<Inner<S>>, regions: Arc<RegionRegistry>) {
+    while let Some(c) = regions.next_completion().await {
+        let Some(inner) = inner.upgrade() else { return };
+        if c.channel != Channel::Replication {
+            continue;
+        }
+        let bytes = match regions.read(c.region, c.offset, c.len) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(from = c.from, error = %e, "unreadable record");
+                continue;
+            }
+        };
+        // The bytes are ours now: the sender may reuse the space.
+        c.consumed.consume();
+        let (h, data) = match decode_record(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(from = c.from, error = %e, "malformed record");
+                continue;
+            }
+        };
+        let verdict = inner.apply_record(c.from, &h, data);
+        if let Err(reason) = verdict {
+            tracing::info!(from = c.from, volume = h.volume, seq = h.seq, %reason, "record refused");
+            let msg = DataMsg::Nack { volume: h.volume, epoch: h.epoch, seq: h.seq, reason };
+            let inner = inner.clone();
+            let from = c.from;
+            tokio::spawn(async move {
+                let _ = inner.call(from, Channel::Replication, &msg).await;
+            });
+        }
+    }
+}
+
+impl<S: BlockStore> Inner<S> {
+    fn apply_record(&self, from: NodeId, h: &RecordHeader, data: &[u8]) -> Result<(), String> {
+        let vol = self.volume(h.volume).ok_or_else(|| format!("no copy of volume {} here", h.volume))?;
+        if h.kind == WriteKind::Data && crc32c::crc32c(data) != h.crc {
+            return Err("record checksum mismatch".into());
+        }
+        vol.backup.lock().expect("backup lock").check(from, h.epoch, Some(h.seq)).map_err(|e| e.to_string())?;
+        let lsn = match h.kind {
+            WriteKind::Data => self.store.write(h.volume, h.offset, data),
+            WriteKind::Zeroes => self.store.write_zeroes(h.volume, h.offset, h.len),
+        }
+        .map_err(|e| e.to_string())?;
+        vol.recent.lock().expect("recent lock").record(h.offset, h.len);
+        let _ = vol.acks.send((from, h.epoch, h.seq, lsn));
+        Ok(())
+    }
+
+    /// Waits briefly for a volume this node has not heard of yet (a peer's Raft apply can be
+    /// ahead of ours).
+    async fn wait_volume(&self, id: VolumeId) -> Option<Arc<Vol>> {
+        let mut version = self.version.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Some(v) = self.volume(id) {
+                return Some(v);
+            }
+            if tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, from: NodeId, msg: DataMsg) -> DataReply {
+        match msg {
+            DataMsg::Open { volume, epoch, primary, start_seq } => {
+                let Some(vol) = self.wait_volume(volume).await else {
+                    return DataReply::Refused(format!("no copy of volume {volume} here"));
+                };
+                if primary != from {
+                    return DataReply::Refused("an open must come from the primary itself".into());
+                }
+                let opened = vol.backup.lock().expect("backup lock").on_open(from, epoch, start_seq);
+                let reply = match opened {
+                    Ok(()) => DataReply::Opened { recent: vol.recent.lock().expect("recent lock").ranges() },
+                    Err(e) => DataReply::Refused(e.to_string()),
+                };
+                reply
+            }
+            DataMsg::Acks { volume, epoch, seqs } => {
+                let Some(p) = self.volume(volume).and_then(|v| v.primary.lock().expect("primary lock").clone()) else {
+                    return DataReply::Ok;
+                };
+                if p.epoch == epoch {
+                    let mut st = p.st.lock().expect("core lock");
+                    let base = st.seq_base;
+                    for s in seqs {
+                        if s > base {
+                            st.core.on_ack(from, s - base);
+                        }
+                    }
+                    p.pump(&self, &mut st);
+                }
+                DataReply::Ok
+            }
+            DataMsg::Nack { volume, epoch, seq, reason } => {
+                tracing::info!(volume, from, seq, %reason, "member refused a record");
+                self.member_failed(volume, epoch, from);
+                DataReply::Ok
+            }
+            DataMsg::Checksums { volume, epoch, offset, len } => {
+                let Some(vol) = self.volume(volume) else {
+                    return DataReply::Refused(format!("no copy of volume {volume}"));
+                };
+                if let Err(e) = vol.backup.lock().expect("backup lock").check(from, epoch, None) {
+                    return DataReply::Refused(e.to_string());
+                }
+                match self.store.block_checksums(volume, offset, len) {
+                    Ok(s) => DataReply::Checksums(s),
+                    Err(e) => DataReply::Failed(e.to_string()),
+                }
+            }
+            DataMsg::Chunk { volume, epoch, offset, data } => {
+                let Some(vol) = self.volume(volume) else {
+                    return DataReply::Refused(format!("no copy of volume {volume}"));
+                };
+                if let Err(e) = vol.backup.lock().expect("backup lock").check(from, epoch, None) {
+                    return DataReply::Refused(e.to_string());
+                }
+                let lsn = match self.store.write(volume, offset, &data) {
+                    Ok(l) => l,
+                    Err(e) => return DataReply::Failed(e.to_string()),
+                };
+                // A copy changes this replica like a write does: reconciliation must see it.
+                vol.recent.lock().expect("recent lock").record_copy(offset, data.len() as u64);
+                match self.store.durable(lsn).await {
+                    Ok(()) => DataReply::Ok,
+                    Err(e) => DataReply::Failed(e.to_string()),
+                }
+            }
+            DataMsg::Level { volume, epoch } => {
+                let Some(vol) = self.volume(volume) else {
+                    return DataReply::Refused(format!("no copy of volume {volume}"));
+                };
+                let checked = vol.backup.lock().expect("backup lock").check(from, epoch, None);
+                match checked {
+                    Ok(()) => {
+                        vol.recent.lock().expect("recent lock").mark_complete();
+                        DataReply::Ok
+                    }
+                    Err(e) => DataReply::Refused(e.to_string()),
+                }
+            }
+            DataMsg::ProxyRead { volume, offset, len } => {
+                if len > PROXY_BYTES_MAX {
+                    return DataReply::Refused(format!("proxied read of {len} bytes is over {PROXY_BYTES_MAX}"));
+                }
+                let Some(p) = self.local_primary(volume) else { return DataReply::Refused("not the primary".into()) };
+                let _ = p;
+                let mut buf = vec![0u8; len as usize];
+                match self.clone().read_once(volume, offset, &mut buf).await {
+                    Ok(()) => DataReply::Data(buf),
+                    Err(e) => fail_reply(e),
+                }
+            }
+            DataMsg::ProxyWrite { volume, offset, data, .. } => {
+                if self.local_primary(volume).is_none() {
+                    return DataReply::Refused("not the primary".into());
+                }
+                let len = data.len() as u64;
+                match self.clone().write_once(volume, WriteKind::Data, offset, len, Bytes::from(data)).await {
+                    Ok(()) => DataReply::Ok,
+                    Err(e) => fail_reply(e),
+                }
+            }
+            DataMsg::ProxyZeroes { volume, offset, len, .. } => {
+                if self.local_primary(volume).is_none() {
+                    return DataReply::Refused("not the primary".into());
+                }
+                match self.clone().write_once(volume, WriteKind::Zeroes, offset, len, Bytes::new()).await {
+                    Ok(()) => DataReply::Ok,
+                    Err(e) => fail_reply(e),
+                }
+            }
+            DataMsg::ProxyFlush { volume } => match self.local_primary(volume) {
+                Some(_) => DataReply::Ok,
+                None => DataReply::Refused("not the primary".into()),
+            },
+        }
+    }
+
+    /// Proxied requests are served only by the primary itself: no chains of proxies.
+    fn local_primary(&self, volume: VolumeId) -> Option<Arc<PrimaryDriver>> {
+        self.volume(volume).and_then(|v| v.primary.lock().expect("primary lock").clone())
+    }
+}
+
+fn fail_reply(e: IoFail) -> DataReply {
+    match e {
+        IoFail::Unavailable(why) | IoFail::NoVolume(why) => DataReply::Refused(why),
+        IoFail::Invalid(why) | IoFail::Io(why) => DataReply::Failed(why),
+    }
+}
+
+struct DataHandler<S: BlockStore> {
+    inner: Weak<Inner<S>>,
+}
+
+impl<S: BlockStore> Handler for DataHandler<S> {
+    fn handle(&self, from: NodeId, _channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let inner = self.inner.upgrade().ok_or("data plane stopped")?;
+            let msg = DataMsg::decode(&payload).map_err(|e| e.to_string())?;
+            let reply = inner.handle(from, msg).await;
+            reply.encode().map(Bytes::from).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Drives time: timeouts, retried proposals, resyncs, the lease, and primaries to (re)start.
+async fn tick<S: BlockStore>(inner: Weak<Inner<S>>) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let lease = inner.coord.lease_valid();
+        let vols: Vec<(VolumeId, Arc<Vol>)> =
+            inner.volumes.lock().expect("volumes lock").iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (id, vol) in vols {
+            let p = vol.primary.lock().expect("primary lock").clone();
+            if let Some(p) = p {
+                let mut st = p.st.lock().expect("core lock");
+                if !lease {
+                    st.core.depose("this node lost its lease (cut off from the metadata majority)");
+                } else {
+                    st.core.on_tick(now);
+                    if st.core.phase() == Phase::Serving {
+                        for n in st.core.out_members() {
+                            let due = st.resync_tried.get(&n).is_none_or(|t| now.duration_since(*t) >= RESYNC_RETRY);
+                            if due {
+                                st.resync_tried.insert(n, now);
+                                st.core.start_resync(n);
+                            }
+                        }
+                    }
+                }
+                p.pump(&inner, &mut st);
+            }
+            inner.reconcile_role(id, &vol);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_space_wraps_and_waits_for_the_tail() {
+        let size = REGION_BYTES as u64;
+        let mut s = RegionSpace { head: 0, used: VecDeque::new() };
+        let mut take = |s: &mut RegionSpace, len: u64| {
+            let off = s.alloc(len)?;
+            s.head = off + len;
+            s.used.push_back((off, len, 1, 1));
+            Some(off)
+        };
+        assert_eq!(take(&mut s, size / 2), Some(0));
+        assert_eq!(take(&mut s, size / 4), Some(size / 2));
+        assert_eq!(take(&mut s, size / 2), None, "no room until the oldest is freed");
+        s.used.pop_front();
+        assert_eq!(take(&mut s, size / 2), Some(0), "wraps to the start");
+        assert_eq!(take(&mut s, 1), None, "head meets tail");
+        s.used.pop_front();
+        assert_eq!(take(&mut s, size / 4), Some(size / 2));
+    }
+}
