@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::nbd::NbdClient;
-use common::{http, wait_for, Cluster};
+use common::{http, require_tools, wait_for, Cluster};
 use serde_json::Value;
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
@@ -110,6 +110,7 @@ fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn create_volume(c: &Cluster, name: &str, size: &str) -> Value {
+    require_tools(&["qemu-io", "qemu-img", "nbdinfo", "nbdcopy", "fio"]);
     c.admin(&["volume", "create", name, "--size", size]);
     wait_for(&format!("{name} to be served"), Duration::from_secs(20), || {
         let v = volume(c, 1, name)?;

@@ -1,23 +1,13 @@
 //! The server driven by real NBD clients: qemu-io and qemu-img (qemu-utils), nbdinfo and
-//! nbdcopy (libnbd-bin). A test whose client is not installed prints why and passes.
+//! nbdcopy (libnbd-bin). A missing client is installed (as root, on Debian) or fails the test.
 
 mod common;
 
 use std::process::Output;
 use std::sync::atomic::Ordering;
 
-use common::{pseudo_random_bytes, TestServer, DEADLINE, MIB};
+use common::{pseudo_random_bytes, require_tools, TestServer, DEADLINE, MIB};
 use tandem_nbd::READ_CHUNK_BYTES;
-
-fn installed(program: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false);
-    if !found {
-        println!("SKIPPED: {program} is not installed");
-    }
-    found
-}
 
 async fn run(program: &str, args: &[&str]) -> Output {
     let child = tokio::process::Command::new(program).args(args).kill_on_drop(true).output();
@@ -49,9 +39,7 @@ fn text(output: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_writes_and_reads_back() {
-    if !installed("qemu-io") {
-        return;
-    }
+    require_tools(&["qemu-io"]);
     let server = TestServer::start().await;
     let url = server.url("disk");
     let out = qemu_io(&url, &["write -P 0xab 0 1M", "read -P 0xab 0 1M"]).await;
@@ -72,9 +60,7 @@ async fn qemu_io_writes_and_reads_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_uses_every_command() {
-    if !installed("qemu-io") {
-        return;
-    }
+    require_tools(&["qemu-io"]);
     let server = TestServer::start().await;
     let out = qemu_io(
         &server.url("disk"),
@@ -107,9 +93,7 @@ async fn qemu_io_uses_every_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_io_large_read_streams_in_chunks() {
-    if !installed("qemu-io") {
-        return;
-    }
+    require_tools(&["qemu-io"]);
     let server = TestServer::start().await;
     // 48 MiB: qemu splits it at the advertised 32 MiB maximum; the server splits each request
     // into READ_CHUNK_BYTES pieces.
@@ -125,9 +109,7 @@ async fn qemu_io_large_read_streams_in_chunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_refuses_writes_to_a_read_only_export_and_missing_exports() {
-    if !installed("qemu-io") {
-        return;
-    }
+    require_tools(&["qemu-io"]);
     let server = TestServer::start().await;
     let ro = server.url("ro");
     let out = run("qemu-io", &["-r", "-f", "raw", &ro, "-c", "read -P 0 0 64k"]).await;
@@ -148,9 +130,7 @@ async fn qemu_refuses_writes_to_a_read_only_export_and_missing_exports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_info_reports_the_size() {
-    if !installed("qemu-img") {
-        return;
-    }
+    require_tools(&["qemu-img"]);
     let server = TestServer::start().await;
     let info = run_ok("qemu-img", &["info", &server.url("disk")]).await;
     assert!(info.contains("virtual size: 64 MiB (67108864 bytes)"), "{info}");
@@ -159,9 +139,7 @@ async fn qemu_img_info_reports_the_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdinfo_lists_and_describes_exports() {
-    if !installed("nbdinfo") {
-        return;
-    }
+    require_tools(&["nbdinfo"]);
     let server = TestServer::start().await;
     let list = run_ok("nbdinfo", &["--list", &format!("nbd://{}", server.addr)]).await;
     for name in ["disk", "small", "ro", "gated", "broken"] {
@@ -179,9 +157,7 @@ async fn nbdinfo_lists_and_describes_exports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdcopy_round_trips_32_mib_bit_exactly() {
-    if !installed("nbdcopy") {
-        return;
-    }
+    require_tools(&["nbdcopy"]);
     let server = TestServer::start().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let seed = 0x5eed_0001;
