@@ -20,7 +20,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use tandem_meta::store::MetaStore;
 use tandem_replication::driver::{DataPlane, DataPlaneConfig};
-use tandem_storage::SledStore;
+use tandem_storage::{BlockStore, SledStore};
 use tandem_transport::link::{Listeners, Mesh};
 use tandem_transport::ring::RegionRegistry;
 use tandem_transport::tls::Identity;
@@ -83,7 +83,7 @@ pub async fn run(
     let store = SledStore::open(&data_dir.join("blocks"))
         .map_err(|e| anyhow!("node {id}: cannot open the block store: {e}"))?;
     let coord = Arc::new(volumes::MetaCoordinator { meta: meta.clone(), leases: leases.clone() });
-    let plane = DataPlane::start(id, mesh.clone(), Arc::new(store), coord, DataPlaneConfig::default());
+    let plane = DataPlane::start(id, mesh.clone(), Arc::new(store.clone()), coord, DataPlaneConfig::default());
     volumes::follow_volumes(meta.clone(), plane.clone());
     let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let nbd = tokio::spawn(tandem_nbd::serve(
@@ -100,6 +100,10 @@ pub async fn run(
     tracing::info!(node = id, "stopping");
     let _ = nbd_stop_tx.send(());
     let _ = nbd.await;
+    // Dropping the store is a crash to it: make everything applied durable first.
+    if let Err(e) = store.durable(store.last_lsn()).await {
+        tracing::error!(node = id, error = %e, "block store flush at shutdown failed");
+    }
     meta.shutdown().await;
     mesh.shutdown();
     served.context("admin API server failed")?;

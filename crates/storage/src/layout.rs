@@ -1,16 +1,17 @@
-//! The on-disk formats: sled keys, sled values and block addresses. Pure functions, no I/O.
+//! The on-disk formats: sled keys and values, journal records, block addresses. Pure
+//! functions, no I/O.
 //!
-//! Everything lives in sled's default tree, so that the index changes of one flush are one
-//! atomic `sled::Batch`. Keys start with a one-byte tag; integers in keys are big-endian so that
-//! byte order is numeric order (range scans), integers in values little-endian.
+//! The index lives in sled's default tree, so that the changes of one generation are one atomic
+//! `sled::Batch`. Keys start with a one-byte tag; integers in keys are big-endian so that byte
+//! order is numeric order (range scans), integers in values little-endian.
 //!
-//! | key                                   | value                                         |
-//! |---------------------------------------|-----------------------------------------------|
-//! | `V` vol:u64                           | volume: size_bytes:u64, map:u64               |
-//! | `M` map:u64 chunk:u64                 | chunk: runs of (start:u16 len:u16 extent:u64 first:u32) then len × crc:u32 |
-//! | `R` extent:u64                        | reference count of each block: n × u32        |
-//! | `G` map:u64                           | empty: the map of a deleted volume, still to be released |
-//! | `S` name                              | store-wide counters (`lsn`, `next_map`, `next_segment`): u64 |
+//! | key                      | value                                                          |
+//! |--------------------------|----------------------------------------------------------------|
+//! | `V` vol:u64              | volume: size_bytes:u64, map:u64                                |
+//! | `M` map:u64 chunk:u64    | chunk: runs of (start:u16 len:u16 extent:u64 first:u32), each followed by len × crc32c:u32 |
+//! | `R` extent:u64           | reference count of each block of the extent: n × u32           |
+//! | `G` map:u64              | empty: the map of a deleted volume, still to be released       |
+//! | `Slsn`, `Snext_map`, `Snext_segment`, `Sjournal_next`, `Sjournal_seq` | u64 counters |
 //!
 //! A volume's blocks are grouped in chunks of [`CHUNK_BLOCKS`]; a chunk entry lists, per mapped
 //! block, the extent holding it, the block within that extent and the block's crc32c. A volume
@@ -20,6 +21,11 @@
 //! An extent's id is the physical address of its first block: segment number in the high 32
 //! bits, block index within the segment file in the low 32. A block's physical address is
 //! therefore `extent + block_in_extent`, and reading needs no lookup beyond the chunk.
+//!
+//! Segment files also hold the journal: one record per group commit, a header block
+//! ([`JournalHeader`]) and a body ([`encode_body`]: the generation's sled changes and the
+//! checksums of its new data blocks). Each header names the block reserved for the next one;
+//! `Sjournal_next` names the first record sled does not have yet.
 
 use tandem_types::{VolumeId, BLOCK_BYTES};
 

@@ -1,21 +1,23 @@
 //! The node-local block store: volumes of 4 KiB blocks, kept in reference-counted extents.
 //!
 //! This crate is the [`BlockStore`] trait and its one implementation, [`SledStore`]: block data
-//! in append-only segment files, the index (each volume's block map, each extent's reference
-//! counts, per-block crc32c) in sled. It knows nothing of replication, epochs, hosts or the
-//! network; the replication layer decides *what* to write, this crate makes it durable and
-//! reads it back verified. It does no Raft and holds no cluster state.
+//! in append-only segment files, the index (each volume's block map with per-block crc32c, each
+//! extent's per-block reference counts) in sled, and a journal in the segment files that makes
+//! a group commit one `fdatasync`. It knows nothing of replication, epochs, hosts or the
+//! network: the replication layer decides *what* to write; this crate makes it durable, reads
+//! it back verified, and copies ranges by reference. It holds no cluster state and does no Raft.
 //!
 //! Architecture invariants:
-//! - An index entry never points at data that is not on stable storage: segment data is
-//!   `fdatasync`ed before the sled batch that references it is applied (see [`SledStore`]).
+//! - A change is reported durable only once its data and its index change are on stable
+//!   storage; sled never holds an index entry whose data was not synced first (see `store.rs`).
 //! - Every block read is checked against the crc32c recorded when it was written; a mismatch is
-//!   [`StoreError::Corrupt`], never wrong data.
-//! - Memory is bounded: changes not yet durable are limited to [`PENDING_BYTES_MAX`], and
-//!   writers wait when it is reached.
+//!   [`StoreError::Corrupt`], never wrong data. After a crash each block holds a whole value it
+//!   had, never a torn or foreign one.
+//! - Memory is bounded: changes not yet durable are limited to [`PENDING_BYTES_MAX`] and writers
+//!   wait when it is reached; large trims and clones are applied in bounded steps.
 //!
-//! Layout: `layout.rs` (key and value formats, pure), `segments.rs` (segment files),
-//! `store.rs` (the store: write paths, reads, the group-commit flusher).
+//! Layout: `layout.rs` (key, value and journal formats; pure), `segments.rs` (segment files),
+//! `store.rs` (the store: write paths, reads, group commit, checkpoints, recovery).
 
 mod layout;
 mod segments;
