@@ -367,3 +367,55 @@ fn reading_a_large_volume_out_keeps_memory_bounded() {
         assert!(growth < 64 * MIB, "node {node} grew by {growth} bytes while serving a 1 GiB read");
     }
 }
+
+#[test]
+fn switching_the_data_transport_under_writes_fails_no_write() {
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let v = create_volume(&c, "vs", "64M");
+    let primary = v["primary"].as_u64().expect("primary");
+    let other = c.node_ids().into_iter().find(|&n| n != primary).expect("a non-primary node");
+    let seed = 0x5eed_0002;
+    println!("write stream seed {seed:#x}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(History::default()));
+    // Through a non-primary node: the proxied I/O and the replication both cross the switch.
+    let writer = write_stream(vec![nbd_addr(&c, other)], "vs".into(), 1024, seed, stop.clone(), history.clone());
+    let acked = || history.lock().expect("history").acked_total;
+    for (i, kind) in ["quic", "tcp", "quic", "tcp"].iter().enumerate() {
+        let before = acked();
+        c.admin(&["transport", "set", kind, "--layer", "data"]);
+        wait_for(&format!("every replication link on {kind}"), Duration::from_secs(30), || {
+            let status: Value = serde_json::from_str(&c.admin(&["transport", "status", "--json"])).ok()?;
+            let links: Vec<Value> = status
+                .as_array()?
+                .iter()
+                .flat_map(|v| v["links"].as_array().cloned().unwrap_or_default())
+                .filter(|l| l["channel"].as_str().is_some_and(|c| c.eq_ignore_ascii_case("replication")))
+                .collect();
+            (links.len() >= 2 && links.iter().all(|l| l["transport"] == *kind)).then_some(())
+        });
+        wait_for(&format!("writes to go on after switch {i} to {kind}"), Duration::from_secs(30), || {
+            (acked() >= before + 100).then_some(())
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let h = history.lock().expect("history");
+    println!("acknowledged {}, failed {}", h.acked_total, h.failed_total);
+    assert_eq!(h.failed_total, 0, "a write failed across a transport switch");
+    let status: Value = serde_json::from_str(&c.admin(&["transport", "status", "--json"])).expect("json");
+    let switches: u64 = status
+        .as_array()
+        .expect("views")
+        .iter()
+        .flat_map(|v| v["links"].as_array().cloned().unwrap_or_default())
+        .filter(|l| l["channel"].as_str().is_some_and(|c| c.eq_ignore_ascii_case("replication")))
+        .filter_map(|l| l["switches"].as_u64())
+        .sum();
+    assert!(switches >= 4, "the replication links did not switch: {status}");
+    let v = volume(&c, 1, "vs").expect("volume");
+    assert_eq!(ids(&v["isr"]), vec![1, 2, 3], "no replica left the ISR over a switch: {v}");
+    check_history(&c, &c.node_ids(), "vs", &h);
+    wait_identical(&c, 1, "vs", &[1, 2, 3], Duration::from_secs(20));
+}
