@@ -316,6 +316,8 @@ fn fio_and_qemu_img_use_a_volume_through_a_non_primary_node() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No state file in the working directory.
+            "--verify_state_save=0",
         ],
     );
     assert!(out.contains("err= 0"), "fio reported errors: {out}");
