@@ -321,6 +321,7 @@ where
     let failed_tx = Arc::new(failed_tx);
     let mut tasks: JoinSet<Result<(), ConnectionError>> = JoinSet::new();
     let mut task_error = None;
+    let mut abandoned = false;
 
     let reader_result = loop {
         while let Some(joined) = tasks.try_join_next() {
@@ -358,12 +359,26 @@ where
                     break Err(ConnectionError::WriteTooLarge { length });
                 }
             }
-            Ok(Some(Incoming::Disconnect)) | Ok(None) => break Ok(()),
-            Err(err) => break Err(err),
+            Ok(Some(Incoming::Disconnect)) => break Ok(()),
+            Ok(None) => {
+                abandoned = true;
+                break Ok(());
+            }
+            Err(err) => {
+                abandoned = true;
+                break Err(err);
+            }
         }
     };
-    // Requests already accepted are finished and answered (the protocol asks this of
-    // NBD_CMD_DISC; on errors it keeps volume calls from being cut short).
+    if abandoned {
+        // The client is gone without NBD_CMD_DISC (it closed the socket, perhaps after giving
+        // up on a request). Its requests still running are cancelled: a write it gave up on
+        // must not be carried out later (for instance retried after a failover), when the
+        // client may already have written the same blocks again through another path.
+        tasks.abort_all();
+    }
+    // After NBD_CMD_DISC, requests already accepted are finished and answered, as the
+    // protocol asks.
     while let Some(joined) = tasks.join_next().await {
         keep_first_error(&mut task_error, joined);
     }
@@ -378,6 +393,8 @@ fn keep_first_error(first: &mut Option<ConnectionError>, joined: Result<Result<(
     let err = match joined {
         Ok(Ok(())) => return,
         Ok(Err(err)) => err,
+        // Cancelled because the client went away: not an error of its own.
+        Err(join_error) if join_error.is_cancelled() => return,
         Err(join_error) => ConnectionError::Io(io::Error::other(format!("request task failed: {join_error}"))),
     };
     if first.is_none() {

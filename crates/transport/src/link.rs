@@ -814,10 +814,26 @@ impl ChannelLink {
                 let alive: Vec<u64> = st.pipes.iter().filter(|p| p.tx.is_alive()).map(|p| p.gen).collect();
                 let next = st.pending.iter_mut().find(|(_, p)| p.sent_on.is_none_or(|g| !alive.contains(&g)));
                 let Some((seq, p)) = next else { break };
+                let mut withdrawn = 0;
+                if p.kind == FrameKind::Request
+                    && p.reply.as_ref().is_some_and(|r| r.is_closed())
+                    && !p.payload.is_empty()
+                {
+                    withdrawn = p.payload.len();
+                    // The caller gave up on this request before it went out (it was queued, or
+                    // its pipe died): it is withdrawn. Its number still travels, with an empty
+                    // payload that every handler refuses, so the receiver's sequence has no gap
+                    // and a request nobody waits for is never carried out late.
+                    p.payload = Bytes::new();
+                }
                 permit.send(Frame::new(p.kind, self.channel, session, *seq, ack, p.payload.clone()));
                 p.sent_on = Some(gen);
                 self.messages_sent.fetch_add(1, Ordering::Relaxed);
                 self.bytes_sent.fetch_add(p.payload.len() as u64, Ordering::Relaxed);
+                if withdrawn > 0 {
+                    st.bytes -= withdrawn;
+                    self.space.notify_waiters();
+                }
             }
 
             // Break: an old pipe with nothing left in flight is closed.

@@ -1,0 +1,827 @@
+//! A network partition against real `tandem` processes: the primary of a volume is cut off
+//! from the other nodes. Once its lease has run out it neither acknowledges writes nor serves
+//! reads; the majority fails the volume over to a new primary that takes writes; after the
+//! heal the old primary is resynced and every replica holds the majority's history, and only
+//! it.
+//!
+//! Topology (all of it made by the test, all of it removed on drop, also when the test fails):
+//! one network namespace per node (`<p>-n1..3`, address 10.213.B.N/24 on `eth0`), joined by a
+//! Linux bridge in a namespace of its own (`<p>-br`), plus a veth from the test's own
+//! namespace to that bridge (10.213.B.254), so the test talks to every node directly, the
+//! partitioned one included. The partition is an nftables `bridge` table in the bridge
+//! namespace that drops every IPv4 packet between the primary and the other nodes (TCP and
+//! UDP: QUIC too) but not between any node and the test: a silent loss on the wire, like a
+//! cut link, with no error reported to either side. The heal deletes the table.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::nbd::NbdClient;
+use common::wait_for;
+use serde_json::Value;
+use tandem_node::lease::{FAILURE_TIMEOUT, LEASE};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const VOLUME: &str = "vp";
+const VOLUME_BYTES: u64 = 64 * MIB;
+const NODES: [u64; 3] = [1, 2, 3];
+/// Scheduling slack on top of the lease for "nothing after the lease ended".
+const SLACK: Duration = Duration::from_secs(1);
+/// How long the test waits for one request to the partitioned primary: a request still
+/// unanswered then is counted as hung, never as acknowledged.
+const MINORITY_WRITE_TIMEOUT: Duration = Duration::from_millis(1000);
+const MINORITY_READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a node keeps retrying a host request across failovers
+/// (`DataPlaneConfig::retry_deadline` in crates/replication/src/driver.rs).
+const REQUEST_RETRY_DEADLINE: Duration = Duration::from_secs(15);
+/// The 10.213.0.0/16 range the test's /24 is taken from.
+const NET_A: u8 = 213;
+const NS_PREFIX: &str = "tdmpart";
+const PARTITION_TABLE: &str = "tandem_partition";
+
+// The volume's layout: what is written where, and by whom.
+/// Written through the primary before the partition (pattern A), in three regions.
+const A_REGIONS: [(u64, u64, u64); 3] = [(0, 2 * MIB, 0xa1), (8 * MIB, 2 * MIB, 0xa2), (16 * MIB, 256 * 1024, 0xa3)];
+/// The partitioned primary is asked to overwrite blocks here (inside an A region, and
+/// overwritten again by the majority's C) ...
+const MINORITY_OVER: u64 = 8 * MIB + 64 * 1024;
+/// ... and to write blocks here (never written by anyone else).
+const MINORITY_FRESH: u64 = 40 * MIB;
+/// The partitioned primary is asked to read blocks here (an A region).
+const MINORITY_READ: u64 = 16 * MIB;
+/// Written through the majority after the failover: a new region (B, through the node that
+/// is not primary, so proxied) and an overwrite of part of an A region (C, through the new
+/// primary) that covers every block the cut-off primary was asked to overwrite.
+const B_REGION: (u64, u64, u64) = (24 * MIB, 2 * MIB, 0xb1);
+const C_REGION: (u64, u64, u64) = (8 * MIB, 512 * 1024, 0xc1);
+
+/// What every block of the volume must hold, and which write put it there.
+struct Model {
+    bytes: Vec<u8>,
+    labels: Vec<String>,
+}
+
+impl Model {
+    fn new() -> Model {
+        Model {
+            bytes: vec![0u8; VOLUME_BYTES as usize],
+            labels: vec!["never written".into(); (VOLUME_BYTES / BLOCK) as usize],
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], label: &str) {
+        assert!(offset.is_multiple_of(BLOCK) && (data.len() as u64).is_multiple_of(BLOCK));
+        self.bytes[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        for b in offset / BLOCK..(offset + data.len() as u64) / BLOCK {
+            self.labels[b as usize] = label.to_string();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (splitmix64).
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Runs a system command; its stdout, or what went wrong.
+fn sh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{args:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn must(args: &[&str]) -> String {
+    sh(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn http_get(url: &str) -> Option<Value> {
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
+    let resp = client.get(url).send().ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().ok()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    let mut ids: Vec<u64> = v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+    ids.sort_unstable();
+    ids
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes what an earlier run of this test left behind when it was killed before its drop
+/// guards ran: namespaces named after a test process that no longer exists, and the node
+/// processes inside them (only those: every process in such a namespace was started by that
+/// run).
+fn reap_stale() {
+    let Ok(list) = sh(&["ip", "netns", "list"]) else { return };
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || pid_alive(pid) {
+            continue;
+        }
+        if let Ok(pids) = sh(&["ip", "netns", "pids", name]) {
+            for p in pids.split_whitespace() {
+                let _ = sh(&["kill", "-9", p]);
+            }
+        }
+        let _ = sh(&["ip", "netns", "del", name]);
+        println!("removed stale namespace {name} (its test process {pid} is gone)");
+    }
+}
+
+/// A /24 in 10.213.0.0/16 that nothing on this host uses or routes (other than by the default
+/// route), chosen from the process id so that concurrent runs differ.
+fn pick_subnet(tag: u32) -> u8 {
+    let addrs = must(&["ip", "-4", "-o", "addr", "show"]);
+    let routes = must(&["ip", "-4", "route", "show", "table", "all"]);
+    let default = routes.lines().find(|l| l.starts_with("default")).map(|l| {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
+        (after("via").map(str::to_string), after("dev").map(str::to_string))
+    });
+    let start = std::process::id().wrapping_mul(2).wrapping_add(tag);
+    for i in 0..256u32 {
+        let b = (start.wrapping_add(i * 7) % 254 + 1) as u8;
+        let prefix = format!("10.{NET_A}.{b}.");
+        if addrs.contains(&prefix) || routes.contains(&prefix) {
+            continue;
+        }
+        // Only the default route (or none) leads there.
+        if let Ok(get) = sh(&["ip", "-4", "route", "get", &format!("{prefix}1")]) {
+            let Some((via, dev)) = &default else { continue };
+            let uses_default = via.as_ref().is_none_or(|v| get.contains(&format!("via {v} ")))
+                && dev.as_ref().is_none_or(|d| get.contains(&format!("dev {d} ")));
+            if !uses_default {
+                continue;
+            }
+        }
+        return b;
+    }
+    panic!("no free /24 in 10.{NET_A}.0.0/16 on this host");
+}
+
+#[derive(Clone)]
+struct NodeAddrs {
+    api: String,
+    nbd: SocketAddr,
+}
+
+/// The namespaces, links, nftables table, node processes and temp dir of one test; all removed
+/// on drop.
+struct Topology {
+    prefix: String,
+    subnet: u8,
+    host_if: String,
+    host_if_made: bool,
+    namespaces: Vec<String>,
+    nodes: Vec<(u64, Child)>,
+    addrs: Vec<(u64, NodeAddrs)>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Topology {
+    fn ns_br(&self) -> String {
+        format!("{}-br", self.prefix)
+    }
+
+    fn ns(&self, id: u64) -> String {
+        format!("{}-n{id}", self.prefix)
+    }
+
+    fn ip(&self, id: u64) -> Ipv4Addr {
+        Ipv4Addr::new(10, NET_A, self.subnet, id as u8)
+    }
+
+    fn host_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, NET_A, self.subnet, 254)
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.dir.as_ref().expect("temp dir").path().to_path_buf()
+    }
+
+    fn add_ns(&mut self, name: String) {
+        must(&["ip", "netns", "add", &name]);
+        self.namespaces.push(name);
+    }
+
+    /// Builds the namespaces and links (nothing runs in them yet).
+    fn build(tag: u32) -> Topology {
+        if let Err(e) = sh(&["nft", "--version"]) {
+            panic!("this test needs nftables' `nft` (apt-get install nftables): {e}");
+        }
+        reap_stale();
+        let pid = std::process::id();
+        let subnet = pick_subnet(tag);
+        let dir = tempfile::Builder::new().prefix("tandem-partition-").tempdir().expect("temp dir");
+        let mut t = Topology {
+            prefix: format!("{NS_PREFIX}{pid}x{tag}"),
+            subnet,
+            host_if: format!("tp{pid}x{tag}"),
+            host_if_made: false,
+            namespaces: Vec::new(),
+            nodes: Vec::new(),
+            addrs: Vec::new(),
+            dir: Some(dir),
+        };
+        let br = t.ns_br();
+        t.add_ns(br.clone());
+        must(&["ip", "-n", &br, "link", "add", "br0", "type", "bridge"]);
+        must(&["ip", "-n", &br, "link", "set", "br0", "up"]);
+        for id in NODES {
+            let ns = t.ns(id);
+            t.add_ns(ns.clone());
+            let port = format!("v{id}");
+            must(&["ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &br]);
+            must(&["ip", "-n", &br, "link", "set", &port, "master", "br0", "up"]);
+            must(&["ip", "-n", &ns, "addr", "add", &format!("{}/24", t.ip(id)), "dev", "eth0"]);
+            must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        let host_if = t.host_if.clone();
+        must(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", "vh", "netns", &br]);
+        t.host_if_made = true;
+        must(&["ip", "-n", &br, "link", "set", "vh", "master", "br0", "up"]);
+        must(&["ip", "addr", "add", &format!("{}/24", t.host_ip()), "dev", &host_if]);
+        must(&["ip", "link", "set", &host_if, "up"]);
+        println!("topology {}: nodes at {}, {}, {}; the test at {}", t.prefix, t.ip(1), t.ip(2), t.ip(3), t.host_ip());
+        t
+    }
+
+    /// `tandem up` makes the CA, certificates and cluster.toml (on 127.0.0.1); the nodes are
+    /// then stopped, their data removed, and the config moved to the namespaces' addresses.
+    fn configure(&mut self, transport: &str) {
+        let dir = self.dir();
+        let d = dir.to_str().expect("utf-8 temp path").to_string();
+        common::run_ok(&["up", "--detach", "--nodes", "3", "--transport", transport, "--dir", &d]);
+        common::run_ok(&["down", "--dir", &d]);
+        for id in NODES {
+            std::fs::remove_dir_all(dir.join(format!("node-{id}"))).expect("remove the loopback run's data");
+            let _ = std::fs::remove_file(dir.join(format!("node-{id}.log")));
+        }
+        let path = dir.join("cluster.toml");
+        let mut cfg: toml::Value = toml::from_str(&std::fs::read_to_string(&path).expect("config")).expect("toml");
+        let nodes = cfg.get_mut("node").and_then(toml::Value::as_array_mut).expect("[[node]]");
+        for node in nodes.iter_mut() {
+            let id = node["id"].as_integer().expect("id") as u64;
+            let ip = self.ip(id);
+            let table = node.as_table_mut().expect("node table");
+            for field in ["raft_addr", "api_addr", "nbd_addr"] {
+                let old: SocketAddr = table[field].as_str().expect("address").parse().expect("socket address");
+                table.insert(field.into(), toml::Value::String(SocketAddr::new(ip.into(), old.port()).to_string()));
+            }
+            let api = format!("http://{}", table["api_addr"].as_str().expect("api_addr"));
+            let nbd = table["nbd_addr"].as_str().expect("nbd_addr").parse().expect("nbd_addr");
+            self.addrs.push((id, NodeAddrs { api, nbd }));
+        }
+        std::fs::write(&path, toml::to_string(&cfg).expect("serialize config")).expect("write config");
+    }
+
+    fn addr(&self, id: u64) -> &NodeAddrs {
+        &self.addrs.iter().find(|(n, _)| *n == id).expect("node address").1
+    }
+
+    fn api(&self, id: u64) -> String {
+        self.addr(id).api.clone()
+    }
+
+    fn nbd(&self, id: u64) -> SocketAddr {
+        self.addr(id).nbd
+    }
+
+    fn log_path(&self, id: u64) -> PathBuf {
+        self.dir().join(format!("ns-node-{id}.log"))
+    }
+
+    fn start_nodes(&mut self) {
+        let dir = self.dir();
+        for id in NODES {
+            let log = std::fs::File::create(self.log_path(id)).expect("log file");
+            let child = Command::new("ip")
+                .args(["netns", "exec", &self.ns(id)])
+                .arg(common::bin())
+                .args(["node", "--config"])
+                .arg(dir.join("cluster.toml"))
+                .args(["--id", &id.to_string()])
+                .env("RUST_LOG", "info,openraft=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log)
+                .spawn()
+                .expect("start a node");
+            self.nodes.push((id, child));
+        }
+        for id in NODES {
+            let api = self.api(id);
+            wait_for(&format!("node {id}'s API at {api}"), Duration::from_secs(30), || {
+                let (_, child) = self.nodes.iter_mut().find(|(n, _)| *n == id).expect("child");
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("node {id} exited while starting ({status}): {}", self.log_tail(id, 30));
+                }
+                http_get(&format!("{api}/v1/cluster"))
+            });
+        }
+        let resp = common::http()
+            .post(format!("{}/v1/cluster/init", self.api(1)))
+            .json(&serde_json::json!({}))
+            .send()
+            .expect("init");
+        assert!(resp.status().is_success(), "init: {} {}", resp.status(), resp.text().unwrap_or_default());
+    }
+
+    /// The leader every node agrees on.
+    fn agreed_leader(&self, nodes: &[u64], timeout: Duration) -> u64 {
+        wait_for("the nodes to agree on a leader", timeout, || {
+            let leaders: Vec<Option<u64>> = nodes
+                .iter()
+                .map(|&id| http_get(&format!("{}/v1/cluster", self.api(id))).and_then(|v| v["raft"]["leader"].as_u64()))
+                .collect();
+            let first = leaders[0]?;
+            leaders.iter().all(|l| *l == Some(first)).then_some(first)
+        })
+    }
+
+    /// Drops every packet between `isolated` and `others` on the bridge.
+    fn partition(&self, isolated: u64, others: &[u64]) {
+        let set = others.iter().map(|&n| self.ip(n).to_string()).collect::<Vec<_>>().join(", ");
+        let p = self.ip(isolated);
+        let rules = format!(
+            "table bridge {PARTITION_TABLE} {{\n  chain cut {{\n    type filter hook forward priority 0; policy accept;\n    \
+             ip saddr {p} ip daddr {{ {set} }} drop\n    ip saddr {{ {set} }} ip daddr {p} drop\n  }}\n}}\n"
+        );
+        let file = self.dir().join("partition.nft");
+        std::fs::write(&file, rules).expect("write the ruleset");
+        must(&["ip", "netns", "exec", &self.ns_br(), "nft", "-f", file.to_str().expect("path")]);
+    }
+
+    fn heal(&self) {
+        must(&["ip", "netns", "exec", &self.ns_br(), "nft", "delete", "table", "bridge", PARTITION_TABLE]);
+    }
+
+    /// Whether a TCP connection from node `from`'s namespace to `to`'s API opens within 1 s.
+    fn can_connect(&self, from: u64, to: u64) -> bool {
+        let target = self.api(to).trim_start_matches("http://").replace(':', "/");
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(from),
+            "timeout",
+            "1",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{target}"),
+        ])
+        .is_ok()
+    }
+
+    fn log_tail(&self, id: u64, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The volume's record through node `via` (`tandem volume list --json`).
+    fn volume(&self, via: u64) -> Option<Value> {
+        let out = common::run(&["volume", "list", "--json", "--endpoint", &self.api(via)]);
+        if !out.status.success() {
+            return None;
+        }
+        let list: Value = serde_json::from_slice(&out.stdout).ok()?;
+        list.as_array()?.iter().find(|v| v["name"] == VOLUME).cloned()
+    }
+
+    /// Node `id`'s own copy of the volume (`GET /v1/local/volumes`).
+    fn local_copy(&self, id: u64) -> Option<Value> {
+        let v = http_get(&format!("{}/v1/local/volumes", self.api(id)))?;
+        v["volumes"].as_array()?.iter().find(|x| x["name"] == VOLUME).cloned()
+    }
+
+    fn digest(&self, id: u64) -> Option<String> {
+        self.local_copy(id).and_then(|v| v["digest"].as_str().map(str::to_string))
+    }
+
+    /// Waits until the ISR (seen through `via`) is every node and all copies have one digest.
+    fn wait_identical(&self, via: u64, timeout: Duration) -> (Value, String) {
+        wait_for("every node in the ISR with identical copies", timeout, || {
+            let v = self.volume(via)?;
+            if ids(&v["isr"]) != NODES {
+                return None;
+            }
+            let digests: Vec<String> = NODES.iter().map(|&n| self.digest(n)).collect::<Option<_>>()?;
+            digests.iter().all(|d| *d == digests[0]).then(|| (v, digests[0].clone()))
+        })
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let failing = std::thread::panicking();
+        for (_, child) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if failing {
+            for id in NODES {
+                eprintln!("---- end of node {id}'s log ----\n{}", self.log_tail(id, 60));
+            }
+        }
+        if self.host_if_made {
+            let _ = sh(&["ip", "link", "del", &self.host_if]);
+        }
+        for ns in self.namespaces.iter().rev() {
+            // Only this test's node processes can be in there; they were killed above.
+            if let Ok(pids) = sh(&["ip", "netns", "pids", ns]) {
+                for p in pids.split_whitespace() {
+                    let _ = sh(&["kill", "-9", p]);
+                }
+            }
+            if let Err(e) = sh(&["ip", "netns", "del", ns]) {
+                eprintln!("cleanup: {e}");
+            }
+        }
+        if let Some(dir) = self.dir.take() {
+            if std::env::var_os("TANDEM_TEST_KEEP").is_some() {
+                eprintln!("kept {} (TANDEM_TEST_KEEP)", dir.keep().display());
+            }
+        }
+    }
+}
+
+/// One request the test made to the partitioned primary.
+struct Attempt {
+    offset: u64,
+    data: Vec<u8>,
+    /// Since the partition.
+    start: Duration,
+    end: Duration,
+    ok: bool,
+    error: String,
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}
+
+/// Writes 4 KiB blocks through `addr` until `stop`, one at a time, reconnecting after any
+/// failure; every attempt is recorded with its outcome.
+fn minority_writer(
+    addr: SocketAddr,
+    first: NbdClient,
+    cut: Instant,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Attempt>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut client = Some(first);
+        let mut k = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let Some(cl) = client.as_mut() else {
+                match NbdClient::connect(addr, VOLUME, MINORITY_WRITE_TIMEOUT) {
+                    Ok(c) => client = Some(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+                continue;
+            };
+            let base = if k.is_multiple_of(2) { MINORITY_FRESH } else { MINORITY_OVER };
+            let offset = base + (k / 2 % 64) * BLOCK;
+            let data = random_bytes(0x3000 + k, BLOCK as usize);
+            let start = cut.elapsed();
+            let r = cl.write(offset, &data);
+            let end = cut.elapsed();
+            let error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            log.lock().expect("log").push(Attempt { offset, data, start, end, ok: r.is_ok(), error });
+            if r.is_err() {
+                client = None;
+            }
+            k += 1;
+        }
+    })
+}
+
+/// Reads 4 KiB blocks through `addr` until `stop`; a read counts as served only if it returned
+/// the expected data (`data` holds what it returned).
+fn minority_reader(
+    addr: SocketAddr,
+    first: NbdClient,
+    expected: Vec<u8>,
+    cut: Instant,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<Attempt>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut client = Some(first);
+        let mut k = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let Some(cl) = client.as_mut() else {
+                match NbdClient::connect(addr, VOLUME, MINORITY_READ_TIMEOUT) {
+                    Ok(c) => client = Some(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+                continue;
+            };
+            let at = (k % 64) * BLOCK;
+            let start = cut.elapsed();
+            let r = cl.read(MINORITY_READ + at, BLOCK as usize);
+            let end = cut.elapsed();
+            let (ok, data, error) = match r {
+                Ok(d) => (true, d, String::new()),
+                Err(e) => (false, Vec::new(), e.to_string()),
+            };
+            let served_right = ok && data[..] == expected[at as usize..(at + BLOCK) as usize];
+            log.lock().expect("log").push(Attempt { offset: MINORITY_READ + at, data, start, end, ok, error });
+            assert!(!ok || served_right, "a read through the partitioned primary returned wrong data");
+            if ok {
+                std::thread::sleep(Duration::from_millis(20));
+            } else {
+                client = None;
+            }
+            k += 1;
+        }
+    })
+}
+
+/// Says what block `at` read through node `id` should hold and what it holds instead.
+fn wrong_block(id: u64, at: u64, got: &[u8], model: &Model, unacked: &[&Attempt], cut: Instant) -> String {
+    let holds = unacked
+        .iter()
+        .find(|a| a.offset == at && a.data[..] == *got)
+        .map(|a| {
+            format!(
+                "the write the test sent to the cut-off primary at +{} and gave up on at +{} (unacknowledged)",
+                secs(a.start),
+                secs(a.end)
+            )
+        })
+        .unwrap_or_else(|| "something else".into());
+    format!(
+        "node {id}, read at +{}: the block at offset {at} should hold {} but holds {holds}",
+        secs(cut.elapsed()),
+        model.labels[(at / BLOCK) as usize]
+    )
+}
+
+/// Reads the whole volume through node `id`'s own NBD address and compares it with `model`;
+/// names the first differing block, what should be there, and what is.
+fn check_volume(t: &Topology, id: u64, model: &Model, unacked: &[&Attempt], cut: Instant) {
+    let mut cl = NbdClient::connect(t.nbd(id), VOLUME, Duration::from_secs(20)).expect("connect for checking");
+    let mut off = 0u64;
+    while off < VOLUME_BYTES {
+        let got = cl.read(off, MIB as usize).unwrap_or_else(|e| panic!("node {id}: read at {off}: {e}"));
+        let want = &model.bytes[off as usize..(off + MIB) as usize];
+        if got != want {
+            let b = BLOCK as usize;
+            let i = (0..MIB as usize).step_by(b).find(|&i| got[i..i + b] != want[i..i + b]).expect("a block differs");
+            panic!("{}", wrong_block(id, off + i as u64, &got[i..i + b], model, unacked, cut));
+        }
+        off += MIB;
+    }
+    cl.disconnect();
+}
+
+fn partition_the_primary(transport: &str, tag: u32) {
+    let _turn = common::take_turn();
+    let mut t = Topology::build(tag);
+    t.configure(transport);
+    t.start_nodes();
+    let leader = t.agreed_leader(&NODES, Duration::from_secs(20));
+    common::run_ok(&["volume", "create", VOLUME, "--size", "64M", "--endpoint", &t.api(1)]);
+    let v = wait_for("the volume to be served by its primary", Duration::from_secs(30), || {
+        let v = t.volume(1)?;
+        let primary = v["primary"].as_u64()?;
+        (ids(&v["isr"]) == NODES && t.local_copy(primary)?["serving"] == true).then_some(v)
+    });
+    let p = v["primary"].as_u64().expect("primary");
+    let epoch0 = v["epoch"].as_u64().expect("epoch");
+    let others: Vec<u64> = NODES.into_iter().filter(|&n| n != p).collect();
+    println!("[{transport}] primary {p} (epoch {epoch0}), Raft leader {leader}");
+
+    // 1. Pattern A through the primary; every replica has it.
+    let mut model = Model::new();
+    let mut cl = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(20)).expect("connect to the primary");
+    for (off, len, seed) in A_REGIONS {
+        let data = random_bytes(seed, len as usize);
+        cl.write(off, &data).expect("write pattern A through the primary");
+        model.write(off, &data, &format!("pattern A (acknowledged by node {p} before the partition)"));
+    }
+    cl.flush().expect("flush");
+    cl.disconnect();
+    t.wait_identical(p, Duration::from_secs(30));
+    assert!(t.can_connect(p, others[0]), "before the partition, node {p} reaches node {}", others[0]);
+
+    // 2. The partition. The minority clients connect first, so they need no handshake after it.
+    let wcl = NbdClient::connect(t.nbd(p), VOLUME, MINORITY_WRITE_TIMEOUT).expect("writer connects to the primary");
+    let rcl = NbdClient::connect(t.nbd(p), VOLUME, MINORITY_READ_TIMEOUT).expect("reader connects to the primary");
+    let before = Instant::now();
+    t.partition(p, &others);
+    let cut = Instant::now();
+    let wall = |at: Instant| {
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
+        format!("{:.3} unix", (unix - at.elapsed()).as_secs_f64())
+    };
+    println!(
+        "[{transport}] partition of node {p} from {others:?} installed at {} (nft took {:?})",
+        wall(cut),
+        cut - before
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let reads = Arc::new(Mutex::new(Vec::new()));
+    let (a3_off, a3_len, a3_seed) = A_REGIONS[2];
+    assert!(a3_off == MINORITY_READ && a3_len >= 64 * BLOCK);
+    let writer = minority_writer(t.nbd(p), wcl, cut, stop.clone(), writes.clone());
+    let reader =
+        minority_reader(t.nbd(p), rcl, random_bytes(a3_seed, a3_len as usize), cut, stop.clone(), reads.clone());
+    let stop_guard = scopeguard(stop.clone());
+
+    // The majority fails the volume over.
+    let (v1, failover_at) =
+        wait_for("the majority to fail the volume over", FAILURE_TIMEOUT + Duration::from_secs(6), || {
+            let v = t.volume(others[0])?;
+            (v["primary"].as_u64()? != p && v["epoch"].as_u64()? > epoch0).then(|| (v, cut.elapsed()))
+        });
+    let q = v1["primary"].as_u64().expect("new primary");
+    let r = others.iter().copied().find(|&n| n != q).expect("the other majority node");
+    assert!(others.contains(&q), "the new primary is on the majority side: {v1}");
+    assert!(!ids(&v1["isr"]).contains(&p), "the cut-off primary left the ISR: {v1}");
+    assert!(!t.can_connect(p, q), "during the partition node {p} cannot reach node {q}");
+    let epoch1 = v1["epoch"].as_u64().expect("epoch");
+    let serving_at = wait_for("the new primary to serve", Duration::from_secs(20), || {
+        (t.local_copy(q)?["serving"] == true).then(|| cut.elapsed())
+    });
+    println!(
+        "[{transport}] failover to node {q} (epoch {epoch1}, ISR {:?}) seen at +{}, serving at +{}",
+        ids(&v1["isr"]),
+        secs(failover_at),
+        secs(serving_at)
+    );
+
+    // Writes through the majority: B through the node that is not primary, C through the new one.
+    let majority_start = cut.elapsed();
+    let mut majority_writes = Vec::new();
+    for (node, name, (off, len, seed)) in [(r, "B", B_REGION), (q, "C", C_REGION)] {
+        let mut cl = NbdClient::connect(t.nbd(node), VOLUME, Duration::from_secs(20)).expect("connect to the majority");
+        let data = random_bytes(seed, len as usize);
+        cl.write(off, &data).unwrap_or_else(|e| panic!("write through node {node} of the majority: {e}"));
+        cl.flush().expect("flush");
+        cl.disconnect();
+        let label = format!("pattern {name} (acknowledged by node {node} of the majority at +{})", secs(cut.elapsed()));
+        majority_writes.push((off, data, label));
+    }
+    println!("[{transport}] majority writes acknowledged from +{} to +{}", secs(majority_start), secs(cut.elapsed()));
+
+    // The minority clients keep trying well past the end of the lease.
+    let past = LEASE + SLACK + Duration::from_secs(2);
+    wait_for("the minority clients to try past the lease", Duration::from_secs(30), || {
+        let w = writes.lock().expect("log").iter().any(|a| a.start > past);
+        let rd = reads.lock().expect("log").iter().any(|a| a.start > past);
+        (w && rd).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("minority writer");
+    reader.join().expect("minority reader");
+    drop(stop_guard);
+    let writes = std::mem::take(&mut *writes.lock().expect("log"));
+    let reads = std::mem::take(&mut *reads.lock().expect("log"));
+
+    let bound = LEASE + SLACK;
+    let show = |a: &Attempt| {
+        format!("[{}..{} {} {}]", secs(a.start), secs(a.end), if a.ok { "ok" } else { "failed:" }, a.error)
+    };
+    let acked: Vec<&Attempt> = writes.iter().filter(|a| a.ok).collect();
+    let late_acks: Vec<String> = acked.iter().filter(|a| a.end > bound).map(|a| show(a)).collect();
+    let served: Vec<&Attempt> = reads.iter().filter(|a| a.ok).collect();
+    let late_reads: Vec<String> = served.iter().filter(|a| a.end > bound).map(|a| show(a)).collect();
+    let last_read = served.iter().map(|a| a.end).max();
+    let first_refused = reads.iter().filter(|a| !a.ok && last_read.is_none_or(|l| a.start >= l)).map(|a| a.start).min();
+    println!(
+        "[{transport}] through the cut-off primary: {} write attempts, {} acknowledged {:?}; {} reads, {} served, \
+         last served at +{}, first refused/hung read started at +{} (lease {}, bound +{})",
+        writes.len(),
+        acked.len(),
+        acked.iter().map(|a| secs(a.end)).collect::<Vec<_>>(),
+        reads.len(),
+        served.len(),
+        last_read.map(secs).unwrap_or_else(|| "-".into()),
+        first_refused.map(secs).unwrap_or_else(|| "-".into()),
+        secs(LEASE),
+        secs(bound)
+    );
+    for a in writes.iter().take(3).chain(reads.iter().filter(|a| !a.ok).take(2)) {
+        println!("[{transport}]   e.g. {} at offset {}", show(a), a.offset);
+    }
+    assert!(late_acks.is_empty(), "the cut-off primary acknowledged writes after its lease ended: {late_acks:?}");
+    assert!(late_reads.is_empty(), "the cut-off primary served reads after its lease ended: {late_reads:?}");
+    assert!(writes.iter().any(|a| a.start > bound), "no write was tried after the lease ended");
+    assert!(reads.iter().any(|a| a.start > bound), "no read was tried after the lease ended");
+    // A write the cut-off primary did acknowledge must survive (I1); the others must not
+    // appear. Any such acknowledgement came before the lease ended, so before the failover and
+    // the majority's writes.
+    for a in &acked {
+        model.write(a.offset, &a.data, &format!("the write acknowledged by cut-off node {p} at +{}", secs(a.end)));
+    }
+    for (off, data, label) in &majority_writes {
+        model.write(*off, data, label);
+    }
+    let unacked: Vec<&Attempt> = writes.iter().filter(|a| !a.ok).collect();
+
+    // 3. The heal: the old primary is resynced, rejoins, and every copy is the majority's.
+    let heal = Instant::now();
+    t.heal();
+    println!("[{transport}] healed at +{} ({})", secs(heal - cut), wall(heal));
+    let (v2, digest) = t.wait_identical(q, Duration::from_secs(60));
+    let rejoined = heal.elapsed();
+    println!("[{transport}] healed; node {p} back in the ISR with identical copies after {}", secs(rejoined));
+    assert_eq!(v2["primary"].as_u64(), Some(q), "the primary stays where the majority put it: {v2}");
+    assert_eq!(v2["epoch"].as_u64(), Some(epoch1), "no further failover: {v2}");
+    let resynced = t.local_copy(q).and_then(|c| c["resync_bytes_sent"].as_u64()).unwrap_or(0);
+    assert!(resynced > 0, "node {p} missed the majority's writes, so its resync must have moved something");
+    for id in NODES {
+        check_volume(&t, id, &model, &unacked, cut);
+    }
+    // The cut-off primary's nodes may hold the requests the test gave up on until their retry
+    // deadline; until then too, none of them may change the history.
+    let last_try = unacked.iter().map(|a| a.start).max().unwrap_or_default();
+    let until = last_try + REQUEST_RETRY_DEADLINE + SLACK;
+    let mut blocks: Vec<u64> = unacked.iter().map(|a| a.offset).collect();
+    blocks.sort_unstable();
+    blocks.dedup();
+    let mut clients: Vec<(u64, NbdClient)> = NODES
+        .iter()
+        .map(|&n| (n, NbdClient::connect(t.nbd(n), VOLUME, Duration::from_secs(20)).expect("connect for watching")))
+        .collect();
+    while cut.elapsed() < until {
+        for (n, cl) in &mut clients {
+            for &at in &blocks {
+                let got = cl.read(at, BLOCK as usize).unwrap_or_else(|e| panic!("node {n}: read at {at}: {e}"));
+                let want = &model.bytes[at as usize..(at + BLOCK) as usize];
+                assert!(got == want, "{}", wrong_block(*n, at, &got, &model, &unacked, cut));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "[{transport}] the {} blocks the cut-off primary was asked to write still hold the majority's data at +{}",
+        blocks.len(),
+        secs(cut.elapsed())
+    );
+    let digests: Vec<Option<String>> = NODES.iter().map(|&n| t.digest(n)).collect();
+    assert!(digests.iter().all(|d| d.as_deref() == Some(digest.as_str())), "digests at the end: {digests:?}");
+    println!(
+        "[{transport}] one history: every node reads the majority's data, digest {digest}; timings: lease end \
+         seen at +{}, failover at +{}, rejoin {} after the heal",
+        last_read.map(secs).unwrap_or_else(|| "-".into()),
+        secs(failover_at),
+        secs(rejoined)
+    );
+}
+
+/// Stops the minority clients if the test panics while they run.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn scopeguard(stop: Arc<AtomicBool>) -> StopOnDrop {
+    StopOnDrop(stop)
+}
+
+#[test]
+fn a_partitioned_primary_stops_at_its_lease_end_and_rejoins_one_history_over_tcp() {
+    partition_the_primary("tcp", 0);
+}
+
+#[test]
+fn a_partitioned_primary_stops_at_its_lease_end_and_rejoins_one_history_over_quic() {
+    partition_the_primary("quic", 1);
+}
