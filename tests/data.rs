@@ -421,3 +421,38 @@ fn switching_the_data_transport_under_writes_fails_no_write() {
     check_history(&c, &c.node_ids(), "vs", &h);
     wait_identical(&c, 1, "vs", &[1, 2, 3], Duration::from_secs(20));
 }
+
+/// Bytes the files under `dir` occupy on disk (holes not counted).
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            total += if meta.is_dir() { disk_bytes(&e.path()) } else { meta.blocks() * 512 };
+        }
+    }
+    total
+}
+
+#[test]
+fn deleting_a_volume_frees_its_space_on_every_replica() {
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let v = create_volume(&c, "vd", "64M");
+    let primary = v["primary"].as_u64().expect("primary");
+    let blocks = |n: u64| c.path().join(format!("node-{n}")).join("blocks").join("segments");
+    let before: Vec<u64> = c.node_ids().iter().map(|&n| disk_bytes(&blocks(n))).collect();
+    qemu_io(&nbd_url(&c, primary, "vd"), &["write -P 0x77 0 32M"]);
+    wait_identical(&c, primary, "vd", &[1, 2, 3], Duration::from_secs(20));
+    for (i, &n) in c.node_ids().iter().enumerate() {
+        let used = disk_bytes(&blocks(n));
+        assert!(used >= before[i] + 32 * MIB, "node {n} holds the 32 MiB written: {before:?} -> {used}");
+    }
+    c.admin(&["volume", "delete", "vd"]);
+    for (i, &n) in c.node_ids().iter().enumerate() {
+        wait_for(&format!("node {n} to free the deleted volume's space"), Duration::from_secs(30), || {
+            (disk_bytes(&blocks(n)) < before[i] + 4 * MIB).then_some(())
+        });
+    }
+}
