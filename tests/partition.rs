@@ -234,6 +234,7 @@ impl Topology {
 
     /// Builds the namespaces and links (nothing runs in them yet).
     fn build(tag: u32) -> Topology {
+        common::require_tools(&["nft"]);
         if let Err(e) = sh(&["nft", "--version"]) {
             panic!("this test needs nftables' `nft` (apt-get install nftables): {e}");
         }

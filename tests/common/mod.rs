@@ -252,6 +252,7 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("nbdinfo", "libnbd-bin"),
     ("nbdcopy", "libnbd-bin"),
     ("fio", "fio"),
+    ("nft", "nftables"),
 ];
 
 fn on_path(program: &str) -> bool {
