@@ -1,7 +1,8 @@
 //! A throwaway local Tandem cluster for a benchmark: `tandem up --detach` of this very binary in
 //! a fresh temporary dir, and `tandem down` when the benchmark ends, even when it fails (the
 //! guard's `Drop`). Also Tandem's side of the benchmark client: HTTP/1.1 with keep-alive to the
-//! leader's API.
+//! leader's API. And the verbs the data-plane benchmarks need: create a volume and wait until its
+//! primary serves it, read its record, `kill -9` a node, restart the missing nodes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,8 +11,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
-use tandem_node::api::{ClusterView, SettingBody};
+use reqwest::Method;
+use tandem_node::api::{ClusterView, SettingBody, VolumeRequest, VolumeView};
 use tandem_node::config::ClusterConfig;
+use tandem_types::NodeId;
 
 use super::load::{KvClient, PUT_TIMEOUT};
 use crate::client::{config_path, Api};
@@ -23,6 +26,8 @@ const DOWN_WAIT: Duration = Duration::from_secs(60);
 /// Finding the leader right after `up` (it has one by then) or between runs.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A new volume's primary opens its members and starts serving within a few seconds.
+const SERVE_WAIT: Duration = Duration::from_secs(60);
 
 pub struct LocalCluster {
     exe: PathBuf,
@@ -99,6 +104,114 @@ impl LocalCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The cluster's `cluster.toml`: each node's id and addresses.
+    pub fn config(&self) -> anyhow::Result<ClusterConfig> {
+        Ok(ClusterConfig::load(&config_path(self.dir.path()))?)
+    }
+
+    /// Every node's id with its API address, in the config's order.
+    pub fn node_apis(&self) -> anyhow::Result<Vec<(NodeId, SocketAddr)>> {
+        Ok(self.config()?.nodes.iter().map(|n| (n.id, n.api_addr)).collect())
+    }
+
+    /// Creates a volume in the default dataset (a copy on every node) through any node that
+    /// answers, then waits until its primary says it serves it (`GET /v1/local/volumes`).
+    pub async fn create_volume(&self, name: &str, size_bytes: u64) -> anyhow::Result<VolumeView> {
+        let req = VolumeRequest { name: name.to_string(), size_bytes, dataset: None };
+        let mut last_error = None;
+        let mut created = None;
+        for addr in &self.api_addrs {
+            match Api::new(&addr.to_string()).request::<_, VolumeView>(Method::POST, "/v1/volumes", Some(&req)).await {
+                Ok(v) => {
+                    created = Some(v);
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        let Some(created) = created else {
+            let why = last_error.map(|e| format!(": {e:#}")).unwrap_or_default();
+            bail!("no node created volume {name}{why}");
+        };
+        let deadline = tokio::time::Instant::now() + SERVE_WAIT;
+        loop {
+            let v = self.volume(name, None).await?;
+            let primary_api = self.node_apis()?.into_iter().find(|(id, _)| *id == v.primary).map(|(_, a)| a);
+            if let Some(api) = primary_api {
+                let local: anyhow::Result<serde_json::Value> =
+                    Api::new(&api.to_string()).with_timeout(PROBE_TIMEOUT).get("/v1/local/volumes").await;
+                let serving = local.ok().and_then(|l| {
+                    l["volumes"].as_array().map(|a| a.iter().any(|x| x["id"] == created.id && x["serving"] == true))
+                });
+                if serving == Some(true) {
+                    return Ok(v);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("volume {name}'s primary (node {}) does not serve it within {SERVE_WAIT:?}", v.primary);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The volume's record (primary, ISR, epoch) as the first answering node holds it, asking
+    /// every node but `except` (a node known to be down).
+    pub async fn volume(&self, name: &str, except: Option<NodeId>) -> anyhow::Result<VolumeView> {
+        let mut last_error = None;
+        for (id, addr) in self.node_apis()? {
+            if Some(id) == except {
+                continue;
+            }
+            match Api::new(&addr.to_string()).with_timeout(PROBE_TIMEOUT).get(&format!("/v1/volumes/{name}")).await {
+                Ok(v) => return Ok(v),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        let why = last_error.map(|e| format!(": {e:#}")).unwrap_or_default();
+        bail!("no node answers for volume {name}{why}")
+    }
+
+    /// The pid `tandem up` recorded for node `id` (`node-<id>.pid`).
+    pub fn node_pid(&self, id: NodeId) -> anyhow::Result<i32> {
+        let path = self.dir.path().join(format!("node-{id}.pid"));
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        text.trim().parse().with_context(|| format!("{} does not hold a pid", path.display()))
+    }
+
+    /// `kill -9` of node `id`'s process: the crash a failover benchmark needs.
+    pub fn kill9(&self, id: NodeId) -> anyhow::Result<()> {
+        let pid = self.node_pid(id)?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+            .with_context(|| format!("cannot kill node {id} (pid {pid})"))
+    }
+
+    /// `tandem up --detach --dir DIR`, which starts the nodes that are not running and waits
+    /// for their APIs and a leader.
+    pub async fn restart_missing(&self) -> anyhow::Result<()> {
+        let up = tokio::process::Command::new(&self.exe)
+            .arg("up")
+            .arg("--detach")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(UP_WAIT, up)
+            .await
+            .map_err(|_| anyhow!("`tandem up` (restart) did not finish within {UP_WAIT:?}"))?
+            .context("cannot run `tandem up`")?;
+        if !out.status.success() {
+            bail!(
+                "`tandem up --detach --dir {}` (restart) failed ({}):\n{}{}",
+                self.dir.path().display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Runs `tandem down` and reports how it went; the guard's `Drop` does the same silently.

@@ -10,8 +10,14 @@
 //! - `etcd.rs`: the etcd reference: install, start, a minimal gRPC client, stop.
 //! - `transport.rs`: `bench transport`, the Mesh over TCP+TLS and QUIC beside plaintext TCP,
 //!   between this process and a peer process it starts (the hidden `transport-peer`).
+//! - `io.rs`: `bench io`, fio's NBD engine against a 3-way replicated volume beside the same
+//!   jobs against `qemu-nbd --cache=writethrough` serving a local raw file.
+//! - `failover.rs`: `bench failover`, `kill -9` of a volume's primary under a write load from
+//!   a minimal NBD client, repeated; the longest write stall against the failure timeout.
 
 mod etcd;
+mod failover;
+mod io;
 mod load;
 mod local_cluster;
 mod meta;
@@ -29,6 +35,13 @@ pub enum BenchCmd {
     /// and on QUIC, beside plaintext TCP, interleaved; plus the longest stall while the data
     /// layer switches between them under load.
     Transport(transport::TransportArgs),
+    /// fio (NBD engine) against a 3-way replicated volume on a local 3-node cluster, beside the
+    /// same jobs against qemu-nbd --cache=writethrough serving a local raw file, interleaved:
+    /// 4 KiB random writes at queue depth 1 and 32, 1 MiB sequential writes, 4 KiB random reads.
+    Io(io::IoArgs),
+    /// Kill -9 a volume's primary under a write load that goes through another node, N times:
+    /// the longest write stall, failed writes, the new primary, the time to rejoin.
+    Failover(failover::FailoverArgs),
     /// The peer process of `bench transport`; started by the benchmark, not by hand.
     #[command(hide = true)]
     TransportPeer(transport::PeerArgs),
@@ -42,6 +55,8 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             BenchCmd::Meta(args) => meta::run(args).await,
             BenchCmd::Transport(args) => transport::run(args).await,
             BenchCmd::TransportPeer(args) => transport::peer(args).await,
+            BenchCmd::Io(args) => io::run(args).await,
+            BenchCmd::Failover(args) => failover::run(args).await,
         }
     };
     let interrupted = async {
@@ -84,6 +99,9 @@ pub struct Goal {
     /// What the ratio is relative to, e.g. `etcd`; absent for an absolute figure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The unit of an absolute figure and its target, e.g. `ms`; absent for a ratio or a count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
     pub op: Op,
     pub target: f64,
     pub met: bool,
@@ -102,7 +120,16 @@ impl Goal {
             target_text(target),
             verdict(met)
         );
-        Goal { name: name.to_string(), measured, reference: Some(reference.to_string()), op, target, met, line }
+        Goal {
+            name: name.to_string(),
+            measured,
+            reference: Some(reference.to_string()),
+            unit: None,
+            op,
+            target,
+            met,
+            line,
+        }
     }
 
     /// A goal on an absolute figure such as a count, printed with `decimals` decimals and
@@ -113,7 +140,22 @@ impl Goal {
         let met = judge(measured, op, target);
         let d = usize::from(decimals);
         let line = format!("goal {name}: {measured:.d$} (target {} {target:.d$}) {}", op.symbol(), verdict(met));
-        Goal { name: name.to_string(), measured, reference: None, op, target, met, line }
+        Goal { name: name.to_string(), measured, reference: None, unit: None, op, target, met, line }
+    }
+
+    /// An absolute goal on a figure with a unit, e.g.
+    /// `goal failover-write-stall: 3120 ms (target <= 3750 ms) met`.
+    pub fn absolute_in(name: &str, figure: f64, decimals: u8, unit: &str, op: Op, target: f64) -> Goal {
+        let mut g = Goal::absolute(name, figure, decimals, op, target);
+        let d = usize::from(decimals);
+        g.line = format!(
+            "goal {name}: {:.d$} {unit} (target {} {target:.d$} {unit}) {}",
+            g.measured,
+            op.symbol(),
+            verdict(g.met)
+        );
+        g.unit = Some(unit.to_string());
+        g
     }
 }
 
@@ -166,6 +208,13 @@ mod tests {
         let g = Goal::absolute("transport-switch-failed-requests", 0.0, 0, Op::AtMost, 0.0);
         assert_eq!(g.line, "goal transport-switch-failed-requests: 0 (target <= 0) met");
         assert!(!Goal::absolute("f", 3.0, 0, Op::AtMost, 0.0).met);
+    }
+
+    #[test]
+    fn absolute_goal_with_a_unit_names_it_twice() {
+        let g = Goal::absolute_in("failover-write-stall", 3120.4, 0, "ms", Op::AtMost, 3750.0);
+        assert_eq!(g.line, "goal failover-write-stall: 3120 ms (target <= 3750 ms) met");
+        assert!(!Goal::absolute_in("f", 3750.6, 0, "ms", Op::AtMost, 3750.0).met);
     }
 
     #[test]
