@@ -7,8 +7,16 @@
 //! the granted request; the leader declares a node failed only after [`FAILURE_TIMEOUT`]
 //! without hearing from it, measured from when it *received* the request. As `LEASE <
 //! FAILURE_TIMEOUT`, a primary's lease has ended before anyone can replace it (I2), even if
-//! clocks run at slightly different rates. A leader that just took over knows nothing of the
-//! past, so it counts every node as heard from at the moment it became leader.
+//! clocks run at slightly different rates.
+//!
+//! A leader that just took over knows nothing of the past. The leases the previous leader
+//! granted were granted after a majority confirmed it; at least one node of that majority voted
+//! for the new leader, and a node votes only after an election timeout without hearing from the
+//! old leader. So every lease the old leader granted was sent at least
+//! `election_timeout_min` before the new leader took over, and has ended by
+//! `LEASE - election_timeout_min` after it. A new leader therefore treats a node it has not
+//! heard from as failed only after [`takeover_grace`]: that bound plus [`DRIFT_MARGIN`], and
+//! never less than the margin, so every live node has renewed with it first.
 //!
 //! The supervisor runs on the leader: for every volume whose primary has failed, it commits a
 //! `Failover` to a live member of the committed ISR (I4: the new primary reconciles before it
@@ -34,6 +42,14 @@ pub const FAILURE_TIMEOUT: Duration = Duration::from_millis(2500);
 /// How often a node renews its lease: several renewals per lease, so one lost request does
 /// not cost the lease.
 pub const RENEW_EVERY: Duration = Duration::from_millis(250);
+/// Allowance for clocks running at different rates and for messages in flight.
+pub const DRIFT_MARGIN: Duration = Duration::from_millis(500);
+
+/// How long a new leader waits before it may fail over a node it has not heard from.
+pub fn takeover_grace(election_timeout_min: Duration) -> Duration {
+    LEASE.saturating_sub(election_timeout_min).max(RENEW_EVERY * 2) + DRIFT_MARGIN
+}
+
 /// How long one renewal may take before it counts as failed.
 const RENEW_TIMEOUT: Duration = Duration::from_millis(1000);
 /// How often the leader's supervisor looks for failed primaries.
@@ -47,16 +63,19 @@ pub struct Leases {
     heard: Mutex<HashMap<NodeId, Instant>>,
     /// When this node last became leader (None while it does not lead).
     leading_since: Mutex<Option<Instant>>,
+    /// See [`takeover_grace`].
+    grace: Duration,
 }
 
 impl Leases {
-    pub fn new(me: NodeId, meta: Arc<MetaStore>) -> Arc<Leases> {
+    pub fn new(me: NodeId, meta: Arc<MetaStore>, election_timeout_min: Duration) -> Arc<Leases> {
         Arc::new(Leases {
             me,
             meta,
             until: Mutex::new(None),
             heard: Mutex::new(HashMap::new()),
             leading_since: Mutex::new(None),
+            grace: takeover_grace(election_timeout_min),
         })
     }
 
@@ -83,11 +102,16 @@ impl Leases {
         }
     }
 
-    /// Whether the leader heard from `node` recently (only meaningful on the leader).
+    /// Whether the leader heard from `node` recently (only meaningful on the leader, which has
+    /// led since `since`). A node not heard from since the takeover is alive until the grace
+    /// period has passed.
     fn alive(&self, node: NodeId, now: Instant, since: Instant) -> bool {
-        let heard = self.heard.lock().expect("heard lock").get(&node).copied();
-        let last = heard.map_or(since, |h| h.max(since));
-        now.saturating_duration_since(last) < FAILURE_TIMEOUT
+        if let Some(h) = self.heard.lock().expect("heard lock").get(&node).copied() {
+            if now.saturating_duration_since(h) < FAILURE_TIMEOUT {
+                return true;
+            }
+        }
+        now.saturating_duration_since(since) < self.grace
     }
 
     /// The probe channel's handler: lease requests and pings.
@@ -219,7 +243,13 @@ mod tests {
 
     #[test]
     fn a_lease_ends_before_a_failover_can_begin() {
-        assert!(LEASE + Duration::from_millis(500) <= FAILURE_TIMEOUT);
+        assert!(LEASE + DRIFT_MARGIN <= FAILURE_TIMEOUT);
         assert!(RENEW_EVERY * 4 <= LEASE);
+        // A new leader's grace covers the rest of any lease its predecessor granted.
+        for election_min_ms in [100, 750, 1500, 3000] {
+            let min = Duration::from_millis(election_min_ms);
+            assert!(takeover_grace(min) + min >= LEASE + DRIFT_MARGIN, "{election_min_ms} ms");
+            assert!(takeover_grace(min) >= RENEW_EVERY * 2 + DRIFT_MARGIN);
+        }
     }
 }

@@ -16,6 +16,7 @@ pub mod volumes;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use tandem_meta::store::MetaStore;
@@ -76,7 +77,7 @@ pub async fn run(
     mesh.set_handler(Channel::Control, meta.handler());
     follow_transport_policy(meta.clone(), mesh.clone(), default_kind);
 
-    let leases = Leases::new(id, meta.clone());
+    let leases = Leases::new(id, meta.clone(), Duration::from_millis(cfg.cluster.election_timeout_min_ms));
     mesh.set_handler(Channel::Probe, leases.handler());
     leases.spawn_renewal(mesh.clone());
     leases.spawn_supervisor();

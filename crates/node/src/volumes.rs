@@ -70,6 +70,11 @@ impl Coordinator for MetaCoordinator {
 /// Keeps the data plane in line with the committed cluster map.
 pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane) {
     tokio::spawn(async move {
+        // A node that restarts first catches up with the committed map (a linearizable read
+        // waits for that), so that it does not act on the roles it held before it went down.
+        while meta.read(|_| ()).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let mut applied = meta.subscribe();
         loop {
             let (nodes, volumes) = meta.local_read(|st| {
