@@ -492,7 +492,11 @@ impl MeshInner {
             return Ok(()); // A straggler of a session the sender has abandoned.
         }
         if frame.session > st.session {
-            *st = InState { session: frame.session, next_seq: 1, buffered: BTreeMap::new(), replies: BTreeMap::new() };
+            // A new session, or a session this process has not seen because it restarted while
+            // the sender kept its link: delivery starts at the oldest request the sender still
+            // waits for (everything below it was answered, by this process or its predecessor).
+            let next_seq = frame.ack.max(1);
+            *st = InState { session: frame.session, next_seq, buffered: BTreeMap::new(), replies: BTreeMap::new() };
         }
         st.replies = st.replies.split_off(&frame.ack);
         if frame.seq < st.next_seq {

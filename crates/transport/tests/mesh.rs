@@ -430,3 +430,58 @@ async fn a_credited_region_completes_a_write_only_once_the_receiver_consumed_it(
         done.expect("ring open").result.expect("write succeeded");
     }
 }
+
+#[tokio::test]
+async fn a_restarted_receiver_picks_up_a_long_running_session() {
+    for kind in KINDS {
+        let ca = Ca::new("restart");
+        let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
+        let (b, b_addr) = mesh(&ca.identity(2), kind, Arc::new(Echo)).await;
+        a.set_peer_addr(2, b_addr);
+        b.set_peer_addr(1, a_addr);
+        // More requests than a window, so the session's numbers are far from 1.
+        for i in 0..300u32 {
+            a.call(2, Channel::Control, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
+        }
+        b.shutdown();
+        drop(b);
+        // A request waits while node 2 is down, so the link keeps its session rather than
+        // failing everything and starting over.
+        let waiting = {
+            let a = a.clone();
+            tokio::spawn(async move { a.call(2, Channel::Control, Bytes::from_static(b"during")).await })
+        };
+        // Node 2 comes back on the same address, knowing nothing of the session.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listeners = loop {
+            match Listeners::bind(b_addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "{kind}: cannot rebind {b_addr}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let b2 = Mesh::start(&ca.identity(2), listeners, kind, kind, RegionRegistry::new(4, 1024 * 1024, 1024))
+            .expect("mesh");
+        for c in Channel::ALL {
+            b2.set_handler(c, Arc::new(Echo));
+        }
+        b2.set_peer_addr(1, a_addr);
+        let reply = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match a.call(2, Channel::Control, Bytes::from_static(b"after")).await {
+                    Ok(r) => break r,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{kind}: the restarted peer never answered the old session"));
+        assert_eq!(&reply[8..], b"after", "{kind}");
+        let during = waiting.await.expect("task");
+        if let Ok(r) = during {
+            assert_eq!(&r[8..], b"during", "{kind}");
+        }
+    }
+}
