@@ -111,9 +111,11 @@ fn create(dir: &Path, nodes: u32, transport: TransportKind) -> anyhow::Result<Cl
             name: name.to_string(),
             initial_members: (1..=u64::from(nodes)).collect(),
             transport,
-            heartbeat_interval_ms: 150,
-            election_timeout_min_ms: 750,
-            election_timeout_max_ms: 1500,
+            // Loopback round trips are tens of microseconds: a lost leader is noticed within
+            // 0.5–1 s, five heartbeats at the least.
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
             snapshot_after_entries: 10_000,
             logs_to_keep: 2_000,
         },
