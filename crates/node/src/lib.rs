@@ -113,13 +113,21 @@ pub async fn run(
 }
 
 /// Keeps the mesh on the network layers the cluster map selects (the config's `transport`
-/// until the map says otherwise). Runs on every node, so a `PUT /v1/transport` moves every
+/// until the map says otherwise), and on the peer addresses the map records. Runs on every node, so a `PUT /v1/transport` moves every
 /// link once the change is applied there.
 fn follow_transport_policy(meta: Arc<MetaStore>, mesh: Mesh, default: TransportKind) {
     tokio::spawn(async move {
         let mut applied = meta.subscribe();
         loop {
-            let policy = meta.local_read(|st| st.map.transport.clone());
+            let (policy, addrs) = meta.local_read(|st| {
+                let addrs: Vec<(NodeId, SocketAddr)> = st.map.nodes.values().map(|n| (n.id, n.raft_addr)).collect();
+                (st.map.transport.clone(), addrs)
+            });
+            // Every node learns every peer's address from the map, also peers added after it
+            // started: the data plane talks to all of them, not only Raft's leader.
+            for (id, addr) in addrs {
+                mesh.set_peer_addr(id, addr);
+            }
             for layer in [Layer::Control, Layer::Data] {
                 mesh.set_kind(layer, policy.get(&layer).copied().unwrap_or(default));
             }

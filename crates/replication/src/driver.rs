@@ -1155,7 +1155,8 @@ impl<S: BlockStore> Inner<S> {
     /// ahead of ours).
     async fn wait_volume(&self, id: VolumeId) -> Option<Arc<Vol>> {
         let mut version = self.version.subscribe();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        // Below OPEN_TIMEOUT: a restarting node first catches up with the map.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
         loop {
             if let Some(v) = self.volume(id) {
                 return Some(v);
