@@ -38,9 +38,21 @@ fn log_path(dir: &Path, id: NodeId) -> PathBuf {
 
 /// A port that is free now. (Another process could take it before the node binds it; the node
 /// then reports the port as in use and `up` shows that.)
+/// A port free now, and not handed out before by this process: the listener is closed at once,
+/// so the kernel may offer the same port to the next call, and two nodes' addresses of one
+/// cluster must not collide.
 fn free_addr() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
-    Ok(l.local_addr()?)
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
+        let addr = l.local_addr()?;
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return Ok(addr);
+        }
+    }
+    bail!("cannot find a free port on 127.0.0.1 that was not already given out")
 }
 
 /// A port free for both TCP and UDP now (a node's raft_addr serves TCP and, for QUIC, UDP).
