@@ -14,27 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::nbd::NbdClient;
-use common::{http, require_tools, wait_for, Cluster};
+use common::{http, random_bytes, require_tools, wait_for, Cluster};
 use serde_json::Value;
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 
-fn nbd_addr(c: &Cluster, id: u64) -> SocketAddr {
-    let cfg = c.config();
-    let node = cfg["node"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .find(|n| n["id"].as_integer() == Some(id as i64))
-        .unwrap_or_else(|| panic!("node {id} not in config"))
-        .clone();
-    node["nbd_addr"].as_str().expect("nbd_addr").parse().expect("socket address")
-}
-
 fn nbd_url(c: &Cluster, id: u64, volume: &str) -> String {
-    format!("nbd://{}/{volume}", nbd_addr(c, id))
+    format!("nbd://{}/{volume}", c.nbd_addr(id))
 }
 
 /// The volume's record as `tandem volume list --json` shows it through node `via`.
@@ -94,21 +82,6 @@ fn tool(cmd: &str, args: &[&str]) -> String {
     text
 }
 
-/// Deterministic pseudo-random bytes (splitmix64).
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn create_volume(c: &Cluster, name: &str, size: &str) -> Value {
     require_tools(&["qemu-io", "qemu-img", "nbdinfo", "nbdcopy", "fio"]);
     c.admin(&["volume", "create", name, "--size", size]);
@@ -133,7 +106,7 @@ fn real_clients_write_through_one_node_and_read_through_the_others() {
         let url = nbd_url(&c, n, "v1");
         qemu_io(&url, &["read -P 0xab 0 1M", "read -P 0xcd 100M 64k", "read -P 0 1M 1M"]);
     }
-    let listed = tool("nbdinfo", &["--list", &format!("nbd://{}", nbd_addr(&c, 2))]);
+    let listed = tool("nbdinfo", &["--list", &format!("nbd://{}", c.nbd_addr(2))]);
     assert!(listed.contains("v1"), "nbdinfo --list: {listed}");
 
     // 256 MiB of random data in through node 1, out through node 3, bit-exact.
@@ -219,7 +192,7 @@ fn write_stream(
 /// Every acknowledged write reads back through every node in `nodes`.
 fn check_history(c: &Cluster, nodes: &[u64], name: &str, history: &History) {
     for &n in nodes {
-        let mut cl = NbdClient::connect(nbd_addr(c, n), name, Duration::from_secs(20)).expect("connect for checking");
+        let mut cl = NbdClient::connect(c.nbd_addr(n), name, Duration::from_secs(20)).expect("connect for checking");
         for (&block, &value) in &history.acked {
             let got = cl.read(block * BLOCK, BLOCK as usize).expect("read back");
             let ok = got == block_data(block, value)
@@ -240,7 +213,7 @@ fn killing_the_primary_under_writes_loses_no_acknowledged_write() {
     println!("write stream seed {seed:#x}");
     let stop = Arc::new(AtomicBool::new(false));
     let history = Arc::new(Mutex::new(History::default()));
-    let addrs: Vec<SocketAddr> = survivors.iter().map(|&n| nbd_addr(&c, n)).collect();
+    let addrs: Vec<SocketAddr> = survivors.iter().map(|&n| c.nbd_addr(n)).collect();
     let writer = write_stream(addrs, "vk".into(), 2048, seed, stop.clone(), history.clone());
     wait_for("200 acknowledged writes", Duration::from_secs(60), || {
         (history.lock().expect("history").acked_total >= 200).then_some(())
@@ -382,7 +355,7 @@ fn switching_the_data_transport_under_writes_fails_no_write() {
     let stop = Arc::new(AtomicBool::new(false));
     let history = Arc::new(Mutex::new(History::default()));
     // Through a non-primary node: the proxied I/O and the replication both cross the switch.
-    let writer = write_stream(vec![nbd_addr(&c, other)], "vs".into(), 1024, seed, stop.clone(), history.clone());
+    let writer = write_stream(vec![c.nbd_addr(other)], "vs".into(), 1024, seed, stop.clone(), history.clone());
     let acked = || history.lock().expect("history").acked_total;
     for (i, kind) in ["quic", "tcp", "quic", "tcp"].iter().enumerate() {
         let before = acked();

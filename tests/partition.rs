@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::nbd::NbdClient;
-use common::wait_for;
+use common::{random_bytes, wait_for};
 use serde_json::Value;
 use tandem_node::lease::{FAILURE_TIMEOUT, LEASE};
 
@@ -83,21 +83,6 @@ impl Model {
             self.labels[b as usize] = label.to_string();
         }
     }
-}
-
-/// Deterministic pseudo-random bytes (splitmix64).
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Runs a system command; its stdout, or what went wrong.

@@ -145,16 +145,24 @@ impl Cluster {
             .collect()
     }
 
-    pub fn api(&self, id: u64) -> String {
+    /// Node `id`'s entry in cluster.toml.
+    fn node_config(&self, id: u64) -> toml::Value {
         let cfg = self.config();
-        let node = cfg["node"]
+        cfg["node"]
             .as_array()
             .expect("nodes")
             .iter()
             .find(|n| n["id"].as_integer() == Some(id as i64))
             .unwrap_or_else(|| panic!("node {id} not in config"))
-            .clone();
-        format!("http://{}", node["api_addr"].as_str().expect("api_addr"))
+            .clone()
+    }
+
+    pub fn api(&self, id: u64) -> String {
+        format!("http://{}", self.node_config(id)["api_addr"].as_str().expect("api_addr"))
+    }
+
+    pub fn nbd_addr(&self, id: u64) -> std::net::SocketAddr {
+        self.node_config(id)["nbd_addr"].as_str().expect("nbd_addr").parse().expect("socket address")
     }
 
     pub fn pid(&self, id: u64) -> i32 {
@@ -288,4 +296,19 @@ pub fn require_tools(tools: &[&str]) {
         still.is_empty(),
         "this test drives {still:?}; install the packages {packages:?} (as root: apt-get install)"
     );
+}
+
+/// Deterministic pseudo-random bytes (splitmix64).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }

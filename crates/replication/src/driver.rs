@@ -392,7 +392,7 @@ impl<S: BlockStore> DataPlane<S> {
             let part = data.slice(done..done + piece);
             let at = offset + done as u64;
             self.inner
-                .retry(cfg.id, deadline, |inner| {
+                .retry(deadline, |inner| {
                     let part = part.clone();
                     async move { inner.write_once(cfg.id, WriteKind::Data, at, part.len() as u64, part).await }
                 })
@@ -407,7 +407,7 @@ impl<S: BlockStore> DataPlane<S> {
         check_range(cfg, offset, len)?;
         let deadline = Instant::now() + self.inner.config.retry_deadline;
         self.inner
-            .retry(cfg.id, deadline, |inner| async move {
+            .retry(deadline, |inner| async move {
                 inner.write_once(cfg.id, WriteKind::Zeroes, offset, len, Bytes::new()).await
             })
             .await
@@ -417,7 +417,7 @@ impl<S: BlockStore> DataPlane<S> {
     /// has to confirm that the volume is still served.
     pub async fn flush(&self, cfg: &VolumeConfig) -> Result<(), IoFail> {
         let deadline = Instant::now() + self.inner.config.retry_deadline;
-        self.inner.retry(cfg.id, deadline, |inner| async move { inner.flush_once(cfg.id).await }).await
+        self.inner.retry(deadline, |inner| async move { inner.flush_once(cfg.id).await }).await
     }
 }
 
@@ -452,7 +452,7 @@ impl<S: BlockStore> Inner<S> {
 
     /// Runs `op` until it succeeds, fails for good, or the deadline passes; between attempts
     /// it waits for the configuration to change (a failover) or a short while.
-    async fn retry<F, Fut, T>(self: &Arc<Self>, _volume: VolumeId, deadline: Instant, mut op: F) -> Result<T, IoFail>
+    async fn retry<F, Fut, T>(self: &Arc<Self>, deadline: Instant, mut op: F) -> Result<T, IoFail>
     where
         F: FnMut(Arc<Self>) -> Fut,
         Fut: std::future::Future<Output = Result<T, IoFail>>,
@@ -481,13 +481,16 @@ impl<S: BlockStore> Inner<S> {
             let vol = self.volume(id).ok_or_else(|| IoFail::Unavailable("the local copy is not ready".into()))?;
             let p = vol.primary.lock().expect("primary lock").clone();
             let Some(p) = p else { return Err(IoFail::Unavailable("this node is not serving the volume yet".into())) };
-            let mut phase = p.phase.subscribe();
-            // Reconciliation runs before serving; wait for it a little.
-            let ready =
-                tokio::time::timeout(Duration::from_millis(500), phase.wait_for(|ph| *ph != Phase::Reconciling)).await;
-            match ready {
-                Ok(Ok(ph)) if *ph == Phase::Serving => {}
-                _ => return Err(IoFail::Unavailable("the primary is reconciling or deposed".into())),
+            // Reconciliation runs before serving; wait for it a little (no timer when serving).
+            let mut serving = *p.phase.borrow() == Phase::Serving;
+            if !serving {
+                let mut phase = p.phase.subscribe();
+                let ready =
+                    tokio::time::timeout(Duration::from_millis(500), phase.wait_for(|ph| *ph != Phase::Reconciling));
+                serving = matches!(ready.await, Ok(Ok(ph)) if *ph == Phase::Serving);
+            }
+            if !serving {
+                return Err(IoFail::Unavailable("the primary is reconciling or deposed".into()));
             }
             if !self.coord.lease_valid() {
                 return Err(IoFail::Unavailable("this node has no lease (cut off from the metadata majority)".into()));
@@ -1251,8 +1254,9 @@ impl<S: BlockStore> Inner<S> {
                 if len > PROXY_BYTES_MAX {
                     return DataReply::Refused(format!("proxied read of {len} bytes is over {PROXY_BYTES_MAX}"));
                 }
-                let Some(p) = self.local_primary(volume) else { return DataReply::Refused("not the primary".into()) };
-                let _ = p;
+                if self.local_primary(volume).is_none() {
+                    return DataReply::Refused("not the primary".into());
+                }
                 let mut buf = vec![0u8; len as usize];
                 match self.clone().read_once(volume, offset, &mut buf).await {
                     Ok(()) => DataReply::Data(buf),

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use super::load::{KvClient, PUT_TIMEOUT};
+use super::{apt_get, on_path};
 
 pub const MEMBERS: usize = 3;
 /// Long enough for a first start on a slow disk and an election (etcd's default election
@@ -44,28 +45,6 @@ pub async fn ensure_installed() -> anyhow::Result<PathBuf> {
     apt_get(&["update"]).await?;
     apt_get(&["install", "-y", "etcd-server"]).await?;
     on_path("etcd").ok_or_else(|| anyhow!("etcd-server is installed but `etcd` is not on PATH"))
-}
-
-async fn apt_get(args: &[&str]) -> anyhow::Result<()> {
-    // apt-get's output goes to stderr, so that stdout holds only the benchmark's result.
-    let status = tokio::process::Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .stdout(std::io::stderr())
-        .stderr(std::io::stderr())
-        .status()
-        .await
-        .with_context(|| format!("cannot run apt-get {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("apt-get {} failed ({status})", args.join(" "));
-    }
-    Ok(())
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 /// `etcd --version`'s first line's version, e.g. `3.4.23`.

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::load;
 use super::local_cluster::LocalCluster;
+use super::{apt_get, on_path};
 use super::{Goal, Op};
 use crate::client::{format_size, parse_size};
 
@@ -378,28 +379,6 @@ async fn ensure_tools() -> anyhow::Result<Tools> {
         (Some(fio), Some(qemu_nbd)) => Ok(Tools { fio, qemu_nbd }),
         _ => bail!("qemu-utils and fio are installed but fio or qemu-nbd is not on PATH"),
     }
-}
-
-async fn apt_get(args: &[&str]) -> anyhow::Result<()> {
-    // apt-get's output goes to stderr, so that stdout holds only the benchmark's result.
-    let status = tokio::process::Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .stdout(std::io::stderr())
-        .stderr(std::io::stderr())
-        .status()
-        .await
-        .with_context(|| format!("cannot run apt-get {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("apt-get {} failed ({status})", args.join(" "));
-    }
-    Ok(())
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 /// A tool's `--version` first line, e.g. `fio-3.33`.

@@ -23,6 +23,7 @@ mod local_cluster;
 mod meta;
 mod transport;
 
+use anyhow::Context;
 use clap::Subcommand;
 use serde::Serialize;
 
@@ -222,4 +223,27 @@ mod tests {
         assert!(Goal::ratio("g", 0.996, "etcd", Op::AtLeast, 1.0).met);
         assert!(!Goal::ratio("g", 0.994, "etcd", Op::AtLeast, 1.0).met);
     }
+}
+
+/// Runs apt-get (references that are missing are installed by the benchmark itself).
+async fn apt_get(args: &[&str]) -> anyhow::Result<()> {
+    // apt-get's output goes to stderr, so that stdout holds only the benchmark's result.
+    let status = tokio::process::Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::io::stderr())
+        .stderr(std::io::stderr())
+        .status()
+        .await
+        .with_context(|| format!("cannot run apt-get {}", args.join(" ")))?;
+    if !status.success() {
+        anyhow::bail!("apt-get {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn on_path(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
