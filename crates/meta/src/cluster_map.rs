@@ -4,15 +4,17 @@
 //! (`state_machine.rs`) calls it for every committed entry, on every node, in log order, so it
 //! must be deterministic: the same commands give the same map everywhere.
 //!
-//! Objects: nodes, settings, the transport policy, datasets and volumes (with their replica
-//! sets, in-sync sets, primaries and epochs). Later capabilities (hosts, reservations, tokens)
-//! add theirs as new fields, new [`ObjectKey`] variants and new commands; the persistence and
-//! snapshot code keys everything by `ObjectKey` and needs no change for that.
+//! Objects: nodes (with their target ports), settings, the transport policy, datasets and
+//! volumes (with their replica sets, in-sync sets, primaries and epochs), and hosts (with the
+//! volumes they may reach and their published path maps). Later capabilities (reservations,
+//! tokens) add theirs as new fields, new [`ObjectKey`] variants and new commands; the
+//! persistence and snapshot code keys everything by `ObjectKey` and needs no change for that.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+use tandem_paths::VolumePaths;
 use tandem_transport::{Layer, TransportKind};
 use tandem_types::{validate_name, Epoch, NodeId, VolumeId, BLOCK_BYTES, SETTING_VALUE_BYTES_MAX, VOLUME_BYTES_MAX};
 
@@ -24,6 +26,29 @@ pub const DEFAULT_DATASET: &str = "default";
 pub const DATASETS_MAX: usize = 1024;
 /// Volumes the map holds at most (a few hundred bytes each in memory and in snapshots).
 pub const VOLUMES_MAX: usize = 16 * 1024;
+/// Hosts the map holds at most; each carries its published path map.
+pub const HOSTS_MAX: usize = 1024;
+/// Volumes one host may be connected to: bounds the size of its path map (a few hundred bytes
+/// per volume), which is rewritten whenever one of its paths changes state.
+pub const HOST_VOLUMES_MAX: usize = 256;
+/// Extra target ports (NBD addresses besides `nbd_addr`) a node may advertise.
+pub const EXTRA_TARGETS_MAX: usize = 7;
+/// Paths of one volume in a published map (replicas × target ports).
+pub const VOLUME_PATHS_MAX: usize = 256;
+/// The longest reason text of one path.
+pub const PATH_REASON_BYTES_MAX: usize = 256;
+/// The largest published path map of one host (estimated encoded bytes). It travels in one log
+/// entry, and the metadata store keeps entries below its batch size so that an AppendEntries
+/// request stays far below the frame limit. A few hundred bytes per volume in practice.
+pub const PATH_MAP_BYTES_MAX: usize = 192 * 1024;
+
+/// An upper estimate of a path map's encoded size.
+pub fn path_map_bytes(paths: &[VolumePaths]) -> usize {
+    paths
+        .iter()
+        .map(|v| 16 + v.volume.len() + v.paths.iter().map(|p| 48 + p.path.len() + p.reason.len()).sum::<usize>())
+        .sum()
+}
 
 /// What the cluster knows of a node besides its Raft membership.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,8 +60,12 @@ pub struct NodeRecord {
     pub raft_addr: SocketAddr,
     /// The admin HTTP API.
     pub api_addr: SocketAddr,
-    /// Hosts attach volumes here over NBD.
+    /// Hosts attach volumes here over NBD (the node's first target port).
     pub nbd_addr: SocketAddr,
+    /// More target ports the node serves NBD on (other networks, other NICs): each is one more
+    /// path to every volume the node holds.
+    #[serde(default)]
+    pub extra_nbd_addrs: Vec<SocketAddr>,
 }
 
 impl NodeRecord {
@@ -44,8 +73,43 @@ impl NodeRecord {
         if self.id == 0 {
             return Err("node id must be at least 1".into());
         }
-        validate_name(&self.site).map_err(|e| format!("site {:?} {e}", self.site))
+        validate_name(&self.site).map_err(|e| format!("site {:?} {e}", self.site))?;
+        if self.extra_nbd_addrs.len() > EXTRA_TARGETS_MAX {
+            return Err(format!(
+                "node {} advertises {} extra NBD addresses; at most {EXTRA_TARGETS_MAX} are allowed",
+                self.id,
+                self.extra_nbd_addrs.len()
+            ));
+        }
+        let targets = self.targets();
+        let unique: BTreeSet<&SocketAddr> = targets.iter().collect();
+        if unique.len() != targets.len() {
+            return Err(format!("node {}: its NBD addresses {targets:?} name an address twice", self.id));
+        }
+        Ok(())
     }
+
+    /// Every target port of the node, `nbd_addr` first: port `i` of the node is path `n{id}p{i}`.
+    pub fn targets(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.nbd_addr).chain(self.extra_nbd_addrs.iter().copied()).collect()
+    }
+}
+
+/// A host (an initiator: a hypervisor, a database server) and the volumes it may reach. The
+/// Raft leader computes the host's path map and publishes it here, versioned by `generation`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: String,
+    /// The host's failure domain: paths to nodes in the same site are preferred.
+    pub site: String,
+    /// The volumes the host may reach (by id, so a deleted and re-created volume of the same
+    /// name is not reached by accident).
+    pub volumes: BTreeSet<VolumeId>,
+    /// The generation of the published path map: 0 until the first one, then +1 with every
+    /// change. Never goes back, also across leader changes (it is committed).
+    pub generation: u64,
+    /// The published path map, per connected volume.
+    pub paths: Vec<VolumePaths>,
 }
 
 /// A dataset (a "pod"): a group of volumes replicated on the same set of nodes, which fail
@@ -177,6 +241,30 @@ pub enum MetaCmd {
         volume: VolumeId,
         node: NodeId,
     },
+    /// Adds a host, or moves it to another site.
+    AddHost {
+        name: String,
+        site: String,
+    },
+    RemoveHost {
+        name: String,
+    },
+    /// Lets `host` reach `volume` (a volume name).
+    ConnectHost {
+        host: String,
+        volume: String,
+    },
+    DisconnectHost {
+        host: String,
+        volume: String,
+    },
+    /// The Raft leader publishes a host's new path map: refused unless `generation` is the
+    /// host's current generation + 1, so two leaders racing cannot both publish a generation.
+    PublishPaths {
+        host: String,
+        generation: u64,
+        paths: Vec<VolumePaths>,
+    },
     /// Several commands in one log entry, applied in order. The leader batches concurrent
     /// client writes this way: openraft 0.9 flushes each entry before it takes the next, so
     /// one entry per write would cost one disk flush per write.
@@ -207,6 +295,7 @@ pub enum ObjectKey {
     Volume(VolumeId),
     /// The counter [`ClusterMap::next_volume_id`].
     NextVolumeId,
+    Host(String),
 }
 
 impl ObjectKey {
@@ -216,6 +305,7 @@ impl ObjectKey {
     const DATASET: &'static str = "dataset/";
     const VOLUME: &'static str = "volume/";
     const NEXT_VOLUME_ID: &'static str = "counter/next_volume_id";
+    const HOST: &'static str = "host/";
 
     pub fn encode(&self) -> Vec<u8> {
         match self {
@@ -226,6 +316,7 @@ impl ObjectKey {
             ObjectKey::Dataset(name) => format!("{}{name}", Self::DATASET).into_bytes(),
             ObjectKey::Volume(id) => format!("{}{id:020}", Self::VOLUME).into_bytes(),
             ObjectKey::NextVolumeId => Self::NEXT_VOLUME_ID.as_bytes().to_vec(),
+            ObjectKey::Host(name) => format!("{}{name}", Self::HOST).into_bytes(),
         }
     }
 
@@ -243,6 +334,9 @@ impl ObjectKey {
         if let Some(name) = s.strip_prefix(Self::DATASET) {
             return Some(ObjectKey::Dataset(name.to_string()));
         }
+        if let Some(name) = s.strip_prefix(Self::HOST) {
+            return Some(ObjectKey::Host(name.to_string()));
+        }
         if s == Self::NEXT_VOLUME_ID {
             return Some(ObjectKey::NextVolumeId);
         }
@@ -259,6 +353,7 @@ pub enum Object {
     Dataset(DatasetRecord),
     Volume(VolumeRecord),
     NextVolumeId(VolumeId),
+    Host(HostRecord),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -271,6 +366,7 @@ pub struct ClusterMap {
     pub volumes: BTreeMap<VolumeId, VolumeRecord>,
     /// The id the next created volume gets; starts at 1, never reused.
     pub next_volume_id: VolumeId,
+    pub hosts: BTreeMap<String, HostRecord>,
     /// Keys changed since the last [`ClusterMap::take_touched`]; not part of the state.
     #[serde(skip)]
     touched: Vec<ObjectKey>,
@@ -285,6 +381,7 @@ impl Default for ClusterMap {
             datasets: BTreeMap::new(),
             volumes: BTreeMap::new(),
             next_volume_id: 1,
+            hosts: BTreeMap::new(),
             touched: Vec::new(),
         }
     }
@@ -308,6 +405,7 @@ impl PartialEq for ClusterMap {
             && self.datasets == other.datasets
             && self.volumes == other.volumes
             && self.next_volume_id == other.next_volume_id
+            && self.hosts == other.hosts
     }
 }
 
@@ -388,6 +486,17 @@ impl ClusterMap {
                 self.set_resync_progress(volume, node, ResyncProgress { done_bytes, total_bytes })
             }
             MetaCmd::ClearResync { volume, node } => self.clear_resync(volume, node),
+            MetaCmd::AddHost { name, site } => self.add_host(name, site),
+            MetaCmd::RemoveHost { name } => {
+                if self.hosts.remove(&name).is_none() {
+                    return MetaReply::NotFound(format!("no host named {name:?}"));
+                }
+                self.touched.push(ObjectKey::Host(name));
+                MetaReply::Done { changed: true }
+            }
+            MetaCmd::ConnectHost { host, volume } => self.connect_host(&host, &volume, true),
+            MetaCmd::DisconnectHost { host, volume } => self.connect_host(&host, &volume, false),
+            MetaCmd::PublishPaths { host, generation, paths } => self.publish_paths(&host, generation, paths),
             MetaCmd::Batch(cmds) => MetaReply::Batch(
                 cmds.into_iter()
                     .map(|c| match c {
@@ -600,6 +709,102 @@ impl ClusterMap {
         };
         self.volumes.remove(&id);
         self.touched.push(ObjectKey::Volume(id));
+        for host in self.hosts.values_mut() {
+            if host.volumes.remove(&id) {
+                self.touched.push(ObjectKey::Host(host.name.clone()));
+            }
+        }
+        MetaReply::Done { changed: true }
+    }
+
+    fn add_host(&mut self, name: String, site: String) -> MetaReply {
+        if let Err(e) = validate_name(&name) {
+            return MetaReply::Invalid(format!("host name {name:?} {e}"));
+        }
+        if let Err(e) = validate_name(&site) {
+            return MetaReply::Invalid(format!("site {site:?} {e}"));
+        }
+        if let Some(host) = self.hosts.get_mut(&name) {
+            let changed = host.site != site;
+            if changed {
+                host.site = site;
+                self.touched.push(ObjectKey::Host(name));
+            }
+            return MetaReply::Done { changed };
+        }
+        if self.hosts.len() >= HOSTS_MAX {
+            return MetaReply::Invalid(format!("the cluster already holds the maximum of {HOSTS_MAX} hosts"));
+        }
+        self.touched.push(ObjectKey::Host(name.clone()));
+        self.hosts.insert(
+            name.clone(),
+            HostRecord { name, site, volumes: BTreeSet::new(), generation: 0, paths: Vec::new() },
+        );
+        MetaReply::Done { changed: true }
+    }
+
+    fn connect_host(&mut self, host: &str, volume: &str, connect: bool) -> MetaReply {
+        let Some(id) = self.volume_by_name(volume).map(|v| v.id) else {
+            return MetaReply::NotFound(format!("no volume named {volume:?}"));
+        };
+        let Some(rec) = self.hosts.get_mut(host) else {
+            return MetaReply::NotFound(format!("no host named {host:?}"));
+        };
+        if connect && !rec.volumes.contains(&id) && rec.volumes.len() >= HOST_VOLUMES_MAX {
+            return MetaReply::Invalid(format!(
+                "host {host:?} already reaches the maximum of {HOST_VOLUMES_MAX} volumes"
+            ));
+        }
+        let changed = if connect { rec.volumes.insert(id) } else { rec.volumes.remove(&id) };
+        if changed {
+            self.touched.push(ObjectKey::Host(host.to_string()));
+        }
+        MetaReply::Done { changed }
+    }
+
+    fn publish_paths(&mut self, host: &str, generation: u64, paths: Vec<VolumePaths>) -> MetaReply {
+        let Some(rec) = self.hosts.get_mut(host) else {
+            return MetaReply::NotFound(format!("no host named {host:?}"));
+        };
+        // A retry of the publication that made the current generation.
+        if generation == rec.generation && paths == rec.paths {
+            return MetaReply::Done { changed: false };
+        }
+        if Some(generation) != rec.generation.checked_add(1) {
+            return MetaReply::Invalid(format!(
+                "host {host:?} is at path-map generation {}, not {}: the map was computed on stale state",
+                rec.generation,
+                generation.saturating_sub(1)
+            ));
+        }
+        if paths.len() > HOST_VOLUMES_MAX {
+            return MetaReply::Invalid(format!("a path map of {} volumes exceeds {HOST_VOLUMES_MAX}", paths.len()));
+        }
+        for v in &paths {
+            if v.paths.len() > VOLUME_PATHS_MAX {
+                return MetaReply::Invalid(format!(
+                    "volume {:?} has {} paths, more than {VOLUME_PATHS_MAX}",
+                    v.volume,
+                    v.paths.len()
+                ));
+            }
+            if let Some(p) = v.paths.iter().find(|p| p.reason.len() > PATH_REASON_BYTES_MAX) {
+                return MetaReply::Invalid(format!(
+                    "path {} has a reason longer than {PATH_REASON_BYTES_MAX} bytes",
+                    p.path
+                ));
+            }
+        }
+        let bytes = path_map_bytes(&paths);
+        if bytes > PATH_MAP_BYTES_MAX {
+            return MetaReply::Invalid(format!(
+                "the path map of host {host:?} would take about {bytes} bytes, more than {PATH_MAP_BYTES_MAX}; \
+                 connect the host to fewer volumes"
+            ));
+        }
+        rec.generation = generation;
+        rec.paths = paths;
+        self.touched.push(ObjectKey::Host(host.to_string()));
         MetaReply::Done { changed: true }
     }
 
@@ -744,6 +949,7 @@ impl ClusterMap {
             ObjectKey::Dataset(name) => self.datasets.get(name).cloned().map(Object::Dataset),
             ObjectKey::Volume(id) => self.volumes.get(id).cloned().map(Object::Volume),
             ObjectKey::NextVolumeId => Some(Object::NextVolumeId(self.next_volume_id)),
+            ObjectKey::Host(name) => self.hosts.get(name).cloned().map(Object::Host),
         }
     }
 
@@ -756,7 +962,8 @@ impl ClusterMap {
             self.datasets.iter().map(|(name, d)| (ObjectKey::Dataset(name.clone()), Object::Dataset(d.clone())));
         let volumes = self.volumes.iter().map(|(id, v)| (ObjectKey::Volume(*id), Object::Volume(v.clone())));
         let counter = std::iter::once((ObjectKey::NextVolumeId, Object::NextVolumeId(self.next_volume_id)));
-        nodes.chain(settings).chain(transport).chain(datasets).chain(volumes).chain(counter).collect()
+        let hosts = self.hosts.iter().map(|(name, h)| (ObjectKey::Host(name.clone()), Object::Host(h.clone())));
+        nodes.chain(settings).chain(transport).chain(datasets).chain(volumes).chain(counter).chain(hosts).collect()
     }
 
     /// Rebuilds a map from stored objects (the inverse of [`ClusterMap::objects`]).
@@ -782,6 +989,9 @@ impl ClusterMap {
                 (ObjectKey::NextVolumeId, Object::NextVolumeId(n)) => {
                     map.next_volume_id = n;
                 }
+                (ObjectKey::Host(name), Object::Host(h)) if h.name == name => {
+                    map.hosts.insert(name, h);
+                }
                 (key, _) => return Err(format!("object stored under {key:?} has the wrong kind or id")),
             }
         }
@@ -801,6 +1011,7 @@ mod tests {
             raft_addr: format!("127.0.0.1:{port}").parse().expect("addr"),
             api_addr: format!("127.0.0.1:{}", port + 1).parse().expect("addr"),
             nbd_addr: format!("127.0.0.1:{}", port + 2).parse().expect("addr"),
+            extra_nbd_addrs: Vec::new(),
         }
     }
 
@@ -1245,7 +1456,91 @@ mod tests {
                 layer: if data { Layer::Data } else { Layer::Control },
                 kind: if quic { TransportKind::Quic } else { TransportKind::Tcp },
             }),
+            ("[hk]", "[ab]").prop_map(|(name, site)| MetaCmd::AddHost { name, site }),
+            "[hk]".prop_map(|name| MetaCmd::RemoveHost { name }),
+            ("[hk]", "[vw]", any::<bool>()).prop_map(|(host, volume, connect)| if connect {
+                MetaCmd::ConnectHost { host, volume }
+            } else {
+                MetaCmd::DisconnectHost { host, volume }
+            }),
+            ("[hk]", 0u64..4, "[vw]", 1u64..4).prop_map(|(host, generation, volume, node)| MetaCmd::PublishPaths {
+                host,
+                generation,
+                paths: vec![paths_of(&volume, node)],
+            }),
         ]
+    }
+
+    fn paths_of(volume: &str, node: NodeId) -> VolumePaths {
+        VolumePaths {
+            volume: volume.to_string(),
+            paths: vec![tandem_paths::PathEntry {
+                path: format!("n{node}p0"),
+                node,
+                address: format!("127.0.0.1:{}", 9000 + node).parse().expect("addr"),
+                state: tandem_paths::PathState::ActiveOptimized,
+                reason: "primary".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn hosts_connect_to_volumes_and_path_maps_publish_by_generation() {
+        let mut m = two_sites();
+        m.apply(create_volume("v", None, 4096));
+        let add = |name: &str, site: &str| MetaCmd::AddHost { name: name.into(), site: site.into() };
+        assert_eq!(m.apply(add("h1", "a")), MetaReply::Done { changed: true });
+        assert_eq!(m.apply(add("h1", "a")), MetaReply::Done { changed: false });
+        assert_eq!(m.apply(add("h1", "b")), MetaReply::Done { changed: true });
+        invalid(m.apply(add("bad name", "a")), "host name");
+        let connect = |host: &str, volume: &str| MetaCmd::ConnectHost { host: host.into(), volume: volume.into() };
+        assert!(matches!(m.apply(connect("h1", "nope")), MetaReply::NotFound(e) if e.contains("no volume named")));
+        assert!(matches!(m.apply(connect("h9", "v")), MetaReply::NotFound(e) if e.contains("no host named")));
+        assert_eq!(m.apply(connect("h1", "v")), MetaReply::Done { changed: true });
+        assert_eq!(m.apply(connect("h1", "v")), MetaReply::Done { changed: false });
+        let id = m.volume_by_name("v").expect("v").id;
+        assert!(m.hosts["h1"].volumes.contains(&id));
+
+        // Generations go up by one, never skip, never repeat with other content.
+        let publish = |generation: u64, node: NodeId| MetaCmd::PublishPaths {
+            host: "h1".into(),
+            generation,
+            paths: vec![paths_of("v", node)],
+        };
+        invalid(m.apply(publish(2, 1)), "generation 0");
+        assert_eq!(m.apply(publish(1, 1)), MetaReply::Done { changed: true });
+        assert_eq!(m.apply(publish(1, 1)), MetaReply::Done { changed: false }, "a retry");
+        invalid(m.apply(publish(1, 2)), "stale");
+        assert_eq!(m.apply(publish(2, 2)), MetaReply::Done { changed: true });
+        assert_eq!(m.hosts["h1"].generation, 2);
+        let huge = MetaCmd::PublishPaths {
+            host: "h1".into(),
+            generation: 3,
+            paths: (0..HOST_VOLUMES_MAX + 1).map(|i| paths_of(&format!("v{i}"), 1)).collect(),
+        };
+        invalid(m.apply(huge), "exceeds");
+        assert_eq!(m.hosts["h1"].generation, 2, "a refused publication changes nothing");
+
+        // Deleting the volume disconnects it; removing the host forgets it.
+        assert_eq!(m.apply(MetaCmd::DeleteVolume { name: "v".into() }), MetaReply::Done { changed: true });
+        assert!(m.hosts["h1"].volumes.is_empty());
+        assert_eq!(m.apply(MetaCmd::RemoveHost { name: "h1".into() }), MetaReply::Done { changed: true });
+        assert!(matches!(m.apply(MetaCmd::RemoveHost { name: "h1".into() }), MetaReply::NotFound(_)));
+    }
+
+    #[test]
+    fn a_node_advertises_its_target_ports_once_each() {
+        let mut m = ClusterMap::default();
+        let mut n = node(1, 7000);
+        n.extra_nbd_addrs = vec!["127.0.0.1:7100".parse().expect("addr")];
+        assert_eq!(n.targets().len(), 2);
+        assert_eq!(m.apply(MetaCmd::RegisterNode(n.clone())), MetaReply::Done { changed: true });
+        n.extra_nbd_addrs.push(n.nbd_addr);
+        invalid(m.apply(MetaCmd::RegisterNode(n.clone())), "twice");
+        n.extra_nbd_addrs = (0..EXTRA_TARGETS_MAX as u16 + 1)
+            .map(|i| format!("127.0.0.1:{}", 8000 + i).parse().expect("addr"))
+            .collect();
+        invalid(m.apply(MetaCmd::RegisterNode(n)), "extra NBD addresses");
     }
 
     proptest! {

@@ -21,6 +21,7 @@ pub mod state_machine;
 pub mod store;
 
 pub use cluster_map::{
-    ClusterMap, DatasetRecord, MetaCmd, MetaReply, NodeRecord, ResyncProgress, VolumeRecord, DEFAULT_DATASET,
+    ClusterMap, DatasetRecord, HostRecord, MetaCmd, MetaReply, NodeRecord, ResyncProgress, VolumeRecord,
+    DEFAULT_DATASET,
 };
 pub use raft_types::TypeConfig;

@@ -22,6 +22,7 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             raft_addr: addr(7000 + 10 * p),
             api_addr: addr(8000 + p),
             nbd_addr: addr(9000 + p),
+            extra_nbd_addrs: Vec::new(),
         })),
         (1u64..8).prop_map(|id| MetaCmd::RemoveNode { id }),
         ("[a-e]", "[a-z0-9]{0,16}").prop_map(|(key, value)| MetaCmd::PutSetting { key, value }),

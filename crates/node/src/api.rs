@@ -19,6 +19,8 @@ use tandem_transport::{Layer, TransportKind};
 use tandem_types::{Epoch, NodeId, VolumeId};
 
 use crate::config::ClusterConfig;
+use crate::host_api;
+use crate::hosts::PathManager;
 use crate::volumes::Plane;
 
 /// Request bodies are small JSON documents; anything larger is refused unread.
@@ -26,15 +28,25 @@ const BODY_BYTES_MAX: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct ApiState {
-    meta: Arc<MetaStore>,
+    pub(crate) meta: Arc<MetaStore>,
     cfg: Arc<ClusterConfig>,
-    transport: Mesh,
+    pub(crate) transport: Mesh,
     plane: Plane,
+    pub(crate) paths: Arc<PathManager>,
+    /// Turns true when the node begins to stop: long-polls answer at once then.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ApiState {
-    pub fn new(meta: Arc<MetaStore>, cfg: Arc<ClusterConfig>, transport: Mesh, plane: Plane) -> ApiState {
-        ApiState { meta, cfg, transport, plane }
+    pub fn new(
+        meta: Arc<MetaStore>,
+        cfg: Arc<ClusterConfig>,
+        transport: Mesh,
+        plane: Plane,
+        paths: Arc<PathManager>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> ApiState {
+        ApiState { meta, cfg, transport, plane, paths, stopping }
     }
 }
 
@@ -51,6 +63,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/datasets/{name}", get(get_dataset).delete(delete_dataset))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/hosts", get(host_api::list_hosts).post(host_api::add_host))
+        .route("/v1/hosts/{name}", get(host_api::get_host).delete(host_api::remove_host))
+        .route("/v1/hosts/{name}/volumes", post(host_api::connect_volume))
+        .route("/v1/hosts/{name}/volumes/{volume}", axum::routing::delete(host_api::disconnect_volume))
+        .route("/v1/hosts/{name}/paths", get(host_api::get_paths))
+        .route("/v1/hosts/{name}/probes", post(host_api::post_probes))
         .route("/v1/local/volumes", get(local_volumes))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
@@ -59,7 +77,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// An error answer: a status and `{"error": message}`.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -86,7 +104,7 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// A node as the API shows it: its record and its place in the Raft membership.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -349,7 +367,7 @@ fn dataset_view(map: &tandem_meta::ClusterMap, record: &DatasetRecord) -> Datase
 }
 
 /// 201 when a command created something, 200 when it already existed as asked.
-fn created_status(reply: &MetaReply) -> StatusCode {
+pub(crate) fn created_status(reply: &MetaReply) -> StatusCode {
     match reply {
         MetaReply::Done { changed: true } => StatusCode::CREATED,
         _ => StatusCode::OK,

@@ -113,6 +113,10 @@ pub struct NodeSection {
     pub raft_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub nbd_addr: SocketAddr,
+    /// More NBD addresses (target ports) the node listens on, e.g. one per network: each is one
+    /// more path from a host to the node's volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_nbd_addrs: Vec<SocketAddr>,
     pub data_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -126,6 +130,7 @@ impl NodeSection {
             raft_addr: self.raft_addr,
             api_addr: self.api_addr,
             nbd_addr: self.nbd_addr,
+            extra_nbd_addrs: self.extra_nbd_addrs.clone(),
         }
     }
 }
@@ -182,7 +187,16 @@ impl ClusterConfig {
                 return Err(format!("{at}: id {} appears twice", n.id));
             }
             validate_name(&n.site).map_err(|e| format!("{at}: site {:?} {e}", n.site))?;
-            for (field, addr) in [("raft_addr", n.raft_addr), ("api_addr", n.api_addr), ("nbd_addr", n.nbd_addr)] {
+            if n.extra_nbd_addrs.len() > tandem_meta::cluster_map::EXTRA_TARGETS_MAX {
+                return Err(format!(
+                    "{at}: extra_nbd_addrs lists {} addresses; at most {} are allowed",
+                    n.extra_nbd_addrs.len(),
+                    tandem_meta::cluster_map::EXTRA_TARGETS_MAX
+                ));
+            }
+            let fixed = [("raft_addr", n.raft_addr), ("api_addr", n.api_addr), ("nbd_addr", n.nbd_addr)];
+            let extra = n.extra_nbd_addrs.iter().map(|a| ("extra_nbd_addrs", *a));
+            for (field, addr) in fixed.into_iter().chain(extra) {
                 if addr.port() == 0 {
                     return Err(format!("{at}: {field} {addr} needs a port"));
                 }

@@ -22,13 +22,14 @@
 //! `Failover` to a live member of the committed ISR (I4: the new primary reconciles before it
 //! serves).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_meta::store::MetaStore;
 use tandem_meta::MetaCmd;
+use tandem_paths::pick_primary;
 use tandem_transport::link::Mesh;
 use tandem_transport::{BoxFuture, Channel, Handler};
 use tandem_types::NodeId;
@@ -114,9 +115,16 @@ impl Leases {
         now.saturating_duration_since(since) < self.grace
     }
 
-    /// The probe channel's handler: lease requests and pings.
-    pub fn handler(self: &Arc<Self>) -> Arc<dyn Handler> {
-        Arc::new(ProbeHandler { leases: self.clone() })
+    /// When this node, as the leader, last granted `node` a lease (None if it has not since
+    /// it took over, or does not lead).
+    pub fn last_heard(&self, node: NodeId) -> Option<Instant> {
+        self.heard.lock().expect("heard lock").get(&node).copied()
+    }
+
+    /// The probe channel's handler: lease requests, pings, and host probe reports (handed to
+    /// `paths`, the leader's path manager).
+    pub fn handler(self: &Arc<Self>, paths: Arc<crate::hosts::PathManager>) -> Arc<dyn Handler> {
+        Arc::new(ProbeHandler { leases: self.clone(), paths })
     }
 
     /// Renews this node's lease for as long as the node runs.
@@ -167,7 +175,7 @@ impl Leases {
         };
         self.heard.lock().expect("heard lock").insert(self.me, now);
         let (volumes, sites, preferred) = self.meta.local_read(|st| {
-            let sites: HashMap<NodeId, String> = st.map.nodes.iter().map(|(id, n)| (*id, n.site.clone())).collect();
+            let sites: BTreeMap<NodeId, String> = st.map.nodes.iter().map(|(id, n)| (*id, n.site.clone())).collect();
             let preferred: HashMap<String, Option<String>> =
                 st.map.datasets.iter().map(|(name, d)| (name.clone(), d.preferred_site.clone())).collect();
             (st.map.volumes.values().cloned().collect::<Vec<_>>(), sites, preferred)
@@ -192,14 +200,6 @@ impl Leases {
     }
 }
 
-/// The new primary: a live in-sync replica, in the dataset's preferred site when possible,
-/// else the lowest id (deterministic, so two leaders in a row pick the same).
-pub fn pick_primary(live: &[NodeId], sites: &HashMap<NodeId, String>, preferred: Option<&str>) -> Option<NodeId> {
-    let in_site =
-        live.iter().copied().filter(|n| preferred.is_some() && sites.get(n).map(String::as_str) == preferred).min();
-    in_site.or_else(|| live.iter().copied().min())
-}
-
 async fn request_lease(mesh: &Mesh, leader: NodeId) -> bool {
     let Ok(payload) = ProbeMsg::LeaseRequest.encode() else { return false };
     let call = async {
@@ -212,6 +212,7 @@ async fn request_lease(mesh: &Mesh, leader: NodeId) -> bool {
 
 struct ProbeHandler {
     leases: Arc<Leases>,
+    paths: Arc<crate::hosts::PathManager>,
 }
 
 impl Handler for ProbeHandler {
@@ -221,6 +222,7 @@ impl Handler for ProbeHandler {
             let reply = match msg {
                 ProbeMsg::LeaseRequest => self.leases.grant(from).await,
                 ProbeMsg::Ping => ProbeReply::Pong,
+                ProbeMsg::HostProbes { host, probes } => self.paths.take_probes(&host, probes),
             };
             reply.encode().map(Bytes::from).map_err(|e| e.to_string())
         })
@@ -230,16 +232,6 @@ impl Handler for ProbeHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_new_primary_prefers_the_preferred_site_then_the_lowest_id() {
-        let sites: HashMap<NodeId, String> =
-            [(1, "a".to_string()), (2, "b".to_string()), (3, "b".to_string())].into_iter().collect();
-        assert_eq!(pick_primary(&[2, 3], &sites, Some("b")), Some(2));
-        assert_eq!(pick_primary(&[1, 3], &sites, Some("b")), Some(3));
-        assert_eq!(pick_primary(&[3, 1], &sites, None), Some(1));
-        assert_eq!(pick_primary(&[], &sites, None), None);
-    }
 
     #[test]
     fn a_lease_ends_before_a_failover_can_begin() {

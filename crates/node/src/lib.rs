@@ -6,10 +6,13 @@
 //!   it holds no state of its own.
 //! - [`lease`]: this node's lease, and on the Raft leader the failure detector and failover.
 //! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, NBD.
+//! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
 
 pub mod api;
 pub mod config;
+mod host_api;
+pub mod hosts;
 pub mod lease;
 pub mod volumes;
 
@@ -60,7 +63,12 @@ pub async fn run(
     let listeners =
         Listeners::bind(me.raft_addr).await.map_err(|e| bind_error(id, "raft_addr (TCP and UDP)", me.raft_addr, e))?;
     let api_listener = TcpListener::bind(me.api_addr).await.map_err(|e| bind_error(id, "api_addr", me.api_addr, e))?;
-    let nbd_listener = TcpListener::bind(me.nbd_addr).await.map_err(|e| bind_error(id, "nbd_addr", me.nbd_addr, e))?;
+    let mut nbd_listeners = Vec::new();
+    for (field, addr) in
+        std::iter::once(("nbd_addr", me.nbd_addr)).chain(me.extra_nbd_addrs.iter().map(|a| ("extra_nbd_addrs", *a)))
+    {
+        nbd_listeners.push(TcpListener::bind(addr).await.map_err(|e| bind_error(id, field, addr, e))?);
+    }
 
     let default_kind = cfg.cluster.transport;
     let regions = RegionRegistry::new(REGION_BUFFERS, REGION_BYTES, REGION_COMPLETIONS_MAX);
@@ -76,31 +84,46 @@ pub async fn run(
         .map_err(|e| anyhow!("node {id}: {e} (is this node already running?)"))?;
     mesh.set_handler(Channel::Control, meta.handler());
     follow_transport_policy(meta.clone(), mesh.clone(), default_kind);
+    advertise(meta.clone(), me.record());
 
     let leases = Leases::new(id, meta.clone(), Duration::from_millis(cfg.cluster.election_timeout_min_ms));
-    mesh.set_handler(Channel::Probe, leases.handler());
+    let paths = hosts::PathManager::new(id, meta.clone(), leases.clone());
+    mesh.set_handler(Channel::Probe, leases.handler(paths.clone()));
     leases.spawn_renewal(mesh.clone());
     leases.spawn_supervisor();
+    paths.spawn();
     let store = SledStore::open(&data_dir.join("blocks"))
         .map_err(|e| anyhow!("node {id}: cannot open the block store: {e}"))?;
     let coord = Arc::new(volumes::MetaCoordinator { meta: meta.clone(), leases: leases.clone() });
     let plane = DataPlane::start(id, mesh.clone(), Arc::new(store.clone()), coord, DataPlaneConfig::default());
     volumes::follow_volumes(meta.clone(), plane.clone());
-    let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let nbd = tokio::spawn(tandem_nbd::serve(
-        nbd_listener,
-        Arc::new(volumes::NbdExports { plane: plane.clone() }),
-        async move {
-            let _ = nbd_stop_rx.await;
-        },
-    ));
+    // Every target port serves every volume.
+    let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::watch::channel(false);
+    let exports = Arc::new(volumes::NbdExports { plane: plane.clone() });
+    let nbd: Vec<_> = nbd_listeners
+        .into_iter()
+        .map(|listener| {
+            let mut stop = nbd_stop_rx.clone();
+            tokio::spawn(tandem_nbd::serve(listener, exports.clone(), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }))
+        })
+        .collect();
 
     tracing::info!(node = id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");
-    let state = api::ApiState::new(meta.clone(), Arc::new(cfg), mesh.clone(), plane.clone());
-    let served = axum::serve(api_listener, api::router(state)).with_graceful_shutdown(shutdown).await;
+    // Stopping also ends the path-map watches in progress, which graceful shutdown waits for.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let state = api::ApiState::new(meta.clone(), Arc::new(cfg), mesh.clone(), plane.clone(), paths, stopping);
+    let stop_signal = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
+    let served = axum::serve(api_listener, api::router(state)).with_graceful_shutdown(stop_signal).await;
     tracing::info!(node = id, "stopping");
-    let _ = nbd_stop_tx.send(());
-    let _ = nbd.await;
+    let _ = nbd_stop_tx.send(true);
+    for server in nbd {
+        let _ = server.await;
+    }
     // Dropping the store is a crash to it: make everything applied durable first.
     if let Err(e) = store.durable(store.last_lsn()).await {
         tracing::error!(node = id, error = %e, "block store flush at shutdown failed");
@@ -110,6 +133,33 @@ pub async fn run(
     served.context("admin API server failed")?;
     tracing::info!(node = id, "stopped");
     Ok(())
+}
+
+/// Brings this node's record in the cluster map in line with its config (site, addresses,
+/// target ports) once the node has caught up, so that a node restarted with a new target port
+/// advertises it. A node the map does not hold is left alone: joining is `tandem node add`.
+fn advertise(meta: Arc<MetaStore>, record: tandem_meta::NodeRecord) {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match meta.read(|st| st.map.nodes.get(&record.id).cloned()).await {
+                Ok(None) => return,
+                Ok(Some(known)) if known == record => return,
+                Ok(Some(_)) => match meta.write(tandem_meta::MetaCmd::RegisterNode(record.clone())).await {
+                    Ok(_) => {
+                        tracing::info!(node = record.id, "advertised this node's site and addresses");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = record.id, error = %e, "cannot advertise this node's addresses yet")
+                    }
+                },
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    });
 }
 
 /// Keeps the mesh on the network layers the cluster map selects (the config's `transport`

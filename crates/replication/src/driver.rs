@@ -1361,7 +1361,7 @@ mod tests {
     fn region_space_wraps_and_waits_for_the_tail() {
         let size = REGION_BYTES as u64;
         let mut s = RegionSpace { head: 0, used: VecDeque::new() };
-        let mut take = |s: &mut RegionSpace, len: u64| {
+        let take = |s: &mut RegionSpace, len: u64| {
             let off = s.alloc(len)?;
             s.head = off + len;
             s.used.push_back((off, len, 1, 1));

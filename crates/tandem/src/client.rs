@@ -46,6 +46,23 @@ struct ErrorBody {
     error: String,
 }
 
+/// A node answered with an error status; `message` is its `{"error": ...}` text. Callers that
+/// retry find it with `anyhow::Error::downcast_ref` to tell a refusal (4xx) from a node in
+/// trouble (5xx).
+#[derive(Debug)]
+pub struct StatusError {
+    pub status: reqwest::StatusCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for StatusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for StatusError {}
+
 impl Api {
     pub fn new(base: &str) -> Api {
         let base = if base.starts_with("http://") || base.starts_with("https://") {
@@ -111,10 +128,10 @@ impl Api {
         let status = resp.status();
         let bytes = resp.bytes().await.with_context(|| format!("{method} {url}: reading the answer"))?;
         if !status.is_success() {
-            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{method} {url}: {status}: {msg}");
+            return Err(StatusError { status, message }).with_context(|| format!("{method} {url}"));
         }
         let answer = serde_json::from_slice(&bytes).with_context(|| format!("{method} {url}: unexpected answer"))?;
         Ok((status, answer))
@@ -350,7 +367,7 @@ pub fn print_volumes(volumes: &[VolumeView]) {
     print_table(&["VOLUME", "ID", "SIZE", "DATASET", "PRIMARY", "ISR", "REPLICAS", "EPOCH", "RESYNC"], &rows);
 }
 
-fn created(status: reqwest::StatusCode) -> &'static str {
+pub fn created(status: reqwest::StatusCode) -> &'static str {
     if status == reqwest::StatusCode::CREATED {
         "created"
     } else {

@@ -98,6 +98,7 @@ fn new_node(dir: &Path, cluster_name: &str, ca_key: &Path, id: NodeId, site: &st
         raft_addr: free_addr_tcp_udp()?,
         api_addr: free_addr()?,
         nbd_addr: free_addr()?,
+        extra_nbd_addrs: Vec::new(),
         data_dir: PathBuf::from(format!("node-{id}")),
         cert,
         key,
@@ -378,6 +379,7 @@ pub async fn node_add(
                 raft_addr,
                 api_addr,
                 nbd_addr,
+                extra_nbd_addrs: Vec::new(),
             }
         }
         (None, None, None) => {

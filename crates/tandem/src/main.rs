@@ -1,8 +1,10 @@
 //! `tandem`: the one binary of Tandem, for operators, hosts and the nodes themselves.
 //! Its subcommands and flags are the contract of ../../shared/design/INTERFACE.md.
 
+mod agent;
 mod bench;
 mod client;
+mod hosts;
 mod local;
 
 use std::path::PathBuf;
@@ -97,6 +99,33 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Hosts: the machines that attach volumes, the site each is in and the volumes each may
+    /// reach; `tandem host agent` runs on a host.
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// A host's path map, like `multipath -ll`: per volume, every path (a node's NBD address),
+    /// its state (active-optimized, active-non-optimized, unavailable) and why.
+    Paths {
+        /// The host whose map to show.
+        #[arg(long)]
+        host: String,
+        /// Only this volume's paths.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Keep following the map: print each new generation as it is published (with --json,
+        /// one JSON document per line), failing over between nodes, until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// The map as one JSON document (with --watch, one per line).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Benchmarks, each beside its reference in the same run.
     Bench {
         #[command(subcommand)]
@@ -187,6 +216,44 @@ pub enum DatasetCmd {
     },
     /// Delete a dataset that has no volumes.
     Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum HostCmd {
+    /// Add a host in a site (adding it again sets its site). Paths in its site are preferred.
+    Add {
+        name: String,
+        #[arg(long)]
+        site: String,
+    },
+    /// Let a host reach a volume: the volume's paths join the host's path map.
+    Connect { name: String, volume: String },
+    /// Take a volume out of a host's path map.
+    Disconnect { name: String, volume: String },
+    /// Remove a host and its path map.
+    Remove { name: String },
+    /// Every host: site, the volumes it reaches, the generation of its path map.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the host agent until SIGINT or SIGTERM: probe every path of the host's map each
+    /// interval (NBD greeting), report the results to the cluster, and follow the map, writing
+    /// each new generation to the map file atomically.
+    Agent {
+        /// The host this agent runs on (as added with `tandem host add`).
+        #[arg(long)]
+        host: String,
+        /// How often every path is probed, in milliseconds.
+        #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+        interval_ms: u64,
+        /// A path that has not sent its NBD greeting within this many milliseconds failed.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        probe_timeout_ms: u64,
+        /// Where the path map is kept (default: tandem-paths-HOST.json in the current dir).
+        #[arg(long)]
+        map_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -290,6 +357,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Dataset { cmd, target } => client::dataset(&target, cmd).await,
         Cmd::Volume { cmd, target } => client::volume(&target, cmd).await,
         Cmd::Transport { cmd, target } => client::transport(&target, cmd).await,
+        Cmd::Host { cmd: HostCmd::Agent { host, interval_ms, probe_timeout_ms, map_file }, target } => {
+            let opts = agent::AgentOpts {
+                host,
+                interval: std::time::Duration::from_millis(interval_ms),
+                probe_timeout: std::time::Duration::from_millis(probe_timeout_ms),
+                map_file,
+            };
+            agent::run(&target, opts).await
+        }
+        Cmd::Host { cmd, target } => hosts::host(&target, cmd).await,
+        Cmd::Paths { host, volume, watch, json, target } => {
+            hosts::paths(&target, &host, volume.as_deref(), watch, json).await
+        }
         Cmd::Bench { cmd } => bench::run(cmd).await,
     }
 }

@@ -167,6 +167,22 @@ pub enum ProbeMsg {
     LeaseRequest,
     /// Round-trip measurement; answered at once.
     Ping,
+    /// Any node → Raft leader: probe results a host's agent reported (`POST
+    /// /v1/hosts/{name}/probes`). The leader's path manager keeps them; they are not committed.
+    HostProbes { host: String, probes: Vec<PathProbe> },
+}
+
+/// One probe of one path (a node's target port) by a host's agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathProbe {
+    pub node: NodeId,
+    pub address: std::net::SocketAddr,
+    /// The round trip, when the probe succeeded.
+    pub rtt_us: Option<u64>,
+    /// The target refused the connection (nothing listens there: the node is gone).
+    pub refused: bool,
+    /// Why the probe failed (empty when it succeeded).
+    pub error: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +191,10 @@ pub enum ProbeReply {
     /// This node is not the leader (it names the leader it knows, if any).
     NotLeader(Option<NodeId>),
     Pong,
+    /// The leader took the probe results.
+    Accepted,
+    /// The probe results were refused (unknown host, or too many at once).
+    Refused(String),
 }
 
 impl ProbeMsg {

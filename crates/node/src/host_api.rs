@@ -1,0 +1,283 @@
+//! The host endpoints of the admin API: hosts, the volumes they may reach, their path maps
+//! (with a long-poll watch), and their agents' probe reports.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tandem_meta::{ClusterMap, HostRecord, MetaCmd};
+use tandem_paths::VolumePaths;
+use tandem_types::NodeId;
+use tandem_wire::data::PathProbe;
+
+use crate::api::{created_status, ApiError, ApiResult, ApiState};
+use crate::hosts::{ReportError, PROBES_PER_REPORT_MAX};
+
+/// How long `GET /v1/hosts/{name}/paths?since=G` waits for a newer generation by default.
+const WATCH_WAIT_MS_DEFAULT: u64 = 30_000;
+/// The longest wait a watcher may ask for (`wait_ms`); a proxy in between should not time out.
+const WATCH_WAIT_MS_MAX: u64 = 120_000;
+/// The longest error text of one probe result that is passed on.
+const PROBE_ERROR_BYTES_MAX: usize = 200;
+
+/// A host as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostView {
+    pub name: String,
+    pub site: String,
+    /// The volumes it may reach, by name.
+    pub volumes: Vec<String>,
+    /// The generation of its published path map (0: none yet).
+    pub generation: u64,
+}
+
+fn host_view(map: &ClusterMap, h: &HostRecord) -> HostView {
+    let mut volumes: Vec<String> =
+        h.volumes.iter().filter_map(|id| map.volumes.get(id)).map(|v| v.name.clone()).collect();
+    volumes.sort();
+    HostView { name: h.name.clone(), site: h.site.clone(), volumes, generation: h.generation }
+}
+
+/// A host's path map, `GET /v1/hosts/{name}/paths`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PathMapView {
+    pub host: String,
+    pub site: String,
+    /// Grows by one with every change of the map; never goes back.
+    pub generation: u64,
+    pub volumes: Vec<VolumePaths>,
+}
+
+fn no_host(name: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no host named {name:?}"))
+}
+
+pub(crate) async fn list_hosts(State(s): State<ApiState>) -> ApiResult<Vec<HostView>> {
+    Ok(Json(s.meta.read(|st| st.map.hosts.values().map(|h| host_view(&st.map, h)).collect()).await?))
+}
+
+pub(crate) async fn get_host(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<HostView> {
+    s.meta
+        .read(|st| st.map.hosts.get(&name).map(|h| host_view(&st.map, h)))
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_host(&name))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HostRequest {
+    name: String,
+    site: String,
+}
+
+/// `POST /v1/hosts`: 201 with the new host, 200 if it existed (its site is updated).
+pub(crate) async fn add_host(
+    State(s): State<ApiState>,
+    body: Result<Json<HostRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<HostView>), ApiError> {
+    let Json(req) = body?;
+    let name = req.name.clone();
+    let reply = s.meta.write(MetaCmd::AddHost { name: req.name, site: req.site }).await?;
+    let view = s.meta.read(|st| st.map.hosts.get(&name).map(|h| host_view(&st.map, h))).await?;
+    let view = view.ok_or_else(|| ApiError(StatusCode::CONFLICT, format!("host {name:?} was removed meanwhile")))?;
+    Ok((created_status(&reply), Json(view)))
+}
+
+pub(crate) async fn remove_host(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
+    s.meta.write(MetaCmd::RemoveHost { name: name.clone() }).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConnectRequest {
+    volume: String,
+}
+
+/// `POST /v1/hosts/{name}/volumes` `{"volume": V}`: lets the host reach V.
+pub(crate) async fn connect_volume(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<ConnectRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<HostView>), ApiError> {
+    let Json(req) = body?;
+    let reply = s.meta.write(MetaCmd::ConnectHost { host: name.clone(), volume: req.volume }).await?;
+    let view = s.meta.read(|st| st.map.hosts.get(&name).map(|h| host_view(&st.map, h))).await?;
+    let view = view.ok_or_else(|| no_host(&name))?;
+    Ok((created_status(&reply), Json(view)))
+}
+
+pub(crate) async fn disconnect_volume(
+    State(s): State<ApiState>,
+    Path((name, volume)): Path<(String, String)>,
+) -> ApiResult<HostView> {
+    s.meta.write(MetaCmd::DisconnectHost { host: name.clone(), volume }).await?;
+    let view = s.meta.read(|st| st.map.hosts.get(&name).map(|h| host_view(&st.map, h))).await?;
+    view.map(Json).ok_or_else(|| no_host(&name))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PathsQuery {
+    /// Wait until the generation passes this one.
+    since: Option<u64>,
+    /// Only this volume's paths.
+    volume: Option<String>,
+    /// How long to wait for a newer generation (default 30 s, at most 120 s).
+    wait_ms: Option<u64>,
+}
+
+/// The host's published map, or why there is none: `Err(message)` for an unknown host or a
+/// volume the host does not reach.
+fn path_map(map: &ClusterMap, host: &str, volume: Option<&str>) -> Result<PathMapView, String> {
+    let h = map.hosts.get(host).ok_or_else(|| format!("no host named {host:?}"))?;
+    let mut volumes = h.paths.clone();
+    if let Some(v) = volume {
+        let Some(rec) = map.volume_by_name(v) else { return Err(format!("no volume named {v:?}")) };
+        if !h.volumes.contains(&rec.id) {
+            return Err(format!("host {host:?} is not connected to volume {v:?} (tandem host connect {host} {v})"));
+        }
+        volumes.retain(|p| p.volume == v);
+    }
+    Ok(PathMapView { host: h.name.clone(), site: h.site.clone(), generation: h.generation, volumes })
+}
+
+/// `GET /v1/hosts/{name}/paths[?since=G][&volume=V][&wait_ms=MS]`: the host's path map as
+/// committed. With `since`, answers once the generation passes G, or after the wait with the
+/// map unchanged (the caller compares generations).
+pub(crate) async fn get_paths(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    query: Result<Query<PathsQuery>, QueryRejection>,
+) -> ApiResult<PathMapView> {
+    let Query(q) = query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad query: {}", e.body_text())))?;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(WATCH_WAIT_MS_DEFAULT).min(WATCH_WAIT_MS_MAX));
+    // Linearizable first: never older than what another node already showed.
+    let first = s.meta.read(|st| path_map(&st.map, &name, q.volume.as_deref())).await?;
+    let view = first.map_err(|e| ApiError(StatusCode::NOT_FOUND, e))?;
+    let Some(since) = q.since else { return Ok(Json(view)) };
+    if view.generation > since {
+        return Ok(Json(view));
+    }
+    let mut applied = s.meta.subscribe();
+    let mut stopping = s.stopping.clone();
+    let newer = async {
+        loop {
+            // Maps this node applied are committed.
+            let now = s.meta.local_read(|st| path_map(&st.map, &name, q.volume.as_deref()));
+            match now {
+                Ok(v) if v.generation > since => return Ok(v),
+                Ok(_) => {}
+                // Deleted (host, or volume) while waiting.
+                Err(e) => return Err(ApiError(StatusCode::NOT_FOUND, e)),
+            }
+            let stop = tokio::select! {
+                changed = applied.changed() => changed.is_err(),
+                _ = stopping.wait_for(|s| *s) => true,
+            };
+            if stop {
+                return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping; ask another node".into()));
+            }
+        }
+    };
+    match tokio::time::timeout(wait, newer).await {
+        Ok(result) => result.map(Json),
+        Err(_) => Ok(Json(view)),
+    }
+}
+
+/// One probe result as an agent reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeReport {
+    pub node: NodeId,
+    pub address: SocketAddr,
+    /// Whether the path answered.
+    pub ok: bool,
+    /// The round trip in microseconds (with `ok`).
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
+    /// The connection was refused (nothing listens at the address).
+    #[serde(default)]
+    pub refused: bool,
+    /// Why the probe failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ProbesRequest {
+    probes: Vec<ProbeReport>,
+}
+
+/// `POST /v1/hosts/{name}/probes`: probe results of the host's agent, for the leader's path
+/// manager. Every result must name a target port of a node that holds one of the host's
+/// volumes; otherwise nothing is taken.
+pub(crate) async fn post_probes(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<ProbesRequest>, JsonRejection>,
+) -> ApiResult<serde_json::Value> {
+    let Json(req) = body?;
+    if req.probes.len() > PROBES_PER_REPORT_MAX {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{} probe results in one report; at most {PROBES_PER_REPORT_MAX}", req.probes.len()),
+        ));
+    }
+    let targets: Option<HashMap<NodeId, Vec<SocketAddr>>> = s
+        .meta
+        .read(|st| {
+            st.map.hosts.contains_key(&name).then(|| st.map.nodes.values().map(|n| (n.id, n.targets())).collect())
+        })
+        .await?;
+    let targets = targets.ok_or_else(|| no_host(&name))?;
+    let mut probes = Vec::with_capacity(req.probes.len());
+    for p in req.probes {
+        let Some(addrs) = targets.get(&p.node) else {
+            return Err(ApiError(StatusCode::BAD_REQUEST, format!("probe of node {}: no such node", p.node)));
+        };
+        if !addrs.contains(&p.address) {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("probe of node {} at {}: not one of its target ports {addrs:?}", p.node, p.address),
+            ));
+        }
+        let (rtt_us, error) = match (p.ok, p.rtt_us) {
+            (true, Some(rtt)) => (Some(rtt), String::new()),
+            (true, None) => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("probe of node {} at {}: ok without rtt_us", p.node, p.address),
+                ))
+            }
+            (false, _) => (None, truncate(p.error.unwrap_or_else(|| "probe failed".into()), PROBE_ERROR_BYTES_MAX)),
+        };
+        probes.push(PathProbe { node: p.node, address: p.address, rtt_us, refused: !p.ok && p.refused, error });
+    }
+    let accepted = probes.len();
+    match s.paths.report(&s.transport, &name, probes).await {
+        Ok(()) => Ok(Json(serde_json::json!({ "accepted": accepted }))),
+        Err(ReportError::Refused(why)) if why.starts_with("no host") => Err(ApiError(StatusCode::NOT_FOUND, why)),
+        Err(ReportError::Refused(why)) => Err(ApiError(StatusCode::BAD_REQUEST, why)),
+        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}

@@ -1,0 +1,314 @@
+//! The path manager: on the Raft leader, it keeps each host's path map up to date and
+//! publishes every change through Raft as a new generation.
+//!
+//! Inputs: the committed cluster map (hosts, the volumes they reach, primaries, ISRs, nodes and
+//! their target ports), node liveness (the lease renewals the leader grants, see `lease.rs`),
+//! and the probe results that hosts' agents report (`POST /v1/hosts/{name}/probes`, forwarded
+//! here from whichever node received them). The rules and their hysteresis are the pure
+//! `tandem_paths` crate; this module feeds it, compares its result with the published map, and
+//! commits `PublishPaths` with the next generation when they differ. Probe results and liveness
+//! are soft state: a new leader starts without them and rebuilds them within a second, and the
+//! committed generation keeps counting from where its predecessor left off.
+//!
+//! Loss of a node is acted on at once: a node that misses its lease renewals for
+//! [`NODE_DOWN_AFTER`] is down for every host, and a new leader marks its predecessor down as
+//! it takes over (a majority elected someone else: the old leader is cut off from it, or dead).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tandem_meta::store::MetaStore;
+use tandem_meta::{ClusterMap, MetaCmd};
+use tandem_paths::{HostInput, HostProbes, NodeHealth, NodeInput, ProbeOutcome, VolumeInput, VolumePaths};
+use tandem_transport::link::Mesh;
+use tandem_transport::Channel;
+use tandem_types::NodeId;
+use tandem_wire::data::{PathProbe, ProbeMsg, ProbeReply};
+
+use crate::lease::Leases;
+
+pub use tandem_paths::NODE_DOWN_AFTER;
+
+/// How often the leader re-evaluates liveness and probe verdicts (a node's loss shows in the
+/// maps within this much of being noticed).
+const EVALUATE_EVERY: Duration = Duration::from_millis(100);
+/// Probe results in one report, at most (an agent reports every path of its host at once).
+pub const PROBES_PER_REPORT_MAX: usize = 1024;
+/// How long a node waits for the leader to take a forwarded report.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct PathManager {
+    me: NodeId,
+    meta: Arc<MetaStore>,
+    leases: Arc<Leases>,
+    soft: Mutex<Soft>,
+}
+
+/// What the leader learned itself rather than from the committed map.
+#[derive(Default)]
+struct Soft {
+    /// Since when this node leads (None while it does not).
+    leading_since: Option<Instant>,
+    /// The leader this node knew last while it did not lead.
+    last_leader: Option<NodeId>,
+    /// Nodes marked down when this node took over; they get no grace period.
+    forced: BTreeSet<NodeId>,
+    health: BTreeMap<NodeId, NodeHealth>,
+    probes: HashMap<String, HostProbes>,
+    /// Something changed since the maps were last compared with the published ones.
+    dirty: bool,
+}
+
+impl PathManager {
+    pub fn new(me: NodeId, meta: Arc<MetaStore>, leases: Arc<Leases>) -> Arc<PathManager> {
+        Arc::new(PathManager { me, meta, leases, soft: Mutex::new(Soft::default()) })
+    }
+
+    /// Runs the manager for as long as the node runs (it acts only while this node leads).
+    pub fn spawn(self: &Arc<Self>) {
+        let pm = self.clone();
+        tokio::spawn(async move {
+            let mut applied = pm.meta.subscribe();
+            let mut interval = tokio::time::interval(EVALUATE_EVERY);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    changed = applied.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        pm.soft.lock().expect("paths lock").dirty = true;
+                    }
+                }
+                pm.step().await;
+            }
+        });
+    }
+
+    /// One round: liveness and probe verdicts, then publication of every map that changed.
+    async fn step(&self) {
+        let status = self.meta.status();
+        let now = Instant::now();
+        let to_publish = {
+            let mut soft = self.soft.lock().expect("paths lock");
+            if status.role != "leader" {
+                let last_leader = status.leader.filter(|l| *l != self.me).or(soft.last_leader);
+                *soft = Soft { last_leader, ..Soft::default() };
+                return;
+            }
+            if soft.leading_since.is_none() {
+                soft.leading_since = Some(now);
+                soft.dirty = true;
+                if let Some(prev) = soft.last_leader.take() {
+                    tracing::info!(node = prev, "path maps: the previous Raft leader is cut off until it renews");
+                    soft.forced.insert(prev);
+                    soft.health
+                        .entry(prev)
+                        .or_default()
+                        .force_down(now, "cut off from the Raft majority (it lost the leadership)");
+                }
+            }
+            let since = soft.leading_since.expect("set above");
+            let map = self.meta.local_read(|st| st.map.clone());
+            self.evaluate(&mut soft, &map, now, since);
+            if !soft.dirty {
+                return;
+            }
+            soft.dirty = false;
+            self.changed_maps(&soft, &map)
+        };
+        let writes = to_publish.into_iter().map(|(host, generation, paths)| {
+            let meta = self.meta.clone();
+            async move {
+                let r = meta.write(MetaCmd::PublishPaths { host: host.clone(), generation, paths }).await;
+                match r {
+                    Ok(_) => {
+                        tracing::debug!(host = %host, generation, "path map published");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(host = %host, generation, error = %e, "path map not published");
+                        false
+                    }
+                }
+            }
+        });
+        let published = futures::future::join_all(writes).await;
+        if published.iter().any(|ok| !ok) {
+            // Compare again next round.
+            self.soft.lock().expect("paths lock").dirty = true;
+        }
+    }
+
+    /// Advances node liveness and every host's probe verdicts; marks the maps dirty on a change.
+    fn evaluate(&self, soft: &mut Soft, map: &ClusterMap, now: Instant, since: Instant) {
+        let in_grace = now.saturating_duration_since(since) < NODE_DOWN_AFTER;
+        soft.health.retain(|id, _| map.nodes.contains_key(id));
+        let mut changed = false;
+        for &id in map.nodes.keys() {
+            let fresh = if id == self.me {
+                true
+            } else {
+                match self.leases.last_heard(id) {
+                    Some(h) => now.saturating_duration_since(h) < NODE_DOWN_AFTER,
+                    // Not heard since this node took over: alive for a grace period (every
+                    // live node renews well within it), unless it was the deposed leader.
+                    None => in_grace && !soft.forced.contains(&id),
+                }
+            };
+            changed |= soft.health.entry(id).or_default().observe(now, fresh);
+        }
+        soft.probes.retain(|host, _| map.hosts.contains_key(host));
+        for (host, probes) in soft.probes.iter_mut() {
+            let targets = host_targets(map, host);
+            probes.retain(&|node, addr| targets.contains(&(node, addr)));
+            changed |= probes.evaluate(now);
+        }
+        soft.dirty |= changed;
+    }
+
+    /// The hosts whose computed map differs from the published one: (host, next generation, map).
+    fn changed_maps(&self, soft: &Soft, map: &ClusterMap) -> Vec<(String, u64, Vec<VolumePaths>)> {
+        let nodes: BTreeMap<NodeId, NodeInput> = map
+            .nodes
+            .values()
+            .map(|n| {
+                let liveness = soft.health.get(&n.id).map(NodeHealth::liveness).unwrap_or(tandem_paths::Liveness::Up);
+                (n.id, NodeInput { id: n.id, site: n.site.clone(), targets: n.targets(), liveness })
+            })
+            .collect();
+        let empty = HostProbes::new();
+        map.hosts
+            .values()
+            .filter_map(|host| {
+                let probes = soft.probes.get(&host.name).unwrap_or(&empty);
+                let paths = compute_host(map, &nodes, &host.name, &host.site, probes);
+                (paths != host.paths).then(|| (host.name.clone(), host.generation + 1, paths))
+            })
+            .collect()
+    }
+
+    /// Takes probe results for `host` (on the leader); the node's API forwards them here.
+    pub fn take_probes(&self, host: &str, probes: Vec<PathProbe>) -> ProbeReply {
+        let status = self.meta.status();
+        if status.role != "leader" {
+            return ProbeReply::NotLeader(status.leader.filter(|l| *l != self.me));
+        }
+        if probes.len() > PROBES_PER_REPORT_MAX {
+            return ProbeReply::Refused(format!(
+                "{} probe results in one report; at most {PROBES_PER_REPORT_MAX}",
+                probes.len()
+            ));
+        }
+        let targets = self.meta.local_read(|st| st.map.hosts.contains_key(host).then(|| host_targets(&st.map, host)));
+        let Some(targets) = targets else {
+            return ProbeReply::Refused(format!("no host named {host:?}"));
+        };
+        let now = Instant::now();
+        let mut soft = self.soft.lock().expect("paths lock");
+        let tracker = soft.probes.entry(host.to_string()).or_default();
+        for p in probes {
+            if !targets.contains(&(p.node, p.address)) {
+                continue;
+            }
+            let outcome = match p.rtt_us {
+                Some(rtt_us) if p.error.is_empty() => ProbeOutcome::Ok { rtt_us },
+                _ => ProbeOutcome::Failed { refused: p.refused, error: p.error },
+            };
+            tracker.record(now, p.node, p.address, outcome);
+        }
+        // A refused connection turns a path unreachable at once: publish it this round.
+        if tracker.evaluate(now) {
+            soft.dirty = true;
+        }
+        ProbeReply::Accepted
+    }
+
+    /// Hands probe results to the leader, wherever it is: here, or over the probe channel.
+    pub async fn report(&self, mesh: &Mesh, host: &str, probes: Vec<PathProbe>) -> Result<(), ReportError> {
+        let leader = self.meta.status().leader.ok_or(ReportError::NoLeader)?;
+        let reply = if leader == self.me {
+            self.take_probes(host, probes)
+        } else {
+            let msg = ProbeMsg::HostProbes { host: host.to_string(), probes };
+            let payload = msg.encode().map_err(|e| ReportError::Refused(e.to_string()))?;
+            let call = async {
+                let reply = mesh.send(leader, Channel::Probe, Bytes::from(payload)).await.map_err(|e| e.to_string())?;
+                let bytes = reply.wait().await.map_err(|e| e.to_string())?;
+                ProbeReply::decode(&bytes).map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => {
+                    return Err(ReportError::Unavailable(format!("the leader (node {leader}) did not answer: {e}")))
+                }
+                Err(_) => {
+                    return Err(ReportError::Unavailable(format!("the leader (node {leader}) did not answer in time")))
+                }
+            }
+        };
+        match reply {
+            ProbeReply::Accepted => Ok(()),
+            ProbeReply::Refused(why) => Err(ReportError::Refused(why)),
+            ProbeReply::NotLeader(_) => Err(ReportError::NoLeader),
+            other => Err(ReportError::Unavailable(format!("unexpected answer {other:?}"))),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("the cluster has no Raft leader now; retry")]
+    NoLeader,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Every (node, target port) that `host`'s volumes have paths through.
+fn host_targets(map: &ClusterMap, host: &str) -> BTreeSet<(NodeId, SocketAddr)> {
+    let Some(h) = map.hosts.get(host) else { return BTreeSet::new() };
+    let replicas: BTreeSet<NodeId> =
+        h.volumes.iter().filter_map(|id| map.volumes.get(id)).flat_map(|v| v.replicas.iter().copied()).collect();
+    replicas
+        .into_iter()
+        .filter_map(|id| map.nodes.get(&id))
+        .flat_map(|n| n.targets().into_iter().map(move |a| (n.id, a)))
+        .collect()
+}
+
+/// The path map of one host: its connected volumes by name, each with its paths.
+pub fn compute_host(
+    map: &ClusterMap,
+    nodes: &BTreeMap<NodeId, NodeInput>,
+    host: &str,
+    site: &str,
+    probes: &HostProbes,
+) -> Vec<VolumePaths> {
+    let Some(h) = map.hosts.get(host) else { return Vec::new() };
+    let input = HostInput { name: host, site };
+    let reach = |node: NodeId, addr: SocketAddr| probes.reach(node, addr);
+    let mut out: Vec<VolumePaths> = h
+        .volumes
+        .iter()
+        .filter_map(|id| map.volumes.get(id))
+        .map(|v| {
+            let volume = VolumeInput {
+                name: v.name.clone(),
+                primary: v.primary,
+                replicas: v.replicas.clone(),
+                isr: v.isr.clone(),
+                resyncing: v.resync.keys().copied().collect(),
+                preferred_site: map.datasets.get(&v.dataset).and_then(|d| d.preferred_site.clone()),
+            };
+            tandem_paths::volume_paths(&input, &volume, nodes, &reach)
+        })
+        .collect();
+    out.sort_by(|a, b| a.volume.cmp(&b.volume));
+    out
+}
