@@ -10,6 +10,9 @@
 //! - kill -9 of the primary: a watching host sees a map with the dead node's paths unavailable
 //!   and another node's active-optimized within 2 s; the host agent's map file follows; the
 //!   node comes back as an in-sync replica after a restart.
+//! - A real agent whose probes to one node's port time out (nftables drops its SYNs): only that
+//!   path becomes unavailable for its host, the other host is unaffected, and the path returns
+//!   once the port answers again.
 
 mod common;
 
@@ -431,4 +434,70 @@ fn a_watching_host_sees_the_dead_primary_unavailable_within_two_seconds() {
         let rows = v1_paths(m);
         rows.iter().filter(|r| r.1 == p).all(|r| r.3 == "active-non-optimized")
     });
+}
+
+/// An nftables table in this network namespace that drops TCP to some ports of 127.0.0.1;
+/// deleted when dropped (also when the test fails).
+struct Blocked(String);
+
+impl Blocked {
+    fn ports(ports: &[u16]) -> Blocked {
+        let table = format!("tandem_hosts_test_{}", std::process::id());
+        let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        let rules = format!(
+            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
+             ip daddr 127.0.0.1 tcp dport {{ {list} }} drop\n  }}\n}}\n"
+        );
+        let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("run nft");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), rules.as_bytes()).expect("write rules");
+        assert!(child.wait().expect("nft").success(), "nft refused: {rules}");
+        Blocked(table)
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).status();
+    }
+}
+
+#[test]
+fn an_agent_whose_probes_to_one_node_time_out_sees_only_that_node_unavailable() {
+    require_tools(&["nft"]);
+    let Setup { c, .. } = setup();
+    wait_map(&c, 1, "ha", "a map with v1's paths", LEADER_WAIT, |m| v1_paths(m).len() == 4);
+    let map_file = c.path().join("ha-paths.json");
+    let agent = Command::new(common::bin())
+        .args(["host", "agent", "--host", "ha", "--interval-ms", "200", "--probe-timeout-ms", "300"])
+        .args(["--endpoint", &c.api(1)])
+        .arg("--map-file")
+        .arg(&map_file)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    let _agent = Reap(agent);
+    wait_for("the agent's map file", Duration::from_secs(10), || std::fs::read_to_string(&map_file).ok());
+    let hb_before = paths(&c, 1, "hb").expect("hb");
+
+    // Node 3's NBD port stops answering (SYNs dropped): the agent's probes time out.
+    let port = c.nbd_addr(3).port();
+    let blocked = Blocked::ports(&[port]);
+    let ha =
+        wait_map(&c, 1, "ha", "n3p0 unavailable", Duration::from_secs(10), |m| state_of(m, "n3p0") == "unavailable");
+    let row = v1_paths(&ha).into_iter().find(|r| r.0 == "n3p0").expect("n3p0");
+    assert!(row.4.contains("unreachable from this host") && row.4.contains("timed out"), "{row:?}");
+    for (path, want) in [("n2p0", "active-optimized"), ("n2p1", "active-optimized"), ("n1p0", "active-non-optimized")] {
+        assert_eq!(state_of(&ha, path), want, "{ha}");
+    }
+    assert_eq!(paths(&c, 1, "hb").expect("hb"), hb_before, "host hb must be unaffected");
+    wait_for("the agent's map file to show n3p0 unavailable", Duration::from_secs(5), || {
+        let file: Value = serde_json::from_str(&std::fs::read_to_string(&map_file).ok()?).ok()?;
+        (state_of(&file, "n3p0") == "unavailable").then_some(())
+    });
+
+    // Unblocked, the path comes back after sustained success.
+    drop(blocked);
+    wait_map(&c, 1, "ha", "n3p0 back", Duration::from_secs(10), |m| state_of(m, "n3p0") == "active-non-optimized");
 }
