@@ -77,11 +77,7 @@ impl NbdClient {
             c.sock.read_exact(&mut data)?;
             match kind {
                 REP_ACK => break,
-                REP_INFO => {
-                    if len >= 12 && u16_at(&data) == 0 {
-                        c.size = u64_at(&data[2..]);
-                    }
-                }
+                REP_INFO if len >= 12 && u16_at(&data) == 0 => c.size = u64_at(&data[2..]),
                 k if k & 0x8000_0000 != 0 => {
                     return Err(err(format!("export refused ({k:#x}): {}", String::from_utf8_lossy(&data))));
                 }

@@ -470,7 +470,8 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     );
     let _ = writeln!(out, "# TYPE tandem_raft_voters gauge\ntandem_raft_voters {}", st.voters.len());
     let links = s.transport.link_stats();
-    let per_link: [(&str, fn(&LinkStats) -> u64); 4] = [
+    type Counter = fn(&LinkStats) -> u64;
+    let per_link: [(&str, Counter); 4] = [
         ("tandem_transport_bytes_sent", |l| l.bytes_sent),
         ("tandem_transport_messages_sent", |l| l.messages_sent),
         ("tandem_transport_reconnects", |l| l.reconnects),

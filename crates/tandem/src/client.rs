@@ -251,6 +251,11 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// A node's NBD addresses (target ports) for a table cell, `nbd_addr` first.
+fn nbd_addrs(n: &tandem_meta::NodeRecord) -> String {
+    n.targets().iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
 pub fn print_status(r: &StatusReport) {
     println!(
         "cluster {}  leader {}  term {}  last log {}  applied {}  (answered by node {})",
@@ -272,7 +277,7 @@ pub fn print_status(r: &StatusReport) {
                 n.node.membership.clone(),
                 if n.up { "up".into() } else { "down".into() },
                 n.node.record.api_addr.to_string(),
-                n.node.record.nbd_addr.to_string(),
+                nbd_addrs(&n.node.record),
                 n.node.record.raft_addr.to_string(),
                 match (n.transport_data, n.transport_control) {
                     (Some(d), Some(c)) => format!("data {d}, control {c}"),
@@ -492,7 +497,7 @@ pub async fn node_list(target: &Target, json: bool) -> anyhow::Result<()> {
                 n.record.site.clone(),
                 n.membership.clone(),
                 n.record.api_addr.to_string(),
-                n.record.nbd_addr.to_string(),
+                nbd_addrs(&n.record),
                 n.record.raft_addr.to_string(),
             ]
         })

@@ -184,6 +184,29 @@ fn target_text(target: f64) -> String {
     s
 }
 
+/// Runs apt-get (references that are missing are installed by the benchmark itself).
+async fn apt_get(args: &[&str]) -> anyhow::Result<()> {
+    // apt-get's output goes to stderr, so that stdout holds only the benchmark's result.
+    let status = tokio::process::Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::io::stderr())
+        .stderr(std::io::stderr())
+        .status()
+        .await
+        .with_context(|| format!("cannot run apt-get {}", args.join(" ")))?;
+    if !status.success() {
+        anyhow::bail!("apt-get {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn on_path(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,27 +246,4 @@ mod tests {
         assert!(Goal::ratio("g", 0.996, "etcd", Op::AtLeast, 1.0).met);
         assert!(!Goal::ratio("g", 0.994, "etcd", Op::AtLeast, 1.0).met);
     }
-}
-
-/// Runs apt-get (references that are missing are installed by the benchmark itself).
-async fn apt_get(args: &[&str]) -> anyhow::Result<()> {
-    // apt-get's output goes to stderr, so that stdout holds only the benchmark's result.
-    let status = tokio::process::Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::io::stderr())
-        .stderr(std::io::stderr())
-        .status()
-        .await
-        .with_context(|| format!("cannot run apt-get {}", args.join(" ")))?;
-    if !status.success() {
-        anyhow::bail!("apt-get {} failed ({status})", args.join(" "));
-    }
-    Ok(())
-}
-
-fn on_path(name: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
