@@ -215,6 +215,12 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
         "{listed}"
     );
 
+    // Metrics: the map's generation and its paths per state.
+    let metrics = http().get(format!("{}/metrics", c.api(3))).send().expect("metrics").text().expect("text");
+    assert!(metrics.contains("tandem_host_path_generation{host=\"ha\"}"), "{metrics}");
+    assert!(metrics.contains("tandem_host_paths{host=\"ha\",state=\"active-optimized\"} 2"), "{metrics}");
+    assert!(metrics.contains("tandem_host_paths{host=\"ha\",state=\"active-non-optimized\"} 2"), "{metrics}");
+
     // Every path that is not unavailable serves I/O: a pattern written through each path reads
     // back through the next one.
     let addrs: Vec<String> = rows.iter().map(|r| r.2.clone()).collect();

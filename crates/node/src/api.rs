@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tandem_meta::network::MetaError;
 use tandem_meta::store::{MetaStore, RaftStatus};
 use tandem_meta::{DatasetRecord, MetaCmd, MetaReply, NodeRecord, VolumeRecord};
+use tandem_paths::PathState;
 use tandem_transport::link::{LinkStats, Mesh};
 use tandem_transport::{Layer, TransportKind};
 use tandem_types::{Epoch, NodeId, VolumeId};
@@ -481,6 +482,32 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         let _ = writeln!(out, "# TYPE {name} counter");
         for l in &links {
             let _ = writeln!(out, "{name}{{peer=\"{}\",channel=\"{}\"}} {}", l.peer, l.channel, value(l));
+        }
+    }
+    // Path maps as this node applied them: the generation per host, and paths per state.
+    let hosts: Vec<(String, u64, [usize; 3])> = s.meta.local_read(|st| {
+        st.map
+            .hosts
+            .values()
+            .map(|h| {
+                let mut by_state = [0usize; 3];
+                for p in h.paths.iter().flat_map(|v| v.paths.iter()) {
+                    by_state[p.state as usize] += 1;
+                }
+                (h.name.clone(), h.generation, by_state)
+            })
+            .collect()
+    });
+    let _ = writeln!(out, "# TYPE tandem_host_path_generation gauge");
+    for (host, generation, _) in &hosts {
+        let _ = writeln!(out, "tandem_host_path_generation{{host=\"{host}\"}} {generation}");
+    }
+    let _ = writeln!(out, "# TYPE tandem_host_paths gauge");
+    for (host, _, by_state) in &hosts {
+        for (state, n) in
+            [PathState::ActiveOptimized, PathState::ActiveNonOptimized, PathState::Unavailable].iter().zip(by_state)
+        {
+            let _ = writeln!(out, "tandem_host_paths{{host=\"{host}\",state=\"{state}\"}} {n}");
         }
     }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)

@@ -263,6 +263,38 @@ mod tests {
             let _ = decode_record(&bytes);
             let _ = DataMsg::decode(&bytes);
             let _ = DataReply::decode(&bytes);
+            let _ = ProbeMsg::decode(&bytes);
+            let _ = ProbeReply::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn host_probe_reports_round_trip() {
+        let msg = ProbeMsg::HostProbes {
+            host: "esx1".into(),
+            probes: vec![
+                PathProbe {
+                    node: 2,
+                    address: "127.0.0.1:10809".parse().expect("addr"),
+                    rtt_us: Some(210),
+                    refused: false,
+                    error: String::new(),
+                },
+                PathProbe {
+                    node: 3,
+                    address: "[::1]:10810".parse().expect("addr"),
+                    rtt_us: None,
+                    refused: true,
+                    error: "connection refused".into(),
+                },
+            ],
+        };
+        let bytes = msg.encode().expect("encodes");
+        assert_eq!(ProbeMsg::decode(&bytes).expect("decodes"), msg);
+        for reply in [ProbeReply::Accepted, ProbeReply::Refused("no host named \"x\"".into())] {
+            assert_eq!(ProbeReply::decode(&reply.encode().expect("encodes")).expect("decodes"), reply);
+        }
+        // A report cut short is an error, not a panic or a partial report.
+        assert!(ProbeMsg::decode(&bytes[..bytes.len() - 3]).is_err());
     }
 }
