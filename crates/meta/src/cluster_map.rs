@@ -148,6 +148,10 @@ pub struct VolumeRecord {
     pub isr: Vec<NodeId>,
     /// Starts at 1; +1 on every primary change (a [`MetaCmd::Failover`]).
     pub epoch: Epoch,
+    /// Starts at 1; +1 on every change of `isr`. ISR changes are compare-and-set on it, so a
+    /// proposal that arrives late (its reply lost, its retry already applied, or overtaken by
+    /// a later change) can never apply to an ISR it was not computed from.
+    pub isr_version: u64,
     /// Replicas outside the ISR being brought level with the primary.
     pub resync: BTreeMap<NodeId, ResyncProgress>,
 }
@@ -212,12 +216,14 @@ pub enum MetaCmd {
         name: String,
     },
     /// Compare-and-set of a volume's ISR by its primary (shrink when a backup fails, grow when
-    /// one is level again): refused unless `epoch` is the volume's current epoch. The new ISR
-    /// must contain the primary and lie within the replicas; nodes entering it lose their
-    /// resync entries.
+    /// one is level again): refused unless `epoch` is the volume's current epoch and
+    /// `isr_version` its current ISR version (a retry of the change that made the current
+    /// version is answered "unchanged"). The new ISR must contain the primary and lie within
+    /// the replicas; nodes entering it lose their resync entries.
     SetVolumeIsr {
         volume: VolumeId,
         epoch: Epoch,
+        isr_version: u64,
         isr: Vec<NodeId>,
     },
     /// A new primary for a volume whose primary was lost, chosen by the leader from the last
@@ -480,7 +486,9 @@ impl ClusterMap {
             MetaCmd::DeleteDataset { name } => self.delete_dataset(&name),
             MetaCmd::CreateVolume { name, dataset, size_bytes } => self.create_volume(name, dataset, size_bytes),
             MetaCmd::DeleteVolume { name } => self.delete_volume(&name),
-            MetaCmd::SetVolumeIsr { volume, epoch, isr } => self.set_volume_isr(volume, epoch, isr),
+            MetaCmd::SetVolumeIsr { volume, epoch, isr_version, isr } => {
+                self.set_volume_isr(volume, epoch, isr_version, isr)
+            }
             MetaCmd::Failover { volume, epoch, primary, isr } => self.failover(volume, epoch, primary, isr),
             MetaCmd::SetResyncProgress { volume, node, done_bytes, total_bytes } => {
                 self.set_resync_progress(volume, node, ResyncProgress { done_bytes, total_bytes })
@@ -693,6 +701,7 @@ impl ClusterMap {
             primary,
             isr: ds.replicas.clone(),
             epoch: 1,
+            isr_version: 1,
             resync: BTreeMap::new(),
         };
         vol.assert_shape();
@@ -812,7 +821,7 @@ impl ClusterMap {
         self.volumes.get_mut(&id).ok_or_else(|| MetaReply::NotFound(format!("no volume with id {id}")))
     }
 
-    fn set_volume_isr(&mut self, id: VolumeId, epoch: Epoch, isr: Vec<NodeId>) -> MetaReply {
+    fn set_volume_isr(&mut self, id: VolumeId, epoch: Epoch, isr_version: u64, isr: Vec<NodeId>) -> MetaReply {
         let vol = match self.volume_mut(id) {
             Ok(v) => v,
             Err(r) => return r,
@@ -835,6 +844,19 @@ impl ClusterMap {
         }
         if let Some(n) = isr.iter().find(|n| !vol.replicas.contains(n)) {
             return MetaReply::Invalid(format!("volume {id}: node {n} is not a replica (replicas {:?})", vol.replicas));
+        }
+        // A retry of the change that made the current version.
+        if vol.isr == isr && Some(vol.isr_version) == isr_version.checked_add(1) {
+            return MetaReply::Done { changed: false };
+        }
+        if vol.isr_version != isr_version {
+            return MetaReply::Invalid(format!(
+                "volume {id} has ISR version {}, not {isr_version}: the ISR change was computed on a stale ISR",
+                vol.isr_version
+            ));
+        }
+        if vol.isr != isr {
+            vol.isr_version = vol.isr_version.checked_add(1).expect("ISR versions exhausted");
         }
         let before = vol.resync.len();
         vol.resync.retain(|n, _| !isr.contains(n));
@@ -886,6 +908,7 @@ impl ClusterMap {
         vol.primary = primary;
         vol.isr = isr;
         vol.epoch = epoch.checked_add(1).expect("epochs exhausted");
+        vol.isr_version = vol.isr_version.checked_add(1).expect("ISR versions exhausted");
         vol.assert_shape();
         self.touched.push(ObjectKey::Volume(id));
         MetaReply::Done { changed: true }
@@ -1312,26 +1335,28 @@ mod tests {
         m
     }
 
-    fn isr(volume: VolumeId, epoch: Epoch, isr: &[NodeId]) -> MetaCmd {
-        MetaCmd::SetVolumeIsr { volume, epoch, isr: isr.to_vec() }
+    /// An ISR change computed on the map's current ISR version.
+    fn isr(m: &ClusterMap, volume: VolumeId, epoch: Epoch, isr: &[NodeId]) -> MetaCmd {
+        let isr_version = m.volumes.get(&volume).map_or(1, |v| v.isr_version);
+        MetaCmd::SetVolumeIsr { volume, epoch, isr_version, isr: isr.to_vec() }
     }
 
     #[test]
     fn the_primary_shrinks_and_grows_its_isr_by_compare_and_set() {
         let mut m = one_volume();
         // Shrink: given in any order, stored sorted.
-        assert_eq!(m.apply(isr(1, 1, &[2, 1])), DONE);
+        assert_eq!(m.apply(isr(&m, 1, 1, &[2, 1])), DONE);
         assert_eq!(m.volumes[&1].isr, vec![1, 2]);
         assert_eq!(m.take_touched(), vec![ObjectKey::Volume(1)]);
-        assert_eq!(m.apply(isr(1, 1, &[1, 2])), SAME);
+        assert_eq!(m.apply(isr(&m, 1, 1, &[1, 2])), SAME);
         assert!(m.take_touched().is_empty());
 
         let before = m.clone();
-        invalid(m.apply(isr(1, 2, &[1, 2, 3])), "stale primary");
-        invalid(m.apply(isr(1, 1, &[1, 3])), "must contain the primary 2");
-        invalid(m.apply(isr(1, 1, &[2, 4])), "node 4 is not a replica");
-        invalid(m.apply(isr(1, 1, &[2, 2])), "names a node twice");
-        assert!(matches!(m.apply(isr(9, 1, &[2])), MetaReply::NotFound(_)));
+        invalid(m.apply(isr(&m, 1, 2, &[1, 2, 3])), "stale primary");
+        invalid(m.apply(isr(&m, 1, 1, &[1, 3])), "must contain the primary 2");
+        invalid(m.apply(isr(&m, 1, 1, &[2, 4])), "node 4 is not a replica");
+        invalid(m.apply(isr(&m, 1, 1, &[2, 2])), "names a node twice");
+        assert!(matches!(m.apply(isr(&m, 9, 1, &[2])), MetaReply::NotFound(_)));
         assert_eq!(m, before);
         assert!(m.take_touched().is_empty());
 
@@ -1341,16 +1366,40 @@ mod tests {
         assert_eq!(m.apply(progress(4096)), SAME);
         assert_eq!(m.apply(progress(MIB)), DONE);
         assert_eq!(m.volumes[&1].resync[&3], ResyncProgress { done_bytes: MIB, total_bytes: MIB });
-        assert_eq!(m.apply(isr(1, 1, &[1, 2, 3])), DONE);
+        assert_eq!(m.apply(isr(&m, 1, 1, &[1, 2, 3])), DONE);
         assert_eq!(m.volumes[&1].isr, vec![1, 2, 3]);
         assert!(m.volumes[&1].resync.is_empty());
         assert_eq!(m.volumes[&1].epoch, 1, "an ISR change does not change the epoch");
     }
 
     #[test]
+    fn an_isr_change_computed_on_a_stale_isr_is_refused_and_a_retry_is_a_no_op() {
+        let mut m = one_volume();
+        assert_eq!(m.volumes[&1].isr_version, 1);
+        let shrink = isr(&m, 1, 1, &[1, 2]);
+        assert_eq!(m.apply(shrink.clone()), DONE);
+        assert_eq!(m.volumes[&1].isr_version, 2);
+        // The same proposal again (its first reply was lost): unchanged, no new version.
+        assert_eq!(m.apply(shrink.clone()), SAME);
+        assert_eq!(m.volumes[&1].isr_version, 2);
+        let grow = isr(&m, 1, 1, &[1, 2, 3]);
+        assert_eq!(m.apply(grow), DONE);
+        assert_eq!(m.volumes[&1].isr_version, 3);
+        // The shrink arrives once more, late: it was computed on version 1 and must not undo
+        // the grow.
+        let before = m.clone();
+        invalid(m.apply(shrink), "stale ISR");
+        assert_eq!(m, before);
+        // A failover moves the version on too.
+        let failover = MetaCmd::Failover { volume: 1, epoch: 1, primary: 3, isr: vec![1, 3] };
+        assert_eq!(m.apply(failover), DONE);
+        assert_eq!(m.volumes[&1].isr_version, 4);
+    }
+
+    #[test]
     fn resync_progress_is_only_for_replicas_outside_the_isr() {
         let mut m = one_volume();
-        m.apply(isr(1, 1, &[1, 2]));
+        m.apply(isr(&m, 1, 1, &[1, 2]));
         m.take_touched();
         let before = m.clone();
         let progress =
@@ -1375,7 +1424,7 @@ mod tests {
         let mut m = one_volume();
         let failover =
             |epoch, primary, isr: &[NodeId]| MetaCmd::Failover { volume: 1, epoch, primary, isr: isr.to_vec() };
-        m.apply(isr(1, 1, &[2, 3]));
+        m.apply(isr(&m, 1, 1, &[2, 3]));
         m.take_touched();
         let before = m.clone();
         invalid(m.apply(failover(1, 1, &[1])), "not in the last committed ISR");
@@ -1398,16 +1447,16 @@ mod tests {
         assert_eq!(m.apply(failover(1, 3, &[3])), SAME);
         assert!(m.take_touched().is_empty());
         // The deposed primary's ISR change carries the old epoch and is refused.
-        invalid(m.apply(isr(1, 1, &[1, 2, 3])), "stale primary");
+        invalid(m.apply(isr(&m, 1, 1, &[1, 2, 3])), "stale primary");
         // The new primary grows its ISR at the new epoch.
-        assert_eq!(m.apply(isr(1, 2, &[1, 2, 3])), DONE);
+        assert_eq!(m.apply(isr(&m, 1, 2, &[1, 2, 3])), DONE);
         assert_eq!(m.volumes[&1].epoch, 2);
     }
 
     #[test]
     fn objects_of_datasets_and_volumes_round_trip() {
         let mut m = one_volume();
-        m.apply(isr(1, 1, &[1, 2]));
+        m.apply(isr(&m, 1, 1, &[1, 2]));
         m.apply(MetaCmd::SetResyncProgress { volume: 1, node: 3, done_bytes: 1, total_bytes: 2 });
         m.apply(create_volume("w", None, MIB));
         let rebuilt = ClusterMap::from_objects(m.objects()).expect("rebuild");
@@ -1434,10 +1483,8 @@ mod tests {
             ("[vw]", proptest::option::of("[pq]|default"), prop_oneof![Just(4096u64), Just(8192), Just(5000)])
                 .prop_map(|(name, dataset, size_bytes)| MetaCmd::CreateVolume { name, dataset, size_bytes }),
             "[vw]".prop_map(|name| MetaCmd::DeleteVolume { name }),
-            (1u64..4, 1u64..4, nodes.clone()).prop_map(|(volume, epoch, isr)| MetaCmd::SetVolumeIsr {
-                volume,
-                epoch,
-                isr
+            (1u64..4, 1u64..4, 1u64..4, nodes.clone()).prop_map(|(volume, epoch, isr_version, isr)| {
+                MetaCmd::SetVolumeIsr { volume, epoch, isr_version, isr }
             }),
             (1u64..4, 1u64..4, 1u64..6, nodes).prop_map(|(volume, epoch, primary, isr)| MetaCmd::Failover {
                 volume,

@@ -40,8 +40,8 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             size_bytes: blocks * tandem_types::BLOCK_BYTES
         }),
         "[vw]".prop_map(|name| MetaCmd::DeleteVolume { name }),
-        (1u64..4, 1u64..3, proptest::collection::vec(1u64..8, 1..4))
-            .prop_map(|(volume, epoch, isr)| MetaCmd::SetVolumeIsr { volume, epoch, isr }),
+        (1u64..4, 1u64..3, 1u64..3, proptest::collection::vec(1u64..8, 1..4))
+            .prop_map(|(volume, epoch, isr_version, isr)| MetaCmd::SetVolumeIsr { volume, epoch, isr_version, isr }),
         (1u64..4, 1u64..3, 1u64..8, proptest::collection::vec(1u64..8, 1..4))
             .prop_map(|(volume, epoch, primary, isr)| MetaCmd::Failover { volume, epoch, primary, isr }),
         (1u64..4, 1u64..8, 0u64..10).prop_map(|(volume, node, done_bytes)| MetaCmd::SetResyncProgress {

@@ -326,6 +326,9 @@ pub struct VolumeView {
     pub primary: NodeId,
     pub isr: Vec<NodeId>,
     pub epoch: Epoch,
+    /// Grows with every change of the ISR (ISR changes are compare-and-set on it).
+    #[serde(default)]
+    pub isr_version: u64,
     /// Replicas being resynced, by node id.
     pub resync: Vec<ResyncView>,
 }
@@ -341,6 +344,7 @@ impl From<&VolumeRecord> for VolumeView {
             primary: v.primary,
             isr: v.isr.clone(),
             epoch: v.epoch,
+            isr_version: v.isr_version,
             resync: v
                 .resync
                 .iter()

@@ -18,6 +18,10 @@ use crate::lease::Leases;
 
 pub type Plane = DataPlane<SledStore>;
 
+/// Between attempts of an ISR change whose outcome is not known yet.
+const PROPOSE_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+const PROPOSE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// [`Coordinator`] over the metadata store and this node's lease.
 pub struct MetaCoordinator {
     pub meta: Arc<MetaStore>,
@@ -27,23 +31,54 @@ pub struct MetaCoordinator {
 impl Coordinator for MetaCoordinator {
     fn propose_isr(&self, volume: VolumeId, epoch: Epoch, isr: Vec<NodeId>) -> BoxFuture<'_, Result<(), ProposeError>> {
         Box::pin(async move {
-            let proposed = isr.clone();
-            match self.meta.write(MetaCmd::SetVolumeIsr { volume, epoch, isr }).await {
-                Ok(_) => Ok(()),
-                Err(MetaError::Invalid(why) | MetaError::NotFound(why) | MetaError::Conflict(why)) => {
-                    Err(ProposeError::Refused(why))
-                }
-                // The outcome is unknown (the write may have committed before the reply was
-                // lost): the protocol must hear the truth, so look at the committed state.
-                Err(e) => {
-                    let now = self.meta.read(|st| st.map.volumes.get(&volume).map(|v| (v.epoch, v.isr.clone()))).await;
-                    match now {
-                        Ok(Some((e2, isr2))) if e2 == epoch && isr2 == proposed => Ok(()),
-                        Ok(Some((e2, _))) if e2 != epoch => Err(ProposeError::Refused(format!("epoch is now {e2}"))),
-                        Ok(None) => Err(ProposeError::Refused("the volume was deleted".into())),
-                        _ => Err(ProposeError::Unavailable(e.to_string())),
+            let mut proposed = isr.clone();
+            proposed.sort_unstable();
+            // The ISR version the change is computed on. The read is linearizable, so it shows
+            // every earlier change of this primary (each was answered before this one began).
+            let version = match self.meta.read(|st| st.map.volumes.get(&volume).map(|v| (v.epoch, v.isr_version))).await
+            {
+                Ok(Some((e, v))) if e == epoch => v,
+                Ok(Some((e, _))) => return Err(ProposeError::Refused(format!("epoch is now {e}"))),
+                Ok(None) => return Err(ProposeError::Refused("the volume was deleted".into())),
+                // Nothing was proposed: the protocol may propose again later.
+                Err(e) => return Err(ProposeError::Unavailable(e.to_string())),
+            };
+            let cmd = MetaCmd::SetVolumeIsr { volume, epoch, isr_version: version, isr };
+            let mut backoff = PROPOSE_BACKOFF_MIN;
+            loop {
+                let e = match self.meta.write(cmd.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(MetaError::Invalid(why) | MetaError::NotFound(why) | MetaError::Conflict(why)) => {
+                        return Err(ProposeError::Refused(why));
                     }
+                    Err(e) => e,
+                };
+                // The outcome is unknown: the change may still commit. It is never reported as
+                // not committed; either the committed state shows it, or the very same change
+                // is proposed again until one attempt is answered. A late copy of it finds the
+                // version moved on and is refused, so it cannot undo a later change.
+                let now = self
+                    .meta
+                    .read(|st| st.map.volumes.get(&volume).map(|v| (v.epoch, v.isr_version, v.isr.clone())))
+                    .await;
+                match now {
+                    Ok(Some((e2, v2, isr2)))
+                        if e2 == epoch && isr2 == proposed && (v2 == version + 1 || v2 == version) =>
+                    {
+                        return Ok(());
+                    }
+                    Ok(Some((e2, _, _))) if e2 != epoch => {
+                        return Err(ProposeError::Refused(format!("epoch is now {e2}")));
+                    }
+                    Ok(Some((_, v2, _))) if v2 != version => {
+                        return Err(ProposeError::Refused(format!("the ISR moved to version {v2} meanwhile")));
+                    }
+                    Ok(None) => return Err(ProposeError::Refused("the volume was deleted".into())),
+                    _ => {}
                 }
+                tracing::warn!(volume, epoch, error = %e, "ISR change not confirmed yet; proposing it again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(PROPOSE_BACKOFF_MAX);
             }
         })
     }
