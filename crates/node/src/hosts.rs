@@ -178,7 +178,8 @@ impl PathManager {
             .values()
             .map(|n| {
                 let liveness = soft.health.get(&n.id).map(NodeHealth::liveness).unwrap_or(tandem_paths::Liveness::Up);
-                (n.id, NodeInput { id: n.id, site: n.site.clone(), targets: n.targets(), liveness })
+                let raft_leader = n.id == self.me;
+                (n.id, NodeInput { id: n.id, site: n.site.clone(), targets: n.targets(), liveness, raft_leader })
             })
             .collect();
         let empty = HostProbes::new();

@@ -20,7 +20,8 @@
 //!
 //! The supervisor runs on the leader: for every volume whose primary has failed, it commits a
 //! `Failover` to a live member of the committed ISR (I4: the new primary reconciles before it
-//! serves).
+//! serves), chosen by `tandem_paths::pick_primary`: the preferred site first, then a node other
+//! than this one (the Raft leader), then the lowest id.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -187,7 +188,9 @@ impl Leases {
             let live: Vec<NodeId> =
                 v.isr.iter().copied().filter(|&n| n != v.primary && self.alive(n, now, since)).collect();
             let want_site = preferred.get(&v.dataset).cloned().flatten();
-            let Some(new_primary) = pick_primary(&live, &sites, want_site.as_deref()) else {
+            // Off this node if another qualifies: a primary on the Raft leader's node costs an
+            // election and then a failover when that node fails.
+            let Some(new_primary) = pick_primary(&live, &sites, want_site.as_deref(), Some(self.me)) else {
                 tracing::warn!(volume = %v.name, primary = v.primary, "primary failed and no in-sync replica is alive");
                 continue;
             };

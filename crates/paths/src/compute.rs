@@ -103,6 +103,8 @@ pub struct NodeInput {
     /// The node's target addresses; the index is the path's port (0 = the main NBD address).
     pub targets: Vec<SocketAddr>,
     pub liveness: Liveness,
+    /// The node is the Raft leader (a failover candidate other than it is preferred).
+    pub raft_leader: bool,
 }
 
 /// A volume as the path computation needs it (from the committed cluster map).
@@ -125,13 +127,23 @@ pub struct HostInput<'a> {
     pub site: &'a str,
 }
 
-/// The failover candidate, deterministic: among `live` (in-sync, up, not the old primary) the
-/// lowest id in the `preferred` site, else the lowest id overall. The Raft leader fails over to
+/// The failover candidate, deterministic: among `live` (in-sync, up, not the old primary) those
+/// in the `preferred` site if there are any, else all of them; of these a node other than
+/// `avoid` (the Raft leader's node) if there is one, and then the lowest id. A primary on the
+/// Raft leader's node costs two timeouts in a row when that node fails (an election, then the
+/// failover), so it goes there only when no other node qualifies. The Raft leader fails over to
 /// this node, and [`volume_paths`] steers hosts to it before the failover is committed, so the
 /// two must use this one rule.
-pub fn pick_primary(live: &[NodeId], sites: &BTreeMap<NodeId, String>, preferred: Option<&str>) -> Option<NodeId> {
-    let in_preferred = |id: &&NodeId| preferred.is_some_and(|site| sites.get(*id).is_some_and(|s| s.as_str() == site));
-    live.iter().filter(in_preferred).min().or_else(|| live.iter().min()).copied()
+pub fn pick_primary(
+    live: &[NodeId],
+    sites: &BTreeMap<NodeId, String>,
+    preferred: Option<&str>,
+    avoid: Option<NodeId>,
+) -> Option<NodeId> {
+    let in_preferred = |id: &NodeId| preferred.is_some_and(|site| sites.get(id).is_some_and(|s| s.as_str() == site));
+    let local: Vec<NodeId> = live.iter().copied().filter(in_preferred).collect();
+    let candidates = if local.is_empty() { live.to_vec() } else { local };
+    candidates.iter().copied().filter(|id| Some(*id) != avoid).min().or_else(|| candidates.iter().copied().min())
 }
 
 /// The node hosts should send I/O to.
@@ -155,7 +167,8 @@ impl Leader {
         }
         let live: Vec<NodeId> = volume.isr.iter().copied().filter(|id| *id != old && is_up(id)).collect();
         let sites: BTreeMap<NodeId, String> = nodes.iter().map(|(id, n)| (*id, n.site.clone())).collect();
-        match pick_primary(&live, &sites, volume.preferred_site.as_deref()) {
+        let raft_leader = nodes.values().find(|n| n.raft_leader).map(|n| n.id);
+        match pick_primary(&live, &sites, volume.preferred_site.as_deref(), raft_leader) {
             Some(node) => Leader::TakingOver { node, old },
             None => Leader::Nobody { old },
         }
@@ -296,6 +309,7 @@ mod tests {
             site: site.into(),
             targets: (0..ports).map(|p| target(id, p)).collect(),
             liveness: Liveness::Up,
+            raft_leader: false,
         }
     }
 
@@ -403,12 +417,23 @@ mod tests {
     fn pick_primary_prefers_the_site_then_the_lowest_id() {
         let sites: BTreeMap<NodeId, String> =
             [(1, "a"), (2, "b"), (5, "b"), (7, "c")].into_iter().map(|(id, site)| (id, site.to_owned())).collect();
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("b")), Some(2));
-        assert_eq!(pick_primary(&[7, 5, 1], &sites, Some("b")), Some(5));
-        assert_eq!(pick_primary(&[7, 5, 1], &sites, Some("c")), Some(7));
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("a")), Some(2), "no live node in the site");
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, None), Some(2));
-        assert_eq!(pick_primary(&[], &sites, Some("a")), None);
+        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("b"), None), Some(2));
+        assert_eq!(pick_primary(&[7, 5, 1], &sites, Some("b"), None), Some(5));
+        assert_eq!(pick_primary(&[7, 5, 1], &sites, Some("c"), None), Some(7));
+        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("a"), None), Some(2), "no live node in the site");
+        assert_eq!(pick_primary(&[7, 5, 2], &sites, None, None), Some(2));
+        assert_eq!(pick_primary(&[], &sites, Some("a"), None), None);
+    }
+
+    #[test]
+    fn pick_primary_keeps_off_the_raft_leader_within_the_preferred_site() {
+        let sites: BTreeMap<NodeId, String> =
+            [(1, "a"), (2, "b"), (5, "b"), (7, "c")].into_iter().map(|(id, site)| (id, site.to_owned())).collect();
+        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("b"), Some(2)), Some(5));
+        assert_eq!(pick_primary(&[7, 5, 2], &sites, None, Some(2)), Some(5));
+        assert_eq!(pick_primary(&[7, 2], &sites, Some("b"), Some(2)), Some(2), "the site comes first");
+        assert_eq!(pick_primary(&[2], &sites, None, Some(2)), Some(2), "the leader if no one else");
+        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("b"), Some(9)), Some(2));
     }
 
     #[test]
