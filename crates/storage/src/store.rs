@@ -19,7 +19,8 @@
 //! 4. Publish: advance the durable position, wake the waiters.
 //!
 //! Checkpoint thread:
-//! 5. Apply each committed generation to sled as one batch, in order; it then leaves the layers.
+//! 5. Apply the committed generations to sled in order, those that arrive within
+//!    [`APPLY_GATHER`] of each other as one atomic batch; they then leave the layers.
 //! 6. Every [`CHECKPOINT_INTERVAL`]: `flush` sled and `fdatasync` its `db` file (sled's flush
 //!    uses `sync_file_range` only). Now the journal records before the checkpoint are no longer
 //!    needed, and their blocks, the blocks that lost their last reference before it, and unused
@@ -94,6 +95,12 @@ const CHUNK_COST: u64 = CHUNK_BLOCKS * 16 + 64;
 const REFS_COST: u64 = 4 * EXTENT_BLOCKS_MAX + 64;
 const FREE_COST: u64 = 8;
 const NEW_BLOCK_COST: u64 = 12;
+
+/// The checkpointer applies the committed generations that arrive within this long of each
+/// other as one sled batch, at most [`APPLY_GATHER_MAX`] of them (well below
+/// [`APPLY_QUEUE_MAX`], so the committer never waits for the gathering).
+const APPLY_GATHER: Duration = Duration::from_millis(5);
+const APPLY_GATHER_MAX: usize = 16;
 
 /// Committed generations waiting to be applied to sled. Each is also an index layer that reads
 /// consult, so the bound keeps lookups short; full means the committer waits.
@@ -1087,7 +1094,8 @@ fn gen_ops(gen: &Gen, journal_next: u64, journal_seq: u64) -> Vec<layout::Op> {
     ops
 }
 
-fn apply_ops(db: &sled::Db, ops: &[layout::Op]) -> sled::Result<()> {
+/// Applies `ops` in order as one atomic sled batch (a later op on a key replaces an earlier one).
+fn apply_ops<'a>(db: &sled::Db, ops: impl IntoIterator<Item = &'a layout::Op>) -> sled::Result<()> {
     let mut batch = sled::Batch::default();
     for (k, v) in ops {
         match v {
@@ -1229,22 +1237,37 @@ fn checkpointer(core: Arc<Core>, from_commit: std::sync::mpsc::Receiver<Committe
             from_commit.recv_timeout(interval.saturating_sub(last_checkpoint.elapsed()))
         };
         match received {
-            Ok(c) => {
-                if let Err(e) = apply_ops(&core.db, &c.ops) {
+            Ok(first) => {
+                // Gather the generations that follow closely and apply them as one sled batch:
+                // sled's cost is mostly per batch, and at queue depth 1 every write is its own
+                // generation.
+                let mut gathered = vec![first];
+                let until = Instant::now() + APPLY_GATHER;
+                while gathered.len() < APPLY_GATHER_MAX {
+                    match from_commit.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                        Ok(c) => gathered.push(c),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = apply_ops(&core.db, gathered.iter().flat_map(|c| c.ops.iter())) {
                     fail(&core, &io::Error::other(e.to_string()));
                     break;
                 }
                 {
                     let mut st = lock(&core.st);
-                    let oldest = st.flushing.pop_back().expect("the applied generation is a layer");
-                    assert!(Arc::ptr_eq(&oldest, &c.gen), "generations are applied in order");
+                    for c in &gathered {
+                        let oldest = st.flushing.pop_back().expect("the applied generation is a layer");
+                        assert!(Arc::ptr_eq(&oldest, &c.gen), "generations are applied in order");
+                    }
                 }
                 core.budget_cv.notify_all();
-                waiting.push(Reclaim {
-                    frees: c.gen.frees.clone(),
-                    dead_segments: c.gen.dead_segments.clone(),
-                    journal: c.journal,
-                });
+                for c in gathered {
+                    waiting.push(Reclaim {
+                        frees: c.gen.frees.clone(),
+                        dead_segments: c.gen.dead_segments.clone(),
+                        journal: c.journal,
+                    });
+                }
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
