@@ -206,6 +206,7 @@ async fn probe_rounds(mut endpoints: Endpoints, opts: &AgentOpts, maps: watch::R
     let mut too_many = WarnLimiter::default();
     loop {
         tick.tick().await;
+        endpoints.refresh_if_due().await;
         let Some(map) = maps.borrow().clone() else { continue };
         let (targets, total) = probe_targets(&map);
         if targets.is_empty() {

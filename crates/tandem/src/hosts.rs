@@ -36,6 +36,9 @@ const POLL_TOO_FAST: Duration = Duration::from_millis(100);
 const WARN_REPEAT_AFTER: Duration = Duration::from_secs(10);
 /// Node APIs kept for failover, at most.
 const ENDPOINTS_MAX: usize = 256;
+/// How often the member list is asked for again ([`Endpoints::refresh_if_due`]), so that nodes
+/// added after a watcher or an agent started become failover candidates too.
+const RELEARN_EVERY: Duration = Duration::from_secs(60);
 
 /// A host as `GET /v1/hosts` shows it (mirrors the node's `HostView`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -243,12 +246,15 @@ pub fn is_refusal(e: &anyhow::Error) -> bool {
 
 /// The APIs of every node of the cluster, one of them current. A caller that fails to reach the
 /// current one moves on with [`Endpoints::rotate`], so that losing the node it talked to does
-/// not stop it. The list is learned once ([`Endpoints::learn_nodes`]); nodes added later are not
-/// in it.
+/// not stop it. The list is learned from the cluster ([`Endpoints::learn_nodes`]) and asked for
+/// again every [`RELEARN_EVERY`] ([`Endpoints::refresh_if_due`]).
 #[derive(Clone)]
 pub struct Endpoints {
     apis: Vec<Api>,
     current: usize,
+    /// The request timeout every API gets, also those learned later.
+    timeout: Option<Duration>,
+    learned_at: Instant,
 }
 
 impl Endpoints {
@@ -269,7 +275,7 @@ impl Endpoints {
             cfg.nodes.iter().map(|n| Api::new(&n.api_addr.to_string())).collect()
         };
         assert!(!apis.is_empty(), "a cluster config names at least one node");
-        Ok(Endpoints { apis, current: 0 })
+        Ok(Endpoints { apis, current: 0, timeout: None, learned_at: Instant::now() })
     }
 
     /// Asks the candidates in turn for the member list until one answers, and adds every
@@ -284,6 +290,7 @@ impl Endpoints {
                     let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.record.api_addr).collect();
                     self.current = (self.current + i) % self.apis.len();
                     self.add(&addrs);
+                    self.learned_at = Instant::now();
                     return Ok(());
                 }
                 Err(e) => errors.push(format!("{e:#}")),
@@ -292,9 +299,24 @@ impl Endpoints {
         bail!("no node of the cluster answers:\n  {}", errors.join("\n  "))
     }
 
+    /// Asks for the member list again if it was learned [`RELEARN_EVERY`] ago or earlier; on
+    /// failure keeps the list it has (and tries again after as long).
+    pub async fn refresh_if_due(&mut self) {
+        if self.learned_at.elapsed() < RELEARN_EVERY {
+            return;
+        }
+        self.learned_at = Instant::now();
+        if let Err(e) = self.learn_nodes().await {
+            tracing::debug!(error = %format!("{e:#}"), "cannot refresh the member list; keeping the one known");
+        }
+    }
+
     fn add(&mut self, addrs: &[SocketAddr]) {
         for a in addrs {
-            let api = Api::new(&a.to_string());
+            let mut api = Api::new(&a.to_string());
+            if let Some(t) = self.timeout {
+                api = api.with_timeout(t);
+            }
             if self.apis.len() < ENDPOINTS_MAX && !self.apis.iter().any(|known| known.base == api.base) {
                 self.apis.push(api);
             }
@@ -304,6 +326,7 @@ impl Endpoints {
     /// Every request through these endpoints times out after `timeout`.
     pub fn with_timeout(mut self, timeout: Duration) -> Endpoints {
         self.apis = self.apis.into_iter().map(|a| a.with_timeout(timeout)).collect();
+        self.timeout = Some(timeout);
         self
     }
 
@@ -405,6 +428,7 @@ impl PathFollower {
     pub async fn next(&mut self, since: Option<u64>) -> anyhow::Result<PathMapView> {
         let url = paths_url(&self.host, self.volume.as_deref(), since);
         loop {
+            self.endpoints.refresh_if_due().await;
             let asked = Instant::now();
             match self.endpoints.current().get::<PathMapView>(&url).await {
                 Ok(map) if since.is_none_or(|g| map.generation > g) => {
