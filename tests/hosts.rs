@@ -56,8 +56,17 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let extra = format!("127.0.0.1:{}", free_port());
-    let c = Cluster::up_with(3, "tcp", |t| two_sites(t, &extra));
+    // The extra port is chosen once the cluster's own ports are known, and differs from them.
+    let mut extra = String::new();
+    let c = Cluster::up_with(3, "tcp", |t| {
+        extra = loop {
+            let port = free_port();
+            if !t.contains(&format!(":{port}\"")) {
+                break format!("127.0.0.1:{port}");
+            }
+        };
+        two_sites(t, &extra)
+    });
     c.agreed_leader(&[1, 2, 3], LEADER_WAIT);
     // Each node advertises its site and target ports from its config once it is back.
     wait_for("nodes to advertise sites and target ports", LEADER_WAIT, || {
