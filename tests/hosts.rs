@@ -376,6 +376,22 @@ fn watch(c: &Cluster, via: u64, host: &str) -> (Child, mpsc::Receiver<(Instant, 
     (child, rx)
 }
 
+/// `tandem host agent` for `host` (probing every 200 ms, talking to node `via`), writing its map
+/// to `map_file`; stopped when the returned guard is dropped.
+fn agent(c: &Cluster, via: u64, host: &str, map_file: &std::path::Path, more: &[&str]) -> Reap {
+    let child = Command::new(common::bin())
+        .args(["host", "agent", "--host", host, "--interval-ms", "200", "--endpoint", &c.api(via)])
+        .args(more)
+        .arg("--map-file")
+        .arg(map_file)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    Reap(child)
+}
+
 /// Kills a child process when dropped (also when the test fails).
 struct Reap(Child);
 
@@ -407,16 +423,7 @@ fn a_watching_host_sees_the_dead_primary_unavailable_within_two_seconds() {
 
     // The host agent of ha: probes every path, follows the map, writes it to a file.
     let map_file = c.path().join("ha-paths.json");
-    let agent = Command::new(common::bin())
-        .args(["host", "agent", "--host", "ha", "--interval-ms", "200", "--endpoint", &c.api(via)])
-        .arg("--map-file")
-        .arg(&map_file)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
-    let _agent = Reap(agent);
+    let _agent = agent(&c, via, "ha", &map_file, &[]);
     let file_map = |want: &dyn Fn(&Value) -> bool| -> Option<Value> {
         let text = std::fs::read_to_string(&map_file).ok()?;
         serde_json::from_str::<Value>(&text).ok().filter(|m| want(m))
@@ -502,17 +509,7 @@ fn an_agent_whose_probes_to_one_node_time_out_sees_only_that_node_unavailable() 
     let Setup { c, .. } = setup();
     wait_map(&c, 1, "ha", "a map with v1's paths", LEADER_WAIT, |m| v1_paths(m).len() == 4);
     let map_file = c.path().join("ha-paths.json");
-    let agent = Command::new(common::bin())
-        .args(["host", "agent", "--host", "ha", "--interval-ms", "200", "--probe-timeout-ms", "300"])
-        .args(["--endpoint", &c.api(1)])
-        .arg("--map-file")
-        .arg(&map_file)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
-    let _agent = Reap(agent);
+    let _agent = agent(&c, 1, "ha", &map_file, &["--probe-timeout-ms", "300"]);
     wait_for("the agent's map file", Duration::from_secs(10), || std::fs::read_to_string(&map_file).ok());
     let hb_before = paths(&c, 1, "hb").expect("hb");
 

@@ -489,13 +489,7 @@ fn minority_writer(
         let mut client = Some(first);
         let mut k = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let Some(cl) = client.as_mut() else {
-                match NbdClient::connect(addr, VOLUME, MINORITY_WRITE_TIMEOUT) {
-                    Ok(c) => client = Some(c),
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-                continue;
-            };
+            let Some(cl) = connected(&mut client, addr, MINORITY_WRITE_TIMEOUT) else { continue };
             let base = if k.is_multiple_of(2) { MINORITY_FRESH } else { MINORITY_OVER };
             let offset = base + (k / 2 % 64) * BLOCK;
             let data = random_bytes(0x3000 + k, BLOCK as usize);
@@ -512,6 +506,18 @@ fn minority_writer(
     })
 }
 
+/// The client, connecting it again first if the last attempt broke it (`None`, after a pause,
+/// if that fails too).
+fn connected(client: &mut Option<NbdClient>, addr: SocketAddr, timeout: Duration) -> Option<&mut NbdClient> {
+    if client.is_none() {
+        match NbdClient::connect(addr, VOLUME, timeout) {
+            Ok(c) => *client = Some(c),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    client.as_mut()
+}
+
 /// Reads 4 KiB blocks through `addr` until `stop`; a read counts as served only if it returned
 /// the expected data (`data` holds what it returned).
 fn minority_reader(
@@ -526,13 +532,7 @@ fn minority_reader(
         let mut client = Some(first);
         let mut k = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let Some(cl) = client.as_mut() else {
-                match NbdClient::connect(addr, VOLUME, MINORITY_READ_TIMEOUT) {
-                    Ok(c) => client = Some(c),
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-                continue;
-            };
+            let Some(cl) = connected(&mut client, addr, MINORITY_READ_TIMEOUT) else { continue };
             let at = (k % 64) * BLOCK;
             let start = cut.elapsed();
             let r = cl.read(MINORITY_READ + at, BLOCK as usize);

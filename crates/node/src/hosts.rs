@@ -19,16 +19,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tandem_meta::store::MetaStore;
 use tandem_meta::{ClusterMap, MetaCmd};
 use tandem_paths::{HostInput, HostProbes, NodeHealth, NodeInput, ProbeOutcome, VolumeInput, VolumePaths};
 use tandem_transport::link::Mesh;
-use tandem_transport::Channel;
 use tandem_types::NodeId;
 use tandem_wire::data::{PathProbe, ProbeMsg, ProbeReply};
 
-use crate::lease::Leases;
+use crate::lease::{probe_call, Leases};
 
 pub use tandem_paths::NODE_DOWN_AFTER;
 
@@ -113,12 +111,21 @@ impl PathManager {
                 }
             }
             let since = soft.leading_since.expect("set above");
-            let map = self.meta.local_read(|st| st.map.clone());
-            self.evaluate(&mut soft, &map, now, since);
+            // Every round: liveness and probe timers, which need only the node ids.
+            let nodes: Vec<NodeId> = self.meta.local_read(|st| st.map.nodes.keys().copied().collect());
+            self.evaluate(&mut soft, &nodes, now, since);
             if !soft.dirty {
                 return;
             }
             soft.dirty = false;
+            // Only when something changed: the map, to compute with and to prune what refers to
+            // hosts and paths that are gone.
+            let map = self.meta.local_read(|st| st.map.clone());
+            soft.probes.retain(|host, _| map.hosts.contains_key(host));
+            for (host, probes) in soft.probes.iter_mut() {
+                let targets = host_targets(&map, host);
+                probes.retain(&|node, addr| targets.contains(&(node, addr)));
+            }
             self.changed_maps(&soft, &map)
         };
         let writes = to_publish.into_iter().map(|(host, generation, paths)| {
@@ -144,12 +151,13 @@ impl PathManager {
         }
     }
 
-    /// Advances node liveness and every host's probe verdicts; marks the maps dirty on a change.
-    fn evaluate(&self, soft: &mut Soft, map: &ClusterMap, now: Instant, since: Instant) {
+    /// Advances the liveness of `nodes` (the map's) and every host's probe verdicts; marks the
+    /// maps dirty on a change.
+    fn evaluate(&self, soft: &mut Soft, nodes: &[NodeId], now: Instant, since: Instant) {
         let in_grace = now.saturating_duration_since(since) < NODE_DOWN_AFTER;
-        soft.health.retain(|id, _| map.nodes.contains_key(id));
+        soft.health.retain(|id, _| nodes.contains(id));
         let mut changed = false;
-        for &id in map.nodes.keys() {
+        for &id in nodes {
             let fresh = if id == self.me {
                 true
             } else {
@@ -162,10 +170,7 @@ impl PathManager {
             };
             changed |= soft.health.entry(id).or_default().observe(now, fresh);
         }
-        soft.probes.retain(|host, _| map.hosts.contains_key(host));
-        for (host, probes) in soft.probes.iter_mut() {
-            let targets = host_targets(map, host);
-            probes.retain(&|node, addr| targets.contains(&(node, addr)));
+        for probes in soft.probes.values_mut() {
             changed |= probes.evaluate(now);
         }
         soft.dirty |= changed;
@@ -236,21 +241,9 @@ impl PathManager {
             self.take_probes(host, probes)
         } else {
             let msg = ProbeMsg::HostProbes { host: host.to_string(), probes };
-            let payload = msg.encode().map_err(|e| ReportError::Refused(e.to_string()))?;
-            let call = async {
-                let reply = mesh.send(leader, Channel::Probe, Bytes::from(payload)).await.map_err(|e| e.to_string())?;
-                let bytes = reply.wait().await.map_err(|e| e.to_string())?;
-                ProbeReply::decode(&bytes).map_err(|e| e.to_string())
-            };
-            match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(e)) => {
-                    return Err(ReportError::Unavailable(format!("the leader (node {leader}) did not answer: {e}")))
-                }
-                Err(_) => {
-                    return Err(ReportError::Unavailable(format!("the leader (node {leader}) did not answer in time")))
-                }
-            }
+            probe_call(mesh, leader, &msg, FORWARD_TIMEOUT)
+                .await
+                .map_err(|e| ReportError::Unavailable(format!("the leader (node {leader}) did not answer: {e}")))?
         };
         match reply {
             ProbeReply::Accepted => Ok(()),

@@ -204,13 +204,23 @@ impl Leases {
 }
 
 async fn request_lease(mesh: &Mesh, leader: NodeId) -> bool {
-    let Ok(payload) = ProbeMsg::LeaseRequest.encode() else { return false };
+    matches!(probe_call(mesh, leader, &ProbeMsg::LeaseRequest, RENEW_TIMEOUT).await, Ok(ProbeReply::Granted))
+}
+
+/// Sends `msg` to node `to` on the probe channel and decodes its answer, within `timeout`.
+pub(crate) async fn probe_call(
+    mesh: &Mesh,
+    to: NodeId,
+    msg: &ProbeMsg,
+    timeout: Duration,
+) -> Result<ProbeReply, String> {
+    let payload = msg.encode().map_err(|e| e.to_string())?;
     let call = async {
-        let reply = mesh.send(leader, Channel::Probe, Bytes::from(payload)).await.ok()?;
-        let bytes = reply.wait().await.ok()?;
-        ProbeReply::decode(&bytes).ok()
+        let reply = mesh.send(to, Channel::Probe, Bytes::from(payload)).await.map_err(|e| e.to_string())?;
+        let bytes = reply.wait().await.map_err(|e| e.to_string())?;
+        ProbeReply::decode(&bytes).map_err(|e| e.to_string())
     };
-    matches!(tokio::time::timeout(RENEW_TIMEOUT, call).await, Ok(Some(ProbeReply::Granted)))
+    tokio::time::timeout(timeout, call).await.map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
 }
 
 struct ProbeHandler {

@@ -7,11 +7,12 @@
 //! - [`lease`]: this node's lease, and on the Raft leader the failure detector and failover.
 //! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, NBD.
 //! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
+//! - [`host_api`]: the host endpoints of the API, and the JSON types they answer with.
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
 
 pub mod api;
 pub mod config;
-mod host_api;
+pub mod host_api;
 pub mod hosts;
 pub mod lease;
 pub mod volumes;

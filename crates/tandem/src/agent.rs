@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use reqwest::Method;
 use serde::Serialize;
+use tandem_node::host_api::ProbeReport;
 use tandem_node::hosts::PROBES_PER_REPORT_MAX;
 use tandem_types::NodeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -171,17 +172,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         _ => Path::new("."),
     };
     std::fs::File::open(dir)?.sync_all()
-}
-
-/// One probe result as `POST /v1/hosts/{name}/probes` takes it.
-#[derive(Clone, Debug, Serialize)]
-struct ProbeReport {
-    node: NodeId,
-    address: SocketAddr,
-    ok: bool,
-    rtt_us: Option<u64>,
-    refused: bool,
-    error: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tandem_node::api::NodeView;
 use tandem_node::config::ClusterConfig;
-use tandem_paths::VolumePaths;
+pub use tandem_node::host_api::{HostView, PathMapView};
 
 use crate::client::{self, print_table, Api, StatusError};
 use crate::{HostCmd, Target};
@@ -39,28 +39,6 @@ const ENDPOINTS_MAX: usize = 256;
 /// How often the member list is asked for again ([`Endpoints::refresh_if_due`]), so that nodes
 /// added after a watcher or an agent started become failover candidates too.
 const RELEARN_EVERY: Duration = Duration::from_secs(60);
-
-/// A host as `GET /v1/hosts` shows it (mirrors the node's `HostView`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HostView {
-    pub name: String,
-    pub site: String,
-    /// The volumes it may reach, by name.
-    pub volumes: Vec<String>,
-    /// The generation of its published path map (0: none yet).
-    pub generation: u64,
-}
-
-/// A host's path map as `GET /v1/hosts/{name}/paths` shows it (mirrors the node's
-/// `PathMapView`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PathMapView {
-    pub host: String,
-    pub site: String,
-    /// Grows by one with every change of the map; never goes back.
-    pub generation: u64,
-    pub volumes: Vec<VolumePaths>,
-}
 
 #[derive(Serialize)]
 struct HostRequest<'a> {

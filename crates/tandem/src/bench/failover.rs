@@ -24,7 +24,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use serde::Serialize;
 use tandem_node::api::ClusterView;
+use tandem_node::host_api::PathMapView;
 use tandem_node::lease::FAILURE_TIMEOUT;
+use tandem_paths::PathState;
 use tandem_types::NodeId;
 
 use super::load;
@@ -200,7 +202,7 @@ async fn one_kill(tandem: &LocalCluster, kill: u32) -> anyhow::Result<Kill> {
         std::thread::spawn(move || write_load(addr, seed, &stop, &acked))
     };
     let watch_api = Api::new(&client.api_addr.to_string()).with_timeout(Duration::from_millis(WATCH_WAIT_MS + 5_000));
-    let first: PathMap = watch_api.get(&format!("/v1/hosts/{HOST_NAME}/paths")).await?;
+    let first: PathMapView = watch_api.get(&format!("/v1/hosts/{HOST_NAME}/paths")).await?;
     let watcher = tokio::spawn(watch_paths(watch_api, first.generation, victim));
     let measured = async {
         wait_until("the write load to start", Duration::from_secs(60), || acked.load(Ordering::Relaxed) > 0).await?;
@@ -279,24 +281,6 @@ async fn one_kill(tandem: &LocalCluster, kill: u32) -> anyhow::Result<Kill> {
     })
 }
 
-/// The parts of a path map the benchmark looks at.
-#[derive(serde::Deserialize)]
-struct PathMap {
-    generation: u64,
-    volumes: Vec<VolumePaths>,
-}
-
-#[derive(serde::Deserialize)]
-struct VolumePaths {
-    paths: Vec<PathEntry>,
-}
-
-#[derive(serde::Deserialize)]
-struct PathEntry {
-    node: NodeId,
-    state: String,
-}
-
 /// When the watching host saw what.
 #[derive(Default)]
 struct Seen {
@@ -311,7 +295,7 @@ async fn watch_paths(api: Api, mut generation: u64, victim: NodeId) -> Seen {
     let deadline = Instant::now() + RESUME_WAIT;
     while Instant::now() < deadline {
         let path = format!("/v1/hosts/{HOST_NAME}/paths?since={generation}&wait_ms={WATCH_WAIT_MS}");
-        let map: PathMap = match api.get(&path).await {
+        let map: PathMapView = match api.get(&path).await {
             Ok(m) => m,
             Err(_) => {
                 tokio::time::sleep(POLL).await;
@@ -325,8 +309,8 @@ async fn watch_paths(api: Api, mut generation: u64, victim: NodeId) -> Seen {
         generation = map.generation;
         seen.first_change.get_or_insert(now);
         let paths = map.volumes.iter().flat_map(|v| v.paths.iter());
-        let victim_gone = paths.clone().filter(|p| p.node == victim).all(|p| p.state == "unavailable");
-        let other_optimized = paths.clone().any(|p| p.node != victim && p.state == "active-optimized");
+        let victim_gone = paths.clone().filter(|p| p.node == victim).all(|p| p.state == PathState::Unavailable);
+        let other_optimized = paths.clone().any(|p| p.node != victim && p.state == PathState::ActiveOptimized);
         if victim_gone && other_optimized {
             seen.without_victim = Some(now);
             return seen;
