@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::nbd::NbdClient;
-use common::{http, random_bytes, require_tools, wait_for, Cluster};
+use common::{create_served_volume, ids, local_copy, random_bytes, require_tools, volume, wait_for, Cluster};
 use serde_json::Value;
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
@@ -23,26 +23,6 @@ const BLOCK: u64 = 4096;
 
 fn nbd_url(c: &Cluster, id: u64, volume: &str) -> String {
     format!("nbd://{}/{volume}", c.nbd_addr(id))
-}
-
-/// The volume's record as `tandem volume list --json` shows it through node `via`.
-fn volume(c: &Cluster, via: u64, name: &str) -> Option<Value> {
-    let out = common::run(&["volume", "list", "--json", "--endpoint", &c.api(via)]);
-    if !out.status.success() {
-        return None;
-    }
-    let list: Value = serde_json::from_slice(&out.stdout).ok()?;
-    list.as_array()?.iter().find(|v| v["name"] == name).cloned()
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
-}
-
-/// This node's own copy of `name`, from `GET /v1/local/volumes` (never forwarded).
-fn local_copy(c: &Cluster, id: u64, name: &str) -> Option<Value> {
-    let v: Value = http().get(format!("{}/v1/local/volumes", c.api(id))).send().ok()?.json().ok()?;
-    v["volumes"].as_array()?.iter().find(|x| x["name"] == name).cloned()
 }
 
 fn digest(c: &Cluster, id: u64, name: &str) -> String {
@@ -84,12 +64,7 @@ fn tool(cmd: &str, args: &[&str]) -> String {
 
 fn create_volume(c: &Cluster, name: &str, size: &str) -> Value {
     require_tools(&["qemu-io", "qemu-img", "nbdinfo", "nbdcopy", "fio"]);
-    c.admin(&["volume", "create", name, "--size", size]);
-    wait_for(&format!("{name} to be served"), Duration::from_secs(20), || {
-        let v = volume(c, 1, name)?;
-        let primary = v["primary"].as_u64()?;
-        local_copy(c, primary, name).filter(|l| l["serving"] == true).map(|_| v)
-    })
+    create_served_volume(c, name, size)
 }
 
 #[test]
@@ -132,6 +107,8 @@ struct History {
     maybe: HashMap<u64, Vec<u64>>,
     acked_total: u64,
     failed_total: u64,
+    /// The slowest acknowledged write, as the host saw it.
+    latency_max: Duration,
 }
 
 fn block_data(block: u64, value: u64) -> Vec<u8> {
@@ -162,7 +139,7 @@ fn write_stream(
             if client.is_none() {
                 let addr = addrs[next_addr % addrs.len()];
                 next_addr += 1;
-                match NbdClient::connect(addr, &volume, Duration::from_secs(20)) {
+                match NbdClient::connect(addr, &volume, Duration::from_secs(45)) {
                     Ok(cl) => client = Some(cl),
                     Err(_) => {
                         std::thread::sleep(Duration::from_millis(50));
@@ -171,10 +148,13 @@ fn write_stream(
                 }
             }
             let cl = client.as_mut().expect("connected");
+            let started = Instant::now();
             let result = cl.write(block * BLOCK, &block_data(block, value));
+            let took = started.elapsed();
             let mut h = history.lock().expect("history");
             match result {
                 Ok(()) => {
+                    h.latency_max = h.latency_max.max(took);
                     h.acked.insert(block, value);
                     h.maybe.remove(&block);
                     h.acked_total += 1;
@@ -202,22 +182,38 @@ fn check_history(c: &Cluster, nodes: &[u64], name: &str, history: &History) {
     }
 }
 
-#[test]
-fn killing_the_primary_under_writes_loses_no_acknowledged_write() {
+/// Kills the primary of a volume under a stream of writes through the other nodes: no write
+/// fails (the host only waits), none acknowledged is lost, and the old primary rejoins. With
+/// `leader_too`, the primary killed also leads Raft, so an election comes before the failover.
+fn kill_the_primary_under_writes(leader_too: bool) {
     let c = Cluster::up(3);
-    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
-    let v = create_volume(&c, "vk", "64M");
-    let primary = v["primary"].as_u64().expect("primary");
+    let leader = c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    // Primaries are spread by volume id: of three volumes, one has each node as primary.
+    let mut name = String::new();
+    for i in 1..=3 {
+        let n = format!("vk{i}");
+        let v = create_volume(&c, &n, "64M");
+        if (v["primary"].as_u64() == Some(leader)) == leader_too {
+            name = n;
+            break;
+        }
+    }
+    assert!(!name.is_empty(), "no volume with the wanted primary (leader {leader}, leader_too {leader_too})");
+    let name = name.as_str();
+    let primary = volume(&c, 1, name).and_then(|v| v["primary"].as_u64()).expect("primary");
     let survivors: Vec<u64> = c.node_ids().into_iter().filter(|&n| n != primary).collect();
     let seed = 0x5eed_0001;
-    println!("write stream seed {seed:#x}");
+    println!("write stream seed {seed:#x}; volume {name}, primary {primary}, Raft leader {leader}");
     let stop = Arc::new(AtomicBool::new(false));
     let history = Arc::new(Mutex::new(History::default()));
     let addrs: Vec<SocketAddr> = survivors.iter().map(|&n| c.nbd_addr(n)).collect();
-    let writer = write_stream(addrs, "vk".into(), 2048, seed, stop.clone(), history.clone());
+    let writer = write_stream(addrs, name.into(), 2048, seed, stop.clone(), history.clone());
     wait_for("200 acknowledged writes", Duration::from_secs(60), || {
         (history.lock().expect("history").acked_total >= 200).then_some(())
     });
+    if leader_too {
+        assert_eq!(c.agreed_leader(&c.node_ids(), LEADER_WAIT), primary, "the primary still leads Raft");
+    }
     let before_kill = history.lock().expect("history").acked_total;
     c.kill9(primary);
     let killed = Instant::now();
@@ -228,17 +224,28 @@ fn killing_the_primary_under_writes_loses_no_acknowledged_write() {
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
     let h = history.lock().expect("history");
-    println!("acknowledged {}, failed {}", h.acked_total, h.failed_total);
-    let v = volume(&c, survivors[0], "vk").expect("volume");
+    println!("acknowledged {}, failed {}, worst write latency {:?}", h.acked_total, h.failed_total, h.latency_max);
+    assert_eq!(h.failed_total, 0, "a host write failed while a survivor could serve (kill of node {primary})");
+    let v = volume(&c, survivors[0], name).expect("volume");
     assert!(survivors.contains(&v["primary"].as_u64().expect("primary")), "a survivor is primary: {v}");
     assert!(v["epoch"].as_u64().expect("epoch") >= 2, "the epoch moved on: {v}");
-    check_history(&c, &survivors, "vk", &h);
-    wait_identical(&c, survivors[0], "vk", &survivors, Duration::from_secs(30));
+    check_history(&c, &survivors, name, &h);
+    wait_identical(&c, survivors[0], name, &survivors, Duration::from_secs(30));
 
     // The old primary returns: it is resynced, rejoins, and holds the same data.
     c.restart_missing();
-    wait_identical(&c, survivors[0], "vk", &[1, 2, 3], Duration::from_secs(60));
-    check_history(&c, &[primary], "vk", &h);
+    wait_identical(&c, survivors[0], name, &[1, 2, 3], Duration::from_secs(60));
+    check_history(&c, &[primary], name, &h);
+}
+
+#[test]
+fn killing_the_primary_under_writes_fails_and_loses_no_write() {
+    kill_the_primary_under_writes(false);
+}
+
+#[test]
+fn killing_a_primary_that_leads_raft_under_writes_fails_and_loses_no_write() {
+    kill_the_primary_under_writes(true);
 }
 
 #[test]

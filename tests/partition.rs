@@ -38,9 +38,10 @@ const SLACK: Duration = Duration::from_secs(1);
 /// unanswered then is counted as hung, never as acknowledged.
 const MINORITY_WRITE_TIMEOUT: Duration = Duration::from_millis(1000);
 const MINORITY_READ_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a node keeps retrying a host request across failovers
-/// (`DataPlaneConfig::retry_deadline` in crates/replication/src/driver.rs).
-const REQUEST_RETRY_DEADLINE: Duration = Duration::from_secs(15);
+/// How long a node keeps retrying a host request that finds no serving primary, and how long
+/// a primary without a lease keeps the writes it sequenced before it fails them
+/// (`DataPlaneConfig::hold_time` in crates/replication/src/driver.rs).
+const REQUEST_RETRY_DEADLINE: Duration = tandem_node::HOLD_TIME_DEFAULT;
 /// The 10.213.0.0/16 range the test's /24 is taken from.
 const NET_A: u8 = 213;
 const NS_PREFIX: &str = "tdmpart";

@@ -173,6 +173,21 @@ impl Cluster {
             .expect("pid")
     }
 
+    /// Stops node `id` with SIGSTOP (a VM stun, a long stall); the guard continues it with
+    /// SIGCONT when dropped, also when the test fails.
+    pub fn pause(&self, id: u64) -> Paused {
+        let pid = self.pid(id);
+        let status = Command::new("kill").args(["-STOP", &pid.to_string()]).status().expect("kill -STOP");
+        assert!(status.success(), "kill -STOP {pid} (node {id})");
+        Paused { pid }
+    }
+
+    /// The lines of node `id`'s log that contain `needle`.
+    pub fn log_lines(&self, id: u64, needle: &str) -> Vec<String> {
+        let text = std::fs::read_to_string(self.path().join(format!("node-{id}.log"))).unwrap_or_default();
+        text.lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+    }
+
     pub fn kill9(&self, id: u64) {
         let pid = self.pid(id);
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -231,6 +246,52 @@ impl Cluster {
         let v: Value = resp.json().ok()?;
         v["value"].as_str().map(str::to_string)
     }
+}
+
+/// A node stopped with SIGSTOP; continued on drop.
+pub struct Paused {
+    pid: i32,
+}
+
+impl Paused {
+    pub fn resume(self) {}
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.pid.to_string()]).status();
+    }
+}
+
+/// The volume's record as `tandem volume list --json` shows it through node `via`.
+pub fn volume(c: &Cluster, via: u64, name: &str) -> Option<Value> {
+    let out = run(&["volume", "list", "--json", "--endpoint", &c.api(via)]);
+    if !out.status.success() {
+        return None;
+    }
+    let list: Value = serde_json::from_slice(&out.stdout).ok()?;
+    list.as_array()?.iter().find(|v| v["name"] == name).cloned()
+}
+
+/// The node ids of a JSON array.
+pub fn ids(v: &Value) -> Vec<u64> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
+}
+
+/// This node's own copy of `name`, from `GET /v1/local/volumes` (never forwarded).
+pub fn local_copy(c: &Cluster, id: u64, name: &str) -> Option<Value> {
+    let v: Value = http().get(format!("{}/v1/local/volumes", c.api(id))).send().ok()?.json().ok()?;
+    v["volumes"].as_array()?.iter().find(|x| x["name"] == name).cloned()
+}
+
+/// Creates a volume through node 1 and waits until its primary serves it.
+pub fn create_served_volume(c: &Cluster, name: &str, size: &str) -> Value {
+    c.admin(&["volume", "create", name, "--size", size]);
+    wait_for(&format!("{name} to be served"), Duration::from_secs(20), || {
+        let v = volume(c, 1, name)?;
+        let primary = v["primary"].as_u64()?;
+        local_copy(c, primary, name).filter(|l| l["serving"] == true).map(|_| v)
+    })
 }
 
 impl Drop for Cluster {

@@ -81,6 +81,11 @@ impl Leases {
         })
     }
 
+    /// This node's id.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
     pub fn valid(&self) -> bool {
         self.until.lock().expect("lease lock").is_some_and(|u| Instant::now() < u)
     }

@@ -24,6 +24,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use tandem_meta::store::MetaStore;
+/// How long a host request may go unserved, or a node without its lease, before a host sees an
+/// error (docs/PROTOCOL.md, "Errors a host can see").
+pub use tandem_replication::driver::HOLD_TIME_DEFAULT;
 use tandem_replication::driver::{DataPlane, DataPlaneConfig};
 use tandem_storage::{BlockStore, SledStore};
 use tandem_transport::link::{Listeners, Mesh};

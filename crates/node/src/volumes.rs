@@ -100,6 +100,17 @@ impl Coordinator for MetaCoordinator {
     fn lease_valid(&self) -> bool {
         self.leases.valid()
     }
+
+    fn confirm_primary(&self, volume: VolumeId, epoch: Epoch) -> BoxFuture<'_, Result<bool, ProposeError>> {
+        Box::pin(async move {
+            let me = self.leases.me();
+            match self.meta.read(|st| st.map.volumes.get(&volume).map(|v| (v.epoch, v.primary))).await {
+                Ok(Some((e, p))) => Ok(e == epoch && p == me),
+                Ok(None) => Ok(false),
+                Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+            }
+        })
+    }
 }
 
 /// Keeps the data plane in line with the committed cluster map.
@@ -149,12 +160,12 @@ pub struct NbdVolume {
     cfg: VolumeConfig,
 }
 
+/// The errno a host sees for each definite reason (docs/PROTOCOL.md, "Errors a host can see").
 fn io_error(e: IoFail) -> IoError {
     match e {
         IoFail::Invalid(m) => IoError::Invalid(m),
-        IoFail::NoVolume(m) => IoError::Shutdown(m),
-        IoFail::Unavailable(m) => IoError::Io(m),
-        IoFail::Io(m) => IoError::Io(m),
+        IoFail::NoVolume(m) | IoFail::Stopping(m) => IoError::Shutdown(m),
+        IoFail::Unavailable(m) | IoFail::CutOff(m) | IoFail::Io(m) => IoError::Io(m),
     }
 }
 

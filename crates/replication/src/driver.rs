@@ -17,18 +17,23 @@
 //! ## Everything else
 //! - Replica side: records arrive as region completions and are applied strictly in arrival
 //!   order by one task; `Open`, `Checksums` and `Chunk` arrive as requests.
-//! - Proxying: a node that is not the primary forwards host I/O to the primary, and retries
-//!   (re-reading the committed configuration) across a failover, until a deadline.
+//! - Proxying: a node that is not the primary forwards host I/O to the primary. An attempt in
+//!   flight to a primary that the committed map replaces is abandoned and re-routed to the new
+//!   one (the old one is fenced by the epoch: docs/PROTOCOL.md, "Re-routing"). A request that
+//!   finds no serving primary is retried until it is served or fails for a definite reason
+//!   ([`IoFail`]); "no serving primary" alone fails it only after [`DataPlaneConfig::hold_time`].
 //! - A ticker drives time: ack timeouts, ISR proposals to retry, resync of members that are
-//!   back, and the lease (a primary without a lease stops serving).
+//!   back, and the lease: a primary without a lease *pauses* (admits no new I/O, keeps its
+//!   state); it steps down when a newer epoch is committed, or when the lease stays lost for
+//!   longer than the hold time.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tandem_storage::{BlockStore, Lsn};
+use tandem_storage::{Admission, BlockStore, Lsn};
 use tandem_transport::link::Mesh;
 use tandem_transport::ring::{Descriptor, DescriptorRing, RegionRegistry};
 use tandem_transport::{BoxFuture, Channel, Handler};
@@ -73,6 +78,11 @@ pub trait Coordinator: Send + Sync + 'static {
     /// Whether this node holds its lease: it heard from the Raft majority recently enough
     /// that no other node can have been made primary of its volumes.
     fn lease_valid(&self) -> bool;
+    /// Whether this node is still the committed primary of `volume` in `epoch`, by a
+    /// linearizable read. A primary that lost its lease and got it back asks this before it
+    /// serves again: the lease says no *new* failover can begin, not that none happened
+    /// while it was away (its copy of the map may not show that yet).
+    fn confirm_primary(&self, volume: VolumeId, epoch: Epoch) -> BoxFuture<'_, Result<bool, ProposeError>>;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -85,16 +95,26 @@ pub enum ProposeError {
     Unavailable(String),
 }
 
-/// Why host I/O failed.
+/// Why host I/O failed. Only [`IoFail::Unavailable`] is retried inside the data plane; every
+/// other variant is a definite reason that reaches the host.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IoFail {
     #[error("no volume named {0:?}")]
     NoVolume(String),
     #[error("{0}")]
     Invalid(String),
-    /// The volume cannot be served now (no primary reachable, no lease); hosts may retry.
+    /// No serving primary could take the request just now (a failover, a lapsed lease, a
+    /// primary that moved). Retried by [`DataPlane`]; reaches a host only once the request
+    /// went unserved for the whole [`DataPlaneConfig::hold_time`].
     #[error("volume unavailable: {0}")]
     Unavailable(String),
+    /// This node has been cut off from the metadata majority (no lease) for longer than the
+    /// hold time: it cannot know who serves the volume.
+    #[error("cut off from the cluster: {0}")]
+    CutOff(String),
+    /// The data plane is stopping (the node shuts down).
+    #[error("shutting down: {0}")]
+    Stopping(String),
     #[error("I/O error: {0}")]
     Io(String),
 }
@@ -115,13 +135,20 @@ pub struct VolumeConfig {
 pub struct DataPlaneConfig {
     /// A member that does not acknowledge a write for this long leaves the ISR.
     pub ack_timeout: Duration,
-    /// How long a host request waits across a failover before it fails.
-    pub retry_deadline: Duration,
+    /// The hold time (multipath's `no_path_retry`, as a duration): a host request that finds
+    /// no serving primary keeps being retried for this long before it fails, and a node
+    /// without a lease for this long fails what it holds. A failover, a paused node or a lease
+    /// blip cost the host latency below this, never an error.
+    pub hold_time: Duration,
 }
+
+/// The default [`DataPlaneConfig::hold_time`]: many failovers long (one takes 3 to 8 s here,
+/// a leader's crash included), and well below the 180 s a Linux SCSI or NBD host waits.
+pub const HOLD_TIME_DEFAULT: Duration = Duration::from_secs(30);
 
 impl Default for DataPlaneConfig {
     fn default() -> Self {
-        DataPlaneConfig { ack_timeout: Duration::from_secs(2), retry_deadline: Duration::from_secs(15) }
+        DataPlaneConfig { ack_timeout: Duration::from_secs(2), hold_time: HOLD_TIME_DEFAULT }
     }
 }
 
@@ -160,6 +187,8 @@ struct Inner<S: BlockStore> {
     next_wire_seq: AtomicU64,
     /// [`PROXY_READ_BYTES_MAX`], in blocks.
     proxy_read_budget: Semaphore,
+    /// Since when this node has had no lease (kept by the ticker), for the hold time.
+    lease_lost_at: Mutex<Option<Instant>>,
 }
 
 struct Vol {
@@ -184,6 +213,11 @@ struct PrimaryDriver {
     phase: watch::Sender<Phase>,
     /// Local durability waits, in sequence order.
     local: mpsc::UnboundedSender<(Seq, Lsn)>,
+    /// Set while the node has no lease, and after that until [`Coordinator::confirm_primary`]
+    /// confirmed this epoch: a paused primary admits no host I/O but keeps its state.
+    paused: AtomicBool,
+    /// A confirmation is under way.
+    confirming: AtomicBool,
 }
 
 struct CoreState {
@@ -200,6 +234,9 @@ struct HostWrite {
     offset: u64,
     data: Bytes,
     len: u64,
+    /// Room in the local store's budget, taken before the core lock: applying the write
+    /// under the lock then never waits for the store.
+    admission: Option<Admission>,
     reply: Option<oneshot::Sender<Result<(), IoFail>>>,
 }
 
@@ -220,6 +257,7 @@ impl<S: BlockStore> DataPlane<S> {
             senders: Mutex::new(HashMap::new()),
             next_wire_seq: AtomicU64::new(1),
             proxy_read_budget: Semaphore::new((PROXY_READ_BYTES_MAX / BLOCK_BYTES) as usize),
+            lease_lost_at: Mutex::new(None),
         });
         let handler: Arc<dyn Handler> = Arc::new(DataHandler { inner: Arc::downgrade(&inner) });
         mesh.set_handler(Channel::Replication, handler.clone());
@@ -352,24 +390,15 @@ impl<S: BlockStore> DataPlane<S> {
     /// Reads `buf.len()` bytes at `offset` of volume `id` (served here or proxied).
     pub async fn read(&self, cfg: &VolumeConfig, offset: u64, buf: &mut [u8]) -> Result<(), IoFail> {
         check_range(cfg, offset, buf.len() as u64)?;
-        let deadline = Instant::now() + self.inner.config.retry_deadline;
+        let mut hold = Hold::new(&self.inner);
         let mut done = 0usize;
         while done < buf.len() {
             let piece = (buf.len() - done).min(PROXY_BYTES_MAX as usize);
             let at = offset + done as u64;
             let target = &mut buf[done..done + piece];
-            let mut backoff = Duration::from_millis(20);
-            let mut version = self.inner.version.subscribe();
             loop {
                 match self.inner.clone().read_once(cfg.id, at, target).await {
-                    Err(IoFail::Unavailable(why)) => {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            return Err(IoFail::Unavailable(why));
-                        }
-                        let _ = tokio::time::timeout(backoff.min(deadline - now), version.changed()).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(500));
-                    }
+                    Err(IoFail::Unavailable(why)) => hold.wait(&self.inner, why).await?,
                     other => {
                         other?;
                         break;
@@ -385,14 +414,14 @@ impl<S: BlockStore> DataPlane<S> {
     /// in-sync replica.
     pub async fn write(&self, cfg: &VolumeConfig, offset: u64, data: Bytes) -> Result<(), IoFail> {
         check_range(cfg, offset, data.len() as u64)?;
-        let deadline = Instant::now() + self.inner.config.retry_deadline;
+        let mut hold = Hold::new(&self.inner);
         let mut done = 0usize;
         while done < data.len() {
             let piece = (data.len() - done).min(PROXY_BYTES_MAX as usize);
             let part = data.slice(done..done + piece);
             let at = offset + done as u64;
             self.inner
-                .retry(deadline, |inner| {
+                .retry(&mut hold, |inner| {
                     let part = part.clone();
                     async move { inner.write_once(cfg.id, WriteKind::Data, at, part.len() as u64, part).await }
                 })
@@ -405,9 +434,9 @@ impl<S: BlockStore> DataPlane<S> {
     /// Makes a range read as zeros (WRITE_ZEROES and TRIM).
     pub async fn write_zeroes(&self, cfg: &VolumeConfig, offset: u64, len: u64) -> Result<(), IoFail> {
         check_range(cfg, offset, len)?;
-        let deadline = Instant::now() + self.inner.config.retry_deadline;
+        let mut hold = Hold::new(&self.inner);
         self.inner
-            .retry(deadline, |inner| async move {
+            .retry(&mut hold, |inner| async move {
                 inner.write_once(cfg.id, WriteKind::Zeroes, offset, len, Bytes::new()).await
             })
             .await
@@ -416,8 +445,8 @@ impl<S: BlockStore> DataPlane<S> {
     /// Every acknowledged write is already durable on every in-sync replica, so a flush only
     /// has to confirm that the volume is still served.
     pub async fn flush(&self, cfg: &VolumeConfig) -> Result<(), IoFail> {
-        let deadline = Instant::now() + self.inner.config.retry_deadline;
-        self.inner.retry(deadline, |inner| async move { inner.flush_once(cfg.id).await }).await
+        let mut hold = Hold::new(&self.inner);
+        self.inner.retry(&mut hold, |inner| async move { inner.flush_once(cfg.id).await }).await
     }
 }
 
@@ -450,28 +479,60 @@ impl<S: BlockStore> Inner<S> {
         self.volumes.lock().expect("volumes lock").get(&id).cloned()
     }
 
-    /// Runs `op` until it succeeds, fails for good, or the deadline passes; between attempts
-    /// it waits for the configuration to change (a failover) or a short while.
-    async fn retry<F, Fut, T>(self: &Arc<Self>, deadline: Instant, mut op: F) -> Result<T, IoFail>
+    /// Runs `op` until it succeeds or fails for a definite reason ([`Hold::wait`]).
+    async fn retry<F, Fut, T>(self: &Arc<Self>, hold: &mut Hold, mut op: F) -> Result<T, IoFail>
     where
         F: FnMut(Arc<Self>) -> Fut,
         Fut: std::future::Future<Output = Result<T, IoFail>>,
     {
-        let mut version = self.version.subscribe();
-        let mut backoff = Duration::from_millis(20);
         loop {
             match op(self.clone()).await {
-                Err(IoFail::Unavailable(why)) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(IoFail::Unavailable(why));
-                    }
-                    let wait = backoff.min(deadline - now);
-                    let _ = tokio::time::timeout(wait, version.changed()).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
+                Err(IoFail::Unavailable(why)) => hold.wait(self, why).await?,
                 other => return other,
             }
+        }
+    }
+
+    /// How long this node has been without a lease, if it has none now.
+    fn cut_off_for(&self, now: Instant) -> Option<Duration> {
+        if self.coord.lease_valid() {
+            return None;
+        }
+        let lost = *self.lease_lost_at.lock().expect("lease lock").get_or_insert(now);
+        Some(now.saturating_duration_since(lost))
+    }
+
+    /// Resolves once the committed primary of `id` is no longer `node` (or the volume is
+    /// gone), with the reason; never while `node` stays primary.
+    async fn primary_moved(&self, id: VolumeId, node: NodeId) -> String {
+        let mut version = self.version.subscribe();
+        loop {
+            match self.configs.lock().expect("configs lock").get(&id) {
+                None => return format!("volume {id} was deleted"),
+                Some(c) if c.primary != node => {
+                    return format!(
+                        "node {} (epoch {}) replaced node {node} as primary; re-routing",
+                        c.primary, c.epoch
+                    )
+                }
+                Some(_) => {}
+            }
+            if version.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Sends a proxied request to `node`, the committed primary of `id`. The attempt has no
+    /// time limit of its own (a slow primary is only slow), but it is abandoned as soon as the
+    /// committed map names another primary: the request then goes to the new one. This is
+    /// safe because the old primary is fenced by the epoch (docs/PROTOCOL.md, "Re-routing");
+    /// dropping the call withdraws it if it has not gone out yet.
+    async fn call_primary(&self, id: VolumeId, node: NodeId, msg: &DataMsg) -> Result<DataReply, IoFail> {
+        tokio::select! {
+            biased;
+            reply = self.call(node, PROXY_CHANNEL, msg) => reply,
+            why = self.primary_moved(id, node) => Err(IoFail::Unavailable(why)),
         }
     }
 
@@ -495,6 +556,9 @@ impl<S: BlockStore> Inner<S> {
             if !self.coord.lease_valid() {
                 return Err(IoFail::Unavailable("this node has no lease (cut off from the metadata majority)".into()));
             }
+            if p.paused.load(Ordering::Acquire) {
+                return Err(IoFail::Unavailable("the primary is confirming its epoch after a lease loss".into()));
+            }
             return Ok(Route::Local(p));
         }
         Ok(Route::Remote(cfg_primary))
@@ -509,16 +573,29 @@ impl<S: BlockStore> Inner<S> {
     async fn read_once(self: Arc<Self>, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary).await? {
-            Route::Local(_) => self.store.read(id, offset, buf).map_err(|e| IoFail::Io(e.to_string())),
+            Route::Local(_) => {
+                // A store read may wait for disk or for the store's hole punching: never on
+                // an async worker.
+                let (store, len) = (self.store.clone(), buf.len());
+                let data = tokio::task::spawn_blocking(move || {
+                    let mut data = vec![0u8; len];
+                    store.read(id, offset, &mut data).map(|()| data)
+                })
+                .await
+                .map_err(|e| IoFail::Io(format!("local read task: {e}")))?
+                .map_err(|e| IoFail::Io(e.to_string()))?;
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
             Route::Remote(node) => {
                 let blocks = (buf.len() as u64).div_ceil(BLOCK_BYTES).min(PROXY_READ_BYTES_MAX / BLOCK_BYTES) as u32;
                 let _budget = self
                     .proxy_read_budget
                     .acquire_many(blocks)
                     .await
-                    .map_err(|_| IoFail::Unavailable("stopping".into()))?;
+                    .map_err(|_| IoFail::Stopping("the data plane is stopping".into()))?;
                 let msg = DataMsg::ProxyRead { volume: id, offset, len: buf.len() as u64 };
-                match self.call(node, PROXY_CHANNEL, &msg).await? {
+                match self.call_primary(id, node, &msg).await? {
                     DataReply::Data(d) if d.len() == buf.len() => {
                         buf.copy_from_slice(&d);
                         Ok(())
@@ -545,7 +622,7 @@ impl<S: BlockStore> Inner<S> {
                     WriteKind::Data => DataMsg::ProxyWrite { volume: id, offset, data: data.to_vec(), fua: false },
                     WriteKind::Zeroes => DataMsg::ProxyZeroes { volume: id, offset, len, fua: false },
                 };
-                match self.call(node, PROXY_CHANNEL, &msg).await? {
+                match self.call_primary(id, node, &msg).await? {
                     DataReply::Ok => Ok(()),
                     other => Err(reply_error(node, other)),
                 }
@@ -557,7 +634,7 @@ impl<S: BlockStore> Inner<S> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary).await? {
             Route::Local(_) => Ok(()),
-            Route::Remote(node) => match self.call(node, PROXY_CHANNEL, &DataMsg::ProxyFlush { volume: id }).await? {
+            Route::Remote(node) => match self.call_primary(id, node, &DataMsg::ProxyFlush { volume: id }).await? {
                 DataReply::Ok => Ok(()),
                 other => Err(reply_error(node, other)),
             },
@@ -618,6 +695,8 @@ impl<S: BlockStore> Inner<S> {
                 room: Semaphore::new(crate::protocol::INFLIGHT_WRITES_MAX),
                 phase,
                 local,
+                paused: AtomicBool::new(false),
+                confirming: AtomicBool::new(false),
             });
             tokio::spawn(local_durability(Arc::downgrade(self), p.clone(), local_rx));
             tracing::info!(volume = id, epoch = cfg.epoch, "taking over as primary; reconciling");
@@ -672,6 +751,11 @@ impl PrimaryDriver {
             };
             let piece = (len - at).min(piece_max);
             permits.push(self.room.acquire().await.map_err(|_| IoFail::Unavailable("primary stopped".into()))?);
+            let cost = match kind {
+                WriteKind::Data => piece,
+                WriteKind::Zeroes => 0,
+            };
+            let admission = inner.store.admit(cost).await.map_err(|e| IoFail::Io(format!("local store: {e}")))?;
             let (tx, rx) = oneshot::channel();
             {
                 let mut st = self.st.lock().expect("core lock");
@@ -684,8 +768,17 @@ impl PrimaryDriver {
                     WriteKind::Data => data.slice(at as usize..(at + piece) as usize),
                     WriteKind::Zeroes => Bytes::new(),
                 };
-                st.waiters
-                    .insert(token, HostWrite { kind, offset: offset + at, data: bytes, len: piece, reply: Some(tx) });
+                st.waiters.insert(
+                    token,
+                    HostWrite {
+                        kind,
+                        offset: offset + at,
+                        data: bytes,
+                        len: piece,
+                        admission: Some(admission),
+                        reply: Some(tx),
+                    },
+                );
                 st.core.on_write(Instant::now(), token, offset + at, piece);
                 self.pump(inner, &mut st);
             }
@@ -713,11 +806,14 @@ impl PrimaryDriver {
         while let Some(out) = st.core.poll_output() {
             match out {
                 Output::Write { token, seq, to } => {
-                    let Some(w) = st.waiters.get(&token) else { continue };
+                    let Some(w) = st.waiters.get_mut(&token) else { continue };
+                    // Admitted before the lock was taken: this never waits for the store.
+                    let admission = w.admission.take().unwrap_or_else(Admission::unlimited);
                     let applied = match w.kind {
-                        WriteKind::Data => inner.store.write(self.volume, w.offset, &w.data),
-                        WriteKind::Zeroes => inner.store.write_zeroes(self.volume, w.offset, w.len),
+                        WriteKind::Data => inner.store.write_admitted(admission, self.volume, w.offset, &w.data),
+                        WriteKind::Zeroes => inner.store.write_zeroes_admitted(admission, self.volume, w.offset, w.len),
                     };
+                    let Some(w) = st.waiters.get(&token) else { continue };
                     let lsn = match applied {
                         Ok(lsn) => lsn,
                         Err(e) => {
@@ -1124,7 +1220,12 @@ async fn read_records<S: BlockStore>(inner: Weak<Inner<S>>, regions: Arc<RegionR
                 continue;
             }
         };
-        let verdict = inner.apply_record(c.from, &h, data);
+        // Room in the store first, awaited: applying then never blocks this worker.
+        let cost = if h.kind == WriteKind::Data { data.len() as u64 } else { 0 };
+        let verdict = match inner.store.admit(cost).await {
+            Ok(admission) => inner.apply_record(c.from, &h, data, admission),
+            Err(e) => Err(format!("local store: {e}")),
+        };
         if let Err(reason) = verdict {
             tracing::info!(from = c.from, volume = h.volume, seq = h.seq, %reason, "record refused");
             let msg = DataMsg::Nack { volume: h.volume, epoch: h.epoch, seq: h.seq, reason };
@@ -1138,15 +1239,15 @@ async fn read_records<S: BlockStore>(inner: Weak<Inner<S>>, regions: Arc<RegionR
 }
 
 impl<S: BlockStore> Inner<S> {
-    fn apply_record(&self, from: NodeId, h: &RecordHeader, data: &[u8]) -> Result<(), String> {
+    fn apply_record(&self, from: NodeId, h: &RecordHeader, data: &[u8], admission: Admission) -> Result<(), String> {
         let vol = self.volume(h.volume).ok_or_else(|| format!("no copy of volume {} here", h.volume))?;
         if h.kind == WriteKind::Data && crc32c::crc32c(data) != h.crc {
             return Err("record checksum mismatch".into());
         }
         vol.backup.lock().expect("backup lock").check(from, h.epoch, Some(h.seq)).map_err(|e| e.to_string())?;
         let lsn = match h.kind {
-            WriteKind::Data => self.store.write(h.volume, h.offset, data),
-            WriteKind::Zeroes => self.store.write_zeroes(h.volume, h.offset, h.len),
+            WriteKind::Data => self.store.write_admitted(admission, h.volume, h.offset, data),
+            WriteKind::Zeroes => self.store.write_zeroes_admitted(admission, h.volume, h.offset, h.len),
         }
         .map_err(|e| e.to_string())?;
         vol.recent.lock().expect("recent lock").record(h.offset, h.len);
@@ -1214,19 +1315,26 @@ impl<S: BlockStore> Inner<S> {
                 if let Err(e) = vol.backup.lock().expect("backup lock").check(from, epoch, None) {
                     return DataReply::Refused(e.to_string());
                 }
-                match self.store.block_checksums(volume, offset, len) {
-                    Ok(s) => DataReply::Checksums(s),
-                    Err(e) => DataReply::Failed(e.to_string()),
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.block_checksums(volume, offset, len)).await {
+                    Ok(Ok(s)) => DataReply::Checksums(s),
+                    Ok(Err(e)) => DataReply::Failed(e.to_string()),
+                    Err(e) => DataReply::Failed(format!("checksum task: {e}")),
                 }
             }
             DataMsg::Chunk { volume, epoch, offset, data } => {
                 let Some(vol) = self.volume(volume) else {
                     return DataReply::Refused(format!("no copy of volume {volume}"));
                 };
+                // Room first: nothing may wait between the epoch check and the write.
+                let admission = match self.store.admit(data.len() as u64).await {
+                    Ok(a) => a,
+                    Err(e) => return DataReply::Failed(e.to_string()),
+                };
                 if let Err(e) = vol.backup.lock().expect("backup lock").check(from, epoch, None) {
                     return DataReply::Refused(e.to_string());
                 }
-                let lsn = match self.store.write(volume, offset, &data) {
+                let lsn = match self.store.write_admitted(admission, volume, offset, &data) {
                     Ok(l) => l,
                     Err(e) => return DataReply::Failed(e.to_string()),
                 };
@@ -1295,9 +1403,13 @@ impl<S: BlockStore> Inner<S> {
     }
 }
 
+/// A proxied request's outcome for the proxying node: `Refused` means "not served here, try
+/// the primary again" (the proxy retries), `Failed` is definite.
 fn fail_reply(e: IoFail) -> DataReply {
     match e {
-        IoFail::Unavailable(why) | IoFail::NoVolume(why) => DataReply::Refused(why),
+        IoFail::Unavailable(why) | IoFail::NoVolume(why) | IoFail::CutOff(why) | IoFail::Stopping(why) => {
+            DataReply::Refused(why)
+        }
         IoFail::Invalid(why) | IoFail::Io(why) => DataReply::Failed(why),
     }
 }
@@ -1326,22 +1438,43 @@ async fn tick<S: BlockStore>(inner: Weak<Inner<S>>) {
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
         let lease = inner.coord.lease_valid();
+        if lease {
+            *inner.lease_lost_at.lock().expect("lease lock") = None;
+        }
+        let cut_off_for = inner.cut_off_for(now);
+        let hold = inner.config.hold_time;
         let vols: Vec<(VolumeId, Arc<Vol>)> =
             inner.volumes.lock().expect("volumes lock").iter().map(|(k, v)| (*k, v.clone())).collect();
         for (id, vol) in vols {
             let p = vol.primary.lock().expect("primary lock").clone();
             if let Some(p) = p {
+                if cut_off_for.is_some() {
+                    p.paused.store(true, Ordering::Release);
+                } else if p.paused.load(Ordering::Acquire) && !p.confirming.swap(true, Ordering::AcqRel) {
+                    tokio::spawn(confirm_primary(inner.clone(), p.clone()));
+                }
                 let mut st = p.st.lock().expect("core lock");
-                if !lease {
-                    st.core.depose("this node lost its lease (cut off from the metadata majority)");
-                } else {
-                    st.core.on_tick(now);
-                    if st.core.phase() == Phase::Serving {
-                        for n in st.core.out_members() {
-                            let due = st.resync_tried.get(&n).is_none_or(|t| now.duration_since(*t) >= RESYNC_RETRY);
-                            if due {
-                                st.resync_tried.insert(n, now);
-                                st.core.start_resync(n);
+                match cut_off_for {
+                    // Paused: `route` admits no new I/O without a lease, and nothing times a
+                    // member out (its acks may be waiting behind this node's own stall). Writes
+                    // already sent complete if every gating member acknowledges them: that
+                    // keeps I1, and they were ordered before any failover could begin.
+                    Some(d) if d < hold => {}
+                    Some(d) => st.core.depose(&format!(
+                        "this node has been cut off from the metadata majority for {:.1} s (hold time {:.0} s)",
+                        d.as_secs_f64(),
+                        hold.as_secs_f64()
+                    )),
+                    None => {
+                        st.core.on_tick(now);
+                        if st.core.phase() == Phase::Serving {
+                            for n in st.core.out_members() {
+                                let due =
+                                    st.resync_tried.get(&n).is_none_or(|t| now.duration_since(*t) >= RESYNC_RETRY);
+                                if due {
+                                    st.resync_tried.insert(n, now);
+                                    st.core.start_resync(n);
+                                }
                             }
                         }
                     }
@@ -1350,6 +1483,68 @@ async fn tick<S: BlockStore>(inner: Weak<Inner<S>>) {
             }
             inner.reconcile_role(id, &vol);
         }
+    }
+}
+
+/// Ends the pause of a primary whose node has its lease again: it serves again only if the
+/// committed map still names it primary of its epoch; otherwise it steps down.
+async fn confirm_primary<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<PrimaryDriver>) {
+    let confirmed = inner.coord.confirm_primary(p.volume, p.epoch).await;
+    match confirmed {
+        Ok(true) if inner.coord.lease_valid() => {
+            tracing::info!(volume = p.volume, epoch = p.epoch, "lease back and epoch confirmed; serving again");
+            p.paused.store(false, Ordering::Release);
+        }
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(volume = p.volume, epoch = p.epoch, "a newer configuration replaced this primary");
+            p.depose(&inner, "a newer configuration replaced this primary while its node had no lease");
+        }
+        Err(e) => tracing::info!(volume = p.volume, error = %e, "cannot confirm the epoch yet; staying paused"),
+    }
+    p.confirming.store(false, Ordering::Release);
+}
+
+/// The hold-time clock of one host request: it starts when the request first finds no serving
+/// primary, and it fails the request only for a definite reason.
+struct Hold {
+    unserved_since: Option<Instant>,
+    backoff: Duration,
+    version: watch::Receiver<u64>,
+}
+
+impl Hold {
+    fn new<S: BlockStore>(inner: &Arc<Inner<S>>) -> Hold {
+        Hold { unserved_since: None, backoff: Duration::from_millis(20), version: inner.version.subscribe() }
+    }
+
+    /// After an attempt found no serving primary (`why`): waits for the configuration to change
+    /// or a short backoff, or fails the request when this node has been cut off from the
+    /// metadata majority for the hold time, or the request went unserved for that long.
+    async fn wait<S: BlockStore>(&mut self, inner: &Arc<Inner<S>>, why: String) -> Result<(), IoFail> {
+        let now = Instant::now();
+        let hold = inner.config.hold_time;
+        if let Some(cut) = inner.cut_off_for(now).filter(|d| *d >= hold) {
+            return Err(IoFail::CutOff(format!(
+                "node {} has had no lease for {:.1} s (hold time {:.0} s); last attempt: {why}",
+                inner.me,
+                cut.as_secs_f64(),
+                hold.as_secs_f64()
+            )));
+        }
+        let since = *self.unserved_since.get_or_insert(now);
+        let waited = now.duration_since(since);
+        if waited >= hold {
+            return Err(IoFail::Unavailable(format!(
+                "no primary served it for {:.1} s (hold time {:.0} s); last attempt: {why}",
+                waited.as_secs_f64(),
+                hold.as_secs_f64()
+            )));
+        }
+        let wait = self.backoff.min(hold - waited);
+        let _ = tokio::time::timeout(wait, self.version.changed()).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(500));
+        Ok(())
     }
 }
 

@@ -105,6 +105,36 @@ pub trait BlockStore: Send + Sync + 'static {
     /// partial blocks are zero-filled. Ranges over 1 GiB are applied in 1 GiB steps.
     fn write_zeroes(&self, vol: VolumeId, offset: u64, len: u64) -> Result<Lsn, StoreError>;
 
+    /// `write` and `write_zeroes` block the calling thread while the store's budget of pending
+    /// changes is used up. An async caller must not block its worker (nor hold a lock that
+    /// others need while it waits), so it first waits here, without blocking, for room for a
+    /// change of up to `bytes` of data; the room is its own until the [`Admission`] is used by
+    /// [`BlockStore::write_admitted`] / [`BlockStore::write_zeroes_admitted`] (which then never
+    /// wait) or dropped.
+    fn admit(&self, bytes: u64) -> impl Future<Output = Result<Admission, StoreError>> + Send {
+        let _ = bytes;
+        std::future::ready(Ok(Admission::unlimited()))
+    }
+
+    /// [`BlockStore::write`] with room reserved by [`BlockStore::admit`]: never waits for budget.
+    fn write_admitted(&self, admission: Admission, vol: VolumeId, offset: u64, data: &[u8]) -> Result<Lsn, StoreError> {
+        drop(admission);
+        self.write(vol, offset, data)
+    }
+
+    /// [`BlockStore::write_zeroes`] with room reserved by [`BlockStore::admit`]: never waits
+    /// for budget (a range over 1 GiB may still wait between its steps).
+    fn write_zeroes_admitted(
+        &self,
+        admission: Admission,
+        vol: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Lsn, StoreError> {
+        drop(admission);
+        self.write_zeroes(vol, offset, len)
+    }
+
     /// Reads `buf.len()` bytes at `offset`. Unwritten blocks read as zeros; every block is
     /// checked against its checksum, and a mismatch is [`StoreError::Corrupt`].
     fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
@@ -138,6 +168,46 @@ pub trait BlockStore: Send + Sync + 'static {
 
     /// Space and flush accounting.
     fn space(&self) -> SpaceStats;
+}
+
+/// Room reserved in a store's budget of pending changes ([`BlockStore::admit`]); given back
+/// when used by a write or dropped.
+#[must_use = "an admission holds budget until it is used or dropped"]
+pub struct Admission {
+    bytes: u64,
+    release: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+}
+
+impl Admission {
+    /// An admission of a store that has no budget to reserve.
+    pub fn unlimited() -> Admission {
+        Admission { bytes: 0, release: None }
+    }
+
+    /// An admission of `bytes` that calls `release(bytes)` if dropped unused.
+    pub fn new(bytes: u64, release: Box<dyn FnOnce(u64) + Send + Sync>) -> Admission {
+        Admission { bytes, release: Some(release) }
+    }
+
+    /// Takes the reserved bytes for the write that uses them: nothing is released on drop.
+    pub fn consume(mut self) -> u64 {
+        self.release = None;
+        self.bytes
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release(self.bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").field("bytes", &self.bytes).finish()
+    }
 }
 
 /// The crc32c of one zero block: what [`BlockStore::block_checksums`] reports for unallocated

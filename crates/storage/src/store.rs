@@ -62,7 +62,7 @@ use crate::layout::{
     segment_offset, volume_key, Chunk, Slot, VolumeRec, CHUNK_BLOCKS, EXTENT_BLOCKS_MAX, SEGMENT_BLOCKS_MAX,
 };
 use crate::segments;
-use crate::{zero_block_crc, BlockStore, Lsn, SpaceStats, StoreError};
+use crate::{zero_block_crc, Admission, BlockStore, Lsn, SpaceStats, StoreError};
 
 /// Changes not yet durable, in bytes: data written plus the in-memory index overlay. It bounds
 /// the overlay's memory and the dirty data one `fdatasync` must write; writers wait when it is
@@ -166,7 +166,7 @@ impl Drop for Handle {
             st.shutdown = true;
         }
         self.core.commit_cv.notify_all();
-        self.core.budget_cv.notify_all();
+        self.core.budget_freed();
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
@@ -181,12 +181,23 @@ struct Core {
     st: Mutex<State>,
     /// Writers waiting for budget.
     budget_cv: Condvar,
+    /// The same wake-up for async admissions ([`BlockStore::admit`]): bumped with every
+    /// `budget_cv` notification.
+    room_tx: watch::Sender<u64>,
     /// The commit thread waiting for work.
     commit_cv: Condvar,
     /// Reads hold it shared from index lookup to the end of their data reads; hole punching
     /// holds it exclusively.
     gate: RwLock<()>,
     durable_tx: watch::Sender<Durable>,
+}
+
+impl Core {
+    /// Wakes the writers and admissions that wait for budget.
+    fn budget_freed(&self) {
+        self.budget_cv.notify_all();
+        self.room_tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -293,6 +304,8 @@ struct State {
     flushes: u64,
     failed: Option<String>,
     shutdown: bool,
+    /// Room reserved by admissions ([`BlockStore::admit`]) not used yet.
+    admitted: u64,
 }
 
 /// Tuning for [`SledStore::open_with`].
@@ -400,6 +413,7 @@ impl SledStore {
             flushes: 0,
             failed: None,
             shutdown: false,
+            admitted: 0,
         };
         let mut st = st;
         // The first journal record goes in a fresh segment; where, must be durable before it is.
@@ -418,6 +432,7 @@ impl SledStore {
             db_file,
             st: Mutex::new(st),
             budget_cv: Condvar::new(),
+            room_tx: watch::channel(0).0,
             commit_cv: Condvar::new(),
             gate: RwLock::new(()),
             durable_tx,
@@ -438,9 +453,17 @@ impl SledStore {
 
     /// Takes the lock for a change: waits while the pending budget is used up, refuses if the
     /// store failed.
-    fn lock_for_change(&self) -> Result<MutexGuard<'_, State>, StoreError> {
+    /// With an admission, the room it reserved is taken and nothing waits. Room reserved by
+    /// admissions not yet used counts as used for everyone else.
+    fn lock_for_change(&self, admission: Option<Admission>) -> Result<MutexGuard<'_, State>, StoreError> {
         let core = self.core();
         let mut st = lock(&core.st);
+        let admitted_now = admission.is_some();
+        if let Some(a) = admission {
+            st.admitted -= a.consume();
+            // Room given back (an admission reserves an estimate) may let others in.
+            core.budget_freed();
+        }
         loop {
             if let Some(f) = &st.failed {
                 return Err(StoreError::Failed(f.clone()));
@@ -448,7 +471,7 @@ impl SledStore {
             if st.shutdown {
                 return Err(StoreError::Failed("the store is closed".into()));
             }
-            if st.pending_cost() < PENDING_BYTES_MAX {
+            if admitted_now || st.pending_cost() + st.admitted < PENDING_BYTES_MAX {
                 return Ok(st);
             }
             core.commit_cv.notify_one();
@@ -456,11 +479,100 @@ impl SledStore {
         }
     }
 
-    fn write_aligned(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<Lsn, StoreError> {
+    /// [`BlockStore::write`], with or without an admission.
+    fn write_with(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        data: &[u8],
+        admission: Option<Admission>,
+    ) -> Result<Lsn, StoreError> {
+        let len = data.len() as u64;
+        if len > 0 && offset.is_multiple_of(B) && len.is_multiple_of(B) {
+            return self.write_aligned(vol, offset, data, admission);
+        }
+        let mut st = self.lock_for_change(admission)?;
+        let rec = st.volume(vol)?;
+        check_range(vol, rec.size_bytes, offset, len)?;
+        if len == 0 {
+            return Ok(Lsn(st.lsn));
+        }
+        self.write_locked(&mut st, vol, rec, offset, data)?;
+        Ok(st.bump())
+    }
+
+    /// [`BlockStore::write_zeroes`], with or without an admission.
+    fn write_zeroes_with(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        len: u64,
+        admission: Option<Admission>,
+    ) -> Result<Lsn, StoreError> {
+        let mut st = self.lock_for_change(admission)?;
+        let rec = st.volume(vol)?;
+        check_range(vol, rec.size_bytes, offset, len)?;
+        if len == 0 {
+            return Ok(Lsn(st.lsn));
+        }
+        let end = offset + len;
+        let (w0, w1) = (offset.div_ceil(B), end / B);
+        if w0 >= w1 {
+            // Within one block, or across one boundary without a whole block.
+            let zeros = vec![0u8; len as usize];
+            self.write_locked(&mut st, vol, rec, offset, &zeros)?;
+            return Ok(st.bump());
+        }
+        // A step that fails leaves the steps before it applied; they still get a position.
+        let mut changed = false;
+        let fail = |st: &mut State, changed: bool, e: StoreError| {
+            if changed {
+                st.bump();
+            }
+            Err(e)
+        };
+        if !offset.is_multiple_of(B) {
+            if let Err(e) = self.write_locked(&mut st, vol, rec, offset, &vec![0u8; (w0 * B - offset) as usize]) {
+                return fail(&mut st, changed, e);
+            }
+            changed = true;
+        }
+        if !end.is_multiple_of(B) {
+            if let Err(e) = self.write_locked(&mut st, vol, rec, w1 * B, &vec![0u8; (end - w1 * B) as usize]) {
+                return fail(&mut st, changed, e);
+            }
+            changed = true;
+        }
+        let mut b = w0;
+        loop {
+            let step_end = w1.min(b + STEP_BLOCKS);
+            if let Err(e) = st.unmap(vol, rec.map, b, step_end) {
+                return fail(&mut st, changed, e);
+            }
+            let lsn = st.bump();
+            b = step_end;
+            if b == w1 {
+                return Ok(lsn);
+            }
+            drop(st);
+            st = self.lock_for_change(None)?;
+            if st.volume(vol)?.map != rec.map {
+                return Err(StoreError::UnknownVolume(vol));
+            }
+        }
+    }
+
+    fn write_aligned(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        data: &[u8],
+        admission: Option<Admission>,
+    ) -> Result<Lsn, StoreError> {
         let crcs: Vec<u32> = data.chunks(BLOCK).map(crc32c::crc32c).collect();
         let blocks = data.len() as u64 / B;
         let (map, pieces) = {
-            let mut st = self.lock_for_change()?;
+            let mut st = self.lock_for_change(admission)?;
             let rec = st.volume(vol)?;
             check_range(vol, rec.size_bytes, offset, data.len() as u64)?;
             let pieces = st.reserve(blocks)?;
@@ -553,6 +665,7 @@ fn check_aligned(what: &str, offset: u64, len: u64) -> Result<(), StoreError> {
 }
 
 impl State {
+    /// Changes not yet durable (see [`PENDING_BYTES_MAX`]).
     fn pending_cost(&self) -> u64 {
         self.active.cost + self.flushing.iter().map(|g| g.cost).sum::<u64>()
     }
@@ -1058,7 +1171,7 @@ fn fail(core: &Core, e: &io::Error) {
     tracing::error!(error = %e, "flush failed; the store refuses changes until reopened");
     let msg = e.to_string();
     lock(&core.st).failed = Some(msg.clone());
-    core.budget_cv.notify_all();
+    core.budget_freed();
     core.commit_cv.notify_all();
     core.durable_tx.send_modify(|d| {
         d.failed.get_or_insert(msg);
@@ -1260,7 +1373,7 @@ fn checkpointer(core: Arc<Core>, from_commit: std::sync::mpsc::Receiver<Committe
                         assert!(Arc::ptr_eq(&oldest, &c.gen), "generations are applied in order");
                     }
                 }
-                core.budget_cv.notify_all();
+                core.budget_freed();
                 for c in gathered {
                     waiting.push(Reclaim {
                         frees: c.gen.frees.clone(),
@@ -1440,7 +1553,7 @@ impl BlockStore for SledStore {
                 "volume size {size_bytes} must be a non-zero multiple of {B} up to {VOLUME_BYTES_MAX}"
             )));
         }
-        let mut st = self.lock_for_change()?;
+        let mut st = self.lock_for_change(None)?;
         if let Some(rec) = st.volumes.get(&vol) {
             if rec.size_bytes == size_bytes {
                 return Ok(());
@@ -1456,7 +1569,7 @@ impl BlockStore for SledStore {
     }
 
     fn delete_volume(&self, vol: VolumeId) -> Result<(), StoreError> {
-        let mut st = self.lock_for_change()?;
+        let mut st = self.lock_for_change(None)?;
         let rec = st.volumes.remove(&vol).ok_or(StoreError::UnknownVolume(vol))?;
         st.active.volumes.insert(vol, None);
         st.graves.insert(rec.map);
@@ -1472,72 +1585,56 @@ impl BlockStore for SledStore {
     }
 
     fn write(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<Lsn, StoreError> {
-        let len = data.len() as u64;
-        if len > 0 && offset.is_multiple_of(B) && len.is_multiple_of(B) {
-            return self.write_aligned(vol, offset, data);
-        }
-        let mut st = self.lock_for_change()?;
-        let rec = st.volume(vol)?;
-        check_range(vol, rec.size_bytes, offset, len)?;
-        if len == 0 {
-            return Ok(Lsn(st.lsn));
-        }
-        self.write_locked(&mut st, vol, rec, offset, data)?;
-        Ok(st.bump())
+        self.write_with(vol, offset, data, None)
     }
 
     fn write_zeroes(&self, vol: VolumeId, offset: u64, len: u64) -> Result<Lsn, StoreError> {
-        let mut st = self.lock_for_change()?;
-        let rec = st.volume(vol)?;
-        check_range(vol, rec.size_bytes, offset, len)?;
-        if len == 0 {
-            return Ok(Lsn(st.lsn));
-        }
-        let end = offset + len;
-        let (w0, w1) = (offset.div_ceil(B), end / B);
-        if w0 >= w1 {
-            // Within one block, or across one boundary without a whole block.
-            let zeros = vec![0u8; len as usize];
-            self.write_locked(&mut st, vol, rec, offset, &zeros)?;
-            return Ok(st.bump());
-        }
-        // A step that fails leaves the steps before it applied; they still get a position.
-        let mut changed = false;
-        let fail = |st: &mut State, changed: bool, e: StoreError| {
-            if changed {
-                st.bump();
-            }
-            Err(e)
-        };
-        if !offset.is_multiple_of(B) {
-            if let Err(e) = self.write_locked(&mut st, vol, rec, offset, &vec![0u8; (w0 * B - offset) as usize]) {
-                return fail(&mut st, changed, e);
-            }
-            changed = true;
-        }
-        if !end.is_multiple_of(B) {
-            if let Err(e) = self.write_locked(&mut st, vol, rec, w1 * B, &vec![0u8; (end - w1 * B) as usize]) {
-                return fail(&mut st, changed, e);
-            }
-            changed = true;
-        }
-        let mut b = w0;
-        loop {
-            let step_end = w1.min(b + STEP_BLOCKS);
-            if let Err(e) = st.unmap(vol, rec.map, b, step_end) {
-                return fail(&mut st, changed, e);
-            }
-            let lsn = st.bump();
-            b = step_end;
-            if b == w1 {
-                return Ok(lsn);
-            }
-            drop(st);
-            st = self.lock_for_change()?;
-            if st.volume(vol)?.map != rec.map {
-                return Err(StoreError::UnknownVolume(vol));
+        self.write_zeroes_with(vol, offset, len, None)
+    }
+
+    fn admit(&self, bytes: u64) -> impl Future<Output = Result<Admission, StoreError>> + Send {
+        let core = self.handle.core.clone();
+        async move {
+            let mut room = core.room_tx.subscribe();
+            loop {
+                {
+                    let mut st = lock(&core.st);
+                    if let Some(f) = &st.failed {
+                        return Err(StoreError::Failed(f.clone()));
+                    }
+                    if st.shutdown {
+                        return Err(StoreError::Failed("the store is closed".into()));
+                    }
+                    if st.pending_cost() + st.admitted < PENDING_BYTES_MAX {
+                        st.admitted += bytes;
+                        let c = core.clone();
+                        return Ok(Admission::new(
+                            bytes,
+                            Box::new(move |b| {
+                                lock(&c.st).admitted -= b;
+                                c.budget_freed();
+                            }),
+                        ));
+                    }
+                    core.commit_cv.notify_one();
+                }
+                room.changed().await.map_err(|_| StoreError::Failed("the store is closed".into()))?;
             }
         }
+    }
+
+    fn write_admitted(&self, admission: Admission, vol: VolumeId, offset: u64, data: &[u8]) -> Result<Lsn, StoreError> {
+        self.write_with(vol, offset, data, Some(admission))
+    }
+
+    fn write_zeroes_admitted(
+        &self,
+        admission: Admission,
+        vol: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Lsn, StoreError> {
+        self.write_zeroes_with(vol, offset, len, Some(admission))
     }
 
     fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
@@ -1686,7 +1783,7 @@ impl BlockStore for SledStore {
     ) -> Result<Lsn, StoreError> {
         check_aligned("clone_range source", src_offset, len)?;
         check_aligned("clone_range target", dst_offset, len)?;
-        let mut st = self.lock_for_change()?;
+        let mut st = self.lock_for_change(None)?;
         let (srec, drec) = (st.volume(src)?, st.volume(dst)?);
         check_range(src, srec.size_bytes, src_offset, len)?;
         check_range(dst, drec.size_bytes, dst_offset, len)?;
@@ -1709,7 +1806,7 @@ impl BlockStore for SledStore {
                 return Ok(lsn);
             }
             drop(st);
-            st = self.lock_for_change()?;
+            st = self.lock_for_change(None)?;
             if st.volume(src)?.map != srec.map || st.volume(dst)?.map != drec.map {
                 return Err(StoreError::Invalid("a volume was deleted during clone_range".into()));
             }
