@@ -296,12 +296,24 @@ fn pauses_of_a_backup_the_primary_and_the_leader_on_a_starved_cluster_fail_no_wr
         std::thread::sleep(Duration::from_millis(pause));
         paused.resume();
         // Settled: both volumes have all three copies in sync again.
-        wait_for("every copy back in sync", Duration::from_secs(90), || {
-            ["va", "vb"]
-                .iter()
-                .all(|name| volume(&c, victim, name).is_some_and(|v| ids(&v["isr"]).len() == nodes.len()))
-                .then_some(())
-        });
+        let settle_deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let vols: Vec<Option<Value>> = ["va", "vb"].iter().map(|name| volume(&c, victim, name)).collect();
+            if vols.iter().all(|v| v.as_ref().is_some_and(|v| ids(&v["isr"]).len() == nodes.len())) {
+                break;
+            }
+            if Instant::now() > settle_deadline {
+                let logs: Vec<String> = nodes
+                    .iter()
+                    .flat_map(|&n| {
+                        let l = c.log_lines(n, "tandem_replication");
+                        l.into_iter().map(move |x| format!("node {n}: {x}"))
+                    })
+                    .collect();
+                panic!("copies not back in sync 90 s after the {role} pause: {vols:#?}\n{logs:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let to = epoch.elapsed();
         let worst = logs
             .iter()

@@ -29,8 +29,11 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Runs the `tandem` CLI. Nodes started through it (`up`) inherit its log level: `warn`, or
+/// `TANDEM_TEST_LOG` (e.g. `info,tandem_replication=debug`) when set, for debugging a test.
 pub fn run(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("RUST_LOG", "warn").output().expect("run tandem")
+    let level = std::env::var("TANDEM_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    Command::new(bin()).args(args).env("RUST_LOG", level).output().expect("run tandem")
 }
 
 pub fn run_ok(args: &[&str]) -> String {

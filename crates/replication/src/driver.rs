@@ -893,7 +893,10 @@ impl PrimaryDriver {
                         };
                         let mut st = p.st.lock().expect("core lock");
                         match result {
-                            Ok(DataReply::Opened { recent }) => st.core.on_opened(to, recent),
+                            Ok(DataReply::Opened { recent }) => {
+                                tracing::info!(volume = p.volume, member = to, "member opened");
+                                st.core.on_opened(to, recent)
+                            }
                             Ok(other) => {
                                 tracing::info!(volume = p.volume, member = to, reply = ?other, "open refused");
                                 st.core.on_member_failed(to)
@@ -1305,7 +1308,15 @@ impl<S: BlockStore> Inner<S> {
             }
             DataMsg::Nack { volume, epoch, seq, reason } => {
                 tracing::info!(volume, from, seq, %reason, "member refused a record");
-                self.member_failed(volume, epoch, from);
+                let Some(p) = self.local_primary(volume) else { return DataReply::Ok };
+                if p.epoch == epoch {
+                    let mut st = p.st.lock().expect("core lock");
+                    // Wire sequence numbers of this primary start above its base.
+                    if let Some(core_seq) = seq.checked_sub(st.seq_base) {
+                        st.core.on_member_refused(from, core_seq);
+                        p.pump(&self, &mut st);
+                    }
+                }
                 DataReply::Ok
             }
             DataMsg::Checksums { volume, epoch, offset, len } => {
@@ -1466,7 +1477,11 @@ async fn tick<S: BlockStore>(inner: Weak<Inner<S>>) {
                         hold.as_secs_f64()
                     )),
                     None => {
+                        let out_before = st.core.out_members();
                         st.core.on_tick(now);
+                        for n in st.core.out_members().into_iter().filter(|n| !out_before.contains(n)) {
+                            tracing::info!(volume = id, member = n, "member timed out (no ack within the ack timeout)");
+                        }
                         if st.core.phase() == Phase::Serving {
                             for n in st.core.out_members() {
                                 let due =

@@ -15,8 +15,10 @@
 //!   once every ISR member has been made identical to it on every block any of them wrote
 //!   recently (or everywhere, when one cannot tell).
 //! - I5: a returning member is `Syncing`: it receives new writes while the chunks it missed
-//!   are copied; it asks to join (`Joining`) only when no chunk is left and every write sent
-//!   to it is acknowledged, and counts as in sync only once the grow is committed.
+//!   are copied; once no chunk is left it becomes `Joining` (new writes wait for it), the grow
+//!   is proposed only once it acknowledged every write sent to it before, and it counts as in
+//!   sync only once the grow is committed. (Waiting for a moment with no write in flight to
+//!   it, as before, never came under a steady write load.)
 //! - Same-block order: writes are sequenced in arrival order, applied locally in that order,
 //!   and sent to each member on one ordered link; a chunk being copied holds back new writes
 //!   that touch it, so a copy never lands on top of a newer write.
@@ -26,6 +28,12 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
+
+/// A member that is sent writes it does not gate (it is resyncing) is declared failed only
+/// after this many ack timeouts: it delays no host write, and failing it restarts its resync,
+/// which under load (a node just back from a stall, a starved machine) only adds to the load
+/// that made it slow.
+pub const SYNCING_ACK_TIMEOUT_FACTOR: u32 = 5;
 
 /// The unit of resync, reconciliation and dirty tracking. Small enough that one copy in
 /// flight per member bounds memory; large enough that a 1 GiB volume is 1,024 chunks.
@@ -227,11 +235,14 @@ struct Member {
     chunks_total: u64,
     /// The reconciliation ranges this member reported, until every member has reported.
     recent: Option<Option<Vec<(u64, u64)>>>,
+    /// The first sequence number of its current session (the `start_seq` of the last `Open`):
+    /// a refusal of an earlier record is about a session that is over.
+    session_start: Seq,
 }
 
 impl Member {
     fn new(state: MemberState, dirty: Dirty) -> Member {
-        Member { state, dirty, copying: None, chunks_done: 0, chunks_total: 0, recent: None }
+        Member { state, dirty, copying: None, chunks_done: 0, chunks_total: 0, recent: None, session_start: 0 }
     }
 }
 
@@ -355,7 +366,9 @@ impl Primary {
         };
         for &n in replicas.iter().filter(|&&n| n != me) {
             if isr.contains(&n) {
-                p.members.insert(n, Member::new(MemberState::Opening, Dirty::default()));
+                let mut m = Member::new(MemberState::Opening, Dirty::default());
+                m.session_start = p.next_seq;
+                p.members.insert(n, m);
                 p.outputs.push_back(Output::Open { to: n, start_seq: p.next_seq });
             } else {
                 // What an out-of-sync replica lacks is unknown to a new primary: compare all.
@@ -484,6 +497,19 @@ impl Primary {
         }
     }
 
+    /// `n` refused record `seq`. Records of an earlier session may still be on their way when
+    /// a new `Open` overtakes them (the `Open` is a request, records go through the ring), and
+    /// the member rightly refuses them; that says nothing about the new session, so such a
+    /// refusal is ignored. Before this rule, a member back from a pause under load was failed
+    /// again by the refusals of its old records after every `Open`, and never rejoined.
+    pub fn on_member_refused(&mut self, n: NodeId, seq: Seq) {
+        let Some(m) = self.members.get(&n) else { return };
+        if seq < m.session_start {
+            return;
+        }
+        self.on_member_failed(n);
+    }
+
     /// `n` failed: it refused a record, did not answer in time, or is unreachable.
     pub fn on_member_failed(&mut self, n: NodeId) {
         let Some(m) = self.members.get_mut(&n) else { return };
@@ -543,7 +569,12 @@ impl Primary {
         let mut isr = BTreeSet::from([self.me]);
         for (&n, m) in &self.members {
             let keep = match m.state {
-                MemberState::InSync | MemberState::Joining => true,
+                MemberState::InSync => true,
+                // Level with the primary only once every write sent before it gated writes
+                // is acknowledged (I5).
+                MemberState::Joining => {
+                    self.committed_isr.contains(&n) || !self.pending.values().any(|p| p.extra.contains(&n))
+                }
                 MemberState::Opening | MemberState::Syncing => reconciling && self.committed_isr.contains(&n),
                 MemberState::Leaving | MemberState::Out => false,
             };
@@ -598,10 +629,14 @@ impl Primary {
             }
             m.state = MemberState::Out;
             for (&s, p) in self.pending.iter_mut() {
-                if p.need.remove(&n) {
+                let gated = p.need.remove(&n);
+                // Sent to it before it gated writes (it was `Joining` with these still
+                // unacknowledged): completed or not, it may lack them.
+                let sent = p.extra.remove(&n);
+                if gated || sent {
                     released.push(s);
                 }
-                if !p.completed {
+                if sent || !p.completed {
                     m.dirty.add(p.chunks.clone());
                 }
             }
@@ -650,9 +685,14 @@ impl Primary {
         }
         self.now = self.now.max(now);
         let mut late = BTreeSet::new();
+        let syncing_timeout = self.config.ack_timeout * SYNCING_ACK_TIMEOUT_FACTOR;
         for p in self.pending.values() {
-            if now.saturating_duration_since(p.sent_at) >= self.config.ack_timeout {
-                late.extend(p.need.iter().chain(p.extra.iter()).copied().filter(|&n| n != self.me));
+            let age = now.saturating_duration_since(p.sent_at);
+            if age >= self.config.ack_timeout {
+                late.extend(p.need.iter().copied().filter(|&n| n != self.me));
+            }
+            if age >= syncing_timeout {
+                late.extend(p.extra.iter().copied());
             }
         }
         for n in late {
@@ -672,6 +712,7 @@ impl Primary {
         }
         m.state = MemberState::Opening;
         m.recent = None;
+        m.session_start = self.next_seq;
         self.outputs.push_back(Output::Open { to: n, start_seq: self.next_seq });
     }
 
@@ -793,7 +834,10 @@ impl Primary {
                 }
                 Some((_, true)) => {}
                 None => {
-                    let unacked = self.pending.values().any(|p| p.extra.contains(&n));
+                    // While serving, a member with nothing left to copy gates new writes at
+                    // once; `desired_isr` adds it only once the writes it was sent as a
+                    // non-gating member are acknowledged too.
+                    let unacked = reconciling && self.pending.values().any(|p| p.extra.contains(&n));
                     if m.dirty.is_empty() && !unacked {
                         if reconciling {
                             // Still in the committed ISR: reconciled, nothing to propose.
@@ -807,7 +851,7 @@ impl Primary {
                 }
             }
         }
-        if joins {
+        if joins || self.members.values().any(|m| m.state == MemberState::Joining) {
             self.propose();
         }
         self.maybe_finish_reconcile();
@@ -1012,8 +1056,18 @@ mod tests {
         assert!(out.contains(&Output::Write { token: 3, seq: 4, to: vec![2, 3] }), "{out:?}");
         assert!(out.contains(&Output::Copy { to: 3, chunk: 6 }), "{out:?}");
         p.on_copied(3, 6);
-        drain(&mut p);
-        assert_eq!(p.member_state(3), Some(MemberState::Syncing), "writes sent to 3 are unacknowledged");
+        let out = drain(&mut p);
+        assert_eq!(p.member_state(3), Some(MemberState::Joining), "nothing left to copy: new writes wait for 3");
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::ProposeIsr { .. })),
+            "no grow while writes sent to 3 are unacknowledged: {out:?}"
+        );
+        // A new write gates on 3 now: it completes only with 3's ack.
+        p.on_write(now, 5, 0, 512);
+        assert_eq!(drain(&mut p), vec![Output::Write { token: 5, seq: 5, to: vec![2, 3] }]);
+        p.on_local_durable(5);
+        p.on_ack(2, 5);
+        assert!(!drain(&mut p).contains(&Output::Complete { token: 5 }), "write 5 waits for the joining member");
         for s in [3, 4] {
             p.on_local_durable(s);
             p.on_ack(2, s);
@@ -1021,10 +1075,37 @@ mod tests {
         }
         let out = drain(&mut p);
         assert!(out.contains(&Output::ProposeIsr { isr: vec![1, 2, 3] }), "{out:?}");
-        p.on_write(now, 5, 0, 512);
-        assert_eq!(drain(&mut p), vec![Output::Write { token: 5, seq: 5, to: vec![2, 3] }]);
+        p.on_ack(3, 5);
+        assert!(drain(&mut p).contains(&Output::Complete { token: 5 }));
         p.on_isr_committed(&[1, 2, 3]);
         assert_eq!(p.member_state(3), Some(MemberState::InSync));
+    }
+
+    #[test]
+    fn a_refusal_of_a_record_from_before_the_current_open_does_not_fail_the_member() {
+        let (mut p, now) = serving();
+        p.on_write(now, 1, 0, 4096);
+        assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: 1, to: vec![2, 3] }]);
+        // 3 stops answering and leaves; the shrink commits.
+        p.on_member_failed(3);
+        drain(&mut p);
+        p.on_isr_committed(&[1, 2]);
+        p.on_local_durable(1);
+        p.on_ack(2, 1);
+        drain(&mut p);
+        p.start_resync(3);
+        assert_eq!(drain(&mut p), vec![Output::Open { to: 3, start_seq: 2 }]);
+        p.on_opened(3, None);
+        drain(&mut p);
+        assert_eq!(p.member_state(3), Some(MemberState::Syncing));
+        // The old record 1 reaches 3 after the Open and is refused: the new session goes on.
+        p.on_member_refused(3, 1);
+        assert_eq!(p.member_state(3), Some(MemberState::Syncing));
+        // A refusal within the new session does fail it.
+        p.on_write(now, 2, 0, 4096);
+        drain(&mut p);
+        p.on_member_refused(3, 2);
+        assert_eq!(p.member_state(3), Some(MemberState::Out));
     }
 
     #[test]
