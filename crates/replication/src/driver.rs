@@ -914,15 +914,24 @@ impl PrimaryDriver {
                         inner.volume(self.volume).map(|v| v.cfg.lock().expect("cfg lock").size_bytes).unwrap_or(0);
                     let offset = chunk * CHUNK_BYTES;
                     let len = CHUNK_BYTES.min(size.saturating_sub(offset));
-                    let mut data = vec![0u8; len as usize];
-                    let local = inner
-                        .store
-                        .read(self.volume, offset, &mut data)
-                        .and_then(|_| inner.store.block_checksums(self.volume, offset, len));
                     let (inner, p) = (inner.clone(), self.clone());
                     tokio::spawn(async move {
+                        // Read off the core lock and off the async workers. The chunk stays as
+                        // of this point in the sequence: every earlier write to it is applied
+                        // (locally at sequencing), and the core holds back later ones until
+                        // `on_copied`.
+                        let (store, volume) = (inner.store.clone(), p.volume);
+                        let local = tokio::task::spawn_blocking(move || {
+                            let mut data = vec![0u8; len as usize];
+                            store.read(volume, offset, &mut data)?;
+                            let sums = store.block_checksums(volume, offset, len)?;
+                            Ok::<_, tandem_storage::StoreError>((data, sums))
+                        })
+                        .await
+                        .map_err(|e| format!("local read task: {e}"))
+                        .and_then(|r| r.map_err(|e| e.to_string()));
                         let result = match local {
-                            Ok(sums) => tokio::time::timeout(
+                            Ok((data, sums)) => tokio::time::timeout(
                                 COPY_TIMEOUT,
                                 copy_chunk(&inner, p.volume, p.epoch, to, offset, data, sums),
                             )

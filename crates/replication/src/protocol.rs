@@ -288,8 +288,9 @@ pub enum Output {
     /// Send `Open` to a member; answer with `on_opened` or `on_member_failed`.
     Open { to: NodeId, start_seq: Seq },
     /// Make chunk `chunk` of `to` identical to the local copy (compare checksums, send what
-    /// differs, wait until durable there). Read the local data before handling any later
-    /// output. The member records the chunk with [`RecentLog::record_copy`] before it
+    /// differs, wait until durable there). Every earlier write to the chunk has been output
+    /// already and later ones are held back until `on_copied`, so the driver may read the
+    /// local data at any time before it answers. The member records the chunk with [`RecentLog::record_copy`] before it
     /// answers. Answer with `on_copied` or `on_member_failed`.
     Copy { to: NodeId, chunk: u64 },
     /// Propose the ISR `isr` for this epoch through Raft; answer with `on_isr_committed`,
