@@ -138,7 +138,7 @@ fn a_primary_stopped_for_17_s_under_fio_costs_the_host_latency_not_errors() {
     assert!(written > 0 && verified > 0, "fio wrote {written} and verified {verified} bytes");
 
     // The stopped node comes back as a backup, is resynced, and every copy is the same.
-    let isr = wait_for("node {p} back in the ISR with identical copies", Duration::from_secs(90), || {
+    let isr = wait_for(&format!("node {p} back in the ISR with identical copies"), Duration::from_secs(90), || {
         let v = volume(&c, via, "vs")?;
         let isr = ids(&v["isr"]);
         let digests: Vec<String> = c
