@@ -142,7 +142,12 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane) {
                 (nodes, volumes)
             });
             plane.set_peers(&nodes);
-            plane.apply_config(volumes);
+            // It creates and deletes local copies and takes the replicas' locks: a blocking
+            // thread, never an async worker.
+            let p = plane.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || p.apply_config(volumes)).await {
+                tracing::error!(error = %e, "applying the volume configuration failed");
+            }
             if applied.changed().await.is_err() {
                 return;
             }

@@ -39,7 +39,7 @@ use tandem_transport::ring::{Descriptor, DescriptorRing, RegionRegistry};
 use tandem_transport::{BoxFuture, Channel, Handler};
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::{decode_record, encode_record, DataMsg, DataReply, RecordHeader, WriteKind};
-use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::{Backup, Output, Phase, Primary, PrimaryConfig, RecentLog, Token, CHUNK_BYTES};
 
@@ -68,6 +68,12 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(100);
 /// How often an out-of-sync member is offered a resync.
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// Host reads one primary has queued for its local applier at once.
+const READS_QUEUED_MAX: usize = 256;
+/// Items a local applier hands to one blocking task.
+const APPLY_BATCH_MAX: usize = 64;
+/// Records received from primaries, decoded and admitted, waiting for the record applier.
+const RECORDS_QUEUED_MAX: usize = 1024;
 
 /// What the data plane needs from the metadata store. The node implements it over Raft.
 pub trait Coordinator: Send + Sync + 'static {
@@ -189,6 +195,8 @@ struct Inner<S: BlockStore> {
     proxy_read_budget: Semaphore,
     /// Since when this node has had no lease (kept by the ticker), for the hold time.
     lease_lost_at: Mutex<Option<Instant>>,
+    /// Records from every primary, in arrival order, for the record applier.
+    records: mpsc::Sender<RecordWork>,
 }
 
 struct Vol {
@@ -196,6 +204,9 @@ struct Vol {
     backup: Mutex<Backup>,
     recent: Mutex<RecentLog>,
     primary: Mutex<Option<Arc<PrimaryDriver>>>,
+    /// This node's local applier for the volume: every store access of its primaries (writes,
+    /// host reads, reads of chunks to copy), in sequence order, off the async workers.
+    apply: mpsc::UnboundedSender<Apply>,
     /// Records of this volume that this replica applied and must acknowledge once durable.
     acks: mpsc::UnboundedSender<(NodeId, Epoch, Seq, Lsn)>,
     resync_bytes_sent: AtomicU64,
@@ -208,11 +219,22 @@ struct PrimaryDriver {
     volume: VolumeId,
     epoch: Epoch,
     st: Mutex<CoreState>,
-    /// In-flight host writes ([`crate::protocol::INFLIGHT_WRITES_MAX`]).
-    room: Semaphore,
+    /// In-flight host writes ([`crate::protocol::INFLIGHT_WRITES_MAX`]). A permit lives with
+    /// the sequenced write (in its [`HostWrite`]) until the core completes or fails it, not
+    /// with the host's request: a host that gives up on a request does not free its room
+    /// while the write is still in flight.
+    room: Arc<Semaphore>,
+    /// Host reads queued for the local applier ([`READS_QUEUED_MAX`]).
+    reads: Semaphore,
     phase: watch::Sender<Phase>,
     /// Local durability waits, in sequence order.
     local: mpsc::UnboundedSender<(Seq, Lsn)>,
+    /// The volume's local applier (shared with this node's earlier and later primaries of the
+    /// volume, so their store accesses stay in one order).
+    apply: mpsc::UnboundedSender<Apply>,
+    /// Set once every store access of earlier primaries on this node is done and the local
+    /// store is durable: the core's outputs are carried out only from then on.
+    ready: AtomicBool,
     /// Set while the node has no lease, and after that until [`Coordinator::confirm_primary`]
     /// confirmed this epoch: a paused primary admits no host I/O but keeps its state.
     paused: AtomicBool,
@@ -234,10 +256,65 @@ struct HostWrite {
     offset: u64,
     data: Bytes,
     len: u64,
-    /// Room in the local store's budget, taken before the core lock: applying the write
-    /// under the lock then never waits for the store.
+    /// Room in the local store's budget, taken before the core lock: the local applier then
+    /// never waits for the store's budget.
     admission: Option<Admission>,
     reply: Option<oneshot::Sender<Result<(), IoFail>>>,
+    /// The write's in-flight permit: released when the write leaves the core.
+    _room: OwnedSemaphorePermit,
+    /// Reads that overlap this write and must not return before it is acknowledged: each is
+    /// sent `()` when the write completes; a dropped sender means it failed.
+    watchers: Vec<oneshot::Sender<()>>,
+}
+
+/// A store access of a volume's primary, carried out by the volume's local applier in the
+/// order the primary queued it (under its core lock, so in sequence order).
+///
+/// Bound: a primary queues at most [`crate::protocol::INFLIGHT_WRITES_MAX`] writes (each holds
+/// an in-flight permit until the core is done with it), [`READS_QUEUED_MAX`] reads, one chunk
+/// read per member and a barrier; a new primary on this node waits for its barrier before it
+/// queues anything, so the queue holds the items of at most two primaries.
+enum Apply {
+    Write {
+        p: Arc<PrimaryDriver>,
+        seq: Seq,
+        kind: WriteKind,
+        offset: u64,
+        len: u64,
+        data: Bytes,
+        admission: Admission,
+    },
+    Read {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    /// A chunk to copy to a member, with its block checksums.
+    CopyRead {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        reply: oneshot::Sender<Result<ChunkCopy, String>>,
+    },
+    /// Answered once every item queued before it is done.
+    Barrier {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A chunk's data and its block checksums, read to be copied to a member.
+type ChunkCopy = (Vec<u8>, Vec<u32>);
+
+/// A record from a primary, checked for its checksum and admitted by the store's budget,
+/// waiting for the record applier.
+struct RecordWork {
+    from: NodeId,
+    header: RecordHeader,
+    /// The record's encoding; the data is at `data_at..`.
+    bytes: Vec<u8>,
+    data_at: usize,
+    admission: Admission,
 }
 
 impl<S: BlockStore> DataPlane<S> {
@@ -245,6 +322,7 @@ impl<S: BlockStore> DataPlane<S> {
     /// and starts the record reader and the ticker.
     pub fn start(me: NodeId, mesh: Mesh, store: Arc<S>, coord: Arc<dyn Coordinator>, config: DataPlaneConfig) -> Self {
         let (version, _) = watch::channel(0);
+        let (records, records_rx) = mpsc::channel(RECORDS_QUEUED_MAX);
         let inner = Arc::new(Inner {
             me,
             mesh: mesh.clone(),
@@ -258,11 +336,13 @@ impl<S: BlockStore> DataPlane<S> {
             next_wire_seq: AtomicU64::new(1),
             proxy_read_budget: Semaphore::new((PROXY_READ_BYTES_MAX / BLOCK_BYTES) as usize),
             lease_lost_at: Mutex::new(None),
+            records,
         });
         let handler: Arc<dyn Handler> = Arc::new(DataHandler { inner: Arc::downgrade(&inner) });
         mesh.set_handler(Channel::Replication, handler.clone());
         mesh.set_handler(Channel::Bulk, handler);
         tokio::spawn(read_records(Arc::downgrade(&inner), mesh.regions().clone()));
+        tokio::spawn(apply_records(Arc::downgrade(&inner), records_rx));
         tokio::spawn(tick(Arc::downgrade(&inner)));
         DataPlane { inner }
     }
@@ -312,6 +392,7 @@ impl<S: BlockStore> DataPlane<S> {
                             continue;
                         }
                         let (acks, rx) = mpsc::unbounded_channel();
+                        let (apply, apply_rx) = mpsc::unbounded_channel();
                         let v = Arc::new(Vol {
                             cfg: Mutex::new(cfg.clone()),
                             backup: Mutex::new(Backup::default()),
@@ -323,11 +404,13 @@ impl<S: BlockStore> DataPlane<S> {
                                 RecentLog::after_restart()
                             }),
                             primary: Mutex::new(None),
+                            apply,
                             acks,
                             resync_bytes_sent: AtomicU64::new(0),
                             resync_bytes_compared: AtomicU64::new(0),
                         });
                         tokio::spawn(send_acks(Arc::downgrade(inner), id, rx));
+                        tokio::spawn(run_applier(Arc::downgrade(inner), apply_rx));
                         vols.insert(id, v.clone());
                         v
                     }
@@ -573,17 +656,15 @@ impl<S: BlockStore> Inner<S> {
     async fn read_once(self: Arc<Self>, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary).await? {
-            Route::Local(_) => {
-                // A store read may wait for disk or for the store's hole punching: never on
-                // an async worker.
-                let (store, len) = (self.store.clone(), buf.len());
-                let data = tokio::task::spawn_blocking(move || {
-                    let mut data = vec![0u8; len];
-                    store.read(id, offset, &mut data).map(|()| data)
-                })
-                .await
-                .map_err(|e| IoFail::Io(format!("local read task: {e}")))?
-                .map_err(|e| IoFail::Io(e.to_string()))?;
+            Route::Local(p) => {
+                let data = p.read(&self, offset, buf.len() as u64).await?;
+                // The data was current when this node last held its lease and served: a
+                // failover waits for the lease to lapse first. Checked again after the read,
+                // which may have waited (docs/PROTOCOL.md, "Reads").
+                if !self.coord.lease_valid() || p.paused.load(Ordering::Acquire) || *p.phase.borrow() != Phase::Serving
+                {
+                    return Err(IoFail::Unavailable("the primary lost its lease during the read".into()));
+                }
                 buf.copy_from_slice(&data);
                 Ok(())
             }
@@ -692,17 +773,18 @@ impl<S: BlockStore> Inner<S> {
                     seq_base,
                     resync_tried: HashMap::new(),
                 }),
-                room: Semaphore::new(crate::protocol::INFLIGHT_WRITES_MAX),
+                room: Arc::new(Semaphore::new(crate::protocol::INFLIGHT_WRITES_MAX)),
+                reads: Semaphore::new(READS_QUEUED_MAX),
                 phase,
                 local,
+                apply: vol.apply.clone(),
+                ready: AtomicBool::new(false),
                 paused: AtomicBool::new(false),
                 confirming: AtomicBool::new(false),
             });
             tokio::spawn(local_durability(Arc::downgrade(self), p.clone(), local_rx));
             tracing::info!(volume = id, epoch = cfg.epoch, "taking over as primary; reconciling");
-            let mut st = p.st.lock().expect("core lock");
-            p.pump(self, &mut st);
-            drop(st);
+            tokio::spawn(start_core(self.clone(), p.clone()));
             *slot = Some(p);
         }
     }
@@ -720,6 +802,96 @@ impl<S: BlockStore> Inner<S> {
         let mut st = p.st.lock().expect("core lock");
         st.core.on_member_failed(member);
         p.pump(self, &mut st);
+    }
+}
+
+/// Lets a new primary begin: first every store access that an earlier primary of the volume
+/// on this node queued is done, and the local store is durable. Reconciliation then compares
+/// the members with local data that no late write of an earlier primary can still change, and
+/// that a crash of this node cannot take back (docs/PROTOCOL.md, "Taking over").
+async fn start_core<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<PrimaryDriver>) {
+    let (tx, rx) = oneshot::channel();
+    let drained = p.apply.send(Apply::Barrier { reply: tx }).is_ok() && rx.await.is_ok();
+    let durable = if drained {
+        inner.store.durable(inner.store.last_lsn()).await.map_err(|e| e.to_string())
+    } else {
+        Err("the local applier stopped".to_string())
+    };
+    let mut st = p.st.lock().expect("core lock");
+    if let Err(e) = durable {
+        tracing::error!(volume = p.volume, error = %e, "cannot make the local copy durable; not taking over");
+        st.core.depose(&format!("local store: {e}"));
+    }
+    p.ready.store(true, Ordering::Release);
+    p.pump(&inner, &mut st);
+}
+
+/// Carries out a volume's store accesses in the order its primaries queued them, in batches,
+/// each on a blocking thread: never on an async worker, never under a core lock.
+async fn run_applier<S: BlockStore>(inner: Weak<Inner<S>>, mut rx: mpsc::UnboundedReceiver<Apply>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < APPLY_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let done = tokio::task::spawn_blocking(move || {
+            for item in batch {
+                inner.apply_local(item);
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "local applier task failed");
+            return;
+        }
+    }
+}
+
+impl<S: BlockStore> Inner<S> {
+    /// One item of a local applier (on a blocking thread).
+    fn apply_local(self: &Arc<Self>, item: Apply) {
+        match item {
+            Apply::Write { p, seq, kind, offset, len, data, admission } => {
+                let applied = match kind {
+                    WriteKind::Data => self.store.write_admitted(admission, p.volume, offset, &data),
+                    WriteKind::Zeroes => self.store.write_zeroes_admitted(admission, p.volume, offset, len),
+                };
+                match applied {
+                    Ok(lsn) => {
+                        let _ = p.local.send((seq, lsn));
+                    }
+                    Err(e) => {
+                        tracing::error!(volume = p.volume, error = %e, "local write failed; stepping down");
+                        p.depose(self, &format!("local store failed: {e}"));
+                    }
+                }
+            }
+            Apply::Read { volume, offset, len, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                let mut data = vec![0u8; len as usize];
+                let read = self.store.read(volume, offset, &mut data).map(|()| data).map_err(|e| e.to_string());
+                let _ = reply.send(read);
+            }
+            Apply::CopyRead { volume, offset, len, reply } => {
+                let read = (|| {
+                    let mut data = vec![0u8; len as usize];
+                    self.store.read(volume, offset, &mut data)?;
+                    let sums = self.store.block_checksums(volume, offset, len)?;
+                    Ok::<_, tandem_storage::StoreError>((data, sums))
+                })()
+                .map_err(|e| e.to_string());
+                let _ = reply.send(read);
+            }
+            Apply::Barrier { reply } => {
+                let _ = reply.send(());
+            }
+        }
     }
 }
 
@@ -742,7 +914,6 @@ impl PrimaryDriver {
     ) -> Result<(), IoFail> {
         // Cut into pieces; each is one sequenced record. All must complete.
         let mut waits = Vec::new();
-        let mut permits = Vec::new();
         let mut at = 0u64;
         while at < len {
             let piece_max = match kind {
@@ -750,7 +921,8 @@ impl PrimaryDriver {
                 WriteKind::Zeroes => ZEROES_PIECE_BYTES_MAX,
             };
             let piece = (len - at).min(piece_max);
-            permits.push(self.room.acquire().await.map_err(|_| IoFail::Unavailable("primary stopped".into()))?);
+            let room =
+                self.room.clone().acquire_owned().await.map_err(|_| IoFail::Unavailable("primary stopped".into()))?;
             let cost = match kind {
                 WriteKind::Data => piece,
                 WriteKind::Zeroes => 0,
@@ -777,6 +949,8 @@ impl PrimaryDriver {
                         len: piece,
                         admission: Some(admission),
                         reply: Some(tx),
+                        _room: room,
+                        watchers: Vec::new(),
                     },
                 );
                 st.core.on_write(Instant::now(), token, offset + at, piece);
@@ -794,38 +968,86 @@ impl PrimaryDriver {
         Ok(())
     }
 
+    /// Reads `len` bytes at `offset` from the local copy, linearizably: the read is queued on
+    /// the local applier behind every write sequenced before it, and it returns only once
+    /// each of those writes that overlaps it is acknowledged (durable on every member of the
+    /// ISR), so it never returns data that a failover could take away (I6). If one of them
+    /// fails, the read fails as `Unavailable` and is retried.
+    async fn read<S: BlockStore>(&self, inner: &Arc<Inner<S>>, offset: u64, len: u64) -> Result<Vec<u8>, IoFail> {
+        let _queued = self.reads.acquire().await.map_err(|_| IoFail::Unavailable("the primary stopped".to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        let overlapping: Vec<oneshot::Receiver<()>> = {
+            let mut st = self.st.lock().expect("core lock");
+            if st.core.phase() != Phase::Serving {
+                return Err(IoFail::Unavailable("the primary stopped serving".into()));
+            }
+            let end = offset + len;
+            let waits = st
+                .waiters
+                .values_mut()
+                .filter(|w| w.offset < end && offset < w.offset + w.len)
+                .map(|w| {
+                    let (t, r) = oneshot::channel();
+                    w.watchers.push(t);
+                    r
+                })
+                .collect();
+            let item = Apply::Read { volume: self.volume, offset, len, reply: tx };
+            if self.apply.send(item).is_err() {
+                return Err(IoFail::Unavailable("the local applier stopped".into()));
+            }
+            waits
+        };
+        let data = rx
+            .await
+            .map_err(|_| IoFail::Unavailable("the local applier stopped".into()))?
+            .map_err(|e| IoFail::Io(format!("node {}: local read: {e}", inner.me)))?;
+        for w in overlapping {
+            if w.await.is_err() {
+                return Err(IoFail::Unavailable("a write this read overlaps was not acknowledged".into()));
+            }
+        }
+        Ok(data)
+    }
+
     fn depose<S: BlockStore>(self: &Arc<Self>, inner: &Arc<Inner<S>>, reason: &str) {
         let mut st = self.st.lock().expect("core lock");
         st.core.depose(reason);
         self.pump(inner, &mut st);
     }
 
-    /// Carries out the core's outputs. Runs under the core lock, so local writes are applied
-    /// in sequence order and copies read the data as of their place in that order.
+    /// Carries out the core's outputs. Runs under the core lock, so the local applier gets
+    /// writes in sequence order, and copies and reads at their place in that order. Nothing
+    /// here waits for the store.
     fn pump<S: BlockStore>(self: &Arc<Self>, inner: &Arc<Inner<S>>, st: &mut CoreState) {
+        if !self.ready.load(Ordering::Acquire) {
+            // `start_core` pumps once the earlier primaries' store accesses are done.
+            return;
+        }
         while let Some(out) = st.core.poll_output() {
             match out {
                 Output::Write { token, seq, to } => {
                     let Some(w) = st.waiters.get_mut(&token) else { continue };
-                    // Admitted before the lock was taken: this never waits for the store.
+                    // Admitted before the lock was taken: the applier never waits for budget.
                     let admission = w.admission.take().unwrap_or_else(Admission::unlimited);
-                    let applied = match w.kind {
-                        WriteKind::Data => inner.store.write_admitted(admission, self.volume, w.offset, &w.data),
-                        WriteKind::Zeroes => inner.store.write_zeroes_admitted(admission, self.volume, w.offset, w.len),
-                    };
-                    let Some(w) = st.waiters.get(&token) else { continue };
-                    let lsn = match applied {
-                        Ok(lsn) => lsn,
-                        Err(e) => {
-                            tracing::error!(volume = self.volume, error = %e, "local write failed; stepping down");
-                            st.core.depose(&format!("local store failed: {e}"));
-                            continue;
-                        }
-                    };
+                    // Recorded at sequencing, before it reaches any replica: a takeover on this
+                    // node sees it in the log whether or not the local copy has it yet.
                     if let Some(v) = inner.volume(self.volume) {
                         v.recent.lock().expect("recent lock").record(w.offset, w.len);
                     }
-                    let _ = self.local.send((seq, lsn));
+                    let item = Apply::Write {
+                        p: self.clone(),
+                        seq,
+                        kind: w.kind,
+                        offset: w.offset,
+                        len: w.len,
+                        data: w.data.clone(),
+                        admission,
+                    };
+                    if self.apply.send(item).is_err() {
+                        st.core.depose("the local applier stopped");
+                        continue;
+                    }
                     let wire_seq = st.seq_base + seq;
                     let crc = match w.kind {
                         WriteKind::Data => crc32c::crc32c(&w.data),
@@ -863,6 +1085,9 @@ impl PrimaryDriver {
                     if let Some(mut w) = st.waiters.remove(&token) {
                         if let Some(tx) = w.reply.take() {
                             let _ = tx.send(Ok(()));
+                        }
+                        for t in w.watchers.drain(..) {
+                            let _ = t.send(());
                         }
                     }
                 }
@@ -914,22 +1139,14 @@ impl PrimaryDriver {
                         inner.volume(self.volume).map(|v| v.cfg.lock().expect("cfg lock").size_bytes).unwrap_or(0);
                     let offset = chunk * CHUNK_BYTES;
                     let len = CHUNK_BYTES.min(size.saturating_sub(offset));
+                    // Read by the local applier at this point of the sequence: after every
+                    // earlier write to the chunk; the core holds back later ones until
+                    // `on_copied`.
+                    let (tx, rx) = oneshot::channel();
+                    let _ = self.apply.send(Apply::CopyRead { volume: self.volume, offset, len, reply: tx });
                     let (inner, p) = (inner.clone(), self.clone());
                     tokio::spawn(async move {
-                        // Read off the core lock and off the async workers. The chunk stays as
-                        // of this point in the sequence: every earlier write to it is applied
-                        // (locally at sequencing), and the core holds back later ones until
-                        // `on_copied`.
-                        let (store, volume) = (inner.store.clone(), p.volume);
-                        let local = tokio::task::spawn_blocking(move || {
-                            let mut data = vec![0u8; len as usize];
-                            store.read(volume, offset, &mut data)?;
-                            let sums = store.block_checksums(volume, offset, len)?;
-                            Ok::<_, tandem_storage::StoreError>((data, sums))
-                        })
-                        .await
-                        .map_err(|e| format!("local read task: {e}"))
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        let local = rx.await.unwrap_or_else(|_| Err("the local applier stopped".into()));
                         let result = match local {
                             Ok((data, sums)) => tokio::time::timeout(
                                 COPY_TIMEOUT,
@@ -1225,46 +1442,86 @@ async fn read_records<S: BlockStore>(inner: Weak<Inner<S>>, regions: Arc<RegionR
         };
         // The bytes are ours now: the sender may reuse the space.
         c.consumed.consume();
-        let (h, data) = match decode_record(&bytes) {
-            Ok(r) => r,
+        let (header, data_at, data_len) = match decode_record(&bytes) {
+            Ok((h, data)) => (h, bytes.len() - data.len(), data.len()),
             Err(e) => {
                 tracing::warn!(from = c.from, error = %e, "malformed record");
                 continue;
             }
         };
-        // Room in the store first, awaited: applying then never blocks this worker.
-        let cost = if h.kind == WriteKind::Data { data.len() as u64 } else { 0 };
-        let verdict = match inner.store.admit(cost).await {
-            Ok(admission) => inner.apply_record(c.from, &h, data, admission),
-            Err(e) => Err(format!("local store: {e}")),
-        };
-        if let Err(reason) = verdict {
-            tracing::info!(from = c.from, volume = h.volume, seq = h.seq, %reason, "record refused");
-            let msg = DataMsg::Nack { volume: h.volume, epoch: h.epoch, seq: h.seq, reason };
-            let inner = inner.clone();
-            let from = c.from;
-            tokio::spawn(async move {
-                let _ = inner.call(from, Channel::Replication, &msg).await;
-            });
+        // Room in the store first, awaited: the applier then never waits for budget.
+        let cost = if header.kind == WriteKind::Data { data_len as u64 } else { 0 };
+        match inner.store.admit(cost).await {
+            Ok(admission) => {
+                let work = RecordWork { from: c.from, header, bytes, data_at, admission };
+                if inner.records.send(work).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => inner.refuse_record(c.from, &header, format!("local store: {e}")),
+        }
+    }
+}
+
+/// Applies records in arrival order, in batches, each on a blocking thread.
+async fn apply_records<S: BlockStore>(inner: Weak<Inner<S>>, mut rx: mpsc::Receiver<RecordWork>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < APPLY_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let done = tokio::task::spawn_blocking(move || {
+            for w in batch {
+                let data = &w.bytes[w.data_at..];
+                if let Err(reason) = inner.apply_record(w.from, &w.header, data, w.admission) {
+                    inner.refuse_record(w.from, &w.header, reason);
+                }
+            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "record applier task failed");
+            return;
         }
     }
 }
 
 impl<S: BlockStore> Inner<S> {
+    /// Checks, applies and records one record (on a blocking thread). The check, the write and
+    /// the record in the recent-write log happen under the volume's backup lock, so a takeover
+    /// or an `Open` (which fence the epoch and snapshot the log under the same lock) sees
+    /// either none of them or all of them.
     fn apply_record(&self, from: NodeId, h: &RecordHeader, data: &[u8], admission: Admission) -> Result<(), String> {
         let vol = self.volume(h.volume).ok_or_else(|| format!("no copy of volume {} here", h.volume))?;
         if h.kind == WriteKind::Data && crc32c::crc32c(data) != h.crc {
             return Err("record checksum mismatch".into());
         }
-        vol.backup.lock().expect("backup lock").check(from, h.epoch, Some(h.seq)).map_err(|e| e.to_string())?;
-        let lsn = match h.kind {
+        let mut backup = vol.backup.lock().expect("backup lock");
+        backup.check(from, h.epoch, Some(h.seq)).map_err(|e| e.to_string())?;
+        let applied = match h.kind {
             WriteKind::Data => self.store.write_admitted(admission, h.volume, h.offset, data),
             WriteKind::Zeroes => self.store.write_zeroes_admitted(admission, h.volume, h.offset, h.len),
-        }
-        .map_err(|e| e.to_string())?;
+        };
+        // Recorded even if the write failed part way: the range may have changed.
         vol.recent.lock().expect("recent lock").record(h.offset, h.len);
+        drop(backup);
+        let lsn = applied.map_err(|e| e.to_string())?;
         let _ = vol.acks.send((from, h.epoch, h.seq, lsn));
         Ok(())
+    }
+
+    /// Tells the primary that a record was refused (it fails this member).
+    fn refuse_record(self: &Arc<Self>, from: NodeId, h: &RecordHeader, reason: String) {
+        tracing::info!(from, volume = h.volume, seq = h.seq, %reason, "record refused");
+        let msg = DataMsg::Nack { volume: h.volume, epoch: h.epoch, seq: h.seq, reason };
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let _ = inner.call(from, Channel::Replication, &msg).await;
+        });
     }
 
     /// Waits briefly for a volume this node has not heard of yet (a peer's Raft apply can be
@@ -1292,12 +1549,21 @@ impl<S: BlockStore> Inner<S> {
                 if primary != from {
                     return DataReply::Refused("an open must come from the primary itself".into());
                 }
-                let opened = vol.backup.lock().expect("backup lock").on_open(from, epoch, start_seq);
-                let reply = match opened {
-                    Ok(()) => DataReply::Opened { recent: vol.recent.lock().expect("recent lock").ranges() },
-                    Err(e) => DataReply::Refused(e.to_string()),
-                };
-                reply
+                // Under the backup lock, which an applier holds across a check, its write and
+                // its record: the log sent back shows every record applied before this open.
+                // On a blocking thread: that lock may wait for a store write.
+                let opened = tokio::task::spawn_blocking(move || {
+                    let mut backup = vol.backup.lock().expect("backup lock");
+                    backup.on_open(from, epoch, start_seq)?;
+                    let recent = vol.recent.lock().expect("recent lock").ranges();
+                    Ok(recent)
+                })
+                .await;
+                match opened {
+                    Ok(Ok(recent)) => DataReply::Opened { recent },
+                    Ok(Err(e)) => DataReply::Refused(crate::protocol::Refusal::to_string(&e)),
+                    Err(e) => DataReply::Failed(format!("open task: {e}")),
+                }
             }
             DataMsg::Acks { volume, epoch, seqs } => {
                 let Some(p) = self.volume(volume).and_then(|v| v.primary.lock().expect("primary lock").clone()) else {
@@ -1332,15 +1598,18 @@ impl<S: BlockStore> Inner<S> {
                 let Some(vol) = self.volume(volume) else {
                     return DataReply::Refused(format!("no copy of volume {volume}"));
                 };
-                if let Err(e) = vol.backup.lock().expect("backup lock").check(from, epoch, None) {
-                    return DataReply::Refused(e.to_string());
-                }
                 let store = self.store.clone();
-                match tokio::task::spawn_blocking(move || store.block_checksums(volume, offset, len)).await {
-                    Ok(Ok(s)) => DataReply::Checksums(s),
-                    Ok(Err(e)) => DataReply::Failed(e.to_string()),
-                    Err(e) => DataReply::Failed(format!("checksum task: {e}")),
-                }
+                let sums = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = vol.backup.lock().expect("backup lock").check(from, epoch, None) {
+                        return DataReply::Refused(e.to_string());
+                    }
+                    match store.block_checksums(volume, offset, len) {
+                        Ok(s) => DataReply::Checksums(s),
+                        Err(e) => DataReply::Failed(e.to_string()),
+                    }
+                })
+                .await;
+                sums.unwrap_or_else(|e| DataReply::Failed(format!("checksum task: {e}")))
             }
             DataMsg::Chunk { volume, epoch, offset, data } => {
                 let Some(vol) = self.volume(volume) else {
@@ -1351,15 +1620,26 @@ impl<S: BlockStore> Inner<S> {
                     Ok(a) => a,
                     Err(e) => return DataReply::Failed(e.to_string()),
                 };
-                if let Err(e) = vol.backup.lock().expect("backup lock").check(from, epoch, None) {
-                    return DataReply::Refused(e.to_string());
-                }
-                let lsn = match self.store.write_admitted(admission, volume, offset, &data) {
-                    Ok(l) => l,
-                    Err(e) => return DataReply::Failed(e.to_string()),
+                // The check, the write and the record under the backup lock, as for a record;
+                // on a blocking thread.
+                let store = self.store.clone();
+                let written = tokio::task::spawn_blocking(move || {
+                    let mut backup = vol.backup.lock().expect("backup lock");
+                    if let Err(e) = backup.check(from, epoch, None) {
+                        return Err(DataReply::Refused(e.to_string()));
+                    }
+                    let written = store.write_admitted(admission, volume, offset, &data);
+                    // A copy changes this replica like a write does: reconciliation must see it.
+                    vol.recent.lock().expect("recent lock").record_copy(offset, data.len() as u64);
+                    drop(backup);
+                    written.map_err(|e| DataReply::Failed(e.to_string()))
+                })
+                .await;
+                let lsn = match written {
+                    Ok(Ok(lsn)) => lsn,
+                    Ok(Err(reply)) => return reply,
+                    Err(e) => return DataReply::Failed(format!("copy task: {e}")),
                 };
-                // A copy changes this replica like a write does: reconciliation must see it.
-                vol.recent.lock().expect("recent lock").record_copy(offset, data.len() as u64);
                 match self.store.durable(lsn).await {
                     Ok(()) => DataReply::Ok,
                     Err(e) => DataReply::Failed(e.to_string()),
@@ -1369,13 +1649,17 @@ impl<S: BlockStore> Inner<S> {
                 let Some(vol) = self.volume(volume) else {
                     return DataReply::Refused(format!("no copy of volume {volume}"));
                 };
-                let checked = vol.backup.lock().expect("backup lock").check(from, epoch, None);
-                match checked {
-                    Ok(()) => {
-                        vol.recent.lock().expect("recent lock").mark_complete();
-                        DataReply::Ok
-                    }
-                    Err(e) => DataReply::Refused(e.to_string()),
+                let levelled = tokio::task::spawn_blocking(move || {
+                    let mut backup = vol.backup.lock().expect("backup lock");
+                    backup.check(from, epoch, None)?;
+                    vol.recent.lock().expect("recent lock").mark_complete();
+                    Ok(())
+                })
+                .await;
+                match levelled {
+                    Ok(Ok(())) => DataReply::Ok,
+                    Ok(Err(e)) => DataReply::Refused(crate::protocol::Refusal::to_string(&e)),
+                    Err(e) => DataReply::Failed(format!("level task: {e}")),
                 }
             }
             DataMsg::ProxyRead { volume, offset, len } => {
