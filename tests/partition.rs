@@ -812,3 +812,86 @@ fn a_partitioned_primary_stops_at_its_lease_end_and_rejoins_one_history_over_tcp
 fn a_partitioned_primary_stops_at_its_lease_end_and_rejoins_one_history_over_quic() {
     partition_the_primary("quic", 1);
 }
+
+/// Invariant I6 (docs/PROTOCOL.md, "Reads"): a read returns only data that no failover can take
+/// away. The primary is cut off from both backups; a write to a block goes to it and cannot be
+/// acknowledged (no backup can take it); a read of that block goes to it while its lease is
+/// still valid. Before the read rule, the primary answered from its own copy, which already
+/// held the write; then it was killed, the volume failed over to a backup that never saw the
+/// write, and the data the host had read was gone. Now the read waits for the write and is
+/// never served with it.
+#[test]
+fn a_cut_off_primary_never_serves_a_read_of_a_write_its_backups_lack() {
+    let _turn = common::take_turn();
+    let mut t = Topology::build(2);
+    t.configure("tcp");
+    t.start_nodes();
+    t.agreed_leader(&NODES, Duration::from_secs(20));
+    common::run_ok(&["volume", "create", VOLUME, "--size", "64M", "--endpoint", &t.api(1)]);
+    let v = wait_for("the volume to be served by its primary", Duration::from_secs(30), || {
+        let v = t.volume(1)?;
+        let primary = v["primary"].as_u64()?;
+        (ids(&v["isr"]) == NODES && t.local_copy(primary)?["serving"] == true).then_some(v)
+    });
+    let p = v["primary"].as_u64().expect("primary");
+    let epoch0 = v["epoch"].as_u64().expect("epoch");
+    let others: Vec<u64> = NODES.into_iter().filter(|&n| n != p).collect();
+    let at = 4 * MIB;
+    let old = random_bytes(0x1a, BLOCK as usize);
+    let new = random_bytes(0x1b, BLOCK as usize);
+    let mut cl = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(20)).expect("connect to the primary");
+    cl.write(at, &old).expect("write the old data through the primary");
+    cl.flush().expect("flush");
+    cl.disconnect();
+    t.wait_identical(p, Duration::from_secs(30));
+
+    // Both clients connect before the cut; the test's own link to the primary stays up.
+    let mut writer = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(3)).expect("writer connects");
+    let mut reader = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(3)).expect("reader connects");
+    t.partition(p, &others);
+    let cut = Instant::now();
+    let write = std::thread::spawn(move || writer.write(at, &new).map_err(|e| e.to_string()));
+    // Long enough for the write to reach the primary and be sequenced, well inside the lease
+    // (the read is then admitted: the primary still serves).
+    std::thread::sleep(Duration::from_millis(300));
+    let read_start = cut.elapsed();
+    let read = reader.read(at, BLOCK as usize);
+    let read_end = cut.elapsed();
+    let write = write.join().expect("writer thread");
+    println!(
+        "read through cut-off node {p} from +{} to +{}: {}; the write: {}",
+        secs(read_start),
+        secs(read_end),
+        match &read {
+            Ok(d) if d[..] == new[..] => "served the unacknowledged write".to_string(),
+            Ok(d) if d[..] == old[..] => "served the old data".to_string(),
+            Ok(_) => "served other data".to_string(),
+            Err(e) => format!("not served ({e})"),
+        },
+        match &write {
+            Ok(()) => "acknowledged".to_string(),
+            Err(e) => format!("not acknowledged ({e})"),
+        }
+    );
+    assert!(read_start < LEASE, "the read must start while the primary's lease is valid (at +{})", secs(read_start));
+    assert!(write.is_err(), "no backup could take the write, so it cannot have been acknowledged");
+    if let Ok(data) = &read {
+        assert!(data[..] != new[..], "the primary served a read of a write that no backup has (I6)");
+        assert!(data[..] == old[..], "the read returned neither the old nor the new data");
+    }
+
+    // The primary dies; the majority fails over to a backup, which never had the write.
+    let (_, child) = t.nodes.iter_mut().find(|(n, _)| *n == p).expect("primary's process");
+    child.kill().expect("kill -9 the primary");
+    child.wait().expect("reap the primary");
+    t.heal();
+    let v1 = wait_for("the majority to fail the volume over", FAILURE_TIMEOUT + Duration::from_secs(20), || {
+        let v = t.volume(others[0])?;
+        (v["primary"].as_u64()? != p && v["epoch"].as_u64()? > epoch0).then_some(v)
+    });
+    let q = v1["primary"].as_u64().expect("new primary");
+    let mut cl = NbdClient::connect(t.nbd(q), VOLUME, Duration::from_secs(20)).expect("connect to the new primary");
+    let after = cl.read(at, BLOCK as usize).expect("read through the new primary");
+    assert!(after[..] == old[..], "after the failover to node {q} the block holds the old data");
+    println!("after the failover to node {q}: the block holds the old data, as every read through node {p} showed");
+}
