@@ -850,7 +850,8 @@ fn a_cut_off_primary_never_serves_a_read_of_a_write_its_backups_lack() {
     let mut reader = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(3)).expect("reader connects");
     t.partition(p, &others);
     let cut = Instant::now();
-    let write = std::thread::spawn(move || writer.write(at, &new).map_err(|e| e.to_string()));
+    let sent = new.clone();
+    let write = std::thread::spawn(move || writer.write(at, &sent).map_err(|e| e.to_string()));
     // Long enough for the write to reach the primary and be sequenced, well inside the lease
     // (the read is then admitted: the primary still serves).
     std::thread::sleep(Duration::from_millis(300));

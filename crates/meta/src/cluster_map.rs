@@ -154,6 +154,11 @@ pub struct VolumeRecord {
     pub isr_version: u64,
     /// Replicas outside the ISR being brought level with the primary.
     pub resync: BTreeMap<NodeId, ResyncProgress>,
+    /// Which start of the primary's process runs the volume in this epoch
+    /// ([`MetaCmd::ClaimPrimary`]); `None` until the primary claims the epoch. One epoch has at
+    /// most one running primary, so a late ISR change of an earlier one is refused by epoch.
+    #[serde(default)]
+    pub claim: Option<u64>,
 }
 
 impl VolumeRecord {
@@ -270,6 +275,18 @@ pub enum MetaCmd {
         host: String,
         generation: u64,
         paths: Vec<VolumePaths>,
+    },
+    /// The primary claims its epoch before it serves, with a value new to this start of its
+    /// primary (a nonce): refused unless `epoch` and `primary` are the volume's. An unclaimed
+    /// epoch becomes the claimant's; a claim repeated with the same nonce changes nothing; an
+    /// epoch claimed by another nonce (an earlier start of this primary, in this process or a
+    /// previous one, whose ISR changes may still commit late) is replaced by the next epoch,
+    /// claimed by this nonce, with the same primary and ISR.
+    ClaimPrimary {
+        volume: VolumeId,
+        epoch: Epoch,
+        primary: NodeId,
+        nonce: u64,
     },
     /// Several commands in one log entry, applied in order. The leader batches concurrent
     /// client writes this way: openraft 0.9 flushes each entry before it takes the next, so
@@ -490,6 +507,9 @@ impl ClusterMap {
                 self.set_volume_isr(volume, epoch, isr_version, isr)
             }
             MetaCmd::Failover { volume, epoch, primary, isr } => self.failover(volume, epoch, primary, isr),
+            MetaCmd::ClaimPrimary { volume, epoch, primary, nonce } => {
+                self.claim_primary(volume, epoch, primary, nonce)
+            }
             MetaCmd::SetResyncProgress { volume, node, done_bytes, total_bytes } => {
                 self.set_resync_progress(volume, node, ResyncProgress { done_bytes, total_bytes })
             }
@@ -702,6 +722,7 @@ impl ClusterMap {
             isr: ds.replicas.clone(),
             epoch: 1,
             isr_version: 1,
+            claim: None,
             resync: BTreeMap::new(),
         };
         vol.assert_shape();
@@ -909,6 +930,32 @@ impl ClusterMap {
         vol.isr = isr;
         vol.epoch = epoch.checked_add(1).expect("epochs exhausted");
         vol.isr_version = vol.isr_version.checked_add(1).expect("ISR versions exhausted");
+        vol.claim = None;
+        vol.assert_shape();
+        self.touched.push(ObjectKey::Volume(id));
+        MetaReply::Done { changed: true }
+    }
+
+    fn claim_primary(&mut self, id: VolumeId, epoch: Epoch, primary: NodeId, nonce: u64) -> MetaReply {
+        let vol = match self.volume_mut(id) {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        if vol.claim == Some(nonce) && vol.primary == primary {
+            // A retry of the claim that made the current epoch (or claimed it).
+            return MetaReply::Done { changed: false };
+        }
+        if vol.epoch != epoch || vol.primary != primary {
+            return MetaReply::Invalid(format!(
+                "volume {id} is at epoch {} with primary {}, not epoch {epoch} with primary {primary}: the claim is stale",
+                vol.epoch, vol.primary
+            ));
+        }
+        if vol.claim.is_some() {
+            vol.epoch = epoch.checked_add(1).expect("epochs exhausted");
+            vol.isr_version = vol.isr_version.checked_add(1).expect("ISR versions exhausted");
+        }
+        vol.claim = Some(nonce);
         vol.assert_shape();
         self.touched.push(ObjectKey::Volume(id));
         MetaReply::Done { changed: true }
@@ -1417,6 +1464,51 @@ mod tests {
         assert_eq!(m.apply(MetaCmd::ClearResync { volume: 1, node: 3 }), SAME);
         assert!(matches!(m.apply(MetaCmd::ClearResync { volume: 7, node: 3 }), MetaReply::NotFound(_)));
         assert!(m.volumes[&1].resync.is_empty());
+    }
+
+    #[test]
+    fn a_claim_takes_an_unclaimed_epoch_and_a_second_start_moves_to_the_next() {
+        let mut m = one_volume();
+        let claim = |epoch, primary, nonce| MetaCmd::ClaimPrimary { volume: 1, epoch, primary, nonce };
+        let p = m.volumes[&1].primary;
+        let other = if p == 1 { 2 } else { 1 };
+        let before = m.clone();
+        invalid(m.apply(claim(1, other, 7)), "the claim is stale");
+        invalid(m.apply(claim(2, p, 7)), "the claim is stale");
+        assert!(matches!(
+            m.apply(MetaCmd::ClaimPrimary { volume: 9, epoch: 1, primary: p, nonce: 7 }),
+            MetaReply::NotFound(_)
+        ));
+        assert_eq!(m, before);
+        assert!(m.take_touched().is_empty());
+
+        // A new volume's first primary claims epoch 1 as it is.
+        assert_eq!(m.apply(claim(1, p, 7)), DONE);
+        assert_eq!((m.volumes[&1].epoch, m.volumes[&1].claim), (1, Some(7)));
+        assert_eq!(m.take_touched(), vec![ObjectKey::Volume(1)]);
+        assert_eq!(m.apply(claim(1, p, 7)), SAME, "a retry changes nothing");
+
+        // The primary grows its ISR at epoch 1; the change is pending when the primary is
+        // started again (a lease blip that outlasted the hold time, or a restart): the new
+        // start claims with a new nonce and gets epoch 2, same primary, same ISR.
+        assert_eq!(m.apply(isr(&m, 1, 1, &[1, 2])), DONE);
+        let grow_at_1 = isr(&m, 1, 1, &[1, 2, 3]);
+        let isr_before = m.volumes[&1].isr.clone();
+        assert_eq!(m.apply(claim(1, p, 8)), DONE);
+        let v = &m.volumes[&1];
+        assert_eq!((v.epoch, v.primary, v.isr.clone(), v.claim), (2, p, isr_before, Some(8)));
+        // The earlier start's change commits late: refused by the epoch (finding 1 of issue 13).
+        invalid(m.apply(grow_at_1), "stale primary");
+        // The earlier start's claim arrives late too: refused.
+        invalid(m.apply(claim(1, p, 7)), "the claim is stale");
+        assert_eq!(m.volumes[&1].epoch, 2);
+
+        // A failover leaves the new epoch unclaimed for the new primary.
+        let q = *m.volumes[&1].isr.iter().find(|&&n| n != p).expect("another member");
+        assert_eq!(m.apply(MetaCmd::Failover { volume: 1, epoch: 2, primary: q, isr: vec![p.min(q), p.max(q)] }), DONE);
+        assert_eq!((m.volumes[&1].epoch, m.volumes[&1].claim), (3, None));
+        assert_eq!(m.apply(claim(3, q, 9)), DONE);
+        assert_eq!((m.volumes[&1].epoch, m.volumes[&1].claim), (3, Some(9)));
     }
 
     #[test]

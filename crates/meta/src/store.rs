@@ -146,6 +146,7 @@ fn estimated_bytes(cmd: &MetaCmd) -> usize {
         MetaCmd::PublishPaths { host, paths, .. } => host.len() + crate::cluster_map::path_map_bytes(paths),
         MetaCmd::RemoveNode { .. }
         | MetaCmd::SetTransport { .. }
+        | MetaCmd::ClaimPrimary { .. }
         | MetaCmd::SetResyncProgress { .. }
         | MetaCmd::ClearResync { .. } => 0,
     }

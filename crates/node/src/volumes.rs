@@ -101,6 +101,20 @@ impl Coordinator for MetaCoordinator {
         self.leases.valid()
     }
 
+    fn claim_primary(&self, volume: VolumeId, epoch: Epoch, nonce: u64) -> BoxFuture<'_, Result<(), ProposeError>> {
+        Box::pin(async move {
+            let cmd = MetaCmd::ClaimPrimary { volume, epoch, primary: self.leases.me(), nonce };
+            match self.meta.write(cmd).await {
+                Ok(_) => Ok(()),
+                Err(MetaError::Invalid(why) | MetaError::NotFound(why) | MetaError::Conflict(why)) => {
+                    Err(ProposeError::Refused(why))
+                }
+                // Unknown outcome: the driver proposes the same claim again on its next tick.
+                Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+            }
+        })
+    }
+
     fn confirm_primary(&self, volume: VolumeId, epoch: Epoch) -> BoxFuture<'_, Result<bool, ProposeError>> {
         Box::pin(async move {
             let me = self.leases.me();
@@ -137,6 +151,7 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane) {
                         primary: v.primary,
                         isr: v.isr.clone(),
                         epoch: v.epoch,
+                        claim: v.claim,
                     })
                     .collect();
                 (nodes, volumes)

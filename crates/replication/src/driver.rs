@@ -89,6 +89,12 @@ pub trait Coordinator: Send + Sync + 'static {
     /// serves again: the lease says no *new* failover can begin, not that none happened
     /// while it was away (its copy of the map may not show that yet).
     fn confirm_primary(&self, volume: VolumeId, epoch: Epoch) -> BoxFuture<'_, Result<bool, ProposeError>>;
+    /// Claims `epoch` of `volume` for a new start of this node's primary, identified by
+    /// `nonce` (`MetaCmd::ClaimPrimary`): the committed map then names this claim, in this
+    /// epoch if no earlier start claimed it, else in the next one. A primary is built only in
+    /// an epoch its own claim holds, so no two starts ever share an epoch (docs/PROTOCOL.md,
+    /// "One primary per epoch").
+    fn claim_primary(&self, volume: VolumeId, epoch: Epoch, nonce: u64) -> BoxFuture<'_, Result<(), ProposeError>>;
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -135,6 +141,8 @@ pub struct VolumeConfig {
     pub primary: NodeId,
     pub isr: Vec<NodeId>,
     pub epoch: Epoch,
+    /// The start of the primary that claimed this epoch, if one did.
+    pub claim: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -211,6 +219,30 @@ struct Vol {
     acks: mpsc::UnboundedSender<(NodeId, Epoch, Seq, Lsn)>,
     resync_bytes_sent: AtomicU64,
     resync_bytes_compared: AtomicU64,
+    /// This node's claim of the volume's epoch for its next primary.
+    claim: Mutex<Claim>,
+}
+
+/// A claim of an epoch for the next start of this node's primary.
+#[derive(Default)]
+struct Claim {
+    /// The nonce proposed, kept until a primary is built with it (a proposal whose outcome is
+    /// unknown is repeated with the same nonce).
+    nonce: Option<u64>,
+    /// A proposal is under way.
+    proposing: bool,
+}
+
+/// A value no other start of a primary on this node has used: the time, the process and a
+/// counter, mixed.
+fn new_nonce() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut z = nanos ^ (u64::from(std::process::id()) << 40) ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(20);
+    // splitmix64's finalizer.
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).max(1)
 }
 
 /// The primary of one volume for one epoch: the protocol core and what the driver keeps
@@ -408,6 +440,7 @@ impl<S: BlockStore> DataPlane<S> {
                             acks,
                             resync_bytes_sent: AtomicU64::new(0),
                             resync_bytes_compared: AtomicU64::new(0),
+                            claim: Mutex::new(Claim::default()),
                         });
                         tokio::spawn(send_acks(Arc::downgrade(inner), id, rx));
                         tokio::spawn(run_applier(Arc::downgrade(inner), apply_rx));
@@ -748,6 +781,26 @@ impl<S: BlockStore> Inner<S> {
             }
         }
         if slot.is_none() && cfg.primary == self.me && self.coord.lease_valid() {
+            // Build only in an epoch this start claimed; claim it first otherwise.
+            let mut claim = vol.claim.lock().expect("claim lock");
+            if cfg.claim.is_none() || cfg.claim != claim.nonce {
+                if !claim.proposing {
+                    claim.proposing = true;
+                    let nonce = *claim.nonce.get_or_insert_with(new_nonce);
+                    let (inner, vol, epoch) = (self.clone(), vol.clone(), cfg.epoch);
+                    tokio::spawn(async move {
+                        match inner.coord.claim_primary(id, epoch, nonce).await {
+                            Ok(()) => tracing::info!(volume = id, epoch, "claimed the epoch for a new primary"),
+                            Err(e) => tracing::info!(volume = id, epoch, error = %e, "epoch not claimed (yet)"),
+                        }
+                        vol.claim.lock().expect("claim lock").proposing = false;
+                    });
+                }
+                return;
+            }
+            // Used: a later start needs a claim of its own.
+            claim.nonce = None;
+            drop(claim);
             let recent = vol.recent.lock().expect("recent lock").ranges();
             let seq_base = self.next_wire_seq.fetch_add(1 << 32, Ordering::Relaxed);
             let core = Primary::new(
