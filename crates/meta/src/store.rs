@@ -425,6 +425,12 @@ impl MetaStore {
         self.local_read_index().await.map(|_| ())
     }
 
+    /// Confirms this node's leadership with a majority and returns the index every write
+    /// committed before the call is at or below (the read index).
+    pub async fn read_index(&self) -> Result<u64, MetaError> {
+        self.local_read_index().await.map(|i| i.unwrap_or(0))
+    }
+
     async fn local_read_index(&self) -> Result<Option<u64>, MetaError> {
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index)),

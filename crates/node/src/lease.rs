@@ -67,6 +67,9 @@ pub struct Leases {
     leading_since: Mutex<Option<Instant>>,
     /// See [`takeover_grace`].
     grace: Duration,
+    /// The log index up to which this node's data plane has acted on the committed map
+    /// ([`Leases::note_applied`]); a grant counts only once this reaches its index.
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Leases {
@@ -78,6 +81,7 @@ impl Leases {
             heard: Mutex::new(HashMap::new()),
             leading_since: Mutex::new(None),
             grace: takeover_grace(election_timeout_min),
+            applied: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -98,12 +102,30 @@ impl Leases {
         }
     }
 
-    /// On the leader: confirm leadership with a majority, then note that `from` is alive.
+    /// The node's data plane has acted on the committed map up to log index `index`.
+    pub fn note_applied(&self, index: u64) {
+        self.applied.send_if_modified(|v| {
+            let newer = index > *v;
+            if newer {
+                *v = index;
+            }
+            newer
+        });
+    }
+
+    /// Waits (at most `timeout`) until the data plane has acted on the map up to `index`.
+    async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut applied = self.applied.subscribe();
+        tokio::time::timeout(timeout, applied.wait_for(|v| *v >= index)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// On the leader: confirm leadership with a majority, then note that `from` is alive. The
+    /// grant carries the read index: the lease counts only once the node has applied that far.
     async fn grant(&self, from: NodeId) -> ProbeReply {
-        match tokio::time::timeout(RENEW_TIMEOUT, self.meta.confirm_leadership()).await {
-            Ok(Ok(())) => {
+        match tokio::time::timeout(RENEW_TIMEOUT, self.meta.read_index()).await {
+            Ok(Ok(index)) => {
                 self.heard.lock().expect("heard lock").insert(from, Instant::now());
-                ProbeReply::Granted
+                ProbeReply::GrantedAt { index }
             }
             _ => ProbeReply::NotLeader(self.meta.status().leader.filter(|l| *l != self.me)),
         }
@@ -143,12 +165,18 @@ impl Leases {
                 interval.tick().await;
                 let sent = Instant::now();
                 let granted = match leases.meta.status().leader {
-                    Some(l) if l == leases.me => matches!(leases.grant(leases.me).await, ProbeReply::Granted),
+                    Some(l) if l == leases.me => match leases.grant(leases.me).await {
+                        ProbeReply::GrantedAt { index } => Some(index),
+                        _ => None,
+                    },
                     Some(l) => request_lease(&mesh, l).await,
-                    None => false,
+                    None => None,
                 };
-                if granted {
-                    leases.extend(sent);
+                // The lease still counts from when it was asked for; applying only delays it.
+                if let Some(index) = granted {
+                    if leases.wait_applied(index, LEASE).await {
+                        leases.extend(sent);
+                    }
                 }
             }
         });
@@ -208,8 +236,12 @@ impl Leases {
     }
 }
 
-async fn request_lease(mesh: &Mesh, leader: NodeId) -> bool {
-    matches!(probe_call(mesh, leader, &ProbeMsg::LeaseRequest, RENEW_TIMEOUT).await, Ok(ProbeReply::Granted))
+/// The read index the leader granted a lease at, if it granted one.
+async fn request_lease(mesh: &Mesh, leader: NodeId) -> Option<u64> {
+    match probe_call(mesh, leader, &ProbeMsg::LeaseRequest, RENEW_TIMEOUT).await {
+        Ok(ProbeReply::GrantedAt { index }) => Some(index),
+        _ => None,
+    }
 }
 
 /// Sends `msg` to node `to` on the probe channel and decodes its answer, within `timeout`.

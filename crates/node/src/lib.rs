@@ -100,7 +100,7 @@ pub async fn run(
         .map_err(|e| anyhow!("node {id}: cannot open the block store: {e}"))?;
     let coord = Arc::new(volumes::MetaCoordinator { meta: meta.clone(), leases: leases.clone() });
     let plane = DataPlane::start(id, mesh.clone(), Arc::new(store.clone()), coord, DataPlaneConfig::default());
-    volumes::follow_volumes(meta.clone(), plane.clone());
+    volumes::follow_volumes(meta.clone(), plane.clone(), leases.clone());
     // Every target port serves every volume.
     let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::watch::channel(false);
     let exports = Arc::new(volumes::NbdExports { plane: plane.clone() });

@@ -128,7 +128,7 @@ impl Coordinator for MetaCoordinator {
 }
 
 /// Keeps the data plane in line with the committed cluster map.
-pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane) {
+pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane, leases: Arc<Leases>) {
     tokio::spawn(async move {
         // A node that restarts first catches up with the committed map (a linearizable read
         // waits for that), so that it does not act on the roles it held before it went down.
@@ -137,6 +137,8 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane) {
         }
         let mut applied = meta.subscribe();
         loop {
+            // Read before the state: the state is at least this far.
+            let index = *applied.borrow_and_update();
             let (nodes, volumes) = meta.local_read(|st| {
                 let nodes: Vec<NodeId> = st.map.nodes.keys().copied().collect();
                 let volumes: Vec<VolumeConfig> = st
@@ -163,6 +165,8 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane) {
             if let Err(e) = tokio::task::spawn_blocking(move || p.apply_config(volumes)).await {
                 tracing::error!(error = %e, "applying the volume configuration failed");
             }
+            // Only now may a lease granted at this index count (docs/PROTOCOL.md, "Leases").
+            leases.note_applied(index);
             if applied.changed().await.is_err() {
                 return;
             }

@@ -187,7 +187,6 @@ pub struct PathProbe {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProbeReply {
-    Granted,
     /// This node is not the leader (it names the leader it knows, if any).
     NotLeader(Option<NodeId>),
     Pong,
@@ -195,6 +194,12 @@ pub enum ProbeReply {
     Accepted,
     /// The probe results were refused (unknown host, or too many at once).
     Refused(String),
+    /// A lease, granted after the leader confirmed its leadership at this commit index: it
+    /// counts only once the node has applied the log up to `index` (so a node never holds a
+    /// lease while its map lags a committed failover).
+    GrantedAt {
+        index: u64,
+    },
 }
 
 impl ProbeMsg {
