@@ -36,7 +36,7 @@ use tandem_types::{Channel, NodeId};
 use tandem_wire::{Frame, FrameKind};
 use tokio::io::BufReader;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::pipe::{read_frame, spawn_writer, BoxRead, PipeTx};
@@ -187,6 +187,9 @@ struct InboundChan {
     channel: Channel,
     st: Mutex<InState>,
     dispatch: mpsc::Sender<Dispatch>,
+    /// The sender's current session. A request of an older session (one the sender abandoned
+    /// and failed to its callers) is never started, and one still running is cancelled.
+    current: watch::Sender<u64>,
 }
 
 struct MeshInner {
@@ -467,6 +470,7 @@ impl MeshInner {
                         replies: BTreeMap::new(),
                     }),
                     dispatch: tx,
+                    current: watch::Sender::new(0),
                 });
                 tokio::spawn(dispatcher(Arc::downgrade(self), chan.clone(), rx));
                 chan
@@ -497,6 +501,7 @@ impl MeshInner {
             // waits for (everything below it was answered, by this process or its predecessor).
             let next_seq = frame.ack.max(1);
             *st = InState { session: frame.session, next_seq, buffered: BTreeMap::new(), replies: BTreeMap::new() };
+            chan.current.send_replace(frame.session);
         }
         st.replies = st.replies.split_off(&frame.ack);
         if frame.seq < st.next_seq {
@@ -532,9 +537,19 @@ impl MeshInner {
 
 /// Hands requests of one (peer, channel) to the handler in sequence order. Region writes are
 /// done right here, in order, so their completions come out in ring order.
+///
+/// A request whose session the sender has abandoned (it failed every request of that session
+/// to its callers, who may have retried them on the new session) never starts, and one that
+/// is still running when the new session begins is cancelled: a request its caller was told
+/// failed must not take effect after the retry (docs/PROTOCOL.md, "Requests a host gave up
+/// on").
 async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc::Receiver<Dispatch>) {
     let permits = Arc::new(Semaphore::new(DISPATCH_IN_FLIGHT_MAX));
+    let abandoned = |session: u64| *chan.current.borrow() != session;
     while let Some(d) = rx.recv().await {
+        if abandoned(d.session) {
+            continue;
+        }
         let Some(m) = mesh.upgrade() else { return };
         if d.kind == FrameKind::RegionWrite {
             let result = m.regions.write(chan.from, chan.channel, &d.payload).await;
@@ -544,11 +559,24 @@ async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc:
         let handler = m.handlers.read().expect("handlers lock").get(&chan.channel).cloned();
         drop(m);
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        if abandoned(d.session) {
+            continue;
+        }
         let chan = chan.clone();
         tokio::spawn(async move {
-            let result = match handler {
-                Some(h) => h.handle(chan.from, chan.channel, d.payload).await,
-                None => Err(format!("this node serves nothing on the {} channel", chan.channel)),
+            let mut current = chan.current.subscribe();
+            let handle = async {
+                match handler {
+                    Some(h) => h.handle(chan.from, chan.channel, d.payload).await,
+                    None => Err(format!("this node serves nothing on the {} channel", chan.channel)),
+                }
+            };
+            let result = tokio::select! {
+                result = handle => result,
+                _ = current.wait_for(|s| *s != d.session) => {
+                    tracing::debug!(from = chan.from, channel = %chan.channel, seq = d.seq, "request of an abandoned session cancelled");
+                    return;
+                }
             };
             finish(&chan, d.session, d.seq, result).await;
             drop(permit);

@@ -485,3 +485,94 @@ async fn a_restarted_receiver_picks_up_a_long_running_session() {
         }
     }
 }
+
+/// Blocks requests named "block" until released (or cancelled); logs every request it
+/// completes.
+struct Gate {
+    release: Arc<tokio::sync::Semaphore>,
+    started: Arc<AtomicU64>,
+    done: Arc<Mutex<Vec<String>>>,
+}
+
+impl Handler for Gate {
+    fn handle(&self, _from: NodeId, _channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let name = String::from_utf8_lossy(&payload).to_string();
+            if name.starts_with("block") {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                let _ = self.release.acquire().await.expect("gate").forget();
+            }
+            self.done.lock().expect("log").push(name);
+            Ok(Bytes::new())
+        })
+    }
+}
+
+/// Finding 7 of issue 13: a request the sender gave up on (its session abandoned: here the
+/// sender restarted; a link that cannot be re-made does the same) must not take effect after
+/// the sender's next requests. Requests of the old session still queued at the receiver are
+/// never started, and those running are cancelled, as soon as the new session begins.
+#[tokio::test]
+async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins() {
+    for kind in KINDS {
+        let ca = Ca::new("fence");
+        let gate = Gate {
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+            started: Arc::new(AtomicU64::new(0)),
+            done: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (release, started, done) = (gate.release.clone(), gate.started.clone(), gate.done.clone());
+        let (b, b_addr) = mesh(&ca.identity(2), kind, Arc::new(gate)).await;
+        let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
+        a.set_peer_addr(2, b_addr);
+        b.set_peer_addr(1, a_addr);
+        // Every handler slot of the channel is taken by a blocked request; two more wait in
+        // the receiver's queue behind them.
+        let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
+        let mut calls = Vec::new();
+        for i in 0..slots {
+            let a = a.clone();
+            calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(format!("block-{i}"))).await }));
+        }
+        for name in ["old-1", "old-2"] {
+            let a = a.clone();
+            calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(name)).await }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while started.load(Ordering::SeqCst) < slots as u64 {
+            assert!(Instant::now() < deadline, "{kind}: the blocking requests never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The sender goes away with all of them unanswered and comes back: a new session.
+        a.shutdown();
+        drop(a);
+        for c in calls {
+            c.abort();
+        }
+        let (a2, a2_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
+        a2.set_peer_addr(2, b_addr);
+        b.set_peer_addr(1, a2_addr);
+        let mut new_1 = {
+            let a2 = a2.clone();
+            tokio::spawn(async move { a2.call(2, Channel::Bulk, Bytes::from_static(b"new-1")).await })
+        };
+        // The new session's request runs at once: the abandoned ones hold no handler slot.
+        // (Before the fence it waited behind them; they are let go after 3 s regardless, so
+        // that the check below shows what runs in which order.)
+        let answered_at_once = tokio::time::timeout(Duration::from_secs(3), &mut new_1).await.is_ok();
+        // Let anything of the old session that could still run, run.
+        release.add_permits(slots * 2);
+        if !answered_at_once {
+            new_1.await.expect("task").expect("new-1");
+        }
+        a2.call(2, Channel::Bulk, Bytes::from_static(b"new-2")).await.expect("new-2");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let done = done.lock().expect("log").clone();
+        assert!(done.contains(&"new-1".to_string()) && done.contains(&"new-2".to_string()), "{kind}: {done:?}");
+        let stale: Vec<&String> = done.iter().filter(|n| !n.starts_with("new")).collect();
+        assert!(stale.is_empty(), "{kind}: requests of the abandoned session ran after the new one began: {stale:?}");
+        assert!(answered_at_once, "{kind}: the new session's request waited for the abandoned ones");
+        a2.shutdown();
+        b.shutdown();
+    }
+}
