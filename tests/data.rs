@@ -265,6 +265,93 @@ fn killing_a_primary_that_leads_raft_under_writes_fails_and_loses_no_write() {
     kill_the_primary_under_writes(true);
 }
 
+/// Issue 13, finding 1, against real processes: while the primary re-adds a backup that was
+/// cut out of the ISR, the primary's lease blips (SIGSTOP for longer than the lease, shorter
+/// than the failure timeout); then the primary is killed with SIGKILL. Whatever the order in
+/// which the re-add, the blip and the failover land, no host write fails, every acknowledged
+/// write reads back on every replica, and the replicas end identical. A primary started again
+/// after its core was lost never runs in the epoch of its earlier start (docs/PROTOCOL.md,
+/// "One primary per epoch").
+#[test]
+fn a_lease_blip_of_the_primary_during_a_re_add_then_its_kill_loses_no_write() {
+    let c = Cluster::up(3);
+    let leader = c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    // A volume whose primary does not lead Raft: its stop then costs the cluster no election.
+    let mut name = String::new();
+    for i in 1..=3 {
+        let n = format!("vb{i}");
+        let v = create_volume(&c, &n, "64M");
+        if v["primary"].as_u64() != Some(leader) {
+            name = n;
+            break;
+        }
+    }
+    assert!(!name.is_empty(), "every volume's primary is the Raft leader {leader}");
+    let name = name.as_str();
+    let primary = volume(&c, 1, name).and_then(|v| v["primary"].as_u64()).expect("primary");
+    let others: Vec<u64> = c.node_ids().into_iter().filter(|&n| n != primary).collect();
+    // The backup to cut out and re-add: the one that does not lead Raft.
+    let readded = *others.iter().find(|&&n| n != leader).expect("a backup that does not lead");
+    let epoch0 = volume(&c, leader, name).and_then(|v| v["epoch"].as_u64()).expect("epoch");
+    let seed = 0x5eed_0013;
+    println!("write stream seed {seed:#x}; volume {name}, primary {primary}, leader {leader}, re-added {readded}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(History::default()));
+    // Through the leader's node (proxied to the primary): it is never stopped.
+    let writer = write_stream(vec![c.nbd_addr(leader)], name.into(), 2048, seed, stop.clone(), history.clone());
+    let acked = |n: u64| {
+        let h = history.clone();
+        move || (h.lock().expect("history").acked_total >= n).then_some(())
+    };
+    wait_for("100 acknowledged writes", Duration::from_secs(60), acked(100));
+
+    // Cut the backup out of the ISR: it stops answering for longer than the ack timeout.
+    let paused = c.pause(readded);
+    let shrunk = wait_for("the ISR to drop the stopped backup", Duration::from_secs(30), || {
+        let v = volume(&c, leader, name)?;
+        (!ids(&v["isr"]).contains(&readded)).then_some(v)
+    });
+    paused.resume();
+    println!("node {readded} left the ISR: {shrunk}");
+    // As soon as its resync is under way, the primary's lease blips.
+    let seen = wait_for("the backup's resync to start", Duration::from_secs(30), || {
+        let v = volume(&c, leader, name)?;
+        let resyncing = v["resync"].as_array()?.iter().any(|r| r["node"].as_u64() == Some(readded));
+        (resyncing || ids(&v["isr"]).contains(&readded)).then_some(v)
+    });
+    let blip = c.pause(primary);
+    println!("lease blip of node {primary} starts; the volume was {seen}");
+    std::thread::sleep(tandem_node::lease::LEASE + Duration::from_millis(300));
+    blip.resume();
+    let n = history.lock().expect("history").acked_total;
+    wait_for("writes to go on after the blip", Duration::from_secs(60), acked(n + 100));
+
+    // The primary dies.
+    let before_kill = history.lock().expect("history").acked_total;
+    c.kill9(primary);
+    wait_for("writes to resume after the kill", Duration::from_secs(60), acked(before_kill + 100));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let h = history.lock().expect("history");
+    let v = volume(&c, leader, name).expect("volume");
+    println!(
+        "acknowledged {}, failed {}, worst write latency {:?}; volume now {v}",
+        h.acked_total, h.failed_total, h.latency_max
+    );
+    assert_eq!(h.failed_total, 0, "a host write failed while a survivor could serve");
+    assert!(others.contains(&v["primary"].as_u64().expect("primary")), "a survivor is primary: {v}");
+    assert!(v["epoch"].as_u64().expect("epoch") > epoch0, "the epoch moved on: {v}");
+    let survivors_isr = ids(&v["isr"]);
+    check_history(&c, &survivors_isr, name, &h);
+    wait_identical(&c, leader, name, &others, Duration::from_secs(60));
+    check_history(&c, &others, name, &h);
+
+    // The old primary returns, is resynced, and holds the same data.
+    c.restart_missing();
+    wait_identical(&c, leader, name, &[1, 2, 3], Duration::from_secs(60));
+    check_history(&c, &[primary], name, &h);
+}
+
 #[test]
 fn a_returning_backup_resyncs_only_what_changed() {
     let c = Cluster::up(3);
