@@ -25,7 +25,7 @@
 //! [`TransportError::Unreachable`] and starts a new session (the receiver resets on seeing it):
 //! delivery is exactly-once while a peer is reachable, at-most-once when it is not.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -65,15 +65,32 @@ type ReplyTx = oneshot::Sender<Result<Bytes, TransportError>>;
 /// Bytes read from a pipe at a time when frames are small (large bodies bypass the buffer).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-/// The reply to a request that has been queued on a link.
+/// The reply to a request that has been queued on a link. Dropping it before the reply came
+/// withdraws the request: if it has not gone out it never will (an empty payload takes its
+/// number), and if it has, a `Cancel` frame follows it, ahead of anything sent later on the
+/// link, so the receiver does not start it or cancels it while it runs.
 pub struct PendingReply {
     peer: NodeId,
     rx: oneshot::Receiver<Result<Bytes, TransportError>>,
+    /// The request, to cancel if this is dropped unanswered (requests only).
+    cancel: Option<(Weak<ChannelLink>, u64, u64)>,
 }
 
 impl PendingReply {
-    pub async fn wait(self) -> Result<Bytes, TransportError> {
-        self.rx.await.unwrap_or(Err(TransportError::Unreachable { peer: self.peer, reason: "link closed".into() }))
+    pub async fn wait(mut self) -> Result<Bytes, TransportError> {
+        let reply = (&mut self.rx).await;
+        self.cancel = None;
+        reply.unwrap_or(Err(TransportError::Unreachable { peer: self.peer, reason: "link closed".into() }))
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        if let Some((link, session, seq)) = self.cancel.take() {
+            if let Some(link) = link.upgrade() {
+                link.cancel(session, seq);
+            }
+        }
     }
 }
 
@@ -124,6 +141,9 @@ struct OutState {
     last_error: String,
     ever_connected: bool,
     driver_started: bool,
+    /// Requests sent and then given up on by their callers: a `Cancel` frame goes out for
+    /// each, before any request sent after it.
+    cancels: Vec<u64>,
 }
 
 impl OutState {
@@ -146,7 +166,7 @@ impl OutState {
     }
 
     fn has_unsent(&self) -> bool {
-        self.pending.values().any(|p| p.sent_on.is_none_or(|g| !self.is_alive_gen(g)))
+        !self.cancels.is_empty() || self.pending.values().any(|p| p.sent_on.is_none_or(|g| !self.is_alive_gen(g)))
     }
 }
 
@@ -190,6 +210,9 @@ struct InboundChan {
     /// The sender's current session. A request of an older session (one the sender abandoned
     /// and failed to its callers) is never started, and one still running is cancelled.
     current: watch::Sender<u64>,
+    /// Requests of the current session the sender cancelled (`Cancel` frames), from its
+    /// oldest unanswered one on: bounded by the window.
+    cancelled: watch::Sender<BTreeSet<u64>>,
 }
 
 struct MeshInner {
@@ -424,6 +447,7 @@ impl MeshInner {
                         last_error: String::new(),
                         ever_connected: false,
                         driver_started: false,
+                        cancels: Vec::new(),
                     }),
                     space: Notify::new(),
                     wake: Notify::new(),
@@ -471,6 +495,7 @@ impl MeshInner {
                     }),
                     dispatch: tx,
                     current: watch::Sender::new(0),
+                    cancelled: watch::Sender::new(BTreeSet::new()),
                 });
                 tokio::spawn(dispatcher(Arc::downgrade(self), chan.clone(), rx));
                 chan
@@ -484,7 +509,7 @@ impl MeshInner {
         if frame.channel != channel {
             return Err(format!("frame for {} on a {channel} pipe", frame.channel));
         }
-        if !matches!(frame.kind, FrameKind::Request | FrameKind::RegionWrite) {
+        if !matches!(frame.kind, FrameKind::Request | FrameKind::RegionWrite | FrameKind::Cancel) {
             return Err(format!("unexpected {:?} frame from a client", frame.kind));
         }
         if frame.seq == 0 {
@@ -495,15 +520,33 @@ impl MeshInner {
         if frame.session < st.session {
             return Ok(()); // A straggler of a session the sender has abandoned.
         }
+        if frame.kind == FrameKind::Cancel {
+            // Only for a request of this session within the window; it may still be on its
+            // way on another pipe, buffered, queued, running, or answered already.
+            if frame.session == st.session && frame.seq >= frame.ack && frame.seq < st.next_seq + WINDOW_SEQS {
+                drop(st);
+                chan.cancelled.send_modify(|c| {
+                    c.insert(frame.seq);
+                });
+            }
+            return Ok(());
+        }
         if frame.session > st.session {
             // A new session, or a session this process has not seen because it restarted while
             // the sender kept its link: delivery starts at the oldest request the sender still
             // waits for (everything below it was answered, by this process or its predecessor).
             let next_seq = frame.ack.max(1);
             *st = InState { session: frame.session, next_seq, buffered: BTreeMap::new(), replies: BTreeMap::new() };
+            chan.cancelled.send_replace(BTreeSet::new());
             chan.current.send_replace(frame.session);
         }
         st.replies = st.replies.split_off(&frame.ack);
+        chan.cancelled.send_if_modified(|c| {
+            if c.first().is_some_and(|&s| s < frame.ack) {
+                *c = c.split_off(&frame.ack);
+            }
+            false
+        });
         if frame.seq < st.next_seq {
             match st.replies.get_mut(&frame.seq) {
                 Some(ReplyState::Done(reply)) => {
@@ -546,8 +589,14 @@ impl MeshInner {
 async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc::Receiver<Dispatch>) {
     let permits = Arc::new(Semaphore::new(DISPATCH_IN_FLIGHT_MAX));
     let abandoned = |session: u64| *chan.current.borrow() != session;
+    let cancelled = |seq: u64| chan.cancelled.borrow().contains(&seq);
+    const CANCELLED: &str = "cancelled by the sender";
     while let Some(d) = rx.recv().await {
         if abandoned(d.session) {
+            continue;
+        }
+        if cancelled(d.seq) {
+            finish(&chan, d.session, d.seq, Err(CANCELLED.to_string())).await;
             continue;
         }
         let Some(m) = mesh.upgrade() else { return };
@@ -562,9 +611,14 @@ async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc:
         if abandoned(d.session) {
             continue;
         }
+        if cancelled(d.seq) {
+            finish(&chan, d.session, d.seq, Err(CANCELLED.to_string())).await;
+            continue;
+        }
         let chan = chan.clone();
         tokio::spawn(async move {
             let mut current = chan.current.subscribe();
+            let mut cancels = chan.cancelled.subscribe();
             let handle = async {
                 match handler {
                     Some(h) => h.handle(chan.from, chan.channel, d.payload).await,
@@ -577,6 +631,7 @@ async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc:
                     tracing::debug!(from = chan.from, channel = %chan.channel, seq = d.seq, "request of an abandoned session cancelled");
                     return;
                 }
+                _ = cancels.wait_for(|c| c.contains(&d.seq)) => Err(CANCELLED.to_string()),
             };
             finish(&chan, d.session, d.seq, result).await;
             drop(permit);
@@ -671,6 +726,7 @@ impl ChannelLink {
                     && (st.pending.is_empty() || st.bytes + len <= CHANNEL_BYTES_MAX);
                 if fits {
                     let seq = st.next_seq;
+                    let st_session = st.session;
                     st.next_seq += 1;
                     let (tx, rx) = oneshot::channel();
                     let payload = payload.take().expect("payload is taken once");
@@ -693,7 +749,8 @@ impl ChannelLink {
                     if need_driver {
                         self.kick();
                     }
-                    return Ok(PendingReply { peer: self.peer, rx });
+                    let cancel = (kind == FrameKind::Request).then(|| (Arc::downgrade(self), st_session, seq));
+                    return Ok(PendingReply { peer: self.peer, rx, cancel });
                 }
             }
             notified.await;
@@ -718,6 +775,24 @@ impl ChannelLink {
         if draining {
             self.wake.notify_one();
         }
+    }
+
+    /// The caller of request `seq` of `session` gave up on it. Not sent yet: the driver
+    /// withdraws it when it comes to it. Sent: a `Cancel` frame goes out before anything sent
+    /// later on this link.
+    fn cancel(self: &Arc<Self>, session: u64, seq: u64) {
+        {
+            let mut st = self.st.lock().expect("link lock");
+            if st.session != session {
+                return;
+            }
+            let Some(p) = st.pending.get(&seq) else { return };
+            if p.kind != FrameKind::Request || p.sent_on.is_none() {
+                return;
+            }
+            st.cancels.push(seq);
+        }
+        self.kick();
     }
 
     /// A dial failed, or a pipe died before answering anything sent on it (a peer that
@@ -764,6 +839,7 @@ impl ChannelLink {
         }
         st.bytes = 0;
         st.pipes.clear();
+        st.cancels.clear();
         st.session = mesh.new_session();
         st.next_seq = 1;
     }
@@ -843,6 +919,12 @@ impl ChannelLink {
                 let mut st = self.st.lock().expect("link lock");
                 let ack = st.ack();
                 let session = st.session;
+                if !st.cancels.is_empty() {
+                    // Before any request still to send: the receiver sees the cancel first.
+                    let seq = st.cancels.remove(0);
+                    permit.send(Frame::new(FrameKind::Cancel, self.channel, session, seq, ack, Bytes::new()));
+                    continue;
+                }
                 let alive: Vec<u64> = st.pipes.iter().filter(|p| p.tx.is_alive()).map(|p| p.gen).collect();
                 let next = st.pending.iter_mut().find(|(_, p)| p.sent_on.is_none_or(|g| !alive.contains(&g)));
                 let Some((seq, p)) = next else { break };

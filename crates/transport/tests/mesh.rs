@@ -500,7 +500,7 @@ impl Handler for Gate {
             let name = String::from_utf8_lossy(&payload).to_string();
             if name.starts_with("block") {
                 self.started.fetch_add(1, Ordering::SeqCst);
-                let _ = self.release.acquire().await.expect("gate").forget();
+                self.release.acquire().await.expect("gate").forget();
             }
             self.done.lock().expect("log").push(name);
             Ok(Bytes::new())
@@ -573,6 +573,69 @@ async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins
         assert!(stale.is_empty(), "{kind}: requests of the abandoned session ran after the new one began: {stale:?}");
         assert!(answered_at_once, "{kind}: the new session's request waited for the abandoned ones");
         a2.shutdown();
+        b.shutdown();
+    }
+}
+
+/// A caller that gives up on a request after it went out (here: its task is aborted, as an
+/// NBD connection's requests are when the host disconnects) cancels it at the receiver: a
+/// request still queued there never starts, one running is cancelled, both before anything the
+/// sender sends later on the link. The link goes on (the cancelled requests are answered, so
+/// the window moves).
+#[tokio::test]
+async fn a_request_given_up_after_it_went_out_is_cancelled_before_later_ones_run() {
+    for kind in KINDS {
+        let ca = Ca::new("cancel");
+        let gate = Gate {
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+            started: Arc::new(AtomicU64::new(0)),
+            done: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (release, started, done) = (gate.release.clone(), gate.started.clone(), gate.done.clone());
+        let (b, b_addr) = mesh(&ca.identity(2), kind, Arc::new(gate)).await;
+        let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
+        a.set_peer_addr(2, b_addr);
+        b.set_peer_addr(1, a_addr);
+        a.call(2, Channel::Bulk, Bytes::from_static(b"warm-up")).await.expect("warm-up");
+        let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
+        let mut calls = Vec::new();
+        for i in 0..slots {
+            let a = a.clone();
+            calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(format!("block-{i}"))).await }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while started.load(Ordering::SeqCst) < slots as u64 {
+            assert!(Instant::now() < deadline, "{kind}: the blocking requests never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Queued at the receiver behind the blocked ones.
+        for name in ["queued-1", "queued-2"] {
+            let a = a.clone();
+            calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(name)).await }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for c in &calls {
+            c.abort();
+        }
+        for c in calls {
+            let _ = c.await;
+        }
+        // The link is still up: later requests run at once (the cancelled ones freed their
+        // handler slots), and a window's worth more go through.
+        tokio::time::timeout(Duration::from_secs(3), a.call(2, Channel::Bulk, Bytes::from_static(b"after-1")))
+            .await
+            .unwrap_or_else(|_| panic!("{kind}: a request after the cancelled ones waited for them"))
+            .expect("after-1");
+        release.add_permits(slots * 2);
+        for i in 0..300u32 {
+            a.call(2, Channel::Bulk, Bytes::from(format!("after-more-{i}"))).await.expect("after-more");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let done = done.lock().expect("log").clone();
+        let ran: Vec<&String> = done.iter().filter(|n| n.starts_with("block") || n.starts_with("queued")).collect();
+        assert!(ran.is_empty(), "{kind}: requests given up on still ran: {ran:?}");
+        assert_eq!(done.iter().filter(|n| n.starts_with("after")).count(), 301, "{kind}");
+        a.shutdown();
         b.shutdown();
     }
 }

@@ -35,6 +35,10 @@ pub enum FrameKind {
     /// A one-sided write into a memory region the receiver registered: the payload is
     /// `region: u64 | offset: u64 | bytes`. Answered like a request.
     RegionWrite,
+    /// The sender's caller gave up on request `seq` of `session` after it was sent: the
+    /// receiver does not start it, cancels it if it runs, and answers it with an `Error`.
+    /// Empty payload; not itself answered.
+    Cancel,
 }
 
 impl FrameKind {
@@ -45,6 +49,7 @@ impl FrameKind {
             FrameKind::Response => 2,
             FrameKind::Error => 3,
             FrameKind::RegionWrite => 4,
+            FrameKind::Cancel => 5,
         }
     }
 
@@ -55,6 +60,7 @@ impl FrameKind {
             2 => Some(FrameKind::Response),
             3 => Some(FrameKind::Error),
             4 => Some(FrameKind::RegionWrite),
+            5 => Some(FrameKind::Cancel),
             _ => None,
         }
     }
