@@ -13,7 +13,9 @@
 //!   shrink is committed ([`Primary::on_isr_committed`]); only then are they released.
 //! - I4: a new primary starts in [`Phase::Reconciling`] and emits [`Output::Serving`] only
 //!   once every ISR member has been made identical to it on every block any of them wrote
-//!   recently (or everywhere, when one cannot tell).
+//!   recently (or everywhere, when one cannot tell). The reconciled members are declared
+//!   level (their recent logs complete) only then, all at once, never while another member
+//!   of the committed ISR may still differ from them.
 //! - I5: a returning member is `Syncing`: it receives new writes while the chunks it missed
 //!   are copied; once no chunk is left it becomes `Joining` (new writes wait for it), the grow
 //!   is proposed only once it acknowledged every write sent to it before, and it counts as in
@@ -838,16 +840,12 @@ impl Primary {
                     // While serving, a member with nothing left to copy gates new writes at
                     // once; `desired_isr` adds it only once the writes it was sent as a
                     // non-gating member are acknowledged too.
-                    let unacked = reconciling && self.pending.values().any(|p| p.extra.contains(&n));
-                    if m.dirty.is_empty() && !unacked {
-                        if reconciling {
-                            // Still in the committed ISR: reconciled, nothing to propose.
-                            m.state = MemberState::InSync;
-                            self.outputs.push_back(Output::Progress { node: n, done_chunks: 0, total_chunks: 0 });
-                        } else {
-                            m.state = MemberState::Joining;
-                            joins = true;
-                        }
+                    // While reconciling, a member with nothing left to copy stays `Syncing`:
+                    // it is declared level only when reconciliation finishes
+                    // (`maybe_finish_reconcile`).
+                    if m.dirty.is_empty() && !reconciling {
+                        m.state = MemberState::Joining;
+                        joins = true;
                     }
                 }
             }
@@ -890,9 +888,27 @@ impl Primary {
                 return;
             }
         }
-        let busy = self.members.values().any(|m| matches!(m.state, MemberState::Syncing | MemberState::Leaving));
+        let busy = self.members.values().any(|m| match m.state {
+            MemberState::Leaving => true,
+            MemberState::Syncing => m.copying.is_some() || !m.dirty.is_empty(),
+            _ => false,
+        });
         if busy || self.proposing.is_some() {
             return;
+        }
+        // Only now, with every member left in the committed ISR identical to this copy and
+        // every failed one removed by a committed shrink, are the reconciled members declared
+        // level (`Progress` with no chunks: the driver marks their recent logs complete).
+        // Declaring one level as soon as its own copies were done, as before, let its log,
+        // which the copies had pushed past its bound (incomplete), become complete while
+        // another member of the committed ISR (still being copied to, or failed and not yet
+        // removed) differed from it in a chunk neither log showed any more: if this primary
+        // died then, the next one would skip that chunk and serve two different replicas (I4).
+        for (&n, m) in self.members.iter_mut() {
+            if m.state == MemberState::Syncing {
+                m.state = MemberState::InSync;
+                self.outputs.push_back(Output::Progress { node: n, done_chunks: 0, total_chunks: 0 });
+            }
         }
         self.phase = Phase::Serving;
         self.outputs.push_back(Output::Serving);
@@ -1190,6 +1206,35 @@ mod tests {
         p.on_isr_committed(&[1, 2]);
         assert!(drain(&mut p).contains(&Output::Serving));
         assert_eq!(p.member_state(3), Some(MemberState::Out));
+    }
+
+    #[test]
+    fn a_reconciled_member_is_declared_level_only_when_reconciliation_finishes() {
+        let now = Instant::now();
+        let mut p = Primary::new(now, 9, 1, 2, 2 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], None, cfg());
+        drain(&mut p);
+        p.on_opened(2, Some(vec![]));
+        p.on_opened(3, Some(vec![]));
+        let out = drain(&mut p);
+        assert!(out.contains(&Output::Copy { to: 2, chunk: 0 }), "{out:?}");
+        // 3 fails: its removal is proposed. 2 receives every chunk meanwhile.
+        p.on_member_failed(3);
+        assert!(drain(&mut p).contains(&Output::ProposeIsr { isr: vec![1, 2] }));
+        p.on_copied(2, 0);
+        drain(&mut p);
+        p.on_copied(2, 1);
+        let out = drain(&mut p);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Progress { node: 2, total_chunks: 0, .. })),
+            "2 is not declared level while 3, still in the committed ISR, may differ from it: {out:?}"
+        );
+        assert_eq!(p.member_state(2), Some(MemberState::Syncing));
+        p.on_isr_committed(&[1, 2]);
+        let out = drain(&mut p);
+        let level = out.iter().position(|o| *o == Output::Progress { node: 2, done_chunks: 0, total_chunks: 0 });
+        let serving = out.iter().position(|o| *o == Output::Serving);
+        assert!(level.is_some() && serving.is_some() && level < serving, "{out:?}");
+        assert_eq!(p.member_state(2), Some(MemberState::InSync));
     }
 
     #[test]

@@ -1642,3 +1642,70 @@ fn two_replicas() {
 fn four_replicas() {
     simulate(4, SEEDS_DEFAULT / 5);
 }
+
+/// A restarted primary reconciles every chunk (its own log is incomplete). A write that it and
+/// n2 hold but n3 lacks sits in chunk 2. n3 fails early (its removal is proposed, not yet
+/// committed); n2 receives every chunk. If n2 is declared level now, its log (which the 32
+/// copies pushed past its 8 entries) is marked complete and no longer shows chunk 2, while n3,
+/// still in the committed ISR with a complete log, differs from it there (I4 premise).
+#[test]
+fn scripted_member_declared_level_while_a_leaving_member_differs() {
+    let mut sim = Sim::calm(3);
+    let c = 2;
+    sim.submit(0, c * BLOCKS_PER_CHUNK, 1, 0, 0);
+    sim.deliver_one(0, 1, Ch::Repl);
+    sim.flush(0, 1);
+    sim.flush(1, 1);
+    sim.crash(0);
+    sim.restart(0);
+    sim.fail_over(0);
+    for j in [1, 2] {
+        sim.deliver_one(0, j, Ch::Repl);
+        sim.deliver_one(j, 0, Ch::Repl);
+    }
+    sim.reset(0, 2);
+    assert_eq!(sim.hosts[0].as_ref().expect("primary").p.member_state(3), Some(MemberState::Leaving));
+    while !sim.links[sim.link(0, 1, Ch::Bulk)].is_empty() {
+        sim.deliver_one(0, 1, Ch::Bulk);
+        sim.deliver_one(1, 0, Ch::Bulk);
+    }
+    assert_eq!(sim.nodes[1].applied, sim.nodes[0].applied, "n2 received every chunk");
+    let l = sim.link(0, 1, Ch::Repl);
+    while !sim.links[l].is_empty() {
+        sim.deliver_one(0, 1, Ch::Repl);
+    }
+    sim.check_logs_cover("");
+    sim.settle();
+    assert!(sim.hosts[0].as_ref().is_some_and(|h| h.p.phase() == Phase::Serving));
+    assert_eq!(sim.reg.isr, BTreeSet::from([0, 1]));
+}
+
+/// The same with n3 merely slow: its first copy is still on its way when n2 has every chunk.
+#[test]
+fn scripted_member_declared_level_while_another_is_still_copied_to() {
+    let mut sim = Sim::calm(3);
+    let c = 2;
+    sim.submit(0, c * BLOCKS_PER_CHUNK, 1, 0, 0);
+    sim.deliver_one(0, 1, Ch::Repl);
+    sim.flush(0, 1);
+    sim.flush(1, 1);
+    sim.crash(0);
+    sim.restart(0);
+    sim.fail_over(0);
+    for j in [1, 2] {
+        sim.deliver_one(0, j, Ch::Repl);
+        sim.deliver_one(j, 0, Ch::Repl);
+    }
+    while !sim.links[sim.link(0, 1, Ch::Bulk)].is_empty() {
+        sim.deliver_one(0, 1, Ch::Bulk);
+        sim.deliver_one(1, 0, Ch::Bulk);
+    }
+    assert_eq!(sim.nodes[1].applied, sim.nodes[0].applied, "n2 received every chunk");
+    let l = sim.link(0, 1, Ch::Repl);
+    while !sim.links[l].is_empty() {
+        sim.deliver_one(0, 1, Ch::Repl);
+    }
+    sim.check_logs_cover("");
+    sim.settle();
+    assert!(sim.quiescent() || sim.hosts[0].as_ref().is_some_and(|h| h.p.phase() == Phase::Serving));
+}
