@@ -18,8 +18,9 @@
 //!   of the committed ISR may still differ from them.
 //! - I5: a returning member is `Syncing`: it receives new writes while the chunks it missed
 //!   are copied; once no chunk is left it becomes `Joining` (new writes wait for it), the grow
-//!   is proposed only once it acknowledged every write sent to it before, and it counts as in
-//!   sync only once the grow is committed. (Waiting for a moment with no write in flight to
+//!   is proposed only once it acknowledged every write sent to it before and every write
+//!   sequenced before is complete (so no ISR member lacks a write that the copies may have
+//!   pushed out of its recent log), and it counts as in sync only once the grow is committed. (Waiting for a moment with no write in flight to
 //!   it, as before, never came under a steady write load.)
 //! - Same-block order: writes are sequenced in arrival order, applied locally in that order,
 //!   and sent to each member on one ordered link; a chunk being copied holds back new writes
@@ -240,11 +241,22 @@ struct Member {
     /// The first sequence number of its current session (the `start_seq` of the last `Open`):
     /// a refusal of an earlier record is about a session that is over.
     session_start: Seq,
+    /// The first write that gated on it since it became `Joining`.
+    joined_at: Seq,
 }
 
 impl Member {
     fn new(state: MemberState, dirty: Dirty) -> Member {
-        Member { state, dirty, copying: None, chunks_done: 0, chunks_total: 0, recent: None, session_start: 0 }
+        Member {
+            state,
+            dirty,
+            copying: None,
+            chunks_done: 0,
+            chunks_total: 0,
+            recent: None,
+            session_start: 0,
+            joined_at: 0,
+        }
     }
 }
 
@@ -574,9 +586,15 @@ impl Primary {
             let keep = match m.state {
                 MemberState::InSync => true,
                 // Level with the primary only once every write sent before it gated writes
-                // is acknowledged (I5).
+                // is acknowledged (I5); and proposed only once every write sequenced before
+                // that is complete, i.e. on every member that gates it. Its grow declares it
+                // level (its recent log complete), but the copies it received may have pushed
+                // out of its log a write it applied that another ISR member still lacks:
+                // were the primary to die then, neither log would show where the two differ
+                // (I4). Writes sequenced later gate on it and stay in its log.
                 MemberState::Joining => {
-                    self.committed_isr.contains(&n) || !self.pending.values().any(|p| p.extra.contains(&n))
+                    self.committed_isr.contains(&n)
+                        || !self.pending.range(..m.joined_at).any(|(_, p)| !p.completed || p.extra.contains(&n))
                 }
                 MemberState::Opening | MemberState::Syncing => reconciling && self.committed_isr.contains(&n),
                 MemberState::Leaving | MemberState::Out => false,
@@ -845,6 +863,7 @@ impl Primary {
                     // (`maybe_finish_reconcile`).
                     if m.dirty.is_empty() && !reconciling {
                         m.state = MemberState::Joining;
+                        m.joined_at = self.next_seq;
                         joins = true;
                     }
                 }
@@ -1235,6 +1254,37 @@ mod tests {
         let serving = out.iter().position(|o| *o == Output::Serving);
         assert!(level.is_some() && serving.is_some() && level < serving, "{out:?}");
         assert_eq!(p.member_state(2), Some(MemberState::InSync));
+    }
+
+    #[test]
+    fn a_grow_waits_until_writes_sequenced_before_the_member_gated_writes_are_complete() {
+        let (mut p, now) = serving();
+        p.on_member_failed(3);
+        drain(&mut p);
+        p.on_isr_committed(&[1, 2]);
+        p.on_write(now, 1, 5 * CHUNK_BYTES, 4096);
+        assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: 1, to: vec![2] }]);
+        p.on_local_durable(1);
+        p.on_ack(2, 1);
+        drain(&mut p);
+        p.start_resync(3);
+        p.on_opened(3, Some(vec![]));
+        assert!(drain(&mut p).contains(&Output::Copy { to: 3, chunk: 5 }));
+        // Sent to 3 while it resyncs; 2 has not acknowledged it yet.
+        p.on_write(now, 2, 6 * CHUNK_BYTES, 4096);
+        assert_eq!(drain(&mut p), vec![Output::Write { token: 2, seq: 2, to: vec![2, 3] }]);
+        p.on_local_durable(2);
+        p.on_ack(3, 2);
+        p.on_copied(3, 5);
+        let out = drain(&mut p);
+        assert_eq!(p.member_state(3), Some(MemberState::Joining));
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::ProposeIsr { .. })),
+            "write 2 is not on 2 yet, and 3's log may have lost it: no grow: {out:?}"
+        );
+        p.on_ack(2, 2);
+        let out = drain(&mut p);
+        assert!(out.contains(&Output::ProposeIsr { isr: vec![1, 2, 3] }), "{out:?}");
     }
 
     #[test]
