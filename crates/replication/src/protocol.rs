@@ -551,7 +551,9 @@ impl Primary {
                 m.state = MemberState::Leaving;
                 m.recent = None;
                 self.propose();
-                self.maybe_finish_reconcile();
+                // Its chunk lock is free: a member that skipped that chunk must move on now,
+                // since no write or ack comes to move it while reconciling.
+                self.advance_copies();
             }
             MemberState::Opening | MemberState::Syncing => {
                 m.state = MemberState::Out;
@@ -570,7 +572,8 @@ impl Primary {
                     self.settle(s);
                 }
                 self.release_deferred_soon();
-                self.maybe_finish_reconcile();
+                // Its chunk lock is free: move on the members that skipped that chunk.
+                self.advance_copies();
             }
             MemberState::Leaving | MemberState::Out => {}
         }
@@ -1285,6 +1288,27 @@ mod tests {
         p.on_ack(2, 2);
         let out = drain(&mut p);
         assert!(out.contains(&Output::ProposeIsr { isr: vec![1, 2, 3] }), "{out:?}");
+    }
+
+    #[test]
+    fn a_member_that_skipped_a_chunk_gets_it_when_the_member_copying_it_fails() {
+        let mut p = Primary::new(Instant::now(), 9, 1, 2, 2 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], None, cfg());
+        drain(&mut p);
+        p.on_opened(2, Some(vec![]));
+        p.on_opened(3, Some(vec![]));
+        drain(&mut p);
+        p.on_copied(3, 0);
+        assert!(drain(&mut p).contains(&Output::Copy { to: 3, chunk: 1 }));
+        p.on_copied(2, 0);
+        let out = drain(&mut p);
+        assert!(!out.iter().any(|o| matches!(o, Output::Copy { to: 2, .. })), "3 holds chunk 1: {out:?}");
+        // 3 fails holding the chunk: nothing else (no write, no ack) will come to move 2 on.
+        p.on_member_failed(3);
+        let out = drain(&mut p);
+        assert!(out.contains(&Output::Copy { to: 2, chunk: 1 }), "{out:?}");
+        p.on_copied(2, 1);
+        p.on_isr_committed(&[1, 2]);
+        assert!(drain(&mut p).contains(&Output::Serving));
     }
 
     #[test]

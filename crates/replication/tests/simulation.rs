@@ -1374,7 +1374,9 @@ impl Sim {
 
     fn at_primary(&mut self, i: usize, j: usize, msg: Msg) {
         let Some(mut h) = self.hosts[i].take() else { return };
-        if h.p.epoch() == msg.epoch && h.gen[j] == msg.gen {
+        let current = h.p.epoch() == msg.epoch && h.gen[j] == msg.gen;
+        self.note(|| format!("n{} hears {:?} from n{} (current session: {current})", i + 1, msg.body, j + 1));
+        if current {
             let m = node_id(j);
             match msg.body {
                 Body::Opened { recent } => {
@@ -2142,8 +2144,20 @@ impl Sim {
                         (h.p.epoch(), h.p.phase(), h.ready, h.p.inflight(), m)
                     })
                     .collect();
+                let links: Vec<_> = (0..self.links.len())
+                    .filter(|&l| !self.links[l].is_empty())
+                    .map(|l| (l / 2 / self.n + 1, l / 2 % self.n + 1, l % 2, self.links[l].len(), self.held[l]))
+                    .collect();
+                let nodes: Vec<_> = (0..self.n)
+                    .map(|j| {
+                        let n = &self.nodes[j];
+                        (j + 1, n.up, n.paused, n.isolated_at, self.lease_valid(j), n.queue.len(), n.unflushed.len())
+                    })
+                    .collect();
                 self.failed(format!(
-                    "liveness: not in sync {HEAL_STEPS_MAX} steps after healing; primaries {states:?}, proposals {:?}",
+                    "liveness: not in sync {HEAL_STEPS_MAX} steps after healing; cores {states:?}, proposals {:?}, \
+                     links (from, to, bulk, messages, held until) {links:?}, nodes (node, up, paused, isolated at, \
+                     lease, queued, unflushed) {nodes:?}",
                     self.proposals
                 ));
             }
