@@ -1,4 +1,141 @@
-//! MODULE DOC PLACEHOLDER
+//! Seeded randomized simulation of the replication core (`tandem_replication::protocol`) and of
+//! the driver around it, as issue 13 designs it.
+//!
+//! One volume on N replica nodes, driven the way the driver drives it, under message loss,
+//! reordering across links, crashes, restarts, Raft isolation, paused processes, slow links
+//! and hosts that give up, with the replication invariants (I1–I6, docs/ARCHITECTURE.md)
+//! checked after every step. Everything is decided by one seeded PRNG: a failing seed replays
+//! exactly.
+//!
+//! # Running and replaying
+//! By default: 2,000 fixed seeds (1,200 with 3 nodes, 400 each with 2 and 4) of 2,000 steps,
+//! each followed by healing; 200 seeds from a random base (printed: `random seeds from base
+//! B`); the scripted tests; and the unsafe variants below. Every failure names its seed and the
+//! command that replays it, e.g.
+//! `SIM_SEED=17 SIM_NODES=3 SIM_TRACE=1 cargo test -p tandem-replication --test simulation -- --nocapture`
+//! (`SIM_TRACE` prints the last 2,000 events). Environment:
+//! - `SIM_SEED`, `SIM_NODES` (default 3): replay one seed (the other randomized tests skip);
+//! - `SIM_SEEDS`: fixed seeds in total (default 2,000), `SIM_STEPS` (default 2,000);
+//! - `SIM_BASE`, `SIM_RANDOM_SEEDS` (default 200): the random set, e.g. again with the base a
+//!   failing run printed;
+//! - `SIM_UNSAFE=incarnate|reads|cancel|apply|lease|flush|local`: run the randomized tests with
+//!   one old behaviour (they fail, listing the seeds; replay one with `SIM_UNSAFE` set too).
+//!
+//! # The model
+//! - Data at block granularity: a node's disk maps block -> id of the write that last wrote it
+//!   (absent = never written). Every host write has a unique id; its version is (epoch, core,
+//!   seq). Each node has an *applied* state and a *durable* one; applied writes become durable
+//!   later, in apply order (a group commit, at a rate drawn per seed); a crash loses the rest.
+//! - Raft is a register `{epoch, version, primary, isr}` (linearizable by construction). Changes
+//!   are compare-and-set on the epoch and commit some random steps after they are proposed,
+//!   whatever became of the proposer (a proposal from a node cut off from Raft waits): an ISR
+//!   change of a deposed core may commit late. Each node has its own *view* of the register
+//!   (its applied map), which catches up at random later steps; a proposal made while no leader
+//!   is reachable gets `on_isr_unavailable`.
+//! - The supervisor fails a volume over (epoch + 1, new primary from the committed ISR among
+//!   live nodes, ISR = committed ISR ∩ live) when its primary is down, known to have restarted,
+//!   or silent for `FAILURE_TICKS`.
+//! - Leases: a node renews at every tick it reaches Raft; a grant runs `LEASE_TICKS` and carries
+//!   the register version when granted, and counts only once the node's view has that version
+//!   (item 5). A node's ticker deposes a core whose lease ran out ("lease blip"), times members
+//!   out, and drives the role. Pauses (a stopped process): the node is cut off from Raft and its
+//!   ticker, its local worker and whatever is sent to it wait until it resumes, so a core may
+//!   outlive its lease and even a failover. Nothing is admitted without a lease.
+//! - One core per epoch (item 1): a node builds a core (`Primary`) only when its view shows it
+//!   primary of an epoch created for its process (by a failover or an incarnation) that it had
+//!   no core for. Otherwise, if it is the primary in its view and holds a lease (a lease blip
+//!   deposed its core; it restarted), it proposes to incarnate: (epoch == e && primary == it) ->
+//!   epoch e + 1, same ISR, and builds when it sees e + 1. Wire sequence numbers are unique per
+//!   process (`seq_base`).
+//! - The primary's driver: admits a host write only with room (`INFLIGHT_MAX`, the scaled
+//!   `INFLIGHT_WRITES_MAX`), which the write holds until the core completes or fails it, even
+//!   if the host cancelled it meanwhile (item 3; hosts drop connections and time out). At
+//!   sequencing it records the write in its `RecentLog` and sends it; a single worker applies
+//!   queued writes to the local store later, in order, and a copy's chunk read, a host read
+//!   and the flush before serving go through the same queue (item 7). Its local writes and
+//!   what it receives as a backup share one apply order: a backup apply first drains the
+//!   node's queue, so a deposed core's queued write never lands on a newer primary's data.
+//!   After `Serving` it makes the store durable before admitting host I/O (item 6).
+//! - Host reads (item 2) at a serving core take their place in the local queue, read the store
+//!   there, and answer once every overlapping write sequenced before them and still in flight
+//!   completes; if one fails (the core is deposed, the node crashes), the read fails and the
+//!   host retries. Half the reads aim at recent writes.
+//! - Replies are correlated with requests: each member has a session generation, renewed at
+//!   every `Open` and whenever the member is declared failed; replies of an older generation or
+//!   epoch are dropped. After a member is declared failed the driver sends it nothing more
+//!   until the next `Open`. `Output::Progress` with no chunks makes the driver tell the member
+//!   it is level (`Level`, on a path that may overtake records); the member marks its recent
+//!   log complete. The primary marks its own log complete when it emits `Serving`.
+//! - Backups: a record is checked (`Backup::check`), applied and recorded in the recent log in
+//!   one step, then acknowledged once durable (item 4); a refusal is answered with a nack. A
+//!   copy is checked, flushes the node's pending writes, overwrites the chunk durably and is
+//!   recorded with `RecentLog::record_copy`, in one step. A restarted node's log is
+//!   `after_restart()`.
+//! - Links: per ordered node pair and channel (replication, bulk), FIFO; any link may be
+//!   delivered next, so links reorder against each other. A connection reset drops every
+//!   message between two nodes and tells both drivers the member failed; a crash drops every
+//!   message to and from the node (a primary is told if it loses something).
+//! - Faults, with weights drawn per seed (one seed in five has none but timeouts): resets,
+//!   crashes (half of them of the primary, more while it reconciles), restarts, Raft isolation,
+//!   pauses (half of the primary), slow links (half on the primary's records to a member),
+//!   host connection drops and timeouts, unavailable proposals, and "strikes": at an
+//!   interesting moment (a grow commits, a member catches up, a copy lands, a primary starts
+//!   serving) a crash of the primary a few steps later. The scripted tests replay exact
+//!   interleavings.
+//!
+//! # Checks (after every step, or at the event that defines them)
+//! - I1 at every completion: the write is durable on every member of the register's ISR.
+//!   Continuously: every member of the register's ISR has, on disk, for every block a version
+//!   at least that of the latest write acknowledged (or returned by a read, I6). At the end,
+//!   after healing, every block reads back that write or a later one, on every node, and all
+//!   nodes are identical.
+//! - I2: at most one core of the register's epoch, on its primary, never one of a later epoch;
+//!   a core admits a read or a write only if it is the register's primary of the register's
+//!   epoch; a backup applies a record or copy only if its epoch is not older than any it knows.
+//! - I3: the core of the register's epoch has the register's ISR; a proposal removes only
+//!   members its core declared failed (`Leaving`).
+//! - I4: when a core serves, every member of the register's ISR has the state it sequenced.
+//!   Its premise, every 16 steps, at every failover and incarnation: wherever two up members
+//!   of the ISR differ, the recent log of one of them shows that chunk (or one log is
+//!   incomplete), since those two may be all that survive the next failover.
+//! - I5: a member entering the ISR (a grow commits) has the primary's state but for the
+//!   records in flight to it.
+//! - I6: a read returns, per block, nothing older than what was acknowledged or read before
+//!   it began; what it returns is durable on every member of the register's ISR, and from then
+//!   on never lost (checked with I1, and at the end).
+//! - Same-block order: a node applies a record only over an older version of every block.
+//! - Liveness: after healing (every node up, reachable and running, faults and host I/O
+//!   stopped), the volume is served with every node in the ISR and nothing in flight within
+//!   `HEAL_STEPS_MAX` steps.
+//! - The runs exercise what they are for: minimum counts per 1,000 seeds (failovers,
+//!   incarnations, late commits and refusals, grows, copies, reads that waited, cancellations,
+//!   lease expiries, pauses, flushes before serving, ...) are asserted.
+//!
+//! # The old behaviours of issue 13 (`SIM_UNSAFE`) and what catches them
+//! Each has a scripted test that runs one interleaving as designed (it passes) and with the
+//! old behaviour (the named check fails); the random runs also find the first four within a
+//! few seeds (`unsafe_variants_are_caught_by_random_runs`).
+//! - `incarnate` (rebuild a core in the same epoch after a lease blip): a late grow of the old
+//!   core puts a member lacking an acknowledged write into the ISR (I1); at random, also a
+//!   core of an old epoch admitting I/O (I2).
+//! - `reads` (answer from the applied state at once): data not yet durable on the ISR (I6).
+//! - `cancel` (a cancelled write gives its room back at once): more writes in flight than the
+//!   recent logs cover (I4 premise).
+//! - `apply` (check a record, apply it in a later step): a record applied after a takeover
+//!   (I2).
+//! - `lease` (a lease counts whatever the node has seen): a stopped primary resumes after its
+//!   failover and serves a stale read (I2).
+//! - `flush` (serve before the store is durable): a read returns data a crash can take (I6).
+//! - `local` (backup applies do not wait for the node's own queued local writes): a deposed
+//!   core's write lands on a newer primary's (same-block order).
+//!
+//! # Left out
+//! Several volumes; real bytes and checksums (a copy always sends the whole chunk, and so
+//! always flushes the member); proxying (host I/O goes to the primary's driver); Raft itself;
+//! the ISR version of the compare-and-set (only the epoch is compared: weaker, so conservative);
+//! a member that hangs with its connection up for good (Open and Copy have no timeout in the
+//! protocol; the sim always delivers eventually); several writes in one message; cancelled
+//! reads; a paused node still hears of resets and crashes at once.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
@@ -83,9 +220,7 @@ impl Unsafe {
     fn from_env() -> Option<Unsafe> {
         let v = std::env::var("SIM_UNSAFE").ok().filter(|v| !v.is_empty())?;
         let u = UNSAFE_ALL.into_iter().find(|u| u.name() == v);
-        Some(u.unwrap_or_else(|| {
-            panic!("SIM_UNSAFE must be one of {:?}", UNSAFE_ALL.map(|u| u.name()))
-        }))
+        Some(u.unwrap_or_else(|| panic!("SIM_UNSAFE must be one of {:?}", UNSAFE_ALL.map(|u| u.name()))))
     }
 }
 
@@ -181,15 +316,29 @@ enum Ch {
 #[derive(Clone, Debug)]
 enum Body {
     // Primary -> member. Sequence numbers are wire ones (the core's plus its `seq_base`).
-    Record { seq: Seq, id: u64 },
-    Open { start_seq: Seq },
+    Record {
+        seq: Seq,
+        id: u64,
+    },
+    Open {
+        start_seq: Seq,
+    },
     /// The member is level with the primary: its recent log is complete (`DataMsg::Level`).
     Level,
-    Copy { chunk: u64, data: Vec<(u64, u64)> },
+    Copy {
+        chunk: u64,
+        data: Vec<(u64, u64)>,
+    },
     // Member -> primary.
-    Opened { recent: Option<Vec<(u64, u64)>> },
-    Copied { chunk: u64 },
-    Ack { seq: Seq },
+    Opened {
+        recent: Option<Vec<(u64, u64)>>,
+    },
+    Copied {
+        chunk: u64,
+    },
+    Ack {
+        seq: Seq,
+    },
     Nack,
 }
 
@@ -216,11 +365,25 @@ enum Unflushed {
 /// through the same queue, so each sees every write sequenced before it.
 #[derive(Clone, Debug)]
 enum LocalOp {
-    Write { core: u64, seq: Seq, id: u64 },
-    Copy { core: u64, to: usize, chunk: u64, gen: u64 },
-    Read { core: u64, rid: u64 },
+    Write {
+        core: u64,
+        seq: Seq,
+        id: u64,
+    },
+    Copy {
+        core: u64,
+        to: usize,
+        chunk: u64,
+        gen: u64,
+    },
+    Read {
+        core: u64,
+        rid: u64,
+    },
     /// Make the store durable, then let the core serve host I/O (issue 13, item 6).
-    Flush { core: u64 },
+    Flush {
+        core: u64,
+    },
 }
 
 /// A record or a copy a backup checked but has not applied yet: only the unsafe `apply`
@@ -544,15 +707,7 @@ impl Sim {
             links: vec![VecDeque::new(); n * n * 2],
             reg: Register { epoch: 1, version: 1, primary: 0, incarnation: 0, isr: (0..n).collect() },
             proposals: Vec::new(),
-            writes: vec![WriteInfo {
-                offset: 0,
-                len: 0,
-                blocks: 0..0,
-                epoch: 0,
-                core: 0,
-                seq: Some(0),
-                acked: true,
-            }],
+            writes: vec![WriteInfo { offset: 0, len: 0, blocks: 0..0, epoch: 0, core: 0, seq: Some(0), acked: true }],
             kept: BTreeMap::new(),
             reads: BTreeMap::new(),
             next_read: 1,
@@ -741,9 +896,7 @@ impl Sim {
         node.next_seq_base += WIRE_SEQ_STRIDE;
         node.primary_of = epoch;
         node.incarnating = None;
-        self.note(|| {
-            format!("n{} builds core {core} for epoch {epoch}, isr {isr:?}, log complete {complete}", i + 1)
-        });
+        self.note(|| format!("n{} builds core {core} for epoch {epoch}, isr {isr:?}, log complete {complete}", i + 1));
         let p = Primary::new(self.now(), VOLUME, node_id(i), epoch, size_bytes, &replicas, &isr, recent, cfg);
         let last = (0..self.n).map(|j| p.member_state(node_id(j))).collect();
         self.hosts[i] = Some(Host {
@@ -1253,7 +1406,9 @@ impl Sim {
         let to = l / 2 % self.n;
         let ch = [Ch::Repl, Ch::Bulk][l % 2];
         match msg.body {
-            Body::Record { .. } | Body::Open { .. } | Body::Level | Body::Copy { .. } => self.at_backup(to, from, ch, msg),
+            Body::Record { .. } | Body::Open { .. } | Body::Level | Body::Copy { .. } => {
+                self.at_backup(to, from, ch, msg)
+            }
             _ => self.at_primary(to, from, msg),
         }
     }
@@ -1821,7 +1976,15 @@ impl Sim {
             self.reg.epoch,
             self.reg.primary + 1
         );
-        self.writes.push(WriteInfo { offset, len, blocks: start..start + blocks, epoch, core, seq: None, acked: false });
+        self.writes.push(WriteInfo {
+            offset,
+            len,
+            blocks: start..start + blocks,
+            epoch,
+            core,
+            seq: None,
+            acked: false,
+        });
         self.stats.writes += 1;
         self.note(|| format!("host writes {id} at blocks {start}..{} via n{}", start + blocks, i + 1));
         let (now, now_tick) = (self.now(), self.tick);
@@ -1851,13 +2014,9 @@ impl Sim {
         let busy: Vec<usize> = (0..self.links.len()).filter(|&l| !self.links[l].is_empty()).collect();
         // What a paused node would do waits, and so does whatever is sent to it.
         let running = |j: usize| !self.nodes[j].paused;
-        let deliverable: Vec<usize> = busy
-            .iter()
-            .copied()
-            .filter(|&l| self.held[l] <= self.tick && running(l / 2 % self.n))
-            .collect();
-        let dirty: Vec<usize> =
-            (0..self.n).filter(|&j| running(j) && !self.nodes[j].unflushed.is_empty()).collect();
+        let deliverable: Vec<usize> =
+            busy.iter().copied().filter(|&l| self.held[l] <= self.tick && running(l / 2 % self.n)).collect();
+        let dirty: Vec<usize> = (0..self.n).filter(|&j| running(j) && !self.nodes[j].unflushed.is_empty()).collect();
         let blind: Vec<usize> =
             (0..self.n).filter(|&j| self.live(j) && self.nodes[j].seen_version() < self.reg.version).collect();
         let committable: Vec<usize> =
@@ -1865,13 +2024,11 @@ impl Sim {
         let down: Vec<usize> = (0..self.n).filter(|&j| !self.nodes[j].up).collect();
         let isolated: Vec<usize> = (0..self.n).filter(|&j| self.isolated(j)).collect();
         let queued: Vec<usize> = (0..self.n).filter(|&j| running(j) && !self.nodes[j].queue.is_empty()).collect();
-        let backlogged: Vec<usize> =
-            (0..self.n).filter(|&j| running(j) && !self.nodes[j].backlog.is_empty()).collect();
+        let backlogged: Vec<usize> = (0..self.n).filter(|&j| running(j) && !self.nodes[j].backlog.is_empty()).collect();
         let paused: Vec<usize> = (0..self.n).filter(|&j| self.nodes[j].paused).collect();
         let pausable: Vec<usize> = (0..self.n).filter(|&j| self.nodes[j].up && !self.isolated(j)).collect();
         let serving = !self.healing && self.hosts.iter().flatten().any(|h| h.p.phase() == Phase::Serving && h.ready);
-        let cancellable =
-            !self.healing && self.hosts.iter().flatten().any(|h| h.open.values().any(|o| !o.cancelled));
+        let cancellable = !self.healing && self.hosts.iter().flatten().any(|h| h.open.values().any(|o| !o.cancelled));
         let reconciling: Vec<usize> = (0..self.n)
             .filter(|&i| self.hosts[i].as_ref().is_some_and(|h| h.p.phase() == Phase::Reconciling))
             .collect();
@@ -2219,7 +2376,8 @@ impl Sim {
                 self.flush(j, k);
             } else if !self.proposals.is_empty() {
                 self.commit(0);
-            } else if let Some(j) = (0..self.n).find(|&j| self.live(j) && self.nodes[j].seen_version() < self.reg.version)
+            } else if let Some(j) =
+                (0..self.n).find(|&j| self.live(j) && self.nodes[j].seen_version() < self.reg.version)
             {
                 self.see(j);
             } else {
@@ -2599,7 +2757,11 @@ fn unsafe_variants_are_caught_by_random_runs() {
             panic!("unsafe {} was not caught within {seeds_max} seeds of each node count", u.name())
         };
         let first = msg.lines().next().unwrap_or_default();
-        assert!(expected.iter().any(|x| first.contains(x)), "unsafe {}: caught, but not by {expected:?}: {msg}", u.name());
+        assert!(
+            expected.iter().any(|x| first.contains(x)),
+            "unsafe {}: caught, but not by {expected:?}: {msg}",
+            u.name()
+        );
         println!(
             "unsafe {} caught: {first}\nreplay: SIM_UNSAFE={} SIM_SEED={seed} SIM_NODES={n} SIM_TRACE=1",
             u.name(),
@@ -2607,10 +2769,6 @@ fn unsafe_variants_are_caught_by_random_runs() {
         );
     }
 }
-
-
-
-
 
 /// A resyncing member applies a write, then receives enough copies to push the write out of
 /// its recent log, and joins while another ISR member still lacks the write. Declared level
