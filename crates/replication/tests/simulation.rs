@@ -54,8 +54,9 @@
 //!   queued writes to the local store later, in order, and a copy's chunk read, a host read
 //!   and the flush before serving go through the same queue (item 7). Its local writes and
 //!   what it receives as a backup share one apply order: a backup apply first drains the
-//!   node's queue, so a deposed core's queued write never lands on a newer primary's data.
-//!   After `Serving` it makes the store durable before admitting host I/O (item 6).
+//!   node's queue, and a node that accepts an `Open` of a newer epoch deposes its own older
+//!   core first, so a deposed core's write never lands on a newer primary's data. After
+//!   `Serving` it makes the store durable before admitting host I/O (item 6).
 //! - Host reads (item 2) at a serving core take their place in the local queue, read the store
 //!   there, and answer once every overlapping write sequenced before them and still in flight
 //!   completes; if one fails (the core is deposed, the node crashes), the read fails and the
@@ -1428,6 +1429,13 @@ impl Sim {
             },
             Body::Open { start_seq } => match self.nodes[j].backup.on_open(fid, epoch, start_seq) {
                 Ok(()) => {
+                    // A newer primary opened this node: its own older core, if it outlived its
+                    // lease, must sequence nothing more (its writes would reach the local
+                    // store after what this node now takes from the newer primary).
+                    if let Some(h) = self.hosts[j].as_mut().filter(|h| h.p.epoch() < epoch) {
+                        h.p.depose("a newer epoch opened this node");
+                        self.pump(j);
+                    }
                     let recent = self.recent(j);
                     self.note(|| format!("n{} opened by n{} (epoch {epoch}), recent {recent:?}", j + 1, from + 1));
                     self.send(j, from, ch, Msg { epoch, gen, body: Body::Opened { recent } });
