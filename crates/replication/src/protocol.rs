@@ -20,8 +20,9 @@
 //!   are copied; once no chunk is left it becomes `Joining` (new writes wait for it), the grow
 //!   is proposed only once it acknowledged every write sent to it before and every write
 //!   sequenced before is complete (so no ISR member lacks a write that the copies may have
-//!   pushed out of its recent log), and it counts as in sync only once the grow is committed. (Waiting for a moment with no write in flight to
-//!   it, as before, never came under a steady write load.)
+//!   pushed out of its recent log), and it counts as in sync only once the grow is committed.
+//!   (Waiting for a moment with no write in flight to it, as before, never came under a steady
+//!   write load.)
 //! - Same-block order: writes are sequenced in arrival order, applied locally in that order,
 //!   and sent to each member on one ordered link; a chunk being copied holds back new writes
 //!   that touch it, so a copy never lands on top of a newer write.
@@ -241,7 +242,8 @@ struct Member {
     /// The first sequence number of its current session (the `start_seq` of the last `Open`):
     /// a refusal of an earlier record is about a session that is over.
     session_start: Seq,
-    /// The first write that gated on it since it became `Joining`.
+    /// The sequence number of the first write that gated on it as `Joining`: its grow waits
+    /// until every write before it is complete.
     joined_at: Seq,
 }
 
@@ -860,7 +862,8 @@ impl Primary {
                 None => {
                     // While serving, a member with nothing left to copy gates new writes at
                     // once; `desired_isr` adds it only once the writes it was sent as a
-                    // non-gating member are acknowledged too.
+                    // non-gating member are acknowledged, and every write sequenced before
+                    // it gated writes is complete.
                     // While reconciling, a member with nothing left to copy stays `Syncing`:
                     // it is declared level only when reconciliation finishes
                     // (`maybe_finish_reconcile`).
