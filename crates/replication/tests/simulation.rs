@@ -599,6 +599,8 @@ struct Sim {
     tick: u64,
     base: Instant,
     unsafe_: Option<Unsafe>,
+    /// A scripted test (not replayable by seed).
+    scripted: bool,
     /// Scripted tests: every local operation is carried out as soon as it is queued.
     sync_local: bool,
     /// This seed's fault weights (a step delivers a message with weight 500).
@@ -695,6 +697,7 @@ impl Sim {
             tick: 0,
             base: Instant::now(),
             unsafe_,
+            scripted: false,
             sync_local: false,
             faults,
             tick_weight,
@@ -738,6 +741,13 @@ impl Sim {
             }
         }
         let variant = self.unsafe_.map(|u| format!("SIM_UNSAFE={} ", u.name())).unwrap_or_default();
+        if self.scripted {
+            panic!(
+                "scripted simulation{} failed: {what}\nregister: {:?}\nreplay: run the scripted test again{trace}",
+                self.unsafe_.map(|u| format!(" (unsafe {})", u.name())).unwrap_or_default(),
+                self.reg
+            );
+        }
         panic!(
             "simulation seed {} (nodes {}{}) failed at step {} tick {}: {what}\nregister: {:?}\n\
              replay: {variant}SIM_SEED={} SIM_NODES={} SIM_TRACE=1 cargo test -p tandem-replication --test simulation -- --nocapture{trace}",
@@ -2355,6 +2365,7 @@ impl Sim {
     fn scripted(n: usize, u: Option<Unsafe>) -> Sim {
         let mut sim = Sim::new(0, n, u, true);
         sim.faults = Faults::default();
+        sim.scripted = true;
         sim.sync_local = true;
         sim.settle();
         sim
