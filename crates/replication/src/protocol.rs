@@ -13,12 +13,16 @@
 //!   shrink is committed ([`Primary::on_isr_committed`]); only then are they released.
 //! - I4: a new primary starts in [`Phase::Reconciling`] and emits [`Output::Serving`] only
 //!   once every ISR member has been made identical to it on every block any of them wrote
-//!   recently (or everywhere, when one cannot tell).
+//!   recently (or everywhere, when one cannot tell). The reconciled members are declared
+//!   level (their recent logs complete) only then, all at once, never while another member
+//!   of the committed ISR may still differ from them.
 //! - I5: a returning member is `Syncing`: it receives new writes while the chunks it missed
 //!   are copied; once no chunk is left it becomes `Joining` (new writes wait for it), the grow
-//!   is proposed only once it acknowledged every write sent to it before, and it counts as in
-//!   sync only once the grow is committed. (Waiting for a moment with no write in flight to
-//!   it, as before, never came under a steady write load.)
+//!   is proposed only once it acknowledged every write sent to it before and every write
+//!   sequenced before is complete (so no ISR member lacks a write that the copies may have
+//!   pushed out of its recent log), and it counts as in sync only once the grow is committed.
+//!   (Waiting for a moment with no write in flight to it, as before, never came under a steady
+//!   write load.)
 //! - Same-block order: writes are sequenced in arrival order, applied locally in that order,
 //!   and sent to each member on one ordered link; a chunk being copied holds back new writes
 //!   that touch it, so a copy never lands on top of a newer write.
@@ -238,11 +242,23 @@ struct Member {
     /// The first sequence number of its current session (the `start_seq` of the last `Open`):
     /// a refusal of an earlier record is about a session that is over.
     session_start: Seq,
+    /// The sequence number of the first write that gated on it as `Joining`: its grow waits
+    /// until every write before it is complete.
+    joined_at: Seq,
 }
 
 impl Member {
     fn new(state: MemberState, dirty: Dirty) -> Member {
-        Member { state, dirty, copying: None, chunks_done: 0, chunks_total: 0, recent: None, session_start: 0 }
+        Member {
+            state,
+            dirty,
+            copying: None,
+            chunks_done: 0,
+            chunks_total: 0,
+            recent: None,
+            session_start: 0,
+            joined_at: 0,
+        }
     }
 }
 
@@ -537,7 +553,9 @@ impl Primary {
                 m.state = MemberState::Leaving;
                 m.recent = None;
                 self.propose();
-                self.maybe_finish_reconcile();
+                // Its chunk lock is free: a member that skipped that chunk must move on now,
+                // since no write or ack comes to move it while reconciling.
+                self.advance_copies();
             }
             MemberState::Opening | MemberState::Syncing => {
                 m.state = MemberState::Out;
@@ -556,7 +574,8 @@ impl Primary {
                     self.settle(s);
                 }
                 self.release_deferred_soon();
-                self.maybe_finish_reconcile();
+                // Its chunk lock is free: move on the members that skipped that chunk.
+                self.advance_copies();
             }
             MemberState::Leaving | MemberState::Out => {}
         }
@@ -572,9 +591,15 @@ impl Primary {
             let keep = match m.state {
                 MemberState::InSync => true,
                 // Level with the primary only once every write sent before it gated writes
-                // is acknowledged (I5).
+                // is acknowledged (I5); and proposed only once every write sequenced before
+                // that is complete, i.e. on every member that gates it. Its grow declares it
+                // level (its recent log complete), but the copies it received may have pushed
+                // out of its log a write it applied that another ISR member still lacks:
+                // were the primary to die then, neither log would show where the two differ
+                // (I4). Writes sequenced later gate on it and stay in its log.
                 MemberState::Joining => {
-                    self.committed_isr.contains(&n) || !self.pending.values().any(|p| p.extra.contains(&n))
+                    self.committed_isr.contains(&n)
+                        || !self.pending.range(..m.joined_at).any(|(_, p)| !p.completed || p.extra.contains(&n))
                 }
                 MemberState::Opening | MemberState::Syncing => reconciling && self.committed_isr.contains(&n),
                 MemberState::Leaving | MemberState::Out => false,
@@ -837,17 +862,15 @@ impl Primary {
                 None => {
                     // While serving, a member with nothing left to copy gates new writes at
                     // once; `desired_isr` adds it only once the writes it was sent as a
-                    // non-gating member are acknowledged too.
-                    let unacked = reconciling && self.pending.values().any(|p| p.extra.contains(&n));
-                    if m.dirty.is_empty() && !unacked {
-                        if reconciling {
-                            // Still in the committed ISR: reconciled, nothing to propose.
-                            m.state = MemberState::InSync;
-                            self.outputs.push_back(Output::Progress { node: n, done_chunks: 0, total_chunks: 0 });
-                        } else {
-                            m.state = MemberState::Joining;
-                            joins = true;
-                        }
+                    // non-gating member are acknowledged, and every write sequenced before
+                    // it gated writes is complete.
+                    // While reconciling, a member with nothing left to copy stays `Syncing`:
+                    // it is declared level only when reconciliation finishes
+                    // (`maybe_finish_reconcile`).
+                    if m.dirty.is_empty() && !reconciling {
+                        m.state = MemberState::Joining;
+                        m.joined_at = self.next_seq;
+                        joins = true;
                     }
                 }
             }
@@ -890,9 +913,27 @@ impl Primary {
                 return;
             }
         }
-        let busy = self.members.values().any(|m| matches!(m.state, MemberState::Syncing | MemberState::Leaving));
+        let busy = self.members.values().any(|m| match m.state {
+            MemberState::Leaving => true,
+            MemberState::Syncing => m.copying.is_some() || !m.dirty.is_empty(),
+            _ => false,
+        });
         if busy || self.proposing.is_some() {
             return;
+        }
+        // Only now, with every member left in the committed ISR identical to this copy and
+        // every failed one removed by a committed shrink, are the reconciled members declared
+        // level (`Progress` with no chunks: the driver marks their recent logs complete).
+        // Declaring one level as soon as its own copies were done, as before, let its log,
+        // which the copies had pushed past its bound (incomplete), become complete while
+        // another member of the committed ISR (still being copied to, or failed and not yet
+        // removed) differed from it in a chunk neither log showed any more: if this primary
+        // died then, the next one would skip that chunk and serve two different replicas (I4).
+        for (&n, m) in self.members.iter_mut() {
+            if m.state == MemberState::Syncing {
+                m.state = MemberState::InSync;
+                self.outputs.push_back(Output::Progress { node: n, done_chunks: 0, total_chunks: 0 });
+            }
         }
         self.phase = Phase::Serving;
         self.outputs.push_back(Output::Serving);
@@ -1190,6 +1231,87 @@ mod tests {
         p.on_isr_committed(&[1, 2]);
         assert!(drain(&mut p).contains(&Output::Serving));
         assert_eq!(p.member_state(3), Some(MemberState::Out));
+    }
+
+    #[test]
+    fn a_reconciled_member_is_declared_level_only_when_reconciliation_finishes() {
+        let now = Instant::now();
+        let mut p = Primary::new(now, 9, 1, 2, 2 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], None, cfg());
+        drain(&mut p);
+        p.on_opened(2, Some(vec![]));
+        p.on_opened(3, Some(vec![]));
+        let out = drain(&mut p);
+        assert!(out.contains(&Output::Copy { to: 2, chunk: 0 }), "{out:?}");
+        // 3 fails: its removal is proposed. 2 receives every chunk meanwhile.
+        p.on_member_failed(3);
+        assert!(drain(&mut p).contains(&Output::ProposeIsr { isr: vec![1, 2] }));
+        p.on_copied(2, 0);
+        drain(&mut p);
+        p.on_copied(2, 1);
+        let out = drain(&mut p);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Progress { node: 2, total_chunks: 0, .. })),
+            "2 is not declared level while 3, still in the committed ISR, may differ from it: {out:?}"
+        );
+        assert_eq!(p.member_state(2), Some(MemberState::Syncing));
+        p.on_isr_committed(&[1, 2]);
+        let out = drain(&mut p);
+        let level = out.iter().position(|o| *o == Output::Progress { node: 2, done_chunks: 0, total_chunks: 0 });
+        let serving = out.iter().position(|o| *o == Output::Serving);
+        assert!(level.is_some() && serving.is_some() && level < serving, "{out:?}");
+        assert_eq!(p.member_state(2), Some(MemberState::InSync));
+    }
+
+    #[test]
+    fn a_grow_waits_until_writes_sequenced_before_the_member_gated_writes_are_complete() {
+        let (mut p, now) = serving();
+        p.on_member_failed(3);
+        drain(&mut p);
+        p.on_isr_committed(&[1, 2]);
+        p.on_write(now, 1, 5 * CHUNK_BYTES, 4096);
+        assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: 1, to: vec![2] }]);
+        p.on_local_durable(1);
+        p.on_ack(2, 1);
+        drain(&mut p);
+        p.start_resync(3);
+        p.on_opened(3, Some(vec![]));
+        assert!(drain(&mut p).contains(&Output::Copy { to: 3, chunk: 5 }));
+        // Sent to 3 while it resyncs; 2 has not acknowledged it yet.
+        p.on_write(now, 2, 6 * CHUNK_BYTES, 4096);
+        assert_eq!(drain(&mut p), vec![Output::Write { token: 2, seq: 2, to: vec![2, 3] }]);
+        p.on_local_durable(2);
+        p.on_ack(3, 2);
+        p.on_copied(3, 5);
+        let out = drain(&mut p);
+        assert_eq!(p.member_state(3), Some(MemberState::Joining));
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::ProposeIsr { .. })),
+            "write 2 is not on 2 yet, and 3's log may have lost it: no grow: {out:?}"
+        );
+        p.on_ack(2, 2);
+        let out = drain(&mut p);
+        assert!(out.contains(&Output::ProposeIsr { isr: vec![1, 2, 3] }), "{out:?}");
+    }
+
+    #[test]
+    fn a_member_that_skipped_a_chunk_gets_it_when_the_member_copying_it_fails() {
+        let mut p = Primary::new(Instant::now(), 9, 1, 2, 2 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], None, cfg());
+        drain(&mut p);
+        p.on_opened(2, Some(vec![]));
+        p.on_opened(3, Some(vec![]));
+        drain(&mut p);
+        p.on_copied(3, 0);
+        assert!(drain(&mut p).contains(&Output::Copy { to: 3, chunk: 1 }));
+        p.on_copied(2, 0);
+        let out = drain(&mut p);
+        assert!(!out.iter().any(|o| matches!(o, Output::Copy { to: 2, .. })), "3 holds chunk 1: {out:?}");
+        // 3 fails holding the chunk: nothing else (no write, no ack) will come to move 2 on.
+        p.on_member_failed(3);
+        let out = drain(&mut p);
+        assert!(out.contains(&Output::Copy { to: 2, chunk: 1 }), "{out:?}");
+        p.on_copied(2, 1);
+        p.on_isr_committed(&[1, 2]);
+        assert!(drain(&mut p).contains(&Output::Serving));
     }
 
     #[test]
