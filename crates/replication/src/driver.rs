@@ -281,6 +281,9 @@ struct CoreState {
     /// Wire sequence number of core sequence 0.
     seq_base: Seq,
     resync_tried: HashMap<NodeId, Instant>,
+    /// Per member, how many `Open`s this core sent it: the answer to an `Open` or a copy of an
+    /// earlier one is stale (the member failed and was opened again meanwhile) and ignored.
+    opens: HashMap<NodeId, u64>,
 }
 
 struct HostWrite {
@@ -825,6 +828,7 @@ impl<S: BlockStore> Inner<S> {
                     waiters: HashMap::new(),
                     seq_base,
                     resync_tried: HashMap::new(),
+                    opens: HashMap::new(),
                 }),
                 room: Arc::new(Semaphore::new(crate::protocol::INFLIGHT_WRITES_MAX)),
                 reads: Semaphore::new(READS_QUEUED_MAX),
@@ -909,6 +913,13 @@ impl<S: BlockStore> Inner<S> {
     fn apply_local(self: &Arc<Self>, item: Apply) {
         match item {
             Apply::Write { p, seq, kind, offset, len, data, admission } => {
+                if p.st.lock().expect("core lock").core.phase() == Phase::Deposed {
+                    // Never acknowledged (that needs this copy durable first), and recorded in
+                    // the recent-write log: a deposed core's queued writes are dropped, so
+                    // none lands after a newer primary's records (docs/PROTOCOL.md, "Taking
+                    // over").
+                    return;
+                }
                 let applied = match kind {
                     WriteKind::Data => self.store.write_admitted(admission, p.volume, offset, &data),
                     WriteKind::Zeroes => self.store.write_zeroes_admitted(admission, p.volume, offset, len),
@@ -1158,6 +1169,11 @@ impl PrimaryDriver {
                         primary: inner.me,
                         start_seq: st.seq_base + start_seq,
                     };
+                    let open = {
+                        let n = st.opens.entry(to).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
                     let (inner, p) = (inner.clone(), self.clone());
                     tokio::spawn(async move {
                         let result = match tokio::time::timeout(
@@ -1170,6 +1186,9 @@ impl PrimaryDriver {
                             Err(_) => Err(IoFail::Unavailable(format!("no answer to open within {OPEN_TIMEOUT:?}"))),
                         };
                         let mut st = p.st.lock().expect("core lock");
+                        if st.opens.get(&to) != Some(&open) {
+                            return;
+                        }
                         match result {
                             Ok(DataReply::Opened { recent }) => {
                                 tracing::info!(volume = p.volume, member = to, "member opened");
@@ -1197,6 +1216,7 @@ impl PrimaryDriver {
                     // `on_copied`.
                     let (tx, rx) = oneshot::channel();
                     let _ = self.apply.send(Apply::CopyRead { volume: self.volume, offset, len, reply: tx });
+                    let open = st.opens.get(&to).copied();
                     let (inner, p) = (inner.clone(), self.clone());
                     tokio::spawn(async move {
                         let local = rx.await.unwrap_or_else(|_| Err("the local applier stopped".into()));
@@ -1210,6 +1230,11 @@ impl PrimaryDriver {
                             Err(e) => Err(format!("local read failed: {e}")),
                         };
                         let mut st = p.st.lock().expect("core lock");
+                        if st.opens.get(&to).copied() != open {
+                            // The member failed and was opened again meanwhile: this copy went
+                            // to its earlier session and says nothing about the current one.
+                            return;
+                        }
                         match result {
                             Ok(()) => st.core.on_copied(to, chunk),
                             Err(e) => {
@@ -1602,6 +1627,17 @@ impl<S: BlockStore> Inner<S> {
                 if primary != from {
                     return DataReply::Refused("an open must come from the primary itself".into());
                 }
+                // A primary of an older epoch on this node steps down first, and whatever it
+                // queued for the local store is done or dropped: none of its writes may land
+                // after the new primary's records.
+                let older = vol.primary.lock().expect("primary lock").clone().filter(|p| p.epoch < epoch);
+                if let Some(p) = older {
+                    p.depose(&self, "a primary of a newer epoch opened this replica");
+                }
+                let (tx, rx) = oneshot::channel();
+                if vol.apply.send(Apply::Barrier { reply: tx }).is_err() || rx.await.is_err() {
+                    return DataReply::Failed("the local applier stopped".into());
+                }
                 // Under the backup lock, which an applier holds across a check, its write and
                 // its record: the log sent back shows every record applied before this open.
                 // On a blocking thread: that lock may wait for a store write.
@@ -1612,6 +1648,13 @@ impl<S: BlockStore> Inner<S> {
                     Ok(recent)
                 })
                 .await;
+                // Durable before the answer: a resync skips blocks whose checksums match, so
+                // it would never make durable what this copy applied and did not flush yet.
+                if let Ok(Ok(_)) = &opened {
+                    if let Err(e) = self.store.durable(self.store.last_lsn()).await {
+                        return DataReply::Failed(format!("flush before open: {e}"));
+                    }
+                }
                 match opened {
                     Ok(Ok(recent)) => DataReply::Opened { recent },
                     Ok(Err(e)) => DataReply::Refused(crate::protocol::Refusal::to_string(&e)),

@@ -1,7 +1,7 @@
 //! Synchronous replication of volumes: a sans-IO protocol core and its async driver.
 //!
 //! - [`protocol`]: the primary's and the backups' state machines. No I/O, no clock, no tokio:
-//!   inputs in, [`protocol::Output`]s out. Every invariant of the replication model (I1–I5,
+//!   inputs in, [`protocol::Output`]s out. Every invariant of the replication model (I1–I6,
 //!   docs/ARCHITECTURE.md) is kept here and tested without a network.
 //! - [`driver`]: [`driver::DataPlane`] runs the protocol for every volume of a node over the
 //!   transport's rings and channels and the node's block store, and serves (or proxies) host
