@@ -68,6 +68,13 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(100);
 /// How often an out-of-sync member is offered a resync.
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// A proxied write is sequenced within this long of its arrival at the primary, or refused
+/// (the proxy retries it): the deadline fence of docs/PROTOCOL.md, "Requests a host gave up
+/// on".
+pub const PROXIED_WRITE_ADMIT_MAX: Duration = Duration::from_secs(5);
+/// A proxying node reports a write failed no sooner than this after its last attempt left
+/// plus [`PROXIED_WRITE_ADMIT_MAX`]: time for that attempt to reach the primary.
+pub const PROXY_FENCE_MARGIN: Duration = Duration::from_secs(10);
 /// Host reads one primary has queued for its local applier at once.
 const READS_QUEUED_MAX: usize = 256;
 /// Items a local applier hands to one blocking task.
@@ -272,6 +279,9 @@ struct PrimaryDriver {
     paused: AtomicBool,
     /// A confirmation is under way.
     confirming: AtomicBool,
+    /// When this primary began serving, or last served again after a pause: a proxied write
+    /// that arrived before then is refused (it may have waited out the pause at this node).
+    resumed_at: Mutex<Instant>,
 }
 
 struct CoreState {
@@ -605,6 +615,7 @@ impl<S: BlockStore> Inner<S> {
         Fut: std::future::Future<Output = Result<T, IoFail>>,
     {
         loop {
+            hold.last_attempt = Some(Instant::now());
             match op(self.clone()).await {
                 Err(IoFail::Unavailable(why)) => hold.wait(self, why).await?,
                 other => return other,
@@ -838,6 +849,7 @@ impl<S: BlockStore> Inner<S> {
                 ready: AtomicBool::new(false),
                 paused: AtomicBool::new(false),
                 confirming: AtomicBool::new(false),
+                resumed_at: Mutex::new(Instant::now()),
             });
             tokio::spawn(local_durability(Arc::downgrade(self), p.clone(), local_rx));
             tracing::info!(volume = id, epoch = cfg.epoch, "taking over as primary; reconciling");
@@ -997,6 +1009,18 @@ impl PrimaryDriver {
                 let mut st = self.st.lock().expect("core lock");
                 if st.core.phase() != Phase::Serving {
                     return Err(IoFail::Unavailable("the primary stopped serving".into()));
+                }
+                if let Some(received) = tandem_transport::link::request_received_at() {
+                    // Proxied: the deadline fence. The proxy reports the write failed only
+                    // after this bound has passed for every attempt it sent.
+                    let resumed = *self.resumed_at.lock().expect("resumed lock");
+                    if received < resumed || received.elapsed() > PROXIED_WRITE_ADMIT_MAX {
+                        return Err(IoFail::Unavailable(format!(
+                            "the proxied write waited {:.1} s at the primary{}; the proxy retries it",
+                            received.elapsed().as_secs_f64(),
+                            if received < resumed { ", across a pause" } else { "" }
+                        )));
+                    }
                 }
                 let token = st.next_token;
                 st.next_token += 1;
@@ -1897,6 +1921,7 @@ async fn confirm_primary<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<PrimaryDriv
     match confirmed {
         Ok(true) if inner.coord.lease_valid() => {
             tracing::info!(volume = p.volume, epoch = p.epoch, "lease back and epoch confirmed; serving again");
+            *p.resumed_at.lock().expect("resumed lock") = Instant::now();
             p.paused.store(false, Ordering::Release);
         }
         Ok(true) => {}
@@ -1915,11 +1940,20 @@ struct Hold {
     unserved_since: Option<Instant>,
     backoff: Duration,
     version: watch::Receiver<u64>,
+    /// When the last attempt began: a failure is reported no sooner than
+    /// [`PROXIED_WRITE_ADMIT_MAX`] + [`PROXY_FENCE_MARGIN`] after it, so that the attempt can
+    /// no longer take effect at a primary once the host is told it failed.
+    last_attempt: Option<Instant>,
 }
 
 impl Hold {
     fn new<S: BlockStore>(inner: &Arc<Inner<S>>) -> Hold {
-        Hold { unserved_since: None, backoff: Duration::from_millis(20), version: inner.version.subscribe() }
+        Hold {
+            unserved_since: None,
+            backoff: Duration::from_millis(20),
+            version: inner.version.subscribe(),
+            last_attempt: None,
+        }
     }
 
     /// After an attempt found no serving primary (`why`): waits for the configuration to change
@@ -1929,6 +1963,7 @@ impl Hold {
         let now = Instant::now();
         let hold = inner.config.hold_time;
         if let Some(cut) = inner.cut_off_for(now).filter(|d| *d >= hold) {
+            self.fence().await;
             return Err(IoFail::CutOff(format!(
                 "node {} has had no lease for {:.1} s (hold time {:.0} s); last attempt: {why}",
                 inner.me,
@@ -1939,6 +1974,7 @@ impl Hold {
         let since = *self.unserved_since.get_or_insert(now);
         let waited = now.duration_since(since);
         if waited >= hold {
+            self.fence().await;
             return Err(IoFail::Unavailable(format!(
                 "no primary served it for {:.1} s (hold time {:.0} s); last attempt: {why}",
                 waited.as_secs_f64(),
@@ -1949,6 +1985,17 @@ impl Hold {
         let _ = tokio::time::timeout(wait, self.version.changed()).await;
         self.backoff = (self.backoff * 2).min(Duration::from_millis(500));
         Ok(())
+    }
+
+    /// Before a write is reported failed: waits until its last attempt can no longer be
+    /// sequenced at any primary (it arrived there within [`PROXY_FENCE_MARGIN`], and a primary
+    /// sequences a proxied write within [`PROXIED_WRITE_ADMIT_MAX`] of its arrival or refuses
+    /// it), so it never takes effect after the host learns it failed.
+    async fn fence(&self) {
+        if let Some(at) = self.last_attempt {
+            let until = at + PROXIED_WRITE_ADMIT_MAX + PROXY_FENCE_MARGIN;
+            tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+        }
     }
 }
 

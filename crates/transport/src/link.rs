@@ -186,7 +186,7 @@ struct ChannelLink {
 struct InState {
     session: u64,
     next_seq: u64,
-    buffered: BTreeMap<u64, (FrameKind, Bytes, PipeTx)>,
+    buffered: BTreeMap<u64, (FrameKind, Bytes, PipeTx, std::time::Instant)>,
     replies: BTreeMap<u64, ReplyState>,
 }
 
@@ -200,6 +200,18 @@ struct Dispatch {
     seq: u64,
     kind: FrameKind,
     payload: Bytes,
+    /// When this node read the request off its pipe.
+    received: std::time::Instant,
+}
+
+tokio::task_local! {
+    static RECEIVED: std::time::Instant;
+}
+
+/// Inside a [`Handler`] call: when this node read the request off its pipe (before it waited
+/// for a handler slot). `None` outside a handler.
+pub fn request_received_at() -> Option<std::time::Instant> {
+    RECEIVED.try_with(|t| *t).ok()
 }
 
 struct InboundChan {
@@ -564,14 +576,14 @@ impl MeshInner {
         if frame.seq >= st.next_seq + WINDOW_SEQS {
             return Err(format!("sequence {} beyond the window (next {})", frame.seq, st.next_seq));
         }
-        st.buffered.insert(frame.seq, (frame.kind, frame.payload, route.clone()));
+        st.buffered.insert(frame.seq, (frame.kind, frame.payload, route.clone(), std::time::Instant::now()));
         loop {
             let seq = st.next_seq;
-            let Some((kind, payload, route)) = st.buffered.remove(&seq) else { break };
+            let Some((kind, payload, route, received)) = st.buffered.remove(&seq) else { break };
             st.next_seq += 1;
             st.replies.insert(seq, ReplyState::Running(vec![route]));
             chan.dispatch
-                .try_send(Dispatch { session: st.session, seq, kind, payload })
+                .try_send(Dispatch { session: st.session, seq, kind, payload, received })
                 .map_err(|_| "dispatch queue overflow".to_string())?;
         }
         Ok(())
@@ -619,12 +631,12 @@ async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc:
         tokio::spawn(async move {
             let mut current = chan.current.subscribe();
             let mut cancels = chan.cancelled.subscribe();
-            let handle = async {
+            let handle = RECEIVED.scope(d.received, async {
                 match handler {
                     Some(h) => h.handle(chan.from, chan.channel, d.payload).await,
                     None => Err(format!("this node serves nothing on the {} channel", chan.channel)),
                 }
-            };
+            });
             let result = tokio::select! {
                 result = handle => result,
                 _ = current.wait_for(|s| *s != d.session) => {

@@ -639,3 +639,70 @@ async fn a_request_given_up_after_it_went_out_is_cancelled_before_later_ones_run
         b.shutdown();
     }
 }
+
+/// A request's name, when the node read it, and when its handler began.
+type Seen = (String, Option<std::time::Instant>, std::time::Instant);
+
+/// Records, for each request, when the node read it and when its handler began.
+struct Clock {
+    release: Arc<tokio::sync::Semaphore>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Handler for Clock {
+    fn handle(&self, _from: NodeId, _channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            let name = String::from_utf8_lossy(&payload).to_string();
+            let received = tandem_transport::link::request_received_at();
+            self.seen.lock().expect("log").push((name.clone(), received, std::time::Instant::now()));
+            if name.starts_with("block") {
+                self.release.acquire().await.expect("gate").forget();
+            }
+            Ok(Bytes::new())
+        })
+    }
+}
+
+/// A handler learns when its request arrived, not when it got a handler slot: the primary's
+/// deadline fence for proxied writes counts from there.
+#[tokio::test]
+async fn a_handler_sees_when_its_request_arrived() {
+    let ca = Ca::new("clock");
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (b, b_addr) =
+        mesh(&ca.identity(2), TransportKind::Tcp, Arc::new(Clock { release: release.clone(), seen: seen.clone() }))
+            .await;
+    let (a, a_addr) = mesh(&ca.identity(1), TransportKind::Tcp, Arc::new(Echo)).await;
+    a.set_peer_addr(2, b_addr);
+    b.set_peer_addr(1, a_addr);
+    assert_eq!(tandem_transport::link::request_received_at(), None, "outside a handler");
+    let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
+    let mut calls = Vec::new();
+    for i in 0..slots {
+        let a = a.clone();
+        calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(format!("block-{i}"))).await }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().expect("log").len() < slots {
+        assert!(Instant::now() < deadline, "the blocking requests never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let queued = {
+        let a = a.clone();
+        tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from_static(b"queued")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    release.add_permits(slots);
+    queued.await.expect("task").expect("queued");
+    for c in calls {
+        c.await.expect("task").expect("block");
+    }
+    let seen = seen.lock().expect("log").clone();
+    let (_, received, started) = seen.iter().find(|(n, _, _)| n == "queued").expect("the queued request ran");
+    let received = received.expect("a handler knows when its request arrived");
+    let waited = started.duration_since(received);
+    assert!(waited >= Duration::from_millis(300), "it waited for a slot for {waited:?}, counted from its arrival");
+    a.shutdown();
+    b.shutdown();
+}
