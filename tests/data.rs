@@ -199,23 +199,27 @@ fn check_history(c: &Cluster, nodes: &[u64], name: &str, history: &History) {
     }
 }
 
+/// Creates 64 MiB volumes `<prefix>1`, `<prefix>2`, ... until one has its primary on the Raft
+/// leader's node (`on_leader`) or off it; its name. Primaries are spread by volume id: of three
+/// volumes, one has each node as primary.
+fn volume_led_by(c: &Cluster, prefix: &str, leader: u64, on_leader: bool) -> String {
+    for i in 1..=3 {
+        let name = format!("{prefix}{i}");
+        let v = create_volume(c, &name, "64M");
+        if (v["primary"].as_u64() == Some(leader)) == on_leader {
+            return name;
+        }
+    }
+    panic!("no volume with the wanted primary (leader {leader}, on the leader: {on_leader})");
+}
+
 /// Kills the primary of a volume under a stream of writes through the other nodes: no write
 /// fails (the host only waits), none acknowledged is lost, and the old primary rejoins. With
 /// `leader_too`, the primary killed also leads Raft, so an election comes before the failover.
 fn kill_the_primary_under_writes(leader_too: bool) {
     let c = Cluster::up(3);
     let leader = c.agreed_leader(&c.node_ids(), LEADER_WAIT);
-    // Primaries are spread by volume id: of three volumes, one has each node as primary.
-    let mut name = String::new();
-    for i in 1..=3 {
-        let n = format!("vk{i}");
-        let v = create_volume(&c, &n, "64M");
-        if (v["primary"].as_u64() == Some(leader)) == leader_too {
-            name = n;
-            break;
-        }
-    }
-    assert!(!name.is_empty(), "no volume with the wanted primary (leader {leader}, leader_too {leader_too})");
+    let name = volume_led_by(&c, "vk", leader, leader_too);
     let name = name.as_str();
     let primary = volume(&c, 1, name).and_then(|v| v["primary"].as_u64()).expect("primary");
     let survivors: Vec<u64> = c.node_ids().into_iter().filter(|&n| n != primary).collect();
@@ -277,16 +281,7 @@ fn a_lease_blip_of_the_primary_during_a_re_add_then_its_kill_loses_no_write() {
     let c = Cluster::up(3);
     let leader = c.agreed_leader(&c.node_ids(), LEADER_WAIT);
     // A volume whose primary does not lead Raft: its stop then costs the cluster no election.
-    let mut name = String::new();
-    for i in 1..=3 {
-        let n = format!("vb{i}");
-        let v = create_volume(&c, &n, "64M");
-        if v["primary"].as_u64() != Some(leader) {
-            name = n;
-            break;
-        }
-    }
-    assert!(!name.is_empty(), "every volume's primary is the Raft leader {leader}");
+    let name = volume_led_by(&c, "vb", leader, false);
     let name = name.as_str();
     let primary = volume(&c, 1, name).and_then(|v| v["primary"].as_u64()).expect("primary");
     let others: Vec<u64> = c.node_ids().into_iter().filter(|&n| n != primary).collect();

@@ -395,6 +395,17 @@ impl Topology {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Creates the test's volume and waits until its primary serves it with every node in sync;
+    /// its record.
+    fn create_served_volume(&self) -> Value {
+        common::run_ok(&["volume", "create", VOLUME, "--size", "64M", "--endpoint", &self.api(1)]);
+        wait_for("the volume to be served by its primary", Duration::from_secs(30), || {
+            let v = self.volume(1)?;
+            let primary = v["primary"].as_u64()?;
+            (ids(&v["isr"]) == NODES && self.local_copy(primary)?["serving"] == true).then_some(v)
+        })
+    }
+
     /// The volume's record through node `via` (`tandem volume list --json`).
     fn volume(&self, via: u64) -> Option<Value> {
         let out = common::run(&["volume", "list", "--json", "--endpoint", &self.api(via)]);
@@ -599,12 +610,7 @@ fn partition_the_primary(transport: &str, tag: u32) {
     t.configure(transport);
     t.start_nodes();
     let leader = t.agreed_leader(&NODES, Duration::from_secs(20));
-    common::run_ok(&["volume", "create", VOLUME, "--size", "64M", "--endpoint", &t.api(1)]);
-    let v = wait_for("the volume to be served by its primary", Duration::from_secs(30), || {
-        let v = t.volume(1)?;
-        let primary = v["primary"].as_u64()?;
-        (ids(&v["isr"]) == NODES && t.local_copy(primary)?["serving"] == true).then_some(v)
-    });
+    let v = t.create_served_volume();
     let p = v["primary"].as_u64().expect("primary");
     let epoch0 = v["epoch"].as_u64().expect("epoch");
     let others: Vec<u64> = NODES.into_iter().filter(|&n| n != p).collect();
@@ -827,12 +833,7 @@ fn a_cut_off_primary_never_serves_a_read_of_a_write_its_backups_lack() {
     t.configure("tcp");
     t.start_nodes();
     t.agreed_leader(&NODES, Duration::from_secs(20));
-    common::run_ok(&["volume", "create", VOLUME, "--size", "64M", "--endpoint", &t.api(1)]);
-    let v = wait_for("the volume to be served by its primary", Duration::from_secs(30), || {
-        let v = t.volume(1)?;
-        let primary = v["primary"].as_u64()?;
-        (ids(&v["isr"]) == NODES && t.local_copy(primary)?["serving"] == true).then_some(v)
-    });
+    let v = t.create_served_volume();
     let p = v["primary"].as_u64().expect("primary");
     let epoch0 = v["epoch"].as_u64().expect("epoch");
     let others: Vec<u64> = NODES.into_iter().filter(|&n| n != p).collect();

@@ -898,24 +898,28 @@ async fn start_core<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<PrimaryDriver>) 
 /// Carries out a volume's store accesses in the order its primaries queued them, in batches,
 /// each on a blocking thread: never on an async worker, never under a core lock.
 async fn run_applier<S: BlockStore>(inner: Weak<Inner<S>>, mut rx: mpsc::UnboundedReceiver<Apply>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < APPLY_BATCH_MAX {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
+    let mut batch = Vec::with_capacity(APPLY_BATCH_MAX);
+    while rx.recv_many(&mut batch, APPLY_BATCH_MAX).await > 0 {
         let Some(inner) = inner.upgrade() else { return };
-        let done = tokio::task::spawn_blocking(move || {
-            for item in batch {
-                inner.apply_local(item);
-            }
-        })
-        .await;
-        if let Err(e) = done {
-            tracing::error!(error = %e, "local applier task failed");
+        if !apply_batch(inner, std::mem::take(&mut batch), Inner::apply_local, "local applier").await {
             return;
+        }
+    }
+}
+
+/// Runs `apply` on every item of `batch`, in order, on one blocking thread; false if that
+/// thread failed.
+async fn apply_batch<S: BlockStore, T: Send + 'static>(
+    inner: Arc<Inner<S>>,
+    batch: Vec<T>,
+    apply: fn(&Arc<Inner<S>>, T),
+    what: &str,
+) -> bool {
+    match tokio::task::spawn_blocking(move || batch.into_iter().for_each(|item| apply(&inner, item))).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "{what} task failed");
+            false
         }
     }
 }
@@ -1567,26 +1571,10 @@ async fn read_records<S: BlockStore>(inner: Weak<Inner<S>>, regions: Arc<RegionR
 
 /// Applies records in arrival order, in batches, each on a blocking thread.
 async fn apply_records<S: BlockStore>(inner: Weak<Inner<S>>, mut rx: mpsc::Receiver<RecordWork>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < APPLY_BATCH_MAX {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
+    let mut batch = Vec::with_capacity(APPLY_BATCH_MAX);
+    while rx.recv_many(&mut batch, APPLY_BATCH_MAX).await > 0 {
         let Some(inner) = inner.upgrade() else { return };
-        let done = tokio::task::spawn_blocking(move || {
-            for w in batch {
-                let data = &w.bytes[w.data_at..];
-                if let Err(reason) = inner.apply_record(w.from, &w.header, data, w.admission) {
-                    inner.refuse_record(w.from, &w.header, reason);
-                }
-            }
-        })
-        .await;
-        if let Err(e) = done {
-            tracing::error!(error = %e, "record applier task failed");
+        if !apply_batch(inner, std::mem::take(&mut batch), Inner::apply_record_work, "record applier").await {
             return;
         }
     }
@@ -1614,6 +1602,14 @@ impl<S: BlockStore> Inner<S> {
         let lsn = applied.map_err(|e| e.to_string())?;
         let _ = vol.acks.send((from, h.epoch, h.seq, lsn));
         Ok(())
+    }
+
+    /// One record of the record applier (on a blocking thread); a refusal is sent back.
+    fn apply_record_work(self: &Arc<Self>, w: RecordWork) {
+        let data = &w.bytes[w.data_at..];
+        if let Err(reason) = self.apply_record(w.from, &w.header, data, w.admission) {
+            self.refuse_record(w.from, &w.header, reason);
+        }
     }
 
     /// Tells the primary that a record was refused (it fails this member).

@@ -2539,6 +2539,35 @@ fn scripted_restarted_member_rejoins_while_a_write_it_has_is_in_flight() {
     assert!(sim.hosts[1].as_ref().is_some_and(|h| h.p.phase() == Phase::Serving));
 }
 
+impl Sim {
+    /// Three nodes: a write to chunk 2 that n1 (primary) and n2 hold durably but n3 lacks; n1
+    /// restarts and takes over again, and both members have answered its `Open`.
+    fn restarted_primary_opens_members_one_lacks_a_write() -> Sim {
+        let mut sim = Sim::calm(3);
+        sim.submit(0, 2 * BLOCKS_PER_CHUNK, 1, 0, 0);
+        sim.deliver_one(0, 1, Ch::Repl);
+        sim.flush(0, 1);
+        sim.flush(1, 1);
+        sim.crash(0);
+        sim.restart(0);
+        sim.fail_over(0);
+        for j in [1, 2] {
+            sim.deliver_one(0, j, Ch::Repl);
+            sim.deliver_one(j, 0, Ch::Repl);
+        }
+        sim
+    }
+
+    /// Delivers every chunk copy to n2, and its answers.
+    fn copy_every_chunk_to_n2(&mut self) {
+        while !self.links[self.link(0, 1, Ch::Bulk)].is_empty() {
+            self.deliver_one(0, 1, Ch::Bulk);
+            self.deliver_all(1, 0, Ch::Bulk);
+        }
+        assert_eq!(self.nodes[1].applied, self.nodes[0].applied, "n2 received every chunk");
+    }
+}
+
 /// A restarted primary reconciles every chunk (its own log is incomplete). A write that it and
 /// n2 hold but n3 lacks sits in chunk 2. n3 fails early (its removal is proposed, not yet
 /// committed); n2 receives every chunk. If n2 is declared level now, its log (which the 32
@@ -2546,26 +2575,10 @@ fn scripted_restarted_member_rejoins_while_a_write_it_has_is_in_flight() {
 /// still in the committed ISR with a complete log, differs from it there (I4 premise).
 #[test]
 fn scripted_member_declared_level_while_a_leaving_member_differs() {
-    let mut sim = Sim::calm(3);
-    let c = 2;
-    sim.submit(0, c * BLOCKS_PER_CHUNK, 1, 0, 0);
-    sim.deliver_one(0, 1, Ch::Repl);
-    sim.flush(0, 1);
-    sim.flush(1, 1);
-    sim.crash(0);
-    sim.restart(0);
-    sim.fail_over(0);
-    for j in [1, 2] {
-        sim.deliver_one(0, j, Ch::Repl);
-        sim.deliver_one(j, 0, Ch::Repl);
-    }
+    let mut sim = Sim::restarted_primary_opens_members_one_lacks_a_write();
     sim.reset(0, 2);
     assert_eq!(sim.hosts[0].as_ref().expect("primary").p.member_state(3), Some(MemberState::Leaving));
-    while !sim.links[sim.link(0, 1, Ch::Bulk)].is_empty() {
-        sim.deliver_one(0, 1, Ch::Bulk);
-        sim.deliver_all(1, 0, Ch::Bulk);
-    }
-    assert_eq!(sim.nodes[1].applied, sim.nodes[0].applied, "n2 received every chunk");
+    sim.copy_every_chunk_to_n2();
     sim.check_logs_cover("");
     sim.settle();
     assert!(sim.hosts[0].as_ref().is_some_and(|h| h.p.phase() == Phase::Serving));
@@ -2575,24 +2588,8 @@ fn scripted_member_declared_level_while_a_leaving_member_differs() {
 /// The same with n3 merely slow: its first copy is still on its way when n2 has every chunk.
 #[test]
 fn scripted_member_declared_level_while_another_is_still_copied_to() {
-    let mut sim = Sim::calm(3);
-    let c = 2;
-    sim.submit(0, c * BLOCKS_PER_CHUNK, 1, 0, 0);
-    sim.deliver_one(0, 1, Ch::Repl);
-    sim.flush(0, 1);
-    sim.flush(1, 1);
-    sim.crash(0);
-    sim.restart(0);
-    sim.fail_over(0);
-    for j in [1, 2] {
-        sim.deliver_one(0, j, Ch::Repl);
-        sim.deliver_one(j, 0, Ch::Repl);
-    }
-    while !sim.links[sim.link(0, 1, Ch::Bulk)].is_empty() {
-        sim.deliver_one(0, 1, Ch::Bulk);
-        sim.deliver_all(1, 0, Ch::Bulk);
-    }
-    assert_eq!(sim.nodes[1].applied, sim.nodes[0].applied, "n2 received every chunk");
+    let mut sim = Sim::restarted_primary_opens_members_one_lacks_a_write();
+    sim.copy_every_chunk_to_n2();
     sim.check_logs_cover("");
     sim.settle();
     assert!(sim.quiescent() || sim.hosts[0].as_ref().is_some_and(|h| h.p.phase() == Phase::Serving));

@@ -600,15 +600,8 @@ impl MeshInner {
 /// on").
 async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc::Receiver<Dispatch>) {
     let permits = Arc::new(Semaphore::new(DISPATCH_IN_FLIGHT_MAX));
-    let abandoned = |session: u64| *chan.current.borrow() != session;
-    let cancelled = |seq: u64| chan.cancelled.borrow().contains(&seq);
-    const CANCELLED: &str = "cancelled by the sender";
     while let Some(d) = rx.recv().await {
-        if abandoned(d.session) {
-            continue;
-        }
-        if cancelled(d.seq) {
-            finish(&chan, d.session, d.seq, Err(CANCELLED.to_string())).await;
+        if withdrawn(&chan, &d).await {
             continue;
         }
         let Some(m) = mesh.upgrade() else { return };
@@ -620,11 +613,7 @@ async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc:
         let handler = m.handlers.read().expect("handlers lock").get(&chan.channel).cloned();
         drop(m);
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        if abandoned(d.session) {
-            continue;
-        }
-        if cancelled(d.seq) {
-            finish(&chan, d.session, d.seq, Err(CANCELLED.to_string())).await;
+        if withdrawn(&chan, &d).await {
             continue;
         }
         let chan = chan.clone();
@@ -643,12 +632,27 @@ async fn dispatcher(mesh: Weak<MeshInner>, chan: Arc<InboundChan>, mut rx: mpsc:
                     tracing::debug!(from = chan.from, channel = %chan.channel, seq = d.seq, "request of an abandoned session cancelled");
                     return;
                 }
-                _ = cancels.wait_for(|c| c.contains(&d.seq)) => Err(CANCELLED.to_string()),
+                _ = cancels.wait_for(|c| c.contains(&d.seq)) => Err(CANCELLED.into()),
             };
             finish(&chan, d.session, d.seq, result).await;
             drop(permit);
         });
     }
+}
+
+const CANCELLED: &str = "cancelled by the sender";
+
+/// Whether `d` must not start: its session was abandoned (nobody waits for an answer), or the
+/// sender cancelled it (answered with an error, so the sender's window moves on).
+async fn withdrawn(chan: &InboundChan, d: &Dispatch) -> bool {
+    if *chan.current.borrow() != d.session {
+        return true;
+    }
+    if chan.cancelled.borrow().contains(&d.seq) {
+        finish(chan, d.session, d.seq, Err(CANCELLED.into())).await;
+        return true;
+    }
+    false
 }
 
 async fn finish(chan: &InboundChan, session: u64, seq: u64, result: Result<Bytes, String>) {

@@ -508,6 +508,53 @@ impl Handler for Gate {
     }
 }
 
+type Call = tokio::task::JoinHandle<Result<Bytes, TransportError>>;
+
+/// Sends `name` from `a` to node 2 on the bulk channel, in a task of its own.
+fn spawn_call(a: &Mesh, name: String) -> Call {
+    let a = a.clone();
+    tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(name)).await })
+}
+
+/// Takes every handler slot of node 2's bulk channel with a request named `block-<i>` that its
+/// handler holds, and waits until `running()` counts them all.
+async fn block_every_slot(a: &Mesh, running: impl Fn() -> usize) -> Vec<Call> {
+    let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
+    let calls = (0..slots).map(|i| spawn_call(a, format!("block-{i}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running() < slots {
+        assert!(Instant::now() < deadline, "the blocking requests never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    calls
+}
+
+/// Node 1 (echo) and node 2 (a [`Gate`]), and the gate's handles.
+struct GatedPair {
+    ca: Ca,
+    a: Mesh,
+    b: Mesh,
+    b_addr: std::net::SocketAddr,
+    release: Arc<tokio::sync::Semaphore>,
+    started: Arc<AtomicU64>,
+    done: Arc<Mutex<Vec<String>>>,
+}
+
+async fn gated_pair(kind: TransportKind, name: &'static str) -> GatedPair {
+    let ca = Ca::new(name);
+    let gate = Gate {
+        release: Arc::new(tokio::sync::Semaphore::new(0)),
+        started: Arc::new(AtomicU64::new(0)),
+        done: Arc::new(Mutex::new(Vec::new())),
+    };
+    let (release, started, done) = (gate.release.clone(), gate.started.clone(), gate.done.clone());
+    let (b, b_addr) = mesh(&ca.identity(2), kind, Arc::new(gate)).await;
+    let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
+    a.set_peer_addr(2, b_addr);
+    b.set_peer_addr(1, a_addr);
+    GatedPair { ca, a, b, b_addr, release, started, done }
+}
+
 /// Finding 7 of issue 13: a request the sender gave up on (its session abandoned: here the
 /// sender restarted; a link that cannot be re-made does the same) must not take effect after
 /// the sender's next requests. Requests of the old session still queued at the receiver are
@@ -515,34 +562,15 @@ impl Handler for Gate {
 #[tokio::test]
 async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins() {
     for kind in KINDS {
-        let ca = Ca::new("fence");
-        let gate = Gate {
-            release: Arc::new(tokio::sync::Semaphore::new(0)),
-            started: Arc::new(AtomicU64::new(0)),
-            done: Arc::new(Mutex::new(Vec::new())),
-        };
-        let (release, started, done) = (gate.release.clone(), gate.started.clone(), gate.done.clone());
-        let (b, b_addr) = mesh(&ca.identity(2), kind, Arc::new(gate)).await;
-        let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
-        a.set_peer_addr(2, b_addr);
-        b.set_peer_addr(1, a_addr);
+        let GatedPair { ca, a, b, b_addr, release, started, done } = gated_pair(kind, "fence").await;
         // Every handler slot of the channel is taken by a blocked request; two more wait in
         // the receiver's queue behind them.
         let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
-        let mut calls = Vec::new();
-        for i in 0..slots {
-            let a = a.clone();
-            calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(format!("block-{i}"))).await }));
-        }
+        let mut calls = block_every_slot(&a, || started.load(Ordering::SeqCst) as usize).await;
         for name in ["old-1", "old-2"] {
-            let a = a.clone();
-            calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(name)).await }));
+            calls.push(spawn_call(&a, name.into()));
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while started.load(Ordering::SeqCst) < slots as u64 {
-            assert!(Instant::now() < deadline, "{kind}: the blocking requests never started");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         // The sender goes away with all of them unanswered and comes back: a new session.
         a.shutdown();
         drop(a);
@@ -585,33 +613,13 @@ async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins
 #[tokio::test]
 async fn a_request_given_up_after_it_went_out_is_cancelled_before_later_ones_run() {
     for kind in KINDS {
-        let ca = Ca::new("cancel");
-        let gate = Gate {
-            release: Arc::new(tokio::sync::Semaphore::new(0)),
-            started: Arc::new(AtomicU64::new(0)),
-            done: Arc::new(Mutex::new(Vec::new())),
-        };
-        let (release, started, done) = (gate.release.clone(), gate.started.clone(), gate.done.clone());
-        let (b, b_addr) = mesh(&ca.identity(2), kind, Arc::new(gate)).await;
-        let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
-        a.set_peer_addr(2, b_addr);
-        b.set_peer_addr(1, a_addr);
+        let GatedPair { a, b, release, started, done, .. } = gated_pair(kind, "cancel").await;
         a.call(2, Channel::Bulk, Bytes::from_static(b"warm-up")).await.expect("warm-up");
         let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
-        let mut calls = Vec::new();
-        for i in 0..slots {
-            let a = a.clone();
-            calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(format!("block-{i}"))).await }));
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while started.load(Ordering::SeqCst) < slots as u64 {
-            assert!(Instant::now() < deadline, "{kind}: the blocking requests never started");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let mut calls = block_every_slot(&a, || started.load(Ordering::SeqCst) as usize).await;
         // Queued at the receiver behind the blocked ones.
         for name in ["queued-1", "queued-2"] {
-            let a = a.clone();
-            calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(name)).await }));
+            calls.push(spawn_call(&a, name.into()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         for c in &calls {
@@ -678,20 +686,8 @@ async fn a_handler_sees_when_its_request_arrived() {
     b.set_peer_addr(1, a_addr);
     assert_eq!(tandem_transport::link::request_received_at(), None, "outside a handler");
     let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
-    let mut calls = Vec::new();
-    for i in 0..slots {
-        let a = a.clone();
-        calls.push(tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(format!("block-{i}"))).await }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while seen.lock().expect("log").len() < slots {
-        assert!(Instant::now() < deadline, "the blocking requests never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let queued = {
-        let a = a.clone();
-        tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from_static(b"queued")).await })
-    };
+    let calls = block_every_slot(&a, || seen.lock().expect("log").len()).await;
+    let queued = spawn_call(&a, "queued".into());
     tokio::time::sleep(Duration::from_millis(400)).await;
     release.add_permits(slots);
     queued.await.expect("task").expect("queued");
