@@ -68,12 +68,53 @@ impl MetaConfig {
     }
 }
 
+/// This node's role in Raft, as openraft's `ServerState` reports it. The API serves it as the
+/// lowercase name (`leader`, `follower`, `candidate`, `learner`, `shutdown`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RaftRole {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl RaftRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            RaftRole::Leader => "leader",
+            RaftRole::Follower => "follower",
+            RaftRole::Candidate => "candidate",
+            RaftRole::Learner => "learner",
+            RaftRole::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl From<ServerState> for RaftRole {
+    fn from(state: ServerState) -> RaftRole {
+        match state {
+            ServerState::Leader => RaftRole::Leader,
+            ServerState::Follower => RaftRole::Follower,
+            ServerState::Candidate => RaftRole::Candidate,
+            ServerState::Learner => RaftRole::Learner,
+            ServerState::Shutdown => RaftRole::Shutdown,
+        }
+    }
+}
+
+impl std::fmt::Display for RaftRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One node's view of Raft, for status displays.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct RaftStatus {
     pub id: NodeId,
-    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
-    pub role: String,
+    pub role: RaftRole,
     pub term: u64,
     pub leader: Option<NodeId>,
     pub last_log_index: Option<u64>,
@@ -317,17 +358,10 @@ impl MetaStore {
 
     pub fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow().clone();
-        let role = match m.state {
-            ServerState::Leader => "leader",
-            ServerState::Follower => "follower",
-            ServerState::Candidate => "candidate",
-            ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
-        };
         let membership = m.membership_config.membership();
         RaftStatus {
             id: self.id,
-            role: role.to_string(),
+            role: RaftRole::from(m.state),
             term: m.current_term,
             leader: m.current_leader,
             last_log_index: m.last_log_index,
@@ -550,5 +584,28 @@ impl Handler for RpcHandler {
             }
             self.handle_rpc(payload).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API serves the role by these names (INTERFACE.md): they must not change. The JSON
+    /// form is checked where the API serves it (`tandem_node::api`).
+    #[test]
+    fn raft_roles_keep_their_names() {
+        let roles = [
+            (ServerState::Leader, "leader"),
+            (ServerState::Follower, "follower"),
+            (ServerState::Candidate, "candidate"),
+            (ServerState::Learner, "learner"),
+            (ServerState::Shutdown, "shutdown"),
+        ];
+        for (state, name) in roles {
+            let role = RaftRole::from(state);
+            assert_eq!(role.name(), name);
+            assert_eq!(role.to_string(), name);
+        }
     }
 }

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tandem_meta::network::MetaError;
-use tandem_meta::store::{MetaStore, RaftStatus};
+use tandem_meta::store::{MetaStore, RaftRole, RaftStatus};
 use tandem_meta::{DatasetRecord, MetaCmd, MetaReply, NodeRecord, VolumeRecord};
 use tandem_paths::PathState;
 use tandem_transport::link::{LinkStats, Mesh};
@@ -460,7 +460,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     use std::fmt::Write;
     let st = s.meta.status();
     let mut out = String::new();
-    let is_leader = u8::from(st.role == "leader");
+    let is_leader = u8::from(st.role == RaftRole::Leader);
     let _ = writeln!(out, "# TYPE tandem_raft_term gauge\ntandem_raft_term {}", st.term);
     let _ = writeln!(out, "# TYPE tandem_raft_is_leader gauge\ntandem_raft_is_leader {is_leader}");
     let _ = writeln!(

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_meta::store::MetaStore;
+use tandem_meta::store::{MetaStore, RaftRole};
 use tandem_meta::{ClusterMap, MetaCmd};
 use tandem_paths::{HostInput, HostProbes, NodeHealth, NodeInput, ProbeOutcome, VolumeInput, VolumePaths};
 use tandem_transport::link::Mesh;
@@ -93,7 +93,7 @@ impl PathManager {
         let now = Instant::now();
         let to_publish = {
             let mut soft = self.soft.lock().expect("paths lock");
-            if status.role != "leader" {
+            if status.role != RaftRole::Leader {
                 let last_leader = status.leader.filter(|l| *l != self.me).or(soft.last_leader);
                 *soft = Soft { last_leader, ..Soft::default() };
                 return;
@@ -201,7 +201,7 @@ impl PathManager {
     /// Takes probe results for `host` (on the leader); the node's API forwards them here.
     pub fn take_probes(&self, host: &str, probes: Vec<PathProbe>) -> ProbeReply {
         let status = self.meta.status();
-        if status.role != "leader" {
+        if status.role != RaftRole::Leader {
             return ProbeReply::NotLeader(status.leader.filter(|l| *l != self.me));
         }
         if probes.len() > PROBES_PER_REPORT_MAX {

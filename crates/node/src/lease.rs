@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tandem_meta::store::MetaStore;
+use tandem_meta::store::{MetaStore, RaftRole};
 use tandem_meta::MetaCmd;
 use tandem_paths::pick_primary;
 use tandem_transport::link::Mesh;
@@ -200,7 +200,7 @@ impl Leases {
         let now = Instant::now();
         let since = {
             let mut s = self.leading_since.lock().expect("leading lock");
-            if status.role != "leader" {
+            if status.role != RaftRole::Leader {
                 *s = None;
                 self.heard.lock().expect("heard lock").clear();
                 return;

@@ -194,7 +194,7 @@ pub async fn status_report(api: &Api) -> anyhow::Result<StatusReport> {
             Ok((v, t)) => NodeStatus {
                 node: n.clone(),
                 up: true,
-                role: v.raft.role.clone(),
+                role: v.raft.role.to_string(),
                 term: Some(v.raft.term),
                 leader: v.raft.leader,
                 applied_index: v.raft.applied_index,
