@@ -1,55 +1,31 @@
 //! The admin HTTP API (JSON). Every node serves all of it; reads are linearizable and writes
 //! are carried out by the Raft leader whichever node receives them. Bad input is answered with
 //! a 4xx and `{"error": "..."}`, and changes nothing.
-
-use std::sync::Arc;
+//!
+//! This file assembles the router and holds the cluster, node, setting, transport, dataset,
+//! volume and metrics endpoints; the host endpoints are `host_api`, and what both share
+//! (state, errors) is `api_state`.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tandem_meta::network::MetaError;
-use tandem_meta::store::{MetaStore, RaftRole, RaftStatus};
-use tandem_meta::{DatasetRecord, MetaCmd, MetaReply, NodeRecord, VolumeRecord};
+use tandem_meta::store::{RaftRole, RaftStatus};
+use tandem_meta::{DatasetRecord, MetaCmd, NodeRecord, VolumeRecord};
 use tandem_paths::PathState;
-use tandem_transport::link::{LinkStats, Mesh};
+use tandem_transport::link::LinkStats;
 use tandem_transport::{Layer, TransportKind};
 use tandem_types::{Epoch, NodeId, VolumeId};
 
-use crate::config::ClusterConfig;
+use crate::api_state::{created_status, ApiResult};
+pub use crate::api_state::{ApiError, ApiState, LinkView};
 use crate::host_api;
-use crate::hosts::PathManager;
-use crate::volumes::Plane;
 
 /// Request bodies are small JSON documents; anything larger is refused unread.
 const BODY_BYTES_MAX: usize = 64 * 1024;
-
-#[derive(Clone)]
-pub struct ApiState {
-    pub(crate) meta: Arc<MetaStore>,
-    cfg: Arc<ClusterConfig>,
-    pub(crate) transport: Mesh,
-    plane: Plane,
-    pub(crate) paths: Arc<PathManager>,
-    /// Turns true when the node begins to stop: long-polls answer at once then.
-    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
-}
-
-impl ApiState {
-    pub fn new(
-        meta: Arc<MetaStore>,
-        cfg: Arc<ClusterConfig>,
-        transport: Mesh,
-        plane: Plane,
-        paths: Arc<PathManager>,
-        stopping: tokio::sync::watch::Receiver<bool>,
-    ) -> ApiState {
-        ApiState { meta, cfg, transport, plane, paths, stopping }
-    }
-}
 
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -76,36 +52,6 @@ pub fn router(state: ApiState) -> Router {
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }
-
-/// An error answer: a status and `{"error": message}`.
-pub struct ApiError(pub StatusCode, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<MetaError> for ApiError {
-    fn from(e: MetaError) -> ApiError {
-        let status = match &e {
-            MetaError::NotFound(_) => StatusCode::NOT_FOUND,
-            MetaError::Invalid(_) => StatusCode::BAD_REQUEST,
-            MetaError::Conflict(_) => StatusCode::CONFLICT,
-            MetaError::NotLeader { .. } | MetaError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            MetaError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(status, e.to_string())
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> ApiError {
-        ApiError(e.status(), format!("bad request body: {}", e.body_text()))
-    }
-}
-
-pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// A node as the API shows it: its record and its place in the Raft membership.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -204,9 +150,9 @@ pub struct TransportView {
 async fn get_transport(State(s): State<ApiState>) -> ApiResult<TransportView> {
     Ok(Json(TransportView {
         node_id: s.meta.id(),
-        control: s.transport.kind(Layer::Control),
-        data: s.transport.kind(Layer::Data),
-        links: s.transport.link_stats(),
+        control: s.links.kind(Layer::Control),
+        data: s.links.kind(Layer::Data),
+        links: s.links.link_stats(),
     }))
 }
 
@@ -371,14 +317,6 @@ fn dataset_view(map: &tandem_meta::ClusterMap, record: &DatasetRecord) -> Datase
     DatasetView { record: record.clone(), volumes }
 }
 
-/// 201 when a command created something, 200 when it already existed as asked.
-pub(crate) fn created_status(reply: &MetaReply) -> StatusCode {
-    match reply {
-        MetaReply::Done { changed: true } => StatusCode::CREATED,
-        _ => StatusCode::OK,
-    }
-}
-
 fn no_dataset(name: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("no dataset named {name:?}"))
 }
@@ -474,7 +412,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         st.applied_index.unwrap_or(0)
     );
     let _ = writeln!(out, "# TYPE tandem_raft_voters gauge\ntandem_raft_voters {}", st.voters.len());
-    let links = s.transport.link_stats();
+    let links = s.links.link_stats();
     type Counter = fn(&LinkStats) -> u64;
     let per_link: [(&str, Counter); 4] = [
         ("tandem_transport_bytes_sent", |l| l.bytes_sent),

@@ -15,7 +15,7 @@ use tandem_paths::VolumePaths;
 use tandem_types::NodeId;
 use tandem_wire::data::PathProbe;
 
-use crate::api::{created_status, ApiError, ApiResult, ApiState};
+use crate::api_state::{created_status, ApiError, ApiResult, ApiState};
 use crate::hosts::{ReportError, PROBES_PER_REPORT_MAX};
 
 /// How long `GET /v1/hosts/{name}/paths?since=G` waits for a newer generation by default.
@@ -263,7 +263,7 @@ pub(crate) async fn post_probes(
         probes.push(PathProbe { node: p.node, address: p.address, rtt_us, refused: !p.ok && p.refused, error });
     }
     let accepted = probes.len();
-    match s.paths.report(&s.transport, &name, probes).await {
+    match s.paths.report(s.transport.as_ref(), &name, probes).await {
         Ok(()) => Ok(Json(serde_json::json!({ "accepted": accepted }))),
         Err(ReportError::Refused(why)) if why.starts_with("no host") => Err(ApiError(StatusCode::NOT_FOUND, why)),
         Err(ReportError::Refused(why)) => Err(ApiError(StatusCode::BAD_REQUEST, why)),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tandem_meta::store::{MetaStore, RaftRole};
 use tandem_meta::{ClusterMap, MetaCmd};
 use tandem_paths::{HostInput, HostProbes, NodeHealth, NodeInput, ProbeOutcome, VolumeInput, VolumePaths};
-use tandem_transport::link::Mesh;
+use tandem_transport::Transport;
 use tandem_types::NodeId;
 use tandem_wire::data::{PathProbe, ProbeMsg, ProbeReply};
 
@@ -235,13 +235,18 @@ impl PathManager {
     }
 
     /// Hands probe results to the leader, wherever it is: here, or over the probe channel.
-    pub async fn report(&self, mesh: &Mesh, host: &str, probes: Vec<PathProbe>) -> Result<(), ReportError> {
+    pub async fn report(
+        &self,
+        transport: &dyn Transport,
+        host: &str,
+        probes: Vec<PathProbe>,
+    ) -> Result<(), ReportError> {
         let leader = self.meta.status().leader.ok_or(ReportError::NoLeader)?;
         let reply = if leader == self.me {
             self.take_probes(host, probes)
         } else {
             let msg = ProbeMsg::HostProbes { host: host.to_string(), probes };
-            probe_call(mesh, leader, &msg, FORWARD_TIMEOUT)
+            probe_call(transport, leader, &msg, FORWARD_TIMEOUT)
                 .await
                 .map_err(|e| ReportError::Unavailable(format!("the leader (node {leader}) did not answer: {e}")))?
         };

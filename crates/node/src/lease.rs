@@ -31,8 +31,7 @@ use bytes::Bytes;
 use tandem_meta::store::{MetaStore, RaftRole};
 use tandem_meta::MetaCmd;
 use tandem_paths::pick_primary;
-use tandem_transport::link::Mesh;
-use tandem_transport::{BoxFuture, Channel, Handler};
+use tandem_transport::{BoxFuture, Channel, Handler, Transport};
 use tandem_types::NodeId;
 use tandem_wire::data::{ProbeMsg, ProbeReply};
 
@@ -156,7 +155,7 @@ impl Leases {
     }
 
     /// Renews this node's lease for as long as the node runs.
-    pub fn spawn_renewal(self: &Arc<Self>, mesh: Mesh) {
+    pub fn spawn_renewal(self: &Arc<Self>, transport: impl Transport) {
         let leases = self.clone();
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(RENEW_EVERY);
@@ -169,7 +168,7 @@ impl Leases {
                         ProbeReply::GrantedAt { index } => Some(index),
                         _ => None,
                     },
-                    Some(l) => request_lease(&mesh, l).await,
+                    Some(l) => request_lease(&transport, l).await,
                     None => None,
                 };
                 // The lease still counts from when it was asked for; applying only delays it.
@@ -237,8 +236,8 @@ impl Leases {
 }
 
 /// The read index the leader granted a lease at, if it granted one.
-async fn request_lease(mesh: &Mesh, leader: NodeId) -> Option<u64> {
-    match probe_call(mesh, leader, &ProbeMsg::LeaseRequest, RENEW_TIMEOUT).await {
+async fn request_lease(transport: &dyn Transport, leader: NodeId) -> Option<u64> {
+    match probe_call(transport, leader, &ProbeMsg::LeaseRequest, RENEW_TIMEOUT).await {
         Ok(ProbeReply::GrantedAt { index }) => Some(index),
         _ => None,
     }
@@ -246,15 +245,14 @@ async fn request_lease(mesh: &Mesh, leader: NodeId) -> Option<u64> {
 
 /// Sends `msg` to node `to` on the probe channel and decodes its answer, within `timeout`.
 pub(crate) async fn probe_call(
-    mesh: &Mesh,
+    transport: &dyn Transport,
     to: NodeId,
     msg: &ProbeMsg,
     timeout: Duration,
 ) -> Result<ProbeReply, String> {
     let payload = msg.encode().map_err(|e| e.to_string())?;
     let call = async {
-        let reply = mesh.send(to, Channel::Probe, Bytes::from(payload)).await.map_err(|e| e.to_string())?;
-        let bytes = reply.wait().await.map_err(|e| e.to_string())?;
+        let bytes = transport.call(to, Channel::Probe, Bytes::from(payload)).await.map_err(|e| e.to_string())?;
         ProbeReply::decode(&bytes).map_err(|e| e.to_string())
     };
     tokio::time::timeout(timeout, call).await.map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?

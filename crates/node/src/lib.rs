@@ -4,6 +4,8 @@
 //! - [`config`]: the cluster config file (TOML), parsed and validated.
 //! - [`api`]: the HTTP/JSON admin API (axum). It validates input and calls the metadata store;
 //!   it holds no state of its own.
+//! - [`api_state`]: what every API handler shares: its state, its error answer, and the narrow
+//!   view of the links it shows.
 //! - [`lease`]: this node's lease, and on the Raft leader the failure detector and failover.
 //! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, NBD.
 //! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
@@ -11,6 +13,7 @@
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
 
 pub mod api;
+pub mod api_state;
 pub mod config;
 pub mod host_api;
 pub mod hosts;

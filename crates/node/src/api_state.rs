@@ -1,0 +1,133 @@
+//! What every handler of the admin API shares: the state it is given ([`ApiState`]), its
+//! error answer ([`ApiError`]), and the narrow views of the transport it may use. The
+//! endpoint modules (`api`, `host_api`) import from here; nothing here imports them.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tandem_meta::network::MetaError;
+use tandem_meta::store::MetaStore;
+use tandem_meta::MetaReply;
+use tandem_transport::link::{LinkStats, Mesh};
+use tandem_transport::{Layer, Transport, TransportKind};
+
+use crate::config::ClusterConfig;
+use crate::hosts::PathManager;
+use crate::volumes::Plane;
+
+/// What the API shows of this node's links: the network layer in use and each link's
+/// counters. [`Mesh`] is the real one; the API never needs more of it.
+pub trait LinkView: Send + Sync + 'static {
+    /// The network layer `layer` runs over now.
+    fn kind(&self, layer: Layer) -> TransportKind;
+    /// Every link's counters.
+    fn link_stats(&self) -> Vec<LinkStats>;
+}
+
+impl LinkView for Mesh {
+    fn kind(&self, layer: Layer) -> TransportKind {
+        Mesh::kind(self, layer)
+    }
+
+    fn link_stats(&self) -> Vec<LinkStats> {
+        Mesh::link_stats(self)
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub(crate) meta: Arc<MetaStore>,
+    pub(crate) cfg: Arc<ClusterConfig>,
+    /// For forwarding to other nodes (probe reports to the leader).
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) links: Arc<dyn LinkView>,
+    pub(crate) plane: Plane,
+    pub(crate) paths: Arc<PathManager>,
+    /// Turns true when the node begins to stop: long-polls answer at once then.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ApiState {
+    /// `transport` is the node's mesh (or anything that calls peers and shows its links).
+    pub fn new<T: Transport + LinkView>(
+        meta: Arc<MetaStore>,
+        cfg: Arc<ClusterConfig>,
+        transport: T,
+        plane: Plane,
+        paths: Arc<PathManager>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> ApiState {
+        let transport = Arc::new(transport);
+        ApiState { meta, cfg, transport: transport.clone(), links: transport, plane, paths, stopping }
+    }
+}
+
+/// An error answer: a status and `{"error": message}`.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<MetaError> for ApiError {
+    fn from(e: MetaError) -> ApiError {
+        let status = match &e {
+            MetaError::NotFound(_) => StatusCode::NOT_FOUND,
+            MetaError::Invalid(_) => StatusCode::BAD_REQUEST,
+            MetaError::Conflict(_) => StatusCode::CONFLICT,
+            MetaError::NotLeader { .. } | MetaError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            MetaError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        ApiError(e.status(), format!("bad request body: {}", e.body_text()))
+    }
+}
+
+pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// 201 when a command created something, 200 when it already existed as asked.
+pub(crate) fn created_status(reply: &MetaReply) -> StatusCode {
+    match reply {
+        MetaReply::Done { changed: true } => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem_meta::store::RaftRole;
+
+    use super::*;
+
+    /// The API serves the Raft role under these names (INTERFACE.md).
+    #[test]
+    fn raft_roles_serve_their_lowercase_names() {
+        let roles = [
+            (RaftRole::Leader, "leader"),
+            (RaftRole::Follower, "follower"),
+            (RaftRole::Candidate, "candidate"),
+            (RaftRole::Learner, "learner"),
+            (RaftRole::Shutdown, "shutdown"),
+        ];
+        for (role, name) in roles {
+            assert_eq!(serde_json::to_value(role).unwrap(), serde_json::json!(name));
+            assert_eq!(serde_json::from_value::<RaftRole>(serde_json::json!(name)).unwrap(), role);
+        }
+    }
+
+    #[test]
+    fn created_only_when_something_changed() {
+        assert_eq!(created_status(&MetaReply::Done { changed: true }), StatusCode::CREATED);
+        assert_eq!(created_status(&MetaReply::Done { changed: false }), StatusCode::OK);
+    }
+}
