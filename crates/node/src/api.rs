@@ -458,6 +458,8 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
 /// This node's own copies of volumes: whether it serves each as primary, resync figures, and a
 /// digest of its data (for comparing replicas). Answered locally, never forwarded.
 async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
+    // Bounded (LOCAL_DIGESTS_MAX): each digest reads every block's checksum on a blocking thread.
+    let _digesting = st.local_digests.acquire().await.expect("the semaphore is never closed");
     let plane = st.plane.clone();
     let volumes = tokio::task::spawn_blocking(move || {
         plane

@@ -18,6 +18,11 @@ use crate::config::ClusterConfig;
 use crate::hosts::PathManager;
 use crate::volumes::Plane;
 
+/// `GET /v1/local/volumes` requests digesting at once, at most: each reads the checksum of every
+/// block of every local volume on a blocking thread, so more at once would only compete for the
+/// same store and take blocking threads from the data plane; the rest wait their turn.
+const LOCAL_DIGESTS_MAX: usize = 2;
+
 /// What the API shows of this node's links: the network layer in use and each link's
 /// counters. [`Mesh`] is the real one; the API never needs more of it.
 pub trait LinkView: Send + Sync + 'static {
@@ -48,6 +53,8 @@ pub struct ApiState {
     pub(crate) paths: Arc<PathManager>,
     /// Turns true when the node begins to stop: long-polls answer at once then.
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// Permits for `GET /v1/local/volumes` ([`LOCAL_DIGESTS_MAX`]).
+    pub(crate) local_digests: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
@@ -61,7 +68,16 @@ impl ApiState {
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> ApiState {
         let transport = Arc::new(transport);
-        ApiState { meta, cfg, transport: transport.clone(), links: transport, plane, paths, stopping }
+        ApiState {
+            meta,
+            cfg,
+            transport: transport.clone(),
+            links: transport,
+            plane,
+            paths,
+            stopping,
+            local_digests: Arc::new(tokio::sync::Semaphore::new(LOCAL_DIGESTS_MAX)),
+        }
     }
 }
 

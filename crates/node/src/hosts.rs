@@ -26,9 +26,15 @@ use tandem_transport::Transport;
 use tandem_types::NodeId;
 use tandem_wire::data::{PathProbe, ProbeMsg, ProbeReply};
 
-use crate::lease::{probe_call, Leases};
+use crate::lease::Leases;
+use crate::probe::probe_call;
 
 pub use tandem_paths::NODE_DOWN_AFTER;
+
+// A node is down after missing its renewals for NODE_DOWN_AFTER: that must span several
+// renewal periods (three, as `tandem_paths` states), so one late or lost renewal does not take
+// a live node's paths away.
+const _: () = assert!(crate::lease::RENEW_EVERY.as_millis() * 3 <= NODE_DOWN_AFTER.as_millis());
 
 /// How often the leader re-evaluates liveness and probe verdicts (a node's loss shows in the
 /// maps within this much of being noticed).
@@ -65,7 +71,8 @@ impl PathManager {
         Arc::new(PathManager { me, meta, leases, soft: Mutex::new(Soft::default()) })
     }
 
-    /// Runs the manager for as long as the node runs (it acts only while this node leads).
+    /// Runs the manager for as long as the node runs (it acts only while this node leads). One
+    /// task per node.
     pub fn spawn(self: &Arc<Self>) {
         let pm = self.clone();
         tokio::spawn(async move {
@@ -144,6 +151,7 @@ impl PathManager {
                 }
             }
         });
+        // At most one write per host in the map (`tandem_meta`'s HOSTS_MAX), all in this task.
         let published = futures::future::join_all(writes).await;
         if published.iter().any(|ok| !ok) {
             // Compare again next round.

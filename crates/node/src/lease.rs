@@ -18,22 +18,20 @@
 //! heard from as failed only after [`takeover_grace`]: that bound plus [`DRIFT_MARGIN`], and
 //! never less than the margin, so every live node has renewed with it first.
 //!
-//! The supervisor runs on the leader: for every volume whose primary has failed, it commits a
-//! `Failover` to a live member of the committed ISR (I4: the new primary reconciles before it
-//! serves), chosen by `tandem_paths::pick_primary`: the preferred site first, then a node other
-//! than this one (the Raft leader), then the lowest id.
+//! This file keeps the lease and the leader's record of whom it heard from; the failover
+//! supervisor that acts on that record is `failover.rs`, and the probe channel's handler that
+//! passes lease requests here is `probe_answer.rs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tandem_meta::store::{MetaStore, RaftRole};
-use tandem_meta::MetaCmd;
-use tandem_paths::pick_primary;
-use tandem_transport::{BoxFuture, Channel, Handler, Transport};
+use tandem_meta::store::MetaStore;
+use tandem_transport::Transport;
 use tandem_types::NodeId;
 use tandem_wire::data::{ProbeMsg, ProbeReply};
+
+use crate::probe::probe_call;
 
 /// How long a granted lease lasts, from when its request was sent.
 pub const LEASE: Duration = Duration::from_millis(1500);
@@ -46,6 +44,11 @@ pub const RENEW_EVERY: Duration = Duration::from_millis(250);
 /// Allowance for clocks running at different rates and for messages in flight.
 pub const DRIFT_MARGIN: Duration = Duration::from_millis(500);
 
+// I2: a lease has ended, with room for drift, before the leader may fail its holder over.
+const _: () = assert!(LEASE.as_millis() + DRIFT_MARGIN.as_millis() <= FAILURE_TIMEOUT.as_millis());
+// Several renewals per lease, so one lost request does not cost the lease.
+const _: () = assert!(RENEW_EVERY.as_millis() * 4 <= LEASE.as_millis());
+
 /// How long a new leader waits before it may fail over a node it has not heard from.
 pub fn takeover_grace(election_timeout_min: Duration) -> Duration {
     LEASE.saturating_sub(election_timeout_min).max(RENEW_EVERY * 2) + DRIFT_MARGIN
@@ -53,8 +56,6 @@ pub fn takeover_grace(election_timeout_min: Duration) -> Duration {
 
 /// How long one renewal may take before it counts as failed.
 const RENEW_TIMEOUT: Duration = Duration::from_millis(1000);
-/// How often the leader's supervisor looks for failed primaries.
-const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
 
 /// This node's lease and, when it leads, what it heard from the others.
 pub struct Leases {
@@ -62,8 +63,6 @@ pub struct Leases {
     meta: Arc<MetaStore>,
     until: Mutex<Option<Instant>>,
     heard: Mutex<HashMap<NodeId, Instant>>,
-    /// When this node last became leader (None while it does not lead).
-    leading_since: Mutex<Option<Instant>>,
     /// See [`takeover_grace`].
     grace: Duration,
     /// The log index up to which this node's data plane has acted on the committed map
@@ -78,7 +77,6 @@ impl Leases {
             meta,
             until: Mutex::new(None),
             heard: Mutex::new(HashMap::new()),
-            leading_since: Mutex::new(None),
             grace: takeover_grace(election_timeout_min),
             applied: tokio::sync::watch::Sender::new(0),
         })
@@ -120,7 +118,7 @@ impl Leases {
 
     /// On the leader: confirm leadership with a majority, then note that `from` is alive. The
     /// grant carries the read index: the lease counts only once the node has applied that far.
-    async fn grant(&self, from: NodeId) -> ProbeReply {
+    pub(crate) async fn grant(&self, from: NodeId) -> ProbeReply {
         match tokio::time::timeout(RENEW_TIMEOUT, self.meta.read_index()).await {
             Ok(Ok(index)) => {
                 self.heard.lock().expect("heard lock").insert(from, Instant::now());
@@ -133,7 +131,7 @@ impl Leases {
     /// Whether the leader heard from `node` recently (only meaningful on the leader, which has
     /// led since `since`). A node not heard from since the takeover is alive until the grace
     /// period has passed.
-    fn alive(&self, node: NodeId, now: Instant, since: Instant) -> bool {
+    pub(crate) fn alive(&self, node: NodeId, now: Instant, since: Instant) -> bool {
         if let Some(h) = self.heard.lock().expect("heard lock").get(&node).copied() {
             if now.saturating_duration_since(h) < FAILURE_TIMEOUT {
                 return true;
@@ -148,13 +146,8 @@ impl Leases {
         self.heard.lock().expect("heard lock").get(&node).copied()
     }
 
-    /// The probe channel's handler: lease requests, pings, and host probe reports (handed to
-    /// `paths`, the leader's path manager).
-    pub fn handler(self: &Arc<Self>, paths: Arc<crate::hosts::PathManager>) -> Arc<dyn Handler> {
-        Arc::new(ProbeHandler { leases: self.clone(), paths })
-    }
-
-    /// Renews this node's lease for as long as the node runs.
+    /// Renews this node's lease for as long as the node runs (one task per node), asking the
+    /// Raft leader over `transport`.
     pub fn spawn_renewal(self: &Arc<Self>, transport: impl Transport) {
         let leases = self.clone();
         tokio::spawn(async move {
@@ -181,57 +174,14 @@ impl Leases {
         });
     }
 
-    /// Runs the failover supervisor (it acts only while this node leads).
-    pub fn spawn_supervisor(self: &Arc<Self>) {
-        let leases = self.clone();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(SUPERVISE_EVERY);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                interval.tick().await;
-                leases.supervise().await;
-            }
-        });
+    /// On the leader: note that `node` was heard from at `now` (the leader hears itself).
+    pub(crate) fn note_heard(&self, node: NodeId, now: Instant) {
+        self.heard.lock().expect("heard lock").insert(node, now);
     }
 
-    async fn supervise(&self) {
-        let status = self.meta.status();
-        let now = Instant::now();
-        let since = {
-            let mut s = self.leading_since.lock().expect("leading lock");
-            if status.role != RaftRole::Leader {
-                *s = None;
-                self.heard.lock().expect("heard lock").clear();
-                return;
-            }
-            *s.get_or_insert(now)
-        };
-        self.heard.lock().expect("heard lock").insert(self.me, now);
-        let (volumes, sites, preferred) = self.meta.local_read(|st| {
-            let sites: BTreeMap<NodeId, String> = st.map.nodes.iter().map(|(id, n)| (*id, n.site.clone())).collect();
-            let preferred: HashMap<String, Option<String>> =
-                st.map.datasets.iter().map(|(name, d)| (name.clone(), d.preferred_site.clone())).collect();
-            (st.map.volumes.values().cloned().collect::<Vec<_>>(), sites, preferred)
-        });
-        for v in volumes {
-            if self.alive(v.primary, now, since) {
-                continue;
-            }
-            let live: Vec<NodeId> =
-                v.isr.iter().copied().filter(|&n| n != v.primary && self.alive(n, now, since)).collect();
-            let want_site = preferred.get(&v.dataset).cloned().flatten();
-            // Off this node if another qualifies: a primary on the Raft leader's node costs an
-            // election and then a failover when that node fails.
-            let Some(new_primary) = pick_primary(&live, &sites, want_site.as_deref(), Some(self.me)) else {
-                tracing::warn!(volume = %v.name, primary = v.primary, "primary failed and no in-sync replica is alive");
-                continue;
-            };
-            tracing::warn!(volume = %v.name, old = v.primary, new = new_primary, epoch = v.epoch + 1, "failing over");
-            let cmd = MetaCmd::Failover { volume: v.id, epoch: v.epoch, primary: new_primary, isr: live };
-            if let Err(e) = self.meta.write(cmd).await {
-                tracing::warn!(volume = %v.name, error = %e, "failover not committed");
-            }
-        }
+    /// This node does not lead (any more): what it heard as leader no longer counts.
+    pub(crate) fn forget_heard(&self) {
+        self.heard.lock().expect("heard lock").clear();
     }
 }
 
@@ -243,43 +193,12 @@ async fn request_lease(transport: &dyn Transport, leader: NodeId) -> Option<u64>
     }
 }
 
-/// Sends `msg` to node `to` on the probe channel and decodes its answer, within `timeout`.
-pub(crate) async fn probe_call(
-    transport: &dyn Transport,
-    to: NodeId,
-    msg: &ProbeMsg,
-    timeout: Duration,
-) -> Result<ProbeReply, String> {
-    let payload = msg.encode().map_err(|e| e.to_string())?;
-    let call = async {
-        let bytes = transport.call(to, Channel::Probe, Bytes::from(payload)).await.map_err(|e| e.to_string())?;
-        ProbeReply::decode(&bytes).map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(timeout, call).await.map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
-}
-
-struct ProbeHandler {
-    leases: Arc<Leases>,
-    paths: Arc<crate::hosts::PathManager>,
-}
-
-impl Handler for ProbeHandler {
-    fn handle(&self, from: NodeId, _channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
-        Box::pin(async move {
-            let msg = ProbeMsg::decode(&payload).map_err(|e| e.to_string())?;
-            let reply = match msg {
-                ProbeMsg::LeaseRequest => self.leases.grant(from).await,
-                ProbeMsg::Ping => ProbeReply::Pong,
-                ProbeMsg::HostProbes { host, probes } => self.paths.take_probes(&host, probes),
-            };
-            reply.encode().map(Bytes::from).map_err(|e| e.to_string())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use tandem_transport::Channel;
+
     use super::*;
+    use crate::probe::fake::{Answer, FakeTransport};
 
     #[test]
     fn a_lease_ends_before_a_failover_can_begin() {
@@ -291,5 +210,26 @@ mod tests {
             assert!(takeover_grace(min) + min >= LEASE + DRIFT_MARGIN, "{election_min_ms} ms");
             assert!(takeover_grace(min) >= RENEW_EVERY * 2 + DRIFT_MARGIN);
         }
+    }
+
+    /// A renewal asks the Raft leader, and counts only a grant (with the index it was granted
+    /// at); a refusal, a failed call or silence renew nothing.
+    #[tokio::test]
+    async fn a_renewal_counts_only_a_grant_from_the_leader() {
+        let granted = FakeTransport::new(Answer::Reply(ProbeReply::GrantedAt { index: 42 }));
+        assert_eq!(request_lease(&granted, 3).await, Some(42));
+        assert_eq!(granted.sent(), vec![(3, Channel::Probe, ProbeMsg::LeaseRequest)]);
+
+        let deposed = FakeTransport::new(Answer::Reply(ProbeReply::NotLeader(Some(2))));
+        assert_eq!(request_lease(&deposed, 3).await, None);
+
+        let cut = FakeTransport::new(Answer::Unreachable);
+        assert_eq!(request_lease(&cut, 3).await, None);
+
+        let started = Instant::now();
+        let silent = FakeTransport::new(Answer::Silent);
+        assert_eq!(request_lease(&silent, 3).await, None);
+        // A silent leader costs one renewal timeout, which ends before the lease would.
+        assert!(started.elapsed() >= RENEW_TIMEOUT);
     }
 }

@@ -6,7 +6,10 @@
 //!   it holds no state of its own.
 //! - [`api_state`]: what every API handler shares: its state, its error answer, and the narrow
 //!   view of the links it shows.
-//! - [`lease`]: this node's lease, and on the Raft leader the failure detector and failover.
+//! - [`lease`]: this node's lease, and on the Raft leader the record of whom it heard from.
+//! - [`failover`]: on the Raft leader, failing volumes over from primaries that failed.
+//! - [`probe`], [`probe_answer`]: the probe channel's calling and answering sides (lease
+//!   requests, pings, forwarded host probe reports).
 //! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, NBD.
 //! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
 //! - [`host_api`]: the host endpoints of the API, and the JSON types they answer with.
@@ -15,9 +18,12 @@
 pub mod api;
 pub mod api_state;
 pub mod config;
+pub mod failover;
 pub mod host_api;
 pub mod hosts;
 pub mod lease;
+pub mod probe;
+pub mod probe_answer;
 pub mod volumes;
 
 use std::future::Future;
@@ -95,9 +101,9 @@ pub async fn run(
 
     let leases = Leases::new(id, meta.clone(), Duration::from_millis(cfg.cluster.election_timeout_min_ms));
     let paths = hosts::PathManager::new(id, meta.clone(), leases.clone());
-    mesh.set_handler(Channel::Probe, leases.handler(paths.clone()));
+    mesh.set_handler(Channel::Probe, probe_answer::handler(leases.clone(), paths.clone()));
     leases.spawn_renewal(mesh.clone());
-    leases.spawn_supervisor();
+    failover::spawn_supervisor(meta.clone(), leases.clone());
     paths.spawn();
     let store = SledStore::open(&data_dir.join("blocks"))
         .map_err(|e| anyhow!("node {id}: cannot open the block store: {e}"))?;
