@@ -35,3 +35,70 @@ impl Handler for ProbeHandler {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tandem_meta::store::{MetaConfig, MetaStore, RaftRole};
+    use tandem_meta::NodeRecord;
+    use tandem_wire::data::PathProbe;
+
+    use super::*;
+    use crate::probe::fake::{Answer, FakeTransport};
+
+    async fn ask(h: &Arc<dyn Handler>, from: NodeId, msg: ProbeMsg) -> ProbeReply {
+        let payload = Bytes::from(msg.encode().expect("encodes"));
+        let reply = h.handle(from, Channel::Probe, payload).await.expect("answered");
+        ProbeReply::decode(&reply).expect("decodes")
+    }
+
+    /// A one-node cluster over a transport without sockets (it never needs a peer): its Raft
+    /// leader answers pings, grants leases and notes whom it heard from, and refuses probe
+    /// reports of a host it does not know.
+    #[tokio::test]
+    async fn the_leader_answers_pings_grants_leases_and_refuses_unknown_hosts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = MetaConfig {
+            cluster_name: "probe-test".into(),
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            snapshot_after_entries: 1000,
+            logs_to_keep: 100,
+        };
+        let transport = Arc::new(FakeTransport::new(Answer::Unreachable));
+        let meta = MetaStore::open(1, &cfg, dir.path(), transport).await.expect("opens");
+        let me = NodeRecord {
+            id: 1,
+            site: "a".into(),
+            raft_addr: "127.0.0.1:7001".parse().unwrap(),
+            api_addr: "127.0.0.1:8001".parse().unwrap(),
+            nbd_addr: "127.0.0.1:9001".parse().unwrap(),
+            extra_nbd_addrs: Vec::new(),
+        };
+        assert!(meta.initialize(&[me]).await.expect("initializes"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while meta.status().role != RaftRole::Leader {
+            assert!(tokio::time::Instant::now() < deadline, "no leader: {:?}", meta.status());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let leases = Leases::new(1, meta.clone(), Duration::from_millis(cfg.election_timeout_min_ms));
+        let h = handler(leases.clone(), PathManager::new(1, meta.clone(), leases.clone()));
+
+        assert_eq!(ask(&h, 2, ProbeMsg::Ping).await, ProbeReply::Pong);
+        assert_eq!(leases.last_heard(2), None);
+        assert!(matches!(ask(&h, 2, ProbeMsg::LeaseRequest).await, ProbeReply::GrantedAt { index } if index >= 1));
+        assert!(leases.last_heard(2).is_some(), "a granted lease notes the node as heard");
+        let probe = PathProbe {
+            node: 1,
+            address: "127.0.0.1:9001".parse().unwrap(),
+            rtt_us: Some(10),
+            refused: false,
+            error: String::new(),
+        };
+        let reply = ask(&h, 2, ProbeMsg::HostProbes { host: "nohost".into(), probes: vec![probe] }).await;
+        assert_eq!(reply, ProbeReply::Refused("no host named \"nohost\"".into()));
+        meta.shutdown().await;
+    }
+}
