@@ -151,6 +151,7 @@ pub async fn run(
 /// Brings this node's record in the cluster map in line with its config (site, addresses,
 /// target ports) once the node has caught up, so that a node restarted with a new target port
 /// advertises it. A node the map does not hold is left alone: joining is `tandem node add`.
+/// One task, which ends once the record is in line; its retries back off to 2 s.
 fn advertise(meta: Arc<MetaStore>, record: tandem_meta::NodeRecord) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
@@ -177,7 +178,7 @@ fn advertise(meta: Arc<MetaStore>, record: tandem_meta::NodeRecord) {
 
 /// Keeps the mesh on the network layers the cluster map selects (the config's `transport`
 /// until the map says otherwise), and on the peer addresses the map records. Runs on every node, so a `PUT /v1/transport` moves every
-/// link once the change is applied there.
+/// link once the change is applied there. One task per node, for the node's lifetime.
 fn follow_transport_policy(meta: Arc<MetaStore>, mesh: Mesh, default: TransportKind) {
     tokio::spawn(async move {
         let mut applied = meta.subscribe();
