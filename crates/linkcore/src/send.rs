@@ -53,6 +53,11 @@ impl<R> SendWindow<R> {
         self.session
     }
 
+    /// The number the next request gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// The oldest unanswered number (or the next one when nothing is outstanding). It travels
     /// with every frame: the receiver forgets the replies below it.
     pub fn ack(&self) -> u64 {
