@@ -30,18 +30,17 @@
 //! state machines in `tandem_linkcore`; this module drives them.
 //! - this file: the [`Mesh`] (its tables of peers, links and receiving channels, the layer
 //!   setting) and the limits with their reasons;
-//! - `link/send.rs`: one outgoing link and its driver task (dial, switch, send, resend);
-//! - `link/receive.rs`: frames from peers, the dispatcher and the handlers' replies;
-//! - `link/reply.rs`: [`PendingReply`], a caller's handle on one reply.
+//! - `link/send.rs`: one outgoing link and its driver task (dial, switch, send, resend), and
+//!   [`PendingReply`], a caller's handle on one reply;
+//! - `link/receive.rs`: frames from peers, the dispatcher and the handlers' replies.
 
 mod receive;
-mod reply;
 mod send;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,8 +48,8 @@ use tandem_types::{Channel, NodeId};
 use tandem_wire::FrameKind;
 use tokio::net::TcpListener;
 
-pub use receive::request_received_at;
-pub use reply::PendingReply;
+pub use receive::{request_received_at, DISPATCH_IN_FLIGHT_MAX};
+pub use send::{PendingReply, BACKOFF_BASE, BACKOFF_MAX};
 pub use tandem_linkcore::{CHANNEL_BYTES_MAX, WINDOW_SEQS};
 
 use crate::pipe::{BoxRead, BoxWrite};
@@ -59,36 +58,11 @@ use crate::ring::{RegionRegistry, RegionWriteLink, ReplyFuture};
 use crate::tcp::{Incoming, TcpLayer};
 use crate::tls::{Identity, TlsError};
 use crate::{BoxFuture, Handler, Layer, Transport, TransportError, TransportKind};
-use receive::{serve_pipe, InboundChan};
-use send::ChannelLink;
+use receive::{serve_pipe, Inbound};
+use send::{ChannelLink, LinkHost};
 
-/// Handler invocations running at once per (peer, channel) on the receiving side.
-pub const DISPATCH_IN_FLIGHT_MAX: usize = 64;
 /// Dial (TCP + TLS or QUIC handshake, plus hello).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// First retry delay after a failed dial; doubles up to [`BACKOFF_MAX`].
-pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
-/// Short enough that a restarted peer is reached again well within a Raft election timeout.
-pub const BACKOFF_MAX: Duration = Duration::from_millis(800);
-
-/// Bytes read from a pipe at a time when frames are small (large bodies bypass the buffer).
-const READ_BUFFER_BYTES: usize = 64 * 1024;
-
-/// Requests delivered in order and waiting for the dispatcher, per (peer, channel). A sender
-/// keeping its window has at most [`WINDOW_SEQS`] unanswered requests of its current session;
-/// twice that leaves room for the rest of a session it has just abandoned (the dispatcher
-/// drops those without running them). A sender that overflows it breaks the protocol: its
-/// pipe is closed.
-const DISPATCH_QUEUE_MAX: usize = 2 * WINDOW_SEQS as usize;
-
-// Backoff doubles from its base and stops at its max: the base must be the smaller, and the
-// doubling (capped at 2^16 times the base) must reach the max.
-const _: () = assert!(BACKOFF_BASE.as_nanos() < BACKOFF_MAX.as_nanos());
-const _: () = assert!(BACKOFF_BASE.as_nanos() << 16 >= BACKOFF_MAX.as_nanos());
-// More handler slots than a window can deliver would never fill.
-const _: () = assert!(DISPATCH_IN_FLIGHT_MAX as u64 <= WINDOW_SEQS);
-// The dispatch queue holds at least one full window of one session.
-const _: () = assert!(DISPATCH_QUEUE_MAX as u64 >= WINDOW_SEQS);
 
 /// One link's counters and state, for `tandem transport status`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -117,12 +91,8 @@ struct MeshInner {
     kinds: [AtomicU8; 2],
     peers: RwLock<HashMap<NodeId, SocketAddr>>,
     links: Mutex<HashMap<(NodeId, Channel), Arc<ChannelLink>>>,
-    /// The receiving side per (peer, channel). An entry lives as long as its peer is in the
-    /// cluster: [`Mesh::forget_peer`] drops the entries of a peer that left, so the map is
-    /// bounded by the cluster's nodes (times the four channels).
-    inbound: Mutex<HashMap<(NodeId, Channel), Arc<InboundChan>>>,
-    handlers: RwLock<HashMap<Channel, Arc<dyn Handler>>>,
-    regions: Arc<RegionRegistry>,
+    /// Windows, dispatchers and handlers of what peers send to this node.
+    inbound: Arc<Inbound>,
     session_base: u64,
     session_counter: AtomicU64,
     servers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -196,9 +166,7 @@ impl Mesh {
             kinds: [AtomicU8::new(kind_to_u8(control)), AtomicU8::new(kind_to_u8(data))],
             peers: RwLock::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
-            inbound: Mutex::new(HashMap::new()),
-            handlers: RwLock::new(HashMap::new()),
-            regions,
+            inbound: Arc::new(Inbound::new(regions)),
             session_base,
             session_counter: AtomicU64::new(1),
             servers: Mutex::new(Vec::new()),
@@ -206,7 +174,7 @@ impl Mesh {
         let weak = Arc::downgrade(&inner);
         let on_pipe: crate::tcp::OnPipe = Arc::new(move |incoming: Incoming| {
             if let Some(mesh) = weak.upgrade() {
-                serve_pipe(&mesh, incoming);
+                serve_pipe(&mesh.inbound, incoming);
             }
         });
         let tcp_task = inner.tcp.serve(listeners.tcp, on_pipe.clone());
@@ -220,11 +188,11 @@ impl Mesh {
     }
 
     pub fn set_handler(&self, channel: Channel, handler: Arc<dyn Handler>) {
-        self.inner.handlers.write().expect("handlers lock").insert(channel, handler);
+        self.inner.inbound.set_handler(channel, handler);
     }
 
     pub fn regions(&self) -> &Arc<RegionRegistry> {
-        &self.inner.regions
+        self.inner.inbound.regions()
     }
 
     pub fn kind(&self, layer: Layer) -> TransportKind {
@@ -298,7 +266,7 @@ impl Mesh {
     pub fn forget_peer(&self, peer: NodeId) {
         self.inner.peers.write().expect("peers lock").remove(&peer);
         self.inner.links.lock().expect("links lock").retain(|(p, _), _| *p != peer);
-        self.inner.inbound.lock().expect("inbound lock").retain(|(p, _), _| *p != peer);
+        self.inner.inbound.forget(peer);
     }
 
     /// Stops accepting and closes the QUIC endpoint. Links fail from then on.
@@ -337,11 +305,19 @@ impl MeshInner {
         let mut links = self.links.lock().expect("links lock");
         links
             .entry((peer, channel))
-            .or_insert_with(|| Arc::new(ChannelLink::new(peer, channel, Arc::downgrade(self), self.new_session())))
+            .or_insert_with(|| {
+                let host: Weak<dyn LinkHost> = Arc::downgrade(self) as Weak<MeshInner>;
+                Arc::new(ChannelLink::new(peer, channel, host, self.new_session()))
+            })
             .clone()
     }
 
-    async fn dial(&self, kind: TransportKind, peer: NodeId, channel: Channel) -> Result<(BoxRead, BoxWrite), String> {
+    async fn dial_pipe(
+        &self,
+        kind: TransportKind,
+        peer: NodeId,
+        channel: Channel,
+    ) -> Result<(BoxRead, BoxWrite), String> {
         let addr = self.peers.read().expect("peers lock").get(&peer).copied();
         let addr = addr.ok_or_else(|| format!("no address known for node {peer}"))?;
         let dialed = match kind {
@@ -353,6 +329,26 @@ impl MeshInner {
             Ok(Err(e)) => Err(format!("{kind} {addr}: {e}")),
             Err(_) => Err(format!("{kind} {addr}: connect timed out")),
         }
+    }
+}
+
+/// The links' view of the mesh.
+impl LinkHost for MeshInner {
+    fn kind(&self, layer: Layer) -> TransportKind {
+        MeshInner::kind(self, layer)
+    }
+
+    fn new_session(&self) -> u64 {
+        MeshInner::new_session(self)
+    }
+
+    fn dial(
+        &self,
+        kind: TransportKind,
+        peer: NodeId,
+        channel: Channel,
+    ) -> BoxFuture<'_, Result<(BoxRead, BoxWrite), String>> {
+        Box::pin(self.dial_pipe(kind, peer, channel))
     }
 }
 

@@ -4,21 +4,46 @@
 //! and sends each reply back on every pipe the request came on. Also cancels and abandoned
 //! sessions: a request its sender gave up on never starts, or is cancelled while it runs.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use bytes::Bytes;
-use tandem_linkcore::{Arrival, ReceiveWindow};
+use tandem_linkcore::{Arrival, ReceiveWindow, WINDOW_SEQS};
 use tandem_types::{Channel, NodeId};
 use tandem_wire::{Frame, FrameKind};
 use tokio::io::BufReader;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::{MeshInner, DISPATCH_IN_FLIGHT_MAX, DISPATCH_QUEUE_MAX, READ_BUFFER_BYTES};
-use crate::pipe::{read_frame, spawn_writer, PipeTx};
+use crate::pipe::{read_frame, spawn_writer, PipeTx, READ_BUFFER_BYTES};
+use crate::ring::RegionRegistry;
 use crate::tcp::Incoming;
-#[cfg(doc)]
 use crate::Handler;
+
+/// Handler invocations running at once per (peer, channel) on the receiving side.
+pub const DISPATCH_IN_FLIGHT_MAX: usize = 64;
+
+/// Requests delivered in order and waiting for the dispatcher, per (peer, channel). A sender
+/// keeping its window has at most [`WINDOW_SEQS`] unanswered requests of its current session;
+/// twice that leaves room for the rest of a session it has just abandoned (the dispatcher
+/// drops those without running them). A sender that overflows it breaks the protocol: its
+/// pipe is closed.
+const DISPATCH_QUEUE_MAX: usize = 2 * WINDOW_SEQS as usize;
+
+// More handler slots than a window can deliver would never fill.
+const _: () = assert!(DISPATCH_IN_FLIGHT_MAX as u64 <= WINDOW_SEQS);
+// The dispatch queue holds at least one full window of one session.
+const _: () = assert!(DISPATCH_QUEUE_MAX as u64 >= WINDOW_SEQS);
+
+/// The receiving side of a mesh: a window and a dispatcher per (peer, channel), the handlers
+/// of the channels, and the regions that one-sided writes land in.
+pub(super) struct Inbound {
+    /// The receiving window per (peer, channel). An entry lives as long as its peer is in the
+    /// cluster: [`Inbound::forget`] drops the entries of a peer that left, so the map is
+    /// bounded by the cluster's nodes (times the four channels).
+    chans: Mutex<HashMap<(NodeId, Channel), Arc<InboundChan>>>,
+    handlers: RwLock<HashMap<Channel, Arc<dyn Handler>>>,
+    regions: Arc<RegionRegistry>,
+}
 
 /// A request as it waits in the reorder buffer.
 struct Arrived {
@@ -47,7 +72,7 @@ pub fn request_received_at() -> Option<std::time::Instant> {
     RECEIVED.try_with(|t| *t).ok()
 }
 
-pub(super) struct InboundChan {
+struct InboundChan {
     from: NodeId,
     channel: Channel,
     /// Replies go back as whole frames on the pipes (routes) the request came on.
@@ -61,9 +86,27 @@ pub(super) struct InboundChan {
     cancelled: watch::Sender<BTreeSet<u64>>,
 }
 
-impl MeshInner {
-    fn inbound_chan(self: &Arc<Self>, from: NodeId, channel: Channel) -> Arc<InboundChan> {
-        let mut map = self.inbound.lock().expect("inbound lock");
+impl Inbound {
+    pub(super) fn new(regions: Arc<RegionRegistry>) -> Inbound {
+        Inbound { chans: Mutex::new(HashMap::new()), handlers: RwLock::new(HashMap::new()), regions }
+    }
+
+    pub(super) fn set_handler(&self, channel: Channel, handler: Arc<dyn Handler>) {
+        self.handlers.write().expect("handlers lock").insert(channel, handler);
+    }
+
+    pub(super) fn regions(&self) -> &Arc<RegionRegistry> {
+        &self.regions
+    }
+
+    /// Drops what this node keeps of `peer`'s requests (its peer left the cluster). Each
+    /// channel's dispatcher ends once its running handlers have finished.
+    pub(super) fn forget(&self, peer: NodeId) {
+        self.chans.lock().expect("inbound lock").retain(|(p, _), _| *p != peer);
+    }
+
+    fn chan(self: &Arc<Self>, from: NodeId, channel: Channel) -> Arc<InboundChan> {
+        let mut map = self.chans.lock().expect("inbound lock");
         map.entry((from, channel))
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(DISPATCH_QUEUE_MAX);
@@ -93,7 +136,7 @@ impl MeshInner {
         if frame.seq == 0 {
             return Err("sequence number 0".into());
         }
-        let chan = self.inbound_chan(from, channel);
+        let chan = self.chan(from, channel);
         let mut st = chan.st.lock().expect("inbound lock");
         if frame.kind == FrameKind::Cancel {
             // Only for a request of this session within the window; it may still be on its
@@ -152,16 +195,16 @@ impl MeshInner {
 /// failed must not take effect after the retry (docs/PROTOCOL.md, "Requests a host gave up
 /// on").
 ///
-/// Ends when the channel's entry is dropped ([`super::Mesh::forget_peer`]) and its handlers
-/// have finished: it holds the entry only while it handles a request.
-async fn dispatcher(mesh: Weak<MeshInner>, entry: Weak<InboundChan>, mut rx: mpsc::Receiver<Dispatch>) {
+/// Ends when the channel's entry is dropped ([`Inbound::forget`]) and its handlers have
+/// finished: it holds the entry only while it handles a request.
+async fn dispatcher(inbound: Weak<Inbound>, entry: Weak<InboundChan>, mut rx: mpsc::Receiver<Dispatch>) {
     let permits = Arc::new(Semaphore::new(DISPATCH_IN_FLIGHT_MAX));
     while let Some(d) = rx.recv().await {
         let Some(chan) = entry.upgrade() else { return };
         if withdrawn(&chan, &d).await {
             continue;
         }
-        let Some(m) = mesh.upgrade() else { return };
+        let Some(m) = inbound.upgrade() else { return };
         if d.kind == FrameKind::RegionWrite {
             let result = m.regions.write(chan.from, chan.channel, &d.payload).await;
             finish(&chan, d.session, d.seq, result).await;
@@ -227,16 +270,18 @@ async fn finish(chan: &InboundChan, session: u64, seq: u64, result: Result<Bytes
     }
 }
 
-pub(super) fn serve_pipe(mesh: &Arc<MeshInner>, incoming: Incoming) {
+/// Reads the frames of one pipe a peer made to this node, until it ends or breaks the
+/// protocol.
+pub(super) fn serve_pipe(inbound: &Arc<Inbound>, incoming: Incoming) {
     let Incoming { from, channel, read, write } = incoming;
     let route = spawn_writer(write, || {});
-    let mesh = Arc::downgrade(mesh);
+    let inbound = Arc::downgrade(inbound);
     tokio::spawn(async move {
         let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, read);
         loop {
             match read_frame(&mut r).await {
                 Ok(Some(frame)) => {
-                    let Some(m) = mesh.upgrade() else { break };
+                    let Some(m) = inbound.upgrade() else { break };
                     if let Err(e) = m.on_frame(from, channel, frame, &route) {
                         tracing::warn!(from, %channel, error = %e, "closing a peer pipe after a protocol error");
                         break;

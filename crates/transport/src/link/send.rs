@@ -1,7 +1,8 @@
 //! The sending side of one link (a peer and channel): [`ChannelLink`] queues requests into its
 //! [`SendWindow`] (the numbering and window logic, in `tandem_linkcore`), and its driver task
 //! makes pipes with backoff, moves to the selected layer make-before-break, sends and resends
-//! what waits, and closes drained pipes; a reader per pipe hands replies back to the window.
+//! what waits, and closes drained pipes; a reader per pipe hands replies back to the window,
+//! and from there to the caller's [`PendingReply`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -15,12 +16,62 @@ use tokio::io::BufReader;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use super::reply::PendingReply;
-use super::{MeshInner, BACKOFF_BASE, BACKOFF_MAX, READ_BUFFER_BYTES};
-use crate::pipe::{read_frame, spawn_writer, BoxRead, PipeTx};
-use crate::{Layer, TransportError, TransportKind};
+use crate::pipe::{read_frame, spawn_writer, BoxRead, BoxWrite, PipeTx, READ_BUFFER_BYTES};
+use crate::{BoxFuture, Layer, TransportError, TransportKind};
+
+/// First retry delay after a failed dial; doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
+/// Short enough that a restarted peer is reached again well within a Raft election timeout.
+pub const BACKOFF_MAX: Duration = Duration::from_millis(800);
+
+// Backoff doubles from its base and stops at its max: the base must be the smaller, and the
+// doubling (capped at 2^16 times the base) must reach the max.
+const _: () = assert!(BACKOFF_BASE.as_nanos() < BACKOFF_MAX.as_nanos());
+const _: () = assert!(BACKOFF_BASE.as_nanos() << 16 >= BACKOFF_MAX.as_nanos());
+
+/// What a link needs of the mesh it belongs to: the layer selected for its channel, a fresh
+/// session number, and a new pipe to its peer.
+pub(super) trait LinkHost: Send + Sync + 'static {
+    fn kind(&self, layer: Layer) -> TransportKind;
+    fn new_session(&self) -> u64;
+    fn dial(
+        &self,
+        kind: TransportKind,
+        peer: NodeId,
+        channel: Channel,
+    ) -> BoxFuture<'_, Result<(BoxRead, BoxWrite), String>>;
+}
 
 type ReplyTx = oneshot::Sender<Result<Bytes, TransportError>>;
+
+/// The reply to a request that has been queued on a link. Dropping it before the reply came
+/// withdraws the request: if it has not gone out it never will (an empty payload takes its
+/// number), and if it has, a `Cancel` frame follows it, ahead of anything sent later on the
+/// link, so the receiver does not start it or cancels it while it runs.
+pub struct PendingReply {
+    peer: NodeId,
+    rx: oneshot::Receiver<Result<Bytes, TransportError>>,
+    /// The request, to cancel if this is dropped unanswered (requests only).
+    cancel: Option<(Weak<ChannelLink>, u64, u64)>,
+}
+
+impl PendingReply {
+    pub async fn wait(mut self) -> Result<Bytes, TransportError> {
+        let reply = (&mut self.rx).await;
+        self.cancel = None;
+        reply.unwrap_or(Err(TransportError::Unreachable { peer: self.peer, reason: "link closed".into() }))
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        if let Some((link, session, seq)) = self.cancel.take() {
+            if let Some(link) = link.upgrade() {
+                link.cancel(session, seq);
+            }
+        }
+    }
+}
 
 /// What the link keeps of a request while the window holds it.
 pub(super) struct Pending {
@@ -71,7 +122,7 @@ impl OutState {
 pub(crate) struct ChannelLink {
     pub(super) peer: NodeId,
     pub(super) channel: Channel,
-    mesh: Weak<MeshInner>,
+    mesh: Weak<dyn LinkHost>,
     pub(super) st: Mutex<OutState>,
     space: Notify,
     wake: Notify,
@@ -82,7 +133,7 @@ pub(crate) struct ChannelLink {
 }
 
 impl ChannelLink {
-    pub(super) fn new(peer: NodeId, channel: Channel, mesh: Weak<MeshInner>, session: u64) -> ChannelLink {
+    pub(super) fn new(peer: NodeId, channel: Channel, mesh: Weak<dyn LinkHost>, session: u64) -> ChannelLink {
         ChannelLink {
             peer,
             channel,
@@ -198,7 +249,7 @@ impl ChannelLink {
     /// The caller of request `seq` of `session` gave up on it. Not sent yet: the driver
     /// withdraws it when it comes to it. Sent: a `Cancel` frame goes out before anything sent
     /// later on this link.
-    pub(super) fn cancel(self: &Arc<Self>, session: u64, seq: u64) {
+    fn cancel(self: &Arc<Self>, session: u64, seq: u64) {
         {
             let mut st = self.st.lock().expect("link lock");
             if !st.win.cancel(session, seq, |p| p.kind == FrameKind::Request) {
@@ -211,7 +262,7 @@ impl ChannelLink {
     /// A dial failed, or a pipe died before answering anything sent on it (a peer that
     /// accepts the handshake and then drops us, e.g. for a certificate it refuses): back off,
     /// and if no pipe is left, fail what waits rather than resend it forever.
-    fn failed(&self, mesh: &MeshInner, reason: String) {
+    fn failed(&self, mesh: &dyn LinkHost, reason: String) {
         let mut st = self.st.lock().expect("link lock");
         st.failures = st.failures.saturating_add(1);
         let backoff = BACKOFF_BASE.saturating_mul(1u32 << st.failures.min(16)).min(BACKOFF_MAX);
@@ -233,7 +284,7 @@ impl ChannelLink {
         };
         if unanswered && !answered {
             if let Some(mesh) = self.mesh.upgrade() {
-                self.failed(&mesh, reason);
+                self.failed(&*mesh, reason);
             }
         }
         self.wake.notify_one();
@@ -245,7 +296,7 @@ impl ChannelLink {
     }
 
     /// No pipe can be made: every waiting caller is failed and the link starts a new session.
-    fn fail_all(&self, st: &mut OutState, mesh: &MeshInner, reason: &str) {
+    fn fail_all(&self, st: &mut OutState, mesh: &dyn LinkHost, reason: &str) {
         for mut p in st.win.restart(mesh.new_session()) {
             if let Some(tx) = p.reply.take() {
                 let _ = tx.send(Err(TransportError::Unreachable { peer: self.peer, reason: reason.to_string() }));
@@ -303,7 +354,7 @@ impl ChannelLink {
                     }
                     Err(reason) => {
                         tracing::debug!(peer = self.peer, channel = %self.channel, %reason, "dial failed");
-                        self.failed(&mesh, reason);
+                        self.failed(&*mesh, reason);
                     }
                 }
             }
