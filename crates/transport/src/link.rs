@@ -28,11 +28,16 @@
 //! ## Files
 //! The numbering, window, reorder buffer, duplicate detection and reply cache are sans-IO
 //! state machines in `tandem_linkcore`; this module drives them.
-//! - this file: the [`Mesh`] (its tables of peers, links and receiving channels, the layer
-//!   setting) and the limits with their reasons;
+//! - this file: the [`Mesh`]: peers' addresses, the links, the layer setting, dialing, and
+//!   forgetting a peer that left;
 //! - `link/send.rs`: one outgoing link and its driver task (dial, switch, send, resend), and
-//!   [`PendingReply`], a caller's handle on one reply;
-//! - `link/receive.rs`: frames from peers, the dispatcher and the handlers' replies.
+//!   [`PendingReply`], a caller's handle on one reply; it sees the mesh only through the
+//!   `LinkHost` trait;
+//! - `link/receive.rs`: what peers send to this node: frames, the receiving windows, the
+//!   dispatchers, the handlers' replies and the region writes.
+//!
+//! Imports point one way: this file uses `send` and `receive`, which use neither it nor each
+//! other.
 
 mod receive;
 mod send;

@@ -1,7 +1,7 @@
 //! Tandem's vocabulary: identifiers, limits and the names every other crate shares.
 //!
-//! This crate does no I/O and depends on nothing but `serde`. It is the bottom of the crate
-//! graph: if a name is needed by two crates, it lives here.
+//! This crate does no I/O and depends on nothing but `serde` and `thiserror`. It is the bottom
+//! of the crate graph: if a name is needed by two crates, it lives here.
 
 use std::fmt;
 use std::str::FromStr;

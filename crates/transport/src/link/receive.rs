@@ -297,3 +297,46 @@ pub(super) fn serve_pipe(inbound: &Arc<Inbound>, incoming: Incoming) {
         route.mark_dead();
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BoxFuture;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        fn handle(&self, _from: NodeId, _channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
+            Box::pin(async move { Ok(payload) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_peer_leaves_nothing_behind_and_may_speak_again() {
+        let inbound = Arc::new(Inbound::new(RegionRegistry::new(1, 16, 4)));
+        inbound.set_handler(Channel::Control, Arc::new(Echo));
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let route = spawn_writer(Box::new(ours), || {});
+        let request =
+            |session, seq| Frame::new(FrameKind::Request, Channel::Control, session, seq, 1, Bytes::from("x"));
+        inbound.on_frame(7, Channel::Control, request(5, 1), &route).expect("accepted");
+        let reply = read_frame(&mut theirs).await.expect("read").expect("a reply");
+        assert_eq!((reply.kind, reply.seq), (FrameKind::Response, 1));
+        let entry = Arc::downgrade(&inbound.chans.lock().expect("inbound lock")[&(7, Channel::Control)]);
+
+        inbound.forget(7);
+        assert!(inbound.chans.lock().expect("inbound lock").is_empty());
+        for _ in 0..100 {
+            if entry.upgrade().is_none() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(entry.upgrade().is_none(), "the forgotten window (and its dispatcher's queue) is dropped");
+
+        // Back again, as after a restart: a fresh window, which takes the sender's session.
+        inbound.on_frame(7, Channel::Control, request(5, 1), &route).expect("accepted");
+        let reply = read_frame(&mut theirs).await.expect("read").expect("a reply");
+        assert_eq!((reply.kind, reply.seq), (FrameKind::Response, 1));
+    }
+}
