@@ -31,7 +31,7 @@ pub enum MetaCmd {
         kind: TransportKind,
     },
     /// Creates a dataset on `replicas` nodes (`None`: every node), placed by
-    /// [`ClusterMap::place`]. Repeating it with the same parameters changes nothing.
+    /// [`ClusterMap::place`](crate::ClusterMap::place). Repeating it with the same parameters changes nothing.
     CreateDataset {
         name: String,
         replicas: Option<u32>,
@@ -41,7 +41,7 @@ pub enum MetaCmd {
     DeleteDataset {
         name: String,
     },
-    /// Creates a volume in `dataset` (`None`: [`DEFAULT_DATASET`], created on first use).
+    /// Creates a volume in `dataset` (`None`: [`DEFAULT_DATASET`](crate::DEFAULT_DATASET), created on first use).
     /// Repeating it with the same parameters changes nothing and allocates no id.
     CreateVolume {
         name: String,

@@ -37,7 +37,7 @@ pub struct VolumeRecord {
     pub primary: NodeId,
     /// The in-sync set: sorted, contains `primary`, a subset of `replicas`.
     pub isr: Vec<NodeId>,
-    /// Starts at 1; +1 on every primary change (a [`MetaCmd::Failover`]).
+    /// Starts at 1; +1 on every primary change (a [`MetaCmd::Failover`](crate::MetaCmd::Failover)).
     pub epoch: Epoch,
     /// Starts at 1; +1 on every change of `isr`. ISR changes are compare-and-set on it, so a
     /// proposal that arrives late (its reply lost, its retry already applied, or overtaken by
@@ -46,7 +46,7 @@ pub struct VolumeRecord {
     /// Replicas outside the ISR being brought level with the primary.
     pub resync: BTreeMap<NodeId, ResyncProgress>,
     /// Which start of the primary's process runs the volume in this epoch
-    /// ([`MetaCmd::ClaimPrimary`]); `None` until the primary claims the epoch. One epoch has at
+    /// ([`MetaCmd::ClaimPrimary`](crate::MetaCmd::ClaimPrimary)); `None` until the primary claims the epoch. One epoch has at
     /// most one running primary, so a late ISR change of an earlier one is refused by epoch.
     #[serde(default)]
     pub claim: Option<u64>,
