@@ -1,6 +1,7 @@
 //! The metadata store: the cluster map, replicated with Raft (openraft) and kept in sled.
 //!
-//! - [`cluster_map`]: the pure state machine logic (`ClusterMap::apply`), no I/O.
+//! - [`cluster_map`]: re-exports the pure state machine logic (`ClusterMap::apply`, no I/O),
+//!   which lives in the `tandem-clustermap` crate.
 //! - [`log_store`], [`state_machine`]: openraft's storage traits on sled (group commit,
 //!   snapshots, purge).
 //! - [`network`]: Raft RPCs and forwarded client requests over the node-to-node transport.

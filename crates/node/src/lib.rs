@@ -26,6 +26,7 @@ pub mod probe;
 pub mod probe_answer;
 pub mod volumes;
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -182,6 +183,8 @@ fn advertise(meta: Arc<MetaStore>, record: tandem_meta::NodeRecord) {
 fn follow_transport_policy(meta: Arc<MetaStore>, mesh: Mesh, default: TransportKind) {
     tokio::spawn(async move {
         let mut applied = meta.subscribe();
+        // The nodes of the map as last seen: a node that leaves it is forgotten by the mesh.
+        let mut members: BTreeSet<NodeId> = BTreeSet::new();
         loop {
             let (policy, addrs) = meta.local_read(|st| {
                 let addrs: Vec<(NodeId, SocketAddr)> = st.map.nodes.values().map(|n| (n.id, n.raft_addr)).collect();
@@ -189,9 +192,16 @@ fn follow_transport_policy(meta: Arc<MetaStore>, mesh: Mesh, default: TransportK
             });
             // Every node learns every peer's address from the map, also peers added after it
             // started: the data plane talks to all of them, not only Raft's leader.
-            for (id, addr) in addrs {
-                mesh.set_peer_addr(id, addr);
+            for (id, addr) in &addrs {
+                mesh.set_peer_addr(*id, *addr);
             }
+            // Only nodes that were in the map and left it: a peer this node learned of
+            // elsewhere first (a Raft leader while joining) is not forgotten.
+            let now: BTreeSet<NodeId> = addrs.iter().map(|(id, _)| *id).collect();
+            for gone in members.difference(&now) {
+                mesh.forget_peer(*gone);
+            }
+            members = now;
             for layer in [Layer::Control, Layer::Data] {
                 mesh.set_kind(layer, policy.get(&layer).copied().unwrap_or(default));
             }

@@ -21,14 +21,15 @@ pub mod ring;
 pub mod tcp;
 pub mod tls;
 
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::str::FromStr;
 
 use bytes::Bytes;
 pub use tandem_types::Channel;
+// `Layer` and `TransportKind` live in `tandem_types` (the cluster map names them too, without
+// depending on the transport); re-exported here so existing imports keep compiling.
 use tandem_types::NodeId;
+pub use tandem_types::{Layer, TransportKind};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -45,81 +46,6 @@ pub enum TransportError {
     Remote { peer: NodeId, reason: String },
     #[error("transport is shut down")]
     Closed,
-}
-
-/// The network layer under a link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportKind {
-    Tcp,
-    Quic,
-}
-
-impl TransportKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportKind::Tcp => "tcp",
-            TransportKind::Quic => "quic",
-        }
-    }
-}
-
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for TransportKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<TransportKind, String> {
-        match s {
-            "tcp" => Ok(TransportKind::Tcp),
-            "quic" => Ok(TransportKind::Quic),
-            other => Err(format!("unknown transport {other:?}: expected tcp or quic")),
-        }
-    }
-}
-
-/// Which traffic a transport setting governs: Raft (`control`) or everything else (`data`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Layer {
-    Control,
-    Data,
-}
-
-impl Layer {
-    pub fn of(channel: Channel) -> Layer {
-        match channel {
-            Channel::Control => Layer::Control,
-            Channel::Replication | Channel::Bulk | Channel::Probe => Layer::Data,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Layer::Control => "control",
-            Layer::Data => "data",
-        }
-    }
-}
-
-impl fmt::Display for Layer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Layer {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Layer, String> {
-        match s {
-            "control" => Ok(Layer::Control),
-            "data" => Ok(Layer::Data),
-            other => Err(format!("unknown layer {other:?}: expected data or control")),
-        }
-    }
 }
 
 /// The client side: send a request to a peer on a channel and wait for its response.

@@ -18,6 +18,8 @@ pub const PIPE_QUEUE_MAX: usize = 256;
 /// Small frames are coalesced into one write up to this size; larger payloads are written
 /// straight from their buffer.
 const COALESCE_BYTES: usize = 64 * 1024;
+/// Bytes read from a pipe at a time when frames are small (large bodies bypass the buffer).
+pub(crate) const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;

@@ -17,10 +17,28 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tandem_types::{Channel, NodeId};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::link::{Mesh, PendingReply};
-use crate::TransportError;
+use crate::{BoxFuture, TransportError};
 
 pub type RegionId = u64;
+
+/// The reply to a queued region write: empty on success.
+pub type ReplyFuture = BoxFuture<'static, Result<Bytes, TransportError>>;
+
+/// What a descriptor ring needs of the links under it (the mesh implements it): queue a
+/// region write on the link of its channel, in order (writes queued one after another arrive
+/// in that order), and wait for its reply later. Defined here so that the ring depends on no
+/// link type and the link, which applies incoming region writes to the [`RegionRegistry`],
+/// depends on the ring and not the other way round.
+pub trait RegionWriteLink: Clone + Send + Sync + 'static {
+    fn queue_region_write<'a>(
+        &'a self,
+        peer: NodeId,
+        channel: Channel,
+        region: RegionId,
+        offset: u64,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<ReplyFuture, TransportError>>;
+}
 
 /// A write that landed in one of this node's regions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,22 +260,25 @@ pub struct LocalCompletion {
 /// A bounded ring of descriptors to one peer, drained by an engine task per channel.
 pub struct DescriptorRing {
     slots: Arc<Semaphore>,
-    queues: HashMap<Channel, mpsc::UnboundedSender<(Descriptor, tokio::sync::OwnedSemaphorePermit)>>,
-    completions: tokio::sync::Mutex<mpsc::UnboundedReceiver<LocalCompletion>>,
+    queues: HashMap<Channel, mpsc::Sender<(Descriptor, tokio::sync::OwnedSemaphorePermit)>>,
+    completions: tokio::sync::Mutex<mpsc::Receiver<LocalCompletion>>,
 }
 
 impl DescriptorRing {
     /// A ring of `capacity` descriptors to `peer`. A descriptor holds its slot from `post`
     /// until its completion is reported, so `capacity` bounds everything in flight.
-    pub fn new(mesh: &Mesh, peer: NodeId, capacity: usize) -> DescriptorRing {
+    pub fn new<L: RegionWriteLink>(links: &L, peer: NodeId, capacity: usize) -> DescriptorRing {
         let slots = Arc::new(Semaphore::new(capacity));
-        // Unbounded in type only: every completion holds one of `capacity` slot permits.
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        // Every queued descriptor and every unread completion holds one of the `capacity` slot
+        // permits, so neither queue can hold more than `capacity`: sized so, they are never
+        // full, and a send that finds one full is a bug (it panics). (`max(1)`: a channel needs
+        // room for one; a ring of no slots admits nothing anyway.)
+        let queue_max = capacity.max(1);
+        let (done_tx, done_rx) = mpsc::channel(queue_max);
         let mut queues = HashMap::new();
         for channel in Channel::ALL {
-            // Unbounded in type only: every entry holds one of `capacity` slot permits.
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(engine(mesh.clone(), peer, rx, done_tx.clone()));
+            let (tx, rx) = mpsc::channel(queue_max);
+            tokio::spawn(engine(links.clone(), peer, rx, done_tx.clone()));
             queues.insert(channel, tx);
         }
         DescriptorRing { slots, queues, completions: tokio::sync::Mutex::new(done_rx) }
@@ -279,7 +300,11 @@ impl DescriptorRing {
 
     /// Hands a descriptor to its channel's engine; gives it back if the engine has stopped.
     fn queue(&self, d: Descriptor, permit: tokio::sync::OwnedSemaphorePermit) -> Result<(), Descriptor> {
-        self.queues[&d.channel].send((d, permit)).map_err(|rejected| rejected.0 .0)
+        match self.queues[&d.channel].try_send((d, permit)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed((d, _))) => Err(d),
+            Err(mpsc::error::TrySendError::Full(_)) => panic!("a ring queue is full although each entry holds a slot"),
+        }
     }
 
     /// The next finished transfer, in ring order per channel. Taking it frees its slot.
@@ -298,11 +323,11 @@ type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = LocalCompleti
 
 /// Drains one channel's descriptors in order, keeping many in flight, and reports their
 /// completions in the same order.
-async fn engine(
-    mesh: Mesh,
+async fn engine<L: RegionWriteLink>(
+    links: L,
     peer: NodeId,
-    mut rx: mpsc::UnboundedReceiver<(Descriptor, tokio::sync::OwnedSemaphorePermit)>,
-    done: mpsc::UnboundedSender<LocalCompletion>,
+    mut rx: mpsc::Receiver<(Descriptor, tokio::sync::OwnedSemaphorePermit)>,
+    done: mpsc::Sender<LocalCompletion>,
 ) {
     let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
     let mut open = true;
@@ -310,11 +335,11 @@ async fn engine(
         tokio::select! {
             next = rx.recv(), if open => match next {
                 Some((d, permit)) => {
-                    let queued = mesh.send_region_write(peer, d.channel, d.region, d.offset, &d.data).await;
+                    let queued = links.queue_region_write(peer, d.channel, d.region, d.offset, &d.data).await;
                     let len = d.data.len() as u64;
                     in_flight.push_back(Box::pin(async move {
                         let result = match queued {
-                            Ok(reply) => PendingReply::wait(reply).await.map(|_| ()),
+                            Ok(reply) => reply.await.map(|_| ()),
                             Err(e) => Err(e),
                         };
                         LocalCompletion { channel: d.channel, region: d.region, offset: d.offset, len, result, _slot: Some(permit) }
@@ -323,8 +348,12 @@ async fn engine(
                 None => open = false,
             },
             Some(c) = in_flight.next(), if !in_flight.is_empty() => {
-                if done.send(c).is_err() {
-                    return;
+                match done.try_send(c) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        panic!("the ring's completion queue is full although each completion holds a slot")
+                    }
                 }
             }
         }

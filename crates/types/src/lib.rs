@@ -1,9 +1,10 @@
 //! Tandem's vocabulary: identifiers, limits and the names every other crate shares.
 //!
-//! This crate does no I/O and depends on nothing but `serde`. It is the bottom of the crate
-//! graph: if a name is needed by two crates, it lives here.
+//! This crate does no I/O and depends on nothing but `serde` and `thiserror`. It is the bottom
+//! of the crate graph: if a name is needed by two crates, it lives here.
 
 use std::fmt;
+use std::str::FromStr;
 
 /// A node's identity in the cluster. Raft needs a plain integer id; `0` is never a valid node.
 pub type NodeId = u64;
@@ -89,6 +90,81 @@ impl fmt::Display for Channel {
     }
 }
 
+/// The network layer under a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Tcp,
+    Quic,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Quic => "quic",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TransportKind, String> {
+        match s {
+            "tcp" => Ok(TransportKind::Tcp),
+            "quic" => Ok(TransportKind::Quic),
+            other => Err(format!("unknown transport {other:?}: expected tcp or quic")),
+        }
+    }
+}
+
+/// Which traffic a transport setting governs: Raft (`control`) or everything else (`data`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    Control,
+    Data,
+}
+
+impl Layer {
+    pub fn of(channel: Channel) -> Layer {
+        match channel {
+            Channel::Control => Layer::Control,
+            Channel::Replication | Channel::Bulk | Channel::Probe => Layer::Data,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Layer::Control => "control",
+            Layer::Data => "data",
+        }
+    }
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Layer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Layer, String> {
+        match s {
+            "control" => Ok(Layer::Control),
+            "data" => Ok(Layer::Data),
+            other => Err(format!("unknown layer {other:?}: expected data or control")),
+        }
+    }
+}
+
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -136,6 +212,19 @@ mod tests {
             assert_eq!(Channel::from_u8(c.as_u8()), Some(c));
         }
         assert_eq!(Channel::from_u8(4), None);
+    }
+
+    #[test]
+    fn layers_and_transport_kinds_parse_their_names() {
+        for kind in [TransportKind::Tcp, TransportKind::Quic] {
+            assert_eq!(kind.name().parse::<TransportKind>(), Ok(kind));
+        }
+        for layer in [Layer::Control, Layer::Data] {
+            assert_eq!(layer.name().parse::<Layer>(), Ok(layer));
+        }
+        assert!("udp".parse::<TransportKind>().is_err());
+        assert_eq!(Layer::of(Channel::Control), Layer::Control);
+        assert!(Channel::ALL[1..].iter().all(|c| Layer::of(*c) == Layer::Data));
     }
 
     #[test]

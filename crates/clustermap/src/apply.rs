@@ -1,0 +1,49 @@
+//! The dispatcher: [`ClusterMap::apply`] takes one command and returns its reply. Each command
+//! is handled next to the records it changes; batches apply their commands in order.
+
+use crate::map::ClusterMap;
+use crate::{MetaCmd, MetaReply, ResyncProgress};
+
+impl ClusterMap {
+    /// Applies one committed command. Deterministic: the same commands in the same order give
+    /// the same map and the same replies on every node. A refused command changes nothing.
+    pub fn apply(&mut self, cmd: MetaCmd) -> MetaReply {
+        match cmd {
+            MetaCmd::RegisterNode(rec) => self.register_node(rec),
+            MetaCmd::RemoveNode { id } => self.remove_node(id),
+            MetaCmd::PutSetting { key, value } => self.put_setting(key, value),
+            MetaCmd::DeleteSetting { key } => self.delete_setting(key),
+            MetaCmd::SetTransport { layer, kind } => self.set_transport(layer, kind),
+            MetaCmd::CreateDataset { name, replicas, preferred_site } => {
+                self.create_dataset(name, replicas, preferred_site)
+            }
+            MetaCmd::DeleteDataset { name } => self.delete_dataset(&name),
+            MetaCmd::CreateVolume { name, dataset, size_bytes } => self.create_volume(name, dataset, size_bytes),
+            MetaCmd::DeleteVolume { name } => self.delete_volume(&name),
+            MetaCmd::SetVolumeIsr { volume, epoch, isr_version, isr } => {
+                self.set_volume_isr(volume, epoch, isr_version, isr)
+            }
+            MetaCmd::Failover { volume, epoch, primary, isr } => self.failover(volume, epoch, primary, isr),
+            MetaCmd::ClaimPrimary { volume, epoch, primary, nonce } => {
+                self.claim_primary(volume, epoch, primary, nonce)
+            }
+            MetaCmd::SetResyncProgress { volume, node, done_bytes, total_bytes } => {
+                self.set_resync_progress(volume, node, ResyncProgress { done_bytes, total_bytes })
+            }
+            MetaCmd::ClearResync { volume, node } => self.clear_resync(volume, node),
+            MetaCmd::AddHost { name, site } => self.add_host(name, site),
+            MetaCmd::RemoveHost { name } => self.remove_host(name),
+            MetaCmd::ConnectHost { host, volume } => self.connect_host(&host, &volume, true),
+            MetaCmd::DisconnectHost { host, volume } => self.connect_host(&host, &volume, false),
+            MetaCmd::PublishPaths { host, generation, paths } => self.publish_paths(&host, generation, paths),
+            MetaCmd::Batch(cmds) => MetaReply::Batch(
+                cmds.into_iter()
+                    .map(|c| match c {
+                        MetaCmd::Batch(_) => MetaReply::Invalid("batches do not nest".into()),
+                        c => self.apply(c),
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The commands proposed through Raft and the replies their application gives: the map's whole
+//! input and output vocabulary.
+
+use serde::{Deserialize, Serialize};
+use tandem_paths::VolumePaths;
+use tandem_types::{Epoch, Layer, NodeId, TransportKind, VolumeId};
+
+use crate::NodeRecord;
+
+/// A command proposed through Raft. Commands carry complete values (never "increment"), so
+/// re-applying a command that a client retried after a lost reply leaves the same state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCmd {
+    /// Adds a node's record, or replaces it (new addresses, new site).
+    RegisterNode(NodeRecord),
+    /// Drops a node's record; refused while a dataset or volume lists the node as a replica.
+    RemoveNode {
+        id: NodeId,
+    },
+    /// A cluster-wide setting: small, named, free-form text.
+    PutSetting {
+        key: String,
+        value: String,
+    },
+    DeleteSetting {
+        key: String,
+    },
+    /// Selects the network layer (QUIC or TCP) that node-to-node traffic of `layer` uses.
+    SetTransport {
+        layer: Layer,
+        kind: TransportKind,
+    },
+    /// Creates a dataset on `replicas` nodes (`None`: every node), placed by
+    /// [`ClusterMap::place`](crate::ClusterMap::place). Repeating it with the same parameters changes nothing.
+    CreateDataset {
+        name: String,
+        replicas: Option<u32>,
+        preferred_site: Option<String>,
+    },
+    /// Deletes an empty dataset.
+    DeleteDataset {
+        name: String,
+    },
+    /// Creates a volume in `dataset` (`None`: [`DEFAULT_DATASET`](crate::DEFAULT_DATASET), created on first use).
+    /// Repeating it with the same parameters changes nothing and allocates no id.
+    CreateVolume {
+        name: String,
+        dataset: Option<String>,
+        size_bytes: u64,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    /// Compare-and-set of a volume's ISR by its primary (shrink when a backup fails, grow when
+    /// one is level again): refused unless `epoch` is the volume's current epoch and
+    /// `isr_version` its current ISR version (a retry of the change that made the current
+    /// version is answered "unchanged"). The new ISR must contain the primary and lie within
+    /// the replicas; nodes entering it lose their resync entries.
+    SetVolumeIsr {
+        volume: VolumeId,
+        epoch: Epoch,
+        isr_version: u64,
+        isr: Vec<NodeId>,
+    },
+    /// A new primary for a volume whose primary was lost, chosen by the leader from the last
+    /// committed ISR (invariant I4): refused unless `epoch` is the current epoch, `primary` is
+    /// in the current ISR and `isr` is a subset of it containing `primary`. Bumps the epoch.
+    Failover {
+        volume: VolumeId,
+        epoch: Epoch,
+        primary: NodeId,
+        isr: Vec<NodeId>,
+    },
+    /// Records the progress of a replica's resync (the replica must be outside the ISR).
+    SetResyncProgress {
+        volume: VolumeId,
+        node: NodeId,
+        done_bytes: u64,
+        total_bytes: u64,
+    },
+    /// Forgets a replica's resync progress (resync abandoned, or finished without an ISR change).
+    ClearResync {
+        volume: VolumeId,
+        node: NodeId,
+    },
+    /// Adds a host, or moves it to another site.
+    AddHost {
+        name: String,
+        site: String,
+    },
+    RemoveHost {
+        name: String,
+    },
+    /// Lets `host` reach `volume` (a volume name).
+    ConnectHost {
+        host: String,
+        volume: String,
+    },
+    DisconnectHost {
+        host: String,
+        volume: String,
+    },
+    /// The Raft leader publishes a host's new path map: refused unless `generation` is the
+    /// host's current generation + 1, so two leaders racing cannot both publish a generation.
+    PublishPaths {
+        host: String,
+        generation: u64,
+        paths: Vec<VolumePaths>,
+    },
+    /// The primary claims its epoch before it serves, with a value new to this start of its
+    /// primary (a nonce): refused unless `epoch` and `primary` are the volume's. An unclaimed
+    /// epoch becomes the claimant's; a claim repeated with the same nonce changes nothing; an
+    /// epoch claimed by another nonce (an earlier start of this primary, in this process or a
+    /// previous one, whose ISR changes may still commit late) is replaced by the next epoch,
+    /// claimed by this nonce, with the same primary and ISR.
+    ClaimPrimary {
+        volume: VolumeId,
+        epoch: Epoch,
+        primary: NodeId,
+        nonce: u64,
+    },
+    /// Several commands in one log entry, applied in order. The leader batches concurrent
+    /// client writes this way: openraft 0.9 flushes each entry before it takes the next, so
+    /// one entry per write would cost one disk flush per write.
+    Batch(Vec<MetaCmd>),
+}
+
+/// The outcome of applying one command. A refused command changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaReply {
+    /// Applied; `changed` is false when the map already held this value.
+    Done {
+        changed: bool,
+    },
+    NotFound(String),
+    Invalid(String),
+    /// The replies of a [`MetaCmd::Batch`], in order.
+    Batch(Vec<MetaReply>),
+}

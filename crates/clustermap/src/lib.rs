@@ -1,0 +1,46 @@
+//! The cluster map: the replicated state that every node agrees on, and the commands that
+//! change it. This is pure logic: [`ClusterMap::apply`] takes a command and returns a reply; it
+//! does no I/O, reads no clock and knows nothing of Raft. The openraft adapter
+//! (`tandem_meta`'s `state_machine.rs`) calls it for every committed entry, on every node, in
+//! log order, so it must be deterministic: the same commands give the same map everywhere.
+//!
+//! Objects: nodes (with their target ports), settings, the transport policy, datasets and
+//! volumes (with their replica sets, in-sync sets, primaries and epochs), and hosts (with the
+//! volumes they may reach and their published path maps). Later capabilities (reservations,
+//! tokens) add theirs as new fields, new [`ObjectKey`] variants and new commands; the
+//! persistence and snapshot code keys everything by `ObjectKey` and needs no change for that.
+//!
+//! - [`command`]: [`MetaCmd`] and [`MetaReply`], the map's input and output.
+//! - `apply.rs`: the dispatcher, [`ClusterMap::apply`].
+//! - [`map`]: the [`ClusterMap`] state and its equality.
+//! - [`nodes`]: node records, settings and the transport policy.
+//! - [`datasets`]: datasets and replica placement.
+//! - [`volumes`]: volumes, ISR compare-and-set, failover, epoch claims and resync progress.
+//! - [`hosts`]: hosts, their volumes and published path maps.
+//! - [`objects`]: the map as keyed objects for persistence and snapshots.
+//!
+//! Architecture invariant: this crate depends on `tandem-types`, `tandem-paths` and `serde`
+//! only; no tokio, no openraft, no sled.
+
+mod apply;
+pub mod command;
+pub mod datasets;
+pub mod hosts;
+pub mod map;
+pub mod nodes;
+pub mod objects;
+pub mod volumes;
+
+#[cfg(test)]
+mod tests;
+
+pub use command::{MetaCmd, MetaReply};
+pub use datasets::{DatasetRecord, DATASETS_MAX, DEFAULT_DATASET};
+pub use hosts::{
+    path_map_bytes, HostRecord, HOSTS_MAX, HOST_VOLUMES_MAX, PATH_MAP_BYTES_MAX, PATH_REASON_BYTES_MAX,
+    VOLUME_PATHS_MAX,
+};
+pub use map::ClusterMap;
+pub use nodes::{NodeRecord, EXTRA_TARGETS_MAX};
+pub use objects::{Object, ObjectKey};
+pub use volumes::{ResyncProgress, VolumeRecord, VOLUMES_MAX};

@@ -1,0 +1,148 @@
+//! The map as persisted objects: one [`ObjectKey`] and [`Object`] per record, the keys an applied
+//! command touched, and the rebuild of a map from stored objects (snapshot install, restart).
+
+use serde::{Deserialize, Serialize};
+use tandem_types::{Layer, NodeId, TransportKind, VolumeId};
+
+use crate::map::ClusterMap;
+use crate::{DatasetRecord, HostRecord, NodeRecord, VolumeRecord};
+
+/// The name of one persisted object of the map. The state machine stores each object under its
+/// key, so an applied command rewrites only what it touched.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKey {
+    Node(NodeId),
+    Setting(String),
+    Transport(Layer),
+    Dataset(String),
+    Volume(VolumeId),
+    /// The counter [`ClusterMap::next_volume_id`].
+    NextVolumeId,
+    Host(String),
+}
+
+impl ObjectKey {
+    const NODE: &'static str = "node/";
+    const SETTING: &'static str = "setting/";
+    const TRANSPORT: &'static str = "transport/";
+    const DATASET: &'static str = "dataset/";
+    const VOLUME: &'static str = "volume/";
+    const NEXT_VOLUME_ID: &'static str = "counter/next_volume_id";
+    const HOST: &'static str = "host/";
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            // Fixed width, so sled's byte order is numeric order.
+            ObjectKey::Node(id) => format!("{}{id:020}", Self::NODE).into_bytes(),
+            ObjectKey::Setting(k) => format!("{}{k}", Self::SETTING).into_bytes(),
+            ObjectKey::Transport(l) => format!("{}{l}", Self::TRANSPORT).into_bytes(),
+            ObjectKey::Dataset(name) => format!("{}{name}", Self::DATASET).into_bytes(),
+            ObjectKey::Volume(id) => format!("{}{id:020}", Self::VOLUME).into_bytes(),
+            ObjectKey::NextVolumeId => Self::NEXT_VOLUME_ID.as_bytes().to_vec(),
+            ObjectKey::Host(name) => format!("{}{name}", Self::HOST).into_bytes(),
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<ObjectKey> {
+        let s = std::str::from_utf8(bytes).ok()?;
+        if let Some(id) = s.strip_prefix(Self::NODE) {
+            return id.parse().ok().map(ObjectKey::Node);
+        }
+        if let Some(l) = s.strip_prefix(Self::TRANSPORT) {
+            return l.parse().ok().map(ObjectKey::Transport);
+        }
+        if let Some(id) = s.strip_prefix(Self::VOLUME) {
+            return id.parse().ok().map(ObjectKey::Volume);
+        }
+        if let Some(name) = s.strip_prefix(Self::DATASET) {
+            return Some(ObjectKey::Dataset(name.to_string()));
+        }
+        if let Some(name) = s.strip_prefix(Self::HOST) {
+            return Some(ObjectKey::Host(name.to_string()));
+        }
+        if s == Self::NEXT_VOLUME_ID {
+            return Some(ObjectKey::NextVolumeId);
+        }
+        s.strip_prefix(Self::SETTING).map(|k| ObjectKey::Setting(k.to_string()))
+    }
+}
+
+/// One object's value, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Object {
+    Node(NodeRecord),
+    Setting(String),
+    Transport(TransportKind),
+    Dataset(DatasetRecord),
+    Volume(VolumeRecord),
+    NextVolumeId(VolumeId),
+    Host(HostRecord),
+}
+
+impl ClusterMap {
+    /// The keys changed since the last call, each once, in key order.
+    pub fn take_touched(&mut self) -> Vec<ObjectKey> {
+        let mut keys = std::mem::take(&mut self.touched);
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// The current value of an object; `None` if it does not exist (was deleted).
+    pub fn object(&self, key: &ObjectKey) -> Option<Object> {
+        match key {
+            ObjectKey::Node(id) => self.nodes.get(id).cloned().map(Object::Node),
+            ObjectKey::Setting(k) => self.settings.get(k).cloned().map(Object::Setting),
+            ObjectKey::Transport(l) => self.transport.get(l).copied().map(Object::Transport),
+            ObjectKey::Dataset(name) => self.datasets.get(name).cloned().map(Object::Dataset),
+            ObjectKey::Volume(id) => self.volumes.get(id).cloned().map(Object::Volume),
+            ObjectKey::NextVolumeId => Some(Object::NextVolumeId(self.next_volume_id)),
+            ObjectKey::Host(name) => self.hosts.get(name).cloned().map(Object::Host),
+        }
+    }
+
+    /// Every object, for a full rewrite (snapshot install).
+    pub fn objects(&self) -> Vec<(ObjectKey, Object)> {
+        let nodes = self.nodes.iter().map(|(id, n)| (ObjectKey::Node(*id), Object::Node(n.clone())));
+        let settings = self.settings.iter().map(|(k, v)| (ObjectKey::Setting(k.clone()), Object::Setting(v.clone())));
+        let transport = self.transport.iter().map(|(l, k)| (ObjectKey::Transport(*l), Object::Transport(*k)));
+        let datasets =
+            self.datasets.iter().map(|(name, d)| (ObjectKey::Dataset(name.clone()), Object::Dataset(d.clone())));
+        let volumes = self.volumes.iter().map(|(id, v)| (ObjectKey::Volume(*id), Object::Volume(v.clone())));
+        let counter = std::iter::once((ObjectKey::NextVolumeId, Object::NextVolumeId(self.next_volume_id)));
+        let hosts = self.hosts.iter().map(|(name, h)| (ObjectKey::Host(name.clone()), Object::Host(h.clone())));
+        nodes.chain(settings).chain(transport).chain(datasets).chain(volumes).chain(counter).chain(hosts).collect()
+    }
+
+    /// Rebuilds a map from stored objects (the inverse of [`ClusterMap::objects`]).
+    pub fn from_objects(objects: impl IntoIterator<Item = (ObjectKey, Object)>) -> Result<ClusterMap, String> {
+        let mut map = ClusterMap::default();
+        for (key, obj) in objects {
+            match (key, obj) {
+                (ObjectKey::Node(id), Object::Node(n)) if n.id == id => {
+                    map.nodes.insert(id, n);
+                }
+                (ObjectKey::Setting(k), Object::Setting(v)) => {
+                    map.settings.insert(k, v);
+                }
+                (ObjectKey::Transport(l), Object::Transport(k)) => {
+                    map.transport.insert(l, k);
+                }
+                (ObjectKey::Dataset(name), Object::Dataset(d)) if d.name == name => {
+                    map.datasets.insert(name, d);
+                }
+                (ObjectKey::Volume(id), Object::Volume(v)) if v.id == id => {
+                    map.volumes.insert(id, v);
+                }
+                (ObjectKey::NextVolumeId, Object::NextVolumeId(n)) => {
+                    map.next_volume_id = n;
+                }
+                (ObjectKey::Host(name), Object::Host(h)) if h.name == name => {
+                    map.hosts.insert(name, h);
+                }
+                (key, _) => return Err(format!("object stored under {key:?} has the wrong kind or id")),
+            }
+        }
+        Ok(map)
+    }
+}

@@ -1,0 +1,459 @@
+//! The sending side of one link (a peer and channel): [`ChannelLink`] queues requests into its
+//! [`SendWindow`] (the numbering and window logic, in `tandem_linkcore`), and its driver task
+//! makes pipes with backoff, moves to the selected layer make-before-break, sends and resends
+//! what waits, and closes drained pipes; a reader per pipe hands replies back to the window,
+//! and from there to the caller's [`PendingReply`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_linkcore::{Answer, SendWindow};
+use tandem_types::{Channel, NodeId};
+use tandem_wire::{Frame, FrameKind};
+use tokio::io::BufReader;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use crate::pipe::{read_frame, spawn_writer, BoxRead, BoxWrite, PipeTx, READ_BUFFER_BYTES};
+use crate::{BoxFuture, Layer, TransportError, TransportKind};
+
+/// First retry delay after a failed dial; doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
+/// Short enough that a restarted peer is reached again well within a Raft election timeout.
+pub const BACKOFF_MAX: Duration = Duration::from_millis(800);
+
+// Backoff doubles from its base and stops at its max: the base must be the smaller, and the
+// doubling (capped at 2^16 times the base) must reach the max.
+const _: () = assert!(BACKOFF_BASE.as_nanos() < BACKOFF_MAX.as_nanos());
+const _: () = assert!(BACKOFF_BASE.as_nanos() << 16 >= BACKOFF_MAX.as_nanos());
+
+/// What a link needs of the mesh it belongs to: the layer selected for its channel, a fresh
+/// session number, and a new pipe to its peer.
+pub(super) trait LinkHost: Send + Sync + 'static {
+    fn kind(&self, layer: Layer) -> TransportKind;
+    fn new_session(&self) -> u64;
+    fn dial(
+        &self,
+        kind: TransportKind,
+        peer: NodeId,
+        channel: Channel,
+    ) -> BoxFuture<'_, Result<(BoxRead, BoxWrite), String>>;
+}
+
+type ReplyTx = oneshot::Sender<Result<Bytes, TransportError>>;
+
+/// The reply to a request that has been queued on a link. Dropping it before the reply came
+/// withdraws the request: if it has not gone out it never will (an empty payload takes its
+/// number), and if it has, a `Cancel` frame follows it, ahead of anything sent later on the
+/// link, so the receiver does not start it or cancels it while it runs.
+pub struct PendingReply {
+    peer: NodeId,
+    rx: oneshot::Receiver<Result<Bytes, TransportError>>,
+    /// The request, to cancel if this is dropped unanswered (requests only).
+    cancel: Option<(Weak<ChannelLink>, u64, u64)>,
+}
+
+impl PendingReply {
+    pub async fn wait(mut self) -> Result<Bytes, TransportError> {
+        let reply = (&mut self.rx).await;
+        self.cancel = None;
+        reply.unwrap_or(Err(TransportError::Unreachable { peer: self.peer, reason: "link closed".into() }))
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        if let Some((link, session, seq)) = self.cancel.take() {
+            if let Some(link) = link.upgrade() {
+                link.cancel(session, seq);
+            }
+        }
+    }
+}
+
+/// What the link keeps of a request while the window holds it.
+pub(super) struct Pending {
+    kind: FrameKind,
+    payload: Bytes,
+    reply: Option<ReplyTx>,
+}
+
+pub(super) struct OutPipe {
+    gen: u64,
+    pub(super) kind: TransportKind,
+    pub(super) tx: PipeTx,
+}
+
+pub(super) struct OutState {
+    /// Numbering, the window, resends and cancels.
+    pub(super) win: SendWindow<Pending>,
+    /// Pipes, oldest first; the last alive one of the selected layer is current.
+    pub(super) pipes: Vec<OutPipe>,
+    next_gen: u64,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: String,
+    ever_connected: bool,
+    driver_started: bool,
+}
+
+impl OutState {
+    fn current(&self, want: TransportKind) -> Option<&OutPipe> {
+        self.pipes.iter().rev().find(|p| p.kind == want && p.tx.is_alive())
+    }
+
+    /// Where requests go: the current pipe, or while the selected layer cannot be reached,
+    /// any pipe still alive (a failed switch must not fail traffic the old layer can carry).
+    pub(super) fn usable(&self, want: TransportKind) -> Option<&OutPipe> {
+        self.current(want).or_else(|| self.pipes.iter().rev().find(|p| p.tx.is_alive()))
+    }
+
+    fn is_alive_gen(&self, gen: u64) -> bool {
+        self.pipes.iter().any(|p| p.gen == gen && p.tx.is_alive())
+    }
+
+    fn has_unsent(&self) -> bool {
+        self.win.has_unsent(|g| self.is_alive_gen(g))
+    }
+}
+
+pub(crate) struct ChannelLink {
+    pub(super) peer: NodeId,
+    pub(super) channel: Channel,
+    mesh: Weak<dyn LinkHost>,
+    pub(super) st: Mutex<OutState>,
+    space: Notify,
+    wake: Notify,
+    pub(super) bytes_sent: AtomicU64,
+    pub(super) messages_sent: AtomicU64,
+    pub(super) reconnects: AtomicU64,
+    pub(super) switches: AtomicU64,
+}
+
+impl ChannelLink {
+    pub(super) fn new(peer: NodeId, channel: Channel, mesh: Weak<dyn LinkHost>, session: u64) -> ChannelLink {
+        ChannelLink {
+            peer,
+            channel,
+            mesh,
+            st: Mutex::new(OutState {
+                win: SendWindow::new(session),
+                pipes: Vec::new(),
+                next_gen: 1,
+                failures: 0,
+                retry_at: None,
+                last_error: String::new(),
+                ever_connected: false,
+                driver_started: false,
+            }),
+            space: Notify::new(),
+            wake: Notify::new(),
+            bytes_sent: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            switches: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn kick(self: &Arc<Self>) {
+        let start = {
+            let mut st = self.st.lock().expect("link lock");
+            !std::mem::replace(&mut st.driver_started, true)
+        };
+        if start {
+            tokio::spawn(self.clone().drive());
+        }
+        self.wake.notify_one();
+    }
+
+    pub(super) async fn enqueue(
+        self: &Arc<Self>,
+        kind: FrameKind,
+        payload: Bytes,
+    ) -> Result<PendingReply, TransportError> {
+        let mesh = self.mesh.upgrade().ok_or(TransportError::Closed)?;
+        let want = mesh.kind(Layer::of(self.channel));
+        drop(mesh);
+        let len = payload.len();
+        let mut payload = Some(payload);
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.st.lock().expect("link lock");
+                if st.usable(want).is_none() && st.retry_at.is_some_and(|at| Instant::now() < at) {
+                    return Err(TransportError::Unreachable {
+                        peer: self.peer,
+                        reason: format!("backing off after {} failed connects: {}", st.failures, st.last_error),
+                    });
+                }
+                if st.win.fits(len) {
+                    let session = st.win.session();
+                    let seq = st.win.next_seq();
+                    // The ack of the window without this request: one past it when it is alone.
+                    let ack = if st.win.is_empty() { seq + 1 } else { st.win.ack() };
+                    let (tx, rx) = oneshot::channel();
+                    let payload = payload.take().expect("payload is taken once");
+                    // Fast path: straight onto the current pipe when nothing older waits.
+                    let mut sent_on = None;
+                    if !st.has_unsent() {
+                        if let Some(pipe) = st.current(want) {
+                            let frame = Frame::new(kind, self.channel, session, seq, ack, payload.clone());
+                            if pipe.tx.out.try_send(frame).is_ok() {
+                                sent_on = Some(pipe.gen);
+                                self.messages_sent.fetch_add(1, Ordering::Relaxed);
+                                self.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    let pushed = st.win.push(len, Pending { kind, payload, reply: Some(tx) });
+                    assert_eq!(pushed, seq, "the window numbers requests in order");
+                    if let Some(gen) = sent_on {
+                        st.win.mark_sent(seq, gen);
+                    }
+                    drop(st);
+                    if sent_on.is_none() {
+                        self.kick();
+                    }
+                    let cancel = (kind == FrameKind::Request).then(|| (Arc::downgrade(self), session, seq));
+                    return Ok(PendingReply { peer: self.peer, rx, cancel });
+                }
+            }
+            notified.await;
+        }
+    }
+
+    fn complete(&self, session: u64, seq: u64, result: Result<Bytes, TransportError>) {
+        let draining = {
+            let mut st = self.st.lock().expect("link lock");
+            match st.win.complete(session, seq) {
+                Answer::StaleSession => return,
+                Answer::Answered(mut p) => {
+                    if let Some(tx) = p.reply.take() {
+                        let _ = tx.send(result);
+                    }
+                }
+                Answer::Unknown => {}
+            }
+            st.pipes.len() > 1
+        };
+        self.space.notify_waiters();
+        if draining {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The caller of request `seq` of `session` gave up on it. Not sent yet: the driver
+    /// withdraws it when it comes to it. Sent: a `Cancel` frame goes out before anything sent
+    /// later on this link.
+    fn cancel(self: &Arc<Self>, session: u64, seq: u64) {
+        {
+            let mut st = self.st.lock().expect("link lock");
+            if !st.win.cancel(session, seq, |p| p.kind == FrameKind::Request) {
+                return;
+            }
+        }
+        self.kick();
+    }
+
+    /// A dial failed, or a pipe died before answering anything sent on it (a peer that
+    /// accepts the handshake and then drops us, e.g. for a certificate it refuses): back off,
+    /// and if no pipe is left, fail what waits rather than resend it forever.
+    fn failed(&self, mesh: &dyn LinkHost, reason: String) {
+        let mut st = self.st.lock().expect("link lock");
+        st.failures = st.failures.saturating_add(1);
+        let backoff = BACKOFF_BASE.saturating_mul(1u32 << st.failures.min(16)).min(BACKOFF_MAX);
+        st.retry_at = Some(Instant::now() + backoff);
+        st.last_error = reason.clone();
+        if !st.pipes.iter().any(|p| p.tx.is_alive()) {
+            self.fail_all(&mut st, mesh, &reason);
+        }
+        drop(st);
+        self.space.notify_waiters();
+    }
+
+    /// A pipe's reader ended. If requests were sent on it and it never answered one, that
+    /// counts as a failed connect.
+    fn pipe_ended(&self, gen: u64, answered: bool, reason: String) {
+        let unanswered = {
+            let st = self.st.lock().expect("link lock");
+            st.win.in_flight_on(gen)
+        };
+        if unanswered && !answered {
+            if let Some(mesh) = self.mesh.upgrade() {
+                self.failed(&*mesh, reason);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn progress(&self) {
+        let mut st = self.st.lock().expect("link lock");
+        st.failures = 0;
+    }
+
+    /// No pipe can be made: every waiting caller is failed and the link starts a new session.
+    fn fail_all(&self, st: &mut OutState, mesh: &dyn LinkHost, reason: &str) {
+        for mut p in st.win.restart(mesh.new_session()) {
+            if let Some(tx) = p.reply.take() {
+                let _ = tx.send(Err(TransportError::Unreachable { peer: self.peer, reason: reason.to_string() }));
+            }
+        }
+        st.pipes.clear();
+    }
+
+    /// The link's driver: makes pipes (dial with backoff), moves to the selected layer, sends
+    /// what the fast path could not, and closes drained old pipes.
+    async fn drive(self: Arc<Self>) {
+        loop {
+            let Some(mesh) = self.mesh.upgrade() else { return };
+            let want = mesh.kind(Layer::of(self.channel));
+
+            // Make.
+            let dial = {
+                let mut st = self.st.lock().expect("link lock");
+                let alive_or_needed: Vec<bool> =
+                    st.pipes.iter().map(|p| p.tx.is_alive() || st.win.in_flight_on(p.gen)).collect();
+                let mut i = 0;
+                st.pipes.retain(|_| {
+                    i += 1;
+                    alive_or_needed[i - 1]
+                });
+                let backing_off = st.retry_at.is_some_and(|at| Instant::now() < at);
+                let has_pipe = st.pipes.iter().any(|p| p.tx.is_alive());
+                st.current(want).is_none() && !backing_off && (!st.win.is_empty() || has_pipe)
+            };
+            if dial {
+                match mesh.dial(want, self.peer, self.channel).await {
+                    Ok((read, write)) => {
+                        let link = Arc::downgrade(&self);
+                        let tx = spawn_writer(write, {
+                            let link = link.clone();
+                            move || {
+                                if let Some(l) = link.upgrade() {
+                                    l.wake.notify_one();
+                                }
+                            }
+                        });
+                        let mut st = self.st.lock().expect("link lock");
+                        let gen = st.next_gen;
+                        st.next_gen += 1;
+                        spawn_reply_reader(link, self.peer, gen, read, tx.clone());
+                        let switching = st.pipes.iter().any(|p| p.tx.is_alive() && p.kind != want);
+                        st.pipes.push(OutPipe { gen, kind: want, tx });
+                        if switching {
+                            self.switches.fetch_add(1, Ordering::Relaxed);
+                        } else if st.ever_connected {
+                            self.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        st.ever_connected = true;
+                        st.retry_at = None;
+                    }
+                    Err(reason) => {
+                        tracing::debug!(peer = self.peer, channel = %self.channel, %reason, "dial failed");
+                        self.failed(&*mesh, reason);
+                    }
+                }
+            }
+
+            // Send what waits, in sequence order, on the pipe requests go to now.
+            loop {
+                let target = {
+                    let st = self.st.lock().expect("link lock");
+                    if !st.has_unsent() {
+                        None
+                    } else {
+                        st.usable(want).map(|p| (p.gen, p.tx.clone()))
+                    }
+                };
+                let Some((gen, tx)) = target else { break };
+                let Ok(permit) = tx.out.reserve().await else {
+                    tx.mark_dead();
+                    continue;
+                };
+                let mut st = self.st.lock().expect("link lock");
+                let ack = st.win.ack();
+                let session = st.win.session();
+                if let Some(seq) = st.win.pop_cancel() {
+                    // Before any request still to send: the receiver sees the cancel first.
+                    permit.send(Frame::new(FrameKind::Cancel, self.channel, session, seq, ack, Bytes::new()));
+                    continue;
+                }
+                let alive: Vec<u64> = st.pipes.iter().filter(|p| p.tx.is_alive()).map(|p| p.gen).collect();
+                let Some(seq) = st.win.next_unsent(|g| alive.contains(&g)) else { break };
+                let p = st.win.get_mut(seq).expect("an unsent request is outstanding");
+                let withdraw = p.kind == FrameKind::Request
+                    && p.reply.as_ref().is_some_and(|r| r.is_closed())
+                    && !p.payload.is_empty();
+                if withdraw {
+                    // The caller gave up on this request before it went out (it was queued, or
+                    // its pipe died): it is withdrawn. Its number still travels, with an empty
+                    // payload that every handler refuses, so the receiver's sequence has no gap
+                    // and a request nobody waits for is never carried out late.
+                    p.payload = Bytes::new();
+                }
+                permit.send(Frame::new(p.kind, self.channel, session, seq, ack, p.payload.clone()));
+                let sent_bytes = p.payload.len() as u64;
+                st.win.mark_sent(seq, gen);
+                self.messages_sent.fetch_add(1, Ordering::Relaxed);
+                self.bytes_sent.fetch_add(sent_bytes, Ordering::Relaxed);
+                if withdraw {
+                    st.win.withdraw(seq);
+                    self.space.notify_waiters();
+                }
+            }
+
+            // Break: an old pipe with nothing left in flight is closed.
+            let draining = {
+                let mut st = self.st.lock().expect("link lock");
+                let current = st.usable(want).map(|p| p.gen);
+                let busy = st.win.busy_pipes();
+                st.pipes.retain(|p| Some(p.gen) == current || busy.contains(&p.gen));
+                st.pipes.len() > 1 || st.retry_at.is_some()
+            };
+            drop(mesh);
+            let tick = if draining { Duration::from_millis(20) } else { Duration::from_secs(1) };
+            let _ = tokio::time::timeout(tick, self.wake.notified()).await;
+        }
+    }
+}
+
+fn spawn_reply_reader(link: Weak<ChannelLink>, peer: NodeId, gen: u64, read: BoxRead, tx: PipeTx) {
+    tokio::spawn(async move {
+        let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, read);
+        let mut answered = false;
+        let reason = loop {
+            let frame = match read_frame(&mut r).await {
+                Ok(Some(f)) => f,
+                Ok(None) => break "connection closed by the peer".to_string(),
+                Err(e) => {
+                    tracing::debug!(peer, error = %e, "link pipe read failed");
+                    break format!("connection failed: {e}");
+                }
+            };
+            let Some(l) = link.upgrade() else { return };
+            if !answered {
+                answered = true;
+                l.progress();
+            }
+            match frame.kind {
+                FrameKind::Response => l.complete(frame.session, frame.seq, Ok(frame.payload)),
+                FrameKind::Error => {
+                    let reason = String::from_utf8_lossy(&frame.payload).into_owned();
+                    l.complete(frame.session, frame.seq, Err(TransportError::Remote { peer, reason }));
+                }
+                other => {
+                    tracing::warn!(peer, kind = ?other, "unexpected frame from a server; closing the pipe");
+                    break format!("protocol error: unexpected {other:?} frame");
+                }
+            }
+        };
+        tx.mark_dead();
+        if let Some(l) = link.upgrade() {
+            l.pipe_ended(gen, answered, reason);
+        }
+    });
+}
