@@ -11,4 +11,6 @@
 //! configuration and carries its ISR proposals to the metadata store.
 
 pub mod driver;
-pub mod protocol;
+/// The protocol core lives in its own crate, `tandem-replication-core` (no tokio in its
+/// dependency graph); it keeps its old path here.
+pub use tandem_replication_core as protocol;
