@@ -2,20 +2,21 @@
 //! (writes, host reads, reads of chunks to copy, barriers), in the order they were queued, in
 //! batches on a blocking thread.
 
-use std::sync::Arc;
-use std::sync::Weak;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use tandem_storage::{Admission, BlockStore};
 use tandem_types::{Seq, VolumeId};
 use tandem_wire::data::WriteKind;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::primary::PrimaryDriver;
 #[cfg(doc)]
 use super::READS_QUEUED_MAX;
-use super::{Inner, APPLY_BATCH_MAX};
-use crate::protocol::Phase;
+use super::{Inner, APPLY_BATCH_MAX, APPLY_QUEUED_MAX};
+use crate::protocol::{Phase, INFLIGHT_WRITES_MAX};
 
 /// A store access of a volume's primary, carried out by the volume's local applier in the
 /// order the primary queued it (under its core lock, so in sequence order).
@@ -53,14 +54,50 @@ pub(super) enum Apply {
     },
 }
 
+/// A volume's local applier queue. Unbounded in type: its senders enqueue under a core lock or
+/// on a blocking thread and cannot wait. Bounded by what a primary may queue (see [`Apply`]),
+/// and that bound, [`APPLY_QUEUED_MAX`], is asserted at every enqueue.
+#[derive(Clone)]
+pub(super) struct ApplyQueue {
+    tx: mpsc::UnboundedSender<Apply>,
+    /// Items sent and not yet taken by the applier.
+    queued: Arc<AtomicUsize>,
+}
+
+/// The applier's end of an [`ApplyQueue`].
+pub(super) struct ApplyReceiver {
+    rx: mpsc::UnboundedReceiver<Apply>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ApplyQueue {
+    pub(super) fn new() -> (ApplyQueue, ApplyReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        (ApplyQueue { tx, queued: queued.clone() }, ApplyReceiver { rx, queued })
+    }
+
+    /// Queues `item`; gives it back if the applier stopped.
+    pub(super) fn send(&self, item: Apply) -> Result<(), Apply> {
+        let queued = self.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        assert!(queued <= APPLY_QUEUED_MAX, "{queued} items queued for a local applier (bound {APPLY_QUEUED_MAX})");
+        self.tx.send(item).map_err(|rejected| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            rejected.0
+        })
+    }
+}
+
 /// A chunk's data and its block checksums, read to be copied to a member.
 pub(super) type ChunkCopy = (Vec<u8>, Vec<u32>);
 
 /// Carries out a volume's store accesses in the order its primaries queued them, in batches,
 /// each on a blocking thread: never on an async worker, never under a core lock.
-pub(super) async fn run_applier<S: BlockStore>(inner: Weak<Inner<S>>, mut rx: mpsc::UnboundedReceiver<Apply>) {
+pub(super) async fn run_applier<S: BlockStore>(inner: Weak<Inner<S>>, rx: ApplyReceiver) {
+    let ApplyReceiver { mut rx, queued } = rx;
     let mut batch = Vec::with_capacity(APPLY_BATCH_MAX);
     while rx.recv_many(&mut batch, APPLY_BATCH_MAX).await > 0 {
+        queued.fetch_sub(batch.len(), Ordering::AcqRel);
         let Some(inner) = inner.upgrade() else { return };
         if !apply_batch(inner, std::mem::take(&mut batch), Inner::apply_local, "local applier").await {
             return;
@@ -103,7 +140,13 @@ impl<S: BlockStore> Inner<S> {
                 };
                 match applied {
                     Ok(lsn) => {
-                        let _ = p.local.send((seq, lsn));
+                        // Never full: each wait is a write of this primary that holds its
+                        // in-flight permit until the core saw it durable here.
+                        let sent = p.local.try_send((seq, lsn));
+                        assert!(
+                            !matches!(sent, Err(TrySendError::Full(_))),
+                            "more local durability waits than writes in flight ({INFLIGHT_WRITES_MAX})"
+                        );
                     }
                     Err(e) => {
                         tracing::error!(volume = p.volume, error = %e, "local write failed; stepping down");

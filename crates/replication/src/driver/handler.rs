@@ -3,7 +3,6 @@
 //! host I/O (served only by the primary itself).
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_storage::BlockStore;
@@ -15,15 +14,14 @@ use tokio::sync::oneshot;
 use super::applier::Apply;
 use super::host_io::fail_reply;
 use super::primary::PrimaryDriver;
-use super::{Inner, Vol, PROXY_BYTES_MAX};
+use super::{Inner, Vol, PROXY_BYTES_MAX, VOLUME_WAIT};
 
 impl<S: BlockStore> Inner<S> {
     /// Waits briefly for a volume this node has not heard of yet (a peer's Raft apply can be
     /// ahead of ours).
     pub(super) async fn wait_volume(&self, id: VolumeId) -> Option<Arc<Vol>> {
         let mut version = self.version.subscribe();
-        // Below OPEN_TIMEOUT: a restarting node first catches up with the map.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        let deadline = tokio::time::Instant::now() + VOLUME_WAIT;
         loop {
             if let Some(v) = self.volume(id) {
                 return Some(v);

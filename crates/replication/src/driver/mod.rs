@@ -39,7 +39,7 @@ use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::WriteKind;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::protocol::{Backup, Phase, RecentLog, CHUNK_BYTES};
+use crate::protocol::{Backup, Phase, RecentLog, CHUNK_BYTES, INFLIGHT_WRITES_MAX};
 
 mod applier;
 mod coordinator;
@@ -53,7 +53,9 @@ mod replica;
 mod sender;
 mod tick;
 
-use applier::{run_applier, Apply};
+#[cfg(doc)]
+use applier::Apply;
+use applier::{run_applier, ApplyQueue};
 pub use coordinator::{Coordinator, ProposeError};
 use handler::DataHandler;
 use host_io::{check_range, Hold};
@@ -99,6 +101,61 @@ const READS_QUEUED_MAX: usize = 256;
 const APPLY_BATCH_MAX: usize = 64;
 /// Records received from primaries, decoded and admitted, waiting for the record applier.
 const RECORDS_QUEUED_MAX: usize = 1024;
+/// Items a volume's local applier may have queued; asserted at every enqueue
+/// ([`applier::ApplyQueue::send`]). The queue holds the items of at most two primaries (see
+/// [`Apply`]), each at most [`INFLIGHT_WRITES_MAX`] writes and [`READS_QUEUED_MAX`] reads: this
+/// is that, doubled, for the chunk reads (one per member) and the barriers (one per primary
+/// start and per `Open` answered) besides.
+const APPLY_QUEUED_MAX: usize = 4 * (INFLIGHT_WRITES_MAX + READS_QUEUED_MAX);
+/// Records of one volume this replica applied and has not acknowledged yet. A primary keeps
+/// at most [`INFLIGHT_WRITES_MAX`] writes in flight; this leaves room for the tail of an older
+/// epoch's primary and for members being resynced (their writes do not hold the primary's
+/// room). When it is full the record applier waits: backpressure to the primaries through
+/// [`RECORDS_QUEUED_MAX`] and their regions here.
+const ACKS_QUEUED_MAX: usize = 4 * INFLIGHT_WRITES_MAX;
+/// `Acks` calls of one volume in flight; the ack sender waits for one to finish before it
+/// starts another (the acks keep their order of batches, and nothing piles up behind a slow
+/// primary).
+const ACK_CALLS_IN_FLIGHT_MAX: usize = 64;
+/// Records of one volume queued to one peer and not yet posted on its ring. A member that
+/// gates writes has at most [`INFLIGHT_WRITES_MAX`] of them per primary of the volume on this
+/// node (a write completes only once the member took its record); one being resynced gates
+/// nothing, and at this bound it is failed (its resync starts over) rather than queued without
+/// end. The slack covers a deposed primary's tail.
+const SEND_QUEUED_PER_VOLUME_MAX: usize = 4 * INFLIGHT_WRITES_MAX;
+/// `Nack`s in flight from this node. At the bound a refusal is not sent: the primary then
+/// times the member out, which fails it just the same (later).
+const NACKS_IN_FLIGHT_MAX: usize = 256;
+/// Tasks one primary runs for its outputs: `Open`s, chunk copies and progress reports (an ISR
+/// proposal is not counted: the core keeps one in flight at most). A member gets a new `Open`
+/// or copy only once its previous one answered or its session ended, at most once per
+/// [`RESYNC_RETRY`], and each lives at most [`OPEN_TIMEOUT`] or [`COPY_TIMEOUT`] after its
+/// local read: a volume's few members stay far below this. At the bound an `Open` or a copy
+/// fails its member (resync retries it) and a progress report is skipped (display only; a lost
+/// `Level` only makes reconciliation slower, never wrong).
+const OUTPUT_TASKS_MAX: usize = 256;
+/// How long a replica waits for a volume it has not heard of yet (a peer's Raft apply can be
+/// ahead of ours).
+const VOLUME_WAIT: Duration = Duration::from_secs(8);
+/// The default [`DataPlaneConfig::ack_timeout`].
+const ACK_TIMEOUT_DEFAULT: Duration = Duration::from_secs(2);
+
+// A record (one write piece and its header) must fit in the peer's region for this node, or
+// its sender waits for room forever.
+const _: () = assert!(WRITE_PIECE_BYTES_MAX + 64 * 1024 <= REGION_BYTES as u64);
+// A replica waits for an unknown volume for less than the primary waits for the answer to its
+// `Open`: a restarting node first catches up with the map.
+const _: () = assert!(VOLUME_WAIT.as_millis() < OPEN_TIMEOUT.as_millis());
+// The ticker runs several times per resync retry, and per deadline fence of a proxied write.
+const _: () = assert!(TICK.as_millis() < RESYNC_RETRY.as_millis());
+const _: () = assert!(TICK.as_millis() < PROXIED_WRITE_ADMIT_MAX.as_millis());
+// A backup failure (its `Open` unanswered, or a write unacknowledged, then the shrink) is
+// dealt with well within the hold time: the host sees latency, never an error.
+const _: () = assert!(OPEN_TIMEOUT.as_millis() + ACK_TIMEOUT_DEFAULT.as_millis() < HOLD_TIME_DEFAULT.as_millis());
+// A proxied read piece fits in the proxy read budget.
+const _: () = assert!(PROXY_BYTES_MAX <= PROXY_READ_BYTES_MAX);
+// One batch of the appliers fits in their queues.
+const _: () = assert!(APPLY_BATCH_MAX <= RECORDS_QUEUED_MAX && APPLY_BATCH_MAX <= APPLY_QUEUED_MAX);
 
 /// Why host I/O failed. Only [`IoFail::Unavailable`] is retried inside the data plane; every
 /// other variant is a definite reason that reaches the host.
@@ -155,7 +212,7 @@ pub const HOLD_TIME_DEFAULT: Duration = Duration::from_secs(30);
 
 impl Default for DataPlaneConfig {
     fn default() -> Self {
-        DataPlaneConfig { ack_timeout: Duration::from_secs(2), hold_time: HOLD_TIME_DEFAULT }
+        DataPlaneConfig { ack_timeout: ACK_TIMEOUT_DEFAULT, hold_time: HOLD_TIME_DEFAULT }
     }
 }
 
@@ -203,6 +260,8 @@ struct Inner<S: BlockStore> {
     lease_lost_at: Mutex<Option<Instant>>,
     /// Records from every primary, in arrival order, for the record applier.
     records: mpsc::Sender<RecordWork>,
+    /// [`NACKS_IN_FLIGHT_MAX`].
+    nacks: Arc<Semaphore>,
 }
 
 struct Vol {
@@ -212,9 +271,10 @@ struct Vol {
     primary: Mutex<Option<Arc<PrimaryDriver>>>,
     /// This node's local applier for the volume: every store access of its primaries (writes,
     /// host reads, reads of chunks to copy), in sequence order, off the async workers.
-    apply: mpsc::UnboundedSender<Apply>,
-    /// Records of this volume that this replica applied and must acknowledge once durable.
-    acks: mpsc::UnboundedSender<(NodeId, Epoch, Seq, Lsn)>,
+    apply: ApplyQueue,
+    /// Records of this volume that this replica applied and must acknowledge once durable
+    /// ([`ACKS_QUEUED_MAX`]).
+    acks: mpsc::Sender<(NodeId, Epoch, Seq, Lsn)>,
     resync_bytes_sent: AtomicU64,
     resync_bytes_compared: AtomicU64,
     /// This node's claim of the volume's epoch for its next primary.
@@ -251,6 +311,7 @@ impl<S: BlockStore> DataPlane<S> {
             proxy_read_budget: Semaphore::new((PROXY_READ_BYTES_MAX / BLOCK_BYTES) as usize),
             lease_lost_at: Mutex::new(None),
             records,
+            nacks: Arc::new(Semaphore::new(NACKS_IN_FLIGHT_MAX)),
         });
         let handler: Arc<dyn Handler> = Arc::new(DataHandler { inner: Arc::downgrade(&inner) });
         net.serve(Channel::Replication, handler.clone());
@@ -305,8 +366,8 @@ impl<S: BlockStore> DataPlane<S> {
                             tracing::error!(volume = id, error = %e, "cannot create the local copy");
                             continue;
                         }
-                        let (acks, rx) = mpsc::unbounded_channel();
-                        let (apply, apply_rx) = mpsc::unbounded_channel();
+                        let (acks, rx) = mpsc::channel(ACKS_QUEUED_MAX);
+                        let (apply, apply_rx) = ApplyQueue::new();
                         let v = Arc::new(Vol {
                             cfg: Mutex::new(cfg.clone()),
                             backup: Mutex::new(Backup::default()),

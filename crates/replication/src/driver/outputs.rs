@@ -9,11 +9,13 @@ use tandem_storage::{Admission, BlockStore};
 use tandem_transport::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::{encode_record, DataMsg, DataReply, RecordHeader, WriteKind};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::applier::Apply;
 use super::primary::{CoreState, PrimaryDriver};
 use super::sender::SendItem;
+#[cfg(doc)]
+use super::OUTPUT_TASKS_MAX;
 use super::{Inner, IoFail, ProposeError, COPY_TIMEOUT, OPEN_TIMEOUT};
 use crate::protocol::{Output, Phase, Token, CHUNK_BYTES};
 
@@ -91,7 +93,11 @@ impl PrimaryDriver {
             Ok(record) => {
                 let record = Bytes::from(record);
                 for n in to {
-                    inner.sender(n).push(SendItem { volume: self.volume, epoch: self.epoch, record: record.clone() });
+                    let item = SendItem { volume: self.volume, epoch: self.epoch, record: record.clone() };
+                    if inner.sender(n).push(item).is_err() {
+                        tracing::warn!(volume = self.volume, member = n, "the member's record queue is full");
+                        st.core.on_member_failed(n);
+                    }
                 }
             }
             Err(e) => {
@@ -133,6 +139,11 @@ impl PrimaryDriver {
         to: NodeId,
         start_seq: Seq,
     ) {
+        let Some(task) = self.task_permit() else {
+            tracing::warn!(volume = self.volume, member = to, "too many output tasks; failing the member's open");
+            st.core.on_member_failed(to);
+            return;
+        };
         let msg = DataMsg::Open {
             volume: self.volume,
             epoch: self.epoch,
@@ -169,6 +180,7 @@ impl PrimaryDriver {
                 }
             }
             p.pump(&inner, &mut st);
+            drop(task);
         });
     }
 
@@ -181,6 +193,16 @@ impl PrimaryDriver {
         to: NodeId,
         chunk: u64,
     ) {
+        let Some(task) = self.task_permit() else {
+            tracing::warn!(
+                volume = self.volume,
+                member = to,
+                chunk,
+                "too many output tasks; failing the member's copy"
+            );
+            st.core.on_member_failed(to);
+            return;
+        };
         let size = inner.volume(self.volume).map(|v| v.cfg.lock().expect("cfg lock").size_bytes).unwrap_or(0);
         let offset = chunk * CHUNK_BYTES;
         let len = CHUNK_BYTES.min(size.saturating_sub(offset));
@@ -215,15 +237,22 @@ impl PrimaryDriver {
                 }
             }
             p.pump(&inner, &mut st);
+            drop(task);
         });
     }
 
     /// `Output::ProposeIsr`: carries the proposal to the metadata store and its outcome back.
+    /// One task at most per primary: the core makes no proposal while one is in flight, and
+    /// only this task tells it the outcome.
     fn propose_isr<S: BlockStore>(self: &Arc<Self>, inner: &Arc<Inner<S>>, isr: Vec<NodeId>) {
+        let already = self.proposing.swap(true, Ordering::AcqRel);
+        assert!(!already, "volume {}: a second ISR proposal while one is in flight", self.volume);
         let (inner, p) = (inner.clone(), self.clone());
         tokio::spawn(async move {
             let result = inner.coord.propose_isr(p.volume, p.epoch, isr.clone()).await;
             let mut st = p.st.lock().expect("core lock");
+            // Under the core lock, before the core learns the outcome and may propose again.
+            p.proposing.store(false, Ordering::Release);
             match result {
                 Ok(()) => {
                     tracing::info!(volume = p.volume, epoch = p.epoch, ?isr, "ISR committed");
@@ -242,6 +271,10 @@ impl PrimaryDriver {
     /// `Output::Progress`: publishes resync progress; with no chunks, tells the member it is
     /// level (its recent-write log can be trusted again).
     fn report_progress<S: BlockStore>(&self, inner: &Arc<Inner<S>>, node: NodeId, done_chunks: u64, total_chunks: u64) {
+        let Some(task) = self.task_permit() else {
+            tracing::warn!(volume = self.volume, member = node, "too many output tasks; progress report skipped");
+            return;
+        };
         let inner = inner.clone();
         let (volume, epoch) = (self.volume, self.epoch);
         tokio::spawn(async move {
@@ -252,7 +285,13 @@ impl PrimaryDriver {
                 let _ = inner.call(node, Channel::Replication, &DataMsg::Level { volume, epoch }).await;
             }
             inner.coord.report_progress(volume, node, done_chunks * CHUNK_BYTES, total_chunks * CHUNK_BYTES).await;
+            drop(task);
         });
+    }
+
+    /// A permit for one more output task, if fewer than [`OUTPUT_TASKS_MAX`] run.
+    fn task_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.tasks.clone().try_acquire_owned().ok()
     }
 
     /// `Output::Serving`: reconciled; host I/O may be served.

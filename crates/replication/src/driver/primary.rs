@@ -15,13 +15,14 @@ use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 use tandem_wire::data::WriteKind;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::applier::Apply;
+use super::applier::{Apply, ApplyQueue};
 #[cfg(doc)]
 use super::Coordinator;
 use super::{
-    Inner, IoFail, Vol, PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX, ZEROES_PIECE_BYTES_MAX,
+    Inner, IoFail, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX,
+    ZEROES_PIECE_BYTES_MAX,
 };
-use crate::protocol::{Phase, Primary, PrimaryConfig, Token};
+use crate::protocol::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
 
 /// A claim of an epoch for the next start of this node's primary.
 #[derive(Default)]
@@ -59,11 +60,16 @@ pub(super) struct PrimaryDriver {
     /// Host reads queued for the local applier ([`READS_QUEUED_MAX`]).
     pub(super) reads: Semaphore,
     pub(super) phase: watch::Sender<Phase>,
-    /// Local durability waits, in sequence order.
-    pub(super) local: mpsc::UnboundedSender<(Seq, Lsn)>,
+    /// Local durability waits, in sequence order: at most [`INFLIGHT_WRITES_MAX`], one per
+    /// write in flight (asserted where they are sent).
+    pub(super) local: mpsc::Sender<(Seq, Lsn)>,
     /// The volume's local applier (shared with this node's earlier and later primaries of the
     /// volume, so their store accesses stay in one order).
-    pub(super) apply: mpsc::UnboundedSender<Apply>,
+    pub(super) apply: ApplyQueue,
+    /// Tasks for the core's outputs ([`OUTPUT_TASKS_MAX`]).
+    pub(super) tasks: Arc<Semaphore>,
+    /// An ISR proposal is under way (the core keeps at most one in flight: asserted).
+    pub(super) proposing: AtomicBool,
     /// Set once every store access of earlier primaries on this node is done and the local
     /// store is durable: the core's outputs are carried out only from then on.
     pub(super) ready: AtomicBool,
@@ -152,7 +158,7 @@ impl<S: BlockStore> Inner<S> {
                 recent,
                 PrimaryConfig { ack_timeout: self.config.ack_timeout },
             );
-            let (local, local_rx) = mpsc::unbounded_channel();
+            let (local, local_rx) = mpsc::channel(INFLIGHT_WRITES_MAX);
             let (phase, _) = watch::channel(Phase::Reconciling);
             let p = Arc::new(PrimaryDriver {
                 volume: id,
@@ -165,11 +171,13 @@ impl<S: BlockStore> Inner<S> {
                     resync_tried: HashMap::new(),
                     opens: HashMap::new(),
                 }),
-                room: Arc::new(Semaphore::new(crate::protocol::INFLIGHT_WRITES_MAX)),
+                room: Arc::new(Semaphore::new(INFLIGHT_WRITES_MAX)),
                 reads: Semaphore::new(READS_QUEUED_MAX),
                 phase,
                 local,
                 apply: vol.apply.clone(),
+                tasks: Arc::new(Semaphore::new(OUTPUT_TASKS_MAX)),
+                proposing: AtomicBool::new(false),
                 ready: AtomicBool::new(false),
                 paused: AtomicBool::new(false),
                 confirming: AtomicBool::new(false),
@@ -349,7 +357,7 @@ impl PrimaryDriver {
 pub(super) async fn local_durability<S: BlockStore>(
     inner: Weak<Inner<S>>,
     p: Arc<PrimaryDriver>,
-    mut rx: mpsc::UnboundedReceiver<(Seq, Lsn)>,
+    mut rx: mpsc::Receiver<(Seq, Lsn)>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];

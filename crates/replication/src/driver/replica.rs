@@ -9,11 +9,11 @@ use tandem_storage::{Admission, BlockStore, Lsn};
 use tandem_transport::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 use tandem_wire::data::{decode_record, DataMsg, RecordHeader, WriteKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::applier::apply_batch;
 use super::network::Network;
-use super::{Inner, APPLY_BATCH_MAX};
+use super::{Inner, ACK_CALLS_IN_FLIGHT_MAX, APPLY_BATCH_MAX};
 #[cfg(doc)]
 use crate::protocol::Backup;
 
@@ -32,8 +32,9 @@ pub(super) struct RecordWork {
 pub(super) async fn send_acks<S: BlockStore>(
     inner: Weak<Inner<S>>,
     volume: VolumeId,
-    mut rx: mpsc::UnboundedReceiver<(NodeId, Epoch, Seq, Lsn)>,
+    mut rx: mpsc::Receiver<(NodeId, Epoch, Seq, Lsn)>,
 ) {
+    let calls = Arc::new(Semaphore::new(ACK_CALLS_IN_FLIGHT_MAX));
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -52,9 +53,11 @@ pub(super) async fn send_acks<S: BlockStore>(
         for ((primary, epoch), seqs) in groups {
             let msg = DataMsg::Acks { volume, epoch, seqs };
             let inner = inner.clone();
+            let Ok(call) = calls.clone().acquire_owned().await else { return };
             // The primary times the member out if the acks never arrive.
             tokio::spawn(async move {
                 let _ = inner.call(primary, Channel::Replication, &msg).await;
+                drop(call);
             });
         }
     }
@@ -122,7 +125,8 @@ impl<S: BlockStore> Inner<S> {
         vol.recent.lock().expect("recent lock").record(h.offset, h.len);
         drop(backup);
         let lsn = applied.map_err(|e| e.to_string())?;
-        let _ = vol.acks.send((from, h.epoch, h.seq, lsn));
+        // On a blocking thread: when the queue is full, the record applier waits.
+        let _ = vol.acks.blocking_send((from, h.epoch, h.seq, lsn));
         Ok(())
     }
 
@@ -137,10 +141,15 @@ impl<S: BlockStore> Inner<S> {
     /// Tells the primary that a record was refused (it fails this member).
     pub(super) fn refuse_record(self: &Arc<Self>, from: NodeId, h: &RecordHeader, reason: String) {
         tracing::info!(from, volume = h.volume, seq = h.seq, %reason, "record refused");
+        let Ok(permit) = self.nacks.clone().try_acquire_owned() else {
+            tracing::warn!(from, volume = h.volume, "too many refusals in flight; the primary times this member out");
+            return;
+        };
         let msg = DataMsg::Nack { volume: h.volume, epoch: h.epoch, seq: h.seq, reason };
         let inner = self.clone();
         tokio::spawn(async move {
             let _ = inner.call(from, Channel::Replication, &msg).await;
+            drop(permit);
         });
     }
 }

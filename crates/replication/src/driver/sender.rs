@@ -1,7 +1,7 @@
 //! Per peer, one task that sends this node's records to that peer, in order, over the
 //! network's one-sided [`RecordLink`]; a record that is not delivered fails its member.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 #[cfg(doc)]
 use super::network::RecordLink;
-use super::Inner;
+use super::{Inner, SEND_QUEUED_PER_VOLUME_MAX};
 
 /// One record on its way to a member.
 pub(super) struct SendItem {
@@ -29,11 +29,17 @@ pub(super) type SenderEnd = oneshot::Receiver<()>;
 /// leaves the configuration: its task then sends what is queued, waits for the outcomes and
 /// ends, and a later sender to the same peer starts only after that ([`PeerSender::start`]).
 pub(super) struct PeerSender {
-    /// Unbounded in type only: every item is a write holding an in-flight permit of its
-    /// volume's primary (`PrimaryDriver::room`, [`crate::protocol::INFLIGHT_WRITES_MAX`] per
-    /// primary), and a primary queues a write to each member at most once.
+    /// Unbounded in type: it is filled under a core lock, which cannot wait. Bounded per
+    /// volume by [`SEND_QUEUED_PER_VOLUME_MAX`], counted in `queued` and checked by
+    /// [`PeerSender::push`].
     queue: mpsc::UnboundedSender<SendItem>,
+    /// Records queued per volume and not yet taken by the task (an entry goes at zero).
+    queued: Arc<Mutex<HashMap<VolumeId, usize>>>,
 }
+
+/// The record queue to a peer is full for this volume: the member cannot keep up.
+#[derive(Debug)]
+pub(super) struct QueueFull;
 
 impl PeerSender {
     /// Starts the sender's task. `after` is the end of an earlier sender to the same peer: the
@@ -47,25 +53,44 @@ impl PeerSender {
     ) -> (Arc<PeerSender>, SenderEnd) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ended_tx, ended_rx) = oneshot::channel();
+        let queued: Arc<Mutex<HashMap<VolumeId, usize>>> = Arc::default();
+        let taken = queued.clone();
         tokio::spawn(async move {
             if let Some(after) = after {
                 let _ = after.await;
             }
-            run_sender(inner, peer, rx).await;
+            run_sender(inner, peer, rx, taken).await;
             let _ = ended_tx.send(());
         });
-        (Arc::new(PeerSender { queue: tx }), ended_rx)
+        (Arc::new(PeerSender { queue: tx, queued }), ended_rx)
     }
 
-    pub(super) fn push(&self, item: SendItem) {
+    /// Queues a record, unless [`SEND_QUEUED_PER_VOLUME_MAX`] records of its volume wait
+    /// already: then the caller fails the member.
+    pub(super) fn push(&self, item: SendItem) -> Result<(), QueueFull> {
+        {
+            let mut queued = self.queued.lock().expect("queued lock");
+            let n = queued.entry(item.volume).or_insert(0);
+            if *n >= SEND_QUEUED_PER_VOLUME_MAX {
+                return Err(QueueFull);
+            }
+            *n += 1;
+        }
+        // Closed only once the task ended: the driver is stopping.
         let _ = self.queue.send(item);
+        Ok(())
     }
 }
 
 /// Posts the queued records to `peer` in order; a second task reports their outcomes and fails
 /// the member of a record that was not delivered. Ends once the queue is closed and every
 /// posted record has its outcome.
-async fn run_sender<S: BlockStore>(inner: Weak<Inner<S>>, peer: NodeId, mut rx: mpsc::UnboundedReceiver<SendItem>) {
+async fn run_sender<S: BlockStore>(
+    inner: Weak<Inner<S>>,
+    peer: NodeId,
+    mut rx: mpsc::UnboundedReceiver<SendItem>,
+    queued: Arc<Mutex<HashMap<VolumeId, usize>>>,
+) {
     let link = match inner.upgrade() {
         Some(i) => i.net.record_link(peer),
         None => return,
@@ -101,6 +126,15 @@ async fn run_sender<S: BlockStore>(inner: Weak<Inner<S>>, peer: NodeId, mut rx: 
         })
     };
     while let Some(item) = rx.recv().await {
+        {
+            let mut queued = queued.lock().expect("queued lock");
+            if let Some(n) = queued.get_mut(&item.volume) {
+                *n -= 1;
+                if *n == 0 {
+                    queued.remove(&item.volume);
+                }
+            }
+        }
         posted.lock().expect("posted lock").push_back((item.volume, item.epoch));
         if link.post(item.record).await.is_err() {
             // Closed for good: this record gets no outcome.
