@@ -1,7 +1,7 @@
 //! [`Primary`]: the primary of one volume for one epoch. This file holds its state, its
 //! construction, what the driver may ask of it and how it steps down; the inputs are split by
-//! job: [`writes`] (sequencing, acks, held-back writes), [`membership`] (failures, the ISR and
-//! its proposals, the tick) and [`copies`] (resync and reconciliation).
+//! job: `writes` (sequencing, acks, held-back writes), `membership` (failures, the ISR and
+//! its proposals, the tick) and `copies` (resync and reconciliation).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;

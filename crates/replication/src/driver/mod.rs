@@ -1,15 +1,17 @@
 //! The async driver: [`DataPlane`] runs the protocol of [`crate::protocol`] for every volume
-//! this node holds, over the node's [`Mesh`] and its [`BlockStore`].
+//! this node holds, over a [`Network`] (the node's `tandem_transport::link::Mesh`, or an
+//! in-memory one in tests) and its [`BlockStore`].
 //!
 //! ## How a host write travels (primary side)
 //! 1. [`DataPlane::write`] takes an in-flight permit, registers the write under a token and
 //!    calls `Primary::on_write`, then pumps the outputs while still holding the volume's lock.
 //! 2. `Output::Write`: the bytes are applied to the local store at once (so local order is
 //!    sequence order), the local durability wait is queued on the volume's flusher, and a
-//!    record is queued to each member's [`PeerSender`]. The sender allocates space in the
-//!    member's region for this node and posts a descriptor on the member's ring (replication
-//!    channel); the member's region is *credited*, so the descriptor completes only once the
-//!    member has taken the bytes out, and the space is reused after that.
+//!    record is queued to each member's `PeerSender`, which posts it on the network's
+//!    [`RecordLink`] to the member. Over the mesh, the link allocates space in the member's
+//!    region for this node and posts a descriptor on the member's ring (replication channel);
+//!    the member's region is *credited*, so the descriptor completes only once the member has
+//!    taken the bytes out, and the space is reused after that.
 //! 3. The member checks the record (epoch, session, order, checksum), applies it, and once it
 //!    is durable sends `Acks`. The primary feeds acks to the core; `Output::Complete` answers
 //!    the host.
@@ -26,6 +28,22 @@
 //!   back, and the lease: a primary without a lease *pauses* (admits no new I/O, keeps its
 //!   state); it steps down when a newer epoch is committed, or when the lease stays lost for
 //!   longer than the hold time.
+//!
+//! ## Where each job lives
+//! - this file: the [`DataPlane`] facade, its configuration and the per-volume state;
+//!   every queue bound and the relations between the constants (asserted at compile time);
+//! - `network.rs`: the [`Network`] and [`RecordLink`] traits; `mesh.rs`: their implementation
+//!   over the transport's mesh (rings, credited regions);
+//! - `coordinator.rs`: [`Coordinator`], what the driver asks of the metadata store;
+//! - `host_io.rs`: routing host I/O here or to the primary, one attempt each, the hold time;
+//! - `primary.rs`: a primary's life (start after earlier ones drained, host writes and reads,
+//!   local durability, pause and confirmation); `outputs.rs`: the pump that carries out the
+//!   core's outputs, one named step per output, and chunk copies;
+//! - `applier.rs`: a volume's local applier (every store access of its primaries, in order);
+//! - `replica.rs`: records received, applied in arrival order, acknowledged once durable;
+//! - `handler.rs`: requests from peers (`Open`, `Acks`, copies, `Level`, proxied I/O);
+//! - `sender.rs`: per peer, the ordered record queue onto the network;
+//! - `tick.rs`: the ticker (timeouts, resyncs, the lease, restarts).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
