@@ -1,5 +1,6 @@
-//! Seeded randomized simulation of the replication core (`tandem_replication::protocol`) and of
-//! the driver around it, as issue 13 designs it.
+//! Seeded randomized simulation of the replication core (`tandem_replication_core`, which
+//! `tandem_replication` re-exports as `protocol`) and of the driver around it, as issue 13
+//! designs it.
 //!
 //! One volume on N replica nodes, driven the way the driver drives it, under message loss,
 //! reordering across links, crashes, restarts, Raft isolation, paused processes, slow links
@@ -12,7 +13,7 @@
 //! each followed by healing; 200 seeds from a random base (printed: `random seeds from base
 //! B`); the scripted tests; and the unsafe variants below. Every failure names its seed and the
 //! command that replays it, e.g.
-//! `SIM_SEED=17 SIM_NODES=3 SIM_TRACE=1 cargo test -p tandem-replication --test simulation -- --nocapture`
+//! `SIM_SEED=17 SIM_NODES=3 SIM_TRACE=1 cargo test -p tandem-replication-core --test simulation -- --nocapture`
 //! (`SIM_TRACE` prints the last 2,000 events). Environment:
 //! - `SIM_SEED`, `SIM_NODES` (default 3): replay one seed (the other randomized tests skip);
 //! - `SIM_SEEDS`: fixed seeds in total (default 2,000), `SIM_STEPS` (default 2,000);
@@ -143,7 +144,7 @@ use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use tandem_replication::protocol::{
+use tandem_replication_core::{
     chunks_of, Backup, MemberState, Output, Phase, Primary, PrimaryConfig, RecentLog, Refusal, CHUNK_BYTES,
 };
 use tandem_types::{Epoch, NodeId, Seq, BLOCK_BYTES};
@@ -750,7 +751,7 @@ impl Sim {
         }
         panic!(
             "simulation seed {} (nodes {}{}) failed at step {} tick {}: {what}\nregister: {:?}\n\
-             replay: {variant}SIM_SEED={} SIM_NODES={} SIM_TRACE=1 cargo test -p tandem-replication --test simulation -- --nocapture{trace}",
+             replay: {variant}SIM_SEED={} SIM_NODES={} SIM_TRACE=1 cargo test -p tandem-replication-core --test simulation -- --nocapture{trace}",
             self.seed,
             self.n,
             self.unsafe_.map(|u| format!(", unsafe {}", u.name())).unwrap_or_default(),
@@ -2648,7 +2649,7 @@ fn simulate(what: &str, seeds: &[(u64, usize)]) -> Stats {
         failing.iter().take(10).map(|(s, n)| format!("{variant}SIM_SEED={s} SIM_NODES={n} SIM_TRACE=1")).collect();
     assert!(
         failing.is_empty(),
-        "{what}: {} of {} seeds failed: {failing:?}\nreplay one with `<env> cargo test -p tandem-replication --test simulation -- --nocapture`, <env> one of:\n{}",
+        "{what}: {} of {} seeds failed: {failing:?}\nreplay one with `<env> cargo test -p tandem-replication-core --test simulation -- --nocapture`, <env> one of:\n{}",
         failing.len(),
         seeds.len(),
         replays.join("\n")

@@ -1,0 +1,37 @@
+//! [`Coordinator`]: what the data plane needs from the metadata store (Raft, in the node), and
+//! how a proposal fails ([`ProposeError`]).
+
+use tandem_transport::BoxFuture;
+use tandem_types::{Epoch, NodeId, VolumeId};
+
+/// What the data plane needs from the metadata store. The node implements it over Raft.
+pub trait Coordinator: Send + Sync + 'static {
+    /// Commits `isr` as the in-sync set of `volume` if its epoch is still `epoch`.
+    fn propose_isr(&self, volume: VolumeId, epoch: Epoch, isr: Vec<NodeId>) -> BoxFuture<'_, Result<(), ProposeError>>;
+    /// Publishes resync progress (for `tandem volume list`); `total_bytes == 0` clears it.
+    fn report_progress(&self, volume: VolumeId, node: NodeId, done_bytes: u64, total_bytes: u64) -> BoxFuture<'_, ()>;
+    /// Whether this node holds its lease: it heard from the Raft majority recently enough
+    /// that no other node can have been made primary of its volumes.
+    fn lease_valid(&self) -> bool;
+    /// Whether this node is still the committed primary of `volume` in `epoch`, by a
+    /// linearizable read. A primary that lost its lease and got it back asks this before it
+    /// serves again: the lease says no *new* failover can begin, not that none happened
+    /// while it was away (its copy of the map may not show that yet).
+    fn confirm_primary(&self, volume: VolumeId, epoch: Epoch) -> BoxFuture<'_, Result<bool, ProposeError>>;
+    /// Claims `epoch` of `volume` for a new start of this node's primary, identified by
+    /// `nonce` (`MetaCmd::ClaimPrimary`): the committed map then names this claim, in this
+    /// epoch if no earlier start claimed it, else in the next one. A primary is built only in
+    /// an epoch its own claim holds, so no two starts ever share an epoch (docs/PROTOCOL.md,
+    /// "One primary per epoch").
+    fn claim_primary(&self, volume: VolumeId, epoch: Epoch, nonce: u64) -> BoxFuture<'_, Result<(), ProposeError>>;
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    /// The configuration moved on (another epoch): the proposer is deposed.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// No leader could be reached; try again later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}

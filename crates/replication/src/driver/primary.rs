@@ -1,0 +1,403 @@
+//! The primary side of the driver: [`PrimaryDriver`] holds a volume's protocol core for one
+//! epoch beside what the driver keeps for it (host writes in flight, room, the phase); this
+//! file starts and stops it (`reconcile_role`, epoch claims), lets it begin once earlier
+//! primaries' store accesses are done, takes host writes and reads into it, and feeds it local
+//! durability and lease confirmations. Its outputs are carried out in `outputs.rs`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tandem_storage::{Admission, BlockStore, Lsn};
+use tandem_types::{Epoch, NodeId, Seq, VolumeId};
+use tandem_wire::data::WriteKind;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+
+use super::applier::{Apply, ApplyQueue};
+#[cfg(doc)]
+use super::Coordinator;
+use super::{
+    Inner, IoFail, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX,
+    ZEROES_PIECE_BYTES_MAX,
+};
+use crate::protocol::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
+
+/// A claim of an epoch for the next start of this node's primary.
+#[derive(Default)]
+pub(super) struct Claim {
+    /// The nonce proposed, kept until a primary is built with it (a proposal whose outcome is
+    /// unknown is repeated with the same nonce).
+    pub(super) nonce: Option<u64>,
+    /// A proposal is under way.
+    pub(super) proposing: bool,
+}
+
+/// A value no other start of a primary on this node has used: the time, the process and a
+/// counter, mixed.
+pub(super) fn new_nonce() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut z = nanos ^ (u64::from(std::process::id()) << 40) ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(20);
+    // splitmix64's finalizer.
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).max(1)
+}
+
+/// The primary of one volume for one epoch: the protocol core and what the driver keeps
+/// beside it.
+pub(super) struct PrimaryDriver {
+    pub(super) volume: VolumeId,
+    pub(super) epoch: Epoch,
+    pub(super) st: Mutex<CoreState>,
+    /// In-flight host writes ([`crate::protocol::INFLIGHT_WRITES_MAX`]). A permit lives with
+    /// the sequenced write (in its [`HostWrite`]) until the core completes or fails it, not
+    /// with the host's request: a host that gives up on a request does not free its room
+    /// while the write is still in flight.
+    pub(super) room: Arc<Semaphore>,
+    /// Host reads queued for the local applier ([`READS_QUEUED_MAX`]).
+    pub(super) reads: Semaphore,
+    pub(super) phase: watch::Sender<Phase>,
+    /// Local durability waits, in sequence order: at most [`INFLIGHT_WRITES_MAX`], one per
+    /// write in flight (asserted where they are sent).
+    pub(super) local: mpsc::Sender<(Seq, Lsn)>,
+    /// The volume's local applier (shared with this node's earlier and later primaries of the
+    /// volume, so their store accesses stay in one order).
+    pub(super) apply: ApplyQueue,
+    /// Tasks for the core's outputs ([`OUTPUT_TASKS_MAX`]).
+    pub(super) tasks: Arc<Semaphore>,
+    /// An ISR proposal is under way (the core keeps at most one in flight: asserted).
+    pub(super) proposing: AtomicBool,
+    /// Set once every store access of earlier primaries on this node is done and the local
+    /// store is durable: the core's outputs are carried out only from then on.
+    pub(super) ready: AtomicBool,
+    /// Set while the node has no lease, and after that until [`Coordinator::confirm_primary`]
+    /// confirmed this epoch: a paused primary admits no host I/O but keeps its state.
+    pub(super) paused: AtomicBool,
+    /// A confirmation is under way.
+    pub(super) confirming: AtomicBool,
+    /// When this primary began serving, or last served again after a pause: a proxied write
+    /// that arrived before then is refused (it may have waited out the pause at this node).
+    pub(super) resumed_at: Mutex<Instant>,
+}
+
+pub(super) struct CoreState {
+    pub(super) core: Primary,
+    pub(super) next_token: Token,
+    pub(super) waiters: HashMap<Token, HostWrite>,
+    /// Wire sequence number of core sequence 0.
+    pub(super) seq_base: Seq,
+    pub(super) resync_tried: HashMap<NodeId, Instant>,
+    /// Per member, how many `Open`s this core sent it: the answer to an `Open` or a copy of an
+    /// earlier one is stale (the member failed and was opened again meanwhile) and ignored.
+    pub(super) opens: HashMap<NodeId, u64>,
+}
+
+pub(super) struct HostWrite {
+    pub(super) kind: WriteKind,
+    pub(super) offset: u64,
+    pub(super) data: Bytes,
+    pub(super) len: u64,
+    /// Room in the local store's budget, taken before the core lock: the local applier then
+    /// never waits for the store's budget.
+    pub(super) admission: Option<Admission>,
+    pub(super) reply: Option<oneshot::Sender<Result<(), IoFail>>>,
+    /// The write's in-flight permit: released when the write leaves the core.
+    pub(super) _room: OwnedSemaphorePermit,
+    /// Reads that overlap this write and must not return before it is acknowledged: each is
+    /// sent `()` when the write completes; a dropped sender means it failed.
+    pub(super) watchers: Vec<oneshot::Sender<()>>,
+}
+
+impl<S: BlockStore> Inner<S> {
+    /// Starts, keeps or stops this node's primary for `vol` to match its configuration and the
+    /// lease.
+    pub(super) fn reconcile_role(self: &Arc<Self>, id: VolumeId, vol: &Arc<Vol>) {
+        let cfg = vol.cfg.lock().expect("cfg lock").clone();
+        let mut slot = vol.primary.lock().expect("primary lock");
+        if let Some(p) = slot.as_ref() {
+            let deposed = *p.phase.borrow() == Phase::Deposed;
+            if cfg.primary != self.me || cfg.epoch != p.epoch || deposed {
+                p.depose(self, "the volume has a new primary");
+                *slot = None;
+            }
+        }
+        if slot.is_none() && cfg.primary == self.me && self.coord.lease_valid() {
+            // Build only in an epoch this start claimed; claim it first otherwise.
+            let mut claim = vol.claim.lock().expect("claim lock");
+            if cfg.claim.is_none() || cfg.claim != claim.nonce {
+                if !claim.proposing {
+                    claim.proposing = true;
+                    let nonce = *claim.nonce.get_or_insert_with(new_nonce);
+                    let (inner, vol, epoch) = (self.clone(), vol.clone(), cfg.epoch);
+                    tokio::spawn(async move {
+                        match inner.coord.claim_primary(id, epoch, nonce).await {
+                            Ok(()) => tracing::info!(volume = id, epoch, "claimed the epoch for a new primary"),
+                            Err(e) => tracing::info!(volume = id, epoch, error = %e, "epoch not claimed (yet)"),
+                        }
+                        vol.claim.lock().expect("claim lock").proposing = false;
+                    });
+                }
+                return;
+            }
+            // Used: a later start needs a claim of its own.
+            claim.nonce = None;
+            drop(claim);
+            let recent = vol.recent.lock().expect("recent lock").ranges();
+            let seq_base = self.next_wire_seq.fetch_add(1 << 32, Ordering::Relaxed);
+            let core = Primary::new(
+                Instant::now(),
+                id,
+                self.me,
+                cfg.epoch,
+                cfg.size_bytes,
+                &cfg.replicas,
+                &cfg.isr,
+                recent,
+                PrimaryConfig { ack_timeout: self.config.ack_timeout },
+            );
+            let (local, local_rx) = mpsc::channel(INFLIGHT_WRITES_MAX);
+            let (phase, _) = watch::channel(Phase::Reconciling);
+            let p = Arc::new(PrimaryDriver {
+                volume: id,
+                epoch: cfg.epoch,
+                st: Mutex::new(CoreState {
+                    core,
+                    next_token: 1,
+                    waiters: HashMap::new(),
+                    seq_base,
+                    resync_tried: HashMap::new(),
+                    opens: HashMap::new(),
+                }),
+                room: Arc::new(Semaphore::new(INFLIGHT_WRITES_MAX)),
+                reads: Semaphore::new(READS_QUEUED_MAX),
+                phase,
+                local,
+                apply: vol.apply.clone(),
+                tasks: Arc::new(Semaphore::new(OUTPUT_TASKS_MAX)),
+                proposing: AtomicBool::new(false),
+                ready: AtomicBool::new(false),
+                paused: AtomicBool::new(false),
+                confirming: AtomicBool::new(false),
+                resumed_at: Mutex::new(Instant::now()),
+            });
+            tokio::spawn(local_durability(Arc::downgrade(self), p.clone(), local_rx));
+            tracing::info!(volume = id, epoch = cfg.epoch, "taking over as primary; reconciling");
+            tokio::spawn(start_core(self.clone(), p.clone()));
+            *slot = Some(p);
+        }
+    }
+
+    pub(super) fn member_failed(self: &Arc<Self>, volume: VolumeId, epoch: Epoch, member: NodeId) {
+        let Some(p) = self.volume(volume).and_then(|v| v.primary.lock().expect("primary lock").clone()) else { return };
+        if p.epoch != epoch {
+            return;
+        }
+        let mut st = p.st.lock().expect("core lock");
+        st.core.on_member_failed(member);
+        p.pump(self, &mut st);
+    }
+}
+
+/// Lets a new primary begin: first every store access that an earlier primary of the volume
+/// on this node queued is done, and the local store is durable. Reconciliation then compares
+/// the members with local data that no late write of an earlier primary can still change, and
+/// that a crash of this node cannot take back (docs/PROTOCOL.md, "Taking over").
+pub(super) async fn start_core<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<PrimaryDriver>) {
+    let (tx, rx) = oneshot::channel();
+    let drained = p.apply.send(Apply::Barrier { reply: tx }).is_ok() && rx.await.is_ok();
+    let durable = if drained {
+        inner.store.durable(inner.store.last_lsn()).await.map_err(|e| e.to_string())
+    } else {
+        Err("the local applier stopped".to_string())
+    };
+    let mut st = p.st.lock().expect("core lock");
+    if let Err(e) = durable {
+        tracing::error!(volume = p.volume, error = %e, "cannot make the local copy durable; not taking over");
+        st.core.depose(&format!("local store: {e}"));
+    }
+    p.ready.store(true, Ordering::Release);
+    p.pump(&inner, &mut st);
+}
+
+impl PrimaryDriver {
+    pub(super) async fn write<S: BlockStore>(
+        self: &Arc<Self>,
+        inner: &Arc<Inner<S>>,
+        kind: WriteKind,
+        offset: u64,
+        len: u64,
+        data: Bytes,
+    ) -> Result<(), IoFail> {
+        // Cut into pieces; each is one sequenced record. All must complete.
+        let mut waits = Vec::new();
+        let mut at = 0u64;
+        while at < len {
+            let piece_max = match kind {
+                WriteKind::Data => WRITE_PIECE_BYTES_MAX,
+                WriteKind::Zeroes => ZEROES_PIECE_BYTES_MAX,
+            };
+            let piece = (len - at).min(piece_max);
+            let room =
+                self.room.clone().acquire_owned().await.map_err(|_| IoFail::Unavailable("primary stopped".into()))?;
+            let cost = match kind {
+                WriteKind::Data => piece,
+                WriteKind::Zeroes => 0,
+            };
+            let admission = inner.store.admit(cost).await.map_err(|e| IoFail::Io(format!("local store: {e}")))?;
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut st = self.st.lock().expect("core lock");
+                if st.core.phase() != Phase::Serving {
+                    return Err(IoFail::Unavailable("the primary stopped serving".into()));
+                }
+                if let Some(received) = inner.net.request_received_at() {
+                    // Proxied: the deadline fence. The proxy reports the write failed only
+                    // after this bound has passed for every attempt it sent.
+                    let resumed = *self.resumed_at.lock().expect("resumed lock");
+                    if received < resumed || received.elapsed() > PROXIED_WRITE_ADMIT_MAX {
+                        return Err(IoFail::Unavailable(format!(
+                            "the proxied write waited {:.1} s at the primary{}; the proxy retries it",
+                            received.elapsed().as_secs_f64(),
+                            if received < resumed { ", across a pause" } else { "" }
+                        )));
+                    }
+                }
+                let token = st.next_token;
+                st.next_token += 1;
+                let bytes = match kind {
+                    WriteKind::Data => data.slice(at as usize..(at + piece) as usize),
+                    WriteKind::Zeroes => Bytes::new(),
+                };
+                st.waiters.insert(
+                    token,
+                    HostWrite {
+                        kind,
+                        offset: offset + at,
+                        data: bytes,
+                        len: piece,
+                        admission: Some(admission),
+                        reply: Some(tx),
+                        _room: room,
+                        watchers: Vec::new(),
+                    },
+                );
+                st.core.on_write(Instant::now(), token, offset + at, piece);
+                self.pump(inner, &mut st);
+            }
+            waits.push(rx);
+            at += piece;
+        }
+        for rx in waits {
+            match rx.await {
+                Ok(r) => r?,
+                Err(_) => return Err(IoFail::Unavailable("the primary stopped".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` from the local copy, linearizably: the read is queued on
+    /// the local applier behind every write sequenced before it, and it returns only once
+    /// each of those writes that overlaps it is acknowledged (durable on every member of the
+    /// ISR), so it never returns data that a failover could take away (I6). If one of them
+    /// fails, the read fails as `Unavailable` and is retried.
+    pub(super) async fn read<S: BlockStore>(
+        &self,
+        inner: &Arc<Inner<S>>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, IoFail> {
+        let _queued = self.reads.acquire().await.map_err(|_| IoFail::Unavailable("the primary stopped".to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        let overlapping: Vec<oneshot::Receiver<()>> = {
+            let mut st = self.st.lock().expect("core lock");
+            if st.core.phase() != Phase::Serving {
+                return Err(IoFail::Unavailable("the primary stopped serving".into()));
+            }
+            let end = offset + len;
+            let waits = st
+                .waiters
+                .values_mut()
+                .filter(|w| w.offset < end && offset < w.offset + w.len)
+                .map(|w| {
+                    let (t, r) = oneshot::channel();
+                    w.watchers.push(t);
+                    r
+                })
+                .collect();
+            let item = Apply::Read { volume: self.volume, offset, len, reply: tx };
+            if self.apply.send(item).is_err() {
+                return Err(IoFail::Unavailable("the local applier stopped".into()));
+            }
+            waits
+        };
+        let data = rx
+            .await
+            .map_err(|_| IoFail::Unavailable("the local applier stopped".into()))?
+            .map_err(|e| IoFail::Io(format!("node {}: local read: {e}", inner.me)))?;
+        for w in overlapping {
+            if w.await.is_err() {
+                return Err(IoFail::Unavailable("a write this read overlaps was not acknowledged".into()));
+            }
+        }
+        Ok(data)
+    }
+
+    pub(super) fn depose<S: BlockStore>(self: &Arc<Self>, inner: &Arc<Inner<S>>, reason: &str) {
+        let mut st = self.st.lock().expect("core lock");
+        st.core.depose(reason);
+        self.pump(inner, &mut st);
+    }
+}
+
+/// Waits for local durability of the primary's own writes, in order, in groups.
+pub(super) async fn local_durability<S: BlockStore>(
+    inner: Weak<Inner<S>>,
+    p: Arc<PrimaryDriver>,
+    mut rx: mpsc::Receiver<(Seq, Lsn)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let last = batch.iter().map(|(_, l)| *l).max().expect("non-empty batch");
+        let result = inner.store.durable(last).await;
+        let mut st = p.st.lock().expect("core lock");
+        match result {
+            Ok(()) => batch.iter().for_each(|(s, _)| st.core.on_local_durable(*s)),
+            Err(e) => {
+                tracing::error!(volume = p.volume, error = %e, "local flush failed; stepping down");
+                st.core.depose(&format!("local flush failed: {e}"));
+            }
+        }
+        p.pump(&inner, &mut st);
+        if st.core.phase() == Phase::Deposed {
+            return;
+        }
+    }
+}
+
+/// Ends the pause of a primary whose node has its lease again: it serves again only if the
+/// committed map still names it primary of its epoch; otherwise it steps down.
+pub(super) async fn confirm_primary<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<PrimaryDriver>) {
+    let confirmed = inner.coord.confirm_primary(p.volume, p.epoch).await;
+    match confirmed {
+        Ok(true) if inner.coord.lease_valid() => {
+            tracing::info!(volume = p.volume, epoch = p.epoch, "lease back and epoch confirmed; serving again");
+            *p.resumed_at.lock().expect("resumed lock") = Instant::now();
+            p.paused.store(false, Ordering::Release);
+        }
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!(volume = p.volume, epoch = p.epoch, "a newer configuration replaced this primary");
+            p.depose(&inner, "a newer configuration replaced this primary while its node had no lease");
+        }
+        Err(e) => tracing::info!(volume = p.volume, error = %e, "cannot confirm the epoch yet; staying paused"),
+    }
+    p.confirming.store(false, Ordering::Release);
+}

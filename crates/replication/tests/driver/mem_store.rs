@@ -1,0 +1,110 @@
+//! An in-memory [`BlockStore`] whose durability a test can hold back: writes apply at once,
+//! `durable` waits while the store is held.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tandem_storage::{BlockStore, Lsn, SpaceStats, StoreError};
+use tandem_types::{VolumeId, BLOCK_BYTES};
+use tokio::sync::watch;
+
+/// Clones share the store (the data plane's handle is `Clone`).
+#[derive(Clone)]
+pub struct MemStore {
+    volumes: Arc<Mutex<HashMap<VolumeId, Vec<u8>>>>,
+    last: Arc<AtomicU64>,
+    /// True while durability is held back.
+    held: Arc<watch::Sender<bool>>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore { volumes: Arc::default(), last: Arc::default(), held: Arc::new(watch::channel(false).0) }
+    }
+}
+
+impl MemStore {
+    /// Holds back (`true`) or lets through (`false`) every `durable` wait.
+    pub fn hold_durability(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    fn change(&self) -> Lsn {
+        Lsn(self.last.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    fn range(v: &mut [u8], vol: VolumeId, offset: u64, len: u64) -> Result<&mut [u8], StoreError> {
+        let size_bytes = v.len() as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= size_bytes => Ok(&mut v[offset as usize..end as usize]),
+            _ => Err(StoreError::OutOfRange { vol, offset, len, size_bytes }),
+        }
+    }
+}
+
+impl BlockStore for MemStore {
+    fn create_volume(&self, vol: VolumeId, size_bytes: u64) -> Result<(), StoreError> {
+        self.volumes.lock().expect("store lock").entry(vol).or_insert_with(|| vec![0; size_bytes as usize]);
+        self.change();
+        Ok(())
+    }
+
+    fn delete_volume(&self, vol: VolumeId) -> Result<(), StoreError> {
+        self.volumes.lock().expect("store lock").remove(&vol);
+        self.change();
+        Ok(())
+    }
+
+    fn volumes(&self) -> Vec<(VolumeId, u64)> {
+        self.volumes.lock().expect("store lock").iter().map(|(id, v)| (*id, v.len() as u64)).collect()
+    }
+
+    fn write(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<Lsn, StoreError> {
+        let mut vols = self.volumes.lock().expect("store lock");
+        let v = vols.get_mut(&vol).ok_or(StoreError::UnknownVolume(vol))?;
+        Self::range(v, vol, offset, data.len() as u64)?.copy_from_slice(data);
+        Ok(self.change())
+    }
+
+    fn write_zeroes(&self, vol: VolumeId, offset: u64, len: u64) -> Result<Lsn, StoreError> {
+        let mut vols = self.volumes.lock().expect("store lock");
+        let v = vols.get_mut(&vol).ok_or(StoreError::UnknownVolume(vol))?;
+        Self::range(v, vol, offset, len)?.fill(0);
+        Ok(self.change())
+    }
+
+    fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let mut vols = self.volumes.lock().expect("store lock");
+        let v = vols.get_mut(&vol).ok_or(StoreError::UnknownVolume(vol))?;
+        buf.copy_from_slice(Self::range(v, vol, offset, buf.len() as u64)?);
+        Ok(())
+    }
+
+    fn durable(&self, _lsn: Lsn) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let mut held = self.held.subscribe();
+        async move {
+            let _ = held.wait_for(|h| !*h).await;
+            Ok(())
+        }
+    }
+
+    fn last_lsn(&self) -> Lsn {
+        Lsn(self.last.load(Ordering::SeqCst))
+    }
+
+    fn block_checksums(&self, vol: VolumeId, offset: u64, len: u64) -> Result<Vec<u32>, StoreError> {
+        let mut vols = self.volumes.lock().expect("store lock");
+        let v = vols.get_mut(&vol).ok_or(StoreError::UnknownVolume(vol))?;
+        Ok(Self::range(v, vol, offset, len)?.chunks(BLOCK_BYTES as usize).map(crc32c::crc32c).collect())
+    }
+
+    fn clone_range(&self, _: VolumeId, _: u64, _: VolumeId, _: u64, _: u64) -> Result<Lsn, StoreError> {
+        Err(StoreError::Invalid("the in-memory test store does not clone".into()))
+    }
+
+    fn space(&self) -> SpaceStats {
+        SpaceStats::default()
+    }
+}
