@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tandem_frontend::Budgets;
 use tandem_meta::network::MetaError;
 use tandem_meta::store::{MetaStore, RaftStatus};
 use tandem_meta::{DatasetRecord, MetaCmd, MetaReply, NodeRecord, VolumeRecord};
@@ -22,7 +23,7 @@ use tandem_types::{Epoch, NodeId, VolumeId};
 use crate::config::ClusterConfig;
 use crate::host_api;
 use crate::hosts::PathManager;
-use crate::volumes::Plane;
+use crate::volumes::{FrontendStats, Plane};
 
 /// Request bodies are small JSON documents; anything larger is refused unread.
 const BODY_BYTES_MAX: usize = 64 * 1024;
@@ -36,6 +37,8 @@ pub struct ApiState {
     pub(crate) paths: Arc<PathManager>,
     /// Turns true when the node begins to stop: long-polls answer at once then.
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+    /// The budgets the host protocol servers share, shown by `GET /v1/local/volumes`.
+    budgets: Budgets,
 }
 
 impl ApiState {
@@ -46,8 +49,9 @@ impl ApiState {
         plane: Plane,
         paths: Arc<PathManager>,
         stopping: tokio::sync::watch::Receiver<bool>,
+        budgets: Budgets,
     ) -> ApiState {
-        ApiState { meta, cfg, transport, plane, paths, stopping }
+        ApiState { meta, cfg, transport, plane, paths, stopping, budgets }
     }
 }
 
@@ -518,7 +522,8 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
 }
 
 /// This node's own copies of volumes: whether it serves each as primary, resync figures, and a
-/// digest of its data (for comparing replicas). Answered locally, never forwarded.
+/// digest of its data (for comparing replicas); and the host protocols' shared read buffers
+/// (`frontend`). Answered locally, never forwarded.
 async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
     let plane = st.plane.clone();
     let volumes = tokio::task::spawn_blocking(move || {
@@ -540,5 +545,5 @@ async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
     })
     .await
     .unwrap_or_default();
-    Json(serde_json::json!({ "node": st.meta.id(), "volumes": volumes }))
+    Json(serde_json::json!({ "node": st.meta.id(), "volumes": volumes, "frontend": FrontendStats::of(&st.budgets) }))
 }
