@@ -8,10 +8,9 @@
 //! the payload is read, so a full budget stops the reader and TCP pushes back on the client),
 //! read buffers by `INFLIGHT_MAX * READ_CHUNK_BYTES` (and all connections together by the
 //! [`Budgets::read_buffers`] the server is given, [`READ_BUFFER_BYTES_MAX`] on a node), socket
-//! buffers by
-//! `2 * SOCKET_BUFFER_BYTES`. A write over [`REQUEST_BYTES_MAX`] is answered with EINVAL and
-//! the connection is closed: its payload is not read, and the stream cannot be resynchronised
-//! without reading it.
+//! buffers by `2 * SOCKET_BUFFER_BYTES`. A write over [`REQUEST_BYTES_MAX`] is answered with
+//! EINVAL and the connection is closed: its payload is not read, and the stream cannot be
+//! resynchronised without reading it.
 
 use std::future::Future;
 use std::io;
