@@ -1,8 +1,9 @@
 //! The data plane end to end, against real `tandem` processes and real NBD clients: writes
 //! through one node read back through the others, large copies with nbdcopy, fio and qemu-img
 //! as hosts use them, kill -9 of the primary and of a backup under a write stream (no
-//! acknowledged write lost, replicas identical), resync of only what changed, and bounded
-//! memory while a large volume is read out.
+//! acknowledged write lost, replicas identical), resync of only what changed, bounded
+//! memory while a large volume is read out, and the read buffers of many clients held within
+//! the node's cap.
 
 mod common;
 
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::nbd::NbdClient;
-use common::{create_served_volume, ids, local_copy, random_bytes, require_tools, volume, wait_for, Cluster};
+use common::{create_served_volume, http, ids, local_copy, random_bytes, require_tools, volume, wait_for, Cluster};
 use serde_json::Value;
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
@@ -446,6 +447,74 @@ fn reading_a_large_volume_out_keeps_memory_bounded() {
         let growth = peak.saturating_sub(before);
         println!("node {node}: RSS {before} -> peak {peak} (+{} MiB) while 1 GiB was read", growth / MIB);
         assert!(growth < 64 * MIB, "node {node} grew by {growth} bytes while serving a 1 GiB read");
+        let high_water = read_buffers(&c, node)["read_buffer_bytes_high_water"].as_u64().expect("high water");
+        assert!(high_water <= READ_BUFFER_BYTES_MAX, "node {node} held {high_water} bytes of read buffers at once");
+    }
+}
+
+/// The cap on the read buffers of all NBD connections of a node together, as the node
+/// documents it (`tandem_nbd::READ_BUFFER_BYTES_MAX`): a black-box test asserts the figure.
+const READ_BUFFER_BYTES_MAX: u64 = 8 * MIB;
+/// The largest piece of a read a node buffers (`tandem_nbd::READ_CHUNK_BYTES`).
+const READ_CHUNK_BYTES: u64 = 256 * 1024;
+/// nbdcopy processes reading at once: each reads over 4 connections with 64 requests of 256 KiB
+/// in flight (up to its 16 MiB queue), so together they ask for many times the cap.
+const READERS: usize = 8;
+
+/// The node's shared read-buffer budget, from `GET /v1/local/volumes` (field `frontend`).
+fn read_buffers(c: &Cluster, id: u64) -> Value {
+    let v: Value = http()
+        .get(format!("{}/v1/local/volumes", c.api(id)))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_else(|e| panic!("GET /v1/local/volumes of node {id}: {e}"));
+    v["frontend"].clone()
+}
+
+/// Many clients reading at full queue depth through one node fill its read-buffer cap and
+/// never go over it: the high-water mark of buffers reserved at once ends within one read
+/// chunk of the cap (the cap held readers back) and not above it (it was kept), on a node
+/// that proxies to the primary and on the primary itself.
+#[test]
+fn many_clients_reading_at_once_fill_the_read_buffer_cap_and_never_exceed_it() {
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let v = create_volume(&c, "vc", "64M");
+    let primary = v["primary"].as_u64().expect("primary");
+    let other = c.node_ids().into_iter().find(|&n| n != primary).expect("a non-primary node");
+    qemu_io(&nbd_url(&c, primary, "vc"), &["write -P 0x5a 0 16M", "write -P 0xa5 48M 16M"]);
+    for node in [other, primary] {
+        let before = read_buffers(&c, node);
+        assert_eq!(before["read_buffer_bytes_max"].as_u64(), Some(READ_BUFFER_BYTES_MAX), "node {node}: {before}");
+        let url = nbd_url(&c, node, "vc");
+        let readers: Vec<_> = (0..READERS)
+            .map(|_| {
+                Command::new("nbdcopy")
+                    .args(["--connections=4", "--requests=64", "--request-size=262144", &url, "null:"])
+                    .spawn()
+                    .expect("nbdcopy")
+            })
+            .collect();
+        let failed = readers.into_iter().filter_map(|mut r| (!r.wait().expect("wait").success()).then_some(())).count();
+        // Buffers are given back when their reply is out, just after the client has it.
+        let after = wait_for("the read buffers to be given back", Duration::from_secs(10), || {
+            let after = read_buffers(&c, node);
+            (after["read_buffer_bytes_reserved"].as_u64() == Some(0)).then_some(after)
+        });
+        println!("node {node}: read buffers {before} -> {after} with {READERS} nbdcopy readers");
+        let high_water = after["read_buffer_bytes_high_water"].as_u64().expect("high water");
+        assert!(
+            high_water <= READ_BUFFER_BYTES_MAX,
+            "node {node} held {high_water} bytes of read buffers at once, over the {READ_BUFFER_BYTES_MAX} cap"
+        );
+        assert!(
+            high_water > READ_BUFFER_BYTES_MAX - READ_CHUNK_BYTES,
+            "node {node} held at most {high_water} bytes of read buffers with {READERS} readers at full queue \
+             depth: the {READ_BUFFER_BYTES_MAX} byte cap was never reached"
+        );
+        // Checked last: without the cap, reads pile up until some fail, which would hide which
+        // of the bounds above broke.
+        assert_eq!(failed, 0, "{failed} of {READERS} nbdcopy readers out of node {node} failed");
     }
 }
 

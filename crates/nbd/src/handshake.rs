@@ -7,9 +7,9 @@
 //! [`Handshake::on_option`] and act on the [`Step`]: send bytes, list exports, or open an export
 //! and pass the outcome to [`Handshake::on_opened`], until transmission, abort or disconnect.
 
+use tandem_frontend::OpenError;
 use thiserror::Error;
 
-use crate::backend::OpenError;
 use crate::codec::{
     client_flag, encode_export_name_reply, encode_greeting, encode_info_reply, encode_option_error,
     encode_option_reply, encode_server_reply, handshake_flag, info, opt, rep, tx_flag, ClientOption, DecodeError, Info,
@@ -226,6 +226,9 @@ impl Handshake {
         out
     }
 
+    /// Both kinds of [`OpenError`] are answered with `NBD_REP_ERR_UNKNOWN` ("the requested
+    /// export is not available") and the message (after `NBD_OPT_EXPORT_NAME`, which has no
+    /// error reply, by closing the connection); they differ in how they are logged.
     pub fn on_opened(&mut self, request: OpenRequest, result: Result<ExportInfo, OpenError>) -> Opened {
         let (option, query) = match request.kind {
             OpenKind::ExportName => {

@@ -6,11 +6,11 @@
 //! the lock of the socket's write half, so they never interleave. Memory per connection is
 //! bounded by constants: buffered write payloads by [`WRITE_BUFFER_BYTES_MAX`] (acquired before
 //! the payload is read, so a full budget stops the reader and TCP pushes back on the client),
-//! read buffers by `INFLIGHT_MAX * READ_CHUNK_BYTES` (and all connections together by
-//! [`READ_BUFFER_BYTES_MAX`]), socket buffers by
-//! `2 * SOCKET_BUFFER_BYTES`. A write over [`REQUEST_BYTES_MAX`] is answered with EINVAL and
-//! the connection is closed: its payload is not read, and the stream cannot be resynchronised
-//! without reading it.
+//! read buffers by `INFLIGHT_MAX * READ_CHUNK_BYTES` (and all connections together by the
+//! [`Budgets::read_buffers`] the server is given, [`READ_BUFFER_BYTES_MAX`] on a node), socket
+//! buffers by `2 * SOCKET_BUFFER_BYTES`. A write over [`REQUEST_BYTES_MAX`] is answered with
+//! EINVAL and the connection is closed: its payload is not read, and the stream cannot be
+//! resynchronised without reading it.
 
 use std::future::Future;
 use std::io;
@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tandem_frontend::{Budgets, BufferBudget, Exports, IoError, Volume};
 use thiserror::Error;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf,
@@ -28,22 +29,20 @@ use tokio::sync::{watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 use tracing::{debug, error, info, warn};
 
-use crate::backend::{Exports, IoError, Volume};
 use crate::codec::{
     decode_client_flags, DecodeError, OptionHeader, RequestHeader, SimpleReply, CLIENT_FLAGS_BYTES,
     OPTION_HEADER_BYTES, REQUEST_BYTES_MAX, REQUEST_HEADER_BYTES,
 };
 use crate::handshake::{ExportInfo, Handshake, HandshakeError, Opened, OptionData, Step};
-use crate::transmission::{classify, Payload, Request};
+use crate::transmission::{classify, errno_of_io_error, Payload, Request};
 
 /// Largest piece of a read held in memory: a longer read is streamed to the socket in pieces
 /// of this size, so its length does not change the memory it takes.
 pub const READ_CHUNK_BYTES: usize = 256 * 1024;
-/// Read buffers of all connections of the process together: many clients reading at full
-/// queue depth wait for buffers rather than multiply them.
+/// The read-buffer budget a node gives its NBD servers ([`Budgets::read_buffers`]), for the
+/// read buffers of all their connections together: many clients reading at full queue depth
+/// wait for buffers rather than multiply them.
 pub const READ_BUFFER_BYTES_MAX: u64 = 8 * 1024 * 1024;
-const READ_BUDGET_UNIT_BYTES: u64 = 4096;
-static READ_BUDGET: Semaphore = Semaphore::const_new((READ_BUFFER_BYTES_MAX / READ_BUDGET_UNIT_BYTES) as usize);
 /// Requests of one connection run concurrently up to this many (qemu uses 16, fio's nbd engine
 /// its iodepth, nbdcopy 64 per connection); the next request is not read until one finishes.
 pub const INFLIGHT_MAX: usize = 64;
@@ -82,9 +81,16 @@ pub enum ConnectionError {
 }
 
 /// Accepts NBD clients on `listener` until `shutdown` completes, serving at most
-/// [`CONNECTIONS_MAX`] at a time, each in its own task. Connection errors are logged, not
-/// returned. On shutdown, open connections are dropped (in-flight volume calls are cancelled).
-pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>, shutdown: impl Future<Output = ()>) {
+/// [`CONNECTIONS_MAX`] at a time, each in its own task, within `budgets` (shared with whatever
+/// else was given them). Connection errors are logged, not returned. On shutdown, open
+/// connections are dropped (in-flight volume calls are cancelled).
+pub async fn serve<E: Exports>(
+    listener: TcpListener,
+    exports: Arc<E>,
+    budgets: Budgets,
+    shutdown: impl Future<Output = ()>,
+) {
+    assert_budgets(&budgets);
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -110,10 +116,11 @@ pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>, shutdown:
             warn!(%peer, error = %err, "could not set TCP_NODELAY");
         }
         let exports = Arc::clone(&exports);
+        let budgets = budgets.clone();
         connections.spawn(async move {
             let _slot = slot;
             debug!(%peer, "NBD client connected");
-            match serve_connection(stream, exports).await {
+            match serve_connection(stream, exports, budgets).await {
                 Ok(()) => debug!(%peer, "NBD client disconnected"),
                 Err(err) => warn!(%peer, error = %err, "NBD connection closed on error"),
             }
@@ -121,6 +128,12 @@ pub async fn serve<E: Exports>(listener: TcpListener, exports: Arc<E>, shutdown:
     }
     info!(connections = connections.len(), "NBD server shutting down");
     connections.shutdown().await;
+}
+
+/// A read chunk must fit in the read budget, or a read would wait for it forever.
+fn assert_budgets(budgets: &Budgets) {
+    let bytes_max = budgets.read_buffers.bytes_max();
+    assert!(bytes_max >= READ_CHUNK_BYTES as u64, "a read budget of {bytes_max} bytes cannot hold one read chunk");
 }
 
 async fn accept_with_slot(
@@ -143,11 +156,12 @@ fn log_panic(joined: Result<(), JoinError>) {
 /// Serves one client on `stream`: negotiation, then requests until the client disconnects.
 /// `Ok` when the client ended the session (`NBD_OPT_ABORT`, `NBD_CMD_DISC`, or closing the
 /// socket between frames).
-pub async fn serve_connection<S, E>(stream: S, exports: Arc<E>) -> Result<(), ConnectionError>
+pub async fn serve_connection<S, E>(stream: S, exports: Arc<E>, budgets: Budgets) -> Result<(), ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     E: Exports,
 {
+    assert_budgets(&budgets);
     let (read_half, write_half) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
     let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
@@ -156,7 +170,7 @@ where
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)??;
     match negotiated {
-        Some((volume, export)) => transmit(reader, writer, Arc::new(volume), export).await,
+        Some((volume, export)) => transmit(reader, writer, Arc::new(volume), export, budgets.read_buffers).await,
         None => Ok(()),
     }
 }
@@ -308,6 +322,7 @@ async fn transmit<S, V>(
     writer: BufWriter<WriteHalf<S>>,
     volume: Arc<V>,
     export: ExportInfo,
+    read_budget: Arc<BufferBudget>,
 ) -> Result<(), ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -343,8 +358,9 @@ where
                 let volume = Arc::clone(&volume);
                 let writer = Arc::clone(&writer);
                 let failed_tx = Arc::clone(&failed_tx);
+                let read_budget = Arc::clone(&read_budget);
                 tasks.spawn(async move {
-                    let result = execute(job, &*volume, &writer).await;
+                    let result = execute(job, &*volume, &writer, &read_budget).await;
                     if result.is_err() {
                         failed_tx.send_replace(true);
                     }
@@ -453,20 +469,27 @@ async fn next_request<R: AsyncBufRead + Unpin>(
 }
 
 /// Runs one request on the volume and sends its reply. An error return ends the connection.
-async fn execute<V, W>(job: Job, volume: &V, writer: &Mutex<ReplyWriter<W>>) -> Result<(), ConnectionError>
+async fn execute<V, W>(
+    job: Job,
+    volume: &V,
+    writer: &Mutex<ReplyWriter<W>>,
+    read_budget: &BufferBudget,
+) -> Result<(), ConnectionError>
 where
     V: Volume,
     W: AsyncWrite + Unpin,
 {
     let cookie = job.cookie;
     let outcome = match job.request {
-        Request::Read { offset, length } => return stream_read(cookie, offset, length, volume, writer).await,
+        Request::Read { offset, length } => {
+            return stream_read(cookie, offset, length, volume, writer, read_budget).await
+        }
         Request::Write { length: 0, .. } | Request::Trim { length: 0, .. } | Request::WriteZeroes { length: 0, .. } => {
             Ok(())
         }
         Request::Write { offset, fua, .. } => volume.write(offset, job.payload, fua).await,
         Request::Flush => volume.flush().await,
-        Request::Trim { offset, length, fua } => match volume.trim(offset, u64::from(length)).await {
+        Request::Trim { offset, length, fua } => match volume.unmap(offset, u64::from(length)).await {
             Ok(()) if fua => volume.flush().await,
             other => other,
         },
@@ -477,7 +500,7 @@ where
         Ok(()) => 0,
         Err(err) => {
             warn!(cookie, request = ?job.request, error = %err, "NBD request failed");
-            err.errno()
+            errno_of_io_error(&err)
         }
     };
     writer.lock().await.reply(cookie, errno).await
@@ -492,6 +515,7 @@ async fn stream_read<V, W>(
     length: u32,
     volume: &V,
     writer: &Mutex<ReplyWriter<W>>,
+    read_budget: &BufferBudget,
 ) -> Result<(), ConnectionError>
 where
     V: Volume,
@@ -499,13 +523,14 @@ where
 {
     let length = u64::from(length);
     let chunk_bytes = (READ_CHUNK_BYTES as u64).min(length);
-    // Taken before the buffer exists and held until the reply is out: the process-wide bound.
-    let _budget = READ_BUDGET.acquire_many(chunk_bytes.div_ceil(READ_BUDGET_UNIT_BYTES) as u32).await;
+    // Taken before the buffer exists and held until the reply is out: the bound across
+    // connections.
+    let _budget = read_budget.reserve(chunk_bytes).await;
     let mut buf = vec![0u8; chunk_bytes as usize];
     if chunk_bytes > 0 {
         if let Err(err) = volume.read(offset, &mut buf).await {
             warn!(cookie, offset, length, error = %err, "NBD read failed");
-            return writer.lock().await.reply(cookie, err.errno()).await;
+            return writer.lock().await.reply(cookie, errno_of_io_error(&err)).await;
         }
     }
     // Held for the whole reply: its data must not be interleaved with other replies.

@@ -1,5 +1,8 @@
 //! Transmission-phase decisions: a request header and the export in, a command to run or an
-//! error to reply out. Sans-IO; `server.rs` runs what this accepts.
+//! error to reply out; and the errno a volume's failure is answered with. Sans-IO;
+//! `server.rs` runs what this accepts.
+
+use tandem_frontend::IoError;
 
 use crate::codec::{cmd, cmd_flag, errno, RequestHeader, REQUEST_BYTES_MAX};
 use crate::handshake::ExportInfo;
@@ -109,6 +112,20 @@ fn reject(errno: u32, payload: Payload, reason: &'static str) -> Rejection {
     Rejection { errno, payload, reason }
 }
 
+/// The `NBD_E*` value sent in the reply to a request the volume failed.
+pub fn errno_of_io_error(error: &IoError) -> u32 {
+    match error {
+        IoError::Io(_) => errno::EIO,
+        IoError::Invalid(_) => errno::EINVAL,
+        IoError::NoSpace(_) => errno::ENOSPC,
+        // NBD has no errno of its own for reservation conflicts.
+        IoError::NotPermitted(_) | IoError::ReservationConflict(_) => errno::EPERM,
+        IoError::NotSupported(_) => errno::ENOTSUP,
+        IoError::NoMemory(_) => errno::ENOMEM,
+        IoError::Shutdown(_) => errno::ESHUTDOWN,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +137,25 @@ mod tests {
 
     fn header(command: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
         RequestHeader { flags, command, cookie: 7, offset, length }
+    }
+
+    /// Each kind keeps the errno the server answered before the seam moved out of this crate.
+    #[test]
+    fn volume_errors_map_to_their_errnos() {
+        let m = || "m".to_string();
+        let cases = [
+            (IoError::Io(m()), errno::EIO),
+            (IoError::Invalid(m()), errno::EINVAL),
+            (IoError::NoSpace(m()), errno::ENOSPC),
+            (IoError::NotPermitted(m()), errno::EPERM),
+            (IoError::ReservationConflict(m()), errno::EPERM),
+            (IoError::NotSupported(m()), errno::ENOTSUP),
+            (IoError::NoMemory(m()), errno::ENOMEM),
+            (IoError::Shutdown(m()), errno::ESHUTDOWN),
+        ];
+        for (error, want) in cases {
+            assert_eq!(errno_of_io_error(&error), want, "{error}");
+        }
     }
 
     fn errno_of(result: Result<Request, Rejection>) -> Option<(u32, Payload)> {

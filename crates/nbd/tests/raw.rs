@@ -12,7 +12,10 @@ use common::{
     DEADLINE, GATED_FROM, MIB,
 };
 use tandem_nbd::codec::{cmd, cmd_flag, decode_server_reply, errno, opt, rep, tx_flag};
-use tandem_nbd::{serve_connection, ConnectionError, INFLIGHT_MAX, READ_CHUNK_BYTES, REQUEST_BYTES_MAX};
+use tandem_nbd::{
+    serve_connection, Budgets, ConnectionError, INFLIGHT_MAX, READ_BUFFER_BYTES_MAX, READ_CHUNK_BYTES,
+    REQUEST_BYTES_MAX,
+};
 use tokio::io::AsyncWriteExt;
 
 /// A fresh client can still negotiate, write and read: the server survived.
@@ -288,7 +291,8 @@ async fn serve_connection_reports_how_sessions_end() {
     let exports = Arc::new(MemExports::standard());
     async fn session(exports: &Arc<MemExports>, bytes: Vec<u8>) -> Result<(), ConnectionError> {
         let (mut client, server_side) = tokio::io::duplex(1 << 20);
-        let served = tokio::spawn(serve_connection(server_side, Arc::clone(exports)));
+        let served =
+            tokio::spawn(serve_connection(server_side, Arc::clone(exports), Budgets::new(READ_BUFFER_BYTES_MAX)));
         client.write_all(&bytes).await.expect("write");
         client.shutdown().await.expect("shutdown");
         // Drain replies so the server never blocks on a full pipe.
@@ -335,7 +339,7 @@ async fn a_stalled_handshake_times_out() {
     let exports = Arc::new(MemExports::standard());
     let (_client, server_side) = tokio::io::duplex(4096);
     // Virtual time: the runtime jumps to the timeout as soon as everything is idle.
-    let result = serve_connection(server_side, exports).await;
+    let result = serve_connection(server_side, exports, Budgets::new(READ_BUFFER_BYTES_MAX)).await;
     assert!(matches!(result, Err(ConnectionError::HandshakeTimeout)), "{result:?}");
 }
 
@@ -389,6 +393,48 @@ async fn in_flight_requests_are_bounded() {
     cookies.sort();
     assert_eq!(cookies, (0..total as u64).collect::<Vec<_>>());
     assert_eq!(counters.reads_in_flight_max.load(Ordering::SeqCst), INFLIGHT_MAX);
+    server.stop().await;
+}
+
+/// The read buffers of all connections together stay within the read budget the server was
+/// given, and reads beyond it wait rather than fail: with more reads pending than fit, exactly
+/// a budget's worth reach the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_buffers_of_all_connections_share_one_budget() {
+    let server = TestServer::start().await;
+    let gated = Arc::clone(server.exports.volume("gated"));
+    let budget = Arc::clone(&server.budgets.read_buffers);
+    let chunk = READ_CHUNK_BYTES as u32;
+    let fit = (budget.bytes_max() / u64::from(chunk)) as usize;
+    // Three connections of INFLIGHT_MAX / 2 reads each: more than fit, fewer than one
+    // connection's own bound, so only the shared budget can hold them back.
+    let per_client = INFLIGHT_MAX / 2;
+    let mut clients = Vec::new();
+    for c in 0..3u64 {
+        let (mut client, _, _) = RawClient::transmitting(server.addr, "gated").await;
+        for i in 0..per_client as u64 {
+            client.send(&request_bytes(cmd::READ, 0, c * 1000 + i, GATED_FROM, chunk)).await;
+        }
+        clients.push(client);
+    }
+    assert!(3 * per_client > fit, "the test must ask for more than the budget holds");
+    let counters = &gated.counters;
+    common::eventually("a budget's worth of reads to reach the volume", || {
+        counters.reads_in_flight.load(Ordering::SeqCst) == fit
+    })
+    .await;
+    assert_eq!(budget.reserved_bytes(), budget.bytes_max());
+    gated.open_gate();
+    for client in &mut clients {
+        for _ in 0..per_client {
+            let reply = client.read_reply().await;
+            assert_eq!(reply.error, 0);
+            client.read_exact(chunk as usize).await;
+        }
+    }
+    assert_eq!(counters.reads_in_flight_max.load(Ordering::SeqCst), fit);
+    assert_eq!(budget.high_water_bytes(), budget.bytes_max(), "the budget was used up and never overdrawn");
+    common::eventually("every read buffer to be given back", || budget.reserved_bytes() == 0).await;
     server.stop().await;
 }
 

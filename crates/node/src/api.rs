@@ -23,6 +23,7 @@ use tandem_types::{Epoch, NodeId, VolumeId};
 use crate::api_state::{created_status, ApiResult};
 pub use crate::api_state::{ApiError, ApiState, LinkView};
 use crate::host_api;
+use crate::volumes::FrontendStats;
 
 /// Request bodies are small JSON documents; anything larger is refused unread.
 const BODY_BYTES_MAX: usize = 64 * 1024;
@@ -456,7 +457,8 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
 }
 
 /// This node's own copies of volumes: whether it serves each as primary, resync figures, and a
-/// digest of its data (for comparing replicas). Answered locally, never forwarded.
+/// digest of its data (for comparing replicas); and the host protocols' shared read buffers
+/// (`frontend`). Answered locally, never forwarded.
 async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
     // Bounded (LOCAL_DIGESTS_MAX): each digest reads every block's checksum on a blocking thread.
     let _digesting = st.local_digests.acquire().await.expect("the semaphore is never closed");
@@ -480,5 +482,5 @@ async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
     })
     .await
     .unwrap_or_default();
-    Json(serde_json::json!({ "node": st.meta.id(), "volumes": volumes }))
+    Json(serde_json::json!({ "node": st.meta.id(), "volumes": volumes, "frontend": FrontendStats::of(&st.budgets) }))
 }

@@ -8,6 +8,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use tandem_frontend::Budgets;
 use tandem_meta::network::MetaError;
 use tandem_meta::store::MetaStore;
 use tandem_meta::MetaReply;
@@ -55,6 +56,8 @@ pub struct ApiState {
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
     /// Permits for `GET /v1/local/volumes` ([`LOCAL_DIGESTS_MAX`]).
     pub(crate) local_digests: Arc<tokio::sync::Semaphore>,
+    /// The budgets the host protocol servers share, shown by `GET /v1/local/volumes`.
+    pub(crate) budgets: Budgets,
 }
 
 impl ApiState {
@@ -66,6 +69,7 @@ impl ApiState {
         plane: Plane,
         paths: Arc<PathManager>,
         stopping: tokio::sync::watch::Receiver<bool>,
+        budgets: Budgets,
     ) -> ApiState {
         let transport = Arc::new(transport);
         ApiState {
@@ -77,6 +81,7 @@ impl ApiState {
             paths,
             stopping,
             local_digests: Arc::new(tokio::sync::Semaphore::new(LOCAL_DIGESTS_MAX)),
+            budgets,
         }
     }
 }

@@ -10,7 +10,8 @@
 //! - [`failover`]: on the Raft leader, failing volumes over from primaries that failed.
 //! - [`probe`], [`probe_answer`]: the probe channel's calling and answering sides (lease
 //!   requests, pings, forwarded host probe reports).
-//! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, NBD.
+//! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, and the
+//!   frontend seam every host protocol (NBD) serves volumes through.
 //! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
 //! - [`host_api`]: the host endpoints of the API, and the JSON types they answer with.
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
@@ -33,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use tandem_frontend::Budgets;
 use tandem_meta::store::MetaStore;
 /// How long a host request may go unserved, or a node without its lease, before a host sees an
 /// error (docs/PROTOCOL.md, "Errors a host can see").
@@ -111,14 +113,15 @@ pub async fn run(
     let coord = Arc::new(volumes::MetaCoordinator { meta: meta.clone(), leases: leases.clone() });
     let plane = DataPlane::start(id, mesh.clone(), Arc::new(store.clone()), coord, DataPlaneConfig::default());
     volumes::follow_volumes(meta.clone(), plane.clone(), leases.clone());
-    // Every target port serves every volume.
+    // Every target port serves every volume, and all of them share one set of budgets.
     let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::watch::channel(false);
-    let exports = Arc::new(volumes::NbdExports { plane: plane.clone() });
+    let exports = Arc::new(volumes::VolumeExports { plane: plane.clone() });
+    let budgets = Budgets::new(tandem_nbd::READ_BUFFER_BYTES_MAX);
     let nbd: Vec<_> = nbd_listeners
         .into_iter()
         .map(|listener| {
             let mut stop = nbd_stop_rx.clone();
-            tokio::spawn(tandem_nbd::serve(listener, exports.clone(), async move {
+            tokio::spawn(tandem_nbd::serve(listener, exports.clone(), budgets.clone(), async move {
                 let _ = stop.wait_for(|s| *s).await;
             }))
         })
@@ -127,7 +130,7 @@ pub async fn run(
     tracing::info!(node = id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");
     // Stopping also ends the path-map watches in progress, which graceful shutdown waits for.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let state = api::ApiState::new(meta.clone(), Arc::new(cfg), mesh.clone(), plane.clone(), paths, stopping);
+    let state = api::ApiState::new(meta.clone(), Arc::new(cfg), mesh.clone(), plane.clone(), paths, stopping, budgets);
     let stop_signal = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);

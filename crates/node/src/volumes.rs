@@ -1,14 +1,16 @@
 //! The node's side of the data plane: it feeds the committed volume configuration to the
 //! replication driver, carries the driver's ISR proposals and progress reports to the
-//! metadata store, and serves every volume over NBD.
+//! metadata store, and offers every volume to the host protocols through the frontend seam
+//! (`tandem-frontend`), implemented here once for all of them.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde::Serialize;
+use tandem_frontend::{Budgets, Exports, IoError, OpenError, Volume};
 use tandem_meta::network::MetaError;
 use tandem_meta::store::MetaStore;
 use tandem_meta::{MetaCmd, MetaReply};
-use tandem_nbd::{Exports, IoError, OpenError, Volume};
 use tandem_replication::driver::{Coordinator, DataPlane, IoFail, ProposeError, VolumeConfig};
 use tandem_storage::SledStore;
 use tandem_transport::BoxFuture;
@@ -174,17 +176,19 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane, leases: Arc<Leases>) {
     });
 }
 
-/// NBD exports: every volume of the cluster, by name.
-pub struct NbdExports {
+/// The exports every host protocol serves: every volume of the cluster, by name.
+pub struct VolumeExports {
     pub plane: Plane,
 }
 
-pub struct NbdVolume {
+/// One volume as a host protocol sees it; every request goes through the data plane.
+pub struct ExportedVolume {
     plane: Plane,
     cfg: VolumeConfig,
 }
 
-/// The errno a host sees for each definite reason (docs/PROTOCOL.md, "Errors a host can see").
+/// The error kind, and so the errno (NBD) a host sees, for each definite reason
+/// (docs/PROTOCOL.md, "Errors a host can see").
 fn io_error(e: IoFail) -> IoError {
     match e {
         IoFail::Invalid(m) => IoError::Invalid(m),
@@ -193,22 +197,22 @@ fn io_error(e: IoFail) -> IoError {
     }
 }
 
-impl Exports for NbdExports {
-    type Volume = NbdVolume;
+impl Exports for VolumeExports {
+    type Volume = ExportedVolume;
 
     fn list(&self) -> Vec<String> {
         self.plane.volume_names()
     }
 
-    async fn open(&self, name: &str) -> Result<NbdVolume, OpenError> {
+    async fn open(&self, name: &str) -> Result<ExportedVolume, OpenError> {
         match self.plane.volume_by_name(name) {
-            Some(cfg) => Ok(NbdVolume { plane: self.plane.clone(), cfg }),
+            Some(cfg) => Ok(ExportedVolume { plane: self.plane.clone(), cfg }),
             None => Err(OpenError::NotFound(format!("no volume named {name:?}"))),
         }
     }
 }
 
-impl Volume for NbdVolume {
+impl Volume for ExportedVolume {
     fn size_bytes(&self) -> u64 {
         self.cfg.size_bytes
     }
@@ -228,15 +232,35 @@ impl Volume for NbdVolume {
         self.plane.write(&self.cfg, offset, data).await.map_err(io_error)
     }
 
+    async fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> Result<(), IoError> {
+        self.plane.write_zeroes(&self.cfg, offset, len).await.map_err(io_error)
+    }
+
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        self.plane.write_zeroes(&self.cfg, offset, len).await.map_err(io_error)
+    }
+
     async fn flush(&self) -> Result<(), IoError> {
         self.plane.flush(&self.cfg).await.map_err(io_error)
     }
+}
 
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        self.plane.write_zeroes(&self.cfg, offset, len).await.map_err(io_error)
-    }
+/// The frontend budgets as `GET /v1/local/volumes` shows them (field `frontend`): the read
+/// buffers all host connections of this node share, and the most they ever held at once.
+#[derive(Clone, Debug, Serialize)]
+pub struct FrontendStats {
+    pub read_buffer_bytes_max: u64,
+    pub read_buffer_bytes_reserved: u64,
+    pub read_buffer_bytes_high_water: u64,
+}
 
-    async fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> Result<(), IoError> {
-        self.plane.write_zeroes(&self.cfg, offset, len).await.map_err(io_error)
+impl FrontendStats {
+    pub fn of(budgets: &Budgets) -> FrontendStats {
+        let read = &budgets.read_buffers;
+        FrontendStats {
+            read_buffer_bytes_max: read.bytes_max(),
+            read_buffer_bytes_reserved: read.reserved_bytes(),
+            read_buffer_bytes_high_water: read.high_water_bytes(),
+        }
     }
 }

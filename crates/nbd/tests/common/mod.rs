@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_nbd::codec::{OptionReplyHeader, SimpleReply, OPTION_REPLY_HEADER_BYTES};
-use tandem_nbd::{Exports, IoError, OpenError, Volume};
+use tandem_nbd::{Budgets, Exports, IoError, OpenError, Volume, READ_BUFFER_BYTES_MAX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
@@ -130,7 +130,7 @@ impl Volume for MemHandle {
         Ok(())
     }
 
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), IoError> {
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), IoError> {
         self.0.fill(offset, &vec![0; len as usize]);
         self.0.counters.trims.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -191,6 +191,8 @@ impl Exports for MemExports {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub exports: Arc<MemExports>,
+    /// What the server was given; the test keeps a clone to watch the read budget.
+    pub budgets: Budgets,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -200,11 +202,12 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
         let addr = listener.local_addr().expect("local addr");
         let exports = Arc::new(MemExports::standard());
+        let budgets = Budgets::new(READ_BUFFER_BYTES_MAX);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(tandem_nbd::serve(listener, Arc::clone(&exports), async {
+        let task = tokio::spawn(tandem_nbd::serve(listener, Arc::clone(&exports), budgets.clone(), async {
             let _ = stopped.await;
         }));
-        TestServer { addr, exports, stop: Some(stop), task }
+        TestServer { addr, exports, budgets, stop: Some(stop), task }
     }
 
     pub fn url(&self, export: &str) -> String {

@@ -1,0 +1,80 @@
+//! What a protocol server needs from the storage behind it: a set of named exports, each a
+//! volume of bytes with the block operations every host protocol has (read, write with FUA,
+//! write zeroes, unmap, flush).
+//!
+//! Room for what comes, in the shape it will take here rather than in each protocol:
+//! - Host identity: [`Exports::open`] takes only the export name today. Reservations and
+//!   per-host path states need to know who opens (the NBD client's certificate or address, the
+//!   iSCSI initiator name, mapped to a Tandem host), so `open` will take an opener struct
+//!   next to the name, and the volume it returns is that host's view of the volume.
+//! - Reservation checks: made by the [`Volume`] of that opener on every write-like call, which
+//!   then fails with [`IoError::ReservationConflict`]; the reservation commands themselves
+//!   (register, reserve, release, preempt, clear) will be methods of their own.
+//! - Copy by reference: token creation (a range of this volume) and "write the data of token
+//!   T here" will be methods of their own, served in metadata on every replica.
+//! - Path state: whether this node is an optimized path for the opener, as the path map says,
+//!   will be a query on the volume so iSCSI can answer ALUA and NBD can stay silent.
+//!
+//! Each protocol translates its commands into these calls; the protocol's own codes (NBD
+//! errnos, SCSI sense) are chosen from the [`IoError`] kind inside the protocol's crate.
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+use crate::error::{IoError, OpenError};
+
+/// The exports a server offers. Shared by every connection.
+pub trait Exports: Send + Sync + 'static {
+    type Volume: Volume;
+
+    /// Export names, for protocols that list them (`NBD_OPT_LIST`, iSCSI discovery). A
+    /// protocol skips names it cannot carry.
+    fn list(&self) -> Vec<String>;
+
+    /// Opens the export `name` for one connection (and briefly for queries such as
+    /// `NBD_OPT_INFO`). The server keeps the volume in an `Arc` for the connection's lifetime
+    /// and shares it with the tasks that serve its requests.
+    fn open(&self, name: &str) -> impl Future<Output = Result<Self::Volume, OpenError>> + Send;
+}
+
+/// One export's bytes. Offsets and lengths the server passes are already checked against
+/// [`Volume::size_bytes`] and the protocol's largest request; calls for one connection may
+/// run concurrently (up to a limit the server sets).
+///
+/// A request's future may be dropped before it completes when the connection is torn down
+/// (server shutdown, or the client went away); implementations must leave the volume
+/// consistent when that happens (a write that was never acknowledged may or may not have
+/// happened, as on a power cut).
+pub trait Volume: Send + Sync + 'static {
+    fn size_bytes(&self) -> u64;
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    /// Whether several connections may share the export (NBD's `NBD_FLAG_CAN_MULTI_CONN`, and
+    /// what several iSCSI sessions assume): a flush or FUA write acknowledged on one
+    /// connection must be visible on every other.
+    fn multi_conn(&self) -> bool;
+
+    /// Fills `buf` from `offset`. Large reads arrive as several calls, each of at most the
+    /// server's read chunk, so the buffer a read takes does not grow with its length.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = Result<(), IoError>> + Send;
+
+    /// Writes `data` at `offset`; with `fua`, the data is durable when the future completes.
+    /// `data` is `Bytes` (not `&[u8]`) so a replicated backend can hand the same buffer to
+    /// several replicas and tasks without copying it.
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<(), IoError>> + Send;
+
+    /// Writes `len` zero bytes from `offset` (`len` may exceed the largest write request); with
+    /// `fua`, they are durable when the future completes.
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = Result<(), IoError>> + Send;
+
+    /// Hints that `len` bytes from `offset` are no longer needed (NBD TRIM, SCSI UNMAP); reading
+    /// them afterwards may return anything (zeroes, old data).
+    fn unmap(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), IoError>> + Send;
+
+    /// Makes every write completed before this call durable.
+    fn flush(&self) -> impl Future<Output = Result<(), IoError>> + Send;
+}
