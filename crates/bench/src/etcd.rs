@@ -19,8 +19,8 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use super::load::{KvClient, PUT_TIMEOUT};
-use super::{apt_get, on_path};
+use crate::load::{KvClient, PUT_TIMEOUT};
+use crate::{apt_get, on_path};
 
 pub const MEMBERS: usize = 3;
 /// Long enough for a first start on a slow disk and an election (etcd's default election

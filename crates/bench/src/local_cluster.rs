@@ -16,8 +16,8 @@ use tandem_node::api::{ClusterView, SettingBody, VolumeRequest, VolumeView};
 use tandem_node::config::ClusterConfig;
 use tandem_types::NodeId;
 
-use super::load::{KvClient, PUT_TIMEOUT};
-use crate::client::{config_path, Api};
+use crate::load::{KvClient, PUT_TIMEOUT};
+use tandem_client::{config_path, Api};
 
 /// `up` itself waits up to a minute for the APIs and then for a leader.
 const UP_WAIT: Duration = Duration::from_secs(120);

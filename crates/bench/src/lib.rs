@@ -1,4 +1,11 @@
-//! `tandem bench ...`: benchmarks, each beside its reference in the same run.
+//! `tandem-bench`: the benchmarks behind `tandem bench ...`, each beside its reference in the
+//! same run. The `tandem` binary flattens [`BenchCmd`] into its command line and calls [`run`];
+//! the subcommands, flags, help text and output lines are part of the interface
+//! (../../shared/design/INTERFACE.md), so they change only with it.
+//!
+//! It is not a test: nothing here asserts on speed. It runs only inside the `tandem` binary,
+//! which it starts again (`std::env::current_exe`) for the nodes of a local cluster (`tandem up`,
+//! `tandem down`) and for the peer of `bench transport` (the hidden `bench transport-peer`).
 //!
 //! The rules all of them follow are in ../../shared/design/BENCH.md: the reference runs on the
 //! same machine in the same run, interleaved with Tandem; figures are medians of repeats; the
@@ -48,6 +55,7 @@ pub enum BenchCmd {
     TransportPeer(transport::PeerArgs),
 }
 
+/// Runs one benchmark to its end, or until Ctrl-C.
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     // On Ctrl-C the benchmark's future is dropped, so the guards it holds stop the processes
     // it started (the nodes and etcd run in their own process groups and do not get the signal).

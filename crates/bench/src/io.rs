@@ -20,11 +20,11 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::load;
-use super::local_cluster::LocalCluster;
-use super::{apt_get, on_path};
-use super::{Goal, Op};
-use crate::client::{format_size, parse_size};
+use crate::load;
+use crate::local_cluster::LocalCluster;
+use crate::{apt_get, on_path};
+use crate::{Goal, Op};
+use tandem_client::{format_size, parse_size};
 
 const NODES: u32 = 3;
 const VOLUME_NAME: &str = "bench-io";

@@ -29,10 +29,10 @@ use tandem_node::lease::FAILURE_TIMEOUT;
 use tandem_paths::PathState;
 use tandem_types::NodeId;
 
-use super::load;
-use super::local_cluster::LocalCluster;
-use super::{Goal, Op};
-use crate::client::{format_size, Api};
+use crate::load;
+use crate::local_cluster::LocalCluster;
+use crate::{Goal, Op};
+use tandem_client::{format_size, Api};
 
 const NODES: u32 = 3;
 const VOLUME_NAME: &str = "bench-failover";

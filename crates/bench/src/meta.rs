@@ -13,10 +13,10 @@ use bytes::Bytes;
 use clap::Args;
 use serde::Serialize;
 
-use super::etcd::{self, EtcdClient, EtcdCluster};
-use super::load::{self, RunFigures};
-use super::local_cluster::{LocalCluster, TandemClient};
-use super::{Goal, Op};
+use crate::etcd::{self, EtcdClient, EtcdCluster};
+use crate::load::{self, RunFigures};
+use crate::local_cluster::{LocalCluster, TandemClient};
+use crate::{Goal, Op};
 
 const NODES: u32 = 3;
 /// "Small metadata": about the size of a volume or host record.
