@@ -45,8 +45,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
+use crate::goal::{Goal, Op};
 use crate::load::{self, KvClient, RunFigures, PUT_TIMEOUT};
-use crate::{Goal, Op};
 
 const CLIENT_ID: NodeId = 1;
 const PEER_ID: NodeId = 2;
