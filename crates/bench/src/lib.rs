@@ -11,15 +11,17 @@
 //! same machine in the same run, interleaved with Tandem; figures are medians of repeats; the
 //! comparison is a ratio; the goal lines come last, in one fixed form that scripts read.
 //!
-//! - `meta.rs`: `bench meta`, metadata writes against a 3-node cluster and a 3-member etcd.
+//! - `goal.rs`: the goal lines every benchmark ends with, and ratios.
 //! - `load.rs`: the client loop every system is driven by, and the latency figures.
 //! - `local_cluster.rs`: a throwaway local Tandem cluster, stopped even on error.
-//! - `etcd.rs`: the etcd reference: install, start, a minimal gRPC client, stop.
-//! - `transport.rs`: `bench transport`, the Mesh over TCP+TLS and QUIC beside plaintext TCP,
+//! - `tools.rs`: the references' tools, found on PATH or installed with apt-get.
+//! - `meta/`: `bench meta`, metadata writes against a 3-node cluster and a 3-member etcd
+//!   (started, driven over gRPC and stopped by the benchmark).
+//! - `transport/`: `bench transport`, the Mesh over TCP+TLS and QUIC beside plaintext TCP,
 //!   between this process and a peer process it starts (the hidden `transport-peer`).
-//! - `io.rs`: `bench io`, fio's NBD engine against a 3-way replicated volume beside the same
+//! - `io/`: `bench io`, fio's NBD engine against a 3-way replicated volume beside the same
 //!   jobs against `qemu-nbd --cache=writethrough` serving a local raw file.
-//! - `failover.rs`: `bench failover`, `kill -9` of a volume's primary under a write load from
+//! - `failover/`: `bench failover`, `kill -9` of a volume's primary under a write load from
 //!   a minimal NBD client, repeated; the longest write stall against the failure timeout.
 
 mod failover;
