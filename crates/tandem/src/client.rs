@@ -1,11 +1,13 @@
-//! Admin commands: a small client of the HTTP API, and how its answers are shown.
+//! Admin commands: requests to the HTTP API (through `tandem-client`), and how the answers are
+//! shown.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use reqwest::Method;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
+use tandem_client::{config_path, format_size, Api, DEFAULT_DIR, PROBE_TIMEOUT};
 use tandem_node::api::{
     ClusterView, DatasetRequest, DatasetView, NodeView, SettingBody, TransportView, VolumeRequest, VolumeView,
 };
@@ -15,131 +17,29 @@ use tandem_types::NodeId;
 
 use crate::{DatasetCmd, SettingCmd, Target, TransportCmd, VolumeCmd};
 
-/// A request to a node that does not answer within this long counts that node as down.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Writes may wait for an election or for a new node to catch up.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
-
-pub const DEFAULT_DIR: &str = "tandem-data";
-
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("cluster.toml")
-}
-
-/// One node's API.
-#[derive(Clone)]
-pub struct Api {
-    pub base: String,
-    http: reqwest::Client,
-}
-
-fn http_client(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .expect("an HTTP client without TLS always builds")
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
-}
-
-/// A node answered with an error status; `message` is its `{"error": ...}` text. Callers that
-/// retry find it with `anyhow::Error::downcast_ref` to tell a refusal (4xx) from a node in
-/// trouble (5xx).
-#[derive(Debug)]
-pub struct StatusError {
-    pub status: reqwest::StatusCode,
-    pub message: String,
-}
-
-impl std::fmt::Display for StatusError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.status, self.message)
+/// Finds a node that answers: `--endpoint`, else each node of the `--cluster` dir's config.
+pub async fn find_api(target: &Target) -> anyhow::Result<Api> {
+    if let Some(e) = &target.endpoint {
+        return Ok(Api::new(e));
     }
-}
-
-impl std::error::Error for StatusError {}
-
-impl Api {
-    pub fn new(base: &str) -> Api {
-        let base = if base.starts_with("http://") || base.starts_with("https://") {
-            base.trim_end_matches('/').to_string()
-        } else {
-            format!("http://{}", base.trim_end_matches('/'))
-        };
-        Api { base, http: http_client(REQUEST_TIMEOUT) }
+    let dir = target.cluster.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+    let path = config_path(&dir);
+    if !path.exists() {
+        bail!(
+            "no cluster at {}: give --endpoint URL, or --cluster DIR of a cluster made by `tandem up`",
+            dir.display()
+        );
     }
-
-    pub fn with_timeout(mut self, timeout: Duration) -> Api {
-        self.http = http_client(timeout);
-        self
-    }
-
-    /// Finds a node that answers: `--endpoint`, else each node of the `--cluster` dir's config.
-    pub async fn find(target: &Target) -> anyhow::Result<Api> {
-        if let Some(e) = &target.endpoint {
-            return Ok(Api::new(e));
+    let cfg = ClusterConfig::load(&path)?;
+    let mut errors = Vec::new();
+    for n in &cfg.nodes {
+        let api = Api::new(&n.api_addr.to_string()).with_timeout(PROBE_TIMEOUT);
+        match api.get::<ClusterView>("/v1/cluster").await {
+            Ok(_) => return Ok(Api::new(&n.api_addr.to_string())),
+            Err(e) => errors.push(format!("node {}: {e:#}", n.id)),
         }
-        let dir = target.cluster.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
-        let path = config_path(&dir);
-        if !path.exists() {
-            bail!(
-                "no cluster at {}: give --endpoint URL, or --cluster DIR of a cluster made by `tandem up`",
-                dir.display()
-            );
-        }
-        let cfg = ClusterConfig::load(&path)?;
-        let mut errors = Vec::new();
-        for n in &cfg.nodes {
-            let api = Api::new(&n.api_addr.to_string()).with_timeout(PROBE_TIMEOUT);
-            match api.get::<ClusterView>("/v1/cluster").await {
-                Ok(_) => return Ok(Api::new(&n.api_addr.to_string())),
-                Err(e) => errors.push(format!("node {}: {e:#}", n.id)),
-            }
-        }
-        bail!("no node of the cluster in {} answers:\n  {}", dir.display(), errors.join("\n  "))
     }
-
-    pub async fn request<B: Serialize, T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> anyhow::Result<T> {
-        Ok(self.request_with_status(method, path, body).await?.1)
-    }
-
-    /// [`Api::request`], also returning the (successful) HTTP status.
-    pub async fn request_with_status<B: Serialize, T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> anyhow::Result<(reqwest::StatusCode, T)> {
-        let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method.clone(), &url);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.with_context(|| format!("{method} {url}"))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.with_context(|| format!("{method} {url}: reading the answer"))?;
-        if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|b| b.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(StatusError { status, message }).with_context(|| format!("{method} {url}"));
-        }
-        let answer = serde_json::from_slice(&bytes).with_context(|| format!("{method} {url}: unexpected answer"))?;
-        Ok((status, answer))
-    }
-
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.request::<(), T>(Method::GET, path, None).await
-    }
+    bail!("no node of the cluster in {} answers:\n  {}", dir.display(), errors.join("\n  "))
 }
 
 /// One node's line in `tandem status`.
@@ -295,50 +195,6 @@ pub fn print_status(r: &StatusReport) {
     }
 }
 
-/// Parses a size: plain bytes, or a number with a suffix K, M, G or T (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || {
-        format!(
-            "size {s:?} is not a number of bytes with an optional suffix K, M, G or T (powers of 1024), e.g. 64M or 1G"
-        )
-    };
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad()),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    let n: u64 = digits.parse().map_err(|_| format!("size {s:?} is too large"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-/// A size for people: exact with the largest suffix that divides it (`64M`, `12K`, `5000`),
-/// else one decimal of the largest unit it reaches (`1.5G`).
-pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(u32, &str); 4] = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
-    for (shift, unit) in UNITS {
-        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
-            return format!("{}{unit}", bytes >> shift);
-        }
-    }
-    for (shift, unit) in UNITS {
-        if bytes >= 1 << shift {
-            return format!("{:.1}{unit}", bytes as f64 / (1u64 << shift) as f64);
-        }
-    }
-    bytes.to_string()
-}
-
 fn ids(list: &[NodeId]) -> String {
     list.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
 }
@@ -381,7 +237,7 @@ pub fn created(status: reqwest::StatusCode) -> &'static str {
 }
 
 pub async fn dataset(target: &Target, cmd: DatasetCmd) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = find_api(target).await?;
     match cmd {
         DatasetCmd::Create { name, replicas, preferred_site } => {
             let req = DatasetRequest { name, replicas, preferred_site };
@@ -424,7 +280,7 @@ pub async fn dataset(target: &Target, cmd: DatasetCmd) -> anyhow::Result<()> {
 }
 
 pub async fn volume(target: &Target, cmd: VolumeCmd) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = find_api(target).await?;
     match cmd {
         VolumeCmd::Create { name, size, dataset } => {
             let req = VolumeRequest { name, size_bytes: size, dataset };
@@ -472,7 +328,7 @@ pub async fn leader_status_report(api: &Api) -> anyhow::Result<StatusReport> {
 }
 
 pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = find_api(target).await?;
     let report = leader_status_report(&api).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -483,7 +339,7 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn node_list(target: &Target, json: bool) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = find_api(target).await?;
     let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
@@ -507,7 +363,7 @@ pub async fn node_list(target: &Target, json: bool) -> anyhow::Result<()> {
 }
 
 pub async fn setting(target: &Target, cmd: SettingCmd) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = find_api(target).await?;
     match cmd {
         SettingCmd::Set { key, value } => {
             let _: serde_json::Value =
@@ -563,7 +419,7 @@ async fn transport_views(api: &Api) -> anyhow::Result<Vec<(NodeId, anyhow::Resul
 }
 
 pub async fn transport(target: &Target, cmd: TransportCmd) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = find_api(target).await?;
     match cmd {
         TransportCmd::Set { transport, layer } => {
             let body = serde_json::json!({ "transport": transport, "layer": layer });
@@ -637,33 +493,4 @@ pub async fn transport(target: &Target, cmd: TransportCmd) -> anyhow::Result<()>
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_binary_suffixes_and_refuse_the_rest() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("2t"), Ok(2 << 40));
-        assert_eq!(parse_size("8k"), Ok(8192));
-        for bad in ["", "M", "12Q", "1.5G", "-1", "64MB", "1 G", "0x10", "99999999999T"] {
-            assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
-        }
-        assert!(parse_size("12Q").unwrap_err().contains("K, M, G or T"));
-    }
-
-    #[test]
-    fn sizes_format_exactly_when_they_can() {
-        assert_eq!(format_size(64 << 20), "64M");
-        assert_eq!(format_size(1 << 30), "1G");
-        assert_eq!(format_size(12288), "12K");
-        assert_eq!(format_size(5000), "4.9K");
-        assert_eq!(format_size(3 << 29), "1536M");
-        assert_eq!(format_size(100), "100");
-        assert_eq!(format_size(0), "0");
-    }
 }

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use reqwest::Method;
 use serde::Serialize;
+use tandem_client::{Api, StatusError};
 use tandem_node::api::NodeView;
 use tandem_node::config::ClusterConfig;
 pub use tandem_node::host_api::{HostView, PathMapView};
 
-use crate::client::{self, print_table, Api, StatusError};
+use crate::client::{self, print_table};
 use crate::{HostCmd, Target};
 
 /// How long one long-poll asks the node to wait for a newer generation. It bounds how long a
@@ -52,7 +53,7 @@ struct ConnectRequest<'a> {
 }
 
 pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = client::find_api(target).await?;
     match cmd {
         HostCmd::Add { name, site } => {
             let req = HostRequest { name: &name, site: &site };
@@ -98,7 +99,7 @@ pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
 /// `tandem paths`: the map once, or with `watch` every new generation until Ctrl-C.
 pub async fn paths(target: &Target, host: &str, volume: Option<&str>, watch: bool, json: bool) -> anyhow::Result<()> {
     if !watch {
-        let api = Api::find(target).await?;
+        let api = client::find_api(target).await?;
         let map: PathMapView = api.get(&paths_url(host, volume, None)).await?;
         if json {
             println!("{}", serde_json::to_string_pretty(&map)?);
@@ -241,8 +242,8 @@ impl Endpoints {
         let apis = if let Some(e) = &target.endpoint {
             vec![Api::new(e)]
         } else {
-            let dir = target.cluster.clone().unwrap_or_else(|| PathBuf::from(client::DEFAULT_DIR));
-            let path = client::config_path(&dir);
+            let dir = target.cluster.clone().unwrap_or_else(|| PathBuf::from(tandem_client::DEFAULT_DIR));
+            let path = tandem_client::config_path(&dir);
             if !path.exists() {
                 bail!(
                     "no cluster at {}: give --endpoint URL, or --cluster DIR of a cluster made by `tandem up`",

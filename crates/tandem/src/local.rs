@@ -14,12 +14,13 @@ use anyhow::{anyhow, bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::Method;
+use tandem_client::{config_path, Api, DEFAULT_DIR};
 use tandem_node::config::{ClusterConfig, ClusterSection, NodeSection, TlsSection};
 use tandem_transport::{tls, TransportKind};
 use tandem_types::NodeId;
 use tokio::time::Instant;
 
-use crate::client::{self, config_path, Api, DEFAULT_DIR};
+use crate::client;
 use crate::{LogFormat, Target};
 
 /// How long `up` waits for the nodes' APIs and for a leader.
@@ -369,7 +370,7 @@ pub async fn node_add(
     nbd_addr: Option<SocketAddr>,
     log_format: LogFormat,
 ) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = client::find_api(target).await?;
     let record = match (raft_addr, api_addr, nbd_addr) {
         (Some(raft_addr), Some(api_addr), Some(nbd_addr)) => {
             let id = id.ok_or_else(|| anyhow!("--id is required with explicit addresses"))?;
@@ -411,7 +412,7 @@ pub async fn node_add(
 }
 
 pub async fn node_remove(target: &Target, id: NodeId) -> anyhow::Result<()> {
-    let api = Api::find(target).await?;
+    let api = client::find_api(target).await?;
     let _: serde_json::Value = api.request::<(), _>(Method::DELETE, &format!("/v1/nodes/{id}"), None).await?;
     println!("node {id} removed from the cluster");
     if let Some(dir) = local_dir(target) {

@@ -2,7 +2,6 @@
 //! Its subcommands and flags are the contract of ../../shared/design/INTERFACE.md.
 
 mod agent;
-mod bench;
 mod client;
 mod hosts;
 mod local;
@@ -129,7 +128,7 @@ enum Cmd {
     /// Benchmarks, each beside its reference in the same run.
     Bench {
         #[command(subcommand)]
-        cmd: bench::BenchCmd,
+        cmd: tandem_bench::BenchCmd,
     },
 }
 
@@ -262,7 +261,7 @@ pub enum VolumeCmd {
     Create {
         name: String,
         /// Bytes, or with a suffix K, M, G or T (powers of 1024): 64M, 1G. A multiple of 4096.
-        #[arg(long, value_parser = client::parse_size)]
+        #[arg(long, value_parser = tandem_client::parse_size)]
         size: u64,
         #[arg(long)]
         dataset: Option<String>,
@@ -370,6 +369,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Paths { host, volume, watch, json, target } => {
             hosts::paths(&target, &host, volume.as_deref(), watch, json).await
         }
-        Cmd::Bench { cmd } => bench::run(cmd).await,
+        Cmd::Bench { cmd } => tandem_bench::run(cmd).await,
     }
 }

@@ -1,8 +1,7 @@
 //! A throwaway local Tandem cluster for a benchmark: `tandem up --detach` of this very binary in
 //! a fresh temporary dir, and `tandem down` when the benchmark ends, even when it fails (the
-//! guard's `Drop`). Also Tandem's side of the benchmark client: HTTP/1.1 with keep-alive to the
-//! leader's API. And the verbs the data-plane benchmarks need: create a volume and wait until its
-//! primary serves it, read its record, `kill -9` a node, restart the missing nodes.
+//! guard's `Drop`), and the verbs the benchmarks need: find the leader, create a volume and wait
+//! until its primary serves it, read its record, `kill -9` a node, restart the missing nodes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,14 +9,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use bytes::Bytes;
 use reqwest::Method;
-use tandem_node::api::{ClusterView, SettingBody, VolumeRequest, VolumeView};
+use tandem_node::api::{ClusterView, VolumeRequest, VolumeView};
 use tandem_node::config::ClusterConfig;
 use tandem_types::NodeId;
 
-use super::load::{KvClient, PUT_TIMEOUT};
-use crate::client::{config_path, Api};
+use tandem_client::{config_path, Api, PROBE_TIMEOUT};
 
 /// `up` itself waits up to a minute for the APIs and then for a leader.
 const UP_WAIT: Duration = Duration::from_secs(120);
@@ -25,7 +22,6 @@ const UP_WAIT: Duration = Duration::from_secs(120);
 const DOWN_WAIT: Duration = Duration::from_secs(60);
 /// Finding the leader right after `up` (it has one by then) or between runs.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A new volume's primary opens its members and starts serving within a few seconds.
 const SERVE_WAIT: Duration = Duration::from_secs(60);
 
@@ -253,40 +249,5 @@ impl Drop for LocalCluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-    }
-}
-
-/// One benchmark client of Tandem: its own HTTP/1.1 connection (kept alive) to the leader's API,
-/// writing settings (`PUT /v1/settings/{key}`), each one committed through Raft.
-pub struct TandemClient {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl TandemClient {
-    pub fn new(leader_api: SocketAddr) -> anyhow::Result<TandemClient> {
-        let http = reqwest::Client::builder()
-            .timeout(PUT_TIMEOUT)
-            .connect_timeout(PROBE_TIMEOUT)
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(1)
-            .build()
-            .context("cannot build an HTTP client")?;
-        Ok(TandemClient { http, base: format!("http://{leader_api}/v1/settings/") })
-    }
-}
-
-impl KvClient for TandemClient {
-    async fn put(&self, key: &str, value: &Bytes) -> anyhow::Result<()> {
-        let value = std::str::from_utf8(value).context("a setting's value must be UTF-8")?;
-        let body = SettingBody { value: value.to_string() };
-        let resp = self.http.put(format!("{}{key}", self.base)).json(&body).send().await?;
-        let status = resp.status();
-        // Reading the whole answer lets the connection be reused for the next put.
-        let answer = resp.bytes().await?;
-        if !status.is_success() {
-            bail!("{status}: {}", String::from_utf8_lossy(&answer));
-        }
-        Ok(())
     }
 }

@@ -5,6 +5,15 @@
 //! sequential 256-byte puts to distinct keys, sent to the leader. The four runs (Tandem 1, etcd 1,
 //! Tandem 64, etcd 64) are interleaved within each repeat so that the machine's noise hits both
 //! alike; every figure is the median over the repeats, and the ratios are of those medians.
+//!
+//! - `etcd.rs`: the 3-member etcd reference; `etcd_client.rs`: its gRPC client.
+//! - `tandem_client.rs`: Tandem's side of the client loop (settings over the HTTP API).
+//! - `report.rs`: the medians, ratios, goals and the table.
+
+mod etcd;
+mod etcd_client;
+mod report;
+mod tandem_client;
 
 use std::time::Duration;
 
@@ -13,10 +22,12 @@ use bytes::Bytes;
 use clap::Args;
 use serde::Serialize;
 
-use super::etcd::{self, EtcdClient, EtcdCluster};
-use super::load::{self, RunFigures};
-use super::local_cluster::{LocalCluster, TandemClient};
-use super::{Goal, Op};
+use self::etcd::EtcdCluster;
+use self::etcd_client::EtcdClient;
+use self::report::{print_table, report, Run};
+use self::tandem_client::TandemClient;
+use crate::load;
+use crate::local_cluster::LocalCluster;
 
 const NODES: u32 = 3;
 /// "Small metadata": about the size of a volume or host record.
@@ -30,10 +41,10 @@ const SECONDS_MAX: u64 = 600;
 pub struct MetaArgs {
     /// How many times the four runs are repeated; each figure is the median over the repeats.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=REPEATS_MAX))]
-    repeats: u32,
+    pub(super) repeats: u32,
     /// How long each run writes, in seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=SECONDS_MAX))]
-    seconds: u64,
+    pub(super) seconds: u64,
     /// Print the result as one JSON document, and nothing else on stdout.
     #[arg(long)]
     json: bool,
@@ -41,66 +52,18 @@ pub struct MetaArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum System {
+pub(super) enum System {
     Tandem,
     Etcd,
 }
 
 impl System {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             System::Tandem => "tandem",
             System::Etcd => "etcd",
         }
     }
-}
-
-#[derive(Serialize)]
-struct Run {
-    repeat: u32,
-    system: System,
-    clients: usize,
-    #[serde(flatten)]
-    figures: RunFigures,
-}
-
-#[derive(Serialize)]
-struct Figures {
-    writes_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-/// Tandem's figure over etcd's.
-#[derive(Serialize)]
-struct Ratios {
-    writes_per_s: f64,
-    p50: f64,
-    p99: f64,
-}
-
-#[derive(Serialize)]
-struct Row {
-    clients: usize,
-    tandem: Figures,
-    etcd: Figures,
-    ratio: Ratios,
-}
-
-#[derive(Serialize)]
-struct Report {
-    benchmark: &'static str,
-    tandem_nodes: u32,
-    etcd_version: String,
-    etcd_members: usize,
-    value_bytes: usize,
-    seconds_per_run: u64,
-    repeats: u32,
-    cores: usize,
-    /// Medians over the repeats.
-    rows: Vec<Row>,
-    runs: Vec<Run>,
-    goals: Vec<Goal>,
 }
 
 pub async fn run(args: MetaArgs) -> anyhow::Result<()> {
@@ -159,97 +122,4 @@ async fn measure(args: &MetaArgs, tandem: &LocalCluster, etcd: &EtcdCluster) -> 
         }
     }
     Ok(runs)
-}
-
-fn medians(runs: &[Run], system: System, clients: usize) -> Figures {
-    let of = |f: fn(&RunFigures) -> f64| {
-        let v: Vec<f64> =
-            runs.iter().filter(|r| r.system == system && r.clients == clients).map(|r| f(&r.figures)).collect();
-        load::median(&v)
-    };
-    Figures { writes_per_s: of(|f| f.writes_per_s), p50_ms: of(|f| f.p50_ms), p99_ms: of(|f| f.p99_ms) }
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        f64::NAN
-    }
-}
-
-fn report(args: &MetaArgs, etcd_version: String, runs: Vec<Run>) -> Report {
-    let rows: Vec<Row> = CLIENT_COUNTS
-        .iter()
-        .map(|&clients| {
-            let tandem = medians(&runs, System::Tandem, clients);
-            let etcd = medians(&runs, System::Etcd, clients);
-            let ratio = Ratios {
-                writes_per_s: ratio(tandem.writes_per_s, etcd.writes_per_s),
-                p50: ratio(tandem.p50_ms, etcd.p50_ms),
-                p99: ratio(tandem.p99_ms, etcd.p99_ms),
-            };
-            Row { clients, tandem, etcd, ratio }
-        })
-        .collect();
-    let mut goals = Vec::new();
-    for row in &rows {
-        let (suffix, writes_target) = match row.clients {
-            1 => ("1-client".to_string(), 1.0),
-            n => (format!("{n}-clients"), 1.5),
-        };
-        goals.push(Goal::ratio(
-            &format!("meta-writes-{suffix}"),
-            row.ratio.writes_per_s,
-            "etcd",
-            Op::AtLeast,
-            writes_target,
-        ));
-    }
-    for row in &rows {
-        let suffix = match row.clients {
-            1 => "1-client".to_string(),
-            n => format!("{n}-clients"),
-        };
-        goals.push(Goal::ratio(&format!("meta-p50-{suffix}"), row.ratio.p50, "etcd", Op::AtMost, 1.0));
-    }
-    Report {
-        benchmark: "meta",
-        tandem_nodes: NODES,
-        etcd_version,
-        etcd_members: etcd::MEMBERS,
-        value_bytes: VALUE_BYTES,
-        seconds_per_run: args.seconds,
-        repeats: args.repeats,
-        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        rows,
-        runs,
-        goals,
-    }
-}
-
-fn print_table(r: &Report) {
-    println!(
-        "bench meta: {} B writes to distinct keys, sent to the leader; {} s per run, median of {} interleaved repeats; {} cores",
-        r.value_bytes, r.seconds_per_run, r.repeats, r.cores
-    );
-    println!(
-        "tandem: {} nodes (this binary); etcd {}: {} members; all on 127.0.0.1, fsync on",
-        r.tandem_nodes, r.etcd_version, r.etcd_members
-    );
-    println!();
-    println!("{:>7}  {:<7} {:>10} {:>9} {:>9}", "clients", "system", "writes/s", "p50 ms", "p99 ms");
-    for row in &r.rows {
-        for (name, f) in [("tandem", &row.tandem), ("etcd", &row.etcd)] {
-            println!("{:>7}  {:<7} {:>10.0} {:>9.3} {:>9.3}", row.clients, name, f.writes_per_s, f.p50_ms, f.p99_ms);
-        }
-        println!(
-            "{:>7}  {:<7} {:>9.2}x {:>8.2}x {:>8.2}x",
-            row.clients, "ratio", row.ratio.writes_per_s, row.ratio.p50, row.ratio.p99
-        );
-    }
-    println!();
-    for g in &r.goals {
-        println!("{}", g.line);
-    }
 }

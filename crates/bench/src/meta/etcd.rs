@@ -1,11 +1,7 @@
 //! The etcd reference of `bench meta`: Debian's etcd-server (installed with apt-get when `etcd`
 //! is not on PATH), a 3-member cluster on 127.0.0.1 with free ports and default durability
-//! (fsync on), a minimal gRPC client, and a guard that stops the members by pid even when the
-//! benchmark fails.
-//!
-//! The client speaks etcd's v3 gRPC API over tonic + prost, the stack the `etcd-client` crate is
-//! built on; the two messages it needs are declared here by hand because `etcd-client`'s build
-//! script needs `protoc`, which these machines do not have.
+//! (fsync on), and a guard that stops the members by pid even when the benchmark fails. The
+//! gRPC client that drives it is `etcd_client.rs`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -13,14 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use bytes::Bytes;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 
-use super::load::{KvClient, PUT_TIMEOUT};
-use super::{apt_get, on_path};
+use super::etcd_client::status;
+use crate::tools::{apt_get, on_path};
 
 pub const MEMBERS: usize = 3;
 /// Long enough for a first start on a slow disk and an election (etcd's default election
@@ -28,11 +22,8 @@ pub const MEMBERS: usize = 3;
 const START_WAIT: Duration = Duration::from_secs(60);
 /// How long a member gets after SIGTERM before SIGKILL.
 const STOP_WAIT: Duration = Duration::from_secs(15);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lines of a member's log shown when it fails to start.
 const LOG_TAIL_LINES: usize = 20;
-const PUT_PATH: &str = "/etcdserverpb.KV/Put";
-const STATUS_PATH: &str = "/etcdserverpb.Maintenance/Status";
 
 /// The etcd binary: on PATH, or installed from Debian's `etcd-server` package first.
 pub async fn ensure_installed() -> anyhow::Result<PathBuf> {
@@ -226,96 +217,4 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
-}
-
-// The parts of etcd's api/etcdserverpb/rpc.proto that the benchmark uses, with its field
-// numbers; prost skips the fields of the answers that are not declared.
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ResponseHeader {
-    #[prost(uint64, tag = "1")]
-    cluster_id: u64,
-    #[prost(uint64, tag = "2")]
-    member_id: u64,
-    #[prost(int64, tag = "3")]
-    revision: i64,
-    #[prost(uint64, tag = "4")]
-    raft_term: u64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct PutRequest {
-    #[prost(bytes = "vec", tag = "1")]
-    key: Vec<u8>,
-    #[prost(bytes = "bytes", tag = "2")]
-    value: Bytes,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct PutResponse {
-    #[prost(message, optional, tag = "1")]
-    header: Option<ResponseHeader>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StatusRequest {}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StatusResponse {
-    #[prost(message, optional, tag = "1")]
-    header: Option<ResponseHeader>,
-    #[prost(string, tag = "2")]
-    version: String,
-    #[prost(uint64, tag = "4")]
-    leader: u64,
-}
-
-async fn connect(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .context("an etcd endpoint URL")?
-        .connect_timeout(PROBE_TIMEOUT)
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to etcd at {addr}"))
-}
-
-async fn unary<Req, Resp>(channel: Channel, path: &'static str, request: Req) -> anyhow::Result<Resp>
-where
-    Req: prost::Message + Send + Sync + 'static,
-    Resp: prost::Message + Default + Send + Sync + 'static,
-{
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.context("the gRPC channel is not ready")?;
-    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
-    let answer = grpc
-        .unary(tonic::Request::new(request), http::uri::PathAndQuery::from_static(path), codec)
-        .await
-        .map_err(|s| anyhow!("{path}: {:?}: {}", s.code(), s.message()))?;
-    Ok(answer.into_inner())
-}
-
-async fn status(addr: SocketAddr) -> anyhow::Result<StatusResponse> {
-    let channel = connect(addr, PROBE_TIMEOUT).await?;
-    unary(channel, STATUS_PATH, StatusRequest {}).await
-}
-
-/// One benchmark client of etcd: its own HTTP/2 connection to the leader, one put in flight.
-pub struct EtcdClient {
-    channel: Channel,
-}
-
-impl EtcdClient {
-    pub async fn connect(leader: SocketAddr) -> anyhow::Result<EtcdClient> {
-        Ok(EtcdClient { channel: connect(leader, PUT_TIMEOUT).await? })
-    }
-}
-
-impl KvClient for EtcdClient {
-    async fn put(&self, key: &str, value: &Bytes) -> anyhow::Result<()> {
-        let request = PutRequest { key: key.as_bytes().to_vec(), value: value.clone() };
-        let _: PutResponse = unary(self.channel.clone(), PUT_PATH, request).await?;
-        Ok(())
-    }
 }

@@ -1,76 +1,7 @@
-//! `tandem bench ...`: benchmarks, each beside its reference in the same run.
-//!
-//! The rules all of them follow are in ../../shared/design/BENCH.md: the reference runs on the
-//! same machine in the same run, interleaved with Tandem; figures are medians of repeats; the
-//! comparison is a ratio; the goal lines come last, in one fixed form that scripts read.
-//!
-//! - `meta.rs`: `bench meta`, metadata writes against a 3-node cluster and a 3-member etcd.
-//! - `load.rs`: the client loop every system is driven by, and the latency figures.
-//! - `local_cluster.rs`: a throwaway local Tandem cluster, stopped even on error.
-//! - `etcd.rs`: the etcd reference: install, start, a minimal gRPC client, stop.
-//! - `transport.rs`: `bench transport`, the Mesh over TCP+TLS and QUIC beside plaintext TCP,
-//!   between this process and a peer process it starts (the hidden `transport-peer`).
-//! - `io.rs`: `bench io`, fio's NBD engine against a 3-way replicated volume beside the same
-//!   jobs against `qemu-nbd --cache=writethrough` serving a local raw file.
-//! - `failover.rs`: `bench failover`, `kill -9` of a volume's primary under a write load from
-//!   a minimal NBD client, repeated; the longest write stall against the failure timeout.
+//! The goal lines every benchmark ends with, in the one form scripts read:
+//! `goal <name>: <measured> (target <op> <value>) met|missed`, judged on the printed figure.
 
-mod etcd;
-mod failover;
-mod io;
-mod load;
-mod local_cluster;
-mod meta;
-mod transport;
-
-use anyhow::Context;
-use clap::Subcommand;
 use serde::Serialize;
-
-#[derive(Subcommand)]
-pub enum BenchCmd {
-    /// Small (256 B) metadata writes from 1 and 64 clients: a local 3-node Tandem cluster beside
-    /// a 3-member etcd on 127.0.0.1, interleaved; prints writes/s, p50, p99 and the ratios.
-    Meta(meta::MetaArgs),
-    /// 1 MiB throughput and 4 KiB round trips between two processes over the Mesh on TCP+TLS
-    /// and on QUIC, beside plaintext TCP, interleaved; plus the longest stall while the data
-    /// layer switches between them under load.
-    Transport(transport::TransportArgs),
-    /// fio (NBD engine) against a 3-way replicated volume on a local 3-node cluster, beside the
-    /// same jobs against qemu-nbd --cache=writethrough serving a local raw file, interleaved:
-    /// 4 KiB random writes at queue depth 1 and 32, 1 MiB sequential writes, 4 KiB random reads.
-    Io(io::IoArgs),
-    /// Kill -9 a volume's primary under a write load that goes through another node, N times:
-    /// the longest write stall, failed writes, the new primary, the time to rejoin.
-    Failover(failover::FailoverArgs),
-    /// The peer process of `bench transport`; started by the benchmark, not by hand.
-    #[command(hide = true)]
-    TransportPeer(transport::PeerArgs),
-}
-
-pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
-    // On Ctrl-C the benchmark's future is dropped, so the guards it holds stop the processes
-    // it started (the nodes and etcd run in their own process groups and do not get the signal).
-    let bench = async {
-        match cmd {
-            BenchCmd::Meta(args) => meta::run(args).await,
-            BenchCmd::Transport(args) => transport::run(args).await,
-            BenchCmd::TransportPeer(args) => transport::peer(args).await,
-            BenchCmd::Io(args) => io::run(args).await,
-            BenchCmd::Failover(args) => failover::run(args).await,
-        }
-    };
-    let interrupted = async {
-        // Without a Ctrl-C handler the benchmark still runs; it just cannot clean up on Ctrl-C.
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        r = bench => r,
-        () = interrupted => Err(anyhow::anyhow!("interrupted; stopped what the benchmark had started")),
-    }
-}
 
 /// How a goal compares its measured value with its target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -184,27 +115,14 @@ fn target_text(target: f64) -> String {
     s
 }
 
-/// Runs apt-get (references that are missing are installed by the benchmark itself).
-async fn apt_get(args: &[&str]) -> anyhow::Result<()> {
-    // apt-get's output goes to stderr, so that stdout holds only the benchmark's result.
-    let status = tokio::process::Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::io::stderr())
-        .stderr(std::io::stderr())
-        .status()
-        .await
-        .with_context(|| format!("cannot run apt-get {}", args.join(" ")))?;
-    if !status.success() {
-        anyhow::bail!("apt-get {} failed ({status})", args.join(" "));
+/// A ratio of two figures, NaN when the reference's figure is not positive (so that no goal on
+/// it is met).
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
     }
-    Ok(())
-}
-
-fn on_path(name: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 #[cfg(test)]
