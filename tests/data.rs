@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tandem_testkit::{
     block_version, create_served_volume, ids, local_copy, qemu_io_ok as qemu_io, random_bytes, require_tools,
-    run_ok as tool, volume, wait_for, wait_identical, Cluster, NbdClient, Rng,
+    run_ok as tool, volume, wait_for, wait_identical, Cluster, NbdClient, Reconnecting, Rng,
 };
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
@@ -92,24 +92,12 @@ fn write_stream(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut rng = Rng::new(seed);
-        let mut next_addr = 0usize;
-        let mut client: Option<NbdClient> = None;
+        let mut client = Reconnecting::new(addrs, &volume, Duration::from_secs(45));
         let mut value = 0u64;
         while !stop.load(Ordering::Relaxed) {
             let block = rng.below(blocks);
             value += 1;
-            if client.is_none() {
-                let addr = addrs[next_addr % addrs.len()];
-                next_addr += 1;
-                match NbdClient::connect(addr, &volume, Duration::from_secs(45)) {
-                    Ok(cl) => client = Some(cl),
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                }
-            }
-            let cl = client.as_mut().expect("connected");
+            let Ok(cl) = client.get() else { continue };
             let started = Instant::now();
             let result = cl.write(block * BLOCK, &block_data(block, value));
             let took = started.elapsed();
@@ -124,7 +112,7 @@ fn write_stream(
                 Err(_) => {
                     h.maybe.entry(block).or_default().push(value);
                     h.failed_total += 1;
-                    client = None;
+                    client.broken();
                 }
             }
         }

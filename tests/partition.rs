@@ -19,6 +19,7 @@ use serde_json::Value;
 use tandem_node::lease::{FAILURE_TIMEOUT, LEASE};
 use tandem_testkit::{
     create_served_volume, ids, local_copy, random_bytes, volume, wait_for, wait_identical, Cluster, NbdClient,
+    Reconnecting,
 };
 
 const MIB: u64 = 1 << 20;
@@ -112,10 +113,10 @@ fn minority_writer(
     log: Arc<Mutex<Vec<Attempt>>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut client = Some(first);
+        let mut client = Reconnecting::starting_with(first, addr, VOLUME, MINORITY_WRITE_TIMEOUT);
         let mut k = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let Some(cl) = connected(&mut client, addr, MINORITY_WRITE_TIMEOUT) else { continue };
+            let Ok(cl) = client.get() else { continue };
             let base = if k.is_multiple_of(2) { MINORITY_FRESH } else { MINORITY_OVER };
             let offset = base + (k / 2 % 64) * BLOCK;
             let data = random_bytes(0x3000 + k, BLOCK as usize);
@@ -125,23 +126,11 @@ fn minority_writer(
             let error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
             log.lock().expect("log").push(Attempt { offset, data, start, end, ok: r.is_ok(), error });
             if r.is_err() {
-                client = None;
+                client.broken();
             }
             k += 1;
         }
     })
-}
-
-/// The client, connecting it again first if the last attempt broke it (`None`, after a pause,
-/// if that fails too).
-fn connected(client: &mut Option<NbdClient>, addr: SocketAddr, timeout: Duration) -> Option<&mut NbdClient> {
-    if client.is_none() {
-        match NbdClient::connect(addr, VOLUME, timeout) {
-            Ok(c) => *client = Some(c),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-    client.as_mut()
 }
 
 /// Reads 4 KiB blocks through `addr` until `stop`; a read counts as served only if it returned
@@ -155,10 +144,10 @@ fn minority_reader(
     log: Arc<Mutex<Vec<Attempt>>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut client = Some(first);
+        let mut client = Reconnecting::starting_with(first, addr, VOLUME, MINORITY_READ_TIMEOUT);
         let mut k = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let Some(cl) = connected(&mut client, addr, MINORITY_READ_TIMEOUT) else { continue };
+            let Ok(cl) = client.get() else { continue };
             let at = (k % 64) * BLOCK;
             let start = cut.elapsed();
             let r = cl.read(MINORITY_READ + at, BLOCK as usize);
@@ -173,7 +162,7 @@ fn minority_reader(
             if ok {
                 std::thread::sleep(Duration::from_millis(20));
             } else {
-                client = None;
+                client.broken();
             }
             k += 1;
         }

@@ -21,7 +21,7 @@ use nix::sys::signal::Signal;
 
 use crate::binary::tandem_bin;
 use crate::netns::Network;
-use crate::process::{alive, output_within, signal, CLI_DEADLINE};
+use crate::process::{alive, signal, tandem_ok};
 use crate::wait::poll;
 use crate::Error;
 
@@ -228,17 +228,7 @@ impl Cluster {
 
     /// Runs the `tandem` CLI of this cluster; its stdout, or what went wrong.
     pub fn try_tandem(&self, args: &[&str]) -> Result<String, Error> {
-        let level = crate::process::log_level();
-        let out = output_within(Command::new(&self.exe).args(args).env("RUST_LOG", level), CLI_DEADLINE)?;
-        if !out.status.success() {
-            return Err(Error(format!(
-                "tandem {args:?} failed: {}\nstdout: {}\nstderr: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        tandem_ok(&self.exe, args)
     }
 
     pub fn tandem(&self, args: &[&str]) -> String {

@@ -27,7 +27,7 @@ pub mod wait;
 
 pub use binary::tandem_bin;
 pub use cluster::{take_turn, Cluster, ClusterBuilder, Paused};
-pub use nbd::{NbdClient, NbdError};
+pub use nbd::{NbdClient, NbdError, Reconnecting};
 pub use process::{run_tandem, run_tandem_ok, Reap};
 pub use qemu::{qemu_io, qemu_io_ok, run_ok};
 pub use queries::{create_served_volume, digest, http, ids, local_copy, volume, wait_identical};

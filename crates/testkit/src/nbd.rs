@@ -201,3 +201,52 @@ impl NbdClient {
         let _ = self.request(CMD_DISC, 0, 0, &[]);
     }
 }
+
+/// After a failed connection attempt, the next one waits this long.
+pub const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+
+/// A client that connects on demand and again after its connection broke, to its addresses
+/// in turn (a host that fails over between paths).
+pub struct Reconnecting {
+    addrs: Vec<SocketAddr>,
+    export: String,
+    timeout: Duration,
+    next: usize,
+    client: Option<NbdClient>,
+}
+
+impl Reconnecting {
+    /// Connects to `addrs` in turn; `timeout` bounds each connect and request.
+    pub fn new(addrs: Vec<SocketAddr>, export: &str, timeout: Duration) -> Reconnecting {
+        assert!(!addrs.is_empty(), "a client needs an address");
+        Reconnecting { addrs, export: export.to_string(), timeout, next: 0, client: None }
+    }
+
+    /// Starts with a connection already made to `addr`.
+    pub fn starting_with(first: NbdClient, addr: SocketAddr, export: &str, timeout: Duration) -> Reconnecting {
+        Reconnecting { client: Some(first), ..Reconnecting::new(vec![addr], export, timeout) }
+    }
+
+    /// The connection, made first if there is none; a failed attempt waits
+    /// [`RECONNECT_PAUSE`] before it returns its error.
+    pub fn get(&mut self) -> std::io::Result<&mut NbdClient> {
+        if self.client.is_none() {
+            let addr = self.addrs[self.next % self.addrs.len()];
+            self.next += 1;
+            match NbdClient::connect(addr, &self.export, self.timeout) {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    std::thread::sleep(RECONNECT_PAUSE);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.client.as_mut().expect("connected"))
+    }
+
+    /// Drops the connection after a failed request: the next [`Reconnecting::get`] makes a
+    /// new one.
+    pub fn broken(&mut self) {
+        self.client = None;
+    }
+}

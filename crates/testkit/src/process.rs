@@ -2,6 +2,7 @@
 //! kill guard ([`Reap`]) that stops a child when the test ends, also when it fails.
 
 use std::io::Read;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -67,12 +68,17 @@ pub fn run_tandem(args: &[&str]) -> Output {
 }
 
 pub fn try_run_tandem(args: &[&str]) -> Result<Output, Error> {
-    output_within(Command::new(tandem_bin()).args(args).env("RUST_LOG", log_level()), CLI_DEADLINE)
+    tandem_output(&tandem_bin(), args)
 }
 
-/// Runs the `tandem` CLI and returns its stdout, or fails with its exit status and output.
-pub fn try_run_tandem_ok(args: &[&str]) -> Result<String, Error> {
-    let out = try_run_tandem(args)?;
+/// Runs `exe` (a `tandem` executable) with `args` by [`CLI_DEADLINE`].
+pub fn tandem_output(exe: &Path, args: &[&str]) -> Result<Output, Error> {
+    output_within(Command::new(exe).args(args).env("RUST_LOG", log_level()), CLI_DEADLINE)
+}
+
+/// Runs `exe` with `args`; its stdout, or a failure with its exit status and output.
+pub fn tandem_ok(exe: &Path, args: &[&str]) -> Result<String, Error> {
+    let out = tandem_output(exe, args)?;
     if !out.status.success() {
         return Err(Error(format!(
             "tandem {args:?} failed: {}\nstdout: {}\nstderr: {}",
@@ -82,6 +88,11 @@ pub fn try_run_tandem_ok(args: &[&str]) -> Result<String, Error> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs the `tandem` CLI and returns its stdout, or fails with its exit status and output.
+pub fn try_run_tandem_ok(args: &[&str]) -> Result<String, Error> {
+    tandem_ok(&tandem_bin(), args)
 }
 
 pub fn run_tandem_ok(args: &[&str]) -> String {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::cluster::Cluster;
-use crate::wait::{poll, wait_for, POLL_INTERVAL};
+use crate::wait::{poll, POLL_INTERVAL};
 use crate::Error;
 
 /// A probe of one node gives up after this long: a stopped node must not stall a poll.
@@ -108,13 +108,17 @@ pub fn digest(c: &Cluster, id: u64, name: &str) -> Option<String> {
 
 /// Creates a volume (`tandem volume create` against the cluster) and waits until its primary
 /// serves it; its record.
-pub fn create_served_volume(c: &Cluster, name: &str, size: &str) -> Value {
-    c.admin(&["volume", "create", name, "--size", size]);
-    wait_for(&format!("{name} to be served"), SERVE_WAIT, || {
+pub fn try_create_served_volume(c: &Cluster, name: &str, size: &str) -> Result<Value, Error> {
+    c.try_tandem(&["volume", "create", name, "--size", size, "--cluster", c.path_str()])?;
+    poll(&format!("{name} to be served"), SERVE_WAIT, || {
         let v = volume(c, 1, name)?;
         let primary = v["primary"].as_u64()?;
         local_copy(c, primary, name).filter(|l| l["serving"] == true).map(|_| v)
     })
+}
+
+pub fn create_served_volume(c: &Cluster, name: &str, size: &str) -> Value {
+    try_create_served_volume(c, name, size).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Waits until the volume's ISR, seen through `via`, is exactly `want` and every member's copy
