@@ -1,5 +1,5 @@
 //! A network of its own for a cluster: one network namespace per node (`<p>-n<id>`, address
-//! 10.213.B.<id>/24 on `eth0`), joined by a Linux bridge in a namespace of its own (`<p>-br`),
+//! `10.213.B.<id>/24` on `eth0`), joined by a Linux bridge in a namespace of its own (`<p>-br`),
 //! plus a veth from the test's own namespace to that bridge (10.213.B.254), so the test talks
 //! to every node directly, a cut-off one included. Cuts are an nftables `bridge` table in the
 //! bridge namespace ([`crate::firewall::bridge_cut`]); healing deletes it. Everything is
