@@ -1,12 +1,10 @@
 //! The metadata cluster end to end: real `tandem` processes started by `tandem up --detach`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{http, run, wait_for, Cluster};
 use serde_json::Value;
+use tandem_testkit::{http, run_tandem as run, run_tandem_ok, take_turn, tandem_bin, wait_for, Cluster, Reap};
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 
@@ -80,7 +78,7 @@ fn killing_the_leader_elects_a_new_one_within_3s_and_it_rejoins_with_its_state(t
     let old = c.agreed_leader(&ids, LEADER_WAIT);
     c.put_setting(old, "before-kill", "1");
 
-    c.kill9(old);
+    c.kill(old);
     let killed_at = Instant::now();
     let survivors: Vec<u64> = ids.iter().copied().filter(|i| *i != old).collect();
     let new = wait_for("a new leader", Duration::from_secs(10), || {
@@ -213,7 +211,7 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join(transport: &str) {
 
     // An impostor takes the victim's place: same id and addresses, trusts our CA, but holds
     // the foreign certificate.
-    c.kill9(victim);
+    c.kill(victim);
     let impostor_dir = tempfile::tempdir().expect("dir");
     let cfg = std::fs::read_to_string(c.path().join("cluster.toml")).expect("config");
     let ours_ca = c.path().join("certs/ca.pem");
@@ -223,21 +221,13 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join(transport: &str) {
         .replace(&format!("key = \"certs/node-{victim}.key\""), &format!("key = {:?}", key.display().to_string()));
     let cfg_path = impostor_dir.path().join("cluster.toml");
     std::fs::write(&cfg_path, cfg).expect("write");
-    let mut impostor = std::process::Command::new(common::bin())
-        .args(["node", "--config", cfg_path.to_str().expect("utf-8"), "--id", &victim.to_string()])
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start impostor");
-    struct KillOnDrop<'a>(&'a mut std::process::Child);
-    impl Drop for KillOnDrop<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let guard = KillOnDrop(&mut impostor);
+    let guard = Reap::spawn(
+        std::process::Command::new(tandem_bin())
+            .args(["node", "--config", cfg_path.to_str().expect("utf-8"), "--id", &victim.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
 
     wait_for("the impostor's API", LEADER_WAIT, || c.view(victim));
     // The cluster keeps committing without it, and sends it nothing: for a good while (many
@@ -264,25 +254,17 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join(transport: &str) {
 
 #[test]
 fn up_in_the_foreground_stops_its_nodes_cleanly_on_ctrl_c() {
-    let turn = common::take_turn();
+    let turn = take_turn();
     let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir().expect("dir");
     let dir_str = dir.path().to_str().expect("utf-8").to_string();
-    let up = std::process::Command::new(common::bin())
-        .args(["up", "--nodes", "3", "--dir", &dir_str])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start up");
     // Whatever happens below, the nodes are stopped (Cluster's drop) and `up` is killed.
-    struct Foreground(std::process::Child);
-    impl Drop for Foreground {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut up = Foreground(up);
+    let mut up = Reap::spawn(
+        std::process::Command::new(tandem_bin())
+            .args(["up", "--nodes", "3", "--dir", &dir_str])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    );
     let c = Cluster::adopt(dir, Some(turn));
 
     let out = up.0.stdout.take().expect("stdout");
@@ -304,10 +286,7 @@ fn up_in_the_foreground_stops_its_nodes_cleanly_on_ctrl_c() {
     let status = wait_for("up to exit", Duration::from_secs(30), || up.0.try_wait().expect("wait"));
     assert!(status.success(), "up exited with {status}");
     for pid in pids {
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-            .unwrap_or(false);
-        assert!(!alive, "node process {pid} survived Ctrl-C");
+        assert!(!tandem_testkit::process::alive(pid), "node process {pid} survived Ctrl-C");
     }
     for id in c.node_ids() {
         assert!(!c.path().join(format!("node-{id}.pid")).exists(), "pid file of node {id} left behind");
@@ -402,7 +381,7 @@ fn transports_switch_live_while_writes_and_a_membership_change_commit() {
 
     let endpoint = ["--endpoint", api.as_str()];
     let flip = |kind: &str, layer: &str| {
-        let out = common::run_ok(&["transport", "set", kind, "--layer", layer, endpoint[0], endpoint[1]]);
+        let out = run_tandem_ok(&["transport", "set", kind, "--layer", layer, endpoint[0], endpoint[1]]);
         assert!(out.contains(&format!("{layer} layer now on {kind}")), "{out}");
     };
     flip("tcp", "data");
@@ -410,7 +389,7 @@ fn transports_switch_live_while_writes_and_a_membership_change_commit() {
     // A membership change commits while the layers keep moving.
     let adder = {
         let dir = c.path_str().to_string();
-        std::thread::spawn(move || common::run_ok(&["node", "add", "--cluster", &dir]))
+        std::thread::spawn(move || run_tandem_ok(&["node", "add", "--cluster", &dir]))
     };
     flip("quic", "data");
     flip("quic", "control");

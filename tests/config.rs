@@ -1,14 +1,13 @@
 //! Cluster config files: every example parses; a bad file or a taken port stops a node with a
 //! message naming the problem.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::run;
+use tandem_testkit::run_tandem as run;
+use tandem_testkit::Cluster;
 
 fn examples() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../cluster-config");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cluster-config");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("cluster-config/")
         .map(|e| e.expect("entry").path())
@@ -27,7 +26,7 @@ fn every_example_config_parses() {
         assert!(!cfg.cluster.initial_members.is_empty(), "{}", f.display());
     }
     let five = tandem_node::config::ClusterConfig::load(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../cluster-config/five-node-two-site.toml"),
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cluster-config/five-node-two-site.toml"),
     )
     .expect("five-node example");
     let sites: std::collections::BTreeSet<&str> = five.nodes.iter().map(|n| n.site.as_str()).collect();
@@ -46,7 +45,7 @@ fn node_error(config_text: &str) -> String {
 #[test]
 fn a_bad_config_names_the_file_field_and_problem() {
     let good = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../cluster-config/three-node-local.toml"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cluster-config/three-node-local.toml"),
     )
     .expect("example");
     let err = node_error(&good.replacen("raft_addr = \"127.0.0.1:", "raft_addr = \"127.0.0.1:x", 1));
@@ -62,7 +61,7 @@ fn a_bad_config_names_the_file_field_and_problem() {
 
 #[test]
 fn a_port_in_use_is_reported_as_such() {
-    let c = common::Cluster::up(1);
+    let c = Cluster::up(1);
     c.down();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();

@@ -5,8 +5,6 @@
 //! memory while a large volume is read out, and the read buffers of many clients held within
 //! the node's cap.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
@@ -14,9 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::NbdClient;
-use common::{create_served_volume, http, ids, local_copy, random_bytes, require_tools, volume, wait_for, Cluster};
 use serde_json::Value;
+use tandem_testkit::{
+    block_version, create_served_volume, http, ids, local_copy, qemu_io_ok as qemu_io, random_bytes, require_tools,
+    run_ok as tool, volume, wait_for, wait_identical, Cluster, NbdClient, Reconnecting, Rng,
+};
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
@@ -24,58 +24,6 @@ const BLOCK: u64 = 4096;
 
 fn nbd_url(c: &Cluster, id: u64, volume: &str) -> String {
     format!("nbd://{}/{volume}", c.nbd_addr(id))
-}
-
-fn digest(c: &Cluster, id: u64, name: &str) -> String {
-    local_copy(c, id, name).and_then(|v| v["digest"].as_str().map(str::to_string)).unwrap_or_default()
-}
-
-/// Waits until the volume's ISR is exactly `want` and every member's copy has one digest.
-/// On a timeout it shows the volume as last seen (ISR, resync progress).
-fn wait_identical(c: &Cluster, via: u64, name: &str, want: &[u64], timeout: Duration) -> String {
-    let last = std::cell::RefCell::new(None);
-    let deadline = Instant::now() + timeout;
-    loop {
-        let found = (|| {
-            let v = volume(c, via, name)?;
-            *last.borrow_mut() = Some(v.clone());
-            if ids(&v["isr"]) != want {
-                return None;
-            }
-            let digests: Vec<String> = want.iter().map(|&n| digest(c, n, name)).collect();
-            (!digests[0].is_empty() && digests.iter().all(|d| *d == digests[0])).then(|| digests[0].clone())
-        })();
-        if let Some(d) = found {
-            return d;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {name}: ISR {want:?} with identical copies; last seen: {}",
-            last.borrow().as_ref().map(Value::to_string).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn qemu_io(url: &str, cmds: &[&str]) -> String {
-    let mut args = vec!["-f".to_string(), "raw".to_string(), url.to_string()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.to_string());
-    }
-    let out = Command::new("qemu-io").args(&args).output().expect("qemu-io runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "qemu-io {cmds:?} on {url} failed: {text}");
-    assert!(!text.contains("Pattern verification failed"), "qemu-io {cmds:?} on {url}: {text}");
-    assert!(!text.contains("failed"), "qemu-io {cmds:?} on {url}: {text}");
-    text
-}
-
-fn tool(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd} runs: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd} {args:?} failed: {text}");
-    text
 }
 
 fn create_volume(c: &Cluster, name: &str, size: &str) -> Value {
@@ -130,7 +78,7 @@ struct History {
 }
 
 fn block_data(block: u64, value: u64) -> Vec<u8> {
-    random_bytes(block.wrapping_mul(1_000_003) ^ value, BLOCK as usize)
+    block_version(block, value, BLOCK as usize)
 }
 
 /// Writes numbered 4 KiB blocks until told to stop, reconnecting through `nodes` in turn when
@@ -144,28 +92,13 @@ fn write_stream(
     history: Arc<Mutex<History>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut x = seed;
-        let mut next_addr = 0usize;
-        let mut client: Option<NbdClient> = None;
+        let mut rng = Rng::new(seed);
+        let mut client = Reconnecting::new(addrs, &volume, Duration::from_secs(45));
         let mut value = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let block = x % blocks;
+            let block = rng.below(blocks);
             value += 1;
-            if client.is_none() {
-                let addr = addrs[next_addr % addrs.len()];
-                next_addr += 1;
-                match NbdClient::connect(addr, &volume, Duration::from_secs(45)) {
-                    Ok(cl) => client = Some(cl),
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(50));
-                        continue;
-                    }
-                }
-            }
-            let cl = client.as_mut().expect("connected");
+            let Ok(cl) = client.get() else { continue };
             let started = Instant::now();
             let result = cl.write(block * BLOCK, &block_data(block, value));
             let took = started.elapsed();
@@ -180,7 +113,7 @@ fn write_stream(
                 Err(_) => {
                     h.maybe.entry(block).or_default().push(value);
                     h.failed_total += 1;
-                    client = None;
+                    client.broken();
                 }
             }
         }
@@ -237,7 +170,7 @@ fn kill_the_primary_under_writes(leader_too: bool) {
         assert_eq!(c.agreed_leader(&c.node_ids(), LEADER_WAIT), primary, "the primary still leads Raft");
     }
     let before_kill = history.lock().expect("history").acked_total;
-    c.kill9(primary);
+    c.kill(primary);
     let killed = Instant::now();
     wait_for("writes to resume through a survivor", Duration::from_secs(60), || {
         (history.lock().expect("history").acked_total >= before_kill + 200).then_some(())
@@ -324,7 +257,7 @@ fn a_lease_blip_of_the_primary_during_a_re_add_then_its_kill_loses_no_write() {
 
     // The primary dies.
     let before_kill = history.lock().expect("history").acked_total;
-    c.kill9(primary);
+    c.kill(primary);
     wait_for("writes to resume after the kill", Duration::from_secs(60), acked(before_kill + 100));
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
@@ -359,7 +292,7 @@ fn a_returning_backup_resyncs_only_what_changed() {
     qemu_io(&url, &["write -P 0x11 0 8M"]);
     wait_identical(&c, primary, "vr", &[1, 2, 3], Duration::from_secs(20));
 
-    c.kill9(backup);
+    c.kill(backup);
     // Writes continue once the ISR has shrunk.
     qemu_io(&url, &["write -P 0x22 64M 1M", "write -P 0x33 200M 512k", "write -P 0x44 4M 4k"]);
     let v = volume(&c, primary, "vr").expect("volume");

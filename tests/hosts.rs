@@ -14,15 +14,17 @@
 //!   path becomes unavailable for its host, the other host is unaffected, and the path returns
 //!   once the port answers again.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{http, require_tools, run, run_ok, wait_for, Cluster};
 use serde_json::{json, Value};
+use tandem_testkit::firewall::BlockedPorts;
+use tandem_testkit::{
+    http, qemu_io_ok, require_tools, run_tandem as run, run_tandem_ok as run_ok, seed, tandem_bin, wait_for, Cluster,
+    Reap, Rng,
+};
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
@@ -160,27 +162,6 @@ fn holds_for(c: &Cluster, host: &str, window: Duration, what: &str, ok: impl Fn(
     }
 }
 
-fn qemu_io(addr: &str, cmd: &str) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", &format!("nbd://{addr}/v1"), "-c", cmd])
-        .output()
-        .expect("run qemu-io");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && !text.contains("Pattern verification failed"), "qemu-io {addr} {cmd:?}: {text}");
-}
-
-/// A small seeded generator (xorshift64*), so a failing run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[test]
 fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
     require_tools(&["qemu-io"]);
@@ -244,11 +225,14 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
     let addrs: Vec<String> = rows.iter().map(|r| r.2.clone()).collect();
     for (i, addr) in addrs.iter().enumerate() {
         let off = i as u64 * MIB;
-        qemu_io(addr, &format!("write -P {} {off} 64k", 0x41 + i));
+        qemu_io_ok(&format!("nbd://{addr}/v1"), &[&format!("write -P {} {off} 64k", 0x41 + i)]);
     }
     for (i, _) in addrs.iter().enumerate() {
         let off = i as u64 * MIB;
-        qemu_io(&addrs[(i + 1) % addrs.len()], &format!("read -P {} {off} 64k", 0x41 + i));
+        qemu_io_ok(
+            &format!("nbd://{}/v1", addrs[(i + 1) % addrs.len()]),
+            &[&format!("read -P {} {off} 64k", 0x41 + i)],
+        );
     }
 
     // Unknown names: 404 with a clear message, from the API and the CLI.
@@ -315,16 +299,13 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
 
     // Noisy latency (50 us to 3 ms on every path, reported every 100 ms for 6 s) changes
     // nothing in hb's map: no new generation.
-    let seed = std::env::var("PATHS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64 | 1
-    });
-    println!("noise seed {seed} (replay with PATHS_SEED={seed})");
-    let mut rng = Rng(seed);
+    let seed = seed("PATHS_SEED");
+    let mut rng = Rng::new(seed);
     let hb_before = paths(&c, 1, "hb").expect("hb");
     let all: Vec<(u64, String)> = v1_paths(&hb_before).into_iter().map(|r| (r.1, r.2)).collect();
     let end = Instant::now() + Duration::from_secs(6);
     while Instant::now() < end {
-        let probes: Vec<Value> = all.iter().map(|(n, a)| ok_probe(*n, a, 50 + rng.next() % 2950)).collect();
+        let probes: Vec<Value> = all.iter().map(|(n, a)| ok_probe(*n, a, 50 + rng.below(2950))).collect();
         assert_eq!(post_probes(&c, 1, "hb", json!(probes)).0, 200);
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -354,7 +335,7 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
 
 /// Reads `tandem paths --watch --json` output: each map with the time it arrived.
 fn watch(c: &Cluster, via: u64, host: &str) -> (Child, mpsc::Receiver<(Instant, Value)>) {
-    let mut child = Command::new(common::bin())
+    let mut child = Command::new(tandem_bin())
         .args(["paths", "--host", host, "--watch", "--json", "--endpoint", &c.api(via)])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -379,7 +360,7 @@ fn watch(c: &Cluster, via: u64, host: &str) -> (Child, mpsc::Receiver<(Instant, 
 /// `tandem host agent` for `host` (probing every 200 ms, talking to node `via`), writing its map
 /// to `map_file`; stopped when the returned guard is dropped.
 fn agent(c: &Cluster, via: u64, host: &str, map_file: &std::path::Path, more: &[&str]) -> Reap {
-    let child = Command::new(common::bin())
+    let child = Command::new(tandem_bin())
         .args(["host", "agent", "--host", host, "--interval-ms", "200", "--endpoint", &c.api(via)])
         .args(more)
         .arg("--map-file")
@@ -390,16 +371,6 @@ fn agent(c: &Cluster, via: u64, host: &str, map_file: &std::path::Path, more: &[
         .spawn()
         .expect("spawn agent");
     Reap(child)
-}
-
-/// Kills a child process when dropped (also when the test fails).
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -436,7 +407,7 @@ fn a_watching_host_sees_the_dead_primary_unavailable_within_two_seconds() {
     assert_eq!(vol_paths(&first).len(), 4, "{first}");
 
     let killed = Instant::now();
-    c.kill9(p);
+    c.kill(p);
     let dead_paths_gone = |m: &Value| {
         let rows = paths_of(m, vol);
         rows.iter().filter(|r| r.1 == p).all(|r| r.3 == "unavailable")
@@ -478,31 +449,6 @@ fn a_watching_host_sees_the_dead_primary_unavailable_within_two_seconds() {
     });
 }
 
-/// An nftables table in this network namespace that drops TCP to some ports of 127.0.0.1;
-/// deleted when dropped (also when the test fails).
-struct Blocked(String);
-
-impl Blocked {
-    fn ports(ports: &[u16]) -> Blocked {
-        let table = format!("tandem_hosts_test_{}", std::process::id());
-        let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
-        let rules = format!(
-            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    \
-             ip daddr 127.0.0.1 tcp dport {{ {list} }} drop\n  }}\n}}\n"
-        );
-        let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("run nft");
-        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), rules.as_bytes()).expect("write rules");
-        assert!(child.wait().expect("nft").success(), "nft refused: {rules}");
-        Blocked(table)
-    }
-}
-
-impl Drop for Blocked {
-    fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).status();
-    }
-}
-
 #[test]
 fn an_agent_whose_probes_to_one_node_time_out_sees_only_that_node_unavailable() {
     require_tools(&["nft"]);
@@ -515,7 +461,7 @@ fn an_agent_whose_probes_to_one_node_time_out_sees_only_that_node_unavailable() 
 
     // Node 3's NBD port stops answering (SYNs dropped): the agent's probes time out.
     let port = c.nbd_addr(3).port();
-    let blocked = Blocked::ports(&[port]);
+    let blocked = BlockedPorts::new(&[port]);
     let ha =
         wait_map(&c, 1, "ha", "n3p0 unavailable", Duration::from_secs(10), |m| state_of(m, "n3p0") == "unavailable");
     let row = v1_paths(&ha).into_iter().find(|r| r.0 == "n3p0").expect("n3p0");

@@ -4,28 +4,23 @@
 //! heal the old primary is resynced and every replica holds the majority's history, and only
 //! it.
 //!
-//! Topology (all of it made by the test, all of it removed on drop, also when the test fails):
-//! one network namespace per node (`<p>-n1..3`, address 10.213.B.N/24 on `eth0`), joined by a
-//! Linux bridge in a namespace of its own (`<p>-br`), plus a veth from the test's own
-//! namespace to that bridge (10.213.B.254), so the test talks to every node directly, the
-//! partitioned one included. The partition is an nftables `bridge` table in the bridge
-//! namespace that drops every IPv4 packet between the primary and the other nodes (TCP and
-//! UDP: QUIC too) but not between any node and the test: a silent loss on the wire, like a
-//! cut link, with no error reported to either side. The heal deletes the table.
+//! The nodes run in network namespaces of their own, joined by a bridge (the test kit's
+//! `Cluster::in_namespaces`, all of it removed on drop, also when the test fails). The
+//! partition (`isolate`) drops every IPv4 packet between the primary and the other nodes on
+//! the bridge (TCP and UDP: QUIC too) but not between any node and the test: a silent loss on
+//! the wire, like a cut link, with no error reported to either side. The heal removes it.
 
-mod common;
-
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::NbdClient;
-use common::{random_bytes, wait_for};
 use serde_json::Value;
 use tandem_node::lease::{FAILURE_TIMEOUT, LEASE};
+use tandem_testkit::{
+    create_served_volume, ids, local_copy, random_bytes, volume, wait_for, wait_identical, Cluster, NbdClient,
+    Reconnecting,
+};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
@@ -42,10 +37,6 @@ const MINORITY_READ_TIMEOUT: Duration = Duration::from_millis(500);
 /// a primary without a lease keeps the writes it sequenced before it fails them
 /// (`DataPlaneConfig::hold_time` in crates/replication/src/driver.rs).
 const REQUEST_RETRY_DEADLINE: Duration = tandem_node::HOLD_TIME_DEFAULT;
-/// The 10.213.0.0/16 range the test's /24 is taken from.
-const NET_A: u8 = 213;
-const NS_PREFIX: &str = "tdmpart";
-const PARTITION_TABLE: &str = "tandem_partition";
 
 // The volume's layout: what is written where, and by whom.
 /// Written through the primary before the partition (pattern A), in three regions.
@@ -86,391 +77,15 @@ impl Model {
     }
 }
 
-/// Runs a system command; its stdout, or what went wrong.
-fn sh(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(args[0]).args(&args[1..]).output().map_err(|e| format!("{args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!("{args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-fn must(args: &[&str]) -> String {
-    sh(args).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn http_get(url: &str) -> Option<Value> {
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
-    let resp = client.get(url).send().ok()?;
-    if !resp.status().is_success() {
-        return None;
-    }
-    resp.json().ok()
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    let mut ids: Vec<u64> = v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
-    ids.sort_unstable();
-    ids
-}
-
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Removes what an earlier run of this test left behind when it was killed before its drop
-/// guards ran: namespaces named after a test process that no longer exists, and the node
-/// processes inside them (only those: every process in such a namespace was started by that
-/// run).
-fn reap_stale() {
-    let Ok(list) = sh(&["ip", "netns", "list"]) else { return };
-    for line in list.lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
-        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid == std::process::id() || pid_alive(pid) {
-            continue;
-        }
-        if let Ok(pids) = sh(&["ip", "netns", "pids", name]) {
-            for p in pids.split_whitespace() {
-                let _ = sh(&["kill", "-9", p]);
-            }
-        }
-        let _ = sh(&["ip", "netns", "del", name]);
-        println!("removed stale namespace {name} (its test process {pid} is gone)");
-    }
-}
-
-/// A /24 in 10.213.0.0/16 that nothing on this host uses or routes (other than by the default
-/// route), chosen from the process id so that concurrent runs differ.
-fn pick_subnet(tag: u32) -> u8 {
-    let addrs = must(&["ip", "-4", "-o", "addr", "show"]);
-    let routes = must(&["ip", "-4", "route", "show", "table", "all"]);
-    let default = routes.lines().find(|l| l.starts_with("default")).map(|l| {
-        let words: Vec<&str> = l.split_whitespace().collect();
-        let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
-        (after("via").map(str::to_string), after("dev").map(str::to_string))
-    });
-    let start = std::process::id().wrapping_mul(2).wrapping_add(tag);
-    for i in 0..256u32 {
-        let b = (start.wrapping_add(i * 7) % 254 + 1) as u8;
-        let prefix = format!("10.{NET_A}.{b}.");
-        if addrs.contains(&prefix) || routes.contains(&prefix) {
-            continue;
-        }
-        // Only the default route (or none) leads there.
-        if let Ok(get) = sh(&["ip", "-4", "route", "get", &format!("{prefix}1")]) {
-            let Some((via, dev)) = &default else { continue };
-            let uses_default = via.as_ref().is_none_or(|v| get.contains(&format!("via {v} ")))
-                && dev.as_ref().is_none_or(|d| get.contains(&format!("dev {d} ")));
-            if !uses_default {
-                continue;
-            }
-        }
-        return b;
-    }
-    panic!("no free /24 in 10.{NET_A}.0.0/16 on this host");
-}
-
-#[derive(Clone)]
-struct NodeAddrs {
-    api: String,
-    nbd: SocketAddr,
-}
-
-/// The namespaces, links, nftables table, node processes and temp dir of one test; all removed
-/// on drop.
-struct Topology {
-    prefix: String,
-    subnet: u8,
-    host_if: String,
-    host_if_made: bool,
-    namespaces: Vec<String>,
-    nodes: Vec<(u64, Child)>,
-    addrs: Vec<(u64, NodeAddrs)>,
-    dir: Option<tempfile::TempDir>,
-}
-
-impl Topology {
-    fn ns_br(&self) -> String {
-        format!("{}-br", self.prefix)
-    }
-
-    fn ns(&self, id: u64) -> String {
-        format!("{}-n{id}", self.prefix)
-    }
-
-    fn ip(&self, id: u64) -> Ipv4Addr {
-        Ipv4Addr::new(10, NET_A, self.subnet, id as u8)
-    }
-
-    fn host_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, NET_A, self.subnet, 254)
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.dir.as_ref().expect("temp dir").path().to_path_buf()
-    }
-
-    fn add_ns(&mut self, name: String) {
-        must(&["ip", "netns", "add", &name]);
-        self.namespaces.push(name);
-    }
-
-    /// Builds the namespaces and links (nothing runs in them yet).
-    fn build(tag: u32) -> Topology {
-        common::require_tools(&["nft"]);
-        if let Err(e) = sh(&["nft", "--version"]) {
-            panic!("this test needs nftables' `nft` (apt-get install nftables): {e}");
-        }
-        reap_stale();
-        let pid = std::process::id();
-        let subnet = pick_subnet(tag);
-        let dir = tempfile::Builder::new().prefix("tandem-partition-").tempdir().expect("temp dir");
-        let mut t = Topology {
-            prefix: format!("{NS_PREFIX}{pid}x{tag}"),
-            subnet,
-            host_if: format!("tp{pid}x{tag}"),
-            host_if_made: false,
-            namespaces: Vec::new(),
-            nodes: Vec::new(),
-            addrs: Vec::new(),
-            dir: Some(dir),
-        };
-        let br = t.ns_br();
-        t.add_ns(br.clone());
-        must(&["ip", "-n", &br, "link", "add", "br0", "type", "bridge"]);
-        must(&["ip", "-n", &br, "link", "set", "br0", "up"]);
-        for id in NODES {
-            let ns = t.ns(id);
-            t.add_ns(ns.clone());
-            let port = format!("v{id}");
-            must(&["ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &br]);
-            must(&["ip", "-n", &br, "link", "set", &port, "master", "br0", "up"]);
-            must(&["ip", "-n", &ns, "addr", "add", &format!("{}/24", t.ip(id)), "dev", "eth0"]);
-            must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        }
-        let host_if = t.host_if.clone();
-        must(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", "vh", "netns", &br]);
-        t.host_if_made = true;
-        must(&["ip", "-n", &br, "link", "set", "vh", "master", "br0", "up"]);
-        must(&["ip", "addr", "add", &format!("{}/24", t.host_ip()), "dev", &host_if]);
-        must(&["ip", "link", "set", &host_if, "up"]);
-        println!("topology {}: nodes at {}, {}, {}; the test at {}", t.prefix, t.ip(1), t.ip(2), t.ip(3), t.host_ip());
-        t
-    }
-
-    /// `tandem up` makes the CA, certificates and cluster.toml (on 127.0.0.1); the nodes are
-    /// then stopped, their data removed, and the config moved to the namespaces' addresses.
-    fn configure(&mut self, transport: &str) {
-        let dir = self.dir();
-        let d = dir.to_str().expect("utf-8 temp path").to_string();
-        common::run_ok(&["up", "--detach", "--nodes", "3", "--transport", transport, "--dir", &d]);
-        common::run_ok(&["down", "--dir", &d]);
-        for id in NODES {
-            std::fs::remove_dir_all(dir.join(format!("node-{id}"))).expect("remove the loopback run's data");
-            let _ = std::fs::remove_file(dir.join(format!("node-{id}.log")));
-        }
-        let path = dir.join("cluster.toml");
-        let mut cfg: toml::Value = toml::from_str(&std::fs::read_to_string(&path).expect("config")).expect("toml");
-        let nodes = cfg.get_mut("node").and_then(toml::Value::as_array_mut).expect("[[node]]");
-        for node in nodes.iter_mut() {
-            let id = node["id"].as_integer().expect("id") as u64;
-            let ip = self.ip(id);
-            let table = node.as_table_mut().expect("node table");
-            for field in ["raft_addr", "api_addr", "nbd_addr"] {
-                let old: SocketAddr = table[field].as_str().expect("address").parse().expect("socket address");
-                table.insert(field.into(), toml::Value::String(SocketAddr::new(ip.into(), old.port()).to_string()));
-            }
-            let api = format!("http://{}", table["api_addr"].as_str().expect("api_addr"));
-            let nbd = table["nbd_addr"].as_str().expect("nbd_addr").parse().expect("nbd_addr");
-            self.addrs.push((id, NodeAddrs { api, nbd }));
-        }
-        std::fs::write(&path, toml::to_string(&cfg).expect("serialize config")).expect("write config");
-    }
-
-    fn addr(&self, id: u64) -> &NodeAddrs {
-        &self.addrs.iter().find(|(n, _)| *n == id).expect("node address").1
-    }
-
-    fn api(&self, id: u64) -> String {
-        self.addr(id).api.clone()
-    }
-
-    fn nbd(&self, id: u64) -> SocketAddr {
-        self.addr(id).nbd
-    }
-
-    fn log_path(&self, id: u64) -> PathBuf {
-        self.dir().join(format!("ns-node-{id}.log"))
-    }
-
-    fn start_nodes(&mut self) {
-        let dir = self.dir();
-        for id in NODES {
-            let log = std::fs::File::create(self.log_path(id)).expect("log file");
-            let child = Command::new("ip")
-                .args(["netns", "exec", &self.ns(id)])
-                .arg(common::bin())
-                .args(["node", "--config"])
-                .arg(dir.join("cluster.toml"))
-                .args(["--id", &id.to_string()])
-                .env("RUST_LOG", "info,openraft=warn")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log file"))
-                .stderr(log)
-                .spawn()
-                .expect("start a node");
-            self.nodes.push((id, child));
-        }
-        for id in NODES {
-            let api = self.api(id);
-            wait_for(&format!("node {id}'s API at {api}"), Duration::from_secs(30), || {
-                let (_, child) = self.nodes.iter_mut().find(|(n, _)| *n == id).expect("child");
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("node {id} exited while starting ({status}): {}", self.log_tail(id, 30));
-                }
-                http_get(&format!("{api}/v1/cluster"))
-            });
-        }
-        let resp = common::http()
-            .post(format!("{}/v1/cluster/init", self.api(1)))
-            .json(&serde_json::json!({}))
-            .send()
-            .expect("init");
-        assert!(resp.status().is_success(), "init: {} {}", resp.status(), resp.text().unwrap_or_default());
-    }
-
-    /// The leader every node agrees on.
-    fn agreed_leader(&self, nodes: &[u64], timeout: Duration) -> u64 {
-        wait_for("the nodes to agree on a leader", timeout, || {
-            let leaders: Vec<Option<u64>> = nodes
-                .iter()
-                .map(|&id| http_get(&format!("{}/v1/cluster", self.api(id))).and_then(|v| v["raft"]["leader"].as_u64()))
-                .collect();
-            let first = leaders[0]?;
-            leaders.iter().all(|l| *l == Some(first)).then_some(first)
-        })
-    }
-
-    /// Drops every packet between `isolated` and `others` on the bridge.
-    fn partition(&self, isolated: u64, others: &[u64]) {
-        let set = others.iter().map(|&n| self.ip(n).to_string()).collect::<Vec<_>>().join(", ");
-        let p = self.ip(isolated);
-        let rules = format!(
-            "table bridge {PARTITION_TABLE} {{\n  chain cut {{\n    type filter hook forward priority 0; policy accept;\n    \
-             ip saddr {p} ip daddr {{ {set} }} drop\n    ip saddr {{ {set} }} ip daddr {p} drop\n  }}\n}}\n"
-        );
-        let file = self.dir().join("partition.nft");
-        std::fs::write(&file, rules).expect("write the ruleset");
-        must(&["ip", "netns", "exec", &self.ns_br(), "nft", "-f", file.to_str().expect("path")]);
-    }
-
-    fn heal(&self) {
-        must(&["ip", "netns", "exec", &self.ns_br(), "nft", "delete", "table", "bridge", PARTITION_TABLE]);
-    }
-
-    /// Whether a TCP connection from node `from`'s namespace to `to`'s API opens within 1 s.
-    fn can_connect(&self, from: u64, to: u64) -> bool {
-        let target = self.api(to).trim_start_matches("http://").replace(':', "/");
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns(from),
-            "timeout",
-            "1",
-            "bash",
-            "-c",
-            &format!("exec 3<>/dev/tcp/{target}"),
-        ])
-        .is_ok()
-    }
-
-    fn log_tail(&self, id: u64, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Creates the test's volume and waits until its primary serves it with every node in sync;
-    /// its record.
-    fn create_served_volume(&self) -> Value {
-        common::run_ok(&["volume", "create", VOLUME, "--size", "64M", "--endpoint", &self.api(1)]);
-        wait_for("the volume to be served by its primary", Duration::from_secs(30), || {
-            let v = self.volume(1)?;
-            let primary = v["primary"].as_u64()?;
-            (ids(&v["isr"]) == NODES && self.local_copy(primary)?["serving"] == true).then_some(v)
-        })
-    }
-
-    /// The volume's record through node `via` (`tandem volume list --json`).
-    fn volume(&self, via: u64) -> Option<Value> {
-        let out = common::run(&["volume", "list", "--json", "--endpoint", &self.api(via)]);
-        if !out.status.success() {
-            return None;
-        }
-        let list: Value = serde_json::from_slice(&out.stdout).ok()?;
-        list.as_array()?.iter().find(|v| v["name"] == VOLUME).cloned()
-    }
-
-    /// Node `id`'s own copy of the volume (`GET /v1/local/volumes`).
-    fn local_copy(&self, id: u64) -> Option<Value> {
-        let v = http_get(&format!("{}/v1/local/volumes", self.api(id)))?;
-        v["volumes"].as_array()?.iter().find(|x| x["name"] == VOLUME).cloned()
-    }
-
-    fn digest(&self, id: u64) -> Option<String> {
-        self.local_copy(id).and_then(|v| v["digest"].as_str().map(str::to_string))
-    }
-
-    /// Waits until the ISR (seen through `via`) is every node and all copies have one digest.
-    fn wait_identical(&self, via: u64, timeout: Duration) -> (Value, String) {
-        wait_for("every node in the ISR with identical copies", timeout, || {
-            let v = self.volume(via)?;
-            if ids(&v["isr"]) != NODES {
-                return None;
-            }
-            let digests: Vec<String> = NODES.iter().map(|&n| self.digest(n)).collect::<Option<_>>()?;
-            digests.iter().all(|d| *d == digests[0]).then(|| (v, digests[0].clone()))
-        })
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        let failing = std::thread::panicking();
-        for (_, child) in &mut self.nodes {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if failing {
-            for id in NODES {
-                eprintln!("---- end of node {id}'s log ----\n{}", self.log_tail(id, 60));
-            }
-        }
-        if self.host_if_made {
-            let _ = sh(&["ip", "link", "del", &self.host_if]);
-        }
-        for ns in self.namespaces.iter().rev() {
-            // Only this test's node processes can be in there; they were killed above.
-            if let Ok(pids) = sh(&["ip", "netns", "pids", ns]) {
-                for p in pids.split_whitespace() {
-                    let _ = sh(&["kill", "-9", p]);
-                }
-            }
-            if let Err(e) = sh(&["ip", "netns", "del", ns]) {
-                eprintln!("cleanup: {e}");
-            }
-        }
-        if let Some(dir) = self.dir.take() {
-            if std::env::var_os("TANDEM_TEST_KEEP").is_some() {
-                eprintln!("kept {} (TANDEM_TEST_KEEP)", dir.keep().display());
-            }
-        }
-    }
+/// Creates the test's volume and waits until its primary serves it with every node in sync;
+/// its record.
+fn create_volume_in_sync(t: &Cluster) -> Value {
+    create_served_volume(t, VOLUME, "64M");
+    wait_for("the volume to be served by its primary with every node in sync", Duration::from_secs(30), || {
+        let v = volume(t, 1, VOLUME)?;
+        let primary = v["primary"].as_u64()?;
+        (ids(&v["isr"]) == NODES && local_copy(t, primary, VOLUME)?["serving"] == true).then_some(v)
+    })
 }
 
 /// One request the test made to the partitioned primary.
@@ -498,10 +113,10 @@ fn minority_writer(
     log: Arc<Mutex<Vec<Attempt>>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut client = Some(first);
+        let mut client = Reconnecting::starting_with(first, addr, VOLUME, MINORITY_WRITE_TIMEOUT);
         let mut k = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let Some(cl) = connected(&mut client, addr, MINORITY_WRITE_TIMEOUT) else { continue };
+            let Ok(cl) = client.get() else { continue };
             let base = if k.is_multiple_of(2) { MINORITY_FRESH } else { MINORITY_OVER };
             let offset = base + (k / 2 % 64) * BLOCK;
             let data = random_bytes(0x3000 + k, BLOCK as usize);
@@ -511,23 +126,11 @@ fn minority_writer(
             let error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
             log.lock().expect("log").push(Attempt { offset, data, start, end, ok: r.is_ok(), error });
             if r.is_err() {
-                client = None;
+                client.broken();
             }
             k += 1;
         }
     })
-}
-
-/// The client, connecting it again first if the last attempt broke it (`None`, after a pause,
-/// if that fails too).
-fn connected(client: &mut Option<NbdClient>, addr: SocketAddr, timeout: Duration) -> Option<&mut NbdClient> {
-    if client.is_none() {
-        match NbdClient::connect(addr, VOLUME, timeout) {
-            Ok(c) => *client = Some(c),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-    client.as_mut()
 }
 
 /// Reads 4 KiB blocks through `addr` until `stop`; a read counts as served only if it returned
@@ -541,10 +144,10 @@ fn minority_reader(
     log: Arc<Mutex<Vec<Attempt>>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut client = Some(first);
+        let mut client = Reconnecting::starting_with(first, addr, VOLUME, MINORITY_READ_TIMEOUT);
         let mut k = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let Some(cl) = connected(&mut client, addr, MINORITY_READ_TIMEOUT) else { continue };
+            let Ok(cl) = client.get() else { continue };
             let at = (k % 64) * BLOCK;
             let start = cut.elapsed();
             let r = cl.read(MINORITY_READ + at, BLOCK as usize);
@@ -559,7 +162,7 @@ fn minority_reader(
             if ok {
                 std::thread::sleep(Duration::from_millis(20));
             } else {
-                client = None;
+                client.broken();
             }
             k += 1;
         }
@@ -588,8 +191,8 @@ fn wrong_block(id: u64, at: u64, got: &[u8], model: &Model, unacked: &[&Attempt]
 
 /// Reads the whole volume through node `id`'s own NBD address and compares it with `model`;
 /// names the first differing block, what should be there, and what is.
-fn check_volume(t: &Topology, id: u64, model: &Model, unacked: &[&Attempt], cut: Instant) {
-    let mut cl = NbdClient::connect(t.nbd(id), VOLUME, Duration::from_secs(20)).expect("connect for checking");
+fn check_volume(t: &Cluster, id: u64, model: &Model, unacked: &[&Attempt], cut: Instant) {
+    let mut cl = NbdClient::connect(t.nbd_addr(id), VOLUME, Duration::from_secs(20)).expect("connect for checking");
     let mut off = 0u64;
     while off < VOLUME_BYTES {
         let got = cl.read(off, MIB as usize).unwrap_or_else(|e| panic!("node {id}: read at {off}: {e}"));
@@ -605,12 +208,9 @@ fn check_volume(t: &Topology, id: u64, model: &Model, unacked: &[&Attempt], cut:
 }
 
 fn partition_the_primary(transport: &str, tag: u32) {
-    let _turn = common::take_turn();
-    let mut t = Topology::build(tag);
-    t.configure(transport);
-    t.start_nodes();
+    let t = Cluster::in_namespaces(3, transport, tag);
     let leader = t.agreed_leader(&NODES, Duration::from_secs(20));
-    let v = t.create_served_volume();
+    let v = create_volume_in_sync(&t);
     let p = v["primary"].as_u64().expect("primary");
     let epoch0 = v["epoch"].as_u64().expect("epoch");
     let others: Vec<u64> = NODES.into_iter().filter(|&n| n != p).collect();
@@ -618,7 +218,7 @@ fn partition_the_primary(transport: &str, tag: u32) {
 
     // 1. Pattern A through the primary; every replica has it.
     let mut model = Model::new();
-    let mut cl = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(20)).expect("connect to the primary");
+    let mut cl = NbdClient::connect(t.nbd_addr(p), VOLUME, Duration::from_secs(20)).expect("connect to the primary");
     for (off, len, seed) in A_REGIONS {
         let data = random_bytes(seed, len as usize);
         cl.write(off, &data).expect("write pattern A through the primary");
@@ -626,14 +226,15 @@ fn partition_the_primary(transport: &str, tag: u32) {
     }
     cl.flush().expect("flush");
     cl.disconnect();
-    t.wait_identical(p, Duration::from_secs(30));
+    wait_identical(&t, p, VOLUME, &NODES, Duration::from_secs(30));
     assert!(t.can_connect(p, others[0]), "before the partition, node {p} reaches node {}", others[0]);
 
     // 2. The partition. The minority clients connect first, so they need no handshake after it.
-    let wcl = NbdClient::connect(t.nbd(p), VOLUME, MINORITY_WRITE_TIMEOUT).expect("writer connects to the primary");
-    let rcl = NbdClient::connect(t.nbd(p), VOLUME, MINORITY_READ_TIMEOUT).expect("reader connects to the primary");
+    let wcl =
+        NbdClient::connect(t.nbd_addr(p), VOLUME, MINORITY_WRITE_TIMEOUT).expect("writer connects to the primary");
+    let rcl = NbdClient::connect(t.nbd_addr(p), VOLUME, MINORITY_READ_TIMEOUT).expect("reader connects to the primary");
     let before = Instant::now();
-    t.partition(p, &others);
+    t.isolate(p);
     let cut = Instant::now();
     let wall = |at: Instant| {
         let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
@@ -649,15 +250,15 @@ fn partition_the_primary(transport: &str, tag: u32) {
     let reads = Arc::new(Mutex::new(Vec::new()));
     let (a3_off, a3_len, a3_seed) = A_REGIONS[2];
     assert!(a3_off == MINORITY_READ && a3_len >= 64 * BLOCK);
-    let writer = minority_writer(t.nbd(p), wcl, cut, stop.clone(), writes.clone());
+    let writer = minority_writer(t.nbd_addr(p), wcl, cut, stop.clone(), writes.clone());
     let reader =
-        minority_reader(t.nbd(p), rcl, random_bytes(a3_seed, a3_len as usize), cut, stop.clone(), reads.clone());
+        minority_reader(t.nbd_addr(p), rcl, random_bytes(a3_seed, a3_len as usize), cut, stop.clone(), reads.clone());
     let stop_guard = scopeguard(stop.clone());
 
     // The majority fails the volume over.
     let (v1, failover_at) =
         wait_for("the majority to fail the volume over", FAILURE_TIMEOUT + Duration::from_secs(6), || {
-            let v = t.volume(others[0])?;
+            let v = volume(&t, others[0], VOLUME)?;
             (v["primary"].as_u64()? != p && v["epoch"].as_u64()? > epoch0).then(|| (v, cut.elapsed()))
         });
     let q = v1["primary"].as_u64().expect("new primary");
@@ -667,7 +268,7 @@ fn partition_the_primary(transport: &str, tag: u32) {
     assert!(!t.can_connect(p, q), "during the partition node {p} cannot reach node {q}");
     let epoch1 = v1["epoch"].as_u64().expect("epoch");
     let serving_at = wait_for("the new primary to serve", Duration::from_secs(20), || {
-        (t.local_copy(q)?["serving"] == true).then(|| cut.elapsed())
+        (local_copy(&t, q, VOLUME)?["serving"] == true).then(|| cut.elapsed())
     });
     println!(
         "[{transport}] failover to node {q} (epoch {epoch1}, ISR {:?}) seen at +{}, serving at +{}",
@@ -680,7 +281,8 @@ fn partition_the_primary(transport: &str, tag: u32) {
     let majority_start = cut.elapsed();
     let mut majority_writes = Vec::new();
     for (node, name, (off, len, seed)) in [(r, "B", B_REGION), (q, "C", C_REGION)] {
-        let mut cl = NbdClient::connect(t.nbd(node), VOLUME, Duration::from_secs(20)).expect("connect to the majority");
+        let mut cl =
+            NbdClient::connect(t.nbd_addr(node), VOLUME, Duration::from_secs(20)).expect("connect to the majority");
         let data = random_bytes(seed, len as usize);
         cl.write(off, &data).unwrap_or_else(|e| panic!("write through node {node} of the majority: {e}"));
         cl.flush().expect("flush");
@@ -749,12 +351,12 @@ fn partition_the_primary(transport: &str, tag: u32) {
     let heal = Instant::now();
     t.heal();
     println!("[{transport}] healed at +{} ({})", secs(heal - cut), wall(heal));
-    let (v2, digest) = t.wait_identical(q, Duration::from_secs(60));
+    let (v2, digest) = wait_identical(&t, q, VOLUME, &NODES, Duration::from_secs(60));
     let rejoined = heal.elapsed();
     println!("[{transport}] healed; node {p} back in the ISR with identical copies after {}", secs(rejoined));
     assert_eq!(v2["primary"].as_u64(), Some(q), "the primary stays where the majority put it: {v2}");
     assert_eq!(v2["epoch"].as_u64(), Some(epoch1), "no further failover: {v2}");
-    let resynced = t.local_copy(q).and_then(|c| c["resync_bytes_sent"].as_u64()).unwrap_or(0);
+    let resynced = local_copy(&t, q, VOLUME).and_then(|c| c["resync_bytes_sent"].as_u64()).unwrap_or(0);
     assert!(resynced > 0, "node {p} missed the majority's writes, so its resync must have moved something");
     for id in NODES {
         check_volume(&t, id, &model, &unacked, cut);
@@ -768,7 +370,9 @@ fn partition_the_primary(transport: &str, tag: u32) {
     blocks.dedup();
     let mut clients: Vec<(u64, NbdClient)> = NODES
         .iter()
-        .map(|&n| (n, NbdClient::connect(t.nbd(n), VOLUME, Duration::from_secs(20)).expect("connect for watching")))
+        .map(|&n| {
+            (n, NbdClient::connect(t.nbd_addr(n), VOLUME, Duration::from_secs(20)).expect("connect for watching"))
+        })
         .collect();
     while cut.elapsed() < until {
         for (n, cl) in &mut clients {
@@ -785,7 +389,7 @@ fn partition_the_primary(transport: &str, tag: u32) {
         blocks.len(),
         secs(cut.elapsed())
     );
-    let digests: Vec<Option<String>> = NODES.iter().map(|&n| t.digest(n)).collect();
+    let digests: Vec<Option<String>> = NODES.iter().map(|&n| tandem_testkit::digest(&t, n, VOLUME)).collect();
     assert!(digests.iter().all(|d| d.as_deref() == Some(digest.as_str())), "digests at the end: {digests:?}");
     println!(
         "[{transport}] one history: every node reads the majority's data, digest {digest}; timings: lease end \
@@ -828,28 +432,25 @@ fn a_partitioned_primary_stops_at_its_lease_end_and_rejoins_one_history_over_qui
 /// never served with it.
 #[test]
 fn a_cut_off_primary_never_serves_a_read_of_a_write_its_backups_lack() {
-    let _turn = common::take_turn();
-    let mut t = Topology::build(2);
-    t.configure("tcp");
-    t.start_nodes();
+    let t = Cluster::in_namespaces(3, "tcp", 2);
     t.agreed_leader(&NODES, Duration::from_secs(20));
-    let v = t.create_served_volume();
+    let v = create_volume_in_sync(&t);
     let p = v["primary"].as_u64().expect("primary");
     let epoch0 = v["epoch"].as_u64().expect("epoch");
     let others: Vec<u64> = NODES.into_iter().filter(|&n| n != p).collect();
     let at = 4 * MIB;
     let old = random_bytes(0x1a, BLOCK as usize);
     let new = random_bytes(0x1b, BLOCK as usize);
-    let mut cl = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(20)).expect("connect to the primary");
+    let mut cl = NbdClient::connect(t.nbd_addr(p), VOLUME, Duration::from_secs(20)).expect("connect to the primary");
     cl.write(at, &old).expect("write the old data through the primary");
     cl.flush().expect("flush");
     cl.disconnect();
-    t.wait_identical(p, Duration::from_secs(30));
+    wait_identical(&t, p, VOLUME, &NODES, Duration::from_secs(30));
 
     // Both clients connect before the cut; the test's own link to the primary stays up.
-    let mut writer = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(3)).expect("writer connects");
-    let mut reader = NbdClient::connect(t.nbd(p), VOLUME, Duration::from_secs(3)).expect("reader connects");
-    t.partition(p, &others);
+    let mut writer = NbdClient::connect(t.nbd_addr(p), VOLUME, Duration::from_secs(3)).expect("writer connects");
+    let mut reader = NbdClient::connect(t.nbd_addr(p), VOLUME, Duration::from_secs(3)).expect("reader connects");
+    t.isolate(p);
     let cut = Instant::now();
     let sent = new.clone();
     let write = std::thread::spawn(move || writer.write(at, &sent).map_err(|e| e.to_string()));
@@ -883,16 +484,15 @@ fn a_cut_off_primary_never_serves_a_read_of_a_write_its_backups_lack() {
     }
 
     // The primary dies; the majority fails over to a backup, which never had the write.
-    let (_, child) = t.nodes.iter_mut().find(|(n, _)| *n == p).expect("primary's process");
-    child.kill().expect("kill -9 the primary");
-    child.wait().expect("reap the primary");
+    t.kill(p);
     t.heal();
     let v1 = wait_for("the majority to fail the volume over", FAILURE_TIMEOUT + Duration::from_secs(20), || {
-        let v = t.volume(others[0])?;
+        let v = volume(&t, others[0], VOLUME)?;
         (v["primary"].as_u64()? != p && v["epoch"].as_u64()? > epoch0).then_some(v)
     });
     let q = v1["primary"].as_u64().expect("new primary");
-    let mut cl = NbdClient::connect(t.nbd(q), VOLUME, Duration::from_secs(20)).expect("connect to the new primary");
+    let mut cl =
+        NbdClient::connect(t.nbd_addr(q), VOLUME, Duration::from_secs(20)).expect("connect to the new primary");
     let after = cl.read(at, BLOCK as usize).expect("read through the new primary");
     assert!(after[..] == old[..], "after the failover to node {q} the block holds the old data");
     println!("after the failover to node {q}: the block holds the old data, as every read through node {p} showed");

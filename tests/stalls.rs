@@ -6,19 +6,19 @@
 //! nodes with SIGSTOP/SIGCONT, asserts zero host-visible errors, reads every byte back, and
 //! prints the worst write latency the host saw.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::nbd::NbdClient;
-use common::{create_served_volume, ids, random_bytes, require_tools, volume, wait_for, Cluster};
 use serde_json::Value;
+use tandem_testkit::{
+    block_version, create_served_volume, ids, random_bytes, require_tools, volume, wait_for, wait_identical, Cluster,
+    NbdClient, Reap, Rng,
+};
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
@@ -27,16 +27,6 @@ const BLOCK: u64 = 4096;
 /// that a slow answer is never mistaken for a failed one; a request that takes this long
 /// fails the test anyway.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Kills a child process when dropped (also when the test fails).
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Waits for `child` to exit within `timeout`; returns its stdout and stderr.
 fn finish(mut child: Reap, timeout: Duration) -> (std::process::ExitStatus, String, String) {
@@ -138,17 +128,8 @@ fn a_primary_stopped_for_17_s_under_fio_costs_the_host_latency_not_errors() {
     assert!(written > 0 && verified > 0, "fio wrote {written} and verified {verified} bytes");
 
     // The stopped node comes back as a backup, is resynced, and every copy is the same.
-    let isr = wait_for(&format!("node {p} back in the ISR with identical copies"), Duration::from_secs(90), || {
-        let v = volume(&c, via, "vs")?;
-        let isr = ids(&v["isr"]);
-        let digests: Vec<String> = c
-            .node_ids()
-            .iter()
-            .map(|&n| common::local_copy(&c, n, "vs").map(|l| l["digest"].to_string()))
-            .collect::<Option<_>>()?;
-        (isr.len() == 3 && digests.iter().all(|d| *d == digests[0])).then_some(isr)
-    });
-    println!("ISR {isr:?}, identical copies");
+    let (v, _) = wait_identical(&c, via, "vs", &c.node_ids(), Duration::from_secs(90));
+    println!("ISR {:?}, identical copies", ids(&v["isr"]));
 }
 
 /// CPU-burning processes beside the cluster, killed on drop.
@@ -169,7 +150,7 @@ struct Log {
 }
 
 fn block_data(block: u64, value: u64) -> Vec<u8> {
-    random_bytes(block.wrapping_mul(0x9e37_79b9) ^ value, BLOCK as usize)
+    block_version(block, value, BLOCK as usize)
 }
 
 /// Writes 4 KiB blocks in `[first, first + blocks)` through `addr` on one connection until
@@ -191,13 +172,10 @@ fn writer(
                 return;
             }
         };
-        let mut x = seed | 1;
+        let mut rng = Rng::new(seed);
         let mut value = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let block = first + x % blocks;
+            let block = first + rng.below(blocks);
             value += 1;
             let start = epoch.elapsed();
             let result = cl.write(block * BLOCK, &block_data(block, value));

@@ -1,12 +1,10 @@
 //! Datasets and volumes end to end: created, listed and deleted through the CLI and the HTTP
 //! API of real `tandem` processes, refused when the input is bad, kept across a full restart.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{http, run, run_ok, Cluster};
 use serde_json::{json, Value};
+use tandem_testkit::{http, ids, run_tandem as run, run_tandem_ok as run_ok, Cluster};
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
@@ -21,10 +19,6 @@ fn by_name<'a>(list: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|v| v["name"] == name)
         .unwrap_or_else(|| panic!("no {name:?} in {list}"))
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().expect("an array of ids").iter().map(|i| i.as_u64().expect("an id")).collect()
 }
 
 /// Runs a command that must fail; returns its stderr after checking it mentions `needle`.

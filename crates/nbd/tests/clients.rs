@@ -3,38 +3,38 @@
 
 mod common;
 
-use std::process::Output;
 use std::sync::atomic::Ordering;
 
 use common::{pseudo_random_bytes, require_tools, TestServer, DEADLINE, MIB};
 use tandem_nbd::READ_CHUNK_BYTES;
+use tandem_testkit::qemu::{qemu_io_args, Ran};
 
-async fn run(program: &str, args: &[&str]) -> Output {
-    let child = tokio::process::Command::new(program).args(args).kill_on_drop(true).output();
-    tokio::time::timeout(DEADLINE, child)
-        .await
-        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish by the deadline"))
-        .unwrap_or_else(|err| panic!("{program} could not start: {err}"))
+/// Runs a client off the runtime's workers (the server under test runs on them), by the
+/// deadline.
+async fn run(program: &str, args: &[&str]) -> Ran {
+    let program = program.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tandem_testkit::qemu::run_within(&program, &args, DEADLINE)
+    })
+    .await
+    .expect("the client runner")
 }
 
 /// Runs a client that must succeed; returns its stdout and stderr together.
 async fn run_ok(program: &str, args: &[&str]) -> String {
-    let output = run(program, args).await;
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "{program} {args:?} failed ({}):\n{text}", output.status);
-    text
+    let ran = run(program, args).await;
+    assert!(ran.status.success(), "{program} {args:?} failed ({}):\n{}", ran.status, ran.text);
+    ran.text
 }
 
-async fn qemu_io(url: &str, commands: &[&str]) -> Output {
-    let mut args = vec!["-f", "raw", url];
-    for command in commands {
-        args.extend(["-c", command]);
-    }
-    run("qemu-io", &args).await
+async fn qemu_io(url: &str, commands: &[&str]) -> Ran {
+    run("qemu-io", &qemu_io_args(url, commands)).await
 }
 
-fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+fn text(output: &Ran) -> String {
+    output.text.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

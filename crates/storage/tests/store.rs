@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tandem_storage::{
     zero_block_crc, BlockStore, Lsn, SledStore, StoreError, StoreOptions, CHUNK_BLOCKS, PENDING_BYTES_MAX,
@@ -28,12 +28,8 @@ async fn sync(store: &SledStore) {
 }
 
 /// Polls `cond` until it holds, or fails after a deadline (no fixed sleeps).
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    tandem_testkit::wait::eventually(what, Duration::from_secs(20), cond).await
 }
 
 #[tokio::test]

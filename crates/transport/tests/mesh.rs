@@ -521,11 +521,8 @@ fn spawn_call(a: &Mesh, name: String) -> Call {
 async fn block_every_slot(a: &Mesh, running: impl Fn() -> usize) -> Vec<Call> {
     let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
     let calls = (0..slots).map(|i| spawn_call(a, format!("block-{i}"))).collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while running() < slots {
-        assert!(Instant::now() < deadline, "the blocking requests never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tandem_testkit::wait::eventually("the blocking requests to start", Duration::from_secs(10), || running() >= slots)
+        .await;
     calls
 }
 

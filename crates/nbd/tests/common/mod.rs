@@ -235,33 +235,9 @@ pub struct RawClient {
     pub stream: TcpStream,
 }
 
-pub fn option_bytes(option: u32, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(b"IHAVEOPT");
-    out.extend_from_slice(&option.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
-pub fn go_bytes(export: &str) -> Vec<u8> {
-    let mut data = Vec::new();
-    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    option_bytes(7, &data)
-}
-
-pub fn request_bytes(command: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&command.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&length.to_be_bytes());
-    out
-}
+// The wire bytes come from the one test client's module.
+#[allow(unused_imports)] // each test binary uses some
+pub use tandem_testkit::nbd::{go_bytes, option_bytes, request_bytes};
 
 impl RawClient {
     /// Connects and checks the greeting (fixed newstyle, no-zeroes offered).
@@ -348,71 +324,11 @@ impl RawClient {
     }
 }
 
-/// A deterministic byte stream (xorshift64*), so a failing test can be replayed from its seed.
-pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// Seeded data and the installer of real clients are the test kit's.
+#[allow(unused_imports)] // each test binary uses some
+pub use tandem_testkit::{random_bytes as pseudo_random_bytes, require_tools};
 
 /// Polls `condition` until it holds or [`DEADLINE`] passes.
-pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let start = tokio::time::Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// The Debian package that provides each real client the tests drive.
-const TOOL_PACKAGES: &[(&str, &str)] = &[
-    ("qemu-io", "qemu-utils"),
-    ("qemu-img", "qemu-utils"),
-    ("qemu-nbd", "qemu-utils"),
-    ("nbdinfo", "libnbd-bin"),
-    ("nbdcopy", "libnbd-bin"),
-    ("fio", "fio"),
-];
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-}
-
-/// Makes sure the real clients a test drives are installed. On a fresh Debian machine, as
-/// root, it installs their packages (once), so `cargo test --workspace` needs no other set-up.
-/// A client that cannot be had fails the test: it never passes without running.
-pub fn require_tools(tools: &[&str]) {
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
-    if missing.is_empty() {
-        return;
-    }
-    let mut packages: Vec<&str> =
-        missing.iter().filter_map(|t| TOOL_PACKAGES.iter().find(|(tool, _)| tool == t).map(|(_, p)| *p)).collect();
-    packages.sort();
-    packages.dedup();
-    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if root && on_path("apt-get") && !packages.is_empty() {
-        println!("installing {packages:?} for {missing:?}");
-        let _ = std::process::Command::new("apt-get").args(["update", "-qq"]).status();
-        let _ = std::process::Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status();
-    }
-    let still: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
-    assert!(
-        still.is_empty(),
-        "this test drives {still:?}; install the packages {packages:?} (as root: apt-get install)"
-    );
+pub async fn eventually(what: &str, condition: impl FnMut() -> bool) {
+    tandem_testkit::wait::eventually(what, DEADLINE, condition).await
 }
