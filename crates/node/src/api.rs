@@ -517,9 +517,20 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
+#[derive(Deserialize)]
+struct LocalVolumesQuery {
+    /// With `data=true`, each copy also carries `data_digest`: its data read back from the
+    /// store (slow on large volumes), where `digest` folds only the stored checksums.
+    #[serde(default)]
+    data: bool,
+}
+
 /// This node's own copies of volumes: whether it serves each as primary, resync figures, and a
 /// digest of its data (for comparing replicas). Answered locally, never forwarded.
-async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
+async fn local_volumes(
+    State(st): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<LocalVolumesQuery>,
+) -> Json<serde_json::Value> {
     let plane = st.plane.clone();
     let volumes = tokio::task::spawn_blocking(move || {
         plane
@@ -527,14 +538,21 @@ async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
             .into_iter()
             .map(|v| {
                 let digest = plane.local_digest(v.id).map(|d| format!("{d:016x}")).ok();
-                serde_json::json!({
+                let mut copy = serde_json::json!({
                     "id": v.id,
                     "name": v.name,
                     "serving": v.serving,
                     "resync_bytes_sent": v.resync_bytes_sent,
                     "resync_bytes_compared": v.resync_bytes_compared,
                     "digest": digest,
-                })
+                });
+                if q.data {
+                    copy["data_digest"] = match plane.local_data_digest(v.id) {
+                        Ok(d) => format!("{d:016x}").into(),
+                        Err(e) => format!("error: {e}").into(),
+                    };
+                }
+                copy
             })
             .collect::<Vec<_>>()
     })
