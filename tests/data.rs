@@ -26,6 +26,43 @@ fn nbd_url(c: &Cluster, id: u64, volume: &str) -> String {
     format!("nbd://{}/{volume}", c.nbd_addr(id))
 }
 
+/// Node `id`'s own copy of `name`, read back from its store (not through the primary): the
+/// `data_digest` of `GET /v1/local/volumes?data=true`.
+fn data_digest(c: &Cluster, id: u64, name: &str) -> String {
+    let v: Value = http()
+        .get(format!("{}/v1/local/volumes?data=true", c.api(id)))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_else(|e| panic!("node {id}: local volumes with data digests: {e}"));
+    let copy = v["volumes"].as_array().and_then(|a| a.iter().find(|x| x["name"] == name));
+    let copy = copy.unwrap_or_else(|| panic!("node {id} holds no copy of {name}: {v}"));
+    copy["data_digest"].as_str().unwrap_or_else(|| panic!("node {id}: no data digest of {name}: {copy}")).to_string()
+}
+
+/// What `data_digest` says of a copy holding `data`: the crc32c of each 4 KiB block, folded
+/// with FNV-1a.
+fn digest_of(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for block in data.chunks(BLOCK as usize) {
+        for b in crc32c::crc32c(block).to_be_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// Every node in `nodes` holds `want` in its own store: read there, not through the primary
+/// (which every NBD read reaches).
+fn assert_replicas_hold(c: &Cluster, nodes: &[u64], name: &str, want: &[u8]) {
+    let want = digest_of(want);
+    for &n in nodes {
+        let got = data_digest(c, n, name);
+        assert_eq!(got, want, "node {n}: its own copy of {name}, read from its store, is not what was written");
+    }
+}
+
 fn create_volume(c: &Cluster, name: &str, size: &str) -> Value {
     require_tools(&["qemu-io", "qemu-img", "nbdinfo", "nbdcopy", "fio"]);
     create_served_volume(c, name, size)
@@ -62,6 +99,8 @@ fn real_clients_write_through_one_node_and_read_through_the_others() {
     // A backup that fell behind under the copy (2 s without an ack) left the ISR and is
     // resynced: up to the whole 256 MiB, one chunk at a time.
     wait_identical(&c, 1, "v1", &[1, 2, 3], Duration::from_secs(120));
+    // Every read above reached the primary; each replica's own data is what was copied in.
+    assert_replicas_hold(&c, &[1, 2, 3], "v1", &a);
 }
 
 /// What a writer did: per block, the latest acknowledged value and any later attempts.
@@ -133,6 +172,25 @@ fn check_history(c: &Cluster, nodes: &[u64], name: &str, history: &History) {
     }
 }
 
+/// Every replica in `nodes` holds what the writer left, in its own store: each block's
+/// acknowledged value, or a later attempt that may have landed (as read through `via`), and
+/// zeros where nothing was written. The volumes written are 64 MiB.
+fn check_replicas(c: &Cluster, via: u64, nodes: &[u64], name: &str, history: &History) {
+    let mut image = vec![0u8; 64 * MIB as usize];
+    let mut cl = NbdClient::connect(c.nbd_addr(via), name, Duration::from_secs(20)).expect("connect for checking");
+    let written: std::collections::BTreeSet<u64> = history.acked.keys().chain(history.maybe.keys()).copied().collect();
+    for block in written {
+        let got = cl.read(block * BLOCK, BLOCK as usize).expect("read back");
+        let acked = history.acked.get(&block);
+        let ok = acked.map_or(got == vec![0u8; BLOCK as usize], |&v| got == block_data(block, v))
+            || history.maybe.get(&block).is_some_and(|later| later.iter().any(|&v| got == block_data(block, v)));
+        assert!(ok, "node {via}: block {block} holds neither its acknowledged write {acked:?} nor a later attempt");
+        let at = (block * BLOCK) as usize;
+        image[at..at + BLOCK as usize].copy_from_slice(&got);
+    }
+    assert_replicas_hold(c, nodes, name, &image);
+}
+
 /// Creates 64 MiB volumes `<prefix>1`, `<prefix>2`, ... until one has its primary on the Raft
 /// leader's node (`on_leader`) or off it; its name. Primaries are spread by volume id: of three
 /// volumes, one has each node as primary.
@@ -186,11 +244,13 @@ fn kill_the_primary_under_writes(leader_too: bool) {
     assert!(v["epoch"].as_u64().expect("epoch") >= 2, "the epoch moved on: {v}");
     check_history(&c, &survivors, name, &h);
     wait_identical(&c, survivors[0], name, &survivors, Duration::from_secs(30));
+    check_replicas(&c, survivors[0], &survivors, name, &h);
 
     // The old primary returns: it is resynced, rejoins, and holds the same data.
     c.restart_missing();
     wait_identical(&c, survivors[0], name, &[1, 2, 3], Duration::from_secs(60));
     check_history(&c, &[primary], name, &h);
+    check_replicas(&c, survivors[0], &[1, 2, 3], name, &h);
 }
 
 #[test]
@@ -274,11 +334,13 @@ fn a_lease_blip_of_the_primary_during_a_re_add_then_its_kill_loses_no_write() {
     check_history(&c, &survivors_isr, name, &h);
     wait_identical(&c, leader, name, &others, Duration::from_secs(60));
     check_history(&c, &others, name, &h);
+    check_replicas(&c, leader, &others, name, &h);
 
     // The old primary returns, is resynced, and holds the same data.
     c.restart_missing();
     wait_identical(&c, leader, name, &[1, 2, 3], Duration::from_secs(60));
     check_history(&c, &[primary], name, &h);
+    check_replicas(&c, leader, &[1, 2, 3], name, &h);
 }
 
 #[test]
@@ -297,14 +359,20 @@ fn a_returning_backup_resyncs_only_what_changed() {
     qemu_io(&url, &["write -P 0x22 64M 1M", "write -P 0x33 200M 512k", "write -P 0x44 4M 4k"]);
     let v = volume(&c, primary, "vr").expect("volume");
     assert!(!ids(&v["isr"]).contains(&backup), "the dead backup left the ISR: {v}");
-    let sent_before = local_copy(&c, primary, "vr").expect("copy")["resync_bytes_sent"].as_u64().expect("bytes");
+    let resync = |field: &str| local_copy(&c, primary, "vr").expect("copy")[field].as_u64().expect("bytes");
+    let (sent_before, compared_before) = (resync("resync_bytes_sent"), resync("resync_bytes_compared"));
 
     c.restart_missing();
     wait_identical(&c, primary, "vr", &[1, 2, 3], Duration::from_secs(60));
-    let sent = local_copy(&c, primary, "vr").expect("copy")["resync_bytes_sent"].as_u64().expect("bytes") - sent_before;
-    println!("resync moved {sent} bytes of a 256 MiB volume");
+    let sent = resync("resync_bytes_sent") - sent_before;
+    let compared = resync("resync_bytes_compared") - compared_before;
+    println!("resync compared {compared} bytes and moved {sent} bytes of a 256 MiB volume");
     assert!(sent > 0, "the returning backup missed writes, so something must move");
     assert!(sent <= 8 * MIB, "resync moved {sent} bytes; only ~1.5 MiB changed");
+    // Only the chunks written while it was away are compared (3 chunks of 1 MiB), not the
+    // whole volume: a resync that compared every chunk would also send only ~1.5 MiB.
+    assert!(compared >= sent, "resync sent {sent} bytes but compared only {compared}");
+    assert!(compared <= 8 * MIB, "resync compared {compared} bytes of a 256 MiB volume; only 3 chunks changed");
     qemu_io(&nbd_url(&c, backup, "vr"), &["read -P 0x22 64M 1M", "read -P 0x33 200M 512k", "read -P 0x11 0 4M"]);
 }
 

@@ -8,8 +8,9 @@
 //!   unavailable, and gets them back only after sustained success; noisy latency never
 //!   changes a map; a port much slower than its sibling stops being optimized.
 //! - kill -9 of a primary that is not the Raft leader: a watching host sees a map with the dead
-//!   node's paths unavailable and another node's active-optimized within 2 s; the host agent's map file follows; the
-//!   node comes back as an in-sync replica after a restart.
+//!   node's paths unavailable and another node's active-optimized (how fast: `tandem bench
+//!   failover`); the host agent's map file follows; the failover commits to the node the map
+//!   pointed at; the node comes back as an in-sync replica after a restart.
 //! - A real agent whose probes to one node's port time out (nftables drops its SYNs): only that
 //!   path becomes unavailable for its host, the other host is unaffected, and the path returns
 //!   once the port answers again.
@@ -181,16 +182,28 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
     }
     assert_eq!(rows[0].4, "primary");
     assert!(rows[2].4.contains("in-sync replica") && rows[2].4.contains("node 2"), "{rows:?}");
-    // The same map from every node; a host in site b gets its own site's replica first.
+    // The same map from every node; a host in site b gets its own site's replica first. A
+    // newer generation may appear between two reads: then read all three again until they
+    // show one generation, and at it, the same paths.
     let generation = ha["generation"].as_u64().expect("generation");
     assert!(generation >= 1, "{ha}");
-    for via in [2, 3] {
-        let m = paths(&c, via, "ha").expect("map");
-        let g = m["generation"].as_u64().expect("generation");
-        assert!(g >= generation, "node {via} showed generation {g} after node 1 showed {generation}");
-        if g == generation {
-            assert_eq!(v1_paths(&m), rows, "node {via}: generation {g} differs");
+    let (g, agreed) = wait_for("nodes 1, 2 and 3 to show ha's map at one generation", Duration::from_secs(30), || {
+        let maps = [1, 2, 3].map(|via| paths(&c, via, "ha"));
+        let gens: Vec<u64> = maps.iter().map(|m| m.as_ref()?.get("generation")?.as_u64()).collect::<Option<_>>()?;
+        for (via, g) in [1, 2, 3].into_iter().zip(&gens) {
+            assert!(*g >= generation, "node {via} showed generation {g} after node 1 showed {generation}");
         }
+        if gens.iter().any(|g| *g != gens[0]) {
+            return None;
+        }
+        let rows: Vec<_> = maps.iter().map(|m| v1_paths(m.as_ref().expect("map"))).collect();
+        for via in [2, 3] {
+            assert_eq!(rows[via - 1], rows[0], "node {via} and node 1 differ at generation {}", gens[0]);
+        }
+        Some((gens[0], rows[0].clone()))
+    });
+    if g == generation {
+        assert_eq!(agreed, rows, "generation {g} differs from node 1's first read");
     }
     let hb = wait_map(&c, 3, "hb", "a map with four paths", LEADER_WAIT, |m| v1_paths(m).len() == 4);
     let names: Vec<String> = v1_paths(&hb).into_iter().map(|r| r.0).collect();
@@ -374,7 +387,7 @@ fn agent(c: &Cluster, via: u64, host: &str, map_file: &std::path::Path, more: &[
 }
 
 #[test]
-fn a_watching_host_sees_the_dead_primary_unavailable_within_two_seconds() {
+fn a_watching_host_sees_the_dead_primary_unavailable_and_the_failover_follows_its_map() {
     let Setup { c, .. } = setup();
     // A second volume: its primary is node 1, v1's is node 2. The test kills the primary of the
     // one whose primary is not the Raft leader: when the primary also leads Raft, an election
@@ -413,10 +426,12 @@ fn a_watching_host_sees_the_dead_primary_unavailable_within_two_seconds() {
         rows.iter().filter(|r| r.1 == p).all(|r| r.3 == "unavailable")
             && rows.iter().any(|r| r.1 != p && r.3 == "active-optimized")
     };
+    // Generous: how fast the map moves is measured by `tandem bench failover` (path map,
+    // docs/BENCHMARKS.md), not here, where a starved machine would only make it flaky.
     let mut seen = None;
     while seen.is_none() {
-        let left = Duration::from_secs(10).saturating_sub(killed.elapsed());
-        let (at, m) = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no map without node {p} within 10 s"));
+        let left = Duration::from_secs(30).saturating_sub(killed.elapsed());
+        let (at, m) = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no map without node {p} within 30 s"));
         if dead_paths_gone(&m) {
             seen = Some((at.duration_since(killed), m));
         }
@@ -426,7 +441,6 @@ fn a_watching_host_sees_the_dead_primary_unavailable_within_two_seconds() {
         "killed primary {p} (Raft leader {leader}); the watching host had the new map after {} ms: {m}",
         after.as_millis()
     );
-    assert!(after <= Duration::from_secs(2), "new map after {after:?}: {m}");
     let ao: Vec<u64> = vol_paths(&m).into_iter().filter(|r| r.3 == "active-optimized").map(|r| r.1).collect();
     assert!(ao.iter().all(|&n| n != p), "{m}");
 

@@ -456,10 +456,21 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
+#[derive(Deserialize)]
+struct LocalVolumesQuery {
+    /// With `data=true`, each copy also carries `data_digest`: its data read back from the
+    /// store (slow on large volumes), where `digest` folds only the stored checksums.
+    #[serde(default)]
+    data: bool,
+}
+
 /// This node's own copies of volumes: whether it serves each as primary, resync figures, and a
 /// digest of its data (for comparing replicas); and the host protocols' shared read buffers
 /// (`frontend`). Answered locally, never forwarded.
-async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
+async fn local_volumes(
+    State(st): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<LocalVolumesQuery>,
+) -> Json<serde_json::Value> {
     // Bounded (LOCAL_DIGESTS_MAX): each digest reads every block's checksum on a blocking thread.
     let _digesting = st.local_digests.acquire().await.expect("the semaphore is never closed");
     let plane = st.plane.clone();
@@ -469,14 +480,21 @@ async fn local_volumes(State(st): State<ApiState>) -> Json<serde_json::Value> {
             .into_iter()
             .map(|v| {
                 let digest = plane.local_digest(v.id).map(|d| format!("{d:016x}")).ok();
-                serde_json::json!({
+                let mut copy = serde_json::json!({
                     "id": v.id,
                     "name": v.name,
                     "serving": v.serving,
                     "resync_bytes_sent": v.resync_bytes_sent,
                     "resync_bytes_compared": v.resync_bytes_compared,
                     "digest": digest,
-                })
+                });
+                if q.data {
+                    copy["data_digest"] = match plane.local_data_digest(v.id) {
+                        Ok(d) => format!("{d:016x}").into(),
+                        Err(e) => format!("error: {e}").into(),
+                    };
+                }
+                copy
             })
             .collect::<Vec<_>>()
     })

@@ -450,6 +450,29 @@ impl<S: BlockStore> DataPlane<S> {
         Ok(h)
     }
 
+    /// A digest of the data of this node's own copy of volume `id`, read from its store: the
+    /// crc32c of each block as read, folded like [`DataPlane::local_digest`], so the two agree
+    /// when the store's data matches its index. Reads the whole copy (blocking, slow on large
+    /// volumes): for tests that compare what each replica holds, not for status.
+    pub fn local_data_digest(&self, id: VolumeId) -> Result<u64, String> {
+        let size = self.inner.volume(id).ok_or("no local copy")?.cfg.lock().expect("cfg lock").size_bytes;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut buf = vec![0u8; (CHUNK_BYTES as usize).min(size as usize)];
+        let mut at = 0;
+        while at < size {
+            let len = (size - at).min(CHUNK_BYTES) as usize;
+            self.inner.store.read(id, at, &mut buf[..len]).map_err(|e| e.to_string())?;
+            for block in buf[..len].chunks(BLOCK_BYTES as usize) {
+                for b in crc32c::crc32c(block).to_be_bytes() {
+                    h ^= b as u64;
+                    h = h.wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+            at += len as u64;
+        }
+        Ok(h)
+    }
+
     /// The committed configuration of the volume named `name`. Any node serves any volume:
     /// those it holds no copy of are proxied to their primary.
     pub fn volume_by_name(&self, name: &str) -> Option<VolumeConfig> {
