@@ -365,19 +365,21 @@ async fn concurrent_waiters_share_flushes() {
     store.create_volume(1, 64 * MIB).unwrap();
     sync(&store).await;
     let before = store.space().flushes;
+    // Every write is in before anyone waits, so the result does not depend on how the tasks
+    // are scheduled (on a starved machine each task could otherwise write and wait alone):
+    // the waiters, all at once, are served by the flush that covers them all (and at most one
+    // more, a timed flush that may have caught the first writes).
+    let lsns: Vec<Lsn> = (0..WRITERS).map(|t| store.write(1, t * 7 * B, &[t as u8; B as usize]).unwrap()).collect();
     let mut tasks = tokio::task::JoinSet::new();
-    for t in 0..WRITERS {
+    for lsn in lsns {
         let store = store.clone();
-        tasks.spawn(async move {
-            let lsn = store.write(1, t * 7 * B, &[t as u8; B as usize]).unwrap();
-            store.durable(lsn).await.unwrap();
-        });
+        tasks.spawn(async move { store.durable(lsn).await.unwrap() });
     }
     while let Some(r) = tasks.join_next().await {
         r.unwrap();
     }
     let flushes = store.space().flushes - before;
-    assert!(flushes <= WRITERS / 4, "{WRITERS} waiters took {flushes} flushes");
+    assert!(flushes <= 2, "{WRITERS} waiters took {flushes} flushes");
     for t in 0..WRITERS {
         assert_eq!(read(&store, 1, t * 7 * B, B), vec![t as u8; B as usize]);
     }
