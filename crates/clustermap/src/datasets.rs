@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use tandem_types::{validate_name, NodeId};
 
+use crate::key::ObjectKey;
 use crate::map::ClusterMap;
-use crate::objects::ObjectKey;
 use crate::MetaReply;
 
 /// The dataset a volume joins when its creator names none. It is created on first use, with

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use tandem_paths::VolumePaths;
 use tandem_types::{validate_name, VolumeId};
 
+use crate::key::ObjectKey;
 use crate::map::ClusterMap;
-use crate::objects::ObjectKey;
 use crate::MetaReply;
 
 /// Hosts the map holds at most; each carries its published path map.

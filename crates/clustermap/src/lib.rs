@@ -26,6 +26,7 @@ mod apply;
 pub mod command;
 pub mod datasets;
 pub mod hosts;
+pub mod key;
 pub mod map;
 pub mod nodes;
 pub mod objects;
@@ -40,7 +41,8 @@ pub use hosts::{
     path_map_bytes, HostRecord, HOSTS_MAX, HOST_VOLUMES_MAX, PATH_MAP_BYTES_MAX, PATH_REASON_BYTES_MAX,
     VOLUME_PATHS_MAX,
 };
+pub use key::ObjectKey;
 pub use map::ClusterMap;
 pub use nodes::{NodeRecord, EXTRA_TARGETS_MAX};
-pub use objects::{Object, ObjectKey};
+pub use objects::Object;
 pub use volumes::{ResyncProgress, VolumeRecord, VOLUMES_MAX};

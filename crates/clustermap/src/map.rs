@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tandem_types::{Layer, NodeId, TransportKind, VolumeId};
 
-use crate::objects::ObjectKey;
+use crate::key::ObjectKey;
 use crate::{DatasetRecord, HostRecord, NodeRecord, VolumeRecord};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 use tandem_types::{validate_name, Layer, NodeId, TransportKind, SETTING_VALUE_BYTES_MAX};
 
+use crate::key::ObjectKey;
 use crate::map::ClusterMap;
-use crate::objects::ObjectKey;
 use crate::MetaReply;
 
 /// Extra target ports (NBD addresses besides `nbd_addr`) a node may advertise.

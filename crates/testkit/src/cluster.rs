@@ -132,7 +132,7 @@ impl<'a> ClusterBuilder<'a> {
                 }
                 c.wait_for_apis(&ids)?;
                 let init = format!("{}/v1/cluster/init", c.api(1));
-                let resp = crate::queries::http()
+                let resp = crate::http::http()
                     .post(&init)
                     .json(&serde_json::json!({}))
                     .send()

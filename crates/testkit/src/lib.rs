@@ -22,6 +22,7 @@
 pub mod binary;
 pub mod cluster;
 pub mod firewall;
+pub mod http;
 pub mod nbd;
 pub mod netns;
 pub mod process;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::cluster::Cluster;
+pub use crate::http::http;
 use crate::wait::{poll, POLL_INTERVAL};
 use crate::Error;
 
@@ -14,11 +15,6 @@ use crate::Error;
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A created volume's primary serves it within this long.
 pub const SERVE_WAIT: Duration = Duration::from_secs(30);
-
-/// A blocking HTTP client with a timeout generous enough for a busy cluster.
-pub fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
-}
 
 /// `GET url` with [`PROBE_TIMEOUT`]: the JSON of a successful answer, else `None`.
 pub fn probe(url: &str) -> Option<Value> {

@@ -5,18 +5,13 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
-use bytes::Bytes;
-use tandem_storage::{Admission, BlockStore};
-use tandem_types::{Seq, VolumeId};
-use tandem_wire::data::WriteKind;
-use tokio::sync::mpsc::error::TrySendError;
+use tandem_storage::BlockStore;
+use tandem_types::VolumeId;
 use tokio::sync::{mpsc, oneshot};
 
-use super::primary::PrimaryDriver;
 #[cfg(doc)]
 use super::READS_QUEUED_MAX;
 use super::{Inner, APPLY_BATCH_MAX, APPLY_QUEUED_MAX};
-use crate::protocol::{Phase, INFLIGHT_WRITES_MAX};
 
 /// A store access of a volume's primary, carried out by the volume's local applier in the
 /// order the primary queued it (under its core lock, so in sequence order).
@@ -26,15 +21,9 @@ use crate::protocol::{Phase, INFLIGHT_WRITES_MAX};
 /// read per member and a barrier; a new primary on this node waits for its barrier before it
 /// queues anything, so the queue holds the items of at most two primaries.
 pub(super) enum Apply {
-    Write {
-        p: Arc<PrimaryDriver>,
-        seq: Seq,
-        kind: WriteKind,
-        offset: u64,
-        len: u64,
-        data: Bytes,
-        admission: Admission,
-    },
+    /// A write of the primary that queued it, with everything it needs: the primary's own step
+    /// ([`super::outputs`], `PrimaryDriver::local_write`), carried out here in sequence order.
+    Write(Box<dyn FnOnce() + Send>),
     Read {
         volume: VolumeId,
         offset: u64,
@@ -126,34 +115,7 @@ impl<S: BlockStore> Inner<S> {
     /// One item of a local applier (on a blocking thread).
     pub(super) fn apply_local(self: &Arc<Self>, item: Apply) {
         match item {
-            Apply::Write { p, seq, kind, offset, len, data, admission } => {
-                if p.st.lock().expect("core lock").core.phase() == Phase::Deposed {
-                    // Never acknowledged (that needs this copy durable first), and recorded in
-                    // the recent-write log: a deposed core's queued writes are dropped, so
-                    // none lands after a newer primary's records (docs/PROTOCOL.md, "Taking
-                    // over").
-                    return;
-                }
-                let applied = match kind {
-                    WriteKind::Data => self.store.write_admitted(admission, p.volume, offset, &data),
-                    WriteKind::Zeroes => self.store.write_zeroes_admitted(admission, p.volume, offset, len),
-                };
-                match applied {
-                    Ok(lsn) => {
-                        // Never full: each wait is a write of this primary that holds its
-                        // in-flight permit until the core saw it durable here.
-                        let sent = p.local.try_send((seq, lsn));
-                        assert!(
-                            !matches!(sent, Err(TrySendError::Full(_))),
-                            "more local durability waits than writes in flight ({INFLIGHT_WRITES_MAX})"
-                        );
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = p.volume, error = %e, "local write failed; stepping down");
-                        p.depose(self, &format!("local store failed: {e}"));
-                    }
-                }
-            }
+            Apply::Write(write) => write(),
             Apply::Read { volume, offset, len, reply } => {
                 if reply.is_closed() {
                     return;

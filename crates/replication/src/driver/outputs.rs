@@ -9,6 +9,7 @@ use tandem_storage::{Admission, BlockStore};
 use tandem_transport::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::{encode_record, DataMsg, DataReply, RecordHeader, WriteKind};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::applier::Apply;
@@ -17,7 +18,7 @@ use super::sender::SendItem;
 #[cfg(doc)]
 use super::OUTPUT_TASKS_MAX;
 use super::{Inner, IoFail, ProposeError, COPY_TIMEOUT, OPEN_TIMEOUT};
-use crate::protocol::{Output, Phase, Token, CHUNK_BYTES};
+use crate::protocol::{Output, Phase, Token, CHUNK_BYTES, INFLIGHT_WRITES_MAX};
 
 impl PrimaryDriver {
     /// Carries out the core's outputs, in order, one step per kind. Runs under the core lock,
@@ -45,6 +46,52 @@ impl PrimaryDriver {
         self.fail_all_if_deposed(st);
     }
 
+    /// The local applier's item for write `seq`: carried out there, on a blocking thread, in
+    /// sequence order (the applier knows nothing of primaries; the step is this primary's own).
+    #[allow(clippy::too_many_arguments)]
+    fn local_write<S: BlockStore>(
+        self: &Arc<Self>,
+        inner: &Arc<Inner<S>>,
+        seq: Seq,
+        kind: WriteKind,
+        offset: u64,
+        len: u64,
+        data: Bytes,
+        admission: Admission,
+    ) -> Apply {
+        let p = self.clone();
+        let inner = Arc::downgrade(inner);
+        Apply::Write(Box::new(move || {
+            let Some(inner) = inner.upgrade() else { return };
+            if p.st.lock().expect("core lock").core.phase() == Phase::Deposed {
+                // Never acknowledged (that needs this copy durable first), and recorded in
+                // the recent-write log: a deposed core's queued writes are dropped, so
+                // none lands after a newer primary's records (docs/PROTOCOL.md, "Taking
+                // over").
+                return;
+            }
+            let applied = match kind {
+                WriteKind::Data => inner.store.write_admitted(admission, p.volume, offset, &data),
+                WriteKind::Zeroes => inner.store.write_zeroes_admitted(admission, p.volume, offset, len),
+            };
+            match applied {
+                Ok(lsn) => {
+                    // Never full: each wait is a write of this primary that holds its
+                    // in-flight permit until the core saw it durable here.
+                    let sent = p.local.try_send((seq, lsn));
+                    assert!(
+                        !matches!(sent, Err(TrySendError::Full(_))),
+                        "more local durability waits than writes in flight ({INFLIGHT_WRITES_MAX})"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(volume = p.volume, error = %e, "local write failed; stepping down");
+                    p.depose(&inner, &format!("local store failed: {e}"));
+                }
+            }
+        }))
+    }
+
     /// `Output::Write`: queues the write on the local applier, then its record to each member.
     fn send_write<S: BlockStore>(
         self: &Arc<Self>,
@@ -62,15 +109,7 @@ impl PrimaryDriver {
         if let Some(v) = inner.volume(self.volume) {
             v.recent.lock().expect("recent lock").record(w.offset, w.len);
         }
-        let item = Apply::Write {
-            p: self.clone(),
-            seq,
-            kind: w.kind,
-            offset: w.offset,
-            len: w.len,
-            data: w.data.clone(),
-            admission,
-        };
+        let item = self.local_write(inner, seq, w.kind, w.offset, w.len, w.data.clone(), admission);
         if self.apply.send(item).is_err() {
             st.core.depose("the local applier stopped");
             return;
