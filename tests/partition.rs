@@ -35,7 +35,7 @@ const MINORITY_WRITE_TIMEOUT: Duration = Duration::from_millis(1000);
 const MINORITY_READ_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a node keeps retrying a host request that finds no serving primary, and how long
 /// a primary without a lease keeps the writes it sequenced before it fails them
-/// (`DataPlaneConfig::hold_time` in crates/replication/src/driver.rs).
+/// (`DataPlaneConfig::hold_time` in crates/replication/src/driver/mod.rs).
 const REQUEST_RETRY_DEADLINE: Duration = tandem_node::HOLD_TIME_DEFAULT;
 
 // The volume's layout: what is written where, and by whom.
