@@ -15,10 +15,9 @@
 //! host's agent does: the path-map time is from the kill to the first map in which every path
 //! of the killed node is `unavailable` and another node's path is `active-optimized`.
 //!
-//! - `write_load.rs`: the write load and the stall it saw; `nbd_client.rs`: its NBD client.
+//! - `write_load.rs`: the write load (over the test kit's NBD client) and the stall it saw.
 //! - `report.rs`: what each kill measured, the summary, the goals and the table.
 
-mod nbd_client;
 mod report;
 mod write_load;
 

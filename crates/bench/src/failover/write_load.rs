@@ -5,8 +5,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::nbd_client::{NbdClient, WriteError};
+use tandem_testkit::{NbdClient, NbdError};
+
 use super::{BLOCK_BYTES, VOLUME_NAME, WRITE_RANGE_BYTES};
+
+/// One NBD request's socket timeout: above the node's own retry deadline for a proxied write
+/// (15 s), so the node, not this client, decides when a write has failed.
+const NBD_IO_TIMEOUT: Duration = Duration::from_secs(30);
+const NBD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// After a failed connection attempt, the load retries after this long.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
@@ -51,7 +57,7 @@ pub(super) fn write_load(addr: SocketAddr, seed: u64, stop: &AtomicBool, acked: 
     let mut n: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         let Some(c) = client.as_mut() else {
-            match NbdClient::connect(addr, VOLUME_NAME) {
+            match NbdClient::connect_with(addr, VOLUME_NAME, NBD_CONNECT_TIMEOUT, NBD_IO_TIMEOUT) {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     note(&mut load, format!("connect: {e}"));
@@ -71,11 +77,11 @@ pub(super) fn write_load(addr: SocketAddr, seed: u64, stop: &AtomicBool, acked: 
                 load.completions.push(Instant::now());
                 acked.fetch_add(1, Ordering::Relaxed);
             }
-            Err(WriteError::Refused(e)) => {
+            Err(NbdError::Refused(e)) => {
                 load.failed += 1;
                 note(&mut load, format!("write: server error {e}"));
             }
-            Err(WriteError::Io(e)) => {
+            Err(NbdError::Io(e)) => {
                 load.failed += 1;
                 note(&mut load, format!("write: {e}"));
                 client = None;
