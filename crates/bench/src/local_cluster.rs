@@ -139,7 +139,9 @@ impl LocalCluster {
                 let local: anyhow::Result<serde_json::Value> =
                     Api::new(&api.to_string()).with_timeout(PROBE_TIMEOUT).get("/v1/local/volumes").await;
                 let serving = local.ok().and_then(|l| {
-                    l["volumes"].as_array().map(|a| a.iter().any(|x| x["id"] == created.id && x["serving"] == true))
+                    l["volumes"]
+                        .as_array()
+                        .map(|a| a.iter().any(|x| x["id"] == created.id.get() && x["serving"] == true))
                 });
                 if serving == Some(true) {
                     return Ok(v);

@@ -34,7 +34,7 @@ impl Default for ClusterMap {
             transport: BTreeMap::new(),
             datasets: BTreeMap::new(),
             volumes: BTreeMap::new(),
-            next_volume_id: 1,
+            next_volume_id: VolumeId(1),
             hosts: BTreeMap::new(),
             touched: Vec::new(),
         }

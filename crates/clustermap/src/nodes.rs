@@ -35,7 +35,7 @@ pub struct NodeRecord {
 
 impl NodeRecord {
     pub fn validate(&self) -> Result<(), String> {
-        if self.id == 0 {
+        if self.id == NodeId(0) {
             return Err("node id must be at least 1".into());
         }
         validate_name(&self.site).map_err(|e| format!("site {:?} {e}", self.site))?;

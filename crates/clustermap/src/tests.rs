@@ -13,6 +13,11 @@ use proptest::prelude::*;
 use crate::volumes::is_sorted_set;
 use crate::*;
 
+/// Node ids from their numbers.
+fn ids(ids: &[u64]) -> Vec<NodeId> {
+    ids.iter().copied().map(NodeId).collect()
+}
+
 fn node(id: NodeId, port: u16) -> NodeRecord {
     NodeRecord {
         id,
@@ -27,31 +32,31 @@ fn node(id: NodeId, port: u16) -> NodeRecord {
 #[test]
 fn register_update_and_remove_nodes() {
     let mut m = ClusterMap::default();
-    assert_eq!(m.apply(MetaCmd::RegisterNode(node(1, 7000))), MetaReply::Done { changed: true });
-    assert_eq!(m.apply(MetaCmd::RegisterNode(node(1, 7000))), MetaReply::Done { changed: false });
-    let mut moved = node(1, 7000);
+    assert_eq!(m.apply(MetaCmd::RegisterNode(node(NodeId(1), 7000))), MetaReply::Done { changed: true });
+    assert_eq!(m.apply(MetaCmd::RegisterNode(node(NodeId(1), 7000))), MetaReply::Done { changed: false });
+    let mut moved = node(NodeId(1), 7000);
     moved.site = "b".into();
     assert_eq!(m.apply(MetaCmd::RegisterNode(moved.clone())), MetaReply::Done { changed: true });
-    assert_eq!(m.nodes[&1], moved);
-    assert_eq!(m.take_touched(), vec![ObjectKey::Node(1)]);
-    assert!(matches!(m.apply(MetaCmd::RemoveNode { id: 9 }), MetaReply::NotFound(_)));
-    assert_eq!(m.apply(MetaCmd::RemoveNode { id: 1 }), MetaReply::Done { changed: true });
+    assert_eq!(m.nodes[&NodeId(1)], moved);
+    assert_eq!(m.take_touched(), vec![ObjectKey::Node(NodeId(1))]);
+    assert!(matches!(m.apply(MetaCmd::RemoveNode { id: NodeId(9) }), MetaReply::NotFound(_)));
+    assert_eq!(m.apply(MetaCmd::RemoveNode { id: NodeId(1) }), MetaReply::Done { changed: true });
     assert!(m.nodes.is_empty());
-    assert_eq!(m.take_touched(), vec![ObjectKey::Node(1)]);
+    assert_eq!(m.take_touched(), vec![ObjectKey::Node(NodeId(1))]);
 }
 
 #[test]
 fn invalid_commands_change_nothing() {
     let mut m = ClusterMap::default();
-    m.apply(MetaCmd::RegisterNode(node(1, 7000)));
+    m.apply(MetaCmd::RegisterNode(node(NodeId(1), 7000)));
     m.take_touched();
     let before = m.clone();
-    assert!(matches!(m.apply(MetaCmd::RegisterNode(node(0, 7100))), MetaReply::Invalid(_)));
-    let mut bad_site = node(2, 7200);
+    assert!(matches!(m.apply(MetaCmd::RegisterNode(node(NodeId(0), 7100))), MetaReply::Invalid(_)));
+    let mut bad_site = node(NodeId(2), 7200);
     bad_site.site = "a b".into();
     assert!(matches!(m.apply(MetaCmd::RegisterNode(bad_site)), MetaReply::Invalid(_)));
     // Another node on node 1's raft address.
-    assert!(matches!(m.apply(MetaCmd::RegisterNode(node(3, 7000))), MetaReply::Invalid(_)));
+    assert!(matches!(m.apply(MetaCmd::RegisterNode(node(NodeId(3), 7000))), MetaReply::Invalid(_)));
     assert!(matches!(m.apply(MetaCmd::PutSetting { key: "../x".into(), value: "v".into() }), MetaReply::Invalid(_)));
     assert!(matches!(
         m.apply(MetaCmd::PutSetting { key: "k".into(), value: "v".repeat(SETTING_VALUE_BYTES_MAX + 1) }),
@@ -94,20 +99,20 @@ fn a_batch_applies_each_command_in_order_and_does_not_nest() {
 #[test]
 fn object_keys_round_trip_and_sort_numerically() {
     for key in [
-        ObjectKey::Node(1),
-        ObjectKey::Node(u64::MAX),
+        ObjectKey::Node(NodeId(1)),
+        ObjectKey::Node(NodeId(u64::MAX)),
         ObjectKey::Setting("a.b-c".into()),
         ObjectKey::Transport(Layer::Data),
         ObjectKey::Transport(Layer::Control),
         ObjectKey::Dataset("pod-1".into()),
-        ObjectKey::Volume(7),
-        ObjectKey::Volume(u64::MAX),
+        ObjectKey::Volume(VolumeId(7)),
+        ObjectKey::Volume(VolumeId(u64::MAX)),
         ObjectKey::NextVolumeId,
     ] {
         assert_eq!(ObjectKey::decode(&key.encode()), Some(key));
     }
-    assert!(ObjectKey::Node(2).encode() < ObjectKey::Node(10).encode());
-    assert!(ObjectKey::Volume(9).encode() < ObjectKey::Volume(10).encode());
+    assert!(ObjectKey::Node(NodeId(2)).encode() < ObjectKey::Node(NodeId(10)).encode());
+    assert!(ObjectKey::Volume(VolumeId(9)).encode() < ObjectKey::Volume(VolumeId(10)).encode());
     assert_eq!(ObjectKey::decode(b"volume/x"), None);
     assert_eq!(ObjectKey::decode(b"counter/other"), None);
     assert_eq!(ObjectKey::decode(b"junk"), None);
@@ -115,7 +120,7 @@ fn object_keys_round_trip_and_sort_numerically() {
 }
 
 fn node_at(id: NodeId, site: &str) -> NodeRecord {
-    let mut n = node(id, 7000 + 10 * id as u16);
+    let mut n = node(id, 7000 + 10 * id.get() as u16);
     n.site = site.into();
     n
 }
@@ -124,7 +129,7 @@ fn node_at(id: NodeId, site: &str) -> NodeRecord {
 fn two_sites() -> ClusterMap {
     let mut m = ClusterMap::default();
     for (id, site) in [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "b")] {
-        assert_eq!(m.apply(MetaCmd::RegisterNode(node_at(id, site))), MetaReply::Done { changed: true });
+        assert_eq!(m.apply(MetaCmd::RegisterNode(node_at(NodeId(id), site))), MetaReply::Done { changed: true });
     }
     m.take_touched();
     m
@@ -153,15 +158,15 @@ fn invalid(reply: MetaReply, needle: &str) {
 fn placement_spreads_over_sites_with_the_preferred_site_first() {
     let m = two_sites();
     // Sites take turns: preferred first, then the others by name; nodes by id.
-    assert_eq!(m.place(1, Some("b")), vec![4]);
-    assert_eq!(m.place(2, Some("b")), vec![1, 4]);
-    assert_eq!(m.place(3, Some("b")), vec![1, 4, 5]);
-    assert_eq!(m.place(4, Some("b")), vec![1, 2, 4, 5]);
-    assert_eq!(m.place(5, Some("b")), vec![1, 2, 3, 4, 5]);
-    assert_eq!(m.place(2, Some("a")), vec![1, 4]);
-    assert_eq!(m.place(3, Some("a")), vec![1, 2, 4]);
-    assert_eq!(m.place(2, None), vec![1, 4]);
-    assert_eq!(m.place(1, None), vec![1]);
+    assert_eq!(m.place(1, Some("b")), ids(&[4]));
+    assert_eq!(m.place(2, Some("b")), ids(&[1, 4]));
+    assert_eq!(m.place(3, Some("b")), ids(&[1, 4, 5]));
+    assert_eq!(m.place(4, Some("b")), ids(&[1, 2, 4, 5]));
+    assert_eq!(m.place(5, Some("b")), ids(&[1, 2, 3, 4, 5]));
+    assert_eq!(m.place(2, Some("a")), ids(&[1, 4]));
+    assert_eq!(m.place(3, Some("a")), ids(&[1, 2, 4]));
+    assert_eq!(m.place(2, None), ids(&[1, 4]));
+    assert_eq!(m.place(1, None), ids(&[1]));
     assert_eq!(ClusterMap::default().place(2, None), Vec::<NodeId>::new());
 }
 
@@ -171,7 +176,7 @@ fn datasets_create_idempotently_and_refuse_bad_parameters() {
     assert_eq!(m.apply(create_dataset("pod", Some(2), Some("b"))), DONE);
     assert_eq!(
         m.datasets["pod"],
-        DatasetRecord { name: "pod".into(), replicas: vec![1, 4], preferred_site: Some("b".into()) }
+        DatasetRecord { name: "pod".into(), replicas: vec![NodeId(1), NodeId(4)], preferred_site: Some("b".into()) }
     );
     assert_eq!(m.take_touched(), vec![ObjectKey::Dataset("pod".into())]);
     // The same again: nothing changes.
@@ -179,7 +184,7 @@ fn datasets_create_idempotently_and_refuse_bad_parameters() {
     assert!(m.take_touched().is_empty());
     // Every node when no count is given.
     assert_eq!(m.apply(create_dataset("all", None, None)), DONE);
-    assert_eq!(m.datasets["all"].replicas, vec![1, 2, 3, 4, 5]);
+    assert_eq!(m.datasets["all"].replicas, ids(&[1, 2, 3, 4, 5]));
     assert_eq!(m.apply(create_dataset("all", None, None)), SAME);
     m.take_touched();
 
@@ -209,34 +214,34 @@ fn volumes_are_placed_in_their_dataset_and_get_fresh_ids() {
     m.take_touched();
     assert_eq!(m.apply(create_volume("v1", Some("pod"), 64 * MIB)), DONE);
     let v1 = m.volume_by_name("v1").expect("v1").clone();
-    assert_eq!(v1.id, 1);
+    assert_eq!(v1.id, VolumeId(1));
     assert_eq!(v1.dataset, "pod");
-    assert_eq!(v1.replicas, vec![1, 4, 5]);
+    assert_eq!(v1.replicas, ids(&[1, 4, 5]));
     assert_eq!(v1.isr, v1.replicas);
-    assert_eq!(v1.epoch, 1);
+    assert_eq!(v1.epoch, Epoch(1));
     assert!(v1.resync.is_empty());
     // Primaries go to the preferred site, spread by id: candidates [4, 5], id 1 -> 5.
-    assert_eq!(v1.primary, 5);
-    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(1), ObjectKey::NextVolumeId]);
+    assert_eq!(v1.primary, NodeId(5));
+    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(VolumeId(1)), ObjectKey::NextVolumeId]);
     // An identical create changes nothing and allocates no id.
     assert_eq!(m.apply(create_volume("v1", Some("pod"), 64 * MIB)), SAME);
     assert!(m.take_touched().is_empty());
-    assert_eq!(m.next_volume_id, 2);
+    assert_eq!(m.next_volume_id, VolumeId(2));
     assert_eq!(m.apply(create_volume("v2", Some("pod"), 4096)), DONE);
-    assert_eq!(m.volume_by_name("v2").expect("v2").primary, 4);
+    assert_eq!(m.volume_by_name("v2").expect("v2").primary, NodeId(4));
 
     // No dataset named: the default one, made on first use with every node.
     assert_eq!(m.apply(create_volume("v3", None, MIB)), DONE);
-    assert_eq!(m.datasets[DEFAULT_DATASET].replicas, vec![1, 2, 3, 4, 5]);
+    assert_eq!(m.datasets[DEFAULT_DATASET].replicas, ids(&[1, 2, 3, 4, 5]));
     assert_eq!(m.datasets[DEFAULT_DATASET].preferred_site, None);
     let v3 = m.volume_by_name("v3").expect("v3");
-    assert_eq!((v3.id, v3.primary), (3, 4)); // replicas[3 % 5]
+    assert_eq!((v3.id, v3.primary), (VolumeId(3), NodeId(4))); // replicas[3 % 5]
     assert_eq!(
         m.take_touched(),
         vec![
             ObjectKey::Dataset(DEFAULT_DATASET.into()),
-            ObjectKey::Volume(2),
-            ObjectKey::Volume(3),
+            ObjectKey::Volume(VolumeId(2)),
+            ObjectKey::Volume(VolumeId(3)),
             ObjectKey::NextVolumeId
         ]
     );
@@ -245,10 +250,10 @@ fn volumes_are_placed_in_their_dataset_and_get_fresh_ids() {
 
     // Ids are never reused, names are.
     assert_eq!(m.apply(MetaCmd::DeleteVolume { name: "v1".into() }), DONE);
-    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(1)]);
+    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(VolumeId(1))]);
     assert!(matches!(m.apply(MetaCmd::DeleteVolume { name: "v1".into() }), MetaReply::NotFound(_)));
     assert_eq!(m.apply(create_volume("v1", Some("pod"), 64 * MIB)), DONE);
-    assert_eq!(m.volume_by_name("v1").expect("v1").id, 4);
+    assert_eq!(m.volume_by_name("v1").expect("v1").id, VolumeId(4));
 }
 
 #[test]
@@ -256,9 +261,9 @@ fn a_volume_whose_preferred_site_has_no_replica_left_takes_any_replica() {
     let mut m = two_sites();
     m.apply(create_dataset("pod", Some(2), Some("b")));
     // Node 4 moves to site a: the dataset's replicas [1, 4] no longer include site b.
-    m.apply(MetaCmd::RegisterNode(node_at(4, "a")));
+    m.apply(MetaCmd::RegisterNode(node_at(NodeId(4), "a")));
     assert_eq!(m.apply(create_volume("v", Some("pod"), MIB)), DONE);
-    assert_eq!(m.volume_by_name("v").expect("v").primary, 4); // replicas[1 % 2]
+    assert_eq!(m.volume_by_name("v").expect("v").primary, NodeId(4)); // replicas[1 % 2]
 }
 
 #[test]
@@ -277,7 +282,7 @@ fn bad_volumes_are_refused_and_change_nothing() {
     invalid(m.apply(create_volume("v", None, MIB)), "already exists");
     // A dataset with volumes stays, and so do the nodes holding them.
     invalid(m.apply(MetaCmd::DeleteDataset { name: "pod".into() }), "still has volumes [v]");
-    invalid(m.apply(MetaCmd::RemoveNode { id: 4 }), "node 4 holds replicas of datasets [pod] and volumes [v]");
+    invalid(m.apply(MetaCmd::RemoveNode { id: NodeId(4) }), "node 4 holds replicas of datasets [pod] and volumes [v]");
     assert_eq!(m, before);
     assert!(m.take_touched().is_empty());
     // The default dataset is not made by a create that fails.
@@ -289,22 +294,22 @@ fn bad_volumes_are_refused_and_change_nothing() {
 
     // Once they are gone, the node can leave; a node in no dataset always could.
     assert_eq!(m.apply(MetaCmd::DeleteVolume { name: "v".into() }), DONE);
-    invalid(m.apply(MetaCmd::RemoveNode { id: 4 }), "datasets [pod]");
-    assert_eq!(m.apply(MetaCmd::RemoveNode { id: 2 }), DONE);
+    invalid(m.apply(MetaCmd::RemoveNode { id: NodeId(4) }), "datasets [pod]");
+    assert_eq!(m.apply(MetaCmd::RemoveNode { id: NodeId(2) }), DONE);
     assert_eq!(m.apply(MetaCmd::DeleteDataset { name: "pod".into() }), DONE);
-    assert_eq!(m.apply(MetaCmd::RemoveNode { id: 4 }), DONE);
+    assert_eq!(m.apply(MetaCmd::RemoveNode { id: NodeId(4) }), DONE);
 }
 
 /// A map with volume 1 on replicas [1, 2, 3], primary 2 (replicas[1 % 3]).
 fn one_volume() -> ClusterMap {
     let mut m = ClusterMap::default();
     for id in 1..=4 {
-        m.apply(MetaCmd::RegisterNode(node_at(id, "a")));
+        m.apply(MetaCmd::RegisterNode(node_at(NodeId(id), "a")));
     }
     assert_eq!(m.apply(create_dataset("pod", Some(3), None)), DONE);
     assert_eq!(m.apply(create_volume("v", Some("pod"), MIB)), DONE);
-    let v = &m.volumes[&1];
-    assert_eq!((v.replicas.clone(), v.primary), (vec![1, 2, 3], 2));
+    let v = &m.volumes[&VolumeId(1)];
+    assert_eq!((v.replicas.clone(), v.primary), (vec![NodeId(1), NodeId(2), NodeId(3)], NodeId(2)));
     m.take_touched();
     m
 }
@@ -319,169 +324,179 @@ fn isr(m: &ClusterMap, volume: VolumeId, epoch: Epoch, isr: &[NodeId]) -> MetaCm
 fn the_primary_shrinks_and_grows_its_isr_by_compare_and_set() {
     let mut m = one_volume();
     // Shrink: given in any order, stored sorted.
-    assert_eq!(m.apply(isr(&m, 1, 1, &[2, 1])), DONE);
-    assert_eq!(m.volumes[&1].isr, vec![1, 2]);
-    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(1)]);
-    assert_eq!(m.apply(isr(&m, 1, 1, &[1, 2])), SAME);
+    assert_eq!(m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(2), NodeId(1)])), DONE);
+    assert_eq!(m.volumes[&VolumeId(1)].isr, ids(&[1, 2]));
+    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(VolumeId(1))]);
+    assert_eq!(m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2)])), SAME);
     assert!(m.take_touched().is_empty());
 
     let before = m.clone();
-    invalid(m.apply(isr(&m, 1, 2, &[1, 2, 3])), "stale primary");
-    invalid(m.apply(isr(&m, 1, 1, &[1, 3])), "must contain the primary 2");
-    invalid(m.apply(isr(&m, 1, 1, &[2, 4])), "node 4 is not a replica");
-    invalid(m.apply(isr(&m, 1, 1, &[2, 2])), "names a node twice");
-    assert!(matches!(m.apply(isr(&m, 9, 1, &[2])), MetaReply::NotFound(_)));
+    invalid(m.apply(isr(&m, VolumeId(1), Epoch(2), &[NodeId(1), NodeId(2), NodeId(3)])), "stale primary");
+    invalid(m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(3)])), "must contain the primary 2");
+    invalid(m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(2), NodeId(4)])), "node 4 is not a replica");
+    invalid(m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(2), NodeId(2)])), "names a node twice");
+    assert!(matches!(m.apply(isr(&m, VolumeId(9), Epoch(1), &[NodeId(2)])), MetaReply::NotFound(_)));
     assert_eq!(m, before);
     assert!(m.take_touched().is_empty());
 
     // Node 3 resyncs, then rejoins: its progress entry goes with the grow.
-    let progress = |done| MetaCmd::SetResyncProgress { volume: 1, node: 3, done_bytes: done, total_bytes: MIB };
+    let progress =
+        |done| MetaCmd::SetResyncProgress { volume: VolumeId(1), node: NodeId(3), done_bytes: done, total_bytes: MIB };
     assert_eq!(m.apply(progress(4096)), DONE);
     assert_eq!(m.apply(progress(4096)), SAME);
     assert_eq!(m.apply(progress(MIB)), DONE);
-    assert_eq!(m.volumes[&1].resync[&3], ResyncProgress { done_bytes: MIB, total_bytes: MIB });
-    assert_eq!(m.apply(isr(&m, 1, 1, &[1, 2, 3])), DONE);
-    assert_eq!(m.volumes[&1].isr, vec![1, 2, 3]);
-    assert!(m.volumes[&1].resync.is_empty());
-    assert_eq!(m.volumes[&1].epoch, 1, "an ISR change does not change the epoch");
+    assert_eq!(m.volumes[&VolumeId(1)].resync[&NodeId(3)], ResyncProgress { done_bytes: MIB, total_bytes: MIB });
+    assert_eq!(m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2), NodeId(3)])), DONE);
+    assert_eq!(m.volumes[&VolumeId(1)].isr, ids(&[1, 2, 3]));
+    assert!(m.volumes[&VolumeId(1)].resync.is_empty());
+    assert_eq!(m.volumes[&VolumeId(1)].epoch, Epoch(1), "an ISR change does not change the epoch");
 }
 
 #[test]
 fn an_isr_change_computed_on_a_stale_isr_is_refused_and_a_retry_is_a_no_op() {
     let mut m = one_volume();
-    assert_eq!(m.volumes[&1].isr_version, 1);
-    let shrink = isr(&m, 1, 1, &[1, 2]);
+    assert_eq!(m.volumes[&VolumeId(1)].isr_version, 1);
+    let shrink = isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2)]);
     assert_eq!(m.apply(shrink.clone()), DONE);
-    assert_eq!(m.volumes[&1].isr_version, 2);
+    assert_eq!(m.volumes[&VolumeId(1)].isr_version, 2);
     // The same proposal again (its first reply was lost): unchanged, no new version.
     assert_eq!(m.apply(shrink.clone()), SAME);
-    assert_eq!(m.volumes[&1].isr_version, 2);
-    let grow = isr(&m, 1, 1, &[1, 2, 3]);
+    assert_eq!(m.volumes[&VolumeId(1)].isr_version, 2);
+    let grow = isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2), NodeId(3)]);
     assert_eq!(m.apply(grow), DONE);
-    assert_eq!(m.volumes[&1].isr_version, 3);
+    assert_eq!(m.volumes[&VolumeId(1)].isr_version, 3);
     // The shrink arrives once more, late: it was computed on version 1 and must not undo
     // the grow.
     let before = m.clone();
     invalid(m.apply(shrink), "stale ISR");
     assert_eq!(m, before);
     // A failover moves the version on too.
-    let failover = MetaCmd::Failover { volume: 1, epoch: 1, primary: 3, isr: vec![1, 3] };
+    let failover =
+        MetaCmd::Failover { volume: VolumeId(1), epoch: Epoch(1), primary: NodeId(3), isr: vec![NodeId(1), NodeId(3)] };
     assert_eq!(m.apply(failover), DONE);
-    assert_eq!(m.volumes[&1].isr_version, 4);
+    assert_eq!(m.volumes[&VolumeId(1)].isr_version, 4);
 }
 
 #[test]
 fn resync_progress_is_only_for_replicas_outside_the_isr() {
     let mut m = one_volume();
-    m.apply(isr(&m, 1, 1, &[1, 2]));
+    m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2)]));
     m.take_touched();
     let before = m.clone();
-    let progress =
-        |node, done, total| MetaCmd::SetResyncProgress { volume: 1, node, done_bytes: done, total_bytes: total };
-    invalid(m.apply(progress(1, 0, MIB)), "is in the ISR");
-    invalid(m.apply(progress(4, 0, MIB)), "not a replica");
-    invalid(m.apply(progress(3, MIB + 1, MIB)), "past the end");
+    let progress = |node, done, total| MetaCmd::SetResyncProgress {
+        volume: VolumeId(1),
+        node,
+        done_bytes: done,
+        total_bytes: total,
+    };
+    invalid(m.apply(progress(NodeId(1), 0, MIB)), "is in the ISR");
+    invalid(m.apply(progress(NodeId(4), 0, MIB)), "not a replica");
+    invalid(m.apply(progress(NodeId(3), MIB + 1, MIB)), "past the end");
     assert!(matches!(
-        m.apply(MetaCmd::SetResyncProgress { volume: 7, node: 3, done_bytes: 0, total_bytes: 0 }),
+        m.apply(MetaCmd::SetResyncProgress { volume: VolumeId(7), node: NodeId(3), done_bytes: 0, total_bytes: 0 }),
         MetaReply::NotFound(_)
     ));
     assert_eq!(m, before);
-    assert_eq!(m.apply(progress(3, 10, MIB)), DONE);
-    assert_eq!(m.apply(MetaCmd::ClearResync { volume: 1, node: 3 }), DONE);
-    assert_eq!(m.apply(MetaCmd::ClearResync { volume: 1, node: 3 }), SAME);
-    assert!(matches!(m.apply(MetaCmd::ClearResync { volume: 7, node: 3 }), MetaReply::NotFound(_)));
-    assert!(m.volumes[&1].resync.is_empty());
+    assert_eq!(m.apply(progress(NodeId(3), 10, MIB)), DONE);
+    assert_eq!(m.apply(MetaCmd::ClearResync { volume: VolumeId(1), node: NodeId(3) }), DONE);
+    assert_eq!(m.apply(MetaCmd::ClearResync { volume: VolumeId(1), node: NodeId(3) }), SAME);
+    assert!(matches!(m.apply(MetaCmd::ClearResync { volume: VolumeId(7), node: NodeId(3) }), MetaReply::NotFound(_)));
+    assert!(m.volumes[&VolumeId(1)].resync.is_empty());
 }
 
 #[test]
 fn a_claim_takes_an_unclaimed_epoch_and_a_second_start_moves_to_the_next() {
     let mut m = one_volume();
-    let claim = |epoch, primary, nonce| MetaCmd::ClaimPrimary { volume: 1, epoch, primary, nonce };
-    let p = m.volumes[&1].primary;
-    let other = if p == 1 { 2 } else { 1 };
+    let claim = |epoch, primary, nonce| MetaCmd::ClaimPrimary { volume: VolumeId(1), epoch, primary, nonce };
+    let p = m.volumes[&VolumeId(1)].primary;
+    let other = if p == NodeId(1) { 2 } else { 1 };
     let before = m.clone();
-    invalid(m.apply(claim(1, other, 7)), "the claim is stale");
-    invalid(m.apply(claim(2, p, 7)), "the claim is stale");
+    invalid(m.apply(claim(Epoch(1), NodeId(other), 7)), "the claim is stale");
+    invalid(m.apply(claim(Epoch(2), p, 7)), "the claim is stale");
     assert!(matches!(
-        m.apply(MetaCmd::ClaimPrimary { volume: 9, epoch: 1, primary: p, nonce: 7 }),
+        m.apply(MetaCmd::ClaimPrimary { volume: VolumeId(9), epoch: Epoch(1), primary: p, nonce: 7 }),
         MetaReply::NotFound(_)
     ));
     assert_eq!(m, before);
     assert!(m.take_touched().is_empty());
 
     // A new volume's first primary claims epoch 1 as it is.
-    assert_eq!(m.apply(claim(1, p, 7)), DONE);
-    assert_eq!((m.volumes[&1].epoch, m.volumes[&1].claim), (1, Some(7)));
-    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(1)]);
-    assert_eq!(m.apply(claim(1, p, 7)), SAME, "a retry changes nothing");
+    assert_eq!(m.apply(claim(Epoch(1), p, 7)), DONE);
+    assert_eq!((m.volumes[&VolumeId(1)].epoch, m.volumes[&VolumeId(1)].claim), (Epoch(1), Some(7)));
+    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(VolumeId(1))]);
+    assert_eq!(m.apply(claim(Epoch(1), p, 7)), SAME, "a retry changes nothing");
 
     // The primary grows its ISR at epoch 1; the change is pending when the primary is
     // started again (a lease blip that outlasted the hold time, or a restart): the new
     // start claims with a new nonce and gets epoch 2, same primary, same ISR.
-    assert_eq!(m.apply(isr(&m, 1, 1, &[1, 2])), DONE);
-    let grow_at_1 = isr(&m, 1, 1, &[1, 2, 3]);
-    let isr_before = m.volumes[&1].isr.clone();
-    assert_eq!(m.apply(claim(1, p, 8)), DONE);
-    let v = &m.volumes[&1];
-    assert_eq!((v.epoch, v.primary, v.isr.clone(), v.claim), (2, p, isr_before, Some(8)));
+    assert_eq!(m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2)])), DONE);
+    let grow_at_1 = isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2), NodeId(3)]);
+    let isr_before = m.volumes[&VolumeId(1)].isr.clone();
+    assert_eq!(m.apply(claim(Epoch(1), p, 8)), DONE);
+    let v = &m.volumes[&VolumeId(1)];
+    assert_eq!((v.epoch, v.primary, v.isr.clone(), v.claim), (Epoch(2), p, isr_before, Some(8)));
     // The earlier start's change commits late: refused by the epoch (finding 1 of issue 13).
     invalid(m.apply(grow_at_1), "stale primary");
     // The earlier start's claim arrives late too: refused.
-    invalid(m.apply(claim(1, p, 7)), "the claim is stale");
-    assert_eq!(m.volumes[&1].epoch, 2);
+    invalid(m.apply(claim(Epoch(1), p, 7)), "the claim is stale");
+    assert_eq!(m.volumes[&VolumeId(1)].epoch, Epoch(2));
 
     // A failover leaves the new epoch unclaimed for the new primary.
-    let q = *m.volumes[&1].isr.iter().find(|&&n| n != p).expect("another member");
-    assert_eq!(m.apply(MetaCmd::Failover { volume: 1, epoch: 2, primary: q, isr: vec![p.min(q), p.max(q)] }), DONE);
-    assert_eq!((m.volumes[&1].epoch, m.volumes[&1].claim), (3, None));
-    assert_eq!(m.apply(claim(3, q, 9)), DONE);
-    assert_eq!((m.volumes[&1].epoch, m.volumes[&1].claim), (3, Some(9)));
+    let q = *m.volumes[&VolumeId(1)].isr.iter().find(|&&n| n != p).expect("another member");
+    assert_eq!(
+        m.apply(MetaCmd::Failover { volume: VolumeId(1), epoch: Epoch(2), primary: q, isr: vec![p.min(q), p.max(q)] }),
+        DONE
+    );
+    assert_eq!((m.volumes[&VolumeId(1)].epoch, m.volumes[&VolumeId(1)].claim), (Epoch(3), None));
+    assert_eq!(m.apply(claim(Epoch(3), q, 9)), DONE);
+    assert_eq!((m.volumes[&VolumeId(1)].epoch, m.volumes[&VolumeId(1)].claim), (Epoch(3), Some(9)));
 }
 
 #[test]
 fn failover_picks_from_the_last_committed_isr_and_bumps_the_epoch() {
     let mut m = one_volume();
-    let failover = |epoch, primary, isr: &[NodeId]| MetaCmd::Failover { volume: 1, epoch, primary, isr: isr.to_vec() };
-    m.apply(isr(&m, 1, 1, &[2, 3]));
+    let failover =
+        |epoch, primary, isr: &[NodeId]| MetaCmd::Failover { volume: VolumeId(1), epoch, primary, isr: isr.to_vec() };
+    m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(2), NodeId(3)]));
     m.take_touched();
     let before = m.clone();
-    invalid(m.apply(failover(1, 1, &[1])), "not in the last committed ISR");
-    invalid(m.apply(failover(1, 3, &[1, 3])), "node 1 is not in the last committed ISR");
-    invalid(m.apply(failover(1, 3, &[2])), "must contain the new primary 3");
-    invalid(m.apply(failover(2, 3, &[3])), "stale state");
-    invalid(m.apply(failover(1, 3, &[3, 3])), "names a node twice");
+    invalid(m.apply(failover(Epoch(1), NodeId(1), &[NodeId(1)])), "not in the last committed ISR");
+    invalid(m.apply(failover(Epoch(1), NodeId(3), &[NodeId(1), NodeId(3)])), "node 1 is not in the last committed ISR");
+    invalid(m.apply(failover(Epoch(1), NodeId(3), &[NodeId(2)])), "must contain the new primary 3");
+    invalid(m.apply(failover(Epoch(2), NodeId(3), &[NodeId(3)])), "stale state");
+    invalid(m.apply(failover(Epoch(1), NodeId(3), &[NodeId(3), NodeId(3)])), "names a node twice");
     assert!(matches!(
-        m.apply(MetaCmd::Failover { volume: 5, epoch: 1, primary: 3, isr: vec![3] }),
+        m.apply(MetaCmd::Failover { volume: VolumeId(5), epoch: Epoch(1), primary: NodeId(3), isr: vec![NodeId(3)] }),
         MetaReply::NotFound(_)
     ));
     assert_eq!(m, before);
     assert!(m.take_touched().is_empty());
 
-    assert_eq!(m.apply(failover(1, 3, &[3])), DONE);
-    let v = &m.volumes[&1];
-    assert_eq!((v.primary, v.isr.clone(), v.epoch), (3, vec![3], 2));
-    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(1)]);
+    assert_eq!(m.apply(failover(Epoch(1), NodeId(3), &[NodeId(3)])), DONE);
+    let v = &m.volumes[&VolumeId(1)];
+    assert_eq!((v.primary, v.isr.clone(), v.epoch), (NodeId(3), ids(&[3]), Epoch(2)));
+    assert_eq!(m.take_touched(), vec![ObjectKey::Volume(VolumeId(1))]);
     // A retry of the same failover changes nothing.
-    assert_eq!(m.apply(failover(1, 3, &[3])), SAME);
+    assert_eq!(m.apply(failover(Epoch(1), NodeId(3), &[NodeId(3)])), SAME);
     assert!(m.take_touched().is_empty());
     // The deposed primary's ISR change carries the old epoch and is refused.
-    invalid(m.apply(isr(&m, 1, 1, &[1, 2, 3])), "stale primary");
+    invalid(m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2), NodeId(3)])), "stale primary");
     // The new primary grows its ISR at the new epoch.
-    assert_eq!(m.apply(isr(&m, 1, 2, &[1, 2, 3])), DONE);
-    assert_eq!(m.volumes[&1].epoch, 2);
+    assert_eq!(m.apply(isr(&m, VolumeId(1), Epoch(2), &[NodeId(1), NodeId(2), NodeId(3)])), DONE);
+    assert_eq!(m.volumes[&VolumeId(1)].epoch, Epoch(2));
 }
 
 #[test]
 fn objects_of_datasets_and_volumes_round_trip() {
     let mut m = one_volume();
-    m.apply(isr(&m, 1, 1, &[1, 2]));
-    m.apply(MetaCmd::SetResyncProgress { volume: 1, node: 3, done_bytes: 1, total_bytes: 2 });
+    m.apply(isr(&m, VolumeId(1), Epoch(1), &[NodeId(1), NodeId(2)]));
+    m.apply(MetaCmd::SetResyncProgress { volume: VolumeId(1), node: NodeId(3), done_bytes: 1, total_bytes: 2 });
     m.apply(create_volume("w", None, MIB));
     let rebuilt = ClusterMap::from_objects(m.objects()).expect("rebuild");
     assert_eq!(rebuilt, m);
-    assert_eq!(rebuilt.next_volume_id, 3);
+    assert_eq!(rebuilt.next_volume_id, VolumeId(3));
     // A record stored under another record's key is refused.
-    let wrong = vec![(ObjectKey::Volume(9), Object::Volume(m.volumes[&1].clone()))];
+    let wrong = vec![(ObjectKey::Volume(VolumeId(9)), Object::Volume(m.volumes[&VolumeId(1)].clone()))];
     assert!(ClusterMap::from_objects(wrong).is_err());
     let wrong = vec![(ObjectKey::Dataset("x".into()), Object::Dataset(m.datasets["pod"].clone()))];
     assert!(ClusterMap::from_objects(wrong).is_err());
@@ -491,7 +506,7 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
     let nodes = proptest::collection::vec(1u64..6, 0..4);
     prop_oneof![
         (1u64..6, 0u16..4, "[ab]").prop_map(|(id, p, site)| {
-            let mut n = node(id, 7000 + 10 * p);
+            let mut n = node(NodeId(id), 7000 + 10 * p);
             n.site = site;
             MetaCmd::RegisterNode(n)
         }),
@@ -502,19 +517,20 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             .prop_map(|(name, dataset, size_bytes)| MetaCmd::CreateVolume { name, dataset, size_bytes }),
         "[vw]".prop_map(|name| MetaCmd::DeleteVolume { name }),
         (1u64..4, 1u64..4, 1u64..4, nodes.clone()).prop_map(|(volume, epoch, isr_version, isr)| {
-            MetaCmd::SetVolumeIsr { volume, epoch, isr_version, isr }
+            MetaCmd::SetVolumeIsr { volume: VolumeId(volume), epoch: Epoch(epoch), isr_version, isr: ids(&isr) }
         }),
         (1u64..4, 1u64..4, 1u64..6, nodes).prop_map(|(volume, epoch, primary, isr)| MetaCmd::Failover {
-            volume,
-            epoch,
-            primary,
-            isr
+            volume: VolumeId(volume),
+            epoch: Epoch(epoch),
+            primary: NodeId(primary),
+            isr: ids(&isr)
         }),
         (1u64..4, 1u64..6, 0u64..3, 0u64..3).prop_map(|(volume, node, done_bytes, total_bytes)| {
-            MetaCmd::SetResyncProgress { volume, node, done_bytes, total_bytes }
+            MetaCmd::SetResyncProgress { volume: VolumeId(volume), node: NodeId(node), done_bytes, total_bytes }
         }),
-        (1u64..4, 1u64..6).prop_map(|(volume, node)| MetaCmd::ClearResync { volume, node }),
-        (1u64..6).prop_map(|id| MetaCmd::RemoveNode { id }),
+        (1u64..4, 1u64..6)
+            .prop_map(|(volume, node)| MetaCmd::ClearResync { volume: VolumeId(volume), node: NodeId(node) }),
+        (1u64..6).prop_map(|id| MetaCmd::RemoveNode { id: NodeId(id) }),
         ("[a-d]", "[a-z]{0,8}").prop_map(|(key, value)| MetaCmd::PutSetting { key, value }),
         "[a-d]".prop_map(|key| MetaCmd::DeleteSetting { key }),
         (any::<bool>(), any::<bool>()).prop_map(|(data, quic)| MetaCmd::SetTransport {
@@ -531,7 +547,7 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
         ("[hk]", 0u64..4, "[vw]", 1u64..4).prop_map(|(host, generation, volume, node)| MetaCmd::PublishPaths {
             host,
             generation,
-            paths: vec![paths_of(&volume, node)],
+            paths: vec![paths_of(&volume, NodeId(node))],
         }),
     ]
 }
@@ -542,7 +558,7 @@ fn paths_of(volume: &str, node: NodeId) -> VolumePaths {
         paths: vec![tandem_paths::PathEntry {
             path: format!("n{node}p0"),
             node,
-            address: format!("127.0.0.1:{}", 9000 + node).parse().expect("addr"),
+            address: format!("127.0.0.1:{}", 9000 + node.get()).parse().expect("addr"),
             state: tandem_paths::PathState::ActiveOptimized,
             reason: "primary".into(),
         }],
@@ -572,16 +588,16 @@ fn hosts_connect_to_volumes_and_path_maps_publish_by_generation() {
         generation,
         paths: vec![paths_of("v", node)],
     };
-    invalid(m.apply(publish(2, 1)), "generation 0");
-    assert_eq!(m.apply(publish(1, 1)), MetaReply::Done { changed: true });
-    assert_eq!(m.apply(publish(1, 1)), MetaReply::Done { changed: false }, "a retry");
-    invalid(m.apply(publish(1, 2)), "stale");
-    assert_eq!(m.apply(publish(2, 2)), MetaReply::Done { changed: true });
+    invalid(m.apply(publish(2, NodeId(1))), "generation 0");
+    assert_eq!(m.apply(publish(1, NodeId(1))), MetaReply::Done { changed: true });
+    assert_eq!(m.apply(publish(1, NodeId(1))), MetaReply::Done { changed: false }, "a retry");
+    invalid(m.apply(publish(1, NodeId(2))), "stale");
+    assert_eq!(m.apply(publish(2, NodeId(2))), MetaReply::Done { changed: true });
     assert_eq!(m.hosts["h1"].generation, 2);
     let huge = MetaCmd::PublishPaths {
         host: "h1".into(),
         generation: 3,
-        paths: (0..HOST_VOLUMES_MAX + 1).map(|i| paths_of(&format!("v{i}"), 1)).collect(),
+        paths: (0..HOST_VOLUMES_MAX + 1).map(|i| paths_of(&format!("v{i}"), NodeId(1))).collect(),
     };
     invalid(m.apply(huge), "exceeds");
     assert_eq!(m.hosts["h1"].generation, 2, "a refused publication changes nothing");
@@ -596,7 +612,7 @@ fn hosts_connect_to_volumes_and_path_maps_publish_by_generation() {
 #[test]
 fn a_node_advertises_its_target_ports_once_each() {
     let mut m = ClusterMap::default();
-    let mut n = node(1, 7000);
+    let mut n = node(NodeId(1), 7000);
     n.extra_nbd_addrs = vec!["127.0.0.1:7100".parse().expect("addr")];
     assert_eq!(n.targets().len(), 2);
     assert_eq!(m.apply(MetaCmd::RegisterNode(n.clone())), MetaReply::Done { changed: true });

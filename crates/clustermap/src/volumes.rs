@@ -59,7 +59,7 @@ impl VolumeRecord {
         assert!(is_sorted_set(&self.isr), "volume {}: isr {:?} not a sorted set", self.id, self.isr);
         assert!(self.isr.contains(&self.primary), "volume {}: primary {} not in isr", self.id, self.primary);
         assert!(self.isr.iter().all(|n| self.replicas.contains(n)), "volume {}: isr outside replicas", self.id);
-        assert!(self.epoch >= 1, "volume {}: epoch 0", self.id);
+        assert!(self.epoch >= Epoch(1), "volume {}: epoch 0", self.id);
     }
 }
 
@@ -129,7 +129,7 @@ impl ClusterMap {
             None => Vec::new(),
         };
         // Spread primaries: consecutive volumes of a dataset land on different nodes.
-        let pick = |from: &[NodeId]| from[(id % from.len() as u64) as usize];
+        let pick = |from: &[NodeId]| from[(id.get() % from.len() as u64) as usize];
         let primary = if candidates.is_empty() { pick(&ds.replicas) } else { pick(&candidates) };
         let vol = VolumeRecord {
             id,
@@ -139,14 +139,14 @@ impl ClusterMap {
             replicas: ds.replicas.clone(),
             primary,
             isr: ds.replicas.clone(),
-            epoch: 1,
+            epoch: Epoch(1),
             isr_version: 1,
             claim: None,
             resync: BTreeMap::new(),
         };
         vol.assert_shape();
         self.volumes.insert(id, vol);
-        self.next_volume_id = id.checked_add(1).expect("volume ids exhausted");
+        self.next_volume_id = id.checked_next().expect("volume ids exhausted");
         self.touched.push(ObjectKey::Volume(id));
         self.touched.push(ObjectKey::NextVolumeId);
         MetaReply::Done { changed: true }
@@ -234,7 +234,7 @@ impl ClusterMap {
             Err(e) => return MetaReply::Invalid(format!("volume {id}: {e}")),
         };
         // A retry of the failover that moved the volume to this very configuration.
-        if Some(vol.epoch) == epoch.checked_add(1) && vol.primary == primary && vol.isr == isr {
+        if Some(vol.epoch) == epoch.checked_next() && vol.primary == primary && vol.isr == isr {
             return MetaReply::Done { changed: false };
         }
         if vol.epoch != epoch {
@@ -262,7 +262,7 @@ impl ClusterMap {
         }
         vol.primary = primary;
         vol.isr = isr;
-        vol.epoch = epoch.checked_add(1).expect("epochs exhausted");
+        vol.epoch = epoch.checked_next().expect("epochs exhausted");
         vol.isr_version = vol.isr_version.checked_add(1).expect("ISR versions exhausted");
         vol.claim = None;
         vol.assert_shape();
@@ -286,7 +286,7 @@ impl ClusterMap {
             ));
         }
         if vol.claim.is_some() {
-            vol.epoch = epoch.checked_add(1).expect("epochs exhausted");
+            vol.epoch = epoch.checked_next().expect("epochs exhausted");
             vol.isr_version = vol.isr_version.checked_add(1).expect("ISR versions exhausted");
         }
         vol.claim = Some(nonce);

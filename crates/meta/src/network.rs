@@ -95,7 +95,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         match node.addr.parse() {
             Ok(addr) => self.transport.set_peer_addr(target, addr),
             Err(e) => {
-                tracing::error!(target, addr = %node.addr, error = %e, "bad raft address in membership")
+                tracing::error!(%target, addr = %node.addr, error = %e, "bad raft address in membership")
             }
         }
         PeerClient { target, transport: self.transport.clone() }

@@ -10,7 +10,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = MetaCmd,
         R = MetaReply,
-        NodeId = u64,
+        NodeId = tandem_types::NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,

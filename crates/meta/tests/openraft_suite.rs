@@ -6,11 +6,12 @@ use openraft::StorageError;
 use tandem_meta::log_store::LogStore;
 use tandem_meta::state_machine::StateMachine;
 use tandem_meta::TypeConfig;
+use tandem_types::NodeId;
 
 struct SledBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<u64>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::Config::new().path(dir.path()).open().expect("sled");
         let log = LogStore::open(&db, dir.path())?;
@@ -20,6 +21,6 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Sle
 }
 
 #[test]
-fn openraft_storage_suite() -> Result<(), StorageError<u64>> {
+fn openraft_storage_suite() -> Result<(), StorageError<NodeId>> {
     Suite::test_all(SledBuilder)
 }

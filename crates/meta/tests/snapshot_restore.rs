@@ -2,6 +2,7 @@
 //! the state exactly; and a state machine reopened from its sled files has the same state.
 
 use std::net::SocketAddr;
+use tandem_types::{Epoch, NodeId, VolumeId};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftSnapshotBuilder};
@@ -17,14 +18,14 @@ fn addr(port: u16) -> SocketAddr {
 fn cmd() -> impl Strategy<Value = MetaCmd> {
     prop_oneof![
         (1u64..8, 1u16..5, "[a-c]").prop_map(|(id, p, site)| MetaCmd::RegisterNode(NodeRecord {
-            id,
+            id: NodeId(id),
             site,
             raft_addr: addr(7000 + 10 * p),
             api_addr: addr(8000 + p),
             nbd_addr: addr(9000 + p),
             extra_nbd_addrs: Vec::new(),
         })),
-        (1u64..8).prop_map(|id| MetaCmd::RemoveNode { id }),
+        (1u64..8).prop_map(|id| MetaCmd::RemoveNode { id: NodeId(id) }),
         ("[a-e]", "[a-z0-9]{0,16}").prop_map(|(key, value)| MetaCmd::PutSetting { key, value }),
         "[a-e]".prop_map(|key| MetaCmd::DeleteSetting { key }),
         (any::<bool>(), any::<bool>()).prop_map(|(data, quic)| MetaCmd::SetTransport {
@@ -40,13 +41,25 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             size_bytes: blocks * tandem_types::BLOCK_BYTES
         }),
         "[vw]".prop_map(|name| MetaCmd::DeleteVolume { name }),
-        (1u64..4, 1u64..3, 1u64..3, proptest::collection::vec(1u64..8, 1..4))
-            .prop_map(|(volume, epoch, isr_version, isr)| MetaCmd::SetVolumeIsr { volume, epoch, isr_version, isr }),
-        (1u64..4, 1u64..3, 1u64..8, proptest::collection::vec(1u64..8, 1..4))
-            .prop_map(|(volume, epoch, primary, isr)| MetaCmd::Failover { volume, epoch, primary, isr }),
+        (1u64..4, 1u64..3, 1u64..3, proptest::collection::vec(1u64..8, 1..4)).prop_map(
+            |(volume, epoch, isr_version, isr)| MetaCmd::SetVolumeIsr {
+                volume: VolumeId(volume),
+                epoch: Epoch(epoch),
+                isr_version,
+                isr: isr.into_iter().map(NodeId).collect()
+            }
+        ),
+        (1u64..4, 1u64..3, 1u64..8, proptest::collection::vec(1u64..8, 1..4)).prop_map(
+            |(volume, epoch, primary, isr)| MetaCmd::Failover {
+                volume: VolumeId(volume),
+                epoch: Epoch(epoch),
+                primary: NodeId(primary),
+                isr: isr.into_iter().map(NodeId).collect()
+            }
+        ),
         (1u64..4, 1u64..8, 0u64..10).prop_map(|(volume, node, done_bytes)| MetaCmd::SetResyncProgress {
-            volume,
-            node,
+            volume: VolumeId(volume),
+            node: NodeId(node),
             done_bytes,
             total_bytes: 10
         }),
@@ -54,10 +67,10 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
 }
 
 fn entries(cmds: Vec<MetaCmd>) -> Vec<Entry<TypeConfig>> {
-    let leader = CommittedLeaderId::new(1, 1);
+    let leader = CommittedLeaderId::new(1, NodeId(1));
     let mut out = vec![Entry {
         log_id: LogId::new(leader, 1),
-        payload: EntryPayload::Membership(Membership::new(vec![[1u64, 2, 3].into_iter().collect()], None)),
+        payload: EntryPayload::Membership(Membership::new(vec![[1u64, 2, 3].into_iter().map(NodeId).collect()], None)),
     }];
     for (i, c) in cmds.into_iter().enumerate() {
         out.push(Entry { log_id: LogId::new(leader, i as u64 + 2), payload: EntryPayload::Normal(c) });

@@ -180,7 +180,7 @@ impl ClusterConfig {
         let mut addrs = HashSet::new();
         for (i, n) in self.nodes.iter().enumerate() {
             let at = format!("node[{i}] (id {})", n.id);
-            if n.id == 0 {
+            if n.id == NodeId(0) {
                 return Err(format!("{at}: id must be at least 1"));
             }
             if !ids.insert(n.id) {

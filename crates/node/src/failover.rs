@@ -108,10 +108,10 @@ impl Supervisor {
             };
             match decision {
                 Decision::NoLiveReplica { name, primary } => {
-                    tracing::warn!(volume = %name, primary, "primary failed and no in-sync replica is alive");
+                    tracing::warn!(volume = %name, %primary, "primary failed and no in-sync replica is alive");
                 }
                 Decision::Failover { volume, name, epoch, old, primary, isr } => {
-                    tracing::warn!(volume = %name, old, new = primary, epoch = epoch + 1, "failing over");
+                    tracing::warn!(volume = %name, %old, new = %primary, epoch = %epoch.next(), "failing over");
                     let cmd = MetaCmd::Failover { volume, epoch, primary, isr };
                     if let Err(e) = self.meta.write(cmd).await {
                         tracing::warn!(volume = %name, error = %e, "failover not committed");
@@ -128,14 +128,14 @@ mod tests {
 
     fn volume(primary: NodeId, isr: &[NodeId]) -> VolumeRecord {
         VolumeRecord {
-            id: 7,
+            id: VolumeId(7),
             name: "vol".into(),
             dataset: "default".into(),
             size_bytes: 4096,
-            replicas: vec![1, 2, 3, 4],
+            replicas: vec![NodeId(1), NodeId(2), NodeId(3), NodeId(4)],
             primary,
             isr: isr.to_vec(),
-            epoch: 5,
+            epoch: Epoch(5),
             isr_version: 1,
             resync: BTreeMap::new(),
             claim: None,
@@ -143,41 +143,51 @@ mod tests {
     }
 
     fn sites() -> BTreeMap<NodeId, String> {
-        [(1, "a"), (2, "a"), (3, "b"), (4, "b")].into_iter().map(|(id, s)| (id, s.to_string())).collect()
+        [(1, "a"), (2, "a"), (3, "b"), (4, "b")].into_iter().map(|(id, s)| (NodeId(id), s.to_string())).collect()
     }
 
     #[test]
     fn a_live_primary_stays() {
-        let v = volume(1, &[1, 2, 3]);
-        assert_eq!(decide(&v, &sites(), &HashMap::new(), 2, |_| true), None);
+        let v = volume(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3)]);
+        assert_eq!(decide(&v, &sites(), &HashMap::new(), NodeId(2), |_| true), None);
     }
 
     /// Only live members of the ISR qualify; the Raft leader (this node) only if none else does;
     /// the failover carries the epoch it was decided in and the live ISR.
     #[test]
     fn a_failed_primary_moves_to_a_live_in_sync_node_off_the_leader() {
-        let v = volume(1, &[1, 2, 3]);
-        let alive = |n: NodeId| n != 1;
-        let d = decide(&v, &sites(), &HashMap::new(), 2, alive);
-        let want = Decision::Failover { volume: 7, name: "vol".into(), epoch: 5, old: 1, primary: 3, isr: vec![2, 3] };
+        let v = volume(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3)]);
+        let alive = |n: NodeId| n != NodeId(1);
+        let d = decide(&v, &sites(), &HashMap::new(), NodeId(2), alive);
+        let want = Decision::Failover {
+            volume: VolumeId(7),
+            name: "vol".into(),
+            epoch: Epoch(5),
+            old: NodeId(1),
+            primary: NodeId(3),
+            isr: vec![NodeId(2), NodeId(3)],
+        };
         assert_eq!(d, Some(want));
         // Node 4 is alive but not in sync: with 3 gone too, only the leader itself is left.
-        let d = decide(&v, &sites(), &HashMap::new(), 2, |n| n == 2 || n == 4);
-        assert!(matches!(d, Some(Decision::Failover { primary: 2, ref isr, .. }) if *isr == vec![2]), "{d:?}");
+        let d = decide(&v, &sites(), &HashMap::new(), NodeId(2), |n| n == NodeId(2) || n == NodeId(4));
+        assert!(
+            matches!(d, Some(Decision::Failover { primary: NodeId(2), ref isr, .. }) if *isr == vec![NodeId(2)]),
+            "{d:?}"
+        );
     }
 
     #[test]
     fn the_preferred_site_comes_first() {
-        let v = volume(1, &[1, 2, 3, 4]);
+        let v = volume(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3), NodeId(4)]);
         let preferred: HashMap<String, Option<String>> = [("default".to_string(), Some("a".to_string()))].into();
-        let d = decide(&v, &sites(), &preferred, 3, |n| n != 1);
-        assert!(matches!(d, Some(Decision::Failover { primary: 2, .. })), "{d:?}");
+        let d = decide(&v, &sites(), &preferred, NodeId(3), |n| n != NodeId(1));
+        assert!(matches!(d, Some(Decision::Failover { primary: NodeId(2), .. })), "{d:?}");
     }
 
     #[test]
     fn without_a_live_in_sync_replica_nothing_moves() {
-        let v = volume(1, &[1, 2]);
-        let d = decide(&v, &sites(), &HashMap::new(), 3, |n| n == 3 || n == 4);
-        assert_eq!(d, Some(Decision::NoLiveReplica { name: "vol".into(), primary: 1 }));
+        let v = volume(NodeId(1), &[NodeId(1), NodeId(2)]);
+        let d = decide(&v, &sites(), &HashMap::new(), NodeId(3), |n| n == NodeId(3) || n == NodeId(4));
+        assert_eq!(d, Some(Decision::NoLiveReplica { name: "vol".into(), primary: NodeId(1) }));
     }
 }

@@ -109,7 +109,7 @@ impl PathManager {
                 soft.leading_since = Some(now);
                 soft.dirty = true;
                 if let Some(prev) = soft.last_leader.take() {
-                    tracing::info!(node = prev, "path maps: the previous Raft leader is cut off until it renews");
+                    tracing::info!(node = %prev, "path maps: the previous Raft leader is cut off until it renews");
                     soft.forced.insert(prev);
                     soft.health
                         .entry(prev)

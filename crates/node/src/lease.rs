@@ -217,18 +217,18 @@ mod tests {
     #[tokio::test]
     async fn a_renewal_counts_only_a_grant_from_the_leader() {
         let granted = FakeTransport::new(Answer::Reply(ProbeReply::GrantedAt { index: 42 }));
-        assert_eq!(request_lease(&granted, 3).await, Some(42));
-        assert_eq!(granted.sent(), vec![(3, Channel::Probe, ProbeMsg::LeaseRequest)]);
+        assert_eq!(request_lease(&granted, NodeId(3)).await, Some(42));
+        assert_eq!(granted.sent(), vec![(NodeId(3), Channel::Probe, ProbeMsg::LeaseRequest)]);
 
-        let deposed = FakeTransport::new(Answer::Reply(ProbeReply::NotLeader(Some(2))));
-        assert_eq!(request_lease(&deposed, 3).await, None);
+        let deposed = FakeTransport::new(Answer::Reply(ProbeReply::NotLeader(Some(NodeId(2)))));
+        assert_eq!(request_lease(&deposed, NodeId(3)).await, None);
 
         let cut = FakeTransport::new(Answer::Unreachable);
-        assert_eq!(request_lease(&cut, 3).await, None);
+        assert_eq!(request_lease(&cut, NodeId(3)).await, None);
 
         let started = Instant::now();
         let silent = FakeTransport::new(Answer::Silent);
-        assert_eq!(request_lease(&silent, 3).await, None);
+        assert_eq!(request_lease(&silent, NodeId(3)).await, None);
         // A silent leader costs one renewal timeout, which ends before the lease would.
         assert!(started.elapsed() >= RENEW_TIMEOUT);
     }

@@ -127,7 +127,7 @@ pub async fn run(
         })
         .collect();
 
-    tracing::info!(node = id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");
+    tracing::info!(node = %id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");
     // Stopping also ends the path-map watches in progress, which graceful shutdown waits for.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let state = api::ApiState::new(meta.clone(), Arc::new(cfg), mesh.clone(), plane.clone(), paths, stopping, budgets);
@@ -136,19 +136,19 @@ pub async fn run(
         let _ = stopping_tx.send(true);
     };
     let served = axum::serve(api_listener, api::router(state)).with_graceful_shutdown(stop_signal).await;
-    tracing::info!(node = id, "stopping");
+    tracing::info!(node = %id, "stopping");
     let _ = nbd_stop_tx.send(true);
     for server in nbd {
         let _ = server.await;
     }
     // Dropping the store is a crash to it: make everything applied durable first.
     if let Err(e) = store.durable(store.last_lsn()).await {
-        tracing::error!(node = id, error = %e, "block store flush at shutdown failed");
+        tracing::error!(node = %id, error = %e, "block store flush at shutdown failed");
     }
     meta.shutdown().await;
     mesh.shutdown();
     served.context("admin API server failed")?;
-    tracing::info!(node = id, "stopped");
+    tracing::info!(node = %id, "stopped");
     Ok(())
 }
 
@@ -165,11 +165,11 @@ fn advertise(meta: Arc<MetaStore>, record: tandem_meta::NodeRecord) {
                 Ok(Some(known)) if known == record => return,
                 Ok(Some(_)) => match meta.write(tandem_meta::MetaCmd::RegisterNode(record.clone())).await {
                     Ok(_) => {
-                        tracing::info!(node = record.id, "advertised this node's site and addresses");
+                        tracing::info!(node = %record.id, "advertised this node's site and addresses");
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(node = record.id, error = %e, "cannot advertise this node's addresses yet")
+                        tracing::warn!(node = %record.id, error = %e, "cannot advertise this node's addresses yet")
                     }
                 },
                 Err(_) => {}

@@ -88,22 +88,22 @@ mod tests {
     #[tokio::test]
     async fn a_call_goes_to_the_peer_on_the_probe_channel_and_decodes_its_answer() {
         let t = FakeTransport::new(Answer::Reply(ProbeReply::Pong));
-        let reply = probe_call(&t, 3, &ProbeMsg::Ping, Duration::from_secs(5)).await;
+        let reply = probe_call(&t, NodeId(3), &ProbeMsg::Ping, Duration::from_secs(5)).await;
         assert_eq!(reply, Ok(ProbeReply::Pong));
-        assert_eq!(t.sent(), vec![(3, Channel::Probe, ProbeMsg::Ping)]);
+        assert_eq!(t.sent(), vec![(NodeId(3), Channel::Probe, ProbeMsg::Ping)]);
     }
 
     #[tokio::test]
     async fn a_silent_peer_costs_the_timeout_and_no_more() {
         let t = FakeTransport::new(Answer::Silent);
-        let reply = probe_call(&t, 2, &ProbeMsg::Ping, Duration::from_millis(20)).await;
+        let reply = probe_call(&t, NodeId(2), &ProbeMsg::Ping, Duration::from_millis(20)).await;
         assert_eq!(reply, Err("no answer within 20 ms".to_string()));
     }
 
     #[tokio::test]
     async fn an_unreachable_peer_is_an_error() {
         let t = FakeTransport::new(Answer::Unreachable);
-        let reply = probe_call(&t, 2, &ProbeMsg::Ping, Duration::from_secs(5)).await;
+        let reply = probe_call(&t, NodeId(2), &ProbeMsg::Ping, Duration::from_secs(5)).await;
         assert!(reply.as_ref().is_err_and(|e| e.contains("unreachable")), "{reply:?}");
     }
 }

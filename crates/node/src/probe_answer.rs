@@ -68,9 +68,9 @@ mod tests {
             logs_to_keep: 100,
         };
         let transport = Arc::new(FakeTransport::new(Answer::Unreachable));
-        let meta = MetaStore::open(1, &cfg, dir.path(), transport).await.expect("opens");
+        let meta = MetaStore::open(NodeId(1), &cfg, dir.path(), transport).await.expect("opens");
         let me = NodeRecord {
-            id: 1,
+            id: NodeId(1),
             site: "a".into(),
             raft_addr: "127.0.0.1:7001".parse().unwrap(),
             api_addr: "127.0.0.1:8001".parse().unwrap(),
@@ -83,21 +83,23 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "no leader: {:?}", meta.status());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let leases = Leases::new(1, meta.clone(), Duration::from_millis(cfg.election_timeout_min_ms));
-        let h = handler(leases.clone(), PathManager::new(1, meta.clone(), leases.clone()));
+        let leases = Leases::new(NodeId(1), meta.clone(), Duration::from_millis(cfg.election_timeout_min_ms));
+        let h = handler(leases.clone(), PathManager::new(NodeId(1), meta.clone(), leases.clone()));
 
-        assert_eq!(ask(&h, 2, ProbeMsg::Ping).await, ProbeReply::Pong);
-        assert_eq!(leases.last_heard(2), None);
-        assert!(matches!(ask(&h, 2, ProbeMsg::LeaseRequest).await, ProbeReply::GrantedAt { index } if index >= 1));
-        assert!(leases.last_heard(2).is_some(), "a granted lease notes the node as heard");
+        assert_eq!(ask(&h, NodeId(2), ProbeMsg::Ping).await, ProbeReply::Pong);
+        assert_eq!(leases.last_heard(NodeId(2)), None);
+        assert!(
+            matches!(ask(&h, NodeId(2), ProbeMsg::LeaseRequest).await, ProbeReply::GrantedAt { index } if index >= 1)
+        );
+        assert!(leases.last_heard(NodeId(2)).is_some(), "a granted lease notes the node as heard");
         let probe = PathProbe {
-            node: 1,
+            node: NodeId(1),
             address: "127.0.0.1:9001".parse().unwrap(),
             rtt_us: Some(10),
             refused: false,
             error: String::new(),
         };
-        let reply = ask(&h, 2, ProbeMsg::HostProbes { host: "nohost".into(), probes: vec![probe] }).await;
+        let reply = ask(&h, NodeId(2), ProbeMsg::HostProbes { host: "nohost".into(), probes: vec![probe] }).await;
         assert_eq!(reply, ProbeReply::Refused("no host named \"nohost\"".into()));
         meta.shutdown().await;
     }

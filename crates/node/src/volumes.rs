@@ -78,7 +78,7 @@ impl Coordinator for MetaCoordinator {
                     Ok(None) => return Err(ProposeError::Refused("the volume was deleted".into())),
                     _ => {}
                 }
-                tracing::warn!(volume, epoch, error = %e, "ISR change not confirmed yet; proposing it again");
+                tracing::warn!(%volume, %epoch, error = %e, "ISR change not confirmed yet; proposing it again");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(PROPOSE_BACKOFF_MAX);
             }
@@ -94,7 +94,7 @@ impl Coordinator for MetaCoordinator {
             };
             match self.meta.write(cmd).await {
                 Ok(MetaReply::Done { .. }) | Ok(_) => {}
-                Err(e) => tracing::debug!(volume, node, error = %e, "resync progress not recorded"),
+                Err(e) => tracing::debug!(%volume, %node, error = %e, "resync progress not recorded"),
             }
         })
     }

@@ -300,7 +300,7 @@ mod tests {
 
     /// The address of `node`'s `port`.
     fn target(node: NodeId, port: usize) -> SocketAddr {
-        SocketAddr::from(([10, 0, 0, node as u8], 10809 + port as u16))
+        SocketAddr::from(([10, 0, 0, node.get() as u8], 10809 + port as u16))
     }
 
     fn node(id: NodeId, site: &str, ports: usize) -> NodeInput {
@@ -314,20 +314,25 @@ mod tests {
     }
 
     /// Nodes with one port each, all up, from (id, site).
-    fn cluster(nodes: &[(NodeId, &str)]) -> BTreeMap<NodeId, NodeInput> {
-        nodes.iter().map(|&(id, site)| (id, node(id, site, 1))).collect()
+    fn cluster(nodes: &[(u64, &str)]) -> BTreeMap<NodeId, NodeInput> {
+        nodes.iter().map(|&(id, site)| (NodeId(id), node(NodeId(id), site, 1))).collect()
     }
 
-    fn down(nodes: &mut BTreeMap<NodeId, NodeInput>, id: NodeId) {
-        nodes.get_mut(&id).unwrap().liveness = Liveness::Down { why: "down for the test".into() };
+    fn down(nodes: &mut BTreeMap<NodeId, NodeInput>, id: u64) {
+        nodes.get_mut(&NodeId(id)).unwrap().liveness = Liveness::Down { why: "down for the test".into() };
     }
 
-    fn volume(primary: NodeId, replicas: &[NodeId], isr: &[NodeId]) -> VolumeInput {
+    fn ids(ids: &[u64]) -> Vec<NodeId> {
+        ids.iter().copied().map(NodeId).collect()
+    }
+
+    /// A volume "vol" from node numbers: its primary, replicas and in-sync replicas.
+    fn volume(primary: u64, replicas: &[u64], isr: &[u64]) -> VolumeInput {
         VolumeInput {
             name: "vol".into(),
-            primary,
-            replicas: replicas.to_vec(),
-            isr: isr.to_vec(),
+            primary: NodeId(primary),
+            replicas: ids(replicas),
+            isr: ids(isr),
             resyncing: Vec::new(),
             preferred_site: None,
         }
@@ -348,7 +353,7 @@ mod tests {
     fn primary_is_optimized_in_sync_replicas_proxy_and_the_rest_are_unavailable() {
         let nodes = cluster(&[(1, "a"), (2, "a"), (3, "a"), (4, "a")]);
         let mut vol = volume(1, &[1, 2, 3, 4], &[1, 2]);
-        vol.resyncing = vec![3];
+        vol.resyncing = vec![NodeId(3)];
         let paths = volume_paths(&HOST, &vol, &nodes, &unprobed);
         assert_eq!(paths.volume, "vol");
         assert_eq!(
@@ -360,8 +365,8 @@ mod tests {
                 ("n4p0", Ua, "out of sync"),
             ]
         );
-        assert_eq!(paths.paths[0].node, 1);
-        assert_eq!(paths.paths[0].address, target(1, 0));
+        assert_eq!(paths.paths[0].node, NodeId(1));
+        assert_eq!(paths.paths[0].address, target(NodeId(1), 0));
     }
 
     #[test]
@@ -415,25 +420,47 @@ mod tests {
 
     #[test]
     fn pick_primary_prefers_the_site_then_the_lowest_id() {
-        let sites: BTreeMap<NodeId, String> =
-            [(1, "a"), (2, "b"), (5, "b"), (7, "c")].into_iter().map(|(id, site)| (id, site.to_owned())).collect();
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("b"), None), Some(2));
-        assert_eq!(pick_primary(&[7, 5, 1], &sites, Some("b"), None), Some(5));
-        assert_eq!(pick_primary(&[7, 5, 1], &sites, Some("c"), None), Some(7));
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("a"), None), Some(2), "no live node in the site");
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, None, None), Some(2));
+        let sites: BTreeMap<NodeId, String> = [(1, "a"), (2, "b"), (5, "b"), (7, "c")]
+            .into_iter()
+            .map(|(id, site)| (NodeId(id), site.to_owned()))
+            .collect();
+        assert_eq!(pick_primary(&[NodeId(7), NodeId(5), NodeId(2)], &sites, Some("b"), None), Some(NodeId(2)));
+        assert_eq!(pick_primary(&[NodeId(7), NodeId(5), NodeId(1)], &sites, Some("b"), None), Some(NodeId(5)));
+        assert_eq!(pick_primary(&[NodeId(7), NodeId(5), NodeId(1)], &sites, Some("c"), None), Some(NodeId(7)));
+        assert_eq!(
+            pick_primary(&[NodeId(7), NodeId(5), NodeId(2)], &sites, Some("a"), None),
+            Some(NodeId(2)),
+            "no live node in the site"
+        );
+        assert_eq!(pick_primary(&[NodeId(7), NodeId(5), NodeId(2)], &sites, None, None), Some(NodeId(2)));
         assert_eq!(pick_primary(&[], &sites, Some("a"), None), None);
     }
 
     #[test]
     fn pick_primary_keeps_off_the_raft_leader_within_the_preferred_site() {
-        let sites: BTreeMap<NodeId, String> =
-            [(1, "a"), (2, "b"), (5, "b"), (7, "c")].into_iter().map(|(id, site)| (id, site.to_owned())).collect();
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("b"), Some(2)), Some(5));
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, None, Some(2)), Some(5));
-        assert_eq!(pick_primary(&[7, 2], &sites, Some("b"), Some(2)), Some(2), "the site comes first");
-        assert_eq!(pick_primary(&[2], &sites, None, Some(2)), Some(2), "the leader if no one else");
-        assert_eq!(pick_primary(&[7, 5, 2], &sites, Some("b"), Some(9)), Some(2));
+        let sites: BTreeMap<NodeId, String> = [(1, "a"), (2, "b"), (5, "b"), (7, "c")]
+            .into_iter()
+            .map(|(id, site)| (NodeId(id), site.to_owned()))
+            .collect();
+        assert_eq!(
+            pick_primary(&[NodeId(7), NodeId(5), NodeId(2)], &sites, Some("b"), Some(NodeId(2))),
+            Some(NodeId(5))
+        );
+        assert_eq!(pick_primary(&[NodeId(7), NodeId(5), NodeId(2)], &sites, None, Some(NodeId(2))), Some(NodeId(5)));
+        assert_eq!(
+            pick_primary(&[NodeId(7), NodeId(2)], &sites, Some("b"), Some(NodeId(2))),
+            Some(NodeId(2)),
+            "the site comes first"
+        );
+        assert_eq!(
+            pick_primary(&[NodeId(2)], &sites, None, Some(NodeId(2))),
+            Some(NodeId(2)),
+            "the leader if no one else"
+        );
+        assert_eq!(
+            pick_primary(&[NodeId(7), NodeId(5), NodeId(2)], &sites, Some("b"), Some(NodeId(9))),
+            Some(NodeId(2))
+        );
     }
 
     #[test]
@@ -462,7 +489,7 @@ mod tests {
     fn an_unreachable_primary_leaves_no_optimized_path() {
         let nodes = cluster(&[(1, "a"), (2, "a"), (3, "a")]);
         let reach = |node: NodeId, _: SocketAddr| {
-            if node == 1 {
+            if node == NodeId(1) {
                 Reach::Unreachable { why: "connection refused".into() }
             } else {
                 FAST
@@ -481,7 +508,8 @@ mod tests {
 
     /// The primary (node 1) has two ports; node 2 is an in-sync replica with two ports.
     fn two_ports(reach: &dyn Fn(NodeId, SocketAddr) -> Reach) -> Vec<(String, PathState, String)> {
-        let nodes: BTreeMap<_, _> = [(1, node(1, "a", 2)), (2, node(2, "a", 2))].into_iter().collect();
+        let nodes: BTreeMap<_, _> =
+            [(NodeId(1), node(NodeId(1), "a", 2)), (NodeId(2), node(NodeId(2), "a", 2))].into_iter().collect();
         let paths = volume_paths(&HOST, &volume(1, &[1, 2], &[1, 2]), &nodes, reach);
         paths.paths.into_iter().map(|p| (p.path, p.state, p.reason)).collect()
     }
@@ -529,9 +557,11 @@ mod tests {
 
     #[test]
     fn a_slow_port_of_the_takeover_candidate_gives_way_too() {
-        let mut nodes: BTreeMap<_, _> = [(1, node(1, "a", 1)), (2, node(2, "a", 2))].into_iter().collect();
+        let mut nodes: BTreeMap<_, _> =
+            [(NodeId(1), node(NodeId(1), "a", 1)), (NodeId(2), node(NodeId(2), "a", 2))].into_iter().collect();
         down(&mut nodes, 1);
-        let reach = |node: NodeId, address: SocketAddr| if node == 2 && address.port() == 10809 { SLOW } else { FAST };
+        let reach =
+            |node: NodeId, address: SocketAddr| if node == NodeId(2) && address.port() == 10809 { SLOW } else { FAST };
         let paths = volume_paths(&HOST, &volume(1, &[1, 2], &[1, 2]), &nodes, &reach);
         assert_eq!(
             summary(&paths)[..2],
@@ -551,8 +581,8 @@ mod tests {
     fn order_is_state_then_own_site_then_site_then_speed_then_node_and_port() {
         let nodes = cluster(&[(1, "c"), (2, "b"), (3, "c"), (4, "b"), (5, "a"), (6, "b"), (7, "a")]);
         let mut vol = volume(7, &[1, 2, 3, 4, 5, 6, 7], &[1, 2, 3, 4, 5, 6, 7]);
-        vol.isr.retain(|id| *id != 6);
-        let reach = |node: NodeId, _: SocketAddr| if node == 2 { SLOW } else { FAST };
+        vol.isr.retain(|id| *id != NodeId(6));
+        let reach = |node: NodeId, _: SocketAddr| if node == NodeId(2) { SLOW } else { FAST };
         let host = HostInput { name: "host", site: "b" };
         let order: Vec<_> = volume_paths(&host, &vol, &nodes, &reach).paths.into_iter().map(|p| p.path).collect();
         // 7 is the primary; then the host's site b (4, then the slow 2), then site a (5), then
@@ -576,7 +606,7 @@ mod tests {
             health.observe(t0, true);
             health.observe(t0 + at, false);
             let mut nodes = cluster(&[(1, "a"), (2, "a")]);
-            nodes.get_mut(&2).unwrap().liveness = health.liveness();
+            nodes.get_mut(&NodeId(2)).unwrap().liveness = health.liveness();
             let paths = volume_paths(&HOST, &volume(1, &[1, 2], &[1, 2]), &nodes, &unprobed);
             paths.paths[1].reason.clone()
         };
@@ -589,13 +619,13 @@ mod tests {
 
     #[test]
     fn reasons_carry_no_numbers_but_node_ids() {
-        let mut nodes: BTreeMap<_, _> = (1..=6).map(|id| (id, node(id, "a", 2))).collect();
+        let mut nodes: BTreeMap<_, _> = (1..=6).map(|id| (NodeId(id), node(NodeId(id), "a", 2))).collect();
         down(&mut nodes, 1);
         let mut vol = volume(1, &[1, 2, 3, 4, 5, 6], &[1, 2, 3, 4]);
-        vol.resyncing = vec![5];
+        vol.resyncing = vec![NodeId(5)];
         let reach = |node: NodeId, address: SocketAddr| match (node, address.port()) {
-            (2, 10809) => SLOW,
-            (4, _) => Reach::Unreachable { why: "connection refused".into() },
+            (NodeId(2), 10809) => SLOW,
+            (NodeId(4), _) => Reach::Unreachable { why: "connection refused".into() },
             _ => FAST,
         };
         let paths = volume_paths(&HOST, &vol, &nodes, &reach);
@@ -652,7 +682,7 @@ mod tests {
             let mut nodes = BTreeMap::new();
             let mut vol = volume(0, &[], &[]);
             for (i, &(site, ports, up, in_sync)) in specs.iter().enumerate() {
-                let id = i as NodeId + 1;
+                let id = NodeId(i as u64 + 1);
                 let mut n = node(id, sites[site], ports);
                 if !up {
                     n.liveness = Liveness::Down { why: "down".into() };
@@ -663,14 +693,14 @@ mod tests {
                     vol.isr.push(id);
                 }
             }
-            vol.primary = (primary_index % specs.len()) as NodeId + 1;
+            vol.primary = NodeId((primary_index % specs.len()) as u64 + 1);
             if !vol.isr.contains(&vol.primary) {
                 vol.isr.push(vol.primary);
                 vol.isr.sort();
             }
             vol.preferred_site = preferred.map(|s| sites[s].to_owned());
             let reach = |node: NodeId, address: SocketAddr| {
-                reaches[(node as usize * 4 + usize::from(address.port() - 10809)) % reaches.len()].clone()
+                reaches[(node.get() as usize * 4 + usize::from(address.port() - 10809)) % reaches.len()].clone()
             };
             let paths = volume_paths(&HOST, &vol, &nodes, &reach);
             prop_assert_eq!(&paths, &volume_paths(&HOST, &vol, &nodes, &reach));

@@ -309,16 +309,16 @@ mod tests {
     /// A tracker for node 1 on `addr(1)` that is reachable at `t0`.
     fn reachable_at(t0: Instant) -> HostProbes {
         let mut p = HostProbes::new();
-        p.record(t0, 1, addr(1), ok(200));
+        p.record(t0, NodeId(1), addr(1), ok(200));
         assert!(p.evaluate(t0));
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
         p
     }
 
     /// Makes the path unreachable at `t0` with a refused connection.
     fn unreachable_at(t0: Instant) -> HostProbes {
         let mut p = reachable_at(t0);
-        p.record(t0, 1, addr(1), refused());
+        p.record(t0, NodeId(1), addr(1), refused());
         assert!(p.evaluate(t0));
         p
     }
@@ -326,16 +326,16 @@ mod tests {
     #[test]
     fn a_path_never_reported_is_unprobed() {
         let p = HostProbes::new();
-        assert_eq!(p.reach(1, addr(1)), Reach::Unprobed);
-        assert_eq!(p.rtt_us(1, addr(1)), None);
+        assert_eq!(p.reach(NodeId(1), addr(1)), Reach::Unprobed);
+        assert_eq!(p.rtt_us(NodeId(1), addr(1)), None);
     }
 
     #[test]
     fn refused_is_unreachable_at_once_and_reported_once() {
         let t0 = Instant::now();
         let mut p = reachable_at(t0);
-        p.record(t0 + TICK, 1, addr(1), refused());
-        assert_eq!(p.reach(1, addr(1)), Reach::Unreachable { why: "connection refused".into() });
+        p.record(t0 + TICK, NodeId(1), addr(1), refused());
+        assert_eq!(p.reach(NodeId(1), addr(1)), Reach::Unreachable { why: "connection refused".into() });
         assert!(p.evaluate(t0 + TICK), "a change made by record is reported by the next evaluate");
         assert!(!p.evaluate(t0 + TICK * 2));
     }
@@ -344,8 +344,8 @@ mod tests {
     fn refused_on_an_unprobed_path_is_unreachable_at_once() {
         let t0 = Instant::now();
         let mut p = HostProbes::new();
-        p.record(t0, 1, addr(1), refused());
-        assert_eq!(p.reach(1, addr(1)), Reach::Unreachable { why: "connection refused".into() });
+        p.record(t0, NodeId(1), addr(1), refused());
+        assert_eq!(p.reach(NodeId(1), addr(1)), Reach::Unreachable { why: "connection refused".into() });
         assert!(p.evaluate(t0));
     }
 
@@ -353,16 +353,16 @@ mod tests {
     fn timeouts_make_a_path_unreachable_after_three_keeping_the_first_reason() {
         let t0 = Instant::now();
         let mut p = reachable_at(t0);
-        p.record(t0 + TICK, 1, addr(1), timeout("timed out 1"));
-        p.record(t0 + TICK * 2, 1, addr(1), timeout("timed out 2"));
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        p.record(t0 + TICK, NodeId(1), addr(1), timeout("timed out 1"));
+        p.record(t0 + TICK * 2, NodeId(1), addr(1), timeout("timed out 2"));
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
         assert!(!p.evaluate(t0 + TICK * 2));
-        p.record(t0 + TICK * 3, 1, addr(1), timeout("timed out 3"));
+        p.record(t0 + TICK * 3, NodeId(1), addr(1), timeout("timed out 3"));
         let down = Reach::Unreachable { why: "timed out 3".into() };
-        assert_eq!(p.reach(1, addr(1)), down);
+        assert_eq!(p.reach(NodeId(1), addr(1)), down);
         assert!(p.evaluate(t0 + TICK * 3));
-        p.record(t0 + TICK * 4, 1, addr(1), timeout("reset by peer"));
-        assert_eq!(p.reach(1, addr(1)), down, "the reason stays while the path stays down");
+        p.record(t0 + TICK * 4, NodeId(1), addr(1), timeout("reset by peer"));
+        assert_eq!(p.reach(NodeId(1), addr(1)), down, "the reason stays while the path stays down");
         assert!(!p.evaluate(t0 + TICK * 4));
     }
 
@@ -371,21 +371,21 @@ mod tests {
         let t0 = Instant::now();
         let mut p = reachable_at(t0);
         for (i, outcome) in [timeout("t"), timeout("t"), ok(200), timeout("t"), timeout("t")].into_iter().enumerate() {
-            p.record(t0 + TICK * (i as u32 + 1), 1, addr(1), outcome);
+            p.record(t0 + TICK * (i as u32 + 1), NodeId(1), addr(1), outcome);
         }
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
     }
 
     #[test]
     fn timeouts_on_an_unprobed_path_give_no_verdict_before_three() {
         let t0 = Instant::now();
         let mut p = HostProbes::new();
-        p.record(t0, 1, addr(1), timeout("t"));
-        p.record(t0 + TICK, 1, addr(1), timeout("t"));
-        assert_eq!(p.reach(1, addr(1)), Reach::Unprobed);
+        p.record(t0, NodeId(1), addr(1), timeout("t"));
+        p.record(t0 + TICK, NodeId(1), addr(1), timeout("t"));
+        assert_eq!(p.reach(NodeId(1), addr(1)), Reach::Unprobed);
         assert!(!p.evaluate(t0 + TICK));
-        p.record(t0 + TICK * 2, 1, addr(1), timeout("t"));
-        assert_eq!(p.reach(1, addr(1)), Reach::Unreachable { why: "t".into() });
+        p.record(t0 + TICK * 2, NodeId(1), addr(1), timeout("t"));
+        assert_eq!(p.reach(NodeId(1), addr(1)), Reach::Unreachable { why: "t".into() });
     }
 
     #[test]
@@ -394,8 +394,8 @@ mod tests {
         let mut p = HostProbes::new();
         // 'é' is two bytes: 119 ASCII bytes then 'é' would end at byte 121.
         let error = format!("{}é and more", "x".repeat(WHY_BYTES_MAX - 1));
-        p.record(t0, 1, addr(1), ProbeOutcome::Failed { refused: true, error });
-        let Reach::Unreachable { why } = p.reach(1, addr(1)) else { panic!("not unreachable") };
+        p.record(t0, NodeId(1), addr(1), ProbeOutcome::Failed { refused: true, error });
+        let Reach::Unreachable { why } = p.reach(NodeId(1), addr(1)) else { panic!("not unreachable") };
         assert_eq!(why, "x".repeat(WHY_BYTES_MAX - 1));
     }
 
@@ -406,12 +406,12 @@ mod tests {
         let start = t0 + TICK;
         // Successes every 250 ms: the span reaches 2 s at the ninth.
         for i in 0..8 {
-            p.record(start + TICK * i, 1, addr(1), ok(200));
+            p.record(start + TICK * i, NodeId(1), addr(1), ok(200));
             assert!(!p.evaluate(start + TICK * i), "back after {:?}", TICK * i);
-            assert!(matches!(p.reach(1, addr(1)), Reach::Unreachable { .. }));
+            assert!(matches!(p.reach(NodeId(1), addr(1)), Reach::Unreachable { .. }));
         }
-        p.record(start + RECOVER_AFTER, 1, addr(1), ok(200));
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        p.record(start + RECOVER_AFTER, NodeId(1), addr(1), ok(200));
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
         assert!(p.evaluate(start + RECOVER_AFTER));
     }
 
@@ -419,11 +419,11 @@ mod tests {
     fn recovery_needs_three_successes_even_when_two_span_the_window() {
         let t0 = Instant::now();
         let mut p = unreachable_at(t0);
-        p.record(t0 + TICK, 1, addr(1), ok(200));
-        p.record(t0 + TICK + RECOVER_AFTER * 2, 1, addr(1), ok(200));
-        assert!(matches!(p.reach(1, addr(1)), Reach::Unreachable { .. }));
-        p.record(t0 + TICK + RECOVER_AFTER * 2 + TICK, 1, addr(1), ok(200));
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        p.record(t0 + TICK, NodeId(1), addr(1), ok(200));
+        p.record(t0 + TICK + RECOVER_AFTER * 2, NodeId(1), addr(1), ok(200));
+        assert!(matches!(p.reach(NodeId(1), addr(1)), Reach::Unreachable { .. }));
+        p.record(t0 + TICK + RECOVER_AFTER * 2 + TICK, NodeId(1), addr(1), ok(200));
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
     }
 
     #[test]
@@ -431,35 +431,35 @@ mod tests {
         let t0 = Instant::now();
         let mut p = unreachable_at(t0);
         for i in 1..8 {
-            p.record(t0 + TICK * i, 1, addr(1), ok(200));
+            p.record(t0 + TICK * i, NodeId(1), addr(1), ok(200));
         }
-        p.record(t0 + TICK * 8, 1, addr(1), timeout("t"));
+        p.record(t0 + TICK * 8, NodeId(1), addr(1), timeout("t"));
         // Without the failure the streak from t0 + TICK would span 2 s at t0 + TICK * 9.
         let restart = t0 + TICK * 9;
         for i in 0..8 {
-            p.record(restart + TICK * i, 1, addr(1), ok(200));
+            p.record(restart + TICK * i, NodeId(1), addr(1), ok(200));
             assert!(
-                matches!(p.reach(1, addr(1)), Reach::Unreachable { .. }),
+                matches!(p.reach(NodeId(1), addr(1)), Reach::Unreachable { .. }),
                 "back {:?} into the new streak",
                 TICK * i
             );
         }
-        p.record(restart + RECOVER_AFTER, 1, addr(1), ok(200));
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        p.record(restart + RECOVER_AFTER, NodeId(1), addr(1), ok(200));
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
     }
 
     #[test]
     fn stale_paths_go_back_to_unprobed() {
         let t0 = Instant::now();
         let mut p = reachable_at(t0);
-        p.record(t0, 2, addr(2), refused());
+        p.record(t0, NodeId(2), addr(2), refused());
         assert!(p.evaluate(t0));
         assert!(!p.evaluate(t0 + STALE_AFTER - TICK));
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
         assert!(p.evaluate(t0 + STALE_AFTER));
-        assert_eq!(p.reach(1, addr(1)), Reach::Unprobed);
-        assert_eq!(p.reach(2, addr(2)), Reach::Unprobed);
-        assert_eq!(p.rtt_us(1, addr(1)), None);
+        assert_eq!(p.reach(NodeId(1), addr(1)), Reach::Unprobed);
+        assert_eq!(p.reach(NodeId(2), addr(2)), Reach::Unprobed);
+        assert_eq!(p.rtt_us(NodeId(1), addr(1)), None);
     }
 
     #[test]
@@ -467,9 +467,9 @@ mod tests {
         let t0 = Instant::now();
         let mut p = unreachable_at(t0);
         // No evaluate in between: record itself notices the silence.
-        p.record(t0 + STALE_AFTER, 1, addr(1), ok(300));
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
-        assert_eq!(p.rtt_us(1, addr(1)), Some(300));
+        p.record(t0 + STALE_AFTER, NodeId(1), addr(1), ok(300));
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
+        assert_eq!(p.rtt_us(NodeId(1), addr(1)), Some(300));
         assert!(p.evaluate(t0 + STALE_AFTER));
     }
 
@@ -477,12 +477,12 @@ mod tests {
     fn rtt_is_smoothed_with_alpha_one_quarter() {
         let t0 = Instant::now();
         let mut p = HostProbes::new();
-        p.record(t0, 1, addr(1), ok(1000));
-        assert_eq!(p.rtt_us(1, addr(1)), Some(1000));
-        p.record(t0 + TICK, 1, addr(1), ok(2000));
-        assert_eq!(p.rtt_us(1, addr(1)), Some(1250));
-        p.record(t0 + TICK * 2, 1, addr(1), ok(u64::MAX));
-        assert!(p.rtt_us(1, addr(1)).is_some(), "a huge sample does not overflow");
+        p.record(t0, NodeId(1), addr(1), ok(1000));
+        assert_eq!(p.rtt_us(NodeId(1), addr(1)), Some(1000));
+        p.record(t0 + TICK, NodeId(1), addr(1), ok(2000));
+        assert_eq!(p.rtt_us(NodeId(1), addr(1)), Some(1250));
+        p.record(t0 + TICK * 2, NodeId(1), addr(1), ok(u64::MAX));
+        assert!(p.rtt_us(NodeId(1), addr(1)).is_some(), "a huge sample does not overflow");
     }
 
     /// xorshift64: a deterministic stream for randomized tests; the seed is in every message.
@@ -507,7 +507,7 @@ mod tests {
             let mut rng = XorShift(seed);
             let t0 = Instant::now();
             let mut p = HostProbes::new();
-            let paths: Vec<(NodeId, SocketAddr)> = (1..=4).map(|n| (n, addr(n as u16))).collect();
+            let paths: Vec<(NodeId, SocketAddr)> = (1..=4).map(|n| (NodeId(n), addr(n as u16))).collect();
             let mut at = Duration::ZERO;
             while at <= Duration::from_secs(60) {
                 for &(node, address) in &paths {
@@ -529,9 +529,9 @@ mod tests {
         let mut p = HostProbes::new();
         let report = |p: &mut HostProbes, at: Duration, slow_rtt_us: u64| {
             for node in 1..=3 {
-                p.record(t0 + at, node, addr(node as u16), ok(200));
+                p.record(t0 + at, NodeId(node), addr(node as u16), ok(200));
             }
-            p.record(t0 + at, 4, addr(4), ok(slow_rtt_us));
+            p.record(t0 + at, NodeId(4), addr(4), ok(slow_rtt_us));
             p.evaluate(t0 + at)
         };
         assert!(report(&mut p, Duration::ZERO, 20_000));
@@ -541,8 +541,8 @@ mod tests {
             at += TICK;
         }
         assert!(report(&mut p, SLOW_SUSTAIN, 20_000));
-        assert_eq!(p.reach(4, addr(4)), SLOW);
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        assert_eq!(p.reach(NodeId(4), addr(4)), SLOW);
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
 
         // Back to 0.2 ms: the average needs a few samples to fall under half the threshold,
         // then it must stay there for the sustain before the path is fast again.
@@ -554,14 +554,14 @@ mod tests {
             if report(&mut p, at, 200) {
                 recovered_at = Some(at);
             } else {
-                assert_eq!(p.reach(4, addr(4)), SLOW, "at {at:?}");
+                assert_eq!(p.reach(NodeId(4), addr(4)), SLOW, "at {at:?}");
             }
-            if p.rtt_us(4, addr(4)).is_some_and(|rtt_us| rtt_us < half_threshold_us) {
+            if p.rtt_us(NodeId(4), addr(4)).is_some_and(|rtt_us| rtt_us < half_threshold_us) {
                 under_since.get_or_insert(at);
             }
             at += TICK;
         }
-        assert_eq!(p.reach(4, addr(4)), REACHABLE, "never became fast again");
+        assert_eq!(p.reach(NodeId(4), addr(4)), REACHABLE, "never became fast again");
         let (under_since, recovered_at) = (under_since.unwrap(), recovered_at.unwrap());
         assert!(under_since > fast_from, "the average fell at once: the test proves nothing");
         assert_eq!(recovered_at - under_since, SLOW_SUSTAIN);
@@ -572,21 +572,21 @@ mod tests {
         let t0 = Instant::now();
         let mut p = HostProbes::new();
         for i in 0..40 {
-            p.record(t0 + TICK * i, 1, addr(1), ok(50_000));
+            p.record(t0 + TICK * i, NodeId(1), addr(1), ok(50_000));
             p.evaluate(t0 + TICK * i);
         }
-        assert_eq!(p.reach(1, addr(1)), REACHABLE);
+        assert_eq!(p.reach(NodeId(1), addr(1)), REACHABLE);
     }
 
     #[test]
     fn retain_drops_paths_and_reports_the_change() {
         let t0 = Instant::now();
         let mut p = reachable_at(t0);
-        p.record(t0, 2, addr(2), ok(200));
+        p.record(t0, NodeId(2), addr(2), ok(200));
         p.evaluate(t0);
-        p.retain(&|node, _| node == 2);
-        assert_eq!(p.reach(1, addr(1)), Reach::Unprobed);
-        assert_eq!(p.reach(2, addr(2)), REACHABLE);
+        p.retain(&|node, _| node == NodeId(2));
+        assert_eq!(p.reach(NodeId(1), addr(1)), Reach::Unprobed);
+        assert_eq!(p.reach(NodeId(2), addr(2)), REACHABLE);
         assert!(p.evaluate(t0));
         p.retain(&|_, _| true);
         assert!(!p.evaluate(t0));
@@ -596,7 +596,7 @@ mod tests {
     fn reports_for_paths_beyond_the_limit_are_ignored() {
         let t0 = Instant::now();
         let mut p = HostProbes::new();
-        let path = |i: usize| (i as NodeId + 1, addr(1));
+        let path = |i: usize| (NodeId(i as u64 + 1), addr(1));
         for i in 0..PATHS_PER_HOST_MAX {
             let (node, address) = path(i);
             p.record(t0, node, address, ok(200));

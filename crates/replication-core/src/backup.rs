@@ -45,7 +45,7 @@ impl Backup {
             return Err(Refusal::StaleEpoch { got: epoch, known: self.known_epoch });
         }
         self.known_epoch = epoch;
-        self.session = Some((from, epoch, start_seq.saturating_sub(1)));
+        self.session = Some((from, epoch, start_seq.prev()));
         Ok(())
     }
 

@@ -102,8 +102,8 @@ impl Member {
             chunks_done: 0,
             chunks_total: 0,
             recent: None,
-            session_start: 0,
-            joined_at: 0,
+            session_start: Seq(0),
+            joined_at: Seq(0),
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use tandem_types::{Epoch, NodeId, Seq, VolumeId};
+
 use crate::{chunks_of, Backup, MemberState, Output, Phase, Primary, PrimaryConfig, RecentLog, Refusal, CHUNK_BYTES};
 
 fn cfg() -> PrimaryConfig {
@@ -15,10 +17,23 @@ fn drain(p: &mut Primary) -> Vec<Output> {
 /// A 3-replica volume whose primary (1) has reconciled with 2 and 3 (nothing recent).
 fn serving() -> (Primary, Instant) {
     let now = Instant::now();
-    let mut p = Primary::new(now, 9, 1, 2, 8 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], Some(vec![]), cfg());
-    assert_eq!(drain(&mut p), vec![Output::Open { to: 2, start_seq: 1 }, Output::Open { to: 3, start_seq: 1 }]);
-    p.on_opened(2, Some(vec![]));
-    p.on_opened(3, Some(vec![]));
+    let mut p = Primary::new(
+        now,
+        VolumeId(9),
+        NodeId(1),
+        Epoch(2),
+        8 * CHUNK_BYTES,
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        Some(vec![]),
+        cfg(),
+    );
+    assert_eq!(
+        drain(&mut p),
+        vec![Output::Open { to: NodeId(2), start_seq: Seq(1) }, Output::Open { to: NodeId(3), start_seq: Seq(1) }]
+    );
+    p.on_opened(NodeId(2), Some(vec![]));
+    p.on_opened(NodeId(3), Some(vec![]));
     let out = drain(&mut p);
     assert!(out.contains(&Output::Serving), "{out:?}");
     assert_eq!(p.phase(), Phase::Serving);
@@ -29,11 +44,11 @@ fn serving() -> (Primary, Instant) {
 fn a_write_completes_only_when_every_isr_member_has_it() {
     let (mut p, now) = serving();
     p.on_write(now, 100, 0, 4096);
-    assert_eq!(drain(&mut p), vec![Output::Write { token: 100, seq: 1, to: vec![2, 3] }]);
-    p.on_ack(2, 1);
-    p.on_local_durable(1);
+    assert_eq!(drain(&mut p), vec![Output::Write { token: 100, seq: Seq(1), to: vec![NodeId(2), NodeId(3)] }]);
+    p.on_ack(NodeId(2), Seq(1));
+    p.on_local_durable(Seq(1));
     assert!(drain(&mut p).is_empty());
-    p.on_ack(3, 1);
+    p.on_ack(NodeId(3), Seq(1));
     assert_eq!(drain(&mut p), vec![Output::Complete { token: 100 }]);
     assert_eq!(p.inflight(), 0);
 }
@@ -43,125 +58,144 @@ fn a_failed_backup_releases_writes_only_after_the_shrink_commits() {
     let (mut p, now) = serving();
     p.on_write(now, 1, 0, 4096);
     drain(&mut p);
-    p.on_local_durable(1);
-    p.on_ack(2, 1);
+    p.on_local_durable(Seq(1));
+    p.on_ack(NodeId(2), Seq(1));
     p.on_tick(now + Duration::from_secs(2));
-    assert_eq!(drain(&mut p), vec![Output::ProposeIsr { isr: vec![1, 2] }]);
-    assert_eq!(p.member_state(3), Some(MemberState::Leaving));
+    assert_eq!(drain(&mut p), vec![Output::ProposeIsr { isr: vec![NodeId(1), NodeId(2)] }]);
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Leaving));
     // Nothing completes while the shrink is only proposed (I3).
     p.on_tick(now + Duration::from_secs(3));
     assert!(drain(&mut p).is_empty());
-    p.on_isr_committed(&[1, 2]);
+    p.on_isr_committed(&[NodeId(1), NodeId(2)]);
     assert_eq!(drain(&mut p), vec![Output::Complete { token: 1 }]);
-    assert_eq!(p.member_state(3), Some(MemberState::Out));
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Out));
     // Later writes are not sent to 3, and its chunks are remembered as dirty.
     p.on_write(now, 2, 5 * CHUNK_BYTES, 10);
-    assert_eq!(drain(&mut p), vec![Output::Write { token: 2, seq: 2, to: vec![2] }]);
+    assert_eq!(drain(&mut p), vec![Output::Write { token: 2, seq: Seq(2), to: vec![NodeId(2)] }]);
 }
 
 #[test]
 fn resync_copies_only_dirty_chunks_and_then_rejoins() {
     let (mut p, now) = serving();
-    p.on_member_failed(3);
+    p.on_member_failed(NodeId(3));
     drain(&mut p);
-    p.on_isr_committed(&[1, 2]);
+    p.on_isr_committed(&[NodeId(1), NodeId(2)]);
     p.on_write(now, 1, 2 * CHUNK_BYTES, 4096);
     p.on_write(now, 2, 6 * CHUNK_BYTES + 10, 4096);
     drain(&mut p);
     for s in [1, 2] {
-        p.on_local_durable(s);
-        p.on_ack(2, s);
+        p.on_local_durable(Seq(s));
+        p.on_ack(NodeId(2), Seq(s));
     }
     drain(&mut p);
-    p.start_resync(3);
-    assert_eq!(drain(&mut p), vec![Output::Open { to: 3, start_seq: 3 }]);
-    p.on_opened(3, None);
+    p.start_resync(NodeId(3));
+    assert_eq!(drain(&mut p), vec![Output::Open { to: NodeId(3), start_seq: Seq(3) }]);
+    p.on_opened(NodeId(3), None);
     let out = drain(&mut p);
-    assert!(out.contains(&Output::Copy { to: 3, chunk: 2 }), "{out:?}");
+    assert!(out.contains(&Output::Copy { to: NodeId(3), chunk: 2 }), "{out:?}");
     // A write to the chunk being copied waits; one elsewhere goes through, to 3 as well.
     p.on_write(now, 3, 2 * CHUNK_BYTES, 512);
     p.on_write(now, 4, 0, 512);
-    assert_eq!(drain(&mut p), vec![Output::Write { token: 4, seq: 3, to: vec![2, 3] }]);
-    p.on_copied(3, 2);
+    assert_eq!(drain(&mut p), vec![Output::Write { token: 4, seq: Seq(3), to: vec![NodeId(2), NodeId(3)] }]);
+    p.on_copied(NodeId(3), 2);
     let out = drain(&mut p);
-    assert!(out.contains(&Output::Write { token: 3, seq: 4, to: vec![2, 3] }), "{out:?}");
-    assert!(out.contains(&Output::Copy { to: 3, chunk: 6 }), "{out:?}");
-    p.on_copied(3, 6);
+    assert!(out.contains(&Output::Write { token: 3, seq: Seq(4), to: vec![NodeId(2), NodeId(3)] }), "{out:?}");
+    assert!(out.contains(&Output::Copy { to: NodeId(3), chunk: 6 }), "{out:?}");
+    p.on_copied(NodeId(3), 6);
     let out = drain(&mut p);
-    assert_eq!(p.member_state(3), Some(MemberState::Joining), "nothing left to copy: new writes wait for 3");
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Joining), "nothing left to copy: new writes wait for 3");
     assert!(
         !out.iter().any(|o| matches!(o, Output::ProposeIsr { .. })),
         "no grow while writes sent to 3 are unacknowledged: {out:?}"
     );
     // A new write gates on 3 now: it completes only with 3's ack.
     p.on_write(now, 5, 0, 512);
-    assert_eq!(drain(&mut p), vec![Output::Write { token: 5, seq: 5, to: vec![2, 3] }]);
-    p.on_local_durable(5);
-    p.on_ack(2, 5);
+    assert_eq!(drain(&mut p), vec![Output::Write { token: 5, seq: Seq(5), to: vec![NodeId(2), NodeId(3)] }]);
+    p.on_local_durable(Seq(5));
+    p.on_ack(NodeId(2), Seq(5));
     assert!(!drain(&mut p).contains(&Output::Complete { token: 5 }), "write 5 waits for the joining member");
     for s in [3, 4] {
-        p.on_local_durable(s);
-        p.on_ack(2, s);
-        p.on_ack(3, s);
+        p.on_local_durable(Seq(s));
+        p.on_ack(NodeId(2), Seq(s));
+        p.on_ack(NodeId(3), Seq(s));
     }
     let out = drain(&mut p);
-    assert!(out.contains(&Output::ProposeIsr { isr: vec![1, 2, 3] }), "{out:?}");
-    p.on_ack(3, 5);
+    assert!(out.contains(&Output::ProposeIsr { isr: vec![NodeId(1), NodeId(2), NodeId(3)] }), "{out:?}");
+    p.on_ack(NodeId(3), Seq(5));
     assert!(drain(&mut p).contains(&Output::Complete { token: 5 }));
-    p.on_isr_committed(&[1, 2, 3]);
-    assert_eq!(p.member_state(3), Some(MemberState::InSync));
+    p.on_isr_committed(&[NodeId(1), NodeId(2), NodeId(3)]);
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::InSync));
 }
 
 #[test]
 fn a_refusal_of_a_record_from_before_the_current_open_does_not_fail_the_member() {
     let (mut p, now) = serving();
     p.on_write(now, 1, 0, 4096);
-    assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: 1, to: vec![2, 3] }]);
+    assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: Seq(1), to: vec![NodeId(2), NodeId(3)] }]);
     // 3 stops answering and leaves; the shrink commits.
-    p.on_member_failed(3);
+    p.on_member_failed(NodeId(3));
     drain(&mut p);
-    p.on_isr_committed(&[1, 2]);
-    p.on_local_durable(1);
-    p.on_ack(2, 1);
+    p.on_isr_committed(&[NodeId(1), NodeId(2)]);
+    p.on_local_durable(Seq(1));
+    p.on_ack(NodeId(2), Seq(1));
     drain(&mut p);
-    p.start_resync(3);
-    assert_eq!(drain(&mut p), vec![Output::Open { to: 3, start_seq: 2 }]);
-    p.on_opened(3, None);
+    p.start_resync(NodeId(3));
+    assert_eq!(drain(&mut p), vec![Output::Open { to: NodeId(3), start_seq: Seq(2) }]);
+    p.on_opened(NodeId(3), None);
     drain(&mut p);
-    assert_eq!(p.member_state(3), Some(MemberState::Syncing));
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Syncing));
     // The old record 1 reaches 3 after the Open and is refused: the new session goes on.
-    p.on_member_refused(3, 1);
-    assert_eq!(p.member_state(3), Some(MemberState::Syncing));
+    p.on_member_refused(NodeId(3), Seq(1));
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Syncing));
     // A refusal within the new session does fail it.
     p.on_write(now, 2, 0, 4096);
     drain(&mut p);
-    p.on_member_refused(3, 2);
-    assert_eq!(p.member_state(3), Some(MemberState::Out));
+    p.on_member_refused(NodeId(3), Seq(2));
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Out));
 }
 
 #[test]
 fn a_new_primary_reconciles_the_union_of_recent_writes_before_serving() {
-    let mut p =
-        Primary::new(Instant::now(), 9, 2, 3, 8 * CHUNK_BYTES, &[1, 2, 3], &[2, 3], Some(vec![(0, 4096)]), cfg());
-    assert_eq!(drain(&mut p), vec![Output::Open { to: 3, start_seq: 1 }]);
-    assert_eq!(p.member_state(1), Some(MemberState::Out));
-    p.on_opened(3, Some(vec![(3 * CHUNK_BYTES, 8192)]));
+    let mut p = Primary::new(
+        Instant::now(),
+        VolumeId(9),
+        NodeId(2),
+        Epoch(3),
+        8 * CHUNK_BYTES,
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        &[NodeId(2), NodeId(3)],
+        Some(vec![(0, 4096)]),
+        cfg(),
+    );
+    assert_eq!(drain(&mut p), vec![Output::Open { to: NodeId(3), start_seq: Seq(1) }]);
+    assert_eq!(p.member_state(NodeId(1)), Some(MemberState::Out));
+    p.on_opened(NodeId(3), Some(vec![(3 * CHUNK_BYTES, 8192)]));
     let out = drain(&mut p);
-    assert!(out.contains(&Output::Copy { to: 3, chunk: 0 }), "{out:?}");
+    assert!(out.contains(&Output::Copy { to: NodeId(3), chunk: 0 }), "{out:?}");
     assert!(!out.contains(&Output::Serving));
-    p.on_copied(3, 0);
+    p.on_copied(NodeId(3), 0);
     let out = drain(&mut p);
-    assert!(out.contains(&Output::Copy { to: 3, chunk: 3 }), "{out:?}");
-    p.on_copied(3, 3);
+    assert!(out.contains(&Output::Copy { to: NodeId(3), chunk: 3 }), "{out:?}");
+    p.on_copied(NodeId(3), 3);
     let out = drain(&mut p);
     assert!(out.contains(&Output::Serving), "{out:?}");
 }
 
 #[test]
 fn a_member_that_cannot_tell_what_it_wrote_is_compared_everywhere() {
-    let mut p = Primary::new(Instant::now(), 9, 2, 3, 3 * CHUNK_BYTES, &[2, 3], &[2, 3], Some(vec![]), cfg());
+    let mut p = Primary::new(
+        Instant::now(),
+        VolumeId(9),
+        NodeId(2),
+        Epoch(3),
+        3 * CHUNK_BYTES,
+        &[NodeId(2), NodeId(3)],
+        &[NodeId(2), NodeId(3)],
+        Some(vec![]),
+        cfg(),
+    );
     drain(&mut p);
-    p.on_opened(3, None);
+    p.on_opened(NodeId(3), None);
     let mut copied = Vec::new();
     loop {
         let out = drain(&mut p);
@@ -172,7 +206,7 @@ fn a_member_that_cannot_tell_what_it_wrote_is_compared_everywhere() {
             panic!("reconciliation stalled")
         };
         copied.push(chunk);
-        p.on_copied(3, chunk);
+        p.on_copied(NodeId(3), chunk);
     }
     assert_eq!(copied, vec![0, 1, 2]);
 }
@@ -181,7 +215,7 @@ fn a_member_that_cannot_tell_what_it_wrote_is_compared_everywhere() {
 fn a_refused_proposal_deposes_and_fails_what_is_in_flight() {
     let (mut p, now) = serving();
     p.on_write(now, 7, 0, 1);
-    p.on_member_failed(2);
+    p.on_member_failed(NodeId(2));
     drain(&mut p);
     p.on_isr_refused("epoch 3 exists");
     assert_eq!(p.phase(), Phase::Deposed);
@@ -192,133 +226,163 @@ fn a_refused_proposal_deposes_and_fails_what_is_in_flight() {
 #[test]
 fn backups_fence_older_epochs_and_foreign_primaries() {
     let mut b = Backup::default();
-    b.on_epoch(2);
-    assert!(matches!(b.on_open(1, 1, 1), Err(Refusal::StaleEpoch { .. })));
-    b.on_open(3, 2, 5).expect("opens");
-    b.check(3, 2, Some(5)).expect("in order");
-    assert!(matches!(b.check(3, 2, Some(5)), Err(Refusal::OutOfOrder { .. })));
-    assert!(matches!(b.check(1, 2, Some(6)), Err(Refusal::NoSession { .. })));
-    b.on_epoch(3);
-    assert!(matches!(b.check(3, 2, Some(6)), Err(Refusal::StaleEpoch { .. })));
+    b.on_epoch(Epoch(2));
+    assert!(matches!(b.on_open(NodeId(1), Epoch(1), Seq(1)), Err(Refusal::StaleEpoch { .. })));
+    b.on_open(NodeId(3), Epoch(2), Seq(5)).expect("opens");
+    b.check(NodeId(3), Epoch(2), Some(Seq(5))).expect("in order");
+    assert!(matches!(b.check(NodeId(3), Epoch(2), Some(Seq(5))), Err(Refusal::OutOfOrder { .. })));
+    assert!(matches!(b.check(NodeId(1), Epoch(2), Some(Seq(6))), Err(Refusal::NoSession { .. })));
+    b.on_epoch(Epoch(3));
+    assert!(matches!(b.check(NodeId(3), Epoch(2), Some(Seq(6))), Err(Refusal::StaleEpoch { .. })));
 }
 
 #[test]
 fn a_member_failing_during_reconciliation_leaves_only_through_a_committed_shrink() {
     let now = Instant::now();
-    let mut p = Primary::new(now, 9, 1, 2, 8 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], Some(vec![]), cfg());
+    let mut p = Primary::new(
+        now,
+        VolumeId(9),
+        NodeId(1),
+        Epoch(2),
+        8 * CHUNK_BYTES,
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        Some(vec![]),
+        cfg(),
+    );
     drain(&mut p);
     // Reconciling members are not proposed out on a tick.
     p.on_tick(now + Duration::from_secs(5));
     assert!(drain(&mut p).is_empty());
-    p.on_opened(2, Some(vec![]));
-    p.on_member_failed(3);
+    p.on_opened(NodeId(2), Some(vec![]));
+    p.on_member_failed(NodeId(3));
     let out = drain(&mut p);
-    assert!(out.contains(&Output::ProposeIsr { isr: vec![1, 2] }), "{out:?}");
+    assert!(out.contains(&Output::ProposeIsr { isr: vec![NodeId(1), NodeId(2)] }), "{out:?}");
     assert!(!out.contains(&Output::Serving), "{out:?}");
-    assert_eq!(p.member_state(3), Some(MemberState::Leaving));
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Leaving));
     assert_eq!(p.phase(), Phase::Reconciling);
-    p.on_isr_committed(&[1, 2]);
+    p.on_isr_committed(&[NodeId(1), NodeId(2)]);
     assert!(drain(&mut p).contains(&Output::Serving));
-    assert_eq!(p.member_state(3), Some(MemberState::Out));
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Out));
 }
 
 #[test]
 fn a_reconciled_member_is_declared_level_only_when_reconciliation_finishes() {
     let now = Instant::now();
-    let mut p = Primary::new(now, 9, 1, 2, 2 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], None, cfg());
+    let mut p = Primary::new(
+        now,
+        VolumeId(9),
+        NodeId(1),
+        Epoch(2),
+        2 * CHUNK_BYTES,
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        None,
+        cfg(),
+    );
     drain(&mut p);
-    p.on_opened(2, Some(vec![]));
-    p.on_opened(3, Some(vec![]));
+    p.on_opened(NodeId(2), Some(vec![]));
+    p.on_opened(NodeId(3), Some(vec![]));
     let out = drain(&mut p);
-    assert!(out.contains(&Output::Copy { to: 2, chunk: 0 }), "{out:?}");
+    assert!(out.contains(&Output::Copy { to: NodeId(2), chunk: 0 }), "{out:?}");
     // 3 fails: its removal is proposed. 2 receives every chunk meanwhile.
-    p.on_member_failed(3);
-    assert!(drain(&mut p).contains(&Output::ProposeIsr { isr: vec![1, 2] }));
-    p.on_copied(2, 0);
+    p.on_member_failed(NodeId(3));
+    assert!(drain(&mut p).contains(&Output::ProposeIsr { isr: vec![NodeId(1), NodeId(2)] }));
+    p.on_copied(NodeId(2), 0);
     drain(&mut p);
-    p.on_copied(2, 1);
+    p.on_copied(NodeId(2), 1);
     let out = drain(&mut p);
     assert!(
-        !out.iter().any(|o| matches!(o, Output::Progress { node: 2, total_chunks: 0, .. })),
+        !out.iter().any(|o| matches!(o, Output::Progress { node: NodeId(2), total_chunks: 0, .. })),
         "2 is not declared level while 3, still in the committed ISR, may differ from it: {out:?}"
     );
-    assert_eq!(p.member_state(2), Some(MemberState::Syncing));
-    p.on_isr_committed(&[1, 2]);
+    assert_eq!(p.member_state(NodeId(2)), Some(MemberState::Syncing));
+    p.on_isr_committed(&[NodeId(1), NodeId(2)]);
     let out = drain(&mut p);
-    let level = out.iter().position(|o| *o == Output::Progress { node: 2, done_chunks: 0, total_chunks: 0 });
+    let level = out.iter().position(|o| *o == Output::Progress { node: NodeId(2), done_chunks: 0, total_chunks: 0 });
     let serving = out.iter().position(|o| *o == Output::Serving);
     assert!(level.is_some() && serving.is_some() && level < serving, "{out:?}");
-    assert_eq!(p.member_state(2), Some(MemberState::InSync));
+    assert_eq!(p.member_state(NodeId(2)), Some(MemberState::InSync));
 }
 
 #[test]
 fn a_grow_waits_until_writes_sequenced_before_the_member_gated_writes_are_complete() {
     let (mut p, now) = serving();
-    p.on_member_failed(3);
+    p.on_member_failed(NodeId(3));
     drain(&mut p);
-    p.on_isr_committed(&[1, 2]);
+    p.on_isr_committed(&[NodeId(1), NodeId(2)]);
     p.on_write(now, 1, 5 * CHUNK_BYTES, 4096);
-    assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: 1, to: vec![2] }]);
-    p.on_local_durable(1);
-    p.on_ack(2, 1);
+    assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: Seq(1), to: vec![NodeId(2)] }]);
+    p.on_local_durable(Seq(1));
+    p.on_ack(NodeId(2), Seq(1));
     drain(&mut p);
-    p.start_resync(3);
-    p.on_opened(3, Some(vec![]));
-    assert!(drain(&mut p).contains(&Output::Copy { to: 3, chunk: 5 }));
+    p.start_resync(NodeId(3));
+    p.on_opened(NodeId(3), Some(vec![]));
+    assert!(drain(&mut p).contains(&Output::Copy { to: NodeId(3), chunk: 5 }));
     // Sent to 3 while it resyncs; 2 has not acknowledged it yet.
     p.on_write(now, 2, 6 * CHUNK_BYTES, 4096);
-    assert_eq!(drain(&mut p), vec![Output::Write { token: 2, seq: 2, to: vec![2, 3] }]);
-    p.on_local_durable(2);
-    p.on_ack(3, 2);
-    p.on_copied(3, 5);
+    assert_eq!(drain(&mut p), vec![Output::Write { token: 2, seq: Seq(2), to: vec![NodeId(2), NodeId(3)] }]);
+    p.on_local_durable(Seq(2));
+    p.on_ack(NodeId(3), Seq(2));
+    p.on_copied(NodeId(3), 5);
     let out = drain(&mut p);
-    assert_eq!(p.member_state(3), Some(MemberState::Joining));
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Joining));
     assert!(
         !out.iter().any(|o| matches!(o, Output::ProposeIsr { .. })),
         "write 2 is not on 2 yet, and 3's log may have lost it: no grow: {out:?}"
     );
-    p.on_ack(2, 2);
+    p.on_ack(NodeId(2), Seq(2));
     let out = drain(&mut p);
-    assert!(out.contains(&Output::ProposeIsr { isr: vec![1, 2, 3] }), "{out:?}");
+    assert!(out.contains(&Output::ProposeIsr { isr: vec![NodeId(1), NodeId(2), NodeId(3)] }), "{out:?}");
 }
 
 #[test]
 fn a_member_that_skipped_a_chunk_gets_it_when_the_member_copying_it_fails() {
-    let mut p = Primary::new(Instant::now(), 9, 1, 2, 2 * CHUNK_BYTES, &[1, 2, 3], &[1, 2, 3], None, cfg());
+    let mut p = Primary::new(
+        Instant::now(),
+        VolumeId(9),
+        NodeId(1),
+        Epoch(2),
+        2 * CHUNK_BYTES,
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        &[NodeId(1), NodeId(2), NodeId(3)],
+        None,
+        cfg(),
+    );
     drain(&mut p);
-    p.on_opened(2, Some(vec![]));
-    p.on_opened(3, Some(vec![]));
+    p.on_opened(NodeId(2), Some(vec![]));
+    p.on_opened(NodeId(3), Some(vec![]));
     drain(&mut p);
-    p.on_copied(3, 0);
-    assert!(drain(&mut p).contains(&Output::Copy { to: 3, chunk: 1 }));
-    p.on_copied(2, 0);
+    p.on_copied(NodeId(3), 0);
+    assert!(drain(&mut p).contains(&Output::Copy { to: NodeId(3), chunk: 1 }));
+    p.on_copied(NodeId(2), 0);
     let out = drain(&mut p);
-    assert!(!out.iter().any(|o| matches!(o, Output::Copy { to: 2, .. })), "3 holds chunk 1: {out:?}");
+    assert!(!out.iter().any(|o| matches!(o, Output::Copy { to: NodeId(2), .. })), "3 holds chunk 1: {out:?}");
     // 3 fails holding the chunk: nothing else (no write, no ack) will come to move 2 on.
-    p.on_member_failed(3);
+    p.on_member_failed(NodeId(3));
     let out = drain(&mut p);
-    assert!(out.contains(&Output::Copy { to: 2, chunk: 1 }), "{out:?}");
-    p.on_copied(2, 1);
-    p.on_isr_committed(&[1, 2]);
+    assert!(out.contains(&Output::Copy { to: NodeId(2), chunk: 1 }), "{out:?}");
+    p.on_copied(NodeId(2), 1);
+    p.on_isr_committed(&[NodeId(1), NodeId(2)]);
     assert!(drain(&mut p).contains(&Output::Serving));
 }
 
 #[test]
 fn a_joining_member_that_fails_before_its_grow_commits_stops_gating_writes() {
     let (mut p, now) = serving();
-    p.on_member_failed(3);
+    p.on_member_failed(NodeId(3));
     drain(&mut p);
-    p.on_isr_committed(&[1, 2]);
-    p.start_resync(3);
-    p.on_opened(3, Some(vec![]));
-    assert!(drain(&mut p).contains(&Output::ProposeIsr { isr: vec![1, 2, 3] }));
+    p.on_isr_committed(&[NodeId(1), NodeId(2)]);
+    p.start_resync(NodeId(3));
+    p.on_opened(NodeId(3), Some(vec![]));
+    assert!(drain(&mut p).contains(&Output::ProposeIsr { isr: vec![NodeId(1), NodeId(2), NodeId(3)] }));
     p.on_isr_unavailable();
-    p.on_member_failed(3);
-    assert_eq!(p.member_state(3), Some(MemberState::Out));
+    p.on_member_failed(NodeId(3));
+    assert_eq!(p.member_state(NodeId(3)), Some(MemberState::Out));
     p.on_write(now, 1, 0, 4096);
-    assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: 1, to: vec![2] }]);
-    p.on_local_durable(1);
-    p.on_ack(2, 1);
+    assert_eq!(drain(&mut p), vec![Output::Write { token: 1, seq: Seq(1), to: vec![NodeId(2)] }]);
+    p.on_local_durable(Seq(1));
+    p.on_ack(NodeId(2), Seq(1));
     assert_eq!(drain(&mut p), vec![Output::Complete { token: 1 }]);
 }
 

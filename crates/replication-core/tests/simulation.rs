@@ -147,9 +147,9 @@ use std::time::{Duration, Instant};
 use tandem_replication_core::{
     chunks_of, Backup, MemberState, Output, Phase, Primary, PrimaryConfig, RecentLog, Refusal, CHUNK_BYTES,
 };
-use tandem_types::{Epoch, NodeId, Seq, BLOCK_BYTES};
+use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 
-const VOLUME: u64 = 7;
+const VOLUME: VolumeId = VolumeId(7);
 const CHUNKS: u64 = 32;
 /// The protocol's `RECENT_WRITES_MAX` (4,096) relies on at most `INFLIGHT_WRITES_MAX` (1,024)
 /// writes in flight; a run never records that many, so the sim scales both down, same ratio:
@@ -169,7 +169,7 @@ const FAILURE_TICKS: u64 = 6;
 /// Wire sequence numbers are unique within a process: each core of a process starts this far
 /// above the previous one (the driver's `seq_base`), so a new core's `Open` makes a member
 /// refuse the records of an older core of the same process, even in the same epoch.
-const WIRE_SEQ_STRIDE: Seq = 1 << 32;
+const WIRE_SEQ_STRIDE: u64 = 1 << 32;
 /// Steps allowed after healing to reach a fully in-sync, idle volume.
 const HEAL_STEPS_MAX: usize = 4_000;
 /// Fixed seeds over the three randomized tests (60 % with 3 nodes, 20 % each with 2 and 4).
@@ -249,11 +249,11 @@ impl Rng {
 }
 
 fn node_id(i: usize) -> NodeId {
-    i as NodeId + 1
+    NodeId(i as u64 + 1)
 }
 
 fn node_ix(n: NodeId) -> usize {
-    (n - 1) as usize
+    (n.get() - 1) as usize
 }
 
 fn overlap(a: &Range<u64>, b: &Range<u64>) -> bool {
@@ -424,7 +424,7 @@ struct Node {
 
 impl Node {
     fn seen_epoch(&self) -> Epoch {
-        self.view.as_ref().map_or(0, |v| v.epoch)
+        self.view.as_ref().map_or(Epoch(0), |v| v.epoch)
     }
 
     fn seen_version(&self) -> u64 {
@@ -682,12 +682,12 @@ impl Sim {
                 backup: Backup::default(),
                 log: RecentLog::fresh().with_entries_max(RECENT_ENTRIES_MAX),
                 view: None,
-                primary_of: 0,
+                primary_of: Epoch(0),
                 incarnating: None,
                 grants: vec![(1, LEASE_TICKS)],
                 queue: VecDeque::new(),
                 backlog: VecDeque::new(),
-                next_seq_base: 0,
+                next_seq_base: Seq(0),
             })
             .collect();
         let mut sim = Sim {
@@ -710,9 +710,17 @@ impl Sim {
             nodes,
             hosts: (0..n).map(|_| None).collect(),
             links: vec![VecDeque::new(); n * n * 2],
-            reg: Register { epoch: 1, version: 1, primary: 0, incarnation: 0, isr: (0..n).collect() },
+            reg: Register { epoch: Epoch(1), version: 1, primary: 0, incarnation: 0, isr: (0..n).collect() },
             proposals: Vec::new(),
-            writes: vec![WriteInfo { offset: 0, len: 0, blocks: 0..0, epoch: 0, core: 0, seq: Some(0), acked: true }],
+            writes: vec![WriteInfo {
+                offset: 0,
+                len: 0,
+                blocks: 0..0,
+                epoch: Epoch(0),
+                core: 0,
+                seq: Some(Seq(0)),
+                acked: true,
+            }],
             kept: BTreeMap::new(),
             reads: BTreeMap::new(),
             next_read: 1,
@@ -1013,7 +1021,7 @@ impl Sim {
                     o.seq = Some(seq);
                 }
                 for t in to {
-                    let body = Body::Record { seq: h.seq_base + seq, id: token };
+                    let body = Body::Record { seq: h.seq_base + seq.get(), id: token };
                     self.send_request(i, h, node_ix(t), Ch::Repl, body);
                 }
             }
@@ -1038,7 +1046,7 @@ impl Sim {
                 h.down[j] = false;
                 h.gen[j] = self.fresh_gen();
                 self.note(|| format!("n{} opens n{to} at seq {start_seq}", i + 1));
-                self.send_request(i, h, j, Ch::Repl, Body::Open { start_seq: h.seq_base + start_seq });
+                self.send_request(i, h, j, Ch::Repl, Body::Open { start_seq: h.seq_base + start_seq.get() });
             }
             Output::Copy { to, chunk } => {
                 let j = node_ix(to);
@@ -1556,7 +1564,7 @@ impl Sim {
                 Body::Copied { chunk } => h.p.on_copied(m, chunk),
                 Body::Ack { seq } => {
                     if seq > h.seq_base {
-                        h.p.on_ack(m, seq - h.seq_base)
+                        h.p.on_ack(m, Seq(seq - h.seq_base))
                     }
                 }
                 Body::Nack => self.fail_member(i, &mut h, j, "nack"),
@@ -1594,7 +1602,7 @@ impl Sim {
             Change::Incarnate => {
                 if self.reg.epoch == prop.epoch && self.reg.primary == i {
                     self.check_logs_cover(" at incarnation");
-                    self.reg.epoch += 1;
+                    self.reg.epoch = self.reg.epoch.next();
                     self.reg.version += 1;
                     self.reg.incarnation = prop.incarnation;
                     self.stats.incarnations += 1;
@@ -1715,7 +1723,7 @@ impl Sim {
         assert!(live.contains(&np));
         self.check_logs_cover(" at failover");
         self.reg = Register {
-            epoch: self.reg.epoch + 1,
+            epoch: self.reg.epoch.next(),
             version: self.reg.version + 1,
             primary: np,
             incarnation: self.nodes[np].incarnation,
@@ -1838,10 +1846,10 @@ impl Sim {
         node.backup = Backup::default();
         node.log = RecentLog::after_restart().with_entries_max(RECENT_ENTRIES_MAX);
         node.view = None;
-        node.primary_of = 0;
+        node.primary_of = Epoch(0);
         node.incarnating = None;
         node.grants = if live { vec![(version, tick + LEASE_TICKS)] } else { Vec::new() };
-        node.next_seq_base = 0;
+        node.next_seq_base = Seq(0);
     }
 
     fn reset(&mut self, a: usize, b: usize) {
@@ -2478,7 +2486,7 @@ fn scripted_log_marked_complete_with_writes_in_flight() {
     sim.resync();
     sim.deliver_one(0, 2, Ch::Repl);
     sim.deliver_one(2, 0, Ch::Repl);
-    assert_eq!(sim.hosts[0].as_ref().expect("primary").p.member_state(3), Some(MemberState::Joining));
+    assert_eq!(sim.hosts[0].as_ref().expect("primary").p.member_state(NodeId(3)), Some(MemberState::Joining));
     let c = 9;
     sim.submit(0, c * BLOCKS_PER_CHUNK, 1, 0, 0);
     sim.commit(0);
@@ -2529,7 +2537,7 @@ fn scripted_restarted_member_rejoins_while_a_write_it_has_is_in_flight() {
         sim.deliver(l);
         sim.check_step();
     }
-    assert_eq!(sim.core(0).p.member_state(3), Some(MemberState::Joining));
+    assert_eq!(sim.core(0).p.member_state(NodeId(3)), Some(MemberState::Joining));
     assert_eq!(sim.reg.isr, BTreeSet::from([0, 1]), "no grow while the write is in flight to n2");
     sim.check_logs_cover("");
     sim.settle();
@@ -2578,7 +2586,7 @@ impl Sim {
 fn scripted_member_declared_level_while_a_leaving_member_differs() {
     let mut sim = Sim::restarted_primary_opens_members_one_lacks_a_write();
     sim.reset(0, 2);
-    assert_eq!(sim.hosts[0].as_ref().expect("primary").p.member_state(3), Some(MemberState::Leaving));
+    assert_eq!(sim.hosts[0].as_ref().expect("primary").p.member_state(NodeId(3)), Some(MemberState::Leaving));
     sim.copy_every_chunk_to_n2();
     sim.check_logs_cover("");
     sim.settle();
@@ -2805,7 +2813,7 @@ fn scripted_member_joins_while_a_write_it_forgot_is_in_flight_to_another() {
     sim.resync();
     sim.deliver_one(0, 2, Ch::Repl);
     sim.deliver_one(2, 0, Ch::Repl);
-    assert_eq!(sim.core(0).p.member_state(3), Some(MemberState::Syncing));
+    assert_eq!(sim.core(0).p.member_state(NodeId(3)), Some(MemberState::Syncing));
     // A write to chunk 20 reaches n3 (not gating: syncing) but not n2 yet.
     let c = 20;
     sim.submit(0, c * BLOCKS_PER_CHUNK, 1, 0, 0);
@@ -2817,7 +2825,7 @@ fn scripted_member_joins_while_a_write_it_forgot_is_in_flight_to_another() {
         sim.deliver_one(0, 2, Ch::Bulk);
         sim.deliver_all(2, 0, Ch::Bulk);
     }
-    assert_eq!(sim.core(0).p.member_state(3), Some(MemberState::Joining));
+    assert_eq!(sim.core(0).p.member_state(NodeId(3)), Some(MemberState::Joining));
     while !sim.proposals.is_empty() {
         sim.commit(0);
     }
@@ -2880,7 +2888,7 @@ fn lease_blip_with_a_grow_pending(u: Option<Unsafe>) {
     sim.advance_time();
     if u.is_none() {
         assert!(sim.hosts[0].is_none(), "no second core in epoch 1");
-        assert!(matches!(sim.proposals.last(), Some(Proposal { change: Change::Incarnate, epoch: 1, .. })));
+        assert!(matches!(sim.proposals.last(), Some(Proposal { change: Change::Incarnate, epoch: Epoch(1), .. })));
         sim.commit(1);
     }
     sim.settle_without_commits();
@@ -2894,7 +2902,7 @@ fn lease_blip_with_a_grow_pending(u: Option<Unsafe>) {
         sim.check_step();
     }
     sim.settle();
-    assert_eq!((sim.reg.epoch, sim.reg.isr.clone()), (2, BTreeSet::from([0, 1])));
+    assert_eq!((sim.reg.epoch, sim.reg.isr.clone()), (Epoch(2), BTreeSet::from([0, 1])));
     assert_eq!(sim.stats.late_refusals, 1);
 }
 
@@ -2988,7 +2996,7 @@ fn a_stopped_primary_resumes_after_its_failover(u: Option<Unsafe>) {
     let w = sim.submit(q, b, 1, 0, 0);
     sim.settle();
     assert!(sim.writes[w as usize].acked);
-    assert!(sim.hosts[0].as_ref().is_some_and(|h| h.p.epoch() == 1), "n1's core outlived its lease");
+    assert!(sim.hosts[0].as_ref().is_some_and(|h| h.p.epoch() == Epoch(1)), "n1's core outlived its lease");
     sim.nodes[0].paused = false;
     sim.nodes[0].isolated_at = None;
     sim.advance_time();

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_storage::{BlockStore, SledStore};
+use tandem_types::VolumeId;
 
 const VOLUME_BYTES: u64 = 1 << 30;
 const WRITERS: u64 = 32;
@@ -43,7 +44,7 @@ fn report(name: &str, ops: u64, bytes_per_op: usize, elapsed: Duration, lat_us: 
 }
 
 async fn store_random(store: &SledStore, secs: u64) {
-    store.create_volume(1, VOLUME_BYTES).unwrap();
+    store.create_volume(VolumeId(1), VOLUME_BYTES).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let flushes0 = store.space().flushes;
@@ -59,7 +60,7 @@ async fn store_random(store: &SledStore, secs: u64) {
             while !stop.load(Ordering::Relaxed) {
                 let off = next(&mut rng) % (VOLUME_BYTES / SMALL as u64) * SMALL as u64;
                 let t = Instant::now();
-                let lsn = store.write(1, off, &data).unwrap();
+                let lsn = store.write(VolumeId(1), off, &data).unwrap();
                 write_lat.push(t.elapsed().as_micros() as u64);
                 store.durable(lsn).await.unwrap();
                 lat.push(t.elapsed().as_micros() as u64);
@@ -92,13 +93,13 @@ async fn store_random(store: &SledStore, secs: u64) {
 }
 
 async fn store_sequential(store: &SledStore, secs: u64) {
-    store.create_volume(2, VOLUME_BYTES).unwrap();
+    store.create_volume(VolumeId(2), VOLUME_BYTES).unwrap();
     let data = vec![7u8; LARGE];
     let (t0, mut n, mut lat) = (Instant::now(), 0u64, Vec::new());
     while t0.elapsed() < Duration::from_secs(secs) {
         let off = n * LARGE as u64 % VOLUME_BYTES;
         let t = Instant::now();
-        let lsn = store.write(2, off, &data).unwrap();
+        let lsn = store.write(VolumeId(2), off, &data).unwrap();
         store.durable(lsn).await.unwrap();
         lat.push(t.elapsed().as_micros() as u64);
         n += 1;

@@ -80,7 +80,7 @@ pub fn segment_offset(pba: u64) -> u64 {
 }
 
 pub fn volume_key(vol: VolumeId) -> [u8; 9] {
-    tagged(TAG_VOLUME, vol)
+    tagged(TAG_VOLUME, vol.get())
 }
 
 pub fn volume_prefix() -> [u8; 1] {

@@ -381,7 +381,7 @@ impl SledStore {
             let (k, v) = kv.map_err(sled_err)?;
             let id = layout::key_id(&k).map_err(|e| corrupt_index(format!("volume key: {}", e.0)))?;
             let rec = VolumeRec::decode(&v).map_err(|e| corrupt_index(format!("volume {id}: {}", e.0)))?;
-            volumes.insert(id, rec);
+            volumes.insert(VolumeId(id), rec);
         }
         let mut graves = BTreeSet::new();
         for kv in db.scan_prefix(layout::grave_prefix()) {
@@ -1024,7 +1024,7 @@ impl State {
             self.active.graves.insert(map, false);
         }
         for c in chunks {
-            let old: Vec<Slot> = match self.chunk_mut(0, map, c) {
+            let old: Vec<Slot> = match self.chunk_mut(VolumeId(0), map, c) {
                 Ok(ch) => {
                     let old = ch.slots.iter().copied().filter(Slot::is_mapped).collect();
                     ch.slots.fill(Slot::default());
@@ -1055,7 +1055,7 @@ impl State {
         for g in layers {
             for (&(_, c), _) in g.chunks.range((map, 0)..=(map, u64::MAX)) {
                 if out.len() < limit
-                    && !self.chunk(0, map, c).map(|ch| ch.is_none_or(|ch| ch.is_empty())).unwrap_or(false)
+                    && !self.chunk(VolumeId(0), map, c).map(|ch| ch.is_none_or(|ch| ch.is_empty())).unwrap_or(false)
                 {
                     out.insert(c);
                 }
@@ -1066,7 +1066,7 @@ impl State {
                 break;
             }
             let c = chunk_of_key(&k.map_err(sled_err)?).map_err(|e| corrupt_index(format!("map key: {}", e.0)))?;
-            if !self.chunk(0, map, c).map(|ch| ch.is_none_or(|ch| ch.is_empty())).unwrap_or(false) {
+            if !self.chunk(VolumeId(0), map, c).map(|ch| ch.is_none_or(|ch| ch.is_empty())).unwrap_or(false) {
                 out.insert(c);
             }
         }

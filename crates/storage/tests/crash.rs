@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tandem_storage::{BlockStore, SledStore};
-use tandem_types::BLOCK_BYTES;
+use tandem_types::{VolumeId, BLOCK_BYTES};
 
 const CHILD_DIR_ENV: &str = "TANDEM_STORAGE_CRASH_CHILD_DIR";
 const VOLUME: u64 = 1;
@@ -39,7 +39,7 @@ fn child_writer() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let store = SledStore::open(std::path::Path::new(&dir)).unwrap();
-        store.create_volume(VOLUME, VOLUME_BLOCKS * BLOCK_BYTES).unwrap();
+        store.create_volume(VolumeId(VOLUME), VOLUME_BLOCKS * BLOCK_BYTES).unwrap();
         store.durable(store.last_lsn()).await.unwrap();
         println!("ready");
         // Writes in flight while earlier ones are being made durable, as a replica would.
@@ -47,7 +47,7 @@ fn child_writer() {
         for i in 1u64.. {
             let (b0, n) = plan(i);
             let data: Vec<u8> = (b0..b0 + n).flat_map(|b| content(i, b)).collect();
-            let lsn = store.write(VOLUME, b0 * BLOCK_BYTES, &data).unwrap();
+            let lsn = store.write(VolumeId(VOLUME), b0 * BLOCK_BYTES, &data).unwrap();
             pending.push((i, lsn));
             if pending.len() == 16 {
                 store.durable(lsn).await.unwrap();
@@ -105,7 +105,7 @@ fn a_killed_writer_leaves_whole_blocks() {
     }
     let store = SledStore::open(dir.path()).unwrap();
     let mut buf = vec![0u8; (VOLUME_BLOCKS * BLOCK_BYTES) as usize];
-    store.read(VOLUME, 0, &mut buf).unwrap();
+    store.read(VolumeId(VOLUME), 0, &mut buf).unwrap();
     for (b, got) in buf.chunks(B).enumerate() {
         let b = b as u64;
         if got.iter().all(|x| *x == 0) {

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use tandem_storage::{BlockStore, SledStore, StoreError, StoreOptions};
-use tandem_types::BLOCK_BYTES;
+use tandem_types::{VolumeId, BLOCK_BYTES};
 
 const B: usize = BLOCK_BYTES as usize;
 /// Two volumes over many chunk boundaries (128 KiB chunks), so that runs, chunk edges and
@@ -92,7 +92,7 @@ fn open(dir: &std::path::Path) -> SledStore {
 
 fn check_checksums(store: &SledStore, model: &Model) -> Result<(), TestCaseError> {
     for (v, size) in SIZES.iter().enumerate() {
-        let sums = store.block_checksums(v as u64 + 1, 0, *size as u64).expect("checksums");
+        let sums = store.block_checksums(VolumeId(v as u64 + 1), 0, *size as u64).expect("checksums");
         let want: Vec<u32> = model.vols[v].chunks(B).map(crc32c::crc32c).collect();
         prop_assert_eq!(sums, want, "checksums of volume {}", v + 1);
     }
@@ -104,7 +104,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = open(dir.path());
     for (v, size) in SIZES.iter().enumerate() {
-        store.create_volume(v as u64 + 1, *size as u64).expect("create");
+        store.create_volume(VolumeId(v as u64 + 1), *size as u64).expect("create");
     }
     rt.block_on(store.durable(store.last_lsn())).expect("durable");
     let mut model = Model::new();
@@ -113,13 +113,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Write { vol, off, len, seed } => {
                 let (off, len) = fit(SIZES[vol], off, len);
                 let d = data(seed, off, len);
-                store.write(vol as u64 + 1, off, &d).expect("write");
+                store.write(VolumeId(vol as u64 + 1), off, &d).expect("write");
                 model.vols[vol][off as usize..(off + len) as usize].copy_from_slice(&d);
                 model.note(vol, off, len);
             }
             Op::Zero { vol, off, len } => {
                 let (off, len) = fit(SIZES[vol], off, len);
-                store.write_zeroes(vol as u64 + 1, off, len).expect("write_zeroes");
+                store.write_zeroes(VolumeId(vol as u64 + 1), off, len).expect("write_zeroes");
                 model.vols[vol][off as usize..(off + len) as usize].fill(0);
                 model.note(vol, off, len);
             }
@@ -129,7 +129,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let d0 = dst_block % db as u64;
                 let n = blocks.min(sb as u64 - s0).min(db as u64 - d0);
                 let (so, dof, len) = (s0 * BLOCK_BYTES, d0 * BLOCK_BYTES, n * BLOCK_BYTES);
-                let r = store.clone_range(src as u64 + 1, so, dst as u64 + 1, dof, len);
+                let r = store.clone_range(VolumeId(src as u64 + 1), so, VolumeId(dst as u64 + 1), dof, len);
                 if src == dst && n > 0 && s0 < d0 + n && d0 < s0 + n {
                     prop_assert!(matches!(r, Err(StoreError::Invalid(_))), "overlapping clone: {:?}", r);
                     continue;
@@ -142,7 +142,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Read { vol, off, len } => {
                 let (off, len) = fit(SIZES[vol], off, len);
                 let mut buf = vec![0x55u8; len as usize];
-                store.read(vol as u64 + 1, off, &mut buf).expect("read");
+                store.read(VolumeId(vol as u64 + 1), off, &mut buf).expect("read");
                 prop_assert!(
                     buf == model.vols[vol][off as usize..(off + len) as usize],
                     "read of volume {} at {}+{} differs from the model",
@@ -167,7 +167,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 store = open(dir.path());
                 for (v, size) in SIZES.iter().enumerate() {
                     let mut buf = vec![0u8; *size];
-                    store.read(v as u64 + 1, 0, &mut buf).expect("read after crash");
+                    store.read(VolumeId(v as u64 + 1), 0, &mut buf).expect("read after crash");
                     for (b, got) in buf.chunks(B).enumerate() {
                         prop_assert!(
                             model.seen[v][b].contains(got),
@@ -184,7 +184,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     }
     for (v, size) in SIZES.iter().enumerate() {
         let mut buf = vec![0u8; *size];
-        store.read(v as u64 + 1, 0, &mut buf).expect("final read");
+        store.read(VolumeId(v as u64 + 1), 0, &mut buf).expect("final read");
         prop_assert!(buf == model.vols[v], "volume {} differs from the model at the end", v + 1);
     }
     check_checksums(&store, &model)

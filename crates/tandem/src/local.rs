@@ -118,12 +118,12 @@ fn create(dir: &Path, nodes: u32, transport: TransportKind) -> anyhow::Result<Cl
     write_private(&dir.join("certs/ca.key"), &ca.key_pem)?;
     let mut node_sections = Vec::new();
     for id in 1..=u64::from(nodes) {
-        node_sections.push(new_node(dir, name, &dir.join("certs/ca.key"), id, SITE_DEFAULT)?);
+        node_sections.push(new_node(dir, name, &dir.join("certs/ca.key"), NodeId(id), SITE_DEFAULT)?);
     }
     let cfg = ClusterConfig {
         cluster: ClusterSection {
             name: name.to_string(),
-            initial_members: (1..=u64::from(nodes)).collect(),
+            initial_members: (1..=u64::from(nodes)).map(NodeId).collect(),
             transport,
             // Loopback round trips are tens of microseconds: a lost leader is noticed within
             // 0.5–1 s, five heartbeats at the least.
@@ -391,7 +391,7 @@ pub async fn node_add(
             let ca_key = cfg.tls.ca_key.clone().ok_or_else(|| {
                 anyhow!("{} has no tls.ca_key to issue a certificate with", config_path(&dir).display())
             })?;
-            let id = id.unwrap_or_else(|| cfg.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1);
+            let id = id.unwrap_or_else(|| cfg.nodes.iter().map(|n| n.id).max().unwrap_or(NodeId(0)).next());
             if cfg.node(id).is_some() {
                 bail!("node {id} is already in {}", config_path(&dir).display());
             }

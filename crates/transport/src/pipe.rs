@@ -50,7 +50,7 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::Result<
 
 /// The hello that opens every pipe: who is speaking, and for which channel.
 pub fn hello(me: NodeId, channel: Channel) -> Frame {
-    Frame::new(FrameKind::Hello, channel, 0, 0, 0, me.to_be_bytes().to_vec())
+    Frame::new(FrameKind::Hello, channel, 0, 0, 0, me.get().to_be_bytes().to_vec())
 }
 
 /// Reads and checks a hello; returns the claimed node id and channel.
@@ -61,7 +61,7 @@ pub async fn read_hello<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::Result<
     }
     let mut id = [0u8; 8];
     id.copy_from_slice(&frame.payload);
-    Ok((NodeId::from_be_bytes(id), frame.channel))
+    Ok((NodeId(u64::from_be_bytes(id)), frame.channel))
 }
 
 /// The sending half of a pipe, shared by whoever writes on it.

@@ -135,7 +135,7 @@ impl QuicLayer {
                                     on_pipe(Incoming { from, channel, read: Box::new(recv), write: Box::new(send) })
                                 }
                                 Ok(Ok((from, _))) => {
-                                    tracing::debug!(%remote, from, "quic peer claims an id its certificate lacks");
+                                    tracing::debug!(%remote, %from, "quic peer claims an id its certificate lacks");
                                     conn.close(2u32.into(), b"certificate does not name the claimed node");
                                 }
                                 Ok(Err(e)) => tracing::debug!(%remote, error = %e, "bad quic stream hello"),

@@ -185,11 +185,11 @@ mod tests {
     #[test]
     fn issued_certificates_name_their_node_and_load() {
         let ca = generate_ca("t").expect("ca");
-        let n1 = issue_node_cert("t", &ca.key_pem, 1).expect("cert");
-        let id = Identity::from_pem(1, &ca.cert_pem, &n1).expect("identity");
+        let n1 = issue_node_cert("t", &ca.key_pem, NodeId(1)).expect("cert");
+        let id = Identity::from_pem(NodeId(1), &ca.cert_pem, &n1).expect("identity");
         id.server_config().expect("server config");
         id.client_config().expect("client config");
-        assert!(cert_names_node(&id.chain[0], 1));
-        assert!(!cert_names_node(&id.chain[0], 2));
+        assert!(cert_names_node(&id.chain[0], NodeId(1)));
+        assert!(!cert_names_node(&id.chain[0], NodeId(2)));
     }
 }

@@ -25,7 +25,7 @@ impl Handler for Echo {
             if &payload[..] == b"fail" {
                 return Err(format!("refused on {channel}"));
             }
-            let mut out = from.to_be_bytes().to_vec();
+            let mut out = from.get().to_be_bytes().to_vec();
             out.extend_from_slice(&payload);
             Ok(Bytes::from(out))
         })
@@ -61,10 +61,10 @@ async fn mesh(identity: &Identity, kind: TransportKind, handler: Arc<dyn Handler
 /// Node 1 and node 2 of one CA, each knowing the other.
 async fn pair(kind: TransportKind, handler2: Arc<dyn Handler>) -> (Mesh, Mesh) {
     let ca = Ca::new("pair");
-    let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
-    let (b, b_addr) = mesh(&ca.identity(2), kind, handler2).await;
-    a.set_peer_addr(2, b_addr);
-    b.set_peer_addr(1, a_addr);
+    let (a, a_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
+    let (b, b_addr) = mesh(&ca.identity(NodeId(2)), kind, handler2).await;
+    a.set_peer_addr(NodeId(2), b_addr);
+    b.set_peer_addr(NodeId(1), a_addr);
     (a, b)
 }
 
@@ -75,13 +75,16 @@ async fn round_trips_on_every_channel_and_size_on_both_layers() {
         for channel in Channel::ALL {
             for size in [0usize, 1, 4096, 8 * 1024 * 1024] {
                 let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-                let reply = a.call(2, channel, Bytes::from(payload.clone())).await.expect("call");
+                let reply = a.call(NodeId(2), channel, Bytes::from(payload.clone())).await.expect("call");
                 assert_eq!(&reply[..8], &1u64.to_be_bytes(), "{kind}: the server saw the authenticated sender");
                 assert_eq!(&reply[8..], &payload[..], "{kind}: {size} bytes on {channel}");
             }
         }
-        let err = a.call(2, Channel::Control, Bytes::from_static(b"fail")).await.expect_err("remote error");
-        assert!(matches!(err, TransportError::Remote { peer: 2, ref reason } if reason.contains("control")), "{err}");
+        let err = a.call(NodeId(2), Channel::Control, Bytes::from_static(b"fail")).await.expect_err("remote error");
+        assert!(
+            matches!(err, TransportError::Remote { peer: NodeId(2), ref reason } if reason.contains("control")),
+            "{err}"
+        );
         let stats = a.link_stats();
         assert_eq!(stats.len(), 4);
         for s in &stats {
@@ -99,7 +102,8 @@ async fn many_concurrent_requests_share_a_link() {
         for i in 0..2000u32 {
             let a = a.clone();
             tasks.push(tokio::spawn(async move {
-                let reply = a.call(2, Channel::Replication, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
+                let reply =
+                    a.call(NodeId(2), Channel::Replication, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
                 assert_eq!(&reply[8..], &i.to_be_bytes());
             }));
         }
@@ -116,23 +120,24 @@ async fn a_peer_from_another_ca_is_refused_on_both_layers() {
     for kind in KINDS {
         let ours = Ca::new("ours");
         let theirs = Ca::new("theirs");
-        let (_srv, srv_addr) = mesh(&ours.identity(2), kind, Arc::new(Echo)).await;
+        let (_srv, srv_addr) = mesh(&ours.identity(NodeId(2)), kind, Arc::new(Echo)).await;
         // A client with a certificate from another CA cannot call our node...
-        let (intruder, _) = mesh(&theirs.identity(1), kind, Arc::new(Echo)).await;
-        intruder.set_peer_addr(2, srv_addr);
-        let err = intruder.call(2, Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
+        let (intruder, _) = mesh(&theirs.identity(NodeId(1)), kind, Arc::new(Echo)).await;
+        intruder.set_peer_addr(NodeId(2), srv_addr);
+        let err = intruder.call(NodeId(2), Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
         assert!(matches!(err, TransportError::Unreachable { .. }), "{kind}: {err}");
         // ...and our node does not talk to a server of another CA.
-        let (_foreign, foreign_addr) = mesh(&theirs.identity(3), kind, Arc::new(Echo)).await;
-        let (client, _) = mesh(&ours.identity(1), kind, Arc::new(Echo)).await;
-        client.set_peer_addr(3, foreign_addr);
-        let err = client.call(3, Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
+        let (_foreign, foreign_addr) = mesh(&theirs.identity(NodeId(3)), kind, Arc::new(Echo)).await;
+        let (client, _) = mesh(&ours.identity(NodeId(1)), kind, Arc::new(Echo)).await;
+        client.set_peer_addr(NodeId(3), foreign_addr);
+        let err = client.call(NodeId(3), Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
         assert!(matches!(err, TransportError::Unreachable { .. }), "{kind}: {err}");
         // A certificate of our CA used under another node's id is refused too.
-        let pair = issue_node_cert("ours", &ours.ca.key_pem, 1).expect("cert");
-        let (liar, _) = mesh(&Identity::from_pem(4, &ours.ca.cert_pem, &pair).expect("id"), kind, Arc::new(Echo)).await;
-        liar.set_peer_addr(2, srv_addr);
-        let err = liar.call(2, Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
+        let pair = issue_node_cert("ours", &ours.ca.key_pem, NodeId(1)).expect("cert");
+        let (liar, _) =
+            mesh(&Identity::from_pem(NodeId(4), &ours.ca.cert_pem, &pair).expect("id"), kind, Arc::new(Echo)).await;
+        liar.set_peer_addr(NodeId(2), srv_addr);
+        let err = liar.call(NodeId(2), Channel::Control, Bytes::from_static(b"x")).await.expect_err("refused");
         assert!(matches!(err, TransportError::Unreachable { .. }), "{kind}: {err}");
     }
 }
@@ -140,19 +145,19 @@ async fn a_peer_from_another_ca_is_refused_on_both_layers() {
 #[tokio::test]
 async fn garbage_and_oversized_frames_close_only_that_connection() {
     let ca = Ca::new("garbage");
-    let (_srv, srv_addr) = mesh(&ca.identity(2), TransportKind::Tcp, Arc::new(Echo)).await;
-    let (client, _) = mesh(&ca.identity(1), TransportKind::Tcp, Arc::new(Echo)).await;
-    client.set_peer_addr(2, srv_addr);
-    client.call(2, Channel::Control, Bytes::from_static(b"before")).await.expect("call");
+    let (_srv, srv_addr) = mesh(&ca.identity(NodeId(2)), TransportKind::Tcp, Arc::new(Echo)).await;
+    let (client, _) = mesh(&ca.identity(NodeId(1)), TransportKind::Tcp, Arc::new(Echo)).await;
+    client.set_peer_addr(NodeId(2), srv_addr);
+    client.call(NodeId(2), Channel::Control, Bytes::from_static(b"before")).await.expect("call");
 
     // A raw authenticated connection sends a good hello, then garbage: the server drops it.
-    let identity = ca.identity(1);
+    let identity = ca.identity(NodeId(1));
     let oversized = ((16 * 1024 * 1024 + 1) as u32).to_be_bytes().to_vec();
     for bad in [vec![0xffu8; 64], u32::MAX.to_be_bytes().to_vec(), oversized] {
         let connector = tokio_rustls::TlsConnector::from(identity.client_config().expect("config"));
         let tcp = tokio::net::TcpStream::connect(srv_addr).await.expect("connect");
-        let mut tls = connector.connect(tandem_transport::tls::server_name(2), tcp).await.expect("tls");
-        tls.write_all(&tandem_transport::pipe::hello(1, Channel::Control).encode()).await.expect("hello");
+        let mut tls = connector.connect(tandem_transport::tls::server_name(NodeId(2)), tcp).await.expect("tls");
+        tls.write_all(&tandem_transport::pipe::hello(NodeId(1), Channel::Control).encode()).await.expect("hello");
         tls.write_all(&bad).await.expect("garbage");
         tls.flush().await.expect("flush");
         let mut buf = [0u8; 16];
@@ -162,20 +167,20 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
         assert!(matches!(n, Ok(0) | Err(_)), "server answered garbage: {n:?}");
     }
     // The real link is unaffected.
-    let reply = client.call(2, Channel::Control, Bytes::from_static(b"after")).await.expect("call");
+    let reply = client.call(NodeId(2), Channel::Control, Bytes::from_static(b"after")).await.expect("call");
     assert_eq!(&reply[8..], b"after");
 }
 
 #[tokio::test]
 async fn garbage_and_oversized_frames_on_a_quic_stream_close_only_that_stream() {
     let ca = Ca::new("garbage-quic");
-    let (_srv, srv_addr) = mesh(&ca.identity(2), TransportKind::Quic, Arc::new(Echo)).await;
-    let (client, _) = mesh(&ca.identity(1), TransportKind::Quic, Arc::new(Echo)).await;
-    client.set_peer_addr(2, srv_addr);
-    client.call(2, Channel::Control, Bytes::from_static(b"before")).await.expect("call");
+    let (_srv, srv_addr) = mesh(&ca.identity(NodeId(2)), TransportKind::Quic, Arc::new(Echo)).await;
+    let (client, _) = mesh(&ca.identity(NodeId(1)), TransportKind::Quic, Arc::new(Echo)).await;
+    client.set_peer_addr(NodeId(2), srv_addr);
+    client.call(NodeId(2), Channel::Control, Bytes::from_static(b"before")).await.expect("call");
 
     // A raw authenticated QUIC connection opens streams that say hello, then send garbage.
-    let identity = ca.identity(1);
+    let identity = ca.identity(NodeId(1));
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(identity.client_config().expect("config"))
         .expect("quic client config");
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
@@ -184,7 +189,7 @@ async fn garbage_and_oversized_frames_on_a_quic_stream_close_only_that_stream() 
     let oversized = ((16 * 1024 * 1024 + 1) as u32).to_be_bytes().to_vec();
     for bad in [vec![0xffu8; 64], u32::MAX.to_be_bytes().to_vec(), oversized] {
         let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-        send.write_all(&tandem_transport::pipe::hello(1, Channel::Bulk).encode()).await.expect("hello");
+        send.write_all(&tandem_transport::pipe::hello(NodeId(1), Channel::Bulk).encode()).await.expect("hello");
         send.write_all(&bad).await.expect("garbage");
         let mut buf = [0u8; 16];
         let n =
@@ -192,7 +197,7 @@ async fn garbage_and_oversized_frames_on_a_quic_stream_close_only_that_stream() 
         assert!(matches!(n, Ok(None) | Err(_)), "server answered garbage: {n:?}");
     }
     // The real link is unaffected.
-    let reply = client.call(2, Channel::Control, Bytes::from_static(b"after")).await.expect("call");
+    let reply = client.call(NodeId(2), Channel::Control, Bytes::from_static(b"after")).await.expect("call");
     assert_eq!(&reply[8..], b"after");
 }
 
@@ -204,7 +209,7 @@ async fn a_saturated_bulk_channel_does_not_delay_control() {
             let mut samples = Vec::new();
             for _ in 0..40 {
                 let t = Instant::now();
-                a.call(2, Channel::Control, Bytes::from_static(b"ping")).await.expect("ping");
+                a.call(NodeId(2), Channel::Control, Bytes::from_static(b"ping")).await.expect("ping");
                 samples.push(t.elapsed());
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -220,7 +225,7 @@ async fn a_saturated_bulk_channel_does_not_delay_control() {
                 let chunk = Bytes::from(vec![7u8; 4 * 1024 * 1024]);
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    a.call(2, Channel::Bulk, chunk.clone()).await.expect("bulk");
+                    a.call(NodeId(2), Channel::Bulk, chunk.clone()).await.expect("bulk");
                     n += 1;
                 }
                 n
@@ -256,7 +261,7 @@ async fn descriptor_ring_blocks_when_full_and_completes_in_order_at_the_offsets(
     for kind in KINDS {
         let (a, b) = pair(kind, Arc::new(Echo)).await;
         b.regions().register(7).expect("register");
-        let ring = Arc::new(DescriptorRing::new(&a, 2, 4));
+        let ring = Arc::new(DescriptorRing::new(&a, NodeId(2), 4));
         // Nobody reads completions yet: the ring fills, and then a post has to wait.
         let mut expected = Vec::new();
         let mut posted = 0u64;
@@ -315,7 +320,7 @@ async fn descriptor_ring_blocks_when_full_and_completes_in_order_at_the_offsets(
         let mut remote = Vec::new();
         for _ in 0..64 {
             let c = b.regions().next_completion().await.expect("remote completion");
-            assert_eq!((c.from, c.region, c.len, c.channel), (1, 7, 4096, Channel::Replication));
+            assert_eq!((c.from, c.region, c.len, c.channel), (NodeId(1), 7, 4096, Channel::Replication));
             remote.push(c.offset);
         }
         assert_eq!(remote, in_order, "{kind}: remote completions in ring order");
@@ -371,7 +376,8 @@ async fn switching_layers_under_load_delivers_every_message_once_in_order() {
             for n in 0..total {
                 let mut payload = n.to_be_bytes().to_vec();
                 payload.resize(1024, 0);
-                replies.push_back((n, a.send(2, Channel::Replication, Bytes::from(payload)).await.expect("send")));
+                replies
+                    .push_back((n, a.send(NodeId(2), Channel::Replication, Bytes::from(payload)).await.expect("send")));
                 while replies.len() > 64 {
                     let (k, r) = replies.pop_front().expect("reply");
                     let got = r.wait().await.expect("no send may fail during a switch");
@@ -406,7 +412,7 @@ async fn a_credited_region_completes_a_write_only_once_the_receiver_consumed_it(
     for kind in KINDS {
         let (a, b) = pair(kind, Arc::new(Echo)).await;
         b.regions().register_credited(9).expect("register");
-        let ring = DescriptorRing::new(&a, 2, 8);
+        let ring = DescriptorRing::new(&a, NodeId(2), 8);
         let d =
             Descriptor { data: Bytes::from_static(b"record"), region: 9, offset: 64, channel: Channel::Replication };
         ring.post(d).await.expect("post");
@@ -456,7 +462,7 @@ async fn a_restarted_receiver_picks_up_a_long_running_session() {
     for kind in KINDS {
         let ca = Ca::new("restart");
         let received = Arc::new(AtomicU64::new(0));
-        let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
+        let (a, a_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
         // Node 2's sockets are opened by the test and kept (duplicated) for its next process:
         // the address stays bound across the restart, so the sender's first dial after its
         // pipe breaks waits for the new process instead of being refused. (A sender that
@@ -474,7 +480,7 @@ async fn a_restarted_receiver_picks_up_a_long_running_session() {
         };
         let start = |handler: Arc<dyn Handler>| {
             let m = Mesh::start(
-                &ca.identity(2),
+                &ca.identity(NodeId(2)),
                 listeners(&tcp, &udp),
                 kind,
                 kind,
@@ -484,7 +490,7 @@ async fn a_restarted_receiver_picks_up_a_long_running_session() {
             for c in Channel::ALL {
                 m.set_handler(c, handler.clone());
             }
-            m.set_peer_addr(1, a_addr);
+            m.set_peer_addr(NodeId(1), a_addr);
             m
         };
         // The first process of node 2 runs on a runtime of its own: dropping that runtime ends
@@ -494,15 +500,15 @@ async fn a_restarted_receiver_picks_up_a_long_running_session() {
             let _in = process.enter();
             start(Arc::new(HoldDuring(received.clone())))
         };
-        a.set_peer_addr(2, b_addr);
+        a.set_peer_addr(NodeId(2), b_addr);
         // More requests than a window, so the session's numbers are far from 1.
         for i in 0..300u32 {
-            a.call(2, Channel::Control, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
+            a.call(NodeId(2), Channel::Control, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
         }
         // A request node 2 receives and never answers: it is in flight when node 2 dies.
         let waiting = {
             let a = a.clone();
-            tokio::spawn(async move { a.call(2, Channel::Control, Bytes::from_static(b"during")).await })
+            tokio::spawn(async move { a.call(NodeId(2), Channel::Control, Bytes::from_static(b"during")).await })
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while received.load(Ordering::SeqCst) == 0 {
@@ -522,11 +528,13 @@ async fn a_restarted_receiver_picks_up_a_long_running_session() {
         assert_eq!(&during[8..], b"during", "{kind}");
         assert_eq!(received.load(Ordering::SeqCst), 1, "{kind}: the old process saw it once");
         // And the session goes on.
-        let reply =
-            tokio::time::timeout(Duration::from_secs(30), a.call(2, Channel::Control, Bytes::from_static(b"after")))
-                .await
-                .unwrap_or_else(|_| panic!("{kind}: the restarted peer never answered the old session"))
-                .expect("call after the restart");
+        let reply = tokio::time::timeout(
+            Duration::from_secs(30),
+            a.call(NodeId(2), Channel::Control, Bytes::from_static(b"after")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{kind}: the restarted peer never answered the old session"))
+        .expect("call after the restart");
         assert_eq!(&reply[8..], b"after", "{kind}");
     }
 }
@@ -558,7 +566,7 @@ type Call = tokio::task::JoinHandle<Result<Bytes, TransportError>>;
 /// Sends `name` from `a` to node 2 on the bulk channel, in a task of its own.
 fn spawn_call(a: &Mesh, name: String) -> Call {
     let a = a.clone();
-    tokio::spawn(async move { a.call(2, Channel::Bulk, Bytes::from(name)).await })
+    tokio::spawn(async move { a.call(NodeId(2), Channel::Bulk, Bytes::from(name)).await })
 }
 
 /// Takes every handler slot of node 2's bulk channel with a request named `block-<i>` that its
@@ -590,10 +598,10 @@ async fn gated_pair(kind: TransportKind, name: &'static str) -> GatedPair {
         done: Arc::new(Mutex::new(Vec::new())),
     };
     let (release, started, done) = (gate.release.clone(), gate.started.clone(), gate.done.clone());
-    let (b, b_addr) = mesh(&ca.identity(2), kind, Arc::new(gate)).await;
-    let (a, a_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
-    a.set_peer_addr(2, b_addr);
-    b.set_peer_addr(1, a_addr);
+    let (b, b_addr) = mesh(&ca.identity(NodeId(2)), kind, Arc::new(gate)).await;
+    let (a, a_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
+    a.set_peer_addr(NodeId(2), b_addr);
+    b.set_peer_addr(NodeId(1), a_addr);
     GatedPair { ca, a, b, b_addr, release, started, done }
 }
 
@@ -619,12 +627,12 @@ async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins
         for c in calls {
             c.abort();
         }
-        let (a2, a2_addr) = mesh(&ca.identity(1), kind, Arc::new(Echo)).await;
-        a2.set_peer_addr(2, b_addr);
-        b.set_peer_addr(1, a2_addr);
+        let (a2, a2_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
+        a2.set_peer_addr(NodeId(2), b_addr);
+        b.set_peer_addr(NodeId(1), a2_addr);
         let mut new_1 = {
             let a2 = a2.clone();
-            tokio::spawn(async move { a2.call(2, Channel::Bulk, Bytes::from_static(b"new-1")).await })
+            tokio::spawn(async move { a2.call(NodeId(2), Channel::Bulk, Bytes::from_static(b"new-1")).await })
         };
         // The new session's request runs at once: the abandoned ones hold no handler slot.
         // (Before the fence it waited behind them; they are let go after 3 s regardless, so
@@ -635,7 +643,7 @@ async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins
         if !answered_at_once {
             new_1.await.expect("task").expect("new-1");
         }
-        a2.call(2, Channel::Bulk, Bytes::from_static(b"new-2")).await.expect("new-2");
+        a2.call(NodeId(2), Channel::Bulk, Bytes::from_static(b"new-2")).await.expect("new-2");
         tokio::time::sleep(Duration::from_millis(200)).await;
         let done = done.lock().expect("log").clone();
         assert!(done.contains(&"new-1".to_string()) && done.contains(&"new-2".to_string()), "{kind}: {done:?}");
@@ -656,7 +664,7 @@ async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins
 async fn a_request_given_up_after_it_went_out_is_cancelled_before_later_ones_run() {
     for kind in KINDS {
         let GatedPair { a, b, release, started, done, .. } = gated_pair(kind, "cancel").await;
-        a.call(2, Channel::Bulk, Bytes::from_static(b"warm-up")).await.expect("warm-up");
+        a.call(NodeId(2), Channel::Bulk, Bytes::from_static(b"warm-up")).await.expect("warm-up");
         let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
         let mut calls = block_every_slot(&a, || started.load(Ordering::SeqCst) as usize).await;
         // Queued at the receiver behind the blocked ones.
@@ -672,13 +680,13 @@ async fn a_request_given_up_after_it_went_out_is_cancelled_before_later_ones_run
         }
         // The link is still up: later requests run at once (the cancelled ones freed their
         // handler slots), and a window's worth more go through.
-        tokio::time::timeout(Duration::from_secs(3), a.call(2, Channel::Bulk, Bytes::from_static(b"after-1")))
+        tokio::time::timeout(Duration::from_secs(3), a.call(NodeId(2), Channel::Bulk, Bytes::from_static(b"after-1")))
             .await
             .unwrap_or_else(|_| panic!("{kind}: a request after the cancelled ones waited for them"))
             .expect("after-1");
         release.add_permits(slots * 2);
         for i in 0..300u32 {
-            a.call(2, Channel::Bulk, Bytes::from(format!("after-more-{i}"))).await.expect("after-more");
+            a.call(NodeId(2), Channel::Bulk, Bytes::from(format!("after-more-{i}"))).await.expect("after-more");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let done = done.lock().expect("log").clone();
@@ -720,12 +728,15 @@ async fn a_handler_sees_when_its_request_arrived() {
     let ca = Ca::new("clock");
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let (b, b_addr) =
-        mesh(&ca.identity(2), TransportKind::Tcp, Arc::new(Clock { release: release.clone(), seen: seen.clone() }))
-            .await;
-    let (a, a_addr) = mesh(&ca.identity(1), TransportKind::Tcp, Arc::new(Echo)).await;
-    a.set_peer_addr(2, b_addr);
-    b.set_peer_addr(1, a_addr);
+    let (b, b_addr) = mesh(
+        &ca.identity(NodeId(2)),
+        TransportKind::Tcp,
+        Arc::new(Clock { release: release.clone(), seen: seen.clone() }),
+    )
+    .await;
+    let (a, a_addr) = mesh(&ca.identity(NodeId(1)), TransportKind::Tcp, Arc::new(Echo)).await;
+    a.set_peer_addr(NodeId(2), b_addr);
+    b.set_peer_addr(NodeId(1), a_addr);
     assert_eq!(tandem_transport::link::request_received_at(), None, "outside a handler");
     let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
     let calls = block_every_slot(&a, || seen.lock().expect("log").len()).await;

@@ -6,8 +6,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// A node's identity in the cluster. Raft needs a plain integer id; `0` is never a valid node.
-pub type NodeId = u64;
+mod ids;
+
+pub use ids::{Epoch, NodeId, Seq, VolumeId};
 
 /// Upper bound on one network frame (header + payload). Raft snapshot chunks, replication
 /// writes and bulk copies are all sized below it; a peer announcing a larger frame is
@@ -23,18 +24,6 @@ pub const SETTING_VALUE_BYTES_MAX: usize = 4096;
 
 /// The longest name (site, setting key, later dataset/volume/host names).
 pub const NAME_BYTES_MAX: usize = 128;
-
-/// A volume's identity, assigned by the metadata store when the volume is created and never
-/// reused. Names can be reused after a delete; ids cannot, so a late message about a deleted
-/// volume can never touch its successor.
-pub type VolumeId = u64;
-
-/// A volume's configuration generation: it grows every time the volume's primary changes.
-/// Replicas reject replication messages from an older epoch, which fences a deposed primary.
-pub type Epoch = u64;
-
-/// The position of a write in a volume's order of writes, assigned by the primary.
-pub type Seq = u64;
 
 /// The unit of allocation, checksumming and replication bookkeeping. Volume sizes are
 /// multiples of it; hosts may still read and write at any byte offset.

@@ -245,7 +245,15 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let h = RecordHeader { volume: 7, epoch: 3, seq: 99, kind: WriteKind::Data, offset: 4096, len: 5, crc: 1 };
+        let h = RecordHeader {
+            volume: VolumeId(7),
+            epoch: Epoch(3),
+            seq: Seq(99),
+            kind: WriteKind::Data,
+            offset: 4096,
+            len: 5,
+            crc: 1,
+        };
         let bytes = encode_record(&h, b"hello").expect("encodes");
         let (back, data) = decode_record(&bytes).expect("decodes");
         assert_eq!(back, h);
@@ -257,7 +265,15 @@ mod tests {
 
     #[test]
     fn a_record_whose_data_does_not_match_its_header_is_refused() {
-        let h = RecordHeader { volume: 1, epoch: 1, seq: 1, kind: WriteKind::Data, offset: 0, len: 10, crc: 0 };
+        let h = RecordHeader {
+            volume: VolumeId(1),
+            epoch: Epoch(1),
+            seq: Seq(1),
+            kind: WriteKind::Data,
+            offset: 0,
+            len: 10,
+            crc: 0,
+        };
         let bytes = encode_record(&h, b"short").expect("encodes");
         assert!(decode_record(&bytes).is_err());
     }
@@ -279,14 +295,14 @@ mod tests {
             host: "esx1".into(),
             probes: vec![
                 PathProbe {
-                    node: 2,
+                    node: NodeId(2),
                     address: "127.0.0.1:10809".parse().expect("addr"),
                     rtt_us: Some(210),
                     refused: false,
                     error: String::new(),
                 },
                 PathProbe {
-                    node: 3,
+                    node: NodeId(3),
                     address: "[::1]:10810".parse().expect("addr"),
                     rtt_us: None,
                     refused: true,

@@ -31,7 +31,7 @@ use tandem_client::{format_size, Api};
 use tandem_node::api::ClusterView;
 use tandem_node::host_api::PathMapView;
 use tandem_paths::PathState;
-use tandem_types::NodeId;
+use tandem_types::{Epoch, NodeId};
 
 use self::report::{print_table, report, Kill};
 use self::write_load::{longest_gap, write_load};
@@ -153,7 +153,7 @@ async fn one_kill(tandem: &LocalCluster, kill: u32) -> anyhow::Result<Kill> {
         eprintln!("kill {kill}: killed node {victim} (the primary) under load; writes through node {client_node}");
         // Until writes have resumed for a while and a survivor shows the new primary.
         let mut resumed_at = None;
-        let mut failover: Option<(Instant, NodeId, u64)> = None;
+        let mut failover: Option<(Instant, NodeId, Epoch)> = None;
         loop {
             let now = Instant::now();
             if resumed_at.is_none() && acked.load(Ordering::Relaxed) > acked_at_kill + 1 {

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use tandem_client::format_size;
 use tandem_node::lease::FAILURE_TIMEOUT;
-use tandem_types::NodeId;
+use tandem_types::{Epoch, NodeId};
 
 use super::{ms, BLOCK_BYTES, NODES, PATH_MAP_TARGET, RESUME_WAIT, VOLUME_BYTES, WRITE_RANGE_BYTES};
 use crate::goal::{Goal, Op};
@@ -20,7 +20,7 @@ pub(super) struct Kill {
     /// The node the write load was connected to.
     pub(super) client_node: NodeId,
     pub(super) new_primary: Option<NodeId>,
-    pub(super) new_epoch: Option<u64>,
+    pub(super) new_epoch: Option<Epoch>,
     /// The longest gap between two consecutive acknowledged writes over the load's window.
     pub(super) stall_ms: f64,
     /// From the kill to the first write acknowledged after it.

@@ -56,8 +56,8 @@ use self::report::{print_table, report, Run};
 use self::switch::{stall_run, StallRun};
 use crate::load::{self, RunFigures};
 
-const CLIENT_ID: NodeId = 1;
-const PEER_ID: NodeId = 2;
+const CLIENT_ID: NodeId = NodeId(1);
+const PEER_ID: NodeId = NodeId(2);
 const LOOPBACK: &str = "127.0.0.1:0";
 
 const MIB: usize = 1024 * 1024;

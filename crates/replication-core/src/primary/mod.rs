@@ -93,7 +93,7 @@ impl Primary {
             phase: Phase::Reconciling,
             committed_isr: isr.iter().copied().collect(),
             members: BTreeMap::new(),
-            next_seq: 1,
+            next_seq: Seq(1),
             pending: BTreeMap::new(),
             deferred: VecDeque::new(),
             proposing: None,

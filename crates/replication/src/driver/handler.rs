@@ -116,7 +116,7 @@ impl<S: BlockStore> Inner<S> {
             let base = st.seq_base;
             for s in seqs {
                 if s > base {
-                    st.core.on_ack(from, s - base);
+                    st.core.on_ack(from, Seq(s - base));
                 }
             }
             p.pump(self, &mut st);
@@ -134,12 +134,12 @@ impl<S: BlockStore> Inner<S> {
         seq: Seq,
         reason: String,
     ) -> DataReply {
-        tracing::info!(volume, from, seq, %reason, "member refused a record");
+        tracing::info!(%volume, %from, %seq, %reason, "member refused a record");
         let Some(p) = self.local_primary(volume) else { return DataReply::Ok };
         if p.epoch == epoch {
             let mut st = p.st.lock().expect("core lock");
             // Wire sequence numbers of this primary start above its base.
-            if let Some(core_seq) = seq.checked_sub(st.seq_base) {
+            if let Some(core_seq) = seq.get().checked_sub(st.seq_base.get()).map(Seq) {
                 st.core.on_member_refused(from, core_seq);
                 p.pump(self, &mut st);
             }

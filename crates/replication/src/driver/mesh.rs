@@ -37,10 +37,10 @@ impl Network for Mesh {
 
     fn accept_records_from(&self, peer: NodeId) -> Result<(), String> {
         let regions = self.regions();
-        if regions.is_registered(peer) {
+        if regions.is_registered(peer.get()) {
             return Ok(());
         }
-        regions.register_credited(peer).map_err(|e| e.to_string())
+        regions.register_credited(peer.get()).map_err(|e| e.to_string())
     }
 
     fn next_record(&self) -> BoxFuture<'_, Option<(NodeId, Vec<u8>)>> {
@@ -57,7 +57,7 @@ impl Network for Mesh {
                         c.consumed.consume();
                         return Some((c.from, bytes));
                     }
-                    Err(e) => tracing::warn!(from = c.from, error = %e, "unreadable record"),
+                    Err(e) => tracing::warn!(from = %c.from, error = %e, "unreadable record"),
                 }
             }
         })
@@ -99,7 +99,7 @@ impl RecordLink for MeshRecordLink {
                 s.head = offset + len;
                 s.used.push_back((offset, len));
             }
-            let d = Descriptor { data: record, region: self.me, offset, channel: Channel::Replication };
+            let d = Descriptor { data: record, region: self.me.get(), offset, channel: Channel::Replication };
             self.ring.post(d).await
         })
     }

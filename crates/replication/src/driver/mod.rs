@@ -344,7 +344,7 @@ impl<S: BlockStore> DataPlane<S> {
     pub fn set_peers(&self, peers: &[NodeId]) {
         for &p in peers.iter().filter(|&&p| p != self.inner.me) {
             if let Err(e) = self.inner.net.accept_records_from(p) {
-                tracing::error!(peer = p, error = %e, "cannot register a replication region");
+                tracing::error!(peer = %p, error = %e, "cannot register a replication region");
             }
         }
     }
@@ -369,7 +369,7 @@ impl<S: BlockStore> DataPlane<S> {
                 p.depose(inner, "the volume was deleted");
             }
             if let Err(e) = inner.store.delete_volume(id) {
-                tracing::error!(volume = id, error = %e, "cannot delete the local copy");
+                tracing::error!(volume = %id, error = %e, "cannot delete the local copy");
             }
         }
         for (id, cfg) in mine {
@@ -378,10 +378,10 @@ impl<S: BlockStore> DataPlane<S> {
                 match vols.get(&id) {
                     Some(v) => v.clone(),
                     None => {
-                        let fresh = cfg.epoch == 1;
+                        let fresh = cfg.epoch == Epoch(1);
                         let existed = inner.store.volumes().iter().any(|(v, _)| *v == id);
                         if let Err(e) = inner.store.create_volume(id, cfg.size_bytes) {
-                            tracing::error!(volume = id, error = %e, "cannot create the local copy");
+                            tracing::error!(volume = %id, error = %e, "cannot create the local copy");
                             continue;
                         }
                         let (acks, rx) = mpsc::channel(ACKS_QUEUED_MAX);

@@ -85,7 +85,7 @@ impl PrimaryDriver {
                     );
                 }
                 Err(e) => {
-                    tracing::error!(volume = p.volume, error = %e, "local write failed; stepping down");
+                    tracing::error!(volume = %p.volume, error = %e, "local write failed; stepping down");
                     p.depose(&inner, &format!("local store failed: {e}"));
                 }
             }
@@ -114,7 +114,7 @@ impl PrimaryDriver {
             st.core.depose("the local applier stopped");
             return;
         }
-        let wire_seq = st.seq_base + seq;
+        let wire_seq = st.seq_base + seq.get();
         let crc = match w.kind {
             WriteKind::Data => crc32c::crc32c(&w.data),
             WriteKind::Zeroes => 0,
@@ -134,7 +134,7 @@ impl PrimaryDriver {
                 for n in to {
                     let item = SendItem { volume: self.volume, epoch: self.epoch, record: record.clone() };
                     if inner.sender(n).push(item).is_err() {
-                        tracing::warn!(volume = self.volume, member = n, "the member's record queue is full");
+                        tracing::warn!(volume = %self.volume, member = %n, "the member's record queue is full");
                         st.core.on_member_failed(n);
                     }
                 }
@@ -179,7 +179,7 @@ impl PrimaryDriver {
         start_seq: Seq,
     ) {
         let Some(task) = self.task_permit() else {
-            tracing::warn!(volume = self.volume, member = to, "too many output tasks; failing the member's open");
+            tracing::warn!(volume = %self.volume, member = %to, "too many output tasks; failing the member's open");
             st.core.on_member_failed(to);
             return;
         };
@@ -187,7 +187,7 @@ impl PrimaryDriver {
             volume: self.volume,
             epoch: self.epoch,
             primary: inner.me,
-            start_seq: st.seq_base + start_seq,
+            start_seq: st.seq_base + start_seq.get(),
         };
         let open = {
             let n = st.opens.entry(to).or_insert(0);
@@ -206,15 +206,15 @@ impl PrimaryDriver {
             }
             match result {
                 Ok(DataReply::Opened { recent }) => {
-                    tracing::info!(volume = p.volume, member = to, "member opened");
+                    tracing::info!(volume = %p.volume, member = %to, "member opened");
                     st.core.on_opened(to, recent)
                 }
                 Ok(other) => {
-                    tracing::info!(volume = p.volume, member = to, reply = ?other, "open refused");
+                    tracing::info!(volume = %p.volume, member = %to, reply = ?other, "open refused");
                     st.core.on_member_failed(to)
                 }
                 Err(e) => {
-                    tracing::info!(volume = p.volume, member = to, error = %e, "open failed");
+                    tracing::info!(volume = %p.volume, member = %to, error = %e, "open failed");
                     st.core.on_member_failed(to)
                 }
             }
@@ -234,8 +234,8 @@ impl PrimaryDriver {
     ) {
         let Some(task) = self.task_permit() else {
             tracing::warn!(
-                volume = self.volume,
-                member = to,
+                volume = %self.volume,
+                member = %to,
                 chunk,
                 "too many output tasks; failing the member's copy"
             );
@@ -271,7 +271,7 @@ impl PrimaryDriver {
             match result {
                 Ok(()) => st.core.on_copied(to, chunk),
                 Err(e) => {
-                    tracing::info!(volume = p.volume, member = to, chunk, error = %e, "chunk copy failed");
+                    tracing::info!(volume = %p.volume, member = %to, chunk, error = %e, "chunk copy failed");
                     st.core.on_member_failed(to);
                 }
             }
@@ -294,12 +294,12 @@ impl PrimaryDriver {
             p.proposing.store(false, Ordering::Release);
             match result {
                 Ok(()) => {
-                    tracing::info!(volume = p.volume, epoch = p.epoch, ?isr, "ISR committed");
+                    tracing::info!(volume = %p.volume, epoch = %p.epoch, ?isr, "ISR committed");
                     st.core.on_isr_committed(&isr)
                 }
                 Err(ProposeError::Refused(why)) => st.core.on_isr_refused(&why),
                 Err(ProposeError::Unavailable(why)) => {
-                    tracing::warn!(volume = p.volume, error = %why, "ISR change not committed yet; will retry");
+                    tracing::warn!(volume = %p.volume, error = %why, "ISR change not committed yet; will retry");
                     st.core.on_isr_unavailable()
                 }
             }
@@ -311,7 +311,7 @@ impl PrimaryDriver {
     /// level (its recent-write log can be trusted again).
     fn report_progress<S: BlockStore>(&self, inner: &Arc<Inner<S>>, node: NodeId, done_chunks: u64, total_chunks: u64) {
         let Some(task) = self.task_permit() else {
-            tracing::warn!(volume = self.volume, member = node, "too many output tasks; progress report skipped");
+            tracing::warn!(volume = %self.volume, member = %node, "too many output tasks; progress report skipped");
             return;
         };
         let inner = inner.clone();
@@ -335,7 +335,7 @@ impl PrimaryDriver {
 
     /// `Output::Serving`: reconciled; host I/O may be served.
     fn begin_serving<S: BlockStore>(&self, inner: &Arc<Inner<S>>) {
-        tracing::info!(volume = self.volume, epoch = self.epoch, "serving");
+        tracing::info!(volume = %self.volume, epoch = %self.epoch, "serving");
         if let Some(v) = inner.volume(self.volume) {
             // Reconciled: every member now matches this copy.
             v.recent.lock().expect("recent lock").mark_complete();

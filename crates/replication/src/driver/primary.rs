@@ -134,8 +134,8 @@ impl<S: BlockStore> Inner<S> {
                     let (inner, vol, epoch) = (self.clone(), vol.clone(), cfg.epoch);
                     tokio::spawn(async move {
                         match inner.coord.claim_primary(id, epoch, nonce).await {
-                            Ok(()) => tracing::info!(volume = id, epoch, "claimed the epoch for a new primary"),
-                            Err(e) => tracing::info!(volume = id, epoch, error = %e, "epoch not claimed (yet)"),
+                            Ok(()) => tracing::info!(volume = %id, %epoch, "claimed the epoch for a new primary"),
+                            Err(e) => tracing::info!(volume = %id, %epoch, error = %e, "epoch not claimed (yet)"),
                         }
                         vol.claim.lock().expect("claim lock").proposing = false;
                     });
@@ -167,7 +167,7 @@ impl<S: BlockStore> Inner<S> {
                     core,
                     next_token: 1,
                     waiters: HashMap::new(),
-                    seq_base,
+                    seq_base: Seq(seq_base),
                     resync_tried: HashMap::new(),
                     opens: HashMap::new(),
                 }),
@@ -184,7 +184,7 @@ impl<S: BlockStore> Inner<S> {
                 resumed_at: Mutex::new(Instant::now()),
             });
             tokio::spawn(local_durability(Arc::downgrade(self), p.clone(), local_rx));
-            tracing::info!(volume = id, epoch = cfg.epoch, "taking over as primary; reconciling");
+            tracing::info!(volume = %id, epoch = %cfg.epoch, "taking over as primary; reconciling");
             tokio::spawn(start_core(self.clone(), p.clone()));
             *slot = Some(p);
         }
@@ -215,7 +215,7 @@ pub(super) async fn start_core<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<Prima
     };
     let mut st = p.st.lock().expect("core lock");
     if let Err(e) = durable {
-        tracing::error!(volume = p.volume, error = %e, "cannot make the local copy durable; not taking over");
+        tracing::error!(volume = %p.volume, error = %e, "cannot make the local copy durable; not taking over");
         st.core.depose(&format!("local store: {e}"));
     }
     p.ready.store(true, Ordering::Release);
@@ -371,7 +371,7 @@ pub(super) async fn local_durability<S: BlockStore>(
         match result {
             Ok(()) => batch.iter().for_each(|(s, _)| st.core.on_local_durable(*s)),
             Err(e) => {
-                tracing::error!(volume = p.volume, error = %e, "local flush failed; stepping down");
+                tracing::error!(volume = %p.volume, error = %e, "local flush failed; stepping down");
                 st.core.depose(&format!("local flush failed: {e}"));
             }
         }
@@ -388,16 +388,16 @@ pub(super) async fn confirm_primary<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<
     let confirmed = inner.coord.confirm_primary(p.volume, p.epoch).await;
     match confirmed {
         Ok(true) if inner.coord.lease_valid() => {
-            tracing::info!(volume = p.volume, epoch = p.epoch, "lease back and epoch confirmed; serving again");
+            tracing::info!(volume = %p.volume, epoch = %p.epoch, "lease back and epoch confirmed; serving again");
             *p.resumed_at.lock().expect("resumed lock") = Instant::now();
             p.paused.store(false, Ordering::Release);
         }
         Ok(true) => {}
         Ok(false) => {
-            tracing::info!(volume = p.volume, epoch = p.epoch, "a newer configuration replaced this primary");
+            tracing::info!(volume = %p.volume, epoch = %p.epoch, "a newer configuration replaced this primary");
             p.depose(&inner, "a newer configuration replaced this primary while its node had no lease");
         }
-        Err(e) => tracing::info!(volume = p.volume, error = %e, "cannot confirm the epoch yet; staying paused"),
+        Err(e) => tracing::info!(volume = %p.volume, error = %e, "cannot confirm the epoch yet; staying paused"),
     }
     p.confirming.store(false, Ordering::Release);
 }

@@ -43,7 +43,7 @@ pub(super) async fn send_acks<S: BlockStore>(
         let Some(inner) = inner.upgrade() else { return };
         let last = batch.iter().map(|b| b.3).max().expect("non-empty batch");
         if let Err(e) = inner.store.durable(last).await {
-            tracing::error!(volume, error = %e, "flush failed; these records stay unacknowledged");
+            tracing::error!(%volume, error = %e, "flush failed; these records stay unacknowledged");
             continue;
         }
         let mut groups: HashMap<(NodeId, Epoch), Vec<Seq>> = HashMap::new();
@@ -70,7 +70,7 @@ pub(super) async fn read_records<S: BlockStore>(inner: Weak<Inner<S>>, net: Arc<
         let (header, data_at, data_len) = match decode_record(&bytes) {
             Ok((h, data)) => (h, bytes.len() - data.len(), data.len()),
             Err(e) => {
-                tracing::warn!(from, error = %e, "malformed record");
+                tracing::warn!(%from, error = %e, "malformed record");
                 continue;
             }
         };
@@ -140,9 +140,9 @@ impl<S: BlockStore> Inner<S> {
 
     /// Tells the primary that a record was refused (it fails this member).
     pub(super) fn refuse_record(self: &Arc<Self>, from: NodeId, h: &RecordHeader, reason: String) {
-        tracing::info!(from, volume = h.volume, seq = h.seq, %reason, "record refused");
+        tracing::info!(%from, volume = %h.volume, seq = %h.seq, %reason, "record refused");
         let Ok(permit) = self.nacks.clone().try_acquire_owned() else {
-            tracing::warn!(from, volume = h.volume, "too many refusals in flight; the primary times this member out");
+            tracing::warn!(%from, volume = %h.volume, "too many refusals in flight; the primary times this member out");
             return;
         };
         let msg = DataMsg::Nack { volume: h.volume, epoch: h.epoch, seq: h.seq, reason };

@@ -117,7 +117,7 @@ async fn run_sender<S: BlockStore>(
                 };
                 let front = posted.lock().expect("posted lock").pop_front();
                 if let (Err(e), Some((volume, epoch))) = (&result, front) {
-                    tracing::info!(peer, volume, error = %e, "record not delivered");
+                    tracing::info!(%peer, %volume, error = %e, "record not delivered");
                     if let Some(inner) = inner.upgrade() {
                         inner.member_failed(volume, epoch, peer);
                     }

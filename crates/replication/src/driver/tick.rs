@@ -52,7 +52,7 @@ pub(super) async fn tick<S: BlockStore>(inner: Weak<Inner<S>>) {
                         let out_before = st.core.out_members();
                         st.core.on_tick(now);
                         for n in st.core.out_members().into_iter().filter(|n| !out_before.contains(n)) {
-                            tracing::info!(volume = id, member = n, "member timed out (no ack within the ack timeout)");
+                            tracing::info!(volume = %id, member = %n, "member timed out (no ack within the ack timeout)");
                         }
                         if st.core.phase() == Phase::Serving {
                             for n in st.core.out_members() {

@@ -16,7 +16,7 @@ use tandem_types::{Epoch, NodeId, VolumeId, BLOCK_BYTES};
 use mem_net::Hub;
 use mem_store::MemStore;
 
-const VOLUME: VolumeId = 7;
+const VOLUME: VolumeId = VolumeId(7);
 /// Generous: a starved machine is only slow.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -92,7 +92,7 @@ struct Cluster {
 async fn cluster(nodes: u64) -> Cluster {
     let hub = Arc::new(Hub::default());
     let meta = Arc::new(Meta::default());
-    let ids: Vec<NodeId> = (1..=nodes).collect();
+    let ids: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
     // Long enough that no member is timed out while a test holds its durability back.
     let config = DataPlaneConfig { ack_timeout: Duration::from_secs(600), ..DataPlaneConfig::default() };
     let mut stores = Vec::new();
@@ -110,9 +110,9 @@ async fn cluster(nodes: u64) -> Cluster {
         name: "v".into(),
         size_bytes: 4 * 1024 * 1024,
         replicas: ids.clone(),
-        primary: 1,
+        primary: NodeId(1),
         isr: ids.clone(),
-        epoch: 1,
+        epoch: Epoch(1),
         claim: None,
     };
     *meta.volumes.lock().expect("meta lock") = vec![cfg.clone()];

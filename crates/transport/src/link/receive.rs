@@ -228,7 +228,7 @@ async fn dispatcher(inbound: Weak<Inbound>, entry: Weak<InboundChan>, mut rx: mp
             let result = tokio::select! {
                 result = handle => result,
                 _ = current.wait_for(|s| *s != d.session) => {
-                    tracing::debug!(from = chan.from, channel = %chan.channel, seq = d.seq, "request of an abandoned session cancelled");
+                    tracing::debug!(from = %chan.from, channel = %chan.channel, seq = %d.seq, "request of an abandoned session cancelled");
                     return;
                 }
                 _ = cancels.wait_for(|c| c.contains(&d.seq)) => Err(CANCELLED.into()),
@@ -283,13 +283,13 @@ pub(super) fn serve_pipe(inbound: &Arc<Inbound>, incoming: Incoming) {
                 Ok(Some(frame)) => {
                     let Some(m) = inbound.upgrade() else { break };
                     if let Err(e) = m.on_frame(from, channel, frame, &route) {
-                        tracing::warn!(from, %channel, error = %e, "closing a peer pipe after a protocol error");
+                        tracing::warn!(%from, %channel, error = %e, "closing a peer pipe after a protocol error");
                         break;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::debug!(from, %channel, error = %e, "peer pipe ended");
+                    tracing::debug!(%from, %channel, error = %e, "peer pipe ended");
                     break;
                 }
             }
@@ -319,12 +319,12 @@ mod tests {
         let route = spawn_writer(Box::new(ours), || {});
         let request =
             |session, seq| Frame::new(FrameKind::Request, Channel::Control, session, seq, 1, Bytes::from("x"));
-        inbound.on_frame(7, Channel::Control, request(5, 1), &route).expect("accepted");
+        inbound.on_frame(NodeId(7), Channel::Control, request(5, 1), &route).expect("accepted");
         let reply = read_frame(&mut theirs).await.expect("read").expect("a reply");
         assert_eq!((reply.kind, reply.seq), (FrameKind::Response, 1));
-        let entry = Arc::downgrade(&inbound.chans.lock().expect("inbound lock")[&(7, Channel::Control)]);
+        let entry = Arc::downgrade(&inbound.chans.lock().expect("inbound lock")[&(NodeId(7), Channel::Control)]);
 
-        inbound.forget(7);
+        inbound.forget(NodeId(7));
         assert!(inbound.chans.lock().expect("inbound lock").is_empty());
         for _ in 0..100 {
             if entry.upgrade().is_none() {
@@ -335,7 +335,7 @@ mod tests {
         assert!(entry.upgrade().is_none(), "the forgotten window (and its dispatcher's queue) is dropped");
 
         // Back again, as after a restart: a fresh window, which takes the sender's session.
-        inbound.on_frame(7, Channel::Control, request(5, 1), &route).expect("accepted");
+        inbound.on_frame(NodeId(7), Channel::Control, request(5, 1), &route).expect("accepted");
         let reply = read_frame(&mut theirs).await.expect("read").expect("a reply");
         assert_eq!((reply.kind, reply.seq), (FrameKind::Response, 1));
     }

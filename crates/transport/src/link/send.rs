@@ -353,7 +353,7 @@ impl ChannelLink {
                         st.retry_at = None;
                     }
                     Err(reason) => {
-                        tracing::debug!(peer = self.peer, channel = %self.channel, %reason, "dial failed");
+                        tracing::debug!(peer = %self.peer, channel = %self.channel, %reason, "dial failed");
                         self.failed(&*mesh, reason);
                     }
                 }
@@ -430,7 +430,7 @@ fn spawn_reply_reader(link: Weak<ChannelLink>, peer: NodeId, gen: u64, read: Box
                 Ok(Some(f)) => f,
                 Ok(None) => break "connection closed by the peer".to_string(),
                 Err(e) => {
-                    tracing::debug!(peer, error = %e, "link pipe read failed");
+                    tracing::debug!(%peer, error = %e, "link pipe read failed");
                     break format!("connection failed: {e}");
                 }
             };
@@ -446,7 +446,7 @@ fn spawn_reply_reader(link: Weak<ChannelLink>, peer: NodeId, gen: u64, read: Box
                     l.complete(frame.session, frame.seq, Err(TransportError::Remote { peer, reason }));
                 }
                 other => {
-                    tracing::warn!(peer, kind = ?other, "unexpected frame from a server; closing the pipe");
+                    tracing::warn!(%peer, kind = ?other, "unexpected frame from a server; closing the pipe");
                     break format!("protocol error: unexpected {other:?} frame");
                 }
             }
