@@ -1,7 +1,7 @@
 //! The metadata store: the cluster map, replicated with Raft (openraft) and kept in sled.
 //!
-//! - [`cluster_map`]: re-exports the pure state machine logic (`ClusterMap::apply`, no I/O),
-//!   which lives in the `tandem-clustermap` crate.
+//! - The state it replicates, the cluster map (`ClusterMap::apply`, no I/O), lives in the pure
+//!   crate `tandem-clustermap`; this crate only stores and replicates it.
 //! - [`log_store`], [`state_machine`]: openraft's storage traits on sled (group commit,
 //!   snapshots, purge).
 //! - [`network`]: Raft RPCs and forwarded client requests over the node-to-node transport.
@@ -14,15 +14,10 @@
 // openraft's storage traits return its own (large) `StorageError`; our helpers return it too.
 #![allow(clippy::result_large_err)]
 
-pub mod cluster_map;
 pub mod log_store;
 pub mod network;
 pub mod raft_types;
 pub mod state_machine;
 pub mod store;
 
-pub use cluster_map::{
-    ClusterMap, DatasetRecord, HostRecord, MetaCmd, MetaReply, NodeRecord, ResyncProgress, VolumeRecord,
-    DEFAULT_DATASET,
-};
 pub use raft_types::TypeConfig;

@@ -18,8 +18,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tandem_transport::{Channel, Transport, TransportError};
 use tandem_types::NodeId;
 
-use crate::cluster_map::{MetaCmd, NodeRecord};
 use crate::raft_types::TypeConfig;
+use tandem_clustermap::{MetaCmd, NodeRecord};
 
 /// A request from one metadata store to another.
 #[derive(Serialize, Deserialize)]

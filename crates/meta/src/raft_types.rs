@@ -2,7 +2,7 @@
 
 use std::io::Cursor;
 
-use crate::cluster_map::{MetaCmd, MetaReply};
+use tandem_clustermap::{MetaCmd, MetaReply};
 
 openraft::declare_raft_types!(
     /// Raft over the cluster map: commands are [`MetaCmd`], replies [`MetaReply`]; a node is

@@ -21,9 +21,9 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tandem_types::NodeId;
 
-use crate::cluster_map::{ClusterMap, MetaReply, Object, ObjectKey};
 use crate::log_store::{decode, encode, read_err, write_err, DiskSync};
 use crate::raft_types::TypeConfig;
+use tandem_clustermap::{ClusterMap, MetaReply, Object, ObjectKey};
 
 const KEY_APPLIED: &[u8] = b"\0applied";
 const KEY_MEMBERSHIP: &[u8] = b"\0membership";

@@ -20,11 +20,11 @@ use tandem_transport::{BoxFuture, Channel, Handler, Transport};
 use tandem_types::{NodeId, SNAPSHOT_CHUNK_BYTES};
 use tokio::time::Instant;
 
-use crate::cluster_map::{MetaCmd, MetaReply, NodeRecord};
 use crate::log_store::LogStore;
 use crate::network::{call, decode_msg, encode_msg, Forwarded, MetaError, MetaRpc, Network};
 use crate::raft_types::Raft;
 use crate::state_machine::{SmReader, SmState, StateMachine};
+use tandem_clustermap::{MetaCmd, MetaReply, NodeRecord};
 
 /// How long an operation waits for a reachable leader (elections, a leader change) before it
 /// reports the store unavailable.
@@ -184,7 +184,7 @@ fn estimated_bytes(cmd: &MetaCmd) -> usize {
         MetaCmd::AddHost { name, site } => name.len() + site.len(),
         MetaCmd::RemoveHost { name } => name.len(),
         MetaCmd::ConnectHost { host, volume } | MetaCmd::DisconnectHost { host, volume } => host.len() + volume.len(),
-        MetaCmd::PublishPaths { host, paths, .. } => host.len() + crate::cluster_map::path_map_bytes(paths),
+        MetaCmd::PublishPaths { host, paths, .. } => host.len() + tandem_clustermap::path_map_bytes(paths),
         MetaCmd::RemoveNode { .. }
         | MetaCmd::SetTransport { .. }
         | MetaCmd::ClaimPrimary { .. }

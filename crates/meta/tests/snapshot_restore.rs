@@ -7,8 +7,9 @@ use tandem_types::{Epoch, NodeId, VolumeId};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftSnapshotBuilder};
 use proptest::prelude::*;
+use tandem_clustermap::{MetaCmd, NodeRecord};
 use tandem_meta::state_machine::{SmState, StateMachine};
-use tandem_meta::{MetaCmd, NodeRecord, TypeConfig};
+use tandem_meta::TypeConfig;
 use tandem_transport::{Layer, TransportKind};
 
 fn addr(port: u16) -> SocketAddr {

@@ -13,8 +13,8 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tandem_clustermap::{DatasetRecord, MetaCmd, NodeRecord, VolumeRecord};
 use tandem_meta::store::{RaftRole, RaftStatus};
-use tandem_meta::{DatasetRecord, MetaCmd, NodeRecord, VolumeRecord};
 use tandem_paths::PathState;
 use tandem_transport::link::LinkStats;
 use tandem_transport::{Layer, TransportKind};
@@ -313,7 +313,7 @@ pub struct VolumeRequest {
     pub dataset: Option<String>,
 }
 
-fn dataset_view(map: &tandem_meta::ClusterMap, record: &DatasetRecord) -> DatasetView {
+fn dataset_view(map: &tandem_clustermap::ClusterMap, record: &DatasetRecord) -> DatasetView {
     let volumes = map.volumes.values().filter(|v| v.dataset == record.name).map(|v| v.name.clone()).collect();
     DatasetView { record: record.clone(), volumes }
 }

@@ -8,10 +8,10 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use tandem_clustermap::MetaReply;
 use tandem_frontend::Budgets;
 use tandem_meta::network::MetaError;
 use tandem_meta::store::MetaStore;
-use tandem_meta::MetaReply;
 use tandem_transport::link::{LinkStats, Mesh};
 use tandem_transport::{Layer, Transport, TransportKind};
 

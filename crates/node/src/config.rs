@@ -27,8 +27,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tandem_clustermap::NodeRecord;
 use tandem_meta::store::MetaConfig;
-use tandem_meta::NodeRecord;
 use tandem_transport::TransportKind;
 use tandem_types::{validate_name, NodeId};
 
@@ -187,11 +187,11 @@ impl ClusterConfig {
                 return Err(format!("{at}: id {} appears twice", n.id));
             }
             validate_name(&n.site).map_err(|e| format!("{at}: site {:?} {e}", n.site))?;
-            if n.extra_nbd_addrs.len() > tandem_meta::cluster_map::EXTRA_TARGETS_MAX {
+            if n.extra_nbd_addrs.len() > tandem_clustermap::EXTRA_TARGETS_MAX {
                 return Err(format!(
                     "{at}: extra_nbd_addrs lists {} addresses; at most {} are allowed",
                     n.extra_nbd_addrs.len(),
-                    tandem_meta::cluster_map::EXTRA_TARGETS_MAX
+                    tandem_clustermap::EXTRA_TARGETS_MAX
                 ));
             }
             let fixed = [("raft_addr", n.raft_addr), ("api_addr", n.api_addr), ("nbd_addr", n.nbd_addr)];

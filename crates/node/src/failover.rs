@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_clustermap::{MetaCmd, VolumeRecord};
 use tandem_meta::store::{MetaStore, RaftRole};
-use tandem_meta::{MetaCmd, VolumeRecord};
 use tandem_paths::pick_primary;
 use tandem_types::{Epoch, NodeId, VolumeId};
 

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tandem_meta::{ClusterMap, HostRecord, MetaCmd};
+use tandem_clustermap::{ClusterMap, HostRecord, MetaCmd};
 use tandem_paths::VolumePaths;
 use tandem_types::NodeId;
 use tandem_wire::data::PathProbe;

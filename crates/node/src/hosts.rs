@@ -19,8 +19,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_clustermap::{ClusterMap, MetaCmd};
 use tandem_meta::store::{MetaStore, RaftRole};
-use tandem_meta::{ClusterMap, MetaCmd};
 use tandem_paths::{HostInput, HostProbes, NodeHealth, NodeInput, ProbeOutcome, VolumeInput, VolumePaths};
 use tandem_transport::Transport;
 use tandem_types::NodeId;

@@ -156,14 +156,14 @@ pub async fn run(
 /// target ports) once the node has caught up, so that a node restarted with a new target port
 /// advertises it. A node the map does not hold is left alone: joining is `tandem node add`.
 /// One task, which ends once the record is in line; its retries back off to 2 s.
-fn advertise(meta: Arc<MetaStore>, record: tandem_meta::NodeRecord) {
+fn advertise(meta: Arc<MetaStore>, record: tandem_clustermap::NodeRecord) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
             match meta.read(|st| st.map.nodes.get(&record.id).cloned()).await {
                 Ok(None) => return,
                 Ok(Some(known)) if known == record => return,
-                Ok(Some(_)) => match meta.write(tandem_meta::MetaCmd::RegisterNode(record.clone())).await {
+                Ok(Some(_)) => match meta.write(tandem_clustermap::MetaCmd::RegisterNode(record.clone())).await {
                     Ok(_) => {
                         tracing::info!(node = %record.id, "advertised this node's site and addresses");
                         return;

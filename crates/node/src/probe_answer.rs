@@ -40,8 +40,8 @@ impl Handler for ProbeHandler {
 mod tests {
     use std::time::Duration;
 
+    use tandem_clustermap::NodeRecord;
     use tandem_meta::store::{MetaConfig, MetaStore, RaftRole};
-    use tandem_meta::NodeRecord;
     use tandem_wire::data::PathProbe;
 
     use super::*;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
+use tandem_clustermap::{MetaCmd, MetaReply};
 use tandem_frontend::{Budgets, Exports, IoError, OpenError, Volume};
 use tandem_meta::network::MetaError;
 use tandem_meta::store::MetaStore;
-use tandem_meta::{MetaCmd, MetaReply};
 use tandem_replication::driver::{Coordinator, DataPlane, IoFail, ProposeError, VolumeConfig};
 use tandem_storage::SledStore;
 use tandem_transport::BoxFuture;

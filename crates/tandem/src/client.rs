@@ -152,7 +152,7 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 /// A node's NBD addresses (target ports) for a table cell, `nbd_addr` first.
-fn nbd_addrs(n: &tandem_meta::NodeRecord) -> String {
+fn nbd_addrs(n: &tandem_clustermap::NodeRecord) -> String {
     n.targets().iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 

@@ -374,7 +374,7 @@ pub async fn node_add(
     let record = match (raft_addr, api_addr, nbd_addr) {
         (Some(raft_addr), Some(api_addr), Some(nbd_addr)) => {
             let id = id.ok_or_else(|| anyhow!("--id is required with explicit addresses"))?;
-            tandem_meta::NodeRecord {
+            tandem_clustermap::NodeRecord {
                 id,
                 site: site.unwrap_or_else(|| SITE_DEFAULT.into()),
                 raft_addr,
@@ -406,7 +406,7 @@ pub async fn node_add(
         }
         _ => bail!("give all of --raft-addr, --api-addr and --nbd-addr, or none of them"),
     };
-    let added: tandem_meta::NodeRecord = api.request(Method::POST, "/v1/nodes", Some(&record)).await?;
+    let added: tandem_clustermap::NodeRecord = api.request(Method::POST, "/v1/nodes", Some(&record)).await?;
     println!("node {} added (raft {}, api {}, nbd {})", added.id, added.raft_addr, added.api_addr, added.nbd_addr);
     Ok(())
 }
