@@ -15,7 +15,8 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use tandem_transport::{Channel, Transport, TransportError};
+use tandem_transport::{Transport, TransportError};
+use tandem_types::Channel;
 use tandem_types::NodeId;
 
 use crate::raft_types::TypeConfig;

@@ -16,7 +16,8 @@ use bytes::Bytes;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{de::DeserializeOwned, Serialize};
-use tandem_transport::{BoxFuture, Channel, Handler, Transport};
+use tandem_transport::{BoxFuture, Handler, Transport};
+use tandem_types::Channel;
 use tandem_types::{NodeId, SNAPSHOT_CHUNK_BYTES};
 use tokio::time::Instant;
 

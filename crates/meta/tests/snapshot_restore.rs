@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use tandem_clustermap::{MetaCmd, NodeRecord};
 use tandem_meta::state_machine::{SmState, StateMachine};
 use tandem_meta::TypeConfig;
-use tandem_transport::{Layer, TransportKind};
+use tandem_types::{Layer, TransportKind};
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))

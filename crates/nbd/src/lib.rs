@@ -29,4 +29,3 @@ pub use server::{
     serve, serve_connection, ConnectionError, CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_MS, INFLIGHT_MAX,
     READ_BUFFER_BYTES_MAX, READ_CHUNK_BYTES, WRITE_BUFFER_BYTES_MAX,
 };
-pub use tandem_frontend::{Budgets, Exports, IoError, OpenError, Volume};

@@ -11,10 +11,10 @@ use common::{
     go_bytes, option_bytes, pseudo_random_bytes, request_bytes, MemExports, RawClient, TestServer, BROKEN_FROM,
     DEADLINE, GATED_FROM, MIB,
 };
+use tandem_frontend::Budgets;
 use tandem_nbd::codec::{cmd, cmd_flag, decode_server_reply, errno, opt, rep, tx_flag};
 use tandem_nbd::{
-    serve_connection, Budgets, ConnectionError, INFLIGHT_MAX, READ_BUFFER_BYTES_MAX, READ_CHUNK_BYTES,
-    REQUEST_BYTES_MAX,
+    serve_connection, ConnectionError, INFLIGHT_MAX, READ_BUFFER_BYTES_MAX, READ_CHUNK_BYTES, REQUEST_BYTES_MAX,
 };
 use tokio::io::AsyncWriteExt;
 

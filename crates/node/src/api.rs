@@ -17,8 +17,8 @@ use tandem_clustermap::{DatasetRecord, MetaCmd, NodeRecord, VolumeRecord};
 use tandem_meta::store::{RaftRole, RaftStatus};
 use tandem_paths::PathState;
 use tandem_transport::link::LinkStats;
-use tandem_transport::{Layer, TransportKind};
 use tandem_types::{Epoch, NodeId, VolumeId};
+use tandem_types::{Layer, TransportKind};
 
 use crate::api_state::{created_status, ApiResult};
 pub use crate::api_state::{ApiError, ApiState, LinkView};

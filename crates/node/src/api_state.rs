@@ -13,7 +13,8 @@ use tandem_frontend::Budgets;
 use tandem_meta::network::MetaError;
 use tandem_meta::store::MetaStore;
 use tandem_transport::link::{LinkStats, Mesh};
-use tandem_transport::{Layer, Transport, TransportKind};
+use tandem_transport::Transport;
+use tandem_types::{Layer, TransportKind};
 
 use crate::config::ClusterConfig;
 use crate::hosts::PathManager;

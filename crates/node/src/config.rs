@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tandem_clustermap::NodeRecord;
 use tandem_meta::store::MetaConfig;
-use tandem_transport::TransportKind;
+use tandem_types::TransportKind;
 use tandem_types::{validate_name, NodeId};
 
 #[derive(Debug, thiserror::Error)]

@@ -195,7 +195,7 @@ async fn request_lease(transport: &dyn Transport, leader: NodeId) -> Option<u64>
 
 #[cfg(test)]
 mod tests {
-    use tandem_transport::Channel;
+    use tandem_types::Channel;
 
     use super::*;
     use crate::probe::fake::{Answer, FakeTransport};

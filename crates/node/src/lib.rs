@@ -44,8 +44,9 @@ use tandem_storage::{BlockStore, SledStore};
 use tandem_transport::link::{Listeners, Mesh};
 use tandem_transport::ring::RegionRegistry;
 use tandem_transport::tls::Identity;
-use tandem_transport::{Channel, Layer, Transport, TransportKind};
+use tandem_transport::Transport;
 use tandem_types::NodeId;
+use tandem_types::{Channel, Layer, TransportKind};
 use tokio::net::TcpListener;
 
 use crate::lease::Leases;

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_transport::{Channel, Transport};
+use tandem_transport::Transport;
+use tandem_types::Channel;
 use tandem_types::NodeId;
 use tandem_wire::data::{ProbeMsg, ProbeReply};
 
@@ -31,7 +32,8 @@ pub(crate) mod fake {
     use std::sync::Mutex;
 
     use bytes::Bytes;
-    use tandem_transport::{BoxFuture, Channel, Transport, TransportError};
+    use tandem_transport::{BoxFuture, Transport, TransportError};
+    use tandem_types::Channel;
     use tandem_types::NodeId;
     use tandem_wire::data::{ProbeMsg, ProbeReply};
 

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tandem_transport::{BoxFuture, Channel, Handler};
+use tandem_transport::{BoxFuture, Handler};
+use tandem_types::Channel;
 use tandem_types::NodeId;
 use tandem_wire::data::{ProbeMsg, ProbeReply};
 

@@ -1,6 +1,6 @@
 //! The replication protocol as deterministic state machines: no I/O, no clock, no tokio (its
 //! dependency graph has none: `cargo tree -p tandem-replication-core | grep -c tokio` is 0).
-//! `tandem-replication` runs it (its `driver`) and re-exports it as `tandem_replication::protocol`.
+//! `tandem-replication` runs it (its `driver`).
 //!
 //! [`Primary`] is the volume's primary for one epoch. It takes inputs (`on_write`, `on_ack`,
 //! `on_local_durable`, `on_member_failed`, `on_isr_committed`, `on_tick(now)`, ...) and queues

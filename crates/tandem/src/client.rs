@@ -12,8 +12,8 @@ use tandem_node::api::{
     ClusterView, DatasetRequest, DatasetView, NodeView, SettingBody, TransportView, VolumeRequest, VolumeView,
 };
 use tandem_node::config::ClusterConfig;
-use tandem_transport::{Layer, TransportKind};
 use tandem_types::NodeId;
+use tandem_types::{Layer, TransportKind};
 
 use crate::{DatasetCmd, SettingCmd, Target, TransportCmd, VolumeCmd};
 

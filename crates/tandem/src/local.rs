@@ -16,8 +16,9 @@ use nix::unistd::Pid;
 use reqwest::Method;
 use tandem_client::{config_path, Api, DEFAULT_DIR};
 use tandem_node::config::{ClusterConfig, ClusterSection, NodeSection, TlsSection};
-use tandem_transport::{tls, TransportKind};
+use tandem_transport::tls;
 use tandem_types::NodeId;
+use tandem_types::TransportKind;
 use tokio::time::Instant;
 
 use crate::client;

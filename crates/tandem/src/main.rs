@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tandem_transport::{Layer, TransportKind};
 use tandem_types::NodeId;
+use tandem_types::{Layer, TransportKind};
 
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "Tandem: a distributed block-storage cluster with synchronous replication")]

@@ -25,11 +25,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use bytes::Bytes;
-pub use tandem_types::Channel;
-// `Layer` and `TransportKind` live in `tandem_types` (the cluster map names them too, without
-// depending on the transport); re-exported here so existing imports keep compiling.
-use tandem_types::NodeId;
-pub use tandem_types::{Layer, TransportKind};
+// `Channel`, `Layer` and `TransportKind` live in `tandem_types`: the cluster map names them too,
+// without depending on the transport.
+use tandem_types::{Channel, NodeId};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -62,9 +62,10 @@ use crate::quic::QuicLayer;
 use crate::ring::{RegionRegistry, RegionWriteLink, ReplyFuture};
 use crate::tcp::{Incoming, TcpLayer};
 use crate::tls::{Identity, TlsError};
-use crate::{BoxFuture, Handler, Layer, Transport, TransportError, TransportKind};
+use crate::{BoxFuture, Handler, Transport, TransportError};
 use receive::{serve_pipe, Inbound};
 use send::{ChannelLink, LinkHost};
+use tandem_types::{Layer, TransportKind};
 
 /// Dial (TCP + TLS or QUIC handshake, plus hello).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

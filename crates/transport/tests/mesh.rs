@@ -10,8 +10,9 @@ use bytes::Bytes;
 use tandem_transport::link::{Listeners, Mesh};
 use tandem_transport::ring::{Descriptor, DescriptorRing, RegionRegistry};
 use tandem_transport::tls::{generate_ca, issue_node_cert, Identity, PemPair};
-use tandem_transport::{BoxFuture, Channel, Handler, Layer, Transport, TransportError, TransportKind};
+use tandem_transport::{BoxFuture, Handler, Transport, TransportError};
 use tandem_types::NodeId;
+use tandem_types::{Channel, Layer, TransportKind};
 use tokio::io::AsyncWriteExt;
 
 const KINDS: [TransportKind; 2] = [TransportKind::Tcp, TransportKind::Quic];

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use tandem_transport::link::Mesh;
-use tandem_transport::{Channel, Layer, Transport, TransportKind};
+use tandem_transport::Transport;
+use tandem_types::{Channel, Layer, TransportKind};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 

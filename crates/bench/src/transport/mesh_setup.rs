@@ -8,8 +8,8 @@ use anyhow::Context;
 use tandem_transport::link::{Listeners, Mesh};
 use tandem_transport::ring::RegionRegistry;
 use tandem_transport::tls::{generate_ca, issue_node_cert, Identity};
-use tandem_transport::TransportKind;
 use tandem_types::NodeId;
+use tandem_types::TransportKind;
 
 use super::{CLIENT_ID, LOOPBACK, MIB, PEER_ID};
 

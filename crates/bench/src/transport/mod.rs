@@ -45,8 +45,9 @@ use bytes::Bytes;
 use clap::Args;
 use serde::Serialize;
 use tandem_transport::link::Mesh;
-use tandem_transport::{Channel, Transport, TransportKind};
+use tandem_transport::Transport;
 use tandem_types::NodeId;
+use tandem_types::{Channel, TransportKind};
 
 use self::clients::{settle, MeshClient, PlainClient};
 use self::mesh_setup::{start_mesh, write_certificates};

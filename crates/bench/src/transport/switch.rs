@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use tandem_transport::link::Mesh;
-use tandem_transport::{Channel, Layer, TransportKind};
+use tandem_types::{Channel, Layer, TransportKind};
 use tokio::time::Instant;
 
 use super::clients::settle;

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tandem_frontend::{Budgets, Exports, IoError, OpenError, Volume};
 use tandem_nbd::codec::{OptionReplyHeader, SimpleReply, OPTION_REPLY_HEADER_BYTES};
-use tandem_nbd::{Budgets, Exports, IoError, OpenError, Volume, READ_BUFFER_BYTES_MAX};
+use tandem_nbd::READ_BUFFER_BYTES_MAX;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};

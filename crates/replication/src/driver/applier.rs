@@ -16,7 +16,7 @@ use super::{Inner, APPLY_BATCH_MAX, APPLY_QUEUED_MAX};
 /// A store access of a volume's primary, carried out by the volume's local applier in the
 /// order the primary queued it (under its core lock, so in sequence order).
 ///
-/// Bound: a primary queues at most [`crate::protocol::INFLIGHT_WRITES_MAX`] writes (each holds
+/// Bound: a primary queues at most [`tandem_replication_core::INFLIGHT_WRITES_MAX`] writes (each holds
 /// an in-flight permit until the core is done with it), [`READS_QUEUED_MAX`] reads, one chunk
 /// read per member and a barrier; a new primary on this node waits for its barrier before it
 /// queues anything, so the queue holds the items of at most two primaries.

@@ -6,7 +6,8 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use tandem_storage::BlockStore;
-use tandem_transport::{BoxFuture, Channel, Handler};
+use tandem_transport::{BoxFuture, Handler};
+use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 use tandem_wire::data::{DataMsg, DataReply, WriteKind};
 use tokio::sync::oneshot;
@@ -101,7 +102,7 @@ impl<S: BlockStore> Inner<S> {
         }
         match opened {
             Ok(Ok(recent)) => DataReply::Opened { recent },
-            Ok(Err(e)) => DataReply::Refused(crate::protocol::Refusal::to_string(&e)),
+            Ok(Err(e)) => DataReply::Refused(tandem_replication_core::Refusal::to_string(&e)),
             Err(e) => DataReply::Failed(format!("open task: {e}")),
         }
     }
@@ -230,7 +231,7 @@ impl<S: BlockStore> Inner<S> {
         .await;
         match levelled {
             Ok(Ok(())) => DataReply::Ok,
-            Ok(Err(e)) => DataReply::Refused(crate::protocol::Refusal::to_string(&e)),
+            Ok(Err(e)) => DataReply::Refused(tandem_replication_core::Refusal::to_string(&e)),
             Err(e) => DataReply::Failed(format!("level task: {e}")),
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_storage::BlockStore;
-use tandem_transport::Channel;
+use tandem_types::Channel;
 use tandem_types::{NodeId, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::{DataMsg, DataReply, WriteKind};
 use tokio::sync::watch;
@@ -17,7 +17,7 @@ use super::primary::PrimaryDriver;
 use super::{
     Inner, IoFail, VolumeConfig, PROXIED_WRITE_ADMIT_MAX, PROXY_CHANNEL, PROXY_FENCE_MARGIN, PROXY_READ_BYTES_MAX,
 };
-use crate::protocol::Phase;
+use tandem_replication_core::Phase;
 
 pub(super) fn check_range(cfg: &VolumeConfig, offset: u64, len: u64) -> Result<(), IoFail> {
     match offset.checked_add(len) {

@@ -10,7 +10,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use tandem_transport::link::{request_received_at, Mesh};
 use tandem_transport::ring::{Descriptor, DescriptorRing};
-use tandem_transport::{BoxFuture, Channel, Handler, Transport, TransportError};
+use tandem_transport::{BoxFuture, Handler, Transport, TransportError};
+use tandem_types::Channel;
 use tandem_types::NodeId;
 use tokio::sync::Notify;
 

@@ -1,4 +1,4 @@
-//! The async driver: [`DataPlane`] runs the protocol of [`crate::protocol`] for every volume
+//! The async driver: [`DataPlane`] runs the protocol of [`tandem_replication_core`] for every volume
 //! this node holds, over a [`Network`] (the node's `tandem_transport::link::Mesh`, or an
 //! in-memory one in tests) and its [`BlockStore`].
 //!
@@ -52,12 +52,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_storage::{BlockStore, Lsn};
-use tandem_transport::{Channel, Handler};
+use tandem_transport::Handler;
+use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::WriteKind;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::protocol::{Backup, Phase, RecentLog, CHUNK_BYTES, INFLIGHT_WRITES_MAX};
+use tandem_replication_core::{Backup, Phase, RecentLog, CHUNK_BYTES, INFLIGHT_WRITES_MAX};
 
 mod applier;
 mod coordinator;

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tandem_transport::{BoxFuture, Channel, Handler, TransportError};
+use tandem_transport::{BoxFuture, Handler, TransportError};
+use tandem_types::Channel;
 use tandem_types::NodeId;
 
 /// The node-to-node network as the data plane uses it.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tandem_storage::{Admission, BlockStore};
-use tandem_transport::Channel;
+use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::{encode_record, DataMsg, DataReply, RecordHeader, WriteKind};
 use tokio::sync::mpsc::error::TrySendError;
@@ -18,7 +18,7 @@ use super::sender::SendItem;
 #[cfg(doc)]
 use super::OUTPUT_TASKS_MAX;
 use super::{Inner, IoFail, ProposeError, COPY_TIMEOUT, OPEN_TIMEOUT};
-use crate::protocol::{Output, Phase, Token, CHUNK_BYTES, INFLIGHT_WRITES_MAX};
+use tandem_replication_core::{Output, Phase, Token, CHUNK_BYTES, INFLIGHT_WRITES_MAX};
 
 impl PrimaryDriver {
     /// Carries out the core's outputs, in order, one step per kind. Runs under the core lock,

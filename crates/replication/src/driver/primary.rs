@@ -22,7 +22,7 @@ use super::{
     Inner, IoFail, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX,
     ZEROES_PIECE_BYTES_MAX,
 };
-use crate::protocol::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
+use tandem_replication_core::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
 
 /// A claim of an epoch for the next start of this node's primary.
 #[derive(Default)]
@@ -52,7 +52,7 @@ pub(super) struct PrimaryDriver {
     pub(super) volume: VolumeId,
     pub(super) epoch: Epoch,
     pub(super) st: Mutex<CoreState>,
-    /// In-flight host writes ([`crate::protocol::INFLIGHT_WRITES_MAX`]). A permit lives with
+    /// In-flight host writes ([`tandem_replication_core::INFLIGHT_WRITES_MAX`]). A permit lives with
     /// the sequenced write (in its [`HostWrite`]) until the core completes or fails it, not
     /// with the host's request: a host that gives up on a request does not free its room
     /// while the write is still in flight.

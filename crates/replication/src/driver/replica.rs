@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use tandem_storage::{Admission, BlockStore, Lsn};
-use tandem_transport::Channel;
+use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 use tandem_wire::data::{decode_record, DataMsg, RecordHeader, WriteKind};
 use tokio::sync::{mpsc, Semaphore};
@@ -15,7 +15,7 @@ use super::applier::apply_batch;
 use super::network::Network;
 use super::{Inner, ACK_CALLS_IN_FLIGHT_MAX, APPLY_BATCH_MAX};
 #[cfg(doc)]
-use crate::protocol::Backup;
+use tandem_replication_core::Backup;
 
 /// A record from a primary, checked for its checksum and admitted by the store's budget,
 /// waiting for the record applier.

@@ -10,7 +10,7 @@ use tandem_types::VolumeId;
 
 use super::primary::confirm_primary;
 use super::{Inner, Vol, RESYNC_RETRY, TICK};
-use crate::protocol::Phase;
+use tandem_replication_core::Phase;
 
 /// Drives time: timeouts, retried proposals, resyncs, the lease, and primaries to (re)start.
 pub(super) async fn tick<S: BlockStore>(inner: Weak<Inner<S>>) {

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tandem_replication::driver::{Network, RecordLink};
-use tandem_transport::{BoxFuture, Channel, Handler, TransportError};
+use tandem_transport::{BoxFuture, Handler, TransportError};
+use tandem_types::Channel;
 use tandem_types::NodeId;
 use tokio::sync::{mpsc, oneshot};
 

@@ -17,7 +17,8 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::pipe::{read_frame, spawn_writer, BoxRead, BoxWrite, PipeTx, READ_BUFFER_BYTES};
-use crate::{BoxFuture, Layer, TransportError, TransportKind};
+use crate::{BoxFuture, TransportError};
+use tandem_types::{Layer, TransportKind};
 
 /// First retry delay after a failed dial; doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_BASE: Duration = Duration::from_millis(25);
