@@ -434,10 +434,22 @@ async fn switching_layers_under_load_delivers_every_message_once_in_order() {
             }
         })
     };
+    // The layer flips each time the link has moved to the selected one and carried another
+    // few hundred messages on it, so the stream sees switches however fast or slow it runs.
+    let replication = |a: &Mesh| a.link_stats().into_iter().find(|s| s.channel == Channel::Replication);
     let mut flips = 0;
     let mut kind = TransportKind::Quic;
+    let mut flipped_at = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !sender.is_finished() {
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        let moved_on =
+            replication(&a).is_some_and(|s| s.transport == Some(kind) && s.messages_sent >= flipped_at + 300);
+        if !moved_on {
+            assert!(Instant::now() < deadline, "the link did not move to {kind} and carry on: {:?}", replication(&a));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        flipped_at = replication(&a).map_or(0, |s| s.messages_sent);
         kind = if kind == TransportKind::Quic { TransportKind::Tcp } else { TransportKind::Quic };
         a.set_kind(Layer::Data, kind);
         flips += 1;
@@ -613,6 +625,18 @@ fn spawn_call(a: &Mesh, name: String) -> Call {
     tokio::spawn(async move { a.call(NodeId(2), Channel::Bulk, Bytes::from(name)).await })
 }
 
+/// Waits until `a` has sent at least `n` requests on the bulk channel and its pipe's writer has
+/// taken them all (they are on their way to the peer).
+async fn wait_sent(a: &Mesh, n: u64) {
+    tandem_testkit::wait::eventually("the requests to go out", Duration::from_secs(20), || {
+        a.link_stats()
+            .into_iter()
+            .find(|s| s.channel == Channel::Bulk)
+            .is_some_and(|s| s.messages_sent >= n && s.queue_depth == 0)
+    })
+    .await;
+}
+
 /// Takes every handler slot of node 2's bulk channel with a request named `block-<i>` that its
 /// handler holds, and waits until `running()` counts them all.
 async fn block_every_slot(a: &Mesh, running: impl Fn() -> usize) -> Vec<Call> {
@@ -664,7 +688,7 @@ async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins
         for name in ["old-1", "old-2"] {
             calls.push(spawn_call(&a, name.into()));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_sent(&a, slots as u64 + 2).await;
         // The sender goes away with all of them unanswered and comes back: a new session.
         a.shutdown();
         drop(a);
@@ -688,6 +712,8 @@ async fn requests_of_an_abandoned_session_never_run_after_the_new_session_begins
             new_1.await.expect("task").expect("new-1");
         }
         a2.call(NodeId(2), Channel::Bulk, Bytes::from_static(b"new-2")).await.expect("new-2");
+        // What is checked is that nothing stale runs: there is no event to wait for, so the
+        // stale requests, released above, get this long to show up if they would run at all.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let done = done.lock().expect("log").clone();
         assert!(done.contains(&"new-1".to_string()) && done.contains(&"new-2".to_string()), "{kind}: {done:?}");
@@ -715,7 +741,8 @@ async fn a_request_given_up_after_it_went_out_is_cancelled_before_later_ones_run
         for name in ["queued-1", "queued-2"] {
             calls.push(spawn_call(&a, name.into()));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The warm-up, the blocked ones and the two queued ones have gone out.
+        wait_sent(&a, 1 + slots as u64 + 2).await;
         for c in &calls {
             c.abort();
         }
@@ -732,6 +759,8 @@ async fn a_request_given_up_after_it_went_out_is_cancelled_before_later_ones_run
         for i in 0..300u32 {
             a.call(NodeId(2), Channel::Bulk, Bytes::from(format!("after-more-{i}"))).await.expect("after-more");
         }
+        // What is checked is that the given-up requests never run: there is no event to wait
+        // for, so they get this long (after the release above) to show up if they would.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let done = done.lock().expect("log").clone();
         let ran: Vec<&String> = done.iter().filter(|n| n.starts_with("block") || n.starts_with("queued")).collect();
@@ -785,7 +814,12 @@ async fn a_handler_sees_when_its_request_arrived() {
     let slots = tandem_transport::link::DISPATCH_IN_FLIGHT_MAX;
     let calls = block_every_slot(&a, || seen.lock().expect("log").len()).await;
     let queued = spawn_call(&a, "queued".into());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_sent(&a, slots as u64 + 1).await;
+    // The request is on its way; it then waits for a slot until the release. Nothing can be
+    // observed of its arrival at node 2 (its handler has not begun): this leaves it ample
+    // time to get there, and is what it waits for a slot.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let released_at = std::time::Instant::now();
     release.add_permits(slots);
     queued.await.expect("task").expect("queued");
     for c in calls {
@@ -794,8 +828,14 @@ async fn a_handler_sees_when_its_request_arrived() {
     let seen = seen.lock().expect("log").clone();
     let (_, received, started) = seen.iter().find(|(n, _, _)| n == "queued").expect("the queued request ran");
     let received = received.expect("a handler knows when its request arrived");
-    let waited = started.duration_since(received);
-    assert!(waited >= Duration::from_millis(300), "it waited for a slot for {waited:?}, counted from its arrival");
+    // Its handler began after the release; had it been told when it got its slot, that would
+    // be after the release too.
+    assert!(*started >= released_at, "the queued request began before the slots were released");
+    assert!(
+        received < released_at,
+        "the handler was told its request arrived {:?} after the release (when it got its slot), not before",
+        received.duration_since(released_at)
+    );
     a.shutdown();
     b.shutdown();
 }
