@@ -839,3 +839,101 @@ async fn a_handler_sees_when_its_request_arrived() {
     a.shutdown();
     b.shutdown();
 }
+
+/// Calls node 2 from `a` with a request its [`HoldDuring`] handler never answers, and waits
+/// until the handler holds it (`received` reaches `n`).
+async fn call_never_answered(a: &Mesh, received: &AtomicU64, n: u64) -> Call {
+    let call = {
+        let a = a.clone();
+        tokio::spawn(async move { a.call(NodeId(2), Channel::Control, Bytes::from_static(b"during")).await })
+    };
+    tandem_testkit::wait::eventually("node 2 to hold the request", Duration::from_secs(20), || {
+        received.load(Ordering::SeqCst) >= n
+    })
+    .await;
+    call
+}
+
+/// Waits (20 s at most) for a call that must fail as unreachable.
+async fn fails_unreachable(kind: TransportKind, call: Call, after: &str) {
+    let result = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .unwrap_or_else(|_| panic!("{kind}: a caller waiting on the peer still waits after {after}"))
+        .expect("task");
+    assert!(matches!(result, Err(TransportError::Unreachable { peer: NodeId(2), .. })), "{kind}: {result:?}");
+}
+
+/// A peer that left the cluster is forgotten: callers still waiting on it fail at once
+/// (rather than wait for a reply that may never come), the links' tasks and pipes end, and
+/// both sides drop what they kept for it. The same when a peer moves to another address.
+#[tokio::test]
+async fn forgetting_a_peer_ends_its_links_and_fails_their_callers() {
+    for kind in KINDS {
+        let received = Arc::new(AtomicU64::new(0));
+        let ca = Ca::new("forget");
+        let (a, a_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
+        let (b, b_addr) = mesh(&ca.identity(NodeId(2)), kind, Arc::new(HoldDuring(received.clone()))).await;
+        a.set_peer_addr(NodeId(2), b_addr);
+        b.set_peer_addr(NodeId(1), a_addr);
+        a.call(NodeId(2), Channel::Bulk, Bytes::from_static(b"x")).await.expect("bulk call");
+        let waiting = call_never_answered(&a, &received, 1).await;
+        assert!(a.live_link_tasks() > 0, "{kind}: the links run tasks");
+        assert_eq!(b.inbound_windows(), 2, "{kind}: node 2 keeps a window per channel node 1 used");
+
+        a.forget_peer(NodeId(2));
+        fails_unreachable(kind, waiting, "forget_peer").await;
+        tandem_testkit::wait::eventually("the forgotten peer's link tasks to end", Duration::from_secs(20), || {
+            a.live_link_tasks() == 0
+        })
+        .await;
+        assert!(a.link_stats().is_empty(), "{kind}: {:?}", a.link_stats());
+        b.forget_peer(NodeId(1));
+        assert_eq!(b.inbound_windows(), 0, "{kind}: node 2 still keeps windows of the node it forgot");
+
+        // Known again, it is reached afresh; moved to another address, its old links end too.
+        a.set_peer_addr(NodeId(2), b_addr);
+        let reply = a.call(NodeId(2), Channel::Control, Bytes::from_static(b"again")).await.expect("call again");
+        assert_eq!(&reply[8..], b"again", "{kind}");
+        let waiting = call_never_answered(&a, &received, 2).await;
+        let nowhere = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+        a.set_peer_addr(NodeId(2), nowhere);
+        fails_unreachable(kind, waiting, "set_peer_addr to another address").await;
+        tandem_testkit::wait::eventually("the moved peer's old link tasks to end", Duration::from_secs(20), || {
+            a.live_link_tasks() == 0
+        })
+        .await;
+        a.shutdown();
+        b.shutdown();
+    }
+}
+
+/// Callers waiting for room in a full window of a forgotten peer fail too, as do those whose
+/// requests are in it.
+#[tokio::test]
+async fn forgetting_a_peer_fails_callers_waiting_for_room_in_its_window() {
+    const CHUNK: usize = 4 * 1024 * 1024;
+    const IN_WINDOW: usize = tandem_transport::link::CHANNEL_BYTES_MAX / CHUNK;
+    for kind in KINDS {
+        let (hold, _let_go, held) = hold_bulk();
+        let (a, _b) = pair(kind, Arc::new(hold)).await;
+        let bulk: Vec<Call> = (0..IN_WINDOW + 2)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.call(NodeId(2), Channel::Bulk, Bytes::from(vec![7u8; CHUNK])).await })
+            })
+            .collect();
+        tandem_testkit::wait::eventually("the bulk window to fill", Duration::from_secs(60), || {
+            let Some(s) = a.link_stats().into_iter().find(|s| s.channel == Channel::Bulk) else { return false };
+            (s.pending + 1) * CHUNK > tandem_transport::link::CHANNEL_BYTES_MAX
+                && held.load(Ordering::SeqCst) as usize == s.pending
+        })
+        .await;
+        assert_eq!(bulk.iter().filter(|b| !b.is_finished()).count(), IN_WINDOW + 2, "{kind}");
+        a.forget_peer(NodeId(2));
+        for b in bulk {
+            fails_unreachable(kind, b, "forget_peer").await;
+        }
+        tandem_testkit::wait::eventually("the link tasks to end", Duration::from_secs(20), || a.live_link_tasks() == 0)
+            .await;
+    }
+}
