@@ -29,7 +29,7 @@
 //! The numbering, window, reorder buffer, duplicate detection and reply cache are sans-IO
 //! state machines in `tandem_linkcore`; this module drives them.
 //! - this file: the [`Mesh`]: peers' addresses, the links, the layer setting, dialing, and
-//!   forgetting a peer that left;
+//!   forgetting a peer that left (its links are closed: waiting callers fail, tasks end);
 //! - `link/send.rs`: one outgoing link and its driver task (dial, switch, send, resend), and
 //!   [`PendingReply`], a caller's handle on one reply; it sees the mesh only through the
 //!   `LinkHost` trait;
@@ -44,7 +44,7 @@ mod send;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -102,6 +102,8 @@ struct MeshInner {
     session_base: u64,
     session_counter: AtomicU64,
     servers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Tasks of the links (drivers, pipes' writers and readers) still alive.
+    link_tasks: Arc<AtomicUsize>,
 }
 
 fn kind_to_u8(k: TransportKind) -> u8 {
@@ -176,6 +178,7 @@ impl Mesh {
             session_base,
             session_counter: AtomicU64::new(1),
             servers: Mutex::new(Vec::new()),
+            link_tasks: Arc::new(AtomicUsize::new(0)),
         });
         let weak = Arc::downgrade(&inner);
         let on_pipe: crate::tcp::OnPipe = Arc::new(move |incoming: Incoming| {
@@ -268,11 +271,24 @@ impl Mesh {
 
     /// Node `peer` has left the cluster: its address, its links and what this node keeps of
     /// its requests (the receiving windows, whose dispatchers end once their handlers have
-    /// finished) are dropped. Should it speak again, it starts afresh, as after a restart.
+    /// finished) are dropped. Its links are closed: callers still waiting on a reply from it
+    /// get [`TransportError::Unreachable`], and the links' tasks and pipes end. Should it speak
+    /// again, it starts afresh, as after a restart.
     pub fn forget_peer(&self, peer: NodeId) {
         self.inner.peers.write().expect("peers lock").remove(&peer);
-        self.inner.links.lock().expect("links lock").retain(|(p, _), _| *p != peer);
+        self.inner.close_links(peer, &format!("node {peer} was forgotten"));
         self.inner.inbound.forget(peer);
+    }
+
+    /// Tasks of this mesh's links (drivers, pipes' writers and readers) still alive: none is
+    /// left of a link that was closed.
+    pub fn live_link_tasks(&self) -> usize {
+        self.inner.link_tasks.load(Ordering::SeqCst)
+    }
+
+    /// Windows of what peers send to this node (one per peer and channel that spoke).
+    pub fn inbound_windows(&self) -> usize {
+        self.inner.inbound.len()
     }
 
     /// Stops accepting and closes the QUIC endpoint. Links fail from then on.
@@ -292,8 +308,9 @@ impl Transport for Mesh {
     fn set_peer_addr(&self, peer: NodeId, addr: SocketAddr) {
         let old = self.inner.peers.write().expect("peers lock").insert(peer, addr);
         if old.is_some() && old != Some(addr) {
-            // Links to the old address are dropped; the next request dials the new one.
-            self.inner.links.lock().expect("links lock").retain(|(p, _), _| *p != peer);
+            // Links to the old address are closed (their callers fail); the next request dials
+            // the new one.
+            self.inner.close_links(peer, &format!("node {peer} moved to {addr}"));
         }
     }
 }
@@ -307,13 +324,27 @@ impl MeshInner {
         self.session_base + self.session_counter.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Drops `peer`'s links from the map and closes them.
+    fn close_links(&self, peer: NodeId, reason: &str) {
+        let mut gone = Vec::new();
+        self.links.lock().expect("links lock").retain(|(p, _), l| {
+            if *p == peer {
+                gone.push(l.clone());
+            }
+            *p != peer
+        });
+        for l in gone {
+            l.close(reason);
+        }
+    }
+
     fn link(self: &Arc<Self>, peer: NodeId, channel: Channel) -> Arc<ChannelLink> {
         let mut links = self.links.lock().expect("links lock");
         links
             .entry((peer, channel))
             .or_insert_with(|| {
                 let host: Weak<dyn LinkHost> = Arc::downgrade(self) as Weak<MeshInner>;
-                Arc::new(ChannelLink::new(peer, channel, host, self.new_session()))
+                Arc::new(ChannelLink::new(peer, channel, host, self.new_session(), self.link_tasks.clone()))
             })
             .clone()
     }

@@ -87,11 +87,20 @@ impl PipeTx {
 
 /// Starts the writer task of a pipe; `on_dead` runs once when writing fails or the queue is
 /// closed and drained.
-pub fn spawn_writer(mut w: BoxWrite, on_dead: impl FnOnce() + Send + 'static) -> PipeTx {
+pub fn spawn_writer(w: BoxWrite, on_dead: impl FnOnce() + Send + 'static) -> PipeTx {
+    spawn_writer_task(w, on_dead).0
+}
+
+/// [`spawn_writer`], also returning a handle to abort the writer task with (`on_dead` is then
+/// dropped without running).
+pub(crate) fn spawn_writer_task(
+    mut w: BoxWrite,
+    on_dead: impl FnOnce() + Send + 'static,
+) -> (PipeTx, tokio::task::AbortHandle) {
     let (tx, mut rx) = mpsc::channel::<Frame>(PIPE_QUEUE_MAX);
     let alive = Arc::new(AtomicBool::new(true));
     let flag = alive.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let result: io::Result<()> = async {
             let mut buf = BytesMut::with_capacity(COALESCE_BYTES * 2);
             while let Some(frame) = rx.recv().await {
@@ -125,5 +134,5 @@ pub fn spawn_writer(mut w: BoxWrite, on_dead: impl FnOnce() + Send + 'static) ->
         }
         on_dead();
     });
-    PipeTx { out: tx, alive }
+    (PipeTx { out: tx, alive }, task.abort_handle())
 }

@@ -105,6 +105,11 @@ impl Inbound {
         self.chans.lock().expect("inbound lock").retain(|(p, _), _| *p != peer);
     }
 
+    /// Receiving windows kept (one per peer and channel that spoke).
+    pub(super) fn len(&self) -> usize {
+        self.chans.lock().expect("inbound lock").len()
+    }
+
     fn chan(self: &Arc<Self>, from: NodeId, channel: Channel) -> Arc<InboundChan> {
         let mut map = self.chans.lock().expect("inbound lock");
         map.entry((from, channel))

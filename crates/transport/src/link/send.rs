@@ -4,7 +4,7 @@
 //! what waits, and closes drained pipes; a reader per pipe hands replies back to the window,
 //! and from there to the caller's [`PendingReply`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tokio::io::BufReader;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::pipe::{read_frame, spawn_writer, BoxRead, BoxWrite, PipeTx, READ_BUFFER_BYTES};
+use crate::pipe::{read_frame, spawn_writer_task, BoxRead, BoxWrite, PipeTx, READ_BUFFER_BYTES};
 use crate::{BoxFuture, TransportError};
 use tandem_types::{Layer, TransportKind};
 
@@ -44,6 +44,23 @@ pub(super) trait LinkHost: Send + Sync + 'static {
 }
 
 type ReplyTx = oneshot::Sender<Result<Bytes, TransportError>>;
+
+/// Counts a live task of a link (its driver, a pipe's writer or reader) in the mesh's count
+/// while the task's future exists: it ends, or is aborted.
+pub(super) struct LiveTask(Arc<AtomicUsize>);
+
+impl LiveTask {
+    fn new(count: &Arc<AtomicUsize>) -> LiveTask {
+        count.fetch_add(1, Ordering::SeqCst);
+        LiveTask(count.clone())
+    }
+}
+
+impl Drop for LiveTask {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The reply to a request that has been queued on a link. Dropping it before the reply came
 /// withdraws the request: if it has not gone out it never will (an empty payload takes its
@@ -98,9 +115,19 @@ pub(super) struct OutState {
     last_error: String,
     ever_connected: bool,
     driver_started: bool,
+    /// Set by [`ChannelLink::close`]: nothing is queued, dialed or spawned any more.
+    closed: Option<String>,
+    /// The link's tasks (driver, pipes' writers and readers), for `close` to abort.
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl OutState {
+    /// Keeps `task` to abort on close (and forgets the handles of tasks that have ended).
+    fn track(&mut self, task: tokio::task::AbortHandle) {
+        self.tasks.retain(|t| !t.is_finished());
+        self.tasks.push(task);
+    }
+
     fn current(&self, want: TransportKind) -> Option<&OutPipe> {
         self.pipes.iter().rev().find(|p| p.kind == want && p.tx.is_alive())
     }
@@ -131,10 +158,18 @@ pub(crate) struct ChannelLink {
     pub(super) messages_sent: AtomicU64,
     pub(super) reconnects: AtomicU64,
     pub(super) switches: AtomicU64,
+    /// The mesh's count of live link tasks.
+    live: Arc<AtomicUsize>,
 }
 
 impl ChannelLink {
-    pub(super) fn new(peer: NodeId, channel: Channel, mesh: Weak<dyn LinkHost>, session: u64) -> ChannelLink {
+    pub(super) fn new(
+        peer: NodeId,
+        channel: Channel,
+        mesh: Weak<dyn LinkHost>,
+        session: u64,
+        live: Arc<AtomicUsize>,
+    ) -> ChannelLink {
         ChannelLink {
             peer,
             channel,
@@ -148,6 +183,8 @@ impl ChannelLink {
                 last_error: String::new(),
                 ever_connected: false,
                 driver_started: false,
+                closed: None,
+                tasks: Vec::new(),
             }),
             space: Notify::new(),
             wake: Notify::new(),
@@ -155,18 +192,42 @@ impl ChannelLink {
             messages_sent: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             switches: AtomicU64::new(0),
+            live,
         }
     }
 
     pub(super) fn kick(self: &Arc<Self>) {
-        let start = {
+        {
             let mut st = self.st.lock().expect("link lock");
-            !std::mem::replace(&mut st.driver_started, true)
-        };
-        if start {
-            tokio::spawn(self.clone().drive());
+            if st.closed.is_none() && !std::mem::replace(&mut st.driver_started, true) {
+                let live = LiveTask::new(&self.live);
+                let driver = tokio::spawn(self.clone().drive(live));
+                st.track(driver.abort_handle());
+            }
         }
         self.wake.notify_one();
+    }
+
+    /// Ends the link (its peer left, or moved to another address): every caller waiting on a
+    /// reply, or for room in the window, gets [`TransportError::Unreachable`] with `reason`,
+    /// later requests get it at once, and the link's tasks are aborted, closing its pipes.
+    pub(super) fn close(&self, reason: &str) {
+        let tasks = {
+            let mut st = self.st.lock().expect("link lock");
+            st.closed = Some(reason.to_string());
+            let session = st.win.session();
+            for mut p in st.win.restart(session) {
+                if let Some(tx) = p.reply.take() {
+                    let _ = tx.send(Err(TransportError::Unreachable { peer: self.peer, reason: reason.to_string() }));
+                }
+            }
+            st.pipes.clear();
+            std::mem::take(&mut st.tasks)
+        };
+        for t in tasks {
+            t.abort();
+        }
+        self.space.notify_waiters();
     }
 
     pub(super) async fn enqueue(
@@ -185,6 +246,9 @@ impl ChannelLink {
             notified.as_mut().enable();
             {
                 let mut st = self.st.lock().expect("link lock");
+                if let Some(reason) = &st.closed {
+                    return Err(TransportError::Unreachable { peer: self.peer, reason: reason.clone() });
+                }
                 if st.usable(want).is_none() && st.retry_at.is_some_and(|at| Instant::now() < at) {
                     return Err(TransportError::Unreachable {
                         peer: self.peer,
@@ -308,7 +372,7 @@ impl ChannelLink {
 
     /// The link's driver: makes pipes (dial with backoff), moves to the selected layer, sends
     /// what the fast path could not, and closes drained old pipes.
-    async fn drive(self: Arc<Self>) {
+    async fn drive(self: Arc<Self>, _live: LiveTask) {
         loop {
             let Some(mesh) = self.mesh.upgrade() else { return };
             let want = mesh.kind(Layer::of(self.channel));
@@ -316,6 +380,9 @@ impl ChannelLink {
             // Make.
             let dial = {
                 let mut st = self.st.lock().expect("link lock");
+                if st.closed.is_some() {
+                    return;
+                }
                 let alive_or_needed: Vec<bool> =
                     st.pipes.iter().map(|p| p.tx.is_alive() || st.win.in_flight_on(p.gen)).collect();
                 let mut i = 0;
@@ -331,18 +398,28 @@ impl ChannelLink {
                 match mesh.dial(want, self.peer, self.channel).await {
                     Ok((read, write)) => {
                         let link = Arc::downgrade(&self);
-                        let tx = spawn_writer(write, {
+                        // Under the lock, so that a concurrent close either sees these tasks or
+                        // is seen here.
+                        let mut st = self.st.lock().expect("link lock");
+                        if st.closed.is_some() {
+                            return;
+                        }
+                        let (tx, writer) = spawn_writer_task(write, {
                             let link = link.clone();
+                            let live = LiveTask::new(&self.live);
                             move || {
+                                drop(live);
                                 if let Some(l) = link.upgrade() {
                                     l.wake.notify_one();
                                 }
                             }
                         });
-                        let mut st = self.st.lock().expect("link lock");
+                        st.track(writer);
                         let gen = st.next_gen;
                         st.next_gen += 1;
-                        spawn_reply_reader(link, self.peer, gen, read, tx.clone());
+                        let reader =
+                            spawn_reply_reader(link, self.peer, gen, read, tx.clone(), LiveTask::new(&self.live));
+                        st.track(reader);
                         let switching = st.pipes.iter().any(|p| p.tx.is_alive() && p.kind != want);
                         st.pipes.push(OutPipe { gen, kind: want, tx });
                         if switching {
@@ -422,8 +499,16 @@ impl ChannelLink {
     }
 }
 
-fn spawn_reply_reader(link: Weak<ChannelLink>, peer: NodeId, gen: u64, read: BoxRead, tx: PipeTx) {
-    tokio::spawn(async move {
+fn spawn_reply_reader(
+    link: Weak<ChannelLink>,
+    peer: NodeId,
+    gen: u64,
+    read: BoxRead,
+    tx: PipeTx,
+    live: LiveTask,
+) -> tokio::task::AbortHandle {
+    let task = tokio::spawn(async move {
+        let _live = live;
         let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, read);
         let mut answered = false;
         let reason = loop {
@@ -457,4 +542,5 @@ fn spawn_reply_reader(link: Weak<ChannelLink>, peer: NodeId, gen: u64, read: Box
             l.pipe_ended(gen, answered, reason);
         }
     });
+    task.abort_handle()
 }
