@@ -5,8 +5,8 @@
 //! ## Sending
 //! Every request of a (peer, channel) gets the next sequence number of the link's session and
 //! stays in the link's pending map until its reply arrives. The window bounds what is pending:
-//! at most [`WINDOW_SEQS`] sequence numbers past the oldest unanswered one, and at most
-//! [`CHANNEL_BYTES_MAX`] payload bytes; when full, senders wait (backpressure).
+//! at most [`WINDOW_SEQS`](tandem_linkcore::WINDOW_SEQS) sequence numbers past the oldest unanswered one, and at most
+//! [`CHANNEL_BYTES_MAX`](tandem_linkcore::CHANNEL_BYTES_MAX) payload bytes; when full, senders wait (backpressure).
 //!
 //! ## Switching, make-before-break
 //! When the layer setting changes, the link's driver dials a pipe on the new layer first; only
@@ -55,7 +55,6 @@ use tokio::net::TcpListener;
 
 pub use receive::{request_received_at, DISPATCH_IN_FLIGHT_MAX};
 pub use send::{PendingReply, BACKOFF_BASE, BACKOFF_MAX};
-pub use tandem_linkcore::{CHANNEL_BYTES_MAX, WINDOW_SEQS};
 
 use crate::pipe::{BoxRead, BoxWrite};
 use crate::quic::QuicLayer;

@@ -245,7 +245,7 @@ impl Handler for HoldBulk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wedged_bulk_channel_does_not_hold_up_control() {
     const CHUNK: usize = 4 * 1024 * 1024;
-    const BULK_CALLS: usize = tandem_transport::link::CHANNEL_BYTES_MAX / CHUNK + 4;
+    const BULK_CALLS: usize = tandem_linkcore::CHANNEL_BYTES_MAX / CHUNK + 4;
     for kind in KINDS {
         let (hold, let_go, held) = hold_bulk();
         let (a, _b) = pair(kind, Arc::new(hold)).await;
@@ -271,7 +271,7 @@ async fn a_wedged_bulk_channel_does_not_hold_up_control() {
         // holds every request in it.
         tandem_testkit::wait::eventually("the bulk channel to be wedged", Duration::from_secs(60), || {
             let Some(s) = a.link_stats().into_iter().find(|s| s.channel == Channel::Bulk) else { return false };
-            (s.pending + 1) * CHUNK > tandem_transport::link::CHANNEL_BYTES_MAX
+            (s.pending + 1) * CHUNK > tandem_linkcore::CHANNEL_BYTES_MAX
                 && held.load(Ordering::SeqCst) as usize == s.pending
         })
         .await;
@@ -912,7 +912,7 @@ async fn forgetting_a_peer_ends_its_links_and_fails_their_callers() {
 #[tokio::test]
 async fn forgetting_a_peer_fails_callers_waiting_for_room_in_its_window() {
     const CHUNK: usize = 4 * 1024 * 1024;
-    const IN_WINDOW: usize = tandem_transport::link::CHANNEL_BYTES_MAX / CHUNK;
+    const IN_WINDOW: usize = tandem_linkcore::CHANNEL_BYTES_MAX / CHUNK;
     for kind in KINDS {
         let (hold, _let_go, held) = hold_bulk();
         let (a, _b) = pair(kind, Arc::new(hold)).await;
@@ -924,7 +924,7 @@ async fn forgetting_a_peer_fails_callers_waiting_for_room_in_its_window() {
             .collect();
         tandem_testkit::wait::eventually("the bulk window to fill", Duration::from_secs(60), || {
             let Some(s) = a.link_stats().into_iter().find(|s| s.channel == Channel::Bulk) else { return false };
-            (s.pending + 1) * CHUNK > tandem_transport::link::CHANNEL_BYTES_MAX
+            (s.pending + 1) * CHUNK > tandem_linkcore::CHANNEL_BYTES_MAX
                 && held.load(Ordering::SeqCst) as usize == s.pending
         })
         .await;
