@@ -18,7 +18,7 @@ use crate::segments;
 /// other as one sled batch, at most [`APPLY_GATHER_MAX`] of them (well below
 /// [`APPLY_QUEUE_MAX`](super::APPLY_QUEUE_MAX), so the committer never waits for the
 /// gathering).
-const APPLY_GATHER: Duration = Duration::from_millis(5);
+pub(super) const APPLY_GATHER: Duration = Duration::from_millis(5);
 const APPLY_GATHER_MAX: usize = 16;
 
 /// Freed blocks are punched a share at a time (see `punch_some`): at least this many per step,

@@ -12,7 +12,7 @@ use crate::layout::{segment_of, segment_offset, Slot, VolumeRec, CHUNK_BLOCKS};
 use crate::{Admission, Lsn, StoreError};
 
 impl SledStore {
-    /// [`BlockStore::write`], with or without an admission.
+    /// [`BlockStore::write`](crate::BlockStore::write), with or without an admission.
     pub(super) fn write_with(
         &self,
         vol: VolumeId,
@@ -34,7 +34,7 @@ impl SledStore {
         Ok(st.bump())
     }
 
-    /// [`BlockStore::write_zeroes`], with or without an admission.
+    /// [`BlockStore::write_zeroes`](crate::BlockStore::write_zeroes), with or without an admission.
     pub(super) fn write_zeroes_with(
         &self,
         vol: VolumeId,
