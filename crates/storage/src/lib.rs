@@ -9,7 +9,8 @@
 //!
 //! Architecture invariants:
 //! - A change is reported durable only once its data and its index change are on stable
-//!   storage; sled never holds an index entry whose data was not synced first (see `store.rs`).
+//!   storage; sled never holds an index entry whose data was not synced first (see
+//!   `store/mod.rs`).
 //! - Every block read is checked against the crc32c recorded when it was written; a mismatch is
 //!   [`StoreError::Corrupt`], never wrong data. After a crash each block holds a whole value it
 //!   had, never a torn or foreign one.
@@ -17,7 +18,8 @@
 //!   wait when it is reached; large trims and clones are applied in bounded steps.
 //!
 //! Layout: `layout.rs` (key, value and journal formats; pure), `segments.rs` (segment files),
-//! `store.rs` (the store: write paths, reads, group commit, checkpoints, recovery).
+//! `store/` (the store: write paths, reads, group commit, checkpoints, recovery; one file per
+//! job, listed in `store/mod.rs`).
 
 mod layout;
 mod segments;
