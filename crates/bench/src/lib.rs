@@ -13,7 +13,8 @@
 //!
 //! - `goal.rs`: the goal lines every benchmark ends with, and ratios.
 //! - `load.rs`: the client loop every system is driven by, and the latency figures.
-//! - `local_cluster.rs`: a throwaway local Tandem cluster, stopped even on error.
+//! - `cluster_api.rs`: a throwaway local Tandem cluster (the test kit's `Cluster`, stopped even
+//!   on error or panic) and the HTTP calls the benchmarks make of it.
 //! - `tools.rs`: the references' tools, found on PATH or installed with apt-get.
 //! - `meta/`: `bench meta`, metadata writes against a 3-node cluster and a 3-member etcd
 //!   (started, driven over gRPC and stopped by the benchmark).
@@ -24,11 +25,11 @@
 //! - `failover/`: `bench failover`, `kill -9` of a volume's primary under a write load from
 //!   a minimal NBD client, repeated; the longest write stall against the failure timeout.
 
+mod cluster_api;
 mod failover;
 mod goal;
 mod io;
 mod load;
-mod local_cluster;
 mod meta;
 mod tools;
 mod transport;

@@ -9,7 +9,8 @@
 //! temp dir (kept with `TANDEM_TEST_KEEP`), and prints the nodes' log tails if the test failed.
 //!
 //! The fallible forms (`ClusterBuilder::start`, `try_*`, [`Cluster::stop`]) serve callers
-//! that must not panic, such as the benchmarks; tests use the panicking ones.
+//! that must not panic, such as the benchmarks (with [`ClusterBuilder::log_level_from_env`]
+//! and [`Cluster::try_sigkill`]); tests use the panicking ones.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use nix::sys::signal::Signal;
 
 use crate::binary::tandem_bin;
 use crate::netns::Network;
-use crate::process::{alive, signal, tandem_ok};
+use crate::process::{alive, log_level, signal, tandem_ok_logging};
 use crate::wait::poll;
 use crate::Error;
 
@@ -52,6 +53,7 @@ pub struct ClusterBuilder<'a> {
     turn: bool,
     edit: Option<ConfigEdit<'a>>,
     namespaces: Option<u32>,
+    log_from_env: bool,
 }
 
 impl<'a> ClusterBuilder<'a> {
@@ -85,6 +87,14 @@ impl<'a> ClusterBuilder<'a> {
         self
     }
 
+    /// Runs the CLI, and so the nodes `tandem up` starts, with this process's `RUST_LOG` (unset
+    /// if it is unset) instead of the tests' [`log_level`]: for a caller whose user chose the
+    /// nodes' log level, such as the benchmarks.
+    pub fn log_level_from_env(mut self) -> Self {
+        self.log_from_env = true;
+        self
+    }
+
     /// Restarts the new cluster with `edit` applied to its cluster.toml.
     pub fn edit_config(mut self, edit: impl FnOnce(&str) -> String + 'a) -> Self {
         self.edit = Some(Box::new(edit));
@@ -106,8 +116,16 @@ impl<'a> ClusterBuilder<'a> {
             .map_err(|e| Error(format!("cannot make a temp dir for the cluster: {e}")))?;
         let exe = self.exe.unwrap_or_else(tandem_bin);
         // The guard exists before `up` runs, so that nodes of a half-started cluster are stopped.
-        let mut c =
-            Cluster { exe, net: None, children: Mutex::new(Vec::new()), dir: Some(dir), stopped: false, _turn: turn };
+        let log = (!self.log_from_env).then(log_level);
+        let mut c = Cluster {
+            exe,
+            log,
+            net: None,
+            children: Mutex::new(Vec::new()),
+            dir: Some(dir),
+            stopped: false,
+            _turn: turn,
+        };
         let nodes = self.nodes.to_string();
         let d = c.path_str().to_string();
         c.try_tandem(&["up", "--detach", "--nodes", &nodes, "--transport", &self.transport, "--dir", &d])?;
@@ -149,6 +167,8 @@ impl<'a> ClusterBuilder<'a> {
 /// A local cluster of real `tandem` processes; stopped and removed when dropped.
 pub struct Cluster {
     exe: PathBuf,
+    /// The `RUST_LOG` the CLI runs with; `None`: this process's own.
+    log: Option<String>,
     /// The namespaces, when the nodes run in them; removed after the nodes are stopped.
     net: Option<Network>,
     /// The node processes started in namespaces (detached nodes have pid files instead).
@@ -168,6 +188,7 @@ impl Cluster {
             turn: true,
             edit: None,
             namespaces: None,
+            log_from_env: false,
         }
     }
 
@@ -205,6 +226,7 @@ impl Cluster {
     pub fn adopt(dir: tempfile::TempDir, turn: Option<MutexGuard<'static, ()>>) -> Cluster {
         Cluster {
             exe: tandem_bin(),
+            log: Some(log_level()),
             net: None,
             children: Mutex::new(Vec::new()),
             dir: Some(dir),
@@ -228,7 +250,7 @@ impl Cluster {
 
     /// Runs the `tandem` CLI of this cluster; its stdout, or what went wrong.
     pub fn try_tandem(&self, args: &[&str]) -> Result<String, Error> {
-        tandem_ok(&self.exe, args)
+        tandem_ok_logging(&self.exe, args, self.log.as_deref())
     }
 
     pub fn tandem(&self, args: &[&str]) -> String {
@@ -365,6 +387,14 @@ impl Cluster {
 
     /// `kill -9` of node `id`; returns once its process is gone.
     pub fn try_kill(&self, id: u64) -> Result<(), Error> {
+        let pid = self.try_sigkill(id)?;
+        poll(&format!("node {id} (pid {pid}) to die"), DEATH_WAIT, || (!alive(pid)).then_some(()))
+    }
+
+    /// `kill -9` of node `id`, returning its pid as soon as the signal is sent (a detached
+    /// node's process may take a moment to go): for a caller that times from the kill, such as
+    /// the failover benchmark. [`Cluster::try_kill`] also waits for the process to be gone.
+    pub fn try_sigkill(&self, id: u64) -> Result<i32, Error> {
         let pid = self.try_pid(id)?;
         signal(pid, Signal::SIGKILL)?;
         if self.net.is_some() {
@@ -374,7 +404,7 @@ impl Cluster {
                 let _ = child.wait();
             }
         }
-        poll(&format!("node {id} (pid {pid}) to die"), DEATH_WAIT, || (!alive(pid)).then_some(()))
+        Ok(pid)
     }
 
     pub fn kill(&self, id: u64) {

@@ -10,11 +10,12 @@
 //! - [`wait`], [`random`], [`tools`], [`process`]: polling with deadlines, seeded data,
 //!   installing the clients a test drives, and guards that stop processes on drop.
 //!
-//! The benchmarks' launchers (`tandem bench`'s local cluster and failover load) can move
-//! onto it: `Cluster::builder().exe(current_exe).prefix("tandem-bench-").without_turn()
-//! .start()?`, the `try_*` forms and [`Cluster::stop`] return errors instead of panicking,
-//! [`NbdClient::connect_with`] and [`nbd::Reconnecting`] carry the failover load, and an async
-//! caller runs them with `spawn_blocking`.
+//! The benchmarks (`tandem bench`) run on it too: their clusters are
+//! `Cluster::builder().exe(current_exe).prefix("tandem-bench-").without_turn()
+//! .log_level_from_env().start()?`, the `try_*` forms (`try_sigkill` among them) and
+//! [`Cluster::stop`] return errors instead of panicking, and [`NbdClient::connect_with`]
+//! carries the failover load. A [`Cluster`] is not `Send` (it may hold the
+//! turn), so an async caller runs its blocking verbs with `tokio::task::block_in_place`.
 //!
 //! It depends on no Tandem crate: it speaks to `tandem` through its CLI, HTTP API and NBD
 //! ports only. Everything it starts is stopped when its guard drops, also when a test fails.

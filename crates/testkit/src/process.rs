@@ -73,12 +73,28 @@ pub fn try_run_tandem(args: &[&str]) -> Result<Output, Error> {
 
 /// Runs `exe` (a `tandem` executable) with `args` by [`CLI_DEADLINE`].
 pub fn tandem_output(exe: &Path, args: &[&str]) -> Result<Output, Error> {
-    output_within(Command::new(exe).args(args).env("RUST_LOG", log_level()), CLI_DEADLINE)
+    tandem_output_logging(exe, args, Some(&log_level()))
+}
+
+/// [`tandem_output`] with `RUST_LOG` set to `log`, or, with `None`, as this process has it (the
+/// benchmarks' nodes log as their caller asked).
+pub fn tandem_output_logging(exe: &Path, args: &[&str], log: Option<&str>) -> Result<Output, Error> {
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    if let Some(log) = log {
+        cmd.env("RUST_LOG", log);
+    }
+    output_within(&mut cmd, CLI_DEADLINE)
 }
 
 /// Runs `exe` with `args`; its stdout, or a failure with its exit status and output.
 pub fn tandem_ok(exe: &Path, args: &[&str]) -> Result<String, Error> {
-    let out = tandem_output(exe, args)?;
+    tandem_ok_logging(exe, args, Some(&log_level()))
+}
+
+/// [`tandem_ok`] with `RUST_LOG` as [`tandem_output_logging`] sets it.
+pub fn tandem_ok_logging(exe: &Path, args: &[&str], log: Option<&str>) -> Result<String, Error> {
+    let out = tandem_output_logging(exe, args, log)?;
     if !out.status.success() {
         return Err(Error(format!(
             "tandem {args:?} failed: {}\nstdout: {}\nstderr: {}",

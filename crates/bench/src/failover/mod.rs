@@ -35,7 +35,7 @@ use tandem_types::{Epoch, NodeId};
 
 use self::report::{print_table, report, Kill};
 use self::write_load::{longest_gap, write_load};
-use crate::local_cluster::LocalCluster;
+use crate::cluster_api::BenchCluster;
 
 const NODES: u32 = 3;
 const VOLUME_NAME: &str = "bench-failover";
@@ -74,7 +74,7 @@ pub struct FailoverArgs {
 
 pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
     eprintln!("starting a {NODES}-node Tandem cluster (tandem up --detach)");
-    let tandem = LocalCluster::start(NODES).await?;
+    let tandem = BenchCluster::start(NODES).await?;
     eprintln!("  in {}", tandem.dir().display());
     let measured = async {
         let v = tandem.create_volume(VOLUME_NAME, VOLUME_BYTES).await?;
@@ -118,7 +118,7 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn one_kill(tandem: &LocalCluster, kill: u32) -> anyhow::Result<Kill> {
+async fn one_kill(tandem: &BenchCluster, kill: u32) -> anyhow::Result<Kill> {
     let all: Vec<NodeId> = tandem.node_apis()?.into_iter().map(|(id, _)| id).collect();
     let before = tandem.volume(VOLUME_NAME, None).await?;
     if sorted(&before.isr) != sorted(&all) {
@@ -260,7 +260,7 @@ async fn watch_paths(api: Api, mut generation: u64, victim: NodeId) -> Seen {
 }
 
 /// The Raft leader's id, as the first node that knows it says.
-async fn raft_leader(tandem: &LocalCluster) -> anyhow::Result<Option<NodeId>> {
+async fn raft_leader(tandem: &BenchCluster) -> anyhow::Result<Option<NodeId>> {
     for (_, addr) in tandem.node_apis()? {
         let api = Api::new(&addr.to_string()).with_timeout(Duration::from_secs(2));
         if let Ok(view) = api.get::<ClusterView>("/v1/cluster").await {

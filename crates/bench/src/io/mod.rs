@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use self::fio::{fio, Job, JOBS};
 use self::qemu_nbd::{write_zeros, QemuNbd};
 use self::report::{print_table, report, Run};
-use crate::local_cluster::LocalCluster;
+use crate::cluster_api::BenchCluster;
 use crate::tools::{apt_get, on_path};
 
 const NODES: u32 = 3;
@@ -115,7 +115,7 @@ pub async fn run(args: IoArgs) -> anyhow::Result<()> {
     eprintln!("  {} serves it on {} as export {REFERENCE_EXPORT:?}", qemu_nbd_version, reference.addr);
 
     eprintln!("starting a {NODES}-node Tandem cluster (tandem up --detach)");
-    let tandem = LocalCluster::start(NODES).await?;
+    let tandem = BenchCluster::start(NODES).await?;
     eprintln!("  in {}", tandem.dir().display());
     let measured = async {
         let v = tandem.create_volume(VOLUME_NAME, VOLUME_BYTES).await?;
@@ -140,7 +140,7 @@ pub async fn run(args: IoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn uris(tandem: &LocalCluster, reference: &QemuNbd) -> anyhow::Result<Uris> {
+async fn uris(tandem: &BenchCluster, reference: &QemuNbd) -> anyhow::Result<Uris> {
     let v = tandem.volume(VOLUME_NAME, None).await?;
     let cfg = tandem.config()?;
     let primary =

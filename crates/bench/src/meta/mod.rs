@@ -26,8 +26,8 @@ use self::etcd::EtcdCluster;
 use self::etcd_client::EtcdClient;
 use self::report::{print_table, report, Run};
 use self::tandem_client::TandemClient;
+use crate::cluster_api::BenchCluster;
 use crate::load;
-use crate::local_cluster::LocalCluster;
 
 const NODES: u32 = 3;
 /// "Small metadata": about the size of a volume or host record.
@@ -70,7 +70,7 @@ pub async fn run(args: MetaArgs) -> anyhow::Result<()> {
     let etcd_bin = etcd::ensure_installed().await?;
     let etcd_version = etcd::version(&etcd_bin)?;
     eprintln!("starting a {NODES}-node Tandem cluster (tandem up --detach)");
-    let tandem = LocalCluster::start(NODES).await?;
+    let tandem = BenchCluster::start(NODES).await?;
     eprintln!("  in {}", tandem.dir().display());
     eprintln!("starting a {}-member etcd {etcd_version} ({}) on 127.0.0.1", etcd::MEMBERS, etcd_bin.display());
     let etcd = EtcdCluster::start(&etcd_bin).await?;
@@ -89,7 +89,7 @@ pub async fn run(args: MetaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn measure(args: &MetaArgs, tandem: &LocalCluster, etcd: &EtcdCluster) -> anyhow::Result<Vec<Run>> {
+async fn measure(args: &MetaArgs, tandem: &BenchCluster, etcd: &EtcdCluster) -> anyhow::Result<Vec<Run>> {
     let duration = Duration::from_secs(args.seconds);
     let value = Bytes::from((0..VALUE_BYTES).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>());
     let mut runs = Vec::new();
