@@ -225,6 +225,28 @@ fn hold_bulk() -> (HoldBulk, LetGo, Arc<AtomicU64>) {
     (HoldBulk { let_go: rx, held: held.clone() }, LetGo(tx), held)
 }
 
+/// Size of each bulk request [`wedge_bulk`] sends.
+const WEDGE_CHUNK: usize = 4 * 1024 * 1024;
+
+/// Sends `calls` bulk requests of [`WEDGE_CHUNK`] bytes from `a` to node 2 (whose handler is a
+/// [`HoldBulk`]) and waits until the bulk channel is wedged: its window full (one more chunk
+/// does not fit) and the peer's handler holding every request in it.
+async fn wedge_bulk(a: &Mesh, held: &AtomicU64, calls: usize) -> Vec<Call> {
+    let bulk: Vec<Call> = (0..calls)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { a.call(NodeId(2), Channel::Bulk, Bytes::from(vec![7u8; WEDGE_CHUNK])).await })
+        })
+        .collect();
+    tandem_testkit::wait::eventually("the bulk channel to be wedged", Duration::from_secs(60), || {
+        let Some(s) = a.link_stats().into_iter().find(|s| s.channel == Channel::Bulk) else { return false };
+        (s.pending + 1) * WEDGE_CHUNK > tandem_linkcore::CHANNEL_BYTES_MAX
+            && held.load(Ordering::SeqCst) as usize == s.pending
+    })
+    .await;
+    bulk
+}
+
 impl Handler for HoldBulk {
     fn handle(&self, from: NodeId, channel: Channel, payload: Bytes) -> BoxFuture<'_, Result<Bytes, String>> {
         Box::pin(async move {
@@ -244,8 +266,7 @@ impl Handler for HoldBulk {
 /// which here never end until released. The timings are printed for information only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wedged_bulk_channel_does_not_hold_up_control() {
-    const CHUNK: usize = 4 * 1024 * 1024;
-    const BULK_CALLS: usize = tandem_linkcore::CHANNEL_BYTES_MAX / CHUNK + 4;
+    const BULK_CALLS: usize = tandem_linkcore::CHANNEL_BYTES_MAX / WEDGE_CHUNK + 4;
     for kind in KINDS {
         let (hold, let_go, held) = hold_bulk();
         let (a, _b) = pair(kind, Arc::new(hold)).await;
@@ -261,20 +282,7 @@ async fn a_wedged_bulk_channel_does_not_hold_up_control() {
             t.elapsed()
         };
         let idle = ping(a.clone()).await;
-        let bulk: Vec<Call> = (0..BULK_CALLS)
-            .map(|_| {
-                let a = a.clone();
-                tokio::spawn(async move { a.call(NodeId(2), Channel::Bulk, Bytes::from(vec![7u8; CHUNK])).await })
-            })
-            .collect();
-        // Wedged: the bulk window is full (one more chunk does not fit), and the peer's handler
-        // holds every request in it.
-        tandem_testkit::wait::eventually("the bulk channel to be wedged", Duration::from_secs(60), || {
-            let Some(s) = a.link_stats().into_iter().find(|s| s.channel == Channel::Bulk) else { return false };
-            (s.pending + 1) * CHUNK > tandem_linkcore::CHANNEL_BYTES_MAX
-                && held.load(Ordering::SeqCst) as usize == s.pending
-        })
-        .await;
+        let bulk = wedge_bulk(&a, &held, BULK_CALLS).await;
         let mut loaded = Vec::new();
         for _ in 0..20 {
             loaded.push(ping(a.clone()).await);
@@ -295,7 +303,7 @@ async fn a_wedged_bulk_channel_does_not_hold_up_control() {
                 .unwrap_or_else(|_| panic!("{kind}: a bulk request did not complete after the release"))
                 .expect("bulk task")
                 .expect("bulk");
-            assert_eq!(reply.len(), 8 + CHUNK, "{kind}");
+            assert_eq!(reply.len(), 8 + WEDGE_CHUNK, "{kind}");
         }
     }
 }
@@ -911,23 +919,11 @@ async fn forgetting_a_peer_ends_its_links_and_fails_their_callers() {
 /// requests are in it.
 #[tokio::test]
 async fn forgetting_a_peer_fails_callers_waiting_for_room_in_its_window() {
-    const CHUNK: usize = 4 * 1024 * 1024;
-    const IN_WINDOW: usize = tandem_linkcore::CHANNEL_BYTES_MAX / CHUNK;
+    const IN_WINDOW: usize = tandem_linkcore::CHANNEL_BYTES_MAX / WEDGE_CHUNK;
     for kind in KINDS {
         let (hold, _let_go, held) = hold_bulk();
         let (a, _b) = pair(kind, Arc::new(hold)).await;
-        let bulk: Vec<Call> = (0..IN_WINDOW + 2)
-            .map(|_| {
-                let a = a.clone();
-                tokio::spawn(async move { a.call(NodeId(2), Channel::Bulk, Bytes::from(vec![7u8; CHUNK])).await })
-            })
-            .collect();
-        tandem_testkit::wait::eventually("the bulk window to fill", Duration::from_secs(60), || {
-            let Some(s) = a.link_stats().into_iter().find(|s| s.channel == Channel::Bulk) else { return false };
-            (s.pending + 1) * CHUNK > tandem_linkcore::CHANNEL_BYTES_MAX
-                && held.load(Ordering::SeqCst) as usize == s.pending
-        })
-        .await;
+        let bulk = wedge_bulk(&a, &held, IN_WINDOW + 2).await;
         assert_eq!(bulk.iter().filter(|b| !b.is_finished()).count(), IN_WINDOW + 2, "{kind}");
         a.forget_peer(NodeId(2));
         for b in bulk {
