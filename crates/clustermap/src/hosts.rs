@@ -79,8 +79,11 @@ impl ClusterMap {
     }
 
     pub(crate) fn remove_host(&mut self, name: String) -> MetaReply {
-        if self.hosts.remove(&name).is_none() {
+        let Some(rec) = self.hosts.remove(&name) else {
             return MetaReply::NotFound(format!("no host named {name:?}"));
+        };
+        for v in rec.volumes {
+            self.index.disconnect(&name, v);
         }
         self.touched.push(ObjectKey::Host(name));
         MetaReply::Done { changed: true }
@@ -100,6 +103,11 @@ impl ClusterMap {
         }
         let changed = if connect { rec.volumes.insert(id) } else { rec.volumes.remove(&id) };
         if changed {
+            if connect {
+                self.index.connect(host, id);
+            } else {
+                self.index.disconnect(host, id);
+            }
             self.touched.push(ObjectKey::Host(host.to_string()));
         }
         MetaReply::Done { changed }

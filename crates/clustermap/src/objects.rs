@@ -42,6 +42,17 @@ impl ClusterMap {
         }
     }
 
+    /// How many objects the map holds (what [`ClusterMap::objects`] would list), without listing them.
+    pub fn object_count(&self) -> usize {
+        self.nodes.len()
+            + self.settings.len()
+            + self.transport.len()
+            + self.datasets.len()
+            + self.volumes.len()
+            + 1
+            + self.hosts.len()
+    }
+
     /// Every object, for a full rewrite (snapshot install).
     pub fn objects(&self) -> Vec<(ObjectKey, Object)> {
         let nodes = self.nodes.iter().map(|(id, n)| (ObjectKey::Node(*id), Object::Node(n.clone())));
@@ -84,6 +95,7 @@ impl ClusterMap {
                 (key, _) => return Err(format!("object stored under {key:?} has the wrong kind or id")),
             }
         }
+        map.reindex();
         Ok(map)
     }
 }

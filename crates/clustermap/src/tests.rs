@@ -667,6 +667,19 @@ proptest! {
             }
             let names: BTreeSet<&str> = m.volumes.values().map(|v| v.name.as_str()).collect();
             prop_assert_eq!(names.len(), m.volumes.len());
+            // What the map derives stays what a scan finds.
+            for v in m.volumes.values() {
+                prop_assert_eq!(m.volume_by_name(&v.name).map(|f| f.id), Some(v.id));
+                let scanned: BTreeSet<&String> =
+                    m.hosts.values().filter(|h| h.volumes.contains(&v.id)).map(|h| &h.name).collect();
+                prop_assert_eq!(m.hosts_of_volume(v.id).collect::<BTreeSet<_>>(), scanned);
+            }
+            prop_assert_eq!(m.index.volume_by_name.len(), m.volumes.len());
+            let connected: usize = m.hosts.values().map(|h| h.volumes.len()).sum();
+            prop_assert_eq!(m.index.hosts_of_volume.values().map(BTreeSet::len).sum::<usize>(), connected);
+            let rebuilt = ClusterMap::from_objects(m.objects()).expect("rebuild");
+            prop_assert_eq!(rebuilt.index.hosts_of_volume.len(), m.index.hosts_of_volume.len());
+            prop_assert_eq!(rebuilt.index.volume_by_name.len(), m.index.volume_by_name.len());
         }
     }
 

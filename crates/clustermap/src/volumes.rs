@@ -79,7 +79,8 @@ fn node_set(ids: &[NodeId], what: &str) -> Result<Vec<NodeId>, String> {
 impl ClusterMap {
     /// The volume called `name`, if any.
     pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRecord> {
-        self.volumes.values().find(|v| v.name == name)
+        let id = self.index.volume_by_name.get(name)?;
+        self.volumes.get(id).filter(|v| v.name == name)
     }
 
     pub(crate) fn create_volume(&mut self, name: String, dataset: Option<String>, size_bytes: u64) -> MetaReply {
@@ -145,6 +146,7 @@ impl ClusterMap {
             resync: BTreeMap::new(),
         };
         vol.assert_shape();
+        self.index.volume_by_name.insert(vol.name.clone(), id);
         self.volumes.insert(id, vol);
         self.next_volume_id = id.checked_next().expect("volume ids exhausted");
         self.touched.push(ObjectKey::Volume(id));
@@ -157,10 +159,12 @@ impl ClusterMap {
             return MetaReply::NotFound(format!("no volume named {name:?}"));
         };
         self.volumes.remove(&id);
+        self.index.volume_by_name.remove(name);
         self.touched.push(ObjectKey::Volume(id));
-        for host in self.hosts.values_mut() {
-            if host.volumes.remove(&id) {
-                self.touched.push(ObjectKey::Host(host.name.clone()));
+        for name in self.index.hosts_of_volume.remove(&id).unwrap_or_default() {
+            if let Some(host) = self.hosts.get_mut(&name) {
+                host.volumes.remove(&id);
+                self.touched.push(ObjectKey::Host(name));
             }
         }
         MetaReply::Done { changed: true }

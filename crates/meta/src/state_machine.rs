@@ -9,7 +9,13 @@
 //!
 //! Snapshots are the encoded [`SnapshotBody`] (map, applied id, membership) kept in the
 //! `snapshot` tree, so a restarted node can still send its latest one to a lagging peer.
+//!
+//! Change feed: every apply step publishes the keys of the objects it wrote ([`Changes`]), and
+//! a snapshot install publishes "everything". Consumers ([`ChangeFeed`]) react to what changed
+//! instead of rescanning the whole map on every applied index, so the cost of a write does not
+//! grow with the size of the state.
 
+use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 
@@ -44,11 +50,118 @@ struct SnapshotBody {
     state: SmState,
 }
 
+/// Apply steps the change feed holds for a consumer that has not read them yet; one that falls
+/// further behind is told that everything may have changed (and rescans once).
+const CHANGES_QUEUED_MAX: usize = 4096;
+
+/// What one apply step changed.
+#[derive(Clone, Debug)]
+pub struct Changes {
+    /// The applied index after the step.
+    pub applied: u64,
+    /// The objects written (created, changed or deleted), in key order; empty with `all`.
+    pub keys: Vec<ObjectKey>,
+    /// The whole state was replaced (a snapshot was installed).
+    pub all: bool,
+}
+
+/// What changed since a [`ChangeFeed`] was last read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// These objects were written.
+    Keys(BTreeSet<ObjectKey>),
+    /// Anything may have changed: a snapshot replaced the state, or the reader fell behind.
+    All,
+}
+
+impl Changed {
+    fn merge(self, next: &Changes) -> Changed {
+        match self {
+            Changed::All => Changed::All,
+            _ if next.all => Changed::All,
+            Changed::Keys(mut keys) => {
+                keys.extend(next.keys.iter().cloned());
+                Changed::Keys(keys)
+            }
+        }
+    }
+}
+
+/// One consumer's view of the change feed. States read after [`ChangeFeed::next`] returns are
+/// at least as new as the changes it reported (the state is updated before the changes are
+/// published).
+pub struct ChangeFeed {
+    rx: tokio::sync::broadcast::Receiver<Arc<Changes>>,
+}
+
+impl ChangeFeed {
+    /// Waits for the next apply step, then takes everything published since the last call:
+    /// the union of the keys written, or [`Changed::All`]. `None` once the store has stopped.
+    pub async fn next(&mut self) -> Option<Changed> {
+        use tokio::sync::broadcast::error::RecvError;
+        let first = match self.rx.recv().await {
+            Ok(c) => Changed::Keys(BTreeSet::new()).merge(&c),
+            Err(RecvError::Lagged(_)) => Changed::All,
+            Err(RecvError::Closed) => return None,
+        };
+        Some(self.drain(first))
+    }
+
+    /// Everything published since the last call, without waiting; `None` if nothing was.
+    pub fn try_next(&mut self) -> Option<Changed> {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let first = match self.rx.try_recv() {
+            Ok(c) => Changed::Keys(BTreeSet::new()).merge(&c),
+            Err(TryRecvError::Lagged(_)) => Changed::All,
+            Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+        };
+        Some(self.drain(first))
+    }
+
+    fn drain(&mut self, mut changed: Changed) -> Changed {
+        use tokio::sync::broadcast::error::TryRecvError;
+        loop {
+            match self.rx.try_recv() {
+                Ok(c) => changed = changed.merge(&c),
+                Err(TryRecvError::Lagged(_)) => changed = Changed::All,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return changed,
+            }
+        }
+    }
+}
+
+impl SnapshotStats {
+    fn note(&self, bytes: usize, index: u64, took: std::time::Duration, built: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bytes.store(bytes as u64, Relaxed);
+        self.index.store(index, Relaxed);
+        self.micros.store(took.as_micros() as u64, Relaxed);
+        if built {
+            self.built.fetch_add(1, Relaxed);
+        } else {
+            self.installed.fetch_add(1, Relaxed);
+        }
+    }
+}
+
 /// A read-only handle on the applied state, for the API.
 #[derive(Clone)]
 pub struct SmReader {
     state: Arc<RwLock<SmState>>,
     applied: tokio::sync::watch::Receiver<u64>,
+    changes: tokio::sync::broadcast::Sender<Arc<Changes>>,
+    stats: Arc<SnapshotStats>,
+}
+
+/// The latest snapshot this node built or installed, for `/metrics`.
+#[derive(Default, Debug)]
+pub struct SnapshotStats {
+    pub bytes: std::sync::atomic::AtomicU64,
+    pub index: std::sync::atomic::AtomicU64,
+    /// How long building (or installing) it took, in microseconds.
+    pub micros: std::sync::atomic::AtomicU64,
+    pub built: std::sync::atomic::AtomicU64,
+    pub installed: std::sync::atomic::AtomicU64,
 }
 
 impl SmReader {
@@ -60,6 +173,15 @@ impl SmReader {
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.applied.clone()
     }
+
+    /// A change feed starting now: what later apply steps change.
+    pub fn changes(&self) -> ChangeFeed {
+        ChangeFeed { rx: self.changes.subscribe() }
+    }
+
+    pub fn snapshot_stats(&self) -> &SnapshotStats {
+        &self.stats
+    }
 }
 
 pub struct StateMachine {
@@ -69,6 +191,8 @@ pub struct StateMachine {
     state: Arc<RwLock<SmState>>,
     snapshot_seq: u64,
     applied_tx: tokio::sync::watch::Sender<u64>,
+    changes: tokio::sync::broadcast::Sender<Arc<Changes>>,
+    stats: Arc<SnapshotStats>,
 }
 
 impl StateMachine {
@@ -98,11 +222,24 @@ impl StateMachine {
             state: Arc::new(RwLock::new(state)),
             snapshot_seq: 0,
             applied_tx: tokio::sync::watch::channel(applied).0,
+            changes: tokio::sync::broadcast::channel(CHANGES_QUEUED_MAX).0,
+            stats: Arc::default(),
         })
     }
 
     pub fn reader(&self) -> SmReader {
-        SmReader { state: self.state.clone(), applied: self.applied_tx.subscribe() }
+        SmReader {
+            state: self.state.clone(),
+            applied: self.applied_tx.subscribe(),
+            changes: self.changes.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// Publishes an apply step's changes (no one listening is fine).
+    fn publish(&self, applied: u64, keys: Vec<ObjectKey>, all: bool) {
+        let _ = self.changes.send(Arc::new(Changes { applied, keys, all }));
+        self.applied_tx.send_replace(applied);
     }
 
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
@@ -137,6 +274,9 @@ pub struct SnapshotBuilder {
     snapshots: sled::Tree,
     state: SmState,
     seq: u64,
+    /// When the state was copied for this snapshot.
+    started: std::time::Instant,
+    stats: Arc<SnapshotStats>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -150,6 +290,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let data = encode(&SnapshotBody { state: self.state.clone() })?;
         // Flushes the state machine tree too: once this returns, the log up to `last` may go.
         save_snapshot(&self.sync, &self.snapshots, &meta, &data).await?;
+        self.stats.note(data.len(), last.map_or(0, |l| l.index), self.started.elapsed(), true);
+        tracing::debug!(bytes = data.len(), took = ?self.started.elapsed(), "metadata snapshot built");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -171,6 +313,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut replies = Vec::new();
         let mut batch = sled::Batch::default();
+        let touched;
+        let applied;
         {
             let mut st = self.state.write().expect("state lock");
             for entry in entries {
@@ -186,23 +330,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 };
                 replies.push(reply);
             }
-            for key in st.map.take_touched() {
-                match st.map.object(&key) {
+            touched = st.map.take_touched();
+            for key in &touched {
+                match st.map.object(key) {
                     Some(obj) => batch.insert(key.encode(), encode(&obj)?),
                     None => batch.remove(key.encode()),
                 }
             }
             batch.insert(KEY_APPLIED, encode(&st.last_applied)?);
+            applied = st.last_applied.map_or(0, |l| l.index);
         }
         self.tree.apply_batch(batch).map_err(write_err)?;
-        let applied = self.state.read().expect("state lock").last_applied.map_or(0, |l| l.index);
-        self.applied_tx.send_replace(applied);
+        self.publish(applied, touched, false);
         Ok(replies)
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.snapshot_seq += 1;
+        let started = std::time::Instant::now();
         SnapshotBuilder {
+            started,
+            stats: self.stats.clone(),
             sync: self.sync.clone(),
             snapshots: self.snapshots.clone(),
             state: self.state.read().expect("state lock").clone(),
@@ -219,6 +367,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
+        let started = std::time::Instant::now();
         let data = snapshot.into_inner();
         let body: SnapshotBody = decode(&data)?;
         let mut new_state = body.state;
@@ -240,7 +389,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         save_snapshot(&self.sync, &self.snapshots, meta, &data).await?;
         let applied = new_state.last_applied.map_or(0, |l| l.index);
         *self.state.write().expect("state lock") = new_state;
-        self.applied_tx.send_replace(applied);
+        self.publish(applied, Vec::new(), true);
+        self.stats.note(data.len(), applied, started.elapsed(), false);
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::log_store::LogStore;
 use crate::network::{call, decode_msg, encode_msg, Forwarded, MetaError, MetaRpc, Network};
 use crate::raft_types::Raft;
-use crate::state_machine::{SmReader, SmState, StateMachine};
+use crate::state_machine::{ChangeFeed, SmReader, SmState, SnapshotStats, StateMachine};
 use tandem_clustermap::{MetaCmd, MetaReply, NodeRecord};
 
 /// How long an operation waits for a reachable leader (elections, a leader change) before it
@@ -42,7 +42,8 @@ pub struct MetaConfig {
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
-    /// Build a snapshot after this many applied entries since the last one.
+    /// Build a snapshot after this many applied entries since the last one, or after as many
+    /// entries as the state holds objects if that is more (see `snapshot_trigger`).
     pub snapshot_after_entries: u64,
     /// Entries kept in the log behind a snapshot (for followers slightly behind); older ones
     /// are purged, and a follower further behind is sent the snapshot.
@@ -56,7 +57,8 @@ impl MetaConfig {
             heartbeat_interval: self.heartbeat_interval_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            // Triggered by `snapshot_trigger`, which also weighs the state's size.
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: self.logs_to_keep,
             purge_batch_size: 1,
             max_payload_entries: ENTRIES_PER_APPEND_MAX,
@@ -254,6 +256,34 @@ async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
     }
 }
 
+/// Builds a snapshot once the log since the last one has grown past both `every` entries and
+/// the number of objects the state held at the last snapshot. Building one costs time and
+/// bytes in proportion to the state (it is copied, encoded and written whole): spacing
+/// snapshots by at least the state's size keeps their share of a write's cost bounded (about
+/// one object per command) however large the state grows. Log purge follows each snapshot and
+/// costs in proportion to the entries it drops, so its share is constant too.
+async fn snapshot_trigger(raft: Raft, sm: SmReader, every: u64) {
+    let mut applied = sm.subscribe();
+    // The applied index and the state's size at the last trigger (a snapshot takes a while to
+    // show in the metrics).
+    let mut triggered = 0;
+    let mut objects = sm.read(|st| st.map.object_count()) as u64;
+    loop {
+        if applied.changed().await.is_err() {
+            return;
+        }
+        let index = *applied.borrow_and_update();
+        let snapshot = raft.metrics().borrow().snapshot.map_or(0, |l| l.index);
+        if index.saturating_sub(snapshot.max(triggered)) >= every.max(objects) {
+            triggered = index;
+            objects = sm.read(|st| st.map.object_count()) as u64;
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 impl MetaStore {
     /// Opens (or creates) the store in `dir` and starts Raft. A node restarted on its dir comes
     /// back with its log, vote and state, and rejoins the cluster on its own.
@@ -285,6 +315,7 @@ impl MetaStore {
         let raft = Raft::new(id, raft_config, network, log, sm).await.map_err(|e| e.to_string())?;
         let (proposals, rx) = tokio::sync::mpsc::channel(PROPOSALS_QUEUED_MAX);
         tokio::spawn(batcher(raft.clone(), rx));
+        tokio::spawn(snapshot_trigger(raft.clone(), reader.clone(), config.snapshot_after_entries.max(1)));
         Ok(Arc::new(MetaStore { id, raft, sm: reader, transport, db, proposals }))
     }
 
@@ -337,6 +368,16 @@ impl MetaStore {
     /// Changes whenever this node applies more of the log (its value is the applied index).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.sm.subscribe()
+    }
+
+    /// What later apply steps on this node change (see [`ChangeFeed`]).
+    pub fn changes(&self) -> ChangeFeed {
+        self.sm.changes()
+    }
+
+    /// The latest snapshot this node built or installed.
+    pub fn snapshot_stats(&self) -> &SnapshotStats {
+        self.sm.snapshot_stats()
     }
 
     /// This node's applied state as it is now, without asking the leader (may be stale).

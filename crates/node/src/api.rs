@@ -413,6 +413,30 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         st.applied_index.unwrap_or(0)
     );
     let _ = writeln!(out, "# TYPE tandem_raft_voters gauge\ntandem_raft_voters {}", st.voters.len());
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let snap = s.meta.snapshot_stats();
+        let gauges = [
+            ("tandem_raft_snapshot_bytes", "gauge", snap.bytes.load(Relaxed) as f64),
+            ("tandem_raft_snapshot_index", "gauge", snap.index.load(Relaxed) as f64),
+            ("tandem_raft_snapshot_seconds", "gauge", snap.micros.load(Relaxed) as f64 / 1e6),
+            ("tandem_raft_snapshots_built_total", "counter", snap.built.load(Relaxed) as f64),
+            ("tandem_raft_snapshots_installed_total", "counter", snap.installed.load(Relaxed) as f64),
+        ];
+        let p = s.paths.stats();
+        let paths = [
+            ("tandem_paths_recomputes_total", "counter", p.recomputes.load(Relaxed) as f64),
+            ("tandem_paths_hosts_recomputed_total", "counter", p.hosts_recomputed.load(Relaxed) as f64),
+            ("tandem_paths_recompute_seconds_total", "counter", p.micros_total.load(Relaxed) as f64 / 1e6),
+            ("tandem_paths_recompute_max_seconds", "gauge", p.micros_max.load(Relaxed) as f64 / 1e6),
+            ("tandem_paths_recompute_last_hosts", "gauge", p.hosts_last.load(Relaxed) as f64),
+        ];
+        for (name, kind, value) in gauges.into_iter().chain(paths) {
+            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
+        }
+        let objects = s.meta.local_read(|st| st.map.object_count());
+        let _ = writeln!(out, "# TYPE tandem_meta_objects gauge\ntandem_meta_objects {objects}");
+    }
     let links = s.links.link_stats();
     type Counter = fn(&LinkStats) -> u64;
     let per_link: [(&str, Counter); 4] = [

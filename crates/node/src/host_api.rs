@@ -10,7 +10,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tandem_clustermap::{ClusterMap, HostRecord, MetaCmd};
+use tandem_clustermap::{ClusterMap, HostRecord, MetaCmd, ObjectKey};
+use tandem_meta::state_machine::Changed;
 use tandem_paths::VolumePaths;
 use tandem_types::NodeId;
 use tandem_wire::data::PathProbe;
@@ -165,24 +166,38 @@ pub(crate) async fn get_paths(
     if view.generation > since {
         return Ok(Json(view));
     }
-    let mut applied = s.meta.subscribe();
+    // Woken only by changes to this host's record (its published map, its volumes; deleting a
+    // volume it reaches changes the record too): a watcher costs nothing while the rest of the
+    // map changes.
+    let mut changes = s.meta.changes();
     let mut stopping = s.stopping.clone();
+    let key = ObjectKey::Host(name.clone());
     let newer = async {
+        let mut look = true;
         loop {
-            // Maps this node applied are committed.
-            let now = s.meta.local_read(|st| path_map(&st.map, &name, q.volume.as_deref()));
-            match now {
-                Ok(v) if v.generation > since => return Ok(v),
-                Ok(_) => {}
-                // Deleted (host, or volume) while waiting.
-                Err(e) => return Err(ApiError(StatusCode::NOT_FOUND, e)),
+            if look {
+                // Maps this node applied are committed.
+                let now = s.meta.local_read(|st| path_map(&st.map, &name, q.volume.as_deref()));
+                match now {
+                    Ok(v) if v.generation > since => return Ok(v),
+                    Ok(_) => {}
+                    // Deleted (host, or volume) while waiting.
+                    Err(e) => return Err(ApiError(StatusCode::NOT_FOUND, e)),
+                }
             }
-            let stop = tokio::select! {
-                changed = applied.changed() => changed.is_err(),
-                _ = stopping.wait_for(|s| *s) => true,
+            let changed = tokio::select! {
+                changed = changes.next() => changed,
+                _ = stopping.wait_for(|s| *s) => None,
             };
-            if stop {
-                return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping; ask another node".into()));
+            match changed {
+                None => {
+                    return Err(ApiError(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the node is stopping; ask another node".into(),
+                    ))
+                }
+                Some(Changed::All) => look = true,
+                Some(Changed::Keys(keys)) => look = keys.contains(&key),
             }
         }
     };

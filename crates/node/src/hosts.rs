@@ -16,10 +16,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_clustermap::{ClusterMap, MetaCmd};
+use tandem_clustermap::{ClusterMap, HostRecord, MetaCmd, ObjectKey};
+use tandem_meta::state_machine::Changed;
 use tandem_meta::store::{MetaStore, RaftRole};
 use tandem_paths::{HostInput, HostProbes, NodeHealth, NodeInput, ProbeOutcome, VolumeInput, VolumePaths};
 use tandem_transport::Transport;
@@ -49,6 +51,31 @@ pub struct PathManager {
     meta: Arc<MetaStore>,
     leases: Arc<Leases>,
     soft: Mutex<Soft>,
+    stats: PathStats,
+}
+
+/// What the path manager did, for `/metrics`: how often it recomputed maps, how many hosts'
+/// maps, and how long that took.
+#[derive(Default, Debug)]
+pub struct PathStats {
+    pub recomputes: AtomicU64,
+    pub hosts_recomputed: AtomicU64,
+    pub micros_total: AtomicU64,
+    /// The longest single recompute, in microseconds.
+    pub micros_max: AtomicU64,
+    /// Hosts in the last recompute.
+    pub hosts_last: AtomicU64,
+}
+
+impl PathStats {
+    fn note(&self, hosts: usize, took: Duration) {
+        let micros = took.as_micros() as u64;
+        self.recomputes.fetch_add(1, Relaxed);
+        self.hosts_recomputed.fetch_add(hosts as u64, Relaxed);
+        self.micros_total.fetch_add(micros, Relaxed);
+        self.micros_max.fetch_max(micros, Relaxed);
+        self.hosts_last.store(hosts as u64, Relaxed);
+    }
 }
 
 /// What the leader learned itself rather than from the committed map.
@@ -62,13 +89,46 @@ struct Soft {
     forced: BTreeSet<NodeId>,
     health: BTreeMap<NodeId, NodeHealth>,
     probes: HashMap<String, HostProbes>,
-    /// Something changed since the maps were last compared with the published ones.
-    dirty: bool,
+    /// The hosts whose maps may differ from the published ones: to compare this round.
+    stale: Stale,
+}
+
+/// Which hosts' maps to recompute.
+#[derive(Default, Debug, PartialEq, Eq)]
+enum Stale {
+    #[default]
+    None,
+    Hosts(BTreeSet<String>),
+    /// Every host: a node's record, liveness or a dataset changed, leadership began, or the
+    /// change feed could not say what changed (a snapshot was installed).
+    All,
+}
+
+impl Stale {
+    fn host(&mut self, name: &str) {
+        match self {
+            Stale::All => {}
+            Stale::Hosts(hosts) => {
+                hosts.insert(name.to_string());
+            }
+            Stale::None => *self = Stale::Hosts(BTreeSet::from([name.to_string()])),
+        }
+    }
+
+    fn hosts<'a>(&mut self, names: impl IntoIterator<Item = &'a String>) {
+        for name in names {
+            self.host(name);
+        }
+    }
 }
 
 impl PathManager {
     pub fn new(me: NodeId, meta: Arc<MetaStore>, leases: Arc<Leases>) -> Arc<PathManager> {
-        Arc::new(PathManager { me, meta, leases, soft: Mutex::new(Soft::default()) })
+        Arc::new(PathManager { me, meta, leases, soft: Mutex::new(Soft::default()), stats: PathStats::default() })
+    }
+
+    pub fn stats(&self) -> &PathStats {
+        &self.stats
     }
 
     /// Runs the manager for as long as the node runs (it acts only while this node leads). One
@@ -76,22 +136,55 @@ impl PathManager {
     pub fn spawn(self: &Arc<Self>) {
         let pm = self.clone();
         tokio::spawn(async move {
-            let mut applied = pm.meta.subscribe();
+            let mut changes = pm.meta.changes();
             let mut interval = tokio::time::interval(EVALUATE_EVERY);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = interval.tick() => {}
-                    changed = applied.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        pm.soft.lock().expect("paths lock").dirty = true;
+                    changed = changes.next() => {
+                        let Some(changed) = changed else { return };
+                        pm.note_changes(changed);
                     }
                 }
                 pm.step().await;
             }
         });
+    }
+
+    /// Marks the hosts that what the state machine applied may affect: a host's own record,
+    /// the hosts connected to a changed volume, every host when a node or a dataset changed.
+    /// Settings and the rest affect no path map. Runs on every node, leader or not: the marks
+    /// are cleared when leadership begins, which recomputes every host anyway.
+    fn note_changes(&self, changed: Changed) {
+        let mut soft = self.soft.lock().expect("paths lock");
+        if soft.leading_since.is_none() || soft.stale == Stale::All {
+            return;
+        }
+        let keys = match changed {
+            Changed::All => {
+                soft.stale = Stale::All;
+                return;
+            }
+            Changed::Keys(keys) => keys,
+        };
+        let mut volumes = Vec::new();
+        for key in keys {
+            match key {
+                ObjectKey::Node(_) | ObjectKey::Dataset(_) => {
+                    soft.stale = Stale::All;
+                    return;
+                }
+                ObjectKey::Host(name) => soft.stale.host(&name),
+                ObjectKey::Volume(id) => volumes.push(id),
+                ObjectKey::Setting(_) | ObjectKey::Transport(_) | ObjectKey::NextVolumeId => {}
+            }
+        }
+        if !volumes.is_empty() {
+            let hosts: Vec<String> =
+                self.meta.local_read(|st| volumes.iter().flat_map(|id| st.map.hosts_of_volume(*id).cloned()).collect());
+            soft.stale.hosts(&hosts);
+        }
     }
 
     /// One round: liveness and probe verdicts, then publication of every map that changed.
@@ -107,7 +200,7 @@ impl PathManager {
             }
             if soft.leading_since.is_none() {
                 soft.leading_since = Some(now);
-                soft.dirty = true;
+                soft.stale = Stale::All;
                 if let Some(prev) = soft.last_leader.take() {
                     tracing::info!(node = %prev, "path maps: the previous Raft leader is cut off until it renews");
                     soft.forced.insert(prev);
@@ -121,19 +214,41 @@ impl PathManager {
             // Every round: liveness and probe timers, which need only the node ids.
             let nodes: Vec<NodeId> = self.meta.local_read(|st| st.map.nodes.keys().copied().collect());
             self.evaluate(&mut soft, &nodes, now, since);
-            if !soft.dirty {
+            let stale = std::mem::take(&mut soft.stale);
+            if stale == Stale::None {
                 return;
             }
-            soft.dirty = false;
-            // Only when something changed: the map, to compute with and to prune what refers to
-            // hosts and paths that are gone.
-            let map = self.meta.local_read(|st| st.map.clone());
-            soft.probes.retain(|host, _| map.hosts.contains_key(host));
-            for (host, probes) in soft.probes.iter_mut() {
-                let targets = host_targets(&map, host);
-                probes.retain(&|node, addr| targets.contains(&(node, addr)));
-            }
-            self.changed_maps(&soft, &map)
+            // Only the hosts that may have changed, computed on the applied map in place.
+            let started = Instant::now();
+            let soft = &mut *soft;
+            let (count, changed) = self.meta.local_read(|st| {
+                let map = &st.map;
+                let hosts: Vec<&HostRecord> = match &stale {
+                    Stale::All => {
+                        soft.probes.retain(|host, _| map.hosts.contains_key(host));
+                        map.hosts.values().collect()
+                    }
+                    Stale::Hosts(names) => {
+                        for name in names {
+                            if !map.hosts.contains_key(name) {
+                                soft.probes.remove(name);
+                            }
+                        }
+                        names.iter().filter_map(|n| map.hosts.get(n)).collect()
+                    }
+                    Stale::None => Vec::new(),
+                };
+                // Probe results only for paths the host still has.
+                for h in &hosts {
+                    if let Some(probes) = soft.probes.get_mut(&h.name) {
+                        let targets = host_targets(map, &h.name);
+                        probes.retain(&|node, addr| targets.contains(&(node, addr)));
+                    }
+                }
+                (hosts.len(), self.changed_maps(soft, map, &hosts))
+            });
+            self.stats.note(count, started.elapsed());
+            changed
         };
         let writes = to_publish.into_iter().map(|(host, generation, paths)| {
             let meta = self.meta.clone();
@@ -142,29 +257,29 @@ impl PathManager {
                 match r {
                     Ok(_) => {
                         tracing::debug!(host = %host, generation, "path map published");
-                        true
+                        None
                     }
                     Err(e) => {
                         tracing::warn!(host = %host, generation, error = %e, "path map not published");
-                        false
+                        Some(host)
                     }
                 }
             }
         });
         // At most one write per host in the map (`tandem_meta`'s HOSTS_MAX), all in this task.
-        let published = futures::future::join_all(writes).await;
-        if published.iter().any(|ok| !ok) {
+        let failed: Vec<String> = futures::future::join_all(writes).await.into_iter().flatten().collect();
+        if !failed.is_empty() {
             // Compare again next round.
-            self.soft.lock().expect("paths lock").dirty = true;
+            self.soft.lock().expect("paths lock").stale.hosts(&failed);
         }
     }
 
     /// Advances the liveness of `nodes` (the map's) and every host's probe verdicts; marks the
-    /// maps dirty on a change.
+    /// maps that a change affects stale.
     fn evaluate(&self, soft: &mut Soft, nodes: &[NodeId], now: Instant, since: Instant) {
         let in_grace = now.saturating_duration_since(since) < NODE_DOWN_AFTER;
         soft.health.retain(|id, _| nodes.contains(id));
-        let mut changed = false;
+        let mut node_changed = false;
         for &id in nodes {
             let fresh = if id == self.me {
                 true
@@ -176,16 +291,30 @@ impl PathManager {
                     None => in_grace && !soft.forced.contains(&id),
                 }
             };
-            changed |= soft.health.entry(id).or_default().observe(now, fresh);
+            node_changed |= soft.health.entry(id).or_default().observe(now, fresh);
         }
-        for probes in soft.probes.values_mut() {
-            changed |= probes.evaluate(now);
+        if node_changed {
+            // A node's liveness shows in the map of every host reaching it: with a handful of
+            // nodes, nearly every host.
+            soft.stale = Stale::All;
         }
-        soft.dirty |= changed;
+        let mut changed = Vec::new();
+        for (host, probes) in soft.probes.iter_mut() {
+            if probes.evaluate(now) {
+                changed.push(host.clone());
+            }
+        }
+        soft.stale.hosts(&changed);
     }
 
-    /// The hosts whose computed map differs from the published one: (host, next generation, map).
-    fn changed_maps(&self, soft: &Soft, map: &ClusterMap) -> Vec<(String, u64, Vec<VolumePaths>)> {
+    /// Of `hosts`, those whose computed map differs from the published one: (host, next
+    /// generation, map).
+    fn changed_maps(
+        &self,
+        soft: &Soft,
+        map: &ClusterMap,
+        hosts: &[&HostRecord],
+    ) -> Vec<(String, u64, Vec<VolumePaths>)> {
         let nodes: BTreeMap<NodeId, NodeInput> = map
             .nodes
             .values()
@@ -196,8 +325,8 @@ impl PathManager {
             })
             .collect();
         let empty = HostProbes::new();
-        map.hosts
-            .values()
+        hosts
+            .iter()
             .filter_map(|host| {
                 let probes = soft.probes.get(&host.name).unwrap_or(&empty);
                 let paths = compute_host(map, &nodes, &host.name, &host.site, probes);
@@ -237,7 +366,7 @@ impl PathManager {
         }
         // A refused connection turns a path unreachable at once: publish it this round.
         if tracker.evaluate(now) {
-            soft.dirty = true;
+            soft.stale.host(host);
         }
         ProbeReply::Accepted
     }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tandem_clustermap::{MetaCmd, MetaReply};
+use tandem_clustermap::{ClusterMap, MetaCmd, MetaReply, ObjectKey, VolumeRecord};
 use tandem_frontend::{Budgets, Exports, IoError, OpenError, Volume};
 use tandem_meta::network::MetaError;
+use tandem_meta::state_machine::Changed;
 use tandem_meta::store::MetaStore;
 use tandem_replication::driver::{Coordinator, DataPlane, IoFail, ProposeError, VolumeConfig};
 use tandem_storage::SledStore;
@@ -138,34 +139,33 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane, leases: Arc<Leases>) {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         let mut applied = meta.subscribe();
+        let mut changes = meta.changes();
+        // First the whole map; then what each apply step changed.
+        let mut changed = Changed::All;
         loop {
-            // Read before the state: the state is at least this far.
+            // Read before the state and before the changes: both are at least this far (the
+            // state machine updates its state, then publishes the changes, then the index).
             let index = *applied.borrow_and_update();
-            let (nodes, volumes) = meta.local_read(|st| {
-                let nodes: Vec<NodeId> = st.map.nodes.keys().copied().collect();
-                let volumes: Vec<VolumeConfig> = st
-                    .map
-                    .volumes
-                    .values()
-                    .map(|v| VolumeConfig {
-                        id: v.id,
-                        name: v.name.clone(),
-                        size_bytes: v.size_bytes,
-                        replicas: v.replicas.clone(),
-                        primary: v.primary,
-                        isr: v.isr.clone(),
-                        epoch: v.epoch,
-                        claim: v.claim,
-                    })
-                    .collect();
-                (nodes, volumes)
-            });
-            plane.set_peers(&nodes);
-            // It creates and deletes local copies and takes the replicas' locks: a blocking
-            // thread, never an async worker.
-            let p = plane.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || p.apply_config(volumes)).await {
-                tracing::error!(error = %e, "applying the volume configuration failed");
+            if let Some(more) = changes.try_next() {
+                changed = merge(changed, more);
+            }
+            let work = meta.local_read(|st| volume_work(&st.map, &changed));
+            changed = Changed::Keys(Default::default());
+            if let Some(work) = work {
+                // It creates and deletes local copies and takes the replicas' locks: a blocking
+                // thread, never an async worker.
+                let p = plane.clone();
+                let done = tokio::task::spawn_blocking(move || match work {
+                    VolumeWork::All { nodes, volumes } => {
+                        p.set_peers(&nodes);
+                        p.apply_config(volumes);
+                    }
+                    VolumeWork::Some { changed, deleted } => p.apply_changes(changed, deleted),
+                })
+                .await;
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "applying the volume configuration failed");
+                }
             }
             // Only now may a lease granted at this index count (docs/PROTOCOL.md, "Leases").
             leases.note_applied(index);
@@ -174,6 +174,62 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane, leases: Arc<Leases>) {
             }
         }
     });
+}
+
+fn merge(a: Changed, b: Changed) -> Changed {
+    match (a, b) {
+        (Changed::Keys(mut a), Changed::Keys(b)) => {
+            a.extend(b);
+            Changed::Keys(a)
+        }
+        _ => Changed::All,
+    }
+}
+
+/// What the data plane must be told after an apply step.
+enum VolumeWork {
+    /// Everything: the nodes and every volume.
+    All { nodes: Vec<NodeId>, volumes: Vec<VolumeConfig> },
+    /// Only these volumes changed (`deleted`: they no longer exist).
+    Some { changed: Vec<VolumeConfig>, deleted: Vec<VolumeId> },
+}
+
+fn volume_config(v: &VolumeRecord) -> VolumeConfig {
+    VolumeConfig {
+        id: v.id,
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        replicas: v.replicas.clone(),
+        primary: v.primary,
+        isr: v.isr.clone(),
+        epoch: v.epoch,
+        claim: v.claim,
+    }
+}
+
+/// The data plane's share of `changed`: every volume when a node changed (or anything may
+/// have), the changed volumes only otherwise, nothing for settings, hosts and the rest.
+fn volume_work(map: &ClusterMap, changed: &Changed) -> Option<VolumeWork> {
+    let keys = match changed {
+        Changed::Keys(keys) if !keys.iter().any(|k| matches!(k, ObjectKey::Node(_))) => keys,
+        _ => {
+            return Some(VolumeWork::All {
+                nodes: map.nodes.keys().copied().collect(),
+                volumes: map.volumes.values().map(volume_config).collect(),
+            })
+        }
+    };
+    let mut changed = Vec::new();
+    let mut deleted = Vec::new();
+    for key in keys {
+        if let ObjectKey::Volume(id) = key {
+            match map.volumes.get(id) {
+                Some(v) => changed.push(volume_config(v)),
+                None => deleted.push(*id),
+            }
+        }
+    }
+    (!changed.is_empty() || !deleted.is_empty()).then_some(VolumeWork::Some { changed, deleted })
 }
 
 /// The exports every host protocol serves: every volume of the cluster, by name.

@@ -97,6 +97,11 @@ pub trait BlockStore: Send + Sync + 'static {
     /// The volumes and their sizes, by id.
     fn volumes(&self) -> Vec<(VolumeId, u64)>;
 
+    /// The size of one volume, if the store holds it.
+    fn volume_size(&self, vol: VolumeId) -> Option<u64> {
+        self.volumes().into_iter().find(|(v, _)| *v == vol).map(|(_, size)| size)
+    }
+
     /// Writes `data` at any byte offset within the volume. Applied at once, in call order: a
     /// read that starts after `write` returns sees the data. Durable only once
     /// [`BlockStore::durable`] of the returned position resolves. Partial blocks are

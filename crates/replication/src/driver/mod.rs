@@ -351,19 +351,60 @@ impl<S: BlockStore> DataPlane<S> {
     }
 
     /// Brings the node in line with the committed volumes: creates and deletes local copies,
-    /// fences old epochs, and starts or stops being primary.
+    /// fences old epochs, and starts or stops being primary. `volumes` is every volume of the
+    /// cluster; see [`DataPlane::apply_changes`] for a change to a few.
     pub fn apply_config(&self, volumes: Vec<VolumeConfig>) {
         let inner = &self.inner;
-        *inner.configs.lock().expect("configs lock") = volumes.iter().map(|v| (v.id, v.clone())).collect();
-        // Records go only to nodes holding a copy of some volume.
-        let holders: BTreeSet<NodeId> = volumes.iter().flat_map(|v| v.replicas.iter().copied()).collect();
-        inner.retire_senders(&holders);
-        let mine: HashMap<VolumeId, VolumeConfig> =
-            volumes.into_iter().filter(|v| v.replicas.contains(&inner.me)).map(|v| (v.id, v)).collect();
+        let deleted: Vec<VolumeId> = {
+            let mut configs = inner.configs.lock().expect("configs lock");
+            *configs = volumes.iter().map(|v| (v.id, v.clone())).collect();
+            let vols = inner.volumes.lock().expect("volumes lock");
+            vols.keys().filter(|id| !configs.contains_key(id)).copied().collect()
+        };
+        self.update(volumes, deleted, true);
+    }
+
+    /// Like [`DataPlane::apply_config`], for the volumes that changed: `changed` holds their
+    /// new configurations, `deleted` the ids of volumes that no longer exist. The cost is
+    /// that of the change, not of the number of volumes.
+    pub fn apply_changes(&self, changed: Vec<VolumeConfig>, deleted: Vec<VolumeId>) {
+        let inner = &self.inner;
+        let holders_changed = {
+            let mut configs = inner.configs.lock().expect("configs lock");
+            let mut holders_changed = false;
+            for id in &deleted {
+                holders_changed |= configs.remove(id).is_some();
+            }
+            for v in &changed {
+                let old = configs.insert(v.id, v.clone());
+                holders_changed |= old.is_none_or(|o| o.replicas != v.replicas);
+            }
+            holders_changed
+        };
+        self.update(changed, deleted, holders_changed);
+    }
+
+    fn update(&self, volumes: Vec<VolumeConfig>, deleted: Vec<VolumeId>, holders_changed: bool) {
+        let inner = &self.inner;
+        if holders_changed {
+            // Records go only to nodes holding a copy of some volume.
+            let holders: BTreeSet<NodeId> =
+                inner.configs.lock().expect("configs lock").values().flat_map(|v| v.replicas.iter().copied()).collect();
+            inner.retire_senders(&holders);
+        }
+        let mut gone_ids = deleted;
+        let mut mine = Vec::new();
+        for v in volumes {
+            if v.replicas.contains(&inner.me) {
+                mine.push(v);
+            } else {
+                // No longer (or never) a replica here.
+                gone_ids.push(v.id);
+            }
+        }
         let gone: Vec<(VolumeId, Arc<Vol>)> = {
             let mut vols = inner.volumes.lock().expect("volumes lock");
-            let gone: Vec<VolumeId> = vols.keys().filter(|id| !mine.contains_key(id)).copied().collect();
-            gone.into_iter().filter_map(|id| vols.remove(&id).map(|v| (id, v))).collect()
+            gone_ids.into_iter().filter_map(|id| vols.remove(&id).map(|v| (id, v))).collect()
         };
         for (id, vol) in gone {
             if let Some(p) = vol.primary.lock().expect("primary lock").take() {
@@ -373,14 +414,15 @@ impl<S: BlockStore> DataPlane<S> {
                 tracing::error!(volume = %id, error = %e, "cannot delete the local copy");
             }
         }
-        for (id, cfg) in mine {
+        for cfg in mine {
+            let id = cfg.id;
             let vol = {
                 let mut vols = inner.volumes.lock().expect("volumes lock");
                 match vols.get(&id) {
                     Some(v) => v.clone(),
                     None => {
                         let fresh = cfg.epoch == Epoch(1);
-                        let existed = inner.store.volumes().iter().any(|(v, _)| *v == id);
+                        let existed = inner.store.volume_size(id).is_some();
                         if let Err(e) = inner.store.create_volume(id, cfg.size_bytes) {
                             tracing::error!(volume = %id, error = %e, "cannot create the local copy");
                             continue;

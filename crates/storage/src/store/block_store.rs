@@ -21,6 +21,10 @@ impl BlockStore for SledStore {
         self.volume_sizes()
     }
 
+    fn volume_size(&self, vol: VolumeId) -> Option<u64> {
+        self.one_volume_size(vol)
+    }
+
     fn write(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<Lsn, StoreError> {
         self.write_with(vol, offset, data, None)
     }

@@ -52,6 +52,10 @@ impl SledStore {
     pub(super) fn volume_sizes(&self) -> Vec<(VolumeId, u64)> {
         lock(&self.core().st).volumes.iter().map(|(v, r)| (*v, r.size_bytes)).collect()
     }
+
+    pub(super) fn one_volume_size(&self, vol: VolumeId) -> Option<u64> {
+        lock(&self.core().st).volumes.get(&vol).map(|r| r.size_bytes)
+    }
 }
 
 impl State {
