@@ -14,6 +14,8 @@
 //! - A real agent whose probes to one node's port time out (nftables drops its SYNs): only that
 //!   path becomes unavailable for its host, the other host is unaffected, and the path returns
 //!   once the port answers again.
+//! - The path manager recomputes only the maps a change affects: settings writes none, a
+//!   change to one host's volumes that host (its `/metrics` counters).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -492,4 +494,67 @@ fn an_agent_whose_probes_to_one_node_time_out_sees_only_that_node_unavailable() 
     // Unblocked, the path comes back after sustained success.
     drop(blocked);
     wait_map(&c, 1, "ha", "n3p0 back", Duration::from_secs(10), |m| state_of(m, "n3p0") == "active-non-optimized");
+}
+
+/// A counter or gauge from a node's `/metrics`.
+fn metric(c: &Cluster, id: u64, name: &str) -> Option<f64> {
+    let text = http().get(format!("{}/metrics", c.api(id))).send().ok()?.text().ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The path manager recomputes only the maps a change can affect: settings writes recompute
+/// none, connecting a volume to one host recomputes that host (and compares it once more after
+/// its new map is published), whatever the number of other hosts.
+#[test]
+fn the_path_manager_recomputes_only_the_hosts_a_change_affects() {
+    const HOSTS: u64 = 6;
+    let c = Cluster::up(3);
+    let leader = c.agreed_leader(&[1, 2, 3], LEADER_WAIT);
+    let api = c.api(leader);
+    for i in 1..=HOSTS {
+        run_ok(&["volume", "create", &format!("v{i}"), "--size", "4M", "--endpoint", &api]);
+        run_ok(&["host", "add", &format!("h{i}"), "--site", "local", "--endpoint", &api]);
+        run_ok(&["host", "connect", &format!("h{i}"), &format!("v{i}"), "--endpoint", &api]);
+    }
+    for i in 1..=HOSTS {
+        wait_map(&c, leader, &format!("h{i}"), "a published map with its volume", LEADER_WAIT, |m| {
+            m["volumes"].as_array().is_some_and(|v| v.len() == 1)
+        });
+    }
+    let counters = |c: &Cluster| {
+        let m = |name| metric(c, leader, name).unwrap_or_else(|| panic!("no {name} in the leader's /metrics"));
+        (m("tandem_paths_hosts_recomputed_total"), m("tandem_paths_full_recomputes_total"))
+    };
+    // A full recompute for another reason (a node's lease renewal late on a starved machine
+    // changes its liveness, which every host's map shows) spoils a round: up to three rounds.
+    let mut rounds = Vec::new();
+    for round in 0..3 {
+        let (hosts_before, full_before) = counters(&c);
+        for i in 0..40 {
+            c.put_setting(leader, &format!("unrelated{round}.{i}"), "x");
+        }
+        // Then one change to one host; once its new map is out, the manager has seen every
+        // write before it (it takes changes in log order).
+        let (verb, want) = if round % 2 == 0 { ("connect", 2) } else { ("disconnect", 1) };
+        run_ok(&["host", verb, "h1", "v2", "--endpoint", &api]);
+        wait_map(&c, leader, "h1", "h1's map with its volumes", LEADER_WAIT, |m| {
+            m["volumes"].as_array().is_some_and(|v| v.len() == want)
+        });
+        let (hosts_after, full_after) = counters(&c);
+        rounds.push((hosts_after - hosts_before, full_after - full_before));
+        if full_after == full_before {
+            break;
+        }
+    }
+    let (recomputed, _) = *rounds
+        .iter()
+        .find(|(_, full)| *full == 0.0)
+        .unwrap_or_else(|| panic!("every round recomputed every host (hosts recomputed, full recomputes): {rounds:?}"));
+    // h1 for the connect, h1 again for its own publication; a tick may split them. Recomputing
+    // every host per write would be 40 × 6.
+    assert!(
+        (1.0..=4.0).contains(&recomputed),
+        "{recomputed} host maps recomputed for 40 settings writes and one change to one host ({rounds:?})"
+    );
+    c.down();
 }

@@ -426,6 +426,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         let p = s.paths.stats();
         let paths = [
             ("tandem_paths_recomputes_total", "counter", p.recomputes.load(Relaxed) as f64),
+            ("tandem_paths_full_recomputes_total", "counter", p.full_recomputes.load(Relaxed) as f64),
             ("tandem_paths_hosts_recomputed_total", "counter", p.hosts_recomputed.load(Relaxed) as f64),
             ("tandem_paths_recompute_seconds_total", "counter", p.micros_total.load(Relaxed) as f64 / 1e6),
             ("tandem_paths_recompute_max_seconds", "gauge", p.micros_max.load(Relaxed) as f64 / 1e6),

@@ -59,6 +59,8 @@ pub struct PathManager {
 #[derive(Default, Debug)]
 pub struct PathStats {
     pub recomputes: AtomicU64,
+    /// Recomputes of every host (leadership began, a node's record or liveness changed).
+    pub full_recomputes: AtomicU64,
     pub hosts_recomputed: AtomicU64,
     pub micros_total: AtomicU64,
     /// The longest single recompute, in microseconds.
@@ -68,9 +70,10 @@ pub struct PathStats {
 }
 
 impl PathStats {
-    fn note(&self, hosts: usize, took: Duration) {
+    fn note(&self, hosts: usize, full: bool, took: Duration) {
         let micros = took.as_micros() as u64;
         self.recomputes.fetch_add(1, Relaxed);
+        self.full_recomputes.fetch_add(u64::from(full), Relaxed);
         self.hosts_recomputed.fetch_add(hosts as u64, Relaxed);
         self.micros_total.fetch_add(micros, Relaxed);
         self.micros_max.fetch_max(micros, Relaxed);
@@ -247,7 +250,7 @@ impl PathManager {
                 }
                 (hosts.len(), self.changed_maps(soft, map, &hosts))
             });
-            self.stats.note(count, started.elapsed());
+            self.stats.note(count, stale == Stale::All, started.elapsed());
             changed
         };
         let writes = to_publish.into_iter().map(|(host, generation, paths)| {
