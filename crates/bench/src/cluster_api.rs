@@ -72,6 +72,40 @@ impl BenchCluster {
         }
     }
 
+    /// The leader's id and API address, as the nodes report it.
+    pub async fn leader(&self) -> anyhow::Result<(NodeId, SocketAddr)> {
+        let addr = self.leader_api().await?;
+        let id = self
+            .node_apis()?
+            .into_iter()
+            .find(|(_, a)| *a == addr)
+            .map(|(id, _)| id)
+            .ok_or_else(|| anyhow::anyhow!("the leader's API {addr} is not in cluster.toml"))?;
+        Ok((id, addr))
+    }
+
+    /// Node `id`'s process id.
+    pub fn pid(&self, id: NodeId) -> anyhow::Result<i32> {
+        Ok(self.cluster.try_pid(id.get()).with_context(|| format!("node {id}'s pid"))?)
+    }
+
+    /// `tandem node add --id ID --cluster DIR`: makes node `id` (certificate, config entry,
+    /// process) and registers it with the leader; it catches up on its own afterwards.
+    pub async fn add_node(&self, id: NodeId) -> anyhow::Result<()> {
+        let added = tokio::task::block_in_place(|| self.cluster.try_add_node(Some(id.get())))
+            .with_context(|| format!("cannot add node {id}"))?;
+        if added != id.get() {
+            bail!("`tandem node add --id {id}` added node {added}");
+        }
+        Ok(())
+    }
+
+    /// `tandem node remove ID --cluster DIR`: the leader drops the node and its process stops.
+    pub async fn remove_node(&self, id: NodeId) -> anyhow::Result<()> {
+        tokio::task::block_in_place(|| self.cluster.try_remove_node(id.get()))
+            .with_context(|| format!("cannot remove node {id}"))
+    }
+
     /// The cluster's `cluster.toml`: each node's id and addresses.
     pub fn config(&self) -> anyhow::Result<ClusterConfig> {
         Ok(ClusterConfig::load(&config_path(self.cluster.path()))?)

@@ -95,12 +95,8 @@ impl Goal {
     /// `goal meta-rate-flat-1-client: last/first 0.97 (target >= 0.90) met`.
     pub fn labelled(name: &str, label: &str, figure: f64, op: Op, target: f64) -> Goal {
         let mut g = Goal::absolute(name, figure, 2, op, target);
-        g.line = format!(
-            "goal {name}: {label} {:.2} (target {} {target:.2}) {}",
-            g.measured,
-            op.symbol(),
-            verdict(g.met)
-        );
+        g.line =
+            format!("goal {name}: {label} {:.2} (target {} {target:.2}) {}", g.measured, op.symbol(), verdict(g.met));
         g
     }
 }

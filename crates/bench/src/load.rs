@@ -101,7 +101,12 @@ pub struct FillFigures {
 /// Puts `keys` distinct keys (`{key_prefix}.{i}` for i in 0..keys) as fast as `clients` go:
 /// each client takes the next unwritten index until none is left, one put in flight. For
 /// preloading a system with a large state before it is measured.
-pub async fn fill<C: KvClient>(clients: Vec<C>, keys: u64, key_prefix: &str, value: Bytes) -> anyhow::Result<FillFigures> {
+pub async fn fill<C: KvClient>(
+    clients: Vec<C>,
+    keys: u64,
+    key_prefix: &str,
+    value: Bytes,
+) -> anyhow::Result<FillFigures> {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let client_count = clients.len();
     let start = Instant::now();

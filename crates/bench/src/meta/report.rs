@@ -203,7 +203,10 @@ pub(super) fn print_table(r: &Report) {
     }
     println!();
     println!("writes/s of every repeat, in order, and their spread:");
-    println!("{:>7}  {:<7} {:>8} {:>8} {:>8} {:>10}  repeats", "clients", "system", "min", "median", "max", "last/first");
+    println!(
+        "{:>7}  {:<7} {:>8} {:>8} {:>8} {:>10}  repeats",
+        "clients", "system", "min", "median", "max", "last/first"
+    );
     for row in &r.rows {
         for (name, rep) in [("tandem", &row.tandem_repeats), ("etcd", &row.etcd_repeats)] {
             let each: Vec<String> = rep.writes_per_s.iter().map(|w| format!("{w:.0}")).collect();
