@@ -39,7 +39,7 @@ use clap::Args;
 use tandem_types::NodeId;
 
 use self::create::{connect_hosts, create_hosts, create_volumes};
-use self::observe::{join_new_node, leader_memory, scrape, settle, wait_full_isr, PathMetrics};
+use self::observe::{join_new_node, node_costs, node_memory, scrape, settle, wait_full_isr, PathMetrics};
 use self::report::{print_table, report, Step, WriteRates};
 use self::watch::failover;
 use crate::cluster_api::BenchCluster;
@@ -211,7 +211,8 @@ async fn one_step(
             l
         }
     };
-    let memory = leader_memory(tandem, leader)?;
+    let memory = node_memory(tandem, leader)?;
+    let nodes = node_costs(tandem)?;
     let join_id = NodeId(JOIN_NODE_ID_BASE + index as u64);
     let join = join_new_node(tandem, join_id, leader_api).await?;
     eprintln!(
@@ -224,7 +225,7 @@ async fn one_step(
     tandem.remove_node(join_id).await?;
     let fail = failover(tandem, target.hosts).await?;
     eprintln!(
-        "  failover of node {}: {} hosts affected, map updated p50 {} p99 {} max {} ({} never within the wait); every failover committed {}",
+        "  failover of node {}: {} hosts affected, map updated p50 {} p99 {} max {} ({} never within the wait); every failover committed {} ({} volumes left)",
         fail.victim,
         fail.hosts_affected,
         report::secs(fail.p50_s),
@@ -232,6 +233,7 @@ async fn one_step(
         report::secs(fail.max_s),
         fail.hosts_not_updated,
         report::secs(fail.failover_committed_s),
+        fail.volumes_not_failed_over.map_or("n/a".to_string(), |n| n.to_string()),
     );
     let rejoin_s = wait_full_isr(tandem, fail.victim).await?;
     eprintln!(
@@ -248,6 +250,7 @@ async fn one_step(
         settle: settled,
         writes,
         leader_rss_bytes: memory,
+        nodes,
         paths,
         paths_recompute_max_s: PathMetrics::max_seconds(&created_metrics),
         join,

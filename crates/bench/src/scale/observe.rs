@@ -100,7 +100,7 @@ impl PathMetrics {
 }
 
 /// Node `id`'s resident memory (VmRSS), in bytes; `None` where /proc does not show it.
-pub fn leader_memory(tandem: &BenchCluster, id: NodeId) -> anyhow::Result<Option<u64>> {
+pub fn node_memory(tandem: &BenchCluster, id: NodeId) -> anyhow::Result<Option<u64>> {
     let pid = tandem.pid(id)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     Ok(status
@@ -265,4 +265,49 @@ pub async fn wait_full_isr(tandem: &BenchCluster, node: NodeId) -> anyhow::Resul
         }
         tokio::time::sleep(POLL_LARGE).await;
     }
+}
+
+/// What one node holds once a step is created: what a volume (and a host) costs it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeCost {
+    pub node: NodeId,
+    pub rss_bytes: Option<u64>,
+    /// Open file descriptors (sockets included).
+    pub fds: Option<u64>,
+    pub threads: Option<u64>,
+    /// Bytes of files under its data dir (Raft log and state, block store).
+    pub data_bytes: u64,
+}
+
+/// Every node's memory, descriptors, threads and data on disk.
+pub fn node_costs(tandem: &BenchCluster) -> anyhow::Result<Vec<NodeCost>> {
+    let config = tandem.config()?;
+    let mut costs = Vec::new();
+    for n in &config.nodes {
+        let pid = tandem.pid(n.id).ok();
+        let count = |what: &str| pid.and_then(|p| std::fs::read_dir(format!("/proc/{p}/{what}")).ok()).map(|d| d.count() as u64);
+        let rss_bytes = node_memory(tandem, n.id).ok().flatten();
+        costs.push(NodeCost {
+            node: n.id,
+            rss_bytes,
+            fds: count("fd"),
+            threads: count("task"),
+            data_bytes: dir_bytes(&config.resolve(&n.data_dir)),
+        });
+    }
+    Ok(costs)
+}
+
+/// The bytes of the files under `dir` (allocated size is not asked for: sparse files count
+/// at their length).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }

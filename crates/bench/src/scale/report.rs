@@ -5,7 +5,7 @@ use serde::Serialize;
 use tandem_types::NodeId;
 
 use super::create::CreateFigures;
-use super::observe::{Join, PathFigures, Settle};
+use super::observe::{Join, NodeCost, PathFigures, Settle};
 use super::watch::Failover;
 use super::{ScaleArgs, NODES, VOLUME_BYTES};
 use crate::goal::{ratio, Goal, Op};
@@ -34,6 +34,8 @@ pub struct Step {
     /// Setting writes once the step is created.
     pub writes: WriteRates,
     pub leader_rss_bytes: Option<u64>,
+    /// Every node's memory, descriptors, threads and data once the step is created.
+    pub nodes: Vec<NodeCost>,
     /// The path manager's work while the step was created.
     pub paths: PathFigures,
     pub paths_recompute_max_s: Option<f64>,
@@ -183,7 +185,7 @@ pub fn print_table(r: &Report) {
     println!();
     for s in &r.steps {
         println!(
-            "{} volumes: settled in {:.1} s ({}/{} served, {}/{} hosts mapped); leader node {}; new node {} after `node add`: API {:.2} s, caught up {:.2} s (leader snapshot at {}, log purged to {}); failover of node {} (primary of {}): {} hosts watched, {} not updated, p99 {}, open-file limit {}; ISR full again {}",
+            "{} volumes: settled in {:.1} s ({}/{} served, {}/{} hosts mapped); leader node {}; new node {} after `node add`: API {:.2} s, caught up {:.2} s (leader snapshot at {}, log purged to {}); failover of node {} (primary of {}): {} hosts watched, {} not updated, p99 {}, all failovers committed {} ({} volumes left), open-file limit {}; ISR full again {}",
             s.volumes,
             s.settle.seconds,
             s.settle.volumes_served,
@@ -201,9 +203,26 @@ pub fn print_table(r: &Report) {
             s.failover.hosts_affected,
             s.failover.hosts_not_updated,
             secs(s.failover.p99_s),
+            secs(s.failover.failover_committed_s),
+            s.failover.volumes_not_failed_over.map_or("n/a".into(), |n| n.to_string()),
             s.failover.open_files_limit.map_or("n/a".into(), |l| l.to_string()),
             s.rejoin_s.map_or("not within the wait".into(), |t| format!("{t:.1} s after the restart")),
         );
+    }
+    println!();
+    println!("what each node holds once a step is created:");
+    for s in &r.steps {
+        for n in &s.nodes {
+            println!(
+                "  {:>6} volumes: node {}: RSS {} MiB, {} open fds, {} threads, {:.1} MiB of data",
+                s.volumes,
+                n.node,
+                n.rss_bytes.map_or("n/a".into(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64)),
+                n.fds.map_or("n/a".into(), |f| f.to_string()),
+                n.threads.map_or("n/a".into(), |t| t.to_string()),
+                n.data_bytes as f64 / (1 << 20) as f64
+            );
+        }
     }
     println!(
         "state grew {:.1}x from the first step to the last; \"flat\" figures should stay ~1x, \"linear\" ones grow with the state (or with what changed)",

@@ -37,6 +37,10 @@ const READY_WAIT: Duration = Duration::from_secs(60);
 /// A host whose map has not changed this long after the kill is counted as not updated.
 const UPDATE_WAIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(20);
+/// Every volume of the victim has a new primary within this long of the kill, or the
+/// benchmark reports how many do not and goes on (the failovers are Raft writes, one per
+/// volume: thousands of them take as long as thousands of writes).
+const COMMIT_WAIT: Duration = Duration::from_secs(90);
 /// Between two reads of every volume, waiting for the failover to commit.
 const COMMITTED_POLL: Duration = Duration::from_millis(200);
 /// After a failed long-poll (a survivor busy or restarting its listener).
@@ -59,8 +63,10 @@ pub struct Failover {
     pub p99_s: Option<f64>,
     pub max_s: Option<f64>,
     /// From the kill until no volume has the victim as primary any more (the leader's failover
-    /// committed for each); `None`: not within [`UPDATE_WAIT`].
+    /// committed for each); `None`: not within [`COMMIT_WAIT`].
     pub failover_committed_s: Option<f64>,
+    /// Volumes that still had the victim as primary when that wait ended (0 when it did not).
+    pub volumes_not_failed_over: Option<u64>,
     /// The open-file limit of the nodes whose API the watchers held connections to.
     pub open_files_limit: Option<u64>,
 }
@@ -156,7 +162,7 @@ pub async fn failover(tandem: &BenchCluster, hosts: u64) -> anyhow::Result<Failo
             None => not_updated += 1,
         }
     }
-    let failover_committed_s = failover_committed(leader_api, victim, killed_at).await;
+    let (failover_committed_s, volumes_not_failed_over) = failover_committed(leader_api, victim, killed_at).await;
     delays_s.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         (!delays_s.is_empty())
@@ -172,24 +178,29 @@ pub async fn failover(tandem: &BenchCluster, hosts: u64) -> anyhow::Result<Failo
         p99_s: pct(0.99),
         max_s: delays_s.last().copied(),
         failover_committed_s,
+        volumes_not_failed_over,
         open_files_limit: survivors.iter().filter_map(|(id, _)| open_files_limit(tandem, *id)).min(),
     })
 }
 
 /// Seconds from the kill until no volume names `victim` as its primary, as the leader (a
-/// survivor) shows them; `None` if not within [`UPDATE_WAIT`]. The hosts' maps may change
-/// before that: a map shows the failover's candidate as soon as the victim is known dead.
-async fn failover_committed(leader_api: SocketAddr, victim: NodeId, killed_at: Instant) -> Option<f64> {
+/// survivor) shows them, or `None` if not within [`COMMIT_WAIT`]; and how many volumes still
+/// did at the last look. The hosts' maps may change before that: a map shows the failover's
+/// candidate as soon as the victim is known dead.
+async fn failover_committed(leader_api: SocketAddr, victim: NodeId, killed_at: Instant) -> (Option<f64>, Option<u64>) {
     let api = tandem_client::Api::new(&leader_api.to_string()).with_timeout(Duration::from_secs(30));
-    while killed_at.elapsed() < UPDATE_WAIT {
+    let mut left = None;
+    while killed_at.elapsed() < COMMIT_WAIT {
         if let Ok(volumes) = api.get::<Vec<VolumeView>>("/v1/volumes").await {
-            if volumes.iter().all(|v| v.primary != victim) {
-                return Some(killed_at.elapsed().as_secs_f64());
+            let n = volumes.iter().filter(|v| v.primary == victim).count() as u64;
+            left = Some(n);
+            if n == 0 {
+                return (Some(killed_at.elapsed().as_secs_f64()), left);
             }
         }
         tokio::time::sleep(COMMITTED_POLL).await;
     }
-    None
+    (None, left)
 }
 
 /// One host's watcher: a short long-poll first (its answer means the connection is open:
