@@ -285,7 +285,9 @@ pub fn node_costs(tandem: &BenchCluster) -> anyhow::Result<Vec<NodeCost>> {
     let mut costs = Vec::new();
     for n in &config.nodes {
         let pid = tandem.pid(n.id).ok();
-        let count = |what: &str| pid.and_then(|p| std::fs::read_dir(format!("/proc/{p}/{what}")).ok()).map(|d| d.count() as u64);
+        let count = |what: &str| {
+            pid.and_then(|p| std::fs::read_dir(format!("/proc/{p}/{what}")).ok()).map(|d| d.count() as u64)
+        };
         let rss_bytes = node_memory(tandem, n.id).ok().flatten();
         costs.push(NodeCost {
             node: n.id,
