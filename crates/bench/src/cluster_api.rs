@@ -86,7 +86,7 @@ impl BenchCluster {
 
     /// Node `id`'s process id.
     pub fn pid(&self, id: NodeId) -> anyhow::Result<i32> {
-        Ok(self.cluster.try_pid(id.get()).with_context(|| format!("node {id}'s pid"))?)
+        self.cluster.try_pid(id.get()).with_context(|| format!("node {id}'s pid"))
     }
 
     /// `tandem node add --id ID --cluster DIR`: makes node `id` (certificate, config entry,
