@@ -276,3 +276,36 @@ async fn write_rates(tandem: &BenchCluster, duration: Duration, tag: &str) -> an
     let one_client = figures.pop().expect("two runs");
     Ok(WriteRates { one_client, many_clients })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(volumes: u64, hosts: u64, steps: Vec<u64>) -> ScaleArgs {
+        ScaleArgs { volumes, hosts, volumes_per_host: 10, steps, seconds: 1, json: false }
+    }
+
+    fn pairs(t: &[Target]) -> Vec<(u64, u64)> {
+        t.iter().map(|t| (t.volumes, t.hosts)).collect()
+    }
+
+    #[test]
+    fn default_steps_are_a_tenth_then_all_with_hosts_in_proportion() {
+        let t = targets(&args(10_000, 1_000, vec![])).expect("targets");
+        assert_eq!(pairs(&t), vec![(1_000, 100), (10_000, 1_000)]);
+    }
+
+    #[test]
+    fn the_last_step_is_always_all_volumes() {
+        let t = targets(&args(3_000, 300, vec![100, 1_000])).expect("targets");
+        assert_eq!(pairs(&t), vec![(100, 10), (1_000, 100), (3_000, 300)]);
+    }
+
+    #[test]
+    fn steps_must_ascend_within_the_volumes() {
+        assert!(targets(&args(1_000, 100, vec![500, 200])).is_err());
+        assert!(targets(&args(1_000, 100, vec![2_000])).is_err());
+        // A first step smaller than the volumes each host is connected to.
+        assert!(targets(&args(1_000, 100, vec![5])).is_err());
+    }
+}

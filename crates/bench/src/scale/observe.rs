@@ -313,3 +313,33 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         })
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# TYPE tandem_raft_applied_index gauge\n\
+        tandem_raft_applied_index 8451\n\
+        tandem_host_paths{host=\"h\",state=\"unavailable\"} 3\n\
+        tandem_paths_recomputes_total 10\n\
+        tandem_paths_recompute_seconds_total 0.5\n\
+        tandem_paths_hosts_recomputed_total 40\n";
+
+    #[test]
+    fn metric_reads_unlabelled_samples_only() {
+        assert_eq!(metric(TEXT, "tandem_raft_applied_index"), Some(8451.0));
+        assert_eq!(metric(TEXT, "tandem_host_paths"), None);
+        assert_eq!(metric(TEXT, "tandem_raft_snapshot_bytes"), None);
+    }
+
+    #[test]
+    fn path_figures_are_differences_and_absent_metrics_stay_absent() {
+        let before = PathMetrics::of("tandem_paths_recomputes_total 2\ntandem_paths_recompute_seconds_total 0.1\ntandem_paths_hosts_recomputed_total 8\n");
+        let f = PathMetrics::of(TEXT).since(&before);
+        assert_eq!(f.recomputes, Some(8.0));
+        assert_eq!(f.hosts_per_recompute, Some(4.0));
+        assert!((f.ms_per_recompute.expect("ms") - 50.0).abs() < 1e-9);
+        let none = PathMetrics::of("").since(&PathMetrics::of(""));
+        assert_eq!((none.recomputes, none.ms_per_recompute), (None, None));
+    }
+}
