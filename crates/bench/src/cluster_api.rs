@@ -29,9 +29,20 @@ pub struct BenchCluster {
 
 impl BenchCluster {
     pub async fn start(nodes: u32) -> anyhow::Result<BenchCluster> {
+        BenchCluster::start_with(nodes, None).await
+    }
+
+    /// A cluster whose cluster.toml is edited by `edit` before its nodes serve (the kit restarts
+    /// them on the edited file).
+    pub async fn start_with(nodes: u32, edit: Option<&dyn Fn(&str) -> String>) -> anyhow::Result<BenchCluster> {
         let exe = std::env::current_exe().context("cannot find the tandem executable")?;
         let cluster = tokio::task::block_in_place(|| {
-            Cluster::builder().nodes(nodes).exe(exe).prefix("tandem-bench-").without_turn().log_level_from_env().start()
+            let builder =
+                Cluster::builder().nodes(nodes).exe(exe).prefix("tandem-bench-").without_turn().log_level_from_env();
+            match edit {
+                Some(edit) => builder.edit_config(edit).start(),
+                None => builder.start(),
+            }
         })
         .with_context(|| format!("cannot start a {nodes}-node Tandem cluster"))?;
         // From here on the cluster's `Drop` stops the nodes if anything fails.

@@ -66,6 +66,10 @@ const SECONDS_MAX: u64 = 60;
 /// Ids of the nodes added to time a catch-up: one per step, never reused (a removed node's
 /// data dir stays behind).
 const JOIN_NODE_ID_BASE: u64 = 100;
+/// Bounds on `--snapshot-after-entries`: a snapshot at least every 10 entries (the state is
+/// encoded whole each time), at most every million.
+const SNAPSHOT_AFTER_MIN: u64 = 10;
+const SNAPSHOT_AFTER_MAX: u64 = 1_000_000;
 
 #[derive(Args)]
 pub struct ScaleArgs {
@@ -83,6 +87,11 @@ pub struct ScaleArgs {
     /// --volumes (which is always the last); default: --volumes/10, then --volumes.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=VOLUMES_MAX))]
     steps: Vec<u64>,
+    /// Sets the cluster's `snapshot_after_entries` to N and `logs_to_keep` to N/10 (cluster.toml),
+    /// so that the leader builds a snapshot and purges its log early and a new node is sent the
+    /// snapshot rather than the log; default: the config's defaults (10,000 and 2,000 entries).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(SNAPSHOT_AFTER_MIN..=SNAPSHOT_AFTER_MAX))]
+    snapshot_after_entries: Option<u64>,
     /// How long each setting-write run lasts (before anything is created, and after each step).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=SECONDS_MAX))]
     seconds: u64,
@@ -123,6 +132,24 @@ fn targets(args: &ScaleArgs) -> anyhow::Result<Vec<Target>> {
         .collect())
 }
 
+/// cluster.toml with `snapshot_after_entries = n` and `logs_to_keep = n/10` (the lines `tandem
+/// up` writes in its `[cluster]` section).
+fn snapshot_config(text: &str, n: u64) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with("snapshot_after_entries") {
+                format!("snapshot_after_entries = {n}")
+            } else if l.starts_with("logs_to_keep") {
+                format!("logs_to_keep = {}", n / 10)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
 pub fn volume_name(i: u64) -> String {
     format!("scale-v{i:05}")
 }
@@ -134,7 +161,13 @@ pub fn host_name(i: u64) -> String {
 pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
     let targets = targets(&args)?;
     eprintln!("starting a {NODES}-node Tandem cluster (tandem up --detach)");
-    let tandem = BenchCluster::start(NODES).await?;
+    let tandem = match args.snapshot_after_entries {
+        None => BenchCluster::start(NODES).await?,
+        Some(n) => {
+            eprintln!("  with snapshot_after_entries = {n}, logs_to_keep = {}", n / 10);
+            BenchCluster::start_with(NODES, Some(&|text: &str| snapshot_config(text, n))).await?
+        }
+    };
     eprintln!("  in {}", tandem.dir().display());
     let measured = measure(&args, &targets, &tandem).await;
     eprintln!("stopping the Tandem cluster");
@@ -282,7 +315,7 @@ mod tests {
     use super::*;
 
     fn args(volumes: u64, hosts: u64, steps: Vec<u64>) -> ScaleArgs {
-        ScaleArgs { volumes, hosts, volumes_per_host: 10, steps, seconds: 1, json: false }
+        ScaleArgs { volumes, hosts, volumes_per_host: 10, steps, snapshot_after_entries: None, seconds: 1, json: false }
     }
 
     fn pairs(t: &[Target]) -> Vec<(u64, u64)> {
@@ -299,6 +332,13 @@ mod tests {
     fn the_last_step_is_always_all_volumes() {
         let t = targets(&args(3_000, 300, vec![100, 1_000])).expect("targets");
         assert_eq!(pairs(&t), vec![(100, 10), (1_000, 100), (3_000, 300)]);
+    }
+
+    #[test]
+    fn snapshot_config_sets_both_lines() {
+        let text = "[cluster]\nname = \"x\"\nsnapshot_after_entries = 10000\nlogs_to_keep = 2000\n";
+        let edited = snapshot_config(text, 500);
+        assert_eq!(edited, "[cluster]\nname = \"x\"\nsnapshot_after_entries = 500\nlogs_to_keep = 50\n");
     }
 
     #[test]
