@@ -16,6 +16,8 @@
 //!   not the Raft leader (so a failover is timed, not an election) is killed with SIGKILL, and
 //!   per host whose map had an active-optimized path through it, the time until its map has
 //!   none; the node is restarted and every volume's ISR is full again before the next step.
+//!   With `--kill-leader`, the same once more with the Raft leader as the victim (an election,
+//!   then the failover).
 //!
 //! Then a table per step, the growth of each figure from the first step to the last, and the
 //! goal `scale-path-map-p50` at the largest step (BENCH.md: a watching host has its new map
@@ -41,7 +43,7 @@ use tandem_types::NodeId;
 use self::create::{connect_hosts, create_hosts, create_volumes};
 use self::observe::{join_new_node, node_costs, node_memory, scrape, settle, wait_full_isr, PathMetrics};
 use self::report::{print_table, report, Step, WriteRates};
-use self::watch::failover;
+use self::watch::{failover, Failover, Victim};
 use crate::cluster_api::BenchCluster;
 use crate::load;
 use crate::meta::tandem_client::TandemClient;
@@ -92,6 +94,10 @@ pub struct ScaleArgs {
     /// snapshot rather than the log; default: the config's defaults (10,000 and 2,000 entries).
     #[arg(long, value_parser = clap::value_parser!(u64).range(SNAPSHOT_AFTER_MIN..=SNAPSHOT_AFTER_MAX))]
     snapshot_after_entries: Option<u64>,
+    /// At each step, after the failover of a node that is not the Raft leader, kill the leader
+    /// too (once every ISR is full again) and time the same: an election, then the failover.
+    #[arg(long)]
+    kill_leader: bool,
     /// How long each setting-write run lasts (before anything is created, and after each step).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=SECONDS_MAX))]
     seconds: u64,
@@ -256,24 +262,11 @@ async fn one_step(
         join.leader_purged_index.map_or("none".to_string(), |i| i.to_string()),
     );
     tandem.remove_node(join_id).await?;
-    let fail = failover(tandem, target.hosts).await?;
-    eprintln!(
-        "  failover of node {}: {} hosts affected, map updated p50 {} p99 {} max {} ({} never within the wait); every failover committed {} ({} volumes left)",
-        fail.victim,
-        fail.hosts_affected,
-        report::secs(fail.p50_s),
-        report::secs(fail.p99_s),
-        report::secs(fail.max_s),
-        fail.hosts_not_updated,
-        report::secs(fail.failover_committed_s),
-        fail.volumes_not_failed_over.map_or("n/a".to_string(), |n| n.to_string()),
-    );
-    let rejoin_s = wait_full_isr(tandem, fail.victim).await?;
-    eprintln!(
-        "  node {} restarted; every ISR full again: {}",
-        fail.victim,
-        rejoin_s.map_or("not within the wait".to_string(), |s| format!("after {s:.1} s"))
-    );
+    let (fail, rejoin_s) = fail_and_rejoin(tandem, target.hosts, Victim::MostPrimaries).await?;
+    let leader_failover = match args.kill_leader {
+        true => Some(fail_and_rejoin(tandem, target.hosts, Victim::Leader).await?),
+        false => None,
+    };
     Ok(Step {
         volumes: target.volumes,
         hosts: target.hosts,
@@ -289,7 +282,33 @@ async fn one_step(
         join,
         failover: fail,
         rejoin_s,
+        leader_failover,
     })
+}
+
+/// One failover (see `watch.rs`), then the victim's restart and the wait for every ISR to be
+/// full again (`None`: not within the wait).
+async fn fail_and_rejoin(tandem: &BenchCluster, hosts: u64, which: Victim) -> anyhow::Result<(Failover, Option<f64>)> {
+    let fail = failover(tandem, hosts, which).await?;
+    eprintln!(
+        "  failover of node {}{}: {} hosts affected, map updated p50 {} p99 {} max {} ({} never within the wait); every failover committed {} ({} volumes left)",
+        fail.victim,
+        if which == Victim::Leader { " (the Raft leader)" } else { "" },
+        fail.hosts_affected,
+        report::secs(fail.p50_s),
+        report::secs(fail.p99_s),
+        report::secs(fail.max_s),
+        fail.hosts_not_updated,
+        report::secs(fail.failover_committed_s),
+        fail.volumes_not_failed_over.map_or("n/a".to_string(), |n| n.to_string()),
+    );
+    let rejoin_s = wait_full_isr(tandem, fail.victim).await?;
+    eprintln!(
+        "  node {} restarted; every ISR full again: {}",
+        fail.victim,
+        rejoin_s.map_or("not within the wait".to_string(), |s| format!("after {s:.1} s"))
+    );
+    Ok((fail, rejoin_s))
 }
 
 async fn write_rates(tandem: &BenchCluster, duration: Duration, tag: &str) -> anyhow::Result<WriteRates> {
@@ -315,7 +334,16 @@ mod tests {
     use super::*;
 
     fn args(volumes: u64, hosts: u64, steps: Vec<u64>) -> ScaleArgs {
-        ScaleArgs { volumes, hosts, volumes_per_host: 10, steps, snapshot_after_entries: None, seconds: 1, json: false }
+        ScaleArgs {
+            volumes,
+            hosts,
+            volumes_per_host: 10,
+            steps,
+            snapshot_after_entries: None,
+            kill_leader: false,
+            seconds: 1,
+            json: false,
+        }
     }
 
     fn pairs(t: &[Target]) -> Vec<(u64, u64)> {

@@ -43,6 +43,8 @@ pub struct Step {
     pub failover: Failover,
     /// From the victim's restart until every ISR was full again (`None`: not within the wait).
     pub rejoin_s: Option<f64>,
+    /// `--kill-leader`: the same with the Raft leader killed, and its rejoin.
+    pub leader_failover: Option<(Failover, Option<f64>)>,
 }
 
 /// One figure's growth from the first step to the last.
@@ -78,7 +80,7 @@ pub struct Report {
 type Figure = fn(&Step, &WriteRates) -> Option<f64>;
 
 /// The figures shown per step and in the growth: label, unit decimals, expectation, value.
-const FIGURES: [(&str, usize, &str, Figure); 17] = [
+const FIGURES: [(&str, usize, &str, Figure); 19] = [
     ("volumes created/s", 0, "flat", |s, _| created(s, "volumes")),
     ("hosts created/s", 0, "flat", |s, _| created(s, "hosts")),
     ("connections made/s", 0, "flat", |s, _| created(s, "connections")),
@@ -100,6 +102,10 @@ const FIGURES: [(&str, usize, &str, Figure); 17] = [
     ("failover: map p50 s", 2, "linear", |s, _| s.failover.p50_s),
     ("failover: map max s", 2, "linear", |s, _| s.failover.max_s),
     ("failover: all committed s", 2, "linear", |s, _| s.failover.failover_committed_s),
+    ("leader killed: map p50 s", 2, "linear", |s, _| s.leader_failover.as_ref().and_then(|f| f.0.p50_s)),
+    ("leader killed: committed s", 2, "linear", |s, _| {
+        s.leader_failover.as_ref().and_then(|f| f.0.failover_committed_s)
+    }),
 ];
 
 fn created(s: &Step, what: &str) -> Option<f64> {
@@ -208,6 +214,24 @@ pub fn print_table(r: &Report) {
             s.failover.open_files_limit.map_or("n/a".into(), |l| l.to_string()),
             s.rejoin_s.map_or("not within the wait".into(), |t| format!("{t:.1} s after the restart")),
         );
+    }
+    for s in &r.steps {
+        if let Some((f, rejoin)) = &s.leader_failover {
+            println!(
+                "{} volumes, the Raft leader (node {}, primary of {}) killed: {} hosts watched, {} not updated, map p50 {} p99 {} max {}, all failovers committed {} ({} volumes left); ISR full again {}",
+                s.volumes,
+                f.victim,
+                f.victim_primaries,
+                f.hosts_affected,
+                f.hosts_not_updated,
+                secs(f.p50_s),
+                secs(f.p99_s),
+                secs(f.max_s),
+                secs(f.failover_committed_s),
+                f.volumes_not_failed_over.map_or("n/a".into(), |n| n.to_string()),
+                rejoin.map_or("not within the wait".into(), |t| format!("{t:.1} s after the restart")),
+            );
+        }
     }
     println!();
     println!("what each node holds once a step is created:");

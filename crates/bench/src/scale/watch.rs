@@ -3,6 +3,8 @@
 //! node, as a host agent does; the victim (the node that is primary of the most volumes, not
 //! the Raft leader, so that a failover is timed and not an election) is killed with SIGKILL;
 //! per host, the time from the kill until its map has no active-optimized path through it.
+//! With `--kill-leader` the same is done once more with the Raft leader as the victim: an
+//! election first, then the failover.
 //!
 //! All watchers hold a connection open at once (1,000 at 10,000 volumes). The HTTP client has
 //! no connection cap; the nodes' API (axum) has none either, so the bound is the processes'
@@ -89,9 +91,18 @@ async fn get_map(http: &reqwest::Client, url: &str) -> anyhow::Result<PathMapVie
     Ok(resp.json().await?)
 }
 
-/// Kills the node that is primary of the most volumes (not the leader) under the watch of
-/// every host `0..hosts` whose map goes through it.
-pub async fn failover(tandem: &BenchCluster, hosts: u64) -> anyhow::Result<Failover> {
+/// Which node a failover kills.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Victim {
+    /// The node that is primary of the most volumes, not the Raft leader: a failover alone.
+    MostPrimaries,
+    /// The Raft leader: an election, then the failover of the leader's volumes.
+    Leader,
+}
+
+/// Kills the victim (see [`Victim`]) under the watch of every host `0..hosts` whose map goes
+/// through it.
+pub async fn failover(tandem: &BenchCluster, hosts: u64, which: Victim) -> anyhow::Result<Failover> {
     let (leader, leader_api) = tandem.leader().await?;
     let volumes: Vec<VolumeView> = tandem_client::Api::new(&leader_api.to_string())
         .with_timeout(Duration::from_secs(30))
@@ -100,12 +111,15 @@ pub async fn failover(tandem: &BenchCluster, hosts: u64) -> anyhow::Result<Failo
         .context("the volumes")?;
     let nodes = tandem.node_apis()?;
     let primaries = |id: NodeId| volumes.iter().filter(|v| v.primary == id).count() as u64;
-    let (victim, victim_primaries) = nodes
-        .iter()
-        .filter(|(id, _)| *id != leader)
-        .map(|(id, _)| (*id, primaries(*id)))
-        .max_by_key(|(id, n)| (*n, std::cmp::Reverse(*id)))
-        .ok_or_else(|| anyhow!("the cluster has no node besides the leader"))?;
+    let (victim, victim_primaries) = match which {
+        Victim::Leader => (leader, primaries(leader)),
+        Victim::MostPrimaries => nodes
+            .iter()
+            .filter(|(id, _)| *id != leader)
+            .map(|(id, _)| (*id, primaries(*id)))
+            .max_by_key(|(id, n)| (*n, std::cmp::Reverse(*id)))
+            .ok_or_else(|| anyhow!("the cluster has no node besides the leader"))?,
+    };
     let survivors: Vec<(NodeId, SocketAddr)> = nodes.iter().copied().filter(|(id, _)| *id != victim).collect();
     let http = http()?;
 
@@ -162,7 +176,8 @@ pub async fn failover(tandem: &BenchCluster, hosts: u64) -> anyhow::Result<Failo
             None => not_updated += 1,
         }
     }
-    let (failover_committed_s, volumes_not_failed_over) = failover_committed(leader_api, victim, killed_at).await;
+    // Read through a survivor: the leader may be the victim.
+    let (failover_committed_s, volumes_not_failed_over) = failover_committed(survivors[0].1, victim, killed_at).await;
     delays_s.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         (!delays_s.is_empty())
@@ -183,12 +198,12 @@ pub async fn failover(tandem: &BenchCluster, hosts: u64) -> anyhow::Result<Failo
     })
 }
 
-/// Seconds from the kill until no volume names `victim` as its primary, as the leader (a
-/// survivor) shows them, or `None` if not within [`COMMIT_WAIT`]; and how many volumes still
+/// Seconds from the kill until no volume names `victim` as its primary, as a survivor shows
+/// them, or `None` if not within [`COMMIT_WAIT`]; and how many volumes still
 /// did at the last look. The hosts' maps may change before that: a map shows the failover's
 /// candidate as soon as the victim is known dead.
-async fn failover_committed(leader_api: SocketAddr, victim: NodeId, killed_at: Instant) -> (Option<f64>, Option<u64>) {
-    let api = tandem_client::Api::new(&leader_api.to_string()).with_timeout(Duration::from_secs(30));
+async fn failover_committed(survivor: SocketAddr, victim: NodeId, killed_at: Instant) -> (Option<f64>, Option<u64>) {
+    let api = tandem_client::Api::new(&survivor.to_string()).with_timeout(Duration::from_secs(30));
     let mut left = None;
     while killed_at.elapsed() < COMMIT_WAIT {
         if let Ok(volumes) = api.get::<Vec<VolumeView>>("/v1/volumes").await {
