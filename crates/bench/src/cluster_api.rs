@@ -29,9 +29,20 @@ pub struct BenchCluster {
 
 impl BenchCluster {
     pub async fn start(nodes: u32) -> anyhow::Result<BenchCluster> {
+        BenchCluster::start_with(nodes, None).await
+    }
+
+    /// A cluster whose cluster.toml is edited by `edit` before its nodes serve (the kit restarts
+    /// them on the edited file).
+    pub async fn start_with(nodes: u32, edit: Option<&dyn Fn(&str) -> String>) -> anyhow::Result<BenchCluster> {
         let exe = std::env::current_exe().context("cannot find the tandem executable")?;
         let cluster = tokio::task::block_in_place(|| {
-            Cluster::builder().nodes(nodes).exe(exe).prefix("tandem-bench-").without_turn().log_level_from_env().start()
+            let builder =
+                Cluster::builder().nodes(nodes).exe(exe).prefix("tandem-bench-").without_turn().log_level_from_env();
+            match edit {
+                Some(edit) => builder.edit_config(edit).start(),
+                None => builder.start(),
+            }
         })
         .with_context(|| format!("cannot start a {nodes}-node Tandem cluster"))?;
         // From here on the cluster's `Drop` stops the nodes if anything fails.
@@ -70,6 +81,40 @@ impl BenchCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The leader's id and API address, as the nodes report it.
+    pub async fn leader(&self) -> anyhow::Result<(NodeId, SocketAddr)> {
+        let addr = self.leader_api().await?;
+        let id = self
+            .node_apis()?
+            .into_iter()
+            .find(|(_, a)| *a == addr)
+            .map(|(id, _)| id)
+            .ok_or_else(|| anyhow::anyhow!("the leader's API {addr} is not in cluster.toml"))?;
+        Ok((id, addr))
+    }
+
+    /// Node `id`'s process id.
+    pub fn pid(&self, id: NodeId) -> anyhow::Result<i32> {
+        self.cluster.try_pid(id.get()).with_context(|| format!("node {id}'s pid"))
+    }
+
+    /// `tandem node add --id ID --cluster DIR`: makes node `id` (certificate, config entry,
+    /// process) and registers it with the leader; it catches up on its own afterwards.
+    pub async fn add_node(&self, id: NodeId) -> anyhow::Result<()> {
+        let added = tokio::task::block_in_place(|| self.cluster.try_add_node(Some(id.get())))
+            .with_context(|| format!("cannot add node {id}"))?;
+        if added != id.get() {
+            bail!("`tandem node add --id {id}` added node {added}");
+        }
+        Ok(())
+    }
+
+    /// `tandem node remove ID --cluster DIR`: the leader drops the node and its process stops.
+    pub async fn remove_node(&self, id: NodeId) -> anyhow::Result<()> {
+        tokio::task::block_in_place(|| self.cluster.try_remove_node(id.get()))
+            .with_context(|| format!("cannot remove node {id}"))
     }
 
     /// The cluster's `cluster.toml`: each node's id and addresses.

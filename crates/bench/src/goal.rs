@@ -89,6 +89,16 @@ impl Goal {
         g.unit = Some(unit.to_string());
         g
     }
+
+    /// An absolute goal on a ratio that is not to a reference, named by `label` and printed
+    /// with two decimals on both sides, e.g.
+    /// `goal meta-rate-flat-1-client: last/first 0.97 (target >= 0.90) met`.
+    pub fn labelled(name: &str, label: &str, figure: f64, op: Op, target: f64) -> Goal {
+        let mut g = Goal::absolute(name, figure, 2, op, target);
+        g.line =
+            format!("goal {name}: {label} {:.2} (target {} {target:.2}) {}", g.measured, op.symbol(), verdict(g.met));
+        g
+    }
 }
 
 fn judge(measured: f64, op: Op, target: f64) -> bool {
@@ -157,6 +167,14 @@ mod tests {
         let g = Goal::absolute_in("failover-write-stall", 3120.4, 0, "ms", Op::AtMost, 3750.0);
         assert_eq!(g.line, "goal failover-write-stall: 3120 ms (target <= 3750 ms) met");
         assert!(!Goal::absolute_in("f", 3750.6, 0, "ms", Op::AtMost, 3750.0).met);
+    }
+
+    #[test]
+    fn labelled_goal_line_has_the_scripted_form() {
+        let g = Goal::labelled("meta-rate-flat-1-client", "last/first", 0.9712, Op::AtLeast, 0.9);
+        assert_eq!(g.line, "goal meta-rate-flat-1-client: last/first 0.97 (target >= 0.90) met");
+        assert!(!Goal::labelled("f", "last/first", 0.894, Op::AtLeast, 0.9).met);
+        assert!(!Goal::labelled("f", "last/first", f64::NAN, Op::AtLeast, 0.9).met);
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //!   jobs against `qemu-nbd --cache=writethrough` serving a local raw file.
 //! - `failover/`: `bench failover`, `kill -9` of a volume's primary under a write load from
 //!   a minimal NBD client, repeated; the longest write stall against the failure timeout.
+//! - `scale/`: `bench scale`, how the metadata's costs grow with the number of volumes and
+//!   hosts: write rates, memory, snapshot and catch-up, path recomputes, failover to hosts' maps.
 
 mod cluster_api;
 mod failover;
@@ -31,6 +33,7 @@ mod goal;
 mod io;
 mod load;
 mod meta;
+mod scale;
 mod tools;
 mod transport;
 
@@ -52,6 +55,12 @@ pub enum BenchCmd {
     /// Kill -9 a volume's primary under a write load that goes through another node, N times:
     /// the longest write stall, failed writes, the new primary, the time to rejoin.
     Failover(failover::FailoverArgs),
+    /// Creates volumes, hosts and connections on a local 3-node cluster in steps (default 1,000
+    /// then 10,000 volumes, 100 then 1,000 hosts) and reports, per step, the metadata write
+    /// rates, the leader's memory, its snapshot and a new node's catch-up, the path manager's
+    /// recompute time, the delay from a failover to every watching host's map; and how each
+    /// grows with the state.
+    Scale(scale::ScaleArgs),
     /// The peer process of `bench transport`; started by the benchmark, not by hand.
     #[command(hide = true)]
     TransportPeer(transport::PeerArgs),
@@ -68,6 +77,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             BenchCmd::TransportPeer(args) => transport::peer(args).await,
             BenchCmd::Io(args) => io::run(args).await,
             BenchCmd::Failover(args) => failover::run(args).await,
+            BenchCmd::Scale(args) => scale::run(args).await,
         }
     };
     let interrupted = async {

@@ -89,6 +89,52 @@ pub async fn run<C: KvClient>(
     Ok(figures(all_ns, end - start))
 }
 
+/// What filling a system with keys took.
+#[derive(Clone, Debug, Serialize)]
+pub struct FillFigures {
+    pub keys: u64,
+    pub clients: usize,
+    pub elapsed_s: f64,
+    pub keys_per_s: f64,
+}
+
+/// Puts `keys` distinct keys (`{key_prefix}.{i}` for i in 0..keys) as fast as `clients` go:
+/// each client takes the next unwritten index until none is left, one put in flight. For
+/// preloading a system with a large state before it is measured.
+pub async fn fill<C: KvClient>(
+    clients: Vec<C>,
+    keys: u64,
+    key_prefix: &str,
+    value: Bytes,
+) -> anyhow::Result<FillFigures> {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let client_count = clients.len();
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(client_count);
+    for client in clients {
+        let (next, value, prefix) = (next.clone(), value.clone(), key_prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= keys {
+                    return anyhow::Ok(());
+                }
+                put_once(&client, &format!("{prefix}.{i}"), &value).await?;
+            }
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        t.await.map_err(|e| anyhow!("fill client {i} crashed: {e}"))?.with_context(|| format!("fill client {i}"))?;
+    }
+    let elapsed_s = start.elapsed().as_secs_f64();
+    Ok(FillFigures {
+        keys,
+        clients: client_count,
+        elapsed_s,
+        keys_per_s: if elapsed_s > 0.0 { keys as f64 / elapsed_s } else { 0.0 },
+    })
+}
+
 async fn put_once<C: KvClient>(client: &C, key: &str, value: &Bytes) -> anyhow::Result<()> {
     tokio::time::timeout(PUT_TIMEOUT, client.put(key, value))
         .await
@@ -165,6 +211,14 @@ mod tests {
             tokio::task::yield_now().await;
             Ok(())
         }
+    }
+
+    #[tokio::test]
+    async fn fill_puts_every_key_once() {
+        let c = Arc::new(Counter(Default::default()));
+        let f = fill(vec![c.clone(), c.clone(), c.clone()], 100, "k", Bytes::from_static(b"v")).await.expect("fill");
+        assert_eq!(f.keys, 100);
+        assert_eq!(c.0.load(std::sync::atomic::Ordering::Relaxed), 100);
     }
 
     #[tokio::test]

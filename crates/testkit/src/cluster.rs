@@ -8,6 +8,9 @@
 //! [`Cluster::heal`]. Dropping the cluster stops every node, removes the namespaces and the
 //! temp dir (kept with `TANDEM_TEST_KEEP`), and prints the nodes' log tails if the test failed.
 //!
+//! [`Cluster::try_add_node`] and [`Cluster::try_remove_node`] change a detached cluster's
+//! membership as `tandem node add|remove` does.
+//!
 //! The fallible forms (`ClusterBuilder::start`, `try_*`, [`Cluster::stop`]) serve callers
 //! that must not panic, such as the benchmarks (with [`ClusterBuilder::log_level_from_env`]
 //! and [`Cluster::try_sigkill`]); tests use the panicking ones.
@@ -297,6 +300,36 @@ impl Cluster {
 
     pub fn restart_missing(&self) {
         self.try_restart_missing().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Adds a node to a detached cluster with `tandem node add --cluster DIR` (its certificate,
+    /// config entry, process and registration; `Drop` stops it with the others) and returns its
+    /// id once the leader has registered it (`id`: that id, which must be new; `None`: the
+    /// next after the largest in cluster.toml). The new node then catches up on its own.
+    pub fn try_add_node(&self, id: Option<u64>) -> Result<u64, Error> {
+        if self.net.is_some() {
+            return Err(Error("adding a node is supported on detached clusters only".into()));
+        }
+        let before = self.node_ids();
+        let id_arg = id.map(|i| i.to_string());
+        let mut args = vec!["node", "add", "--cluster", self.path_str()];
+        if let Some(i) = &id_arg {
+            args.extend(["--id", i.as_str()]);
+        }
+        self.try_tandem(&args)?;
+        self.node_ids()
+            .into_iter()
+            .find(|id| !before.contains(id))
+            .ok_or_else(|| Error("`tandem node add` added no node to cluster.toml".into()))
+    }
+
+    /// Removes node `id` from a detached cluster (`tandem node remove ID --cluster DIR`: the
+    /// leader drops it, its process is stopped and its config entry goes).
+    pub fn try_remove_node(&self, id: u64) -> Result<(), Error> {
+        if self.net.is_some() {
+            return Err(Error("removing a node is supported on detached clusters only".into()));
+        }
+        self.try_tandem(&["node", "remove", &id.to_string(), "--cluster", self.path_str()]).map(drop)
     }
 
     /// Stops the cluster and reports how it went; dropping it does the same silently.

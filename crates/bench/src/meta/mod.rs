@@ -5,6 +5,10 @@
 //! sequential 256-byte puts to distinct keys, sent to the leader. The four runs (Tandem 1, etcd 1,
 //! Tandem 64, etcd 64) are interleaved within each repeat so that the machine's noise hits both
 //! alike; every figure is the median over the repeats, and the ratios are of those medians.
+//! Every repeat's rate is shown too, with its spread (min/median/max), and Tandem's last repeat
+//! is compared with its first (`meta-rate-flat-*`): a store whose cost per write grows with
+//! its state slows down from one repeat to the next, since every run adds keys. `--keys N`
+//! preloads both systems with N keys first, so that the runs write against a large state.
 //!
 //! - `etcd.rs`: the 3-member etcd reference; `etcd_client.rs`: its gRPC client.
 //! - `tandem_client.rs`: Tandem's side of the client loop (settings over the HTTP API).
@@ -13,7 +17,7 @@
 mod etcd;
 mod etcd_client;
 mod report;
-mod tandem_client;
+pub(crate) mod tandem_client;
 
 use std::time::Duration;
 
@@ -24,7 +28,7 @@ use serde::Serialize;
 
 use self::etcd::EtcdCluster;
 use self::etcd_client::EtcdClient;
-use self::report::{print_table, report, Run};
+use self::report::{print_table, report, Preload, Run};
 use self::tandem_client::TandemClient;
 use crate::cluster_api::BenchCluster;
 use crate::load;
@@ -36,6 +40,10 @@ const CLIENT_COUNTS: [usize; 2] = [1, 64];
 /// Bounds on the flags, and so on the run time and on the latencies held in memory.
 const REPEATS_MAX: i64 = 100;
 const SECONDS_MAX: u64 = 600;
+/// The largest preload: a million 256-byte keys is about 300 MB of state on each system.
+const KEYS_MAX: u64 = 1_000_000;
+/// Clients that preload the keys, each one put in flight, as fast as they go.
+const PRELOAD_CLIENTS: usize = 64;
 
 #[derive(Args)]
 pub struct MetaArgs {
@@ -45,6 +53,10 @@ pub struct MetaArgs {
     /// How long each run writes, in seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=SECONDS_MAX))]
     pub(super) seconds: u64,
+    /// Before the runs, put this many distinct 256-byte keys into each system (64 clients, as
+    /// fast as they go), so that the runs write against a large state; 0: none.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=KEYS_MAX))]
+    pub(super) keys: u64,
     /// Print the result as one JSON document, and nothing else on stdout.
     #[arg(long)]
     json: bool,
@@ -74,13 +86,18 @@ pub async fn run(args: MetaArgs) -> anyhow::Result<()> {
     eprintln!("  in {}", tandem.dir().display());
     eprintln!("starting a {}-member etcd {etcd_version} ({}) on 127.0.0.1", etcd::MEMBERS, etcd_bin.display());
     let etcd = EtcdCluster::start(&etcd_bin).await?;
-    let measured = measure(&args, &tandem, &etcd).await;
+    let measured = async {
+        let preload = preload(&args, &tandem, &etcd).await?;
+        let runs = measure(&args, &tandem, &etcd).await?;
+        anyhow::Ok((preload, runs))
+    }
+    .await;
     eprintln!("stopping etcd and the Tandem cluster");
     drop(etcd);
     let stopped = tandem.stop().await;
-    let runs = measured?;
+    let (preload, runs) = measured?;
     stopped?;
-    let report = report(&args, etcd_version, runs);
+    let report = report(&args, etcd_version, preload, runs);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).context("cannot encode the report")?);
     } else {
@@ -89,9 +106,33 @@ pub async fn run(args: MetaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn value() -> Bytes {
+    Bytes::from((0..VALUE_BYTES).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>())
+}
+
+/// `--keys N`: N distinct keys into Tandem, then into etcd (one system at a time, so that
+/// neither's rate is the other's loss), each with [`PRELOAD_CLIENTS`] clients.
+async fn preload(args: &MetaArgs, tandem: &BenchCluster, etcd: &EtcdCluster) -> anyhow::Result<Option<Preload>> {
+    if args.keys == 0 {
+        return Ok(None);
+    }
+    let prefix = "bench.preload";
+    eprintln!("preloading {} keys of {VALUE_BYTES} B into Tandem ({PRELOAD_CLIENTS} clients)", args.keys);
+    let leader = tandem.leader_api().await?;
+    let cs = (0..PRELOAD_CLIENTS).map(|_| TandemClient::new(leader)).collect::<anyhow::Result<Vec<_>>>()?;
+    let t = load::fill(cs, args.keys, prefix, value()).await.context("preloading Tandem")?;
+    eprintln!("  tandem: {} keys in {:.1} s, {:.0} keys/s", t.keys, t.elapsed_s, t.keys_per_s);
+    eprintln!("preloading {} keys of {VALUE_BYTES} B into etcd ({PRELOAD_CLIENTS} clients)", args.keys);
+    let leader = etcd.leader_addr().await?;
+    let cs = futures::future::try_join_all((0..PRELOAD_CLIENTS).map(|_| EtcdClient::connect(leader))).await?;
+    let e = load::fill(cs, args.keys, prefix, value()).await.context("preloading etcd")?;
+    eprintln!("  etcd: {} keys in {:.1} s, {:.0} keys/s", e.keys, e.elapsed_s, e.keys_per_s);
+    Ok(Some(Preload { keys: args.keys, value_bytes: VALUE_BYTES, tandem: t, etcd: e }))
+}
+
 async fn measure(args: &MetaArgs, tandem: &BenchCluster, etcd: &EtcdCluster) -> anyhow::Result<Vec<Run>> {
     let duration = Duration::from_secs(args.seconds);
-    let value = Bytes::from((0..VALUE_BYTES).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>());
+    let value = value();
     let mut runs = Vec::new();
     for repeat in 1..=args.repeats {
         for clients in CLIENT_COUNTS {
