@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use tandem_clustermap::{MetaCmd, VolumeRecord};
 use tandem_meta::store::{MetaStore, RaftRole};
 use tandem_paths::pick_primary;
@@ -20,6 +21,8 @@ use crate::lease::Leases;
 
 /// How often the leader's supervisor looks for failed primaries.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+/// Failover commands proposed at once (they share log entries).
+const FAILOVERS_IN_FLIGHT_MAX: usize = 256;
 
 /// What the supervisor decided for one volume whose primary failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,30 +98,45 @@ impl Supervisor {
             *s.get_or_insert(now)
         };
         self.leases.note_heard(me, now);
-        let (volumes, sites, preferred) = self.meta.local_read(|st| {
+        // Liveness once per node, then decisions only for volumes whose primary is not alive:
+        // while every node is alive (nearly always) a round reads no volume at all.
+        let decisions: Vec<Decision> = self.meta.local_read(|st| {
+            let alive: BTreeMap<NodeId, bool> =
+                st.map.nodes.keys().map(|&n| (n, self.leases.alive(n, now, since))).collect();
+            if alive.values().all(|a| *a) {
+                return Vec::new();
+            }
             let sites: BTreeMap<NodeId, String> = st.map.nodes.iter().map(|(id, n)| (*id, n.site.clone())).collect();
             let preferred: HashMap<String, Option<String>> =
                 st.map.datasets.iter().map(|(name, d)| (name.clone(), d.preferred_site.clone())).collect();
-            (st.map.volumes.values().cloned().collect::<Vec<_>>(), sites, preferred)
+            let is_alive = |n: NodeId| alive.get(&n).copied().unwrap_or(false);
+            st.map
+                .volumes
+                .values()
+                .filter(|v| !is_alive(v.primary))
+                .filter_map(|v| decide(v, &sites, &preferred, me, is_alive))
+                .collect()
         });
-        // One volume at a time: liveness is read afresh after each commit.
-        for v in &volumes {
-            let Some(decision) = decide(v, &sites, &preferred, me, |n| self.leases.alive(n, now, since)) else {
-                continue;
-            };
-            match decision {
-                Decision::NoLiveReplica { name, primary } => {
-                    tracing::warn!(volume = %name, %primary, "primary failed and no in-sync replica is alive");
-                }
-                Decision::Failover { volume, name, epoch, old, primary, isr } => {
-                    tracing::warn!(volume = %name, %old, new = %primary, epoch = %epoch.next(), "failing over");
-                    let cmd = MetaCmd::Failover { volume, epoch, primary, isr };
-                    if let Err(e) = self.meta.write(cmd).await {
+        // Every failover of the round at once, so that they share log entries (the store
+        // batches concurrent writes): a node holding thousands of primaries fails over in a
+        // few commits, not one commit per volume. Each is a compare-and-set on the epoch; a
+        // choice that a newer failure made wrong is corrected next round.
+        let writes = decisions.into_iter().filter_map(|decision| match decision {
+            Decision::NoLiveReplica { name, primary } => {
+                tracing::warn!(volume = %name, %primary, "primary failed and no in-sync replica is alive");
+                None
+            }
+            Decision::Failover { volume, name, epoch, old, primary, isr } => {
+                tracing::warn!(volume = %name, %old, new = %primary, epoch = %epoch.next(), "failing over");
+                let meta = self.meta.clone();
+                Some(async move {
+                    if let Err(e) = meta.write(MetaCmd::Failover { volume, epoch, primary, isr }).await {
                         tracing::warn!(volume = %name, error = %e, "failover not committed");
                     }
-                }
+                })
             }
-        }
+        });
+        futures::stream::iter(writes).buffer_unordered(FAILOVERS_IN_FLIGHT_MAX).collect::<()>().await;
     }
 }
 
