@@ -17,6 +17,7 @@ use tandem_transport::Transport;
 use tandem_types::{Layer, TransportKind};
 
 use crate::config::ClusterConfig;
+use crate::host_watch::HostWatches;
 use crate::hosts::PathManager;
 use crate::volumes::Plane;
 
@@ -53,6 +54,8 @@ pub struct ApiState {
     pub(crate) links: Arc<dyn LinkView>,
     pub(crate) plane: Plane,
     pub(crate) paths: Arc<PathManager>,
+    /// Wakes path-map long-polls when their host changes.
+    pub(crate) host_watches: Arc<HostWatches>,
     /// Turns true when the node begins to stop: long-polls answer at once then.
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
     /// Permits for `GET /v1/local/volumes` ([`LOCAL_DIGESTS_MAX`]).
@@ -74,6 +77,7 @@ impl ApiState {
     ) -> ApiState {
         let transport = Arc::new(transport);
         ApiState {
+            host_watches: HostWatches::spawn(&meta),
             meta,
             cfg,
             transport: transport.clone(),

@@ -10,8 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tandem_clustermap::{ClusterMap, HostRecord, MetaCmd, ObjectKey};
-use tandem_meta::state_machine::Changed;
+use tandem_clustermap::{ClusterMap, HostRecord, MetaCmd};
 use tandem_paths::VolumePaths;
 use tandem_types::NodeId;
 use tandem_wire::data::PathProbe;
@@ -168,36 +167,25 @@ pub(crate) async fn get_paths(
     }
     // Woken only by changes to this host's record (its published map, its volumes; deleting a
     // volume it reaches changes the record too): a watcher costs nothing while the rest of the
-    // map changes.
-    let mut changes = s.meta.changes();
+    // map changes (`host_watch.rs`).
+    let mut changed = s.host_watches.watch(&name);
     let mut stopping = s.stopping.clone();
-    let key = ObjectKey::Host(name.clone());
     let newer = async {
-        let mut look = true;
         loop {
-            if look {
-                // Maps this node applied are committed.
-                let now = s.meta.local_read(|st| path_map(&st.map, &name, q.volume.as_deref()));
-                match now {
-                    Ok(v) if v.generation > since => return Ok(v),
-                    Ok(_) => {}
-                    // Deleted (host, or volume) while waiting.
-                    Err(e) => return Err(ApiError(StatusCode::NOT_FOUND, e)),
-                }
+            // Maps this node applied are committed.
+            let now = s.meta.local_read(|st| path_map(&st.map, &name, q.volume.as_deref()));
+            match now {
+                Ok(v) if v.generation > since => return Ok(v),
+                Ok(_) => {}
+                // Deleted (host, or volume) while waiting.
+                Err(e) => return Err(ApiError(StatusCode::NOT_FOUND, e)),
             }
-            let changed = tokio::select! {
-                changed = changes.next() => changed,
-                _ = stopping.wait_for(|s| *s) => None,
+            let stop = tokio::select! {
+                c = changed.changed() => c.is_err(),
+                _ = stopping.wait_for(|s| *s) => true,
             };
-            match changed {
-                None => {
-                    return Err(ApiError(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "the node is stopping; ask another node".into(),
-                    ))
-                }
-                Some(Changed::All) => look = true,
-                Some(Changed::Keys(keys)) => look = keys.contains(&key),
+            if stop {
+                return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping; ask another node".into()));
             }
         }
     };

@@ -14,6 +14,7 @@
 //!   frontend seam every host protocol (NBD) serves volumes through.
 //! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
 //! - [`host_api`]: the host endpoints of the API, and the JSON types they answer with.
+//! - [`host_watch`]: wakes a host's path-map long-polls when that host's record changes.
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod api_state;
 pub mod config;
 pub mod failover;
 pub mod host_api;
+pub mod host_watch;
 pub mod hosts;
 pub mod lease;
 pub mod probe;
