@@ -89,8 +89,14 @@ fn seven_nodes_keep_three_voters_and_a_learner_takes_a_removed_voters_seat() {
     // Lose the leader, a voter: the two voters left elect a new one and the cluster commits.
     c.kill(leader);
     let alive: Vec<u64> = all.iter().copied().filter(|i| *i != leader).collect();
-    let new_leader = c.agreed_leader(&alive, WAIT);
-    assert_ne!(new_leader, leader);
+    let new_leader = wait_for("a new leader every live node agrees on", WAIT, || {
+        let leaders: Vec<Option<u64>> =
+            alive.iter().map(|id| c.view(*id).and_then(|v| v["raft"]["leader"].as_u64())).collect();
+        match leaders[0] {
+            Some(l) if l != leader && leaders.iter().all(|x| *x == Some(l)) => Some(l),
+            _ => None,
+        }
+    });
     assert!(voters.contains(&new_leader), "a learner cannot lead: {new_leader}");
     wait_for("a write through a learner without the old leader", WAIT, || {
         let resp = http()

@@ -44,9 +44,13 @@ const APPLY_WAIT: Duration = Duration::from_secs(10);
 /// entries behind the leader's.
 const CAUGHT_UP_ENTRIES_MAX: u64 = 64;
 
-/// Whether the leader heard from a node recently (its lease renewals, `tandem_node::lease`).
-/// Set once by the node; without it every node counts as live.
-pub type Liveness = Arc<dyn Fn(NodeId) -> bool + Send + Sync>;
+/// Whether the leader heard from a node recently (its lease renewals, `tandem_node::lease`):
+/// `None` while it cannot tell yet (it took over a moment ago). Set once by the node; without it
+/// every node counts as live.
+pub type Liveness = Arc<dyn Fn(NodeId) -> Option<bool> + Send + Sync>;
+/// How long a removal waits for a new leader to learn which learners are live, so that the
+/// seat goes to the learner the rule prefers rather than to the first one heard from.
+const LIVENESS_WAIT: Duration = Duration::from_secs(5);
 
 /// Raft timing and log compaction, from the cluster config.
 #[derive(Clone, Debug)]
@@ -583,7 +587,17 @@ impl MetaStore {
     }
 
     fn is_live(&self, id: NodeId) -> bool {
-        id == self.id || self.liveness.get().is_none_or(|live| live(id))
+        id == self.id || self.liveness.get().is_none_or(|live| live(id) == Some(true))
+    }
+
+    /// Waits (at most [`LIVENESS_WAIT`]) until this node, leading, can tell of each of `nodes`
+    /// whether it is live.
+    async fn wait_for_liveness(&self, nodes: &BTreeSet<NodeId>) {
+        let Some(live) = self.liveness.get() else { return };
+        let deadline = Instant::now() + LIVENESS_WAIT;
+        while nodes.iter().any(|n| *n != self.id && live(*n).is_none()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The sites of the nodes the map records.
@@ -720,12 +734,13 @@ impl MetaStore {
             // takes its seat. The node stays a learner until the removal below.
             let mut remaining = voters.clone();
             remaining.remove(&id);
+            self.wait_for_liveness(&learners).await;
             let mut eligible = self.eligible(&learners);
             eligible.remove(&id);
             let target = voter_target(self.voter_cap, voters.len() + learners.len() - 1);
             let keep = Some(self.id).filter(|me| *me != id);
             let next = settle(&remaining, &eligible, &self.sites(), target, keep);
-            tracing::info!(node = %id, from = ?voters, to = ?next, "removing a voter");
+            tracing::info!(node = %id, from = ?voters, to = ?next, eligible = ?eligible, "removing a voter");
             self.raft.change_membership(ChangeMembers::ReplaceAllVoters(next), true).await.map_err(write_error)?;
         }
         if voters.contains(&id) || learners.contains(&id) {

@@ -33,9 +33,7 @@ const _: () = assert!(QUIET_AFTER_TAKEOVER.as_millis() >= 2 * FAILURE_TIMEOUT.as
 /// the leases alive (the leases hold the store).
 pub fn liveness(leases: &Arc<Leases>) -> tandem_meta::store::Liveness {
     let leases: Weak<Leases> = Arc::downgrade(leases);
-    Arc::new(move |id| {
-        leases.upgrade().and_then(|l| l.last_heard(id)).is_some_and(|heard| heard.elapsed() < FAILURE_TIMEOUT)
-    })
+    Arc::new(move |id| leases.upgrade().and_then(|l| l.liveness(id, Instant::now())))
 }
 
 /// The voters (other than `me`, the leader) not heard from for `replace_after` by `now`,
