@@ -112,7 +112,8 @@ fn seven_nodes_keep_three_voters_and_a_learner_takes_a_removed_voters_seat() {
     // one in a site without a voter.
     let out = c.admin(&["node", "remove", &leader.to_string()]);
     assert!(out.contains("removed"), "{out}");
-    let (voters2, learners2) = agreed_membership(&c, &alive, 3, &[leader], "a learner to take the removed voter's seat");
+    let (voters2, learners2) =
+        agreed_membership(&c, &alive, 3, &[leader], "a learner to take the removed voter's seat");
     assert!(voters2.contains(&6), "the learner of the voterless site: {voters2:?}");
     let rest: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != leader).chain([6]).collect();
     assert_eq!(voters2, rest);

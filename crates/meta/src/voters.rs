@@ -38,7 +38,7 @@ fn largest_odd(n: usize) -> usize {
     }
 }
 
-fn site_of<'a>(sites: &'a BTreeMap<NodeId, String>, id: NodeId) -> &'a str {
+fn site_of(sites: &BTreeMap<NodeId, String>, id: NodeId) -> &str {
     sites.get(&id).map_or("", String::as_str)
 }
 
@@ -157,7 +157,8 @@ mod tests {
 
     #[test]
     fn the_target_is_the_largest_odd_count_within_the_cap_and_the_members() {
-        let cases = [(3, 0, 0), (3, 1, 1), (3, 2, 1), (3, 3, 3), (3, 7, 3), (5, 4, 3), (5, 5, 5), (5, 20, 5), (1, 9, 1)];
+        let cases =
+            [(3, 0, 0), (3, 1, 1), (3, 2, 1), (3, 3, 3), (3, 7, 3), (5, 4, 3), (5, 5, 5), (5, 20, 5), (1, 9, 1)];
         for (cap, members, want) in cases {
             assert_eq!(voter_target(cap, members), want, "cap {cap}, {members} members");
         }
