@@ -605,12 +605,13 @@ impl MetaStore {
         self.sm.read(|st| st.map.nodes.iter().map(|(id, n)| (*id, n.site.clone())).collect())
     }
 
-    /// On the leader: the `learners` that may be promoted now, live and caught up.
-    fn eligible(&self, learners: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+    /// On the leader: those of `nodes` that are live and caught up (a learner among them may be
+    /// promoted now; a voter among them is not the first to step down).
+    fn eligible(&self, nodes: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
         let m = self.raft.metrics().borrow().clone();
         let last = m.last_log_index.unwrap_or(0);
         let Some(replication) = m.replication else { return BTreeSet::new() };
-        learners
+        nodes
             .iter()
             .copied()
             .filter(|l| {
@@ -621,12 +622,18 @@ impl MetaStore {
     }
 
     /// On the leader: makes `next` the voters in one joint change, keeping those that leave as
-    /// learners; only if a majority of `next` is live. Returns whether it changed anything.
-    async fn change_voters(&self, current: &BTreeSet<NodeId>, next: BTreeSet<NodeId>) -> Result<bool, MetaError> {
+    /// learners; only if a majority of `next` is live (`fresh`, a learner that has just caught
+    /// up, counts as live). Returns whether it changed anything.
+    async fn change_voters(
+        &self,
+        current: &BTreeSet<NodeId>,
+        next: BTreeSet<NodeId>,
+        fresh: Option<NodeId>,
+    ) -> Result<bool, MetaError> {
         if *current == next {
             return Ok(false);
         }
-        if !has_live_majority(&next, |n| self.is_live(n)) {
+        if !has_live_majority(&next, |n| Some(n) == fresh || self.is_live(n)) {
             return Err(MetaError::Unavailable(format!(
                 "not changing the voters from {current:?} to {next:?}: most of the new voters are not live"
             )));
@@ -642,11 +649,11 @@ impl MetaStore {
     /// renewal. Returns whether the voters changed.
     async fn settle_voters_locked(&self, fresh: Option<NodeId>) -> Result<bool, MetaError> {
         let (voters, learners) = self.membership_sets();
-        let mut eligible = self.eligible(&learners);
+        let mut eligible = self.eligible(&voters.union(&learners).copied().collect());
         eligible.extend(fresh.filter(|f| learners.contains(f)));
         let target = voter_target(self.voter_cap, voters.len() + learners.len());
         let next = settle(&voters, &eligible, &self.sites(), target, Some(self.id));
-        self.change_voters(&voters, next).await
+        self.change_voters(&voters, next, fresh).await
     }
 
     /// On the leader (fails with `NotLeader` elsewhere): [`settle`]s the voters, as after an
@@ -674,7 +681,7 @@ impl MetaStore {
         let Some(new) = pick_voter(&remaining, &eligible, &self.sites()) else { return Ok(None) };
         let mut next = remaining;
         next.insert(new);
-        self.change_voters(&voters, next).await?;
+        self.change_voters(&voters, next, None).await?;
         Ok(Some(new))
     }
 
@@ -735,7 +742,7 @@ impl MetaStore {
             let mut remaining = voters.clone();
             remaining.remove(&id);
             self.wait_for_liveness(&learners).await;
-            let mut eligible = self.eligible(&learners);
+            let mut eligible = self.eligible(&remaining.union(&learners).copied().collect());
             eligible.remove(&id);
             let target = voter_target(self.voter_cap, voters.len() + learners.len() - 1);
             let keep = Some(self.id).filter(|me| *me != id);
