@@ -80,8 +80,9 @@ fn default_voter_replace_after() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     pub name: String,
-    /// The voters a new cluster is formed with (by `tandem up`, or `POST /v1/cluster/init`).
-    /// Nodes listed under `[[node]]` but not here join later with `tandem node add`.
+    /// The members a new cluster is formed with (by `tandem up`, or `POST /v1/cluster/init`):
+    /// up to `voters` of them vote, the rest join as learners. Nodes listed under `[[node]]` but
+    /// not here join later with `tandem node add`.
     #[serde(default)]
     pub initial_members: Vec<NodeId>,
     /// The network layer node-to-node traffic starts on (`tcp` or `quic`), until the cluster
