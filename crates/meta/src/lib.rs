@@ -7,6 +7,7 @@
 //! - [`network`]: Raft RPCs and forwarded client requests over the node-to-node transport.
 //! - [`store`]: [`store::MetaStore`], what the rest of a node uses: linearizable reads from any
 //!   node, writes and membership changes forwarded to the leader.
+//! - [`voters`]: which members vote (a few, spread over sites) and which are learners; pure.
 //!
 //! openraft is an adapter here; nothing outside this crate names an openraft type except
 //! through [`store::MetaStore`]'s status.
@@ -19,5 +20,6 @@ pub mod network;
 pub mod raft_types;
 pub mod state_machine;
 pub mod store;
+pub mod voters;
 
 pub use raft_types::TypeConfig;

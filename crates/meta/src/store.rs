@@ -5,6 +5,11 @@
 //! path), waits until it has applied that far, and answers from its own state machine. Writes
 //! and membership changes are carried out by the leader; another node forwards them over the
 //! transport and retries while an election is in progress, up to [`LEADER_WAIT`].
+//!
+//! Membership: only a few members vote (`MetaConfig::voters`, the rule is [`crate::voters`]);
+//! the others are learners. Every change of the voters (forming the cluster, adding, removing,
+//! replacing a lost voter) is made by the leader under one lock, as one `ReplaceAllVoters`
+//! (openraft's joint consensus), and only if a majority of the new voters is live.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -25,6 +30,7 @@ use crate::log_store::LogStore;
 use crate::network::{call, decode_msg, encode_msg, Forwarded, MetaError, MetaRpc, Network};
 use crate::raft_types::Raft;
 use crate::state_machine::{ChangeFeed, SmReader, SmState, SnapshotStats, StateMachine};
+use crate::voters::{has_live_majority, initial_voters, pick_voter, settle, voter_target};
 use tandem_clustermap::{MetaCmd, MetaReply, NodeRecord};
 
 /// How long an operation waits for a reachable leader (elections, a leader change) before it
@@ -34,6 +40,17 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 pub const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
 /// How long a follower waits to apply up to a read index.
 const APPLY_WAIT: Duration = Duration::from_secs(10);
+/// A learner counts as caught up (may be promoted) while its replicated log is at most this many
+/// entries behind the leader's.
+const CAUGHT_UP_ENTRIES_MAX: u64 = 64;
+
+/// Whether the leader heard from a node recently (its lease renewals, `tandem_node::lease`):
+/// `None` while it cannot tell yet (it took over a moment ago). Set once by the node; without it
+/// every node counts as live.
+pub type Liveness = Arc<dyn Fn(NodeId) -> Option<bool> + Send + Sync>;
+/// How long a removal waits for a new leader to learn which learners are live, so that the
+/// seat goes to the learner the rule prefers rather than to the first one heard from.
+const LIVENESS_WAIT: Duration = Duration::from_secs(5);
 
 /// Raft timing and log compaction, from the cluster config.
 #[derive(Clone, Debug)]
@@ -48,6 +65,9 @@ pub struct MetaConfig {
     /// Entries kept in the log behind a snapshot (for followers slightly behind); older ones
     /// are purged, and a follower further behind is sent the snapshot.
     pub logs_to_keep: u64,
+    /// Voters the cluster keeps (1, 3 or 5; see [`crate::voters`]); the other members are
+    /// learners. The leader's value rules.
+    pub voters: usize,
 }
 
 impl MetaConfig {
@@ -135,6 +155,12 @@ pub struct MetaStore {
     transport: Arc<dyn Transport>,
     db: sled::Db,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
+    /// `MetaConfig::voters`.
+    voter_cap: usize,
+    liveness: std::sync::OnceLock<Liveness>,
+    /// Held by every membership change this node makes as leader, so they never race (openraft
+    /// refuses a change while another is uncommitted).
+    membership_lock: tokio::sync::Mutex<()>,
 }
 
 fn not_leader(leader: Option<NodeId>) -> MetaError {
@@ -316,7 +342,17 @@ impl MetaStore {
         let (proposals, rx) = tokio::sync::mpsc::channel(PROPOSALS_QUEUED_MAX);
         tokio::spawn(batcher(raft.clone(), rx));
         tokio::spawn(snapshot_trigger(raft.clone(), reader.clone(), config.snapshot_after_entries.max(1)));
-        Ok(Arc::new(MetaStore { id, raft, sm: reader, transport, db, proposals }))
+        Ok(Arc::new(MetaStore {
+            id,
+            raft,
+            sm: reader,
+            transport,
+            db,
+            proposals,
+            voter_cap: config.voters,
+            liveness: std::sync::OnceLock::new(),
+            membership_lock: tokio::sync::Mutex::new(()),
+        }))
     }
 
     pub fn id(&self) -> NodeId {
@@ -328,22 +364,46 @@ impl MetaStore {
         Arc::new(RpcHandler { store: self.clone() })
     }
 
-    /// Forms a new cluster from `members` (each must be running). Call on one pristine node;
-    /// on a node that already belongs to a cluster it does nothing and returns `Ok(false)`.
+    /// Sets how this node, as leader, tells whether it heard from a node recently (once; later
+    /// calls are ignored).
+    pub fn set_liveness(&self, live: Liveness) {
+        let _ = self.liveness.set(live);
+    }
+
+    /// Forms a new cluster from `members` (each must be running, this node among them). Call on
+    /// one pristine node; on a node that already belongs to a cluster it does nothing and
+    /// returns `Ok(false)`. The cluster starts with the voters [`initial_voters`] chooses (this
+    /// node and others spread over sites); the other members then join as learners.
     pub async fn initialize(&self, members: &[NodeRecord]) -> Result<bool, MetaError> {
-        let nodes: BTreeMap<NodeId, BasicNode> =
-            members.iter().map(|m| (m.id, BasicNode::new(m.raft_addr.to_string()))).collect();
         for m in members {
             m.validate().map_err(MetaError::Invalid)?;
             self.transport.set_peer_addr(m.id, m.raft_addr);
         }
+        let ids: BTreeSet<NodeId> = members.iter().map(|m| m.id).collect();
+        if !ids.contains(&self.id) {
+            return Err(MetaError::Invalid(format!(
+                "node {} forms the cluster, so it must be one of the initial members {ids:?}",
+                self.id
+            )));
+        }
+        let sites: BTreeMap<NodeId, String> = members.iter().map(|m| (m.id, m.site.clone())).collect();
+        let voters = initial_voters(self.id, &ids, &sites, self.voter_cap);
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .filter(|m| voters.contains(&m.id))
+            .map(|m| (m.id, BasicNode::new(m.raft_addr.to_string())))
+            .collect();
         match self.raft.initialize(nodes).await {
             Ok(()) => {}
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => return Ok(false),
             Err(e) => return Err(MetaError::Invalid(e.to_string())),
         }
-        for m in members {
+        tracing::info!(voters = ?voters, "formed the cluster");
+        for m in members.iter().filter(|m| voters.contains(&m.id)) {
             self.write(MetaCmd::RegisterNode(m.clone())).await?;
+        }
+        for m in members.iter().filter(|m| !voters.contains(&m.id)) {
+            self.add_node(m.clone()).await?;
         }
         Ok(true)
     }
@@ -385,14 +445,16 @@ impl MetaStore {
         self.sm.read(f)
     }
 
-    /// Adds a node: records it in the map, lets it catch up as a learner, then makes it a voter.
+    /// Adds a node: records it in the map, lets it catch up as a learner, then makes it a voter
+    /// if the cluster has fewer voters than it should ([`settle`]).
     pub async fn add_node(&self, rec: NodeRecord) -> Result<MetaReply, MetaError> {
         rec.validate().map_err(MetaError::Invalid)?;
         let reply = self.on_leader(Forwarded::AddNode(rec.clone()), || self.local_add_node(rec.clone())).await?;
         reply_result(reply)
     }
 
-    /// Removes a node from the Raft membership and the map.
+    /// Removes a node from the Raft membership and the map. A voter that leaves is replaced by
+    /// a learner in the same change where one is live and caught up ([`settle`]).
     pub async fn remove_node(&self, id: NodeId) -> Result<MetaReply, MetaError> {
         let reply = self.on_leader(Forwarded::RemoveNode(id), || self.local_remove_node(id)).await?;
         reply_result(reply)
@@ -524,14 +586,118 @@ impl MetaStore {
         (membership.voter_ids().collect(), membership.learner_ids().collect())
     }
 
+    fn is_live(&self, id: NodeId) -> bool {
+        id == self.id || self.liveness.get().is_none_or(|live| live(id) == Some(true))
+    }
+
+    /// Waits (at most [`LIVENESS_WAIT`]) until this node, leading, can tell of each of `nodes`
+    /// whether it is live.
+    async fn wait_for_liveness(&self, nodes: &BTreeSet<NodeId>) {
+        let Some(live) = self.liveness.get() else { return };
+        let deadline = Instant::now() + LIVENESS_WAIT;
+        while nodes.iter().any(|n| *n != self.id && live(*n).is_none()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The sites of the nodes the map records.
+    fn sites(&self) -> BTreeMap<NodeId, String> {
+        self.sm.read(|st| st.map.nodes.iter().map(|(id, n)| (*id, n.site.clone())).collect())
+    }
+
+    /// On the leader: those of `nodes` that are live and caught up (a learner among them may be
+    /// promoted now; a voter among them is not the first to step down).
+    fn eligible(&self, nodes: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+        let m = self.raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let Some(replication) = m.replication else { return BTreeSet::new() };
+        nodes
+            .iter()
+            .copied()
+            .filter(|l| {
+                let matched = replication.get(l).cloned().flatten().map(|log| log.index);
+                matched.is_some_and(|i| i + CAUGHT_UP_ENTRIES_MAX >= last) && self.is_live(*l)
+            })
+            .collect()
+    }
+
+    /// On the leader: makes `next` the voters in one joint change, keeping those that leave as
+    /// learners; only if a majority of `next` is live (`fresh`, a learner that has just caught
+    /// up, counts as live). Returns whether it changed anything.
+    async fn change_voters(
+        &self,
+        current: &BTreeSet<NodeId>,
+        next: BTreeSet<NodeId>,
+        fresh: Option<NodeId>,
+    ) -> Result<bool, MetaError> {
+        if *current == next {
+            return Ok(false);
+        }
+        if !has_live_majority(&next, |n| Some(n) == fresh || self.is_live(n)) {
+            return Err(MetaError::Unavailable(format!(
+                "not changing the voters from {current:?} to {next:?}: most of the new voters are not live"
+            )));
+        }
+        tracing::info!(from = ?current, to = ?next, "changing the Raft voters");
+        self.raft.change_membership(ChangeMembers::ReplaceAllVoters(next), true).await.map_err(write_error)?;
+        Ok(true)
+    }
+
+    /// On the leader: brings the voters to what [`settle`] gives (promoting live, caught-up
+    /// learners while below the target, shrinking an even count of four or more). `fresh` is a
+    /// learner that has just caught up, eligible even before the leader hears its first lease
+    /// renewal. Returns whether the voters changed.
+    async fn settle_voters_locked(&self, fresh: Option<NodeId>) -> Result<bool, MetaError> {
+        let (voters, learners) = self.membership_sets();
+        let mut eligible = self.eligible(&voters.union(&learners).copied().collect());
+        eligible.extend(fresh.filter(|f| learners.contains(f)));
+        let target = voter_target(self.voter_cap, voters.len() + learners.len());
+        let next = settle(&voters, &eligible, &self.sites(), target, Some(self.id));
+        self.change_voters(&voters, next, fresh).await
+    }
+
+    /// On the leader (fails with `NotLeader` elsewhere): [`settle`]s the voters, as after an
+    /// add. For the node's periodic check.
+    pub async fn settle_voters(&self) -> Result<bool, MetaError> {
+        let _guard = self.membership_lock.lock().await;
+        self.settle_voters_locked(None).await
+    }
+
+    /// On the leader: replaces voter `lost` (not heard from for long) with a live, caught-up
+    /// learner chosen by [`pick_voter`]; `lost` stays a member as a learner, so it catches up
+    /// if it returns. Does nothing (returns `None`) if `lost` is not a voter, is this node, or
+    /// no learner qualifies: dropping a voter without a replacement would not make the quorum
+    /// any easier to reach.
+    pub async fn replace_voter(&self, lost: NodeId) -> Result<Option<NodeId>, MetaError> {
+        let _guard = self.membership_lock.lock().await;
+        let (voters, learners) = self.membership_sets();
+        if lost == self.id || !voters.contains(&lost) {
+            return Ok(None);
+        }
+        let mut remaining = voters.clone();
+        remaining.remove(&lost);
+        let mut eligible = self.eligible(&learners);
+        eligible.remove(&lost);
+        let Some(new) = pick_voter(&remaining, &eligible, &self.sites()) else { return Ok(None) };
+        let mut next = remaining;
+        next.insert(new);
+        self.change_voters(&voters, next, None).await?;
+        Ok(Some(new))
+    }
+
     async fn local_add_node(&self, rec: NodeRecord) -> Result<MetaReply, MetaError> {
         let id = rec.id;
-        let (voters, _) = self.membership_sets();
+        let _guard = self.membership_lock.lock().await;
+        let (voters, learners) = self.membership_sets();
         let known = self.sm.read(|st| st.map.nodes.get(&id).cloned());
-        if voters.contains(&id) {
+        if voters.contains(&id) || learners.contains(&id) {
             return match known {
-                // A retry of an add that already completed.
-                Some(k) if k == rec => Ok(MetaReply::Done { changed: false }),
+                // A retry of an add that already completed (or stopped after the node became
+                // a learner: it may still be promoted).
+                Some(k) if k == rec => {
+                    let promoted = !voters.contains(&id) && self.settle_voters_locked(None).await?;
+                    Ok(MetaReply::Done { changed: promoted })
+                }
                 _ => Err(MetaError::Conflict(format!("node {id} is already a member; remove it first"))),
             };
         }
@@ -547,10 +713,7 @@ impl MetaStore {
                 )))
             }
         };
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(write_error)?;
+        self.settle_voters_locked(Some(id)).await?;
         Ok(MetaReply::Done { changed: true })
     }
 
@@ -567,17 +730,30 @@ impl MetaStore {
         if let Some(why) = self.sm.read(|st| st.map.node_in_use(id)) {
             return Err(MetaError::Invalid(why));
         }
+        let _guard = self.membership_lock.lock().await;
         let (voters, learners) = self.membership_sets();
         let in_map = self.sm.read(|st| st.map.nodes.contains_key(&id));
         if voters.contains(&id) {
             if voters.len() == 1 {
                 return Err(MetaError::Conflict(format!("node {id} is the last voter; a cluster cannot remove it")));
             }
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                .await
-                .map_err(write_error)?;
-        } else if learners.contains(&id) {
+            // One joint change: the node stops voting and, where a learner qualifies, another
+            // takes its seat. The node stays a learner until the removal below.
+            let mut remaining = voters.clone();
+            remaining.remove(&id);
+            self.wait_for_liveness(&learners).await;
+            let mut eligible = self.eligible(&remaining.union(&learners).copied().collect());
+            eligible.remove(&id);
+            let target = voter_target(self.voter_cap, voters.len() + learners.len() - 1);
+            let keep = Some(self.id).filter(|me| *me != id);
+            let next = settle(&remaining, &eligible, &self.sites(), target, keep);
+            tracing::info!(node = %id, from = ?voters, to = ?next, eligible = ?eligible, "removing a voter");
+            self.raft.change_membership(ChangeMembers::ReplaceAllVoters(next), true).await.map_err(write_error)?;
+        }
+        if voters.contains(&id) || learners.contains(&id) {
+            // If this node just removed itself from the voters it no longer leads: this fails
+            // with `NotLeader`, and the caller retries on the new leader, which finds the node a
+            // learner and finishes here.
             self.raft
                 .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
                 .await
@@ -585,8 +761,6 @@ impl MetaStore {
         } else if !in_map {
             return Err(MetaError::NotFound(format!("node {id} is not a member of the cluster")));
         }
-        // If this node just removed itself it is no longer leader: the caller retries on the
-        // new leader, which finds the node out of the membership and finishes here.
         match self.local_write(MetaCmd::RemoveNode { id }).await? {
             MetaReply::NotFound(_) => Ok(MetaReply::Done { changed: true }),
             other => Ok(other),

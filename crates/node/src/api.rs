@@ -413,6 +413,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         st.applied_index.unwrap_or(0)
     );
     let _ = writeln!(out, "# TYPE tandem_raft_voters gauge\ntandem_raft_voters {}", st.voters.len());
+    let _ = writeln!(out, "# TYPE tandem_raft_learners gauge\ntandem_raft_learners {}", st.learners.len());
     {
         use std::sync::atomic::Ordering::Relaxed;
         let snap = s.meta.snapshot_stats();

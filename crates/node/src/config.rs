@@ -69,13 +69,20 @@ fn default_snapshot_after() -> u64 {
 fn default_logs_to_keep() -> u64 {
     2_000
 }
+fn default_voters() -> usize {
+    tandem_meta::voters::VOTERS_DEFAULT
+}
+fn default_voter_replace_after() -> u64 {
+    300
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     pub name: String,
-    /// The voters a new cluster is formed with (by `tandem up`, or `POST /v1/cluster/init`).
-    /// Nodes listed under `[[node]]` but not here join later with `tandem node add`.
+    /// The members a new cluster is formed with (by `tandem up`, or `POST /v1/cluster/init`):
+    /// up to `voters` of them vote, the rest join as learners. Nodes listed under `[[node]]` but
+    /// not here join later with `tandem node add`.
     #[serde(default)]
     pub initial_members: Vec<NodeId>,
     /// The network layer node-to-node traffic starts on (`tcp` or `quic`), until the cluster
@@ -93,6 +100,14 @@ pub struct ClusterSection {
     pub snapshot_after_entries: u64,
     #[serde(default = "default_logs_to_keep")]
     pub logs_to_keep: u64,
+    /// Raft voters the cluster keeps (1, 3 or 5): the largest odd number up to this and the
+    /// member count, spread over sites. Every other member is a learner.
+    #[serde(default = "default_voters")]
+    pub voters: usize,
+    /// The Raft leader gives the seat of a voter it has not heard from for this long to a live
+    /// learner (the lost node stays a learner). 0: never.
+    #[serde(default = "default_voter_replace_after")]
+    pub voter_replace_after_secs: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -170,6 +185,13 @@ impl ClusterConfig {
                 c.election_timeout_max_ms, c.election_timeout_min_ms
             ));
         }
+        if !tandem_meta::voters::VOTER_COUNTS.contains(&c.voters) {
+            return Err(format!(
+                "cluster.voters is {}; it must be one of {:?} (an odd number, so a majority never needs half)",
+                c.voters,
+                tandem_meta::voters::VOTER_COUNTS
+            ));
+        }
         if c.snapshot_after_entries == 0 {
             return Err("cluster.snapshot_after_entries must be at least 1".into());
         }
@@ -238,6 +260,7 @@ impl ClusterConfig {
             election_timeout_max_ms: c.election_timeout_max_ms,
             snapshot_after_entries: c.snapshot_after_entries,
             logs_to_keep: c.logs_to_keep,
+            voters: c.voters,
         }
     }
 
@@ -288,6 +311,8 @@ key = "n2.key"
         let cfg = parse(GOOD).expect("parses");
         assert_eq!(cfg.nodes.len(), 2);
         assert_eq!(cfg.cluster.heartbeat_interval_ms, 150);
+        assert_eq!(cfg.cluster.voters, 3);
+        assert_eq!(cfg.cluster.voter_replace_after_secs, 300);
         assert_eq!(cfg.resolve(&cfg.nodes[0].data_dir), PathBuf::from("/base/n1"));
         assert_eq!(cfg.resolve(&cfg.nodes[1].data_dir), PathBuf::from("/abs/n2"));
         assert_eq!(cfg.initial_records().len(), 2);
@@ -316,6 +341,14 @@ key = "n2.key"
         assert!(e.contains("site"), "{e}");
         let e = error_of(&GOOD.replace("name = \"t\"", "name = \"t\"\nelection_timeout_min_ms = 10"));
         assert!(e.contains("election_timeout_min_ms"), "{e}");
+        for bad in [0, 2, 4, 7] {
+            let e = error_of(&GOOD.replace("name = \"t\"", &format!("name = \"t\"\nvoters = {bad}")));
+            assert!(e.contains("cluster.voters") && e.contains("[1, 3, 5]"), "{e}");
+        }
+        for good in [1, 3, 5] {
+            let cfg = parse(&GOOD.replace("name = \"t\"", &format!("name = \"t\"\nvoters = {good}"))).expect("parses");
+            assert_eq!(cfg.meta_config().voters, good);
+        }
         let e = error_of(&GOOD.replace("name = \"t\"", "name = \"t\"\ncolour = 1"));
         assert!(e.contains("colour"), "{e}");
         let e = error_of(&GOOD.replace("key = \"n2.key\"", ""));

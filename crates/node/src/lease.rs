@@ -63,6 +63,9 @@ pub struct Leases {
     meta: Arc<MetaStore>,
     until: Mutex<Option<Instant>>,
     heard: Mutex<HashMap<NodeId, Instant>>,
+    /// When this node, leading, first noted itself (the failover supervisor does every round);
+    /// None while it does not lead.
+    leading_since: Mutex<Option<Instant>>,
     /// See [`takeover_grace`].
     grace: Duration,
     /// The log index up to which this node's data plane has acted on the committed map
@@ -77,6 +80,7 @@ impl Leases {
             meta,
             until: Mutex::new(None),
             heard: Mutex::new(HashMap::new()),
+            leading_since: Mutex::new(None),
             grace: takeover_grace(election_timeout_min),
             applied: tokio::sync::watch::Sender::new(0),
         })
@@ -146,6 +150,20 @@ impl Leases {
         self.heard.lock().expect("heard lock").get(&node).copied()
     }
 
+    /// Whether this node, as the leader, knows `node` to be live at `now`: `Some(true)` if it
+    /// granted it a lease within [`FAILURE_TIMEOUT`], `Some(false)` if not, `None` while it cannot
+    /// tell yet (it does not lead, or took over so recently that the node may not have renewed
+    /// with it yet).
+    pub fn liveness(&self, node: NodeId, now: Instant) -> Option<bool> {
+        let heard = self.last_heard(node);
+        if heard.is_some_and(|h| now.saturating_duration_since(h) < FAILURE_TIMEOUT) {
+            return Some(true);
+        }
+        let since = (*self.leading_since.lock().expect("leading lock"))?;
+        let settled = now.saturating_duration_since(since) >= FAILURE_TIMEOUT.max(self.grace);
+        (heard.is_some() || settled).then_some(false)
+    }
+
     /// Renews this node's lease for as long as the node runs (one task per node), asking the
     /// Raft leader over `transport`.
     pub fn spawn_renewal(self: &Arc<Self>, transport: impl Transport) {
@@ -176,12 +194,16 @@ impl Leases {
 
     /// On the leader: note that `node` was heard from at `now` (the leader hears itself).
     pub(crate) fn note_heard(&self, node: NodeId, now: Instant) {
+        if node == self.me {
+            self.leading_since.lock().expect("leading lock").get_or_insert(now);
+        }
         self.heard.lock().expect("heard lock").insert(node, now);
     }
 
     /// This node does not lead (any more): what it heard as leader no longer counts.
     pub(crate) fn forget_heard(&self) {
         self.heard.lock().expect("heard lock").clear();
+        *self.leading_since.lock().expect("leading lock") = None;
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, and the
 //!   frontend seam every host protocol (NBD) serves volumes through.
 //! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
+//! - [`voter_keeper`]: on the Raft leader, gives a lost voter's seat to a live learner.
 //! - [`host_api`]: the host endpoints of the API, and the JSON types they answer with.
 //! - [`host_watch`]: wakes a host's path-map long-polls when that host's record changes.
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
@@ -28,6 +29,7 @@ pub mod lease;
 pub mod probe;
 pub mod probe_answer;
 pub mod volumes;
+pub mod voter_keeper;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -109,6 +111,8 @@ pub async fn run(
     let paths = hosts::PathManager::new(id, meta.clone(), leases.clone());
     mesh.set_handler(Channel::Probe, probe_answer::handler(leases.clone(), paths.clone()));
     leases.spawn_renewal(mesh.clone());
+    meta.set_liveness(voter_keeper::liveness(&leases));
+    voter_keeper::spawn(meta.clone(), leases.clone(), Duration::from_secs(cfg.cluster.voter_replace_after_secs));
     failover::spawn_supervisor(meta.clone(), leases.clone());
     paths.spawn();
     let store = SledStore::open(&data_dir.join("blocks"))

@@ -67,6 +67,7 @@ mod tests {
             election_timeout_max_ms: 300,
             snapshot_after_entries: 1000,
             logs_to_keep: 100,
+            voters: 3,
         };
         let transport = Arc::new(FakeTransport::new(Answer::Unreachable));
         let meta = MetaStore::open(NodeId(1), &cfg, dir.path(), transport).await.expect("opens");

@@ -133,6 +133,8 @@ fn create(dir: &Path, nodes: u32, transport: TransportKind) -> anyhow::Result<Cl
             election_timeout_max_ms: 1000,
             snapshot_after_entries: 10_000,
             logs_to_keep: 2_000,
+            voters: tandem_meta::voters::VOTERS_DEFAULT,
+            voter_replace_after_secs: 300,
         },
         tls: TlsSection { ca_cert: "certs/ca.pem".into(), ca_key: Some("certs/ca.key".into()) },
         nodes: node_sections,
