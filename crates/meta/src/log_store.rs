@@ -14,7 +14,8 @@
 //! A "flush" here is [`DiskSync::flush`]: sled's own flush, which on Linux writes its log with
 //! `sync_file_range` (that neither empties the drive's write cache nor persists file
 //! metadata), followed by an `fdatasync` of sled's file, so that flushed means on stable
-//! storage, also across a power loss.
+//! storage, also across a power loss. sled leaves its large values (blobs, in files of their
+//! own) unsynced; [`DiskSync`] syncs them too.
 
 use std::fmt::Debug;
 use std::io;
@@ -59,34 +60,86 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageErro
 }
 
 /// Makes everything written to a sled database durable. Cheap to clone.
+///
+/// sled keeps a value larger than a quarter of its segment size (128 KiB with the default
+/// 512 KiB segments: snapshots, large batches of commands, large path maps) in a file of its
+/// own under `blobs/`, and never syncs that file: its flush makes only the pointer in the main
+/// file durable. So a flush here also syncs every blob file it has not synced at its current
+/// length, and the `blobs` directory when one was new.
 #[derive(Clone)]
 pub struct DiskSync {
     db: sled::Db,
     file: Arc<std::fs::File>,
+    blobs: Arc<std::sync::Mutex<BlobSync>>,
+}
+
+/// The blob files synced so far, with the length each was synced at.
+struct BlobSync {
+    dir: std::path::PathBuf,
+    synced: std::collections::HashMap<std::ffi::OsString, u64>,
+}
+
+impl BlobSync {
+    /// Syncs every blob file not yet synced at its current length (a blob being written while
+    /// this runs is synced again once it has grown), then the directory if any was new.
+    /// Returns how many files it synced. Blobs that sled removed are forgotten.
+    fn sync(&mut self) -> io::Result<usize> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut present = std::collections::HashSet::new();
+        let mut synced = 0;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let len = match entry.metadata() {
+                Ok(m) => m.len(),
+                // Removed by sled's blob collection meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            present.insert(name.clone());
+            if self.synced.get(&name) == Some(&len) {
+                continue;
+            }
+            match std::fs::File::open(entry.path()) {
+                Ok(f) => f.sync_data()?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            self.synced.insert(name, len);
+            synced += 1;
+        }
+        self.synced.retain(|name, _| present.contains(name));
+        if synced > 0 {
+            std::fs::File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(synced)
+    }
 }
 
 impl DiskSync {
-    /// `dir` is the folder the database was opened in; sled keeps its data in `dir/db`.
+    /// `dir` is the folder the database was opened in; sled keeps its data in `dir/db` and its
+    /// large values in `dir/blobs/`.
     pub fn open(db: &sled::Db, dir: &Path) -> Result<DiskSync, StorageError<NodeId>> {
         let file = std::fs::File::open(dir.join("db")).map_err(read_err)?;
-        Ok(DiskSync { db: db.clone(), file: Arc::new(file) })
+        let blobs = BlobSync { dir: dir.join("blobs"), synced: Default::default() };
+        Ok(DiskSync { db: db.clone(), file: Arc::new(file), blobs: Arc::new(std::sync::Mutex::new(blobs)) })
     }
 
     /// Flushes from a thread that may block.
     pub fn flush_blocking(&self) -> io::Result<()> {
         self.db.flush().map_err(io_err)?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.blobs.lock().expect("blobs lock").sync().map(|_| ())
     }
 
     pub async fn flush(&self) -> io::Result<()> {
-        // Both steps block on the disk; one trip to the blocking pool does both.
-        let (db, file) = (self.db.clone(), self.file.clone());
-        tokio::task::spawn_blocking(move || {
-            db.flush().map_err(io_err)?;
-            file.sync_data()
-        })
-        .await
-        .map_err(io_err)?
+        // Every step blocks on the disk; one trip to the blocking pool does them all.
+        let sync = self.clone();
+        tokio::task::spawn_blocking(move || sync.flush_blocking()).await.map_err(io_err)?
     }
 }
 
@@ -258,5 +311,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.reader.log.apply_batch(batch).map_err(write_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value too large for sled's log goes to a blob file, which sled never syncs; a flush
+    /// syncs it once (and again only if it grows), and forgets it once sled removed it.
+    #[test]
+    fn a_flush_syncs_the_blob_files_sled_leaves_unsynced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new().path(dir.path()).open().expect("open");
+        let sync = DiskSync::open(&db, dir.path()).expect("disk sync");
+        let tree = db.open_tree("t").expect("tree");
+        tree.insert(b"small", vec![1u8; 100]).expect("insert");
+        sync.flush_blocking().expect("flush");
+        assert!(sync.blobs.lock().expect("lock").synced.is_empty(), "a small value makes no blob");
+
+        tree.insert(b"big", vec![2u8; 1 << 20]).expect("insert");
+        sync.flush_blocking().expect("flush");
+        let blobs: Vec<u64> = sync.blobs.lock().expect("lock").synced.values().copied().collect();
+        assert_eq!(blobs.len(), 1, "the 1 MiB value's blob was synced");
+        assert!(blobs[0] > 1 << 20, "synced at its full length: {blobs:?}");
+        assert_eq!(sync.blobs.lock().expect("lock").sync().expect("sync"), 0, "nothing new to sync");
+
+        tree.insert(b"big2", vec![3u8; 1 << 20]).expect("insert");
+        db.flush().expect("sled flush");
+        assert_eq!(sync.blobs.lock().expect("lock").sync().expect("sync"), 1, "only the new blob");
+
+        // A blob file sled no longer has is forgotten.
+        let first = std::fs::read_dir(dir.path().join("blobs")).expect("blobs").next().expect("a blob").expect("entry");
+        std::fs::remove_file(first.path()).expect("remove");
+        sync.blobs.lock().expect("lock").sync().expect("sync");
+        assert_eq!(sync.blobs.lock().expect("lock").synced.len(), 1);
     }
 }
