@@ -369,7 +369,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError<NodeId>> {
         let started = std::time::Instant::now();
         let data = snapshot.into_inner();
-        let body: SnapshotBody = decode(&data)?;
+        // A snapshot may be far larger than a frame: it has limits of its own.
+        let body: SnapshotBody = tandem_wire::decode_snapshot(&data).map_err(read_err)?;
         let mut new_state = body.state;
         // The meta is authoritative for what the snapshot covers.
         new_state.last_applied = meta.last_log_id;

@@ -17,6 +17,12 @@ pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// Raft snapshots are shipped in chunks of this size, well below `FRAME_BYTES_MAX`.
 pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
+/// The largest metadata snapshot (encoded) a node installs. A snapshot is the whole cluster
+/// map; 10,000 volumes and 1,000 hosts with their path maps take about 12 MiB.
+pub const SNAPSHOT_BYTES_MAX: usize = 1024 * 1024 * 1024;
+/// What decoding a snapshot may allocate, at most: its decoded form takes more memory than
+/// its encoding (maps, vectors), by a bounded factor.
+pub const SNAPSHOT_DECODE_BYTES_MAX: usize = 8 * SNAPSHOT_BYTES_MAX;
 
 /// The longest setting value accepted by the metadata store. Metadata is small by design;
 /// bulk data goes through the data plane.

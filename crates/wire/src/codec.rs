@@ -2,7 +2,7 @@
 //! in the workspace.
 
 use serde::{de::DeserializeOwned, Serialize};
-use tandem_types::FRAME_BYTES_MAX;
+use tandem_types::{FRAME_BYTES_MAX, SNAPSHOT_BYTES_MAX, SNAPSHOT_DECODE_BYTES_MAX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -31,6 +31,26 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (msg, used) =
         bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(CodecError::Trailing(bytes.len() - used));
+    }
+    Ok(msg)
+}
+
+/// Decodes a metadata snapshot: the whole cluster map, which may be far larger than a frame
+/// (it travels in chunks and is decoded once whole). Bounded like [`decode`], with the
+/// snapshot limits: at most [`SNAPSHOT_BYTES_MAX`] of input, at most
+/// [`SNAPSHOT_DECODE_BYTES_MAX`] claimed for allocations.
+pub fn decode_snapshot<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() > SNAPSHOT_BYTES_MAX {
+        return Err(CodecError::Decode(format!(
+            "a snapshot of {} bytes exceeds the limit of {SNAPSHOT_BYTES_MAX} bytes",
+            bytes.len()
+        )));
+    }
+    let config = bincode::config::standard().with_big_endian().with_limit::<SNAPSHOT_DECODE_BYTES_MAX>();
+    let (msg, used) =
+        bincode::serde::decode_from_slice(bytes, config).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }

@@ -13,5 +13,5 @@ pub mod codec;
 pub mod data;
 pub mod frame;
 
-pub use codec::{decode, encode, CodecError};
+pub use codec::{decode, decode_snapshot, encode, CodecError};
 pub use frame::{Frame, FrameError, FrameKind, FRAME_HEADER_BYTES, FRAME_LEN_BYTES, FRAME_VERSION};
