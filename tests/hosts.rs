@@ -496,12 +496,6 @@ fn an_agent_whose_probes_to_one_node_time_out_sees_only_that_node_unavailable() 
     wait_map(&c, 1, "ha", "n3p0 back", Duration::from_secs(10), |m| state_of(m, "n3p0") == "active-non-optimized");
 }
 
-/// A counter or gauge from a node's `/metrics`.
-fn metric(c: &Cluster, id: u64, name: &str) -> Option<f64> {
-    let text = http().get(format!("{}/metrics", c.api(id))).send().ok()?.text().ok()?;
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// The path manager recomputes only the maps a change can affect: settings writes recompute
 /// none, connecting a volume to one host recomputes that host (and compares it once more after
 /// its new map is published), whatever the number of other hosts.
@@ -522,7 +516,7 @@ fn the_path_manager_recomputes_only_the_hosts_a_change_affects() {
         });
     }
     let counters = |c: &Cluster| {
-        let m = |name| metric(c, leader, name).unwrap_or_else(|| panic!("no {name} in the leader's /metrics"));
+        let m = |name| c.metric(leader, name).unwrap_or_else(|| panic!("no {name} in the leader's /metrics"));
         (m("tandem_paths_hosts_recomputed_total"), m("tandem_paths_full_recomputes_total"))
     };
     // A full recompute for another reason (a node's lease renewal late on a starved machine

@@ -40,8 +40,7 @@ fn agreed_membership(
 }
 
 fn metric(c: &Cluster, id: u64, name: &str) -> Option<u64> {
-    let text = http().get(format!("{}/metrics", c.api(id))).send().ok()?.text().ok()?;
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    c.metric(id, name).map(|v| v as u64)
 }
 
 /// Seven nodes, three voters: a voter's loss leaves the cluster committing and learners

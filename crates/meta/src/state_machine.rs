@@ -75,6 +75,17 @@ pub enum Changed {
 }
 
 impl Changed {
+    /// What changed in `self` or in `other`.
+    pub fn union(self, other: Changed) -> Changed {
+        match (self, other) {
+            (Changed::Keys(mut a), Changed::Keys(b)) => {
+                a.extend(b);
+                Changed::Keys(a)
+            }
+            _ => Changed::All,
+        }
+    }
+
     fn merge(self, next: &Changes) -> Changed {
         match self {
             Changed::All => Changed::All,

@@ -147,7 +147,7 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane, leases: Arc<Leases>) {
             // state machine updates its state, then publishes the changes, then the index).
             let index = *applied.borrow_and_update();
             if let Some(more) = changes.try_next() {
-                changed = merge(changed, more);
+                changed = changed.union(more);
             }
             let work = meta.local_read(|st| volume_work(&st.map, &changed));
             changed = Changed::Keys(Default::default());
@@ -174,16 +174,6 @@ pub fn follow_volumes(meta: Arc<MetaStore>, plane: Plane, leases: Arc<Leases>) {
             }
         }
     });
-}
-
-fn merge(a: Changed, b: Changed) -> Changed {
-    match (a, b) {
-        (Changed::Keys(mut a), Changed::Keys(b)) => {
-            a.extend(b);
-            Changed::Keys(a)
-        }
-        _ => Changed::All,
-    }
 }
 
 /// What the data plane must be told after an apply step.

@@ -16,6 +16,14 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A created volume's primary serves it within this long.
 pub const SERVE_WAIT: Duration = Duration::from_secs(30);
 
+/// An unlabelled sample of Prometheus text (`name value`), if the text has it.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
 /// `GET url` with [`PROBE_TIMEOUT`]: the JSON of a successful answer, else `None`.
 pub fn probe(url: &str) -> Option<Value> {
     let client = reqwest::blocking::Client::builder().timeout(PROBE_TIMEOUT).build().ok()?;
@@ -37,6 +45,12 @@ pub fn ids(v: &Value) -> Vec<u64> {
 
 impl Cluster {
     /// `GET /v1/cluster` of one node; `None` if it does not answer.
+    /// An unlabelled sample of node `id`'s `GET /metrics`, if it answers and exports it.
+    pub fn metric(&self, id: u64, name: &str) -> Option<f64> {
+        let text = http().get(format!("{}/metrics", self.api(id))).timeout(PROBE_TIMEOUT).send().ok()?.text().ok()?;
+        metric_value(&text, name)
+    }
+
     pub fn view(&self, id: u64) -> Option<Value> {
         probe(&format!("{}/v1/cluster", self.api(id)))
     }

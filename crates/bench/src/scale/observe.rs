@@ -40,12 +40,7 @@ pub async fn scrape(api: SocketAddr) -> anyhow::Result<String> {
 }
 
 /// An unlabelled sample of Prometheus text (`name value`), if the node exports it.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (n, v) = l.split_once(' ')?;
-        (n == name).then(|| v.trim().parse().ok()).flatten()
-    })
-}
+pub use tandem_testkit::queries::metric_value as metric;
 
 /// The path manager's counters on the leader (another engineer adds them; absent until then).
 #[derive(Clone, Copy, Debug)]
