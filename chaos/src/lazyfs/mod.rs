@@ -1,0 +1,1 @@
+//! The power-loss FUSE layer (being written).

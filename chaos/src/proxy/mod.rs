@@ -1,0 +1,1 @@
+//! The delay proxy (being written).
