@@ -337,6 +337,8 @@ fn bad_http_input_gets_a_4xx_with_a_json_error_and_changes_nothing() {
             413,
         ),
         (h.get(format!("{api}/v1/settings/missing")), 404),
+        (h.put(format!("{api}/v1/settings/k")).json(&serde_json::json!({"value": "v", "expect": "old"})), 409),
+        (h.put(format!("{api}/v1/settings/k")).json(&serde_json::json!({"value": "v", "expect": 7})), 422),
         (h.get(format!("{api}/v1/no-such-thing")), 404),
     ];
     for (i, (req, status)) in cases.into_iter().enumerate() {
@@ -349,6 +351,25 @@ fn bad_http_input_gets_a_4xx_with_a_json_error_and_changes_nothing() {
     assert_eq!(before, after);
     let settings: Value = h.get(format!("{api}/v1/settings")).send().expect("get").json().expect("json");
     assert_eq!(settings, serde_json::json!({}));
+
+    // Compare-and-set: `expect: null` creates, a wrong `expect` is refused naming what is
+    // there, the right one replaces.
+    let cas = |expect: Value, value: &str| {
+        let resp = h
+            .put(format!("{api}/v1/settings/reg"))
+            .json(&serde_json::json!({"value": value, "expect": expect}))
+            .send()
+            .expect("put");
+        (resp.status().as_u16(), resp.text().unwrap_or_default())
+    };
+    assert_eq!(cas(Value::Null, "a").0, 200);
+    let (status, body) = cas(Value::Null, "b");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("holds \\\"a\\\""), "{body}");
+    assert_eq!(cas("x".into(), "b").0, 409);
+    assert_eq!(cas("a".into(), "b").0, 200);
+    let value: Value = h.get(format!("{api}/v1/settings/reg")).send().expect("get").json().expect("json");
+    assert_eq!(value["value"], "b");
 
     // The CLI reports API errors on stderr with a non-zero exit.
     let out = run(&["node", "remove", "99", "--endpoint", &api]);

@@ -12,8 +12,17 @@
 //!
 //! It is not part of a node: nothing here is linked into the data path.
 
+pub mod block;
 pub mod check;
+pub mod cli;
 pub mod history;
 pub mod lazyfs;
+pub mod nemesis;
 pub mod proxy;
+pub mod recorder;
 pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod verdict;
+pub mod workload;
+pub mod world;

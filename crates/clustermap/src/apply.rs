@@ -36,6 +36,7 @@ impl ClusterMap {
             MetaCmd::ConnectHost { host, volume } => self.connect_host(&host, &volume, true),
             MetaCmd::DisconnectHost { host, volume } => self.connect_host(&host, &volume, false),
             MetaCmd::PublishPaths { host, generation, paths } => self.publish_paths(&host, generation, paths),
+            MetaCmd::CasSetting { key, expect, value } => self.cas_setting(key, expect, value),
             MetaCmd::Batch(cmds) => MetaReply::Batch(
                 cmds.into_iter()
                     .map(|c| match c {

@@ -123,6 +123,15 @@ pub enum MetaCmd {
     /// client writes this way: openraft 0.9 flushes each entry before it takes the next, so
     /// one entry per write would cost one disk flush per write.
     Batch(Vec<MetaCmd>),
+    /// Compare-and-set of a setting: sets `value` only if the setting holds `expect` now
+    /// (`None`: the setting does not exist), else refused with [`MetaReply::Conflict`] naming
+    /// what it holds. (Declared last: bincode numbers variants in order, and logs already
+    /// written hold the earlier ones.)
+    CasSetting {
+        key: String,
+        expect: Option<String>,
+        value: String,
+    },
 }
 
 /// The outcome of applying one command. A refused command changes nothing.
@@ -136,4 +145,6 @@ pub enum MetaReply {
     Invalid(String),
     /// The replies of a [`MetaCmd::Batch`], in order.
     Batch(Vec<MetaReply>),
+    /// A compare-and-set found another value; nothing changed.
+    Conflict(String),
 }

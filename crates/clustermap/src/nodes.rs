@@ -124,6 +124,17 @@ impl ClusterMap {
         MetaReply::Done { changed }
     }
 
+    pub(crate) fn cas_setting(&mut self, key: String, expect: Option<String>, value: String) -> MetaReply {
+        let current = self.settings.get(&key);
+        if current != expect.as_ref() {
+            return MetaReply::Conflict(match current {
+                Some(v) => format!("setting {key:?} holds {v:?}"),
+                None => format!("no setting named {key:?}"),
+            });
+        }
+        self.put_setting(key, value)
+    }
+
     pub(crate) fn delete_setting(&mut self, key: String) -> MetaReply {
         if self.settings.remove(&key).is_none() {
             return MetaReply::NotFound(format!("no setting named {key:?}"));

@@ -68,6 +68,25 @@ fn invalid_commands_change_nothing() {
 }
 
 #[test]
+fn setting_compare_and_set_changes_only_what_it_expected() {
+    let mut m = ClusterMap::default();
+    let cas = |m: &mut ClusterMap, expect: Option<&str>, value: &str| {
+        m.apply(MetaCmd::CasSetting { key: "k".into(), expect: expect.map(str::to_string), value: value.into() })
+    };
+    assert!(matches!(cas(&mut m, Some("1"), "2"), MetaReply::Conflict(_)));
+    assert!(m.settings.is_empty());
+    assert_eq!(cas(&mut m, None, "1"), MetaReply::Done { changed: true });
+    assert_eq!(cas(&mut m, None, "2"), MetaReply::Conflict("setting \"k\" holds \"1\"".into()));
+    assert!(matches!(cas(&mut m, Some("0"), "2"), MetaReply::Conflict(_)));
+    assert_eq!(cas(&mut m, Some("1"), "2"), MetaReply::Done { changed: true });
+    assert_eq!(m.settings["k"], "2");
+    assert!(matches!(
+        m.apply(MetaCmd::CasSetting { key: "../k".into(), expect: None, value: "v".into() }),
+        MetaReply::Conflict(_) | MetaReply::Invalid(_)
+    ));
+}
+
+#[test]
 fn settings_put_overwrite_delete() {
     let mut m = ClusterMap::default();
     assert_eq!(m.apply(MetaCmd::PutSetting { key: "k".into(), value: "1".into() }), MetaReply::Done { changed: true });

@@ -179,6 +179,7 @@ fn reply_result(reply: MetaReply) -> Result<MetaReply, MetaError> {
     match reply {
         MetaReply::NotFound(m) => Err(MetaError::NotFound(m)),
         MetaReply::Invalid(m) => Err(MetaError::Invalid(m)),
+        MetaReply::Conflict(m) => Err(MetaError::Conflict(m)),
         MetaReply::Batch(_) => Err(MetaError::Internal("a batch reply reached a single writer".into())),
         done @ MetaReply::Done { .. } => Ok(done),
     }
@@ -201,6 +202,7 @@ type Proposal = (MetaCmd, tokio::sync::oneshot::Sender<Result<MetaReply, MetaErr
 fn estimated_bytes(cmd: &MetaCmd) -> usize {
     64 + match cmd {
         MetaCmd::PutSetting { key, value } => key.len() + value.len(),
+        MetaCmd::CasSetting { key, expect, value } => key.len() + value.len() + expect.as_ref().map_or(0, String::len),
         MetaCmd::DeleteSetting { key } => key.len(),
         MetaCmd::RegisterNode(n) => n.site.len() + 64,
         MetaCmd::Batch(cmds) => cmds.iter().map(estimated_bytes).sum(),

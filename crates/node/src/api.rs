@@ -222,11 +222,32 @@ pub struct SettingBody {
 async fn put_setting(
     State(s): State<ApiState>,
     Path(key): Path<String>,
-    body: Result<Json<SettingBody>, JsonRejection>,
+    body: Result<Json<PutSettingBody>, JsonRejection>,
 ) -> ApiResult<serde_json::Value> {
     let Json(body) = body?;
-    let reply = s.meta.write(MetaCmd::PutSetting { key, value: body.value }).await?;
+    let cmd = match body.expect {
+        None => MetaCmd::PutSetting { key, value: body.value },
+        Some(expect) => MetaCmd::CasSetting { key, expect, value: body.value },
+    };
+    let reply = s.meta.write(cmd).await?;
     Ok(Json(serde_json::to_value(reply).unwrap_or_default()))
+}
+
+/// `PUT /v1/settings/{key}`: `{"value": V}` sets it; `{"value": V, "expect": E}` sets it only
+/// if it holds `E` now (`"expect": null`: only if it does not exist), else 409 and nothing
+/// changes: a compare-and-set, linearizable like every write.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutSettingBody {
+    pub value: String,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Option<String>>,
+}
+
+/// A field that is present, `null` included: `Some(None)` for `null`, where a plain `Option`
+/// would read `null` as absent.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 async fn delete_setting(State(s): State<ApiState>, Path(key): Path<String>) -> ApiResult<serde_json::Value> {

@@ -130,6 +130,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: tandem_bench::BenchCmd,
     },
+    /// The chaos suite: nemeses against real nodes in network namespaces, a checker, and a
+    /// report with a timeline picture (docs/CHAOS.md).
+    Chaos {
+        #[command(subcommand)]
+        cmd: tandem_chaos::cli::ChaosCmd,
+    },
 }
 
 #[derive(Args)]
@@ -370,5 +376,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             hosts::paths(&target, &host, volume.as_deref(), watch, json).await
         }
         Cmd::Bench { cmd } => tandem_bench::run(cmd).await,
+        // The suite is blocking code (threads, blocking clients): off the async workers.
+        Cmd::Chaos { cmd } => tokio::task::spawn_blocking(move || tandem_chaos::cli::main(cmd)).await?,
     }
 }

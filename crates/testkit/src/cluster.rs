@@ -18,7 +18,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -31,11 +31,28 @@ use crate::Error;
 
 /// Clusters of one test binary run one at a time: the machine has two cores, and timing
 /// assertions must not depend on how many other clusters are busy.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static TURN_TAKEN: Mutex<bool> = Mutex::new(false);
+static TURN_FREED: Condvar = Condvar::new();
+
+/// This test binary's turn to run a cluster, until dropped. Unlike a lock guard it may move
+/// to another thread with the cluster that holds it.
+pub struct Turn(());
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *TURN_TAKEN.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        TURN_FREED.notify_one();
+    }
+}
 
 /// Waits for this test binary's turn to run a cluster.
-pub fn take_turn() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+pub fn take_turn() -> Turn {
+    let mut taken = TURN_TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    while *taken {
+        taken = TURN_FREED.wait(taken).unwrap_or_else(|p| p.into_inner());
+    }
+    *taken = true;
+    Turn(())
 }
 
 /// A node started in a namespace must answer on its API within this long.
@@ -178,7 +195,7 @@ pub struct Cluster {
     children: Mutex<Vec<(u64, Child)>>,
     dir: Option<tempfile::TempDir>,
     stopped: bool,
-    _turn: Option<MutexGuard<'static, ()>>,
+    _turn: Option<Turn>,
 }
 
 impl Cluster {
@@ -226,7 +243,7 @@ impl Cluster {
     }
 
     /// Adopts a dir made by a `tandem up` the test ran itself; stops its nodes on drop.
-    pub fn adopt(dir: tempfile::TempDir, turn: Option<MutexGuard<'static, ()>>) -> Cluster {
+    pub fn adopt(dir: tempfile::TempDir, turn: Option<Turn>) -> Cluster {
         Cluster {
             exe: tandem_bin(),
             log: Some(log_level()),
@@ -461,6 +478,12 @@ impl Cluster {
 
     fn network(&self) -> &Network {
         self.net.as_ref().expect("this cluster runs in namespaces (ClusterBuilder::in_namespaces)")
+    }
+
+    /// The namespaces the nodes run in, if they do (for callers that install rules of their
+    /// own, such as the chaos suite's nemeses).
+    pub fn try_network(&self) -> Option<&Network> {
+        self.net.as_ref()
     }
 
     /// Cuts node `id` off from every other node (the test still reaches it).

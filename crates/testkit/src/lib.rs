@@ -34,7 +34,7 @@ pub mod tools;
 pub mod wait;
 
 pub use binary::tandem_bin;
-pub use cluster::{take_turn, Cluster, ClusterBuilder, Paused};
+pub use cluster::{take_turn, Cluster, ClusterBuilder, Paused, Turn};
 pub use nbd::{NbdClient, NbdError, Reconnecting};
 pub use process::{run_tandem, run_tandem_ok, Reap};
 pub use qemu::{qemu_io, qemu_io_ok, run_ok};

@@ -1,0 +1,310 @@
+//! The nemeses: each injects one kind of fault when started and takes it back when stopped.
+//! Targets that depend on the cluster's state (the leader, the volume's primary) are looked
+//! up when the fault starts; random choices come from the run's seeded generator, so the same
+//! seed replays the same schedule (docs/CHAOS.md).
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use tandem_testkit::Rng;
+
+use crate::world::{NetRule, World};
+
+/// Every kind of fault the suite can inject (`tandem chaos list` shows them by name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// One node cut off from the others (both ways).
+    PartitionNode,
+    PartitionLeader,
+    PartitionPrimary,
+    /// A majority and a minority, at random.
+    PartitionHalves,
+    /// Two halves that both still reach one bridge node.
+    PartitionBridge,
+    /// Every node reaches only its neighbours on a ring (5 nodes: each sees a majority, no two
+    /// the same one).
+    PartitionRing,
+    /// Packets from one node to the others are dropped, the other way they pass.
+    Blackhole,
+    /// A share of one node's packets to and from the others is dropped at random.
+    PacketLoss,
+    /// Every TCP connection of one node to the others is reset while the fault lasts.
+    TcpReset,
+    KillNode,
+    KillLeader,
+    KillPrimary,
+    /// A minority of the nodes at once.
+    KillMinority,
+    /// Every node at once, under load; then all restart.
+    KillAll,
+    /// SIGSTOP of the primary for longer than its lease, then SIGCONT.
+    PausePrimary,
+    PauseLeader,
+    /// The data layer moves to the other transport (QUIC <-> TCP), and back at the stop.
+    SwitchData,
+    SwitchControl,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 18] = [
+        Kind::PartitionNode,
+        Kind::PartitionLeader,
+        Kind::PartitionPrimary,
+        Kind::PartitionHalves,
+        Kind::PartitionBridge,
+        Kind::PartitionRing,
+        Kind::Blackhole,
+        Kind::PacketLoss,
+        Kind::TcpReset,
+        Kind::KillNode,
+        Kind::KillLeader,
+        Kind::KillPrimary,
+        Kind::KillMinority,
+        Kind::KillAll,
+        Kind::PausePrimary,
+        Kind::PauseLeader,
+        Kind::SwitchData,
+        Kind::SwitchControl,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::PartitionNode => "partition-node",
+            Kind::PartitionLeader => "partition-leader",
+            Kind::PartitionPrimary => "partition-primary",
+            Kind::PartitionHalves => "partition-halves",
+            Kind::PartitionBridge => "partition-bridge",
+            Kind::PartitionRing => "partition-ring",
+            Kind::Blackhole => "blackhole",
+            Kind::PacketLoss => "packet-loss",
+            Kind::TcpReset => "tcp-reset",
+            Kind::KillNode => "kill-node",
+            Kind::KillLeader => "kill-leader",
+            Kind::KillPrimary => "kill-primary",
+            Kind::KillMinority => "kill-minority",
+            Kind::KillAll => "kill-all",
+            Kind::PausePrimary => "pause-primary",
+            Kind::PauseLeader => "pause-leader",
+            Kind::SwitchData => "switch-data",
+            Kind::SwitchControl => "switch-control",
+        }
+    }
+
+    pub fn about(self) -> &'static str {
+        match self {
+            Kind::PartitionNode => "one random node cut off from the others, both ways",
+            Kind::PartitionLeader => "the Raft leader cut off from the others",
+            Kind::PartitionPrimary => "the volume's primary cut off from the others",
+            Kind::PartitionHalves => "a random majority and minority cut apart",
+            Kind::PartitionBridge => "two halves that both still reach one bridge node",
+            Kind::PartitionRing => "each node reaches only its two ring neighbours (5 nodes)",
+            Kind::Blackhole => "one node's packets to the others dropped; the other way passes",
+            Kind::PacketLoss => "20-40% of one node's packets to and from the others dropped at random",
+            Kind::TcpReset => "every TCP connection between one node and the others reset",
+            Kind::KillNode => "SIGKILL of one random node, restarted at the stop",
+            Kind::KillLeader => "SIGKILL of the Raft leader, restarted at the stop",
+            Kind::KillPrimary => "SIGKILL of the volume's primary, restarted at the stop",
+            Kind::KillMinority => "SIGKILL of a minority of the nodes at once, restarted at the stop",
+            Kind::KillAll => "SIGKILL of every node at once under load, all restarted",
+            Kind::PausePrimary => "SIGSTOP of the primary for longer than its lease, then SIGCONT",
+            Kind::PauseLeader => "SIGSTOP of the Raft leader for longer than its lease, then SIGCONT",
+            Kind::SwitchData => "the data layer switched live to the other transport, and back",
+            Kind::SwitchControl => "the control layer switched live to the other transport, and back",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether the kind needs at least 5 nodes.
+    pub fn needs_five(self) -> bool {
+        self == Kind::PartitionRing
+    }
+
+    /// How long the fault is held, at least and at most: long enough for a lease to run out
+    /// and a failover to happen where the fault calls for one.
+    pub fn hold(self) -> (Duration, Duration) {
+        let s = Duration::from_secs;
+        match self {
+            Kind::PausePrimary | Kind::PauseLeader => (s(4), s(7)),
+            Kind::TcpReset => (s(1), s(3)),
+            Kind::SwitchData | Kind::SwitchControl => (s(3), s(6)),
+            Kind::KillAll => (s(1), s(3)),
+            _ => (s(4), s(9)),
+        }
+    }
+}
+
+/// A fault in place; [`Active::stop`] takes it back.
+pub struct Active {
+    pub kind: Kind,
+    /// What it hit, in words.
+    pub target: String,
+    undo: Undo,
+}
+
+enum Undo {
+    Rules(Vec<u64>),
+    Restart,
+    Resume(Vec<u64>),
+    TcpReset(u64),
+    Switch(&'static str, String),
+}
+
+fn pick(rng: &mut Rng, from: &[u64]) -> u64 {
+    from[rng.below(from.len() as u64) as usize]
+}
+
+fn shuffled(rng: &mut Rng, from: &[u64]) -> Vec<u64> {
+    let mut v = from.to_vec();
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    v
+}
+
+fn others(w: &World, of: &[u64]) -> Vec<u64> {
+    w.nodes.iter().copied().filter(|n| !of.contains(n)).collect()
+}
+
+fn set(ids: &[u64]) -> String {
+    format!("{{{}}}", ids.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
+}
+
+impl Active {
+    /// Starts a fault of `kind`; `fault` is its id in the run (for the touched-nodes record).
+    pub fn start(kind: Kind, w: &World, rng: &mut Rng, fault: u64) -> anyhow::Result<Active> {
+        // Drawn whatever the kind, so that one kind's choices do not shift the next ones.
+        let roll = rng.next_u64();
+        let mut r = Rng::new(roll);
+        let leader_or_random = |r: &mut Rng| w.leader().unwrap_or_else(|| pick(r, &w.nodes));
+        let primary_or_random = |r: &mut Rng| w.primary().unwrap_or_else(|| pick(r, &w.nodes));
+        let isolate = |n: u64| -> anyhow::Result<Active> {
+            let rest = others(w, &[n]);
+            let rule = w.add_rule(NetRule::Cut(vec![n], rest.clone()))?;
+            w.touch(fault, vec![n]);
+            Ok(Active { kind, target: format!("{} | {}", set(&[n]), set(&rest)), undo: Undo::Rules(vec![rule]) })
+        };
+        let minority = w.nodes.len().saturating_sub(1) / 2;
+        match kind {
+            Kind::PartitionNode => isolate(pick(&mut r, &w.nodes)),
+            Kind::PartitionLeader => isolate(leader_or_random(&mut r)),
+            Kind::PartitionPrimary => isolate(primary_or_random(&mut r)),
+            Kind::PartitionHalves => {
+                let order = shuffled(&mut r, &w.nodes);
+                let (small, big) = order.split_at(minority.max(1));
+                let rule = w.add_rule(NetRule::Cut(small.to_vec(), big.to_vec()))?;
+                w.touch(fault, small.to_vec());
+                Ok(Active { kind, target: format!("{} | {}", set(small), set(big)), undo: Undo::Rules(vec![rule]) })
+            }
+            Kind::PartitionBridge => {
+                let order = shuffled(&mut r, &w.nodes);
+                let bridge = order[0];
+                let rest = &order[1..];
+                let (a, b) = rest.split_at(rest.len() / 2);
+                let rule = w.add_rule(NetRule::Cut(a.to_vec(), b.to_vec()))?;
+                // The side without a majority of its own may fail requests.
+                let touched = if a.len() < b.len() { a.to_vec() } else { b.to_vec() };
+                w.touch(fault, touched);
+                Ok(Active {
+                    kind,
+                    target: format!("{} | {} (bridge {bridge})", set(a), set(b)),
+                    undo: Undo::Rules(vec![rule]),
+                })
+            }
+            Kind::PartitionRing => {
+                if w.nodes.len() < 5 {
+                    return Err(anyhow!("partition-ring needs 5 nodes"));
+                }
+                let ring = shuffled(&mut r, &w.nodes);
+                let n = ring.len();
+                let mut rules = Vec::new();
+                for i in 0..n {
+                    for j in i + 1..n {
+                        let apart = (j - i) % n;
+                        if apart != 1 && apart != n - 1 {
+                            rules.push(w.add_rule(NetRule::Cut(vec![ring[i]], vec![ring[j]]))?);
+                        }
+                    }
+                }
+                w.touch(fault, w.nodes.clone());
+                Ok(Active { kind, target: format!("ring {}", set(&ring)), undo: Undo::Rules(rules) })
+            }
+            Kind::Blackhole => {
+                let n = pick(&mut r, &w.nodes);
+                let rest = others(w, &[n]);
+                let rule = w.add_rule(NetRule::OneWay(vec![n], rest.clone()))?;
+                w.touch(fault, w.nodes.clone());
+                Ok(Active { kind, target: format!("{n} -> {} dropped", set(&rest)), undo: Undo::Rules(vec![rule]) })
+            }
+            Kind::PacketLoss => {
+                let n = pick(&mut r, &w.nodes);
+                let pct = 20 + r.below(21) as u8;
+                let rule = w.add_rule(NetRule::Loss(n, pct))?;
+                w.touch(fault, vec![n]);
+                Ok(Active { kind, target: format!("{pct}% of node {n}'s packets"), undo: Undo::Rules(vec![rule]) })
+            }
+            Kind::TcpReset => {
+                let n = pick(&mut r, &w.nodes);
+                w.tcp_reset(n, true)?;
+                w.touch(fault, vec![n]);
+                Ok(Active { kind, target: format!("node {n}'s TCP links"), undo: Undo::TcpReset(n) })
+            }
+            Kind::KillNode | Kind::KillLeader | Kind::KillPrimary => {
+                let n = match kind {
+                    Kind::KillLeader => leader_or_random(&mut r),
+                    Kind::KillPrimary => primary_or_random(&mut r),
+                    _ => pick(&mut r, &w.nodes),
+                };
+                w.kill(n)?;
+                Ok(Active { kind, target: format!("node {n}"), undo: Undo::Restart })
+            }
+            Kind::KillMinority => {
+                let order = shuffled(&mut r, &w.nodes);
+                let victims = &order[..minority.max(1)];
+                for &n in victims {
+                    w.kill(n)?;
+                }
+                Ok(Active { kind, target: format!("nodes {}", set(victims)), undo: Undo::Restart })
+            }
+            Kind::KillAll => {
+                for &n in &w.nodes {
+                    w.kill(n)?;
+                }
+                Ok(Active { kind, target: "every node".into(), undo: Undo::Restart })
+            }
+            Kind::PausePrimary | Kind::PauseLeader => {
+                let n = if kind == Kind::PauseLeader { leader_or_random(&mut r) } else { primary_or_random(&mut r) };
+                w.pause(n)?;
+                Ok(Active { kind, target: format!("node {n}"), undo: Undo::Resume(vec![n]) })
+            }
+            Kind::SwitchData | Kind::SwitchControl => {
+                let layer = if kind == Kind::SwitchData { "data" } else { "control" };
+                let now = current_transport(w, layer).unwrap_or_else(|| "tcp".into());
+                let to = if now == "quic" { "tcp" } else { "quic" };
+                w.set_transport(layer, to)?;
+                Ok(Active { kind, target: format!("{layer}: {now} -> {to}"), undo: Undo::Switch(layer, now) })
+            }
+        }
+    }
+
+    /// Takes the fault back (the nodes it stopped or killed run again).
+    pub fn stop(self, w: &World, fault: u64) -> anyhow::Result<()> {
+        let r = match &self.undo {
+            Undo::Rules(ids) => ids.iter().try_for_each(|&id| w.remove_rule(id)),
+            Undo::Restart => w.restart_killed(),
+            Undo::Resume(ids) => ids.iter().try_for_each(|&n| w.resume(n)),
+            Undo::TcpReset(n) => w.tcp_reset(*n, false),
+            Undo::Switch(layer, back) => w.set_transport(layer, back),
+        };
+        w.untouch(fault);
+        r
+    }
+}
+
+/// The transport a layer runs on, from `GET /v1/transport`.
+fn current_transport(w: &World, layer: &str) -> Option<String> {
+    let v = w.running().into_iter().find_map(|n| w.get(n, "/v1/transport"))?;
+    v["policy"][layer].as_str().or_else(|| v[layer].as_str()).map(str::to_string)
+}

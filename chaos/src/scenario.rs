@@ -1,0 +1,100 @@
+//! The named scenarios `tandem chaos list` shows: which nemeses a run draws its faults from,
+//! how many at once, and on how many nodes at least. Every nemesis kind is a scenario of its
+//! own; the mixes combine them; regression scenarios (`regress-*`) replay the schedules that
+//! found bugs.
+
+use crate::nemesis::Kind;
+
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    pub about: String,
+    /// The kinds each step draws from.
+    pub kinds: Vec<Kind>,
+    /// Kinds started together with each drawn fault (e.g. a transport switch during a
+    /// partition).
+    pub with: Vec<Kind>,
+    /// The fewest nodes it runs on.
+    pub nodes_min: u32,
+}
+
+impl Scenario {
+    fn single(kind: Kind) -> Scenario {
+        Scenario {
+            name: kind.name().into(),
+            about: kind.about().into(),
+            kinds: vec![kind],
+            with: vec![],
+            nodes_min: if kind.needs_five() { 5 } else { 3 },
+        }
+    }
+
+    fn mix(name: &str, about: &str, kinds: &[Kind], with: &[Kind]) -> Scenario {
+        Scenario { name: name.into(), about: about.into(), kinds: kinds.to_vec(), with: with.to_vec(), nodes_min: 3 }
+    }
+
+    /// Every nemesis kind this scenario may inject.
+    pub fn all_kinds(&self) -> Vec<Kind> {
+        let mut k: Vec<Kind> = self.kinds.iter().chain(&self.with).copied().collect();
+        k.sort();
+        k.dedup();
+        k
+    }
+}
+
+/// Every scenario, in the order `list` shows them.
+pub fn all() -> Vec<Scenario> {
+    use Kind::*;
+    let mut s: Vec<Scenario> = Kind::ALL.into_iter().map(Scenario::single).collect();
+    s.push(Scenario::mix(
+        "partitions",
+        "every kind of partition (3-node safe ones), one at a time",
+        &[PartitionNode, PartitionLeader, PartitionPrimary, PartitionHalves, PartitionBridge, Blackhole],
+        &[],
+    ));
+    s.push(Scenario::mix(
+        "crashes",
+        "SIGKILL of a node, the leader, the primary, a minority, every node; then restarts",
+        &[KillNode, KillLeader, KillPrimary, KillMinority, KillAll],
+        &[],
+    ));
+    s.push(Scenario::mix(
+        "stalls",
+        "SIGSTOP of the primary or the leader past its lease, packet loss, TCP resets",
+        &[PausePrimary, PauseLeader, PacketLoss, TcpReset],
+        &[],
+    ));
+    s.push(Scenario::mix(
+        "switch-during-partition",
+        "a live transport switch of the data or control layer while a node is cut off",
+        &[PartitionNode, PartitionLeader, PartitionPrimary],
+        &[SwitchData],
+    ));
+    s.push(Scenario::mix("mix", "every 3-node nemesis, drawn at random", &Kind::ALL[..5], &[]));
+    let last = s.len() - 1;
+    s[last].kinds = Kind::ALL.into_iter().filter(|k| !k.needs_five()).collect();
+    s
+}
+
+pub fn find(name: &str) -> Option<Scenario> {
+    all().into_iter().find(|s| s.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_every_kind_has_a_scenario() {
+        let all = all();
+        let mut names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "duplicate scenario names");
+        for k in Kind::ALL {
+            assert!(find(k.name()).is_some_and(|s| s.kinds == vec![k]), "{}", k.name());
+        }
+        assert!(find("mix").is_some_and(|s| s.kinds.len() == Kind::ALL.len() - 1));
+    }
+}

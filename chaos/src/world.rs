@@ -1,0 +1,257 @@
+//! The cluster under test and what the nemeses and workloads ask of it: nodes in network
+//! namespaces of their own on a bridge (the test kit's [`Cluster`]), the volume and host the
+//! workloads use, the fault rules on the bridge, and which nodes a fault touches right now
+//! (a host error from a node no fault touches is a failure of its own).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tandem_testkit::firewall::nft_load;
+use tandem_testkit::process::signal;
+use tandem_testkit::Cluster;
+
+/// The nftables table in the bridge namespace that holds the nemeses' rules.
+const TABLE: &str = "tandem_chaos";
+/// One API request of the harness gives up after this long (a stopped node must not stall it).
+const API_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A rule on the bridge, between node addresses (the harness itself is never cut off).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetRule {
+    /// Every packet between a node of `a` and a node of `b`, both ways.
+    Cut(Vec<u64>, Vec<u64>),
+    /// Packets from `from` to `to` only (a one-way blackhole).
+    OneWay(Vec<u64>, Vec<u64>),
+    /// `percent` of the packets to and from `node` (from and to other nodes), at random.
+    Loss(u64, u8),
+}
+
+#[derive(Default)]
+struct Faults {
+    rules: Vec<(u64, NetRule)>,
+    next_rule: u64,
+    /// Nodes that are down (killed, not yet restarted) or stopped (SIGSTOP).
+    down: BTreeSet<u64>,
+    /// Each fault's nodes it touches, by fault id.
+    touched: Vec<(u64, Vec<u64>)>,
+}
+
+pub struct World {
+    pub cluster: Cluster,
+    pub nodes: Vec<u64>,
+    pub volume: String,
+    pub volume_id: u64,
+    pub volume_bytes: u64,
+    pub host: String,
+    faults: Mutex<Faults>,
+}
+
+impl World {
+    pub fn new(cluster: Cluster, volume: String, volume_id: u64, volume_bytes: u64, host: String) -> World {
+        let nodes = cluster.node_ids();
+        World { cluster, nodes, volume, volume_id, volume_bytes, host, faults: Mutex::new(Faults::default()) }
+    }
+
+    fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn nbd_addr(&self, id: u64) -> SocketAddr {
+        self.cluster.nbd_addr(id)
+    }
+
+    pub fn api(&self, id: u64) -> String {
+        self.cluster.api(id)
+    }
+
+    fn client() -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder().timeout(API_TIMEOUT).build().expect("an HTTP client")
+    }
+
+    /// `GET path` of node `id`, if it answers with success.
+    pub fn get(&self, id: u64, path: &str) -> Option<Value> {
+        let resp = Self::client().get(format!("{}{path}", self.api(id))).send().ok()?;
+        resp.status().is_success().then(|| resp.json().ok()).flatten()
+    }
+
+    /// Nodes that are neither killed nor stopped.
+    pub fn running(&self) -> Vec<u64> {
+        let f = self.faults();
+        self.nodes.iter().copied().filter(|n| !f.down.contains(n)).collect()
+    }
+
+    /// The Raft leader as the first running node that knows one says.
+    pub fn leader(&self) -> Option<u64> {
+        self.running().into_iter().find_map(|n| self.get(n, "/v1/cluster")?["raft"]["leader"].as_u64())
+    }
+
+    /// The volume's record (primary, epoch, ISR), read linearizably through a running node.
+    pub fn volume_record(&self) -> Option<Value> {
+        let path = format!("/v1/volumes/{}", self.volume);
+        self.running().into_iter().find_map(|n| self.get(n, &path))
+    }
+
+    pub fn primary(&self) -> Option<u64> {
+        self.volume_record()?["primary"].as_u64()
+    }
+
+    /// Remembers that fault `fault` touches `nodes` (a host error from them is expected).
+    pub fn touch(&self, fault: u64, nodes: Vec<u64>) {
+        self.faults().touched.push((fault, nodes));
+    }
+
+    pub fn untouch(&self, fault: u64) {
+        self.faults().touched.retain(|(f, _)| *f != fault);
+    }
+
+    /// Whether a fault touches node `id` right now.
+    pub fn touched(&self, id: u64) -> bool {
+        let f = self.faults();
+        f.down.contains(&id) || f.touched.iter().any(|(_, n)| n.contains(&id))
+    }
+
+    /// Whether any fault is in place.
+    pub fn any_fault(&self) -> bool {
+        let f = self.faults();
+        !f.down.is_empty() || !f.touched.is_empty() || !f.rules.is_empty()
+    }
+
+    /// `kill -9` of node `id`; returns once it is gone.
+    pub fn kill(&self, id: u64) -> anyhow::Result<()> {
+        self.faults().down.insert(id);
+        self.cluster.try_kill(id).map_err(|e| anyhow!("kill node {id}: {e}"))
+    }
+
+    /// Starts every killed node again and waits for their APIs.
+    pub fn restart_killed(&self) -> anyhow::Result<()> {
+        self.cluster.try_restart_missing().map_err(|e| anyhow!("restart: {e}"))?;
+        let mut f = self.faults();
+        let running: Vec<u64> = f.down.iter().copied().filter(|&n| self.cluster.try_pid(n).is_ok()).collect();
+        for n in running {
+            f.down.remove(&n);
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP of node `id` (a VM stun, a long stall).
+    pub fn pause(&self, id: u64) -> anyhow::Result<()> {
+        let pid = self.cluster.try_pid(id).map_err(|e| anyhow!("{e}"))?;
+        self.faults().down.insert(id);
+        signal(pid, Signal::SIGSTOP).map_err(|e| anyhow!("pause node {id}: {e}"))
+    }
+
+    pub fn resume(&self, id: u64) -> anyhow::Result<()> {
+        let pid = self.cluster.try_pid(id).map_err(|e| anyhow!("{e}"))?;
+        signal(pid, Signal::SIGCONT).map_err(|e| anyhow!("resume node {id}: {e}"))?;
+        self.faults().down.remove(&id);
+        Ok(())
+    }
+
+    /// Adds a rule on the bridge; its id for [`World::remove_rule`].
+    pub fn add_rule(&self, rule: NetRule) -> anyhow::Result<u64> {
+        let mut f = self.faults();
+        let id = f.next_rule;
+        f.next_rule += 1;
+        f.rules.push((id, rule));
+        self.install(&f.rules)?;
+        Ok(id)
+    }
+
+    pub fn remove_rule(&self, id: u64) -> anyhow::Result<()> {
+        let mut f = self.faults();
+        f.rules.retain(|(r, _)| *r != id);
+        self.install(&f.rules)
+    }
+
+    fn install(&self, rules: &[(u64, NetRule)]) -> anyhow::Result<()> {
+        let net = self.cluster.try_network().context("the cluster does not run in namespaces")?;
+        let set = |ids: &[u64]| ids.iter().map(|&n| net.ip(n).to_string()).collect::<Vec<_>>().join(", ");
+        let mut body = String::new();
+        for (_, r) in rules {
+            match r {
+                NetRule::Cut(a, b) => {
+                    body += &format!("    ip saddr {{ {} }} ip daddr {{ {} }} drop\n", set(a), set(b));
+                    body += &format!("    ip saddr {{ {} }} ip daddr {{ {} }} drop\n", set(b), set(a));
+                }
+                NetRule::OneWay(a, b) => {
+                    body += &format!("    ip saddr {{ {} }} ip daddr {{ {} }} drop\n", set(a), set(b))
+                }
+                NetRule::Loss(n, pct) => {
+                    let others: Vec<u64> = self.nodes.iter().copied().filter(|o| o != n).collect();
+                    let (me, them) = (set(&[*n]), set(&others));
+                    body += &format!("    ip saddr {me} ip daddr {{ {them} }} numgen random mod 100 < {pct} drop\n");
+                    body += &format!("    ip saddr {{ {them} }} ip daddr {me} numgen random mod 100 < {pct} drop\n");
+                }
+            }
+        }
+        // Declaring, deleting and defining the table in one file replaces it atomically.
+        let rules = format!(
+            "table bridge {TABLE}\ndelete table bridge {TABLE}\ntable bridge {TABLE} {{\n  chain faults {{\n    \
+             type filter hook forward priority -10; policy accept;\n{body}  }}\n}}\n"
+        );
+        nft_load(Some(&net.bridge_ns()), &rules).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Resets every TCP connection from node `id` to the other nodes while the returned rule is
+    /// in place (an nftables `reject with tcp reset` in the node's own namespace).
+    pub fn tcp_reset(&self, id: u64, on: bool) -> anyhow::Result<()> {
+        let net = self.cluster.try_network().context("the cluster does not run in namespaces")?;
+        let ns = net.ns(id);
+        let table = "tandem_chaos_rst";
+        if !on {
+            return nft_load(Some(&ns), &format!("table inet {table}\ndelete table inet {table}\n"))
+                .map_err(|e| anyhow!("{e}"));
+        }
+        let others: Vec<String> = self.nodes.iter().filter(|&&n| n != id).map(|&n| net.ip(n).to_string()).collect();
+        let rules = format!(
+            "table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n  chain out {{\n    \
+             type filter hook output priority 0; policy accept;\n    ip daddr {{ {} }} meta l4proto tcp reject with tcp reset\n  }}\n  \
+             chain in {{\n    type filter hook input priority 0; policy accept;\n    ip saddr {{ {} }} meta l4proto tcp reject with tcp reset\n  }}\n}}\n",
+            others.join(", "),
+            others.join(", ")
+        );
+        nft_load(Some(&ns), &rules).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Removes every rule on the bridge and in the nodes, continues every stopped node and
+    /// starts every killed one.
+    pub fn heal_all(&self) -> anyhow::Result<()> {
+        let stopped: Vec<u64> = {
+            let mut f = self.faults();
+            f.rules.clear();
+            f.touched.clear();
+            f.down.iter().copied().collect()
+        };
+        self.install(&[])?;
+        for &n in &self.nodes {
+            let _ = self.tcp_reset(n, false);
+        }
+        for n in stopped {
+            if let Ok(pid) = self.cluster.try_pid(n) {
+                let _ = signal(pid, Signal::SIGCONT);
+            }
+        }
+        self.restart_killed()?;
+        self.faults().down.clear();
+        Ok(())
+    }
+
+    /// `PUT /v1/transport` through a running node.
+    pub fn set_transport(&self, layer: &str, kind: &str) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "transport": kind, "layer": layer });
+        let mut last = String::new();
+        for n in self.running() {
+            match Self::client().put(format!("{}/v1/transport", self.api(n))).json(&body).send() {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("node {n}: {} {}", r.status(), r.text().unwrap_or_default()),
+                Err(e) => last = format!("node {n}: {e}"),
+            }
+        }
+        Err(anyhow!("switch {layer} to {kind}: {last}"))
+    }
+}
