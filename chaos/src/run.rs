@@ -70,6 +70,8 @@ pub struct RunRecord {
     /// Why convergence was not reached, if it was not.
     pub converge_error: Option<String>,
     pub final_reads_failed: usize,
+    /// The write made after the heal was not acknowledged.
+    pub heal_write_failed: bool,
     pub faults_by_kind: Vec<(String, usize)>,
     pub bugs: Vec<String>,
 }
@@ -270,6 +272,7 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
     progress(opts, &scenario.name, "reading", faults.len(), &rec);
     rec.mark(MarkKind::Phase, "final reads");
     let reader = world.primary().unwrap_or(world.nodes[0]);
+    let heal_write_failed = !workload::final_write(&ctx, process, reader);
     let final_reads_failed = workload::final_reads(&ctx, process, reader);
     workload::final_meta_reads(&ctx, process + 1, reader);
     let divergent = match &converge {
@@ -304,6 +307,7 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
         divergent,
         converge_error: converge.and_then(|c| c.err()).map(|e| format!("{e:#}")),
         final_reads_failed,
+        heal_write_failed,
         faults_by_kind: by_kind.into_iter().collect(),
         bugs: opts.bugs.clone(),
     })

@@ -219,6 +219,23 @@ pub fn set_client(ctx: Arc<Ctx>, process: u64, clients: u64) {
     }
 }
 
+/// After the heal: one write of a block no one else writes, through `node` (retried on a
+/// broken connection); whether it was acknowledged. The final reads read it back.
+pub fn final_write(ctx: &Ctx, process: u64, node: u64) -> bool {
+    let mut path = NbdPath::new(vec![node], 0);
+    let block = ctx.world.volume_bytes / BLOCK_BYTES as u64 - 1;
+    for _ in 0..3 {
+        let before = ctx.rec.ops();
+        if nbd_write(ctx, &mut path, process, Workload::Set, block) {
+            ctx.set_blocks.lock().unwrap_or_else(|p| p.into_inner()).push(block);
+            if path.conn.is_some() && ctx.rec.ops() > before {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// After the heal: one read of every hot block and every set block, through `node` (recorded
 /// like any read); how many reads failed.
 pub fn final_reads(ctx: &Ctx, process: u64, node: u64) -> usize {

@@ -79,10 +79,15 @@ impl World {
         resp.status().is_success().then(|| resp.json().ok()).flatten()
     }
 
-    /// Nodes that are neither killed nor stopped.
+    /// Nodes that are neither killed nor stopped, those no fault touches first (a node cut
+    /// off answers a linearizable read only after a timeout).
     pub fn running(&self) -> Vec<u64> {
         let f = self.faults();
-        self.nodes.iter().copied().filter(|n| !f.down.contains(n)).collect()
+        let touched = |n: &u64| f.touched.iter().any(|(_, t)| t.contains(n));
+        let up = self.nodes.iter().copied().filter(|n| !f.down.contains(n));
+        let (mut clear, cut): (Vec<u64>, Vec<u64>) = up.partition(|n| !touched(n));
+        clear.extend(cut);
+        clear
     }
 
     /// The Raft leader as the first running node that knows one says.

@@ -1,0 +1,123 @@
+//! The chaos suite against real nodes: CI's short pass (a fixed set of scenarios and seeds,
+//! both transports, every verdict must be valid), and the cleanup on Ctrl-C. Each run's report
+//! lands in `<target>/chaos-ci/<scenario>-<seed>/` (`.ci/run` prints the summaries).
+//!
+//! The runs go one at a time (the test kit's turn): two clusters on two cores would make each
+//! other's faults.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_chaos::run::{run, RunOptions};
+use tandem_chaos::{scenario, verdict};
+use tandem_testkit::{require_tools, tandem_bin, take_turn, wait_for};
+
+/// How long each short-pass run injects faults.
+const SHORT: Duration = Duration::from_secs(12);
+
+/// Where the reports go: beside the build, so a CI run can print them.
+fn reports() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    // <target>/<profile>/deps/chaos-...
+    let target = exe.ancestors().nth(3).expect("the target dir").to_path_buf();
+    target.join("chaos-ci")
+}
+
+/// Runs one scenario with one seed and asserts a valid verdict; the report's path.
+fn short_run(name: &str, seed: u64, transport: &str, exe: PathBuf, bugs: &[&str]) -> verdict::Verdict {
+    require_tools(&["nft"]);
+    let _turn = take_turn();
+    let s = scenario::find(name).unwrap_or_else(|| panic!("no scenario {name}"));
+    let out = reports().join(format!("{name}-{seed}"));
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = RunOptions {
+        exe,
+        seed,
+        duration: SHORT,
+        nodes: 3,
+        transport: transport.into(),
+        out: out.clone(),
+        interrupted: Arc::new(AtomicBool::new(false)),
+        bugs: bugs.iter().map(|b| b.to_string()).collect(),
+        progress: false,
+    };
+    println!("chaos run {name} seed {seed} on {transport}: report in {}", out.display());
+    let record = run(&s, &opts, seed as u32 % 1000).unwrap_or_else(|e| panic!("{name} seed {seed}: the run failed: {e:#}"));
+    let v = verdict::judge_and_report(&record, &out);
+    let line = v.line(name, seed);
+    println!("{line}");
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(reports().join("summary.txt"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+    v
+}
+
+fn must_be_valid(name: &str, seed: u64, transport: &str) {
+    let v = short_run(name, seed, transport, tandem_bin(), &[]);
+    assert!(v.passed(), "{}", v.line(name, seed));
+    assert!(v.ops > 500, "{name} seed {seed}: only {} operations were made", v.ops);
+    assert!(v.faults > 0, "{name} seed {seed}: no fault was injected");
+}
+
+macro_rules! short_pass {
+    ($($test:ident: $name:literal, $seed:literal, $transport:literal;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                must_be_valid($name, $seed, $transport);
+            }
+        )*
+    };
+}
+
+// CI's short pass: 12 nemesis kinds, 3 nodes, both transports, fixed seeds.
+short_pass! {
+    short_partition_primary: "partition-primary", 101, "tcp";
+    short_partition_leader: "partition-leader", 102, "quic";
+    short_partition_halves: "partition-halves", 103, "tcp";
+    short_blackhole: "blackhole", 104, "quic";
+    short_packet_loss: "packet-loss", 105, "tcp";
+    short_tcp_reset: "tcp-reset", 106, "tcp";
+    short_kill_primary: "kill-primary", 107, "quic";
+    short_kill_all: "kill-all", 108, "tcp";
+    short_pause_primary: "pause-primary", 109, "quic";
+    short_pause_leader: "pause-leader", 110, "tcp";
+    short_switch_data: "switch-data", 111, "quic";
+    short_switch_during_partition: "switch-during-partition", 112, "tcp";
+}
+
+/// Ctrl-C in the middle of a run: the command stops, and leaves no namespace and no node
+/// process behind.
+#[test]
+fn ctrl_c_stops_a_run_and_cleans_up_everything() {
+    require_tools(&["nft", "ip"]);
+    let _turn = take_turn();
+    let out = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(tandem_bin())
+        .args(["chaos", "run", "--scenario", "kill-node", "--seed", "5", "--duration", "60s", "--quiet", "--out"])
+        .arg(out.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tandem chaos run");
+    let pid = child.id() as i32;
+    let history = out.path().join("kill-node-5").join("history.jsonl");
+    // The run is under way once its clients have recorded operations.
+    wait_for("the run's clients to record operations", Duration::from_secs(120), || {
+        (std::fs::metadata(&history).map(|m| m.len()).unwrap_or(0) > 10_000).then_some(())
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let status = wait_for("the run to stop after Ctrl-C", Duration::from_secs(60), || child.try_wait().ok().flatten());
+    assert!(!status.success(), "an interrupted run must not report success");
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(!namespaces.contains(&format!("tdmnet{pid}x")), "namespaces left behind: {namespaces}");
+    let procs = Command::new("pgrep").args(["-f", &out.path().display().to_string()]).output().expect("pgrep");
+    let left = String::from_utf8_lossy(&procs.stdout);
+    assert!(left.trim().is_empty(), "processes left behind: {left}");
+}
