@@ -211,3 +211,84 @@ fn lost_acknowledgements_from_a_backup_drop_it_from_the_isr_and_writes_go_on() {
     wait_identical(&c, p, "acks", &all, RESYNC_WAIT);
     client.write(0, &random_bytes(99, BLOCK)).expect("a write with the full ISR again");
 }
+
+/// `isr-before-propose=return` on the primary while a backup's acknowledgements are lost: the
+/// primary cannot shrink the ISR, and a write that depends on the shrink waits for it (I3) —
+/// it is neither acknowledged without the backup nor failed. Cleared, the shrink commits and
+/// the write completes.
+#[test]
+fn a_write_waits_while_the_isr_shrink_it_depends_on_cannot_be_proposed() {
+    let c = chaos_cluster(3);
+    let v = create_served_volume(&c, "hold", "16M");
+    let p = v["primary"].as_u64().expect("primary");
+    let isr = ids(&v["isr"]);
+    let b = isr.iter().copied().find(|&n| n != p).expect("a backup");
+    println!("primary {p}, backup {b} loses its acknowledgements, the primary cannot propose");
+
+    must_set(&c, p, "isr-before-propose", "return");
+    must_set(&c, b, "backup-before-reply", "return");
+    let addr = c.nbd_addr(p);
+    let data = random_bytes(7, 4 * BLOCK);
+    let want = data.clone();
+    let writer = std::thread::spawn(move || {
+        let mut client = NbdClient::connect(addr, "hold", Duration::from_secs(120)).expect("connect");
+        let started = Instant::now();
+        let result = client.write(0, &data);
+        (result.map_err(|e| e.to_string()), started.elapsed())
+    });
+    // Three attempts, so the write has had time to finish if it did not wait for the shrink.
+    wait_for("the primary to hit the failpoint three times", CHANGE_WAIT, || {
+        (c.log_lines(p, "failpoint isr-before-propose").len() >= 3).then_some(())
+    });
+    // The shrink was attempted and never proposed: the write must still be waiting, and the
+    // committed ISR must still hold the backup.
+    assert!(!writer.is_finished(), "a write that needs the shrink finished before the shrink committed");
+    let now = volume(&c, p, "hold").expect("the volume");
+    assert!(ids(&now["isr"]).contains(&b), "the ISR changed without a proposal: {now}");
+
+    must_set(&c, p, "isr-before-propose", "off");
+    let (result, took) = writer.join().expect("writer");
+    println!("the write completed after {took:?}: {result:?}");
+    result.expect("the write completes once the shrink can commit");
+    wait_for("the ISR to drop the silent backup", CHANGE_WAIT, || {
+        volume(&c, p, "hold").filter(|v| !ids(&v["isr"]).contains(&b))
+    });
+    must_set(&c, b, "backup-before-reply", "off");
+    let mut client = NbdClient::connect(addr, "hold", CLIENT_TIMEOUT).expect("connect");
+    assert_eq!(client.read(0, want.len()).expect("read"), want);
+}
+
+/// `journal-before-fsync=return` on a backup: its store fails as after a real failed
+/// `fdatasync`, it refuses the records it can no longer make durable, and the primary drops it
+/// from the ISR; the host's writes complete on the others. The backup comes back only as a
+/// restarted process (its store is poisoned until reopened), through resync.
+#[test]
+fn a_failed_fsync_on_a_backup_drops_it_from_the_isr_and_writes_go_on() {
+    let c = chaos_cluster(3);
+    let v = create_served_volume(&c, "bfsync", "16M");
+    let p = v["primary"].as_u64().expect("primary");
+    let mut all = ids(&v["isr"]);
+    all.sort_unstable();
+    let b = all.iter().copied().find(|&n| n != p).expect("a backup");
+    println!("primary {p}, backup {b} fails its fsync");
+
+    must_set(&c, b, "journal-before-fsync", "return");
+    let mut client = NbdClient::connect(c.nbd_addr(p), "bfsync", CLIENT_TIMEOUT).expect("connect");
+    let mut written = Vec::new();
+    for i in 0..4u64 {
+        let data = random_bytes(20 + i, 4 * BLOCK);
+        client.write(i * 4 * BLOCK as u64, &data).expect("writes complete without the failed backup");
+        written.push(data);
+    }
+    wait_for("the ISR to drop the failed backup", CHANGE_WAIT, || {
+        volume(&c, p, "bfsync").filter(|v| !ids(&v["isr"]).contains(&b))
+    });
+    for (i, data) in written.iter().enumerate() {
+        assert_eq!(&client.read(i as u64 * 4 * BLOCK as u64, data.len()).expect("read"), data);
+    }
+
+    must_set(&c, b, "journal-before-fsync", "off");
+    c.kill(b);
+    c.restart(b);
+    wait_identical(&c, p, "bfsync", &all, RESYNC_WAIT);
+}
