@@ -27,7 +27,7 @@ fn entries() -> Vec<Entry<TypeConfig>> {
 }
 
 #[tokio::test]
-async fn a_failed_snapshot_install_is_a_storage_error_and_changes_nothing() {
+async fn the_snapshot_failpoint_fails_the_install_with_a_storage_error_and_changes_nothing() {
     let dir_a = tempfile::tempdir().expect("dir");
     let db_a = sled::Config::new().path(dir_a.path()).open().expect("sled");
     let mut a = StateMachine::open(&db_a, dir_a.path()).expect("open");
