@@ -69,7 +69,13 @@ fn actions_of(c: &Cluster, id: u64, name: &str) -> String {
 
 #[test]
 fn the_debug_api_lists_sets_and_clears_failpoints_and_refuses_bad_input() {
+    // TANDEM_FAILPOINTS at startup, reaching the node through `tandem up`. A setting that never
+    // fires (0%), so a cluster another test starts meanwhile with this environment is unharmed.
+    std::env::set_var("TANDEM_FAILPOINTS", "journal-after-fsync=0%return");
     let c = chaos_cluster(1);
+    std::env::remove_var("TANDEM_FAILPOINTS");
+    assert_eq!(actions_of(&c, 1, "journal-after-fsync"), "0%return");
+    must_set(&c, 1, "journal-after-fsync", "off");
     let (status, list) = failpoints(&c, 1);
     assert_eq!(status, 200);
     let names: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
