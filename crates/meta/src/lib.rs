@@ -15,6 +15,8 @@
 // openraft's storage traits return its own (large) `StorageError`; our helpers return it too.
 #![allow(clippy::result_large_err)]
 
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 pub mod log_store;
 pub mod network;
 pub mod raft_types;

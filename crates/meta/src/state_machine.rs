@@ -378,6 +378,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
+        #[cfg(feature = "failpoints")]
+        if let Some(arg) = crate::failpoints::eval(crate::failpoints::SNAPSHOT_BEFORE_INSTALL).await {
+            let why = std::io::Error::other(format!("failpoint {}: {arg}", crate::failpoints::SNAPSHOT_BEFORE_INSTALL));
+            return Err(openraft::StorageIOError::write_snapshot(Some(meta.signature()), &why).into());
+        }
         let started = std::time::Instant::now();
         let data = snapshot.into_inner();
         // A snapshot may be far larger than a frame: it has limits of its own.

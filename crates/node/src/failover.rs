@@ -130,6 +130,12 @@ impl Supervisor {
                 tracing::warn!(volume = %name, %old, new = %primary, epoch = %epoch.next(), "failing over");
                 let meta = self.meta.clone();
                 Some(async move {
+                    #[cfg(feature = "failpoints")]
+                    if let Some(arg) = tandem_replication::failpoints::eval(crate::failpoints::ISR_BEFORE_PROPOSE).await
+                    {
+                        tracing::warn!(volume = %name, %arg, "failpoint isr-before-propose: failover not proposed");
+                        return;
+                    }
                     if let Err(e) = meta.write(MetaCmd::Failover { volume, epoch, primary, isr }).await {
                         tracing::warn!(volume = %name, error = %e, "failover not committed");
                     }

@@ -8,6 +8,8 @@
 //!   view of the links it shows.
 //! - [`lease`]: this node's lease, and on the Raft leader the record of whom it heard from.
 //! - [`failover`]: on the Raft leader, failing volumes over from primaries that failed.
+//! - `failpoints` (a `failpoints` build only): the node's failpoints, `TANDEM_FAILPOINTS` and
+//!   the debug API that sets them, for the chaos suite.
 //! - [`probe`], [`probe_answer`]: the probe channel's calling and answering sides (lease
 //!   requests, pings, forwarded host probe reports).
 //! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, and the
@@ -22,6 +24,8 @@ pub mod api;
 pub mod api_state;
 pub mod config;
 pub mod failover;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 pub mod host_api;
 pub mod host_watch;
 pub mod hosts;
@@ -78,6 +82,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let me = cfg.node(id).ok_or_else(|| anyhow!("node {id} has no [[node]] entry in the cluster config"))?.clone();
+    #[cfg(feature = "failpoints")]
+    failpoints::apply_env()?;
     let identity = Identity::load(id, &cfg.resolve(&cfg.tls.ca_cert), &cfg.resolve(&me.cert), &cfg.resolve(&me.key))?;
     // Bind before opening anything, so a taken port is reported first and plainly. QUIC listens
     // on UDP at the raft_addr's port.

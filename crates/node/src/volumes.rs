@@ -46,6 +46,10 @@ impl Coordinator for MetaCoordinator {
                 // Nothing was proposed: the protocol may propose again later.
                 Err(e) => return Err(ProposeError::Unavailable(e.to_string())),
             };
+            #[cfg(feature = "failpoints")]
+            if let Some(arg) = tandem_replication::failpoints::eval(crate::failpoints::ISR_BEFORE_PROPOSE).await {
+                return Err(ProposeError::Unavailable(format!("failpoint isr-before-propose: {arg}")));
+            }
             let cmd = MetaCmd::SetVolumeIsr { volume, epoch, isr_version: version, isr };
             let mut backoff = PROPOSE_BACKOFF_MIN;
             loop {

@@ -13,3 +13,5 @@
 //! configuration and carries its ISR proposals to the metadata store.
 
 pub mod driver;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;

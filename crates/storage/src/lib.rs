@@ -21,6 +21,8 @@
 //! `store/` (the store: write paths, reads, group commit, checkpoints, recovery; one file per
 //! job, listed in `store/mod.rs`).
 
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 mod layout;
 mod segments;
 mod store;

@@ -33,7 +33,7 @@ pub mod random;
 pub mod tools;
 pub mod wait;
 
-pub use binary::tandem_bin;
+pub use binary::{tandem_bin, tandem_chaos_bin};
 pub use cluster::{take_turn, Cluster, ClusterBuilder, Paused, Turn};
 pub use nbd::{NbdClient, NbdError, Reconnecting};
 pub use process::{run_tandem, run_tandem_ok, Reap};

@@ -46,6 +46,11 @@ pub(super) async fn send_acks<S: BlockStore>(
             tracing::error!(%volume, error = %e, "flush failed; these records stay unacknowledged");
             continue;
         }
+        #[cfg(feature = "failpoints")]
+        if let Some(arg) = crate::failpoints::eval(crate::failpoints::BACKUP_BEFORE_REPLY).await {
+            tracing::warn!(%volume, %arg, "failpoint backup-before-reply: these acknowledgements are dropped");
+            continue;
+        }
         let mut groups: HashMap<(NodeId, Epoch), Vec<Seq>> = HashMap::new();
         for (primary, epoch, seq, _) in batch {
             groups.entry((primary, epoch)).or_default().push(seq);

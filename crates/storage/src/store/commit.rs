@@ -166,12 +166,16 @@ fn commit(core: &Core, gen: Arc<Gen>) -> io::Result<Committed> {
         pieces: pieces.iter().map(|p| (p.extent, p.blocks as u32)).collect(),
     };
     header_file.write_all_at(&header.encode(), segment_offset(header_at))?;
+    #[cfg(feature = "failpoints")]
+    failpoint(crate::failpoints::JOURNAL_BEFORE_FSYNC)?;
     for f in &files {
         f.sync_data()?;
     }
     if sync_dir {
         segments::sync_dir(&core.segment_dir)?;
     }
+    #[cfg(feature = "failpoints")]
+    failpoint(crate::failpoints::JOURNAL_AFTER_FSYNC)?;
     {
         let mut st = lock(&core.st);
         st.durable_lsn = gen.lsn;
@@ -181,6 +185,15 @@ fn commit(core: &Core, gen: Arc<Gen>) -> io::Result<Committed> {
     let mut journal: Vec<(u64, u64)> = vec![(header_at, 1)];
     journal.extend(pieces.iter().map(|p| (p.extent, p.blocks)));
     Ok(Committed { gen, ops, journal })
+}
+
+/// A failpoint of the flush: its `return` action is the flush's I/O error.
+#[cfg(feature = "failpoints")]
+fn failpoint(name: &str) -> io::Result<()> {
+    match crate::failpoints::eval(name) {
+        Some(arg) => Err(io::Error::other(format!("failpoint {name}: {arg}"))),
+        None => Ok(()),
+    }
 }
 
 impl SledStore {

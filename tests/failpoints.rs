@@ -1,0 +1,300 @@
+//! Failpoints in real `tandem` processes (the chaos build: `tandem_chaos_bin`, with the
+//! `failpoints` feature): the debug API that sets them, and what the product guarantees when
+//! each fires — a failed `fdatasync` on a primary never turns into an acknowledged write and
+//! the cluster serves again once that node is gone; a backup whose acknowledgements are lost
+//! leaves the ISR through a committed change and the host's writes complete; cleared, it
+//! returns through resync. The default build has no debug endpoints.
+//!
+//! Every wait polls with a deadline; the deadlines are generous for a starved 2-core machine.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tandem_testkit::{
+    create_served_volume, ids, random_bytes, tandem_bin, tandem_chaos_bin, volume, wait_for, wait_identical, Cluster,
+    NbdClient,
+};
+
+/// Longer than the node's hold time (30 s): a slow answer is not mistaken for a failed one.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+const CHANGE_WAIT: Duration = Duration::from_secs(90);
+const RESYNC_WAIT: Duration = Duration::from_secs(180);
+const BLOCK: usize = 4096;
+
+fn chaos_cluster(nodes: u32) -> Cluster {
+    Cluster::builder().exe(tandem_chaos_bin()).nodes(nodes).start().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `PUT /v1/debug/failpoints/{name}` on node `id`: the status and the JSON answer.
+fn set_failpoint(c: &Cluster, id: u64, name: &str, actions: &str) -> (u16, Value) {
+    let url = format!("{}/v1/debug/failpoints/{name}", c.api(id));
+    let resp = tandem_testkit::http()
+        .put(&url)
+        .json(&serde_json::json!({ "actions": actions }))
+        .send()
+        .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap_or(Value::Null))
+}
+
+fn must_set(c: &Cluster, id: u64, name: &str, actions: &str) {
+    let (status, body) = set_failpoint(c, id, name, actions);
+    assert_eq!(status, 200, "set {name}={actions} on node {id}: {body}");
+}
+
+/// `GET /v1/debug/failpoints` on node `id`: name → actions.
+fn failpoints(c: &Cluster, id: u64) -> (u16, Vec<(String, String)>) {
+    let url = format!("{}/v1/debug/failpoints", c.api(id));
+    let resp = tandem_testkit::http().get(&url).send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().unwrap_or(Value::Null);
+    let list = body["failpoints"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|f| {
+                    (f["name"].as_str().unwrap_or("").to_string(), f["actions"].as_str().unwrap_or("").to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, list)
+}
+
+fn actions_of(c: &Cluster, id: u64, name: &str) -> String {
+    let (status, list) = failpoints(c, id);
+    assert_eq!(status, 200);
+    list.into_iter().find(|(n, _)| n == name).map(|(_, a)| a).unwrap_or_else(|| panic!("{name} not listed"))
+}
+
+#[test]
+fn the_debug_api_lists_sets_and_clears_failpoints_and_refuses_bad_input() {
+    // TANDEM_FAILPOINTS at startup, reaching the node through `tandem up`. A setting that never
+    // fires (0%), so a cluster another test starts meanwhile with this environment is unharmed.
+    std::env::set_var("TANDEM_FAILPOINTS", "journal-after-fsync=0%return");
+    let c = chaos_cluster(1);
+    std::env::remove_var("TANDEM_FAILPOINTS");
+    assert_eq!(actions_of(&c, 1, "journal-after-fsync"), "0%return");
+    must_set(&c, 1, "journal-after-fsync", "off");
+    let (status, list) = failpoints(&c, 1);
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+    for name in [
+        "journal-before-fsync",
+        "journal-after-fsync",
+        "backup-before-reply",
+        "isr-before-propose",
+        "snapshot-before-install",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    assert!(list.iter().all(|(_, a)| a == "off"), "nothing set yet: {list:?}");
+
+    let (status, body) = set_failpoint(&c, 1, "no-such-failpoint", "return");
+    assert_eq!(status, 404, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("no-such-failpoint")), "{body}");
+    let (status, body) = set_failpoint(&c, 1, "snapshot-before-install", "sometimes");
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].is_string(), "{body}");
+    assert_eq!(actions_of(&c, 1, "snapshot-before-install"), "off", "a refused setting changes nothing");
+
+    // Nothing on a one-node cluster installs a snapshot or proposes a change here: harmless.
+    let (status, body) = set_failpoint(&c, 1, "snapshot-before-install", "20%return");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["actions"], "20%return");
+    must_set(&c, 1, "isr-before-propose", "1*sleep(10)");
+    assert_eq!(actions_of(&c, 1, "snapshot-before-install"), "20%return");
+    assert_eq!(actions_of(&c, 1, "isr-before-propose"), "1*sleep(10)");
+    must_set(&c, 1, "snapshot-before-install", "off");
+    must_set(&c, 1, "isr-before-propose", "off");
+    assert_eq!(actions_of(&c, 1, "snapshot-before-install"), "off");
+    assert_eq!(actions_of(&c, 1, "isr-before-propose"), "off");
+}
+
+#[test]
+fn a_default_build_has_no_failpoint_endpoints() {
+    let c = Cluster::builder().exe(tandem_bin()).nodes(1).start().unwrap_or_else(|e| panic!("{e}"));
+    let (status, _) = failpoints(&c, 1);
+    assert_eq!(status, 404);
+    let (status, _) = set_failpoint(&c, 1, "journal-before-fsync", "return");
+    assert_eq!(status, 404);
+}
+
+/// A client that writes through `via`, connecting again after a broken connection.
+fn write_until_ok(addr: std::net::SocketAddr, export: &str, offset: u64, data: &[u8], timeout: Duration) {
+    let mut client: Option<NbdClient> = None;
+    wait_for("a write to be acknowledged", timeout, || {
+        if client.is_none() {
+            client = NbdClient::connect(addr, export, CLIENT_TIMEOUT).ok();
+        }
+        let result = client.as_mut()?.write(offset, data);
+        match result {
+            Ok(()) => Some(()),
+            Err(e) => {
+                println!("write attempt failed: {e}");
+                client = None;
+                None
+            }
+        }
+    });
+}
+
+/// `journal-before-fsync=return` on the primary: its flush fails, its store is poisoned (as
+/// after a real failed `fdatasync`) and the primary steps down; the host's write is never
+/// acknowledged. The node stays poisoned until it restarts (docs/PROTOCOL.md, "Errors a host
+/// can see"), so the way back is losing that node: the leader fails the volume over to an
+/// in-sync backup, writes are acknowledged again, and the restarted node resyncs to an
+/// identical copy.
+#[test]
+fn a_failed_fsync_on_the_primary_never_acknowledges_a_write_and_failover_serves_again() {
+    let c = chaos_cluster(3);
+    let v = create_served_volume(&c, "fsync", "16M");
+    let p = v["primary"].as_u64().expect("primary");
+    let via = c.node_ids().into_iter().find(|&n| n != p).expect("another node");
+    println!("primary {p}, writes through node {via}");
+    let mut client = NbdClient::connect(c.nbd_addr(via), "fsync", CLIENT_TIMEOUT).expect("connect");
+    let a = random_bytes(1, 16 * BLOCK);
+    client.write(0, &a).expect("a write before the failpoint");
+
+    must_set(&c, p, "journal-before-fsync", "return");
+    let b = random_bytes(2, 16 * BLOCK);
+    let started = Instant::now();
+    let result = client.write(0, &b);
+    println!("with the failpoint on: {result:?} after {:?}", started.elapsed());
+    assert!(result.is_err(), "a write the primary could not make durable was acknowledged");
+    assert_eq!(actions_of(&c, p, "journal-before-fsync"), "return");
+    must_set(&c, p, "journal-before-fsync", "off");
+
+    // Clearing the failpoint does not heal the poisoned store: the node must go.
+    c.kill(p);
+    let moved = wait_for("the volume to fail over off the poisoned node", CHANGE_WAIT, || {
+        volume(&c, via, "fsync").filter(|v| v["primary"].as_u64().is_some_and(|n| n != p))
+    });
+    println!("failed over: {moved}");
+    let d = random_bytes(3, 16 * BLOCK);
+    write_until_ok(c.nbd_addr(via), "fsync", 0, &d, CHANGE_WAIT);
+    let mut client = NbdClient::connect(c.nbd_addr(via), "fsync", CLIENT_TIMEOUT).expect("connect");
+    assert_eq!(client.read(0, d.len()).expect("read back"), d);
+
+    c.restart(p);
+    let mut all = c.node_ids();
+    all.sort_unstable();
+    wait_identical(&c, via, "fsync", &all, RESYNC_WAIT);
+    assert_eq!(client.read(0, d.len()).expect("read back after resync"), d);
+}
+
+/// `backup-before-reply=return` on a backup: it applies and persists every write but its
+/// acknowledgements never arrive. The host's writes still complete — after the primary times
+/// the backup out and the shrink is committed — and the ISR shows it gone. Cleared, the backup
+/// resyncs and returns to the ISR with an identical copy.
+#[test]
+fn lost_acknowledgements_from_a_backup_drop_it_from_the_isr_and_writes_go_on() {
+    let c = chaos_cluster(3);
+    let v = create_served_volume(&c, "acks", "16M");
+    let p = v["primary"].as_u64().expect("primary");
+    let mut all = ids(&v["isr"]);
+    all.sort_unstable();
+    assert_eq!(all.len(), 3, "a full ISR to start with: {v}");
+    let b = all.iter().copied().find(|&n| n != p).expect("a backup");
+    println!("primary {p}, backup {b} loses its acknowledgements");
+
+    must_set(&c, b, "backup-before-reply", "return");
+    let mut client = NbdClient::connect(c.nbd_addr(p), "acks", CLIENT_TIMEOUT).expect("connect");
+    let mut last = Vec::new();
+    for i in 0..8u64 {
+        last = random_bytes(10 + i, 4 * BLOCK);
+        let started = Instant::now();
+        client.write(i * 4 * BLOCK as u64, &last).expect("writes complete without the backup");
+        println!("write {i}: {:?}", started.elapsed());
+    }
+    let shrunk = wait_for("the ISR to drop the silent backup", CHANGE_WAIT, || {
+        volume(&c, p, "acks").filter(|v| !ids(&v["isr"]).contains(&b) && ids(&v["isr"]).contains(&p))
+    });
+    println!("ISR without {b}: {}", shrunk["isr"]);
+    assert_eq!(client.read(7 * 4 * BLOCK as u64, last.len()).expect("read"), last);
+
+    must_set(&c, b, "backup-before-reply", "off");
+    wait_identical(&c, p, "acks", &all, RESYNC_WAIT);
+    client.write(0, &random_bytes(99, BLOCK)).expect("a write with the full ISR again");
+}
+
+/// `isr-before-propose=return` on the primary while a backup's acknowledgements are lost: the
+/// primary cannot shrink the ISR, and a write that depends on the shrink waits for it (I3) —
+/// it is neither acknowledged without the backup nor failed. Cleared, the shrink commits and
+/// the write completes.
+#[test]
+fn a_write_waits_while_the_isr_shrink_it_depends_on_cannot_be_proposed() {
+    let c = chaos_cluster(3);
+    let v = create_served_volume(&c, "hold", "16M");
+    let p = v["primary"].as_u64().expect("primary");
+    let isr = ids(&v["isr"]);
+    let b = isr.iter().copied().find(|&n| n != p).expect("a backup");
+    println!("primary {p}, backup {b} loses its acknowledgements, the primary cannot propose");
+
+    must_set(&c, p, "isr-before-propose", "return");
+    must_set(&c, b, "backup-before-reply", "return");
+    let addr = c.nbd_addr(p);
+    let data = random_bytes(7, 4 * BLOCK);
+    let want = data.clone();
+    let writer = std::thread::spawn(move || {
+        let mut client = NbdClient::connect(addr, "hold", Duration::from_secs(120)).expect("connect");
+        let started = Instant::now();
+        let result = client.write(0, &data);
+        (result.map_err(|e| e.to_string()), started.elapsed())
+    });
+    // Three attempts, so the write has had time to finish if it did not wait for the shrink.
+    wait_for("the primary to hit the failpoint three times", CHANGE_WAIT, || {
+        (c.log_lines(p, "failpoint isr-before-propose").len() >= 3).then_some(())
+    });
+    // The shrink was attempted and never proposed: the write must still be waiting, and the
+    // committed ISR must still hold the backup.
+    assert!(!writer.is_finished(), "a write that needs the shrink finished before the shrink committed");
+    let now = volume(&c, p, "hold").expect("the volume");
+    assert!(ids(&now["isr"]).contains(&b), "the ISR changed without a proposal: {now}");
+
+    must_set(&c, p, "isr-before-propose", "off");
+    let (result, took) = writer.join().expect("writer");
+    println!("the write completed after {took:?}: {result:?}");
+    result.expect("the write completes once the shrink can commit");
+    wait_for("the ISR to drop the silent backup", CHANGE_WAIT, || {
+        volume(&c, p, "hold").filter(|v| !ids(&v["isr"]).contains(&b))
+    });
+    must_set(&c, b, "backup-before-reply", "off");
+    let mut client = NbdClient::connect(addr, "hold", CLIENT_TIMEOUT).expect("connect");
+    assert_eq!(client.read(0, want.len()).expect("read"), want);
+}
+
+/// `journal-before-fsync=return` on a backup: its store fails as after a real failed
+/// `fdatasync`, it refuses the records it can no longer make durable, and the primary drops it
+/// from the ISR; the host's writes complete on the others. The backup comes back only as a
+/// restarted process (its store is poisoned until reopened), through resync.
+#[test]
+fn a_failed_fsync_on_a_backup_drops_it_from_the_isr_and_writes_go_on() {
+    let c = chaos_cluster(3);
+    let v = create_served_volume(&c, "bfsync", "16M");
+    let p = v["primary"].as_u64().expect("primary");
+    let mut all = ids(&v["isr"]);
+    all.sort_unstable();
+    let b = all.iter().copied().find(|&n| n != p).expect("a backup");
+    println!("primary {p}, backup {b} fails its fsync");
+
+    must_set(&c, b, "journal-before-fsync", "return");
+    let mut client = NbdClient::connect(c.nbd_addr(p), "bfsync", CLIENT_TIMEOUT).expect("connect");
+    let mut written = Vec::new();
+    for i in 0..4u64 {
+        let data = random_bytes(20 + i, 4 * BLOCK);
+        client.write(i * 4 * BLOCK as u64, &data).expect("writes complete without the failed backup");
+        written.push(data);
+    }
+    wait_for("the ISR to drop the failed backup", CHANGE_WAIT, || {
+        volume(&c, p, "bfsync").filter(|v| !ids(&v["isr"]).contains(&b))
+    });
+    for (i, data) in written.iter().enumerate() {
+        assert_eq!(&client.read(i as u64 * 4 * BLOCK as u64, data.len()).expect("read"), data);
+    }
+
+    must_set(&c, b, "journal-before-fsync", "off");
+    c.kill(b);
+    c.restart(b);
+    wait_identical(&c, p, "bfsync", &all, RESYNC_WAIT);
+}
