@@ -29,7 +29,7 @@ use crate::volumes::FrontendStats;
 const BODY_BYTES_MAX: usize = 64 * 1024;
 
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/cluster", get(get_cluster))
         .route("/v1/cluster/init", post(init_cluster))
         .route("/v1/nodes", get(list_nodes).post(add_node))
@@ -48,7 +48,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/hosts/{name}/paths", get(host_api::get_paths))
         .route("/v1/hosts/{name}/probes", post(host_api::post_probes))
         .route("/v1/local/volumes", get(local_volumes))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    #[cfg(feature = "chaos-bugs")]
+    let router = router.merge(crate::debug_bugs::routes());
+    router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
