@@ -22,6 +22,11 @@
 //! - `SIM_UNSAFE=incarnate|reads|cancel|apply|lease|flush|local`: run the randomized tests with
 //!   one old behaviour (they fail, listing the seeds; replay one with `SIM_UNSAFE` set too).
 //!
+//! With `--features chaos-bugs`, `planted_bugs_are_caught_by_random_runs` runs the planted bugs
+//! of `tandem_types::chaos_bugs` the simulation can express (docs/ARCHITECTURE.md, "Planted
+//! bugs (chaos-bugs)"): the core's own switches through `PrimaryConfig` and `Backup`, the
+//! backup's early ack in the model, and two driver bugs as the `SIM_UNSAFE` variants they are.
+//!
 //! # The model
 //! - Data at block granularity: a node's disk maps block -> id of the write that last wrote it
 //!   (absent = never written). Every host write has a unique id; its version is (epoch, core,
