@@ -52,6 +52,8 @@ pub fn router(state: ApiState) -> Router {
     // The failpoints' debug endpoints exist only in a `failpoints` build.
     #[cfg(feature = "failpoints")]
     let router = router.merge(crate::failpoints::routes());
+    #[cfg(feature = "chaos-bugs")]
+    let router = router.merge(crate::debug_bugs::routes());
     router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))

@@ -17,12 +17,14 @@
 //! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
 //! - [`voter_keeper`]: on the Raft leader, gives a lost voter's seat to a live learner.
 //! - [`host_api`]: the host endpoints of the API, and the JSON types they answer with.
+//! - [`debug_bugs`]: planted bugs (`chaos-bugs`): `TANDEM_CHAOS_BUGS` and `/v1/debug/bugs`.
 //! - [`host_watch`]: wakes a host's path-map long-polls when that host's record changes.
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
 
 pub mod api;
 pub mod api_state;
 pub mod config;
+pub mod debug_bugs;
 pub mod failover;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
@@ -84,6 +86,7 @@ pub async fn run(
     let me = cfg.node(id).ok_or_else(|| anyhow!("node {id} has no [[node]] entry in the cluster config"))?.clone();
     #[cfg(feature = "failpoints")]
     failpoints::apply_env()?;
+    debug_bugs::plant_from_env(id)?;
     let identity = Identity::load(id, &cfg.resolve(&cfg.tls.ca_cert), &cfg.resolve(&me.cert), &cfg.resolve(&me.key))?;
     // Bind before opening anything, so a taken port is reported first and plainly. QUIC listens
     // on UDP at the raft_addr's port.

@@ -1,6 +1,7 @@
 //! [`Backup`]: a replica's acceptance rules for one volume (I2), and why it refuses
 //! ([`Refusal`]).
 
+use tandem_types::chaos_bugs::{Bug, Bugs};
 use tandem_types::{Epoch, NodeId, Seq};
 
 /// Why a replica refused a record or request.
@@ -21,6 +22,8 @@ pub struct Backup {
     known_epoch: Epoch,
     /// The primary, epoch and last accepted sequence of the open session.
     session: Option<(NodeId, Epoch, Seq)>,
+    /// Planted bugs (`chaos-bugs`; always empty without the feature).
+    bugs: Bugs,
 }
 
 impl Backup {
@@ -30,7 +33,7 @@ impl Backup {
             self.known_epoch = epoch;
         }
         if let Some((_, e, _)) = self.session {
-            if e < self.known_epoch {
+            if self.stale(e) {
                 self.session = None;
             }
         }
@@ -40,18 +43,29 @@ impl Backup {
         self.known_epoch
     }
 
+    /// The planted bugs this replica runs with from now on.
+    pub fn set_bugs(&mut self, bugs: Bugs) {
+        self.bugs = bugs;
+    }
+
+    /// Whether `epoch` is older than the newest this replica knows, and so refused (I2).
+    fn stale(&self, epoch: Epoch) -> bool {
+        // Planted (chaos-bugs): an older epoch's primary is followed like the current one.
+        epoch < self.known_epoch && !self.bugs.has(Bug::AcceptOlderEpoch)
+    }
+
     pub fn on_open(&mut self, from: NodeId, epoch: Epoch, start_seq: Seq) -> Result<(), Refusal> {
-        if epoch < self.known_epoch {
+        if self.stale(epoch) {
             return Err(Refusal::StaleEpoch { got: epoch, known: self.known_epoch });
         }
-        self.known_epoch = epoch;
+        self.known_epoch = self.known_epoch.max(epoch);
         self.session = Some((from, epoch, start_seq.prev()));
         Ok(())
     }
 
     /// Checks a record (or a chunk, with `seq` = None) against the open session.
     pub fn check(&mut self, from: NodeId, epoch: Epoch, seq: Option<Seq>) -> Result<(), Refusal> {
-        if epoch < self.known_epoch {
+        if self.stale(epoch) {
             return Err(Refusal::StaleEpoch { got: epoch, known: self.known_epoch });
         }
         match &mut self.session {

@@ -2,12 +2,13 @@
 
 use std::time::{Duration, Instant};
 
+use tandem_types::chaos_bugs::Bugs;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 
 use crate::{chunks_of, Backup, MemberState, Output, Phase, Primary, PrimaryConfig, RecentLog, Refusal, CHUNK_BYTES};
 
 fn cfg() -> PrimaryConfig {
-    PrimaryConfig { ack_timeout: Duration::from_secs(1) }
+    PrimaryConfig { ack_timeout: Duration::from_secs(1), bugs: Bugs::NONE }
 }
 
 fn drain(p: &mut Primary) -> Vec<Output> {
@@ -412,4 +413,19 @@ fn chunk_ranges() {
     log.record(100, 10);
     assert_eq!(log.ranges(), Some(vec![(0, 4096)]));
     assert_eq!(RecentLog::after_restart().ranges(), None);
+}
+
+/// Planted `accept-older-epoch` (chaos-bugs): the replica follows an older epoch's primary it
+/// refuses without the bug.
+#[cfg(feature = "chaos-bugs")]
+#[test]
+fn planted_accept_older_epoch_follows_an_older_primary() {
+    use tandem_types::chaos_bugs::Bug;
+    let mut b = Backup::default();
+    b.on_epoch(Epoch(3));
+    assert!(matches!(b.on_open(NodeId(1), Epoch(2), Seq(1)), Err(Refusal::StaleEpoch { .. })));
+    b.set_bugs(Bugs::NONE.with(Bug::AcceptOlderEpoch));
+    b.on_open(NodeId(1), Epoch(2), Seq(1)).expect("planted: an older epoch is followed");
+    b.check(NodeId(1), Epoch(2), Some(Seq(1))).expect("planted: its records too");
+    assert_eq!(b.known_epoch(), Epoch(3), "the newest epoch known stays");
 }

@@ -22,6 +22,11 @@
 //! - `SIM_UNSAFE=incarnate|reads|cancel|apply|lease|flush|local`: run the randomized tests with
 //!   one old behaviour (they fail, listing the seeds; replay one with `SIM_UNSAFE` set too).
 //!
+//! With `--features chaos-bugs`, `planted_bugs_are_caught_by_random_runs` runs the planted bugs
+//! of `tandem_types::chaos_bugs` the simulation can express (docs/ARCHITECTURE.md, "Planted
+//! bugs (chaos-bugs)"): the core's own switches through `PrimaryConfig` and `Backup`, the
+//! backup's early ack in the model, and two driver bugs as the `SIM_UNSAFE` variants they are.
+//!
 //! # The model
 //! - Data at block granularity: a node's disk maps block -> id of the write that last wrote it
 //!   (absent = never written). Every host write has a unique id; its version is (epoch, core,
@@ -147,6 +152,7 @@ use std::time::{Duration, Instant};
 use tandem_replication_core::{
     chunks_of, Backup, MemberState, Output, Phase, Primary, PrimaryConfig, RecentLog, Refusal, CHUNK_BYTES,
 };
+use tandem_types::chaos_bugs::{Bug, Bugs};
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 
 const VOLUME: VolumeId = VolumeId(7);
@@ -600,6 +606,8 @@ struct Sim {
     tick: u64,
     base: Instant,
     unsafe_: Option<Unsafe>,
+    /// Planted bugs of the core (`chaos-bugs`): its `PrimaryConfig` and every `Backup` get them.
+    bugs: Bugs,
     /// A scripted test (not replayable by seed).
     scripted: bool,
     /// Scripted tests: every local operation is carried out as soon as it is queued.
@@ -643,7 +651,7 @@ macro_rules! check {
 }
 
 impl Sim {
-    fn new(seed: u64, n: usize, unsafe_: Option<Unsafe>, tracing: bool) -> Sim {
+    fn new(seed: u64, n: usize, unsafe_: Option<Unsafe>, bugs: Bugs, tracing: bool) -> Sim {
         let mut rng = Rng(seed ^ ((n as u64) << 56));
         let calm = rng.below(5) == 0;
         let faults = if calm {
@@ -679,7 +687,11 @@ impl Sim {
                 applied: Blocks::new(),
                 durable: Blocks::new(),
                 unflushed: VecDeque::new(),
-                backup: Backup::default(),
+                backup: {
+                    let mut b = Backup::default();
+                    b.set_bugs(bugs);
+                    b
+                },
                 log: RecentLog::fresh().with_entries_max(RECENT_ENTRIES_MAX),
                 view: None,
                 primary_of: Epoch(0),
@@ -698,6 +710,7 @@ impl Sim {
             tick: 0,
             base: Instant::now(),
             unsafe_,
+            bugs,
             scripted: false,
             sync_local: false,
             faults,
@@ -758,11 +771,12 @@ impl Sim {
             );
         }
         panic!(
-            "simulation seed {} (nodes {}{}) failed at step {} tick {}: {what}\nregister: {:?}\n\
+            "simulation seed {} (nodes {}{}{}) failed at step {} tick {}: {what}\nregister: {:?}\n\
              replay: {variant}SIM_SEED={} SIM_NODES={} SIM_TRACE=1 cargo test -p tandem-replication-core --test simulation -- --nocapture{trace}",
             self.seed,
             self.n,
             self.unsafe_.map(|u| format!(", unsafe {}", u.name())).unwrap_or_default(),
+            if self.bugs == Bugs::NONE { String::new() } else { format!(", planted {:?}", self.bugs.list()) },
             self.step,
             self.tick,
             self.reg,
@@ -905,7 +919,7 @@ impl Sim {
         let replicas: Vec<NodeId> = (0..self.n).map(node_id).collect();
         let isr: Vec<NodeId> = v.isr.iter().map(|&j| node_id(j)).collect();
         let recent = self.recent(i);
-        let cfg = PrimaryConfig { ack_timeout: Duration::from_millis(ACK_TIMEOUT_TICKS) };
+        let cfg = PrimaryConfig { ack_timeout: Duration::from_millis(ACK_TIMEOUT_TICKS), bugs: self.bugs };
         let size_bytes = CHUNKS * CHUNK_BYTES;
         let epoch = v.epoch;
         let complete = recent.is_some();
@@ -1386,7 +1400,9 @@ impl Sim {
                     }
                 }
                 Unflushed::Remote { primary, epoch, gen, seq, .. } => {
-                    self.send(j, primary, Ch::Repl, Msg { epoch, gen, body: Body::Ack { seq } });
+                    if !self.bugs.has(Bug::BackupAckBeforeFsync) {
+                        self.send(j, primary, Ch::Repl, Msg { epoch, gen, body: Body::Ack { seq } });
+                    }
                 }
             }
         }
@@ -1512,6 +1528,10 @@ impl Sim {
                 let (offset, len) = (w.offset, w.len);
                 self.nodes[j].log.record(offset, len);
                 self.nodes[j].unflushed.push_back(Unflushed::Remote { primary: from, epoch, gen, seq, id });
+                if self.bugs.has(Bug::BackupAckBeforeFsync) {
+                    // Planted (the driver's `send_acks`): acknowledged once applied.
+                    self.send(j, from, Ch::Repl, Msg { epoch, gen, body: Body::Ack { seq } });
+                }
             }
             Checked::Copy { from, epoch, gen, chunk, data } => {
                 check!(self, epoch >= known, "I2: n{} takes a copy of epoch {epoch}, knowing epoch {known}", j + 1);
@@ -1840,10 +1860,12 @@ impl Sim {
         self.note(|| format!("n{} restarts", j + 1));
         let (version, tick) = (self.reg.version, self.tick);
         let live = !self.isolated(j);
+        let bugs = self.bugs;
         let node = &mut self.nodes[j];
         node.up = true;
         node.incarnation += 1;
         node.backup = Backup::default();
+        node.backup.set_bugs(bugs);
         node.log = RecentLog::after_restart().with_entries_max(RECENT_ENTRIES_MAX);
         node.view = None;
         node.primary_of = Epoch(0);
@@ -2372,7 +2394,7 @@ impl Sim {
     /// A calm volume, served, where every local operation is carried out at once (scripted
     /// tests move messages by hand).
     fn scripted(n: usize, u: Option<Unsafe>) -> Sim {
-        let mut sim = Sim::new(0, n, u, true);
+        let mut sim = Sim::new(0, n, u, Bugs::NONE, true);
         sim.faults = Faults::default();
         sim.scripted = true;
         sim.sync_local = true;
@@ -2605,7 +2627,12 @@ fn scripted_member_declared_level_while_another_is_still_copied_to() {
 }
 
 fn run(seed: u64, n: usize, steps: u64, unsafe_: Option<Unsafe>, tracing: bool) -> Stats {
-    let mut sim = Sim::new(seed, n, unsafe_, tracing);
+    run_planted(seed, n, steps, unsafe_, Bugs::NONE, tracing)
+}
+
+/// [`run`] with the core's planted bugs `bugs` (`chaos-bugs`; none without the feature).
+fn run_planted(seed: u64, n: usize, steps: u64, unsafe_: Option<Unsafe>, bugs: Bugs, tracing: bool) -> Stats {
+    let mut sim = Sim::new(seed, n, unsafe_, bugs, tracing);
     for _ in 0..steps {
         sim.step();
     }
@@ -3066,4 +3093,57 @@ fn a_deposed_cores_queued_write_meets_a_newer_primary(u: Option<Unsafe>) {
 #[test]
 fn unsafe_local_is_caught() {
     safe_but_caught_unsafe(Unsafe::Local, &["same-block order"], a_deposed_cores_queued_write_meets_a_newer_primary);
+}
+
+// ---- planted bugs (`chaos-bugs`, tandem_types::chaos_bugs): the checks catch each one the
+// simulation can express, and the seed that catches it runs clean without it ----
+
+/// How the simulation expresses a planted bug: the core's own switch (in `PrimaryConfig` and
+/// `Backup`), or, for a bug of the driver the simulation models itself, the `SIM_UNSAFE`
+/// variant that is the same behaviour.
+#[cfg(feature = "chaos-bugs")]
+fn planted(bug: Bug) -> (Bugs, Option<Unsafe>) {
+    match bug {
+        Bug::AckBeforeBackups | Bug::AcceptOlderEpoch | Bug::SkipReconciliation => (Bugs::NONE.with(bug), None),
+        // The driver's backups: the simulation models them, reading the same switch.
+        Bug::BackupAckBeforeFsync => (Bugs::NONE.with(bug), None),
+        // The driver builds a primary in the epoch the map shows, without claiming a new one:
+        // the simulation's incarnation is that claim.
+        Bug::LateIsrChange => (Bugs::NONE, Some(Unsafe::Incarnate)),
+        // The driver's read answers from the applied state without waiting for overlapping
+        // writes in flight.
+        Bug::ReadUnacknowledged => (Bugs::NONE, Some(Unsafe::Reads)),
+        Bug::ReadWithoutLease | Bug::ParkAtStoppedPrimary => {
+            panic!("the simulation does not express {bug:?}")
+        }
+    }
+}
+
+#[cfg(feature = "chaos-bugs")]
+#[test]
+fn planted_bugs_are_caught_by_random_runs() {
+    if env_u64("SIM_SEED").is_some() {
+        return;
+    }
+    let cases: [(Bug, &[&str], u64); 6] = [
+        (Bug::AckBeforeBackups, &["I1"], 20),
+        (Bug::BackupAckBeforeFsync, &["I1"], 20),
+        (Bug::AcceptOlderEpoch, &["I2"], 100),
+        (Bug::SkipReconciliation, &["I4"], 100),
+        (Bug::LateIsrChange, &["I1", "I2", "I3"], 20),
+        (Bug::ReadUnacknowledged, &["I6"], 20),
+    ];
+    for (bug, expected, seeds_max) in cases {
+        let (bugs, u) = planted(bug);
+        let found = (0..seeds_max).flat_map(|s| [3, 4, 2].map(|n| (s, n))).find_map(|(seed, n)| {
+            let r = catch_unwind(AssertUnwindSafe(|| run_planted(seed, n, STEPS_DEFAULT, u, bugs, false)));
+            r.err().map(|e| (seed, n, panic_text(e)))
+        });
+        let Some((seed, n, msg)) = found else { panic!("planted {bug:?} was not caught within {seeds_max} seeds") };
+        let first = msg.lines().next().unwrap_or_default();
+        assert!(expected.iter().any(|x| first.contains(x)), "planted {bug:?}: caught, but not by {expected:?}: {msg}");
+        // Off, the same seed is clean.
+        run_planted(seed, n, STEPS_DEFAULT, None, Bugs::NONE, false);
+        println!("planted {bug:?} caught (seed {seed}, {n} nodes): {first}");
+    }
 }

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod chaos_bugs;
 mod ids;
 
 pub use ids::{Epoch, NodeId, Seq, VolumeId};

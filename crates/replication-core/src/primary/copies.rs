@@ -1,6 +1,7 @@
 //! A primary's copies: reconciling the surviving ISR members before serving (I4) and
 //! resyncing a returning member until it may rejoin (I5).
 
+use tandem_types::chaos_bugs::Bug;
 use tandem_types::NodeId;
 
 use super::Primary;
@@ -71,6 +72,10 @@ impl Primary {
         }
         if all {
             dirty = Dirty::all(self.chunks_total);
+        }
+        if self.config.bugs.has(Bug::SkipReconciliation) {
+            // Planted (chaos-bugs): trust that the members are level; copy nothing.
+            dirty = Dirty::default();
         }
         for (&n, m) in self.members.iter_mut() {
             if m.state == MemberState::Opening {

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use tandem_types::chaos_bugs::Bugs;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 
 use crate::member::{Dirty, Member, MemberState};
@@ -42,6 +43,8 @@ struct DeferredWrite {
 pub struct PrimaryConfig {
     /// A member that has not acknowledged a write for this long is declared failed.
     pub ack_timeout: Duration,
+    /// Planted bugs this primary runs with (`chaos-bugs`; always empty without the feature).
+    pub bugs: Bugs,
 }
 
 /// The primary of one volume for one epoch.

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use tandem_types::chaos_bugs::Bug;
 use tandem_types::{NodeId, Seq};
 
 use super::{DeferredWrite, PendingWrite, Primary};
@@ -81,11 +82,14 @@ impl Primary {
     /// sent to is still to answer.
     pub(super) fn settle(&mut self, seq: Seq) {
         let Some(p) = self.pending.get_mut(&seq) else { return };
-        if p.need.is_empty() && !p.completed {
+        // Planted (chaos-bugs): complete once durable here, whatever the gating members have.
+        let early = self.config.bugs.has(Bug::AckBeforeBackups) && !p.need.contains(&self.me);
+        if (p.need.is_empty() || early) && !p.completed {
             p.completed = true;
             self.outputs.push_back(Output::Complete { token: p.token });
         }
-        if p.completed && p.extra.is_empty() {
+        // (`need` is empty once completed, but for the planted early completion above.)
+        if p.completed && p.need.is_empty() && p.extra.is_empty() {
             self.pending.remove(&seq);
         }
     }

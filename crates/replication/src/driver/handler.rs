@@ -7,6 +7,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use tandem_storage::BlockStore;
 use tandem_transport::{BoxFuture, Handler};
+use tandem_types::chaos_bugs::Bugs;
 use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 use tandem_wire::data::{DataMsg, DataReply, WriteKind};
@@ -88,6 +89,7 @@ impl<S: BlockStore> Inner<S> {
         // On a blocking thread: that lock may wait for a store write.
         let opened = tokio::task::spawn_blocking(move || {
             let mut backup = vol.backup.lock().expect("backup lock");
+            backup.set_bugs(Bugs::current());
             backup.on_open(from, epoch, start_seq)?;
             let recent = vol.recent.lock().expect("recent lock").ranges();
             Ok(recent)

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_storage::BlockStore;
+use tandem_types::chaos_bugs::{self, Bug};
 use tandem_types::Channel;
 use tandem_types::{NodeId, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::{DataMsg, DataReply, WriteKind};
@@ -94,8 +95,9 @@ impl<S: BlockStore> Inner<S> {
         }
     }
 
-    /// The primary as this node sees it: a local serving primary, or another node.
-    pub(super) async fn route(&self, id: VolumeId, cfg_primary: NodeId) -> Result<Route, IoFail> {
+    /// The primary as this node sees it: a local serving primary (holding its lease, unless
+    /// `lease` is false: a planted bug), or another node.
+    pub(super) async fn route(&self, id: VolumeId, cfg_primary: NodeId, lease: bool) -> Result<Route, IoFail> {
         if cfg_primary == self.me {
             let vol = self.volume(id).ok_or_else(|| IoFail::Unavailable("the local copy is not ready".into()))?;
             let p = vol.primary.lock().expect("primary lock").clone();
@@ -111,10 +113,10 @@ impl<S: BlockStore> Inner<S> {
             if !serving {
                 return Err(IoFail::Unavailable("the primary is reconciling or deposed".into()));
             }
-            if !self.coord.lease_valid() {
+            if lease && !self.coord.lease_valid() {
                 return Err(IoFail::Unavailable("this node has no lease (cut off from the metadata majority)".into()));
             }
-            if p.paused.load(Ordering::Acquire) {
+            if lease && p.paused.load(Ordering::Acquire) {
                 return Err(IoFail::Unavailable("the primary is confirming its epoch after a lease loss".into()));
             }
             return Ok(Route::Local(p));
@@ -130,14 +132,16 @@ impl<S: BlockStore> Inner<S> {
 
     pub(super) async fn read_once(self: Arc<Self>, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
-        match self.route(id, primary).await? {
+        // Planted (chaos-bugs): a local primary serves reads whether it holds its lease or not.
+        let lease = !chaos_bugs::on(Bug::ReadWithoutLease);
+        match self.route(id, primary, lease).await? {
             Route::Local(p) => {
                 let data = p.read(&self, offset, buf.len() as u64).await?;
                 // The data was current when this node last held its lease and served: a
                 // failover waits for the lease to lapse first. Checked again after the read,
                 // which may have waited (docs/PROTOCOL.md, "Reads").
-                if !self.coord.lease_valid() || p.paused.load(Ordering::Acquire) || *p.phase.borrow() != Phase::Serving
-                {
+                let unleased = !self.coord.lease_valid() || p.paused.load(Ordering::Acquire);
+                if (lease && unleased) || *p.phase.borrow() != Phase::Serving {
                     return Err(IoFail::Unavailable("the primary lost its lease during the read".into()));
                 }
                 buf.copy_from_slice(&data);
@@ -171,7 +175,7 @@ impl<S: BlockStore> Inner<S> {
         data: Bytes,
     ) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
-        match self.route(id, primary).await? {
+        match self.route(id, primary, true).await? {
             Route::Local(p) => p.write(&self, kind, offset, len, data).await,
             Route::Remote(node) => {
                 let msg = match kind {
@@ -188,7 +192,7 @@ impl<S: BlockStore> Inner<S> {
 
     pub(super) async fn flush_once(self: Arc<Self>, id: VolumeId) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
-        match self.route(id, primary).await? {
+        match self.route(id, primary, true).await? {
             Route::Local(_) => Ok(()),
             Route::Remote(node) => match self.call_primary(id, node, &DataMsg::ProxyFlush { volume: id }).await? {
                 DataReply::Ok => Ok(()),
@@ -283,6 +287,9 @@ impl Hold {
     /// sequences a proxied write within [`PROXIED_WRITE_ADMIT_MAX`] of its arrival or refuses
     /// it), so it never takes effect after the host learns it failed.
     pub(super) async fn fence(&self) {
+        if chaos_bugs::on(Bug::ParkAtStoppedPrimary) {
+            return; // Planted (chaos-bugs): the host learns at once; the attempt may still run.
+        }
         if let Some(at) = self.last_attempt {
             let until = at + PROXIED_WRITE_ADMIT_MAX + PROXY_FENCE_MARGIN;
             tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;

@@ -53,6 +53,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tandem_storage::{BlockStore, Lsn};
 use tandem_transport::Handler;
+use tandem_types::chaos_bugs::Bugs;
 use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::WriteKind;
@@ -454,7 +455,12 @@ impl<S: BlockStore> DataPlane<S> {
                 }
             };
             *vol.cfg.lock().expect("cfg lock") = cfg.clone();
-            vol.backup.lock().expect("backup lock").on_epoch(cfg.epoch);
+            {
+                let mut backup = vol.backup.lock().expect("backup lock");
+                // Planted bugs (chaos-bugs) switched since take effect here or at the next open.
+                backup.set_bugs(Bugs::current());
+                backup.on_epoch(cfg.epoch);
+            }
             inner.reconcile_role(id, &vol);
         }
         inner.version.send_modify(|v| *v += 1);

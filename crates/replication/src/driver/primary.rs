@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tandem_storage::{Admission, BlockStore, Lsn};
+use tandem_types::chaos_bugs::{self, Bug, Bugs};
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 use tandem_wire::data::WriteKind;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -127,7 +128,10 @@ impl<S: BlockStore> Inner<S> {
         if slot.is_none() && cfg.primary == self.me && self.coord.lease_valid() {
             // Build only in an epoch this start claimed; claim it first otherwise.
             let mut claim = vol.claim.lock().expect("claim lock");
-            if cfg.claim.is_none() || cfg.claim != claim.nonce {
+            // Planted (chaos-bugs): build in the epoch as the map shows it, claimed or not, by
+            // this start or an earlier one (the state before one primary per epoch).
+            let unclaimed = !chaos_bugs::on(Bug::LateIsrChange) && (cfg.claim.is_none() || cfg.claim != claim.nonce);
+            if unclaimed {
                 if !claim.proposing {
                     claim.proposing = true;
                     let nonce = *claim.nonce.get_or_insert_with(new_nonce);
@@ -156,7 +160,7 @@ impl<S: BlockStore> Inner<S> {
                 &cfg.replicas,
                 &cfg.isr,
                 recent,
-                PrimaryConfig { ack_timeout: self.config.ack_timeout },
+                PrimaryConfig { ack_timeout: self.config.ack_timeout, bugs: Bugs::current() },
             );
             let (local, local_rx) = mpsc::channel(INFLIGHT_WRITES_MAX);
             let (phase, _) = watch::channel(Phase::Reconciling);
@@ -257,7 +261,9 @@ impl PrimaryDriver {
                     // Proxied: the deadline fence. The proxy reports the write failed only
                     // after this bound has passed for every attempt it sent.
                     let resumed = *self.resumed_at.lock().expect("resumed lock");
-                    if received < resumed || received.elapsed() > PROXIED_WRITE_ADMIT_MAX {
+                    let late = received < resumed || received.elapsed() > PROXIED_WRITE_ADMIT_MAX;
+                    // Planted (chaos-bugs): no fence; a write parked here runs whenever it comes up.
+                    if late && !chaos_bugs::on(Bug::ParkAtStoppedPrimary) {
                         return Err(IoFail::Unavailable(format!(
                             "the proxied write waited {:.1} s at the primary{}; the proxy retries it",
                             received.elapsed().as_secs_f64(),
@@ -318,10 +324,12 @@ impl PrimaryDriver {
                 return Err(IoFail::Unavailable("the primary stopped serving".into()));
             }
             let end = offset + len;
+            // Planted (chaos-bugs): wait for none of them; return what the store has applied.
+            let wait = !chaos_bugs::on(Bug::ReadUnacknowledged);
             let waits = st
                 .waiters
                 .values_mut()
-                .filter(|w| w.offset < end && offset < w.offset + w.len)
+                .filter(|w| wait && w.offset < end && offset < w.offset + w.len)
                 .map(|w| {
                     let (t, r) = oneshot::channel();
                     w.watchers.push(t);

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use tandem_storage::{Admission, BlockStore, Lsn};
+use tandem_types::chaos_bugs::{self, Bug};
 use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 use tandem_wire::data::{decode_record, DataMsg, RecordHeader, WriteKind};
@@ -42,9 +43,12 @@ pub(super) async fn send_acks<S: BlockStore>(
         }
         let Some(inner) = inner.upgrade() else { return };
         let last = batch.iter().map(|b| b.3).max().expect("non-empty batch");
-        if let Err(e) = inner.store.durable(last).await {
-            tracing::error!(%volume, error = %e, "flush failed; these records stay unacknowledged");
-            continue;
+        // Planted (chaos-bugs): acknowledge what is applied, durable or not.
+        if !chaos_bugs::on(Bug::BackupAckBeforeFsync) {
+            if let Err(e) = inner.store.durable(last).await {
+                tracing::error!(%volume, error = %e, "flush failed; these records stay unacknowledged");
+                continue;
+            }
         }
         #[cfg(feature = "failpoints")]
         if let Some(arg) = crate::failpoints::eval(crate::failpoints::BACKUP_BEFORE_REPLY).await {

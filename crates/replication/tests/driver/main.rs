@@ -4,7 +4,10 @@
 
 mod mem_net;
 mod mem_store;
+#[cfg(feature = "chaos-bugs")]
+mod planted;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,8 @@ struct Meta {
     planes: Mutex<Vec<DataPlane<MemStore>>>,
     /// Every ISR proposal made, in order.
     proposals: Mutex<Vec<Vec<NodeId>>>,
+    /// Every node's lease has run out (none is ever granted again while set).
+    leases_lost: AtomicBool,
 }
 
 impl Meta {
@@ -68,7 +73,7 @@ impl Coordinator for Coord {
     }
 
     fn lease_valid(&self) -> bool {
-        true
+        !self.0.leases_lost.load(Ordering::Relaxed)
     }
 
     fn confirm_primary(&self, _: VolumeId, _: Epoch) -> BoxFuture<'_, Result<bool, ProposeError>> {
@@ -80,16 +85,28 @@ impl Coordinator for Coord {
     }
 }
 
+/// The planted bugs (`chaos-bugs`) are switched per process: a test that switches one holds this
+/// for writing, every other test holds it for reading (in its [`Cluster`]).
+static SWITCHES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 struct Cluster {
     meta: Arc<Meta>,
     stores: Vec<Arc<MemStore>>,
     planes: Vec<DataPlane<MemStore>>,
     cfg: VolumeConfig,
+    /// No planted bug is switched while this cluster runs (`None`: its test switches them).
+    _switches: Option<tokio::sync::RwLockReadGuard<'static, ()>>,
 }
 
 /// `nodes` nodes (ids 1..), one volume replicated on all of them with node 1 its primary,
 /// started and waited for until node 1 serves it.
 async fn cluster(nodes: u64) -> Cluster {
+    let switches = SWITCHES.read().await;
+    Cluster { _switches: Some(switches), ..cluster_switching(nodes).await }
+}
+
+/// [`cluster`] for a test that holds [`SWITCHES`] for writing.
+async fn cluster_switching(nodes: u64) -> Cluster {
     let hub = Arc::new(Hub::default());
     let meta = Arc::new(Meta::default());
     let ids: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
@@ -123,7 +140,7 @@ async fn cluster(nodes: u64) -> Cluster {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let cfg = meta.volumes.lock().expect("meta lock")[0].clone();
-    Cluster { meta, stores, planes, cfg }
+    Cluster { meta, stores, planes, cfg, _switches: None }
 }
 
 fn pattern(len: usize, seed: u8) -> Bytes {
