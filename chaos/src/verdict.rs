@@ -79,7 +79,7 @@ struct Report<'a> {
 fn problems(record: &RunRecord, findings: &Findings) -> Vec<String> {
     let mut problems = Vec::new();
     for w in &findings.workloads {
-        if !w.verdict.is_valid() {
+        if w.verdict.is_invalid() {
             let first = w.keys_invalid.first().map(|k| format!(": {}", k.explanation)).unwrap_or_default();
             problems.push(format!("{} is {}{first}", w.workload.name(), w.verdict.name()));
         }

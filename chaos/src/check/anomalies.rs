@@ -63,6 +63,55 @@ pub struct UnrecognizedRead {
     pub value: u64,
 }
 
+impl LostWrite {
+    /// One line for the report.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {}: w{} (op {}, process {}, acknowledged at {}) is missing; the final read (op {}) saw {}",
+            self.workload.name(),
+            self.key,
+            self.value,
+            self.write_id,
+            self.process,
+            super::seconds(self.complete),
+            self.final_read_id,
+            super::value_name(self.final_read_value)
+        )
+    }
+}
+
+impl StaleRead {
+    /// One line for the report.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {}: read op {} (process {}, from {}) saw {} although w{} was acknowledged at {}",
+            self.workload.name(),
+            self.key,
+            self.read_id,
+            self.process,
+            super::seconds(self.invoke),
+            super::value_name(self.value),
+            self.newer_value,
+            super::seconds(self.newer_complete)
+        )
+    }
+}
+
+impl UnrecognizedRead {
+    /// One line for the report.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {}: read op {} (process {}, at {}) returned {:#x}, which no write wrote",
+            self.workload.name(),
+            self.key,
+            self.read_id,
+            self.process,
+            super::seconds(self.invoke),
+            self.value
+        )
+    }
+}
+
 /// Every operation (any outcome) that writes each value.
 fn writers<'a>(ops: &[&'a Op]) -> HashMap<u64, Vec<&'a Op>> {
     let mut by_value: HashMap<u64, Vec<&Op>> = HashMap::new();

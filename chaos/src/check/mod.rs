@@ -37,6 +37,22 @@ pub enum Verdict {
     Unknown,
 }
 
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Valid => "valid",
+            Verdict::Invalid => "invalid",
+            Verdict::Unknown => "unknown",
+        }
+    }
+
+    /// Only `invalid` fails a run: `unknown` is reported, but it is the checker's limit, not
+    /// the cluster's fault.
+    pub fn is_invalid(self) -> bool {
+        self == Verdict::Invalid
+    }
+}
+
 /// One key's linearizability verdict.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "verdict")]

@@ -9,7 +9,7 @@
 //! with a given executable (no build).
 //!
 //! The chaos build ([`tandem_chaos_bin`]) is the same binary with [`CHAOS_FEATURES`] on (the
-//! failpoints and their debug API), built in a target dir of its own, `<target>/chaos-build`,
+//! failpoints, the planted bugs, and their debug API), built in a target dir of its own, `<target>/chaos-build`,
 //! debug profile: it never replaces `<target>/<profile>/tandem`, which the other tests run.
 //! `TANDEM_CHAOS_BIN` overrides it with a given executable.
 
@@ -40,7 +40,7 @@ pub fn tandem_bin() -> PathBuf {
 }
 
 /// The `tandem` crate features of the chaos build.
-pub const CHAOS_FEATURES: &[&str] = &["failpoints"];
+pub const CHAOS_FEATURES: &[&str] = &["failpoints", "chaos-bugs"];
 
 /// The path of a current chaos build of `tandem` (with [`CHAOS_FEATURES`]); builds it on
 /// first use into `<target>/chaos-build/debug/tandem`. Panics with cargo's output if the
