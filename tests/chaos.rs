@@ -1,5 +1,6 @@
 //! The chaos suite against real nodes: CI's short pass (a fixed set of scenarios and seeds,
-//! both transports, every verdict must be valid), and the cleanup on Ctrl-C. Each run's report
+//! both transports, every verdict must be valid), the proof that the suite can fail (each
+//! planted bug of a `chaos-bugs` build, switched on, is caught), and the cleanup on Ctrl-C. Each run's report
 //! lands in `<target>/chaos-ci/<scenario>-<seed>/` (`.ci/run` prints the summaries).
 //!
 //! The runs go one at a time (the test kit's turn): two clusters on two cores would make each
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use tandem_chaos::run::{run, RunOptions};
 use tandem_chaos::{scenario, verdict};
-use tandem_testkit::{require_tools, tandem_bin, take_turn, wait_for};
+use tandem_testkit::{require_tools, tandem_bin, tandem_chaos_bin, take_turn, wait_for};
 
 /// How long each short-pass run injects faults.
 const SHORT: Duration = Duration::from_secs(12);
@@ -89,6 +90,54 @@ short_pass! {
     short_pause_leader: "pause-leader", 110, "tcp";
     short_switch_data: "switch-data", 111, "quic";
     short_switch_during_partition: "switch-during-partition", 112, "tcp";
+}
+
+/// How many seeds a planted bug may take before the test gives up on the checker.
+const PLANTED_SEEDS: std::ops::RangeInclusive<u64> = 201..=204;
+
+/// Runs `scenario` on the chaos build with `bug` planted in every node, seed after seed, until
+/// the verdict fails (invalid, acknowledged writes lost, unexpected host errors, divergence);
+/// asserts that some seed catches it and says how many it took.
+fn must_catch(bug: &str, scenario: &str, transport: &str) {
+    let mut seen = Vec::new();
+    for (taken, seed) in PLANTED_SEEDS.enumerate() {
+        let v = short_run(scenario, seed, transport, tandem_chaos_bin(), &[bug]);
+        if !v.passed() {
+            println!(
+                "planted {bug}: caught by {scenario} on seed {seed}, after {} seed(s): {} lost, {} unexpected host errors, {:?}",
+                taken + 1,
+                v.lost,
+                v.host_errors_unexpected,
+                v.problems
+            );
+            return;
+        }
+        seen.push(v.line(scenario, seed));
+    }
+    panic!("planted {bug} was not caught by {scenario} in {} seeds:\n{}", seen.len(), seen.join("\n"));
+}
+
+macro_rules! planted {
+    ($($test:ident: $bug:literal by $scenario:literal on $transport:literal;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                must_catch($bug, $scenario, $transport);
+            }
+        )*
+    };
+}
+
+// The suite can fail: each planted bug (docs/ARCHITECTURE.md, "Planted bugs") is caught by the
+// scenario that exposes it. `backup-ack-before-fsync` needs the power-loss nemesis.
+planted! {
+    planted_ack_before_backups_is_caught: "ack-before-backups" by "partition-primary" on "tcp";
+    planted_read_without_lease_is_caught: "read-without-lease" by "partition-primary" on "quic";
+    planted_accept_older_epoch_is_caught: "accept-older-epoch" by "partition-primary" on "tcp";
+    planted_skip_reconciliation_is_caught: "skip-reconciliation" by "kill-primary" on "quic";
+    planted_late_isr_change_is_caught: "late-isr-change" by "partition-primary" on "tcp";
+    planted_read_unacknowledged_is_caught: "read-unacknowledged" by "kill-primary" on "quic";
+    planted_park_at_stopped_primary_is_caught: "park-at-stopped-primary" by "pause-primary" on "tcp";
 }
 
 /// Ctrl-C in the middle of a run: the command stops, and leaves no namespace and no node
