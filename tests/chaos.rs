@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tandem_chaos::run::{run, RunOptions};
 use tandem_chaos::{scenario, verdict};
-use tandem_testkit::{require_tools, tandem_bin, tandem_chaos_bin, take_turn, wait_for};
+use tandem_testkit::{require_tools, take_turn, tandem_bin, tandem_chaos_bin, wait_for};
 
 /// How long each short-pass run injects faults.
 const SHORT: Duration = Duration::from_secs(12);
@@ -46,7 +46,8 @@ fn short_run(name: &str, seed: u64, transport: &str, exe: PathBuf, bugs: &[&str]
         progress: false,
     };
     println!("chaos run {name} seed {seed} on {transport}: report in {}", out.display());
-    let record = run(&s, &opts, seed as u32 % 1000).unwrap_or_else(|e| panic!("{name} seed {seed}: the run failed: {e:#}"));
+    let record =
+        run(&s, &opts, seed as u32 % 1000).unwrap_or_else(|e| panic!("{name} seed {seed}: the run failed: {e:#}"));
     let v = verdict::judge_and_report(&record, &out);
     let line = v.line(name, seed);
     println!("{line}");

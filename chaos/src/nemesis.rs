@@ -3,7 +3,7 @@
 //! up when the fault starts; random choices come from the run's seeded generator, so the same
 //! seed replays the same schedule (docs/CHAOS.md).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use tandem_testkit::Rng;
@@ -33,10 +33,17 @@ pub enum Kind {
     KillNode,
     KillLeader,
     KillPrimary,
+    /// SIGKILL of the primary while one backup lags (the primary's packets to it dropped for a
+    /// moment, so writes in flight reached one backup and not the other): the next primary
+    /// must reconcile them.
+    KillPrimaryLagging,
     /// A minority of the nodes at once.
     KillMinority,
     /// Every node at once, under load; then all restart.
     KillAll,
+    /// A follower cut off until the leader has snapshotted and purged the log it misses: it
+    /// must catch up by snapshot.
+    SnapshotCatchUp,
     /// SIGSTOP of the primary for longer than its lease, then SIGCONT.
     PausePrimary,
     PauseLeader,
@@ -46,7 +53,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 20] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -59,8 +66,10 @@ impl Kind {
         Kind::KillNode,
         Kind::KillLeader,
         Kind::KillPrimary,
+        Kind::KillPrimaryLagging,
         Kind::KillMinority,
         Kind::KillAll,
+        Kind::SnapshotCatchUp,
         Kind::PausePrimary,
         Kind::PauseLeader,
         Kind::SwitchData,
@@ -81,8 +90,10 @@ impl Kind {
             Kind::KillNode => "kill-node",
             Kind::KillLeader => "kill-leader",
             Kind::KillPrimary => "kill-primary",
+            Kind::KillPrimaryLagging => "kill-primary-lagging",
             Kind::KillMinority => "kill-minority",
             Kind::KillAll => "kill-all",
+            Kind::SnapshotCatchUp => "snapshot-catch-up",
             Kind::PausePrimary => "pause-primary",
             Kind::PauseLeader => "pause-leader",
             Kind::SwitchData => "switch-data",
@@ -104,8 +115,14 @@ impl Kind {
             Kind::KillNode => "SIGKILL of one random node, restarted at the stop",
             Kind::KillLeader => "SIGKILL of the Raft leader, restarted at the stop",
             Kind::KillPrimary => "SIGKILL of the volume's primary, restarted at the stop",
+            Kind::KillPrimaryLagging => {
+                "SIGKILL of the primary while one backup lags behind the other, restarted at the stop"
+            }
             Kind::KillMinority => "SIGKILL of a minority of the nodes at once, restarted at the stop",
             Kind::KillAll => "SIGKILL of every node at once under load, all restarted",
+            Kind::SnapshotCatchUp => {
+                "a follower cut off until the leader purged the log it misses; it catches up by snapshot"
+            }
             Kind::PausePrimary => "SIGSTOP of the primary for longer than its lease, then SIGCONT",
             Kind::PauseLeader => "SIGSTOP of the Raft leader for longer than its lease, then SIGCONT",
             Kind::SwitchData => "the data layer switched live to the other transport, and back",
@@ -136,6 +153,10 @@ impl Kind {
     }
 }
 
+/// How long `kill-primary-lagging` holds one backup back before the kill: a moment, well
+/// inside the time the primary waits before it drops a silent backup from the ISR.
+const LAG_BEFORE_KILL: Duration = Duration::from_millis(400);
+
 /// A fault in place; [`Active::stop`] takes it back.
 pub struct Active {
     pub kind: Kind,
@@ -150,6 +171,12 @@ enum Undo {
     Resume(Vec<u64>),
     TcpReset(u64),
     Switch(&'static str, String),
+    /// The cut-off follower, its rule, and how many snapshots it had installed before.
+    CatchUp {
+        node: u64,
+        rule: u64,
+        installed: f64,
+    },
 }
 
 fn pick(rng: &mut Rng, from: &[u64]) -> u64 {
@@ -260,6 +287,17 @@ impl Active {
                 w.kill(n)?;
                 Ok(Active { kind, target: format!("node {n}"), undo: Undo::Restart })
             }
+            Kind::KillPrimaryLagging => {
+                let p = primary_or_random(&mut r);
+                let lagging = pick(&mut r, &others(w, &[p]));
+                // Writes pile up in flight to the lagging backup while the other has them.
+                let rule = w.add_rule(NetRule::OneWay(vec![p], vec![lagging]))?;
+                std::thread::sleep(LAG_BEFORE_KILL);
+                let killed = w.kill(p);
+                w.remove_rule(rule)?;
+                killed?;
+                Ok(Active { kind, target: format!("node {p} (node {lagging} lagging)"), undo: Undo::Restart })
+            }
             Kind::KillMinority => {
                 let order = shuffled(&mut r, &w.nodes);
                 let victims = &order[..minority.max(1)];
@@ -273,6 +311,21 @@ impl Active {
                     w.kill(n)?;
                 }
                 Ok(Active { kind, target: "every node".into(), undo: Undo::Restart })
+            }
+            Kind::SnapshotCatchUp => {
+                let leader = w.leader();
+                let followers: Vec<u64> = w.running().into_iter().filter(|n| Some(*n) != leader).collect();
+                anyhow::ensure!(!followers.is_empty(), "no follower to cut off");
+                let n = pick(&mut r, &followers);
+                let installed = w.cluster.metric(n, SNAPSHOTS_INSTALLED).unwrap_or(0.0);
+                let rest = others(w, &[n]);
+                let rule = w.add_rule(NetRule::Cut(vec![n], rest.clone()))?;
+                w.touch(fault, vec![n]);
+                Ok(Active {
+                    kind,
+                    target: format!("node {n} until the log is purged"),
+                    undo: Undo::CatchUp { node: n, rule, installed },
+                })
             }
             Kind::PausePrimary | Kind::PauseLeader => {
                 let n = if kind == Kind::PauseLeader { leader_or_random(&mut r) } else { primary_or_random(&mut r) };
@@ -297,11 +350,49 @@ impl Active {
             Undo::Resume(ids) => ids.iter().try_for_each(|&n| w.resume(n)),
             Undo::TcpReset(n) => w.tcp_reset(*n, false),
             Undo::Switch(layer, back) => w.set_transport(layer, back),
+            Undo::CatchUp { node, rule, installed } => catch_up(w, *node, *rule, *installed),
         };
         w.untouch(fault);
         r
     }
 }
+
+/// The snapshot counter of a node's `/metrics`.
+const SNAPSHOTS_INSTALLED: &str = "tandem_raft_snapshots_installed_total";
+/// How long `snapshot-catch-up` waits for the purge, and then for the install.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+
+/// Holds the follower off until the leader's snapshot is past its log by more than the log the
+/// leader keeps (so the entries it misses are purged), heals it, and waits for it to install
+/// a snapshot: the nemesis failed if it caught up some other way.
+fn catch_up(w: &World, node: u64, rule: u64, installed: f64) -> anyhow::Result<()> {
+    let metric = |n: u64, name: &str| w.cluster.metric(n, name);
+    let deadline = Instant::now() + CATCH_UP_WAIT;
+    let behind = metric(node, "tandem_raft_last_log_index").unwrap_or(0.0);
+    while Instant::now() < deadline {
+        let snap = w.leader().and_then(|l| metric(l, "tandem_raft_snapshot_index")).unwrap_or(0.0);
+        if snap > behind + CHAOS_LOGS_TO_KEEP as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.remove_rule(rule)?;
+    let deadline = Instant::now() + CATCH_UP_WAIT;
+    while Instant::now() < deadline {
+        if metric(node, SNAPSHOTS_INSTALLED).is_some_and(|v| v > installed) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(anyhow!(
+        "node {node} did not install a snapshot within {CATCH_UP_WAIT:?} of its heal (its log ended at {behind})"
+    ))
+}
+
+/// A scenario with `snapshot-catch-up` runs with Raft snapshots this often, keeping this much
+/// log behind each, so that a follower cut off for seconds misses purged entries.
+pub const CHAOS_SNAPSHOT_AFTER: u64 = 100;
+pub const CHAOS_LOGS_TO_KEEP: u64 = 20;
 
 /// The transport a layer runs on, from `GET /v1/transport`.
 fn current_transport(w: &World, layer: &str) -> Option<String> {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tandem_testkit::{Cluster, Rng};
 
 use crate::history::{Fault, MarkKind, Timeline};
-use crate::nemesis::{Active, Kind};
+use crate::nemesis::{Active, Kind, CHAOS_LOGS_TO_KEEP, CHAOS_SNAPSHOT_AFTER};
 use crate::recorder::Recorder;
 use crate::scenario::Scenario;
 use crate::workload::{self, Ctx, HostError};
@@ -119,15 +119,19 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     if !bugs.is_empty() {
         std::env::set_var("TANDEM_CHAOS_BUGS", &bugs);
     }
-    let cluster = Cluster::builder()
+    let mut builder = Cluster::builder()
         .exe(&opts.exe)
         .nodes(opts.nodes.max(scenario.nodes_min))
         .transport(&opts.transport)
         .prefix("tandem-chaos-")
         .without_turn()
-        .in_namespaces(tag)
-        .start()
-        .map_err(|e| anyhow!("start the cluster: {e}"))?;
+        .in_namespaces(tag);
+    if scenario.all_kinds().contains(&Kind::SnapshotCatchUp) {
+        builder = builder.edit_config(|toml| {
+            set_key(&set_key(toml, "snapshot_after_entries", CHAOS_SNAPSHOT_AFTER), "logs_to_keep", CHAOS_LOGS_TO_KEEP)
+        });
+    }
+    let cluster = builder.start().map_err(|e| anyhow!("start the cluster: {e}"))?;
     let ids = cluster.node_ids();
     cluster.try_agreed_leader(&ids, Duration::from_secs(60)).map_err(|e| anyhow!("{e}"))?;
     let size = format!("{}M", VOLUME_BYTES >> 20);
@@ -142,6 +146,18 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     let r = h.post(format!("{api}/v1/hosts/{HOST}/volumes")).json(&serde_json::json!({ "volume": VOLUME })).send()?;
     anyhow::ensure!(r.status().is_success(), "connect the host: {} {}", r.status(), r.text().unwrap_or_default());
     Ok(World::new(cluster, VOLUME.into(), volume_id, VOLUME_BYTES, HOST.into()))
+}
+
+/// `toml` with the line `key = ...` set to `value`.
+fn set_key(toml: &str, key: &str, value: u64) -> String {
+    let mut out: Vec<String> = toml
+        .lines()
+        .map(
+            |l| if l.trim_start().starts_with(&format!("{key} ")) { format!("{key} = {value}") } else { l.to_string() },
+        )
+        .collect();
+    out.push(String::new());
+    out.join("\n")
 }
 
 /// Marks elections and failovers on the timeline as the cluster reports them.
@@ -249,6 +265,11 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
     {
         let (c, p) = (ctx.clone(), process);
         threads.push(std::thread::spawn(move || workload::paths_watcher(c, p)));
+        process += 1;
+    }
+    for &node in &world.nodes {
+        let (c, s, p) = (ctx.clone(), seeds.next_u64(), process);
+        threads.push(std::thread::spawn(move || workload::pinned_reader(c, p, node, s)));
         process += 1;
     }
     let monitor_stop = Arc::new(AtomicBool::new(false));

@@ -85,7 +85,11 @@ fn problems(record: &RunRecord, findings: &Findings) -> Vec<String> {
         }
     }
     if !findings.lost.is_empty() {
-        problems.push(format!("{} acknowledged writes lost (first: {})", findings.lost.len(), findings.lost[0].describe()));
+        problems.push(format!(
+            "{} acknowledged writes lost (first: {})",
+            findings.lost.len(),
+            findings.lost[0].describe()
+        ));
     }
     if !findings.stale.is_empty() {
         problems.push(format!("{} stale reads (first: {})", findings.stale.len(), findings.stale[0].describe()));
@@ -166,9 +170,23 @@ pub fn judge_and_report(record: &RunRecord, out: &Path) -> Verdict {
     let mut rows = vec![("verdict".to_string(), if verdict.valid { "valid".into() } else { "INVALID".into() })];
     rows.extend(verdict.problems.iter().map(|p| ("problem".to_string(), p.clone())));
     rows.push(("acknowledged writes lost".into(), verdict.lost.to_string()));
-    rows.push(("linearizability".into(), verdict.linearizable.iter().map(|(w, v)| format!("{w}: {v}")).collect::<Vec<_>>().join(", ")));
-    rows.push(("keys checked".into(), findings.workloads.iter().map(|w| format!("{}: {} ops on {} keys", w.workload.name(), w.ops, w.keys)).collect::<Vec<_>>().join(", ")));
-    rows.push(("host errors".into(), format!("{} ({} from nodes no fault touched)", record.host_errors.len(), verdict.host_errors_unexpected)));
+    rows.push((
+        "linearizability".into(),
+        verdict.linearizable.iter().map(|(w, v)| format!("{w}: {v}")).collect::<Vec<_>>().join(", "),
+    ));
+    rows.push((
+        "keys checked".into(),
+        findings
+            .workloads
+            .iter()
+            .map(|w| format!("{}: {} ops on {} keys", w.workload.name(), w.ops, w.keys))
+            .collect::<Vec<_>>()
+            .join(", "),
+    ));
+    rows.push((
+        "host errors".into(),
+        format!("{} ({} from nodes no fault touched)", record.host_errors.len(), verdict.host_errors_unexpected),
+    ));
     rows.push(("divergent replicas".into(), record.divergent.len().to_string()));
     rows.extend(figures.summary_rows());
     write("timeline.svg", &svg);

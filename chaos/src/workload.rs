@@ -3,6 +3,7 @@
 //!
 //! - `register`: NBD clients reading and overwriting a few hot blocks (self-describing
 //!   contents, [`crate::block`]), one node each, moving to the next node when theirs fails;
+//!   Beside them, one pinned reader per node reads the hot blocks through that node only;
 //! - `set`: NBD clients writing blocks no one else writes, each once;
 //! - `meta`: HTTP clients reading, writing and compare-and-setting settings (linearizable);
 //! - `paths`: a host's path-map watcher (long-poll): generations never go back, and two
@@ -196,6 +197,23 @@ pub fn register_client(ctx: Arc<Ctx>, process: u64, seed: u64) {
             nbd_read(&ctx, &mut path, process, Workload::Register, block);
         } else {
             nbd_write(&ctx, &mut path, process, Workload::Register, block);
+        }
+        std::thread::sleep(THINK);
+    }
+}
+
+/// A pinned reader: reads the hot blocks through one node only, whatever happens to it (a
+/// host whose only path is that node). Readers never write, so a node cut off from the others
+/// is asked to serve reads while the rest of the cluster moves on: a stale read there is a
+/// linearizability violation (a deposed primary serving without its lease, a read of a write
+/// that was never acknowledged).
+pub fn pinned_reader(ctx: Arc<Ctx>, process: u64, node: u64, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let mut path = NbdPath::new(vec![node], 0);
+    while !ctx.stopped() {
+        let block = rng.below(HOT_BLOCKS);
+        if nbd_read(&ctx, &mut path, process, Workload::Register, block).is_none() {
+            std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(THINK);
     }
