@@ -6,8 +6,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
+use serde_json::Value;
 use tandem_testkit::Rng;
 
+use crate::proxy::Link;
 use crate::world::{NetRule, World};
 
 /// Every kind of fault the suite can inject (`tandem chaos list` shows them by name).
@@ -30,6 +32,9 @@ pub enum Kind {
     PacketLoss,
     /// Every TCP connection of one node to the others is reset while the fault lasts.
     TcpReset,
+    /// One node's links to the others get a seeded delay and jitter (and UDP loss) through a
+    /// userspace proxy (`tc netem` does not exist here).
+    SlowLink,
     KillNode,
     KillLeader,
     KillPrimary,
@@ -37,6 +42,9 @@ pub enum Kind {
     /// moment, so writes in flight reached one backup and not the other): the next primary
     /// must reconcile them.
     KillPrimaryLagging,
+    /// SIGKILL of the primary after its packets to every backup were dropped for a moment:
+    /// the writes it took in that moment reached no backup (none was acknowledged).
+    KillPrimaryAlone,
     /// A minority of the nodes at once.
     KillMinority,
     /// Every node at once, under load; then all restart.
@@ -47,13 +55,15 @@ pub enum Kind {
     /// SIGSTOP of the primary for longer than its lease, then SIGCONT.
     PausePrimary,
     PauseLeader,
+    /// A new node joins (Raft learner, then voter) under load; it leaves again at the stop.
+    AddRemoveNode,
     /// The data layer moves to the other transport (QUIC <-> TCP), and back at the stop.
     SwitchData,
     SwitchControl,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 23] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -63,15 +73,18 @@ impl Kind {
         Kind::Blackhole,
         Kind::PacketLoss,
         Kind::TcpReset,
+        Kind::SlowLink,
         Kind::KillNode,
         Kind::KillLeader,
         Kind::KillPrimary,
         Kind::KillPrimaryLagging,
+        Kind::KillPrimaryAlone,
         Kind::KillMinority,
         Kind::KillAll,
         Kind::SnapshotCatchUp,
         Kind::PausePrimary,
         Kind::PauseLeader,
+        Kind::AddRemoveNode,
         Kind::SwitchData,
         Kind::SwitchControl,
     ];
@@ -87,15 +100,18 @@ impl Kind {
             Kind::Blackhole => "blackhole",
             Kind::PacketLoss => "packet-loss",
             Kind::TcpReset => "tcp-reset",
+            Kind::SlowLink => "slow-link",
             Kind::KillNode => "kill-node",
             Kind::KillLeader => "kill-leader",
             Kind::KillPrimary => "kill-primary",
             Kind::KillPrimaryLagging => "kill-primary-lagging",
+            Kind::KillPrimaryAlone => "kill-primary-alone",
             Kind::KillMinority => "kill-minority",
             Kind::KillAll => "kill-all",
             Kind::SnapshotCatchUp => "snapshot-catch-up",
             Kind::PausePrimary => "pause-primary",
             Kind::PauseLeader => "pause-leader",
+            Kind::AddRemoveNode => "add-remove-node",
             Kind::SwitchData => "switch-data",
             Kind::SwitchControl => "switch-control",
         }
@@ -112,11 +128,15 @@ impl Kind {
             Kind::Blackhole => "one node's packets to the others dropped; the other way passes",
             Kind::PacketLoss => "20-40% of one node's packets to and from the others dropped at random",
             Kind::TcpReset => "every TCP connection between one node and the others reset",
+            Kind::SlowLink => "one node's links delayed 10-30 ms each way, 0-20 ms jitter, 0-3% UDP loss (a proxy)",
             Kind::KillNode => "SIGKILL of one random node, restarted at the stop",
             Kind::KillLeader => "SIGKILL of the Raft leader, restarted at the stop",
             Kind::KillPrimary => "SIGKILL of the volume's primary, restarted at the stop",
             Kind::KillPrimaryLagging => {
                 "SIGKILL of the primary while one backup lags behind the other, restarted at the stop"
+            }
+            Kind::KillPrimaryAlone => {
+                "SIGKILL of the primary after its packets to every backup were dropped for a moment"
             }
             Kind::KillMinority => "SIGKILL of a minority of the nodes at once, restarted at the stop",
             Kind::KillAll => "SIGKILL of every node at once under load, all restarted",
@@ -125,6 +145,7 @@ impl Kind {
             }
             Kind::PausePrimary => "SIGSTOP of the primary for longer than its lease, then SIGCONT",
             Kind::PauseLeader => "SIGSTOP of the Raft leader for longer than its lease, then SIGCONT",
+            Kind::AddRemoveNode => "a new node joins Raft under load (learner, then voter), and is removed at the stop",
             Kind::SwitchData => "the data layer switched live to the other transport, and back",
             Kind::SwitchControl => "the control layer switched live to the other transport, and back",
         }
@@ -168,8 +189,12 @@ pub struct Active {
 enum Undo {
     Rules(Vec<u64>),
     Restart,
+    /// Removes the rules, then restarts.
+    RulesThenRestart(Vec<u64>),
     Resume(Vec<u64>),
     TcpReset(u64),
+    Link(u64),
+    Retire(u64),
     Switch(&'static str, String),
     /// The cut-off follower, its rule, and how many snapshots it had installed before.
     CatchUp {
@@ -278,6 +303,26 @@ impl Active {
                 w.touch(fault, vec![n]);
                 Ok(Active { kind, target: format!("node {n}'s TCP links"), undo: Undo::TcpReset(n) })
             }
+            Kind::SlowLink => {
+                let n = pick(&mut r, &w.nodes);
+                let link = Link {
+                    delay: Duration::from_millis(10 + r.below(21)),
+                    jitter: Duration::from_millis(r.below(21)),
+                    udp_loss_percent: r.below(4) as u8,
+                };
+                w.set_link(n, link)?;
+                // A slow link is no excuse for a host error: nothing is marked touched.
+                Ok(Active {
+                    kind,
+                    target: format!(
+                        "node {n}: +{} ms, jitter {} ms, {}% UDP loss",
+                        link.delay.as_millis(),
+                        link.jitter.as_millis(),
+                        link.udp_loss_percent
+                    ),
+                    undo: Undo::Link(n),
+                })
+            }
             Kind::KillNode | Kind::KillLeader | Kind::KillPrimary => {
                 let n = match kind {
                     Kind::KillLeader => leader_or_random(&mut r),
@@ -287,16 +332,25 @@ impl Active {
                 w.kill(n)?;
                 Ok(Active { kind, target: format!("node {n}"), undo: Undo::Restart })
             }
-            Kind::KillPrimaryLagging => {
+            Kind::KillPrimaryLagging | Kind::KillPrimaryAlone => {
                 let p = primary_or_random(&mut r);
-                let lagging = pick(&mut r, &others(w, &[p]));
+                let backups = others(w, &[p]);
+                let lagging = if kind == Kind::KillPrimaryAlone { backups } else { vec![pick(&mut r, &backups)] };
                 // Writes pile up in flight to the lagging backup while the other has them.
-                let rule = w.add_rule(NetRule::OneWay(vec![p], vec![lagging]))?;
+                let rule = w.add_rule(NetRule::OneWay(vec![p], lagging.clone()))?;
                 std::thread::sleep(LAG_BEFORE_KILL);
-                let killed = w.kill(p);
-                w.remove_rule(rule)?;
-                killed?;
-                Ok(Active { kind, target: format!("node {p} (node {lagging} lagging)"), undo: Undo::Restart })
+                if let Err(e) = w.kill(p) {
+                    w.remove_rule(rule)?;
+                    return Err(e);
+                }
+                // The rule stays until the restart: the dead process's kernel still
+                // retransmits what its TCP sockets held, and would deliver the held-back
+                // writes to the lagging backups after all.
+                Ok(Active {
+                    kind,
+                    target: format!("node {p} ({} lagging)", set(&lagging)),
+                    undo: Undo::RulesThenRestart(vec![rule]),
+                })
             }
             Kind::KillMinority => {
                 let order = shuffled(&mut r, &w.nodes);
@@ -332,6 +386,12 @@ impl Active {
                 w.pause(n)?;
                 Ok(Active { kind, target: format!("node {n}"), undo: Undo::Resume(vec![n]) })
             }
+            Kind::AddRemoveNode => {
+                let spare = w.cluster.spare_ids().first().copied().ok_or_else(|| anyhow!("no spare node to add"))?;
+                w.cluster.try_add_spare(spare).map_err(|e| anyhow!("add node {spare}: {e}"))?;
+                wait_for_voter(w, spare, true)?;
+                Ok(Active { kind, target: format!("node {spare} joins"), undo: Undo::Retire(spare) })
+            }
             Kind::SwitchData | Kind::SwitchControl => {
                 let layer = if kind == Kind::SwitchData { "data" } else { "control" };
                 let now = current_transport(w, layer).unwrap_or_else(|| "tcp".into());
@@ -347,14 +407,46 @@ impl Active {
         let r = match &self.undo {
             Undo::Rules(ids) => ids.iter().try_for_each(|&id| w.remove_rule(id)),
             Undo::Restart => w.restart_killed(),
+            Undo::RulesThenRestart(ids) => {
+                ids.iter().try_for_each(|&id| w.remove_rule(id)).and_then(|_| w.restart_killed())
+            }
             Undo::Resume(ids) => ids.iter().try_for_each(|&n| w.resume(n)),
             Undo::TcpReset(n) => w.tcp_reset(*n, false),
+            Undo::Link(n) => w.set_link(*n, Link::default()),
+            Undo::Retire(n) => w
+                .cluster
+                .try_retire(*n)
+                .map_err(|e| anyhow!("remove node {n}: {e}"))
+                .and_then(|_| wait_for_voter(w, *n, false)),
             Undo::Switch(layer, back) => w.set_transport(layer, back),
             Undo::CatchUp { node, rule, installed } => catch_up(w, *node, *rule, *installed),
         };
         w.untouch(fault);
         r
     }
+}
+
+/// How long a joining node may take to become a voter (it catches up first), and a leaving
+/// one to be gone from the voters.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until the Raft voters, as a running member sees them, include node `id` (`voter`)
+/// or do not.
+fn wait_for_voter(w: &World, id: u64, voter: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + MEMBERSHIP_WAIT;
+    let mut seen = Value::Null;
+    while Instant::now() < deadline {
+        if let Some(v) = w.running().into_iter().find_map(|n| w.get(n, "/v1/cluster")) {
+            let voters = v["raft"]["voters"].as_array().cloned().unwrap_or_default();
+            if voters.iter().any(|x| x.as_u64() == Some(id)) == voter {
+                return Ok(());
+            }
+            seen = v["raft"]["voters"].clone();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let what = if voter { "a voter" } else { "gone from the voters" };
+    Err(anyhow!("node {id} was not {what} within {MEMBERSHIP_WAIT:?} (voters: {seen})"))
 }
 
 /// The snapshot counter of a node's `/metrics`.

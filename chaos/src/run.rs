@@ -126,9 +126,24 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
         .prefix("tandem-chaos-")
         .without_turn()
         .in_namespaces(tag);
-    if scenario.all_kinds().contains(&Kind::SnapshotCatchUp) {
-        builder = builder.edit_config(|toml| {
-            set_key(&set_key(toml, "snapshot_after_entries", CHAOS_SNAPSHOT_AFTER), "logs_to_keep", CHAOS_LOGS_TO_KEEP)
+    let kinds = scenario.all_kinds();
+    if kinds.contains(&Kind::AddRemoveNode) {
+        builder = builder.spares(1);
+    }
+    let (snapshots, slow) = (kinds.contains(&Kind::SnapshotCatchUp), kinds.contains(&Kind::SlowLink));
+    if snapshots || slow {
+        builder = builder.edit_config(move |toml| {
+            let mut toml = toml.to_string();
+            if snapshots {
+                toml = set_key(&toml, "snapshot_after_entries", CHAOS_SNAPSHOT_AFTER);
+                toml = set_key(&toml, "logs_to_keep", CHAOS_LOGS_TO_KEEP);
+            }
+            if slow {
+                for (key, value) in SLOW_LINK_TIMINGS {
+                    toml = set_key(&toml, key, value);
+                }
+            }
+            toml
         });
     }
     let cluster = builder.start().map_err(|e| anyhow!("start the cluster: {e}"))?;
@@ -145,8 +160,17 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     anyhow::ensure!(r.status().is_success(), "add the host: {} {}", r.status(), r.text().unwrap_or_default());
     let r = h.post(format!("{api}/v1/hosts/{HOST}/volumes")).json(&serde_json::json!({ "volume": VOLUME })).send()?;
     anyhow::ensure!(r.status().is_success(), "connect the host: {} {}", r.status(), r.text().unwrap_or_default());
-    Ok(World::new(cluster, VOLUME.into(), volume_id, VOLUME_BYTES, HOST.into()))
+    let world = World::new(cluster, VOLUME.into(), volume_id, VOLUME_BYTES, HOST.into());
+    if slow {
+        world.start_proxies(opts.seed).context("start the delay proxies")?;
+    }
+    Ok(world)
 }
+
+/// Raft timings of a run with `slow-link`: a Raft RPC may take one heartbeat interval, and a
+/// slowed link adds up to 100 ms to a round trip (`tandem up`'s local 100 ms would not do).
+const SLOW_LINK_TIMINGS: [(&str, u64); 3] =
+    [("heartbeat_interval_ms", 250), ("election_timeout_min_ms", 1250), ("election_timeout_max_ms", 2500)];
 
 /// `toml` with the line `key = ...` set to `value`.
 fn set_key(toml: &str, key: &str, value: u64) -> String {
@@ -267,10 +291,12 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
         threads.push(std::thread::spawn(move || workload::paths_watcher(c, p)));
         process += 1;
     }
-    for &node in &world.nodes {
-        let (c, s, p) = (ctx.clone(), seeds.next_u64(), process);
-        threads.push(std::thread::spawn(move || workload::pinned_reader(c, p, node, s)));
-        process += 1;
+    for fresh in [false, true] {
+        for &node in &world.nodes {
+            let (c, s, p) = (ctx.clone(), seeds.next_u64(), process);
+            threads.push(std::thread::spawn(move || workload::pinned_reader(c, p, node, s, fresh)));
+            process += 1;
+        }
     }
     let monitor_stop = Arc::new(AtomicBool::new(false));
     let mon = {

@@ -55,7 +55,7 @@ pub fn all() -> Vec<Scenario> {
     s.push(Scenario::mix(
         "crashes",
         "SIGKILL of a node, the leader, the primary, a minority, every node; then restarts",
-        &[KillNode, KillLeader, KillPrimary, KillPrimaryLagging, KillMinority, KillAll],
+        &[KillNode, KillLeader, KillPrimary, KillPrimaryLagging, KillPrimaryAlone, KillMinority, KillAll],
         &[],
     ));
     s.push(Scenario::mix(

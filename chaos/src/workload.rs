@@ -202,22 +202,39 @@ pub fn register_client(ctx: Arc<Ctx>, process: u64, seed: u64) {
     }
 }
 
-/// A pinned reader: reads the hot blocks through one node only, whatever happens to it (a
-/// host whose only path is that node). Readers never write, so a node cut off from the others
-/// is asked to serve reads while the rest of the cluster moves on: a stale read there is a
-/// linearizability violation (a deposed primary serving without its lease, a read of a write
-/// that was never acknowledged).
-pub fn pinned_reader(ctx: Arc<Ctx>, process: u64, node: u64, seed: u64) {
+/// A pinned reader: reads through one node only, whatever happens to it (a host whose only
+/// path is that node), the hot blocks or (`fresh`) the set blocks written last. Readers never
+/// write, so a node cut off from the others is asked to serve reads while the rest of the
+/// cluster moves on: a stale read there is a linearizability violation (a deposed primary
+/// serving without its lease, a read of a write that was never acknowledged). A hot block may
+/// have a write stuck at a cut-off primary, which a read there rightly waits for, holding the
+/// reader up; a fresh set block, written through the new primary, has none: hence the two.
+pub fn pinned_reader(ctx: Arc<Ctx>, process: u64, node: u64, seed: u64, fresh: bool) {
     let mut rng = Rng::new(seed);
     let mut path = NbdPath::new(vec![node], 0);
     while !ctx.stopped() {
-        let block = rng.below(HOT_BLOCKS);
-        if nbd_read(&ctx, &mut path, process, Workload::Register, block).is_none() {
+        let recent = fresh.then(|| {
+            let set = ctx.set_blocks.lock().unwrap_or_else(|p| p.into_inner());
+            let n = set.len().min(RECENT_SET_BLOCKS);
+            (n > 0).then(|| set[set.len() - 1 - rng.below(n as u64) as usize])
+        });
+        let (workload, block) = match recent {
+            Some(Some(b)) => (Workload::Set, b),
+            Some(None) => {
+                std::thread::sleep(THINK);
+                continue;
+            }
+            None => (Workload::Register, rng.below(HOT_BLOCKS)),
+        };
+        if nbd_read(&ctx, &mut path, process, workload, block).is_none() {
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(THINK);
     }
 }
+
+/// How many of the set's latest blocks a pinned reader picks from.
+const RECENT_SET_BLOCKS: usize = 16;
 
 /// A set client: writes blocks of its own, each once, until stopped.
 pub fn set_client(ctx: Arc<Ctx>, process: u64, clients: u64) {
@@ -229,9 +246,14 @@ pub fn set_client(ctx: Arc<Ctx>, process: u64, clients: u64) {
         if block >= blocks {
             break;
         }
-        if nbd_write(&ctx, &mut path, process, Workload::Set, block) {
-            ctx.set_blocks.lock().unwrap_or_else(|p| p.into_inner()).push(block);
-            k += 1;
+        // Each block is written once, acknowledged or not: a write whose outcome is unknown
+        // stays unknown (a retry of the same block would paper over replicas that disagree
+        // about it), and the final reads read it back too.
+        let acked = nbd_write(&ctx, &mut path, process, Workload::Set, block);
+        ctx.set_blocks.lock().unwrap_or_else(|p| p.into_inner()).push(block);
+        k += 1;
+        if !acked {
+            std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(THINK);
     }

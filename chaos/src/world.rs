@@ -3,7 +3,7 @@
 //! workloads use, the fault rules on the bridge, and which nodes a fault touches right now
 //! (a host error from a node no fault touches is a failure of its own).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,6 +14,8 @@ use serde_json::Value;
 use tandem_testkit::firewall::nft_load;
 use tandem_testkit::process::signal;
 use tandem_testkit::Cluster;
+
+use crate::proxy::{Link, LinkProxy, Proto};
 
 /// The nftables table in the bridge namespace that holds the nemeses' rules.
 const TABLE: &str = "tandem_chaos";
@@ -42,6 +44,9 @@ struct Faults {
 }
 
 pub struct World {
+    /// The delay proxies on the node-to-node paths, by node (only in runs with `slow-link`);
+    /// declared first so they go before the cluster's namespaces do.
+    proxies: Mutex<BTreeMap<u64, LinkProxy>>,
     pub cluster: Cluster,
     pub nodes: Vec<u64>,
     pub volume: String,
@@ -53,8 +58,45 @@ pub struct World {
 
 impl World {
     pub fn new(cluster: Cluster, volume: String, volume_id: u64, volume_bytes: u64, host: String) -> World {
-        let nodes = cluster.node_ids();
-        World { cluster, nodes, volume, volume_id, volume_bytes, host, faults: Mutex::new(Faults::default()) }
+        let nodes = cluster.member_ids();
+        World {
+            proxies: Mutex::new(BTreeMap::new()),
+            cluster,
+            nodes,
+            volume,
+            volume_id,
+            volume_bytes,
+            host,
+            faults: Mutex::new(Faults::default()),
+        }
+    }
+
+    /// Puts a delay proxy (clean to begin with) on every node's path to the others' transport
+    /// addresses, TCP and UDP; [`World::set_link`] then slows one node's links.
+    pub fn start_proxies(&self, seed: u64) -> anyhow::Result<()> {
+        let net = self.cluster.try_network().context("the cluster does not run in namespaces")?;
+        let addr = |id: u64| -> anyhow::Result<SocketAddr> {
+            let a = self.cluster.node_config(id)["raft_addr"].as_str().map(str::to_string);
+            a.context("raft_addr")?.parse().with_context(|| format!("node {id}'s raft_addr"))
+        };
+        let mut proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        for &id in &self.nodes {
+            let mut peers = Vec::new();
+            for &other in self.nodes.iter().filter(|&&o| o != id) {
+                let a = addr(other)?;
+                peers.extend([(a, Proto::Tcp), (a, Proto::Udp)]);
+            }
+            proxies.insert(id, LinkProxy::start(&net.ns(id), &peers, seed ^ id)?);
+        }
+        Ok(())
+    }
+
+    /// Sets the link of node `id`'s outgoing node-to-node traffic (replies to it come back
+    /// through the same proxy, so both directions feel it); `Link::default()` cleans it.
+    pub fn set_link(&self, id: u64, link: Link) -> anyhow::Result<()> {
+        let proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        proxies.get(&id).context("no delay proxy in this run (the scenario has no slow-link)")?.set(link);
+        Ok(())
     }
 
     fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
@@ -235,6 +277,9 @@ impl World {
         self.install(&[])?;
         for &n in &self.nodes {
             let _ = self.tcp_reset(n, false);
+        }
+        for p in self.proxies.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            p.set(Link::default());
         }
         for n in stopped {
             if let Ok(pid) = self.cluster.try_pid(n) {

@@ -15,6 +15,7 @@
 //! that must not panic, such as the benchmarks (with [`ClusterBuilder::log_level_from_env`]
 //! and [`Cluster::try_sigkill`]); tests use the panicking ones.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,6 +75,7 @@ pub struct ClusterBuilder<'a> {
     edit: Option<ConfigEdit<'a>>,
     namespaces: Option<u32>,
     log_from_env: bool,
+    spares: u32,
 }
 
 impl<'a> ClusterBuilder<'a> {
@@ -121,6 +123,14 @@ impl<'a> ClusterBuilder<'a> {
         self
     }
 
+    /// Also prepares `spares` more nodes (namespaces only): each has its namespace, certificate
+    /// and cluster.toml entry but is not started and not a member until
+    /// [`Cluster::try_add_spare`] brings it in; [`Cluster::try_retire`] sends a member back.
+    pub fn spares(mut self, spares: u32) -> Self {
+        self.spares = spares;
+        self
+    }
+
     /// Runs each node in a network namespace of its own ([`Network`]); `tag` tells apart the
     /// networks of one test process.
     pub fn in_namespaces(mut self, tag: u32) -> Self {
@@ -144,9 +154,13 @@ impl<'a> ClusterBuilder<'a> {
             children: Mutex::new(Vec::new()),
             dir: Some(dir),
             stopped: false,
+            spares: Mutex::new(BTreeSet::new()),
             _turn: turn,
         };
-        let nodes = self.nodes.to_string();
+        if self.spares > 0 && self.namespaces.is_none() {
+            return Err(Error("spare nodes are supported in namespaces only".into()));
+        }
+        let nodes = (self.nodes + self.spares).to_string();
         let d = c.path_str().to_string();
         c.try_tandem(&["up", "--detach", "--nodes", &nodes, "--transport", &self.transport, "--dir", &d])?;
         match self.namespaces {
@@ -159,9 +173,14 @@ impl<'a> ClusterBuilder<'a> {
             }
             Some(tag) => {
                 c.try_down()?;
-                let ids = c.node_ids();
-                c.net = Some(Network::build(&ids, tag));
+                let all = c.node_ids();
+                c.net = Some(Network::build(&all, tag));
                 c.move_into_namespaces()?;
+                let ids: Vec<u64> = all.iter().copied().take(self.nodes as usize).collect();
+                if self.spares > 0 {
+                    c.set_initial_members(&ids)?;
+                    *c.spares.lock().expect("spares") = all.iter().copied().skip(ids.len()).collect();
+                }
                 if let Some(edit) = self.edit {
                     c.edit_config_file(edit)?;
                 }
@@ -195,6 +214,8 @@ pub struct Cluster {
     children: Mutex<Vec<(u64, Child)>>,
     dir: Option<tempfile::TempDir>,
     stopped: bool,
+    /// Nodes in cluster.toml that are not members now (see [`ClusterBuilder::spares`]).
+    spares: Mutex<BTreeSet<u64>>,
     _turn: Option<Turn>,
 }
 
@@ -209,6 +230,7 @@ impl Cluster {
             edit: None,
             namespaces: None,
             log_from_env: false,
+            spares: 0,
         }
     }
 
@@ -251,6 +273,7 @@ impl Cluster {
             children: Mutex::new(Vec::new()),
             dir: Some(dir),
             stopped: false,
+            spares: Mutex::new(BTreeSet::new()),
             _turn: turn,
         }
     }
@@ -306,13 +329,90 @@ impl Cluster {
         if self.net.is_none() {
             return self.try_tandem(&["up", "--detach", "--dir", self.path_str()]).map(drop);
         }
-        let ids = self.node_ids();
+        let ids = self.member_ids();
         for &id in &ids {
             if !self.running(id) {
                 self.spawn_in_namespace(id)?;
             }
         }
         self.wait_for_apis(&ids)
+    }
+
+    /// The nodes of cluster.toml that are members (all of them unless the cluster has spares).
+    pub fn member_ids(&self) -> Vec<u64> {
+        let spares = self.spares.lock().expect("spares").clone();
+        self.node_ids().into_iter().filter(|id| !spares.contains(id)).collect()
+    }
+
+    /// The spare nodes not brought in (see [`ClusterBuilder::spares`]).
+    pub fn spare_ids(&self) -> Vec<u64> {
+        self.spares.lock().expect("spares").iter().copied().collect()
+    }
+
+    /// Brings spare node `id` in: starts its process in its namespace and registers it with
+    /// `POST /v1/nodes` through a member (as `tandem node add` does); it then joins Raft and
+    /// catches up on its own.
+    pub fn try_add_spare(&self, id: u64) -> Result<(), Error> {
+        if !self.spares.lock().expect("spares").contains(&id) {
+            return Err(Error(format!("node {id} is not a spare")));
+        }
+        self.spawn_in_namespace(id)?;
+        self.wait_for_apis(&[id])?;
+        let n = self.node_config(id);
+        let field = |k: &str| n[k].as_str().map(str::to_string).unwrap_or_default();
+        let record = serde_json::json!({
+            "id": id,
+            "site": field("site"),
+            "raft_addr": field("raft_addr"),
+            "api_addr": field("api_addr"),
+            "nbd_addr": field("nbd_addr"),
+        });
+        self.on_a_member(id, |api| crate::http::http().post(format!("{api}/v1/nodes")).json(&record))?;
+        self.spares.lock().expect("spares").remove(&id);
+        Ok(())
+    }
+
+    /// Sends member `id` back to the spares: `DELETE /v1/nodes/{id}` through another member
+    /// (refused while it holds a replica), then stops its process and wipes its data, so that
+    /// it can be brought in again as a new node.
+    pub fn try_retire(&self, id: u64) -> Result<(), Error> {
+        self.on_a_member(id, |api| crate::http::http().delete(format!("{api}/v1/nodes/{id}")))?;
+        if self.running(id) {
+            self.try_kill(id)?;
+        }
+        self.children.lock().expect("children").retain(|(n, _)| *n != id);
+        let data = self.path().join(format!("node-{id}"));
+        if data.exists() {
+            std::fs::remove_dir_all(&data).map_err(|e| Error(format!("wipe {}: {e}", data.display())))?;
+        }
+        self.spares.lock().expect("spares").insert(id);
+        Ok(())
+    }
+
+    /// Sends a request to each member but `not` in turn until one answers with success.
+    fn on_a_member(&self, not: u64, request: impl Fn(&str) -> reqwest::blocking::RequestBuilder) -> Result<(), Error> {
+        let mut last = String::from("no member to ask");
+        for m in self.member_ids().into_iter().filter(|&m| m != not) {
+            match request(&self.api(m)).timeout(Duration::from_secs(10)).send() {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("node {m}: {} {}", r.status(), r.text().unwrap_or_default()),
+                Err(e) => last = format!("node {m}: {e}"),
+            }
+        }
+        Err(Error(last))
+    }
+
+    /// Sets `cluster.initial_members` in cluster.toml.
+    fn set_initial_members(&self, ids: &[u64]) -> Result<(), Error> {
+        let path = self.path().join("cluster.toml");
+        let mut cfg = self.config();
+        let members = ids.iter().map(|&i| toml::Value::Integer(i as i64)).collect();
+        cfg.get_mut("cluster")
+            .and_then(toml::Value::as_table_mut)
+            .ok_or_else(|| Error("cluster.toml has no [cluster]".into()))?
+            .insert("initial_members".into(), toml::Value::Array(members));
+        let text = toml::to_string(&cfg).map_err(|e| Error(format!("serialize config: {e}")))?;
+        std::fs::write(&path, text).map_err(|e| Error(format!("{}: {e}", path.display())))
     }
 
     pub fn restart_missing(&self) {
