@@ -55,7 +55,10 @@ pub enum Kind {
     /// SIGSTOP of the primary for longer than its lease, then SIGCONT.
     PausePrimary,
     PauseLeader,
-    /// A new node joins (Raft learner, then voter) under load; it leaves again at the stop.
+    /// SIGSTOP of the primary for longer than its lease but shorter than a failover takes: a
+    /// lease blip with no failover; the requests that reached it meanwhile run late, or not.
+    PausePrimaryBlip,
+    /// A new node joins under load (a Raft learner); it leaves again at the stop.
     AddRemoveNode,
     /// The data layer moves to the other transport (QUIC <-> TCP), and back at the stop.
     SwitchData,
@@ -63,7 +66,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 24] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -84,6 +87,7 @@ impl Kind {
         Kind::SnapshotCatchUp,
         Kind::PausePrimary,
         Kind::PauseLeader,
+        Kind::PausePrimaryBlip,
         Kind::AddRemoveNode,
         Kind::SwitchData,
         Kind::SwitchControl,
@@ -111,6 +115,7 @@ impl Kind {
             Kind::SnapshotCatchUp => "snapshot-catch-up",
             Kind::PausePrimary => "pause-primary",
             Kind::PauseLeader => "pause-leader",
+            Kind::PausePrimaryBlip => "pause-primary-blip",
             Kind::AddRemoveNode => "add-remove-node",
             Kind::SwitchData => "switch-data",
             Kind::SwitchControl => "switch-control",
@@ -145,7 +150,10 @@ impl Kind {
             }
             Kind::PausePrimary => "SIGSTOP of the primary for longer than its lease, then SIGCONT",
             Kind::PauseLeader => "SIGSTOP of the Raft leader for longer than its lease, then SIGCONT",
-            Kind::AddRemoveNode => "a new node joins Raft under load (learner, then voter), and is removed at the stop",
+            Kind::PausePrimaryBlip => "SIGSTOP of the primary for 2-3 s: past its lease, short of a failover",
+            Kind::AddRemoveNode => {
+                "a new node joins under load (a Raft learner, a voter if the count allows), removed at the stop"
+            }
             Kind::SwitchData => "the data layer switched live to the other transport, and back",
             Kind::SwitchControl => "the control layer switched live to the other transport, and back",
         }
@@ -166,6 +174,8 @@ impl Kind {
         let s = Duration::from_secs;
         match self {
             Kind::PausePrimary | Kind::PauseLeader => (s(4), s(7)),
+            // The lease is 1.5 s; the leader fails a primary over 2.5 s after its lease ran out.
+            Kind::PausePrimaryBlip => (Duration::from_millis(2000), Duration::from_millis(3000)),
             Kind::TcpReset => (s(1), s(3)),
             Kind::SwitchData | Kind::SwitchControl => (s(3), s(6)),
             Kind::KillAll => (s(1), s(3)),
@@ -381,15 +391,23 @@ impl Active {
                     undo: Undo::CatchUp { node: n, rule, installed },
                 })
             }
-            Kind::PausePrimary | Kind::PauseLeader => {
+            Kind::PausePrimary | Kind::PauseLeader | Kind::PausePrimaryBlip => {
                 let n = if kind == Kind::PauseLeader { leader_or_random(&mut r) } else { primary_or_random(&mut r) };
                 w.pause(n)?;
                 Ok(Active { kind, target: format!("node {n}"), undo: Undo::Resume(vec![n]) })
             }
             Kind::AddRemoveNode => {
                 let spare = w.cluster.spare_ids().first().copied().ok_or_else(|| anyhow!("no spare node to add"))?;
-                w.cluster.try_add_spare(spare).map_err(|e| anyhow!("add node {spare}: {e}"))?;
-                wait_for_voter(w, spare, true)?;
+                let joined = w
+                    .cluster
+                    .try_add_spare(spare)
+                    .map_err(|e| anyhow!("add node {spare}: {e}"))
+                    .and_then(|_| wait_for_member(w, spare, true));
+                if let Err(e) = joined {
+                    // Back to where it was, as far as it goes: the next step may try again.
+                    let _ = w.cluster.try_retire(spare);
+                    return Err(e);
+                }
                 Ok(Active { kind, target: format!("node {spare} joins"), undo: Undo::Retire(spare) })
             }
             Kind::SwitchData | Kind::SwitchControl => {
@@ -417,7 +435,7 @@ impl Active {
                 .cluster
                 .try_retire(*n)
                 .map_err(|e| anyhow!("remove node {n}: {e}"))
-                .and_then(|_| wait_for_voter(w, *n, false)),
+                .and_then(|_| wait_for_member(w, *n, false)),
             Undo::Switch(layer, back) => w.set_transport(layer, back),
             Undo::CatchUp { node, rule, installed } => catch_up(w, *node, *rule, *installed),
         };
@@ -426,27 +444,30 @@ impl Active {
     }
 }
 
-/// How long a joining node may take to become a voter (it catches up first), and a leaving
-/// one to be gone from the voters.
+/// How long a joining node may take to become a member (it catches up first), and a leaving
+/// one to be gone.
 const MEMBERSHIP_WAIT: Duration = Duration::from_secs(30);
 
-/// Waits until the Raft voters, as a running member sees them, include node `id` (`voter`)
-/// or do not.
-fn wait_for_voter(w: &World, id: u64, voter: bool) -> anyhow::Result<()> {
+/// Waits until the Raft membership (voters and learners), as a running member sees it,
+/// includes node `id` (`member`) or does not. (A fourth node stays a learner: the cluster
+/// keeps an odd number of voters.)
+fn wait_for_member(w: &World, id: u64, member: bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + MEMBERSHIP_WAIT;
     let mut seen = Value::Null;
     while Instant::now() < deadline {
         if let Some(v) = w.running().into_iter().find_map(|n| w.get(n, "/v1/cluster")) {
-            let voters = v["raft"]["voters"].as_array().cloned().unwrap_or_default();
-            if voters.iter().any(|x| x.as_u64() == Some(id)) == voter {
+            let raft = &v["raft"];
+            let all = [&raft["voters"], &raft["learners"]];
+            let found = all.iter().filter_map(|l| l.as_array()).flatten().any(|x| x.as_u64() == Some(id));
+            if found == member {
                 return Ok(());
             }
-            seen = v["raft"]["voters"].clone();
+            seen = serde_json::json!({ "voters": raft["voters"], "learners": raft["learners"] });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let what = if voter { "a voter" } else { "gone from the voters" };
-    Err(anyhow!("node {id} was not {what} within {MEMBERSHIP_WAIT:?} (voters: {seen})"))
+    let what = if member { "a member" } else { "gone" };
+    Err(anyhow!("node {id} was not {what} within {MEMBERSHIP_WAIT:?} ({seen})"))
 }
 
 /// The snapshot counter of a node's `/metrics`.

@@ -147,7 +147,7 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
         });
     }
     let cluster = builder.start().map_err(|e| anyhow!("start the cluster: {e}"))?;
-    let ids = cluster.node_ids();
+    let ids = cluster.member_ids();
     cluster.try_agreed_leader(&ids, Duration::from_secs(60)).map_err(|e| anyhow!("{e}"))?;
     let size = format!("{}M", VOLUME_BYTES >> 20);
     let v = tandem_testkit::queries::try_create_served_volume(&cluster, VOLUME, &size)
@@ -258,7 +258,7 @@ pub fn run(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Result<R
 fn copy_logs(world: &World, out: &Path) {
     let dir = out.join("logs");
     let _ = std::fs::create_dir_all(&dir);
-    for &n in &world.nodes {
+    for n in world.cluster.node_ids() {
         let _ = std::fs::copy(world.cluster.log_path(n), dir.join(format!("node-{n}.log")));
     }
 }

@@ -60,8 +60,8 @@ pub fn all() -> Vec<Scenario> {
     ));
     s.push(Scenario::mix(
         "stalls",
-        "SIGSTOP of the primary or the leader past its lease, packet loss, TCP resets",
-        &[PausePrimary, PauseLeader, PacketLoss, TcpReset],
+        "SIGSTOP of the primary or the leader past its lease (with and without failover), packet loss, TCP resets",
+        &[PausePrimary, PauseLeader, PausePrimaryBlip, PacketLoss, TcpReset],
         &[],
     ));
     s.push(Scenario::mix(
