@@ -84,7 +84,7 @@ macro_rules! short_pass {
     };
 }
 
-// CI's short pass: 12 nemesis kinds, 3 nodes, both transports, fixed seeds.
+// CI's short pass: 16 nemesis kinds, 3 nodes, both transports, fixed seeds.
 short_pass! {
     short_partition_primary: "partition-primary", 101, "tcp";
     short_partition_leader: "partition-leader", 102, "quic";
@@ -98,6 +98,10 @@ short_pass! {
     short_pause_leader: "pause-leader", 110, "tcp";
     short_switch_data: "switch-data", 111, "quic";
     short_switch_during_partition: "switch-during-partition", 112, "tcp";
+    short_slow_link: "slow-link", 113, "quic";
+    short_kill_primary_lagging: "kill-primary-lagging", 114, "tcp";
+    short_snapshot_catch_up: "snapshot-catch-up", 115, "quic";
+    short_add_remove_node: "add-remove-node", 116, "tcp";
 }
 
 /// How many seeds a planted bug may take before the test gives up on the checker, and how
