@@ -50,10 +50,29 @@ pub enum Kind {
     /// The data layer moves to the other transport (QUIC <-> TCP), and back at the stop.
     SwitchData,
     SwitchControl,
+    // Failpoints inside the nodes (docs/ARCHITECTURE.md, "Failpoints"): the nodes must be a
+    // `failpoints` build (`--exe`). Kept together, last.
+    /// `journal-before-fsync` `return` on the primary: its disk fails (the store is poisoned
+    /// until the node restarts, so the stop restarts it).
+    FailFsyncPrimary,
+    /// The same on a backup.
+    FailFsyncBackup,
+    /// `1*panic` at `journal-before-fsync` on the primary or a backup: a crash between the
+    /// journal write and its fsync (restarted at the stop).
+    CrashBeforeFsync,
+    /// `1*panic` at `journal-after-fsync`: a crash after the fsync, before durability is
+    /// published (restarted at the stop).
+    CrashAfterFsync,
+    /// `backup-before-reply` `sleep` longer than the member timeout on a backup: its
+    /// acknowledgements come late, the primary times it out and shrinks the ISR.
+    StallBackupReply,
+    /// `isr-before-propose` `return` on the primary and the leader while a backup's
+    /// acknowledgements are lost: the shrink (and any failover) cannot be proposed for the hold.
+    StallIsrPropose,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 26] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -74,6 +93,12 @@ impl Kind {
         Kind::PauseLeader,
         Kind::SwitchData,
         Kind::SwitchControl,
+        Kind::FailFsyncPrimary,
+        Kind::FailFsyncBackup,
+        Kind::CrashBeforeFsync,
+        Kind::CrashAfterFsync,
+        Kind::StallBackupReply,
+        Kind::StallIsrPropose,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +123,12 @@ impl Kind {
             Kind::PauseLeader => "pause-leader",
             Kind::SwitchData => "switch-data",
             Kind::SwitchControl => "switch-control",
+            Kind::FailFsyncPrimary => "fail-fsync-primary",
+            Kind::FailFsyncBackup => "fail-fsync-backup",
+            Kind::CrashBeforeFsync => "crash-before-fsync",
+            Kind::CrashAfterFsync => "crash-after-fsync",
+            Kind::StallBackupReply => "stall-backup-reply",
+            Kind::StallIsrPropose => "stall-isr-propose",
         }
     }
 
@@ -127,6 +158,22 @@ impl Kind {
             Kind::PauseLeader => "SIGSTOP of the Raft leader for longer than its lease, then SIGCONT",
             Kind::SwitchData => "the data layer switched live to the other transport, and back",
             Kind::SwitchControl => "the control layer switched live to the other transport, and back",
+            Kind::FailFsyncPrimary => {
+                "the primary's journal fsync fails (failpoint): its store is poisoned; restarted at the stop"
+            }
+            Kind::FailFsyncBackup => {
+                "a backup's journal fsync fails (failpoint): its store is poisoned; restarted at the stop"
+            }
+            Kind::CrashBeforeFsync => {
+                "the primary or a backup crashes before its next journal fsync (failpoint); restarted"
+            }
+            Kind::CrashAfterFsync => {
+                "the primary or a backup crashes after a journal fsync, before it is published (failpoint); restarted"
+            }
+            Kind::StallBackupReply => "a backup's acknowledgements held past the member timeout (failpoint)",
+            Kind::StallIsrPropose => {
+                "no ISR change or failover can be proposed by the primary or the leader while a backup's acks are lost"
+            }
         }
     }
 
@@ -137,6 +184,19 @@ impl Kind {
     /// Whether the kind needs at least 5 nodes.
     pub fn needs_five(self) -> bool {
         self == Kind::PartitionRing
+    }
+
+    /// Whether the kind sets failpoints: the nodes must be a `failpoints` build (`--exe`).
+    pub fn needs_failpoints(self) -> bool {
+        matches!(
+            self,
+            Kind::FailFsyncPrimary
+                | Kind::FailFsyncBackup
+                | Kind::CrashBeforeFsync
+                | Kind::CrashAfterFsync
+                | Kind::StallBackupReply
+                | Kind::StallIsrPropose
+        )
     }
 
     /// How long the fault is held, at least and at most: long enough for a lease to run out
@@ -152,6 +212,15 @@ impl Kind {
         }
     }
 }
+
+/// The failpoints the nemeses set (crates/node/src/failpoints.rs lists every one).
+const JOURNAL_BEFORE_FSYNC: &str = "journal-before-fsync";
+const JOURNAL_AFTER_FSYNC: &str = "journal-after-fsync";
+const BACKUP_BEFORE_REPLY: &str = "backup-before-reply";
+const ISR_BEFORE_PROPOSE: &str = "isr-before-propose";
+/// `stall-backup-reply`'s stall of each batch of acknowledgements: past the primary's member
+/// timeout (2 s), so the member is timed out, and far inside the hosts' hold time (30 s).
+const BACKUP_REPLY_STALL_MS: u64 = 3000;
 
 /// How long `kill-primary-lagging` holds one backup back before the kill: a moment, well
 /// inside the time the primary waits before it drops a silent backup from the ISR.
@@ -176,6 +245,13 @@ enum Undo {
         node: u64,
         rule: u64,
         installed: f64,
+    },
+    /// Failpoints set, cleared (`off`) at the stop in this order. A node that crashed meanwhile
+    /// is started again; the nodes of `restart` are killed and started again once cleared (a
+    /// poisoned store is healed only by a restart).
+    Failpoints {
+        set: Vec<(u64, &'static str)>,
+        restart: Vec<u64>,
     },
 }
 
@@ -214,6 +290,35 @@ impl Active {
             Ok(Active { kind, target: format!("{} | {}", set(&[n]), set(&rest)), undo: Undo::Rules(vec![rule]) })
         };
         let minority = w.nodes.len().saturating_sub(1) / 2;
+        // A member of the ISR other than the primary (any other node if the record is unknown).
+        let backup = |r: &mut Rng, p: u64| {
+            let isr: Vec<u64> = w
+                .volume_record()
+                .and_then(|v| v["isr"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()))
+                .unwrap_or_default();
+            let backups: Vec<u64> = isr.into_iter().filter(|&n| n != p).collect();
+            if backups.is_empty() {
+                pick(r, &others(w, &[p]))
+            } else {
+                pick(r, &backups)
+            }
+        };
+        // Sets each (node, failpoint, actions) in turn; on a refusal, clears those already set
+        // and the fault's touch (a fault that did not start is never stopped).
+        let set_all = |points: &[(u64, &'static str, String)]| -> anyhow::Result<Vec<(u64, &'static str)>> {
+            let mut set: Vec<(u64, &'static str)> = Vec::new();
+            for (n, name, actions) in points {
+                if let Err(e) = w.set_failpoint(*n, name, actions) {
+                    for (m, done) in &set {
+                        let _ = w.set_failpoint(*m, done, "off");
+                    }
+                    w.untouch(fault);
+                    return Err(e);
+                }
+                set.push((*n, *name));
+            }
+            Ok(set)
+        };
         match kind {
             Kind::PartitionNode => isolate(pick(&mut r, &w.nodes)),
             Kind::PartitionLeader => isolate(leader_or_random(&mut r)),
@@ -339,6 +444,65 @@ impl Active {
                 w.set_transport(layer, to)?;
                 Ok(Active { kind, target: format!("{layer}: {now} -> {to}"), undo: Undo::Switch(layer, now) })
             }
+            Kind::FailFsyncPrimary | Kind::FailFsyncBackup => {
+                let p = primary_or_random(&mut r);
+                let (n, role) =
+                    if kind == Kind::FailFsyncPrimary { (p, "primary") } else { (backup(&mut r, p), "backup") };
+                w.touch(fault, vec![n]);
+                let set = set_all(&[(n, JOURNAL_BEFORE_FSYNC, "return".into())])?;
+                Ok(Active {
+                    kind,
+                    target: format!("node {n} ({role}): {JOURNAL_BEFORE_FSYNC}=return"),
+                    undo: Undo::Failpoints { set, restart: vec![n] },
+                })
+            }
+            Kind::CrashBeforeFsync | Kind::CrashAfterFsync => {
+                let p = primary_or_random(&mut r);
+                let (n, role) = if r.below(2) == 0 { (p, "primary") } else { (backup(&mut r, p), "backup") };
+                let point = if kind == Kind::CrashBeforeFsync { JOURNAL_BEFORE_FSYNC } else { JOURNAL_AFTER_FSYNC };
+                w.touch(fault, vec![n]);
+                let set = set_all(&[(n, point, "1*panic".into())])?;
+                Ok(Active {
+                    kind,
+                    target: format!("node {n} ({role}): {point}=1*panic"),
+                    undo: Undo::Failpoints { set, restart: vec![] },
+                })
+            }
+            Kind::StallBackupReply => {
+                let p = primary_or_random(&mut r);
+                let b = backup(&mut r, p);
+                w.touch(fault, vec![b]);
+                let actions = format!("sleep({BACKUP_REPLY_STALL_MS})");
+                let set = set_all(&[(b, BACKUP_BEFORE_REPLY, actions.clone())])?;
+                Ok(Active {
+                    kind,
+                    target: format!("node {b} (backup): {BACKUP_BEFORE_REPLY}={actions}"),
+                    undo: Undo::Failpoints { set, restart: vec![] },
+                })
+            }
+            Kind::StallIsrPropose => {
+                let p = primary_or_random(&mut r);
+                let leader = leader_or_random(&mut r);
+                let b = backup(&mut r, p);
+                let mut touched = vec![p, leader, b];
+                touched.sort_unstable();
+                touched.dedup();
+                w.touch(fault, touched);
+                let mut points = vec![(p, ISR_BEFORE_PROPOSE, "return".to_string())];
+                if leader != p {
+                    points.push((leader, ISR_BEFORE_PROPOSE, "return".to_string()));
+                }
+                // Cleared after the proposals may go again (the stop clears in this order).
+                points.push((b, BACKUP_BEFORE_REPLY, "return".to_string()));
+                let set = set_all(&points)?;
+                Ok(Active {
+                    kind,
+                    target: format!(
+                        "primary {p} and leader {leader}: {ISR_BEFORE_PROPOSE}=return; backup {b}: acks lost"
+                    ),
+                    undo: Undo::Failpoints { set, restart: vec![] },
+                })
+            }
         }
     }
 
@@ -351,10 +515,40 @@ impl Active {
             Undo::TcpReset(n) => w.tcp_reset(*n, false),
             Undo::Switch(layer, back) => w.set_transport(layer, back),
             Undo::CatchUp { node, rule, installed } => catch_up(w, *node, *rule, *installed),
+            Undo::Failpoints { set, restart } => clear_failpoints(w, set, restart),
         };
         w.untouch(fault);
         r
     }
+}
+
+/// Clears the failpoints of `set` on the nodes still running (a node that crashed on one is
+/// marked down), kills and restarts the nodes of `restart`, and starts every node that is down.
+fn clear_failpoints(w: &World, set: &[(u64, &'static str)], restart: &[u64]) -> anyhow::Result<()> {
+    let mut first_error = None;
+    for &(n, name) in set {
+        if !w.alive(n) {
+            w.crashed(n);
+            continue;
+        }
+        if let Err(e) = w.set_failpoint(n, name, "off") {
+            // It may have crashed just now; a live node that refuses is an error.
+            if w.alive(n) {
+                first_error.get_or_insert(e);
+            } else {
+                w.crashed(n);
+            }
+        }
+    }
+    for &n in restart {
+        if w.alive(n) {
+            w.kill(n)?;
+        } else {
+            w.crashed(n);
+        }
+    }
+    w.restart_killed()?;
+    first_error.map_or(Ok(()), Err)
 }
 
 /// The snapshot counter of a node's `/metrics`.
