@@ -69,10 +69,14 @@ pub enum Kind {
     /// `isr-before-propose` `return` on the primary and the leader while a backup's
     /// acknowledgements are lost: the shrink (and any failover) cannot be proposed for the hold.
     StallIsrPropose,
+    /// `snapshot-catch-up` with `snapshot-before-install` `1*return` on the follower: its first
+    /// install fails, which stops its Raft (openraft treats it as fatal); restarted at the stop,
+    /// it must catch up by snapshot.
+    FailSnapshotInstall,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 26] = [
+    pub const ALL: [Kind; 27] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -99,6 +103,7 @@ impl Kind {
         Kind::CrashAfterFsync,
         Kind::StallBackupReply,
         Kind::StallIsrPropose,
+        Kind::FailSnapshotInstall,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,6 +134,7 @@ impl Kind {
             Kind::CrashAfterFsync => "crash-after-fsync",
             Kind::StallBackupReply => "stall-backup-reply",
             Kind::StallIsrPropose => "stall-isr-propose",
+            Kind::FailSnapshotInstall => "fail-snapshot-install",
         }
     }
 
@@ -174,6 +180,9 @@ impl Kind {
             Kind::StallIsrPropose => {
                 "no ISR change or failover can be proposed by the primary or the leader while a backup's acks are lost"
             }
+            Kind::FailSnapshotInstall => {
+                "a cut-off follower's snapshot install fails (failpoint; its Raft stops); restarted, it catches up"
+            }
         }
     }
 
@@ -196,7 +205,14 @@ impl Kind {
                 | Kind::CrashAfterFsync
                 | Kind::StallBackupReply
                 | Kind::StallIsrPropose
+                | Kind::FailSnapshotInstall
         )
+    }
+
+    /// Whether the kind needs Raft to snapshot often ([`CHAOS_SNAPSHOT_AFTER`]), so that a
+    /// follower cut off for seconds misses purged entries.
+    pub fn needs_short_snapshots(self) -> bool {
+        matches!(self, Kind::SnapshotCatchUp | Kind::FailSnapshotInstall)
     }
 
     /// How long the fault is held, at least and at most: long enough for a lease to run out
@@ -218,6 +234,7 @@ const JOURNAL_BEFORE_FSYNC: &str = "journal-before-fsync";
 const JOURNAL_AFTER_FSYNC: &str = "journal-after-fsync";
 const BACKUP_BEFORE_REPLY: &str = "backup-before-reply";
 const ISR_BEFORE_PROPOSE: &str = "isr-before-propose";
+const SNAPSHOT_BEFORE_INSTALL: &str = "snapshot-before-install";
 /// `stall-backup-reply`'s stall of each batch of acknowledgements: past the primary's member
 /// timeout (2 s), so the member is timed out, and far inside the hosts' hold time (30 s).
 const BACKUP_REPLY_STALL_MS: u64 = 3000;
@@ -240,11 +257,13 @@ enum Undo {
     Resume(Vec<u64>),
     TcpReset(u64),
     Switch(&'static str, String),
-    /// The cut-off follower, its rule, and how many snapshots it had installed before.
+    /// The cut-off follower, its rule, and how many snapshots it had installed before;
+    /// `install_fails`: its first install fails (a failpoint), then it is restarted.
     CatchUp {
         node: u64,
         rule: u64,
         installed: f64,
+        install_fails: bool,
     },
     /// Failpoints set, cleared (`off`) at the stop in this order. A node that crashed meanwhile
     /// is started again; the nodes of `restart` are killed and started again once cleared (a
@@ -417,19 +436,26 @@ impl Active {
                 }
                 Ok(Active { kind, target: "every node".into(), undo: Undo::Restart })
             }
-            Kind::SnapshotCatchUp => {
+            Kind::SnapshotCatchUp | Kind::FailSnapshotInstall => {
                 let leader = w.leader();
                 let followers: Vec<u64> = w.running().into_iter().filter(|n| Some(*n) != leader).collect();
                 anyhow::ensure!(!followers.is_empty(), "no follower to cut off");
                 let n = pick(&mut r, &followers);
                 let installed = w.cluster.metric(n, SNAPSHOTS_INSTALLED).unwrap_or(0.0);
+                let install_fails = kind == Kind::FailSnapshotInstall;
+                w.touch(fault, vec![n]);
+                if install_fails {
+                    set_all(&[(n, SNAPSHOT_BEFORE_INSTALL, "1*return".into())])?;
+                }
                 let rest = others(w, &[n]);
                 let rule = w.add_rule(NetRule::Cut(vec![n], rest.clone()))?;
-                w.touch(fault, vec![n]);
                 Ok(Active {
                     kind,
-                    target: format!("node {n} until the log is purged"),
-                    undo: Undo::CatchUp { node: n, rule, installed },
+                    target: format!(
+                        "node {n} until the log is purged{}",
+                        if install_fails { "; its first install fails" } else { "" }
+                    ),
+                    undo: Undo::CatchUp { node: n, rule, installed, install_fails },
                 })
             }
             Kind::PausePrimary | Kind::PauseLeader => {
@@ -514,7 +540,9 @@ impl Active {
             Undo::Resume(ids) => ids.iter().try_for_each(|&n| w.resume(n)),
             Undo::TcpReset(n) => w.tcp_reset(*n, false),
             Undo::Switch(layer, back) => w.set_transport(layer, back),
-            Undo::CatchUp { node, rule, installed } => catch_up(w, *node, *rule, *installed),
+            Undo::CatchUp { node, rule, installed, install_fails } => {
+                catch_up(w, *node, *rule, *installed, *install_fails)
+            }
             Undo::Failpoints { set, restart } => clear_failpoints(w, set, restart),
         };
         w.untouch(fault);
@@ -551,6 +579,9 @@ fn clear_failpoints(w: &World, set: &[(u64, &'static str)], restart: &[u64]) -> 
     first_error.map_or(Ok(()), Err)
 }
 
+/// What a node's log says when `snapshot-before-install` fails an install.
+const INSTALL_FAILED: &str = "failpoint snapshot-before-install";
+
 /// The snapshot counter of a node's `/metrics`.
 const SNAPSHOTS_INSTALLED: &str = "tandem_raft_snapshots_installed_total";
 /// How long `snapshot-catch-up` waits for the purge, and then for the install.
@@ -558,8 +589,10 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// Holds the follower off until the leader's snapshot is past its log by more than the log the
 /// leader keeps (so the entries it misses are purged), heals it, and waits for it to install
-/// a snapshot: the nemesis failed if it caught up some other way.
-fn catch_up(w: &World, node: u64, rule: u64, installed: f64) -> anyhow::Result<()> {
+/// a snapshot: the nemesis failed if it caught up some other way. With `install_fails`, the
+/// first install fails first (its failpoint; the node's Raft stops): the node is restarted
+/// and must then install one.
+fn catch_up(w: &World, node: u64, rule: u64, installed: f64, install_fails: bool) -> anyhow::Result<()> {
     let metric = |n: u64, name: &str| w.cluster.metric(n, name);
     let deadline = Instant::now() + CATCH_UP_WAIT;
     let behind = metric(node, "tandem_raft_last_log_index").unwrap_or(0.0);
@@ -571,6 +604,29 @@ fn catch_up(w: &World, node: u64, rule: u64, installed: f64) -> anyhow::Result<(
         std::thread::sleep(Duration::from_millis(200));
     }
     w.remove_rule(rule)?;
+    let mut installed = installed;
+    if install_fails {
+        // The failed install: the node logs its error, and its Raft stops.
+        let deadline = Instant::now() + CATCH_UP_WAIT;
+        let failed = loop {
+            if !w.cluster.log_lines(node, INSTALL_FAILED).is_empty() {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if w.alive(node) {
+            w.kill(node)?;
+        } else {
+            w.crashed(node);
+        }
+        w.restart_killed()?;
+        anyhow::ensure!(failed, "node {node} attempted no snapshot install within {CATCH_UP_WAIT:?} of its heal");
+        // The restarted process counts from zero.
+        installed = 0.0;
+    }
     let deadline = Instant::now() + CATCH_UP_WAIT;
     while Instant::now() < deadline {
         if metric(node, SNAPSHOTS_INSTALLED).is_some_and(|v| v > installed) {

@@ -126,7 +126,7 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
         .prefix("tandem-chaos-")
         .without_turn()
         .in_namespaces(tag);
-    if scenario.all_kinds().contains(&Kind::SnapshotCatchUp) {
+    if scenario.all_kinds().into_iter().any(Kind::needs_short_snapshots) {
         builder = builder.edit_config(|toml| {
             set_key(&set_key(toml, "snapshot_after_entries", CHAOS_SNAPSHOT_AFTER), "logs_to_keep", CHAOS_LOGS_TO_KEEP)
         });
