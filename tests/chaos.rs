@@ -112,6 +112,16 @@ fn regress_primary_store_fails() {
     must_be_valid_on("regress-primary-store-fails", 1, "tcp", tandem_chaos_bin());
 }
 
+/// A follower whose snapshot install fails (its Raft stops) must come back by a restart and
+/// catch up by snapshot. It does not yet: the restarted node's openraft refuses the log state
+/// the failed install left (docs/CHAOS.md, `fail-snapshot-install`).
+#[test]
+#[ignore = "open bug: after a failed snapshot install the node's log is purged past its snapshot and a restart \
+            panics in openraft's startup check (docs/CHAOS.md, fail-snapshot-install)"]
+fn fail_snapshot_install_then_restart_catches_up() {
+    must_be_valid_on("fail-snapshot-install", 1, "tcp", tandem_chaos_bin());
+}
+
 /// How many seeds a planted bug may take before the test gives up on the checker.
 const PLANTED_SEEDS: std::ops::RangeInclusive<u64> = 201..=204;
 
