@@ -67,7 +67,11 @@ fn short_run(
 }
 
 fn must_be_valid(name: &str, seed: u64, transport: &str) {
-    let v = short_run(name, seed, transport, tandem_bin(), &[], SHORT);
+    must_be_valid_on(name, seed, transport, tandem_bin());
+}
+
+fn must_be_valid_on(name: &str, seed: u64, transport: &str, exe: PathBuf) {
+    let v = short_run(name, seed, transport, exe, &[], SHORT);
     assert!(v.passed(), "{}", v.line(name, seed));
     assert!(v.ops > 500, "{name} seed {seed}: only {} operations were made", v.ops);
     assert!(v.faults > 0, "{name} seed {seed}: no fault was injected");
@@ -102,6 +106,13 @@ short_pass! {
     short_kill_primary_lagging: "kill-primary-lagging", 114, "tcp";
     short_snapshot_catch_up: "snapshot-catch-up", 115, "quic";
     short_add_remove_node: "add-remove-node", 116, "tcp";
+}
+
+/// The regression scenario of a bug the failpoints found: a primary whose store fails must drop
+/// out and fail over with no host error (docs/ARCHITECTURE.md, "Failure handling").
+#[test]
+fn regress_primary_store_fails() {
+    must_be_valid_on("regress-primary-store-fails", 1, "tcp", tandem_chaos_bin());
 }
 
 /// How many seeds a planted bug may take before the test gives up on the checker, and how

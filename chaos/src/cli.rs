@@ -82,6 +82,14 @@ fn list() {
         if s.kinds.len() > 1 || !s.with.is_empty() {
             println!("  {:<26}   nemeses: {}", "", kinds.join(", "));
         }
+        if !s.fixed.is_empty() {
+            let steps: Vec<String> =
+                s.fixed.iter().map(|(k, hold, _)| format!("{} {}s", k.name(), hold.as_secs())).collect();
+            println!("  {:<26}   fixed schedule: {}", "", steps.join(", then "));
+        }
+        if s.needs_failpoints() {
+            println!("  {:<26}   needs a failpoints build (--exe)", "");
+        }
         if s.nodes_min > 3 {
             println!("  {:<26}   needs {} nodes", "", s.nodes_min);
         }

@@ -63,10 +63,33 @@ pub enum Kind {
     /// The data layer moves to the other transport (QUIC <-> TCP), and back at the stop.
     SwitchData,
     SwitchControl,
+    // Failpoints inside the nodes (docs/ARCHITECTURE.md, "Failpoints"): the nodes must be a
+    // `failpoints` build (`--exe`). Kept together, last.
+    /// `journal-before-fsync` `return` on the primary: its disk fails (the store is poisoned
+    /// until the node restarts, so the stop restarts it).
+    FailFsyncPrimary,
+    /// The same on a backup.
+    FailFsyncBackup,
+    /// `1*panic` at `journal-before-fsync` on the primary or a backup: a crash between the
+    /// journal write and its fsync (restarted at the stop).
+    CrashBeforeFsync,
+    /// `1*panic` at `journal-after-fsync`: a crash after the fsync, before durability is
+    /// published (restarted at the stop).
+    CrashAfterFsync,
+    /// `backup-before-reply` `sleep` longer than the member timeout on a backup: its
+    /// acknowledgements come late, the primary times it out and shrinks the ISR.
+    StallBackupReply,
+    /// `isr-before-propose` `return` on the primary and the leader while a backup's
+    /// acknowledgements are lost: the shrink (and any failover) cannot be proposed for the hold.
+    StallIsrPropose,
+    /// `snapshot-catch-up` with `snapshot-before-install` `1*return` on the follower: its first
+    /// install fails, which stops its Raft (openraft treats it as fatal); restarted at the stop,
+    /// it must catch up by snapshot.
+    FailSnapshotInstall,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 24] = [
+    pub const ALL: [Kind; 31] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -91,6 +114,13 @@ impl Kind {
         Kind::AddRemoveNode,
         Kind::SwitchData,
         Kind::SwitchControl,
+        Kind::FailFsyncPrimary,
+        Kind::FailFsyncBackup,
+        Kind::CrashBeforeFsync,
+        Kind::CrashAfterFsync,
+        Kind::StallBackupReply,
+        Kind::StallIsrPropose,
+        Kind::FailSnapshotInstall,
     ];
 
     pub fn name(self) -> &'static str {
@@ -119,6 +149,13 @@ impl Kind {
             Kind::AddRemoveNode => "add-remove-node",
             Kind::SwitchData => "switch-data",
             Kind::SwitchControl => "switch-control",
+            Kind::FailFsyncPrimary => "fail-fsync-primary",
+            Kind::FailFsyncBackup => "fail-fsync-backup",
+            Kind::CrashBeforeFsync => "crash-before-fsync",
+            Kind::CrashAfterFsync => "crash-after-fsync",
+            Kind::StallBackupReply => "stall-backup-reply",
+            Kind::StallIsrPropose => "stall-isr-propose",
+            Kind::FailSnapshotInstall => "fail-snapshot-install",
         }
     }
 
@@ -156,6 +193,25 @@ impl Kind {
             }
             Kind::SwitchData => "the data layer switched live to the other transport, and back",
             Kind::SwitchControl => "the control layer switched live to the other transport, and back",
+            Kind::FailFsyncPrimary => {
+                "the primary's journal fsync fails (failpoint): its store is poisoned; restarted at the stop"
+            }
+            Kind::FailFsyncBackup => {
+                "a backup's journal fsync fails (failpoint): its store is poisoned; restarted at the stop"
+            }
+            Kind::CrashBeforeFsync => {
+                "the primary or a backup crashes before its next journal fsync (failpoint); restarted"
+            }
+            Kind::CrashAfterFsync => {
+                "the primary or a backup crashes after a journal fsync, before it is published (failpoint); restarted"
+            }
+            Kind::StallBackupReply => "a backup's acknowledgements held past the member timeout (failpoint)",
+            Kind::StallIsrPropose => {
+                "no ISR change or failover can be proposed by the primary or the leader while a backup's acks are lost"
+            }
+            Kind::FailSnapshotInstall => {
+                "a cut-off follower's snapshot install fails (failpoint; its Raft stops); restarted, it catches up"
+            }
         }
     }
 
@@ -166,6 +222,26 @@ impl Kind {
     /// Whether the kind needs at least 5 nodes.
     pub fn needs_five(self) -> bool {
         self == Kind::PartitionRing
+    }
+
+    /// Whether the kind sets failpoints: the nodes must be a `failpoints` build (`--exe`).
+    pub fn needs_failpoints(self) -> bool {
+        matches!(
+            self,
+            Kind::FailFsyncPrimary
+                | Kind::FailFsyncBackup
+                | Kind::CrashBeforeFsync
+                | Kind::CrashAfterFsync
+                | Kind::StallBackupReply
+                | Kind::StallIsrPropose
+                | Kind::FailSnapshotInstall
+        )
+    }
+
+    /// Whether the kind needs Raft to snapshot often ([`CHAOS_SNAPSHOT_AFTER`]), so that a
+    /// follower cut off for seconds misses purged entries.
+    pub fn needs_short_snapshots(self) -> bool {
+        matches!(self, Kind::SnapshotCatchUp | Kind::FailSnapshotInstall)
     }
 
     /// How long the fault is held, at least and at most: long enough for a lease to run out
@@ -183,6 +259,16 @@ impl Kind {
         }
     }
 }
+
+/// The failpoints the nemeses set (crates/node/src/failpoints.rs lists every one).
+const JOURNAL_BEFORE_FSYNC: &str = "journal-before-fsync";
+const JOURNAL_AFTER_FSYNC: &str = "journal-after-fsync";
+const BACKUP_BEFORE_REPLY: &str = "backup-before-reply";
+const ISR_BEFORE_PROPOSE: &str = "isr-before-propose";
+const SNAPSHOT_BEFORE_INSTALL: &str = "snapshot-before-install";
+/// `stall-backup-reply`'s stall of each batch of acknowledgements: past the primary's member
+/// timeout (2 s), so the member is timed out, and far inside the hosts' hold time (30 s).
+const BACKUP_REPLY_STALL_MS: u64 = 3000;
 
 /// How long `kill-primary-lagging` holds one backup back before the kill: a moment, well
 /// inside the time the primary waits before it drops a silent backup from the ISR.
@@ -206,11 +292,20 @@ enum Undo {
     Link(u64),
     Retire(u64),
     Switch(&'static str, String),
-    /// The cut-off follower, its rule, and how many snapshots it had installed before.
+    /// The cut-off follower, its rule, and how many snapshots it had installed before;
+    /// `install_fails`: its first install fails (a failpoint), then it is restarted.
     CatchUp {
         node: u64,
         rule: u64,
         installed: f64,
+        install_fails: bool,
+    },
+    /// Failpoints set, cleared (`off`) at the stop in this order. A node that crashed meanwhile
+    /// is started again; the nodes of `restart` are killed and started again once cleared (a
+    /// poisoned store is healed only by a restart).
+    Failpoints {
+        set: Vec<(u64, &'static str)>,
+        restart: Vec<u64>,
     },
 }
 
@@ -249,6 +344,35 @@ impl Active {
             Ok(Active { kind, target: format!("{} | {}", set(&[n]), set(&rest)), undo: Undo::Rules(vec![rule]) })
         };
         let minority = w.nodes.len().saturating_sub(1) / 2;
+        // A member of the ISR other than the primary (any other node if the record is unknown).
+        let backup = |r: &mut Rng, p: u64| {
+            let isr: Vec<u64> = w
+                .volume_record()
+                .and_then(|v| v["isr"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()))
+                .unwrap_or_default();
+            let backups: Vec<u64> = isr.into_iter().filter(|&n| n != p).collect();
+            if backups.is_empty() {
+                pick(r, &others(w, &[p]))
+            } else {
+                pick(r, &backups)
+            }
+        };
+        // Sets each (node, failpoint, actions) in turn; on a refusal, clears those already set
+        // and the fault's touch (a fault that did not start is never stopped).
+        let set_all = |points: &[(u64, &'static str, String)]| -> anyhow::Result<Vec<(u64, &'static str)>> {
+            let mut set: Vec<(u64, &'static str)> = Vec::new();
+            for (n, name, actions) in points {
+                if let Err(e) = w.set_failpoint(*n, name, actions) {
+                    for (m, done) in &set {
+                        let _ = w.set_failpoint(*m, done, "off");
+                    }
+                    w.untouch(fault);
+                    return Err(e);
+                }
+                set.push((*n, *name));
+            }
+            Ok(set)
+        };
         match kind {
             Kind::PartitionNode => isolate(pick(&mut r, &w.nodes)),
             Kind::PartitionLeader => isolate(leader_or_random(&mut r)),
@@ -376,19 +500,26 @@ impl Active {
                 }
                 Ok(Active { kind, target: "every node".into(), undo: Undo::Restart })
             }
-            Kind::SnapshotCatchUp => {
+            Kind::SnapshotCatchUp | Kind::FailSnapshotInstall => {
                 let leader = w.leader();
                 let followers: Vec<u64> = w.running().into_iter().filter(|n| Some(*n) != leader).collect();
                 anyhow::ensure!(!followers.is_empty(), "no follower to cut off");
                 let n = pick(&mut r, &followers);
                 let installed = w.cluster.metric(n, SNAPSHOTS_INSTALLED).unwrap_or(0.0);
+                let install_fails = kind == Kind::FailSnapshotInstall;
+                w.touch(fault, vec![n]);
+                if install_fails {
+                    set_all(&[(n, SNAPSHOT_BEFORE_INSTALL, "1*return".into())])?;
+                }
                 let rest = others(w, &[n]);
                 let rule = w.add_rule(NetRule::Cut(vec![n], rest.clone()))?;
-                w.touch(fault, vec![n]);
                 Ok(Active {
                     kind,
-                    target: format!("node {n} until the log is purged"),
-                    undo: Undo::CatchUp { node: n, rule, installed },
+                    target: format!(
+                        "node {n} until the log is purged{}",
+                        if install_fails { "; its first install fails" } else { "" }
+                    ),
+                    undo: Undo::CatchUp { node: n, rule, installed, install_fails },
                 })
             }
             Kind::PausePrimary | Kind::PauseLeader | Kind::PausePrimaryBlip => {
@@ -417,6 +548,65 @@ impl Active {
                 w.set_transport(layer, to)?;
                 Ok(Active { kind, target: format!("{layer}: {now} -> {to}"), undo: Undo::Switch(layer, now) })
             }
+            Kind::FailFsyncPrimary | Kind::FailFsyncBackup => {
+                let p = primary_or_random(&mut r);
+                let (n, role) =
+                    if kind == Kind::FailFsyncPrimary { (p, "primary") } else { (backup(&mut r, p), "backup") };
+                w.touch(fault, vec![n]);
+                let set = set_all(&[(n, JOURNAL_BEFORE_FSYNC, "return".into())])?;
+                Ok(Active {
+                    kind,
+                    target: format!("node {n} ({role}): {JOURNAL_BEFORE_FSYNC}=return"),
+                    undo: Undo::Failpoints { set, restart: vec![n] },
+                })
+            }
+            Kind::CrashBeforeFsync | Kind::CrashAfterFsync => {
+                let p = primary_or_random(&mut r);
+                let (n, role) = if r.below(2) == 0 { (p, "primary") } else { (backup(&mut r, p), "backup") };
+                let point = if kind == Kind::CrashBeforeFsync { JOURNAL_BEFORE_FSYNC } else { JOURNAL_AFTER_FSYNC };
+                w.touch(fault, vec![n]);
+                let set = set_all(&[(n, point, "1*panic".into())])?;
+                Ok(Active {
+                    kind,
+                    target: format!("node {n} ({role}): {point}=1*panic"),
+                    undo: Undo::Failpoints { set, restart: vec![] },
+                })
+            }
+            Kind::StallBackupReply => {
+                let p = primary_or_random(&mut r);
+                let b = backup(&mut r, p);
+                w.touch(fault, vec![b]);
+                let actions = format!("sleep({BACKUP_REPLY_STALL_MS})");
+                let set = set_all(&[(b, BACKUP_BEFORE_REPLY, actions.clone())])?;
+                Ok(Active {
+                    kind,
+                    target: format!("node {b} (backup): {BACKUP_BEFORE_REPLY}={actions}"),
+                    undo: Undo::Failpoints { set, restart: vec![] },
+                })
+            }
+            Kind::StallIsrPropose => {
+                let p = primary_or_random(&mut r);
+                let leader = leader_or_random(&mut r);
+                let b = backup(&mut r, p);
+                let mut touched = vec![p, leader, b];
+                touched.sort_unstable();
+                touched.dedup();
+                w.touch(fault, touched);
+                let mut points = vec![(p, ISR_BEFORE_PROPOSE, "return".to_string())];
+                if leader != p {
+                    points.push((leader, ISR_BEFORE_PROPOSE, "return".to_string()));
+                }
+                // Cleared after the proposals may go again (the stop clears in this order).
+                points.push((b, BACKUP_BEFORE_REPLY, "return".to_string()));
+                let set = set_all(&points)?;
+                Ok(Active {
+                    kind,
+                    target: format!(
+                        "primary {p} and leader {leader}: {ISR_BEFORE_PROPOSE}=return; backup {b}: acks lost"
+                    ),
+                    undo: Undo::Failpoints { set, restart: vec![] },
+                })
+            }
         }
     }
 
@@ -437,7 +627,10 @@ impl Active {
                 .map_err(|e| anyhow!("remove node {n}: {e}"))
                 .and_then(|_| wait_for_member(w, *n, false)),
             Undo::Switch(layer, back) => w.set_transport(layer, back),
-            Undo::CatchUp { node, rule, installed } => catch_up(w, *node, *rule, *installed),
+            Undo::CatchUp { node, rule, installed, install_fails } => {
+                catch_up(w, *node, *rule, *installed, *install_fails)
+            }
+            Undo::Failpoints { set, restart } => clear_failpoints(w, set, restart),
         };
         w.untouch(fault);
         r
@@ -470,6 +663,38 @@ fn wait_for_member(w: &World, id: u64, member: bool) -> anyhow::Result<()> {
     Err(anyhow!("node {id} was not {what} within {MEMBERSHIP_WAIT:?} ({seen})"))
 }
 
+/// Clears the failpoints of `set` on the nodes still running (a node that crashed on one is
+/// marked down), kills and restarts the nodes of `restart`, and starts every node that is down.
+fn clear_failpoints(w: &World, set: &[(u64, &'static str)], restart: &[u64]) -> anyhow::Result<()> {
+    let mut first_error = None;
+    for &(n, name) in set {
+        if !w.alive(n) {
+            w.crashed(n);
+            continue;
+        }
+        if let Err(e) = w.set_failpoint(n, name, "off") {
+            // It may have crashed just now; a live node that refuses is an error.
+            if w.alive(n) {
+                first_error.get_or_insert(e);
+            } else {
+                w.crashed(n);
+            }
+        }
+    }
+    for &n in restart {
+        if w.alive(n) {
+            w.kill(n)?;
+        } else {
+            w.crashed(n);
+        }
+    }
+    w.restart_killed()?;
+    first_error.map_or(Ok(()), Err)
+}
+
+/// What a node's log says when `snapshot-before-install` fails an install.
+const INSTALL_FAILED: &str = "failpoint snapshot-before-install";
+
 /// The snapshot counter of a node's `/metrics`.
 const SNAPSHOTS_INSTALLED: &str = "tandem_raft_snapshots_installed_total";
 /// How long `snapshot-catch-up` waits for the purge, and then for the install.
@@ -477,8 +702,10 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// Holds the follower off until the leader's snapshot is past its log by more than the log the
 /// leader keeps (so the entries it misses are purged), heals it, and waits for it to install
-/// a snapshot: the nemesis failed if it caught up some other way.
-fn catch_up(w: &World, node: u64, rule: u64, installed: f64) -> anyhow::Result<()> {
+/// a snapshot: the nemesis failed if it caught up some other way. With `install_fails`, the
+/// first install fails first (its failpoint; the node's Raft stops): the node is restarted
+/// and must then install one.
+fn catch_up(w: &World, node: u64, rule: u64, installed: f64, install_fails: bool) -> anyhow::Result<()> {
     let metric = |n: u64, name: &str| w.cluster.metric(n, name);
     let deadline = Instant::now() + CATCH_UP_WAIT;
     let behind = metric(node, "tandem_raft_last_log_index").unwrap_or(0.0);
@@ -490,6 +717,29 @@ fn catch_up(w: &World, node: u64, rule: u64, installed: f64) -> anyhow::Result<(
         std::thread::sleep(Duration::from_millis(200));
     }
     w.remove_rule(rule)?;
+    let mut installed = installed;
+    if install_fails {
+        // The failed install: the node logs its error, and its Raft stops.
+        let deadline = Instant::now() + CATCH_UP_WAIT;
+        let failed = loop {
+            if !w.cluster.log_lines(node, INSTALL_FAILED).is_empty() {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if w.alive(node) {
+            w.kill(node)?;
+        } else {
+            w.crashed(node);
+        }
+        w.restart_killed()?;
+        anyhow::ensure!(failed, "node {node} attempted no snapshot install within {CATCH_UP_WAIT:?} of its heal");
+        // The restarted process counts from zero.
+        installed = 0.0;
+    }
     let deadline = Instant::now() + CATCH_UP_WAIT;
     while Instant::now() < deadline {
         if metric(node, SNAPSHOTS_INSTALLED).is_some_and(|v| v > installed) {

@@ -291,6 +291,40 @@ impl World {
         Ok(())
     }
 
+    /// Sets failpoint `name` of node `id` to `actions` (`off` clears it) through
+    /// `PUT /v1/debug/failpoints/{name}`. Only a `failpoints` build has that route: a node that
+    /// answers 404 without naming the failpoint has none, and the error says which build to run.
+    pub fn set_failpoint(&self, id: u64, name: &str, actions: &str) -> anyhow::Result<()> {
+        let url = format!("{}/v1/debug/failpoints/{name}", self.api(id));
+        let resp = Self::client()
+            .put(&url)
+            .json(&serde_json::json!({ "actions": actions }))
+            .send()
+            .map_err(|e| anyhow!("set failpoint {name}={actions} on node {id}: {e}"))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = resp.text().unwrap_or_default();
+        if status == reqwest::StatusCode::NOT_FOUND && !body.contains("no failpoint named") {
+            return Err(anyhow!(
+                "node {id} answers 404 on /v1/debug/failpoints: it is not a failpoints build; run the chaos suite \
+                 with --exe pointing at one (cargo build -p tandem --features failpoints,chaos-bugs)"
+            ));
+        }
+        Err(anyhow!("set failpoint {name}={actions} on node {id}: {status} {body}"))
+    }
+
+    /// Whether node `id`'s process is alive (not killed, not crashed).
+    pub fn alive(&self, id: u64) -> bool {
+        self.cluster.try_pid(id).is_ok_and(tandem_testkit::process::alive)
+    }
+
+    /// Node `id` ended on its own (a failpoint's crash): counts as down until restarted.
+    pub fn crashed(&self, id: u64) {
+        self.faults().down.insert(id);
+    }
+
     /// `PUT /v1/transport` through a running node.
     pub fn set_transport(&self, layer: &str, kind: &str) -> anyhow::Result<()> {
         let body = serde_json::json!({ "transport": kind, "layer": layer });

@@ -1,7 +1,7 @@
 //! Failpoints: named places in the node where the chaos suite injects faults (errors, stalls,
 //! crashes) into a running process. Compiled only in a `failpoints` build (`cargo build -p
-//! tandem --features failpoints`); a default or release build has none of this, not even the
-//! names.
+//! tandem --features failpoints`); a default or release build has none of this code (only the
+//! chaos suite, a client of the nodes, names the failpoints it sets).
 //!
 //! [`FAILPOINTS`] is the contract: the names the chaos suite may set, where each sits and
 //! what its `return` action does. They are set with the `fail` crate's action syntax

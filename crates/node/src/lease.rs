@@ -71,7 +71,13 @@ pub struct Leases {
     /// The log index up to which this node's data plane has acted on the committed map
     /// ([`Leases::note_applied`]); a grant counts only once this reaches its index.
     applied: tokio::sync::watch::Sender<u64>,
+    /// Why this node cannot hold replicas, if it cannot (its block store failed):
+    /// [`Leases::set_health`].
+    health: std::sync::OnceLock<HealthCheck>,
 }
+
+/// Why a node is unfit to hold replicas (None while it is fit); see [`Leases::set_health`].
+pub type HealthCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Leases {
     pub fn new(me: NodeId, meta: Arc<MetaStore>, election_timeout_min: Duration) -> Arc<Leases> {
@@ -83,12 +89,27 @@ impl Leases {
             leading_since: Mutex::new(None),
             grace: takeover_grace(election_timeout_min),
             applied: tokio::sync::watch::Sender::new(0),
+            health: std::sync::OnceLock::new(),
         })
     }
 
     /// This node's id.
     pub fn me(&self) -> NodeId {
         self.me
+    }
+
+    /// Sets the check of this node's fitness (once; later calls are ignored). While it says
+    /// the node is unfit (its block store failed: it refuses changes until the node restarts),
+    /// the node asks for no lease and, leading, does not count itself live: its lease lapses
+    /// within [`LEASE`] and the leader fails its volumes over after [`FAILURE_TIMEOUT`], as if
+    /// it had crashed, while it goes on proxying host I/O and taking part in Raft.
+    pub fn set_health(&self, check: HealthCheck) {
+        let _ = self.health.set(check);
+    }
+
+    /// Why this node is unfit to hold replicas, if it is.
+    pub fn unfit(&self) -> Option<String> {
+        self.health.get().and_then(|check| check())
     }
 
     pub fn valid(&self) -> bool {
@@ -171,8 +192,19 @@ impl Leases {
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(RENEW_EVERY);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut unfit_logged = false;
             loop {
                 interval.tick().await;
+                if let Some(why) = leases.unfit() {
+                    // Dropping out: no renewal, and the lease in hand is given up at once
+                    // (ending it early is always safe; only holding it too long is not).
+                    *leases.until.lock().expect("lease lock") = None;
+                    if !unfit_logged {
+                        tracing::error!(error = %why, "this node is unfit to hold replicas: no longer renewing its lease");
+                        unfit_logged = true;
+                    }
+                    continue;
+                }
                 let sent = Instant::now();
                 let granted = match leases.meta.status().leader {
                     Some(l) if l == leases.me => match leases.grant(leases.me).await {
@@ -196,6 +228,10 @@ impl Leases {
     pub(crate) fn note_heard(&self, node: NodeId, now: Instant) {
         if node == self.me {
             self.leading_since.lock().expect("leading lock").get_or_insert(now);
+            if self.unfit().is_some() {
+                // An unfit leader is not live to its own supervisor: its volumes fail over.
+                return;
+            }
         }
         self.heard.lock().expect("heard lock").insert(node, now);
     }

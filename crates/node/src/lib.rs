@@ -126,6 +126,9 @@ pub async fn run(
     paths.spawn();
     let store = SledStore::open(&data_dir.join("blocks"))
         .map_err(|e| anyhow!("node {id}: cannot open the block store: {e}"))?;
+    // A node whose store failed drops out of every volume's replicas until it restarts.
+    let health = store.clone();
+    leases.set_health(Box::new(move || health.failed()));
     let coord = Arc::new(volumes::MetaCoordinator { meta: meta.clone(), leases: leases.clone() });
     let plane = DataPlane::start(id, mesh.clone(), Arc::new(store.clone()), coord, DataPlaneConfig::default());
     volumes::follow_volumes(meta.clone(), plane.clone(), leases.clone());

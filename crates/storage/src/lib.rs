@@ -155,6 +155,14 @@ pub trait BlockStore: Send + Sync + 'static {
     /// The position of the latest change.
     fn last_lsn(&self) -> Lsn;
 
+    /// Why the store failed, if it did ([`StoreError::Failed`]: a flush failed and the store
+    /// refuses changes until it is reopened). A node whose store failed can hold no replica:
+    /// the data plane builds no primary on it and the node stops renewing its lease, so the
+    /// volumes it served fail over (docs/ARCHITECTURE.md, "Failure handling").
+    fn failed(&self) -> Option<String> {
+        None
+    }
+
     /// The crc32c of each block of a block-aligned range, from the index alone (no data is
     /// read); an unallocated block gives the checksum of a zero block. Resync and
     /// reconciliation compare these to find differing regions. At most

@@ -332,6 +332,11 @@ impl Cluster {
         let ids = self.member_ids();
         for &id in &ids {
             if !self.running(id) {
+                // A node that ended on its own (a crash, an abort) leaves its child behind:
+                // reap it, so the new process is the one found by its id.
+                let mut children = self.children.lock().expect("children");
+                children.retain_mut(|(n, child)| *n != id || !matches!(child.try_wait(), Ok(Some(_))));
+                drop(children);
                 self.spawn_in_namespace(id)?;
             }
         }

@@ -46,7 +46,7 @@
 //! - `tick.rs`: the ticker (timeouts, resyncs, the lease, restarts).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -282,6 +282,8 @@ struct Inner<S: BlockStore> {
     records: mpsc::Sender<RecordWork>,
     /// [`NACKS_IN_FLIGHT_MAX`].
     nacks: Arc<Semaphore>,
+    /// The store's failure was logged ([`Inner::store_failed`]).
+    store_failure_logged: AtomicBool,
 }
 
 struct Vol {
@@ -332,6 +334,7 @@ impl<S: BlockStore> DataPlane<S> {
             lease_lost_at: Mutex::new(None),
             records,
             nacks: Arc::new(Semaphore::new(NACKS_IN_FLIGHT_MAX)),
+            store_failure_logged: AtomicBool::new(false),
         });
         let handler: Arc<dyn Handler> = Arc::new(DataHandler { inner: Arc::downgrade(&inner) });
         net.serve(Channel::Replication, handler.clone());

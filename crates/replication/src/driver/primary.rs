@@ -117,15 +117,24 @@ impl<S: BlockStore> Inner<S> {
     /// lease.
     pub(super) fn reconcile_role(self: &Arc<Self>, id: VolumeId, vol: &Arc<Vol>) {
         let cfg = vol.cfg.lock().expect("cfg lock").clone();
+        // A failed store (a flush failed: it refuses changes until the node restarts) holds no
+        // primary: one built on it could never make a write durable, and each new start would
+        // only claim another epoch. The node drops out instead (it stops renewing its lease)
+        // and the leader fails the volume over to an in-sync backup.
+        let store_failed = self.store_failed();
         let mut slot = vol.primary.lock().expect("primary lock");
         if let Some(p) = slot.as_ref() {
             let deposed = *p.phase.borrow() == Phase::Deposed;
-            if cfg.primary != self.me || cfg.epoch != p.epoch || deposed {
-                p.depose(self, "the volume has a new primary");
+            if cfg.primary != self.me || cfg.epoch != p.epoch || deposed || store_failed.is_some() {
+                let why = match &store_failed {
+                    Some(e) => format!("the local store failed: {e}"),
+                    None => "the volume has a new primary".to_string(),
+                };
+                p.depose(self, &why);
                 *slot = None;
             }
         }
-        if slot.is_none() && cfg.primary == self.me && self.coord.lease_valid() {
+        if slot.is_none() && cfg.primary == self.me && self.coord.lease_valid() && store_failed.is_none() {
             // Build only in an epoch this start claimed; claim it first otherwise.
             let mut claim = vol.claim.lock().expect("claim lock");
             // Planted (chaos-bugs): build in the epoch as the map shows it, claimed or not, by
@@ -194,6 +203,19 @@ impl<S: BlockStore> Inner<S> {
         }
     }
 
+    /// Why the local store failed, if it did; logged once.
+    pub(super) fn store_failed(&self) -> Option<String> {
+        let failed = self.store.failed()?;
+        if !self.store_failure_logged.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                error = %failed,
+                "the local store failed: this node holds no primary until it restarts (its lease lapses and \
+                 its volumes fail over)"
+            );
+        }
+        Some(failed)
+    }
+
     pub(super) fn member_failed(self: &Arc<Self>, volume: VolumeId, epoch: Epoch, member: NodeId) {
         let Some(p) = self.volume(volume).and_then(|v| v.primary.lock().expect("primary lock").clone()) else { return };
         if p.epoch != epoch {
@@ -250,7 +272,16 @@ impl PrimaryDriver {
                 WriteKind::Data => piece,
                 WriteKind::Zeroes => 0,
             };
-            let admission = inner.store.admit(cost).await.map_err(|e| IoFail::Io(format!("local store: {e}")))?;
+            let admission = match inner.store.admit(cost).await {
+                Ok(a) => a,
+                // The store failed (a flush failed): this primary steps down and the write,
+                // never sequenced, is retried at the next one, as in any failover.
+                Err(e) if inner.store_failed().is_some() => {
+                    self.depose(inner, &format!("the local store failed: {e}"));
+                    return Err(IoFail::Unavailable(format!("node {}: the local store failed: {e}", inner.me)));
+                }
+                Err(e) => return Err(IoFail::Io(format!("local store: {e}"))),
+            };
             let (tx, rx) = oneshot::channel();
             {
                 let mut st = self.st.lock().expect("core lock");

@@ -203,3 +203,51 @@ async fn a_write_through_a_backup_is_proxied_to_the_primary_and_replicated() {
     c.planes[1].read(&c.cfg, 4096, &mut buf).await.expect("proxied read");
     assert_eq!(buf, data[..]);
 }
+
+/// The primary's store fails (a failed flush: it refuses changes until the node restarts). The
+/// primary steps down and builds no new primary on that store (no epoch claimed again and
+/// again); host writes in flight, at the failed node and proxied through another, are not
+/// failed but held, and once the volume fails over (what the leader does when the node stops
+/// renewing its lease) they complete at the new primary, durable on the ISR left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_store_fails_steps_down_for_good_and_writes_complete_after_the_failover() {
+    let c = cluster(3).await;
+    let before = pattern(2 * BLOCK_BYTES as usize, 1);
+    c.planes[0].write(&c.cfg, 0, before.clone()).await.expect("a write before the failure");
+    let claimed = c.meta.volumes.lock().expect("meta lock")[0].claim;
+
+    c.stores[0].fail("fdatasync: EIO");
+    let data = pattern(2 * BLOCK_BYTES as usize, 2);
+    let mut writes = Vec::new();
+    for (via, offset) in [(0usize, 0u64), (1, 8 * BLOCK_BYTES)] {
+        let (plane, cfg, data) = (c.planes[via].clone(), c.cfg.clone(), data.clone());
+        writes.push(tokio::spawn(async move { plane.write(&cfg, offset, data).await }));
+    }
+    // Several ticks: the writes wait (no error), node 1 serves nothing and claims no new epoch.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for w in &writes {
+        assert!(!w.is_finished(), "a write finished while no primary could serve it: {w:?}");
+    }
+    assert!(!c.planes[0].stats().iter().any(|s| s.serving), "a primary serves on a failed store");
+    assert_eq!(c.meta.volumes.lock().expect("meta lock")[0].claim, claimed, "a new primary claimed an epoch");
+
+    // The failover the leader commits once node 1's lease has lapsed.
+    {
+        let mut vols = c.meta.volumes.lock().expect("meta lock");
+        let v = &mut vols[0];
+        v.primary = NodeId(2);
+        v.isr = vec![NodeId(2), NodeId(3)];
+        v.epoch = v.epoch.next();
+        v.claim = None;
+    }
+    c.meta.publish();
+    for w in writes {
+        let written = tokio::time::timeout(DEADLINE, w).await.expect("the write completes").expect("write task");
+        written.expect("a write held through the failover succeeds");
+    }
+    for store in &c.stores[1..] {
+        assert_eq!(local(store, 0, data.len()), data[..]);
+        assert_eq!(local(store, 8 * BLOCK_BYTES, data.len()), data[..]);
+    }
+    assert!(!c.planes[0].stats().iter().any(|s| s.serving), "the failed node serves again");
+}

@@ -1,5 +1,6 @@
-//! An in-memory [`BlockStore`] whose durability a test can hold back: writes apply at once,
-//! `durable` waits while the store is held.
+//! An in-memory [`BlockStore`] whose durability a test can hold back (writes apply at once,
+//! `durable` waits while the store is held) and that a test can fail (as after a failed
+//! `fdatasync`: every change and every durability wait fails from then on).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,11 +18,18 @@ pub struct MemStore {
     last: Arc<AtomicU64>,
     /// True while durability is held back.
     held: Arc<watch::Sender<bool>>,
+    /// Why the store failed, once it did ([`MemStore::fail`]).
+    failed: Arc<Mutex<Option<String>>>,
 }
 
 impl Default for MemStore {
     fn default() -> Self {
-        MemStore { volumes: Arc::default(), last: Arc::default(), held: Arc::new(watch::channel(false).0) }
+        MemStore {
+            volumes: Arc::default(),
+            last: Arc::default(),
+            held: Arc::new(watch::channel(false).0),
+            failed: Arc::default(),
+        }
     }
 }
 
@@ -29,6 +37,21 @@ impl MemStore {
     /// Holds back (`true`) or lets through (`false`) every `durable` wait.
     pub fn hold_durability(&self, held: bool) {
         self.held.send_replace(held);
+    }
+
+    /// Fails the store for good, as a failed flush does: changes and durability waits fail
+    /// with [`StoreError::Failed`] (also a wait already under way), reads still work.
+    pub fn fail(&self, why: &str) {
+        *self.failed.lock().expect("store lock") = Some(why.to_string());
+        // Wakes waits held back, which then see the failure.
+        self.held.send_replace(false);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match &*self.failed.lock().expect("store lock") {
+            Some(why) => Err(StoreError::Failed(why.clone())),
+            None => Ok(()),
+        }
     }
 
     fn change(&self) -> Lsn {
@@ -62,6 +85,7 @@ impl BlockStore for MemStore {
     }
 
     fn write(&self, vol: VolumeId, offset: u64, data: &[u8]) -> Result<Lsn, StoreError> {
+        self.check()?;
         let mut vols = self.volumes.lock().expect("store lock");
         let v = vols.get_mut(&vol).ok_or(StoreError::UnknownVolume(vol))?;
         Self::range(v, vol, offset, data.len() as u64)?.copy_from_slice(data);
@@ -69,6 +93,7 @@ impl BlockStore for MemStore {
     }
 
     fn write_zeroes(&self, vol: VolumeId, offset: u64, len: u64) -> Result<Lsn, StoreError> {
+        self.check()?;
         let mut vols = self.volumes.lock().expect("store lock");
         let v = vols.get_mut(&vol).ok_or(StoreError::UnknownVolume(vol))?;
         Self::range(v, vol, offset, len)?.fill(0);
@@ -84,10 +109,15 @@ impl BlockStore for MemStore {
 
     fn durable(&self, _lsn: Lsn) -> impl Future<Output = Result<(), StoreError>> + Send {
         let mut held = self.held.subscribe();
+        let store = self.clone();
         async move {
             let _ = held.wait_for(|h| !*h).await;
-            Ok(())
+            store.check()
         }
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.failed.lock().expect("store lock").clone()
     }
 
     fn last_lsn(&self) -> Lsn {

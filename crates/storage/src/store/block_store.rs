@@ -63,6 +63,10 @@ impl BlockStore for SledStore {
         Lsn(lock(&self.core().st).lsn)
     }
 
+    fn failed(&self) -> Option<String> {
+        lock(&self.core().st).failed.clone()
+    }
+
     fn block_checksums(&self, vol: VolumeId, offset: u64, len: u64) -> Result<Vec<u32>, StoreError> {
         self.checksums_of(vol, offset, len)
     }
