@@ -184,6 +184,18 @@ fn set_key(toml: &str, key: &str, value: u64) -> String {
     out.join("\n")
 }
 
+/// The monitor thread: told to stop, and joined, when this drops.
+struct Monitor(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        if let Some(t) = self.1.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Marks elections and failovers on the timeline as the cluster reports them.
 fn monitor(world: Arc<World>, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
     let mut leader: Option<u64> = None;
@@ -314,9 +326,11 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
         }
     }
     let monitor_stop = Arc::new(AtomicBool::new(false));
+    // Stopped and joined on every way out (an early return included): it holds the world,
+    // whose drop removes the namespaces and stops the nodes.
     let mon = {
         let (w, r, s) = (world.clone(), rec.clone(), monitor_stop.clone());
-        std::thread::spawn(move || monitor(w, r, s))
+        Monitor(monitor_stop.clone(), Some(std::thread::spawn(move || monitor(w, r, s))))
     };
     let outcome = faults_and_heal(scenario, opts, world, &rec, steps);
     // Whatever happened, the clients stop and every fault is taken back.
@@ -341,8 +355,7 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
         Some(Ok(_)) => divergence(world),
         _ => Vec::new(),
     };
-    monitor_stop.store(true, Ordering::Relaxed);
-    let _ = mon.join();
+    drop(mon);
     rec.mark(MarkKind::Phase, "end");
     let mut timeline = Timeline::from_events(&rec.events());
     let (faults_start, heal) = phase_times(&timeline);
