@@ -130,7 +130,7 @@ macro_rules! planted {
 }
 
 // The suite can fail: each planted bug (docs/ARCHITECTURE.md, "Planted bugs") is caught by the
-// scenario that exposes it. `backup-ack-before-fsync` needs the power-loss nemesis.
+// scenario that exposes it. `backup-ack-before-fsync` needs a power loss (lazyfs under each node).
 planted! {
     planted_ack_before_backups_is_caught: "ack-before-backups" by "partition-primary" on "tcp";
     planted_read_without_lease_is_caught: "read-without-lease" by "partition-primary" on "quic";
@@ -139,6 +139,7 @@ planted! {
     planted_late_isr_change_is_caught: "late-isr-change" by "partition-primary" on "tcp";
     planted_read_unacknowledged_is_caught: "read-unacknowledged" by "kill-primary" on "quic";
     planted_park_at_stopped_primary_is_caught: "park-at-stopped-primary" by "pause-primary" on "tcp";
+    planted_backup_ack_before_fsync_is_caught: "backup-ack-before-fsync" by "power-loss" on "tcp";
 }
 
 /// Ctrl-C in the middle of a run: the command stops, and leaves no namespace and no node

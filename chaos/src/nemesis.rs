@@ -50,10 +50,22 @@ pub enum Kind {
     /// The data layer moves to the other transport (QUIC <-> TCP), and back at the stop.
     SwitchData,
     SwitchControl,
+    // Power loss: each node's data dir is on a lazyfs layer (`crate::lazyfs`); a cut is a
+    // SIGKILL followed by the loss of every write the node had not fsynced.
+    /// A power cut of one random node; it restarts at the stop.
+    PowerCutNode,
+    /// A power cut of the volume's primary.
+    PowerCutPrimary,
+    /// A power cut of every node at once, under load; all restart together.
+    PowerCutAll,
+    /// A power cut of every node at once; at the stop every node but the old primary comes
+    /// back, a backup is failed over to, and only then does the old primary return (a machine
+    /// slow to boot). What the backups acknowledged but had not fsynced is gone then.
+    PowerCutAllPrimaryLate,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 20] = [
+    pub const ALL: [Kind; 24] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -74,6 +86,10 @@ impl Kind {
         Kind::PauseLeader,
         Kind::SwitchData,
         Kind::SwitchControl,
+        Kind::PowerCutNode,
+        Kind::PowerCutPrimary,
+        Kind::PowerCutAll,
+        Kind::PowerCutAllPrimaryLate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +114,10 @@ impl Kind {
             Kind::PauseLeader => "pause-leader",
             Kind::SwitchData => "switch-data",
             Kind::SwitchControl => "switch-control",
+            Kind::PowerCutNode => "power-cut-node",
+            Kind::PowerCutPrimary => "power-cut-primary",
+            Kind::PowerCutAll => "power-cut-all",
+            Kind::PowerCutAllPrimaryLate => "power-cut-all-primary-late",
         }
     }
 
@@ -127,11 +147,22 @@ impl Kind {
             Kind::PauseLeader => "SIGSTOP of the Raft leader for longer than its lease, then SIGCONT",
             Kind::SwitchData => "the data layer switched live to the other transport, and back",
             Kind::SwitchControl => "the control layer switched live to the other transport, and back",
+            Kind::PowerCutNode => "power cut of a random node: SIGKILL, its unsynced writes lost; restarted",
+            Kind::PowerCutPrimary => "power cut of the volume's primary: SIGKILL, its unsynced writes lost; restarted",
+            Kind::PowerCutAll => "power cut of every node at once under load: unsynced writes lost; all restarted",
+            Kind::PowerCutAllPrimaryLate => {
+                "power cut of every node; the old primary restarts only after a backup took over"
+            }
         }
     }
 
     pub fn from_name(name: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether the kind cuts power: a run with it mounts a lazyfs layer on every data dir.
+    pub fn cuts_power(self) -> bool {
+        matches!(self, Kind::PowerCutNode | Kind::PowerCutPrimary | Kind::PowerCutAll | Kind::PowerCutAllPrimaryLate)
     }
 
     /// Whether the kind needs at least 5 nodes.
@@ -147,7 +178,7 @@ impl Kind {
             Kind::PausePrimary | Kind::PauseLeader => (s(4), s(7)),
             Kind::TcpReset => (s(1), s(3)),
             Kind::SwitchData | Kind::SwitchControl => (s(3), s(6)),
-            Kind::KillAll => (s(1), s(3)),
+            Kind::KillAll | Kind::PowerCutAll | Kind::PowerCutAllPrimaryLate => (s(1), s(3)),
             _ => (s(4), s(9)),
         }
     }
@@ -171,6 +202,8 @@ enum Undo {
     Resume(Vec<u64>),
     TcpReset(u64),
     Switch(&'static str, String),
+    /// Every node but the old primary, then (after a failover or [`FAILOVER_WAIT`]) it.
+    RestartLast(u64),
     /// The cut-off follower, its rule, and how many snapshots it had installed before.
     CatchUp {
         node: u64,
@@ -332,6 +365,30 @@ impl Active {
                 w.pause(n)?;
                 Ok(Active { kind, target: format!("node {n}"), undo: Undo::Resume(vec![n]) })
             }
+            Kind::PowerCutNode | Kind::PowerCutPrimary => {
+                let n = if kind == Kind::PowerCutPrimary { primary_or_random(&mut r) } else { pick(&mut r, &w.nodes) };
+                // Half the draws tear the cut: a seeded half of the unsynced pages reached the disk.
+                let torn = (r.below(2) == 0).then(|| r.next_u64());
+                let cut = w.power_cut(&[n], torn)?;
+                let how = if torn.is_some() { "torn power cut" } else { "power cut" };
+                Ok(Active { kind, target: format!("node {n}, {how}: {cut}"), undo: Undo::Restart })
+            }
+            Kind::PowerCutAll => {
+                let torn = (r.below(2) == 0).then(|| r.next_u64());
+                let cut = w.power_cut(&w.nodes, torn)?;
+                let how = if torn.is_some() { "torn power cut" } else { "power cut" };
+                Ok(Active { kind, target: format!("every node, {how}: {cut}"), undo: Undo::Restart })
+            }
+            Kind::PowerCutAllPrimaryLate => {
+                // Never torn: what the backups had not synced is all gone, the case this is for.
+                let p = primary_or_random(&mut r);
+                let cut = w.power_cut(&w.nodes, None)?;
+                Ok(Active {
+                    kind,
+                    target: format!("every node (primary {p} back last): {cut}"),
+                    undo: Undo::RestartLast(p),
+                })
+            }
             Kind::SwitchData | Kind::SwitchControl => {
                 let layer = if kind == Kind::SwitchData { "data" } else { "control" };
                 let now = current_transport(w, layer).unwrap_or_else(|| "tcp".into());
@@ -351,10 +408,28 @@ impl Active {
             Undo::TcpReset(n) => w.tcp_reset(*n, false),
             Undo::Switch(layer, back) => w.set_transport(layer, back),
             Undo::CatchUp { node, rule, installed } => catch_up(w, *node, *rule, *installed),
+            Undo::RestartLast(p) => restart_last(w, *p),
         };
         w.untouch(fault);
         r
     }
+}
+
+/// How long `power-cut-all-primary-late` waits for a backup to take over before the old
+/// primary comes back anyway: the leader's election plus its failure timeout (2.5 s), with room.
+const FAILOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// Restarts every down node but `primary`, waits until the volume has another primary, then
+/// restarts `primary`.
+fn restart_last(w: &World, primary: u64) -> anyhow::Result<()> {
+    for n in others(w, &[primary]) {
+        w.restart_node(n)?;
+    }
+    let deadline = Instant::now() + FAILOVER_WAIT;
+    while Instant::now() < deadline && w.primary().is_none_or(|p| p == primary) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.restart_node(primary)
 }
 
 /// The snapshot counter of a node's `/metrics`.

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tandem_testkit::{Cluster, Rng};
 
 use crate::history::{Fault, MarkKind, Timeline};
+use crate::lazyfs::LazyFs;
 use crate::nemesis::{Active, Kind, CHAOS_LOGS_TO_KEEP, CHAOS_SNAPSHOT_AFTER};
 use crate::recorder::Recorder;
 use crate::scenario::Scenario;
@@ -119,6 +120,9 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     if !bugs.is_empty() {
         std::env::set_var("TANDEM_CHAOS_BUGS", &bugs);
     }
+    // Filled by the builder's hook (declared first: the builder borrows them).
+    let layers: std::sync::Mutex<Vec<(u64, LazyFs)>> = Default::default();
+    let cluster_dir: std::sync::Mutex<Option<PathBuf>> = Default::default();
     let mut builder = Cluster::builder()
         .exe(&opts.exe)
         .nodes(opts.nodes.max(scenario.nodes_min))
@@ -131,11 +135,38 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
             set_key(&set_key(toml, "snapshot_after_entries", CHAOS_SNAPSHOT_AFTER), "logs_to_keep", CHAOS_LOGS_TO_KEEP)
         });
     }
-    let cluster = builder.start().map_err(|e| anyhow!("start the cluster: {e}"))?;
+    // A power nemesis needs each node's data dir on a layer that can lose unsynced writes.
+    if scenario.all_kinds().iter().any(|k| k.cuts_power()) {
+        builder = builder.before_nodes_start(|dir, data_dirs| {
+            *cluster_dir.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
+            let mounted = mount_layers(dir, data_dirs).map_err(|e| format!("{e:#}"))?;
+            layers.lock().unwrap_or_else(|p| p.into_inner()).extend(mounted);
+            Ok(())
+        });
+    }
+    let cluster = match builder.start() {
+        Ok(c) => c,
+        Err(e) => {
+            // The cluster is gone (it removed what it could of its dir); the layers go now, and
+            // then what was under them.
+            for (_, fs) in layers.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                let _ = fs.unmount();
+            }
+            if let Some(dir) = cluster_dir.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(anyhow!("start the cluster: {e}"));
+        }
+    };
+    let layers = layers.into_inner().unwrap_or_else(|p| p.into_inner());
+    // The volume's id is filled in below; from here on a failure drops the world, which stops
+    // the nodes before it unmounts their layers.
+    let mut world = World::new(cluster, VOLUME.into(), 0, VOLUME_BYTES, HOST.into(), layers);
+    let cluster = &world.cluster;
     let ids = cluster.node_ids();
     cluster.try_agreed_leader(&ids, Duration::from_secs(60)).map_err(|e| anyhow!("{e}"))?;
     let size = format!("{}M", VOLUME_BYTES >> 20);
-    let v = tandem_testkit::queries::try_create_served_volume(&cluster, VOLUME, &size)
+    let v = tandem_testkit::queries::try_create_served_volume(cluster, VOLUME, &size)
         .map_err(|e| anyhow!("create the volume: {e}"))?;
     let volume_id = v["id"].as_u64().context("the volume's id")?;
     let site = cluster.node_config(1)["site"].as_str().unwrap_or("local").to_string();
@@ -145,7 +176,21 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     anyhow::ensure!(r.status().is_success(), "add the host: {} {}", r.status(), r.text().unwrap_or_default());
     let r = h.post(format!("{api}/v1/hosts/{HOST}/volumes")).json(&serde_json::json!({ "volume": VOLUME })).send()?;
     anyhow::ensure!(r.status().is_success(), "connect the host: {} {}", r.status(), r.text().unwrap_or_default());
-    Ok(World::new(cluster, VOLUME.into(), volume_id, VOLUME_BYTES, HOST.into()))
+    world.volume_id = volume_id;
+    Ok(world)
+}
+
+/// Mounts a [`LazyFs`] on each node's data dir, over a backing dir `<cluster dir>/lazyfs/node-N`.
+fn mount_layers(dir: &Path, data_dirs: &[(u64, PathBuf)]) -> anyhow::Result<Vec<(u64, LazyFs)>> {
+    let mut mounted = Vec::new();
+    for (id, data_dir) in data_dirs {
+        let backing = dir.join("lazyfs").join(format!("node-{id}"));
+        std::fs::create_dir_all(&backing).with_context(|| format!("make {}", backing.display()))?;
+        std::fs::create_dir_all(data_dir).with_context(|| format!("make {}", data_dir.display()))?;
+        // On an error the layers mounted so far drop, and so unmount.
+        mounted.push((*id, LazyFs::mount(&backing, data_dir)?));
+    }
+    Ok(mounted)
 }
 
 /// `toml` with the line `key = ...` set to `value`.
