@@ -77,7 +77,8 @@ macro_rules! short_pass {
     };
 }
 
-// CI's short pass: 12 nemesis kinds, 3 nodes, both transports, fixed seeds.
+// CI's short pass: 12 nemesis kinds and a regression scenario, 3 nodes, both transports, fixed
+// seeds.
 short_pass! {
     short_partition_primary: "partition-primary", 101, "tcp";
     short_partition_leader: "partition-leader", 102, "quic";
@@ -91,6 +92,7 @@ short_pass! {
     short_pause_leader: "pause-leader", 110, "tcp";
     short_switch_data: "switch-data", 111, "quic";
     short_switch_during_partition: "switch-during-partition", 112, "tcp";
+    short_regress_stale_read_after_power_cut: "regress-stale-read-after-power-cut", 113, "tcp";
 }
 
 /// How many seeds a planted bug may take before the test gives up on the checker.
