@@ -232,6 +232,23 @@ fn monitor(world: Arc<World>, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// The [`monitor`] thread, stopped and joined when dropped: on every return from [`drive`], also
+/// an early one on an error or Ctrl-C, so that its handle on the world never outlives the run
+/// (the world, dropped last, stops the nodes and removes namespaces and mounts).
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// One step of the schedule: the kinds to start together, and for how long.
 #[derive(Clone, Debug)]
 pub struct Step {
@@ -320,7 +337,7 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
     let monitor_stop = Arc::new(AtomicBool::new(false));
     let mon = {
         let (w, r, s) = (world.clone(), rec.clone(), monitor_stop.clone());
-        std::thread::spawn(move || monitor(w, r, s))
+        Monitor { stop: monitor_stop.clone(), thread: Some(std::thread::spawn(move || monitor(w, r, s))) }
     };
     let outcome = faults_and_heal(scenario, opts, world, &rec, steps);
     // Whatever happened, the clients stop and every fault is taken back.
@@ -345,8 +362,7 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
         Some(Ok(_)) => divergence(world),
         _ => Vec::new(),
     };
-    monitor_stop.store(true, Ordering::Relaxed);
-    let _ = mon.join();
+    drop(mon);
     rec.mark(MarkKind::Phase, "end");
     let mut timeline = Timeline::from_events(&rec.events());
     let (faults_start, heal) = phase_times(&timeline);
