@@ -453,3 +453,29 @@ pub async fn node_remove(target: &Target, id: NodeId) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn durable_writes_replace_the_file_whole_keep_its_mode_and_leave_no_temp_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = dir.path().join("node-1.key");
+        write_private(&key, "old").expect("first write");
+        write_private(&key, "new").expect("second write");
+        assert_eq!(fs::read_to_string(&key).expect("read"), "new");
+        assert_eq!(fs::metadata(&key).expect("metadata").permissions().mode() & 0o777, 0o600);
+        let cert = dir.path().join("node-1.pem");
+        write_public(&cert, "cert").expect("public write");
+        assert_eq!(fs::read_to_string(&cert).expect("read"), "cert");
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temp files left: {left:?}");
+    }
+}
