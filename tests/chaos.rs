@@ -88,7 +88,8 @@ macro_rules! short_pass {
     };
 }
 
-// CI's short pass: 16 nemesis kinds, 3 nodes, both transports, fixed seeds.
+// CI's short pass: 16 nemesis kinds and a regression scenario, 3 nodes, both transports,
+// fixed seeds.
 short_pass! {
     short_partition_primary: "partition-primary", 101, "tcp";
     short_partition_leader: "partition-leader", 102, "quic";
@@ -106,6 +107,7 @@ short_pass! {
     short_kill_primary_lagging: "kill-primary-lagging", 114, "tcp";
     short_snapshot_catch_up: "snapshot-catch-up", 115, "quic";
     short_add_remove_node: "add-remove-node", 116, "tcp";
+    short_regress_stale_read_after_power_cut: "regress-stale-read-after-power-cut", 117, "tcp";
 }
 
 /// The regression scenario of a bug the failpoints found: a primary whose store fails must drop
@@ -165,6 +167,7 @@ planted! {
     planted_skip_reconciliation_is_caught: "skip-reconciliation" by "kill-primary-lagging" on "quic";
     planted_read_unacknowledged_is_caught: "read-unacknowledged" by "kill-primary-alone" on "tcp";
     planted_park_at_stopped_primary_is_caught: "park-at-stopped-primary" by "pause-primary-blip" on "quic";
+    planted_backup_ack_before_fsync_is_caught: "backup-ack-before-fsync" by "power-loss" on "tcp";
 }
 
 /// Ctrl-C in the middle of a run: the command stops, and leaves no namespace and no node

@@ -86,10 +86,22 @@ pub enum Kind {
     /// install fails, which stops its Raft (openraft treats it as fatal); restarted at the stop,
     /// it must catch up by snapshot.
     FailSnapshotInstall,
+    // Power loss: each node's data dir is on a lazyfs layer (`crate::lazyfs`); a cut is a
+    // SIGKILL followed by the loss of every write the node had not fsynced.
+    /// A power cut of one random node; it restarts at the stop.
+    PowerCutNode,
+    /// A power cut of the volume's primary.
+    PowerCutPrimary,
+    /// A power cut of every node at once, under load; all restart together.
+    PowerCutAll,
+    /// A power cut of every node at once; at the stop every node but the old primary comes
+    /// back, a backup is failed over to, and only then does the old primary return (a machine
+    /// slow to boot). What the backups acknowledged but had not fsynced is gone then.
+    PowerCutAllPrimaryLate,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 31] = [
+    pub const ALL: [Kind; 35] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -121,6 +133,10 @@ impl Kind {
         Kind::StallBackupReply,
         Kind::StallIsrPropose,
         Kind::FailSnapshotInstall,
+        Kind::PowerCutNode,
+        Kind::PowerCutPrimary,
+        Kind::PowerCutAll,
+        Kind::PowerCutAllPrimaryLate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -156,6 +172,10 @@ impl Kind {
             Kind::StallBackupReply => "stall-backup-reply",
             Kind::StallIsrPropose => "stall-isr-propose",
             Kind::FailSnapshotInstall => "fail-snapshot-install",
+            Kind::PowerCutNode => "power-cut-node",
+            Kind::PowerCutPrimary => "power-cut-primary",
+            Kind::PowerCutAll => "power-cut-all",
+            Kind::PowerCutAllPrimaryLate => "power-cut-all-primary-late",
         }
     }
 
@@ -212,11 +232,22 @@ impl Kind {
             Kind::FailSnapshotInstall => {
                 "a cut-off follower's snapshot install fails (failpoint; its Raft stops); restarted, it catches up"
             }
+            Kind::PowerCutNode => "power cut of a random node: SIGKILL, its unsynced writes lost; restarted",
+            Kind::PowerCutPrimary => "power cut of the volume's primary: SIGKILL, its unsynced writes lost; restarted",
+            Kind::PowerCutAll => "power cut of every node at once under load: unsynced writes lost; all restarted",
+            Kind::PowerCutAllPrimaryLate => {
+                "power cut of every node; the old primary restarts only after a backup took over"
+            }
         }
     }
 
     pub fn from_name(name: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Whether the kind cuts power: a run with it mounts a lazyfs layer on every data dir.
+    pub fn cuts_power(self) -> bool {
+        matches!(self, Kind::PowerCutNode | Kind::PowerCutPrimary | Kind::PowerCutAll | Kind::PowerCutAllPrimaryLate)
     }
 
     /// Whether the kind needs at least 5 nodes.
@@ -254,7 +285,7 @@ impl Kind {
             Kind::PausePrimaryBlip => (Duration::from_millis(2000), Duration::from_millis(3000)),
             Kind::TcpReset => (s(1), s(3)),
             Kind::SwitchData | Kind::SwitchControl => (s(3), s(6)),
-            Kind::KillAll => (s(1), s(3)),
+            Kind::KillAll | Kind::PowerCutAll | Kind::PowerCutAllPrimaryLate => (s(1), s(3)),
             _ => (s(4), s(9)),
         }
     }
@@ -292,6 +323,8 @@ enum Undo {
     Link(u64),
     Retire(u64),
     Switch(&'static str, String),
+    /// Every node but the old primary, then (after a failover or [`FAILOVER_WAIT`]) it.
+    RestartLast(u64),
     /// The cut-off follower, its rule, and how many snapshots it had installed before;
     /// `install_fails`: its first install fails (a failpoint), then it is restarted.
     CatchUp {
@@ -541,6 +574,30 @@ impl Active {
                 }
                 Ok(Active { kind, target: format!("node {spare} joins"), undo: Undo::Retire(spare) })
             }
+            Kind::PowerCutNode | Kind::PowerCutPrimary => {
+                let n = if kind == Kind::PowerCutPrimary { primary_or_random(&mut r) } else { pick(&mut r, &w.nodes) };
+                // Half the draws tear the cut: a seeded half of the unsynced pages reached the disk.
+                let torn = (r.below(2) == 0).then(|| r.next_u64());
+                let cut = w.power_cut(&[n], torn)?;
+                let how = if torn.is_some() { "torn power cut" } else { "power cut" };
+                Ok(Active { kind, target: format!("node {n}, {how}: {cut}"), undo: Undo::Restart })
+            }
+            Kind::PowerCutAll => {
+                let torn = (r.below(2) == 0).then(|| r.next_u64());
+                let cut = w.power_cut(&w.nodes, torn)?;
+                let how = if torn.is_some() { "torn power cut" } else { "power cut" };
+                Ok(Active { kind, target: format!("every node, {how}: {cut}"), undo: Undo::Restart })
+            }
+            Kind::PowerCutAllPrimaryLate => {
+                // Never torn: what the backups had not synced is all gone, the case this is for.
+                let p = primary_or_random(&mut r);
+                let cut = w.power_cut(&w.nodes, None)?;
+                Ok(Active {
+                    kind,
+                    target: format!("every node (primary {p} back last): {cut}"),
+                    undo: Undo::RestartLast(p),
+                })
+            }
             Kind::SwitchData | Kind::SwitchControl => {
                 let layer = if kind == Kind::SwitchData { "data" } else { "control" };
                 let now = current_transport(w, layer).unwrap_or_else(|| "tcp".into());
@@ -631,6 +688,7 @@ impl Active {
                 catch_up(w, *node, *rule, *installed, *install_fails)
             }
             Undo::Failpoints { set, restart } => clear_failpoints(w, set, restart),
+            Undo::RestartLast(p) => restart_last(w, *p),
         };
         w.untouch(fault);
         r
@@ -694,6 +752,23 @@ fn clear_failpoints(w: &World, set: &[(u64, &'static str)], restart: &[u64]) -> 
 
 /// What a node's log says when `snapshot-before-install` fails an install.
 const INSTALL_FAILED: &str = "failpoint snapshot-before-install";
+
+/// How long `power-cut-all-primary-late` waits for a backup to take over before the old
+/// primary comes back anyway: the leader's election plus its failure timeout (2.5 s), with room.
+const FAILOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// Restarts every down node but `primary`, waits until the volume has another primary, then
+/// restarts `primary`.
+fn restart_last(w: &World, primary: u64) -> anyhow::Result<()> {
+    for n in others(w, &[primary]) {
+        w.restart_node(n)?;
+    }
+    let deadline = Instant::now() + FAILOVER_WAIT;
+    while Instant::now() < deadline && w.primary().is_none_or(|p| p == primary) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.restart_node(primary)
+}
 
 /// The snapshot counter of a node's `/metrics`.
 const SNAPSHOTS_INSTALLED: &str = "tandem_raft_snapshots_installed_total";

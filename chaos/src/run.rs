@@ -14,6 +14,7 @@ use serde::Serialize;
 use tandem_testkit::{Cluster, Rng};
 
 use crate::history::{Fault, MarkKind, Timeline};
+use crate::lazyfs::LazyFs;
 use crate::nemesis::{Active, Kind, CHAOS_LOGS_TO_KEEP, CHAOS_SNAPSHOT_AFTER};
 use crate::recorder::Recorder;
 use crate::scenario::Scenario;
@@ -119,6 +120,9 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     if !bugs.is_empty() {
         std::env::set_var("TANDEM_CHAOS_BUGS", &bugs);
     }
+    // Filled by the builder's hook (declared first: the builder borrows them).
+    let layers: std::sync::Mutex<Vec<(u64, LazyFs)>> = Default::default();
+    let cluster_dir: std::sync::Mutex<Option<PathBuf>> = Default::default();
     let mut builder = Cluster::builder()
         .exe(&opts.exe)
         .nodes(opts.nodes.max(scenario.nodes_min))
@@ -146,11 +150,38 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
             toml
         });
     }
-    let cluster = builder.start().map_err(|e| anyhow!("start the cluster: {e}"))?;
+    // A power nemesis needs each node's data dir on a layer that can lose unsynced writes.
+    if scenario.all_kinds().iter().any(|k| k.cuts_power()) {
+        builder = builder.before_nodes_start(|dir, data_dirs| {
+            *cluster_dir.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
+            let mounted = mount_layers(dir, data_dirs).map_err(|e| format!("{e:#}"))?;
+            layers.lock().unwrap_or_else(|p| p.into_inner()).extend(mounted);
+            Ok(())
+        });
+    }
+    let cluster = match builder.start() {
+        Ok(c) => c,
+        Err(e) => {
+            // The cluster is gone (it removed what it could of its dir); the layers go now, and
+            // then what was under them.
+            for (_, fs) in layers.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                let _ = fs.unmount();
+            }
+            if let Some(dir) = cluster_dir.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(anyhow!("start the cluster: {e}"));
+        }
+    };
+    let layers = layers.into_inner().unwrap_or_else(|p| p.into_inner());
+    // The volume's id is filled in below; from here on a failure drops the world, which stops
+    // the nodes before it unmounts their layers.
+    let mut world = World::new(cluster, VOLUME.into(), 0, VOLUME_BYTES, HOST.into(), layers);
+    let cluster = &world.cluster;
     let ids = cluster.member_ids();
     cluster.try_agreed_leader(&ids, Duration::from_secs(60)).map_err(|e| anyhow!("{e}"))?;
     let size = format!("{}M", VOLUME_BYTES >> 20);
-    let v = tandem_testkit::queries::try_create_served_volume(&cluster, VOLUME, &size)
+    let v = tandem_testkit::queries::try_create_served_volume(cluster, VOLUME, &size)
         .map_err(|e| anyhow!("create the volume: {e}"))?;
     let volume_id = v["id"].as_u64().context("the volume's id")?;
     let site = cluster.node_config(1)["site"].as_str().unwrap_or("local").to_string();
@@ -160,11 +191,24 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     anyhow::ensure!(r.status().is_success(), "add the host: {} {}", r.status(), r.text().unwrap_or_default());
     let r = h.post(format!("{api}/v1/hosts/{HOST}/volumes")).json(&serde_json::json!({ "volume": VOLUME })).send()?;
     anyhow::ensure!(r.status().is_success(), "connect the host: {} {}", r.status(), r.text().unwrap_or_default());
-    let world = World::new(cluster, VOLUME.into(), volume_id, VOLUME_BYTES, HOST.into());
+    world.volume_id = volume_id;
     if slow {
         world.start_proxies(opts.seed).context("start the delay proxies")?;
     }
     Ok(world)
+}
+
+/// Mounts a [`LazyFs`] on each node's data dir, over a backing dir `<cluster dir>/lazyfs/node-N`.
+fn mount_layers(dir: &Path, data_dirs: &[(u64, PathBuf)]) -> anyhow::Result<Vec<(u64, LazyFs)>> {
+    let mut mounted = Vec::new();
+    for (id, data_dir) in data_dirs {
+        let backing = dir.join("lazyfs").join(format!("node-{id}"));
+        std::fs::create_dir_all(&backing).with_context(|| format!("make {}", backing.display()))?;
+        std::fs::create_dir_all(data_dir).with_context(|| format!("make {}", data_dir.display()))?;
+        // On an error the layers mounted so far drop, and so unmount.
+        mounted.push((*id, LazyFs::mount(&backing, data_dir)?));
+    }
+    Ok(mounted)
 }
 
 /// Raft timings of a run with `slow-link`: a Raft RPC may take one heartbeat interval, and a
@@ -182,18 +226,6 @@ fn set_key(toml: &str, key: &str, value: u64) -> String {
         .collect();
     out.push(String::new());
     out.join("\n")
-}
-
-/// The monitor thread: told to stop, and joined, when this drops.
-struct Monitor(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-        if let Some(t) = self.1.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Marks elections and failovers on the timeline as the cluster reports them.
@@ -220,6 +252,23 @@ fn monitor(world: Arc<World>, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
             }
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The [`monitor`] thread, stopped and joined when dropped: on every return from [`drive`], also
+/// an early one on an error or Ctrl-C, so that its handle on the world never outlives the run
+/// (the world, dropped last, stops the nodes and removes namespaces and mounts).
+struct Monitor {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -326,11 +375,9 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
         }
     }
     let monitor_stop = Arc::new(AtomicBool::new(false));
-    // Stopped and joined on every way out (an early return included): it holds the world,
-    // whose drop removes the namespaces and stops the nodes.
     let mon = {
         let (w, r, s) = (world.clone(), rec.clone(), monitor_stop.clone());
-        Monitor(monitor_stop.clone(), Some(std::thread::spawn(move || monitor(w, r, s))))
+        Monitor { stop: monitor_stop.clone(), thread: Some(std::thread::spawn(move || monitor(w, r, s))) }
     };
     let outcome = faults_and_heal(scenario, opts, world, &rec, steps);
     // Whatever happened, the clients stop and every fault is taken back.

@@ -1,7 +1,9 @@
 //! The cluster under test and what the nemeses and workloads ask of it: nodes in network
 //! namespaces of their own on a bridge (the test kit's [`Cluster`]), the volume and host the
 //! workloads use, the fault rules on the bridge, and which nodes a fault touches right now
-//! (a host error from a node no fault touches is a failure of its own).
+//! (a host error from a node no fault touches is a failure of its own). In a run with a
+//! power-loss nemesis each node's data dir is a [`LazyFs`] mount, unmounted when the world
+//! drops, after its nodes are stopped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use tandem_testkit::firewall::nft_load;
 use tandem_testkit::process::signal;
 use tandem_testkit::Cluster;
 
+use crate::lazyfs::{LazyFs, PowerCut};
 use crate::proxy::{Link, LinkProxy, Proto};
 
 /// The nftables table in the bridge namespace that holds the nemeses' rules.
@@ -54,10 +57,38 @@ pub struct World {
     pub volume_bytes: u64,
     pub host: String,
     faults: Mutex<Faults>,
+    /// Each node's data dir layer, in a run with a power-loss nemesis (else empty).
+    power: Vec<(u64, LazyFs)>,
+}
+
+/// What a power cut of some nodes dropped, for the fault's description.
+#[derive(Debug, Default)]
+pub struct CutReport {
+    pub files: u64,
+    pub bytes_lost: u64,
+    pub bytes_kept: u64,
+}
+
+impl std::fmt::Display for CutReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} KiB unsynced dropped in {} files", self.bytes_lost >> 10, self.files)?;
+        if self.bytes_kept > 0 {
+            write!(f, ", {} KiB kept (torn)", self.bytes_kept >> 10)?;
+        }
+        Ok(())
+    }
 }
 
 impl World {
-    pub fn new(cluster: Cluster, volume: String, volume_id: u64, volume_bytes: u64, host: String) -> World {
+    /// `power`: the data dir layers of the nodes, when the run cuts power.
+    pub fn new(
+        cluster: Cluster,
+        volume: String,
+        volume_id: u64,
+        volume_bytes: u64,
+        host: String,
+        power: Vec<(u64, LazyFs)>,
+    ) -> World {
         let nodes = cluster.member_ids();
         World {
             proxies: Mutex::new(BTreeMap::new()),
@@ -68,6 +99,7 @@ impl World {
             volume_bytes,
             host,
             faults: Mutex::new(Faults::default()),
+            power,
         }
     }
 
@@ -172,6 +204,47 @@ impl World {
     pub fn kill(&self, id: u64) -> anyhow::Result<()> {
         self.faults().down.insert(id);
         self.cluster.try_kill(id).map_err(|e| anyhow!("kill node {id}: {e}"))
+    }
+
+    /// A power cut of `ids` at once: SIGKILL to every one of them before any is reaped (so none
+    /// syncs after another is gone), then their layers drop every write not yet fsynced (a
+    /// torn cut keeps a seeded half of the pages). They stay down until restarted.
+    pub fn power_cut(&self, ids: &[u64], torn: Option<u64>) -> anyhow::Result<CutReport> {
+        anyhow::ensure!(!self.power.is_empty(), "this run has no lazyfs layers (no power nemesis in the scenario)");
+        {
+            let mut f = self.faults();
+            f.down.extend(ids.iter().copied());
+        }
+        for &id in ids {
+            if let Ok(pid) = self.cluster.try_pid(id) {
+                let _ = signal(pid, Signal::SIGKILL);
+            }
+        }
+        for &id in ids {
+            if self.cluster.try_pid(id).is_ok() {
+                self.cluster.try_kill(id).map_err(|e| anyhow!("kill node {id}: {e}"))?;
+            }
+        }
+        let mut report = CutReport::default();
+        for &id in ids {
+            let fs = self.power.iter().find(|(n, _)| *n == id).map(|(_, fs)| fs);
+            let fs = fs.ok_or_else(|| anyhow!("node {id} has no lazyfs layer"))?;
+            let cut: PowerCut = match torn {
+                Some(seed) => fs.power_cut_torn(seed ^ id),
+                None => fs.power_cut(),
+            };
+            report.files += cut.files;
+            report.bytes_lost += cut.bytes_lost;
+            report.bytes_kept += cut.bytes_kept;
+        }
+        Ok(report)
+    }
+
+    /// Starts node `id` again if it is down, and waits for its API.
+    pub fn restart_node(&self, id: u64) -> anyhow::Result<()> {
+        self.cluster.try_start_node(id).map_err(|e| anyhow!("restart node {id}: {e}"))?;
+        self.faults().down.remove(&id);
+        Ok(())
     }
 
     /// Starts every killed node again and waits for their APIs.
@@ -337,5 +410,23 @@ impl World {
             }
         }
         Err(anyhow!("switch {layer} to {kind}: {last}"))
+    }
+}
+
+impl Drop for World {
+    /// The layers go after the nodes that use them (an unmount under a running node would wait
+    /// for it), before the cluster removes its dir.
+    fn drop(&mut self) {
+        if self.power.is_empty() {
+            return;
+        }
+        if let Err(e) = self.cluster.try_down() {
+            eprintln!("stop the nodes before unmounting their layers: {e}");
+        }
+        for (id, fs) in self.power.drain(..) {
+            if let Err(e) = fs.unmount() {
+                eprintln!("unmount node {id}'s lazyfs: {e:#}");
+            }
+        }
     }
 }

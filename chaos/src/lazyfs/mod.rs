@@ -4,9 +4,12 @@
 //! acknowledges a write before it is durable. The chaos harness mounts one [`LazyFs`] per node
 //! over a backing directory, runs the node's data dir on it, and on a power cut SIGKILLs the node,
 //! calls [`LazyFs::power_cut`], restarts the node on the same mount and checks that no
-//! acknowledged write was lost. Mount it on a node's data dir (`<dir>/node-N`), not on the
-//! cluster dir: `tandem up` writes `cluster.toml` and the certificates without fsync, so a cut
-//! soon after `up` leaves them empty (a real finding, though not about acknowledged writes).
+//! acknowledged write was lost (`run.rs` mounts one per node through the test kit's
+//! `before_nodes_start`; the `power-cut-*` nemeses cut). It goes on a node's data dir
+//! (`<dir>/node-N`), not on the cluster dir: the test kit rewrites `cluster.toml` for the
+//! namespaces, a harness step rather than the node's disk. (`tandem up` used to write
+//! `cluster.toml` and the certificates without fsync, so a cut soon after `up` left them empty;
+//! it now writes them durably.)
 //!
 //! # What survives a cut
 //! - **Data writes** land in an in-memory cache of dirty 4 KiB pages per file (`cache.rs`). Reads

@@ -266,7 +266,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
         // Not flushed: a committed index that is lost in a crash is learned again from the
-        // leader; it only lets a restarted node re-apply sooner.
+        // leader; it only lets a restarted node re-apply sooner. A node restored as leader learns
+        // it from nobody, so its read index never goes below its restored log
+        // (`MetaStore::local_read_index`).
         self.state.insert(KEY_COMMITTED, encode(&committed)?).map_err(write_err)?;
         Ok(())
     }

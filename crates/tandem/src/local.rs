@@ -68,21 +68,45 @@ fn free_addr_tcp_udp() -> anyhow::Result<SocketAddr> {
     bail!("cannot find a port free for both TCP and UDP on 127.0.0.1")
 }
 
+/// A pid file: it means nothing after a power loss, so it is not synced.
 fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
     fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+/// Writes `text` to `path` so that it survives a power loss once this returns, and so that a
+/// crash at any point leaves the old file or the new one, never an empty or partial one: `PATH.tmp`
+/// (created with `mode`), fsync, rename, fsync of the folder. A node needs its config and
+/// certificates at every restart; written without fsync, a power cut soon after `tandem up`
+/// left them empty (found by the chaos suite's power-loss nemesis).
+fn write_durable(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        fs::File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A certificate or config: readable by all, durable.
+fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_durable(path, text, 0o644)
+}
+
+/// A private key: readable by its owner only, durable.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_durable(path, text, 0o600)
 }
 
 /// Makes a certificate for node `id` and its `[[node]]` entry with fresh ports.
@@ -92,7 +116,7 @@ fn new_node(dir: &Path, cluster_name: &str, ca_key: &Path, id: NodeId, site: &st
     let pair = tls::issue_node_cert(cluster_name, &ca_key_pem, id)?;
     let cert = PathBuf::from(format!("certs/node-{id}.pem"));
     let key = PathBuf::from(format!("certs/node-{id}.key"));
-    write_file(&dir.join(&cert), &pair.cert_pem)?;
+    write_public(&dir.join(&cert), &pair.cert_pem)?;
     write_private(&dir.join(&key), &pair.key_pem)?;
     Ok(NodeSection {
         id,
@@ -115,7 +139,7 @@ fn create(dir: &Path, nodes: u32, transport: TransportKind) -> anyhow::Result<Cl
     fs::create_dir_all(dir.join("certs")).with_context(|| format!("cannot create {}", dir.display()))?;
     let name = "local";
     let ca = tls::generate_ca(name)?;
-    write_file(&dir.join("certs/ca.pem"), &ca.cert_pem)?;
+    write_public(&dir.join("certs/ca.pem"), &ca.cert_pem)?;
     write_private(&dir.join("certs/ca.key"), &ca.key_pem)?;
     let mut node_sections = Vec::new();
     for id in 1..=u64::from(nodes) {
@@ -150,10 +174,8 @@ fn save_config(dir: &Path, cfg: &ClusterConfig) -> anyhow::Result<()> {
          # production files (see cluster-config/). Paths are relative to this file.\n\n{}",
         cfg.to_toml()
     );
-    // Write-then-rename, so a crash never leaves half a config.
-    let tmp = dir.join("cluster.toml.tmp");
-    write_file(&tmp, &text)?;
-    fs::rename(&tmp, config_path(dir)).context("cannot replace cluster.toml")
+    // Write, fsync, rename, fsync the folder: a crash or power loss never leaves half a config.
+    write_public(&config_path(dir), &text)
 }
 
 /// The pid in `node-<id>.pid`, if that process is alive and is a tandem process.
@@ -430,4 +452,30 @@ pub async fn node_remove(target: &Target, id: NodeId) -> anyhow::Result<()> {
         save_config(&dir, &cfg)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn durable_writes_replace_the_file_whole_keep_its_mode_and_leave_no_temp_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = dir.path().join("node-1.key");
+        write_private(&key, "old").expect("first write");
+        write_private(&key, "new").expect("second write");
+        assert_eq!(fs::read_to_string(&key).expect("read"), "new");
+        assert_eq!(fs::metadata(&key).expect("metadata").permissions().mode() & 0o777, 0o600);
+        let cert = dir.path().join("node-1.pem");
+        write_public(&cert, "cert").expect("public write");
+        assert_eq!(fs::read_to_string(&cert).expect("read"), "cert");
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "temp files left: {left:?}");
+    }
 }

@@ -64,6 +64,7 @@ const DEATH_WAIT: Duration = Duration::from_secs(10);
 const LOG_TAIL_LINES: usize = 60;
 
 type ConfigEdit<'a> = Box<dyn FnOnce(&str) -> String + 'a>;
+type BeforeStart<'a> = Box<dyn FnOnce(&Path, &[(u64, PathBuf)]) -> Result<(), String> + 'a>;
 
 /// How to start a [`Cluster`]: `Cluster::builder().nodes(3).transport("quic").start()`.
 pub struct ClusterBuilder<'a> {
@@ -73,6 +74,7 @@ pub struct ClusterBuilder<'a> {
     prefix: String,
     turn: bool,
     edit: Option<ConfigEdit<'a>>,
+    before_start: Option<BeforeStart<'a>>,
     namespaces: Option<u32>,
     log_from_env: bool,
     spares: u32,
@@ -131,6 +133,16 @@ impl<'a> ClusterBuilder<'a> {
         self
     }
 
+    /// In namespaces only: calls `f(cluster_dir, [(node id, its data dir)])` once the cluster dir
+    /// holds its config and certificates and before any node starts on it (the data dirs do not
+    /// exist then): e.g. to mount a filesystem of the caller's on each data dir, as the chaos
+    /// suite's power-loss nemesis does. The caller unmounts it after the nodes stopped
+    /// ([`Cluster::try_down`]) and before the cluster drops (which removes the dir).
+    pub fn before_nodes_start(mut self, f: impl FnOnce(&Path, &[(u64, PathBuf)]) -> Result<(), String> + 'a) -> Self {
+        self.before_start = Some(Box::new(f));
+        self
+    }
+
     /// Runs each node in a network namespace of its own ([`Network`]); `tag` tells apart the
     /// networks of one test process.
     pub fn in_namespaces(mut self, tag: u32) -> Self {
@@ -184,6 +196,10 @@ impl<'a> ClusterBuilder<'a> {
                 if let Some(edit) = self.edit {
                     c.edit_config_file(edit)?;
                 }
+                if let Some(f) = self.before_start {
+                    let dirs: Vec<(u64, PathBuf)> = ids.iter().map(|&id| (id, c.data_dir(id))).collect();
+                    f(c.path(), &dirs).map_err(|e| Error(format!("before the nodes start: {e}")))?;
+                }
                 for &id in &ids {
                     c.spawn_in_namespace(id)?;
                 }
@@ -228,6 +244,7 @@ impl Cluster {
             prefix: "tandem-test-".into(),
             turn: true,
             edit: None,
+            before_start: None,
             namespaces: None,
             log_from_env: false,
             spares: 0,
@@ -307,7 +324,8 @@ impl Cluster {
         self.tandem(&all)
     }
 
-    fn try_down(&self) -> Result<(), Error> {
+    /// Stops every node (in namespaces: SIGKILL and reap), leaving the dir and the namespaces.
+    pub fn try_down(&self) -> Result<(), Error> {
         if self.net.is_some() {
             for (_, mut child) in self.children.lock().expect("children").drain(..) {
                 let _ = child.kill();
@@ -420,6 +438,18 @@ impl Cluster {
         std::fs::write(&path, text).map_err(|e| Error(format!("{}: {e}", path.display())))
     }
 
+    /// In namespaces: starts node `id` again if it is not running (the others stay as they
+    /// are) and waits for its API; for a caller that brings nodes back in an order of its own.
+    pub fn try_start_node(&self, id: u64) -> Result<(), Error> {
+        if self.net.is_none() {
+            return Err(Error("starting one node is supported in namespaces only".into()));
+        }
+        if !self.running(id) {
+            self.spawn_in_namespace(id)?;
+        }
+        self.wait_for_apis(&[id])
+    }
+
     pub fn restart_missing(&self) {
         self.try_restart_missing().unwrap_or_else(|e| panic!("{e}"))
     }
@@ -520,6 +550,12 @@ impl Cluster {
 
     fn running(&self, id: u64) -> bool {
         self.try_pid(id).is_ok_and(alive)
+    }
+
+    /// Node `id`'s data dir (`data_dir` of its cluster.toml entry, resolved against the dir).
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        let dir = self.node_config(id)["data_dir"].as_str().map(PathBuf::from).expect("data_dir");
+        self.path().join(dir)
     }
 
     /// Node `id`'s log file.
