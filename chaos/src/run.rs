@@ -116,8 +116,13 @@ fn http() -> reqwest::blocking::Client {
 
 /// Starts the cluster in namespaces, creates the volume and the host the workloads use.
 fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Result<World> {
+    // The nodes (started and restarted by this process) take their planted bugs from the
+    // environment; a run without bugs clears it, so that a run after one with bugs (the tests
+    // make one after another in one process) does not inherit them.
     let bugs = opts.bugs.join(",");
-    if !bugs.is_empty() {
+    if bugs.is_empty() {
+        std::env::remove_var("TANDEM_CHAOS_BUGS");
+    } else {
         std::env::set_var("TANDEM_CHAOS_BUGS", &bugs);
     }
     // Filled by the builder's hook (declared first: the builder borrows them).
