@@ -3,6 +3,8 @@
 //! own; the mixes combine them; regression scenarios (`regress-*`) replay the schedules that
 //! found bugs.
 
+use std::time::Duration;
+
 use crate::nemesis::Kind;
 
 #[derive(Clone, Debug)]
@@ -16,6 +18,9 @@ pub struct Scenario {
     pub with: Vec<Kind>,
     /// The fewest nodes it runs on.
     pub nodes_min: u32,
+    /// How long every fault is held, if not drawn from the kind's range (a regression
+    /// scenario's fixed schedule).
+    pub hold: Option<Duration>,
 }
 
 impl Scenario {
@@ -26,11 +31,19 @@ impl Scenario {
             kinds: vec![kind],
             with: vec![],
             nodes_min: if kind.needs_five() { 5 } else { 3 },
+            hold: None,
         }
     }
 
     fn mix(name: &str, about: &str, kinds: &[Kind], with: &[Kind]) -> Scenario {
-        Scenario { name: name.into(), about: about.into(), kinds: kinds.to_vec(), with: with.to_vec(), nodes_min: 3 }
+        Scenario {
+            name: name.into(),
+            about: about.into(),
+            kinds: kinds.to_vec(),
+            with: with.to_vec(),
+            nodes_min: 3,
+            hold: None,
+        }
     }
 
     /// Every nemesis kind this scenario may inject.
@@ -73,8 +86,25 @@ pub fn all() -> Vec<Scenario> {
     s.push(Scenario::mix("mix", "every 3-node nemesis, drawn at random", &Kind::ALL[..5], &[]));
     let last = s.len() - 1;
     s[last].kinds = Kind::ALL.into_iter().filter(|k| !k.needs_five()).collect();
+    // pause-primary-blip seed 1 (docs/PROTOCOL.md, "Retries of a write that may have taken
+    // effect"): the primary stops with host writes sequenced and sent, just long enough that
+    // the leader fails it over as it wakes; its node then re-routed those writes to the new
+    // primary, which executed them a second time after newer acknowledged writes.
+    s.push(Scenario {
+        hold: Some(REGRESS_LEASE_BLIP_HOLD),
+        ..Scenario::mix(
+            "regress-lease-blip",
+            "SIGSTOP of the primary for 2.8 s every time: it wakes as the leader fails it over (a retried write ran twice)",
+            &[PausePrimaryBlip],
+            &[],
+        )
+    });
     s
 }
+
+/// Just past the leader's failure timeout (2.5 s), well short of the time a failover with
+/// reconciliation takes to settle: the stopped primary wakes while the new one starts serving.
+const REGRESS_LEASE_BLIP_HOLD: Duration = Duration::from_millis(2800);
 
 pub fn find(name: &str) -> Option<Scenario> {
     all().into_iter().find(|s| s.name == name)
@@ -96,5 +126,6 @@ mod tests {
             assert!(find(k.name()).is_some_and(|s| s.kinds == vec![k]), "{}", k.name());
         }
         assert!(find("mix").is_some_and(|s| s.kinds.len() == Kind::ALL.len() - 1));
+        assert!(find("regress-lease-blip").is_some_and(|s| s.kinds == vec![Kind::PausePrimaryBlip] && s.hold.is_some()));
     }
 }
