@@ -298,7 +298,9 @@ pub fn schedule(scenario: &Scenario, seed: u64, duration: Duration, nodes: u32) 
         let first = usable[rng.below(usable.len() as u64) as usize];
         let mut kinds = vec![first];
         kinds.extend(scenario.with.iter().copied().filter(|k| *k != first));
-        let hold = between(&mut rng, first.hold());
+        // Drawn even when fixed, so that the rest of the schedule is the same.
+        let drawn = between(&mut rng, first.hold());
+        let hold = scenario.hold.unwrap_or(drawn);
         let gap = between(&mut rng, (GAP_MIN, GAP_MAX));
         t += hold + gap;
         steps.push(Step { kinds, hold, gap });

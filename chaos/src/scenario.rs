@@ -24,6 +24,9 @@ pub struct Scenario {
     /// A regression scenario's schedule, the same whatever the seed and the duration (empty:
     /// the seed draws the schedule from `kinds`).
     pub fixed: Vec<FixedStep>,
+    /// How long every fault is held, if not drawn from the kind's range (a regression
+    /// scenario's fixed schedule).
+    pub hold: Option<Duration>,
 }
 
 impl Scenario {
@@ -35,6 +38,7 @@ impl Scenario {
             with: vec![],
             nodes_min: if kind.needs_five() { 5 } else { 3 },
             fixed: vec![],
+            hold: None,
         }
     }
 
@@ -46,6 +50,7 @@ impl Scenario {
             with: with.to_vec(),
             nodes_min: 3,
             fixed: vec![],
+            hold: None,
         }
     }
 
@@ -133,8 +138,25 @@ pub fn all() -> Vec<Scenario> {
          over with no host error (it kept its lease, churned epochs and answered EIO)",
         &[(FailFsyncPrimary, secs(9), secs(4)), (FailFsyncPrimary, secs(9), secs(4))],
     ));
+    // pause-primary-blip seed 1 (docs/PROTOCOL.md, "Retries of a write that may have taken
+    // effect"): the primary stops with host writes sequenced and sent, just long enough that
+    // the leader fails it over as it wakes; its node then re-routed those writes to the new
+    // primary, which executed them a second time after newer acknowledged writes.
+    s.push(Scenario {
+        hold: Some(REGRESS_LEASE_BLIP_HOLD),
+        ..Scenario::mix(
+            "regress-lease-blip",
+            "SIGSTOP of the primary for 2.8 s every time: it wakes as the leader fails it over (a retried write ran twice)",
+            &[PausePrimaryBlip],
+            &[],
+        )
+    });
     s
 }
+
+/// Just past the leader's failure timeout (2.5 s), well short of the time a failover with
+/// reconciliation takes to settle: the stopped primary wakes while the new one starts serving.
+const REGRESS_LEASE_BLIP_HOLD: Duration = Duration::from_millis(2800);
 
 pub fn find(name: &str) -> Option<Scenario> {
     all().into_iter().find(|s| s.name == name)

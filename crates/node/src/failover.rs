@@ -127,18 +127,30 @@ impl Supervisor {
                 None
             }
             Decision::Failover { volume, name, epoch, old, primary, isr } => {
+                // Checked again and held against grants until the commit is done: a grant
+                // racing this decision would give `old` a lease on a map without the failover.
+                if !self.leases.condemn(old, Instant::now(), since) {
+                    tracing::info!(volume = %name, %old, "primary renewed its lease meanwhile; not failing over");
+                    return None;
+                }
                 tracing::warn!(volume = %name, %old, new = %primary, epoch = %epoch.next(), "failing over");
                 let meta = self.meta.clone();
+                let leases = self.leases.clone();
                 Some(async move {
-                    #[cfg(feature = "failpoints")]
-                    if let Some(arg) = tandem_replication::failpoints::eval(crate::failpoints::ISR_BEFORE_PROPOSE).await
-                    {
-                        tracing::warn!(volume = %name, %arg, "failpoint isr-before-propose: failover not proposed");
-                        return;
-                    }
-                    if let Err(e) = meta.write(MetaCmd::Failover { volume, epoch, primary, isr }).await {
-                        tracing::warn!(volume = %name, error = %e, "failover not committed");
-                    }
+                    let propose = async {
+                        #[cfg(feature = "failpoints")]
+                        if let Some(arg) =
+                            tandem_replication::failpoints::eval(crate::failpoints::ISR_BEFORE_PROPOSE).await
+                        {
+                            tracing::warn!(volume = %name, %arg, "failpoint isr-before-propose: failover not proposed");
+                            return;
+                        }
+                        if let Err(e) = meta.write(MetaCmd::Failover { volume, epoch, primary, isr }).await {
+                            tracing::warn!(volume = %name, error = %e, "failover not committed");
+                        }
+                    };
+                    propose.await;
+                    leases.absolve(old);
                 })
             }
         });

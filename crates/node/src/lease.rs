@@ -57,12 +57,21 @@ pub fn takeover_grace(election_timeout_min: Duration) -> Duration {
 /// How long one renewal may take before it counts as failed.
 const RENEW_TIMEOUT: Duration = Duration::from_millis(1000);
 
+/// On the leader: when it last heard from each node, and the nodes a failover is being
+/// committed for (with how many such failovers are in flight). One lock for both: a grant and
+/// a failover decision about the same node are ordered by it.
+#[derive(Default)]
+struct Heard {
+    at: HashMap<NodeId, Instant>,
+    condemned: HashMap<NodeId, usize>,
+}
+
 /// This node's lease and, when it leads, what it heard from the others.
 pub struct Leases {
     me: NodeId,
     meta: Arc<MetaStore>,
     until: Mutex<Option<Instant>>,
-    heard: Mutex<HashMap<NodeId, Instant>>,
+    heard: Mutex<Heard>,
     /// When this node, leading, first noted itself (the failover supervisor does every round);
     /// None while it does not lead.
     leading_since: Mutex<Option<Instant>>,
@@ -85,7 +94,7 @@ impl Leases {
             me,
             meta,
             until: Mutex::new(None),
-            heard: Mutex::new(HashMap::new()),
+            heard: Mutex::new(Heard::default()),
             leading_since: Mutex::new(None),
             grace: takeover_grace(election_timeout_min),
             applied: tokio::sync::watch::Sender::new(0),
@@ -141,15 +150,49 @@ impl Leases {
         tokio::time::timeout(timeout, applied.wait_for(|v| *v >= index)).await.is_ok_and(|r| r.is_ok())
     }
 
-    /// On the leader: confirm leadership with a majority, then note that `from` is alive. The
+    /// On the leader: note that `from` is alive, then confirm leadership with a majority. The
     /// grant carries the read index: the lease counts only once the node has applied that far.
+    ///
+    /// A node a failover is being committed for gets no grant until that commit is done (the
+    /// next grant's read index then covers it). Without this, a grant whose read index was
+    /// taken just before the failover committed gave the old primary a lease on a map without
+    /// it, while the new primary served: two primaries. And the node is noted alive before the
+    /// read index is taken, under the lock a failover decision takes: a decision made after this
+    /// sees the node alive; one made before has condemned it and this grant is refused.
     pub(crate) async fn grant(&self, from: NodeId) -> ProbeReply {
-        match tokio::time::timeout(RENEW_TIMEOUT, self.meta.read_index()).await {
-            Ok(Ok(index)) => {
-                self.heard.lock().expect("heard lock").insert(from, Instant::now());
-                ProbeReply::GrantedAt { index }
+        {
+            let mut heard = self.heard.lock().expect("heard lock");
+            if heard.condemned.contains_key(&from) {
+                return ProbeReply::Refused(format!("a failover of node {from} is being committed"));
             }
+            heard.at.insert(from, Instant::now());
+        }
+        match tokio::time::timeout(RENEW_TIMEOUT, self.meta.read_index()).await {
+            Ok(Ok(index)) => ProbeReply::GrantedAt { index },
             _ => ProbeReply::NotLeader(self.meta.status().leader.filter(|l| *l != self.me)),
+        }
+    }
+
+    /// On the leader, before it commits a failover of `node`'s volumes: whether `node` is still
+    /// not alive (see [`Leases::alive`]); if so, no grant reaches it until [`Leases::absolve`]
+    /// (after the failover's commit, or its failure).
+    pub(crate) fn condemn(&self, node: NodeId, now: Instant, since: Instant) -> bool {
+        let mut heard = self.heard.lock().expect("heard lock");
+        if Self::alive_in(&heard, node, now, since, self.grace) {
+            return false;
+        }
+        *heard.condemned.entry(node).or_insert(0) += 1;
+        true
+    }
+
+    /// A failover [`Leases::condemn`] allowed is committed or failed.
+    pub(crate) fn absolve(&self, node: NodeId) {
+        let mut heard = self.heard.lock().expect("heard lock");
+        if let Some(n) = heard.condemned.get_mut(&node) {
+            *n -= 1;
+            if *n == 0 {
+                heard.condemned.remove(&node);
+            }
         }
     }
 
@@ -157,18 +200,22 @@ impl Leases {
     /// led since `since`). A node not heard from since the takeover is alive until the grace
     /// period has passed.
     pub(crate) fn alive(&self, node: NodeId, now: Instant, since: Instant) -> bool {
-        if let Some(h) = self.heard.lock().expect("heard lock").get(&node).copied() {
+        Self::alive_in(&self.heard.lock().expect("heard lock"), node, now, since, self.grace)
+    }
+
+    fn alive_in(heard: &Heard, node: NodeId, now: Instant, since: Instant, grace: Duration) -> bool {
+        if let Some(h) = heard.at.get(&node).copied() {
             if now.saturating_duration_since(h) < FAILURE_TIMEOUT {
                 return true;
             }
         }
-        now.saturating_duration_since(since) < self.grace
+        now.saturating_duration_since(since) < grace
     }
 
     /// When this node, as the leader, last granted `node` a lease (None if it has not since
     /// it took over, or does not lead).
     pub fn last_heard(&self, node: NodeId) -> Option<Instant> {
-        self.heard.lock().expect("heard lock").get(&node).copied()
+        self.heard.lock().expect("heard lock").at.get(&node).copied()
     }
 
     /// Whether this node, as the leader, knows `node` to be live at `now`: `Some(true)` if it
@@ -233,12 +280,13 @@ impl Leases {
                 return;
             }
         }
-        self.heard.lock().expect("heard lock").insert(node, now);
+        self.heard.lock().expect("heard lock").at.insert(node, now);
     }
 
     /// This node does not lead (any more): what it heard as leader no longer counts.
     pub(crate) fn forget_heard(&self) {
-        self.heard.lock().expect("heard lock").clear();
+        // Failovers in flight keep their condemnations until they end.
+        self.heard.lock().expect("heard lock").at.clear();
         *self.leading_since.lock().expect("leading lock") = None;
     }
 }

@@ -94,6 +94,16 @@ mod tests {
             matches!(ask(&h, NodeId(2), ProbeMsg::LeaseRequest).await, ProbeReply::GrantedAt { index } if index >= 1)
         );
         assert!(leases.last_heard(NodeId(2)).is_some(), "a granted lease notes the node as heard");
+        // A failover decision and a grant about one node are ordered: a node just heard from is
+        // not condemned; a condemned one gets no lease until its failover is done.
+        let now = std::time::Instant::now();
+        let long_ago = now.checked_sub(Duration::from_secs(60)).expect("a minute ago");
+        assert!(!leases.condemn(NodeId(2), now, long_ago), "node 2 just renewed");
+        assert!(leases.condemn(NodeId(3), now, long_ago), "node 3 was never heard from");
+        assert!(matches!(ask(&h, NodeId(3), ProbeMsg::LeaseRequest).await, ProbeReply::Refused(_)));
+        assert_eq!(leases.last_heard(NodeId(3)), None, "a refused request does not count as heard");
+        leases.absolve(NodeId(3));
+        assert!(matches!(ask(&h, NodeId(3), ProbeMsg::LeaseRequest).await, ProbeReply::GrantedAt { .. }));
         let probe = PathProbe {
             node: NodeId(1),
             address: "127.0.0.1:9001".parse().unwrap(),

@@ -404,6 +404,26 @@ fn recent_log_keeps_entries_when_marked_complete_and_copies_never_push_out_silen
     assert_eq!(log.ranges(), None, "a copy entry was pushed out");
 }
 
+/// The pieces of host writes a copy applied: noted per (write, offset), never for a write
+/// without an identity, bounded like the log, and forgotten when a primary opens the copy.
+#[test]
+fn recent_log_notes_applied_write_pieces_until_an_open() {
+    let mut log = RecentLog::fresh().with_entries_max(2);
+    log.note_applied(0, 0);
+    assert!(!log.holds_write(0, 0), "a write without an identity is never taken as done");
+    log.note_applied(7, 0);
+    log.note_applied(7, 1 << 20);
+    assert!(log.holds_write(7, 0) && log.holds_write(7, 1 << 20));
+    assert!(!log.holds_write(7, 4096) && !log.holds_write(8, 0), "another piece or write");
+    log.note_applied(7, 0);
+    log.note_applied(9, 0);
+    assert!(!log.holds_write(7, 0) && log.holds_write(7, 1 << 20) && log.holds_write(9, 0), "bounded, oldest out");
+    let taken = log.applied_writes();
+    log.forget_applied();
+    assert!(!log.holds_write(9, 0), "forgotten at an open");
+    assert_eq!(taken.len(), 2, "what a primary took at its start stays with it");
+}
+
 #[test]
 fn chunk_ranges() {
     assert_eq!(chunks_of(0, 1), 0..1);

@@ -138,7 +138,11 @@
 //!
 //! # Left out
 //! Several volumes; real bytes and checksums (a copy always sends the whole chunk, and so
-//! always flushes the member); proxying (host I/O goes to the primary's driver); Raft itself;
+//! always flushes the member); proxying (host I/O goes to the primary's driver); a host write
+//! failed back by a deposed core and retried at the next primary (the driver's retry loop and
+//! the write identities that keep a retry whose first attempt took effect from running twice:
+//! `crates/replication/tests/driver`, `regress-lease-blip`); a paused primary that keeps its
+//! core across a lease blip (the driver pauses it; the sim deposes it at the next tick); Raft itself;
 //! the ISR version of the compare-and-set (only the epoch is compared: weaker, so conservative);
 //! a member that hangs with its connection up for good (Open and Copy have no timeout in the
 //! protocol; the sim always delivers eventually); several writes in one message; cancelled

@@ -35,7 +35,18 @@ pub struct RecordHeader {
     /// crc32c of the data (0 for [`WriteKind::Zeroes`]); checked by the backup before it
     /// applies anything.
     pub crc: u32,
+    /// The host request this record is a piece of ([`WriteId`]): a member notes it once
+    /// applied, so that if it becomes primary it recognizes a retry of the same request.
+    pub write: WriteId,
 }
+
+/// The identity of one host write request, chosen by the node the host sent it to and kept
+/// across every retry of it, proxied or re-routed to a new primary (a nonce; 0: none). A
+/// primary that holds a piece of it already (applied here as a member before a failover, or
+/// sequenced by itself) does not execute the piece again: a retry whose earlier attempt took
+/// effect must not land a second time, after writes acknowledged since (docs/PROTOCOL.md,
+/// "Retries of a write that may have taken effect").
+pub type WriteId = u64;
 
 /// A record's header is at most this long; its length prefix is refused above it.
 pub const RECORD_HEADER_BYTES_MAX: usize = 128;
@@ -131,12 +142,14 @@ pub enum DataMsg {
         offset: u64,
         data: Vec<u8>,
         fua: bool,
+        write: WriteId,
     },
     ProxyZeroes {
         volume: VolumeId,
         offset: u64,
         len: u64,
         fua: bool,
+        write: WriteId,
     },
     ProxyFlush {
         volume: VolumeId,
@@ -253,6 +266,7 @@ mod tests {
             offset: 4096,
             len: 5,
             crc: 1,
+            write: u64::MAX,
         };
         let bytes = encode_record(&h, b"hello").expect("encodes");
         let (back, data) = decode_record(&bytes).expect("decodes");
@@ -273,6 +287,7 @@ mod tests {
             offset: 0,
             len: 10,
             crc: 0,
+            write: 0,
         };
         let bytes = encode_record(&h, b"short").expect("encodes");
         assert!(decode_record(&bytes).is_err());

@@ -10,7 +10,7 @@ use tandem_transport::{BoxFuture, Handler};
 use tandem_types::chaos_bugs::Bugs;
 use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
-use tandem_wire::data::{DataMsg, DataReply, WriteKind};
+use tandem_wire::data::{DataMsg, DataReply, WriteId, WriteKind};
 use tokio::sync::oneshot;
 
 use super::applier::Apply;
@@ -48,8 +48,12 @@ impl<S: BlockStore> Inner<S> {
             DataMsg::Chunk { volume, epoch, offset, data } => self.on_chunk(from, volume, epoch, offset, data).await,
             DataMsg::Level { volume, epoch } => self.on_level(from, volume, epoch).await,
             DataMsg::ProxyRead { volume, offset, len } => self.on_proxy_read(volume, offset, len).await,
-            DataMsg::ProxyWrite { volume, offset, data, .. } => self.on_proxy_write(volume, offset, data).await,
-            DataMsg::ProxyZeroes { volume, offset, len, .. } => self.on_proxy_zeroes(volume, offset, len).await,
+            DataMsg::ProxyWrite { volume, offset, data, write, .. } => {
+                self.on_proxy_write(volume, offset, data, write).await
+            }
+            DataMsg::ProxyZeroes { volume, offset, len, write, .. } => {
+                self.on_proxy_zeroes(volume, offset, len, write).await
+            }
             DataMsg::ProxyFlush { volume } => match self.local_primary(volume) {
                 Some(_) => DataReply::Ok,
                 None => DataReply::Refused("not the primary".into()),
@@ -91,8 +95,11 @@ impl<S: BlockStore> Inner<S> {
             let mut backup = vol.backup.lock().expect("backup lock");
             backup.set_bugs(Bugs::current());
             backup.on_open(from, epoch, start_seq)?;
-            let recent = vol.recent.lock().expect("recent lock").ranges();
-            Ok(recent)
+            let mut recent = vol.recent.lock().expect("recent lock");
+            // The new session may overwrite what this copy applied (reconciliation, resync):
+            // none of it may be taken as done by a later primary on this copy.
+            recent.forget_applied();
+            Ok(recent.ranges())
         })
         .await;
         // Durable before the answer: a resync skips blocks whose checksums match, so
@@ -254,23 +261,29 @@ impl<S: BlockStore> Inner<S> {
     }
 
     /// A write proxied by another node, served only if this node is the primary.
-    async fn on_proxy_write(self: &Arc<Self>, volume: VolumeId, offset: u64, data: Vec<u8>) -> DataReply {
+    async fn on_proxy_write(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        offset: u64,
+        data: Vec<u8>,
+        write: WriteId,
+    ) -> DataReply {
         if self.local_primary(volume).is_none() {
             return DataReply::Refused("not the primary".into());
         }
         let len = data.len() as u64;
-        match self.clone().write_once(volume, WriteKind::Data, offset, len, Bytes::from(data)).await {
+        match self.clone().write_once(volume, write, WriteKind::Data, offset, len, Bytes::from(data)).await {
             Ok(()) => DataReply::Ok,
             Err(e) => fail_reply(e),
         }
     }
 
     /// A zeroing proxied by another node, served only if this node is the primary.
-    async fn on_proxy_zeroes(self: &Arc<Self>, volume: VolumeId, offset: u64, len: u64) -> DataReply {
+    async fn on_proxy_zeroes(self: &Arc<Self>, volume: VolumeId, offset: u64, len: u64, write: WriteId) -> DataReply {
         if self.local_primary(volume).is_none() {
             return DataReply::Refused("not the primary".into());
         }
-        match self.clone().write_once(volume, WriteKind::Zeroes, offset, len, Bytes::new()).await {
+        match self.clone().write_once(volume, write, WriteKind::Zeroes, offset, len, Bytes::new()).await {
             Ok(()) => DataReply::Ok,
             Err(e) => fail_reply(e),
         }

@@ -11,7 +11,7 @@ use tandem_storage::BlockStore;
 use tandem_types::chaos_bugs::{self, Bug};
 use tandem_types::Channel;
 use tandem_types::{NodeId, VolumeId, BLOCK_BYTES};
-use tandem_wire::data::{DataMsg, DataReply, WriteKind};
+use tandem_wire::data::{DataMsg, DataReply, WriteId, WriteKind};
 use tokio::sync::watch;
 
 use super::primary::PrimaryDriver;
@@ -169,6 +169,7 @@ impl<S: BlockStore> Inner<S> {
     pub(super) async fn write_once(
         self: Arc<Self>,
         id: VolumeId,
+        write: WriteId,
         kind: WriteKind,
         offset: u64,
         len: u64,
@@ -176,11 +177,13 @@ impl<S: BlockStore> Inner<S> {
     ) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary, true).await? {
-            Route::Local(p) => p.write(&self, kind, offset, len, data).await,
+            Route::Local(p) => p.write(&self, write, kind, offset, len, data).await,
             Route::Remote(node) => {
                 let msg = match kind {
-                    WriteKind::Data => DataMsg::ProxyWrite { volume: id, offset, data: data.to_vec(), fua: false },
-                    WriteKind::Zeroes => DataMsg::ProxyZeroes { volume: id, offset, len, fua: false },
+                    WriteKind::Data => {
+                        DataMsg::ProxyWrite { volume: id, offset, data: data.to_vec(), fua: false, write }
+                    }
+                    WriteKind::Zeroes => DataMsg::ProxyZeroes { volume: id, offset, len, fua: false, write },
                 };
                 match self.call_primary(id, node, &msg).await? {
                     DataReply::Ok => Ok(()),

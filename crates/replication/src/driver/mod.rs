@@ -80,7 +80,7 @@ pub use coordinator::{Coordinator, ProposeError};
 use handler::DataHandler;
 use host_io::{check_range, Hold};
 pub use network::{Network, RecordLink};
-use primary::{Claim, PrimaryDriver};
+use primary::{new_nonce, Claim, PrimaryDriver};
 use replica::{apply_records, read_records, send_acks, RecordWork};
 use sender::{PeerSender, SenderEnd};
 use tick::tick;
@@ -567,6 +567,8 @@ impl<S: BlockStore> DataPlane<S> {
     pub async fn write(&self, cfg: &VolumeConfig, offset: u64, data: Bytes) -> Result<(), IoFail> {
         check_range(cfg, offset, data.len() as u64)?;
         let mut hold = Hold::new(&self.inner);
+        // One identity for every attempt of this request, wherever it is retried.
+        let write = new_nonce();
         let mut done = 0usize;
         while done < data.len() {
             let piece = (data.len() - done).min(PROXY_BYTES_MAX as usize);
@@ -575,7 +577,7 @@ impl<S: BlockStore> DataPlane<S> {
             self.inner
                 .retry(&mut hold, |inner| {
                     let part = part.clone();
-                    async move { inner.write_once(cfg.id, WriteKind::Data, at, part.len() as u64, part).await }
+                    async move { inner.write_once(cfg.id, write, WriteKind::Data, at, part.len() as u64, part).await }
                 })
                 .await?;
             done += piece;
@@ -587,9 +589,10 @@ impl<S: BlockStore> DataPlane<S> {
     pub async fn write_zeroes(&self, cfg: &VolumeConfig, offset: u64, len: u64) -> Result<(), IoFail> {
         check_range(cfg, offset, len)?;
         let mut hold = Hold::new(&self.inner);
+        let write = new_nonce();
         self.inner
             .retry(&mut hold, |inner| async move {
-                inner.write_once(cfg.id, WriteKind::Zeroes, offset, len, Bytes::new()).await
+                inner.write_once(cfg.id, write, WriteKind::Zeroes, offset, len, Bytes::new()).await
             })
             .await
     }

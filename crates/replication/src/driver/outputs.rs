@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tandem_storage::{Admission, BlockStore};
 use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
-use tandem_wire::data::{encode_record, DataMsg, DataReply, RecordHeader, WriteKind};
+use tandem_wire::data::{encode_record, DataMsg, DataReply, RecordHeader, WriteId, WriteKind};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
@@ -53,6 +53,7 @@ impl PrimaryDriver {
         self: &Arc<Self>,
         inner: &Arc<Inner<S>>,
         seq: Seq,
+        write: WriteId,
         kind: WriteKind,
         offset: u64,
         len: u64,
@@ -74,6 +75,13 @@ impl PrimaryDriver {
                 WriteKind::Data => inner.store.write_admitted(admission, p.volume, offset, &data),
                 WriteKind::Zeroes => inner.store.write_zeroes_admitted(admission, p.volume, offset, len),
             };
+            if applied.is_ok() {
+                // In this copy now: a retry of it reaching a primary built on this copy
+                // (this one, or a later one on this node) is not executed again.
+                if let Some(v) = inner.volume(p.volume) {
+                    v.recent.lock().expect("recent lock").note_applied(write, offset);
+                }
+            }
             match applied {
                 Ok(lsn) => {
                     // Never full: each wait is a write of this primary that holds its
@@ -109,7 +117,7 @@ impl PrimaryDriver {
         if let Some(v) = inner.volume(self.volume) {
             v.recent.lock().expect("recent lock").record(w.offset, w.len);
         }
-        let item = self.local_write(inner, seq, w.kind, w.offset, w.len, w.data.clone(), admission);
+        let item = self.local_write(inner, seq, w.write, w.kind, w.offset, w.len, w.data.clone(), admission);
         if self.apply.send(item).is_err() {
             st.core.depose("the local applier stopped");
             return;
@@ -127,6 +135,7 @@ impl PrimaryDriver {
             offset: w.offset,
             len: w.len,
             crc,
+            write: w.write,
         };
         match encode_record(&header, &w.data) {
             Ok(record) => {

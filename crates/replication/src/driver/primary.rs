@@ -4,7 +4,7 @@
 //! primaries' store accesses are done, takes host writes and reads into it, and feeds it local
 //! durability and lease confirmations. Its outputs are carried out in `outputs.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tandem_storage::{Admission, BlockStore, Lsn};
 use tandem_types::chaos_bugs::{self, Bug, Bugs};
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
-use tandem_wire::data::WriteKind;
+use tandem_wire::data::{WriteId, WriteKind};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::applier::{Apply, ApplyQueue};
@@ -23,6 +23,7 @@ use super::{
     Inner, IoFail, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX,
     ZEROES_PIECE_BYTES_MAX,
 };
+use tandem_replication_core::recent::WritePiece;
 use tandem_replication_core::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
 
 /// A claim of an epoch for the next start of this node's primary.
@@ -82,6 +83,11 @@ pub(super) struct PrimaryDriver {
     /// When this primary began serving, or last served again after a pause: a proxied write
     /// that arrived before then is refused (it may have waited out the pause at this node).
     pub(super) resumed_at: Mutex<Instant>,
+    /// Pieces of host writes this node's copy held when this primary was built (applied here
+    /// as a member of an earlier primary, or by an earlier primary on this node): in this copy,
+    /// so on every member once reconciliation is done. A retry of one is answered without
+    /// executing it again. At most [`tandem_replication_core::RECENT_WRITES_MAX`].
+    pub(super) settled: HashSet<WritePiece>,
 }
 
 pub(super) struct CoreState {
@@ -97,6 +103,8 @@ pub(super) struct CoreState {
 }
 
 pub(super) struct HostWrite {
+    /// The host request this is a piece of (the same in every attempt of it).
+    pub(super) write: WriteId,
     pub(super) kind: WriteKind,
     pub(super) offset: u64,
     pub(super) data: Bytes,
@@ -158,7 +166,10 @@ impl<S: BlockStore> Inner<S> {
             // Used: a later start needs a claim of its own.
             claim.nonce = None;
             drop(claim);
-            let recent = vol.recent.lock().expect("recent lock").ranges();
+            let (recent, settled) = {
+                let log = vol.recent.lock().expect("recent lock");
+                (log.ranges(), log.applied_writes())
+            };
             let seq_base = self.next_wire_seq.fetch_add(1 << 32, Ordering::Relaxed);
             let core = Primary::new(
                 Instant::now(),
@@ -195,6 +206,7 @@ impl<S: BlockStore> Inner<S> {
                 paused: AtomicBool::new(false),
                 confirming: AtomicBool::new(false),
                 resumed_at: Mutex::new(Instant::now()),
+                settled,
             });
             tokio::spawn(local_durability(Arc::downgrade(self), p.clone(), local_rx));
             tracing::info!(volume = %id, epoch = %cfg.epoch, "taking over as primary; reconciling");
@@ -252,13 +264,16 @@ impl PrimaryDriver {
     pub(super) async fn write<S: BlockStore>(
         self: &Arc<Self>,
         inner: &Arc<Inner<S>>,
+        write: WriteId,
         kind: WriteKind,
         offset: u64,
         len: u64,
         data: Bytes,
     ) -> Result<(), IoFail> {
-        // Cut into pieces; each is one sequenced record. All must complete.
+        // Cut into pieces; each is one sequenced record. All must complete. (A retry is cut
+        // the same way, so its pieces are the earlier attempt's.)
         let mut waits = Vec::new();
+        let mut earlier = Vec::new();
         let mut at = 0u64;
         while at < len {
             let piece_max = match kind {
@@ -288,6 +303,34 @@ impl PrimaryDriver {
                 if st.core.phase() != Phase::Serving {
                     return Err(IoFail::Unavailable("the primary stopped serving".into()));
                 }
+                // Checked again here, not only by `route`: the request may have waited for
+                // room or budget while the lease ran out (or the process stood still).
+                if !inner.coord.lease_valid() || self.paused.load(Ordering::Acquire) {
+                    return Err(IoFail::Unavailable("the primary has no lease or is confirming its epoch".into()));
+                }
+                // A retry of a piece whose earlier attempt took effect in this copy is not
+                // executed again: landing a second time, after writes acknowledged since,
+                // would undo them (docs/PROTOCOL.md, "Retries of a write that may have taken
+                // effect"). Still in flight here: it completes with that attempt.
+                let at_offset = offset + at;
+                if write != 0 {
+                    let in_flight = st.waiters.values_mut().find(|w| w.write == write && w.offset == at_offset);
+                    if let Some(w) = in_flight {
+                        let (t, r) = oneshot::channel();
+                        w.watchers.push(t);
+                        earlier.push(r);
+                        at += piece;
+                        continue;
+                    }
+                    let held = self.settled.contains(&(write, at_offset))
+                        || inner
+                            .volume(self.volume)
+                            .is_some_and(|v| v.recent.lock().expect("recent lock").holds_write(write, at_offset));
+                    if held {
+                        at += piece;
+                        continue;
+                    }
+                }
                 if let Some(received) = inner.net.request_received_at() {
                     // Proxied: the deadline fence. The proxy reports the write failed only
                     // after this bound has passed for every attempt it sent.
@@ -311,6 +354,7 @@ impl PrimaryDriver {
                 st.waiters.insert(
                     token,
                     HostWrite {
+                        write,
                         kind,
                         offset: offset + at,
                         data: bytes,
@@ -331,6 +375,11 @@ impl PrimaryDriver {
             match rx.await {
                 Ok(r) => r?,
                 Err(_) => return Err(IoFail::Unavailable("the primary stopped".into())),
+            }
+        }
+        for rx in earlier {
+            if rx.await.is_err() {
+                return Err(IoFail::Unavailable("an earlier attempt of this write was not acknowledged".into()));
             }
         }
         Ok(())

@@ -130,8 +130,14 @@ impl<S: BlockStore> Inner<S> {
             WriteKind::Data => self.store.write_admitted(admission, h.volume, h.offset, data),
             WriteKind::Zeroes => self.store.write_zeroes_admitted(admission, h.volume, h.offset, h.len),
         };
-        // Recorded even if the write failed part way: the range may have changed.
-        vol.recent.lock().expect("recent lock").record(h.offset, h.len);
+        // Recorded even if the write failed part way: the range may have changed. Taken as
+        // done (for a retry of the same host write) only if it did not fail.
+        let mut recent = vol.recent.lock().expect("recent lock");
+        recent.record(h.offset, h.len);
+        if applied.is_ok() {
+            recent.note_applied(h.write, h.offset);
+        }
+        drop(recent);
         drop(backup);
         let lsn = applied.map_err(|e| e.to_string())?;
         // On a blocking thread: when the queue is full, the record applier waits.

@@ -7,6 +7,7 @@ mod mem_store;
 #[cfg(feature = "chaos-bugs")]
 mod planted;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,14 +33,19 @@ struct Meta {
     proposals: Mutex<Vec<Vec<NodeId>>>,
     /// Every node's lease has run out (none is ever granted again while set).
     leases_lost: AtomicBool,
+    /// Nodes (by index) that hear of no committed change while listed: a stalled process.
+    deaf: Mutex<HashSet<usize>>,
 }
 
 impl Meta {
     fn publish(&self) {
         let volumes = self.volumes.lock().expect("meta lock").clone();
         let planes = self.planes.lock().expect("meta lock").clone();
-        for p in planes {
-            p.apply_config(volumes.clone());
+        let deaf = self.deaf.lock().expect("meta lock").clone();
+        for (i, p) in planes.into_iter().enumerate() {
+            if !deaf.contains(&i) {
+                p.apply_config(volumes.clone());
+            }
         }
     }
 
@@ -250,4 +256,77 @@ async fn a_primary_whose_store_fails_steps_down_for_good_and_writes_complete_aft
         assert_eq!(local(store, 8 * BLOCK_BYTES, data.len()), data[..]);
     }
     assert!(!c.planes[0].stats().iter().any(|s| s.serving), "the failed node serves again");
+}
+
+/// Reads `len` bytes at `offset` through `plane`.
+async fn read(plane: &DataPlane<MemStore>, cfg: &VolumeConfig, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    plane.read(cfg, offset, &mut buf).await.expect("read");
+    buf
+}
+
+/// The interleaving of the chaos run pause-primary-blip seed 1 (a primary stopped past its
+/// lease). Node 1, the primary, sequences a host write and sends it to nodes 2 and 3, then
+/// stalls before acknowledging it. The volume fails over to node 2, whose copy has the write:
+/// reconciliation keeps it and reads return it. Another host's newer write to the same block
+/// is acknowledged. Node 1 comes back, learns of the failover, and its retry loop re-routes the
+/// write it still holds to node 2. That retry must not execute again: the first attempt took
+/// effect, and landing it a second time would undo the acknowledged newer write (before the
+/// fix, the last reads returned the old write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_write_that_took_effect_before_a_failover_is_not_executed_again() {
+    let c = cluster(3).await;
+    let offset = 16 * BLOCK_BYTES;
+    let first = pattern(BLOCK_BYTES as usize, 1);
+    let newer = pattern(BLOCK_BYTES as usize, 2);
+
+    // Node 1 stalls: its own copy is never made durable (so it acknowledges nothing) and it
+    // hears of no committed change.
+    c.stores[0].hold_durability(true);
+    let stalled = tokio::spawn({
+        let (plane, cfg, data) = (c.planes[0].clone(), c.cfg.clone(), first.clone());
+        async move { plane.write(&cfg, offset, data).await }
+    });
+    let start = Instant::now();
+    while local(&c.stores[1], offset, first.len()) != first[..] || local(&c.stores[2], offset, first.len()) != first[..]
+    {
+        assert!(start.elapsed() < DEADLINE, "the records never reached the backups");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.meta.deaf.lock().expect("meta lock").insert(0);
+
+    // The leader fails the volume over to node 2, with the live members as the ISR.
+    c.meta
+        .change(VOLUME, Epoch(1), |v| {
+            v.primary = NodeId(2);
+            v.isr = vec![NodeId(2), NodeId(3)];
+            v.epoch = Epoch(2);
+            v.claim = None;
+        })
+        .expect("failover");
+    let start = Instant::now();
+    while !c.planes[1].stats().iter().any(|s| s.id == VOLUME && s.serving) {
+        assert!(start.elapsed() < DEADLINE, "node 2 never served the volume");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The stalled write took effect: reads return it.
+    assert!(read(&c.planes[2], &c.cfg, offset, first.len()).await == first[..], "the stalled write is not visible");
+    // Another host writes the block through node 3; acknowledged, and read back.
+    c.planes[2].write(&c.cfg, offset, newer.clone()).await.expect("newer write");
+    assert!(read(&c.planes[1], &c.cfg, offset, newer.len()).await == newer[..], "the newer write is not visible");
+    assert!(!stalled.is_finished(), "the stalled write was answered while its node stood still");
+
+    // Node 1 hears of the failover before its own copy is durable: its primary steps down,
+    // and the write it still holds goes back to its retry loop, which sends it to node 2.
+    c.meta.deaf.lock().expect("meta lock").clear();
+    c.meta.publish();
+    let written = tokio::time::timeout(DEADLINE, stalled).await.expect("the stalled write completes").expect("task");
+    written.expect("the stalled write succeeds (it took effect)");
+    c.stores[0].hold_durability(false);
+
+    // The newer, acknowledged write is still there.
+    for plane in &c.planes {
+        let back = read(plane, &c.cfg, offset, newer.len()).await;
+        assert!(back == newer[..], "an acknowledged write was undone (old data back: {})", back == first[..]);
+    }
 }
