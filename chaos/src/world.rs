@@ -25,6 +25,9 @@ const TABLE: &str = "tandem_chaos";
 /// One API request of the harness gives up after this long (a stopped node must not stall it).
 const API_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// What a node without failpoints is, in the error that says so (`--all` skips on it).
+pub const NOT_A_FAILPOINTS_BUILD: &str = "it is not a failpoints build";
+
 /// A rule on the bridge, between node addresses (the harness itself is never cut off).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetRule {
@@ -381,8 +384,8 @@ impl World {
         let body = resp.text().unwrap_or_default();
         if status == reqwest::StatusCode::NOT_FOUND && !body.contains("no failpoint named") {
             return Err(anyhow!(
-                "node {id} answers 404 on /v1/debug/failpoints: it is not a failpoints build; run the chaos suite \
-                 with --exe pointing at one (cargo build -p tandem --features failpoints,chaos-bugs)"
+                "node {id} answers 404 on /v1/debug/failpoints: {NOT_A_FAILPOINTS_BUILD}; run the chaos suite with \
+                 --exe pointing at one (cargo build -p tandem --features failpoints,chaos-bugs)"
             ));
         }
         Err(anyhow!("set failpoint {name}={actions} on node {id}: {status} {body}"))
