@@ -120,7 +120,7 @@ fn regress_primary_store_fails() {
 /// How many seeds a planted bug may take before the test gives up on the checker, and how
 /// long each of those runs injects faults (the bugs that need a fault to land in a narrow
 /// window get a few chances per run).
-const PLANTED_SEEDS: std::ops::RangeInclusive<u64> = 201..=206;
+const PLANTED_SEEDS: std::ops::RangeInclusive<u64> = 201..=210;
 const PLANTED_RUN: Duration = Duration::from_secs(20);
 
 /// Runs `scenario` on the chaos build with `bug` planted in every node, seed after seed, until
