@@ -156,7 +156,7 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
         });
     }
     // A power nemesis needs each node's data dir on a layer that can lose unsynced writes.
-    if scenario.all_kinds().iter().any(|k| k.cuts_power()) {
+    if kinds.iter().any(|k| k.cuts_power()) {
         builder = builder.before_nodes_start(|dir, data_dirs| {
             *cluster_dir.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
             let mounted = mount_layers(dir, data_dirs).map_err(|e| format!("{e:#}"))?;
@@ -384,7 +384,7 @@ fn drive(scenario: &Scenario, opts: &RunOptions, world: &Arc<World>, steps: &[St
     let monitor_stop = Arc::new(AtomicBool::new(false));
     let mon = {
         let (w, r, s) = (world.clone(), rec.clone(), monitor_stop.clone());
-        Monitor { stop: monitor_stop.clone(), thread: Some(std::thread::spawn(move || monitor(w, r, s))) }
+        Monitor { stop: monitor_stop, thread: Some(std::thread::spawn(move || monitor(w, r, s))) }
     };
     let outcome = faults_and_heal(scenario, opts, world, &rec, steps);
     // Whatever happened, the clients stop and every fault is taken back.

@@ -404,7 +404,7 @@ impl Cluster {
             self.try_kill(id)?;
         }
         self.children.lock().expect("children").retain(|(n, _)| *n != id);
-        let data = self.path().join(format!("node-{id}"));
+        let data = self.data_dir(id);
         if data.exists() {
             std::fs::remove_dir_all(&data).map_err(|e| Error(format!("wipe {}: {e}", data.display())))?;
         }
