@@ -180,6 +180,39 @@ impl<R> SendWindow<R> {
         failed
     }
 
+    /// The peer restarted while requests were outstanding (a new process answered a new pipe):
+    /// the new process knows nothing of this session, and the old one may have answered
+    /// requests above the oldest unanswered, so resending with the old numbers would leave gaps
+    /// the new receiver waits on for ever. The outstanding requests that `keep` accepts move,
+    /// in number order, into `session`, numbered from 1 and not sent yet; the others (nobody
+    /// waits for them) leave the window and are returned. Cancels still to send are dropped:
+    /// they named numbers of the old session.
+    pub fn renumber(&mut self, session: u64, keep: impl Fn(&R) -> bool) -> Vec<R> {
+        let old = std::mem::take(&mut self.pending);
+        self.cancels.clear();
+        self.session = session;
+        self.next_seq = 1;
+        self.bytes = 0;
+        let mut dropped = Vec::new();
+        for p in old.into_values() {
+            if keep(&p.request) {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.bytes += p.bytes;
+                self.pending.insert(seq, Outstanding { request: p.request, bytes: p.bytes, sent_on: None });
+            } else {
+                dropped.push(p.request);
+            }
+        }
+        self.assert_bounds();
+        dropped
+    }
+
+    /// The number of the outstanding request `is` picks, if any.
+    pub fn find(&self, is: impl Fn(&R) -> bool) -> Option<u64> {
+        self.pending.iter().find(|(_, p)| is(&p.request)).map(|(seq, _)| *seq)
+    }
+
     /// The window's bounds hold: numbers within [`WINDOW_SEQS`] of the oldest unanswered one,
     /// bytes within [`CHANNEL_BYTES_MAX`] unless one request is alone.
     fn assert_bounds(&self) {
@@ -205,6 +238,35 @@ mod tests {
         assert_eq!(w.ack(), 3);
         assert_eq!(w.complete(7, 1), Answer::Unknown);
         assert_eq!(w.complete(6, 3), Answer::StaleSession);
+    }
+
+    #[test]
+    fn after_a_peer_restart_the_outstanding_requests_are_numbered_again_without_gaps() {
+        let mut w = SendWindow::new(3);
+        for name in ["a", "b", "c", "d", "e"] {
+            w.push(10, name);
+        }
+        for seq in 1..=5 {
+            w.mark_sent(seq, 1);
+        }
+        // The old process answered b and d; a, c and e are outstanding, e given up on.
+        assert_eq!(w.complete(3, 2), Answer::Answered("b"));
+        assert_eq!(w.complete(3, 4), Answer::Answered("d"));
+        assert!(w.cancel(3, 5, |_| true));
+        let dropped = w.renumber(9, |r| *r != "e");
+        assert_eq!(dropped, vec!["e"]);
+        assert_eq!(w.session(), 9);
+        assert_eq!(w.ack(), 1);
+        assert_eq!(w.next_seq(), 3);
+        assert_eq!(w.pop_cancel(), None, "cancels named the old numbers");
+        // Both go out again, from 1, on any pipe.
+        assert_eq!(w.next_unsent(|_| true), Some(1));
+        assert_eq!(w.find(|r| *r == "c"), Some(2));
+        assert_eq!(w.complete(3, 1), Answer::StaleSession);
+        assert_eq!(w.complete(9, 1), Answer::Answered("a"));
+        assert_eq!(w.complete(9, 2), Answer::Answered("c"));
+        assert!(w.is_empty());
+        assert!(w.fits(CHANNEL_BYTES_MAX), "the bytes went with the requests");
     }
 
     #[test]

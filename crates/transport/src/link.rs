@@ -56,14 +56,14 @@ use tokio::net::TcpListener;
 pub use receive::{request_received_at, DISPATCH_IN_FLIGHT_MAX};
 pub use send::{PendingReply, BACKOFF_BASE, BACKOFF_MAX};
 
-use crate::pipe::{BoxRead, BoxWrite};
+use crate::pipe::read_server_hello;
 use crate::quic::QuicLayer;
 use crate::ring::{RegionRegistry, RegionWriteLink, ReplyFuture};
 use crate::tcp::{Incoming, TcpLayer};
 use crate::tls::{Identity, TlsError};
 use crate::{BoxFuture, Handler, Transport, TransportError};
 use receive::{serve_pipe, Inbound};
-use send::{ChannelLink, LinkHost};
+use send::{ChannelLink, Dialed, LinkHost};
 use tandem_types::{Layer, TransportKind};
 
 /// Dial (TCP + TLS or QUIC handshake, plus hello).
@@ -173,7 +173,8 @@ impl Mesh {
             kinds: [AtomicU8::new(kind_to_u8(control)), AtomicU8::new(kind_to_u8(data))],
             peers: RwLock::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
-            inbound: Arc::new(Inbound::new(regions)),
+            // The session base is new at every start: it names this process too.
+            inbound: Arc::new(Inbound::new(regions, identity.node_id, session_base)),
             session_base,
             session_counter: AtomicU64::new(1),
             servers: Mutex::new(Vec::new()),
@@ -348,19 +349,21 @@ impl MeshInner {
             .clone()
     }
 
-    async fn dial_pipe(
-        &self,
-        kind: TransportKind,
-        peer: NodeId,
-        channel: Channel,
-    ) -> Result<(BoxRead, BoxWrite), String> {
+    async fn dial_pipe(&self, kind: TransportKind, peer: NodeId, channel: Channel) -> Result<Dialed, String> {
         let addr = self.peers.read().expect("peers lock").get(&peer).copied();
         let addr = addr.ok_or_else(|| format!("no address known for node {peer}"))?;
-        let dialed = match kind {
-            TransportKind::Tcp => tokio::time::timeout(CONNECT_TIMEOUT, self.tcp.dial(peer, addr, channel)).await,
-            TransportKind::Quic => tokio::time::timeout(CONNECT_TIMEOUT, self.quic.dial(peer, addr, channel)).await,
+        let dial = async {
+            let (mut read, write) = match kind {
+                TransportKind::Tcp => self.tcp.dial(peer, addr, channel).await?,
+                TransportKind::Quic => self.quic.dial(peer, addr, channel).await?,
+            };
+            let (node, incarnation) = read_server_hello(&mut read).await?;
+            if node != peer {
+                return Err(std::io::Error::other(format!("node {node} answered instead of node {peer}")));
+            }
+            Ok(Dialed { read, write, incarnation })
         };
-        match dialed {
+        match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
             Ok(Ok(pipe)) => Ok(pipe),
             Ok(Err(e)) => Err(format!("{kind} {addr}: {e}")),
             Err(_) => Err(format!("{kind} {addr}: connect timed out")),
@@ -378,12 +381,7 @@ impl LinkHost for MeshInner {
         MeshInner::new_session(self)
     }
 
-    fn dial(
-        &self,
-        kind: TransportKind,
-        peer: NodeId,
-        channel: Channel,
-    ) -> BoxFuture<'_, Result<(BoxRead, BoxWrite), String>> {
+    fn dial(&self, kind: TransportKind, peer: NodeId, channel: Channel) -> BoxFuture<'_, Result<Dialed, String>> {
         Box::pin(self.dial_pipe(kind, peer, channel))
     }
 }

@@ -64,6 +64,29 @@ pub async fn read_hello<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::Result<
     Ok((NodeId(u64::from_be_bytes(id)), frame.channel))
 }
 
+/// The server's answer to a hello, its first frame on every pipe: who answers, and which
+/// process of that node (its incarnation, new at every start). A sender learns from it that
+/// the peer restarted, so it never continues a session with a process that did not see its
+/// beginning (docs/PROTOCOL.md, "Pipes and sessions").
+pub fn server_hello(me: NodeId, incarnation: u64) -> Frame {
+    let mut payload = me.get().to_be_bytes().to_vec();
+    payload.extend_from_slice(&incarnation.to_be_bytes());
+    Frame::new(FrameKind::Hello, Channel::Control, 0, 0, 0, payload)
+}
+
+/// Reads and checks a server's hello; returns the node id it names and its incarnation.
+pub async fn read_server_hello<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::Result<(NodeId, u64)> {
+    let frame = read_frame(r).await?.ok_or_else(|| invalid("closed before the server's hello"))?;
+    if frame.kind != FrameKind::Hello || frame.payload.len() != 16 {
+        return Err(invalid("the server's first frame is not a hello"));
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&frame.payload[..8]);
+    let mut incarnation = [0u8; 8];
+    incarnation.copy_from_slice(&frame.payload[8..]);
+    Ok((NodeId(u64::from_be_bytes(id)), u64::from_be_bytes(incarnation)))
+}
+
 /// The sending half of a pipe, shared by whoever writes on it.
 #[derive(Clone)]
 pub struct PipeTx {

@@ -14,7 +14,7 @@ use tandem_wire::{Frame, FrameKind};
 use tokio::io::BufReader;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::pipe::{read_frame, spawn_writer, PipeTx, READ_BUFFER_BYTES};
+use crate::pipe::{read_frame, server_hello, spawn_writer, PipeTx, READ_BUFFER_BYTES};
 use crate::ring::RegionRegistry;
 use crate::tcp::Incoming;
 use crate::Handler;
@@ -43,6 +43,8 @@ pub(super) struct Inbound {
     chans: Mutex<HashMap<(NodeId, Channel), Arc<InboundChan>>>,
     handlers: RwLock<HashMap<Channel, Arc<dyn Handler>>>,
     regions: Arc<RegionRegistry>,
+    /// The server's hello on every pipe peers make: this node and this process of it.
+    hello: Frame,
 }
 
 /// A request as it waits in the reorder buffer.
@@ -87,8 +89,14 @@ struct InboundChan {
 }
 
 impl Inbound {
-    pub(super) fn new(regions: Arc<RegionRegistry>) -> Inbound {
-        Inbound { chans: Mutex::new(HashMap::new()), handlers: RwLock::new(HashMap::new()), regions }
+    /// The receiving side of node `me`, in the process `incarnation` names.
+    pub(super) fn new(regions: Arc<RegionRegistry>, me: NodeId, incarnation: u64) -> Inbound {
+        Inbound {
+            chans: Mutex::new(HashMap::new()),
+            handlers: RwLock::new(HashMap::new()),
+            regions,
+            hello: server_hello(me, incarnation),
+        }
     }
 
     pub(super) fn set_handler(&self, channel: Channel, handler: Arc<dyn Handler>) {
@@ -280,6 +288,10 @@ async fn finish(chan: &InboundChan, session: u64, seq: u64, result: Result<Bytes
 pub(super) fn serve_pipe(inbound: &Arc<Inbound>, incoming: Incoming) {
     let Incoming { from, channel, read, write } = incoming;
     let route = spawn_writer(write, || {});
+    // The server's hello first: nothing else can be queued on a route before it is returned.
+    if route.out.try_send(inbound.hello.clone()).is_err() {
+        return;
+    }
     let inbound = Arc::downgrade(inbound);
     tokio::spawn(async move {
         let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, read);
@@ -318,7 +330,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_forgotten_peer_leaves_nothing_behind_and_may_speak_again() {
-        let inbound = Arc::new(Inbound::new(RegionRegistry::new(1, 16, 4)));
+        let inbound = Arc::new(Inbound::new(RegionRegistry::new(1, 16, 4), NodeId(9), 1));
         inbound.set_handler(Channel::Control, Arc::new(Echo));
         let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
         let route = spawn_writer(Box::new(ours), || {});

@@ -35,12 +35,14 @@ const _: () = assert!(BACKOFF_BASE.as_nanos() << 16 >= BACKOFF_MAX.as_nanos());
 pub(super) trait LinkHost: Send + Sync + 'static {
     fn kind(&self, layer: Layer) -> TransportKind;
     fn new_session(&self) -> u64;
-    fn dial(
-        &self,
-        kind: TransportKind,
-        peer: NodeId,
-        channel: Channel,
-    ) -> BoxFuture<'_, Result<(BoxRead, BoxWrite), String>>;
+    fn dial(&self, kind: TransportKind, peer: NodeId, channel: Channel) -> BoxFuture<'_, Result<Dialed, String>>;
+}
+
+/// A new pipe to a peer, and which process of the peer answered it (its server hello).
+pub(super) struct Dialed {
+    pub(super) read: BoxRead,
+    pub(super) write: BoxWrite,
+    pub(super) incarnation: u64,
 }
 
 type ReplyTx = oneshot::Sender<Result<Bytes, TransportError>>;
@@ -69,8 +71,9 @@ impl Drop for LiveTask {
 pub struct PendingReply {
     peer: NodeId,
     rx: oneshot::Receiver<Result<Bytes, TransportError>>,
-    /// The request, to cancel if this is dropped unanswered (requests only).
-    cancel: Option<(Weak<ChannelLink>, u64, u64)>,
+    /// The request (by its id on the link), to cancel if this is dropped unanswered (requests
+    /// only).
+    cancel: Option<(Weak<ChannelLink>, u64)>,
 }
 
 impl PendingReply {
@@ -83,9 +86,9 @@ impl PendingReply {
 
 impl Drop for PendingReply {
     fn drop(&mut self) {
-        if let Some((link, session, seq)) = self.cancel.take() {
+        if let Some((link, id)) = self.cancel.take() {
             if let Some(link) = link.upgrade() {
-                link.cancel(session, seq);
+                link.cancel(id);
             }
         }
     }
@@ -93,6 +96,9 @@ impl Drop for PendingReply {
 
 /// What the link keeps of a request while the window holds it.
 pub(super) struct Pending {
+    /// The request's id on the link: its number changes if the peer restarts (see
+    /// [`SendWindow::renumber`]), this does not.
+    id: u64,
     kind: FrameKind,
     payload: Bytes,
     reply: Option<ReplyTx>,
@@ -110,6 +116,11 @@ pub(super) struct OutState {
     /// Pipes, oldest first; the last alive one of the selected layer is current.
     pub(super) pipes: Vec<OutPipe>,
     next_gen: u64,
+    /// The id the next request gets.
+    next_id: u64,
+    /// The process of the peer this session's requests went to (its server hello), once a
+    /// pipe was made.
+    incarnation: Option<u64>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: String,
@@ -178,6 +189,8 @@ impl ChannelLink {
                 win: SendWindow::new(session),
                 pipes: Vec::new(),
                 next_gen: 1,
+                next_id: 1,
+                incarnation: None,
                 failures: 0,
                 retry_at: None,
                 last_error: String::new(),
@@ -274,7 +287,9 @@ impl ChannelLink {
                             }
                         }
                     }
-                    let pushed = st.win.push(len, Pending { kind, payload, reply: Some(tx) });
+                    let id = st.next_id;
+                    st.next_id += 1;
+                    let pushed = st.win.push(len, Pending { id, kind, payload, reply: Some(tx) });
                     assert_eq!(pushed, seq, "the window numbers requests in order");
                     if let Some(gen) = sent_on {
                         st.win.mark_sent(seq, gen);
@@ -283,7 +298,7 @@ impl ChannelLink {
                     if sent_on.is_none() {
                         self.kick();
                     }
-                    let cancel = (kind == FrameKind::Request).then(|| (Arc::downgrade(self), session, seq));
+                    let cancel = (kind == FrameKind::Request).then(|| (Arc::downgrade(self), id));
                     return Ok(PendingReply { peer: self.peer, rx, cancel });
                 }
             }
@@ -311,17 +326,47 @@ impl ChannelLink {
         }
     }
 
-    /// The caller of request `seq` of `session` gave up on it. Not sent yet: the driver
-    /// withdraws it when it comes to it. Sent: a `Cancel` frame goes out before anything sent
-    /// later on this link.
-    fn cancel(self: &Arc<Self>, session: u64, seq: u64) {
+    /// The caller of request `id` gave up on it. Not sent yet: the driver withdraws it when it
+    /// comes to it. Sent: a `Cancel` frame goes out before anything sent later on this link.
+    fn cancel(self: &Arc<Self>, id: u64) {
         {
             let mut st = self.st.lock().expect("link lock");
+            let session = st.win.session();
+            let Some(seq) = st.win.find(|p| p.id == id) else { return };
             if !st.win.cancel(session, seq, |p| p.kind == FrameKind::Request) {
                 return;
             }
         }
         self.kick();
+    }
+
+    /// A new pipe reached process `incarnation` of the peer. If the session's requests went to
+    /// another process, the peer restarted: the pipes to the dead process are dropped, and what
+    /// is outstanding moves into a new session numbered from 1, which the new process can
+    /// follow from its start (requests nobody waits for any more are dropped). What the dead
+    /// process had received and not answered is so delivered again: at-least-once across a
+    /// receiver crash.
+    fn on_incarnation(&self, st: &mut OutState, mesh: &dyn LinkHost, incarnation: u64) {
+        let previous = st.incarnation.replace(incarnation);
+        if previous.is_none_or(|p| p == incarnation) {
+            return;
+        }
+        for p in &st.pipes {
+            p.tx.mark_dead();
+        }
+        st.pipes.clear();
+        let dropped = st.win.renumber(mesh.new_session(), |p| {
+            p.kind != FrameKind::Request || p.reply.as_ref().is_some_and(|r| !r.is_closed())
+        });
+        tracing::debug!(
+            peer = %self.peer,
+            channel = %self.channel,
+            resent = st.win.len(),
+            dropped = dropped.len(),
+            "the peer restarted; outstanding requests go to its new process in a new session"
+        );
+        drop(dropped);
+        self.space.notify_waiters();
     }
 
     /// A dial failed, or a pipe died before answering anything sent on it (a peer that
@@ -396,7 +441,7 @@ impl ChannelLink {
             };
             if dial {
                 match mesh.dial(want, self.peer, self.channel).await {
-                    Ok((read, write)) => {
+                    Ok(Dialed { read, write, incarnation }) => {
                         let link = Arc::downgrade(&self);
                         // Under the lock, so that a concurrent close either sees these tasks or
                         // is seen here.
@@ -404,6 +449,7 @@ impl ChannelLink {
                         if st.closed.is_some() {
                             return;
                         }
+                        self.on_incarnation(&mut st, &*mesh, incarnation);
                         let (tx, writer) = spawn_writer_task(write, {
                             let link = link.clone();
                             let live = LiveTask::new(&self.live);
