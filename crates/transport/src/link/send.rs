@@ -271,8 +271,10 @@ impl ChannelLink {
                 if st.win.fits(len) {
                     let session = st.win.session();
                     let seq = st.win.next_seq();
-                    // The ack of the window without this request: one past it when it is alone.
-                    let ack = if st.win.is_empty() { seq + 1 } else { st.win.ack() };
+                    // The oldest unanswered request, this one when it is alone. (One past it when
+                    // alone told a receiver that takes up the session there, a restarted
+                    // peer's new process, to skip this request.)
+                    let ack = st.win.ack();
                     let (tx, rx) = oneshot::channel();
                     let payload = payload.take().expect("payload is taken once");
                     // Fast path: straight onto the current pipe when nothing older waits.
