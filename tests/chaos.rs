@@ -88,9 +88,8 @@ macro_rules! short_pass {
     };
 }
 
-// CI's short pass: 17 nemesis kinds (two through regression scenarios), 3 nodes, both
-// transports, fixed seeds. `kill-primary` and `kill-primary-lagging` are out until an open bug
-// is fixed: a restarted former primary is never resynced (docs/CHAOS.md, "Open findings").
+// CI's short pass: 19 nemesis kinds (two through regression scenarios), 3 nodes, both
+// transports, fixed seeds.
 short_pass! {
     short_partition_primary: "partition-primary", 101, "tcp";
     short_partition_leader: "partition-leader", 102, "quic";
@@ -98,16 +97,19 @@ short_pass! {
     short_blackhole: "blackhole", 104, "quic";
     short_packet_loss: "packet-loss", 105, "tcp";
     short_tcp_reset: "tcp-reset", 106, "tcp";
+    short_kill_primary: "kill-primary", 107, "quic";
     short_kill_all: "kill-all", 108, "tcp";
     short_pause_primary: "pause-primary", 109, "quic";
     short_pause_leader: "pause-leader", 110, "tcp";
     short_switch_data: "switch-data", 111, "quic";
     short_switch_during_partition: "switch-during-partition", 112, "tcp";
     short_slow_link: "slow-link", 113, "quic";
+    short_kill_primary_lagging: "kill-primary-lagging", 119, "quic";
     short_snapshot_catch_up: "snapshot-catch-up", 115, "quic";
     short_add_remove_node: "add-remove-node", 116, "tcp";
     short_regress_stale_read_after_power_cut: "regress-stale-read-after-power-cut", 117, "tcp";
     short_regress_lease_blip: "regress-lease-blip", 118, "quic";
+    short_regress_restarted_replica_resync: "regress-restarted-replica-resync", 114, "tcp";
 }
 
 /// The regression scenario of a bug the failpoints found: a primary whose store fails must drop

@@ -132,11 +132,23 @@ pub fn all() -> Vec<Scenario> {
     ));
     // Regression scenarios: the schedules that found bugs, replayed as they were.
     let secs = Duration::from_secs;
+    let millis = Duration::from_millis;
     s.push(Scenario::regress(
         "regress-primary-store-fails",
         "the primary's journal fsync fails twice in a row (store poisoned): it must drop out and the volume fail \
          over with no host error (it kept its lease, churned epochs and answered EIO)",
         &[(FailFsyncPrimary, secs(9), secs(4)), (FailFsyncPrimary, secs(9), secs(4))],
+    ));
+    // kill-primary-lagging seed 114 (docs/ARCHITECTURE.md, transport invariants): a node's
+    // link kept its session across the peer's restart and resent what was outstanding with
+    // the old numbers; the new process waited for ever for the numbers its predecessor had
+    // answered out of order, so the new primary's chunk copies to the restarted former
+    // primary timed out every 30 s and writes to that chunk waited behind them.
+    s.push(Scenario::regress(
+        "regress-restarted-replica-resync",
+        "the primary killed twice, a backup lagging each time: both restarted former primaries must be resynced \
+         promptly (their links' resent requests left gaps the new processes waited on for ever)",
+        &[(KillPrimaryLagging, millis(8400), millis(2600)), (KillPrimaryLagging, millis(6500), secs(3))],
     ));
     // pause-primary-blip seed 1 (docs/PROTOCOL.md, "Retries of a write that may have taken
     // effect"): the primary stops with host writes sequenced and sent, just long enough that
