@@ -10,7 +10,7 @@ use anyhow::anyhow;
 use clap::{Args, Subcommand};
 
 use crate::run::{run, RunOptions};
-use crate::scenario::{self, Scenario};
+use crate::scenario::{self, Scenario, Timing};
 use crate::verdict::{self, Verdict};
 use crate::world::NOT_A_FAILPOINTS_BUILD;
 
@@ -83,10 +83,13 @@ fn list() {
         if s.kinds.len() > 1 || !s.with.is_empty() {
             println!("  {:<26}   nemeses: {}", "", kinds.join(", "));
         }
-        if !s.fixed.is_empty() {
+        if let Timing::Fixed(fixed) = &s.timing {
             let steps: Vec<String> =
-                s.fixed.iter().map(|(k, hold, _)| format!("{} {}s", k.name(), hold.as_secs())).collect();
+                fixed.iter().map(|(k, hold, _)| format!("{} {:.1}s", k.name(), hold.as_secs_f64())).collect();
             println!("  {:<26}   fixed schedule: {}", "", steps.join(", then "));
+        }
+        if let Timing::Hold(hold) = s.timing {
+            println!("  {:<26}   every fault held {:.1}s", "", hold.as_secs_f64());
         }
         if s.needs_failpoints() {
             println!("  {:<26}   needs a failpoints build (--exe)", "");

@@ -17,7 +17,7 @@ use crate::history::{Fault, MarkKind, Timeline};
 use crate::lazyfs::LazyFs;
 use crate::nemesis::{Active, Kind, CHAOS_LOGS_TO_KEEP, CHAOS_SNAPSHOT_AFTER};
 use crate::recorder::Recorder;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, Timing};
 use crate::workload::{self, Ctx, HostError};
 use crate::world::World;
 
@@ -287,8 +287,8 @@ pub struct Step {
 
 /// The schedule a seed gives for a scenario: the same seed, the same steps.
 pub fn schedule(scenario: &Scenario, seed: u64, duration: Duration, nodes: u32) -> Vec<Step> {
-    if !scenario.fixed.is_empty() {
-        return scenario.fixed.iter().map(|&(kind, hold, gap)| Step { kinds: vec![kind], hold, gap }).collect();
+    if let Timing::Fixed(steps) = &scenario.timing {
+        return steps.iter().map(|&(kind, hold, gap)| Step { kinds: vec![kind], hold, gap }).collect();
     }
     let mut rng = Rng::new(seed ^ 0x5ced_u64);
     let usable: Vec<Kind> = scenario.kinds.iter().copied().filter(|k| nodes >= 5 || !k.needs_five()).collect();
@@ -298,9 +298,12 @@ pub fn schedule(scenario: &Scenario, seed: u64, duration: Duration, nodes: u32) 
         let first = usable[rng.below(usable.len() as u64) as usize];
         let mut kinds = vec![first];
         kinds.extend(scenario.with.iter().copied().filter(|k| *k != first));
-        // Drawn even when fixed, so that the rest of the schedule is the same.
+        // Drawn even when pinned, so that the rest of the schedule is the same.
         let drawn = between(&mut rng, first.hold());
-        let hold = scenario.hold.unwrap_or(drawn);
+        let hold = match scenario.timing {
+            Timing::Hold(hold) => hold,
+            _ => drawn,
+        };
         let gap = between(&mut rng, (GAP_MIN, GAP_MAX));
         t += hold + gap;
         steps.push(Step { kinds, hold, gap });

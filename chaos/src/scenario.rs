@@ -21,12 +21,20 @@ pub struct Scenario {
     pub with: Vec<Kind>,
     /// The fewest nodes it runs on.
     pub nodes_min: u32,
-    /// A regression scenario's schedule, the same whatever the seed and the duration (empty:
-    /// the seed draws the schedule from `kinds`).
-    pub fixed: Vec<FixedStep>,
-    /// How long every fault is held, if not drawn from the kind's range (a regression
-    /// scenario's fixed schedule).
-    pub hold: Option<Duration>,
+    /// How the steps' kinds, holds and gaps are chosen.
+    pub timing: Timing,
+}
+
+/// How a scenario's schedule is made: drawn from the seed, or pinned (in part or whole) by a
+/// regression scenario that replays what found a bug.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Timing {
+    /// Everything from the seed: which of the kinds, how long each is held, the gaps.
+    Drawn,
+    /// Kinds and gaps from the seed, but every fault held this long.
+    Hold(Duration),
+    /// These steps as they are, whatever the seed and the duration.
+    Fixed(Vec<FixedStep>),
 }
 
 impl Scenario {
@@ -37,8 +45,7 @@ impl Scenario {
             kinds: vec![kind],
             with: vec![],
             nodes_min: if kind.needs_five() { 5 } else { 3 },
-            fixed: vec![],
-            hold: None,
+            timing: Timing::Drawn,
         }
     }
 
@@ -49,8 +56,7 @@ impl Scenario {
             kinds: kinds.to_vec(),
             with: with.to_vec(),
             nodes_min: 3,
-            fixed: vec![],
-            hold: None,
+            timing: Timing::Drawn,
         }
     }
 
@@ -59,7 +65,7 @@ impl Scenario {
         let mut kinds: Vec<Kind> = steps.iter().map(|s| s.0).collect();
         kinds.sort();
         kinds.dedup();
-        Scenario { fixed: steps.to_vec(), ..Scenario::mix(name, about, &kinds, &[]) }
+        Scenario { timing: Timing::Fixed(steps.to_vec()), ..Scenario::mix(name, about, &kinds, &[]) }
     }
 
     /// Whether its nodes must be a `failpoints` build.
@@ -155,7 +161,7 @@ pub fn all() -> Vec<Scenario> {
     // the leader fails it over as it wakes; its node then re-routed those writes to the new
     // primary, which executed them a second time after newer acknowledged writes.
     s.push(Scenario {
-        hold: Some(REGRESS_LEASE_BLIP_HOLD),
+        timing: Timing::Hold(REGRESS_LEASE_BLIP_HOLD),
         ..Scenario::mix(
             "regress-lease-blip",
             "SIGSTOP of the primary for 2.8 s every time: it wakes as the leader fails it over (a retried write ran twice)",
@@ -197,7 +203,7 @@ mod tests {
         assert!(find("failpoints").is_some_and(|s| !s.kinds.contains(&Kind::FailSnapshotInstall)));
         let regress = find("regress-primary-store-fails").expect("the regression scenario");
         assert_eq!(regress.kinds, vec![Kind::FailFsyncPrimary]);
-        assert_eq!(regress.fixed.len(), 2);
+        assert!(matches!(&regress.timing, Timing::Fixed(steps) if steps.len() == 2));
         assert!(find("power-loss").is_some_and(|s| s.all_kinds().iter().all(|k| k.cuts_power())));
     }
 }
