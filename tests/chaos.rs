@@ -119,6 +119,14 @@ fn regress_primary_store_fails() {
     must_be_valid_on("regress-primary-store-fails", 1, "tcp", tandem_chaos_bin());
 }
 
+/// A node whose snapshot install failed must restart and catch up (openraft 0.9 persisted a
+/// purge past the failed install, and the node could never start again; `LogStore::purge` now
+/// waits for the state machine's durable snapshot).
+#[test]
+fn regress_failed_snapshot_install() {
+    must_be_valid_on("fail-snapshot-install", 1, "tcp", tandem_chaos_bin());
+}
+
 /// How many seeds a planted bug may take before the test gives up on the checker, and how
 /// long each of those runs injects faults (the bugs that need a fault to land in a narrow
 /// window get a few chances per run).

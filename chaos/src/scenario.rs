@@ -127,13 +127,20 @@ pub fn all() -> Vec<Scenario> {
     s.push(Scenario::mix("mix", "every 3-node nemesis, drawn at random", &Kind::ALL[..5], &[]));
     let last = s.len() - 1;
     s[last].kinds = Kind::ALL.into_iter().filter(|k| !k.needs_five() && !k.needs_failpoints()).collect();
-    // Without fail-snapshot-install: it needs short snapshot intervals for the whole run, and
-    // it fails every run today (docs/CHAOS.md: the node cannot restart after a failed install).
+    // With fail-snapshot-install, the whole run has short snapshot intervals.
     s.push(Scenario::mix(
         "failpoints",
         "faults inside the nodes (a failpoints build, --exe): failed and crashing journal fsyncs on the primary \
-         and the backups, late backup acks, ISR changes that cannot be proposed",
-        &[FailFsyncPrimary, FailFsyncBackup, CrashBeforeFsync, CrashAfterFsync, StallBackupReply, StallIsrPropose],
+         and the backups, late backup acks, ISR changes that cannot be proposed, failed snapshot installs",
+        &[
+            FailFsyncPrimary,
+            FailFsyncBackup,
+            CrashBeforeFsync,
+            CrashAfterFsync,
+            StallBackupReply,
+            StallIsrPropose,
+            FailSnapshotInstall,
+        ],
         &[],
     ));
     // Regression scenarios: the schedules that found bugs, replayed as they were.
@@ -198,9 +205,7 @@ mod tests {
         let failpoint_kinds = Kind::ALL.into_iter().filter(|k| k.needs_failpoints()).count();
         assert!(find("mix").is_some_and(|s| s.kinds.len() == Kind::ALL.len() - 1 - failpoint_kinds));
         assert!(find("mix").is_some_and(|s| !s.needs_failpoints()));
-        // All but fail-snapshot-install, which stays a scenario of its own (docs/CHAOS.md).
-        assert!(find("failpoints").is_some_and(|s| s.kinds.len() == failpoint_kinds - 1 && s.needs_failpoints()));
-        assert!(find("failpoints").is_some_and(|s| !s.kinds.contains(&Kind::FailSnapshotInstall)));
+        assert!(find("failpoints").is_some_and(|s| s.kinds.len() == failpoint_kinds && s.needs_failpoints()));
         let regress = find("regress-primary-store-fails").expect("the regression scenario");
         assert_eq!(regress.kinds, vec![Kind::FailFsyncPrimary]);
         assert!(matches!(&regress.timing, Timing::Fixed(steps) if steps.len() == 2));

@@ -182,7 +182,13 @@ pub struct LogStore {
     reader: LogReader,
     state: sled::Tree,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// The state machine's durable snapshot ([`LogStore::follow_snapshots`]).
+    snapshot_floor: Option<tokio::sync::watch::Receiver<u64>>,
 }
+
+/// How long a purge waits for the state machine's snapshot to cover it (a snapshot install
+/// queued just before it) before it fails, which stops Raft with nothing purged.
+const PURGE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl LogStore {
     /// Opens the log in `db` (opened in `dir`); starts the flusher task on the current tokio
@@ -197,7 +203,15 @@ impl LogStore {
             .name("raft-log-flush".into())
             .spawn(move || flusher(thread_sync, rx))
             .map_err(write_err)?;
-        Ok(LogStore { sync, reader: LogReader { log }, state, flusher: tx })
+        Ok(LogStore { sync, reader: LogReader { log }, state, flusher: tx, snapshot_floor: None })
+    }
+
+    /// Purges wait until the state machine's durable snapshot covers them
+    /// ([`crate::state_machine::StateMachine::snapshot_floor`]): a follower's purge that
+    /// openraft queues behind a snapshot install is persisted only once the install is, and
+    /// never if it fails.
+    pub fn follow_snapshots(&mut self, floor: tokio::sync::watch::Receiver<u64>) {
+        self.snapshot_floor = Some(floor);
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
@@ -303,6 +317,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        if let Some(floor) = &mut self.snapshot_floor {
+            let covered = tokio::time::timeout(PURGE_WAIT_MAX, floor.wait_for(|f| *f >= log_id.index))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !covered {
+                let have = *floor.borrow();
+                return Err(write_err(format!(
+                    "purge up to {} asked while the durable snapshot covers only up to {have} \
+                     (a snapshot install that failed?): nothing purged",
+                    log_id.index
+                )));
+            }
+        }
         // Record the purge point first: a crash in between leaves entries that are merely
         // unreachable, never a gap that openraft would read as missing log.
         self.put_durable(KEY_PURGED, &log_id).await?;
@@ -319,6 +346,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A purge waits for the state machine's durable snapshot to cover it; if that never comes
+    /// (a failed install), it fails and purges nothing (chaos `fail-snapshot-install`: a purge
+    /// persisted past a failed install left a state openraft refused at the next start).
+    #[tokio::test]
+    async fn a_purge_waits_for_the_snapshot_that_covers_it_and_fails_without_one() {
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new().path(dir.path()).open().expect("open");
+        let mut log = LogStore::open(&db, dir.path()).expect("log");
+        let (floor, rx) = tokio::sync::watch::channel(10u64);
+        log.follow_snapshots(rx);
+        let at = |i| LogId::new(openraft::CommittedLeaderId::new(1, NodeId(1)), i);
+        log.purge(at(10)).await.expect("covered: purged at once");
+        assert_eq!(log.get_log_state().await.expect("state").last_purged_log_id, Some(at(10)));
+
+        let waiting = tokio::spawn(async move {
+            let r = log.purge(at(20)).await;
+            (log, r)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the purge waits for the snapshot");
+        floor.send_replace(20);
+        let (mut log, purged) = waiting.await.expect("task");
+        purged.expect("purged once the snapshot covers it");
+        assert_eq!(log.get_log_state().await.expect("state").last_purged_log_id, Some(at(20)));
+
+        drop(floor);
+        log.purge(at(30)).await.expect_err("no snapshot will cover it");
+        assert_eq!(log.get_log_state().await.expect("state").last_purged_log_id, Some(at(20)), "nothing purged");
+    }
 
     /// A value too large for sled's log goes to a blob file, which sled never syncs; a flush
     /// syncs it once (and again only if it grows), and forgets it once sled removed it.

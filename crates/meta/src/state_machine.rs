@@ -204,6 +204,8 @@ pub struct StateMachine {
     applied_tx: tokio::sync::watch::Sender<u64>,
     changes: tokio::sync::broadcast::Sender<Arc<Changes>>,
     stats: Arc<SnapshotStats>,
+    /// The last log index the durable snapshot covers (see [`StateMachine::snapshot_floor`]).
+    snapshot_floor: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachine {
@@ -226,7 +228,11 @@ impl StateMachine {
         }
         state.map = ClusterMap::from_objects(objects).map_err(read_err)?;
         let applied = state.last_applied.map_or(0, |l| l.index);
+        let snapshot_meta: Option<SnapshotMeta<NodeId, BasicNode>> =
+            snapshots.get(KEY_SNAPSHOT_META).map_err(read_err)?.map(|m| decode(&m)).transpose()?;
+        let floor = snapshot_meta.and_then(|m| m.last_log_id).map_or(0, |l| l.index);
         Ok(StateMachine {
+            snapshot_floor: Arc::new(tokio::sync::watch::channel(floor).0),
             sync: DiskSync::open(db, dir)?,
             tree,
             snapshots,
@@ -236,6 +242,14 @@ impl StateMachine {
             changes: tokio::sync::broadcast::channel(CHANGES_QUEUED_MAX).0,
             stats: Arc::default(),
         })
+    }
+
+    /// The last log index the node's durable snapshot covers, as it moves: the Raft log may be
+    /// purged up to there and no further (`LogStore::follow_snapshots`). openraft 0.9 queues a
+    /// follower's purge right behind a snapshot's install without waiting for its outcome; a
+    /// purge persisted past a failed install left a state openraft refuses at the next start.
+    pub fn snapshot_floor(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.snapshot_floor.subscribe()
     }
 
     pub fn reader(&self) -> SmReader {
@@ -280,6 +294,18 @@ async fn save_snapshot(
     Ok(())
 }
 
+/// A snapshot covering `meta` is durable: the log may be purged up to it.
+fn raise_floor(floor: &tokio::sync::watch::Sender<u64>, meta: &SnapshotMeta<NodeId, BasicNode>) {
+    let index = meta.last_log_id.map_or(0, |l| l.index);
+    floor.send_if_modified(|f| {
+        let higher = index > *f;
+        if higher {
+            *f = index;
+        }
+        higher
+    });
+}
+
 pub struct SnapshotBuilder {
     sync: DiskSync,
     snapshots: sled::Tree,
@@ -288,6 +314,7 @@ pub struct SnapshotBuilder {
     /// When the state was copied for this snapshot.
     started: std::time::Instant,
     stats: Arc<SnapshotStats>,
+    floor: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -301,6 +328,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let data = encode(&SnapshotBody { state: self.state.clone() })?;
         // Flushes the state machine tree too: once this returns, the log up to `last` may go.
         save_snapshot(&self.sync, &self.snapshots, &meta, &data).await?;
+        raise_floor(&self.floor, &meta);
         self.stats.note(data.len(), last.map_or(0, |l| l.index), self.started.elapsed(), true);
         tracing::debug!(bytes = data.len(), took = ?self.started.elapsed(), "metadata snapshot built");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
@@ -366,6 +394,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshots: self.snapshots.clone(),
             state: self.state.read().expect("state lock").clone(),
             seq: self.snapshot_seq,
+            floor: self.snapshot_floor.clone(),
         }
     }
 
@@ -404,6 +433,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.insert(KEY_MEMBERSHIP, encode(&new_state.membership)?);
         self.tree.apply_batch(batch).map_err(write_err)?;
         save_snapshot(&self.sync, &self.snapshots, meta, &data).await?;
+        raise_floor(&self.snapshot_floor, meta);
         let applied = new_state.last_applied.map_or(0, |l| l.index);
         *self.state.write().expect("state lock") = new_state;
         self.publish(applied, Vec::new(), true);

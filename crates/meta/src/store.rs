@@ -337,6 +337,7 @@ impl MetaStore {
             .last_log_id
             .map_or(0, |l| l.index);
         let sm = StateMachine::open(&db, dir).map_err(|e| e.to_string())?;
+        log.follow_snapshots(sm.snapshot_floor());
         let reader = sm.reader();
         // Peers already in the map get their addresses now, so even forwarded requests to them
         // work before Raft has replicated to them.
