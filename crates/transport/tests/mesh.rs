@@ -615,33 +615,63 @@ async fn goes_on(a: &Mesh, kind: TransportKind) {
     assert_eq!(&reply[8..], b"after", "{kind}");
 }
 
+/// Node 1 talking to node 2, whose first process holds every "during" request (counting them)
+/// and can crash, and whose next process starts on the same address.
+struct RestartCase {
+    kind: TransportKind,
+    a: Mesh,
+    node2: Restartable,
+    first: Option<(Mesh, tokio::runtime::Runtime)>,
+    /// "during" requests the first process received.
+    received: Arc<AtomicU64>,
+}
+
+impl RestartCase {
+    async fn new(kind: TransportKind, name: &'static str) -> RestartCase {
+        let ca = Ca::new(name);
+        let received = Arc::new(AtomicU64::new(0));
+        let (a, a_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
+        let node2 = Restartable::new(ca.identity(NodeId(2)), kind, a_addr);
+        let first = node2.start_crashable(Arc::new(HoldDuring(received.clone())));
+        a.set_peer_addr(NodeId(2), node2.addr);
+        RestartCase { kind, a, node2, first: Some(first), received }
+    }
+
+    /// Until the first process received `n` "during" requests.
+    async fn held(&self, n: u64) {
+        wait_count(&self.received, n, &self.kind.to_string()).await;
+    }
+
+    /// Node 2 crashes and starts again on the same address, knowing nothing of the session,
+    /// with `handler`.
+    fn crash_and_restart(&mut self, handler: Arc<dyn Handler>) -> Mesh {
+        if let Some((b, process)) = self.first.take() {
+            drop(b);
+            process.shutdown_background();
+        }
+        self.node2.start(handler)
+    }
+}
+
 /// docs/ARCHITECTURE.md, transport invariants: "a receiver that restarted while the sender had
 /// requests outstanding gets them again, in a new session (what the dead process had received
 /// but not answered is delivered again: at-least-once across a receiver crash)".
 #[tokio::test]
 async fn a_restarted_receiver_picks_up_a_long_running_session() {
     for kind in KINDS {
-        let ca = Ca::new("restart");
-        let received = Arc::new(AtomicU64::new(0));
-        let (a, a_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
-        let node2 = Restartable::new(ca.identity(NodeId(2)), kind, a_addr);
-        let (b, process) = node2.start_crashable(Arc::new(HoldDuring(received.clone())));
-        a.set_peer_addr(NodeId(2), node2.addr);
+        let mut case = RestartCase::new(kind, "restart").await;
         // More requests than a window, so the session's numbers are far from 1.
         for i in 0..300u32 {
-            a.call(NodeId(2), Channel::Control, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
+            case.a.call(NodeId(2), Channel::Control, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
         }
         // A request node 2 receives and never answers: it is in flight when node 2 dies.
-        let waiting = call_during(&a);
-        wait_count(&received, 1, &kind.to_string()).await;
-        // Node 2 crashes and starts again on the same address, knowing nothing of the session.
-        drop(b);
-        process.shutdown_background();
-        let _b2 = node2.start(Arc::new(Echo));
+        let waiting = call_during(&case.a);
+        case.held(1).await;
+        let _b2 = case.crash_and_restart(Arc::new(Echo));
         // The request the dead process held is delivered again, to the new one, and answered.
         assert_eq!(&answered_across(waiting, kind).await[8..], b"during", "{kind}");
-        assert_eq!(received.load(Ordering::SeqCst), 1, "{kind}: the old process saw it once");
-        goes_on(&a, kind).await;
+        assert_eq!(case.received.load(Ordering::SeqCst), 1, "{kind}: the old process saw it once");
+        goes_on(&case.a, kind).await;
     }
 }
 
@@ -653,26 +683,19 @@ async fn a_restarted_receiver_picks_up_a_long_running_session() {
 #[tokio::test]
 async fn a_restarted_receiver_gets_every_outstanding_request_whatever_the_old_one_answered() {
     for kind in KINDS {
-        let ca = Ca::new("gaps");
-        let received = Arc::new(AtomicU64::new(0));
-        let (a, a_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
-        let node2 = Restartable::new(ca.identity(NodeId(2)), kind, a_addr);
-        let (b, process) = node2.start_crashable(Arc::new(HoldDuring(received.clone())));
-        a.set_peer_addr(NodeId(2), node2.addr);
+        let mut case = RestartCase::new(kind, "gaps").await;
         // Held, then answered, then held again: the answered ones leave a gap between the two.
-        let first = call_during(&a);
-        wait_count(&received, 1, &kind.to_string()).await;
+        let first = call_during(&case.a);
+        case.held(1).await;
         for i in 0..3u32 {
-            a.call(NodeId(2), Channel::Control, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
+            case.a.call(NodeId(2), Channel::Control, Bytes::from(i.to_be_bytes().to_vec())).await.expect("call");
         }
-        let second = call_during(&a);
-        wait_count(&received, 2, &kind.to_string()).await;
-        drop(b);
-        process.shutdown_background();
-        let _b2 = node2.start(Arc::new(Echo));
+        let second = call_during(&case.a);
+        case.held(2).await;
+        let _b2 = case.crash_and_restart(Arc::new(Echo));
         assert_eq!(&answered_across(first, kind).await[8..], b"during", "{kind}");
         assert_eq!(&answered_across(second, kind).await[8..], b"during", "{kind}");
-        goes_on(&a, kind).await;
+        goes_on(&case.a, kind).await;
     }
 }
 
@@ -682,20 +705,13 @@ async fn a_restarted_receiver_gets_every_outstanding_request_whatever_the_old_on
 #[tokio::test]
 async fn a_request_given_up_before_the_receiver_restarted_is_dropped_and_the_link_goes_on() {
     for kind in KINDS {
-        let ca = Ca::new("given-up");
-        let received = Arc::new(AtomicU64::new(0));
-        let (a, a_addr) = mesh(&ca.identity(NodeId(1)), kind, Arc::new(Echo)).await;
-        let node2 = Restartable::new(ca.identity(NodeId(2)), kind, a_addr);
-        let (b, process) = node2.start_crashable(Arc::new(HoldDuring(received.clone())));
-        a.set_peer_addr(NodeId(2), node2.addr);
-        let given_up = call_during(&a);
-        wait_count(&received, 1, &kind.to_string()).await;
+        let mut case = RestartCase::new(kind, "given-up").await;
+        let given_up = call_during(&case.a);
+        case.held(1).await;
         given_up.abort();
-        drop(b);
-        process.shutdown_background();
         let new_process = Arc::new(AtomicU64::new(0));
-        let _b2 = node2.start(Arc::new(HoldDuring(new_process.clone())));
-        goes_on(&a, kind).await;
+        let _b2 = case.crash_and_restart(Arc::new(HoldDuring(new_process.clone())));
+        goes_on(&case.a, kind).await;
         assert_eq!(new_process.load(Ordering::SeqCst), 0, "{kind}: the given-up request reached the new process");
     }
 }
