@@ -104,6 +104,13 @@ pub(super) struct Pending {
     reply: Option<ReplyTx>,
 }
 
+impl Pending {
+    /// A request whose caller gave up on it (dropped its [`PendingReply`]).
+    fn given_up(&self) -> bool {
+        self.kind == FrameKind::Request && self.reply.as_ref().is_some_and(|r| r.is_closed())
+    }
+}
+
 pub(super) struct OutPipe {
     gen: u64,
     pub(super) kind: TransportKind,
@@ -357,9 +364,7 @@ impl ChannelLink {
             p.tx.mark_dead();
         }
         st.pipes.clear();
-        let dropped = st.win.renumber(mesh.new_session(), |p| {
-            p.kind != FrameKind::Request || p.reply.as_ref().is_some_and(|r| !r.is_closed())
-        });
+        let dropped = st.win.renumber(mesh.new_session(), |p| !p.given_up());
         tracing::debug!(
             peer = %self.peer,
             channel = %self.channel,
@@ -367,7 +372,6 @@ impl ChannelLink {
             dropped = dropped.len(),
             "the peer restarted; outstanding requests go to its new process in a new session"
         );
-        drop(dropped);
         self.space.notify_waiters();
     }
 
@@ -511,9 +515,7 @@ impl ChannelLink {
                 let alive: Vec<u64> = st.pipes.iter().filter(|p| p.tx.is_alive()).map(|p| p.gen).collect();
                 let Some(seq) = st.win.next_unsent(|g| alive.contains(&g)) else { break };
                 let p = st.win.get_mut(seq).expect("an unsent request is outstanding");
-                let withdraw = p.kind == FrameKind::Request
-                    && p.reply.as_ref().is_some_and(|r| r.is_closed())
-                    && !p.payload.is_empty();
+                let withdraw = p.given_up() && !p.payload.is_empty();
                 if withdraw {
                     // The caller gave up on this request before it went out (it was queued, or
                     // its pipe died): it is withdrawn. Its number still travels, with an empty
