@@ -352,21 +352,34 @@ impl MeshInner {
     async fn dial_pipe(&self, kind: TransportKind, peer: NodeId, channel: Channel) -> Result<Dialed, String> {
         let addr = self.peers.read().expect("peers lock").get(&peer).copied();
         let addr = addr.ok_or_else(|| format!("no address known for node {peer}"))?;
-        let dial = async {
-            let (mut read, write) = match kind {
-                TransportKind::Tcp => self.tcp.dial(peer, addr, channel).await?,
-                TransportKind::Quic => self.quic.dial(peer, addr, channel).await?,
-            };
-            let (node, incarnation) = read_server_hello(&mut read).await?;
-            if node != peer {
-                return Err(std::io::Error::other(format!("node {node} answered instead of node {peer}")));
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let opened = tokio::time::timeout_at(deadline, async {
+            match kind {
+                TransportKind::Tcp => self.tcp.dial(peer, addr, channel).await.map(|(r, w)| (r, w, 0)),
+                TransportKind::Quic => self.quic.dial(peer, addr, channel).await,
             }
-            Ok(Dialed { read, write, incarnation })
+        })
+        .await;
+        let (mut read, write, path) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => return Err(format!("{kind} {addr}: {e}")),
+            Err(_) => return Err(format!("{kind} {addr}: connect timed out")),
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
-            Ok(Ok(pipe)) => Ok(pipe),
-            Ok(Err(e)) => Err(format!("{kind} {addr}: {e}")),
-            Err(_) => Err(format!("{kind} {addr}: connect timed out")),
+        let answer = tokio::time::timeout_at(deadline, read_server_hello(&mut read)).await;
+        match answer {
+            Ok(Ok((node, incarnation))) if node == peer => Ok(Dialed { read, write, incarnation, path }),
+            Ok(Ok((node, _))) => Err(format!("{kind} {addr}: node {node} answered instead of node {peer}")),
+            failed => {
+                // A stream on a shared QUIC connection that gets no hello back: the connection
+                // carries nothing, and the next dial makes a new one.
+                if kind == TransportKind::Quic {
+                    self.quic.stalled(peer, path);
+                }
+                match failed {
+                    Ok(Err(e)) => Err(format!("{kind} {addr}: {e}")),
+                    _ => Err(format!("{kind} {addr}: no server hello within {CONNECT_TIMEOUT:?}")),
+                }
+            }
         }
     }
 }
@@ -383,6 +396,13 @@ impl LinkHost for MeshInner {
 
     fn dial(&self, kind: TransportKind, peer: NodeId, channel: Channel) -> BoxFuture<'_, Result<Dialed, String>> {
         Box::pin(self.dial_pipe(kind, peer, channel))
+    }
+
+    fn stalled(&self, kind: TransportKind, peer: NodeId, path: u64) {
+        // A TCP pipe is a connection of its own: the next dial makes a new one anyway.
+        if kind == TransportKind::Quic {
+            self.quic.stalled(peer, path);
+        }
     }
 }
 

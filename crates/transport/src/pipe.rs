@@ -4,13 +4,16 @@
 //! frames, checking each length before allocating.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tandem_types::{Channel, NodeId};
 use tandem_wire::{Frame, FrameKind, FRAME_LEN_BYTES};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 
 /// Frames waiting to be written on one pipe.
@@ -87,11 +90,98 @@ pub async fn read_server_hello<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> io::
     Ok((NodeId(u64::from_be_bytes(id)), u64::from_be_bytes(incarnation)))
 }
 
+/// Milliseconds since this process first asked (a clock an atomic can hold).
+pub(crate) fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What a pipe's sender watches it by ([`clock_ms`] times): when bytes last came in, when its
+/// writer last made progress, and when it last wrote a `Ping`.
+#[derive(Default)]
+pub struct PipeClock {
+    heard: AtomicU64,
+    wrote: AtomicU64,
+    writing: AtomicBool,
+    pinged: AtomicU64,
+}
+
+impl PipeClock {
+    fn new() -> PipeClock {
+        let now = clock_ms();
+        PipeClock { heard: AtomicU64::new(now), wrote: AtomicU64::new(now), ..PipeClock::default() }
+    }
+
+    /// When bytes last came in (or the pipe was made).
+    pub fn heard(&self) -> u64 {
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    /// When a `Ping` was last written out (0: never).
+    pub fn pinged(&self) -> u64 {
+        self.pinged.load(Ordering::Relaxed)
+    }
+
+    /// Since when the writer has been stuck inside a write with no progress, if it is.
+    pub fn blocked_since(&self) -> Option<u64> {
+        self.writing.load(Ordering::Relaxed).then(|| self.wrote.load(Ordering::Relaxed))
+    }
+}
+
+/// The read half of a pipe, noting in its [`PipeClock`] when bytes come in: a frame still
+/// arriving counts, so a large reply on a slow path is not taken for silence.
+pub(crate) struct Heard {
+    inner: BoxRead,
+    clock: Arc<PipeClock>,
+}
+
+impl Heard {
+    pub(crate) fn new(inner: BoxRead, clock: Arc<PipeClock>) -> Heard {
+        Heard { inner, clock }
+    }
+}
+
+impl AsyncRead for Heard {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.clock.heard.store(clock_ms(), Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+/// The write half of a pipe, noting in its [`PipeClock`] every write that makes progress.
+struct Wrote {
+    inner: BoxWrite,
+    clock: Arc<PipeClock>,
+}
+
+impl AsyncWrite for Wrote {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.wrote.store(clock_ms(), Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// The sending half of a pipe, shared by whoever writes on it.
 #[derive(Clone)]
 pub struct PipeTx {
     pub out: mpsc::Sender<Frame>,
     alive: Arc<AtomicBool>,
+    pub clock: Arc<PipeClock>,
 }
 
 impl PipeTx {
@@ -117,19 +207,26 @@ pub fn spawn_writer(w: BoxWrite, on_dead: impl FnOnce() + Send + 'static) -> Pip
 /// [`spawn_writer`], also returning a handle to abort the writer task with (`on_dead` is then
 /// dropped without running).
 pub(crate) fn spawn_writer_task(
-    mut w: BoxWrite,
+    w: BoxWrite,
     on_dead: impl FnOnce() + Send + 'static,
 ) -> (PipeTx, tokio::task::AbortHandle) {
     let (tx, mut rx) = mpsc::channel::<Frame>(PIPE_QUEUE_MAX);
     let alive = Arc::new(AtomicBool::new(true));
     let flag = alive.clone();
+    let clock = Arc::new(PipeClock::new());
+    let mut w = Wrote { inner: w, clock: clock.clone() };
+    let watch = clock.clone();
     let task = tokio::spawn(async move {
         let result: io::Result<()> = async {
             let mut buf = BytesMut::with_capacity(COALESCE_BYTES * 2);
             while let Some(frame) = rx.recv().await {
                 buf.clear();
+                watch.wrote.store(clock_ms(), Ordering::Relaxed);
+                watch.writing.store(true, Ordering::Relaxed);
+                let mut ping = false;
                 let mut next = Some(frame);
                 while let Some(f) = next.take() {
+                    ping |= f.kind == FrameKind::Ping;
                     if f.payload.len() >= COALESCE_BYTES {
                         // Flush what is coalesced, then the big payload without copying it.
                         f.encode_header_into(&mut buf);
@@ -147,6 +244,10 @@ pub(crate) fn spawn_writer_task(
                     w.write_all(&buf).await?;
                 }
                 w.flush().await?;
+                watch.writing.store(false, Ordering::Relaxed);
+                if ping {
+                    watch.pinged.store(clock_ms(), Ordering::Relaxed);
+                }
             }
             w.shutdown().await
         }
@@ -157,5 +258,5 @@ pub(crate) fn spawn_writer_task(
         }
         on_dead();
     });
-    (PipeTx { out: tx, alive }, task.abort_handle())
+    (PipeTx { out: tx, alive, clock }, task.abort_handle())
 }

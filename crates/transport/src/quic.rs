@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ use crate::tls::{cert_names_node, Identity, TlsError};
 /// let a vanished peer be noticed within this time.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// How long a connection replaced by a new one (after a pipe on it stalled) stays open.
+const REPLACED_GRACE: Duration = Duration::from_secs(10);
 /// Flow-control windows sized for 1 MiB messages at loopback speed.
 const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
@@ -38,11 +41,21 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// The connection pipes to one peer share, with its serial.
+type Slot = Option<(u64, quinn::Connection)>;
+
 pub struct QuicLayer {
     me: NodeId,
     endpoint: quinn::Endpoint,
-    /// One connection per peer, behind a per-peer lock so concurrent dials share it.
-    conns: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    /// One connection per peer (and its serial), behind a per-peer lock so concurrent dials
+    /// share it.
+    conns: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// Per peer, the serial of a connection a link found a pipe on silent (docs/ARCHITECTURE.md,
+    /// "A silent pipe"): the next dial makes a new connection, and closes that one once the new
+    /// one is up.
+    stalled: Mutex<HashMap<NodeId, u64>>,
+    /// Numbers the connections this layer makes (a pipe names the one it rides on).
+    serials: AtomicU64,
 }
 
 fn tls_err(e: impl std::fmt::Display) -> TlsError {
@@ -63,32 +76,60 @@ impl QuicLayer {
             quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, Arc::new(quinn::TokioRuntime))
                 .map_err(tls_err)?;
         endpoint.set_default_client_config(client);
-        Ok(QuicLayer { me: identity.node_id, endpoint, conns: Mutex::new(HashMap::new()) })
+        Ok(QuicLayer {
+            me: identity.node_id,
+            endpoint,
+            conns: Mutex::new(HashMap::new()),
+            stalled: Mutex::new(HashMap::new()),
+            serials: AtomicU64::new(1),
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }
 
-    async fn connection(&self, peer: NodeId, addr: SocketAddr) -> io::Result<quinn::Connection> {
+    /// The connection to `peer` and its serial: the one pipes share, or a new one when there
+    /// is none, it ended, the peer moved, or it was found stalled. A new connection replaces
+    /// a stalled one only once its handshake is done, and closes it [`REPLACED_GRACE`] later.
+    async fn connection(&self, peer: NodeId, addr: SocketAddr) -> io::Result<(u64, quinn::Connection)> {
         let slot = self.conns.lock().expect("conns lock").entry(peer).or_default().clone();
         let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref() {
-            if c.close_reason().is_none() && c.remote_address() == addr {
-                return Ok(c.clone());
+        if let Some((serial, c)) = slot.as_ref() {
+            let stalled = self.stalled.lock().expect("stalled lock").get(&peer) == Some(serial);
+            if !stalled && c.close_reason().is_none() && c.remote_address() == addr {
+                return Ok((*serial, c.clone()));
             }
         }
         let connecting = self.endpoint.connect(addr, &node_cert_name(peer)).map_err(io::Error::other)?;
         let conn = connecting.await.map_err(io::Error::other)?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        let serial = self.serials.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, old)) = slot.replace((serial, conn.clone())) {
+            // Links still on the old connection move when their pipes stall or end; it is
+            // closed once they have had the time to (an idle link's pipe then ends, and the
+            // link dials again when it has something to send).
+            tokio::spawn(async move {
+                tokio::time::sleep(REPLACED_GRACE).await;
+                old.close(3u32.into(), b"replaced by a new connection");
+            });
+        }
+        self.stalled.lock().expect("stalled lock").remove(&peer);
+        Ok((serial, conn))
     }
 
-    pub async fn dial(&self, peer: NodeId, addr: SocketAddr, channel: Channel) -> io::Result<(BoxRead, BoxWrite)> {
-        let conn = self.connection(peer, addr).await?;
+    /// A pipe on connection `serial` to `peer` carried nothing back for too long: the next
+    /// dial makes a new connection (this one stays until that one is up).
+    pub fn stalled(&self, peer: NodeId, serial: u64) {
+        self.stalled.lock().expect("stalled lock").insert(peer, serial);
+    }
+
+    /// A new stream to `peer` for `channel`, with the client's hello sent, and the serial of
+    /// the connection it is on.
+    pub async fn dial(&self, peer: NodeId, addr: SocketAddr, channel: Channel) -> io::Result<(BoxRead, BoxWrite, u64)> {
+        let (serial, conn) = self.connection(peer, addr).await?;
         let (mut send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
         send.write_all(&hello(self.me, channel).encode()).await?;
-        Ok((Box::new(recv), Box::new(send)))
+        Ok((Box::new(recv), Box::new(send), serial))
     }
 
     /// Accepts connections and their streams until the returned task is aborted.

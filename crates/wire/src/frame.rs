@@ -15,7 +15,8 @@ use tandem_types::{Channel, FRAME_BYTES_MAX};
 
 /// Bumped on any incompatible change of the frame layout; a peer speaking another version is
 /// refused at the first frame.
-pub const FRAME_VERSION: u8 = 1;
+/// Version 2: the server's hello answers the client's, and `Ping`/`Pong` exist.
+pub const FRAME_VERSION: u8 = 2;
 
 /// Bytes after the length prefix and before the payload.
 pub const FRAME_HEADER_BYTES: usize = 1 + 1 + 1 + 8 + 8 + 8;
@@ -39,6 +40,11 @@ pub enum FrameKind {
     /// receiver does not start it, cancels it if it runs, and answers it with an `Error`.
     /// Empty payload; not itself answered.
     Cancel,
+    /// Is this pipe still carrying anything? The receiver answers `Pong` on the same pipe at
+    /// once, outside the sequence (session, seq and ack are 0). Empty payload.
+    Ping,
+    /// The answer to a `Ping`. Empty payload.
+    Pong,
 }
 
 impl FrameKind {
@@ -50,6 +56,8 @@ impl FrameKind {
             FrameKind::Error => 3,
             FrameKind::RegionWrite => 4,
             FrameKind::Cancel => 5,
+            FrameKind::Ping => 6,
+            FrameKind::Pong => 7,
         }
     }
 
@@ -61,6 +69,8 @@ impl FrameKind {
             3 => Some(FrameKind::Error),
             4 => Some(FrameKind::RegionWrite),
             5 => Some(FrameKind::Cancel),
+            6 => Some(FrameKind::Ping),
+            7 => Some(FrameKind::Pong),
             _ => None,
         }
     }
@@ -201,7 +211,7 @@ mod tests {
     }
 
     fn kind() -> impl Strategy<Value = FrameKind> {
-        (0u8..5).prop_map(|v| FrameKind::from_u8(v).expect("in range"))
+        (0u8..8).prop_map(|v| FrameKind::from_u8(v).expect("in range"))
     }
 
     proptest! {

@@ -143,6 +143,12 @@ impl Inbound {
         if frame.channel != channel {
             return Err(format!("frame for {} on a {channel} pipe", frame.channel));
         }
+        if frame.kind == FrameKind::Ping {
+            // At once, on this pipe, outside the sequence: the sender wants to know whether the
+            // pipe carries anything. A full queue sends none; its bytes flowing say as much.
+            let _ = route.out.try_send(Frame::new(FrameKind::Pong, channel, 0, 0, 0, Bytes::new()));
+            return Ok(());
+        }
         if !matches!(frame.kind, FrameKind::Request | FrameKind::RegionWrite | FrameKind::Cancel) {
             return Err(format!("unexpected {:?} frame from a client", frame.kind));
         }
@@ -276,9 +282,17 @@ async fn finish(chan: &InboundChan, session: u64, seq: u64, result: Result<Bytes
     // No routes when the session has ended or the sender acknowledged the request already:
     // nobody waits.
     let routes = chan.st.lock().expect("inbound lock").answer(session, seq, frame.clone());
-    for r in routes {
-        if r.is_alive() {
-            let _ = r.out.send(frame.clone()).await;
+    // On every route at once: a pipe that stalled (its sender has made a new one and resent
+    // the request there) must not hold up the reply on the new one.
+    for r in routes.into_iter().filter(|r| r.is_alive()) {
+        match r.out.try_send(frame.clone()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                tokio::spawn(async move {
+                    let _ = r.out.send(frame).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }

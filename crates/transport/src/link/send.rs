@@ -16,7 +16,7 @@ use tokio::io::BufReader;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::pipe::{read_frame, spawn_writer_task, BoxRead, BoxWrite, PipeTx, READ_BUFFER_BYTES};
+use crate::pipe::{clock_ms, read_frame, spawn_writer_task, BoxRead, BoxWrite, Heard, PipeTx, READ_BUFFER_BYTES};
 use crate::{BoxFuture, TransportError};
 use tandem_types::{Layer, TransportKind};
 
@@ -30,12 +30,24 @@ pub const BACKOFF_MAX: Duration = Duration::from_millis(800);
 const _: () = assert!(BACKOFF_BASE.as_nanos() < BACKOFF_MAX.as_nanos());
 const _: () = assert!(BACKOFF_BASE.as_nanos() << 16 >= BACKOFF_MAX.as_nanos());
 
+/// A pipe with requests in flight that has carried nothing back for this long gets a `Ping`.
+pub const SILENT_AFTER: Duration = Duration::from_millis(500);
+/// Nothing back this long after the `Ping`: the pipe is stalled, and a new one is made
+/// (docs/ARCHITECTURE.md, "A silent pipe"). Long enough for a round trip on a loaded node;
+/// the cost of a false alarm is a resend, not an error.
+pub const STALLED_AFTER: Duration = Duration::from_millis(1500);
+/// How often the driver looks at its pipes while requests are in flight.
+const WATCH_TICK: Duration = Duration::from_millis(250);
+
 /// What a link needs of the mesh it belongs to: the layer selected for its channel, a fresh
-/// session number, and a new pipe to its peer.
+/// session number, a new pipe to its peer, and word that a pipe stalled.
 pub(super) trait LinkHost: Send + Sync + 'static {
     fn kind(&self, layer: Layer) -> TransportKind;
     fn new_session(&self) -> u64;
     fn dial(&self, kind: TransportKind, peer: NodeId, channel: Channel) -> BoxFuture<'_, Result<Dialed, String>>;
+    /// A pipe on `path` (the layer's connection) carried nothing back for too long: the next
+    /// dial must not reuse that connection.
+    fn stalled(&self, kind: TransportKind, peer: NodeId, path: u64);
 }
 
 /// A new pipe to a peer, and which process of the peer answered it (its server hello).
@@ -43,6 +55,8 @@ pub(super) struct Dialed {
     pub(super) read: BoxRead,
     pub(super) write: BoxWrite,
     pub(super) incarnation: u64,
+    /// The layer's connection the pipe rides on (QUIC: shared by the peer's channels).
+    pub(super) path: u64,
 }
 
 type ReplyTx = oneshot::Sender<Result<Bytes, TransportError>>;
@@ -115,6 +129,58 @@ pub(super) struct OutPipe {
     gen: u64,
     pub(super) kind: TransportKind,
     pub(super) tx: PipeTx,
+    /// The layer's connection under it.
+    path: u64,
+    /// When a `Ping` was queued on it that nothing has been heard since ([`clock_ms`]).
+    ping: Option<u64>,
+    /// Found silent (docs/ARCHITECTURE.md, "A silent pipe"): a new pipe is being made. Until
+    /// it is up, this one still carries requests (it may only be slow); then it is closed and
+    /// what was in flight on it is resent on the new one.
+    stalled: bool,
+    /// Its writer and reader tasks, aborted when a new pipe replaces it.
+    tasks: [tokio::task::AbortHandle; 2],
+}
+
+impl OutPipe {
+    /// Watches the pipe while requests are in flight on it: a `Ping` once nothing has come in
+    /// for [`SILENT_AFTER`]; stalled when nothing has come in for [`STALLED_AFTER`] since the
+    /// `Ping` went out, or since the writer got stuck (a full socket or stream: the `Ping`
+    /// cannot even go out). Anything heard clears both. Returns true when it just stalled.
+    fn watch(&mut self, channel: Channel, in_flight: bool, now: u64) -> bool {
+        let clock = &self.tx.clock;
+        let heard = clock.heard();
+        if self.ping.is_some_and(|queued| heard >= queued) {
+            self.ping = None;
+            self.stalled = false;
+        }
+        if !in_flight || self.stalled {
+            return false;
+        }
+        let silent = |since: u64| now.saturating_sub(since.max(heard)) >= STALLED_AFTER.as_millis() as u64;
+        match self.ping {
+            None if now.saturating_sub(heard) >= SILENT_AFTER.as_millis() as u64 => {
+                // A full queue takes no `Ping`: it is tried again at the next look.
+                if self.tx.out.try_send(Frame::new(FrameKind::Ping, channel, 0, 0, 0, Bytes::new())).is_ok() {
+                    self.ping = Some(now);
+                }
+                self.stalled = clock.blocked_since().is_some_and(silent);
+            }
+            Some(queued) => {
+                let pinged = clock.pinged();
+                self.stalled = (pinged >= queued && silent(pinged)) || clock.blocked_since().is_some_and(silent);
+            }
+            None => {}
+        }
+        self.stalled
+    }
+
+    /// Closes the pipe: its tasks end, and what was in flight on it counts as unsent.
+    fn retire(&self) {
+        self.tx.mark_dead();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 pub(super) struct OutState {
@@ -146,12 +212,14 @@ impl OutState {
         self.tasks.push(task);
     }
 
+    /// The newest live pipe of the selected layer that has not stalled.
     fn current(&self, want: TransportKind) -> Option<&OutPipe> {
-        self.pipes.iter().rev().find(|p| p.kind == want && p.tx.is_alive())
+        self.pipes.iter().rev().find(|p| p.kind == want && p.tx.is_alive() && !p.stalled)
     }
 
     /// Where requests go: the current pipe, or while the selected layer cannot be reached,
-    /// any pipe still alive (a failed switch must not fail traffic the old layer can carry).
+    /// any pipe still alive (a failed switch must not fail traffic the old layer can carry,
+    /// nor a failed redial traffic a stalled pipe may yet carry).
     pub(super) fn usable(&self, want: TransportKind) -> Option<&OutPipe> {
         self.current(want).or_else(|| self.pipes.iter().rev().find(|p| p.tx.is_alive()))
     }
@@ -391,12 +459,14 @@ impl ChannelLink {
         self.space.notify_waiters();
     }
 
-    /// A pipe's reader ended. If requests were sent on it and it never answered one, that
-    /// counts as a failed connect.
+    /// A pipe's reader ended. If requests were sent on it and it never answered one (and it
+    /// was not stalled), that counts as a failed connect.
     fn pipe_ended(&self, gen: u64, answered: bool, reason: String) {
         let unanswered = {
             let st = self.st.lock().expect("link lock");
-            st.win.in_flight_on(gen)
+            // A stalled pipe is being replaced: its end is no failed connect.
+            let stalled = st.pipes.iter().any(|p| p.gen == gen && p.stalled);
+            !stalled && st.win.in_flight_on(gen)
         };
         if unanswered && !answered {
             if let Some(mesh) = self.mesh.upgrade() {
@@ -421,12 +491,36 @@ impl ChannelLink {
         st.pipes.clear();
     }
 
+    /// Looks at the live pipes with requests in flight: a silent one gets a `Ping`, and one
+    /// that stays silent is marked stalled (the layer is told, so that the next dial does not
+    /// reuse its connection), which makes the driver dial a new pipe.
+    fn watch(&self, mesh: &dyn LinkHost) {
+        let now = clock_ms();
+        let mut st = self.st.lock().expect("link lock");
+        let busy = st.win.busy_pipes();
+        for p in st.pipes.iter_mut().filter(|p| p.tx.is_alive()) {
+            if p.watch(self.channel, busy.contains(&p.gen), now) {
+                tracing::info!(
+                    peer = %self.peer,
+                    channel = %self.channel,
+                    transport = %p.kind,
+                    silent_ms = now.saturating_sub(p.tx.clock.heard()),
+                    "a pipe with requests in flight carries nothing back; making a new one"
+                );
+                mesh.stalled(p.kind, self.peer, p.path);
+            }
+        }
+    }
+
     /// The link's driver: makes pipes (dial with backoff), moves to the selected layer, sends
     /// what the fast path could not, and closes drained old pipes.
     async fn drive(self: Arc<Self>, _live: LiveTask) {
         loop {
             let Some(mesh) = self.mesh.upgrade() else { return };
             let want = mesh.kind(Layer::of(self.channel));
+
+            // Watch: a pipe that carries nothing back is found out.
+            self.watch(&*mesh);
 
             // Make.
             let dial = {
@@ -447,7 +541,7 @@ impl ChannelLink {
             };
             if dial {
                 match mesh.dial(want, self.peer, self.channel).await {
-                    Ok(Dialed { read, write, incarnation }) => {
+                    Ok(Dialed { read, write, incarnation, path }) => {
                         let link = Arc::downgrade(&self);
                         // Under the lock, so that a concurrent close either sees these tasks or
                         // is seen here.
@@ -456,6 +550,13 @@ impl ChannelLink {
                             return;
                         }
                         self.on_incarnation(&mut st, &*mesh, incarnation);
+                        // A stalled pipe is replaced: what was in flight on it goes out again
+                        // on the new one (the receiver answers a request it has seen from its
+                        // reply cache, or when it finishes).
+                        for p in st.pipes.iter().filter(|p| p.stalled) {
+                            tracing::info!(peer = %self.peer, channel = %self.channel, transport = %p.kind, "a new pipe replaces a stalled one");
+                            p.retire();
+                        }
                         let (tx, writer) = spawn_writer_task(write, {
                             let link = link.clone();
                             let live = LiveTask::new(&self.live);
@@ -466,14 +567,23 @@ impl ChannelLink {
                                 }
                             }
                         });
-                        st.track(writer);
+                        st.track(writer.clone());
                         let gen = st.next_gen;
                         st.next_gen += 1;
+                        let read: BoxRead = Box::new(Heard::new(read, tx.clock.clone()));
                         let reader =
                             spawn_reply_reader(link, self.peer, gen, read, tx.clone(), LiveTask::new(&self.live));
-                        st.track(reader);
+                        st.track(reader.clone());
                         let switching = st.pipes.iter().any(|p| p.tx.is_alive() && p.kind != want);
-                        st.pipes.push(OutPipe { gen, kind: want, tx });
+                        st.pipes.push(OutPipe {
+                            gen,
+                            kind: want,
+                            tx,
+                            path,
+                            ping: None,
+                            stalled: false,
+                            tasks: [writer, reader],
+                        });
                         if switching {
                             self.switches.fetch_add(1, Ordering::Relaxed);
                         } else if st.ever_connected {
@@ -535,15 +645,21 @@ impl ChannelLink {
             }
 
             // Break: an old pipe with nothing left in flight is closed.
-            let draining = {
+            let (draining, watching) = {
                 let mut st = self.st.lock().expect("link lock");
                 let current = st.usable(want).map(|p| p.gen);
                 let busy = st.win.busy_pipes();
                 st.pipes.retain(|p| Some(p.gen) == current || busy.contains(&p.gen));
-                st.pipes.len() > 1 || st.retry_at.is_some()
+                (st.pipes.len() > 1 || st.retry_at.is_some(), !busy.is_empty())
             };
             drop(mesh);
-            let tick = if draining { Duration::from_millis(20) } else { Duration::from_secs(1) };
+            let tick = if draining {
+                Duration::from_millis(20)
+            } else if watching {
+                WATCH_TICK
+            } else {
+                Duration::from_secs(1)
+            };
             let _ = tokio::time::timeout(tick, self.wake.notified()).await;
         }
     }
@@ -576,6 +692,8 @@ fn spawn_reply_reader(
                 l.progress();
             }
             match frame.kind {
+                // Its bytes were heard; that is all it is for.
+                FrameKind::Pong => {}
                 FrameKind::Response => l.complete(frame.session, frame.seq, Ok(frame.payload)),
                 FrameKind::Error => {
                     let reason = String::from_utf8_lossy(&frame.payload).into_owned();
