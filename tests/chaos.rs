@@ -88,8 +88,8 @@ macro_rules! short_pass {
     };
 }
 
-// CI's short pass: 19 nemesis kinds (two through regression scenarios), 3 nodes, both
-// transports, fixed seeds.
+// CI's short pass: 20 nemesis kinds (two through regression scenarios), 3 nodes (5 for
+// replace-node), both transports, fixed seeds.
 short_pass! {
     short_partition_primary: "partition-primary", 101, "tcp";
     short_partition_leader: "partition-leader", 102, "quic";
@@ -107,6 +107,7 @@ short_pass! {
     short_kill_primary_lagging: "kill-primary-lagging", 119, "quic";
     short_snapshot_catch_up: "snapshot-catch-up", 115, "quic";
     short_add_remove_node: "add-remove-node", 116, "tcp";
+    short_replace_node: "replace-node", 120, "quic";
     short_regress_stale_read_after_power_cut: "regress-stale-read-after-power-cut", 117, "tcp";
     short_regress_lease_blip: "regress-lease-blip", 118, "quic";
     short_regress_restarted_replica_resync: "regress-restarted-replica-resync", 114, "tcp";

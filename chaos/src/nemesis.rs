@@ -60,6 +60,10 @@ pub enum Kind {
     PausePrimaryBlip,
     /// A new node joins under load (a Raft learner); it leaves again at the stop.
     AddRemoveNode,
+    /// Membership replace on 5 nodes (the volume on 3 of them): a new node joins, then a node
+    /// that holds no replica (the Raft leader if it holds none) is removed and wiped; at the
+    /// stop the removed node joins again, afresh, and the new one leaves.
+    ReplaceNode,
     /// The data layer moves to the other transport (QUIC <-> TCP), and back at the stop.
     SwitchData,
     SwitchControl,
@@ -101,7 +105,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 35] = [
+    pub const ALL: [Kind; 36] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -124,6 +128,7 @@ impl Kind {
         Kind::PauseLeader,
         Kind::PausePrimaryBlip,
         Kind::AddRemoveNode,
+        Kind::ReplaceNode,
         Kind::SwitchData,
         Kind::SwitchControl,
         Kind::FailFsyncPrimary,
@@ -163,6 +168,7 @@ impl Kind {
             Kind::PauseLeader => "pause-leader",
             Kind::PausePrimaryBlip => "pause-primary-blip",
             Kind::AddRemoveNode => "add-remove-node",
+            Kind::ReplaceNode => "replace-node",
             Kind::SwitchData => "switch-data",
             Kind::SwitchControl => "switch-control",
             Kind::FailFsyncPrimary => "fail-fsync-primary",
@@ -211,6 +217,10 @@ impl Kind {
             Kind::AddRemoveNode => {
                 "a new node joins under load (a Raft learner, a voter if the count allows), removed at the stop"
             }
+            Kind::ReplaceNode => {
+                "5 nodes, 3 replicas: a new node joins under load and one holding no replica (the Raft leader if it \
+                 holds none) is removed; at the stop the removed one joins again, afresh, and the new one leaves"
+            }
             Kind::SwitchData => "the data layer switched live to the other transport, and back",
             Kind::SwitchControl => "the control layer switched live to the other transport, and back",
             Kind::FailFsyncPrimary => {
@@ -252,7 +262,12 @@ impl Kind {
 
     /// Whether the kind needs at least 5 nodes.
     pub fn needs_five(self) -> bool {
-        self == Kind::PartitionRing
+        matches!(self, Kind::PartitionRing | Kind::ReplaceNode)
+    }
+
+    /// Whether a run with the kind prepares a spare node (namespace, certificate, config).
+    pub fn needs_spare(self) -> bool {
+        matches!(self, Kind::AddRemoveNode | Kind::ReplaceNode)
     }
 
     /// Whether the kind sets failpoints: the nodes must be a `failpoints` build (`--exe`).
@@ -322,6 +337,11 @@ enum Undo {
     TcpReset(u64),
     Link(u64),
     Retire(u64),
+    /// `old` joins again, afresh; then `new` leaves.
+    Replace {
+        new: u64,
+        old: u64,
+    },
     Switch(&'static str, String),
     /// Every node but the old primary, then (after a failover or [`FAILOVER_WAIT`]) it.
     RestartLast(u64),
@@ -574,6 +594,40 @@ impl Active {
                 }
                 Ok(Active { kind, target: format!("node {spare} joins"), undo: Undo::Retire(spare) })
             }
+            Kind::ReplaceNode => {
+                let new = w.cluster.spare_ids().first().copied().ok_or_else(|| anyhow!("no spare node to add"))?;
+                let holders: Vec<u64> = w
+                    .volume_record()
+                    .and_then(|v| v["replicas"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()))
+                    .ok_or_else(|| anyhow!("the volume's replicas are not known"))?;
+                let free: Vec<u64> = w.running().into_iter().filter(|n| !holders.contains(n)).collect();
+                anyhow::ensure!(
+                    !free.is_empty(),
+                    "no running node without a replica to replace (replicas {holders:?})"
+                );
+                // The Raft leader when it holds no replica (its removal hands leadership on).
+                let old = match w.leader() {
+                    Some(l) if free.contains(&l) => l,
+                    _ => pick(&mut r, &free),
+                };
+                let joined = w
+                    .cluster
+                    .try_add_spare(new)
+                    .map_err(|e| anyhow!("add node {new}: {e}"))
+                    .and_then(|_| wait_for_member(w, new, true));
+                if let Err(e) = joined {
+                    let _ = w.cluster.try_retire(new);
+                    return Err(e);
+                }
+                // Down from here on: the clients leave it, and an error from it is expected.
+                w.touch(fault, vec![old]);
+                w.retired(old);
+                w.cluster
+                    .try_retire(old)
+                    .map_err(|e| anyhow!("remove node {old}: {e}"))
+                    .and_then(|_| wait_for_member(w, old, false))?;
+                Ok(Active { kind, target: format!("node {new} replaces node {old}"), undo: Undo::Replace { new, old } })
+            }
             Kind::PowerCutNode | Kind::PowerCutPrimary => {
                 let n = if kind == Kind::PowerCutPrimary { primary_or_random(&mut r) } else { pick(&mut r, &w.nodes) };
                 // Half the draws tear the cut: a seeded half of the unsynced pages reached the disk.
@@ -683,6 +737,14 @@ impl Active {
                 .try_retire(*n)
                 .map_err(|e| anyhow!("remove node {n}: {e}"))
                 .and_then(|_| wait_for_member(w, *n, false)),
+            Undo::Replace { new, old } => w
+                .cluster
+                .try_add_spare(*old)
+                .map_err(|e| anyhow!("add node {old} again: {e}"))
+                .and_then(|_| wait_for_member(w, *old, true))
+                .map(|_| w.rejoined(*old))
+                .and_then(|_| w.cluster.try_retire(*new).map_err(|e| anyhow!("remove node {new}: {e}")))
+                .and_then(|_| wait_for_member(w, *new, false)),
             Undo::Switch(layer, back) => w.set_transport(layer, back),
             Undo::CatchUp { node, rule, installed, install_fails } => {
                 catch_up(w, *node, *rule, *installed, *install_fails)

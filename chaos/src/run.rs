@@ -40,6 +40,8 @@ pub struct RunOptions {
 }
 
 const VOLUME: &str = "chaos";
+/// The dataset of a run that replaces nodes (three replicas).
+const THREE_REPLICAS: &str = "chaos-3";
 const VOLUME_BYTES: u64 = 64 << 20;
 const HOST: &str = "chaos-host";
 const REGISTER_CLIENTS: u64 = 4;
@@ -136,7 +138,7 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
         .without_turn()
         .in_namespaces(tag);
     let kinds = scenario.all_kinds();
-    if kinds.contains(&Kind::AddRemoveNode) {
+    if kinds.iter().any(|k| k.needs_spare()) {
         builder = builder.spares(1);
     }
     let (snapshots, slow) = (kinds.iter().copied().any(Kind::needs_short_snapshots), kinds.contains(&Kind::SlowLink));
@@ -186,7 +188,14 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     let ids = cluster.member_ids();
     cluster.try_agreed_leader(&ids, Duration::from_secs(60)).map_err(|e| anyhow!("{e}"))?;
     let size = format!("{}M", VOLUME_BYTES >> 20);
-    let v = tandem_testkit::queries::try_create_served_volume(cluster, VOLUME, &size)
+    // A membership replace needs nodes that hold no replica: three replicas, not one per node.
+    let dataset = kinds.contains(&Kind::ReplaceNode).then_some(THREE_REPLICAS);
+    if let Some(d) = dataset {
+        cluster
+            .try_tandem(&["dataset", "create", d, "--replicas", "3", "--cluster", cluster.path_str()])
+            .map_err(|e| anyhow!("create the dataset: {e}"))?;
+    }
+    let v = tandem_testkit::queries::try_create_served_volume_in(cluster, VOLUME, &size, dataset)
         .map_err(|e| anyhow!("create the volume: {e}"))?;
     let volume_id = v["id"].as_u64().context("the volume's id")?;
     let site = cluster.node_config(1)["site"].as_str().unwrap_or("local").to_string();
@@ -498,7 +507,7 @@ fn faults_and_heal(
     Ok(faults)
 }
 
-/// Waits until every node is back in the volume's ISR and every copy has the same data.
+/// Waits until every replica is back in the volume's ISR.
 fn converge(opts: &RunOptions, world: &World, rec: &Recorder) -> anyhow::Result<()> {
     progress(opts, "", "converging", 0, rec);
     let deadline = Instant::now() + CONVERGE_WAIT;
@@ -506,10 +515,9 @@ fn converge(opts: &RunOptions, world: &World, rec: &Recorder) -> anyhow::Result<
     while Instant::now() < deadline {
         check_interrupted(opts)?;
         if let Some(v) = world.volume_record() {
-            let mut isr: Vec<u64> =
-                v["isr"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
+            let mut isr = ids(&v["isr"]);
             isr.sort_unstable();
-            if isr == world.nodes {
+            if isr == replicas(world) {
                 rec.mark(MarkKind::Phase, "in sync");
                 return Ok(());
             }
@@ -520,10 +528,25 @@ fn converge(opts: &RunOptions, world: &World, rec: &Recorder) -> anyhow::Result<
     Err(anyhow!("the replicas were not back in sync {CONVERGE_WAIT:?} after the heal: last seen {last}"))
 }
 
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default()
+}
+
+/// The nodes that hold a replica of the volume (every node, unless its dataset has fewer).
+fn replicas(world: &World) -> Vec<u64> {
+    let mut r = world.volume_record().map(|v| ids(&v["replicas"])).unwrap_or_default();
+    r.sort_unstable();
+    if r.is_empty() {
+        world.nodes.clone()
+    } else {
+        r
+    }
+}
+
 /// Every replica's own data digest; the replicas that differ from the majority's digest.
 fn divergence(world: &World) -> Vec<(u64, String)> {
     let mut digests = Vec::new();
-    for &n in &world.nodes {
+    for n in replicas(world) {
         let v = world.get(n, "/v1/local/volumes?data=true");
         let d = v
             .and_then(|v| {

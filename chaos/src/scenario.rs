@@ -203,7 +203,8 @@ mod tests {
             assert!(find(k.name()).is_some_and(|s| s.kinds == vec![k]), "{}", k.name());
         }
         let failpoint_kinds = Kind::ALL.into_iter().filter(|k| k.needs_failpoints()).count();
-        assert!(find("mix").is_some_and(|s| s.kinds.len() == Kind::ALL.len() - 1 - failpoint_kinds));
+        let five_node_kinds = Kind::ALL.into_iter().filter(|k| k.needs_five()).count();
+        assert!(find("mix").is_some_and(|s| s.kinds.len() == Kind::ALL.len() - five_node_kinds - failpoint_kinds));
         assert!(find("mix").is_some_and(|s| !s.needs_failpoints()));
         assert!(find("failpoints").is_some_and(|s| s.kinds.len() == failpoint_kinds && s.needs_failpoints()));
         let regress = find("regress-primary-store-fails").expect("the regression scenario");

@@ -261,6 +261,17 @@ impl World {
         Ok(())
     }
 
+    /// Node `id` is being removed from the cluster (its process stopped, its data wiped): down
+    /// until [`World::rejoined`].
+    pub fn retired(&self, id: u64) {
+        self.faults().down.insert(id);
+    }
+
+    /// Node `id` is a member again, with a process of its own.
+    pub fn rejoined(&self, id: u64) {
+        self.faults().down.remove(&id);
+    }
+
     /// SIGSTOP of node `id` (a VM stun, a long stall).
     pub fn pause(&self, id: u64) -> anyhow::Result<()> {
         let pid = self.cluster.try_pid(id).map_err(|e| anyhow!("{e}"))?;

@@ -119,7 +119,16 @@ pub fn digest(c: &Cluster, id: u64, name: &str) -> Option<String> {
 /// Creates a volume (`tandem volume create` against the cluster) and waits until its primary
 /// serves it; its record.
 pub fn try_create_served_volume(c: &Cluster, name: &str, size: &str) -> Result<Value, Error> {
-    c.try_tandem(&["volume", "create", name, "--size", size, "--cluster", c.path_str()])?;
+    try_create_served_volume_in(c, name, size, None)
+}
+
+/// [`try_create_served_volume`] in dataset `dataset` (the default one: a replica on every node).
+pub fn try_create_served_volume_in(c: &Cluster, name: &str, size: &str, dataset: Option<&str>) -> Result<Value, Error> {
+    let mut args = vec!["volume", "create", name, "--size", size, "--cluster", c.path_str()];
+    if let Some(d) = dataset {
+        args.extend(["--dataset", d]);
+    }
+    c.try_tandem(&args)?;
     poll(&format!("{name} to be served"), SERVE_WAIT, || {
         let v = volume(c, 1, name)?;
         let primary = v["primary"].as_u64()?;
