@@ -581,21 +581,10 @@ impl Active {
                 Ok(Active { kind, target: format!("node {n}"), undo: Undo::Resume(vec![n]) })
             }
             Kind::AddRemoveNode => {
-                let spare = w.cluster.spare_ids().first().copied().ok_or_else(|| anyhow!("no spare node to add"))?;
-                let joined = w
-                    .cluster
-                    .try_add_spare(spare)
-                    .map_err(|e| anyhow!("add node {spare}: {e}"))
-                    .and_then(|_| wait_for_member(w, spare, true));
-                if let Err(e) = joined {
-                    // Back to where it was, as far as it goes: the next step may try again.
-                    let _ = w.cluster.try_retire(spare);
-                    return Err(e);
-                }
+                let spare = join_spare(w)?;
                 Ok(Active { kind, target: format!("node {spare} joins"), undo: Undo::Retire(spare) })
             }
             Kind::ReplaceNode => {
-                let new = w.cluster.spare_ids().first().copied().ok_or_else(|| anyhow!("no spare node to add"))?;
                 let holders: Vec<u64> = w
                     .volume_record()
                     .and_then(|v| v["replicas"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()))
@@ -610,15 +599,7 @@ impl Active {
                     Some(l) if free.contains(&l) => l,
                     _ => pick(&mut r, &free),
                 };
-                let joined = w
-                    .cluster
-                    .try_add_spare(new)
-                    .map_err(|e| anyhow!("add node {new}: {e}"))
-                    .and_then(|_| wait_for_member(w, new, true));
-                if let Err(e) = joined {
-                    let _ = w.cluster.try_retire(new);
-                    return Err(e);
-                }
+                let new = join_spare(w)?;
                 // Down from here on: the clients leave it, and an error from it is expected.
                 w.touch(fault, vec![old]);
                 w.retired(old);
@@ -755,6 +736,22 @@ impl Active {
         w.untouch(fault);
         r
     }
+}
+
+/// Brings the first spare node in and waits until it is a member; its id.
+fn join_spare(w: &World) -> anyhow::Result<u64> {
+    let spare = w.cluster.spare_ids().first().copied().ok_or_else(|| anyhow!("no spare node to add"))?;
+    let joined = w
+        .cluster
+        .try_add_spare(spare)
+        .map_err(|e| anyhow!("add node {spare}: {e}"))
+        .and_then(|_| wait_for_member(w, spare, true));
+    if let Err(e) = joined {
+        // Back to where it was, as far as it goes: the next step may try again.
+        let _ = w.cluster.try_retire(spare);
+        return Err(e);
+    }
+    Ok(spare)
 }
 
 /// How long a joining node may take to become a member (it catches up first), and a leaving
