@@ -90,6 +90,12 @@ pub enum Kind {
     /// install fails, which stops its Raft (openraft treats it as fatal); restarted at the stop,
     /// it must catch up by snapshot.
     FailSnapshotInstall,
+    /// Proposals that commit late: `isr-before-propose` = `sleep` on the primary, so each of its
+    /// ISR changes is proposed 2.5 s after it was computed; a backup is cut off from it (a late
+    /// shrink), let back (a late grow once it caught up), and the primary stopped for a lease
+    /// blip while the grow may still be on its way: its core is deposed and rebuilt in one
+    /// process with a change of its predecessor pending.
+    LateIsrCommit,
     // Power loss: each node's data dir is on a lazyfs layer (`crate::lazyfs`); a cut is a
     // SIGKILL followed by the loss of every write the node had not fsynced.
     /// A power cut of one random node; it restarts at the stop.
@@ -105,7 +111,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 36] = [
+    pub const ALL: [Kind; 37] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -138,6 +144,7 @@ impl Kind {
         Kind::StallBackupReply,
         Kind::StallIsrPropose,
         Kind::FailSnapshotInstall,
+        Kind::LateIsrCommit,
         Kind::PowerCutNode,
         Kind::PowerCutPrimary,
         Kind::PowerCutAll,
@@ -178,6 +185,7 @@ impl Kind {
             Kind::StallBackupReply => "stall-backup-reply",
             Kind::StallIsrPropose => "stall-isr-propose",
             Kind::FailSnapshotInstall => "fail-snapshot-install",
+            Kind::LateIsrCommit => "late-isr-commit",
             Kind::PowerCutNode => "power-cut-node",
             Kind::PowerCutPrimary => "power-cut-primary",
             Kind::PowerCutAll => "power-cut-all",
@@ -242,6 +250,10 @@ impl Kind {
             Kind::FailSnapshotInstall => {
                 "a cut-off follower's snapshot install fails (failpoint; its Raft stops); restarted, it catches up"
             }
+            Kind::LateIsrCommit => {
+                "the primary's ISR changes commit 2.5 s late (failpoint): a backup cut off and let back, then the \
+                 primary stopped for a lease blip while the grow may still be on its way"
+            }
             Kind::PowerCutNode => "power cut of a random node: SIGKILL, its unsynced writes lost; restarted",
             Kind::PowerCutPrimary => "power cut of the volume's primary: SIGKILL, its unsynced writes lost; restarted",
             Kind::PowerCutAll => "power cut of every node at once under load: unsynced writes lost; all restarted",
@@ -281,6 +293,7 @@ impl Kind {
                 | Kind::StallBackupReply
                 | Kind::StallIsrPropose
                 | Kind::FailSnapshotInstall
+                | Kind::LateIsrCommit
         )
     }
 
@@ -297,7 +310,7 @@ impl Kind {
         match self {
             Kind::PausePrimary | Kind::PauseLeader => (s(4), s(7)),
             // The lease is 1.5 s; the leader fails a primary over 2.5 s after its lease ran out.
-            Kind::PausePrimaryBlip => (Duration::from_millis(2000), Duration::from_millis(3000)),
+            Kind::PausePrimaryBlip | Kind::LateIsrCommit => (Duration::from_millis(2000), Duration::from_millis(3000)),
             Kind::TcpReset => (s(1), s(3)),
             Kind::SwitchData | Kind::SwitchControl => (s(3), s(6)),
             Kind::KillAll | Kind::PowerCutAll | Kind::PowerCutAllPrimaryLate => (s(1), s(3)),
@@ -312,6 +325,15 @@ const JOURNAL_AFTER_FSYNC: &str = "journal-after-fsync";
 const BACKUP_BEFORE_REPLY: &str = "backup-before-reply";
 const ISR_BEFORE_PROPOSE: &str = "isr-before-propose";
 const SNAPSHOT_BEFORE_INSTALL: &str = "snapshot-before-install";
+/// `late-isr-commit`: how late the primary's ISR changes are proposed (after the version they
+/// were computed on was read), and how long the backup is cut off (past the member timeout of
+/// 2 s and the late shrink).
+const LATE_ISR_MS: u64 = 2500;
+const LATE_ISR_CUT: (Duration, Duration) = (Duration::from_millis(5000), Duration::from_millis(6500));
+/// ... and how long after the backup is let back the primary stops, at most (the grow comes
+/// once the backup has caught up, then waits 2.5 s).
+const LATE_ISR_BLIP_AFTER_MS: u64 = 2000;
+
 /// `stall-backup-reply`'s stall of each batch of acknowledgements: past the primary's member
 /// timeout (2 s), so the member is timed out, and far inside the hosts' hold time (30 s).
 const BACKUP_REPLY_STALL_MS: u64 = 3000;
@@ -352,6 +374,11 @@ enum Undo {
         rule: u64,
         installed: f64,
         install_fails: bool,
+    },
+    /// `node` resumed (SIGCONT), then the failpoints of `set` cleared.
+    ResumeThenFailpoints {
+        node: u64,
+        set: Vec<(u64, &'static str)>,
     },
     /// Failpoints set, cleared (`off`) at the stop in this order. A node that crashed meanwhile
     /// is started again; the nodes of `restart` are killed and started again once cleared (a
@@ -676,6 +703,36 @@ impl Active {
                     undo: Undo::Failpoints { set, restart: vec![] },
                 })
             }
+            Kind::LateIsrCommit => {
+                let p = primary_or_random(&mut r);
+                let b = backup(&mut r, p);
+                w.touch(fault, vec![p, b]);
+                let set = set_all(&[(p, ISR_BEFORE_PROPOSE, format!("sleep({LATE_ISR_MS})"))])?;
+                let cut = LATE_ISR_CUT.0
+                    + Duration::from_millis(r.below((LATE_ISR_CUT.1 - LATE_ISR_CUT.0).as_millis() as u64));
+                let blip_after = Duration::from_millis(r.below(LATE_ISR_BLIP_AFTER_MS));
+                let paused = w.add_rule(NetRule::Cut(vec![b], vec![p])).and_then(|rule| {
+                    std::thread::sleep(cut);
+                    w.remove_rule(rule)?;
+                    std::thread::sleep(blip_after);
+                    w.pause(p)
+                });
+                if let Err(e) = paused {
+                    let _ = clear_failpoints(w, &set, &[]);
+                    w.untouch(fault);
+                    return Err(e);
+                }
+                Ok(Active {
+                    kind,
+                    target: format!(
+                        "primary {p}: {ISR_BEFORE_PROPOSE}=sleep({LATE_ISR_MS}); backup {b} cut off {} ms, \
+                         primary stopped {} ms after",
+                        cut.as_millis(),
+                        blip_after.as_millis()
+                    ),
+                    undo: Undo::ResumeThenFailpoints { node: p, set },
+                })
+            }
             Kind::StallIsrPropose => {
                 let p = primary_or_random(&mut r);
                 let leader = leader_or_random(&mut r);
@@ -731,6 +788,7 @@ impl Active {
                 catch_up(w, *node, *rule, *installed, *install_fails)
             }
             Undo::Failpoints { set, restart } => clear_failpoints(w, set, restart),
+            Undo::ResumeThenFailpoints { node, set } => w.resume(*node).and_then(|_| clear_failpoints(w, set, &[])),
             Undo::RestartLast(p) => restart_last(w, *p),
         };
         w.untouch(fault);

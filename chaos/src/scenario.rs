@@ -131,7 +131,7 @@ pub fn all() -> Vec<Scenario> {
     s.push(Scenario::mix(
         "failpoints",
         "faults inside the nodes (a failpoints build, --exe): failed and crashing journal fsyncs on the primary \
-         and the backups, late backup acks, ISR changes that cannot be proposed, failed snapshot installs",
+         and the backups, late backup acks, ISR changes that cannot be proposed or commit late, failed snapshot installs",
         &[
             FailFsyncPrimary,
             FailFsyncBackup,
@@ -140,6 +140,7 @@ pub fn all() -> Vec<Scenario> {
             StallBackupReply,
             StallIsrPropose,
             FailSnapshotInstall,
+            LateIsrCommit,
         ],
         &[],
     ));
