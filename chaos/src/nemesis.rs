@@ -96,6 +96,12 @@ pub enum Kind {
     /// blip while the grow may still be on its way: its core is deposed and rebuilt in one
     /// process with a change of its predecessor pending.
     LateIsrCommit,
+    /// The primary alone in the ISR (its backups' acknowledgements lost, a failpoint), one
+    /// backup let back while the primary's ISR changes are proposed 4 s late (the grow is on
+    /// its way), then the primary cut off for longer than the hold time: no failover can
+    /// happen, its core is deposed, and at the heal it is rebuilt in one process with the grow
+    /// of its predecessor still pending.
+    IsolateAlonePrimary,
     // Power loss: each node's data dir is on a lazyfs layer (`crate::lazyfs`); a cut is a
     // SIGKILL followed by the loss of every write the node had not fsynced.
     /// A power cut of one random node; it restarts at the stop.
@@ -111,7 +117,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 37] = [
+    pub const ALL: [Kind; 38] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -145,6 +151,7 @@ impl Kind {
         Kind::StallIsrPropose,
         Kind::FailSnapshotInstall,
         Kind::LateIsrCommit,
+        Kind::IsolateAlonePrimary,
         Kind::PowerCutNode,
         Kind::PowerCutPrimary,
         Kind::PowerCutAll,
@@ -186,6 +193,7 @@ impl Kind {
             Kind::StallIsrPropose => "stall-isr-propose",
             Kind::FailSnapshotInstall => "fail-snapshot-install",
             Kind::LateIsrCommit => "late-isr-commit",
+            Kind::IsolateAlonePrimary => "isolate-alone-primary",
             Kind::PowerCutNode => "power-cut-node",
             Kind::PowerCutPrimary => "power-cut-primary",
             Kind::PowerCutAll => "power-cut-all",
@@ -250,6 +258,10 @@ impl Kind {
             Kind::FailSnapshotInstall => {
                 "a cut-off follower's snapshot install fails (failpoint; its Raft stops); restarted, it catches up"
             }
+            Kind::IsolateAlonePrimary => {
+                "the primary alone in the ISR, a backup let back while ISR changes commit 4 s late, then the \
+                 primary cut off past the hold time (no failover can happen; its core is rebuilt at the heal)"
+            }
             Kind::LateIsrCommit => {
                 "the primary's ISR changes commit 2.5 s late (failpoint): a backup cut off and let back, then the \
                  primary stopped for a lease blip while the grow may still be on its way"
@@ -294,6 +306,7 @@ impl Kind {
                 | Kind::StallIsrPropose
                 | Kind::FailSnapshotInstall
                 | Kind::LateIsrCommit
+                | Kind::IsolateAlonePrimary
         )
     }
 
@@ -312,6 +325,8 @@ impl Kind {
             // The lease is 1.5 s; the leader fails a primary over 2.5 s after its lease ran out.
             Kind::PausePrimaryBlip | Kind::LateIsrCommit => (Duration::from_millis(2000), Duration::from_millis(3000)),
             Kind::TcpReset => (s(1), s(3)),
+            // Past the hold time (30 s), after which a node without a lease deposes its cores.
+            Kind::IsolateAlonePrimary => (s(34), s(36)),
             Kind::SwitchData | Kind::SwitchControl => (s(3), s(6)),
             Kind::KillAll | Kind::PowerCutAll | Kind::PowerCutAllPrimaryLate => (s(1), s(3)),
             _ => (s(4), s(9)),
@@ -333,6 +348,20 @@ const LATE_ISR_CUT: (Duration, Duration) = (Duration::from_millis(5000), Duratio
 /// ... and how long after the backup is let back the primary stops, at most (the grow comes
 /// once the backup has caught up, then waits 2.5 s).
 const LATE_ISR_BLIP_AFTER_MS: u64 = 2000;
+
+/// `isolate-alone-primary`: how late the primary's ISR changes are proposed, how long after a
+/// backup is let back the primary is cut off (inside that delay), and how long the ISR may
+/// take to shrink to the primary alone.
+/// The grow of the backup let back is proposed this long after it caught up: past the cut
+/// (it is let back [`ALONE_ISOLATE_AFTER`] before the cut, which lasts 35 s) and the rebuild
+/// at the heal, so that it commits late, under the rebuilt core.
+const ALONE_LATE_MS: u64 = 46_000;
+/// Long enough for the backup to catch up (the grow is then on its way).
+const ALONE_ISOLATE_AFTER: Duration = Duration::from_secs(8);
+const ALONE_SHRINK_WAIT: Duration = Duration::from_secs(30);
+/// How long a primary cut off past the hold time may take to serve again after the heal (it
+/// fails host I/O at once until its lease is back).
+const ALONE_SERVE_WAIT: Duration = Duration::from_secs(30);
 
 /// `stall-backup-reply`'s stall of each batch of acknowledgements: past the primary's member
 /// timeout (2 s), so the member is timed out, and far inside the hosts' hold time (30 s).
@@ -374,6 +403,13 @@ enum Undo {
         rule: u64,
         installed: f64,
         install_fails: bool,
+    },
+    /// The rule removed, the failpoints of `set` cleared, and then a wait until `primary`, cut
+    /// off past the hold time, serves again (until then it fails host I/O at once).
+    HealAlone {
+        rule: u64,
+        set: Vec<(u64, &'static str)>,
+        primary: u64,
     },
     /// `node` resumed (SIGCONT), then the failpoints of `set` cleared.
     ResumeThenFailpoints {
@@ -703,6 +739,58 @@ impl Active {
                     undo: Undo::Failpoints { set, restart: vec![] },
                 })
             }
+            Kind::IsolateAlonePrimary => {
+                let p = primary_or_random(&mut r);
+                let isr = |w: &World| -> Vec<u64> {
+                    w.volume_record()
+                        .and_then(|v| v["isr"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()))
+                        .unwrap_or_default()
+                };
+                let backups: Vec<u64> = isr(w).into_iter().filter(|&n| n != p).collect();
+                anyhow::ensure!(!backups.is_empty(), "the primary {p} is alone in the ISR already");
+                let back = pick(&mut r, &backups);
+                // Every host path goes through the primary: past the hold time, all see errors.
+                w.touch(fault, w.nodes.clone());
+                // The backup let back later is cut off from the primary; the others' acks are lost.
+                let lost: Vec<(u64, &'static str, String)> = backups
+                    .iter()
+                    .filter(|&&b| b != back)
+                    .map(|&b| (b, BACKUP_BEFORE_REPLY, "return".to_string()))
+                    .collect();
+                let mut set = set_all(&lost)?;
+                let started = (|| -> anyhow::Result<u64> {
+                    let away = w.add_rule(NetRule::Cut(vec![back], vec![p]))?;
+                    let deadline = Instant::now() + ALONE_SHRINK_WAIT;
+                    while isr(w) != vec![p] {
+                        if Instant::now() >= deadline {
+                            let _ = w.remove_rule(away);
+                            anyhow::bail!("the ISR did not shrink to {{{p}}} within {ALONE_SHRINK_WAIT:?}");
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    let late = w.set_failpoint(p, ISR_BEFORE_PROPOSE, &format!("sleep({ALONE_LATE_MS})"));
+                    w.remove_rule(away)?;
+                    late?;
+                    set.insert(0, (p, ISR_BEFORE_PROPOSE));
+                    std::thread::sleep(ALONE_ISOLATE_AFTER);
+                    w.add_rule(NetRule::Cut(vec![p], others(w, &[p])))
+                })();
+                match started {
+                    Ok(rule) => Ok(Active {
+                        kind,
+                        target: format!(
+                            "primary {p} alone in the ISR; backup {back} let back, {ISR_BEFORE_PROPOSE}=sleep({ALONE_LATE_MS}); \
+                             primary cut off"
+                        ),
+                        undo: Undo::HealAlone { rule, set, primary: p },
+                    }),
+                    Err(e) => {
+                        let _ = clear_failpoints(w, &set, &[]);
+                        w.untouch(fault);
+                        Err(e)
+                    }
+                }
+            }
             Kind::LateIsrCommit => {
                 let p = primary_or_random(&mut r);
                 let b = backup(&mut r, p);
@@ -788,12 +876,33 @@ impl Active {
                 catch_up(w, *node, *rule, *installed, *install_fails)
             }
             Undo::Failpoints { set, restart } => clear_failpoints(w, set, restart),
+            Undo::HealAlone { rule, set, primary } => {
+                w.remove_rule(*rule).and_then(|_| clear_failpoints(w, set, &[])).and_then(|_| wait_serving(w, *primary))
+            }
             Undo::ResumeThenFailpoints { node, set } => w.resume(*node).and_then(|_| clear_failpoints(w, set, &[])),
             Undo::RestartLast(p) => restart_last(w, *p),
         };
         w.untouch(fault);
         r
     }
+}
+
+/// Waits until node `n` serves the volume again (its own view), or another node is its
+/// primary.
+fn wait_serving(w: &World, n: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + ALONE_SERVE_WAIT;
+    while Instant::now() < deadline {
+        let serving = w.get(n, "/v1/local/volumes").is_some_and(|v| {
+            v["volumes"]
+                .as_array()
+                .is_some_and(|vols| vols.iter().any(|x| x["name"] == w.volume.as_str() && x["serving"] == true))
+        });
+        if serving || w.primary().is_some_and(|p| p != n) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(anyhow!("node {n} did not serve the volume within {ALONE_SERVE_WAIT:?} after the heal"))
 }
 
 /// Brings the first spare node in and waits until it is a member; its id.

@@ -141,6 +141,7 @@ pub fn all() -> Vec<Scenario> {
             StallIsrPropose,
             FailSnapshotInstall,
             LateIsrCommit,
+            IsolateAlonePrimary,
         ],
         &[],
     ));
@@ -163,6 +164,16 @@ pub fn all() -> Vec<Scenario> {
         "the primary killed twice, a backup lagging each time: both restarted former primaries must be resynced \
          promptly (their links' resent requests left gaps the new processes waited on for ever)",
         &[(KillPrimaryLagging, millis(8400), millis(2600)), (KillPrimaryLagging, millis(6500), secs(3))],
+    ));
+    // A primary rebuilt in one process must not take over what its predecessor left pending:
+    // the grow of a backup, committed late, would count the backup in sync without the writes
+    // the new core acknowledges meanwhile; the kill then fails the volume over to it
+    // (docs/ARCHITECTURE.md, "One primary per epoch"; the planted bug `late-isr-change`).
+    s.push(Scenario::regress(
+        "late-grow-across-rebuild",
+        "the primary alone in the ISR and cut off past the hold time with a backup's grow on its way, rebuilt at \
+         the heal; then killed: the volume fails over to that backup",
+        &[(IsolateAlonePrimary, secs(35), secs(15)), (KillPrimary, secs(6), secs(3))],
     ));
     // pause-primary-blip seed 1 (docs/PROTOCOL.md, "Retries of a write that may have taken
     // effect"): the primary stops with host writes sequenced and sent, just long enough that
