@@ -355,13 +355,21 @@ const LATE_ISR_BLIP_AFTER_MS: u64 = 2000;
 /// The grow of the backup let back is proposed this long after it caught up: past the cut
 /// (it is let back [`ALONE_ISOLATE_AFTER`] before the cut, which lasts 35 s) and the rebuild
 /// at the heal, so that it commits late, under the rebuilt core.
-const ALONE_LATE_MS: u64 = 46_000;
+const ALONE_LATE_MS: u64 = 50_000;
 /// Long enough for the backup to catch up (the grow is then on its way).
 const ALONE_ISOLATE_AFTER: Duration = Duration::from_secs(8);
-const ALONE_SHRINK_WAIT: Duration = Duration::from_secs(30);
+const ALONE_SHRINK_WAIT: Duration = Duration::from_secs(20);
+/// After a start that failed, how long the nodes stay touched (a lease coming back).
+const ALONE_SETTLE: Duration = Duration::from_secs(5);
 /// How long a primary cut off past the hold time may take to serve again after the heal (it
 /// fails host I/O at once until its lease is back).
 const ALONE_SERVE_WAIT: Duration = Duration::from_secs(30);
+/// How long after it serves again the rebuilt primary is killed: past the late grow (50 s
+/// after the backup caught up, 0 to 8 s before the cut of 35 s).
+const ALONE_KILL_AFTER: Duration = Duration::from_secs(16);
+/// How long the killed primary stays down for a failover (one takes 3 to 8 s): short enough
+/// that, when none can happen, the hosts' I/O waits for it well inside the hold time.
+const ALONE_FAILOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// `stall-backup-reply`'s stall of each batch of acknowledgements: past the primary's member
 /// timeout (2 s), so the member is timed out, and far inside the hosts' hold time (30 s).
@@ -404,12 +412,12 @@ enum Undo {
         installed: f64,
         install_fails: bool,
     },
-    /// The rule removed, the failpoints of `set` cleared, and then a wait until `primary`, cut
-    /// off past the hold time, serves again (until then it fails host I/O at once).
+    /// `isolate-alone-primary`'s stop, see [`heal_alone`].
     HealAlone {
         rule: u64,
         set: Vec<(u64, &'static str)>,
         primary: u64,
+        back: u64,
     },
     /// `node` resumed (SIGCONT), then the failpoints of `set` cleared.
     ResumeThenFailpoints {
@@ -748,7 +756,10 @@ impl Active {
                 };
                 let backups: Vec<u64> = isr(w).into_iter().filter(|&n| n != p).collect();
                 anyhow::ensure!(!backups.is_empty(), "the primary {p} is alone in the ISR already");
-                let back = pick(&mut r, &backups);
+                // Not the Raft leader: cut off from it, the primary would lose its lease and fail over.
+                let leader = w.leader();
+                let candidates: Vec<u64> = backups.iter().copied().filter(|&b| Some(b) != leader).collect();
+                let back = pick(&mut r, if candidates.is_empty() { &backups } else { &candidates });
                 // Every host path goes through the primary: past the hold time, all see errors.
                 w.touch(fault, w.nodes.clone());
                 // The backup let back later is cut off from the primary; the others' acks are lost.
@@ -782,10 +793,13 @@ impl Active {
                             "primary {p} alone in the ISR; backup {back} let back, {ISR_BEFORE_PROPOSE}=sleep({ALONE_LATE_MS}); \
                              primary cut off"
                         ),
-                        undo: Undo::HealAlone { rule, set, primary: p },
+                        undo: Undo::HealAlone { rule, set, primary: p, back },
                     }),
                     Err(e) => {
                         let _ = clear_failpoints(w, &set, &[]);
+                        // A node cut off from the leader for long fails host I/O at once until
+                        // its lease is back.
+                        std::thread::sleep(ALONE_SETTLE);
                         w.untouch(fault);
                         Err(e)
                     }
@@ -876,15 +890,49 @@ impl Active {
                 catch_up(w, *node, *rule, *installed, *install_fails)
             }
             Undo::Failpoints { set, restart } => clear_failpoints(w, set, restart),
-            Undo::HealAlone { rule, set, primary } => {
-                w.remove_rule(*rule).and_then(|_| clear_failpoints(w, set, &[])).and_then(|_| wait_serving(w, *primary))
-            }
+            Undo::HealAlone { rule, set, primary, back } => heal_alone(w, *rule, set, *primary, *back),
             Undo::ResumeThenFailpoints { node, set } => w.resume(*node).and_then(|_| clear_failpoints(w, set, &[])),
             Undo::RestartLast(p) => restart_last(w, *p),
         };
         w.untouch(fault);
         r
     }
+}
+
+/// `isolate-alone-primary`'s stop: the primary's cut is healed and its failpoint cleared, but
+/// the backup let back is cut off from every node (it misses what the rebuilt primary
+/// acknowledges), and the other backups' acks stay lost. Once the primary serves again, and
+/// the grow of its predecessor had the time to commit, the primary is killed and the backup
+/// let back. A correct cluster cannot fail over (the primary is alone in the ISR: the late
+/// grow was refused, the rebuilt primary having claimed a new epoch) and the primary comes
+/// back; with the planted `late-isr-change` the late grow put the backup in the ISR, the
+/// volume fails over to it, and what the rebuilt primary acknowledged is lost. Then every
+/// failpoint is cleared.
+fn heal_alone(w: &World, rule: u64, set: &[(u64, &'static str)], primary: u64, back: u64) -> anyhow::Result<()> {
+    // Cut off from every node (cut off from the primary alone, it might lead Raft, or win an
+    // election, and keep the primary from its lease).
+    let away = w.add_rule(NetRule::Cut(vec![back], others(w, &[back])))?;
+    // The primary's next ISR changes are not late (the one on its way still is): should the
+    // grow have committed before the rebuild, the primary drops the backup it cannot reach.
+    let (late, acks): (Vec<_>, Vec<_>) = set.iter().copied().partition(|&(n, _)| n == primary);
+    let killed = w
+        .remove_rule(rule)
+        .and_then(|_| clear_failpoints(w, &late, &[]))
+        .and_then(|_| wait_serving(w, primary))
+        .map(|_| std::thread::sleep(ALONE_KILL_AFTER))
+        .and_then(|_| w.kill(primary));
+    // Back with the primary dead: the backup is alive for the leader to fail over to, if the
+    // map says it is in sync.
+    let healed = w.remove_rule(away);
+    if killed.is_ok() {
+        let deadline = Instant::now() + ALONE_FAILOVER_WAIT;
+        while Instant::now() < deadline && w.primary().is_none_or(|p| p == primary) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let restarted = w.restart_killed();
+    let cleared = clear_failpoints(w, &acks, &[]);
+    killed.and(healed).and(restarted).and(cleared)
 }
 
 /// Waits until node `n` serves the volume again (its own view), or another node is its
