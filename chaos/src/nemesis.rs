@@ -96,11 +96,12 @@ pub enum Kind {
     /// blip while the grow may still be on its way: its core is deposed and rebuilt in one
     /// process with a change of its predecessor pending.
     LateIsrCommit,
-    /// The primary alone in the ISR (its backups' acknowledgements lost, a failpoint), one
-    /// backup let back while the primary's ISR changes are proposed 4 s late (the grow is on
-    /// its way), then the primary cut off for longer than the hold time: no failover can
-    /// happen, its core is deposed, and at the heal it is rebuilt in one process with the grow
-    /// of its predecessor still pending.
+    /// The primary alone in the ISR (its backup cut off from it, any other's acknowledgements
+    /// lost), the backup let back while the primary's ISR changes are proposed 50 s late (the
+    /// grow is on its way), then the primary cut off for longer than the hold time: no
+    /// failover can happen, its core is deposed, and at the heal it is rebuilt in one process
+    /// with the grow of its predecessor still pending. Its stop kills the rebuilt primary (see
+    /// [`heal_alone`]).
     IsolateAlonePrimary,
     // Power loss: each node's data dir is on a lazyfs layer (`crate::lazyfs`); a cut is a
     // SIGKILL followed by the loss of every write the node had not fsynced.
@@ -259,7 +260,7 @@ impl Kind {
                 "a cut-off follower's snapshot install fails (failpoint; its Raft stops); restarted, it catches up"
             }
             Kind::IsolateAlonePrimary => {
-                "the primary alone in the ISR, a backup let back while ISR changes commit 4 s late, then the \
+                "the primary alone in the ISR, a backup let back while ISR changes commit 50 s late, then the \
                  primary cut off past the hold time (no failover can happen; its core is rebuilt at the heal)"
             }
             Kind::LateIsrCommit => {
@@ -770,7 +771,10 @@ impl Active {
                     .collect();
                 let mut set = set_all(&lost)?;
                 let started = (|| -> anyhow::Result<u64> {
-                    let away = w.add_rule(NetRule::Cut(vec![back], vec![p]))?;
+                    // From every node if it leads Raft (cut off from it, the primary would lose
+                    // its lease and be failed over to it).
+                    let from = if w.leader() == Some(back) { others(w, &[back]) } else { vec![p] };
+                    let away = w.add_rule(NetRule::Cut(vec![back], from))?;
                     let deadline = Instant::now() + ALONE_SHRINK_WAIT;
                     while isr(w) != vec![p] {
                         if Instant::now() >= deadline {

@@ -40,8 +40,11 @@ pub struct RunOptions {
 }
 
 const VOLUME: &str = "chaos";
-/// The dataset of a run that replaces nodes (three replicas).
-const THREE_REPLICAS: &str = "chaos-3";
+/// Datasets of fewer replicas than nodes: a run that replaces nodes (three replicas), and
+/// one that leaves the primary alone in the ISR (two: no other backup whose grows move the ISR
+/// version meanwhile).
+const THREE_REPLICAS: (&str, &str) = ("chaos-3", "3");
+const TWO_REPLICAS: (&str, &str) = ("chaos-2", "2");
 const VOLUME_BYTES: u64 = 64 << 20;
 const HOST: &str = "chaos-host";
 const REGISTER_CLIENTS: u64 = 4;
@@ -189,13 +192,20 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
     cluster.try_agreed_leader(&ids, Duration::from_secs(60)).map_err(|e| anyhow!("{e}"))?;
     let size = format!("{}M", VOLUME_BYTES >> 20);
     // A membership replace needs nodes that hold no replica: three replicas, not one per node.
-    let dataset = kinds.contains(&Kind::ReplaceNode).then_some(THREE_REPLICAS);
-    if let Some(d) = dataset {
+    // A primary alone in the ISR with its one backup: two.
+    let dataset = if kinds.contains(&Kind::ReplaceNode) {
+        Some(THREE_REPLICAS)
+    } else if kinds.contains(&Kind::IsolateAlonePrimary) {
+        Some(TWO_REPLICAS)
+    } else {
+        None
+    };
+    if let Some((d, replicas)) = dataset {
         cluster
-            .try_tandem(&["dataset", "create", d, "--replicas", "3", "--cluster", cluster.path_str()])
+            .try_tandem(&["dataset", "create", d, "--replicas", replicas, "--cluster", cluster.path_str()])
             .map_err(|e| anyhow!("create the dataset: {e}"))?;
     }
-    let v = tandem_testkit::queries::try_create_served_volume_in(cluster, VOLUME, &size, dataset)
+    let v = tandem_testkit::queries::try_create_served_volume_in(cluster, VOLUME, &size, dataset.map(|d| d.0))
         .map_err(|e| anyhow!("create the volume: {e}"))?;
     let volume_id = v["id"].as_u64().context("the volume's id")?;
     let site = cluster.node_config(1)["site"].as_str().unwrap_or("local").to_string();
