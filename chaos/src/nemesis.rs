@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use serde_json::Value;
+use tandem_testkit::queries::local_copy;
 use tandem_testkit::Rng;
 
 use crate::proxy::Link;
@@ -350,15 +351,13 @@ const LATE_ISR_CUT: (Duration, Duration) = (Duration::from_millis(5000), Duratio
 /// once the backup has caught up, then waits 2.5 s).
 const LATE_ISR_BLIP_AFTER_MS: u64 = 2000;
 
-/// `isolate-alone-primary`: how late the primary's ISR changes are proposed, how long after a
-/// backup is let back the primary is cut off (inside that delay), and how long the ISR may
-/// take to shrink to the primary alone.
-/// The grow of the backup let back is proposed this long after it caught up: past the cut
+/// `isolate-alone-primary`: the grow of the backup let back is proposed this long after it caught up: past the cut
 /// (it is let back [`ALONE_ISOLATE_AFTER`] before the cut, which lasts 35 s) and the rebuild
 /// at the heal, so that it commits late, under the rebuilt core.
 const ALONE_LATE_MS: u64 = 50_000;
 /// Long enough for the backup to catch up (the grow is then on its way).
 const ALONE_ISOLATE_AFTER: Duration = Duration::from_secs(8);
+/// How long the ISR may take to shrink to the primary alone.
 const ALONE_SHRINK_WAIT: Duration = Duration::from_secs(20);
 /// After a start that failed, how long the nodes stay touched (a lease coming back).
 const ALONE_SETTLE: Duration = Duration::from_secs(5);
@@ -471,10 +470,7 @@ impl Active {
         let minority = w.nodes.len().saturating_sub(1) / 2;
         // A member of the ISR other than the primary (any other node if the record is unknown).
         let backup = |r: &mut Rng, p: u64| {
-            let isr: Vec<u64> = w
-                .volume_record()
-                .and_then(|v| v["isr"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()))
-                .unwrap_or_default();
+            let isr = w.volume_nodes("isr").unwrap_or_default();
             let backups: Vec<u64> = isr.into_iter().filter(|&n| n != p).collect();
             if backups.is_empty() {
                 pick(r, &others(w, &[p]))
@@ -657,10 +653,8 @@ impl Active {
                 Ok(Active { kind, target: format!("node {spare} joins"), undo: Undo::Retire(spare) })
             }
             Kind::ReplaceNode => {
-                let holders: Vec<u64> = w
-                    .volume_record()
-                    .and_then(|v| v["replicas"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()))
-                    .ok_or_else(|| anyhow!("the volume's replicas are not known"))?;
+                let holders =
+                    w.volume_nodes("replicas").ok_or_else(|| anyhow!("the volume's replicas are not known"))?;
                 let free: Vec<u64> = w.running().into_iter().filter(|n| !holders.contains(n)).collect();
                 anyhow::ensure!(
                     !free.is_empty(),
@@ -750,11 +744,7 @@ impl Active {
             }
             Kind::IsolateAlonePrimary => {
                 let p = primary_or_random(&mut r);
-                let isr = |w: &World| -> Vec<u64> {
-                    w.volume_record()
-                        .and_then(|v| v["isr"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()))
-                        .unwrap_or_default()
-                };
+                let isr = |w: &World| w.volume_nodes("isr").unwrap_or_default();
                 let backups: Vec<u64> = isr(w).into_iter().filter(|&n| n != p).collect();
                 anyhow::ensure!(!backups.is_empty(), "the primary {p} is alone in the ISR already");
                 // Not the Raft leader: cut off from it, the primary would lose its lease and fail over.
@@ -944,11 +934,7 @@ fn heal_alone(w: &World, rule: u64, set: &[(u64, &'static str)], primary: u64, b
 fn wait_serving(w: &World, n: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + ALONE_SERVE_WAIT;
     while Instant::now() < deadline {
-        let serving = w.get(n, "/v1/local/volumes").is_some_and(|v| {
-            v["volumes"]
-                .as_array()
-                .is_some_and(|vols| vols.iter().any(|x| x["name"] == w.volume.as_str() && x["serving"] == true))
-        });
+        let serving = local_copy(&w.cluster, n, &w.volume).is_some_and(|l| l["serving"] == true);
         if serving || w.primary().is_some_and(|p| p != n) {
             return Ok(());
         }

@@ -19,7 +19,7 @@ use crate::nemesis::{Active, Kind, CHAOS_LOGS_TO_KEEP, CHAOS_SNAPSHOT_AFTER};
 use crate::recorder::Recorder;
 use crate::scenario::{Scenario, Timing};
 use crate::workload::{self, Ctx, HostError};
-use crate::world::World;
+use crate::world::{node_ids, World};
 
 /// What a run is asked to do.
 #[derive(Clone, Debug)]
@@ -525,7 +525,7 @@ fn converge(opts: &RunOptions, world: &World, rec: &Recorder) -> anyhow::Result<
     while Instant::now() < deadline {
         check_interrupted(opts)?;
         if let Some(v) = world.volume_record() {
-            let mut isr = ids(&v["isr"]);
+            let mut isr = node_ids(&v["isr"]).unwrap_or_default();
             isr.sort_unstable();
             if isr == replicas(world) {
                 rec.mark(MarkKind::Phase, "in sync");
@@ -538,13 +538,9 @@ fn converge(opts: &RunOptions, world: &World, rec: &Recorder) -> anyhow::Result<
     Err(anyhow!("the replicas were not back in sync {CONVERGE_WAIT:?} after the heal: last seen {last}"))
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u64> {
-    v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default()
-}
-
 /// The nodes that hold a replica of the volume (every node, unless its dataset has fewer).
 fn replicas(world: &World) -> Vec<u64> {
-    let mut r = world.volume_record().map(|v| ids(&v["replicas"])).unwrap_or_default();
+    let mut r = world.volume_nodes("replicas").unwrap_or_default();
     r.sort_unstable();
     if r.is_empty() {
         world.nodes.clone()

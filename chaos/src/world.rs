@@ -178,6 +178,11 @@ impl World {
         self.running().into_iter().find_map(|n| self.get(n, &path))
     }
 
+    /// A list of node ids of the volume's record (`isr`, `replicas`), if the record can be read.
+    pub fn volume_nodes(&self, field: &str) -> Option<Vec<u64>> {
+        self.volume_record().and_then(|v| node_ids(&v[field]))
+    }
+
     pub fn primary(&self) -> Option<u64> {
         self.volume_record()?["primary"].as_u64()
     }
@@ -443,4 +448,9 @@ impl Drop for World {
             }
         }
     }
+}
+
+/// The node ids of a JSON array, if it is one.
+pub fn node_ids(v: &Value) -> Option<Vec<u64>> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect())
 }

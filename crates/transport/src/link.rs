@@ -365,20 +365,18 @@ impl MeshInner {
             Ok(Err(e)) => return Err(format!("{kind} {addr}: {e}")),
             Err(_) => return Err(format!("{kind} {addr}: connect timed out")),
         };
-        let answer = tokio::time::timeout_at(deadline, read_server_hello(&mut read)).await;
+        let answer = match tokio::time::timeout_at(deadline, read_server_hello(&mut read)).await {
+            Ok(answer) => answer.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no server hello within {CONNECT_TIMEOUT:?}")),
+        };
         match answer {
-            Ok(Ok((node, incarnation))) if node == peer => Ok(Dialed { read, write, incarnation, path }),
-            Ok(Ok((node, _))) => Err(format!("{kind} {addr}: node {node} answered instead of node {peer}")),
-            failed => {
+            Ok((node, incarnation)) if node == peer => Ok(Dialed { read, write, incarnation, path }),
+            Ok((node, _)) => Err(format!("{kind} {addr}: node {node} answered instead of node {peer}")),
+            Err(e) => {
                 // A stream on a shared QUIC connection that gets no hello back: the connection
                 // carries nothing, and the next dial makes a new one.
-                if kind == TransportKind::Quic {
-                    self.quic.stalled(peer, path);
-                }
-                match failed {
-                    Ok(Err(e)) => Err(format!("{kind} {addr}: {e}")),
-                    _ => Err(format!("{kind} {addr}: no server hello within {CONNECT_TIMEOUT:?}")),
-                }
+                self.stalled(kind, peer, path);
+                Err(format!("{kind} {addr}: {e}"))
             }
         }
     }

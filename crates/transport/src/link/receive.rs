@@ -220,19 +220,19 @@ async fn dispatcher(inbound: Weak<Inbound>, entry: Weak<InboundChan>, mut rx: mp
     let permits = Arc::new(Semaphore::new(DISPATCH_IN_FLIGHT_MAX));
     while let Some(d) = rx.recv().await {
         let Some(chan) = entry.upgrade() else { return };
-        if withdrawn(&chan, &d).await {
+        if withdrawn(&chan, &d) {
             continue;
         }
         let Some(m) = inbound.upgrade() else { return };
         if d.kind == FrameKind::RegionWrite {
             let result = m.regions.write(chan.from, chan.channel, &d.payload).await;
-            finish(&chan, d.session, d.seq, result).await;
+            finish(&chan, d.session, d.seq, result);
             continue;
         }
         let handler = m.handlers.read().expect("handlers lock").get(&chan.channel).cloned();
         drop(m);
         let Ok(permit) = permits.clone().acquire_owned().await else { return };
-        if withdrawn(&chan, &d).await {
+        if withdrawn(&chan, &d) {
             continue;
         }
         tokio::spawn(async move {
@@ -252,7 +252,7 @@ async fn dispatcher(inbound: Weak<Inbound>, entry: Weak<InboundChan>, mut rx: mp
                 }
                 _ = cancels.wait_for(|c| c.contains(&d.seq)) => Err(CANCELLED.into()),
             };
-            finish(&chan, d.session, d.seq, result).await;
+            finish(&chan, d.session, d.seq, result);
             drop(permit);
         });
     }
@@ -262,18 +262,18 @@ const CANCELLED: &str = "cancelled by the sender";
 
 /// Whether `d` must not start: its session was abandoned (nobody waits for an answer), or the
 /// sender cancelled it (answered with an error, so the sender's window moves on).
-async fn withdrawn(chan: &InboundChan, d: &Dispatch) -> bool {
+fn withdrawn(chan: &InboundChan, d: &Dispatch) -> bool {
     if *chan.current.borrow() != d.session {
         return true;
     }
     if chan.cancelled.borrow().contains(&d.seq) {
-        finish(chan, d.session, d.seq, Err(CANCELLED.into())).await;
+        finish(chan, d.session, d.seq, Err(CANCELLED.into()));
         return true;
     }
     false
 }
 
-async fn finish(chan: &InboundChan, session: u64, seq: u64, result: Result<Bytes, String>) {
+fn finish(chan: &InboundChan, session: u64, seq: u64, result: Result<Bytes, String>) {
     let (kind, payload) = match result {
         Ok(b) => (FrameKind::Response, b),
         Err(msg) => (FrameKind::Error, Bytes::from(msg.into_bytes())),
