@@ -168,19 +168,23 @@ macro_rules! planted {
 }
 
 // The suite can fail: each planted bug (docs/ARCHITECTURE.md, "Planted bugs") is caught by the
-// scenario that exposes it (docs/CHAOS.md, "The suite can fail"). One is not in this list:
-// `park-at-stopped-primary` led to a second execution of a proxied write, which the
-// write identities now also prevent, and what is left of it (a write reported failed after
-// the 30 s hold time that runs later) needs a primary stopped for longer than the hold time
-// with no failover.
+// scenario that exposes it (docs/CHAOS.md, "The suite can fail").
 planted! {
     planted_ack_before_backups_is_caught: "ack-before-backups" by "partition-primary" on "tcp";
     planted_read_without_lease_is_caught: "read-without-lease" by "partition-primary" on "quic";
-    planted_accept_older_epoch_is_caught: "accept-older-epoch" by "pause-primary" on "tcp";
-    planted_skip_reconciliation_is_caught: "skip-reconciliation" by "kill-primary-lagging" on "quic";
+    planted_accept_older_epoch_is_caught: "accept-older-epoch" by "partition-primary" on "tcp";
+    planted_skip_reconciliation_is_caught: "skip-reconciliation" by "regress-restarted-replica-resync" on "tcp";
     planted_read_unacknowledged_is_caught: "read-unacknowledged" by "kill-primary-alone" on "tcp";
-    planted_backup_ack_before_fsync_is_caught: "backup-ack-before-fsync" by "power-loss" on "tcp";
+    planted_backup_ack_before_fsync_is_caught: "backup-ack-before-fsync" by "power-cut-all-primary-late" on "tcp";
     planted_late_isr_change_is_caught: "late-isr-change" by "late-grow-across-rebuild" on "tcp";
+    planted_park_at_stopped_primary_is_caught: "park-at-stopped-primary" by "kill-primary-slow-reroute" on "tcp";
+}
+
+/// `kill-primary-slow-reroute` on correct nodes (the chaos build, for its failpoint): the
+/// planted `park-at-stopped-primary` fails it (above), a correct cluster must not.
+#[test]
+fn kill_primary_slow_reroute_is_valid() {
+    must_be_valid_on("kill-primary-slow-reroute", 203, "quic", tandem_chaos_bin());
 }
 
 /// `late-grow-across-rebuild` on correct nodes (the chaos build, for its failpoints): the

@@ -104,6 +104,12 @@ pub enum Kind {
     /// with the grow of its predecessor still pending. Its stop kills the rebuilt primary (see
     /// [`heal_alone`]).
     IsolateAlonePrimary,
+    /// SIGKILL of the primary while every other node learns of the failover late
+    /// (`proxy-before-reroute` = `sleep` there): the host writes they proxied to the dead
+    /// primary, some of which reached a backup and come back with reconciliation, are re-routed
+    /// to the new primary seconds after the hosts on its node wrote and read those blocks again.
+    /// Restarted at the stop.
+    KillPrimarySlowReroute,
     // Power loss: each node's data dir is on a lazyfs layer (`crate::lazyfs`); a cut is a
     // SIGKILL followed by the loss of every write the node had not fsynced.
     /// A power cut of one random node; it restarts at the stop.
@@ -119,7 +125,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 38] = [
+    pub const ALL: [Kind; 39] = [
         Kind::PartitionNode,
         Kind::PartitionLeader,
         Kind::PartitionPrimary,
@@ -154,6 +160,7 @@ impl Kind {
         Kind::FailSnapshotInstall,
         Kind::LateIsrCommit,
         Kind::IsolateAlonePrimary,
+        Kind::KillPrimarySlowReroute,
         Kind::PowerCutNode,
         Kind::PowerCutPrimary,
         Kind::PowerCutAll,
@@ -196,6 +203,7 @@ impl Kind {
             Kind::FailSnapshotInstall => "fail-snapshot-install",
             Kind::LateIsrCommit => "late-isr-commit",
             Kind::IsolateAlonePrimary => "isolate-alone-primary",
+            Kind::KillPrimarySlowReroute => "kill-primary-slow-reroute",
             Kind::PowerCutNode => "power-cut-node",
             Kind::PowerCutPrimary => "power-cut-primary",
             Kind::PowerCutAll => "power-cut-all",
@@ -264,6 +272,10 @@ impl Kind {
                 "the primary alone in the ISR, a backup let back while ISR changes commit 50 s late, then the \
                  primary cut off past the hold time (no failover can happen; its core is rebuilt at the heal)"
             }
+            Kind::KillPrimarySlowReroute => {
+                "SIGKILL of the primary while the other nodes re-route the writes they proxied to it 2.5 s late \
+                 (failpoint); restarted at the stop"
+            }
             Kind::LateIsrCommit => {
                 "the primary's ISR changes commit 2.5 s late (failpoint): a backup cut off and let back, then the \
                  primary stopped for a lease blip while the grow may still be on its way"
@@ -309,6 +321,7 @@ impl Kind {
                 | Kind::FailSnapshotInstall
                 | Kind::LateIsrCommit
                 | Kind::IsolateAlonePrimary
+                | Kind::KillPrimarySlowReroute
         )
     }
 
@@ -342,6 +355,11 @@ const JOURNAL_AFTER_FSYNC: &str = "journal-after-fsync";
 const BACKUP_BEFORE_REPLY: &str = "backup-before-reply";
 const ISR_BEFORE_PROPOSE: &str = "isr-before-propose";
 const SNAPSHOT_BEFORE_INSTALL: &str = "snapshot-before-install";
+const PROXY_BEFORE_REROUTE: &str = "proxy-before-reroute";
+/// `kill-primary-slow-reroute`: how late the other nodes re-route the writes they proxied to
+/// the killed primary: past the failover's reconciliation, so that the new primary serves
+/// (reads and new writes of the blocks) before those writes come again.
+const REROUTE_LATE_MS: u64 = 2500;
 /// `late-isr-commit`: how late the primary's ISR changes are proposed (after the version they
 /// were computed on was read), and how long the backup is cut off (past the member timeout of
 /// 2 s and the late shrink).
@@ -827,6 +845,23 @@ impl Active {
                         blip_after.as_millis()
                     ),
                     undo: Undo::ResumeThenFailpoints { node: p, set },
+                })
+            }
+            Kind::KillPrimarySlowReroute => {
+                let p = primary_or_random(&mut r);
+                let late: Vec<_> = others(w, &[p])
+                    .into_iter()
+                    .map(|n| (n, PROXY_BEFORE_REROUTE, format!("sleep({REROUTE_LATE_MS})")))
+                    .collect();
+                let set = set_all(&late)?;
+                if let Err(e) = w.kill(p) {
+                    let _ = clear_failpoints(w, &set, &[]);
+                    return Err(e);
+                }
+                Ok(Active {
+                    kind,
+                    target: format!("node {p}; the others: {PROXY_BEFORE_REROUTE}=sleep({REROUTE_LATE_MS})"),
+                    undo: Undo::Failpoints { set, restart: vec![] },
                 })
             }
             Kind::StallIsrPropose => {

@@ -142,6 +142,7 @@ pub fn all() -> Vec<Scenario> {
             FailSnapshotInstall,
             LateIsrCommit,
             IsolateAlonePrimary,
+            KillPrimarySlowReroute,
         ],
         &[],
     ));

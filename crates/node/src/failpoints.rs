@@ -58,6 +58,12 @@ pub const FAILPOINTS: &[Failpoint] = &[
         on_return: "the backup's acknowledgements are dropped: the primary times the member out",
     },
     Failpoint {
+        name: tandem_replication::failpoints::PROXY_BEFORE_REROUTE,
+        location: "crates/replication/src/driver/host_io.rs: Inner::before_attempt, before a host write's \
+                   attempt whose primary moved to another node since the last one",
+        on_return: "nothing (the write is re-routed at once); sleep(ms) makes the re-route late",
+    },
+    Failpoint {
         name: ISR_BEFORE_PROPOSE,
         location: "crates/node/src/volumes.rs: MetaCoordinator::propose_isr; crates/node/src/failover.rs: \
                    Supervisor::supervise",

@@ -7,6 +7,12 @@
 /// member out and shrinks the ISR (I3).
 pub const BACKUP_BEFORE_REPLY: &str = "backup-before-reply";
 
+/// Before an attempt of a host write (`driver/host_io.rs`, `Inner::before_attempt`) that is
+/// re-routed: the committed primary moved to another node since the last attempt, and not to
+/// this one. `sleep(ms)` makes this node's re-route late, as on a node whose Raft apply lags
+/// behind the leader's; `return` changes nothing (the write is re-routed at once).
+pub const PROXY_BEFORE_REROUTE: &str = "proxy-before-reroute";
+
 /// Evaluates failpoint `name` from async code without blocking an async worker: the
 /// evaluation runs on the blocking pool, so `sleep(ms)`, `delay(ms)` and `pause` stall only
 /// the task that awaits it (a stall of that step, as a slow disk or a descheduled thread

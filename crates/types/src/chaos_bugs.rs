@@ -30,7 +30,8 @@ pub enum Bug {
     /// A read returns overlapping writes still in flight, before every ISR member has them (I6).
     ReadUnacknowledged,
     /// A primary sequences a proxied write however long it waited at the primary, even across
-    /// a pause: a write its proxy gave up on executes later.
+    /// a pause, and even when an earlier attempt of it already took effect there: a write
+    /// parked at a stopped or dead primary, or re-routed late, executes (again) later.
     ParkAtStoppedPrimary,
 }
 

@@ -95,6 +95,36 @@ impl<S: BlockStore> Inner<S> {
         }
     }
 
+    /// Before an attempt of a host write in a `failpoints` build: when the committed primary
+    /// is another node than the one the last attempt went to (`last`, updated), and not this
+    /// one, the write is being re-routed to a new primary elsewhere, and failpoint
+    /// `proxy-before-reroute` is evaluated first (its `sleep` makes the re-route late, as on a
+    /// node whose Raft apply lags behind the leader's).
+    #[cfg(feature = "failpoints")]
+    pub(super) fn before_attempt(
+        self: &Arc<Self>,
+        id: VolumeId,
+        last: &mut Option<NodeId>,
+    ) -> impl std::future::Future<Output = ()> + use<S> {
+        let now = self.primary_of(id).ok();
+        let rerouted = last.is_some() && now != *last && now != Some(self.me);
+        *last = now;
+        async move {
+            if !rerouted {
+                return;
+            }
+            if let Some(arg) = crate::failpoints::eval(crate::failpoints::PROXY_BEFORE_REROUTE).await {
+                tracing::warn!(volume = %id, %arg, "failpoint proxy-before-reroute returned: re-routing now");
+            }
+        }
+    }
+
+    /// Without failpoints: nothing before an attempt.
+    #[cfg(not(feature = "failpoints"))]
+    pub(super) fn before_attempt(&self, _id: VolumeId, _last: &mut Option<NodeId>) -> std::future::Ready<()> {
+        std::future::ready(())
+    }
+
     /// The primary as this node sees it: a local serving primary (holding its lease, unless
     /// `lease` is false: a planted bug), or another node.
     pub(super) async fn route(&self, id: VolumeId, cfg_primary: NodeId, lease: bool) -> Result<Route, IoFail> {

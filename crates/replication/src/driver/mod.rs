@@ -574,10 +574,15 @@ impl<S: BlockStore> DataPlane<S> {
             let piece = (data.len() - done).min(PROXY_BYTES_MAX as usize);
             let part = data.slice(done..done + piece);
             let at = offset + done as u64;
+            let mut last = None;
             self.inner
                 .retry(&mut hold, |inner| {
                     let part = part.clone();
-                    async move { inner.write_once(cfg.id, write, WriteKind::Data, at, part.len() as u64, part).await }
+                    let before = inner.before_attempt(cfg.id, &mut last);
+                    async move {
+                        before.await;
+                        inner.write_once(cfg.id, write, WriteKind::Data, at, part.len() as u64, part).await
+                    }
                 })
                 .await?;
             done += piece;
@@ -590,9 +595,14 @@ impl<S: BlockStore> DataPlane<S> {
         check_range(cfg, offset, len)?;
         let mut hold = Hold::new(&self.inner);
         let write = new_nonce();
+        let mut last = None;
         self.inner
-            .retry(&mut hold, |inner| async move {
-                inner.write_once(cfg.id, write, WriteKind::Zeroes, offset, len, Bytes::new()).await
+            .retry(&mut hold, |inner| {
+                let before = inner.before_attempt(cfg.id, &mut last);
+                async move {
+                    before.await;
+                    inner.write_once(cfg.id, write, WriteKind::Zeroes, offset, len, Bytes::new()).await
+                }
             })
             .await
     }

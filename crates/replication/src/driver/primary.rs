@@ -313,7 +313,10 @@ impl PrimaryDriver {
                 // would undo them (docs/PROTOCOL.md, "Retries of a write that may have taken
                 // effect"). Still in flight here: it completes with that attempt.
                 let at_offset = offset + at;
-                if write != 0 {
+                // Planted (chaos-bugs): a proxied write runs whenever it reaches the primary,
+                // even when an earlier attempt of it already took effect here.
+                let parked_bug = chaos_bugs::on(Bug::ParkAtStoppedPrimary) && inner.net.request_received_at().is_some();
+                if write != 0 && !parked_bug {
                     let in_flight = st.waiters.values_mut().find(|w| w.write == write && w.offset == at_offset);
                     if let Some(w) = in_flight {
                         let (t, r) = oneshot::channel();
