@@ -96,6 +96,9 @@ impl Coordinator for Coord {
 static SWITCHES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 struct Cluster {
+    /// For a test that joins a node of its own (only the planted bugs' tests do).
+    #[cfg_attr(not(feature = "chaos-bugs"), allow(dead_code))]
+    hub: Arc<Hub>,
     meta: Arc<Meta>,
     stores: Vec<Arc<MemStore>>,
     planes: Vec<DataPlane<MemStore>>,
@@ -146,7 +149,7 @@ async fn cluster_switching(nodes: u64) -> Cluster {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let cfg = meta.volumes.lock().expect("meta lock")[0].clone();
-    Cluster { meta, stores, planes, cfg, _switches: None }
+    Cluster { hub, meta, stores, planes, cfg, _switches: None }
 }
 
 fn pattern(len: usize, seed: u8) -> Bytes {

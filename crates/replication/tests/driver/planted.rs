@@ -5,11 +5,14 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use tandem_replication::driver::Network;
 use tandem_types::chaos_bugs::{self, Bug};
-use tandem_types::BLOCK_BYTES;
+use tandem_types::{Channel, NodeId, BLOCK_BYTES};
+use tandem_wire::data::{DataMsg, DataReply};
 use tokio::sync::RwLockWriteGuard;
 
-use super::{cluster_switching, local, pattern, Cluster, DEADLINE, SWITCHES};
+use super::{cluster_switching, local, pattern, Cluster, DEADLINE, SWITCHES, VOLUME};
 
 /// How long a test waits to see that something does not happen.
 const QUIET: Duration = Duration::from_millis(300);
@@ -160,4 +163,50 @@ async fn planted_late_isr_change_serves_in_an_epoch_it_never_claimed() {
     p.on();
     let on = cluster_switching(2).await;
     assert_eq!(on.cfg.claim, None, "planted: serving without a claim");
+}
+
+/// A proxied write whose earlier attempt took effect at the primary, retried there after a
+/// newer write to its block (a proxy that re-routed it late, or a copy of it parked at the
+/// primary): answered from its identity without running again; with the bug it runs again and
+/// the newer write is undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_park_at_stopped_primary_runs_a_retried_write_again() {
+    let p = Planted::exclusive(Bug::ParkAtStoppedPrimary).await;
+    let c = cluster_switching(2).await;
+    // A proxying node of its own on the test's network (node 2 keeps its own end).
+    let proxy = c.hub.join(NodeId(9));
+    for (seed, planted) in [(1u8, false), (2, true)] {
+        if planted {
+            p.on();
+        }
+        let offset = u64::from(seed) * 8 * BLOCK_BYTES;
+        let old = pattern(BLOCK_BYTES as usize, seed);
+        let newer = pattern(BLOCK_BYTES as usize, seed + 100);
+        let msg = DataMsg::ProxyWrite {
+            volume: VOLUME,
+            offset,
+            data: old.to_vec(),
+            fua: false,
+            write: 1000 + u64::from(seed),
+        };
+        let payload = Bytes::from(msg.encode().expect("encode"));
+        for attempt in ["first", "retry"] {
+            let reply = tokio::time::timeout(DEADLINE, proxy.call(NodeId(1), Channel::Bulk, payload.clone()))
+                .await
+                .expect("the primary answers")
+                .expect("call");
+            assert_eq!(DataReply::decode(&reply).expect("reply"), DataReply::Ok, "{attempt} attempt");
+            if attempt == "first" {
+                c.planes[0].write(&c.cfg, offset, newer.clone()).await.expect("the newer write");
+            }
+        }
+        let want = if planted { &old } else { &newer };
+        for store in &c.stores {
+            assert_eq!(
+                local(store, offset, old.len()),
+                want[..],
+                "planted {planted}: what the block holds after the retry"
+            );
+        }
+    }
 }
