@@ -2,7 +2,7 @@
 # Runs one fuzz target with coverage guidance on the stable toolchain (cargo-fuzz needs
 # nightly): the sanitizer-coverage instrumentation is applied to the target artifacts only
 # (hence --target), which is what libFuzzer needs to steer its inputs.
-# Usage: fuzz/run.sh frame_decode|meta_rpc_decode|nbd_request_decode [seconds]
+# Usage: fuzz/run.sh frame_decode|meta_rpc_decode|nbd_request_decode|iscsi_pdu_decode [seconds]
 set -euo pipefail
 cd "$(dirname "$0")"
 target="${1:?usage: fuzz/run.sh TARGET [SECONDS]}"

@@ -77,4 +77,21 @@ pub trait Volume: Send + Sync + 'static {
 
     /// Makes every write completed before this call durable.
     fn flush(&self) -> impl Future<Output = Result<(), IoError>> + Send;
+
+    /// Compares the `expected.len()` bytes at `offset` with `expected` and, only if they are
+    /// equal, writes `data` (as long) there, atomically against every other write to the range
+    /// on every path (SCSI COMPARE AND WRITE, which VMware's locking relies on). `Ok(None)`: it
+    /// matched and `data` is written (durable with `fua`); `Ok(Some(i))`: byte `i` differs and
+    /// nothing was written. A volume that cannot make it atomic answers
+    /// [`IoError::NotSupported`], and the command is refused as not implemented.
+    fn compare_and_write(
+        &self,
+        offset: u64,
+        expected: Bytes,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<Option<u64>, IoError>> + Send {
+        let _ = (offset, expected, data, fua);
+        async { Err(IoError::NotSupported("compare and write is not atomic on this volume".into())) }
+    }
 }

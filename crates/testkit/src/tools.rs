@@ -13,6 +13,9 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("nbdcopy", "libnbd-bin"),
     ("fio", "fio"),
     ("nft", "nftables"),
+    ("iscsi-test-cu", "libiscsi-bin"),
+    ("iscsi-inq", "libiscsi-bin"),
+    ("iscsi-ls", "libiscsi-bin"),
 ];
 
 pub fn on_path(program: &str) -> bool {
