@@ -84,12 +84,18 @@ pub struct RunRecord {
 
 /// The commit the suite was built from (`git describe`), if known.
 pub fn commit() -> String {
-    std::process::Command::new("git")
-        .args(["-C", env!("CARGO_MANIFEST_DIR"), "describe", "--always", "--dirty"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    // The checkout the binary was built in, else the one it runs from (a build kept after its
+    // clone was removed, as CI's is).
+    [env!("CARGO_MANIFEST_DIR"), "."]
+        .into_iter()
+        .find_map(|dir| {
+            std::process::Command::new("git")
+                .args(["-C", dir, "describe", "--always", "--dirty"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 

@@ -31,7 +31,7 @@ impl ClusterMap {
                 self.set_resync_progress(volume, node, ResyncProgress { done_bytes, total_bytes })
             }
             MetaCmd::ClearResync { volume, node } => self.clear_resync(volume, node),
-            MetaCmd::AddHost { name, site } => self.add_host(name, site),
+            MetaCmd::AddHost { name, site, iqns } => self.add_host(name, site, iqns),
             MetaCmd::RemoveHost { name } => self.remove_host(name),
             MetaCmd::ConnectHost { host, volume } => self.connect_host(&host, &volume, true),
             MetaCmd::DisconnectHost { host, volume } => self.connect_host(&host, &volume, false),

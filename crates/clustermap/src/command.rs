@@ -87,6 +87,8 @@ pub enum MetaCmd {
     AddHost {
         name: String,
         site: String,
+        /// The host's iSCSI initiator names; empty leaves them as they are.
+        iqns: Vec<String>,
     },
     RemoveHost {
         name: String,

@@ -26,6 +26,27 @@ pub const PATH_REASON_BYTES_MAX: usize = 256;
 /// request stays far below the frame limit. A few hundred bytes per volume in practice.
 pub const PATH_MAP_BYTES_MAX: usize = 192 * 1024;
 
+/// iSCSI initiator names one host may have (one per HBA or software initiator).
+pub const HOST_IQNS_MAX: usize = 8;
+/// RFC 7143 §4.2.7.1: an iSCSI name is at most 223 bytes.
+pub const ISCSI_NAME_BYTES_MAX: usize = 223;
+
+/// Checks an initiator name as a host's identity: the `iqn.`, `eui.` or `naa.` form of RFC
+/// 3720 §3.2.6.3, in lower case (names compare byte for byte, and initiators send them
+/// normalised), of printable ASCII without spaces.
+pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > ISCSI_NAME_BYTES_MAX {
+        return Err(format!("must be 1 to {ISCSI_NAME_BYTES_MAX} bytes"));
+    }
+    if !(name.starts_with("iqn.") || name.starts_with("eui.") || name.starts_with("naa.")) {
+        return Err("must start with iqn., eui. or naa.".into());
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b':')) {
+        return Err("may hold only lower-case letters, digits, '.', '-' and ':'".into());
+    }
+    Ok(())
+}
+
 /// An upper estimate of a path map's encoded size.
 pub fn path_map_bytes(paths: &[VolumePaths]) -> usize {
     paths
@@ -44,6 +65,10 @@ pub struct HostRecord {
     /// The volumes the host may reach (by id, so a deleted and re-created volume of the same
     /// name is not reached by accident).
     pub volumes: BTreeSet<VolumeId>,
+    /// The iSCSI initiator names that are this host: a session from one of them gets this
+    /// host's path states. No two hosts share a name.
+    #[serde(default)]
+    pub iqns: BTreeSet<String>,
     /// The generation of the published path map: 0 until the first one, then +1 with every
     /// change. Never goes back, also across leader changes (it is committed).
     pub generation: u64,
@@ -52,17 +77,40 @@ pub struct HostRecord {
 }
 
 impl ClusterMap {
-    pub(crate) fn add_host(&mut self, name: String, site: String) -> MetaReply {
+    /// The host an iSCSI initiator name belongs to.
+    pub fn host_by_iqn(&self, iqn: &str) -> Option<&HostRecord> {
+        self.hosts.values().find(|h| h.iqns.contains(iqn))
+    }
+
+    /// Adds a host, or moves it to another site; `iqns`, when not empty, become its initiator
+    /// names (all of them: a name left out is no longer the host's).
+    pub(crate) fn add_host(&mut self, name: String, site: String, iqns: Vec<String>) -> MetaReply {
         if let Err(e) = validate_name(&name) {
             return MetaReply::Invalid(format!("host name {name:?} {e}"));
         }
         if let Err(e) = validate_name(&site) {
             return MetaReply::Invalid(format!("site {site:?} {e}"));
         }
+        if iqns.len() > HOST_IQNS_MAX {
+            return MetaReply::Invalid(format!("a host has at most {HOST_IQNS_MAX} iSCSI names, not {}", iqns.len()));
+        }
+        for iqn in &iqns {
+            if let Err(e) = validate_iscsi_name(iqn) {
+                return MetaReply::Invalid(format!("iSCSI name {iqn:?} {e}"));
+            }
+            if let Some(other) = self.host_by_iqn(iqn).filter(|h| h.name != name) {
+                return MetaReply::Invalid(format!("iSCSI name {iqn:?} already belongs to host {:?}", other.name));
+            }
+        }
+        let iqns: BTreeSet<String> = iqns.into_iter().collect();
         if let Some(host) = self.hosts.get_mut(&name) {
-            let changed = host.site != site;
+            let mut changed = host.site != site;
+            host.site = site;
+            if !iqns.is_empty() && host.iqns != iqns {
+                host.iqns = iqns;
+                changed = true;
+            }
             if changed {
-                host.site = site;
                 self.touched.push(ObjectKey::Host(name));
             }
             return MetaReply::Done { changed };
@@ -73,7 +121,7 @@ impl ClusterMap {
         self.touched.push(ObjectKey::Host(name.clone()));
         self.hosts.insert(
             name.clone(),
-            HostRecord { name, site, volumes: BTreeSet::new(), generation: 0, paths: Vec::new() },
+            HostRecord { name, site, volumes: BTreeSet::new(), iqns, generation: 0, paths: Vec::new() },
         );
         MetaReply::Done { changed: true }
     }

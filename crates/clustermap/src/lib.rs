@@ -38,8 +38,8 @@ mod tests;
 pub use command::{MetaCmd, MetaReply};
 pub use datasets::{DatasetRecord, DATASETS_MAX, DEFAULT_DATASET};
 pub use hosts::{
-    path_map_bytes, HostRecord, HOSTS_MAX, HOST_VOLUMES_MAX, PATH_MAP_BYTES_MAX, PATH_REASON_BYTES_MAX,
-    VOLUME_PATHS_MAX,
+    path_map_bytes, validate_iscsi_name, HostRecord, HOSTS_MAX, HOST_IQNS_MAX, HOST_VOLUMES_MAX, PATH_MAP_BYTES_MAX,
+    PATH_REASON_BYTES_MAX, VOLUME_PATHS_MAX,
 };
 pub use key::ObjectKey;
 pub use map::ClusterMap;

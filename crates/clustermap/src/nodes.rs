@@ -31,6 +31,10 @@ pub struct NodeRecord {
     /// path to every volume the node holds.
     #[serde(default)]
     pub extra_nbd_addrs: Vec<SocketAddr>,
+    /// The node's iSCSI portal (RFC 7143 target address), when it serves iSCSI. Its target
+    /// portal group tag is the node id.
+    #[serde(default)]
+    pub iscsi_addr: Option<SocketAddr>,
 }
 
 impl NodeRecord {
@@ -50,6 +54,11 @@ impl NodeRecord {
         let unique: BTreeSet<&SocketAddr> = targets.iter().collect();
         if unique.len() != targets.len() {
             return Err(format!("node {}: its NBD addresses {targets:?} name an address twice", self.id));
+        }
+        if let Some(portal) = self.iscsi_addr {
+            if portal.port() == 0 || unique.contains(&portal) {
+                return Err(format!("node {}: iSCSI address {portal} needs a port of its own", self.id));
+            }
         }
         Ok(())
     }

@@ -26,6 +26,7 @@ fn node(id: NodeId, port: u16) -> NodeRecord {
         api_addr: format!("127.0.0.1:{}", port + 1).parse().expect("addr"),
         nbd_addr: format!("127.0.0.1:{}", port + 2).parse().expect("addr"),
         extra_nbd_addrs: Vec::new(),
+        iscsi_addr: None,
     }
 }
 
@@ -556,7 +557,8 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             layer: if data { Layer::Data } else { Layer::Control },
             kind: if quic { TransportKind::Quic } else { TransportKind::Tcp },
         }),
-        ("[hk]", "[ab]").prop_map(|(name, site)| MetaCmd::AddHost { name, site }),
+        ("[hk]", "[ab]", proptest::collection::vec("iqn\\.[ab]", 0..2))
+            .prop_map(|(name, site, iqns)| MetaCmd::AddHost { name, site, iqns }),
         "[hk]".prop_map(|name| MetaCmd::RemoveHost { name }),
         ("[hk]", "[vw]", any::<bool>()).prop_map(|(host, volume, connect)| if connect {
             MetaCmd::ConnectHost { host, volume }
@@ -588,7 +590,7 @@ fn paths_of(volume: &str, node: NodeId) -> VolumePaths {
 fn hosts_connect_to_volumes_and_path_maps_publish_by_generation() {
     let mut m = two_sites();
     m.apply(create_volume("v", None, 4096));
-    let add = |name: &str, site: &str| MetaCmd::AddHost { name: name.into(), site: site.into() };
+    let add = |name: &str, site: &str| MetaCmd::AddHost { name: name.into(), site: site.into(), iqns: Vec::new() };
     assert_eq!(m.apply(add("h1", "a")), MetaReply::Done { changed: true });
     assert_eq!(m.apply(add("h1", "a")), MetaReply::Done { changed: false });
     assert_eq!(m.apply(add("h1", "b")), MetaReply::Done { changed: true });
@@ -718,4 +720,31 @@ proptest! {
             prop_assert_eq!(&rebuilt, &m);
         }
     }
+}
+
+#[test]
+fn a_host_owns_its_iscsi_names_and_no_two_hosts_share_one() {
+    let mut m = two_sites();
+    let add = |name: &str, iqns: &[&str]| MetaCmd::AddHost {
+        name: name.into(),
+        site: "a".into(),
+        iqns: iqns.iter().map(|s| s.to_string()).collect(),
+    };
+    let iqn = "iqn.1993-08.org.debian:01:h1";
+    assert_eq!(m.apply(add("h1", &[iqn])), MetaReply::Done { changed: true });
+    assert_eq!(m.host_by_iqn(iqn).map(|h| h.name.as_str()), Some("h1"));
+    // Adding again without names keeps them; the same names change nothing.
+    assert_eq!(m.apply(add("h1", &[])), MetaReply::Done { changed: false });
+    assert_eq!(m.apply(add("h1", &[iqn])), MetaReply::Done { changed: false });
+    invalid(m.apply(add("h2", &[iqn])), "already belongs to host \"h1\"");
+    invalid(m.apply(add("h2", &["IQN.upper"])), "iSCSI name");
+    invalid(m.apply(add("h2", &["host-1"])), "must start with iqn.");
+    let nine: Vec<String> = (0..9).map(|i| format!("iqn.2026-12.test:{i}")).collect();
+    let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
+    invalid(m.apply(add("h2", &nine)), "at most 8");
+    // Names given again replace the old ones: the old name is free for another host.
+    assert_eq!(m.apply(add("h1", &["iqn.2026-12.test:new"])), MetaReply::Done { changed: true });
+    assert_eq!(m.host_by_iqn(iqn), None);
+    assert_eq!(m.apply(add("h2", &[iqn])), MetaReply::Done { changed: true });
+    assert_eq!(m.host_by_iqn(iqn).map(|h| h.name.as_str()), Some("h2"));
 }

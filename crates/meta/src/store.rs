@@ -216,7 +216,7 @@ fn estimated_bytes(cmd: &MetaCmd) -> usize {
         MetaCmd::DeleteDataset { name } | MetaCmd::DeleteVolume { name } => name.len(),
         MetaCmd::CreateVolume { name, dataset, .. } => name.len() + dataset.as_ref().map_or(0, String::len),
         MetaCmd::SetVolumeIsr { isr, .. } | MetaCmd::Failover { isr, .. } => 8 * isr.len(),
-        MetaCmd::AddHost { name, site } => name.len() + site.len(),
+        MetaCmd::AddHost { name, site, iqns } => name.len() + site.len() + iqns.iter().map(String::len).sum::<usize>(),
         MetaCmd::RemoveHost { name } => name.len(),
         MetaCmd::ConnectHost { host, volume } | MetaCmd::DisconnectHost { host, volume } => host.len() + volume.len(),
         MetaCmd::PublishPaths { host, paths, .. } => host.len() + tandem_clustermap::path_map_bytes(paths),

@@ -25,6 +25,7 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             api_addr: addr(8000 + p),
             nbd_addr: addr(9000 + p),
             extra_nbd_addrs: Vec::new(),
+            iscsi_addr: None,
         })),
         (1u64..8).prop_map(|id| MetaCmd::RemoveNode { id: NodeId(id) }),
         ("[a-e]", "[a-z0-9]{0,16}").prop_map(|(key, value)| MetaCmd::PutSetting { key, value }),

@@ -15,6 +15,7 @@
 //! raft_addr = "127.0.0.1:7101"
 //! api_addr = "127.0.0.1:7201"
 //! nbd_addr = "127.0.0.1:10809"
+//! iscsi_addr = "127.0.0.1:3260"
 //! data_dir = "node-1"
 //! cert = "certs/node-1.pem"
 //! key = "certs/node-1.key"
@@ -132,6 +133,9 @@ pub struct NodeSection {
     /// more path from a host to the node's volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_nbd_addrs: Vec<SocketAddr>,
+    /// The node's iSCSI portal (3260 in production); without it the node serves no iSCSI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -146,6 +150,7 @@ impl NodeSection {
             api_addr: self.api_addr,
             nbd_addr: self.nbd_addr,
             extra_nbd_addrs: self.extra_nbd_addrs.clone(),
+            iscsi_addr: self.iscsi_addr,
         }
     }
 }
@@ -218,7 +223,8 @@ impl ClusterConfig {
             }
             let fixed = [("raft_addr", n.raft_addr), ("api_addr", n.api_addr), ("nbd_addr", n.nbd_addr)];
             let extra = n.extra_nbd_addrs.iter().map(|a| ("extra_nbd_addrs", *a));
-            for (field, addr) in fixed.into_iter().chain(extra) {
+            let iscsi = n.iscsi_addr.map(|a| ("iscsi_addr", a));
+            for (field, addr) in fixed.into_iter().chain(extra).chain(iscsi) {
                 if addr.port() == 0 {
                     return Err(format!("{at}: {field} {addr} needs a port"));
                 }

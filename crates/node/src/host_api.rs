@@ -34,13 +34,22 @@ pub struct HostView {
     pub volumes: Vec<String>,
     /// The generation of its published path map (0: none yet).
     pub generation: u64,
+    /// Its iSCSI initiator names.
+    #[serde(default)]
+    pub iqns: Vec<String>,
 }
 
 fn host_view(map: &ClusterMap, h: &HostRecord) -> HostView {
     let mut volumes: Vec<String> =
         h.volumes.iter().filter_map(|id| map.volumes.get(id)).map(|v| v.name.clone()).collect();
     volumes.sort();
-    HostView { name: h.name.clone(), site: h.site.clone(), volumes, generation: h.generation }
+    HostView {
+        name: h.name.clone(),
+        site: h.site.clone(),
+        volumes,
+        generation: h.generation,
+        iqns: h.iqns.iter().cloned().collect(),
+    }
 }
 
 /// A host's path map, `GET /v1/hosts/{name}/paths`.
@@ -51,6 +60,10 @@ pub struct PathMapView {
     /// Grows by one with every change of the map; never goes back.
     pub generation: u64,
     pub volumes: Vec<VolumePaths>,
+    /// The iSCSI portal of each node the map names (nodes that serve iSCSI only): the same
+    /// path through iSCSI.
+    #[serde(default)]
+    pub iscsi_portals: std::collections::BTreeMap<tandem_types::NodeId, std::net::SocketAddr>,
 }
 
 fn no_host(name: &str) -> ApiError {
@@ -74,6 +87,9 @@ pub(crate) async fn get_host(State(s): State<ApiState>, Path(name): Path<String>
 pub(crate) struct HostRequest {
     name: String,
     site: String,
+    /// The host's iSCSI initiator names; left out, they stay as they are.
+    #[serde(default)]
+    iqns: Vec<String>,
 }
 
 /// `POST /v1/hosts`: 201 with the new host, 200 if it existed (its site is updated).
@@ -83,7 +99,7 @@ pub(crate) async fn add_host(
 ) -> Result<(StatusCode, Json<HostView>), ApiError> {
     let Json(req) = body?;
     let name = req.name.clone();
-    let reply = s.meta.write(MetaCmd::AddHost { name: req.name, site: req.site }).await?;
+    let reply = s.meta.write(MetaCmd::AddHost { name: req.name, site: req.site, iqns: req.iqns }).await?;
     let view = s.meta.read(|st| st.map.hosts.get(&name).map(|h| host_view(&st.map, h))).await?;
     let view = view.ok_or_else(|| ApiError(StatusCode::CONFLICT, format!("host {name:?} was removed meanwhile")))?;
     Ok((created_status(&reply), Json(view)))
@@ -145,7 +161,12 @@ fn path_map(map: &ClusterMap, host: &str, volume: Option<&str>) -> Result<PathMa
         }
         volumes.retain(|p| p.volume == v);
     }
-    Ok(PathMapView { host: h.name.clone(), site: h.site.clone(), generation: h.generation, volumes })
+    let iscsi_portals = volumes
+        .iter()
+        .flat_map(|v| &v.paths)
+        .filter_map(|p| Some((p.node, map.nodes.get(&p.node)?.iscsi_addr?)))
+        .collect();
+    Ok(PathMapView { host: h.name.clone(), site: h.site.clone(), generation: h.generation, volumes, iscsi_portals })
 }
 
 /// `GET /v1/hosts/{name}/paths[?since=G][&volume=V][&wait_ms=MS]`: the host's path map as

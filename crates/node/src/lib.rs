@@ -14,6 +14,8 @@
 //!   requests, pings, forwarded host probe reports).
 //! - [`volumes`]: the data plane's bindings: committed volumes in, ISR changes out, and the
 //!   frontend seam every host protocol (NBD) serves volumes through.
+//! - [`iscsi`]: the node's iSCSI portal: every volume as a target, with ALUA states from the
+//!   cluster map.
 //! - [`hosts`]: the leader's path manager: hosts' path maps, recomputed and published.
 //! - [`voter_keeper`]: on the Raft leader, gives a lost voter's seat to a live learner.
 //! - [`host_api`]: the host endpoints of the API, and the JSON types they answer with.
@@ -31,6 +33,7 @@ pub mod failpoints;
 pub mod host_api;
 pub mod host_watch;
 pub mod hosts;
+pub mod iscsi;
 pub mod lease;
 pub mod probe;
 pub mod probe_answer;
@@ -99,6 +102,10 @@ pub async fn run(
     {
         nbd_listeners.push(TcpListener::bind(addr).await.map_err(|e| bind_error(id, field, addr, e))?);
     }
+    let iscsi_listener = match me.iscsi_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| bind_error(id, "iscsi_addr", addr, e))?),
+        None => None,
+    };
 
     let default_kind = cfg.cluster.transport;
     let regions = RegionRegistry::new(REGION_BUFFERS, REGION_BYTES, REGION_COMPLETIONS_MAX);
@@ -145,6 +152,22 @@ pub async fn run(
             }))
         })
         .collect();
+    let iscsi = iscsi_listener.map(|listener| {
+        let portal = Arc::new(iscsi::Portal {
+            me: id,
+            cluster: cfg.cluster.name.clone(),
+            meta: meta.clone(),
+            exports: exports.clone(),
+        });
+        let config = tandem_iscsi::TargetConfig {
+            target_portal_group_tag: u16::try_from(id.0).unwrap_or(u16::MAX),
+            ..tandem_iscsi::TargetConfig::default()
+        };
+        let mut stop = nbd_stop_rx.clone();
+        tokio::spawn(tandem_iscsi::server::serve(listener, portal, Arc::new(config), budgets.clone(), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
 
     tracing::info!(node = %id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");
     // Stopping also ends the path-map watches in progress, which graceful shutdown waits for.
@@ -157,7 +180,7 @@ pub async fn run(
     let served = axum::serve(api_listener, api::router(state)).with_graceful_shutdown(stop_signal).await;
     tracing::info!(node = %id, "stopping");
     let _ = nbd_stop_tx.send(true);
-    for server in nbd {
+    for server in nbd.into_iter().chain(iscsi) {
         let _ = server.await;
     }
     // Dropping the store is a crash to it: make everything applied durable first.

@@ -78,6 +78,7 @@ mod tests {
             api_addr: "127.0.0.1:8001".parse().unwrap(),
             nbd_addr: "127.0.0.1:9001".parse().unwrap(),
             extra_nbd_addrs: Vec::new(),
+            iscsi_addr: None,
         };
         assert!(meta.initialize(&[me]).await.expect("initializes"));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

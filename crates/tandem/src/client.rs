@@ -178,6 +178,7 @@ pub fn print_status(r: &StatusReport) {
                 if n.up { "up".into() } else { "down".into() },
                 n.node.record.api_addr.to_string(),
                 nbd_addrs(&n.node.record),
+                n.node.record.iscsi_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
                 n.node.record.raft_addr.to_string(),
                 match (n.transport_data, n.transport_control) {
                     (Some(d), Some(c)) => format!("data {d}, control {c}"),
@@ -186,7 +187,7 @@ pub fn print_status(r: &StatusReport) {
             ]
         })
         .collect();
-    print_table(&["ID", "SITE", "ROLE", "MEMBER", "STATE", "API", "NBD", "RAFT", "TRANSPORT"], &rows);
+    print_table(&["ID", "SITE", "ROLE", "MEMBER", "STATE", "API", "NBD", "ISCSI", "RAFT", "TRANSPORT"], &rows);
     println!();
     if r.volumes.is_empty() {
         println!("no volumes");
@@ -354,11 +355,12 @@ pub async fn node_list(target: &Target, json: bool) -> anyhow::Result<()> {
                 n.membership.clone(),
                 n.record.api_addr.to_string(),
                 nbd_addrs(&n.record),
+                n.record.iscsi_addr.map_or_else(|| "-".to_string(), |a| a.to_string()),
                 n.record.raft_addr.to_string(),
             ]
         })
         .collect();
-    print_table(&["ID", "SITE", "MEMBER", "API", "NBD", "RAFT"], &rows);
+    print_table(&["ID", "SITE", "MEMBER", "API", "NBD", "ISCSI", "RAFT"], &rows);
     Ok(())
 }
 

@@ -45,6 +45,8 @@ const RELEARN_EVERY: Duration = Duration::from_secs(60);
 struct HostRequest<'a> {
     name: &'a str,
     site: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    iqns: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -55,10 +57,11 @@ struct ConnectRequest<'a> {
 pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
     let api = client::find_api(target).await?;
     match cmd {
-        HostCmd::Add { name, site } => {
-            let req = HostRequest { name: &name, site: &site };
+        HostCmd::Add { name, site, iqn } => {
+            let req = HostRequest { name: &name, site: &site, iqns: &iqn };
             let (status, h): (_, HostView) = api.request_with_status(Method::POST, "/v1/hosts", Some(&req)).await?;
-            println!("host {} {}: site {}", h.name, client::created(status), h.site);
+            let iqns = if h.iqns.is_empty() { String::new() } else { format!(", iSCSI {}", h.iqns.join(",")) };
+            println!("host {} {}: site {}{iqns}", h.name, client::created(status), h.site);
         }
         HostCmd::Connect { name, volume } => {
             let req = ConnectRequest { volume: &volume };
@@ -85,10 +88,11 @@ pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
                     .iter()
                     .map(|h| {
                         let volumes = if h.volumes.is_empty() { "-".to_string() } else { h.volumes.join(",") };
-                        vec![h.name.clone(), h.site.clone(), volumes, h.generation.to_string()]
+                        let iqns = if h.iqns.is_empty() { "-".to_string() } else { h.iqns.join(",") };
+                        vec![h.name.clone(), h.site.clone(), volumes, iqns, h.generation.to_string()]
                     })
                     .collect();
-                print_table(&["NAME", "SITE", "VOLUMES", "GENERATION"], &rows);
+                print_table(&["NAME", "SITE", "VOLUMES", "ISCSI", "GENERATION"], &rows);
             }
         }
         HostCmd::Agent { .. } => unreachable!("dispatched to agent::run"),
@@ -172,7 +176,7 @@ pub fn print_map(map: &PathMapView, at: Option<&str>) {
     let mut rows = Vec::new();
     for v in &map.volumes {
         if v.paths.is_empty() {
-            rows.push(vec![v.volume.clone(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()]);
+            rows.push(vec![v.volume.clone(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into()]);
         }
         for p in &v.paths {
             rows.push(vec![
@@ -180,12 +184,13 @@ pub fn print_map(map: &PathMapView, at: Option<&str>) {
                 p.path.clone(),
                 p.node.to_string(),
                 p.address.to_string(),
+                map.iscsi_portals.get(&p.node).map_or_else(|| "-".to_string(), ToString::to_string),
                 p.state.to_string(),
                 p.reason.clone(),
             ]);
         }
     }
-    print_table(&["VOLUME", "PATH", "NODE", "ADDRESS", "STATE", "REASON"], &rows);
+    print_table(&["VOLUME", "PATH", "NODE", "ADDRESS", "ISCSI", "STATE", "REASON"], &rows);
 }
 
 /// `2024-05-01T12:00:00.123Z` (UTC, milliseconds).

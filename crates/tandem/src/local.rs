@@ -125,6 +125,7 @@ fn new_node(dir: &Path, cluster_name: &str, ca_key: &Path, id: NodeId, site: &st
         api_addr: free_addr()?,
         nbd_addr: free_addr()?,
         extra_nbd_addrs: Vec::new(),
+        iscsi_addr: Some(free_addr()?),
         data_dir: PathBuf::from(format!("node-{id}")),
         cert,
         key,
@@ -393,6 +394,7 @@ pub async fn node_add(
     raft_addr: Option<SocketAddr>,
     api_addr: Option<SocketAddr>,
     nbd_addr: Option<SocketAddr>,
+    iscsi_addr: Option<SocketAddr>,
     log_format: LogFormat,
 ) -> anyhow::Result<()> {
     let api = client::find_api(target).await?;
@@ -406,6 +408,7 @@ pub async fn node_add(
                 api_addr,
                 nbd_addr,
                 extra_nbd_addrs: Vec::new(),
+                iscsi_addr,
             }
         }
         (None, None, None) => {

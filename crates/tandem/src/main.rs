@@ -166,6 +166,9 @@ enum NodeSub {
         api_addr: Option<std::net::SocketAddr>,
         #[arg(long)]
         nbd_addr: Option<std::net::SocketAddr>,
+        /// The node's iSCSI portal, if it serves iSCSI (with explicit addresses).
+        #[arg(long)]
+        iscsi_addr: Option<std::net::SocketAddr>,
         #[command(flatten)]
         target: Target,
     },
@@ -230,6 +233,10 @@ pub enum HostCmd {
         name: String,
         #[arg(long)]
         site: String,
+        /// An iSCSI initiator name of the host (repeatable): its sessions get the host's path
+        /// states. Given again, the names replace the host's names; left out, they stay.
+        #[arg(long)]
+        iqn: Vec<String>,
     },
     /// Let a host reach a volume: the volume's paths join the host's path map.
     Connect { name: String, volume: String },
@@ -351,8 +358,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             local::run_node(&config, id).await
         }
         Cmd::Node(NodeCmd { sub: Some(sub), .. }) => match sub {
-            NodeSub::Add { id, site, raft_addr, api_addr, nbd_addr, target } => {
-                local::node_add(&target, id, site, raft_addr, api_addr, nbd_addr, cli.log_format).await
+            NodeSub::Add { id, site, raft_addr, api_addr, nbd_addr, iscsi_addr, target } => {
+                local::node_add(&target, id, site, raft_addr, api_addr, nbd_addr, iscsi_addr, cli.log_format).await
             }
             NodeSub::Remove { id, target } => local::node_remove(&target, id).await,
             NodeSub::List { json, target } => client::node_list(&target, json).await,

@@ -531,6 +531,11 @@ impl Cluster {
         self.node_config(id)["nbd_addr"].as_str().expect("nbd_addr").parse().expect("socket address")
     }
 
+    /// Node `id`'s iSCSI portal (`tandem up` gives every node one).
+    pub fn iscsi_addr(&self, id: u64) -> SocketAddr {
+        self.node_config(id)["iscsi_addr"].as_str().expect("iscsi_addr").parse().expect("socket address")
+    }
+
     /// Node `id`'s process id.
     pub fn try_pid(&self, id: u64) -> Result<i32, Error> {
         if self.net.is_some() {

@@ -1,0 +1,384 @@
+//! The iSCSI portals of a real cluster: libiscsi's conformance suite through two nodes at once
+//! (the primary and a node that proxies), discovery and the disk's identity on every node, and
+//! the ALUA states a session reads (REPORT TARGET PORT GROUPS) before and after a failover,
+//! with the unit attention that tells it the states changed.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tandem_iscsi::text::encode_pair;
+use tandem_iscsi::{
+    decode, parse_bhs, parse_text, DecodeLimits, Digests, Isid, LoginRequest, NopOut, Pdu, ScsiCommand, Stage,
+    TaskAttribute, BHS_BYTES, RESERVED_TAG,
+};
+use tandem_scsi::alua::{parse_report, AccessState};
+use tandem_scsi::sense::{asc, Sense, SenseKey};
+use tandem_testkit::{create_served_volume, require_tools, volume, wait_for, Cluster};
+
+const LEADER_WAIT: Duration = Duration::from_secs(20);
+const INITIATOR: &str = "iqn.2026-12.io.tandem.test:initiator";
+const RECV_SEGMENT_BYTES: u32 = 256 * 1024;
+
+fn target(volume: &str) -> String {
+    format!("iqn.2026-12.io.tandem:local:{volume}")
+}
+
+fn url(c: &Cluster, node: u64, volume: &str) -> String {
+    format!("iscsi://{}/{}/0", c.iscsi_addr(node), target(volume))
+}
+
+/// Runs a libiscsi tool; its output, or a panic with it.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{program} {args:?} failed: {text}");
+    text
+}
+
+/// A minimal initiator, enough to log in and run a few commands (the test's own view of what
+/// the target answers, byte for byte, through the crate's codec).
+struct Initiator {
+    stream: TcpStream,
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+    itt: u32,
+}
+
+/// What a SCSI command came back with.
+#[derive(Debug)]
+struct Answer {
+    status: u8,
+    data: Vec<u8>,
+    sense: Option<Sense>,
+}
+
+impl Initiator {
+    fn login(portal: SocketAddr, target: &str) -> Initiator {
+        let stream = TcpStream::connect(portal).unwrap_or_else(|e| panic!("connect {portal}: {e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut me = Initiator { stream, cmd_sn: 1, exp_stat_sn: 0, itt: 1 };
+        let mut keys = Vec::new();
+        for (key, value) in [
+            ("InitiatorName", INITIATOR),
+            ("TargetName", target),
+            ("SessionType", "Normal"),
+            ("HeaderDigest", "None"),
+            ("DataDigest", "None"),
+            ("MaxRecvDataSegmentLength", "262144"),
+        ] {
+            encode_pair(&mut keys, key, value);
+        }
+        let mut data = Bytes::from(keys);
+        for _ in 0..8 {
+            let request = LoginRequest {
+                next_stage: Some(Stage::FullFeaturePhase),
+                continues: false,
+                current_stage: Stage::LoginOperationalNegotiation,
+                version_max: 0,
+                version_min: 0,
+                isid: Isid([0x80, 0, 0, 0x12, 0x34, 0x56]),
+                tsih: 0,
+                itt: 0,
+                cid: 1,
+                cmd_sn: me.cmd_sn,
+                exp_stat_sn: me.exp_stat_sn,
+                data: std::mem::take(&mut data),
+            };
+            me.send(&Pdu::LoginRequest(request));
+            let Pdu::LoginResponse(response) = me.receive() else { panic!("expected a Login Response") };
+            assert!(response.status.is_success(), "login to {target} failed: {:?}", response.status);
+            me.exp_stat_sn = response.stat_sn.wrapping_add(1);
+            if response.next_stage == Some(Stage::FullFeaturePhase) {
+                return me;
+            }
+            // The target offered keys of its own: take its values (answer with them).
+            let mut answer = Vec::new();
+            for pair in parse_text(&response.data).expect("login text") {
+                encode_pair(&mut answer, &pair.key, &pair.value);
+            }
+            data = Bytes::from(answer);
+        }
+        panic!("login to {target} did not reach the full feature phase");
+    }
+
+    fn send(&mut self, pdu: &Pdu) {
+        let mut wire = Vec::new();
+        pdu.encode(Digests::NONE, &mut wire);
+        self.stream.write_all(&wire).expect("send PDU");
+    }
+
+    fn receive(&mut self) -> Pdu {
+        let mut bhs = [0u8; BHS_BYTES];
+        self.stream.read_exact(&mut bhs).expect("read BHS");
+        let limits = DecodeLimits { digests: Digests::NONE, data_segment_bytes_max: RECV_SEGMENT_BYTES };
+        let info = parse_bhs(&bhs, &limits).expect("BHS");
+        let mut rest = vec![0u8; info.rest_bytes];
+        self.stream.read_exact(&mut rest).expect("read PDU");
+        decode(&bhs, Bytes::from(rest), &limits).expect("PDU")
+    }
+
+    /// Runs a command that reads at most `read_bytes` (no data-out).
+    fn command(&mut self, cdb: &[u8], read_bytes: u32) -> Answer {
+        let itt = self.itt;
+        self.itt += 1;
+        let command = ScsiCommand {
+            immediate: false,
+            is_final: true,
+            read: read_bytes > 0,
+            write: false,
+            attribute: TaskAttribute::Simple,
+            lun: 0,
+            itt,
+            expected_data_transfer_length: read_bytes,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            cdb: cdb.to_vec(),
+            bidi_read_expected_data_transfer_length: None,
+            data: Bytes::new(),
+        };
+        self.cmd_sn += 1;
+        self.send(&Pdu::ScsiCommand(command));
+        let mut data = Vec::new();
+        loop {
+            match self.receive() {
+                Pdu::DataIn(d) if d.itt == itt => {
+                    data.extend_from_slice(&d.data);
+                    if let Some(status) = d.status {
+                        self.exp_stat_sn = d.stat_sn.wrapping_add(1);
+                        return Answer { status, data, sense: None };
+                    }
+                }
+                Pdu::ScsiResponse(r) if r.itt == itt => {
+                    self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+                    let sense = (r.data.len() > 2).then(|| Sense::decode(&r.data[2..]).expect("sense data"));
+                    return Answer { status: r.status, data, sense };
+                }
+                Pdu::NopIn(ping) if ping.ttt != RESERVED_TAG => {
+                    let pong = NopOut {
+                        immediate: true,
+                        lun: 0,
+                        itt: RESERVED_TAG,
+                        ttt: ping.ttt,
+                        cmd_sn: self.cmd_sn,
+                        exp_stat_sn: self.exp_stat_sn,
+                        data: Bytes::new(),
+                    };
+                    self.send(&Pdu::NopOut(pong));
+                }
+                other => panic!("unexpected PDU {other:?}"),
+            }
+        }
+    }
+
+    /// REPORT TARGET PORT GROUPS: each group's state, by group (node) id. A unit attention
+    /// (the states changed since the last command) is taken and the report asked again.
+    fn port_groups(&mut self) -> BTreeMap<u16, AccessState> {
+        let mut cdb = [0u8; 12];
+        cdb[0] = 0xA3;
+        cdb[1] = 0x0A;
+        cdb[6..10].copy_from_slice(&4096u32.to_be_bytes());
+        let mut answer = self.command(&cdb, 4096);
+        for _ in 0..8 {
+            if answer.sense.is_none_or(|s| s.key != SenseKey::UnitAttention) {
+                break;
+            }
+            answer = self.command(&cdb, 4096);
+        }
+        assert_eq!(answer.status, 0, "REPORT TARGET PORT GROUPS: {answer:?}");
+        let groups = parse_report(&answer.data, false).expect("a whole report");
+        groups.into_iter().map(|g| (g.id, g.state.expect("a known state"))).collect()
+    }
+
+    fn test_unit_ready(&mut self) -> Answer {
+        self.command(&[0u8; 6], 0)
+    }
+}
+
+#[test]
+fn iscsi_test_cu_passes_through_the_primary_and_a_proxying_node() {
+    require_tools(&["iscsi-test-cu"]);
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let v = create_served_volume(&c, "disk", "64M");
+    let primary = v["primary"].as_u64().expect("primary");
+    let other = c.node_ids().into_iter().find(|&n| n != primary).expect("another node");
+    // The families of a block device and of the iSCSI layer; reservations and third-party copy
+    // come with their own issues.
+    let families = [
+        "SCSI.Inquiry",
+        "SCSI.ReadCapacity10",
+        "SCSI.ReadCapacity16",
+        "SCSI.Read10",
+        "SCSI.Read16",
+        "SCSI.Write10",
+        "SCSI.Write16",
+        "SCSI.WriteSame10",
+        "SCSI.WriteSame16",
+        "SCSI.Unmap",
+        "SCSI.Verify16",
+        "SCSI.WriteVerify16",
+        "SCSI.TestUnitReady",
+        "SCSI.ModeSense6",
+        "SCSI.ReportSupportedOpcodes",
+        "SCSI.MultipathIO",
+        "iSCSI",
+    ];
+    let mut failed = Vec::new();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for family in families {
+        let out = Command::new("iscsi-test-cu")
+            .args(["--dataloss", &format!("--test={family}"), &url(&c, primary, "disk"), &url(&c, other, "disk")])
+            .output()
+            .expect("iscsi-test-cu runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for (name, verdict) in verdicts(&text) {
+            *counts.entry(verdict).or_default() += 1;
+            if verdict == "FAIL" && !KNOWN_FAILURES.contains(&name.as_str()) {
+                failed.push(format!("{family}: {name}"));
+            }
+        }
+    }
+    println!("iscsi-test-cu through nodes {primary} and {other}: {counts:?}");
+    assert!(counts.get("PASS").copied().unwrap_or(0) > 50, "too few tests passed: {counts:?}");
+    assert!(failed.is_empty(), "failed through the cluster: {failed:?}");
+}
+
+/// Failures with their reasons. libiscsi's own defects for a disk with 4 KiB physical blocks
+/// and an 8 MiB transfer limit (crates/iscsi/tests/conformance.rs gives the details), and two
+/// things the cluster does not do yet: COMPARE AND WRITE (refused as not implemented until the
+/// primary runs it atomically; the suite's other COMPARE AND WRITE tests skip on that answer,
+/// this one does not), and a LUN reset through one node reported to sessions through the
+/// others (it reaches the sessions of the same node).
+const KNOWN_FAILURES: &[&str] =
+    &["WriteSame16.Unmap", "GetLBAStatus.UnmapSingle", "MultipathIO.CompareAndWriteAsync", "MultipathIO.Reset"];
+
+/// Per-test verdicts from CUnit's output: the first bare `passed` or `FAILED` word after a
+/// test's name, `[SKIPPED]` before it making it a skip.
+fn verdicts(output: &str) -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    let mut suite = "";
+    let mut current: Option<(String, String)> = None;
+    let mut finish = |current: &mut Option<(String, String)>| {
+        if let Some((name, body)) = current.take() {
+            let words: Vec<&str> = body.split_whitespace().collect();
+            let verdict = match words.iter().position(|w| *w == "passed" || *w == "FAILED") {
+                Some(i) if words[i] == "FAILED" => "FAIL",
+                Some(i) if words[..i].contains(&"[SKIPPED]") => "SKIP",
+                Some(_) => "PASS",
+                None => "FAIL",
+            };
+            out.push((name, verdict));
+        }
+    };
+    for line in output.lines() {
+        if let Some(name) = line.strip_prefix("Suite: ") {
+            finish(&mut current);
+            suite = name.trim();
+        } else if let Some(rest) = line.strip_prefix("  Test: ") {
+            finish(&mut current);
+            let (name, body) = rest.split_once(" ...").unwrap_or((rest, ""));
+            current = Some((format!("{suite}.{}", name.trim()), format!("{body}\n")));
+        } else if line.starts_with("Run Summary") {
+            finish(&mut current);
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    finish(&mut current);
+    out
+}
+
+#[test]
+fn discovery_lists_every_portal_and_every_node_reports_the_same_disk() {
+    require_tools(&["iscsi-ls", "iscsi-inq"]);
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    create_served_volume(&c, "disk", "64M");
+    create_served_volume(&c, "logs", "32M");
+
+    for node in c.node_ids() {
+        let listed = run("iscsi-ls", &["-s", &format!("iscsi://{}", c.iscsi_addr(node))]);
+        for name in ["disk", "logs"] {
+            assert!(listed.contains(&format!("Target:{}", target(name))), "node {node} does not list {name}: {listed}");
+        }
+        for portal in c.node_ids() {
+            let address = c.iscsi_addr(portal).to_string();
+            assert!(
+                listed.contains(&address),
+                "node {node}'s SendTargets lacks node {portal}'s portal {address}: {listed}"
+            );
+        }
+    }
+
+    // VPD 0x83 and 0x80: the same logical unit designators (NAA, T10 vendor id) and serial
+    // through every node; each node also names its own port and port group.
+    let identity = |node: u64, volume: &str| {
+        let ids = run("iscsi-inq", &["-e", "1", "-c", "131", &url(&c, node, volume)]);
+        assert!(ids.contains("Designator Type:(3) NAA"), "node {node}: no NAA designator: {ids}");
+        assert!(ids.contains("TARGET_PORT_GROUP") && ids.contains("RELATIVE_TARGET_PORT"), "node {node}: {ids}");
+        // Each designator's lines: the logical unit's are the same on every node.
+        let lu: Vec<String> = ids
+            .split("DEVICE DESIGNATOR")
+            .filter(|d| d.contains("LOGICAL_UNIT"))
+            .map(|d| d.lines().skip(1).collect::<Vec<_>>().join("|"))
+            .collect();
+        assert_eq!(lu.len(), 2, "node {node}: logical unit designators {lu:?} in {ids}");
+        let serial = run("iscsi-inq", &["-e", "1", "-c", "128", &url(&c, node, volume)]);
+        let serial = serial.lines().find(|l| l.contains("Serial")).unwrap_or_default().to_string();
+        assert!(serial.len() > 20, "node {node}: {serial:?}");
+        (lu, serial)
+    };
+    let disk: Vec<_> = c.node_ids().into_iter().map(|node| identity(node, "disk")).collect();
+    assert!(disk.iter().all(|d| *d == disk[0]), "nodes disagree on the disk's identity: {disk:?}");
+    let logs = identity(1, "logs");
+    assert_ne!(logs.1, disk[0].1, "two volumes share a serial");
+    assert_ne!(logs.0, disk[0].0, "two volumes share designators");
+}
+
+#[test]
+fn alua_states_follow_a_failover_and_sessions_hear_of_the_change() {
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let v = create_served_volume(&c, "disk", "64M");
+    let primary = v["primary"].as_u64().expect("primary");
+    let survivor = c.node_ids().into_iter().find(|&n| n != primary).expect("another node");
+
+    let mut session = Initiator::login(c.iscsi_addr(survivor), &target("disk"));
+    let ready = session.test_unit_ready();
+    assert_eq!(ready.status, 0, "TEST UNIT READY through node {survivor}: {ready:?}");
+    let groups = session.port_groups();
+    assert_eq!(groups.len(), 3, "one group per node: {groups:?}");
+    assert_eq!(groups[&(primary as u16)], AccessState::ActiveOptimized, "{groups:?}");
+    assert_eq!(groups[&(survivor as u16)], AccessState::ActiveNonOptimized, "{groups:?}");
+
+    c.kill(primary);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let new_primary = wait_for("a new primary", Duration::from_secs(60), || {
+        volume(&c, survivor, "disk").and_then(|v| v["primary"].as_u64()).filter(|&p| p != primary)
+    });
+    // The session's next command hears of the change; then the report shows the new primary.
+    let mut heard = false;
+    let groups = loop {
+        let ready = session.test_unit_ready();
+        if let Some(sense) = ready.sense {
+            if sense.key == SenseKey::UnitAttention && sense.asc == asc::ASYMMETRIC_ACCESS_STATE_CHANGED {
+                heard = true;
+            }
+        }
+        let groups = session.port_groups();
+        if groups.get(&(new_primary as u16)) == Some(&AccessState::ActiveOptimized) {
+            break groups;
+        }
+        assert!(Instant::now() < deadline, "node {new_primary} never reported active-optimized: {groups:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(heard, "no ASYMMETRIC ACCESS STATE CHANGED unit attention after the failover");
+    assert_ne!(groups[&(primary as u16)], AccessState::ActiveOptimized, "{groups:?}");
+    let ready = session.test_unit_ready();
+    assert_eq!(ready.status, 0, "TEST UNIT READY after the failover: {ready:?}");
+}
