@@ -173,10 +173,9 @@ pub async fn serve<T: Targets>(
                 }
                 continue;
             }
-            slot = Arc::clone(&slots).acquire_owned() => {
-                let slot = slot.expect("the slot semaphore is never closed");
-                listener.accept().await.map(|(stream, peer)| (stream, peer, slot))
-            }
+            // Waiting for a slot and then for a connection is one future, so that a shutdown
+            // stops the wait for a connection too.
+            accepted = accept_with_slot(&listener, &slots) => accepted,
         };
         let (stream, peer, slot) = match accepted {
             Ok(accepted) => accepted,
@@ -202,6 +201,15 @@ pub async fn serve<T: Targets>(
     }
     info!(connections = connections.len(), "iSCSI server shutting down");
     connections.shutdown().await;
+}
+
+async fn accept_with_slot(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> io::Result<(tokio::net::TcpStream, std::net::SocketAddr, OwnedSemaphorePermit)> {
+    let slot = Arc::clone(slots).acquire_owned().await.expect("the slot semaphore is never closed");
+    let (stream, peer) = listener.accept().await?;
+    Ok((stream, peer, slot))
 }
 
 /// The login's questions, answered from the portal's targets. Every initiator is allowed

@@ -241,3 +241,32 @@ fn iscsi_test_cu_passes_against_a_memory_volume() {
         std::env::temp_dir().join("iscsi-test-cu.log").display()
     );
 }
+
+/// A server waiting for connections stops when told to (a node's graceful shutdown waits for
+/// it), and so does one with a session open.
+#[tokio::test]
+async fn the_server_stops_when_told_with_or_without_sessions() {
+    for with_session in [false, true] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let portal = listener.local_addr().unwrap();
+        let access = Access { state: AccessState::ActiveOptimized, groups: Vec::new(), transition_time_s: 10 };
+        let (_keep, rx) = watch::channel(access);
+        let targets = Arc::new(MemTargets {
+            volume: Arc::new(MemVolume { data: Mutex::new(vec![0; SIZE_BYTES as usize]) }),
+            portal,
+            access: rx,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = Arc::new(TargetConfig::default());
+        let server = tokio::spawn(serve(listener, targets, config, Budgets::new(8 * 1024 * 1024), async move {
+            let _ = stopped.await;
+        }));
+        let _client = if with_session { Some(tokio::net::TcpStream::connect(portal).await.unwrap()) } else { None };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .unwrap_or_else(|_| panic!("the server did not stop (session open: {with_session})"))
+            .unwrap();
+    }
+}
