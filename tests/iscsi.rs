@@ -17,6 +17,7 @@ use tandem_iscsi::{
 };
 use tandem_scsi::alua::{parse_report, AccessState};
 use tandem_scsi::sense::{asc, Sense, SenseKey};
+use tandem_testkit::cunit::{self, Verdict};
 use tandem_testkit::{create_served_volume, require_tools, volume, wait_for, Cluster};
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
@@ -235,9 +236,9 @@ fn iscsi_test_cu_passes_through_the_primary_and_a_proxying_node() {
             .output()
             .expect("iscsi-test-cu runs");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        for (name, verdict) in verdicts(&text) {
-            *counts.entry(verdict).or_default() += 1;
-            if verdict == "FAIL" && !KNOWN_FAILURES.contains(&name.as_str()) {
+        for (name, verdict) in cunit::verdicts(&text) {
+            *counts.entry(verdict.as_str()).or_default() += 1;
+            if verdict == Verdict::Fail && !KNOWN_FAILURES.contains(&name.as_str()) {
                 failed.push(format!("{family}: {name}"));
             }
         }
@@ -255,43 +256,6 @@ fn iscsi_test_cu_passes_through_the_primary_and_a_proxying_node() {
 /// others (it reaches the sessions of the same node).
 const KNOWN_FAILURES: &[&str] =
     &["WriteSame16.Unmap", "GetLBAStatus.UnmapSingle", "MultipathIO.CompareAndWriteAsync", "MultipathIO.Reset"];
-
-/// Per-test verdicts from CUnit's output: the first bare `passed` or `FAILED` word after a
-/// test's name, `[SKIPPED]` before it making it a skip.
-fn verdicts(output: &str) -> Vec<(String, &'static str)> {
-    let mut out = Vec::new();
-    let mut suite = "";
-    let mut current: Option<(String, String)> = None;
-    let mut finish = |current: &mut Option<(String, String)>| {
-        if let Some((name, body)) = current.take() {
-            let words: Vec<&str> = body.split_whitespace().collect();
-            let verdict = match words.iter().position(|w| *w == "passed" || *w == "FAILED") {
-                Some(i) if words[i] == "FAILED" => "FAIL",
-                Some(i) if words[..i].contains(&"[SKIPPED]") => "SKIP",
-                Some(_) => "PASS",
-                None => "FAIL",
-            };
-            out.push((name, verdict));
-        }
-    };
-    for line in output.lines() {
-        if let Some(name) = line.strip_prefix("Suite: ") {
-            finish(&mut current);
-            suite = name.trim();
-        } else if let Some(rest) = line.strip_prefix("  Test: ") {
-            finish(&mut current);
-            let (name, body) = rest.split_once(" ...").unwrap_or((rest, ""));
-            current = Some((format!("{suite}.{}", name.trim()), format!("{body}\n")));
-        } else if line.starts_with("Run Summary") {
-            finish(&mut current);
-        } else if let Some((_, body)) = current.as_mut() {
-            body.push_str(line);
-            body.push('\n');
-        }
-    }
-    finish(&mut current);
-    out
-}
 
 #[test]
 fn discovery_lists_every_portal_and_every_node_reports_the_same_disk() {

@@ -791,12 +791,7 @@ impl<T: Targets> Reader<T> {
     }
 
     fn ttt(&mut self) -> u32 {
-        let ttt = self.next_ttt;
-        self.next_ttt = self.next_ttt.wrapping_add(1);
-        if self.next_ttt == RESERVED_TAG {
-            self.next_ttt = 1;
-        }
-        ttt
+        next_tag(&mut self.next_ttt)
     }
 
     /// Checks a non-immediate PDU's CmdSN against the window and advances it. `false`: the
@@ -944,10 +939,7 @@ impl<T: Targets> Reader<T> {
 
     /// A command that counted in the window is done (answered or aborted): reopen a slot.
     fn finish_in_window(&self, windowed: bool) {
-        if windowed {
-            let mut window = lock(&self.session.window);
-            window.inflight = window.inflight.saturating_sub(1);
-        }
+        release_slot(&self.session.window, windowed);
     }
 
     async fn on_command(&mut self, command: ScsiCommand) -> Result<(), ConnectionError> {
@@ -1085,12 +1077,8 @@ impl<T: Targets> Reader<T> {
         while transfer.r2ts.len() < max_outstanding && transfer.requested < transfer.wanted {
             let offset = transfer.requested;
             let len = burst.min(transfer.wanted - offset);
-            let ttt = {
-                let ttt = self.next_ttt;
-                self.next_ttt =
-                    if self.next_ttt.wrapping_add(1) == RESERVED_TAG { 1 } else { self.next_ttt.wrapping_add(1) };
-                ttt
-            };
+            // `self.ttt()` would borrow all of `self` while `transfer` is borrowed from it.
+            let ttt = next_tag(&mut self.next_ttt);
             transfer.r2ts.insert(ttt, R2tState { offset, len, data_sn: 0, received: 0 });
             transfer.requested += len;
             r2ts.push(R2t {
@@ -1183,11 +1171,26 @@ struct WindowSlot {
 
 impl Drop for WindowSlot {
     fn drop(&mut self) {
-        if self.windowed {
-            let mut window = lock(&self.window);
-            window.inflight = window.inflight.saturating_sub(1);
-        }
+        release_slot(&self.window, self.windowed);
     }
+}
+
+/// A command that counted in the CmdSN window is done: MaxCmdSN may advance by one.
+fn release_slot(window: &SharedWindow, windowed: bool) {
+    if windowed {
+        let mut window = lock(window);
+        window.inflight = window.inflight.saturating_sub(1);
+    }
+}
+
+/// The next target transfer tag from `next`, skipping the reserved 0xffffffff.
+fn next_tag(next: &mut u32) -> u32 {
+    let tag = *next;
+    *next = match next.wrapping_add(1) {
+        RESERVED_TAG => 1,
+        n => n,
+    };
+    tag
 }
 
 /// The residual of a transfer of `needed` bytes against the initiator's EDTL.
@@ -1204,14 +1207,15 @@ fn residual(edtl: u32, needed: u64) -> Residual {
 async fn send_reply<V>(session: &Session<V>, itt: u32, lun: u64, edtl: u32, data_out_needed: u64, reply: Reply) {
     let needed = if reply.data.is_empty() { data_out_needed } else { reply.data.len() as u64 };
     let residual = residual(edtl, needed);
-    let mut data = Bytes::from(reply.data.clone());
-    data.truncate(edtl as usize);
     let status_in_data = reply.sense.is_none() && reply.status == Status::Good;
+    let sense = reply.sense_bytes();
+    let mut data = Bytes::from(reply.data);
+    data.truncate(edtl as usize);
     let sent =
         send_data_in(session, itt, lun, data.clone(), 0, 0, true, status_in_data.then_some((reply.status, residual)))
             .await;
     if sent && (!status_in_data || data.is_empty()) {
-        send_status(session, itt, reply.status.code(), residual, reply.sense_bytes()).await;
+        send_status(session, itt, reply.status.code(), residual, sense).await;
     }
 }
 

@@ -15,6 +15,7 @@ use tandem_iscsi::server::{serve, Lun, Targets};
 use tandem_iscsi::{DiscoveryTarget, TargetConfig};
 use tandem_scsi::alua::{AccessState, PortGroup};
 use tandem_scsi::lu::{Access, Geometry, Identity, Limits, LogicalUnit, Port, Provisioning};
+use tandem_testkit::cunit::{self, Verdict};
 use tandem_testkit::tools::require_tools;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -164,46 +165,6 @@ fn start(runtime: &tokio::runtime::Runtime) -> SocketAddr {
     })
 }
 
-/// Per-test verdicts from CUnit's verbose output: (suite.test) → PASS, SKIP or FAIL.
-fn verdicts(output: &str) -> BTreeMap<String, &'static str> {
-    let mut out = BTreeMap::new();
-    let mut suite = String::new();
-    let mut current: Option<(String, String)> = None;
-    let finish = |current: &mut Option<(String, String)>, out: &mut BTreeMap<String, &'static str>| {
-        if let Some((name, body)) = current.take() {
-            // CUnit's verdict is the first bare `passed` or `FAILED` word; the test's own
-            // lines before it say `[FAILED]` for an error it provoked on purpose, and
-            // `[SKIPPED]` when it did not apply.
-            let words: Vec<&str> = body.split_whitespace().collect();
-            let at = words.iter().position(|w| *w == "passed" || *w == "FAILED");
-            let verdict = match at {
-                Some(i) if words[i] == "FAILED" => "FAIL",
-                Some(i) if words[..i].contains(&"[SKIPPED]") => "SKIP",
-                Some(_) => "PASS",
-                None => "FAIL",
-            };
-            out.insert(name, verdict);
-        }
-    };
-    for line in output.lines() {
-        if let Some(name) = line.strip_prefix("Suite: ") {
-            finish(&mut current, &mut out);
-            suite = name.trim().to_string();
-        } else if let Some(rest) = line.strip_prefix("  Test: ") {
-            finish(&mut current, &mut out);
-            let (name, body) = rest.split_once(" ...").unwrap_or((rest, ""));
-            current = Some((format!("{suite}.{}", name.trim()), format!("{body}\n")));
-        } else if line.starts_with("Run Summary") {
-            finish(&mut current, &mut out);
-        } else if let Some((_, body)) = current.as_mut() {
-            body.push_str(line);
-            body.push('\n');
-        }
-    }
-    finish(&mut current, &mut out);
-    out
-}
-
 #[test]
 fn iscsi_test_cu_passes_against_a_memory_volume() {
     require_tools(&["iscsi-test-cu"]);
@@ -218,13 +179,14 @@ fn iscsi_test_cu_passes_against_a_memory_volume() {
     }
     let output = Command::new("iscsi-test-cu").args(&args).output().expect("iscsi-test-cu runs");
     let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    let verdicts = verdicts(&text);
+    // By name: the suite runs some tests in more than one family, with one verdict.
+    let verdicts: BTreeMap<String, Verdict> = cunit::verdicts(&text).into_iter().collect();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for verdict in verdicts.values() {
-        *counts.entry(verdict).or_default() += 1;
+        *counts.entry(verdict.as_str()).or_default() += 1;
     }
     println!("iscsi-test-cu: {counts:?} of {} tests", verdicts.len());
-    let failed: Vec<&String> = verdicts.iter().filter(|(_, v)| **v == "FAIL").map(|(name, _)| name).collect();
+    let failed: Vec<&String> = verdicts.iter().filter(|(_, v)| **v == Verdict::Fail).map(|(name, _)| name).collect();
     for name in &failed {
         println!("FAIL {name}");
     }

@@ -7,6 +7,7 @@
 //! - [`netns`] and [`firewall`]: the namespaces, bridge and veths, and the nftables rules.
 //! - [`nbd`]: one NBD client written from the protocol document, and its wire bytes.
 //! - [`qemu`]: running external clients (qemu-io and others) with explicit failure rules.
+//! - [`cunit`]: the per-test verdicts of a CUnit suite's output (libiscsi's iscsi-test-cu).
 //! - [`wait`], [`random`], [`tools`], [`process`]: polling with deadlines, seeded data,
 //!   installing the clients a test drives, and guards that stop processes on drop.
 //!
@@ -22,6 +23,7 @@
 
 pub mod binary;
 pub mod cluster;
+pub mod cunit;
 pub mod firewall;
 pub mod http;
 pub mod nbd;
