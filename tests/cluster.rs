@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tandem_testkit::{
-    create_served_volume, http, run_tandem as run, run_tandem_ok, take_turn, tandem_bin, wait_for, Cluster, Reap,
+    create_served_volume, http, poll, run_tandem as run, run_tandem_ok, take_turn, tandem_bin, wait_for, Cluster, Reap,
 };
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
@@ -233,10 +233,13 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join(transport: &str) {
             .args(["node", "--config", cfg_path.to_str().expect("utf-8"), "--id", &victim.to_string()])
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
+            .stderr(std::fs::File::create(impostor_dir.path().join("node.log")).expect("log")),
     );
 
-    wait_for("the impostor's API", LEADER_WAIT, || c.view(victim));
+    if let Err(e) = poll("the impostor's API", LEADER_WAIT, || c.view(victim)) {
+        let log = std::fs::read_to_string(impostor_dir.path().join("node.log")).unwrap_or_default();
+        panic!("{e}; the impostor's log:\n{log}");
+    }
     // The cluster keeps committing without it, and sends it nothing: for a good while (many
     // heartbeats and retries) the impostor learns no term, no leader and no state.
     let deadline = Instant::now() + Duration::from_secs(4);

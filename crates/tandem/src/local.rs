@@ -38,23 +38,50 @@ fn log_path(dir: &Path, id: NodeId) -> PathBuf {
     dir.join(format!("node-{id}.log"))
 }
 
-/// A port that is free now. (Another process could take it before the node binds it; the node
-/// then reports the port as in use and `up` shows that.)
-/// A port free now, and not handed out before by this process: the listener is closed at once,
-/// so the kernel may offer the same port to the next call, and two nodes' addresses of one
-/// cluster must not collide.
+/// Where `tandem up` looks for ports: below the kernel's ephemeral range, which every outgoing
+/// connection draws its local port from. A listening port inside that range is one a dead node
+/// can lose while it is down: its peers keep dialing it, and a dial to a closed port on the same
+/// address may be given that very port as its source (TCP's simultaneous open then connects the
+/// socket to itself), or any other outgoing connection may be; the restarted node then cannot
+/// bind its own address. Ports below the range are never handed out implicitly.
+const PORTS_FROM: u16 = 10_000;
+
+/// The first port of the kernel's ephemeral range (Linux's default when it cannot be read).
+fn ephemeral_from() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(32_768)
+}
+
+/// A port free now, outside the ephemeral range, and not handed out before by this process (two
+/// nodes' addresses of one cluster must not collide). Another process could take it before the
+/// node binds it; the node then reports the port as in use and `up` shows that.
 fn free_addr() -> anyhow::Result<SocketAddr> {
+    use std::hash::{BuildHasher, Hasher};
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
-        let addr = l.local_addr()?;
+    let end = ephemeral_from();
+    if end <= PORTS_FROM + 1_000 {
+        bail!("the kernel's ephemeral port range starts at {end}: too low to leave ports for nodes below it")
+    }
+    // Random probes, so that two `tandem up` run at once rarely try the same ports.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    let mut seed = hasher.finish();
+    for _ in 0..1_000 {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let port = PORTS_FROM + ((seed >> 33) % u64::from(end - PORTS_FROM)) as u16;
         let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&addr.port()) {
-            given.push(addr.port());
+        if given.contains(&port) {
+            continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if TcpListener::bind(addr).is_ok() {
+            given.push(port);
             return Ok(addr);
         }
     }
-    bail!("cannot find a free port on 127.0.0.1 that was not already given out")
+    bail!("cannot find a free port on 127.0.0.1 between {PORTS_FROM} and {end}")
 }
 
 /// A port free for both TCP and UDP now (a node's raft_addr serves TCP and, for QUIC, UDP).
@@ -462,6 +489,16 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn node_ports_are_distinct_free_and_below_the_ephemeral_range() {
+        let end = ephemeral_from();
+        let ports: Vec<u16> = (0..64).map(|_| free_addr().expect("a free port").port()).collect();
+        for p in &ports {
+            assert!((PORTS_FROM..end).contains(p), "port {p} outside {PORTS_FROM}..{end}");
+            assert_eq!(ports.iter().filter(|q| *q == p).count(), 1, "port {p} handed out twice: {ports:?}");
+        }
+    }
 
     #[test]
     fn durable_writes_replace_the_file_whole_keep_its_mode_and_leave_no_temp_file() {
