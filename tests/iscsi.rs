@@ -219,6 +219,7 @@ fn iscsi_test_cu_passes_through_the_primary_and_a_proxying_node() {
         "SCSI.Write16",
         "SCSI.WriteSame10",
         "SCSI.WriteSame16",
+        "SCSI.CompareAndWrite",
         "SCSI.Unmap",
         "SCSI.Verify16",
         "SCSI.WriteVerify16",
@@ -249,13 +250,10 @@ fn iscsi_test_cu_passes_through_the_primary_and_a_proxying_node() {
 }
 
 /// Failures with their reasons. libiscsi's own defects for a disk with 4 KiB physical blocks
-/// and an 8 MiB transfer limit (crates/iscsi/tests/conformance.rs gives the details), and two
-/// things the cluster does not do yet: COMPARE AND WRITE (refused as not implemented until the
-/// primary runs it atomically; the suite's other COMPARE AND WRITE tests skip on that answer,
-/// this one does not), and a LUN reset through one node reported to sessions through the
-/// others (it reaches the sessions of the same node).
-const KNOWN_FAILURES: &[&str] =
-    &["WriteSame16.Unmap", "GetLBAStatus.UnmapSingle", "MultipathIO.CompareAndWriteAsync", "MultipathIO.Reset"];
+/// and an 8 MiB transfer limit (crates/iscsi/tests/conformance.rs gives the details), and one
+/// thing the cluster does not do yet: a LUN reset through one node reported to sessions through
+/// the others (it reaches the sessions of the same node).
+const KNOWN_FAILURES: &[&str] = &["WriteSame16.Unmap", "GetLBAStatus.UnmapSingle", "MultipathIO.Reset"];
 
 #[test]
 fn discovery_lists_every_portal_and_every_node_reports_the_same_disk() {

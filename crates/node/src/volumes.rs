@@ -293,6 +293,17 @@ impl Volume for ExportedVolume {
     async fn flush(&self) -> Result<(), IoError> {
         self.plane.flush(&self.cfg).await.map_err(io_error)
     }
+
+    async fn compare_and_write(
+        &self,
+        offset: u64,
+        expected: Bytes,
+        data: Bytes,
+        _fua: bool,
+    ) -> Result<Option<u64>, IoError> {
+        // Acknowledged only once durable on every in-sync replica: FUA needs nothing more.
+        self.plane.compare_and_write(&self.cfg, offset, expected, data).await.map_err(io_error)
+    }
 }
 
 /// The frontend budgets as `GET /v1/local/volumes` shows them (field `frontend`): the read

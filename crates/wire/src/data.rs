@@ -154,6 +154,17 @@ pub enum DataMsg {
     ProxyFlush {
         volume: VolumeId,
     },
+    /// Any node → primary: SCSI COMPARE AND WRITE: write `data` at `offset` only if the range
+    /// holds `expected` (as long), atomically against every other write. `write` identifies the
+    /// request in every attempt, so a retry after a failover is not compared again against its
+    /// own effect.
+    ProxyCompareAndWrite {
+        volume: VolumeId,
+        offset: u64,
+        expected: Vec<u8>,
+        data: Vec<u8>,
+        write: WriteId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +181,11 @@ pub enum DataReply {
     Refused(String),
     /// The I/O failed on the serving node; the text says why.
     Failed(String),
+    /// A compare and write found byte `at` (from the start of the range) different and wrote
+    /// nothing.
+    Miscompare {
+        at: u64,
+    },
 }
 
 /// Requests on the `probe` channel.

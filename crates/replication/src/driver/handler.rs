@@ -58,6 +58,9 @@ impl<S: BlockStore> Inner<S> {
                 Some(_) => DataReply::Ok,
                 None => DataReply::Refused("not the primary".into()),
             },
+            DataMsg::ProxyCompareAndWrite { volume, offset, expected, data, write } => {
+                self.on_proxy_compare_and_write(volume, offset, expected, data, write).await
+            }
         }
     }
 
@@ -285,6 +288,26 @@ impl<S: BlockStore> Inner<S> {
         }
         match self.clone().write_once(volume, write, WriteKind::Zeroes, offset, len, Bytes::new()).await {
             Ok(()) => DataReply::Ok,
+            Err(e) => fail_reply(e),
+        }
+    }
+
+    /// A compare and write proxied by another node, served only if this node is the primary.
+    async fn on_proxy_compare_and_write(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        offset: u64,
+        expected: Vec<u8>,
+        data: Vec<u8>,
+        write: WriteId,
+    ) -> DataReply {
+        if self.local_primary(volume).is_none() {
+            return DataReply::Refused("not the primary".into());
+        }
+        let (expected, data) = (Bytes::from(expected), Bytes::from(data));
+        match self.clone().compare_and_write_once(volume, write, offset, expected, data).await {
+            Ok(None) => DataReply::Ok,
+            Ok(Some(at)) => DataReply::Miscompare { at },
             Err(e) => fail_reply(e),
         }
     }

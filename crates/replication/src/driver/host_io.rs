@@ -223,6 +223,35 @@ impl<S: BlockStore> Inner<S> {
         }
     }
 
+    /// One attempt of a compare and write ([`PrimaryDriver::compare_and_write`]).
+    pub(super) async fn compare_and_write_once(
+        self: Arc<Self>,
+        id: VolumeId,
+        write: WriteId,
+        offset: u64,
+        expected: Bytes,
+        data: Bytes,
+    ) -> Result<Option<u64>, IoFail> {
+        let primary = self.primary_of(id)?;
+        match self.route(id, primary, true).await? {
+            Route::Local(p) => p.compare_and_write(&self, write, offset, expected, data).await,
+            Route::Remote(node) => {
+                let msg = DataMsg::ProxyCompareAndWrite {
+                    volume: id,
+                    offset,
+                    expected: expected.to_vec(),
+                    data: data.to_vec(),
+                    write,
+                };
+                match self.call_primary(id, node, &msg).await? {
+                    DataReply::Ok => Ok(None),
+                    DataReply::Miscompare { at } if at < data.len() as u64 => Ok(Some(at)),
+                    other => Err(reply_error(node, other)),
+                }
+            }
+        }
+    }
+
     pub(super) async fn flush_once(self: Arc<Self>, id: VolumeId) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary, true).await? {

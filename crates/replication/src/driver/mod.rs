@@ -607,6 +607,41 @@ impl<S: BlockStore> DataPlane<S> {
             .await
     }
 
+    /// SCSI COMPARE AND WRITE (served here or proxied): writes `data` at `offset` only if the
+    /// range holds `expected` (as long), atomically at the primary against every other write;
+    /// `Ok(Some(i))` when byte `i` differs and nothing was written. Returns once the write is
+    /// durable on every in-sync replica. A retry after a failover is not compared against its
+    /// own effect: it carries the first attempt's identity.
+    pub async fn compare_and_write(
+        &self,
+        cfg: &VolumeConfig,
+        offset: u64,
+        expected: Bytes,
+        data: Bytes,
+    ) -> Result<Option<u64>, IoFail> {
+        check_range(cfg, offset, data.len() as u64)?;
+        if expected.len() != data.len() || data.is_empty() || data.len() as u64 > WRITE_PIECE_BYTES_MAX {
+            return Err(IoFail::Invalid(format!(
+                "compare and write of {} bytes against {} expected: both must be equal, 1 to {WRITE_PIECE_BYTES_MAX}",
+                data.len(),
+                expected.len()
+            )));
+        }
+        let mut hold = Hold::new(&self.inner);
+        let write = new_nonce();
+        let mut last = None;
+        self.inner
+            .retry(&mut hold, |inner| {
+                let (expected, data) = (expected.clone(), data.clone());
+                let before = inner.before_attempt(cfg.id, &mut last);
+                async move {
+                    before.await;
+                    inner.compare_and_write_once(cfg.id, write, offset, expected, data).await
+                }
+            })
+            .await
+    }
+
     /// Every acknowledged write is already durable on every in-sync replica, so a flush only
     /// has to confirm that the volume is still served.
     pub async fn flush(&self, cfg: &VolumeConfig) -> Result<(), IoFail> {

@@ -61,6 +61,9 @@ pub(super) struct PrimaryDriver {
     pub(super) room: Arc<Semaphore>,
     /// Host reads queued for the local applier ([`READS_QUEUED_MAX`]).
     pub(super) reads: Semaphore,
+    /// Host writes are sequenced holding it shared; a compare and write holds it alone from
+    /// before its read until its write is sequenced, so no other write comes between them.
+    pub(super) sequencing: tokio::sync::RwLock<()>,
     pub(super) phase: watch::Sender<Phase>,
     /// Local durability waits, in sequence order: at most [`INFLIGHT_WRITES_MAX`], one per
     /// write in flight (asserted where they are sent).
@@ -197,6 +200,7 @@ impl<S: BlockStore> Inner<S> {
                 }),
                 room: Arc::new(Semaphore::new(INFLIGHT_WRITES_MAX)),
                 reads: Semaphore::new(READS_QUEUED_MAX),
+                sequencing: tokio::sync::RwLock::new(()),
                 phase,
                 local,
                 apply: vol.apply.clone(),
@@ -260,6 +264,32 @@ pub(super) async fn start_core<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<Prima
     p.pump(&inner, &mut st);
 }
 
+/// The pieces of one host write once sequenced: the answers it waits for.
+pub(super) struct Sequenced {
+    /// One per piece sequenced by this attempt.
+    waits: Vec<oneshot::Receiver<Result<(), IoFail>>>,
+    /// One per piece an earlier attempt of the same write has in flight.
+    earlier: Vec<oneshot::Receiver<()>>,
+}
+
+impl Sequenced {
+    /// Waits until every piece is acknowledged (durable on every member of the ISR).
+    async fn settle(self) -> Result<(), IoFail> {
+        for rx in self.waits {
+            match rx.await {
+                Ok(r) => r?,
+                Err(_) => return Err(IoFail::Unavailable("the primary stopped".into())),
+            }
+        }
+        for rx in self.earlier {
+            if rx.await.is_err() {
+                return Err(IoFail::Unavailable("an earlier attempt of this write was not acknowledged".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl PrimaryDriver {
     pub(super) async fn write<S: BlockStore>(
         self: &Arc<Self>,
@@ -270,8 +300,86 @@ impl PrimaryDriver {
         len: u64,
         data: Bytes,
     ) -> Result<(), IoFail> {
-        // Cut into pieces; each is one sequenced record. All must complete. (A retry is cut
-        // the same way, so its pieces are the earlier attempt's.)
+        let sequenced = {
+            let _shared = self.sequencing.read().await;
+            self.sequence(inner, write, kind, offset, len, data).await?
+        };
+        sequenced.settle().await
+    }
+
+    /// SCSI COMPARE AND WRITE: writes `data` at `offset` only if the range holds `expected`
+    /// (as long): `Ok(Some(i))` when byte `i` differs (nothing written). Atomic against every
+    /// other write: no write is sequenced between the read it compares and its own write, and
+    /// the read returns only what is acknowledged. A retry of a request whose earlier attempt
+    /// took effect (`write` is in this copy or in flight) is answered as matched without a
+    /// compare: compared against its own effect, it would miscompare.
+    pub(super) async fn compare_and_write<S: BlockStore>(
+        self: &Arc<Self>,
+        inner: &Arc<Inner<S>>,
+        write: WriteId,
+        offset: u64,
+        expected: Bytes,
+        data: Bytes,
+    ) -> Result<Option<u64>, IoFail> {
+        let len = data.len() as u64;
+        if expected.len() as u64 != len || len == 0 || len > WRITE_PIECE_BYTES_MAX {
+            return Err(IoFail::Invalid(format!(
+                "compare and write of {} bytes against {} expected: both must be equal, 1 to {WRITE_PIECE_BYTES_MAX}",
+                len,
+                expected.len()
+            )));
+        }
+        let alone = self.sequencing.write().await;
+        let earlier = {
+            let mut st = self.st.lock().expect("core lock");
+            if st.core.phase() != Phase::Serving {
+                return Err(IoFail::Unavailable("the primary stopped serving".into()));
+            }
+            let in_flight = st.waiters.values_mut().find(|w| w.write == write && w.offset == offset).map(|w| {
+                let (t, r) = oneshot::channel();
+                w.watchers.push(t);
+                r
+            });
+            let held = self.settled.contains(&(write, offset))
+                || inner
+                    .volume(self.volume)
+                    .is_some_and(|v| v.recent.lock().expect("recent lock").holds_write(write, offset));
+            match (in_flight, held) {
+                (Some(r), _) => Some(Some(r)),
+                (None, true) => Some(None),
+                (None, false) => None,
+            }
+        };
+        if let Some(earlier) = earlier {
+            drop(alone);
+            if let Some(r) = earlier {
+                r.await
+                    .map_err(|_| IoFail::Unavailable("an earlier attempt of this write was not acknowledged".into()))?;
+            }
+            return Ok(None);
+        }
+        let current = self.read(inner, offset, len).await?;
+        if let Some(at) = current.iter().zip(expected.iter()).position(|(a, b)| a != b) {
+            return Ok(Some(at as u64));
+        }
+        let sequenced = self.sequence(inner, write, WriteKind::Data, offset, len, data).await?;
+        drop(alone);
+        sequenced.settle().await?;
+        Ok(None)
+    }
+
+    /// Sequences a host write: cut into pieces, each one record of the core. A retry is cut the
+    /// same way, so its pieces are the earlier attempt's, and a piece that attempt already
+    /// sequenced is not sequenced again. The caller holds `sequencing`.
+    async fn sequence<S: BlockStore>(
+        self: &Arc<Self>,
+        inner: &Arc<Inner<S>>,
+        write: WriteId,
+        kind: WriteKind,
+        offset: u64,
+        len: u64,
+        data: Bytes,
+    ) -> Result<Sequenced, IoFail> {
         let mut waits = Vec::new();
         let mut earlier = Vec::new();
         let mut at = 0u64;
@@ -374,18 +482,7 @@ impl PrimaryDriver {
             waits.push(rx);
             at += piece;
         }
-        for rx in waits {
-            match rx.await {
-                Ok(r) => r?,
-                Err(_) => return Err(IoFail::Unavailable("the primary stopped".into())),
-            }
-        }
-        for rx in earlier {
-            if rx.await.is_err() {
-                return Err(IoFail::Unavailable("an earlier attempt of this write was not acknowledged".into()));
-            }
-        }
-        Ok(())
+        Ok(Sequenced { waits, earlier })
     }
 
     /// Reads `len` bytes at `offset` from the local copy, linearizably: the read is queued on

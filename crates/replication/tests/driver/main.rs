@@ -333,3 +333,115 @@ async fn a_retried_write_that_took_effect_before_a_failover_is_not_executed_agai
         assert!(back == newer[..], "an acknowledged write was undone (old data back: {})", back == first[..]);
     }
 }
+
+/// COMPARE AND WRITE is atomic at the primary against every other write, wherever the requests
+/// come in: hosts on every node increment one counter by compare and write (read the value,
+/// then swap in value + 1), and plain writes hammer the block beside it. Every increment that
+/// matched must count: with a read and a write that another write can come between, two
+/// increments would match the same value and one would be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_write_is_atomic_against_every_other_write_on_every_path() {
+    let c = cluster(3).await;
+    let block = BLOCK_BYTES as usize;
+    let counter = 4 * BLOCK_BYTES;
+    let value = move |n: u64| {
+        let mut b = vec![0u8; block];
+        b[..8].copy_from_slice(&n.to_le_bytes());
+        Bytes::from(b)
+    };
+    const TASKS: usize = 6;
+    const TRIES: usize = 40;
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (plane, cfg) = (c.planes[t % c.planes.len()].clone(), c.cfg.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut matched = 0u64;
+            for _ in 0..TRIES {
+                let mut buf = vec![0u8; block];
+                plane.read(&cfg, counter, &mut buf).await.expect("read the counter");
+                let now = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+                let swapped = plane.compare_and_write(&cfg, counter, value(now), value(now + 1)).await;
+                match swapped.expect("compare and write") {
+                    None => matched += 1,
+                    Some(at) => assert!(at < 8, "miscompare reported at byte {at}, outside the counter"),
+                }
+            }
+            matched
+        }));
+    }
+    let noise = tokio::spawn({
+        let (plane, cfg) = (c.planes[1].clone(), c.cfg.clone());
+        async move {
+            for i in 0..200u8 {
+                plane.write(&cfg, counter + BLOCK_BYTES, pattern(block, i)).await.expect("write beside");
+            }
+        }
+    });
+    let mut matched = 0;
+    for t in tasks {
+        matched += tokio::time::timeout(DEADLINE, t).await.expect("in time").expect("task");
+    }
+    noise.await.expect("noise");
+    let mut buf = vec![0u8; block];
+    c.planes[2].read(&c.cfg, counter, &mut buf).await.expect("read");
+    let end = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+    assert!(matched > 0, "no compare and write ever matched");
+    assert_eq!(end, matched, "{matched} increments matched but the counter reads {end}: some were lost");
+    for store in &c.stores {
+        assert_eq!(local(store, counter, block), buf, "a replica differs");
+    }
+
+    // A miscompare names the first differing byte and writes nothing.
+    let mut wrong = buf.clone();
+    wrong[100] ^= 1;
+    let answer = c.planes[1].compare_and_write(&c.cfg, counter, Bytes::from(wrong), value(0)).await;
+    assert_eq!(answer.expect("compare and write"), Some(100));
+    assert_eq!(read(&c.planes[0], &c.cfg, counter, block).await, buf, "a miscompare wrote");
+}
+
+/// A compare and write whose first attempt took effect before a failover is retried at the new
+/// primary: it must be answered as matched, not compared again against its own effect (a
+/// miscompare would tell the host its lock was not taken while it holds it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_compare_and_write_that_took_effect_before_a_failover_is_not_compared_again() {
+    let c = cluster(3).await;
+    let offset = 24 * BLOCK_BYTES;
+    let len = BLOCK_BYTES as usize;
+    let zeroes = Bytes::from(vec![0u8; len]);
+    let lock = pattern(len, 3);
+
+    // Node 1, the primary, stalls as in the retried-write test above.
+    c.stores[0].hold_durability(true);
+    let stalled = tokio::spawn({
+        let (plane, cfg, zeroes, lock) = (c.planes[0].clone(), c.cfg.clone(), zeroes.clone(), lock.clone());
+        async move { plane.compare_and_write(&cfg, offset, zeroes, lock).await }
+    });
+    let start = Instant::now();
+    while local(&c.stores[1], offset, len) != lock[..] || local(&c.stores[2], offset, len) != lock[..] {
+        assert!(start.elapsed() < DEADLINE, "the records never reached the backups");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.meta.deaf.lock().expect("meta lock").insert(0);
+    c.meta
+        .change(VOLUME, Epoch(1), |v| {
+            v.primary = NodeId(2);
+            v.isr = vec![NodeId(2), NodeId(3)];
+            v.epoch = Epoch(2);
+            v.claim = None;
+        })
+        .expect("failover");
+    let start = Instant::now();
+    while !c.planes[1].stats().iter().any(|s| s.id == VOLUME && s.serving) {
+        assert!(start.elapsed() < DEADLINE, "node 2 never served the volume");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!stalled.is_finished(), "the stalled compare and write was answered while its node stood still");
+
+    // Node 1 hears of the failover; the request it still holds is retried at node 2.
+    c.meta.deaf.lock().expect("meta lock").clear();
+    c.meta.publish();
+    let answer = tokio::time::timeout(DEADLINE, stalled).await.expect("it completes").expect("task");
+    c.stores[0].hold_durability(false);
+    assert_eq!(answer.expect("the compare and write succeeds"), None, "the retry miscompared against its own effect");
+    assert!(read(&c.planes[2], &c.cfg, offset, len).await == lock[..], "the lock is not held");
+}
