@@ -121,22 +121,37 @@ pub trait Targets: Send + Sync + 'static {
 
     /// Opens the logical unit of `target` for a session of `initiator`.
     fn open(&self, target: &str, initiator: &str) -> impl Future<Output = Result<Lun<Self::Volume>, OpenError>> + Send;
+
+    /// A LOGICAL UNIT RESET or TARGET WARM RESET of `target` came in through this portal, and
+    /// its sessions here have been told: tell those through other portals of the same logical
+    /// unit before the reset is answered ([`Sessions::report_reset`] there). Nothing by default.
+    fn reset(&self, target: &str) -> impl Future<Output = ()> + Send {
+        let _ = target;
+        async {}
+    }
 }
 
 /// What the sessions of one portal share: TSIHs, and every session's nexus state by target,
-/// so that a reset through one session is reported to the others.
+/// so that a reset through one session is reported to the others (and, through
+/// [`Sessions::report_reset`], a reset through another node's portal).
 #[derive(Default)]
-pub struct Portal {
+pub struct Sessions {
     tsihs: AtomicU16,
     nexuses: StdMutex<HashMap<String, Vec<Weak<StdMutex<Nexus>>>>>,
 }
 
-impl Portal {
+impl Sessions {
     fn register(&self, target: &str, nexus: &Arc<StdMutex<Nexus>>) {
         let mut nexuses = lock(&self.nexuses);
         let list = nexuses.entry(target.to_string()).or_default();
         list.retain(|n| n.strong_count() > 0);
         list.push(Arc::downgrade(nexus));
+    }
+
+    /// A logical unit reset of `target` happened elsewhere (through another node's portal):
+    /// every session of it here learns of it from its next command.
+    pub fn report_reset(&self, target: &str) {
+        self.raise_all(target, UnitAttention::PowerOnReset);
     }
 
     /// Raises `ua` on every session's nexus of `target`.
@@ -155,10 +170,10 @@ pub async fn serve<T: Targets>(
     targets: Arc<T>,
     config: Arc<TargetConfig>,
     budgets: Budgets,
+    portal: Arc<Sessions>,
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let portal = Arc::new(Portal::default());
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -244,7 +259,7 @@ pub async fn serve_connection<S, T>(
     targets: Arc<T>,
     config: Arc<TargetConfig>,
     budgets: Budgets,
-    portal: Arc<Portal>,
+    portal: Arc<Sessions>,
 ) -> Result<(), ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -629,7 +644,7 @@ async fn normal_session<R, W, T>(
     config: Arc<TargetConfig>,
     limits: DecodeLimits,
     budgets: Budgets,
-    portal: Arc<Portal>,
+    portal: Arc<Sessions>,
 ) -> Result<(), ConnectionError>
 where
     R: AsyncBufRead + Unpin,
@@ -689,7 +704,7 @@ where
 
 struct Reader<T: Targets> {
     session: Arc<Session<T::Volume>>,
-    portal: Arc<Portal>,
+    portal: Arc<Sessions>,
     target: String,
     params: SessionParams,
     targets: Arc<T>,
@@ -914,8 +929,10 @@ impl<T: Targets> Reader<T> {
                     if matches!(request.function, tmf_function::LOGICAL_UNIT_RESET | tmf_function::TARGET_WARM_RESET) {
                         lock(&self.session.lun.nexus).mode = Default::default();
                         // Every session, this one too, learns of the reset from its next
-                        // command (SAM-5 6.3.1); sessions through other nodes do not (yet).
+                        // command (SAM-5 6.3.1); those through other portals are told before
+                        // the reset is answered.
                         self.portal.raise_all(&self.target, UnitAttention::PowerOnReset);
+                        self.targets.reset(&self.target).await;
                     }
                     tmf_response::FUNCTION_COMPLETE
                 }

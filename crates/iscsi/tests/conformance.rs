@@ -160,7 +160,14 @@ fn start(runtime: &tokio::runtime::Runtime) -> SocketAddr {
             access: rx,
         });
         let config = Arc::new(TargetConfig { target_portal_group_tag: 1, ..TargetConfig::default() });
-        tokio::spawn(serve(listener, targets, config, Budgets::new(8 * 1024 * 1024), std::future::pending()));
+        tokio::spawn(serve(
+            listener,
+            targets,
+            config,
+            Budgets::new(8 * 1024 * 1024),
+            Default::default(),
+            std::future::pending(),
+        ));
         portal
     })
 }
@@ -220,9 +227,16 @@ async fn the_server_stops_when_told_with_or_without_sessions() {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let config = Arc::new(TargetConfig::default());
-        let server = tokio::spawn(serve(listener, targets, config, Budgets::new(8 * 1024 * 1024), async move {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(serve(
+            listener,
+            targets,
+            config,
+            Budgets::new(8 * 1024 * 1024),
+            Default::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         let _client = if with_session { Some(tokio::net::TcpStream::connect(portal).await.unwrap()) } else { None };
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         stop.send(()).unwrap();

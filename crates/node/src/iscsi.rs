@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tandem_clustermap::{ClusterMap, VolumeRecord};
 use tandem_frontend::{Exports, OpenError};
@@ -34,9 +35,12 @@ use tandem_meta::store::MetaStore;
 use tandem_paths::PathState;
 use tandem_scsi::alua::{AccessState, PortGroup};
 use tandem_scsi::lu::{Access, Geometry, Identity, Limits, LogicalUnit, Port, Provisioning};
+use tandem_transport::Transport;
 use tandem_types::{NodeId, VolumeId};
+use tandem_wire::data::{ProbeMsg, ProbeReply};
 use tokio::sync::watch;
 
+use crate::probe::probe_call;
 use crate::volumes::{ExportedVolume, VolumeExports};
 
 /// The naming authority of every Tandem target name (RFC 3720 §3.2.6.3.1: `iqn.` + the month
@@ -68,12 +72,18 @@ pub fn naa(cluster: &str, volume: VolumeId) -> u64 {
     (0x3 << 60) | ((hash & 0x0FFF_FFFF) << 32) | (volume.0 & 0xFFFF_FFFF)
 }
 
+/// How long a reset waits for each other node to say its sessions will hear of it. A node that
+/// does not answer in time is down or cut off; its sessions are then lost to the host anyway.
+const RESET_NOTICE_WAIT: Duration = Duration::from_secs(2);
+
 /// The node's portal: what it serves as [`Targets`].
 pub struct Portal {
     pub me: NodeId,
     pub cluster: String,
     pub meta: Arc<MetaStore>,
     pub exports: Arc<VolumeExports>,
+    /// The node-to-node transport: resets are told to the other nodes over it.
+    pub transport: Arc<dyn Transport>,
 }
 
 /// The access state of each group of `volume` (by node), as the initiator `initiator` sees it.
@@ -208,6 +218,28 @@ impl Targets for Portal {
         let unit = self.unit(&record, target);
         let access = self.follow_access(record.id, initiator.to_string());
         Ok(Lun { volume, unit, access })
+    }
+
+    /// Tells every other node (in parallel, each within [`RESET_NOTICE_WAIT`]), so that the
+    /// host's sessions through them get the reset's unit attention too, as SAM-5 asks of every
+    /// I_T nexus of the logical unit.
+    async fn reset(&self, target: &str) {
+        let others: Vec<NodeId> =
+            self.meta.local_read(|st| st.map.nodes.keys().copied().filter(|&n| n != self.me).collect());
+        let msg = ProbeMsg::LunReset { target: target.to_string() };
+        let calls = others.into_iter().map(|node| {
+            let msg = &msg;
+            async move {
+                match probe_call(&*self.transport, node, msg, RESET_NOTICE_WAIT).await {
+                    Ok(ProbeReply::Accepted) => {}
+                    Ok(other) => {
+                        tracing::warn!(%node, %target, answer = ?other, "a node did not take the reset notice")
+                    }
+                    Err(e) => tracing::warn!(%node, %target, error = %e, "a node did not hear of the reset"),
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
     }
 }
 

@@ -125,7 +125,9 @@ pub async fn run(
 
     let leases = Leases::new(id, meta.clone(), Duration::from_millis(cfg.cluster.election_timeout_min_ms));
     let paths = hosts::PathManager::new(id, meta.clone(), leases.clone());
-    mesh.set_handler(Channel::Probe, probe_answer::handler(leases.clone(), paths.clone()));
+    // The iSCSI sessions of this node, by target: resets through other nodes reach them.
+    let iscsi_sessions = Arc::new(tandem_iscsi::server::Sessions::default());
+    mesh.set_handler(Channel::Probe, probe_answer::handler(leases.clone(), paths.clone(), iscsi_sessions.clone()));
     leases.spawn_renewal(mesh.clone());
     meta.set_liveness(voter_keeper::liveness(&leases));
     voter_keeper::spawn(meta.clone(), leases.clone(), Duration::from_secs(cfg.cluster.voter_replace_after_secs));
@@ -158,15 +160,24 @@ pub async fn run(
             cluster: cfg.cluster.name.clone(),
             meta: meta.clone(),
             exports: exports.clone(),
+            transport: Arc::new(mesh.clone()),
         });
         let config = tandem_iscsi::TargetConfig {
             target_portal_group_tag: u16::try_from(id.0).unwrap_or(u16::MAX),
             ..tandem_iscsi::TargetConfig::default()
         };
         let mut stop = nbd_stop_rx.clone();
-        tokio::spawn(tandem_iscsi::server::serve(listener, portal, Arc::new(config), budgets.clone(), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }))
+        let serve = tandem_iscsi::server::serve(
+            listener,
+            portal,
+            Arc::new(config),
+            budgets.clone(),
+            iscsi_sessions,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        );
+        tokio::spawn(serve)
     });
 
     tracing::info!(node = %id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");

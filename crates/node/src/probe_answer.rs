@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tandem_iscsi::server::Sessions;
 use tandem_transport::{BoxFuture, Handler};
 use tandem_types::Channel;
 use tandem_types::NodeId;
@@ -12,15 +13,17 @@ use tandem_wire::data::{ProbeMsg, ProbeReply};
 use crate::hosts::PathManager;
 use crate::lease::Leases;
 
-/// The probe channel's handler: lease requests, pings, and host probe reports (handed to
-/// `paths`, the leader's path manager).
-pub fn handler(leases: Arc<Leases>, paths: Arc<PathManager>) -> Arc<dyn Handler> {
-    Arc::new(ProbeHandler { leases, paths })
+/// The probe channel's handler: lease requests, pings, host probe reports (handed to `paths`,
+/// the leader's path manager), and logical unit resets through other nodes' iSCSI portals
+/// (reported to `iscsi`, this node's iSCSI sessions).
+pub fn handler(leases: Arc<Leases>, paths: Arc<PathManager>, iscsi: Arc<Sessions>) -> Arc<dyn Handler> {
+    Arc::new(ProbeHandler { leases, paths, iscsi })
 }
 
 struct ProbeHandler {
     leases: Arc<Leases>,
     paths: Arc<PathManager>,
+    iscsi: Arc<Sessions>,
 }
 
 impl Handler for ProbeHandler {
@@ -31,6 +34,11 @@ impl Handler for ProbeHandler {
                 ProbeMsg::LeaseRequest => self.leases.grant(from).await,
                 ProbeMsg::Ping => ProbeReply::Pong,
                 ProbeMsg::HostProbes { host, probes } => self.paths.take_probes(&host, probes),
+                ProbeMsg::LunReset { target } => {
+                    tracing::info!(%from, %target, "logical unit reset through another node's portal");
+                    self.iscsi.report_reset(&target);
+                    ProbeReply::Accepted
+                }
             };
             reply.encode().map(Bytes::from).map_err(|e| e.to_string())
         })
@@ -87,7 +95,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let leases = Leases::new(NodeId(1), meta.clone(), Duration::from_millis(cfg.election_timeout_min_ms));
-        let h = handler(leases.clone(), PathManager::new(NodeId(1), meta.clone(), leases.clone()));
+        let h = handler(leases.clone(), PathManager::new(NodeId(1), meta.clone(), leases.clone()), Default::default());
 
         assert_eq!(ask(&h, NodeId(2), ProbeMsg::Ping).await, ProbeReply::Pong);
         assert_eq!(leases.last_heard(NodeId(2)), None);

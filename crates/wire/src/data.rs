@@ -199,6 +199,10 @@ pub enum ProbeMsg {
     /// Any node → Raft leader: probe results a host's agent reported (`POST
     /// /v1/hosts/{name}/probes`). The leader's path manager keeps them; they are not committed.
     HostProbes { host: String, probes: Vec<PathProbe> },
+    /// Any node → every other node: a logical unit reset of iSCSI target `target` came in
+    /// through the sender's portal; sessions of it through the receiver's portal must hear of
+    /// it (unit attention). Answered `Accepted` once they will.
+    LunReset { target: String },
 }
 
 /// One probe of one path (a node's target port) by a host's agent.
