@@ -22,6 +22,8 @@
 //!   between this process and a peer process it starts (the hidden `transport-peer`).
 //! - `io/`: `bench io`, fio's NBD engine against a 3-way replicated volume beside the same
 //!   jobs against `qemu-nbd --cache=writethrough` serving a local raw file.
+//! - `iscsi.rs`: `bench iscsi`, libiscsi's iscsi-perf reading a 3-way replicated volume through
+//!   a node's iSCSI portal (the primary's and a proxying node's) beside tgtd serving a raw file.
 //! - `failover/`: `bench failover`, `kill -9` of a volume's primary under a write load from
 //!   a minimal NBD client, repeated; the longest write stall against the failure timeout.
 //! - `scale/`: `bench scale`, how the metadata's costs grow with the number of volumes and
@@ -31,6 +33,7 @@ mod cluster_api;
 mod failover;
 mod goal;
 mod io;
+mod iscsi;
 mod load;
 mod meta;
 mod scale;
@@ -52,6 +55,10 @@ pub enum BenchCmd {
     /// same jobs against qemu-nbd --cache=writethrough serving a local raw file, interleaved:
     /// 4 KiB random writes at queue depth 1 and 32, 1 MiB sequential writes, 4 KiB random reads.
     Io(io::IoArgs),
+    /// iscsi-perf (libiscsi) reads from a 3-way replicated volume through the primary's iSCSI
+    /// portal and through another node's, beside tgtd serving a local raw file, interleaved:
+    /// 4 KiB random reads at queue depth 32 and 1, 64 KiB sequential reads.
+    Iscsi(iscsi::IscsiArgs),
     /// Kill -9 a volume's primary under a write load that goes through another node, N times:
     /// the longest write stall, failed writes, the new primary, the time to rejoin.
     Failover(failover::FailoverArgs),
@@ -76,6 +83,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             BenchCmd::Transport(args) => transport::run(args).await,
             BenchCmd::TransportPeer(args) => transport::peer(args).await,
             BenchCmd::Io(args) => io::run(args).await,
+            BenchCmd::Iscsi(args) => iscsi::run(args).await,
             BenchCmd::Failover(args) => failover::run(args).await,
             BenchCmd::Scale(args) => scale::run(args).await,
         }
