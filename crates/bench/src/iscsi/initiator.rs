@@ -151,7 +151,19 @@ impl Session {
                     first_burst: numeric(&agreed, "FirstBurstLength").unwrap_or(65536),
                     immediate_data: flag(&agreed, "ImmediateData").unwrap_or(true),
                 };
-                s.capacity = s.read_capacity().await?;
+                // A new nexus usually starts with a unit attention (power on, reset): the
+                // first commands may answer it instead.
+                let mut tries = 0;
+                s.capacity = loop {
+                    match s.read_capacity().await {
+                        Ok(capacity) => break capacity,
+                        Err(e) if tries < 4 => {
+                            tries += 1;
+                            tracing::debug!(error = %e, "READ CAPACITY again");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
                 return Ok(s);
             }
             // The target offered keys of its own: take its values.
