@@ -1,7 +1,8 @@
 //! The iSCSI portals of a real cluster: libiscsi's conformance suite through two nodes at once
 //! (the primary and a node that proxies), discovery and the disk's identity on every node, and
 //! the ALUA states a session reads (REPORT TARGET PORT GROUPS) before and after a failover,
-//! with the unit attention that tells it the states changed.
+//! with the unit attention that tells it the states changed, while a host writes through it,
+//! and qemu-img/qemu-io as iSCSI hosts through every portal.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -18,7 +19,10 @@ use tandem_iscsi::{
 use tandem_scsi::alua::{parse_report, AccessState};
 use tandem_scsi::sense::{asc, Sense, SenseKey};
 use tandem_testkit::cunit::{self, Verdict};
-use tandem_testkit::{create_served_volume, require_tools, volume, wait_for, Cluster};
+use tandem_testkit::{
+    create_served_volume, qemu_io_ok, random_bytes, require_qemu_iscsi, require_tools, run_ok, seed, volume, wait_for,
+    Cluster,
+};
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 const INITIATOR: &str = "iqn.2026-12.io.tandem.test:initiator";
@@ -493,4 +497,43 @@ fn alua_states_follow_a_failover_and_sessions_hear_of_the_change() {
         }
     }
     println!("{} writes acknowledged across the failover from node {primary} to node {new_primary}", acked.len());
+}
+
+/// qemu as an iSCSI host: `qemu-img convert` copies a disk image into a volume through one
+/// node's portal and `qemu-img compare` finds it identical through every portal; qemu-io writes
+/// a pattern through each portal and reads every pattern back through every other.
+#[test]
+fn qemu_img_copies_an_image_in_through_one_portal_and_every_portal_reads_it_back() {
+    require_qemu_iscsi();
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let v = create_served_volume(&c, "img", "64M");
+    let primary = v["primary"].as_u64().expect("primary");
+    let nodes = c.node_ids();
+    let other = nodes.iter().copied().find(|&n| n != primary).expect("another node");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("disk.raw");
+    let seed = seed("TANDEM_QEMU_ISCSI_SEED");
+    std::fs::write(&image, random_bytes(seed, 24 << 20)).expect("write the image");
+    let image = image.to_str().expect("utf-8");
+
+    // In through a node that proxies to the primary, as a host with one path would.
+    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", image, &url(&c, other, "img")]);
+    for &node in &nodes {
+        let out = run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", image, &url(&c, node, "img")]);
+        assert!(out.contains("Images are identical"), "through node {node}: {out}");
+    }
+
+    // A pattern per portal, beyond the image, each read back through every portal.
+    for (i, &node) in nodes.iter().enumerate() {
+        let write = format!("write -P {} {} 1M", 0x40 + i, (32 + i) << 20);
+        qemu_io_ok(&url(&c, node, "img"), &[&write]);
+    }
+    for &node in &nodes {
+        let reads: Vec<String> =
+            (0..nodes.len()).map(|i| format!("read -P {} {} 1M", 0x40 + i, (32 + i) << 20)).collect();
+        let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+        qemu_io_ok(&url(&c, node, "img"), &reads);
+    }
 }

@@ -42,7 +42,7 @@ pub use process::{run_tandem, run_tandem_ok, Reap};
 pub use qemu::{qemu_io, qemu_io_ok, run_ok};
 pub use queries::{create_served_volume, digest, http, ids, local_copy, volume, wait_identical};
 pub use random::{block_version, random_bytes, seed, Rng};
-pub use tools::require_tools;
+pub use tools::{require_qemu_iscsi, require_tools};
 pub use wait::{poll, wait_for};
 
 /// What went wrong in a fallible step of the kit (for callers that must not panic, such as

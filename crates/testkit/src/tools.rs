@@ -52,3 +52,42 @@ pub fn require_tools(tools: &[&str]) {
         "this test drives {still:?}; install the packages {packages:?} (as root: apt-get install)"
     );
 }
+
+/// Makes sure qemu-img and qemu-io can open `iscsi://` URLs. Their iSCSI driver is a module of
+/// `qemu-block-extra`, loaded only from a package of exactly their own build; Debian's sources
+/// may offer an older one than the qemu-utils installed (this machine image ships qemu-utils
+/// from backports). As root, it installs both at the version the sources offer for
+/// qemu-block-extra (as `.ci/run` does); otherwise the test fails naming the fix.
+pub fn require_qemu_iscsi() {
+    require_tools(&["qemu-img", "qemu-io"]);
+    let lists_iscsi = || {
+        Command::new("qemu-img").arg("--help").output().is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).split(|c: char| !c.is_ascii_alphanumeric()).any(|w| w == "iscsi")
+        })
+    };
+    if lists_iscsi() {
+        return;
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let candidate = Command::new("apt-cache").args(["policy", "qemu-block-extra"]).output().ok().and_then(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Candidate:").map(|v| v.trim().to_string()))
+            .filter(|v| v != "(none)")
+    });
+    if let (true, Some(version)) = (root, &candidate) {
+        println!("installing qemu-utils and qemu-block-extra {version} (qemu-img's iSCSI driver)");
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--allow-downgrades"])
+            .arg(format!("qemu-utils={version}"))
+            .arg(format!("qemu-block-extra={version}"))
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+    }
+    assert!(
+        lists_iscsi(),
+        "qemu-img cannot open iscsi:// URLs: install qemu-block-extra of exactly qemu-utils' version \
+         (as root: apt-get install --allow-downgrades qemu-utils=V qemu-block-extra=V, V from \
+         apt-cache policy qemu-block-extra; candidate here: {candidate:?})"
+    );
+}
