@@ -253,6 +253,11 @@ impl Initiator {
     }
 }
 
+/// What Debian's tgtd 1.0.85 serving a file LUN scores on this machine in the same suite (160
+/// passed, 62 skipped, 8 failed of 230): Tandem must pass more, and fail none but the suite's
+/// own defects.
+const TGTD_PASSES: usize = 160;
+
 #[test]
 fn iscsi_test_cu_passes_through_the_primary_and_a_proxying_node() {
     require_tools(&["iscsi-test-cu"]);
@@ -261,46 +266,27 @@ fn iscsi_test_cu_passes_through_the_primary_and_a_proxying_node() {
     let v = create_served_volume(&c, "disk", "64M");
     let primary = v["primary"].as_u64().expect("primary");
     let other = c.node_ids().into_iter().find(|&n| n != primary).expect("another node");
-    // The families of a block device and of the iSCSI layer; reservations and third-party copy
-    // come with their own issues.
-    let families = [
-        "SCSI.Inquiry",
-        "SCSI.ReadCapacity10",
-        "SCSI.ReadCapacity16",
-        "SCSI.Read10",
-        "SCSI.Read16",
-        "SCSI.Write10",
-        "SCSI.Write16",
-        "SCSI.WriteSame10",
-        "SCSI.WriteSame16",
-        "SCSI.CompareAndWrite",
-        "SCSI.Unmap",
-        "SCSI.Verify16",
-        "SCSI.WriteVerify16",
-        "SCSI.TestUnitReady",
-        "SCSI.ModeSense6",
-        "SCSI.ReportSupportedOpcodes",
-        "SCSI.MultipathIO",
-        "iSCSI",
-    ];
-    let mut failed = Vec::new();
+    // The whole suite; the multi-initiator tests use the second URL, through another node.
+    let out = Command::new("iscsi-test-cu")
+        .args(["--dataloss", &url(&c, primary, "disk"), &url(&c, other, "disk")])
+        .output()
+        .expect("iscsi-test-cu runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // By name: the suite runs some tests in more than one family, with one verdict.
+    let verdicts: BTreeMap<String, Verdict> = cunit::verdicts(&text).into_iter().collect();
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-    for family in families {
-        let out = Command::new("iscsi-test-cu")
-            .args(["--dataloss", &format!("--test={family}"), &url(&c, primary, "disk"), &url(&c, other, "disk")])
-            .output()
-            .expect("iscsi-test-cu runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        for (name, verdict) in cunit::verdicts(&text) {
-            *counts.entry(verdict.as_str()).or_default() += 1;
-            if verdict == Verdict::Fail && !KNOWN_FAILURES.contains(&name.as_str()) {
-                failed.push(format!("{family}: {name}"));
-            }
-        }
+    for verdict in verdicts.values() {
+        *counts.entry(verdict.as_str()).or_default() += 1;
     }
-    println!("iscsi-test-cu through nodes {primary} and {other}: {counts:?}");
-    assert!(counts.get("PASS").copied().unwrap_or(0) > 50, "too few tests passed: {counts:?}");
+    let failed: Vec<&String> = verdicts
+        .iter()
+        .filter(|(name, v)| **v == Verdict::Fail && !KNOWN_FAILURES.contains(&name.as_str()))
+        .map(|(name, _)| name)
+        .collect();
+    println!("iscsi-test-cu through nodes {primary} and {other}: {counts:?} of {} tests", verdicts.len());
     assert!(failed.is_empty(), "failed through the cluster: {failed:?}");
+    let passed = counts.get("PASS").copied().unwrap_or(0);
+    assert!(passed > TGTD_PASSES, "{passed} tests passed, tgtd passes {TGTD_PASSES}: {counts:?}");
 }
 
 /// Failures with their reasons: libiscsi's own defects for a disk with 4 KiB physical blocks

@@ -1385,6 +1385,13 @@ async fn execute<V: Volume>(session: &Session<V>, command: &ScsiCommand, io: Io,
                 }
             }
         }
+        Io::OrWrite { offset, len, fua } => {
+            if (data.len() as u64) < len {
+                Err(Failure::Sense(Sense::illegal(asc::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT)))
+            } else {
+                or_write(session, offset, data.slice(..len as usize), fua).await
+            }
+        }
         Io::Verify { offset, len, check, block_bytes } => {
             use tandem_scsi::cdb::ByteCheck;
             match check {
@@ -1510,6 +1517,29 @@ async fn verify_against<V: Volume>(
         at += n;
     }
     Ok(())
+}
+
+/// How many times ORWRITE reads and swaps in its result before it gives up (each retry means
+/// another write to the range came between its read and its swap).
+const OR_WRITE_TRIES: usize = 64;
+
+/// ORWRITE: what is at `offset` OR `bits`, swapped in by a compare and write of what was read,
+/// so the update is atomic against every other write on every path; read again and retried when
+/// another write came between.
+async fn or_write<V: Volume>(session: &Session<V>, offset: u64, bits: Bytes, fua: bool) -> Result<(), Failure> {
+    for _ in 0..OR_WRITE_TRIES {
+        let mut current = vec![0u8; bits.len()];
+        session.lun.volume.read(offset, &mut current).await.map_err(|e| failure_for(&e, Direction::Read))?;
+        let merged: Vec<u8> = current.iter().zip(bits.iter()).map(|(a, b)| a | b).collect();
+        match session.lun.volume.compare_and_write(offset, Bytes::from(current), Bytes::from(merged), fua).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(_)) => continue,
+            Err(IoError::NotSupported(_)) => return Err(Failure::Sense(Sense::invalid_opcode())),
+            Err(err) => return Err(failure_for(&err, Direction::Write)),
+        }
+    }
+    // Other writes kept changing the range: the command is aborted, and the host retries it.
+    Err(Failure::Sense(Sense::new(SenseKey::AbortedCommand, asc::NO_ADDITIONAL_SENSE)))
 }
 
 async fn verify_readable<V: Volume>(session: &Session<V>, offset: u64, len: u64) -> Result<(), Failure> {

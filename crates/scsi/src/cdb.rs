@@ -26,6 +26,7 @@ pub mod op {
     pub const VERIFY_10: u8 = 0x2F;
     pub const PRE_FETCH_10: u8 = 0x34;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
@@ -33,6 +34,7 @@ pub mod op {
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
+    pub const ORWRITE_16: u8 = 0x8B;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8E;
     pub const VERIFY_16: u8 = 0x8F;
     pub const PRE_FETCH_16: u8 = 0x90;
@@ -45,6 +47,7 @@ pub mod op {
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_AND_VERIFY_12: u8 = 0xAE;
     pub const VERIFY_12: u8 = 0xAF;
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 }
 
 /// Service actions of SERVICE ACTION IN(16) and MAINTENANCE IN.
@@ -90,27 +93,117 @@ pub enum ByteCheck {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     TestUnitReady,
-    RequestSense { descriptor: bool, allocation: u32 },
-    Inquiry { vpd: Option<u8>, allocation: u32 },
-    ModeSense { ten: bool, dbd: bool, llbaa: bool, control: PageControl, page: u8, subpage: u8, allocation: u32 },
-    ModeSelect { ten: bool, page_format: bool, save: bool, parameter_bytes: u32 },
-    StartStopUnit { immediate: bool, power_condition: u8, load_eject: bool, start: bool },
-    PreventAllowMediumRemoval { prevent: u8 },
-    ReadCapacity10 { lba: u32, pmi: bool },
-    ReadCapacity16 { allocation: u32 },
-    GetLbaStatus { lba: u64, allocation: u32 },
-    Read { extent: Extent, fua: bool, cdb_len: u8 },
-    Write { extent: Extent, fua: bool, cdb_len: u8 },
-    Verify { extent: Extent, check: ByteCheck },
-    WriteAndVerify { extent: Extent, check: ByteCheck },
-    PreFetch { extent: Extent, immediate: bool },
-    SynchronizeCache { extent: Extent, immediate: bool },
-    WriteSame { extent: Extent, unmap: bool, anchor: bool, ndob: bool, ten: bool },
-    Unmap { anchor: bool, parameter_bytes: u32 },
-    CompareAndWrite { lba: u64, blocks: u8, fua: bool },
-    ReportLuns { select: u8, allocation: u32 },
-    ReportSupportedOperationCodes { rctd: bool, options: u8, opcode: u8, service_action: u16, allocation: u32 },
-    ReportTargetPortGroups { extended: bool, allocation: u32 },
+    RequestSense {
+        descriptor: bool,
+        allocation: u32,
+    },
+    Inquiry {
+        vpd: Option<u8>,
+        allocation: u32,
+    },
+    ModeSense {
+        ten: bool,
+        dbd: bool,
+        llbaa: bool,
+        control: PageControl,
+        page: u8,
+        subpage: u8,
+        allocation: u32,
+    },
+    ModeSelect {
+        ten: bool,
+        page_format: bool,
+        save: bool,
+        parameter_bytes: u32,
+    },
+    StartStopUnit {
+        immediate: bool,
+        power_condition: u8,
+        load_eject: bool,
+        start: bool,
+    },
+    PreventAllowMediumRemoval {
+        prevent: u8,
+    },
+    ReadCapacity10 {
+        lba: u32,
+        pmi: bool,
+    },
+    ReadCapacity16 {
+        allocation: u32,
+    },
+    GetLbaStatus {
+        lba: u64,
+        allocation: u32,
+    },
+    Read {
+        extent: Extent,
+        fua: bool,
+        cdb_len: u8,
+    },
+    Write {
+        extent: Extent,
+        fua: bool,
+        cdb_len: u8,
+    },
+    Verify {
+        extent: Extent,
+        check: ByteCheck,
+    },
+    WriteAndVerify {
+        extent: Extent,
+        check: ByteCheck,
+    },
+    PreFetch {
+        extent: Extent,
+        immediate: bool,
+    },
+    SynchronizeCache {
+        extent: Extent,
+        immediate: bool,
+    },
+    WriteSame {
+        extent: Extent,
+        unmap: bool,
+        anchor: bool,
+        ndob: bool,
+        ten: bool,
+    },
+    Unmap {
+        anchor: bool,
+        parameter_bytes: u32,
+    },
+    CompareAndWrite {
+        lba: u64,
+        blocks: u8,
+        fua: bool,
+    },
+    OrWrite {
+        extent: Extent,
+        fua: bool,
+    },
+    /// READ DEFECT DATA(10) or (12): which lists are asked for, in which format.
+    ReadDefectData {
+        twelve: bool,
+        lists: u8,
+        format: u8,
+        allocation: u32,
+    },
+    ReportLuns {
+        select: u8,
+        allocation: u32,
+    },
+    ReportSupportedOperationCodes {
+        rctd: bool,
+        options: u8,
+        opcode: u8,
+        service_action: u16,
+        allocation: u32,
+    },
+    ReportTargetPortGroups {
+        extended: bool,
+        allocation: u32,
+    },
 }
 
 /// Decodes one CDB. `cdb` may be longer than the command needs (iSCSI pads to 16 bytes).
@@ -265,6 +358,25 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
             }
             Command::CompareAndWrite { lba: be64(&cdb[2..10]), blocks: cdb[13], fua: cdb[1] & 0x08 != 0 }
         }
+        ORWRITE_16 => {
+            // ORPROTECT asks for protection information: this target has none.
+            if cdb[1] & 0xE0 != 0 {
+                return Err(Sense::invalid_cdb_field(1, Some(7)));
+            }
+            Command::OrWrite { extent: extent(cdb), fua: cdb[1] & 0x08 != 0 }
+        }
+        READ_DEFECT_DATA_10 => Command::ReadDefectData {
+            twelve: false,
+            lists: cdb[2] & 0x18,
+            format: cdb[2] & 0x07,
+            allocation: u32::from(be16(&cdb[7..9])),
+        },
+        READ_DEFECT_DATA_12 => Command::ReadDefectData {
+            twelve: true,
+            lists: cdb[1] & 0x18,
+            format: cdb[1] & 0x07,
+            allocation: be32(&cdb[6..10]),
+        },
         REPORT_LUNS => {
             let allocation = be32(&cdb[6..10]);
             Command::ReportLuns { select: cdb[2], allocation }
@@ -305,9 +417,9 @@ pub fn cdb_len(opcode: u8) -> Option<usize> {
         | START_STOP_UNIT
         | PREVENT_ALLOW_MEDIUM_REMOVAL => 6,
         READ_CAPACITY_10 | READ_10 | WRITE_10 | WRITE_AND_VERIFY_10 | VERIFY_10 | PRE_FETCH_10
-        | SYNCHRONIZE_CACHE_10 | WRITE_SAME_10 | UNMAP | MODE_SELECT_10 | MODE_SENSE_10 => 10,
-        REPORT_LUNS | MAINTENANCE_IN | READ_12 | WRITE_12 | WRITE_AND_VERIFY_12 | VERIFY_12 => 12,
-        READ_16 | COMPARE_AND_WRITE | WRITE_16 | WRITE_AND_VERIFY_16 | VERIFY_16 | PRE_FETCH_16
+        | SYNCHRONIZE_CACHE_10 | WRITE_SAME_10 | UNMAP | MODE_SELECT_10 | MODE_SENSE_10 | READ_DEFECT_DATA_10 => 10,
+        REPORT_LUNS | MAINTENANCE_IN | READ_12 | WRITE_12 | WRITE_AND_VERIFY_12 | VERIFY_12 | READ_DEFECT_DATA_12 => 12,
+        READ_16 | COMPARE_AND_WRITE | WRITE_16 | ORWRITE_16 | WRITE_AND_VERIFY_16 | VERIFY_16 | PRE_FETCH_16
         | SYNCHRONIZE_CACHE_16 | WRITE_SAME_16 | SERVICE_ACTION_IN_16 => 16,
         _ => return None,
     })

@@ -249,6 +249,9 @@ pub enum Io {
     /// Receive `2 * len` bytes: the data to compare with what is at `offset`, then the data to
     /// write there if it matched. Atomic against every other write to the range.
     CompareAndWrite { offset: u64, len: u64, fua: bool },
+    /// Receive `len` bytes of data-out and OR them into what is at `offset`, atomically against
+    /// every other write to the range (ORWRITE; at most [`ORWRITE_BYTES_MAX`]).
+    OrWrite { offset: u64, len: u64, fua: bool },
     /// Read `len` bytes from `offset` (the store checks its checksums), and compare them with
     /// the data-out: `len` bytes with [`ByteCheck::Compare`], one block repeated with
     /// [`ByteCheck::CompareOne`], nothing with [`ByteCheck::None`].
@@ -268,6 +271,7 @@ impl Io {
             Io::WriteSame { block_bytes, .. } => u64::from(block_bytes),
             Io::Unmap { parameter_bytes } | Io::ModeSelect { parameter_bytes, .. } => u64::from(parameter_bytes),
             Io::CompareAndWrite { len, .. } => 2 * len,
+            Io::OrWrite { len, .. } => len,
             Io::Verify { check: ByteCheck::Compare, len, .. } => len,
             Io::Verify { check: ByteCheck::CompareOne, block_bytes, .. } => u64::from(block_bytes),
             Io::Read { .. } | Io::Verify { check: ByteCheck::None, .. } | Io::Flush => 0,
@@ -481,6 +485,26 @@ impl LogicalUnit {
                 let bs = u64::from(self.geometry.block_size);
                 Ok(Plan::Io(Io::CompareAndWrite { offset: lba * bs, len: u64::from(blocks) * bs, fua }))
             }
+            Command::OrWrite { extent, fua } => {
+                self.writable()?;
+                self.range(extent)?;
+                let bs = u64::from(self.geometry.block_size);
+                if u64::from(extent.blocks) * bs > ORWRITE_BYTES_MAX {
+                    return Err(Sense::invalid_cdb_field(10, None));
+                }
+                let (offset, len) = self.transfer(extent, 10)?;
+                if len == 0 {
+                    // SBC-4: no blocks is not an error.
+                    return Ok(Plan::Reply(Reply::good()));
+                }
+                Ok(Plan::Io(Io::OrWrite { offset, len, fua }))
+            }
+            Command::ReadDefectData { twelve, lists, format, allocation } => {
+                // A virtual disk has no defects: both lists, if asked for, are valid and empty.
+                let flags = lists | format;
+                let header = if twelve { vec![0, flags, 0, 0, 0, 0, 0, 0] } else { vec![0, flags, 0, 0] };
+                reply(header, allocation)
+            }
             Command::ReportLuns { select, allocation } => {
                 if allocation < 16 {
                     return Err(Sense::invalid_cdb_field(6, None));
@@ -673,6 +697,10 @@ pub fn report_luns(luns: &[u64]) -> Vec<u8> {
     }
     out
 }
+
+/// The largest ORWRITE: the cluster runs one as a compare and write of what it read (retried
+/// when another write came between), which is atomic up to this size.
+pub const ORWRITE_BYTES_MAX: u64 = 1024 * 1024;
 
 /// A LUN in SAM-5's single-level format: peripheral device addressing up to 255, flat space
 /// addressing up to 16383.
@@ -896,6 +924,45 @@ pub(crate) mod tests {
         let mut odd = data.clone();
         odd[3] = 15;
         assert_eq!(lu.unmap_ranges(&odd).unwrap_err().asc, asc::INVALID_FIELD_IN_PARAMETER_LIST);
+    }
+
+    #[test]
+    fn orwrite_is_bounded_and_zero_blocks_do_nothing() {
+        let lu = lu();
+        let mut nexus = Nexus::default();
+        assert_eq!(
+            lu.plan(&cdb16(op::ORWRITE_16, 8, 2), &mut nexus, &optimized(), &[0]),
+            Plan::Io(Io::OrWrite { offset: 4096, len: 1024, fua: false })
+        );
+        assert_eq!(Io::OrWrite { offset: 0, len: 1024, fua: false }.data_out_bytes(), 1024);
+        assert!(matches!(
+            lu.plan(&cdb16(op::ORWRITE_16, 8, 0), &mut nexus, &optimized(), &[0]),
+            Plan::Reply(Reply { status: Status::Good, .. })
+        ));
+        let last = (1u64 << 21) - 1;
+        assert_eq!(
+            sense_of(lu.plan(&cdb16(op::ORWRITE_16, last, 2), &mut nexus, &optimized(), &[0])).asc,
+            asc::LBA_OUT_OF_RANGE
+        );
+        let blocks = (ORWRITE_BYTES_MAX / 512) as u32;
+        assert!(matches!(lu.plan(&cdb16(op::ORWRITE_16, 0, blocks), &mut nexus, &optimized(), &[0]), Plan::Io(_)));
+        let too_long = sense_of(lu.plan(&cdb16(op::ORWRITE_16, 0, blocks + 1), &mut nexus, &optimized(), &[0]));
+        assert_eq!((too_long.asc, too_long.field.map(|f| f.byte)), (asc::INVALID_FIELD_IN_CDB, Some(10)));
+        let mut protect = cdb16(op::ORWRITE_16, 0, 1);
+        protect[1] = 0x20;
+        assert_eq!(sense_of(lu.plan(&protect, &mut nexus, &optimized(), &[0])).asc, asc::INVALID_FIELD_IN_CDB);
+    }
+
+    #[test]
+    fn defect_data_is_an_empty_list_in_the_format_asked_for() {
+        let lu = lu();
+        let mut nexus = Nexus::default();
+        let ten = [op::READ_DEFECT_DATA_10, 0, 0x18 | 0x05, 0, 0, 0, 0, 0, 255, 0];
+        let Plan::Reply(reply) = lu.plan(&ten, &mut nexus, &optimized(), &[0]) else { panic!() };
+        assert_eq!(reply.data, vec![0, 0x1D, 0, 0]);
+        let twelve = [op::READ_DEFECT_DATA_12, 0x08 | 0x04, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        let Plan::Reply(reply) = lu.plan(&twelve, &mut nexus, &optimized(), &[0]) else { panic!() };
+        assert_eq!(reply.data, vec![0, 0x0C, 0, 0, 0, 0, 0, 0]);
     }
 
     #[test]

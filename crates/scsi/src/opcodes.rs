@@ -88,6 +88,11 @@ pub const SUPPORTED: &[CommandInfo] = &[
         usage: &[op::SYNCHRONIZE_CACHE_10, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, CONTROL],
     },
     CommandInfo {
+        opcode: op::READ_DEFECT_DATA_10,
+        service_action: None,
+        usage: &[op::READ_DEFECT_DATA_10, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, CONTROL],
+    },
+    CommandInfo {
         opcode: op::WRITE_SAME_10,
         service_action: None,
         usage: &[op::WRITE_SAME_10, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, CONTROL],
@@ -139,6 +144,28 @@ pub const SUPPORTED: &[CommandInfo] = &[
         service_action: None,
         usage: &[
             op::WRITE_16,
+            0xF8,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0,
+            CONTROL,
+        ],
+    },
+    CommandInfo {
+        opcode: op::ORWRITE_16,
+        service_action: None,
+        usage: &[
+            op::ORWRITE_16,
             0xF8,
             0xFF,
             0xFF,
@@ -327,6 +354,11 @@ pub const SUPPORTED: &[CommandInfo] = &[
         opcode: op::VERIFY_12,
         service_action: None,
         usage: &[op::VERIFY_12, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, CONTROL],
+    },
+    CommandInfo {
+        opcode: op::READ_DEFECT_DATA_12,
+        service_action: None,
+        usage: &[op::READ_DEFECT_DATA_12, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, CONTROL],
     },
 ];
 
