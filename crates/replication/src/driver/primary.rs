@@ -264,6 +264,13 @@ pub(super) async fn start_core<S: BlockStore>(inner: Arc<Inner<S>>, p: Arc<Prima
     p.pump(&inner, &mut st);
 }
 
+/// What [`PrimaryDriver::earlier_attempt`] found.
+enum Earlier {
+    None,
+    Applied,
+    InFlight(oneshot::Receiver<()>),
+}
+
 /// The pieces of one host write once sequenced: the answers it waits for.
 pub(super) struct Sequenced {
     /// One per piece sequenced by this attempt.
@@ -335,28 +342,17 @@ impl PrimaryDriver {
             if st.core.phase() != Phase::Serving {
                 return Err(IoFail::Unavailable("the primary stopped serving".into()));
             }
-            let in_flight = st.waiters.values_mut().find(|w| w.write == write && w.offset == offset).map(|w| {
-                let (t, r) = oneshot::channel();
-                w.watchers.push(t);
-                r
-            });
-            let held = self.settled.contains(&(write, offset))
-                || inner
-                    .volume(self.volume)
-                    .is_some_and(|v| v.recent.lock().expect("recent lock").holds_write(write, offset));
-            match (in_flight, held) {
-                (Some(r), _) => Some(Some(r)),
-                (None, true) => Some(None),
-                (None, false) => None,
-            }
+            self.earlier_attempt(inner, &mut st, write, offset)
         };
-        if let Some(earlier) = earlier {
-            drop(alone);
-            if let Some(r) = earlier {
+        match earlier {
+            Earlier::None => {}
+            Earlier::Applied => return Ok(None),
+            Earlier::InFlight(r) => {
+                drop(alone);
                 r.await
                     .map_err(|_| IoFail::Unavailable("an earlier attempt of this write was not acknowledged".into()))?;
+                return Ok(None);
             }
-            return Ok(None);
         }
         let current = self.read(inner, offset, len).await?;
         if let Some(at) = current.iter().zip(expected.iter()).position(|(a, b)| a != b) {
@@ -366,6 +362,32 @@ impl PrimaryDriver {
         drop(alone);
         sequenced.settle().await?;
         Ok(None)
+    }
+
+    /// Where an earlier attempt of the piece at `offset` of host write `write` stands here: in
+    /// this copy (noted when this primary was built, or applied since), in flight at this
+    /// primary (the receiver fires once it is acknowledged), or not seen.
+    fn earlier_attempt<S: BlockStore>(
+        &self,
+        inner: &Arc<Inner<S>>,
+        st: &mut CoreState,
+        write: WriteId,
+        offset: u64,
+    ) -> Earlier {
+        if let Some(w) = st.waiters.values_mut().find(|w| w.write == write && w.offset == offset) {
+            let (t, r) = oneshot::channel();
+            w.watchers.push(t);
+            return Earlier::InFlight(r);
+        }
+        let held = self.settled.contains(&(write, offset))
+            || inner
+                .volume(self.volume)
+                .is_some_and(|v| v.recent.lock().expect("recent lock").holds_write(write, offset));
+        if held {
+            Earlier::Applied
+        } else {
+            Earlier::None
+        }
     }
 
     /// Sequences a host write: cut into pieces, each one record of the core. A retry is cut the
@@ -425,21 +447,17 @@ impl PrimaryDriver {
                 // even when an earlier attempt of it already took effect here.
                 let parked_bug = chaos_bugs::on(Bug::ParkAtStoppedPrimary) && inner.net.request_received_at().is_some();
                 if write != 0 && !parked_bug {
-                    let in_flight = st.waiters.values_mut().find(|w| w.write == write && w.offset == at_offset);
-                    if let Some(w) = in_flight {
-                        let (t, r) = oneshot::channel();
-                        w.watchers.push(t);
-                        earlier.push(r);
-                        at += piece;
-                        continue;
-                    }
-                    let held = self.settled.contains(&(write, at_offset))
-                        || inner
-                            .volume(self.volume)
-                            .is_some_and(|v| v.recent.lock().expect("recent lock").holds_write(write, at_offset));
-                    if held {
-                        at += piece;
-                        continue;
+                    match self.earlier_attempt(inner, &mut st, write, at_offset) {
+                        Earlier::None => {}
+                        Earlier::Applied => {
+                            at += piece;
+                            continue;
+                        }
+                        Earlier::InFlight(r) => {
+                            earlier.push(r);
+                            at += piece;
+                            continue;
+                        }
                     }
                 }
                 if let Some(received) = inner.net.request_received_at() {

@@ -268,6 +268,25 @@ async fn read(plane: &DataPlane<MemStore>, cfg: &VolumeConfig, offset: u64, len:
     buf
 }
 
+/// Node 1 (the primary) stands still: it hears of no committed change. The leader fails the
+/// volume over to node 2, with the live members as the ISR; returns once node 2 serves.
+async fn fail_over_from_stalled_node_1(c: &Cluster) {
+    c.meta.deaf.lock().expect("meta lock").insert(0);
+    c.meta
+        .change(VOLUME, Epoch(1), |v| {
+            v.primary = NodeId(2);
+            v.isr = vec![NodeId(2), NodeId(3)];
+            v.epoch = Epoch(2);
+            v.claim = None;
+        })
+        .expect("failover");
+    let start = Instant::now();
+    while !c.planes[1].stats().iter().any(|s| s.id == VOLUME && s.serving) {
+        assert!(start.elapsed() < DEADLINE, "node 2 never served the volume");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The interleaving of the chaos run pause-primary-blip seed 1 (a primary stopped past its
 /// lease). Node 1, the primary, sequences a host write and sends it to nodes 2 and 3, then
 /// stalls before acknowledging it. The volume fails over to node 2, whose copy has the write:
@@ -296,22 +315,7 @@ async fn a_retried_write_that_took_effect_before_a_failover_is_not_executed_agai
         assert!(start.elapsed() < DEADLINE, "the records never reached the backups");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    c.meta.deaf.lock().expect("meta lock").insert(0);
-
-    // The leader fails the volume over to node 2, with the live members as the ISR.
-    c.meta
-        .change(VOLUME, Epoch(1), |v| {
-            v.primary = NodeId(2);
-            v.isr = vec![NodeId(2), NodeId(3)];
-            v.epoch = Epoch(2);
-            v.claim = None;
-        })
-        .expect("failover");
-    let start = Instant::now();
-    while !c.planes[1].stats().iter().any(|s| s.id == VOLUME && s.serving) {
-        assert!(start.elapsed() < DEADLINE, "node 2 never served the volume");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    fail_over_from_stalled_node_1(&c).await;
     // The stalled write took effect: reads return it.
     assert!(read(&c.planes[2], &c.cfg, offset, first.len()).await == first[..], "the stalled write is not visible");
     // Another host writes the block through node 3; acknowledged, and read back.
@@ -421,20 +425,7 @@ async fn a_retried_compare_and_write_that_took_effect_before_a_failover_is_not_c
         assert!(start.elapsed() < DEADLINE, "the records never reached the backups");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    c.meta.deaf.lock().expect("meta lock").insert(0);
-    c.meta
-        .change(VOLUME, Epoch(1), |v| {
-            v.primary = NodeId(2);
-            v.isr = vec![NodeId(2), NodeId(3)];
-            v.epoch = Epoch(2);
-            v.claim = None;
-        })
-        .expect("failover");
-    let start = Instant::now();
-    while !c.planes[1].stats().iter().any(|s| s.id == VOLUME && s.serving) {
-        assert!(start.elapsed() < DEADLINE, "node 2 never served the volume");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    fail_over_from_stalled_node_1(&c).await;
     assert!(!stalled.is_finished(), "the stalled compare and write was answered while its node stood still");
 
     // Node 1 hears of the failover; the request it still holds is retried at node 2.
