@@ -487,7 +487,9 @@ fn alua_states_follow_a_failover_and_sessions_hear_of_the_change() {
 
 /// qemu as an iSCSI host: `qemu-img convert` copies a disk image into a volume through one
 /// node's portal and `qemu-img compare` finds it identical through every portal; qemu-io writes
-/// a pattern through each portal and reads every pattern back through every other.
+/// a pattern through each portal and reads every pattern back through every other; then it
+/// writes through a proxying node while the primary is killed, sees no error, and every write
+/// reads back through the new primary.
 #[test]
 fn qemu_img_copies_an_image_in_through_one_portal_and_every_portal_reads_it_back() {
     require_qemu_iscsi();
@@ -522,4 +524,22 @@ fn qemu_img_copies_an_image_in_through_one_portal_and_every_portal_reads_it_back
         let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
         qemu_io_ok(&url(&c, node, "img"), &reads);
     }
+
+    // qemu (libiscsi) writing through a node that proxies sees no error while the primary is
+    // killed: its writes wait out the failover there; every one reads back afterwards.
+    let at = |i: usize| (40 << 20) + i * 4096;
+    let writes: Vec<String> = (0..600).map(|i| format!("write -P {} {} 4k", 1 + i % 250, at(i))).collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    let ran = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| qemu_io_ok(&url(&c, other, "img"), &writes));
+        c.kill(primary);
+        writer.join().expect("qemu-io thread")
+    });
+    assert_eq!(ran.matches("wrote 4096/4096 bytes").count(), writes.len(), "{ran}");
+    let new_primary = wait_for("a new primary", Duration::from_secs(60), || {
+        volume(&c, other, "img").and_then(|v| v["primary"].as_u64()).filter(|&p| p != primary)
+    });
+    let reads: Vec<String> = (0..600).map(|i| format!("read -P {} {} 4k", 1 + i % 250, at(i))).collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    qemu_io_ok(&url(&c, new_primary, "img"), &reads);
 }
