@@ -620,13 +620,7 @@ impl<S: BlockStore> DataPlane<S> {
         data: Bytes,
     ) -> Result<Option<u64>, IoFail> {
         check_range(cfg, offset, data.len() as u64)?;
-        if expected.len() != data.len() || data.is_empty() || data.len() as u64 > WRITE_PIECE_BYTES_MAX {
-            return Err(IoFail::Invalid(format!(
-                "compare and write of {} bytes against {} expected: both must be equal, 1 to {WRITE_PIECE_BYTES_MAX}",
-                data.len(),
-                expected.len()
-            )));
-        }
+        check_compare_and_write(&expected, &data)?;
         let mut hold = Hold::new(&self.inner);
         let write = new_nonce();
         let mut last = None;
@@ -648,6 +642,19 @@ impl<S: BlockStore> DataPlane<S> {
         let mut hold = Hold::new(&self.inner);
         self.inner.retry(&mut hold, |inner| async move { inner.flush_once(cfg.id).await }).await
     }
+}
+
+/// A compare and write compares and writes as many bytes, one piece at most (one record, so
+/// one sequencing).
+pub(super) fn check_compare_and_write(expected: &[u8], data: &[u8]) -> Result<(), IoFail> {
+    if expected.len() != data.len() || data.is_empty() || data.len() as u64 > WRITE_PIECE_BYTES_MAX {
+        return Err(IoFail::Invalid(format!(
+            "compare and write of {} bytes against {} expected: both must be equal, 1 to {WRITE_PIECE_BYTES_MAX}",
+            data.len(),
+            expected.len()
+        )));
+    }
+    Ok(())
 }
 
 impl Vol {

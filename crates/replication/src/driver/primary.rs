@@ -20,8 +20,8 @@ use super::applier::{Apply, ApplyQueue};
 #[cfg(doc)]
 use super::Coordinator;
 use super::{
-    Inner, IoFail, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX,
-    ZEROES_PIECE_BYTES_MAX,
+    check_compare_and_write, Inner, IoFail, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX,
+    WRITE_PIECE_BYTES_MAX, ZEROES_PIECE_BYTES_MAX,
 };
 use tandem_replication_core::recent::WritePiece;
 use tandem_replication_core::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
@@ -328,14 +328,8 @@ impl PrimaryDriver {
         expected: Bytes,
         data: Bytes,
     ) -> Result<Option<u64>, IoFail> {
+        check_compare_and_write(&expected, &data)?;
         let len = data.len() as u64;
-        if expected.len() as u64 != len || len == 0 || len > WRITE_PIECE_BYTES_MAX {
-            return Err(IoFail::Invalid(format!(
-                "compare and write of {} bytes against {} expected: both must be equal, 1 to {WRITE_PIECE_BYTES_MAX}",
-                len,
-                expected.len()
-            )));
-        }
         let alone = self.sequencing.write().await;
         let earlier = {
             let mut st = self.st.lock().expect("core lock");
