@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tandem_testkit::{
-    create_served_volume, http, poll, run_tandem as run, run_tandem_ok, take_turn, tandem_bin, wait_for, Cluster, Reap,
+    create_served_volume, poll, run_tandem as run, run_tandem_ok, take_turn, tandem_bin, wait_for, Cluster, Reap,
 };
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
@@ -64,7 +64,7 @@ fn three_nodes_elect_exactly_one_leader_and_status_agrees_everywhere(transport: 
     }
     // Prometheus metrics tell the same: exactly the leader reports itself as leader.
     for id in &ids {
-        let text = http().get(format!("{}/metrics", c.api(*id))).send().expect("metrics").text().expect("text");
+        let text = c.http().get(format!("{}/metrics", c.api(*id))).send().expect("metrics").text().expect("text");
         let expected = format!("tandem_raft_is_leader {}", u8::from(*id == leader));
         assert!(text.contains(&expected), "node {id}: {text}");
         assert!(text.contains("# TYPE tandem_transport_bytes_sent counter"), "{text}");
@@ -135,7 +135,7 @@ fn metadata_survives_stopping_and_starting_every_node(transport: &str) {
         }
     }
     // The node records survived too.
-    let nodes: Value = http().get(format!("{}/v1/nodes", c.api(2))).send().expect("get").json().expect("json");
+    let nodes: Value = c.http().get(format!("{}/v1/nodes", c.api(2))).send().expect("get").json().expect("json");
     assert_eq!(nodes.as_array().map(Vec::len), Some(3));
 }
 
@@ -190,12 +190,12 @@ fn add_a_node_that_catches_up_by_snapshot_then_remove_one(transport: &str) {
             .then_some(())
     });
     assert!(
-        http().get(format!("{victim_api}/v1/cluster")).timeout(Duration::from_secs(2)).send().is_err(),
+        c.http().get(format!("{victim_api}/v1/cluster")).timeout(Duration::from_secs(2)).send().is_err(),
         "the removed node's process was stopped"
     );
     assert!(!c.node_ids().contains(&victim), "the removed node left the local config");
     let nodes: Value =
-        http().get(format!("{}/v1/nodes", c.api(remaining[0]))).send().expect("get").json().expect("json");
+        c.http().get(format!("{}/v1/nodes", c.api(remaining[0]))).send().expect("get").json().expect("json");
     let listed: Vec<u64> = nodes.as_array().expect("list").iter().filter_map(|n| n["id"].as_u64()).collect();
     assert_eq!(listed, remaining);
     // And the cluster still commits.
@@ -253,7 +253,8 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join(transport: &str) {
         assert!(v["raft"]["applied_index"].is_null(), "impostor applied entries: {v}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let resp = http()
+    let resp = c
+        .http()
         .get(format!("{}/v1/settings/secret", c.api(victim)))
         .timeout(Duration::from_secs(15))
         .send()
@@ -375,7 +376,7 @@ fn bad_http_input_gets_a_4xx_with_a_json_error_and_changes_nothing() {
     assert_eq!(value["value"], "b");
 
     // The CLI reports API errors on stderr with a non-zero exit.
-    let out = run(&["node", "remove", "99", "--endpoint", &api]);
+    let out = run(&["node", "remove", "99", "--endpoint", &api, "--cluster", c.path_str()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a member"), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -396,8 +397,8 @@ fn transports_switch_live_while_writes_and_a_membership_change_commit() {
     let writer = {
         let stop = stop.clone();
         let apis: Vec<String> = ids.iter().map(|id| c.api(*id)).collect();
+        let h = c.http();
         std::thread::spawn(move || {
-            let h = http();
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let via = &apis[(n % apis.len() as u64) as usize];
@@ -413,7 +414,7 @@ fn transports_switch_live_while_writes_and_a_membership_change_commit() {
         })
     };
 
-    let endpoint = ["--endpoint", api.as_str()];
+    let endpoint = ["--endpoint", api.as_str(), "--cluster", c.path_str()];
     let mut flips = 0;
     let mut flip = |kind: &str, layer: &str| {
         let before = links(&c);
@@ -455,7 +456,7 @@ fn transports_switch_live_while_writes_and_a_membership_change_commit() {
     c.agreed_leader(&all, LEADER_WAIT);
     for id in &all {
         let settings: Value =
-            http().get(format!("{}/v1/settings", c.api(*id))).send().expect("get").json().expect("json");
+            c.http().get(format!("{}/v1/settings", c.api(*id))).send().expect("get").json().expect("json");
         for n in 0..written {
             assert_eq!(settings[format!("w{n}")], n.to_string(), "write {n} on node {id}");
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tandem_testkit::{
-    block_version, create_served_volume, http, ids, local_copy, qemu_io_ok as qemu_io, random_bytes, require_tools,
+    block_version, create_served_volume, ids, local_copy, qemu_io_ok as qemu_io, random_bytes, require_tools,
     run_ok as tool, volume, wait_for, wait_identical, Cluster, NbdClient, Reconnecting, Rng,
 };
 
@@ -29,7 +29,8 @@ fn nbd_url(c: &Cluster, id: u64, volume: &str) -> String {
 /// Node `id`'s own copy of `name`, read back from its store (not through the primary): the
 /// `data_digest` of `GET /v1/local/volumes?data=true`.
 fn data_digest(c: &Cluster, id: u64, name: &str) -> String {
-    let v: Value = http()
+    let v: Value = c
+        .http()
         .get(format!("{}/v1/local/volumes?data=true", c.api(id)))
         .timeout(Duration::from_secs(120))
         .send()
@@ -464,7 +465,8 @@ const READERS: usize = 8;
 
 /// The node's shared read-buffer budget, from `GET /v1/local/volumes` (field `frontend`).
 fn read_buffers(c: &Cluster, id: u64) -> Value {
-    let v: Value = http()
+    let v: Value = c
+        .http()
         .get(format!("{}/v1/local/volumes", c.api(id)))
         .send()
         .and_then(|r| r.json())

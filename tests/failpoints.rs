@@ -28,7 +28,8 @@ fn chaos_cluster(nodes: u32) -> Cluster {
 /// `PUT /v1/debug/failpoints/{name}` on node `id`: the status and the JSON answer.
 fn set_failpoint(c: &Cluster, id: u64, name: &str, actions: &str) -> (u16, Value) {
     let url = format!("{}/v1/debug/failpoints/{name}", c.api(id));
-    let resp = tandem_testkit::http()
+    let resp = c
+        .http()
         .put(&url)
         .json(&serde_json::json!({ "actions": actions }))
         .send()
@@ -45,7 +46,7 @@ fn must_set(c: &Cluster, id: u64, name: &str, actions: &str) {
 /// `GET /v1/debug/failpoints` on node `id`: name → actions.
 fn failpoints(c: &Cluster, id: u64) -> (u16, Vec<(String, String)>) {
     let url = format!("{}/v1/debug/failpoints", c.api(id));
-    let resp = tandem_testkit::http().get(&url).send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let resp = c.http().get(&url).send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = resp.status().as_u16();
     let body: Value = resp.json().unwrap_or(Value::Null);
     let list = body["failpoints"]

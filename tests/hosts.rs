@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tandem_testkit::firewall::BlockedPorts;
 use tandem_testkit::{
-    http, qemu_io_ok, require_tools, run_tandem as run, run_tandem_ok as run_ok, seed, tandem_bin, wait_for, Cluster,
-    Reap, Rng,
+    qemu_io_ok, require_tools, run_tandem as run, run_tandem_ok as run_ok, seed, tandem_bin, wait_for, Cluster, Reap,
+    Rng,
 };
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
@@ -75,20 +75,44 @@ fn setup() -> Setup {
     c.agreed_leader(&[1, 2, 3], LEADER_WAIT);
     // Each node advertises its site and target ports from its config once it is back.
     wait_for("nodes to advertise sites and target ports", LEADER_WAIT, || {
-        let nodes: Value = http().get(format!("{}/v1/nodes", c.api(1))).send().ok()?.json().ok()?;
+        let nodes: Value = c.http().get(format!("{}/v1/nodes", c.api(1))).send().ok()?.json().ok()?;
         let nodes = nodes.as_array()?;
         let sites: Vec<&str> = nodes.iter().filter_map(|n| n["site"].as_str()).collect();
         let extra_ok = nodes.iter().any(|n| n["id"] == 2 && n["extra_nbd_addrs"] == json!([extra]));
         (sites == ["a", "a", "b"] && extra_ok).then_some(())
     });
     let api = c.api(1);
-    run_ok(&["dataset", "create", "pod", "--replicas", "3", "--preferred-site", "a", "--endpoint", &api]);
-    run_ok(&["volume", "create", "v1", "--size", "64M", "--dataset", "pod", "--endpoint", &api]);
-    let out = run_ok(&["host", "add", "ha", "--site", "a", "--endpoint", &api]);
+    run_ok(&[
+        "dataset",
+        "create",
+        "pod",
+        "--replicas",
+        "3",
+        "--preferred-site",
+        "a",
+        "--endpoint",
+        &api,
+        "--cluster",
+        c.path_str(),
+    ]);
+    run_ok(&[
+        "volume",
+        "create",
+        "v1",
+        "--size",
+        "64M",
+        "--dataset",
+        "pod",
+        "--endpoint",
+        &api,
+        "--cluster",
+        c.path_str(),
+    ]);
+    let out = run_ok(&["host", "add", "ha", "--site", "a", "--endpoint", &api, "--cluster", c.path_str()]);
     assert!(out.contains("ha"), "{out}");
-    run_ok(&["host", "add", "hb", "--site", "b", "--endpoint", &c.api(3)]);
-    run_ok(&["host", "connect", "ha", "v1", "--endpoint", &api]);
-    run_ok(&["host", "connect", "hb", "v1", "--endpoint", &c.api(2)]);
+    run_ok(&["host", "add", "hb", "--site", "b", "--endpoint", &c.api(3), "--cluster", c.path_str()]);
+    run_ok(&["host", "connect", "ha", "v1", "--endpoint", &api, "--cluster", c.path_str()]);
+    run_ok(&["host", "connect", "hb", "v1", "--endpoint", &c.api(2), "--cluster", c.path_str()]);
     Setup { c, extra }
 }
 
@@ -97,13 +121,14 @@ fn primary(c: &Cluster, via: u64) -> u64 {
 }
 
 fn primary_of(c: &Cluster, via: u64, volume: &str) -> u64 {
-    let v: Value = http().get(format!("{}/v1/volumes/{volume}", c.api(via))).send().expect("get").json().expect("json");
+    let v: Value =
+        c.http().get(format!("{}/v1/volumes/{volume}", c.api(via))).send().expect("get").json().expect("json");
     v["primary"].as_u64().expect("primary")
 }
 
 /// `GET /v1/hosts/{host}/paths` through node `via`.
 fn paths(c: &Cluster, via: u64, host: &str) -> Option<Value> {
-    let resp = http().get(format!("{}/v1/hosts/{host}/paths", c.api(via))).send().ok()?;
+    let resp = c.http().get(format!("{}/v1/hosts/{host}/paths", c.api(via))).send().ok()?;
     resp.status().is_success().then(|| resp.json().ok()).flatten()
 }
 
@@ -137,7 +162,8 @@ fn wait_map(c: &Cluster, via: u64, host: &str, what: &str, timeout: Duration, ok
 }
 
 fn post_probes(c: &Cluster, via: u64, host: &str, probes: Value) -> (u16, Value) {
-    let resp = http()
+    let resp = c
+        .http()
         .post(format!("{}/v1/hosts/{host}/probes", c.api(via)))
         .json(&json!({ "probes": probes }))
         .send()
@@ -212,16 +238,27 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
     assert_eq!(names, ["n2p0", "n2p1", "n3p0", "n1p0"], "{hb}");
 
     // The CLI: a table like multipath -ll, and JSON.
-    let table = run_ok(&["paths", "--host", "ha", "--endpoint", &c.api(3)]);
+    let table = run_ok(&["paths", "--host", "ha", "--endpoint", &c.api(3), "--cluster", c.path_str()]);
     for needle in ["generation", "n2p1", &extra, "active-optimized", "active-non-optimized", "in-sync replica"] {
         assert!(table.contains(needle), "table lacks {needle:?}:\n{table}");
     }
-    let doc: Value =
-        serde_json::from_str(&run_ok(&["paths", "--host", "ha", "--volume", "v1", "--json", "--endpoint", &c.api(2)]))
-            .expect("paths --json is JSON");
+    let doc: Value = serde_json::from_str(&run_ok(&[
+        "paths",
+        "--host",
+        "ha",
+        "--volume",
+        "v1",
+        "--json",
+        "--endpoint",
+        &c.api(2),
+        "--cluster",
+        c.path_str(),
+    ]))
+    .expect("paths --json is JSON");
     assert_eq!(v1_paths(&doc).len(), 4, "{doc}");
     let listed: Value =
-        serde_json::from_str(&run_ok(&["host", "list", "--json", "--endpoint", &c.api(1)])).expect("json");
+        serde_json::from_str(&run_ok(&["host", "list", "--json", "--endpoint", &c.api(1), "--cluster", c.path_str()]))
+            .expect("json");
     assert!(
         listed
             .as_array()
@@ -230,7 +267,7 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
     );
 
     // Metrics: the map's generation and its paths per state.
-    let metrics = http().get(format!("{}/metrics", c.api(3))).send().expect("metrics").text().expect("text");
+    let metrics = c.http().get(format!("{}/metrics", c.api(3))).send().expect("metrics").text().expect("text");
     assert!(metrics.contains("tandem_host_path_generation{host=\"ha\"}"), "{metrics}");
     assert!(metrics.contains("tandem_host_paths{host=\"ha\",state=\"active-optimized\"} 2"), "{metrics}");
     assert!(metrics.contains("tandem_host_paths{host=\"ha\",state=\"active-non-optimized\"} 2"), "{metrics}");
@@ -251,14 +288,14 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
     }
 
     // Unknown names: 404 with a clear message, from the API and the CLI.
-    let resp = http().get(format!("{}/v1/hosts/nosuch/paths", c.api(2))).send().expect("get");
+    let resp = c.http().get(format!("{}/v1/hosts/nosuch/paths", c.api(2))).send().expect("get");
     assert_eq!(resp.status().as_u16(), 404);
     assert!(resp.text().expect("body").contains("no host named \\\"nosuch\\\""));
-    let resp = http().get(format!("{}/v1/hosts/ha/paths?volume=nosuch", c.api(2))).send().expect("get");
+    let resp = c.http().get(format!("{}/v1/hosts/ha/paths?volume=nosuch", c.api(2))).send().expect("get");
     assert_eq!(resp.status().as_u16(), 404);
     assert!(resp.text().expect("body").contains("no volume named"));
-    run_ok(&["volume", "create", "v2", "--size", "4M", "--endpoint", &c.api(1)]);
-    let resp = http().get(format!("{}/v1/hosts/ha/paths?volume=v2", c.api(2))).send().expect("get");
+    run_ok(&["volume", "create", "v2", "--size", "4M", "--endpoint", &c.api(1), "--cluster", c.path_str()]);
+    let resp = c.http().get(format!("{}/v1/hosts/ha/paths?volume=v2", c.api(2))).send().expect("get");
     assert_eq!(resp.status().as_u16(), 404);
     assert!(resp.text().expect("body").contains("not connected"));
     let (status, body) = post_probes(&c, 3, "nosuch", json!([ok_probe(1, &c.nbd_addr(1).to_string(), 100)]));
@@ -273,7 +310,7 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
     ] {
         let mut args = args.clone();
         let api = c.api(1);
-        args.extend(["--endpoint", &api]);
+        args.extend(["--endpoint", &api, "--cluster", c.path_str()]);
         let out = run(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(needle), "{args:?}: {stderr}");
@@ -351,7 +388,7 @@ fn path_states_follow_sites_isr_and_probes_and_every_path_serves_io() {
 /// Reads `tandem paths --watch --json` output: each map with the time it arrived.
 fn watch(c: &Cluster, via: u64, host: &str) -> (Child, mpsc::Receiver<(Instant, Value)>) {
     let mut child = Command::new(tandem_bin())
-        .args(["paths", "--host", host, "--watch", "--json", "--endpoint", &c.api(via)])
+        .args(["paths", "--host", host, "--watch", "--json", "--endpoint", &c.api(via), "--cluster", c.path_str()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -376,7 +413,18 @@ fn watch(c: &Cluster, via: u64, host: &str) -> (Child, mpsc::Receiver<(Instant, 
 /// to `map_file`; stopped when the returned guard is dropped.
 fn agent(c: &Cluster, via: u64, host: &str, map_file: &std::path::Path, more: &[&str]) -> Reap {
     let child = Command::new(tandem_bin())
-        .args(["host", "agent", "--host", host, "--interval-ms", "200", "--endpoint", &c.api(via)])
+        .args([
+            "host",
+            "agent",
+            "--host",
+            host,
+            "--interval-ms",
+            "200",
+            "--endpoint",
+            &c.api(via),
+            "--cluster",
+            c.path_str(),
+        ])
         .args(more)
         .arg("--map-file")
         .arg(map_file)
@@ -395,8 +443,20 @@ fn a_watching_host_sees_the_dead_primary_unavailable_and_the_failover_follows_it
     // one whose primary is not the Raft leader: when the primary also leads Raft, an election
     // (1.5-2 s in openraft 0.9) must come first, and failovers keep primaries off the leader's
     // node anyway (docs/BENCHMARKS.md measures that case).
-    run_ok(&["volume", "create", "v2", "--size", "64M", "--dataset", "pod", "--endpoint", &c.api(1)]);
-    run_ok(&["host", "connect", "ha", "v2", "--endpoint", &c.api(1)]);
+    run_ok(&[
+        "volume",
+        "create",
+        "v2",
+        "--size",
+        "64M",
+        "--dataset",
+        "pod",
+        "--endpoint",
+        &c.api(1),
+        "--cluster",
+        c.path_str(),
+    ]);
+    run_ok(&["host", "connect", "ha", "v2", "--endpoint", &c.api(1), "--cluster", c.path_str()]);
     let leader = c.agreed_leader(&[1, 2, 3], LEADER_WAIT);
     let (vol, p) = ["v1", "v2"]
         .into_iter()
@@ -506,9 +566,9 @@ fn the_path_manager_recomputes_only_the_hosts_a_change_affects() {
     let leader = c.agreed_leader(&[1, 2, 3], LEADER_WAIT);
     let api = c.api(leader);
     for i in 1..=HOSTS {
-        run_ok(&["volume", "create", &format!("v{i}"), "--size", "4M", "--endpoint", &api]);
-        run_ok(&["host", "add", &format!("h{i}"), "--site", "local", "--endpoint", &api]);
-        run_ok(&["host", "connect", &format!("h{i}"), &format!("v{i}"), "--endpoint", &api]);
+        run_ok(&["volume", "create", &format!("v{i}"), "--size", "4M", "--endpoint", &api, "--cluster", c.path_str()]);
+        run_ok(&["host", "add", &format!("h{i}"), "--site", "local", "--endpoint", &api, "--cluster", c.path_str()]);
+        run_ok(&["host", "connect", &format!("h{i}"), &format!("v{i}"), "--endpoint", &api, "--cluster", c.path_str()]);
     }
     for i in 1..=HOSTS {
         wait_map(&c, leader, &format!("h{i}"), "a published map with its volume", LEADER_WAIT, |m| {
@@ -530,7 +590,7 @@ fn the_path_manager_recomputes_only_the_hosts_a_change_affects() {
         // Then one change to one host; once its new map is out, the manager has seen every
         // write before it (it takes changes in log order).
         let (verb, want) = if round % 2 == 0 { ("connect", 2) } else { ("disconnect", 1) };
-        run_ok(&["host", verb, "h1", "v2", "--endpoint", &api]);
+        run_ok(&["host", verb, "h1", "v2", "--endpoint", &api, "--cluster", c.path_str()]);
         wait_map(&c, leader, "h1", "h1's map with its volumes", LEADER_WAIT, |m| {
             m["volumes"].as_array().is_some_and(|v| v.len() == want)
         });

@@ -342,7 +342,20 @@ fn discovery_lists_every_portal_and_every_node_reports_the_same_disk() {
 
 /// The path states `tandem paths --json` gives host `host` for `volume`, by node.
 fn published_states(c: &Cluster, via: u64, host: &str, volume: &str) -> Option<BTreeMap<u16, AccessState>> {
-    let out = c.try_tandem(&["paths", "--host", host, "--volume", volume, "--json", "--endpoint", &c.api(via)]).ok()?;
+    let out = c
+        .try_tandem(&[
+            "paths",
+            "--host",
+            host,
+            "--volume",
+            volume,
+            "--json",
+            "--endpoint",
+            &c.api(via),
+            "--cluster",
+            c.path_str(),
+        ])
+        .ok()?;
     let map: serde_json::Value = serde_json::from_str(&out).ok()?;
     let paths = map["volumes"].as_array()?.iter().find(|v| v["volume"] == volume)?["paths"].as_array()?.clone();
     paths

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tandem_testkit::{http, ids, run_tandem as run, run_tandem_ok as run_ok, Cluster};
+use tandem_testkit::{ids, run_tandem as run, run_tandem_ok as run_ok, Cluster};
 
 const LEADER_WAIT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1 << 20;
@@ -44,7 +44,7 @@ fn datasets_and_volumes_through_the_cli_and_api_survive_a_restart() {
     let (api1, api2, api3, api4) = (c.api(1), c.api(2), c.api(3), c.api(4));
     let at = |api: &str, args: &[&str]| -> String {
         let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--endpoint", api]);
+        all.extend(["--endpoint", api, "--cluster", c.path_str()]);
         run_ok(&all)
     };
 
@@ -95,7 +95,7 @@ fn datasets_and_volumes_through_the_cli_and_api_survive_a_restart() {
     assert!(table.contains("vol-a") && table.contains("64M") && table.contains("1G"), "{table}");
 
     // Bad input: a non-zero exit, a clear message on stderr, and nothing changes.
-    let e = ["--endpoint", api2.as_str()];
+    let e = ["--endpoint", api2.as_str(), "--cluster", c.path_str()];
     refused(&["volume", "create", "bad/name", "--size", "64M", e[0], e[1]], "volume name \"bad/name\"");
     refused(&["volume", "create", "vol-c", "--size", "5000", e[0], e[1]], "not a multiple of the block size");
     refused(&["volume", "create", "vol-c", "--size", "12Q", e[0], e[1]], "K, M, G or T");
@@ -123,7 +123,7 @@ fn datasets_and_volumes_through_the_cli_and_api_survive_a_restart() {
     assert_eq!(json_of(&at(&api4, &["dataset", "list", "--json"])), datasets);
 
     // The HTTP API: one volume by name, 404 for an unknown one, 400 for a bad size.
-    let h = http();
+    let h = c.http();
     let got: Value = h.get(format!("{api1}/v1/volumes/vol-b")).send().expect("get").json().expect("json");
     assert_eq!(&got, b);
     let resp = h.get(format!("{api1}/v1/volumes/nope")).send().expect("get");

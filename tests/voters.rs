@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_testkit::{http, wait_for, Cluster};
+use tandem_testkit::{wait_for, Cluster};
 
 /// Generous: seven processes share two cores with whatever else runs.
 const WAIT: Duration = Duration::from_secs(60);
@@ -76,7 +76,7 @@ fn seven_nodes_keep_three_voters_and_a_learner_takes_a_removed_voters_seat() {
     assert_eq!(id_set(&status["learners"]), learners, "{status}");
     // Node 6 advertised its new site after the restart.
     wait_for("node 6's new site in the map", WAIT, || {
-        let nodes: Value = http().get(format!("{}/v1/nodes", c.api(leader))).send().ok()?.json().ok()?;
+        let nodes: Value = c.http().get(format!("{}/v1/nodes", c.api(leader))).send().ok()?.json().ok()?;
         let six = nodes.as_array()?.iter().find(|n| n["id"].as_u64() == Some(6))?.clone();
         (six["site"] == "east").then_some(())
     });
@@ -98,7 +98,8 @@ fn seven_nodes_keep_three_voters_and_a_learner_takes_a_removed_voters_seat() {
     });
     assert!(voters.contains(&new_leader), "a learner cannot lead: {new_leader}");
     wait_for("a write through a learner without the old leader", WAIT, || {
-        let resp = http()
+        let resp = c
+            .http()
             .put(format!("{}/v1/settings/after-kill", c.api(5)))
             .json(&serde_json::json!({ "value": "2" }))
             .send()

@@ -121,10 +121,6 @@ fn between(rng: &mut Rng, (lo, hi): (Duration, Duration)) -> Duration {
     lo + Duration::from_millis(if span == 0 { 0 } else { rng.below(span + 1) })
 }
 
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().expect("an HTTP client")
-}
-
 /// Starts the cluster in namespaces, creates the volume and the host the workloads use.
 fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Result<World> {
     // The nodes (started and restarted by this process) take their planted bugs from the
@@ -215,7 +211,7 @@ fn build_world(scenario: &Scenario, opts: &RunOptions, tag: u32) -> anyhow::Resu
         .map_err(|e| anyhow!("create the volume: {e}"))?;
     let volume_id = v["id"].as_u64().context("the volume's id")?;
     let site = cluster.node_config(1)["site"].as_str().unwrap_or("local").to_string();
-    let h = http();
+    let h = tandem_testkit::http_as(cluster.admin_token().as_deref());
     let api = cluster.api(1);
     let r = h.post(format!("{api}/v1/hosts")).json(&serde_json::json!({ "name": HOST, "site": site })).send()?;
     anyhow::ensure!(r.status().is_success(), "add the host: {} {}", r.status(), r.text().unwrap_or_default());

@@ -298,10 +298,6 @@ pub fn final_reads(ctx: &Ctx, process: u64, node: u64) -> usize {
     failed
 }
 
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(HTTP_TIMEOUT).build().expect("an HTTP client")
-}
-
 fn meta_value(text: &str) -> Option<u64> {
     text.strip_prefix('w')?.parse().ok()
 }
@@ -309,7 +305,7 @@ fn meta_value(text: &str) -> Option<u64> {
 /// A meta client: reads, writes and compare-and-sets settings through one node after another.
 pub fn meta_client(ctx: Arc<Ctx>, process: u64, seed: u64) {
     let mut rng = Rng::new(seed);
-    let client = http();
+    let client = ctx.world.http(HTTP_TIMEOUT);
     let nodes = ctx.world.nodes.clone();
     let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
     let mut at = process as usize;
@@ -381,7 +377,7 @@ pub fn meta_client(ctx: Arc<Ctx>, process: u64, seed: u64) {
 
 /// After the heal: one linearizable read of every meta key through `node`.
 pub fn final_meta_reads(ctx: &Ctx, process: u64, node: u64) {
-    let client = http();
+    let client = ctx.world.http(HTTP_TIMEOUT);
     for k in 0..META_KEYS {
         let key = format!("chaos-m{k}");
         for _ in 0..3 {

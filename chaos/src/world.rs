@@ -146,13 +146,23 @@ impl World {
         self.cluster.api(id)
     }
 
-    fn client() -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder().timeout(API_TIMEOUT).build().expect("an HTTP client")
+    /// An HTTP client with the cluster's admin token and `timeout`.
+    pub fn http(&self, timeout: std::time::Duration) -> reqwest::blocking::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = self.cluster.admin_token() {
+            let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).expect("a token is header-safe");
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        reqwest::blocking::Client::builder().timeout(timeout).default_headers(headers).build().expect("an HTTP client")
+    }
+
+    fn client(&self) -> reqwest::blocking::Client {
+        self.http(API_TIMEOUT)
     }
 
     /// `GET path` of node `id`, if it answers with success.
     pub fn get(&self, id: u64, path: &str) -> Option<Value> {
-        let resp = Self::client().get(format!("{}{path}", self.api(id))).send().ok()?;
+        let resp = self.client().get(format!("{}{path}", self.api(id))).send().ok()?;
         resp.status().is_success().then(|| resp.json().ok()).flatten()
     }
 
@@ -388,7 +398,8 @@ impl World {
     /// answers 404 without naming the failpoint has none, and the error says which build to run.
     pub fn set_failpoint(&self, id: u64, name: &str, actions: &str) -> anyhow::Result<()> {
         let url = format!("{}/v1/debug/failpoints/{name}", self.api(id));
-        let resp = Self::client()
+        let resp = self
+            .client()
             .put(&url)
             .json(&serde_json::json!({ "actions": actions }))
             .send()
@@ -422,7 +433,7 @@ impl World {
         let body = serde_json::json!({ "transport": kind, "layer": layer });
         let mut last = String::new();
         for n in self.running() {
-            match Self::client().put(format!("{}/v1/transport", self.api(n))).json(&body).send() {
+            match self.client().put(format!("{}/v1/transport", self.api(n))).json(&body).send() {
                 Ok(r) if r.status().is_success() => return Ok(()),
                 Ok(r) => last = format!("node {n}: {} {}", r.status(), r.text().unwrap_or_default()),
                 Err(e) => last = format!("node {n}: {e}"),

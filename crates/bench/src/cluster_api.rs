@@ -55,13 +55,23 @@ impl BenchCluster {
         self.cluster.path()
     }
 
+    /// The admin's API token of this cluster.
+    pub fn token(&self) -> Option<String> {
+        self.cluster.admin_token()
+    }
+
+    /// A client of the node API at `addr`, with the admin's token.
+    pub fn api(&self, addr: impl std::fmt::Display) -> Api {
+        Api::new(&addr.to_string()).with_token(self.token())
+    }
+
     /// The leader's API address, as the nodes report it.
     pub async fn leader_api(&self) -> anyhow::Result<SocketAddr> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
             let mut last_error = None;
             for addr in &self.api_addrs {
-                let api = Api::new(&addr.to_string()).with_timeout(PROBE_TIMEOUT);
+                let api = self.api(addr).with_timeout(PROBE_TIMEOUT);
                 match api.get::<ClusterView>("/v1/cluster").await {
                     Ok(view) => {
                         let leader = view
@@ -134,7 +144,7 @@ impl BenchCluster {
         let mut last_error = None;
         let mut created = None;
         for addr in &self.api_addrs {
-            match Api::new(&addr.to_string()).request::<_, VolumeView>(Method::POST, "/v1/volumes", Some(&req)).await {
+            match self.api(addr).request::<_, VolumeView>(Method::POST, "/v1/volumes", Some(&req)).await {
                 Ok(v) => {
                     created = Some(v);
                     break;
@@ -152,7 +162,7 @@ impl BenchCluster {
             let primary_api = self.node_apis()?.into_iter().find(|(id, _)| *id == v.primary).map(|(_, a)| a);
             if let Some(api) = primary_api {
                 let local: anyhow::Result<serde_json::Value> =
-                    Api::new(&api.to_string()).with_timeout(PROBE_TIMEOUT).get("/v1/local/volumes").await;
+                    self.api(api).with_timeout(PROBE_TIMEOUT).get("/v1/local/volumes").await;
                 let serving = local.ok().and_then(|l| {
                     l["volumes"]
                         .as_array()
@@ -177,7 +187,7 @@ impl BenchCluster {
             if Some(id) == except {
                 continue;
             }
-            match Api::new(&addr.to_string()).with_timeout(PROBE_TIMEOUT).get(&format!("/v1/volumes/{name}")).await {
+            match self.api(addr).with_timeout(PROBE_TIMEOUT).get(&format!("/v1/volumes/{name}")).await {
                 Ok(v) => return Ok(v),
                 Err(e) => last_error = Some(e),
             }

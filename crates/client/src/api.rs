@@ -12,11 +12,13 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Writes may wait for an election or for a new node to catch up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// One node's API.
+/// One node's API, and the bearer token its requests carry.
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
     http: reqwest::Client,
+    timeout: Duration,
+    token: Option<std::sync::Arc<str>>,
 }
 
 fn http_client(timeout: Duration) -> reqwest::Client {
@@ -56,12 +58,28 @@ impl Api {
         } else {
             format!("http://{}", base.trim_end_matches('/'))
         };
-        Api { base, http: http_client(REQUEST_TIMEOUT) }
+        Api { base, http: http_client(REQUEST_TIMEOUT), timeout: REQUEST_TIMEOUT, token: None }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Api {
         self.http = http_client(timeout);
+        self.timeout = timeout;
         self
+    }
+
+    /// Sends `Authorization: Bearer TOKEN` with every request.
+    pub fn with_token(mut self, token: Option<String>) -> Api {
+        self.token = token.map(Into::into);
+        self
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The same client (token, timeout) for another node's API.
+    pub fn at(&self, base: &str) -> Api {
+        Api::new(base).with_timeout(self.timeout).with_token(self.token.as_deref().map(str::to_string))
     }
 
     pub async fn request<B: Serialize, T: DeserializeOwned>(
@@ -82,6 +100,9 @@ impl Api {
     ) -> anyhow::Result<(reqwest::StatusCode, T)> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method.clone(), &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }

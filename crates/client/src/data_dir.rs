@@ -9,3 +9,13 @@ pub const DEFAULT_DIR: &str = "tandem-data";
 pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("cluster.toml")
 }
+
+/// The admin's API token `tandem up` writes into its data dir (mode 0600).
+pub fn admin_token_path(dir: &Path) -> PathBuf {
+    dir.join("admin.token")
+}
+
+/// The admin token of a local cluster's data dir, if it has one.
+pub fn read_admin_token(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(admin_token_path(dir)).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+}

@@ -11,5 +11,5 @@ mod data_dir;
 mod size;
 
 pub use api::{Api, StatusError, PROBE_TIMEOUT};
-pub use data_dir::{config_path, DEFAULT_DIR};
+pub use data_dir::{admin_token_path, config_path, read_admin_token, DEFAULT_DIR};
 pub use size::{format_size, parse_size};

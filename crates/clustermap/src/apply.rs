@@ -37,6 +37,8 @@ impl ClusterMap {
             MetaCmd::DisconnectHost { host, volume } => self.connect_host(&host, &volume, false),
             MetaCmd::PublishPaths { host, generation, paths } => self.publish_paths(&host, generation, paths),
             MetaCmd::CasSetting { key, expect, value } => self.cas_setting(key, expect, value),
+            MetaCmd::SetHostCredential { host, credential } => self.set_host_credential(&host, credential),
+            MetaCmd::SetHostChap { host, chap } => self.set_host_chap(&host, chap),
             MetaCmd::Batch(cmds) => MetaReply::Batch(
                 cmds.into_iter()
                     .map(|c| match c {

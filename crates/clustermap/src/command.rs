@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use tandem_paths::VolumePaths;
 use tandem_types::{Epoch, Layer, NodeId, TransportKind, VolumeId};
 
+use crate::access::{HostCredential, SealedChap};
 use crate::NodeRecord;
 
 /// A command proposed through Raft. Commands carry complete values (never "increment"), so
@@ -133,6 +134,17 @@ pub enum MetaCmd {
         key: String,
         expect: Option<String>,
         value: String,
+    },
+    /// Records a host's newly issued credential (its certificate's fingerprint and its token's
+    /// id), replacing the one before: the old certificate and token stop working.
+    SetHostCredential {
+        host: String,
+        credential: HostCredential,
+    },
+    /// Sets (or with `None` removes) a host's CHAP settings, secrets sealed.
+    SetHostChap {
+        host: String,
+        chap: Option<SealedChap>,
     },
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tandem_paths::VolumePaths;
 use tandem_types::{validate_name, VolumeId};
 
+use crate::access::{HostCredential, SealedChap};
 use crate::key::ObjectKey;
 use crate::map::ClusterMap;
 use crate::MetaReply;
@@ -74,6 +75,12 @@ pub struct HostRecord {
     pub generation: u64,
     /// The published path map, per connected volume.
     pub paths: Vec<VolumePaths>,
+    /// The host's certificate and API token, once issued (`tandem host credentials`).
+    #[serde(default)]
+    pub credential: Option<HostCredential>,
+    /// The host's CHAP settings for iSCSI, secrets sealed.
+    #[serde(default)]
+    pub chap: Option<SealedChap>,
 }
 
 impl ClusterMap {
@@ -121,7 +128,16 @@ impl ClusterMap {
         self.touched.push(ObjectKey::Host(name.clone()));
         self.hosts.insert(
             name.clone(),
-            HostRecord { name, site, volumes: BTreeSet::new(), iqns, generation: 0, paths: Vec::new() },
+            HostRecord {
+                name,
+                site,
+                volumes: BTreeSet::new(),
+                iqns,
+                generation: 0,
+                paths: Vec::new(),
+                credential: None,
+                chap: None,
+            },
         );
         MetaReply::Done { changed: true }
     }

@@ -17,11 +17,13 @@
 //! - [`datasets`]: datasets and replica placement.
 //! - [`volumes`]: volumes, ISR compare-and-set, failover, epoch claims and resync progress.
 //! - [`hosts`]: hosts, their volumes and published path maps.
+//! - [`access`]: the access policy, principals, host credentials and the LUN-masking rule.
 //! - [`objects`]: the map as keyed objects for persistence and snapshots.
 //!
 //! Architecture invariant: this crate depends on `tandem-types`, `tandem-paths` and `serde`
 //! only; no tokio, no openraft, no sled.
 
+pub mod access;
 mod apply;
 pub mod command;
 pub mod datasets;
@@ -35,6 +37,7 @@ pub mod volumes;
 #[cfg(test)]
 mod tests;
 
+pub use access::{AccessPolicy, HostCredential, Principal, Refusal, SealedChap, ACCESS_SETTING};
 pub use command::{MetaCmd, MetaReply};
 pub use datasets::{DatasetRecord, DATASETS_MAX, DEFAULT_DATASET};
 pub use hosts::{

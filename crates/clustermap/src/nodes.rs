@@ -125,6 +125,11 @@ impl ClusterMap {
                 value.len()
             ));
         }
+        if key == crate::ACCESS_SETTING {
+            if let Err(e) = value.parse::<crate::AccessPolicy>() {
+                return MetaReply::Invalid(e);
+            }
+        }
         let changed = self.settings.get(&key) != Some(&value);
         if changed {
             self.touched.push(ObjectKey::Setting(key.clone()));

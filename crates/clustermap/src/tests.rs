@@ -748,3 +748,84 @@ fn a_host_owns_its_iscsi_names_and_no_two_hosts_share_one() {
     assert_eq!(m.apply(add("h2", &[iqn])), MetaReply::Done { changed: true });
     assert_eq!(m.host_by_iqn(iqn).map(|h| h.name.as_str()), Some("h2"));
 }
+
+mod access {
+    use super::*;
+    use crate::{AccessPolicy, HostCredential, Principal, Refusal, ACCESS_SETTING};
+
+    fn credential(id: char, cert: char) -> HostCredential {
+        HostCredential { id: id.to_string().repeat(32), cert_sha256: cert.to_string().repeat(64) }
+    }
+
+    fn two_hosts() -> ClusterMap {
+        let mut map = two_sites();
+        for v in ["a", "b"] {
+            assert_eq!(map.apply(create_volume(v, None, 1 << 20)), MetaReply::Done { changed: true });
+        }
+        for h in ["h1", "h2"] {
+            map.apply(MetaCmd::AddHost { name: h.into(), site: "s".into(), iqns: vec![] });
+        }
+        map.apply(MetaCmd::ConnectHost { host: "h1".into(), volume: "a".into() });
+        map
+    }
+
+    #[test]
+    fn a_host_reaches_only_its_volumes_and_anonymous_clients_only_where_the_policy_allows() {
+        let map = two_hosts();
+        let h1 = Principal::Host("h1".into());
+        let h2 = Principal::Host("h2".into());
+        for policy in AccessPolicy::ALL {
+            assert_eq!(map.may_open(policy, &h1, "a").map(|v| v.name.as_str()), Ok("a"));
+            assert!(matches!(map.may_open(policy, &h1, "b"), Err(Refusal::NotConnected(_))));
+            // A volume that does not exist looks like one that is not connected: masked.
+            assert!(matches!(map.may_open(policy, &h1, "nosuch"), Err(Refusal::NotConnected(_))));
+            assert!(matches!(map.may_open(policy, &h2, "a"), Err(Refusal::NotConnected(_))));
+            assert!(matches!(
+                map.may_open(policy, &Principal::Host("gone".into()), "a"),
+                Err(Refusal::IdentityRequired(_))
+            ));
+            assert_eq!(map.visible_volumes(policy, &h1), ["a"]);
+            assert!(map.visible_volumes(policy, &h2).is_empty());
+        }
+        for policy in [AccessPolicy::Open, AccessPolicy::Tls] {
+            assert!(map.may_open(policy, &Principal::Anonymous, "b").is_ok());
+            assert!(matches!(map.may_open(policy, &Principal::Anonymous, "x"), Err(Refusal::NotFound(_))));
+            assert_eq!(map.visible_volumes(policy, &Principal::Anonymous), ["a", "b"]);
+        }
+        let strict = AccessPolicy::TlsRequired;
+        assert!(matches!(map.may_open(strict, &Principal::Anonymous, "a"), Err(Refusal::IdentityRequired(_))));
+        assert!(matches!(map.may_open(strict, &Principal::Admin("op".into()), "a"), Err(Refusal::IdentityRequired(_))));
+        assert!(map.visible_volumes(strict, &Principal::Anonymous).is_empty());
+    }
+
+    #[test]
+    fn the_access_setting_takes_only_a_policy_and_overrides_the_default() {
+        let mut map = ClusterMap::default();
+        assert_eq!(map.access_policy(AccessPolicy::Tls), AccessPolicy::Tls);
+        let bad = map.apply(MetaCmd::PutSetting { key: ACCESS_SETTING.into(), value: "closed".into() });
+        assert!(matches!(bad, MetaReply::Invalid(_)), "{bad:?}");
+        assert!(map.settings.is_empty());
+        map.apply(MetaCmd::PutSetting { key: ACCESS_SETTING.into(), value: "tls-required".into() });
+        assert_eq!(map.access_policy(AccessPolicy::Open), AccessPolicy::TlsRequired);
+    }
+
+    #[test]
+    fn a_new_credential_replaces_the_old_one_and_a_certificate_belongs_to_one_host() {
+        let mut map = two_hosts();
+        let first = credential('1', 'a');
+        let set = |map: &mut ClusterMap, host: &str, c: HostCredential| {
+            map.apply(MetaCmd::SetHostCredential { host: host.into(), credential: c })
+        };
+        assert_eq!(set(&mut map, "h1", first.clone()), MetaReply::Done { changed: true });
+        assert_eq!(set(&mut map, "h1", first.clone()), MetaReply::Done { changed: false });
+        assert_eq!(map.host_by_cert(&first.cert_sha256).map(|h| h.name.as_str()), Some("h1"));
+        assert!(matches!(set(&mut map, "h2", credential('2', 'a')), MetaReply::Invalid(_)));
+        assert!(matches!(set(&mut map, "nosuch", credential('3', 'c')), MetaReply::NotFound(_)));
+        let bad = HostCredential { id: "XYZ".into(), cert_sha256: "b".repeat(64) };
+        assert!(matches!(set(&mut map, "h1", bad), MetaReply::Invalid(_)));
+        let second = credential('4', 'd');
+        assert_eq!(set(&mut map, "h1", second.clone()), MetaReply::Done { changed: true });
+        assert_eq!(map.host_by_cert(&first.cert_sha256), None);
+        assert_eq!(map.hosts["h1"].credential, Some(second));
+    }
+}

@@ -220,6 +220,18 @@ fn estimated_bytes(cmd: &MetaCmd) -> usize {
         MetaCmd::RemoveHost { name } => name.len(),
         MetaCmd::ConnectHost { host, volume } | MetaCmd::DisconnectHost { host, volume } => host.len() + volume.len(),
         MetaCmd::PublishPaths { host, paths, .. } => host.len() + tandem_clustermap::path_map_bytes(paths),
+        MetaCmd::SetHostCredential { host, credential } => {
+            host.len() + credential.id.len() + credential.cert_sha256.len()
+        }
+        MetaCmd::SetHostChap { host, chap } => {
+            host.len()
+                + chap.as_ref().map_or(0, |c| {
+                    c.user.len()
+                        + c.secret.len()
+                        + c.target_user.as_ref().map_or(0, String::len)
+                        + c.target_secret.as_ref().map_or(0, Vec::len)
+                })
+        }
         MetaCmd::RemoveNode { .. }
         | MetaCmd::SetTransport { .. }
         | MetaCmd::ClaimPrimary { .. }

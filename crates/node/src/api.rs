@@ -47,6 +47,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/hosts/{name}/volumes/{volume}", axum::routing::delete(host_api::disconnect_volume))
         .route("/v1/hosts/{name}/paths", get(host_api::get_paths))
         .route("/v1/hosts/{name}/probes", post(host_api::post_probes))
+        .route("/v1/hosts/{name}/credentials", post(host_api::issue_credentials))
+        .route("/v1/admin/credentials", post(host_api::issue_admin_credentials))
         .route("/v1/local/volumes", get(local_volumes))
         .route("/metrics", get(metrics));
     // The failpoints' debug endpoints exist only in a `failpoints` build.
@@ -56,6 +58,7 @@ pub fn router(state: ApiState) -> Router {
     let router = router.merge(crate::debug_bugs::routes());
     router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::api_auth::authenticate))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }

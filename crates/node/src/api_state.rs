@@ -19,6 +19,7 @@ use tandem_types::{Layer, TransportKind};
 use crate::config::ClusterConfig;
 use crate::host_watch::HostWatches;
 use crate::hosts::PathManager;
+use crate::security::ClusterSecret;
 use crate::volumes::Plane;
 
 /// `GET /v1/local/volumes` requests digesting at once, at most: each reads the checksum of every
@@ -49,6 +50,8 @@ impl LinkView for Mesh {
 pub struct ApiState {
     pub(crate) meta: Arc<MetaStore>,
     pub(crate) cfg: Arc<ClusterConfig>,
+    /// Checks the API's bearer tokens and seals CHAP secrets.
+    pub(crate) secret: Arc<ClusterSecret>,
     /// For forwarding to other nodes (probe reports to the leader).
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) links: Arc<dyn LinkView>,
@@ -66,9 +69,11 @@ pub struct ApiState {
 
 impl ApiState {
     /// `transport` is the node's mesh (or anything that calls peers and shows its links).
+    #[allow(clippy::too_many_arguments)]
     pub fn new<T: Transport + LinkView>(
         meta: Arc<MetaStore>,
         cfg: Arc<ClusterConfig>,
+        secret: Arc<ClusterSecret>,
         transport: T,
         plane: Plane,
         paths: Arc<PathManager>,
@@ -80,6 +85,7 @@ impl ApiState {
             host_watches: HostWatches::spawn(&meta),
             meta,
             cfg,
+            secret,
             transport: transport.clone(),
             links: transport,
             plane,

@@ -9,6 +9,10 @@
 //! [tls]
 //! ca_cert = "certs/ca.pem"
 //!
+//! [security]
+//! secret = "certs/cluster.secret"
+//! access = "tls-required"
+//!
 //! [[node]]
 //! id = 1
 //! site = "dc1"
@@ -28,7 +32,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tandem_clustermap::NodeRecord;
+use tandem_clustermap::{AccessPolicy, NodeRecord};
 use tandem_meta::store::MetaConfig;
 use tandem_types::TransportKind;
 use tandem_types::{validate_name, NodeId};
@@ -45,6 +49,7 @@ pub struct ConfigError {
 pub struct ClusterConfig {
     pub cluster: ClusterSection,
     pub tls: TlsSection,
+    pub security: SecuritySection,
     #[serde(rename = "node")]
     pub nodes: Vec<NodeSection>,
     /// The folder relative paths are resolved against (the file's folder).
@@ -116,9 +121,27 @@ pub struct ClusterSection {
 pub struct TlsSection {
     pub ca_cert: PathBuf,
     /// The CA's private key. Only on the machine that issues node certificates (`tandem up`
-    /// keeps it in its data dir); production nodes should not have it.
+    /// keeps it in its data dir); production nodes should not have it. A node that has it also
+    /// issues hosts' client certificates (`tandem host credentials`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_key: Option<PathBuf>,
+}
+
+/// Who may connect: the cluster secret, the default access policy, and what is open without a
+/// credential. docs/OPERATIONS.md, "Security".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySection {
+    /// The cluster secret (64 hex digits, mode 0600, the same file on every node): it keys the
+    /// API's bearer tokens and seals CHAP secrets in Raft.
+    pub secret: PathBuf,
+    /// The access policy until the cluster map holds one (`tandem setting access ...`):
+    /// `open`, `tls` or `tls-required`.
+    #[serde(default)]
+    pub access: AccessPolicy,
+    /// Whether `GET /metrics` answers without a credential (for a scraper without a token).
+    #[serde(default)]
+    pub metrics_open: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -287,6 +310,10 @@ initial_members = [1, 2]
 [tls]
 ca_cert = "ca.pem"
 
+[security]
+secret = "cluster.secret"
+access = "open"
+
 [[node]]
 id = 1
 site = "a"
@@ -359,7 +386,11 @@ key = "n2.key"
         assert!(e.contains("colour"), "{e}");
         let e = error_of(&GOOD.replace("key = \"n2.key\"", ""));
         assert!(e.contains("key"), "{e}");
-        let e = error_of("node = []\n[cluster]\nname = \"t\"\n[tls]\nca_cert = \"x\"\n");
+        let e = error_of(&GOOD.replace("access = \"open\"", "access = \"closed\""));
+        assert!(e.contains("access"), "{e}");
+        let e = error_of(&GOOD.replace("secret = \"cluster.secret\"", ""));
+        assert!(e.contains("secret"), "{e}");
+        let e = error_of("node = []\n[cluster]\nname = \"t\"\n[tls]\nca_cert = \"x\"\n[security]\nsecret = \"s\"\n");
         assert!(e.contains("no [[node]]"), "{e}");
     }
 }

@@ -10,13 +10,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use tandem_clustermap::{ClusterMap, HostRecord, MetaCmd};
+use tandem_clustermap::{ClusterMap, HostCredential, HostRecord, MetaCmd, Principal};
 use tandem_paths::VolumePaths;
 use tandem_types::NodeId;
 use tandem_wire::data::PathProbe;
 
 use crate::api_state::{created_status, ApiError, ApiResult, ApiState};
 use crate::hosts::{ReportError, PROBES_PER_REPORT_MAX};
+use crate::security;
 
 /// How long `GET /v1/hosts/{name}/paths?since=G` waits for a newer generation by default.
 const WATCH_WAIT_MS_DEFAULT: u64 = 30_000;
@@ -304,4 +305,95 @@ fn truncate(mut s: String, max: usize) -> String {
         s.truncate(end);
     }
     s
+}
+
+/// `POST /v1/hosts/{name}/credentials`: new credentials for a host, replacing its old ones
+/// (their certificate and token stop working once this commits). The host keeps its private
+/// key: the request carries only the public key, and the answer the certificate the cluster CA
+/// signed for it, the CA's certificate and the host's API token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsRequest {
+    /// The host's public key: an uncompressed ECDSA P-256 point, in hex (130 digits).
+    pub public_key: String,
+}
+
+/// The answer of `POST /v1/hosts/{name}/credentials`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostCredentials {
+    pub host: String,
+    /// The host's bearer token for the API (its own path map and probe reports).
+    pub token: String,
+    pub cert_pem: String,
+    /// The cluster CA's certificate: what a host checks the nodes' certificates against.
+    pub ca_pem: String,
+    /// SHA-256 of the certificate (DER), as the cluster map records it.
+    pub cert_sha256: String,
+    /// The host's iSCSI initiator names.
+    pub iqns: Vec<String>,
+}
+
+/// The longest hex public key accepted (a P-256 point is 130 digits).
+const PUBLIC_KEY_HEX_MAX: usize = 130;
+
+pub(crate) async fn issue_credentials(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<CredentialsRequest>, JsonRejection>,
+) -> ApiResult<HostCredentials> {
+    let Json(req) = body?;
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let raw = Some(&req.public_key)
+        .filter(|k| k.len() <= PUBLIC_KEY_HEX_MAX)
+        .and_then(|k| security::unhex(k))
+        .ok_or_else(|| bad("public_key is not hex of at most 130 digits".into()))?;
+    let public_key = tandem_transport::tls::HostPublicKey::from_raw(raw).map_err(|e| bad(e.to_string()))?;
+    let iqns = s
+        .meta
+        .read(|st| st.map.hosts.get(&name).map(|h| h.iqns.iter().cloned().collect::<Vec<_>>()))
+        .await?
+        .ok_or_else(|| no_host(&name))?;
+    let Some(ca_key) = &s.cfg.tls.ca_key else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this node holds no CA key (tls.ca_key) to sign host certificates with; ask a node that does".into(),
+        ));
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(s.cfg.resolve(p))
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {}: {e}", p.display())))
+    };
+    let (ca_key_pem, ca_pem) = (read(ca_key)?, read(&s.cfg.tls.ca_cert)?);
+    let (cert_pem, cert_der) =
+        tandem_transport::tls::issue_host_cert(&s.cfg.cluster.name, &ca_key_pem, &name, &public_key)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let credential = HostCredential { id: security::new_credential_id(), cert_sha256: security::sha256_hex(&cert_der) };
+    let token = s.secret.mint(&Principal::Host(name.clone()), &credential.id).expect("a host has a token");
+    let cert_sha256 = credential.cert_sha256.clone();
+    s.meta.write(MetaCmd::SetHostCredential { host: name.clone(), credential }).await?;
+    Ok(Json(HostCredentials { host: name, token, cert_pem, ca_pem, cert_sha256, iqns }))
+}
+
+/// `POST /v1/admin/credentials`: a token for another operator (admins only).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminCredentialsRequest {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdminCredentials {
+    pub name: String,
+    pub token: String,
+}
+
+pub(crate) async fn issue_admin_credentials(
+    State(s): State<ApiState>,
+    body: Result<Json<AdminCredentialsRequest>, JsonRejection>,
+) -> ApiResult<AdminCredentials> {
+    let Json(req) = body?;
+    tandem_types::validate_name(&req.name)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("operator name {:?} {e}", req.name)))?;
+    let token = s.secret.mint(&Principal::Admin(req.name.clone()), &security::new_credential_id()).expect("admin");
+    Ok(Json(AdminCredentials { name: req.name, token }))
 }

@@ -334,6 +334,8 @@ mod tests {
                         entry(3, PathState::Unavailable),
                     ],
                 }],
+                credential: None,
+                chap: None,
             },
         );
         use AccessState::*;

@@ -24,6 +24,7 @@
 //! - [`run`]: start everything, serve until told to stop, then stop cleanly.
 
 pub mod api;
+pub mod api_auth;
 pub mod api_state;
 pub mod config;
 pub mod debug_bugs;
@@ -37,6 +38,7 @@ pub mod iscsi;
 pub mod lease;
 pub mod probe;
 pub mod probe_answer;
+pub mod security;
 pub mod volumes;
 pub mod voter_keeper;
 
@@ -90,6 +92,13 @@ pub async fn run(
     #[cfg(feature = "failpoints")]
     failpoints::apply_env()?;
     debug_bugs::plant_from_env(id)?;
+    // Secrets open to others are refused before anything starts.
+    for key in std::iter::once(&me.key).chain(cfg.tls.ca_key.as_ref()) {
+        security::check_private_file(&cfg.resolve(key)).map_err(|e| anyhow!("node {id}: {e}"))?;
+    }
+    let secret = Arc::new(
+        security::ClusterSecret::load(&cfg.resolve(&cfg.security.secret)).map_err(|e| anyhow!("node {id}: {e}"))?,
+    );
     let identity = Identity::load(id, &cfg.resolve(&cfg.tls.ca_cert), &cfg.resolve(&me.cert), &cfg.resolve(&me.key))?;
     // Bind before opening anything, so a taken port is reported first and plainly. QUIC listens
     // on UDP at the raft_addr's port.
@@ -183,7 +192,8 @@ pub async fn run(
     tracing::info!(node = %id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");
     // Stopping also ends the path-map watches in progress, which graceful shutdown waits for.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let state = api::ApiState::new(meta.clone(), Arc::new(cfg), mesh.clone(), plane.clone(), paths, stopping, budgets);
+    let state =
+        api::ApiState::new(meta.clone(), Arc::new(cfg), secret, mesh.clone(), plane.clone(), paths, stopping, budgets);
     let stop_signal = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);

@@ -4,7 +4,6 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
@@ -75,6 +74,7 @@ pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
                 api.request::<(), _>(Method::DELETE, &format!("/v1/hosts/{name}/volumes/{volume}"), None).await?;
             println!("host {} disconnected from volume {volume}", h.name);
         }
+        HostCmd::Credentials { name, out } => credentials(&api, &name, &out).await?,
         HostCmd::Remove { name } => {
             let _: serde_json::Value = api.request::<(), _>(Method::DELETE, &format!("/v1/hosts/{name}"), None).await?;
             println!("host {name} removed");
@@ -96,6 +96,54 @@ pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
             }
         }
         HostCmd::Agent { .. } => unreachable!("dispatched to agent::run"),
+    }
+    Ok(())
+}
+
+/// Writes `text` to `dir/name` with `mode`, replacing what was there.
+fn write_with_mode(dir: &std::path::Path, name: &str, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // An existing file keeps its mode through open(2): set it.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// `tandem host credentials NAME --out DIR`: a key pair made here (the private key never leaves
+/// this machine), the certificate the cluster signs for it, the CA and the API token.
+async fn credentials(api: &Api, name: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let (key_pem, public_raw) = tandem_transport::tls::new_host_key()?;
+    let public_key: String = public_raw.iter().map(|b| format!("{b:02x}")).collect();
+    let req = tandem_node::host_api::CredentialsRequest { public_key };
+    let c: tandem_node::host_api::HostCredentials =
+        api.request(Method::POST, &format!("/v1/hosts/{name}/credentials"), Some(&req)).await?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))?;
+    write_with_mode(out, "ca-cert.pem", &c.ca_pem, 0o644)?;
+    write_with_mode(out, "client-cert.pem", &c.cert_pem, 0o644)?;
+    write_with_mode(out, "client-key.pem", &key_pem, 0o600)?;
+    write_with_mode(out, "token", &format!("{}\n", c.token), 0o600)?;
+    let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
+    let nbd = nodes.first().map(|n| n.record.nbd_addr.to_string()).unwrap_or_else(|| "NODE:10809".into());
+    let dir = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    println!("credentials of host {name} written to {} (certificate sha256 {})", dir.display(), c.cert_sha256);
+    println!("  qemu:   --object tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display());
+    println!("          then a block device with tls-creds=tls0, e.g. nbd:{nbd}:exportname=VOLUME");
+    println!("  libnbd: nbds://{nbd}/VOLUME?tls-certificates={}", dir.display());
+    println!("  API:    tandem paths --host {name} --token-file {}/token", dir.display());
+    if !c.iqns.is_empty() {
+        println!("  iSCSI:  initiator names {}", c.iqns.join(", "));
     }
     Ok(())
 }
@@ -245,9 +293,9 @@ impl Endpoints {
     /// The APIs to start from: `--endpoint`, else every node of the `--cluster` dir's config.
     pub fn candidates(target: &Target) -> anyhow::Result<Endpoints> {
         let apis = if let Some(e) = &target.endpoint {
-            vec![Api::new(e)]
+            vec![target.api(e)?]
         } else {
-            let dir = target.cluster.clone().unwrap_or_else(|| PathBuf::from(tandem_client::DEFAULT_DIR));
+            let dir = target.dir();
             let path = tandem_client::config_path(&dir);
             if !path.exists() {
                 bail!(
@@ -256,7 +304,7 @@ impl Endpoints {
                 );
             }
             let cfg = ClusterConfig::load(&path)?;
-            cfg.nodes.iter().map(|n| Api::new(&n.api_addr.to_string())).collect()
+            cfg.nodes.iter().map(|n| target.api(&n.api_addr.to_string())).collect::<anyhow::Result<_>>()?
         };
         assert!(!apis.is_empty(), "a cluster config names at least one node");
         Ok(Endpoints { apis, current: 0, timeout: None, learned_at: Instant::now() })
@@ -268,7 +316,7 @@ impl Endpoints {
         let mut errors = Vec::new();
         for i in 0..self.apis.len() {
             let api = self.apis[(self.current + i) % self.apis.len()].clone();
-            let probe = Api::new(&api.base).with_timeout(DISCOVER_TIMEOUT);
+            let probe = api.at(&api.base).with_timeout(DISCOVER_TIMEOUT);
             match probe.get::<Vec<NodeView>>("/v1/nodes").await {
                 Ok(nodes) => {
                     let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.record.api_addr).collect();
@@ -297,7 +345,7 @@ impl Endpoints {
 
     fn add(&mut self, addrs: &[SocketAddr]) {
         for a in addrs {
-            let mut api = Api::new(&a.to_string());
+            let mut api = self.apis[0].at(&a.to_string());
             if let Some(t) = self.timeout {
                 api = api.with_timeout(t);
             }

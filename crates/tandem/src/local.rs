@@ -14,8 +14,10 @@ use anyhow::{anyhow, bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::Method;
-use tandem_client::{config_path, Api, DEFAULT_DIR};
-use tandem_node::config::{ClusterConfig, ClusterSection, NodeSection, TlsSection};
+use tandem_client::{admin_token_path, config_path, read_admin_token, Api};
+use tandem_clustermap::AccessPolicy;
+use tandem_node::config::{ClusterConfig, ClusterSection, NodeSection, SecuritySection, TlsSection};
+use tandem_node::security::{self, ClusterSecret};
 use tandem_transport::tls;
 use tandem_types::NodeId;
 use tandem_types::TransportKind;
@@ -169,6 +171,14 @@ fn create(dir: &Path, nodes: u32, transport: TransportKind) -> anyhow::Result<Cl
     let ca = tls::generate_ca(name)?;
     write_public(&dir.join("certs/ca.pem"), &ca.cert_pem)?;
     write_private(&dir.join("certs/ca.key"), &ca.key_pem)?;
+    // The cluster secret keys the API's tokens; the admin's token goes next to the config.
+    let secret_text = ClusterSecret::generate_file_text();
+    write_private(&dir.join("certs/cluster.secret"), &secret_text)?;
+    let secret = ClusterSecret::from_text(&secret_text).map_err(|e| anyhow!(e))?;
+    let admin = secret
+        .mint(&tandem_clustermap::Principal::Admin(ADMIN_NAME.into()), &security::new_credential_id())
+        .expect("an admin has a token");
+    write_private(&admin_token_path(dir), &format!("{admin}\n"))?;
     let mut node_sections = Vec::new();
     for id in 1..=u64::from(nodes) {
         node_sections.push(new_node(dir, name, &dir.join("certs/ca.key"), NodeId(id), SITE_DEFAULT)?);
@@ -189,6 +199,13 @@ fn create(dir: &Path, nodes: u32, transport: TransportKind) -> anyhow::Result<Cl
             voter_replace_after_secs: 300,
         },
         tls: TlsSection { ca_cert: "certs/ca.pem".into(), ca_key: Some("certs/ca.key".into()) },
+        // A local cluster's convenient default: clients that do not identify reach every
+        // volume (`tandem up` says so); cluster-config/'s production examples require TLS.
+        security: SecuritySection {
+            secret: "certs/cluster.secret".into(),
+            access: AccessPolicy::Open,
+            metrics_open: false,
+        },
         nodes: node_sections,
         base_dir: dir.to_path_buf(),
     };
@@ -250,6 +267,25 @@ fn log_tail(dir: &Path, id: NodeId) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// What `tandem up` says of the access policy hosts meet.
+fn report_access(cfg: &ClusterConfig) -> String {
+    match cfg.security.access {
+        AccessPolicy::TlsRequired => "tls-required (hosts identify with a certificate or a known iSCSI name)".into(),
+        p => format!(
+            "{p}: a local convenience, hosts that do not identify reach every volume; \
+             require identities with `tandem setting set access tls-required`"
+        ),
+    }
+}
+
+/// The operator's name in the admin token `tandem up` makes.
+const ADMIN_NAME: &str = "admin";
+
+/// A client of a local node's API with the data dir's admin token.
+fn local_api(dir: &Path, addr: SocketAddr) -> Api {
+    Api::new(&addr.to_string()).with_token(read_admin_token(dir))
+}
+
 /// Waits until node `id`'s API answers; fails early, with its log, if the process exits.
 async fn wait_for_api(dir: &Path, id: NodeId, api: &Api, child: &mut Option<Child>) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_WAIT;
@@ -307,9 +343,9 @@ pub async fn up(
     let started = async {
         for (id, child) in children.iter_mut() {
             let n = cfg.node(*id).expect("node from the config");
-            wait_for_api(dir, *id, &Api::new(&n.api_addr.to_string()), child).await?;
+            wait_for_api(dir, *id, &local_api(dir, n.api_addr), child).await?;
         }
-        let first = Api::new(&cfg.nodes[0].api_addr.to_string());
+        let first = local_api(dir, cfg.nodes[0].api_addr);
         if fresh {
             let _: serde_json::Value =
                 first.request(Method::POST, "/v1/cluster/init", Some(&serde_json::json!({}))).await?;
@@ -324,6 +360,13 @@ pub async fn up(
         }
     };
     client::print_status(&report);
+    println!(
+        "\nthe API wants a token: the CLI finds the admin's in {} (curl -H \"authorization: Bearer $(cat {})\")",
+        admin_token_path(dir).display(),
+        admin_token_path(dir).display()
+    );
+    let access = report_access(&cfg);
+    println!("host access policy: {access}");
     if detach {
         println!("\ncluster running in the background; stop it with `tandem down --dir {}`", dir.display());
         return Ok(());
@@ -409,7 +452,7 @@ fn local_dir(target: &Target) -> Option<PathBuf> {
     if target.endpoint.is_some() {
         return None;
     }
-    let dir = target.cluster.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+    let dir = target.dir();
     config_path(&dir).exists().then_some(dir)
 }
 
@@ -456,7 +499,7 @@ pub async fn node_add(
             cfg.nodes.push(section);
             save_config(&dir, &cfg)?;
             let mut child = Some(spawn_node(&dir, id, log_format)?);
-            wait_for_api(&dir, id, &Api::new(&record.api_addr.to_string()), &mut child).await?;
+            wait_for_api(&dir, id, &local_api(&dir, record.api_addr), &mut child).await?;
             record
         }
         _ => bail!("give all of --raft-addr, --api-addr and --nbd-addr, or none of them"),

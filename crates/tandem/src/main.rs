@@ -38,6 +38,38 @@ pub struct Target {
     /// Any node's API, e.g. http://127.0.0.1:7201 (takes precedence over --cluster).
     #[arg(long, global = true)]
     endpoint: Option<String>,
+    /// A file holding the API token to send (else $TANDEM_TOKEN, else the cluster dir's
+    /// admin.token).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+}
+
+impl Target {
+    /// The data dir of a local cluster: `--cluster`, else the default.
+    fn dir(&self) -> PathBuf {
+        self.cluster.clone().unwrap_or_else(|| PathBuf::from(tandem_client::DEFAULT_DIR))
+    }
+
+    /// The bearer token API requests carry: `--token-file`, else `$TANDEM_TOKEN`, else the
+    /// admin token in the cluster's data dir.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(f) = &self.token_file {
+            let t = std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("cannot read the token file {}: {e}", f.display()))?;
+            return Ok(Some(t.trim().to_string()));
+        }
+        if let Ok(t) = std::env::var("TANDEM_TOKEN") {
+            if !t.trim().is_empty() {
+                return Ok(Some(t.trim().to_string()));
+            }
+        }
+        Ok(tandem_client::read_admin_token(&self.dir()))
+    }
+
+    /// A client of the API at `base`, carrying the token.
+    pub fn api(&self, base: &str) -> anyhow::Result<tandem_client::Api> {
+        Ok(tandem_client::Api::new(base).with_token(self.token()?))
+    }
 }
 
 #[derive(Subcommand)]
@@ -63,6 +95,13 @@ enum Cmd {
     },
     /// Run one node (`--config FILE --id ID`), or change the membership (`add`, `remove`).
     Node(NodeCmd),
+    /// Operators' credentials.
+    Admin {
+        #[command(subcommand)]
+        cmd: AdminCmd,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Members, leader, term, log indexes, and per node its role and addresses.
     Status {
         #[arg(long)]
@@ -227,6 +266,19 @@ pub enum DatasetCmd {
 }
 
 #[derive(Subcommand)]
+pub enum AdminCmd {
+    /// An API token for operator NAME (role admin), printed on stdout. With --secret it is
+    /// minted here from the cluster secret file (to bootstrap a cluster no admin can reach yet);
+    /// without, an admin asks the cluster for it.
+    Credentials {
+        #[arg(long, default_value = "admin")]
+        name: String,
+        #[arg(long)]
+        secret: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum HostCmd {
     /// Add a host in a site (adding it again sets its site). Paths in its site are preferred.
     Add {
@@ -242,6 +294,14 @@ pub enum HostCmd {
     Connect { name: String, volume: String },
     /// Take a volume out of a host's path map.
     Disconnect { name: String, volume: String },
+    /// Issue the host new credentials and write them to DIR: its client certificate and key
+    /// (NBD over TLS; the file names qemu's and libnbd's TLS settings expect), the CA's
+    /// certificate and its API token. Its old certificate and token stop working.
+    Credentials {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Remove a host and its path map.
     Remove { name: String },
     /// Every host: site, the volumes it reaches, the generation of its path map.
@@ -316,7 +376,10 @@ enum SettingCmd {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"))
+        // The API's audit lines (who changed what, who was refused) are written whatever the
+        // level asked for.
+        .add_directive("audit=info".parse().expect("a valid directive"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -365,6 +428,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             NodeSub::List { json, target } => client::node_list(&target, json).await,
         },
         Cmd::Status { json, target } => client::status(&target, json).await,
+        Cmd::Admin { cmd: AdminCmd::Credentials { name, secret }, target } => {
+            client::admin_credentials(&target, &name, secret.as_deref()).await
+        }
         Cmd::Setting { cmd, target } => client::setting(&target, cmd).await,
         Cmd::Dataset { cmd, target } => client::dataset(&target, cmd).await,
         Cmd::Volume { cmd, target } => client::volume(&target, cmd).await,

@@ -205,7 +205,8 @@ impl<'a> ClusterBuilder<'a> {
                 }
                 c.wait_for_apis(&ids)?;
                 let init = format!("{}/v1/cluster/init", c.api(1));
-                let resp = crate::http::http()
+                let resp = c
+                    .http()
                     .post(&init)
                     .json(&serde_json::json!({}))
                     .send()
@@ -390,7 +391,7 @@ impl Cluster {
             "api_addr": field("api_addr"),
             "nbd_addr": field("nbd_addr"),
         });
-        self.on_a_member(id, |api| crate::http::http().post(format!("{api}/v1/nodes")).json(&record))?;
+        self.on_a_member(id, |api| self.http().post(format!("{api}/v1/nodes")).json(&record))?;
         self.spares.lock().expect("spares").remove(&id);
         Ok(())
     }
@@ -399,7 +400,7 @@ impl Cluster {
     /// (refused while it holds a replica), then stops its process and wipes its data, so that
     /// it can be brought in again as a new node.
     pub fn try_retire(&self, id: u64) -> Result<(), Error> {
-        self.on_a_member(id, |api| crate::http::http().delete(format!("{api}/v1/nodes/{id}")))?;
+        self.on_a_member(id, |api| self.http().delete(format!("{api}/v1/nodes/{id}")))?;
         if self.running(id) {
             self.try_kill(id)?;
         }

@@ -24,10 +24,10 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     })
 }
 
-/// `GET url` with [`PROBE_TIMEOUT`]: the JSON of a successful answer, else `None`.
-pub fn probe(url: &str) -> Option<Value> {
-    let client = reqwest::blocking::Client::builder().timeout(PROBE_TIMEOUT).build().ok()?;
-    let resp = client.get(url).send().ok()?;
+/// `GET url` with [`PROBE_TIMEOUT`] and the cluster's admin token: the JSON of a successful
+/// answer, else `None`.
+pub fn probe(c: &Cluster, url: &str) -> Option<Value> {
+    let resp = c.http().get(url).timeout(PROBE_TIMEOUT).send().ok()?;
     if !resp.status().is_success() {
         return None;
     }
@@ -44,19 +44,31 @@ pub fn ids(v: &Value) -> Vec<u64> {
 }
 
 impl Cluster {
-    /// `GET /v1/cluster` of one node; `None` if it does not answer.
+    /// The admin's API token `tandem up` wrote into the cluster's dir.
+    pub fn admin_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.path().join("admin.token")).ok().map(|t| t.trim().to_string())
+    }
+
+    /// An HTTP client that sends the admin's token.
+    pub fn http(&self) -> reqwest::blocking::Client {
+        crate::http::http_as(self.admin_token().as_deref())
+    }
+
     /// An unlabelled sample of node `id`'s `GET /metrics`, if it answers and exports it.
     pub fn metric(&self, id: u64, name: &str) -> Option<f64> {
-        let text = http().get(format!("{}/metrics", self.api(id))).timeout(PROBE_TIMEOUT).send().ok()?.text().ok()?;
+        let text =
+            self.http().get(format!("{}/metrics", self.api(id))).timeout(PROBE_TIMEOUT).send().ok()?.text().ok()?;
         metric_value(&text, name)
     }
 
+    /// `GET /v1/cluster` of one node; `None` if it does not answer.
     pub fn view(&self, id: u64) -> Option<Value> {
-        probe(&format!("{}/v1/cluster", self.api(id)))
+        probe(self, &format!("{}/v1/cluster", self.api(id)))
     }
 
     pub fn status_json(&self, endpoint_node: u64) -> Value {
-        let out = self.tandem(&["status", "--json", "--endpoint", &self.api(endpoint_node)]);
+        let out =
+            self.tandem(&["status", "--json", "--endpoint", &self.api(endpoint_node), "--cluster", self.path_str()]);
         serde_json::from_str(&out).expect("status --json is JSON")
     }
 
@@ -75,7 +87,8 @@ impl Cluster {
     }
 
     pub fn put_setting(&self, via: u64, key: &str, value: &str) {
-        let resp = http()
+        let resp = self
+            .http()
             .put(format!("{}/v1/settings/{key}", self.api(via)))
             .json(&serde_json::json!({ "value": value }))
             .send()
@@ -89,7 +102,7 @@ impl Cluster {
     }
 
     pub fn get_setting(&self, via: u64, key: &str) -> Option<String> {
-        let resp = http().get(format!("{}/v1/settings/{key}", self.api(via))).send().ok()?;
+        let resp = self.http().get(format!("{}/v1/settings/{key}", self.api(via))).send().ok()?;
         if !resp.status().is_success() {
             return None;
         }
@@ -100,14 +113,14 @@ impl Cluster {
 
 /// The volume's record as `tandem volume list --json` shows it through node `via`.
 pub fn volume(c: &Cluster, via: u64, name: &str) -> Option<Value> {
-    let out = c.try_tandem(&["volume", "list", "--json", "--endpoint", &c.api(via)]).ok()?;
+    let out = c.try_tandem(&["volume", "list", "--json", "--endpoint", &c.api(via), "--cluster", c.path_str()]).ok()?;
     let list: Value = serde_json::from_str(&out).ok()?;
     list.as_array()?.iter().find(|v| v["name"] == name).cloned()
 }
 
 /// This node's own copy of `name`, from `GET /v1/local/volumes` (never forwarded).
 pub fn local_copy(c: &Cluster, id: u64, name: &str) -> Option<Value> {
-    let v = probe(&format!("{}/v1/local/volumes", c.api(id)))?;
+    let v = probe(c, &format!("{}/v1/local/volumes", c.api(id)))?;
     v["volumes"].as_array()?.iter().find(|x| x["name"] == name).cloned()
 }
 

@@ -70,6 +70,61 @@ pub fn issue_node_cert(cluster_name: &str, ca_key_pem: &str, id: NodeId) -> Resu
     Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
+/// The DNS name a host's client certificate carries (for people and logs: a host is known by
+/// its certificate's fingerprint, which the cluster map records when it is issued).
+pub fn host_cert_name(host: &str) -> String {
+    format!("host-{host}")
+}
+
+/// A host's public key as its holder sent it: an uncompressed ECDSA P-256 point (65 bytes,
+/// `rcgen::KeyPair::public_key_raw` of a key made by `KeyPair::generate`). The host keeps its
+/// private key; only this travels.
+pub struct HostPublicKey(Vec<u8>);
+
+impl HostPublicKey {
+    pub fn from_raw(raw: Vec<u8>) -> Result<HostPublicKey, TlsError> {
+        if raw.len() != 65 || raw[0] != 0x04 {
+            return Err(TlsError::Config("a host's public key is an uncompressed P-256 point of 65 bytes".into()));
+        }
+        Ok(HostPublicKey(raw))
+    }
+}
+
+impl rcgen::PublicKeyData for HostPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// A new key pair for a host (ECDSA P-256): its private key as PEM, which stays with the host,
+/// and its public key as [`HostPublicKey`] expects it.
+pub fn new_host_key() -> Result<(String, Vec<u8>), TlsError> {
+    let key = KeyPair::generate()?;
+    Ok((key.serialize_pem(), key.public_key_raw().to_vec()))
+}
+
+/// Issues a host's client certificate for `public_key`, signed by the cluster CA: its PEM text
+/// and its DER bytes (what a fingerprint is taken of).
+pub fn issue_host_cert(
+    cluster_name: &str,
+    ca_key_pem: &str,
+    host: &str,
+    public_key: &HostPublicKey,
+) -> Result<(String, Vec<u8>), TlsError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::new(ca_params(cluster_name)?, ca_key);
+    let mut params = CertificateParams::new(vec![host_cert_name(host)])?;
+    params.distinguished_name.push(DnType::CommonName, host_cert_name(host));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(public_key, &issuer)?;
+    Ok((cert.pem(), cert.der().to_vec()))
+}
+
 /// A node's TLS material, loaded and checked.
 pub struct Identity {
     pub node_id: NodeId,
@@ -135,6 +190,23 @@ impl Identity {
             roots.add(c.clone()).map_err(|e| TlsError::Config(format!("bad CA certificate: {e}")))?;
         }
         Ok(Arc::new(roots))
+    }
+
+    /// Server side for hosts (NBD over TLS): the node's certificate. A client certificate is
+    /// asked for and, when one is given, must be signed by the cluster CA; a client without one
+    /// is anonymous (the access policy decides what it may do). No ALPN: NBD clients send none.
+    pub fn host_server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let cfg = ServerConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Arc::new(cfg))
     }
 
     /// Server side: requires a client certificate signed by the cluster CA.

@@ -79,7 +79,7 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
     let measured = async {
         let v = tandem.create_volume(VOLUME_NAME, VOLUME_BYTES).await?;
         eprintln!("volume {VOLUME_NAME} ({}): primary node {}, ISR {:?}", format_size(VOLUME_BYTES), v.primary, v.isr);
-        let api = Api::new(&tandem.leader_api().await?.to_string());
+        let api = tandem.api(tandem.leader_api().await?);
         let site = tandem.config()?.nodes.first().map(|n| n.site.clone()).unwrap_or_else(|| "local".into());
         let host = serde_json::json!({ "name": HOST_NAME, "site": site });
         api.request::<_, serde_json::Value>(reqwest::Method::POST, "/v1/hosts", Some(&host)).await?;
@@ -141,7 +141,7 @@ async fn one_kill(tandem: &BenchCluster, kill: u32) -> anyhow::Result<Kill> {
         let (stop, acked, addr) = (stop.clone(), acked.clone(), client.nbd_addr);
         std::thread::spawn(move || write_load(addr, seed, &stop, &acked))
     };
-    let watch_api = Api::new(&client.api_addr.to_string()).with_timeout(Duration::from_millis(WATCH_WAIT_MS + 5_000));
+    let watch_api = tandem.api(client.api_addr).with_timeout(Duration::from_millis(WATCH_WAIT_MS + 5_000));
     let first: PathMapView = watch_api.get(&format!("/v1/hosts/{HOST_NAME}/paths")).await?;
     let watcher = tokio::spawn(watch_paths(watch_api, first.generation, victim));
     let measured = async {
@@ -262,7 +262,7 @@ async fn watch_paths(api: Api, mut generation: u64, victim: NodeId) -> Seen {
 /// The Raft leader's id, as the first node that knows it says.
 async fn raft_leader(tandem: &BenchCluster) -> anyhow::Result<Option<NodeId>> {
     for (_, addr) in tandem.node_apis()? {
-        let api = Api::new(&addr.to_string()).with_timeout(Duration::from_secs(2));
+        let api = tandem.api(addr).with_timeout(Duration::from_secs(2));
         if let Ok(view) = api.get::<ClusterView>("/v1/cluster").await {
             if view.raft.leader.is_some() {
                 return Ok(view.raft.leader);

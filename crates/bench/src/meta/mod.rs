@@ -119,7 +119,8 @@ async fn preload(args: &MetaArgs, tandem: &BenchCluster, etcd: &EtcdCluster) -> 
     let prefix = "bench.preload";
     eprintln!("preloading {} keys of {VALUE_BYTES} B into Tandem ({PRELOAD_CLIENTS} clients)", args.keys);
     let leader = tandem.leader_api().await?;
-    let cs = (0..PRELOAD_CLIENTS).map(|_| TandemClient::new(leader)).collect::<anyhow::Result<Vec<_>>>()?;
+    let cs =
+        (0..PRELOAD_CLIENTS).map(|_| TandemClient::new(leader, tandem.token())).collect::<anyhow::Result<Vec<_>>>()?;
     let t = load::fill(cs, args.keys, prefix, value()).await.context("preloading Tandem")?;
     eprintln!("  tandem: {} keys in {:.1} s, {:.0} keys/s", t.keys, t.elapsed_s, t.keys_per_s);
     eprintln!("preloading {} keys of {VALUE_BYTES} B into etcd ({PRELOAD_CLIENTS} clients)", args.keys);
@@ -143,7 +144,9 @@ async fn measure(args: &MetaArgs, tandem: &BenchCluster, etcd: &EtcdCluster) -> 
                 let figures = match system {
                     System::Tandem => {
                         let leader = tandem.leader_api().await?;
-                        let cs = (0..clients).map(|_| TandemClient::new(leader)).collect::<anyhow::Result<Vec<_>>>()?;
+                        let cs = (0..clients)
+                            .map(|_| TandemClient::new(leader, tandem.token()))
+                            .collect::<anyhow::Result<Vec<_>>>()?;
                         load::run(cs, duration, &prefix, value.clone()).await
                     }
                     System::Etcd => {

@@ -316,7 +316,7 @@ async fn write_rates(tandem: &BenchCluster, duration: Duration, tag: &str) -> an
     let mut figures = Vec::new();
     for clients in WRITE_CLIENT_COUNTS {
         let leader = tandem.leader_api().await?;
-        let cs = (0..clients).map(|_| TandemClient::new(leader)).collect::<anyhow::Result<Vec<_>>>()?;
+        let cs = (0..clients).map(|_| TandemClient::new(leader, tandem.token())).collect::<anyhow::Result<Vec<_>>>()?;
         let prefix = format!("scale.{tag}.n{clients}");
         figures.push(
             load::run(cs, duration, &prefix, value.clone())

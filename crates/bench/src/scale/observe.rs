@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use tandem_client::{config_path, Api};
+use tandem_client::config_path;
 use tandem_node::api::VolumeView;
 use tandem_node::config::ClusterConfig;
 use tandem_node::host_api::HostView;
@@ -145,7 +145,7 @@ pub async fn settle(tandem: &BenchCluster, volumes: u64, hosts: u64) -> anyhow::
 async fn served(tandem: &BenchCluster) -> u64 {
     let mut n = 0;
     for (_, addr) in tandem.node_apis().unwrap_or_default() {
-        let api = Api::new(&addr.to_string()).with_timeout(LARGE_TIMEOUT);
+        let api = tandem.api(addr).with_timeout(LARGE_TIMEOUT);
         if let Ok(local) = api.get::<serde_json::Value>("/v1/local/volumes").await {
             n += local["volumes"].as_array().map_or(0, |a| a.iter().filter(|v| v["serving"] == true).count()) as u64;
         }
@@ -155,7 +155,7 @@ async fn served(tandem: &BenchCluster) -> u64 {
 
 async fn mapped(tandem: &BenchCluster) -> u64 {
     let Ok(leader) = tandem.leader_api().await else { return 0 };
-    let api = Api::new(&leader.to_string()).with_timeout(LARGE_TIMEOUT);
+    let api = tandem.api(leader).with_timeout(LARGE_TIMEOUT);
     api.get::<Vec<HostView>>("/v1/hosts").await.map_or(0, |h| h.iter().filter(|h| h.generation > 0).count() as u64)
 }
 
@@ -181,7 +181,8 @@ pub struct Join {
 pub async fn join_new_node(tandem: &BenchCluster, id: NodeId, leader_api: SocketAddr) -> anyhow::Result<Join> {
     let metrics = scrape(leader_api).await?;
     let snapshot_bytes = metric(&metrics, "tandem_raft_snapshot_bytes").map(|b| b as u64);
-    let view: serde_json::Value = Api::new(&leader_api.to_string())
+    let view: serde_json::Value = tandem
+        .api(leader_api)
         .with_timeout(LARGE_TIMEOUT)
         .get("/v1/cluster")
         .await
@@ -247,7 +248,7 @@ pub async fn wait_full_isr(tandem: &BenchCluster, node: NodeId) -> anyhow::Resul
     tandem.restart_missing().await?;
     loop {
         let leader = tandem.leader_api().await?;
-        let api = Api::new(&leader.to_string()).with_timeout(LARGE_TIMEOUT);
+        let api = tandem.api(leader).with_timeout(LARGE_TIMEOUT);
         if let Ok(volumes) = api.get::<Vec<VolumeView>>("/v1/volumes").await {
             let short = volumes.iter().filter(|v| v.isr.len() < v.replicas.len()).count();
             if short == 0 {

@@ -77,8 +77,14 @@ fn has_optimized_path(map: &PathMapView, node: NodeId) -> bool {
     map.volumes.iter().flat_map(|v| v.paths.iter()).any(|p| p.node == node && p.state == PathState::ActiveOptimized)
 }
 
-fn http() -> anyhow::Result<reqwest::Client> {
+fn http(token: Option<String>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        headers
+            .insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().context("a token is header-safe")?);
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(Duration::from_millis(WATCH_WAIT_MS) + Duration::from_secs(10))
         .connect_timeout(PROBE_TIMEOUT)
         .tcp_nodelay(true)
@@ -104,11 +110,8 @@ pub enum Victim {
 /// through it.
 pub async fn failover(tandem: &BenchCluster, hosts: u64, which: Victim) -> anyhow::Result<Failover> {
     let (leader, leader_api) = tandem.leader().await?;
-    let volumes: Vec<VolumeView> = tandem_client::Api::new(&leader_api.to_string())
-        .with_timeout(Duration::from_secs(30))
-        .get("/v1/volumes")
-        .await
-        .context("the volumes")?;
+    let volumes: Vec<VolumeView> =
+        tandem.api(leader_api).with_timeout(Duration::from_secs(30)).get("/v1/volumes").await.context("the volumes")?;
     let nodes = tandem.node_apis()?;
     let primaries = |id: NodeId| volumes.iter().filter(|v| v.primary == id).count() as u64;
     let (victim, victim_primaries) = match which {
@@ -121,7 +124,7 @@ pub async fn failover(tandem: &BenchCluster, hosts: u64, which: Victim) -> anyho
             .ok_or_else(|| anyhow!("the cluster has no node besides the leader"))?,
     };
     let survivors: Vec<(NodeId, SocketAddr)> = nodes.iter().copied().filter(|(id, _)| *id != victim).collect();
-    let http = http()?;
+    let http = http(tandem.token())?;
 
     // Each host's map as it is now, read through the survivors in turn.
     let url = |h: u64| {
@@ -177,7 +180,8 @@ pub async fn failover(tandem: &BenchCluster, hosts: u64, which: Victim) -> anyho
         }
     }
     // Read through a survivor: the leader may be the victim.
-    let (failover_committed_s, volumes_not_failed_over) = failover_committed(survivors[0].1, victim, killed_at).await;
+    let (failover_committed_s, volumes_not_failed_over) =
+        failover_committed(tandem, survivors[0].1, victim, killed_at).await;
     delays_s.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         (!delays_s.is_empty())
@@ -202,8 +206,13 @@ pub async fn failover(tandem: &BenchCluster, hosts: u64, which: Victim) -> anyho
 /// them, or `None` if not within [`COMMIT_WAIT`]; and how many volumes still
 /// did at the last look. The hosts' maps may change before that: a map shows the failover's
 /// candidate as soon as the victim is known dead.
-async fn failover_committed(survivor: SocketAddr, victim: NodeId, killed_at: Instant) -> (Option<f64>, Option<u64>) {
-    let api = tandem_client::Api::new(&survivor.to_string()).with_timeout(Duration::from_secs(30));
+async fn failover_committed(
+    tandem: &BenchCluster,
+    survivor: SocketAddr,
+    victim: NodeId,
+    killed_at: Instant,
+) -> (Option<f64>, Option<u64>) {
+    let api = tandem.api(survivor).with_timeout(Duration::from_secs(30));
     let mut left = None;
     while killed_at.elapsed() < COMMIT_WAIT {
         if let Ok(volumes) = api.get::<Vec<VolumeView>>("/v1/volumes").await {
