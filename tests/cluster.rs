@@ -225,7 +225,9 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join(transport: &str) {
     let cfg = cfg
         .replace("ca_cert = \"certs/ca.pem\"", &format!("ca_cert = {:?}", ours_ca.display().to_string()))
         .replace(&format!("cert = \"certs/node-{victim}.pem\""), &format!("cert = {:?}", cert.display().to_string()))
-        .replace(&format!("key = \"certs/node-{victim}.key\""), &format!("key = {:?}", key.display().to_string()));
+        .replace(&format!("key = \"certs/node-{victim}.key\""), &format!("key = {:?}", key.display().to_string()))
+        // Our cluster's secret and CA key, where they are.
+        .replace("\"certs/", &format!("\"{}/certs/", c.path().display()));
     let cfg_path = impostor_dir.path().join("cluster.toml");
     std::fs::write(&cfg_path, cfg).expect("write");
     let guard = Reap::spawn(
@@ -315,9 +317,13 @@ fn bad_http_input_gets_a_4xx_with_a_json_error_and_changes_nothing() {
     let api = c.api(2);
     // A fresh connection per request: the server closes a connection after refusing an
     // oversized body unread, and a pooled connection reused after that would fail to send.
+    let mut headers = reqwest::header::HeaderMap::new();
+    let token = c.admin_token().expect("the admin's token");
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().expect("header"));
     let h = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(0)
+        .default_headers(headers)
         .build()
         .expect("client");
     let before: Value = h.get(format!("{api}/v1/nodes")).send().expect("get").json().expect("json");
@@ -418,7 +424,17 @@ fn transports_switch_live_while_writes_and_a_membership_change_commit() {
     let mut flips = 0;
     let mut flip = |kind: &str, layer: &str| {
         let before = links(&c);
-        let out = run_tandem_ok(&["transport", "set", kind, "--layer", layer, endpoint[0], endpoint[1]]);
+        let out = run_tandem_ok(&[
+            "transport",
+            "set",
+            kind,
+            "--layer",
+            layer,
+            endpoint[0],
+            endpoint[1],
+            endpoint[2],
+            endpoint[3],
+        ]);
         assert!(out.contains(&format!("{layer} layer now on {kind}")), "{out}");
         // Every link of that layer that was connected before the switch moves to it: it
         // reports the new layer and one more completed switch.

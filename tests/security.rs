@@ -1,12 +1,21 @@
-//! Who may connect, against real `tandem` processes: the admin API's credentials and roles
-//! (every write endpoint refuses no credential with 401 and a host's with 403, accepts the
-//! admin's, and a refused request changes nothing; a host reads its own path map and nobody
-//! else's; new credentials revoke the old; an audit line names who wrote).
+//! Who may connect, against real `tandem` processes:
+//! - the admin API's credentials and roles: every write endpoint refuses no credential with 401
+//!   and a host's with 403, accepts the admin's, and a refused request changes nothing; a host
+//!   reads its own path map and nobody else's; new credentials revoke the old; an audit line
+//!   names who wrote; a node refuses a secret file others can read;
+//! - NBD over TLS under `tls-required`, with qemu-io, nbdcopy and nbdinfo as hosts: a host's
+//!   certificate opens its own volume through every node (primary and proxying) and lists only
+//!   it; another host's volume, plaintext, TLS without a certificate and a certificate of
+//!   another CA are refused; disconnecting a volume ends the host's open connection within
+//!   [`REVOKE_BOUND`]; a replaced certificate stops working.
+
+use std::time::{Duration, Instant};
 
 use reqwest::blocking::RequestBuilder;
 use reqwest::Method;
 use serde_json::{json, Value};
-use tandem_testkit::{http, http_as, Cluster};
+use tandem_testkit::qemu::{run, run_ok, run_within, Ran};
+use tandem_testkit::{http, http_as, require_tools, Cluster};
 
 /// Every endpoint that changes something, with a body an admin's request could carry.
 fn write_endpoints() -> Vec<(Method, &'static str, Value)> {
@@ -155,4 +164,167 @@ fn a_node_refuses_to_start_with_a_secret_others_can_read() {
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     c.restart_missing();
     assert!(c.view(1).is_some());
+}
+
+/// `qemu-io` on `volume` through `nbd` with the TLS credentials in `creds` (qemu's file names),
+/// or in plaintext without.
+fn qemu_io_tls(nbd: std::net::SocketAddr, volume: &str, creds: Option<&std::path::Path>, commands: &[&str]) -> Ran {
+    let mut args: Vec<String> = Vec::new();
+    let mut opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={},file.server.port={},file.export={volume}",
+        nbd.ip(),
+        nbd.port()
+    );
+    if let Some(dir) = creds {
+        args.extend(["--object".into(), format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display())]);
+        opts.push_str(",file.tls-creds=tls0");
+    }
+    args.extend(["--image-opts".into(), opts]);
+    for c in commands {
+        args.extend(["-c".into(), c.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_within("qemu-io", &args, Duration::from_secs(120))
+}
+
+fn nbds_url(nbd: std::net::SocketAddr, volume: &str, creds: &std::path::Path) -> String {
+    format!("nbds://{nbd}/{volume}?tls-certificates={}", creds.display())
+}
+
+/// Whether `ran` did its I/O: qemu-io may exit 0 after a failed request.
+fn io_ok(ran: &Ran) -> bool {
+    ran.status.success() && !ran.text.contains("failed") && !ran.text.contains("rror")
+}
+
+#[test]
+fn nbd_over_tls_admits_each_host_to_its_own_volumes_only_and_a_disconnect_ends_its_connection() {
+    require_tools(&["qemu-io", "nbdcopy", "nbdinfo"]);
+    let c = Cluster::up(3);
+    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
+    for v in ["v1", "v2"] {
+        c.admin(&["volume", "create", v, "--size", "16M"]);
+    }
+    for h in ["h1", "h2"] {
+        c.admin(&["host", "add", h, "--site", "local"]);
+    }
+    c.admin(&["host", "connect", "h1", "v1"]);
+    c.admin(&["host", "connect", "h2", "v2"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    host_token(&c, "h1", dir.path());
+    host_token(&c, "h2", dir.path());
+    let (h1, h2) = (dir.path().join("h1"), dir.path().join("h2"));
+    // A certificate of another cluster's CA, for a host of the same name.
+    let other = Cluster::also_up(1, "tcp");
+    other.admin(&["host", "add", "h1", "--site", "local"]);
+    let foreign = dir.path().join("foreign");
+    other.admin(&["host", "credentials", "h1", "--out", foreign.to_str().expect("utf-8")]);
+    // Its CA is not ours: give it our CA to check the server with, so only its own
+    // certificate is foreign.
+    std::fs::copy(h1.join("ca-cert.pem"), foreign.join("ca-cert.pem")).expect("copy CA");
+    drop(other);
+    // Without a certificate at all: only our CA.
+    let no_cert = dir.path().join("no-cert");
+    std::fs::create_dir(&no_cert).expect("mkdir");
+    std::fs::copy(h1.join("ca-cert.pem"), no_cert.join("ca-cert.pem")).expect("copy CA");
+
+    c.admin(&["setting", "set", "access", "tls-required"]);
+    let nbd: Vec<std::net::SocketAddr> = (1..=3).map(|id| c.nbd_addr(id)).collect();
+    // Every node (the primary and the proxying ones) applies the setting.
+    tandem_testkit::wait_for("every node to require identities", Duration::from_secs(10), || {
+        nbd.iter().all(|a| !io_ok(&qemu_io_tls(*a, "v1", None, &["read 0 4k"]))).then_some(())
+    });
+
+    // h1 writes and reads its volume through every node, with qemu-io and nbdcopy.
+    for (i, addr) in nbd.iter().enumerate() {
+        let pattern = format!("{}", 0x40 + i);
+        let write = format!("write -P {pattern} {} 64k", i * 65536);
+        let read = format!("read -P {pattern} {} 64k", i * 65536);
+        let ran = qemu_io_tls(*addr, "v1", Some(&h1), &[&write, &read]);
+        assert!(io_ok(&ran), "h1 through {addr}: {}", ran.text);
+    }
+    let image = dir.path().join("v1.img");
+    run_ok("nbdcopy", &[&nbds_url(nbd[2], "v1", &h1), image.to_str().expect("utf-8")]);
+    let bytes = std::fs::read(&image).expect("copied image");
+    for i in 0..3 {
+        assert!(bytes[i * 65536..(i + 1) * 65536].iter().all(|b| *b == 0x40 + i as u8), "block {i} of v1");
+    }
+    // It lists only its own volume.
+    let list = run_ok("nbdinfo", &["--list", &nbds_url(nbd[1], "", &h1)]);
+    assert!(list.contains("v1") && !list.contains("v2"), "{list}");
+
+    // Refused: another host's volume, no TLS, TLS without a certificate, a foreign certificate.
+    for addr in &nbd {
+        let ran = qemu_io_tls(*addr, "v2", Some(&h1), &["read 0 4k"]);
+        assert!(!io_ok(&ran) && ran.text.contains("not connected to host"), "h1 opened v2 via {addr}: {}", ran.text);
+        let ran = qemu_io_tls(*addr, "v1", None, &["read 0 4k"]);
+        assert!(!io_ok(&ran), "plaintext via {addr}: {}", ran.text);
+        let ran = run("nbdinfo", &[&nbds_url(*addr, "v1", &no_cert)]);
+        assert!(!ran.status.success(), "TLS without a certificate via {addr}: {}", ran.text);
+        let ran = run("nbdinfo", &[&nbds_url(*addr, "v1", &foreign)]);
+        assert!(!ran.status.success(), "a foreign certificate via {addr}: {}", ran.text);
+    }
+    let ran = run("nbdinfo", &[&format!("nbd://{}/v1", nbd[0])]);
+    assert!(!ran.status.success() && ran.text.contains("TLS"), "plaintext nbdinfo: {}", ran.text);
+    // h2 reads its own volume, and not h1's.
+    assert!(io_ok(&qemu_io_tls(nbd[0], "v2", Some(&h2), &["read -P 0 0 64k"])));
+    assert!(!io_ok(&qemu_io_tls(nbd[0], "v1", Some(&h2), &["read 0 4k"])));
+
+    // A host's open connection ends when its volume is disconnected from it.
+    for via in [0, 2] {
+        let addr = nbd[via];
+        let mut session = interactive_qemu_io(addr, "v1", &h1);
+        let port = addr.port();
+        tandem_testkit::wait_for("h1's connection to be up", Duration::from_secs(30), || {
+            (established(port) == 1).then_some(())
+        });
+        c.admin(&["host", "disconnect", "h1", "v1"]);
+        let start = Instant::now();
+        tandem_testkit::wait_for("the node to end h1's connection", REVOKE_BOUND, || {
+            (established(port) == 0).then_some(())
+        });
+        eprintln!("h1's connection through {addr} ended {:?} after the disconnect committed", start.elapsed());
+        let ran = qemu_io_tls(addr, "v1", Some(&h1), &["read 0 4k"]);
+        assert!(!io_ok(&ran) && ran.text.contains("not connected to host"), "reconnect via {addr}: {}", ran.text);
+        let _ = session.kill();
+        let _ = session.wait();
+        c.admin(&["host", "connect", "h1", "v1"]);
+    }
+    // New credentials: the old certificate is refused, the new one works.
+    let old = dir.path().join("h1-old");
+    std::fs::rename(&h1, &old).expect("keep the old credentials");
+    host_token(&c, "h1", dir.path());
+    tandem_testkit::wait_for("the old certificate to be refused", Duration::from_secs(10), || {
+        (!io_ok(&qemu_io_tls(nbd[1], "v1", Some(&old), &["read 0 4k"]))).then_some(())
+    });
+    assert!(io_ok(&qemu_io_tls(nbd[1], "v1", Some(&h1), &["read -P 0x40 0 64k"])));
+}
+
+/// How long after a disconnect commits a host's connection to the volume may live, at most
+/// (docs/OPERATIONS.md, "Security": the node ends it as soon as it applies the change).
+const REVOKE_BOUND: Duration = Duration::from_secs(5);
+
+/// A qemu-io that keeps its NBD connection open, waiting for commands on stdin.
+fn interactive_qemu_io(nbd: std::net::SocketAddr, volume: &str, creds: &std::path::Path) -> std::process::Child {
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={},file.server.port={},file.export={volume},file.tls-creds=tls0",
+        nbd.ip(),
+        nbd.port()
+    );
+    std::process::Command::new("qemu-io")
+        .args(["--object", &format!("tls-creds-x509,id=tls0,dir={},endpoint=client", creds.display())])
+        .args(["--image-opts", &opts])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io")
+}
+
+/// Established TCP connections to local port `port`.
+fn established(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args(["-Htn", "state", "established", &format!("( sport = :{port} )")])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
 }

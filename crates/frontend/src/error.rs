@@ -39,4 +39,7 @@ pub enum OpenError {
     /// It exists but cannot be served here now (e.g. this node is not a path for it).
     #[error("export unavailable: {0}")]
     Unavailable(String),
+    /// The client may not open it (not connected to its host, or it did not identify).
+    #[error("access denied: {0}")]
+    Denied(String),
 }

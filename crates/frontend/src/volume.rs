@@ -2,18 +2,18 @@
 //! volume of bytes with the block operations every host protocol has (read, write with FUA,
 //! write zeroes, unmap, flush).
 //!
+//! Who opens: [`Exports::list`] and [`Exports::open`] take the [`Peer`], what the protocol
+//! learned of the client (its verified TLS certificate, its iSCSI initiator name). The node maps
+//! it to a host and decides, once for every protocol, which volumes it may see and open (LUN
+//! masking); a volume opened for a host ends its connection ([`Volume::revoked`]) when the
+//! host loses access to it.
+//!
 //! Room for what comes, in the shape it will take here rather than in each protocol:
-//! - Host identity: [`Exports::open`] takes only the export name today. Reservations and
-//!   per-host path states need to know who opens (the NBD client's certificate or address, the
-//!   iSCSI initiator name, mapped to a Tandem host), so `open` will take an opener struct
-//!   next to the name, and the volume it returns is that host's view of the volume.
 //! - Reservation checks: made by the [`Volume`] of that opener on every write-like call, which
 //!   then fails with [`IoError::ReservationConflict`]; the reservation commands themselves
 //!   (register, reserve, release, preempt, clear) will be methods of their own.
 //! - Copy by reference: token creation (a range of this volume) and "write the data of token
 //!   T here" will be methods of their own, served in metadata on every replica.
-//! - Path state: whether this node is an optimized path for the opener, as the path map says,
-//!   will be a query on the volume so iSCSI can answer ALUA and NBD can stay silent.
 //!
 //! Each protocol translates its commands into these calls; the protocol's own codes (NBD
 //! errnos, SCSI sense) are chosen from the [`IoError`] kind inside the protocol's crate.
@@ -24,18 +24,44 @@ use bytes::Bytes;
 
 use crate::error::{IoError, OpenError};
 
+/// Who is at the other end of a host connection, as far as its protocol has proven it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The client certificate (DER) the TLS handshake verified against the cluster's CA, if
+    /// the client presented one.
+    pub certificate: Option<Vec<u8>>,
+    /// The iSCSI initiator name of the session (authenticated by CHAP when the host has a
+    /// secret).
+    pub initiator: Option<String>,
+}
+
+impl Peer {
+    /// A client that proved nothing (plaintext NBD, or TLS without a certificate).
+    pub fn anonymous() -> Peer {
+        Peer::default()
+    }
+}
+
 /// The exports a server offers. Shared by every connection.
 pub trait Exports: Send + Sync + 'static {
     type Volume: Volume;
 
-    /// Export names, for protocols that list them (`NBD_OPT_LIST`, iSCSI discovery). A
-    /// protocol skips names it cannot carry.
-    fn list(&self) -> Vec<String>;
+    /// The export names `peer` may see, for protocols that list them (`NBD_OPT_LIST`, iSCSI
+    /// discovery). A protocol skips names it cannot carry.
+    fn list(&self, peer: &Peer) -> Vec<String>;
 
-    /// Opens the export `name` for one connection (and briefly for queries such as
+    /// Opens the export `name` for `peer`, for one connection (and briefly for queries such as
     /// `NBD_OPT_INFO`). The server keeps the volume in an `Arc` for the connection's lifetime
-    /// and shares it with the tasks that serve its requests.
-    fn open(&self, name: &str) -> impl Future<Output = Result<Self::Volume, OpenError>> + Send;
+    /// and shares it with the tasks that serve its requests. A peer that may not open it gets
+    /// [`OpenError::Denied`] (or, for a name it may not even see, [`OpenError::NotFound`]).
+    fn open(&self, name: &str, peer: &Peer) -> impl Future<Output = Result<Self::Volume, OpenError>> + Send;
+
+    /// Whether a client must prove who it is before anything else: NBD then answers every
+    /// option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` with `NBD_REP_ERR_TLS_REQD` until the
+    /// connection is TLS. Asked once per connection, at its start.
+    fn identity_required(&self) -> bool {
+        false
+    }
 }
 
 /// One export's bytes. Offsets and lengths the server passes are already checked against
@@ -74,6 +100,13 @@ pub trait Volume: Send + Sync + 'static {
     /// Hints that `len` bytes from `offset` are no longer needed (NBD TRIM, SCSI UNMAP); reading
     /// them afterwards may return anything (zeroes, old data).
     fn unmap(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), IoError>> + Send;
+
+    /// Completes, with the reason, when the opener may no longer use this volume (its host was
+    /// disconnected from it or removed, the access policy changed): the server then ends the
+    /// connection. Never, by default.
+    fn revoked(&self) -> impl Future<Output = String> + Send {
+        std::future::pending()
+    }
 
     /// Makes every write completed before this call durable.
     fn flush(&self) -> impl Future<Output = Result<(), IoError>> + Send;

@@ -313,6 +313,8 @@ pub enum ClientOption {
     Info(InfoQuery),
     Go(InfoQuery),
     StructuredReply,
+    /// `NBD_OPT_STARTTLS`: the client wants to continue over TLS.
+    StartTls,
     /// Any other option number; its data is not interpreted.
     Other {
         option: u32,
@@ -335,6 +337,8 @@ impl ClientOption {
             opt::GO => Ok(ClientOption::Go(parse_info_query(data)?)),
             opt::STRUCTURED_REPLY if data.is_empty() => Ok(ClientOption::StructuredReply),
             opt::STRUCTURED_REPLY => Err(DecodeError::Malformed("NBD_OPT_STRUCTURED_REPLY with data")),
+            opt::STARTTLS if data.is_empty() => Ok(ClientOption::StartTls),
+            opt::STARTTLS => Err(DecodeError::Malformed("NBD_OPT_STARTTLS with data")),
             option => Ok(ClientOption::Other { option, data: data.to_vec() }),
         }
     }
@@ -347,6 +351,7 @@ impl ClientOption {
             ClientOption::Info(_) => opt::INFO,
             ClientOption::Go(_) => opt::GO,
             ClientOption::StructuredReply => opt::STRUCTURED_REPLY,
+            ClientOption::StartTls => opt::STARTTLS,
             ClientOption::Other { option, .. } => *option,
         }
     }
@@ -356,7 +361,7 @@ impl ClientOption {
         let mut data = Vec::new();
         match self {
             ClientOption::ExportName { name } => data.extend_from_slice(name.as_bytes()),
-            ClientOption::Abort | ClientOption::List | ClientOption::StructuredReply => {}
+            ClientOption::Abort | ClientOption::List | ClientOption::StructuredReply | ClientOption::StartTls => {}
             ClientOption::Info(query) | ClientOption::Go(query) => {
                 data.extend_from_slice(&len_u32(query.name.len()).to_be_bytes());
                 data.extend_from_slice(query.name.as_bytes());

@@ -6,6 +6,13 @@
 //! [`Handshake::on_option_header`], read (or drain) its data as told, call
 //! [`Handshake::on_option`] and act on the [`Step`]: send bytes, list exports, or open an export
 //! and pass the outcome to [`Handshake::on_opened`], until transmission, abort or disconnect.
+//!
+//! TLS (`NBD_OPT_STARTTLS`), as the [`TlsMode`] says: not offered (the option is refused with
+//! `NBD_REP_ERR_POLICY`), offered, or required (until the connection is TLS, every option but
+//! STARTTLS and ABORT is answered `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME`, which has
+//! no error reply, ends the session). On [`Step::StartTls`] the server sends the ACK, runs the
+//! TLS handshake on the same socket and calls [`Handshake::on_tls_started`]; the negotiation
+//! starts over inside TLS (the protocol says nothing from before it counts).
 
 use tandem_frontend::OpenError;
 use thiserror::Error;
@@ -69,6 +76,20 @@ pub enum HandshakeError {
     Decode(#[from] DecodeError),
     #[error("NBD_OPT_EXPORT_NAME for an export that cannot be opened: {0}")]
     ExportNameFailed(String),
+    #[error("NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
+    TlsRequired,
+}
+
+/// Whether a connection may, or must, move to TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS: `NBD_OPT_STARTTLS` is refused.
+    #[default]
+    Off,
+    /// TLS on request; plaintext is served too.
+    Offered,
+    /// Nothing but STARTTLS and ABORT until the connection is TLS.
+    Required,
 }
 
 /// What to do with an option's data, decided from its header.
@@ -107,6 +128,9 @@ pub enum Step {
     Open(OpenRequest),
     /// Send these bytes (the ACK to `NBD_OPT_ABORT`) and close; the client asked for it.
     Abort(Vec<u8>),
+    /// Send these bytes (the ACK to `NBD_OPT_STARTTLS`), run the TLS handshake as the server,
+    /// then call [`Handshake::on_tls_started`].
+    StartTls(Vec<u8>),
     /// Close without a reply.
     Disconnect(HandshakeError),
 }
@@ -127,11 +151,28 @@ pub enum Opened {
 pub struct Handshake {
     no_zeroes: bool,
     options_seen: u32,
+    tls_mode: TlsMode,
+    /// The connection runs over TLS now.
+    tls: bool,
 }
 
 impl Handshake {
+    /// A negotiation without TLS.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_tls(tls_mode: TlsMode) -> Self {
+        Handshake { tls_mode, ..Self::default() }
+    }
+
+    /// The TLS handshake after [`Step::StartTls`] succeeded: options go on inside TLS.
+    pub fn on_tls_started(&mut self) {
+        self.tls = true;
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     pub fn greeting() -> Vec<u8> {
@@ -191,7 +232,33 @@ impl Handshake {
                 return Step::Reply(out);
             }
         };
+        let reply_error = |code: u32, message: &str| {
+            let mut out = Vec::new();
+            encode_option_error(&mut out, option, code, message);
+            Step::Reply(out)
+        };
+        if self.tls_mode == TlsMode::Required && !self.tls {
+            match parsed {
+                ClientOption::StartTls | ClientOption::Abort => {}
+                ClientOption::ExportName { .. } => return Step::Disconnect(HandshakeError::TlsRequired),
+                _ => {
+                    return reply_error(
+                        rep::ERR_TLS_REQD,
+                        "this server requires TLS (NBD_OPT_STARTTLS) with a host certificate first",
+                    )
+                }
+            }
+        }
         match parsed {
+            ClientOption::StartTls if self.tls => reply_error(rep::ERR_INVALID, "the connection is TLS already"),
+            ClientOption::StartTls if self.tls_mode == TlsMode::Off => {
+                reply_error(rep::ERR_POLICY, "this server does not offer TLS")
+            }
+            ClientOption::StartTls => {
+                let mut out = Vec::new();
+                encode_option_reply(&mut out, opt::STARTTLS, rep::ACK, &[]);
+                Step::StartTls(out)
+            }
             ClientOption::ExportName { name } => Step::Open(OpenRequest { name, kind: OpenKind::ExportName }),
             ClientOption::Info(query) => {
                 Step::Open(OpenRequest { name: query.name.clone(), kind: OpenKind::Info(query) })
@@ -226,9 +293,10 @@ impl Handshake {
         out
     }
 
-    /// Both kinds of [`OpenError`] are answered with `NBD_REP_ERR_UNKNOWN` ("the requested
-    /// export is not available") and the message (after `NBD_OPT_EXPORT_NAME`, which has no
-    /// error reply, by closing the connection); they differ in how they are logged.
+    /// [`OpenError::NotFound`] and [`OpenError::Unavailable`] are answered with
+    /// `NBD_REP_ERR_UNKNOWN` ("the requested export is not available"), [`OpenError::Denied`]
+    /// with `NBD_REP_ERR_POLICY`, each with its message (after `NBD_OPT_EXPORT_NAME`, which
+    /// has no error reply, by closing the connection).
     pub fn on_opened(&mut self, request: OpenRequest, result: Result<ExportInfo, OpenError>) -> Opened {
         let (option, query) = match request.kind {
             OpenKind::ExportName => {
@@ -253,7 +321,8 @@ impl Handshake {
         let export = match result {
             Ok(export) => export,
             Err(err) => {
-                encode_option_error(&mut out, option, rep::ERR_UNKNOWN, &err.to_string());
+                let code = if matches!(err, OpenError::Denied(_)) { rep::ERR_POLICY } else { rep::ERR_UNKNOWN };
+                encode_option_error(&mut out, option, code, &err.to_string());
                 return Opened::Reply(out);
             }
         };
@@ -374,7 +443,7 @@ mod tests {
         let mut hs = Handshake::new();
         for (option, data, expected) in [
             (opt::STRUCTURED_REPLY, &b""[..], rep::ERR_UNSUP),
-            (opt::STARTTLS, b"", rep::ERR_UNSUP),
+            (opt::STARTTLS, b"", rep::ERR_POLICY),
             (12345, b"junk", rep::ERR_UNSUP),
             (opt::LIST, b"junk", rep::ERR_INVALID),
             (opt::GO, b"\0\0", rep::ERR_INVALID),
@@ -432,5 +501,84 @@ mod tests {
         }
         let ro = ExportInfo { size_bytes: 0, read_only: true, multi_conn: true }.transmission_flags();
         assert_eq!(ro, base | tx_flag::READ_ONLY | tx_flag::CAN_MULTI_CONN);
+    }
+
+    fn reply_type(step: &Step) -> u32 {
+        let Step::Reply(bytes) = step else { panic!("a reply, not {step:?}") };
+        replies(bytes)[0].0.reply_type
+    }
+
+    #[test]
+    fn starttls_as_each_mode_says() {
+        let list = || ClientOption::List;
+        let mut off = Handshake::with_tls(TlsMode::Off);
+        assert_eq!(reply_type(&off.on_option(opt::STARTTLS, &[])), rep::ERR_POLICY);
+        assert_eq!(off.on_option(list().code(), &[]), Step::List);
+
+        let mut offered = Handshake::with_tls(TlsMode::Offered);
+        assert_eq!(offered.on_option(opt::LIST, &[]), Step::List, "plaintext is served");
+        let Step::StartTls(ack) = offered.on_option(opt::STARTTLS, &[]) else { panic!("STARTTLS is offered") };
+        assert_eq!(replies(&ack)[0].0.reply_type, rep::ACK);
+        assert_eq!(replies(&ack)[0].0.option, opt::STARTTLS);
+        offered.on_tls_started();
+        assert!(offered.is_tls());
+        assert_eq!(reply_type(&offered.on_option(opt::STARTTLS, &[])), rep::ERR_INVALID, "TLS twice");
+        assert_eq!(reply_type(&offered.on_option(opt::STARTTLS, &[1])), rep::ERR_INVALID, "data with it");
+
+        let mut required = Handshake::with_tls(TlsMode::Required);
+        for option in [opt::LIST, opt::GO, opt::INFO, opt::STRUCTURED_REPLY, 77] {
+            let data = if option == opt::GO || option == opt::INFO { go_data("vol", &[]) } else { Vec::new() };
+            assert_eq!(reply_type(&required.on_option(option, &data)), rep::ERR_TLS_REQD, "option {option}");
+        }
+        assert_eq!(
+            required.on_option(opt::EXPORT_NAME, b"vol"),
+            Step::Disconnect(HandshakeError::TlsRequired),
+            "EXPORT_NAME has no error reply"
+        );
+        assert!(matches!(required.on_option(opt::ABORT, &[]), Step::Abort(_)));
+        assert!(matches!(required.on_option(opt::STARTTLS, &[]), Step::StartTls(_)));
+        required.on_tls_started();
+        assert_eq!(required.on_option(opt::LIST, &[]), Step::List, "inside TLS");
+        assert!(matches!(required.on_option(opt::GO, &go_data("vol", &[])), Step::Open(_)));
+    }
+
+    #[test]
+    fn a_denied_export_is_a_policy_error() {
+        let mut hs = Handshake::new();
+        let Step::Open(request) = hs.on_option(opt::GO, &go_data("vol", &[])) else { panic!("GO opens") };
+        let Opened::Reply(bytes) = hs.on_opened(request, Err(OpenError::Denied("not yours".into()))) else {
+            panic!("a refused GO is answered")
+        };
+        let got = replies(&bytes);
+        assert_eq!(got[0].0.reply_type, rep::ERR_POLICY);
+        assert!(String::from_utf8_lossy(&got[0].1).contains("not yours"));
+    }
+
+    proptest::proptest! {
+        /// Any sequence of options, with STARTTLS anywhere in it, in any mode: the machine
+        /// answers each without panicking, and before TLS a `Required` machine lets nothing
+        /// through but STARTTLS and ABORT.
+        #[test]
+        fn option_sequences_with_starttls_never_panic_or_leak(
+            mode in 0u8..3,
+            options in proptest::collection::vec((0u32..12, proptest::collection::vec(proptest::num::u8::ANY, 0..40)), 0..30),
+        ) {
+            let mode = [TlsMode::Off, TlsMode::Offered, TlsMode::Required][mode as usize];
+            let mut hs = Handshake::with_tls(mode);
+            for (option, data) in options {
+                let tls_before = hs.is_tls();
+                let step = hs.on_option(option, &data);
+                if mode == TlsMode::Required && !tls_before {
+                    proptest::prop_assert!(
+                        !matches!(step, Step::List | Step::Open(_)),
+                        "option {} got {:?} before TLS", option, step
+                    );
+                }
+                if matches!(step, Step::StartTls(_)) {
+                    proptest::prop_assert!(mode != TlsMode::Off && !tls_before);
+                    hs.on_tls_started();
+                }
+            }
+        }
     }
 }

@@ -11,6 +11,12 @@
 //! buffers by `2 * SOCKET_BUFFER_BYTES`. A write over [`REQUEST_BYTES_MAX`] is answered with
 //! EINVAL and the connection is closed: its payload is not read, and the stream cannot be
 //! resynchronised without reading it.
+//!
+//! TLS: given a rustls configuration, the server offers `NBD_OPT_STARTTLS` (and requires it
+//! when [`Exports::identity_required`]); a client certificate verified by that configuration is
+//! the connection's [`Peer`], which decides what it may list and open. A volume whose opener
+//! loses access ([`Volume::revoked`]) ends the connection: requests in flight are answered,
+//! nothing more is read.
 
 use std::future::Future;
 use std::io;
@@ -18,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tandem_frontend::{Budgets, BufferBudget, Exports, IoError, Volume};
+use tandem_frontend::{Budgets, BufferBudget, Exports, IoError, Peer, Volume};
 use thiserror::Error;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf,
@@ -33,7 +39,7 @@ use crate::codec::{
     decode_client_flags, DecodeError, OptionHeader, RequestHeader, SimpleReply, CLIENT_FLAGS_BYTES,
     OPTION_HEADER_BYTES, REQUEST_BYTES_MAX, REQUEST_HEADER_BYTES,
 };
-use crate::handshake::{ExportInfo, Handshake, HandshakeError, Opened, OptionData, Step};
+use crate::handshake::{ExportInfo, Handshake, HandshakeError, Opened, OptionData, Step, TlsMode};
 use crate::transmission::{classify, errno_of_io_error, Payload, Request};
 
 /// Largest piece of a read held in memory: a longer read is streamed to the socket in pieces
@@ -78,7 +84,25 @@ pub enum ConnectionError {
     WriteTooLarge { length: u32 },
     #[error("volume failed after a read reply had started (cookie {cookie}): {error}")]
     StreamedRead { cookie: u64, error: IoError },
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
+    #[error("the client sent more after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataBeforeTls,
+    #[error("access revoked: {0}")]
+    Revoked(String),
 }
+
+/// A connection's byte stream before and after STARTTLS: the socket, or TLS over it.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// The stream negotiation runs on, swapped for TLS over itself by STARTTLS.
+type Conn = BufReader<Box<dyn Stream>>;
+
+/// TLS for NBD: the rustls server configuration (certificate, and the client certificates it
+/// verifies). `None`: the server does not offer TLS.
+pub type TlsConfig = Option<Arc<rustls::ServerConfig>>;
 
 /// Accepts NBD clients on `listener` until `shutdown` completes, serving at most
 /// [`CONNECTIONS_MAX`] at a time, each in its own task, within `budgets` (shared with whatever
@@ -88,6 +112,7 @@ pub async fn serve<E: Exports>(
     listener: TcpListener,
     exports: Arc<E>,
     budgets: Budgets,
+    tls: TlsConfig,
     shutdown: impl Future<Output = ()>,
 ) {
     assert_budgets(&budgets);
@@ -117,10 +142,11 @@ pub async fn serve<E: Exports>(
         }
         let exports = Arc::clone(&exports);
         let budgets = budgets.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
             let _slot = slot;
             debug!(%peer, "NBD client connected");
-            match serve_connection(stream, exports, budgets).await {
+            match serve_connection(stream, exports, budgets, tls).await {
                 Ok(()) => debug!(%peer, "NBD client disconnected"),
                 Err(err) => warn!(%peer, error = %err, "NBD connection closed on error"),
             }
@@ -156,80 +182,116 @@ fn log_panic(joined: Result<(), JoinError>) {
 /// Serves one client on `stream`: negotiation, then requests until the client disconnects.
 /// `Ok` when the client ended the session (`NBD_OPT_ABORT`, `NBD_CMD_DISC`, or closing the
 /// socket between frames).
-pub async fn serve_connection<S, E>(stream: S, exports: Arc<E>, budgets: Budgets) -> Result<(), ConnectionError>
+pub async fn serve_connection<S, E>(
+    stream: S,
+    exports: Arc<E>,
+    budgets: Budgets,
+    tls: TlsConfig,
+) -> Result<(), ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     E: Exports,
 {
     assert_budgets(&budgets);
-    let (read_half, write_half) = tokio::io::split(stream);
-    let mut reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
-    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
-    let negotiation = negotiate(&mut reader, &mut writer, &*exports);
+    let mode = match (&tls, exports.identity_required()) {
+        (None, _) => TlsMode::Off,
+        (Some(_), false) => TlsMode::Offered,
+        (Some(_), true) => TlsMode::Required,
+    };
+    let conn: Conn = BufReader::with_capacity(SOCKET_BUFFER_BYTES, Box::new(stream));
+    let negotiation = negotiate(conn, &*exports, tls, mode);
     let negotiated = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), negotiation)
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)??;
     match negotiated {
-        Some((volume, export)) => transmit(reader, writer, Arc::new(volume), export, budgets.read_buffers).await,
+        Some((conn, volume, export)) => {
+            // Requests the client sent right after the handshake are in `conn`'s buffer: the
+            // halves read through it.
+            let (read_half, write_half) = tokio::io::split(conn);
+            let reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
+            let writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
+            transmit(reader, writer, Arc::new(volume), export, budgets.read_buffers).await
+        }
         None => Ok(()),
     }
 }
 
+/// The first certificate the client presented, as the TLS handshake verified it.
+fn client_certificate<S>(tls: &tokio_rustls::server::TlsStream<S>) -> Option<Vec<u8>> {
+    tls.get_ref().1.peer_certificates().and_then(|certs| certs.first()).map(|c| c.to_vec())
+}
+
 /// Runs option haggling; `None` when the client aborted or went away.
-async fn negotiate<R, W, E>(
-    reader: &mut R,
-    writer: &mut W,
+async fn negotiate<E>(
+    mut conn: Conn,
     exports: &E,
-) -> Result<Option<(E::Volume, ExportInfo)>, ConnectionError>
+    tls: TlsConfig,
+    mode: TlsMode,
+) -> Result<Option<(Conn, E::Volume, ExportInfo)>, ConnectionError>
 where
-    R: AsyncBufRead + Unpin,
-    W: AsyncWrite + Unpin,
     E: Exports,
 {
-    let mut handshake = Handshake::new();
-    send(writer, &Handshake::greeting()).await?;
+    let mut handshake = Handshake::with_tls(mode);
+    let mut peer = Peer::anonymous();
+    send(&mut conn, &Handshake::greeting()).await?;
     let mut flags = [0u8; CLIENT_FLAGS_BYTES];
-    if !read_frame(reader, &mut flags).await? {
+    if !read_frame(&mut conn, &mut flags).await? {
         return Ok(None);
     }
     handshake.on_client_flags(decode_client_flags(&flags).map_err(HandshakeError::from)?)?;
     loop {
         let mut raw = [0u8; OPTION_HEADER_BYTES];
-        if !read_frame(reader, &mut raw).await? {
+        if !read_frame(&mut conn, &mut raw).await? {
             return Ok(None);
         }
         let header = OptionHeader::decode(&raw).map_err(HandshakeError::from)?;
         let data = match handshake.on_option_header(header) {
             OptionData::Read(len) => {
                 let mut data = vec![0u8; len];
-                reader.read_exact(&mut data).await.map_err(eof_is_truncated)?;
+                conn.read_exact(&mut data).await.map_err(eof_is_truncated)?;
                 data
             }
             OptionData::DrainThenTooBig(len) => {
-                discard(reader, len).await?;
-                send(writer, &Handshake::too_big_reply(header.option)).await?;
+                discard(&mut conn, len).await?;
+                send(&mut conn, &Handshake::too_big_reply(header.option)).await?;
                 continue;
             }
             OptionData::TooBigDisconnect(err) => {
                 // Best effort: the client learns why before the connection closes.
-                let _ = send(writer, &Handshake::too_big_reply(header.option)).await;
+                let _ = send(&mut conn, &Handshake::too_big_reply(header.option)).await;
                 return Err(err.into());
             }
         };
         match handshake.on_option(header.option, &data) {
-            Step::Reply(bytes) => send(writer, &bytes).await?,
-            Step::List => send(writer, &Handshake::list_reply(&exports.list())).await?,
+            Step::Reply(bytes) => send(&mut conn, &bytes).await?,
+            Step::List => send(&mut conn, &Handshake::list_reply(&exports.list(&peer))).await?,
             Step::Abort(bytes) => {
                 // The client may already be gone; that is its right after ABORT.
-                if send(writer, &bytes).await.is_ok() {
-                    let _ = writer.shutdown().await;
+                if send(&mut conn, &bytes).await.is_ok() {
+                    let _ = conn.shutdown().await;
                 }
                 return Ok(None);
+            }
+            Step::StartTls(bytes) => {
+                let config = tls.clone().expect("STARTTLS is accepted only with a TLS configuration");
+                send(&mut conn, &bytes).await?;
+                // The TLS handshake starts with the client's next bytes: anything already
+                // buffered was sent before it, which the protocol forbids.
+                if !conn.buffer().is_empty() {
+                    return Err(ConnectionError::DataBeforeTls);
+                }
+                let plain = conn.into_inner();
+                let stream =
+                    tokio_rustls::TlsAcceptor::from(config).accept(plain).await.map_err(ConnectionError::Tls)?;
+                peer = Peer { certificate: client_certificate(&stream), initiator: None };
+                debug!(certificate = peer.certificate.is_some(), "NBD connection is TLS now");
+                conn = BufReader::with_capacity(SOCKET_BUFFER_BYTES, Box::new(stream));
+                handshake.on_tls_started();
             }
             Step::Disconnect(err) => return Err(err.into()),
             Step::Open(request) => {
                 let name = request.name.clone();
-                let (result, volume) = match exports.open(&name).await {
+                let (result, volume) = match exports.open(&name, &peer).await {
                     Ok(volume) => (Ok(export_info(&volume)), Some(volume)),
                     Err(err) => {
                         info!(export = %name, error = %err, "NBD client asked for an export that cannot be opened");
@@ -237,15 +299,15 @@ where
                     }
                 };
                 match handshake.on_opened(request, result.clone()) {
-                    Opened::Reply(bytes) => send(writer, &bytes).await?,
+                    Opened::Reply(bytes) => send(&mut conn, &bytes).await?,
                     Opened::Disconnect(err) => return Err(err.into()),
                     Opened::Transmission(bytes) => {
-                        send(writer, &bytes).await?;
+                        send(&mut conn, &bytes).await?;
                         let (Some(volume), Ok(export)) = (volume, result) else {
                             unreachable!("transmission starts only on an opened export")
                         };
                         debug!(export = %name, size_bytes = export.size_bytes, "NBD transmission starts");
-                        return Ok(Some((volume, export)));
+                        return Ok(Some((conn, volume, export)));
                     }
                 }
             }
@@ -337,6 +399,9 @@ where
     let mut tasks: JoinSet<Result<(), ConnectionError>> = JoinSet::new();
     let mut task_error = None;
     let mut abandoned = false;
+    let revoked_volume = Arc::clone(&volume);
+    let revoked = revoked_volume.revoked();
+    tokio::pin!(revoked);
 
     let reader_result = loop {
         while let Some(joined) = tasks.try_join_next() {
@@ -351,6 +416,8 @@ where
             biased;
             // The failed task's error is collected below.
             _ = failed_rx.wait_for(|failed| *failed) => break Ok(()),
+            // The opener lost access: requests running are answered, nothing more is read.
+            reason = &mut revoked => break Err(ConnectionError::Revoked(reason)),
             incoming = next_request(&mut reader, &export, &inflight, &payload_budget) => incoming,
         };
         match incoming {

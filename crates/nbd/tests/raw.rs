@@ -104,7 +104,7 @@ async fn unknown_and_unavailable_exports_and_unsupported_options_keep_negotiatin
         (go_bytes("missing"), opt::GO, rep::ERR_UNKNOWN, "missing"),
         (go_bytes("offline"), opt::GO, rep::ERR_UNKNOWN, "no primary"),
         (option_bytes(opt::STRUCTURED_REPLY, &[]), opt::STRUCTURED_REPLY, rep::ERR_UNSUP, "simple replies"),
-        (option_bytes(opt::STARTTLS, &[]), opt::STARTTLS, rep::ERR_UNSUP, ""),
+        (option_bytes(opt::STARTTLS, &[]), opt::STARTTLS, rep::ERR_POLICY, "does not offer TLS"),
         (option_bytes(4242, b"whatever"), 4242, rep::ERR_UNSUP, ""),
         (option_bytes(opt::LIST, b"x"), opt::LIST, rep::ERR_INVALID, ""),
         (option_bytes(opt::GO, &[0, 0, 0, 9, b'd']), opt::GO, rep::ERR_INVALID, ""),
@@ -292,7 +292,7 @@ async fn serve_connection_reports_how_sessions_end() {
     async fn session(exports: &Arc<MemExports>, bytes: Vec<u8>) -> Result<(), ConnectionError> {
         let (mut client, server_side) = tokio::io::duplex(1 << 20);
         let served =
-            tokio::spawn(serve_connection(server_side, Arc::clone(exports), Budgets::new(READ_BUFFER_BYTES_MAX)));
+            tokio::spawn(serve_connection(server_side, Arc::clone(exports), Budgets::new(READ_BUFFER_BYTES_MAX), None));
         client.write_all(&bytes).await.expect("write");
         client.shutdown().await.expect("shutdown");
         // Drain replies so the server never blocks on a full pipe.
@@ -339,7 +339,7 @@ async fn a_stalled_handshake_times_out() {
     let exports = Arc::new(MemExports::standard());
     let (_client, server_side) = tokio::io::duplex(4096);
     // Virtual time: the runtime jumps to the timeout as soon as everything is idle.
-    let result = serve_connection(server_side, exports, Budgets::new(READ_BUFFER_BYTES_MAX)).await;
+    let result = serve_connection(server_side, exports, Budgets::new(READ_BUFFER_BYTES_MAX), None).await;
     assert!(matches!(result, Err(ConnectionError::HandshakeTimeout)), "{result:?}");
 }
 

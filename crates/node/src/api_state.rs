@@ -74,6 +74,7 @@ impl ApiState {
         meta: Arc<MetaStore>,
         cfg: Arc<ClusterConfig>,
         secret: Arc<ClusterSecret>,
+        host_watches: Arc<HostWatches>,
         transport: T,
         plane: Plane,
         paths: Arc<PathManager>,
@@ -82,7 +83,7 @@ impl ApiState {
     ) -> ApiState {
         let transport = Arc::new(transport);
         ApiState {
-            host_watches: HostWatches::spawn(&meta),
+            host_watches,
             meta,
             cfg,
             secret,

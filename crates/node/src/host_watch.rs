@@ -1,5 +1,6 @@
 //! Wakes the path-map long-polls (`GET /v1/hosts/{name}/paths?since=G`) of one host when that
-//! host's record changes, and no others. Every host's agent keeps such a poll open, so a poll
+//! host's record changes, and no others; and the host connections whose access hangs on a
+//! host's record or on the access setting. Every host's agent keeps such a poll open, so a poll
 //! that woke on every applied write would make each write cost as much as there are hosts; one
 //! task here reads the change feed and wakes only the watchers of the hosts it names.
 
@@ -11,9 +12,9 @@ use tandem_meta::state_machine::Changed;
 use tandem_meta::store::MetaStore;
 use tokio::sync::watch;
 
-/// One wake-up signal per watched host.
+/// One wake-up signal per watched object (a host's record, or a setting).
 pub struct HostWatches {
-    hosts: Mutex<HashMap<String, watch::Sender<u64>>>,
+    hosts: Mutex<HashMap<ObjectKey, watch::Sender<u64>>>,
 }
 
 impl HostWatches {
@@ -35,8 +36,14 @@ impl HostWatches {
     /// A signal that changes whenever `host`'s record may have changed. Take it before reading
     /// the record, so that no change falls between the read and the wait.
     pub fn watch(&self, host: &str) -> watch::Receiver<u64> {
+        self.watch_key(ObjectKey::Host(host.to_string()))
+    }
+
+    /// A signal that changes whenever the object `key` may have changed (read it after taking
+    /// the signal, as for [`HostWatches::watch`]).
+    pub fn watch_key(&self, key: ObjectKey) -> watch::Receiver<u64> {
         let mut hosts = self.hosts.lock().expect("watches lock");
-        hosts.entry(host.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
+        hosts.entry(key).or_insert_with(|| watch::channel(0).0).subscribe()
     }
 
     fn wake(&self, changed: &Changed) {
@@ -49,11 +56,10 @@ impl HostWatches {
             }
             Changed::Keys(keys) => {
                 for key in keys {
-                    let ObjectKey::Host(name) = key else { continue };
-                    let Some(tx) = hosts.get(name) else { continue };
+                    let Some(tx) = hosts.get(key) else { continue };
                     if tx.receiver_count() == 0 {
-                        // Nobody waits any more: forget the host.
-                        hosts.remove(name);
+                        // Nobody waits any more: forget the object.
+                        hosts.remove(key);
                     } else {
                         bump(tx);
                     }

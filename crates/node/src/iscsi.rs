@@ -214,7 +214,8 @@ impl Targets for Portal {
             .meta
             .local_read(|st| st.map.volume_by_name(name).cloned())
             .ok_or_else(|| OpenError::NotFound(format!("no volume named {name:?}")))?;
-        let volume = self.exports.open(name).await?;
+        let peer = tandem_frontend::Peer { certificate: None, initiator: Some(initiator.to_string()) };
+        let volume = self.exports.open(name, &peer).await?;
         let unit = self.unit(&record, target);
         let access = self.follow_access(record.id, initiator.to_string());
         Ok(Lun { volume, unit, access })

@@ -152,13 +152,21 @@ pub async fn run(
     volumes::follow_volumes(meta.clone(), plane.clone(), leases.clone());
     // Every target port serves every volume, and all of them share one set of budgets.
     let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::watch::channel(false);
-    let exports = Arc::new(volumes::VolumeExports { plane: plane.clone() });
+    let host_watches = host_watch::HostWatches::spawn(&meta);
+    let exports = Arc::new(volumes::VolumeExports {
+        plane: plane.clone(),
+        meta: meta.clone(),
+        default_access: cfg.security.access,
+        watches: host_watches.clone(),
+    });
+    // NBD over TLS: the node's certificate; a host's client certificate identifies it.
+    let nbd_tls = Some(identity.host_server_config()?);
     let budgets = Budgets::new(tandem_nbd::READ_BUFFER_BYTES_MAX);
     let nbd: Vec<_> = nbd_listeners
         .into_iter()
         .map(|listener| {
             let mut stop = nbd_stop_rx.clone();
-            tokio::spawn(tandem_nbd::serve(listener, exports.clone(), budgets.clone(), async move {
+            tokio::spawn(tandem_nbd::serve(listener, exports.clone(), budgets.clone(), nbd_tls.clone(), async move {
                 let _ = stop.wait_for(|s| *s).await;
             }))
         })
@@ -192,8 +200,17 @@ pub async fn run(
     tracing::info!(node = %id, raft = %me.raft_addr, api = %me.api_addr, transport = %default_kind, "node started");
     // Stopping also ends the path-map watches in progress, which graceful shutdown waits for.
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let state =
-        api::ApiState::new(meta.clone(), Arc::new(cfg), secret, mesh.clone(), plane.clone(), paths, stopping, budgets);
+    let state = api::ApiState::new(
+        meta.clone(),
+        Arc::new(cfg),
+        secret,
+        host_watches,
+        mesh.clone(),
+        plane.clone(),
+        paths,
+        stopping,
+        budgets,
+    );
     let stop_signal = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);

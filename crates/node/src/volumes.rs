@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tandem_clustermap::{ClusterMap, MetaCmd, MetaReply, ObjectKey, VolumeRecord};
-use tandem_frontend::{Budgets, Exports, IoError, OpenError, Volume};
+use tandem_clustermap::{AccessPolicy, ClusterMap, MetaCmd, MetaReply, ObjectKey, Principal, Refusal, VolumeRecord};
+use tandem_frontend::{Budgets, Exports, IoError, OpenError, Peer, Volume};
 use tandem_meta::network::MetaError;
 use tandem_meta::state_machine::Changed;
 use tandem_meta::store::MetaStore;
@@ -17,6 +17,7 @@ use tandem_storage::SledStore;
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId};
 
+use crate::host_watch::HostWatches;
 use crate::lease::Leases;
 
 pub type Plane = DataPlane<SledStore>;
@@ -229,12 +230,74 @@ fn volume_work(map: &ClusterMap, changed: &Changed) -> Option<VolumeWork> {
 /// The exports every host protocol serves: every volume of the cluster, by name.
 pub struct VolumeExports {
     pub plane: Plane,
+    pub meta: Arc<MetaStore>,
+    /// The access policy while the cluster map holds none (the config's).
+    pub default_access: AccessPolicy,
+    /// Wakes connections when their opener's access may have changed.
+    pub watches: Arc<HostWatches>,
+}
+
+/// Who `peer` is in `map`: the host its certificate or initiator name belongs to, or nobody.
+/// A certificate that belongs to no host (revoked by newer credentials, a host removed, or
+/// not a host's at all) is refused outright rather than taken as anonymous, which could reach
+/// more than its host did.
+pub fn principal_of(map: &ClusterMap, peer: &Peer) -> Result<Principal, String> {
+    if let Some(cert) = &peer.certificate {
+        let fingerprint = crate::security::sha256_hex(cert);
+        return match map.host_by_cert(&fingerprint) {
+            Some(h) => Ok(Principal::Host(h.name.clone())),
+            None => Err(format!(
+                "the client certificate (sha256 {fingerprint}) is not a host's current certificate \
+                 (replaced by newer credentials, or its host was removed)"
+            )),
+        };
+    }
+    if let Some(h) = peer.initiator.as_deref().and_then(|i| map.host_by_iqn(i)) {
+        return Ok(Principal::Host(h.name.clone()));
+    }
+    Ok(Principal::Anonymous)
+}
+
+impl VolumeExports {
+    /// Who `peer` is and whether it may open `name`, as this node's map says now.
+    fn decide(&self, name: &str, peer: &Peer) -> Result<Principal, OpenError> {
+        self.meta.local_read(|st| {
+            let policy = st.map.access_policy(self.default_access);
+            let who = principal_of(&st.map, peer).map_err(OpenError::Denied)?;
+            match st.map.may_open(policy, &who, name) {
+                Ok(_) => Ok(who),
+                Err(Refusal::NotFound(m)) => Err(OpenError::NotFound(m)),
+                Err(Refusal::IdentityRequired(m) | Refusal::NotConnected(m)) => Err(OpenError::Denied(m)),
+            }
+        })
+    }
 }
 
 /// One volume as a host protocol sees it; every request goes through the data plane.
 pub struct ExportedVolume {
     plane: Plane,
     cfg: VolumeConfig,
+    /// Who opened it, and what its access hangs on.
+    access: Access,
+}
+
+/// What a volume opened by a host connection needs to tell when its opener loses access.
+struct Access {
+    who: Principal,
+    meta: Arc<MetaStore>,
+    default_access: AccessPolicy,
+    /// Changes with the opener's host record (or, for an anonymous opener, the access setting).
+    changed: tokio::sync::Mutex<tokio::sync::watch::Receiver<u64>>,
+}
+
+impl Access {
+    /// Why `who` may no longer open `volume`, if so.
+    fn refused(&self, volume: &str) -> Option<String> {
+        self.meta.local_read(|st| {
+            let policy = st.map.access_policy(self.default_access);
+            st.map.may_open(policy, &self.who, volume).err().map(|r| r.to_string())
+        })
+    }
 }
 
 /// The error kind, and so the errno (NBD) a host sees, for each definite reason
@@ -250,15 +313,39 @@ fn io_error(e: IoFail) -> IoError {
 impl Exports for VolumeExports {
     type Volume = ExportedVolume;
 
-    fn list(&self) -> Vec<String> {
-        self.plane.volume_names()
+    fn list(&self, peer: &Peer) -> Vec<String> {
+        let visible = self.meta.local_read(|st| {
+            let policy = st.map.access_policy(self.default_access);
+            principal_of(&st.map, peer).map(|who| st.map.visible_volumes(policy, &who)).unwrap_or_default()
+        });
+        // Only what this node serves now.
+        let served: std::collections::HashSet<String> = self.plane.volume_names().into_iter().collect();
+        visible.into_iter().filter(|v| served.contains(v)).collect()
     }
 
-    async fn open(&self, name: &str) -> Result<ExportedVolume, OpenError> {
-        match self.plane.volume_by_name(name) {
-            Some(cfg) => Ok(ExportedVolume { plane: self.plane.clone(), cfg }),
-            None => Err(OpenError::NotFound(format!("no volume named {name:?}"))),
-        }
+    async fn open(&self, name: &str, peer: &Peer) -> Result<ExportedVolume, OpenError> {
+        // The signal is taken before the decision, so no change falls between the two.
+        let who = self.meta.local_read(|st| principal_of(&st.map, peer)).map_err(OpenError::Denied)?;
+        let key = match &who {
+            Principal::Host(h) => ObjectKey::Host(h.clone()),
+            _ => ObjectKey::Setting(tandem_clustermap::ACCESS_SETTING.to_string()),
+        };
+        let changed = self.watches.watch_key(key);
+        let who = self.decide(name, peer)?;
+        let Some(cfg) = self.plane.volume_by_name(name) else {
+            return Err(OpenError::NotFound(format!("no volume named {name:?}")));
+        };
+        let access = Access {
+            who,
+            meta: self.meta.clone(),
+            default_access: self.default_access,
+            changed: tokio::sync::Mutex::new(changed),
+        };
+        Ok(ExportedVolume { plane: self.plane.clone(), cfg, access })
+    }
+
+    fn identity_required(&self) -> bool {
+        self.meta.local_read(|st| !st.map.access_policy(self.default_access).allows_anonymous())
     }
 }
 
@@ -271,6 +358,23 @@ impl Volume for ExportedVolume {
     /// only once durable on every in-sync replica: all connections see one volume.
     fn multi_conn(&self) -> bool {
         true
+    }
+
+    /// As soon as this node has applied the change that took the opener's access away (its
+    /// host disconnected from the volume or removed, its certificate replaced, the policy
+    /// tightened): docs/OPERATIONS.md, "Security".
+    async fn revoked(&self) -> String {
+        let access = &self.access;
+        let mut changed = access.changed.lock().await;
+        loop {
+            if let Some(why) = access.refused(&self.cfg.name) {
+                return why;
+            }
+            if changed.changed().await.is_err() {
+                // The store stopped: the node is going down, and the connection with it.
+                return std::future::pending().await;
+            }
+        }
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_frontend::{Budgets, Exports, IoError, OpenError, Volume};
+use tandem_frontend::{Budgets, Exports, IoError, OpenError, Peer, Volume};
 use tandem_nbd::codec::{OptionReplyHeader, SimpleReply, OPTION_REPLY_HEADER_BYTES};
 use tandem_nbd::READ_BUFFER_BYTES_MAX;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -169,7 +169,7 @@ impl MemExports {
 impl Exports for MemExports {
     type Volume = MemHandle;
 
-    fn list(&self) -> Vec<String> {
+    fn list(&self, _peer: &Peer) -> Vec<String> {
         // `offline` is not listed: clients such as `nbdinfo --list` fail on a listed export
         // they cannot open.
         let mut names: Vec<String> = self.volumes.keys().cloned().collect();
@@ -177,7 +177,7 @@ impl Exports for MemExports {
         names
     }
 
-    async fn open(&self, name: &str) -> Result<MemHandle, OpenError> {
+    async fn open(&self, name: &str, _peer: &Peer) -> Result<MemHandle, OpenError> {
         if name == "offline" {
             return Err(OpenError::Unavailable(format!("{name} has no primary right now")));
         }
@@ -205,7 +205,7 @@ impl TestServer {
         let exports = Arc::new(MemExports::standard());
         let budgets = Budgets::new(READ_BUFFER_BYTES_MAX);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(tandem_nbd::serve(listener, Arc::clone(&exports), budgets.clone(), async {
+        let task = tokio::spawn(tandem_nbd::serve(listener, Arc::clone(&exports), budgets.clone(), None, async {
             let _ = stopped.await;
         }));
         TestServer { addr, exports, budgets, stop: Some(stop), task }
