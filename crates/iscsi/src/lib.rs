@@ -10,6 +10,8 @@
 //!   for texts continued over PDUs.
 //! - [`login`]: the login phase of one connection, target side: a state machine from Login
 //!   Requests to Login Responses, ending in the negotiated [`SessionParams`].
+//! - [`chap`]: CHAP authentication (one-way and mutual) as a [`login::Authenticator`], with
+//!   the policy of which initiators must use it.
 //! - [`discovery`]: Text Requests of a discovery session (`SendTargets`).
 //!
 //! - [`server`]: the tokio driver: a portal serving [`server::Targets`] (discovery and normal
@@ -19,10 +21,11 @@
 //!
 //! Everything but [`server`] is sans-IO: no sockets, no tokio and no clock. The crate does not
 //! decide SCSI commands (that is `tandem-scsi`'s job) or know volumes (the node's). It implements
-//! ErrorRecoveryLevel 0, one connection per session, and AuthMethod=None, with a seam for
-//! CHAP ([`Authenticator`]). Both directions encode and decode so that a client in this crate
+//! ErrorRecoveryLevel 0, one connection per session, and AuthMethod CHAP (MD5 or SHA-256,
+//! one-way or mutual) or None. Both directions encode and decode so that a client in this crate
 //! can drive load and tests.
 
+pub mod chap;
 pub mod digest;
 pub mod discovery;
 pub mod login;
@@ -30,10 +33,12 @@ pub mod pdu;
 pub mod server;
 pub mod text;
 
+pub use chap::{validate_chap_secret, Chap, ChapAlgorithm, ChapCredentials};
 pub use discovery::{DiscoveryError, DiscoveryResponder, DiscoveryTarget, SeqNumbers, SEND_TARGETS_BYTES_MAX};
 pub use login::{
-    AuthStatus, Authenticator, ConfigError, DigestSupport, LoginHooks, LoginMachine, LoginOutcome, NoAuthentication,
-    SessionParams, SessionType, TargetConfig, LOGIN_DATA_SEGMENT_BYTES, LOGIN_KEYS_MAX, LOGIN_PDUS_MAX,
+    AuthStatus, Authentication, Authenticator, ConfigError, DigestSupport, LoginHooks, LoginMachine, LoginOutcome,
+    NoAuthentication, SessionParams, SessionType, TargetConfig, LOGIN_DATA_SEGMENT_BYTES, LOGIN_KEYS_MAX,
+    LOGIN_PDUS_MAX,
 };
 pub use pdu::{
     decode, parse_bhs, AsyncMessage, BhsInfo, DataIn, DataOut, DecodeLimits, Digests, Isid, LoginRequest,

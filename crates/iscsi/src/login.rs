@@ -22,10 +22,14 @@
 //! continued over several PDUs in either direction. Any malformed or out-of-order request ends
 //! in [`LoginOutcome::Failed`] with the status RFC 7143 §11.13.5 names; nothing panics.
 //!
-//! Authentication: only `AuthMethod=None` is implemented ([`NoAuthentication`]). CHAP will be
-//! another [`Authenticator`]: the machine already routes the method's keys (those it
-//! [`Authenticator::owns_key`]) to it, holds the security stage until it reports success, and
-//! fails the login with 0x0201 when it reports failure.
+//! Authentication: the [`Authenticator`] names the methods it offers each initiator
+//! ([`Authenticator::methods`], asked once the InitiatorName is known), so it can require a
+//! method of one initiator and accept `AuthMethod=None` from another. The machine routes the
+//! method's keys (those it [`Authenticator::owns_key`]) to it, holds the security stage until it
+//! reports success, and fails the login with 0x0201 when it reports failure, or when the
+//! initiator skips the security stage or asks for a method it was not offered. What the method
+//! established ([`Authentication`]) ends up in the [`SessionParams`]. [`NoAuthentication`]
+//! accepts only `AuthMethod=None`; [`crate::chap::Chap`] is CHAP.
 //!
 //! What it does not do: sessions with more than one connection (MaxConnections is 1, a login
 //! with a non-zero TSIH is refused with 0x0208), error recovery above level 0, redirection
@@ -261,21 +265,46 @@ pub trait LoginHooks {
     fn allocate_tsih(&mut self, initiator_name: &str, isid: Isid) -> Option<NonZeroU16>;
 }
 
+/// Who the initiator proved to be in the security stage, kept in [`SessionParams`] so that the
+/// server can say who a session belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authentication {
+    /// `AuthMethod=None`, or no security stage: the initiator is whoever its name says.
+    None,
+    /// CHAP: the initiator proved it knows the secret of `user`; `mutual` when the target then
+    /// proved it knows its own secret too.
+    Chap { user: String, mutual: bool },
+}
+
+impl std::fmt::Display for Authentication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Authentication::None => f.write_str("none"),
+            Authentication::Chap { user, mutual: false } => write!(f, "CHAP as {user}"),
+            Authentication::Chap { user, mutual: true } => write!(f, "mutual CHAP as {user}"),
+        }
+    }
+}
+
 /// Where an authentication exchange stands after one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthStatus {
     /// More Login Requests are needed; the security stage continues.
     InProgress,
-    Succeeded,
+    /// The initiator proved who it is.
+    Succeeded(Authentication),
     /// Fails the login with 0x0201 "Authentication failure".
     Failed,
 }
 
-/// An authentication method, run in the SecurityNegotiation stage. This is the seam for CHAP.
+/// An authentication method, run in the SecurityNegotiation stage.
 pub trait Authenticator {
-    /// The AuthMethod values this target accepts, most preferred first. Listing "None" makes
-    /// authentication optional: the initiator may then also skip the security stage.
-    fn methods(&self) -> &[&'static str];
+    /// The AuthMethod values this target accepts from `initiator_name`, most preferred first.
+    /// Asked once the initiator has named itself (its first complete text), when it offers
+    /// AuthMethod or leaves the security stage without one. Listing "None" makes authentication
+    /// optional for this initiator: it may then also skip the security stage; leaving "None"
+    /// out fails both with 0x0201.
+    fn methods(&self, initiator_name: &str) -> &[&'static str];
     /// Whether `key` belongs to a method's exchange (for CHAP: CHAP_A, CHAP_I, CHAP_C, CHAP_N,
     /// CHAP_R). Such keys go to [`Authenticator::on_keys`] instead of the negotiation.
     fn owns_key(&self, key: &str) -> bool;
@@ -296,7 +325,7 @@ pub trait Authenticator {
 pub struct NoAuthentication;
 
 impl Authenticator for NoAuthentication {
-    fn methods(&self) -> &[&'static str] {
+    fn methods(&self, _initiator_name: &str) -> &[&'static str] {
         &["None"]
     }
 
@@ -338,6 +367,8 @@ pub struct SessionParams {
     pub data_pdu_in_order: bool,
     pub data_sequence_in_order: bool,
     pub error_recovery_level: u8,
+    /// How the initiator authenticated.
+    pub authentication: Authentication,
     /// The session's first CmdSN: that of the Login Requests (they are immediate).
     pub exp_cmd_sn: u32,
     /// The StatSN of the connection's next response.
@@ -389,7 +420,7 @@ enum Auth {
     /// No AuthMethod exchanged (yet).
     NotNegotiated,
     InProgress(String),
-    Done,
+    Done(Authentication),
 }
 
 /// Negotiated values so far; `None` means not negotiated, so the RFC default.
@@ -729,8 +760,11 @@ impl<A: Authenticator> LoginMachine<A> {
 
     /// Authentication is over (or was skipped): authorize before leaving the security stage.
     fn security_done(&mut self, hooks: &dyn LoginHooks) -> Result<(), LoginStatus> {
-        if self.n.auth == Auth::NotNegotiated && !self.auth.methods().contains(&"None") {
-            return Err(LoginStatus::AUTHENTICATION_FAILURE);
+        if self.n.auth == Auth::NotNegotiated {
+            if !self.auth.methods(&self.n.initiator_name).contains(&NONE) {
+                return Err(LoginStatus::AUTHENTICATION_FAILURE);
+            }
+            self.n.auth = Auth::Done(Authentication::None);
         }
         if let Some(target) = &self.n.target_name {
             if !hooks.initiator_allowed(&self.n.initiator_name, target) {
@@ -769,10 +803,14 @@ impl<A: Authenticator> LoginMachine<A> {
             self.note_key(key)?;
             match key {
                 "AuthMethod" => {
-                    let methods = self.auth.methods();
+                    let methods = self.auth.methods(&self.n.initiator_name);
                     let chosen = list_items(value).find(|method| methods.contains(method));
                     let Some(chosen) = chosen else { return Err(LoginStatus::AUTHENTICATION_FAILURE) };
-                    self.n.auth = if chosen == "None" { Auth::Done } else { Auth::InProgress(chosen.to_string()) };
+                    self.n.auth = if chosen == NONE {
+                        Auth::Done(Authentication::None)
+                    } else {
+                        Auth::InProgress(chosen.to_string())
+                    };
                     reply.push(TextPair::new(key, chosen));
                 }
                 "InitiatorAlias" => self.n.initiator_alias = Some(value.to_string()),
@@ -790,7 +828,7 @@ impl<A: Authenticator> LoginMachine<A> {
             let target = self.n.target_name.as_deref();
             match self.auth.on_keys(method, &self.n.initiator_name, target, &auth_keys, reply) {
                 AuthStatus::InProgress => {}
-                AuthStatus::Succeeded => self.n.auth = Auth::Done,
+                AuthStatus::Succeeded(authentication) => self.n.auth = Auth::Done(authentication),
                 AuthStatus::Failed => return Err(LoginStatus::AUTHENTICATION_FAILURE),
             }
         } else if !auth_keys.is_empty() {
@@ -1052,6 +1090,12 @@ impl<A: Authenticator> LoginMachine<A> {
             data_pdu_in_order: n.data_pdu_in_order.unwrap_or(defaults::DATA_PDU_IN_ORDER),
             data_sequence_in_order: n.data_sequence_in_order.unwrap_or(defaults::DATA_SEQUENCE_IN_ORDER),
             error_recovery_level: n.error_recovery_level.unwrap_or(defaults::ERROR_RECOVERY_LEVEL),
+            authentication: match &n.auth {
+                Auth::Done(authentication) => authentication.clone(),
+                Auth::NotNegotiated | Auth::InProgress(_) => {
+                    unreachable!("the security stage is left only through security_done")
+                }
+            },
             exp_cmd_sn: self.cmd_sn,
             stat_sn: self.stat_sn,
         }
@@ -1301,6 +1345,7 @@ mod tests {
                 data_pdu_in_order: true,
                 data_sequence_in_order: true,
                 error_recovery_level: 0,
+                authentication: Authentication::None,
                 exp_cmd_sn: 0x20,
                 stat_sn: 1002,
             }
@@ -1590,15 +1635,23 @@ mod tests {
     }
 
     /// A CHAP-shaped authenticator, to exercise the seam: it wants CHAP_A, then CHAP_N and a
-    /// CHAP_R equal to "0xgood".
+    /// CHAP_R equal to "0xgood". It requires CHAP of every initiator but `optional_for`, which
+    /// it also offers None.
     #[derive(Default)]
     struct FakeChap {
         steps: usize,
+        optional_for: Option<&'static str>,
+        asked: std::cell::RefCell<Vec<String>>,
     }
 
     impl Authenticator for FakeChap {
-        fn methods(&self) -> &[&'static str] {
-            &["CHAP"]
+        fn methods(&self, initiator_name: &str) -> &[&'static str] {
+            self.asked.borrow_mut().push(initiator_name.to_string());
+            if self.optional_for == Some(initiator_name) {
+                &["CHAP", "None"]
+            } else {
+                &["CHAP"]
+            }
         }
 
         fn owns_key(&self, key: &str) -> bool {
@@ -1624,7 +1677,9 @@ mod tests {
                     reply.push(TextPair::new("CHAP_C", "0x0102"));
                     AuthStatus::InProgress
                 }
-                3 if get("CHAP_R") == Some("0xgood") => AuthStatus::Succeeded,
+                3 if get("CHAP_R") == Some("0xgood") => {
+                    AuthStatus::Succeeded(Authentication::Chap { user: INITIATOR.into(), mutual: false })
+                }
                 _ => AuthStatus::Failed,
             }
         }
@@ -1650,6 +1705,16 @@ mod tests {
             &mut hooks,
         );
         assert_eq!((r.status, r.next_stage), (LoginStatus::SUCCESS, to_op));
+        assert_eq!(*m.auth.asked.borrow(), [INITIATOR], "methods asked with the initiator's name");
+        let r = exchange(
+            &mut m,
+            &request(Stage::LoginOperationalNegotiation, Some(Stage::FullFeaturePhase), &[]),
+            &mut hooks,
+        );
+        assert_eq!(r.next_stage, Some(Stage::FullFeaturePhase));
+        let params = m.into_session_params().expect("complete");
+        assert_eq!(params.authentication, Authentication::Chap { user: INITIATOR.into(), mutual: false });
+        assert_eq!(params.authentication.to_string(), format!("CHAP as {INITIATOR}"));
 
         // A wrong response fails with "authentication failure".
         let (mut m, mut hooks) = (chap_machine(), Hooks::default());
@@ -1676,6 +1741,42 @@ mod tests {
         early.push(("CHAP_A", "5"));
         let r = exchange(&mut m, &request(Stage::SecurityNegotiation, None, &early), &mut hooks);
         failed_with(&m, &r, LoginStatus::INITIATOR_ERROR);
+    }
+
+    /// The authenticator decides per initiator whether None is allowed: the same login that
+    /// fails for an initiator that must use CHAP completes, unauthenticated, for one that may
+    /// skip it.
+    #[test]
+    fn methods_are_chosen_per_initiator() {
+        let to_op = Some(Stage::LoginOperationalNegotiation);
+        let mut none = LEADING.to_vec();
+        none.push(("AuthMethod", "None"));
+        let optional = || FakeChap { optional_for: Some(INITIATOR), ..FakeChap::default() };
+        let required = || FakeChap { optional_for: Some("iqn.2005-03.org.open-iscsi:other"), ..FakeChap::default() };
+
+        let mut m = LoginMachine::new(Arc::new(TargetConfig::default()), required(), 1);
+        let r = exchange(&mut m, &request(Stage::SecurityNegotiation, to_op, &none), &mut Hooks::default());
+        failed_with(&m, &r, LoginStatus::AUTHENTICATION_FAILURE);
+        assert_eq!(*m.auth.asked.borrow(), [INITIATOR]);
+        let mut m = LoginMachine::new(Arc::new(TargetConfig::default()), required(), 1);
+        let r = exchange(&mut m, &request(Stage::LoginOperationalNegotiation, None, &LEADING), &mut Hooks::default());
+        failed_with(&m, &r, LoginStatus::AUTHENTICATION_FAILURE);
+
+        for first in [
+            request(Stage::SecurityNegotiation, to_op, &none),
+            request(Stage::LoginOperationalNegotiation, None, &LEADING),
+        ] {
+            let (mut m, mut hooks) =
+                (LoginMachine::new(Arc::new(TargetConfig::default()), optional(), 1), Hooks::default());
+            let r = exchange(&mut m, &first, &mut hooks);
+            assert_eq!(r.status, LoginStatus::SUCCESS);
+            let last = request(Stage::LoginOperationalNegotiation, Some(Stage::FullFeaturePhase), &[]);
+            let r = exchange(&mut m, &last, &mut hooks);
+            assert_eq!(r.next_stage, Some(Stage::FullFeaturePhase));
+            assert_eq!(m.auth.asked.borrow().as_slice(), [INITIATOR]);
+            let params = m.into_session_params().expect("complete");
+            assert_eq!(params.authentication, Authentication::None);
+        }
     }
 
     /// Runs a one-request login and returns the machine and its response.

@@ -17,9 +17,14 @@
 //! drawn from the shared [`Budgets::read_buffers`], sent as Data-In PDUs of at most the
 //! initiator's MaxRecvDataSegmentLength; the writer's queue by [`OUTGOING_QUEUE_PDUS`] PDUs.
 //!
-//! What it does not do yet, and says so: CHAP (every initiator is accepted: host identities
-//! come with access control), several connections per session, and error recovery above
-//! level 0 (a digest or sequence error ends the connection; the initiator logs in again).
+//! Authentication is CHAP ([`crate::chap`]) for the initiators [`Targets::chap`] has
+//! credentials for, and for all when [`Targets::chap_required`]; others log in with
+//! AuthMethod=None. Each login gets a fresh challenge from the system's random source. Once
+//! authenticated, every initiator may use every target: access control comes with host
+//! identities.
+//!
+//! What it does not do yet, and says so: several connections per session, and error recovery
+//! above level 0 (a digest or sequence error ends the connection; the initiator logs in again).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -30,6 +35,7 @@ use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use ring::rand::{SecureRandom, SystemRandom};
 use tandem_frontend::{Budgets, IoError, OpenError, Volume};
 use tandem_scsi::lu::{
     absent_lun, compare, decode_lun, failure_for, Access, Direction, Failure, Io, LogicalUnit, Nexus, Plan, Reply,
@@ -46,10 +52,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::chap::{Chap, ChapCredentials};
 use crate::discovery::{DiscoveryResponder, DiscoveryTarget, SeqNumbers};
-use crate::login::{
-    LoginHooks, LoginMachine, LoginOutcome, NoAuthentication, SessionParams, SessionType, TargetConfig,
-};
+use crate::login::{LoginHooks, LoginMachine, LoginOutcome, SessionParams, SessionType, TargetConfig};
 use crate::pdu::{
     decode, logout_response, parse_bhs, reject_reason, scsi_response, tmf_function, tmf_response, DataIn, DataOut,
     DecodeLimits, Digests, LogoutRequest, LogoutResponse, NopIn, NopOut, Pdu, PduError, R2t, Reject, Residual,
@@ -78,6 +83,9 @@ pub const NOP_TIMEOUT_MS: u64 = 15_000;
 pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
 /// Bytes of a NOP-Out's ping data echoed back (RFC 7143 §11.18: the target echoes it).
 const NOP_ECHO_BYTES_MAX: usize = 4096;
+/// Bytes of the random CHAP challenge of each login: 128 bits, as long as an MD5 response
+/// (and [`crate::chap::CHALLENGE_BYTES_MIN`]).
+pub const CHAP_CHALLENGE_BYTES: usize = 16;
 
 /// Why a connection ended other than by a logout.
 #[derive(Debug, Error)]
@@ -118,6 +126,22 @@ pub trait Targets: Send + Sync + 'static {
 
     /// Whether `target` names a target of this portal (checked during login).
     fn exists(&self, target: &str) -> bool;
+
+    /// The CHAP credentials of `initiator` (its InitiatorName), for its discovery and normal
+    /// sessions alike: an initiator that has some must authenticate with CHAP, and mutual CHAP
+    /// is open to it when they include the target's. Asked a few times during each login, on
+    /// the connection's task: answer from memory. Credentials that fail
+    /// [`ChapCredentials::validate`] fail the login. None by default: no initiator has any.
+    fn chap(&self, initiator: &str) -> Option<ChapCredentials> {
+        let _ = initiator;
+        None
+    }
+
+    /// Whether an initiator without CHAP credentials is refused (login status 0x0201) rather
+    /// than let in with AuthMethod=None. Asked once per login; `false` by default.
+    fn chap_required(&self) -> bool {
+        false
+    }
 
     /// Opens the logical unit of `target` for a session of `initiator`.
     fn open(&self, target: &str, initiator: &str) -> impl Future<Output = Result<Lun<Self::Volume>, OpenError>> + Send;
@@ -277,14 +301,27 @@ where
     };
     let limits = DecodeLimits { digests: params.digests, data_segment_bytes_max: config.max_recv_data_segment_bytes };
     match params.session_type {
-        SessionType::Discovery => discovery_session(reader, writer, &*targets, &params, &config, limits).await,
+        SessionType::Discovery => {
+            debug!(
+                initiator = %params.initiator_name,
+                authentication = %params.authentication,
+                "iSCSI discovery session starts"
+            );
+            discovery_session(reader, writer, &*targets, &params, &config, limits).await
+        }
         SessionType::Normal => {
             let target = params.target_name.clone().unwrap_or_default();
             let lun = targets
                 .open(&target, &params.initiator_name)
                 .await
                 .map_err(|err| ConnectionError::Open(target.clone(), err))?;
-            info!(initiator = %params.initiator_name, %target, tsih = params.tsih, "iSCSI session starts");
+            info!(
+                initiator = %params.initiator_name,
+                %target,
+                tsih = params.tsih,
+                authentication = %params.authentication,
+                "iSCSI session starts"
+            );
             normal_session(reader, writer, targets, lun, params, config, limits, budgets, portal).await
         }
     }
@@ -333,7 +370,9 @@ where
     W: AsyncWrite + Unpin,
     T: Targets,
 {
-    let mut machine = LoginMachine::new(Arc::clone(config), NoAuthentication, 1);
+    let (identifier, challenge) = chap_challenge()?;
+    let chap = Chap::new(|initiator: &str| targets.chap(initiator), targets.chap_required(), identifier, challenge);
+    let mut machine = LoginMachine::new(Arc::clone(config), chap, 1);
     let mut hooks = Hooks { targets, tsihs };
     loop {
         let response = match read_pdu(reader, &DecodeLimits::LOGIN).await {
@@ -352,6 +391,14 @@ where
             LoginOutcome::Complete(_) => return Ok(machine.into_session_params()),
         }
     }
+}
+
+/// A CHAP identifier and challenge for one login, from the system's random source: predictable
+/// ones would let a recorded response be replayed.
+fn chap_challenge() -> io::Result<(u8, Vec<u8>)> {
+    let mut bytes = [0u8; 1 + CHAP_CHALLENGE_BYTES];
+    SystemRandom::new().fill(&mut bytes).map_err(|_| io::Error::other("the system's random source failed"))?;
+    Ok((bytes[0], bytes[1..].to_vec()))
 }
 
 /// A discovery session: SendTargets, NOP and logout; anything else is rejected.

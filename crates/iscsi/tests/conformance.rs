@@ -3,16 +3,20 @@
 //! second initiator name for the multi-initiator tests. Each test's verdict is parsed from the
 //! suite's own output; the run fails on any failure that is not in [`KNOWN_FAILURES`] with its
 //! reason, and on a family that passes nothing.
+//!
+//! Also CHAP against libiscsi's `iscsi-inq` and `iscsi-ls`: one-way and mutual, for normal and
+//! discovery sessions, with right and wrong secrets.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_frontend::{Budgets, IoError, OpenError, Volume};
 use tandem_iscsi::server::{serve, Lun, Targets};
-use tandem_iscsi::{DiscoveryTarget, TargetConfig};
+use tandem_iscsi::{ChapCredentials, DiscoveryTarget, TargetConfig};
 use tandem_scsi::alua::{AccessState, PortGroup};
 use tandem_scsi::lu::{Access, Geometry, Identity, Limits, LogicalUnit, Port, Provisioning};
 use tandem_testkit::cunit::{self, Verdict};
@@ -112,6 +116,15 @@ struct MemTargets {
     volume: Arc<MemVolume>,
     portal: SocketAddr,
     access: watch::Receiver<Access>,
+    auth: Auth,
+}
+
+/// Who must log in with CHAP.
+#[derive(Default)]
+struct Auth {
+    /// CHAP credentials by initiator name.
+    chap: Vec<(&'static str, ChapCredentials)>,
+    required: bool,
 }
 
 impl Targets for MemTargets {
@@ -123,6 +136,14 @@ impl Targets for MemTargets {
 
     fn exists(&self, target: &str) -> bool {
         target == TARGET
+    }
+
+    fn chap(&self, initiator: &str) -> Option<ChapCredentials> {
+        self.auth.chap.iter().find(|(name, _)| *name == initiator).map(|(_, credentials)| credentials.clone())
+    }
+
+    fn chap_required(&self) -> bool {
+        self.auth.required
     }
 
     async fn open(&self, target: &str, _initiator: &str) -> Result<Lun<Self::Volume>, OpenError> {
@@ -144,6 +165,10 @@ impl Targets for MemTargets {
 
 /// Starts the target on a free loopback port; it runs until the runtime is dropped.
 fn start(runtime: &tokio::runtime::Runtime) -> SocketAddr {
+    start_with(runtime, Auth::default())
+}
+
+fn start_with(runtime: &tokio::runtime::Runtime, auth: Auth) -> SocketAddr {
     runtime.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let portal = listener.local_addr().unwrap();
@@ -158,6 +183,7 @@ fn start(runtime: &tokio::runtime::Runtime) -> SocketAddr {
             volume: Arc::new(MemVolume { data: Mutex::new(vec![0; SIZE_BYTES as usize]) }),
             portal,
             access: rx,
+            auth,
         });
         let config = Arc::new(TargetConfig { target_portal_group_tag: 1, ..TargetConfig::default() });
         tokio::spawn(serve(
@@ -224,6 +250,7 @@ async fn the_server_stops_when_told_with_or_without_sessions() {
             volume: Arc::new(MemVolume { data: Mutex::new(vec![0; SIZE_BYTES as usize]) }),
             portal,
             access: rx,
+            auth: Auth::default(),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let config = Arc::new(TargetConfig::default());
@@ -245,4 +272,144 @@ async fn the_server_stops_when_told_with_or_without_sessions() {
             .unwrap_or_else(|_| panic!("the server did not stop (session open: {with_session})"))
             .unwrap();
     }
+}
+
+const CHAP_INITIATOR: &str = "iqn.2026-12.io.tandem:test:chap-host";
+const OTHER_INITIATOR: &str = "iqn.2026-12.io.tandem:test:other-host";
+const CHAP_USER: &str = "tandem-user";
+const CHAP_SECRET: &str = "tandem-chap-secret";
+const TARGET_USER: &str = "tandem-target";
+const TARGET_SECRET: &str = "tandem-target-secret";
+/// How long one libiscsi tool may take: a login and an INQUIRY, or a discovery.
+const TOOL_TIMEOUT_MS: u64 = 30_000;
+
+fn credentials(mutual: bool) -> ChapCredentials {
+    ChapCredentials {
+        user: CHAP_USER.into(),
+        secret: CHAP_SECRET.into(),
+        mutual: mutual.then(|| (TARGET_USER.into(), TARGET_SECRET.into())),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Runs a libiscsi tool as `initiator`, with the target credentials of mutual CHAP in the
+/// environment when given (libiscsi's URL parser reads LIBISCSI_CHAP_TARGET_USERNAME and
+/// LIBISCSI_CHAP_TARGET_PASSWORD) and nothing of the caller's environment's CHAP. Whether it
+/// succeeded, and its output.
+fn libiscsi(tool: &str, initiator: &str, args: &[&str], target_credentials: Option<(&str, &str)>) -> (bool, String) {
+    let mut command = Command::new(tool);
+    command.arg("-i").arg(initiator).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for var in [
+        "LIBISCSI_CHAP_USERNAME",
+        "LIBISCSI_CHAP_PASSWORD",
+        "LIBISCSI_CHAP_TARGET_USERNAME",
+        "LIBISCSI_CHAP_TARGET_PASSWORD",
+    ] {
+        command.env_remove(var);
+    }
+    if let Some((user, password)) = target_credentials {
+        command.env("LIBISCSI_CHAP_TARGET_USERNAME", user).env("LIBISCSI_CHAP_TARGET_PASSWORD", password);
+    }
+    let mut child = command.spawn().unwrap_or_else(|err| panic!("{tool} runs: {err}"));
+    let deadline = Instant::now() + Duration::from_millis(TOOL_TIMEOUT_MS);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{tool} {args:?} still runs after {TOOL_TIMEOUT_MS} ms");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+/// `iscsi-inq` of LUN 0 through `url_credentials` (`USER%SECRET@` or nothing).
+fn inquiry(portal: SocketAddr, initiator: &str, url_credentials: &str, target: Option<(&str, &str)>) -> (bool, String) {
+    let url = format!("iscsi://{url_credentials}{portal}/{TARGET}/0");
+    libiscsi("iscsi-inq", initiator, &[&url], target)
+}
+
+/// `iscsi-ls -s`: a discovery session, then a normal session to each target it reports.
+fn discovery(portal: SocketAddr, initiator: &str, url_credentials: &str) -> (bool, String) {
+    let url = format!("iscsi://{url_credentials}{portal}");
+    libiscsi("iscsi-ls", initiator, &["-s", &url], None)
+}
+
+#[test]
+fn libiscsi_logs_in_with_chap() {
+    require_tools(&["iscsi-inq", "iscsi-ls"]);
+    let runtime = runtime();
+    let portal = start_with(&runtime, Auth { chap: vec![(CHAP_INITIATOR, credentials(false))], required: false });
+    let right = format!("{CHAP_USER}%{CHAP_SECRET}@");
+
+    let (ok, out) = inquiry(portal, CHAP_INITIATOR, &right, None);
+    assert!(ok && out.contains("Vendor:TANDEM"), "CHAP with the right secret:\n{out}");
+    let (ok, out) = discovery(portal, CHAP_INITIATOR, &right);
+    assert!(ok && out.contains(TARGET) && out.contains("Lun:0"), "discovery with CHAP:\n{out}");
+
+    let refusals = [
+        ("a wrong secret", format!("{CHAP_USER}%tandem-chap-secreT@")),
+        ("a wrong user", format!("someone-else%{CHAP_SECRET}@")),
+        ("no credentials", String::new()),
+    ];
+    for (what, url_credentials) in &refusals {
+        let (ok, out) = inquiry(portal, CHAP_INITIATOR, url_credentials, None);
+        assert!(!ok, "a login with {what} succeeded:\n{out}");
+        assert!(out.contains("Authentication failure"), "a login with {what}:\n{out}");
+        let (ok, out) = discovery(portal, CHAP_INITIATOR, url_credentials);
+        assert!(!ok && !out.contains(TARGET), "a discovery with {what} succeeded:\n{out}");
+    }
+
+    // CHAP is not required: an initiator without credentials logs in without.
+    let (ok, out) = inquiry(portal, OTHER_INITIATOR, "", None);
+    assert!(ok, "an initiator without credentials:\n{out}");
+    let (ok, out) = discovery(portal, OTHER_INITIATOR, "");
+    assert!(ok && out.contains(TARGET), "a discovery without credentials:\n{out}");
+}
+
+#[test]
+fn libiscsi_logs_in_with_mutual_chap() {
+    require_tools(&["iscsi-inq", "iscsi-ls"]);
+    let runtime = runtime();
+    let portal = start_with(&runtime, Auth { chap: vec![(CHAP_INITIATOR, credentials(true))], required: false });
+    let right = format!("{CHAP_USER}%{CHAP_SECRET}@");
+
+    let (ok, out) = inquiry(portal, CHAP_INITIATOR, &right, Some((TARGET_USER, TARGET_SECRET)));
+    assert!(ok && out.contains("Vendor:TANDEM"), "mutual CHAP:\n{out}");
+    // libiscsi also takes them from the URL.
+    let url = format!("iscsi://{right}{portal}/{TARGET}/0?target_user={TARGET_USER}&target_password={TARGET_SECRET}");
+    let (ok, out) = libiscsi("iscsi-inq", CHAP_INITIATOR, &[&url], None);
+    assert!(ok, "mutual CHAP, target credentials in the URL:\n{out}");
+    // Not asking the target to authenticate itself is the initiator's choice.
+    let (ok, out) = inquiry(portal, CHAP_INITIATOR, &right, None);
+    assert!(ok, "one-way CHAP with mutual credentials configured:\n{out}");
+
+    // The initiator refuses a target that does not know the secret it expects.
+    let (ok, out) = inquiry(portal, CHAP_INITIATOR, &right, Some((TARGET_USER, "tandem-target-secreT")));
+    assert!(!ok && out.contains("Invalid CHAP_R"), "mutual CHAP with a wrong target secret:\n{out}");
+    let (ok, out) = inquiry(portal, CHAP_INITIATOR, &right, Some(("someone-else", TARGET_SECRET)));
+    assert!(!ok && out.contains("Wrong CHAP targetname"), "mutual CHAP with a wrong target user:\n{out}");
+    // And the target answers nobody who has not proved who it is.
+    let wrong = format!("{CHAP_USER}%tandem-chap-secreT@");
+    let (ok, out) = inquiry(portal, CHAP_INITIATOR, &wrong, Some((TARGET_USER, TARGET_SECRET)));
+    assert!(!ok && out.contains("Authentication failure"), "mutual CHAP with a wrong initiator secret:\n{out}");
+}
+
+#[test]
+fn libiscsi_without_credentials_is_refused_when_chap_is_required() {
+    require_tools(&["iscsi-inq", "iscsi-ls"]);
+    let runtime = runtime();
+    let portal = start_with(&runtime, Auth { chap: vec![(CHAP_INITIATOR, credentials(false))], required: true });
+    for url_credentials in ["", "tandem-user%tandem-chap-secret@"] {
+        let (ok, out) = inquiry(portal, OTHER_INITIATOR, url_credentials, None);
+        assert!(!ok && out.contains("Authentication failure"), "{url_credentials:?}:\n{out}");
+        let (ok, out) = discovery(portal, OTHER_INITIATOR, url_credentials);
+        assert!(!ok && !out.contains(TARGET), "{url_credentials:?}:\n{out}");
+    }
+    let (ok, out) = inquiry(portal, CHAP_INITIATOR, &format!("{CHAP_USER}%{CHAP_SECRET}@"), None);
+    assert!(ok, "{out}");
 }
