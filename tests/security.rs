@@ -328,3 +328,147 @@ fn established(port: u16) -> usize {
         .expect("ss");
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count()
 }
+
+const IQN1: &str = "iqn.2026-12.test:h1";
+const IQN2: &str = "iqn.2026-12.test:h2";
+const STRANGER: &str = "iqn.2026-12.test:stranger";
+
+fn target(volume: &str) -> String {
+    format!("iqn.2026-12.io.tandem:local:{volume}")
+}
+
+/// A libiscsi tool run as initiator `iqn` with `env` set; whether it succeeded, and its output.
+fn libiscsi(tool: &str, iqn: &str, url: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let out = tandem_testkit::process::output_within(
+        std::process::Command::new(tool).args(["-i", iqn, url]).envs(env.iter().copied()),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The value of `key = value` in a host's `chap` file.
+fn chap_value(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+        .to_string()
+}
+
+#[test]
+fn iscsi_initiators_reach_only_their_hosts_volumes_with_chap_when_the_host_has_it() {
+    require_tools(&["iscsi-ls", "iscsi-inq", "qemu-io"]);
+    let c = Cluster::up(3);
+    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
+    for v in ["v1", "v2"] {
+        tandem_testkit::create_served_volume(&c, v, "16M");
+    }
+    c.admin(&["host", "add", "h1", "--site", "local", "--iqn", IQN1]);
+    c.admin(&["host", "add", "h2", "--site", "local", "--iqn", IQN2]);
+    c.admin(&["host", "connect", "h1", "v1"]);
+    c.admin(&["host", "connect", "h2", "v2"]);
+    let portals: Vec<String> = (1..=3).map(|id| c.iscsi_addr(id).to_string()).collect();
+    let lun = |portal: &str, volume: &str| format!("iscsi://{portal}/{}/0", target(volume));
+
+    // A host's initiator discovers and logs in to its own volume only, through every node; an
+    // initiator of no host is anonymous, which the `open` policy lets reach everything.
+    for portal in &portals {
+        let (ok, listed) = libiscsi("iscsi-ls", IQN1, &format!("iscsi://{portal}"), &[]);
+        assert!(ok && listed.contains(&target("v1")) && !listed.contains(&target("v2")), "{portal}: {listed}");
+        let (ok, listed) = libiscsi("iscsi-ls", STRANGER, &format!("iscsi://{portal}"), &[]);
+        assert!(ok && listed.contains(&target("v1")) && listed.contains(&target("v2")), "{portal}: {listed}");
+        let (ok, text) = libiscsi("iscsi-inq", IQN1, &lun(portal, "v1"), &[]);
+        assert!(ok, "h1 inquiry of v1 via {portal}: {text}");
+        let (ok, text) = libiscsi("iscsi-inq", IQN1, &lun(portal, "v2"), &[]);
+        assert!(!ok && text.to_lowercase().contains("authorization"), "h1 logged in to v2 via {portal}: {text}");
+    }
+
+    // CHAP, mutual: h1's initiator must prove its secret, and the target proves its own.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("h1");
+    c.admin(&["host", "credentials", "h1", "--out", out.to_str().expect("utf-8"), "--mutual-chap"]);
+    let chap = std::fs::read_to_string(out.join("chap")).expect("chap file");
+    let secret = chap_value(&chap, "node.session.auth.password");
+    let target_user = chap_value(&chap, "node.session.auth.username_in");
+    let target_secret = chap_value(&chap, "node.session.auth.password_in");
+    let mutual = [
+        ("LIBISCSI_CHAP_TARGET_USERNAME", target_user.as_str()),
+        ("LIBISCSI_CHAP_TARGET_PASSWORD", target_secret.as_str()),
+    ];
+    let with = |portal: &str, secret: &str| format!("iscsi://h1%{secret}@{portal}/{}/0", target("v1"));
+    for portal in &portals {
+        let (ok, text) = libiscsi("iscsi-inq", IQN1, &lun(portal, "v1"), &[]);
+        assert!(!ok, "h1 logged in without CHAP via {portal}: {text}");
+        let (ok, text) = libiscsi("iscsi-inq", IQN1, &with(portal, "a-wrong-secret-0"), &[]);
+        assert!(!ok, "h1 logged in with a wrong secret via {portal}: {text}");
+        let (ok, text) = libiscsi("iscsi-inq", IQN1, &with(portal, &secret), &mutual);
+        assert!(ok, "h1 with mutual CHAP via {portal}: {text}");
+        let wrong_target = [mutual[0], ("LIBISCSI_CHAP_TARGET_PASSWORD", "not-the-target-secret")];
+        let (ok, text) = libiscsi("iscsi-inq", IQN1, &with(portal, &secret), &wrong_target);
+        assert!(!ok, "h1 accepted a target with the wrong secret via {portal}: {text}");
+    }
+    // The secrets are never shown, logged or stored in clear.
+    let listing = c.admin(&["host", "list", "--json"]);
+    assert!(listing.contains("\"chap\": \"mutual\""), "{listing}");
+    for s in [&secret, &target_secret] {
+        assert!(!listing.contains(s.as_str()), "a listing shows a CHAP secret");
+        for id in 1..=3 {
+            let log = std::fs::read_to_string(c.log_path(id)).unwrap_or_default();
+            assert!(!log.contains(s.as_str()), "node {id}'s log holds a CHAP secret");
+            assert!(!tree_contains(&c.data_dir(id), s.as_bytes()), "node {id}'s data dir holds a CHAP secret in clear");
+        }
+    }
+
+    // A session ends when its host loses the volume.
+    let portal = &portals[2];
+    let port: u16 = c.iscsi_addr(3).port();
+    let opts = format!(
+        "driver=raw,file.driver=iscsi,file.transport=tcp,file.portal={portal},file.target={},file.lun=0,file.initiator-name={IQN2}",
+        target("v2")
+    );
+    let mut session = std::process::Command::new("qemu-io")
+        .args(["--image-opts", &opts])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    tandem_testkit::wait_for("h2's iSCSI session to be up", Duration::from_secs(30), || {
+        (established(port) == 1).then_some(())
+    });
+    c.admin(&["host", "disconnect", "h2", "v2"]);
+    tandem_testkit::wait_for("the node to end h2's session", REVOKE_BOUND, || (established(port) == 0).then_some(()));
+    let _ = session.kill();
+    let _ = session.wait();
+    let (ok, text) = libiscsi("iscsi-inq", IQN2, &lun(portal, "v2"), &[]);
+    assert!(!ok, "h2 logged in to v2 after the disconnect: {text}");
+
+    // tls-required: an initiator of no host is refused, and so is a host without CHAP.
+    c.admin(&["host", "connect", "h2", "v2"]);
+    c.admin(&["setting", "set", "access", "tls-required"]);
+    tandem_testkit::wait_for("every node to refuse strangers", Duration::from_secs(10), || {
+        portals.iter().all(|p| !libiscsi("iscsi-ls", STRANGER, &format!("iscsi://{p}"), &[]).0).then_some(())
+    });
+    for portal in &portals {
+        let (ok, text) = libiscsi("iscsi-inq", STRANGER, &lun(portal, "v1"), &[]);
+        assert!(!ok, "a stranger logged in via {portal}: {text}");
+        let (ok, text) = libiscsi("iscsi-inq", IQN2, &lun(portal, "v2"), &[]);
+        assert!(!ok, "h2 without CHAP logged in under tls-required via {portal}: {text}");
+        let (ok, text) = libiscsi("iscsi-inq", IQN1, &with(portal, &secret), &mutual);
+        assert!(ok, "h1 with CHAP under tls-required via {portal}: {text}");
+    }
+}
+
+/// Whether any file under `dir` holds `needle`.
+fn tree_contains(dir: &std::path::Path, needle: &[u8]) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() {
+            tree_contains(&path, needle)
+        } else {
+            std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        }
+    })
+}

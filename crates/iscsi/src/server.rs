@@ -106,6 +106,8 @@ pub enum ConnectionError {
     NopTimeout(u64),
     #[error("target {0}: {1}")]
     Open(String, OpenError),
+    #[error("access revoked: {0}")]
+    Revoked(String),
 }
 
 /// One logical unit as a session sees it: the volume, what it answers as a SCSI disk, and the
@@ -141,6 +143,13 @@ pub trait Targets: Send + Sync + 'static {
     /// than let in with AuthMethod=None. Asked once per login; `false` by default.
     fn chap_required(&self) -> bool {
         false
+    }
+
+    /// Whether `initiator` may log in to `target` (else the login fails with 0x0202
+    /// "Authorization failure"). Asked once authentication has succeeded. Everyone, by default.
+    fn allowed(&self, target: &str, initiator: &str) -> bool {
+        let _ = (target, initiator);
+        true
     }
 
     /// Opens the logical unit of `target` for a session of `initiator`.
@@ -251,8 +260,7 @@ async fn accept_with_slot(
     Ok((stream, peer, slot))
 }
 
-/// The login's questions, answered from the portal's targets. Every initiator is allowed
-/// until host identities and access control exist.
+/// The login's questions, answered from the portal's targets.
 struct Hooks<'a, T> {
     targets: &'a T,
     tsihs: &'a AtomicU16,
@@ -263,8 +271,8 @@ impl<T: Targets> LoginHooks for Hooks<'_, T> {
         self.targets.exists(target_name)
     }
 
-    fn initiator_allowed(&self, _initiator_name: &str, _target_name: &str) -> bool {
-        true
+    fn initiator_allowed(&self, initiator_name: &str, target_name: &str) -> bool {
+        self.targets.allowed(target_name, initiator_name)
     }
 
     fn allocate_tsih(&mut self, _initiator_name: &str, _isid: crate::pdu::Isid) -> Option<NonZeroU16> {
@@ -732,7 +740,14 @@ where
         last_heard: Instant::now(),
         ping_sent: false,
     };
-    let result = reader_state.run(&mut reader, &limits).await;
+    let revocable = Arc::clone(&reader_state.session);
+    let result = tokio::select! {
+        result = reader_state.run(&mut reader, &limits) => result,
+        // The initiator lost access to the volume: the session ends, as if the connection
+        // dropped (the initiator logs in again, and is refused).
+        reason = revocable.lun.volume.revoked() => Err(ConnectionError::Revoked(reason)),
+    };
+    drop(revocable);
     // The initiator is gone or logged out: commands still running are cancelled (a write it
     // gave up on must not land later, after it wrote the same blocks through another path).
     for (_, task) in reader_state.tasks.drain() {

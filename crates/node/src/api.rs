@@ -48,6 +48,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/hosts/{name}/paths", get(host_api::get_paths))
         .route("/v1/hosts/{name}/probes", post(host_api::post_probes))
         .route("/v1/hosts/{name}/credentials", post(host_api::issue_credentials))
+        .route("/v1/hosts/{name}/chap", axum::routing::put(host_api::put_chap).delete(host_api::delete_chap))
         .route("/v1/admin/credentials", post(host_api::issue_admin_credentials))
         .route("/v1/local/volumes", get(local_volumes))
         .route("/metrics", get(metrics));

@@ -38,6 +38,12 @@ pub struct HostView {
     /// Its iSCSI initiator names.
     #[serde(default)]
     pub iqns: Vec<String>,
+    /// Its client certificate's SHA-256, once credentials were issued.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+    /// Its CHAP settings: `one-way`, `mutual`, or none. The secrets are never shown.
+    #[serde(default)]
+    pub chap: Option<String>,
 }
 
 fn host_view(map: &ClusterMap, h: &HostRecord) -> HostView {
@@ -50,6 +56,8 @@ fn host_view(map: &ClusterMap, h: &HostRecord) -> HostView {
         volumes,
         generation: h.generation,
         iqns: h.iqns.iter().cloned().collect(),
+        cert_sha256: h.credential.as_ref().map(|c| c.cert_sha256.clone()),
+        chap: h.chap.as_ref().map(|c| if c.target_user.is_some() { "mutual" } else { "one-way" }.to_string()),
     }
 }
 
@@ -396,4 +404,53 @@ pub(crate) async fn issue_admin_credentials(
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("operator name {:?} {e}", req.name)))?;
     let token = s.secret.mint(&Principal::Admin(req.name.clone()), &security::new_credential_id()).expect("admin");
     Ok(Json(AdminCredentials { name: req.name, token }))
+}
+
+/// `PUT /v1/hosts/{name}/chap`: the CHAP settings of a host's iSCSI initiators (admins only).
+/// The secrets are sealed with the cluster secret before they go to Raft, and never shown again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapRequest {
+    /// The name the initiator sends as CHAP_N.
+    pub user: String,
+    pub secret: String,
+    /// Mutual CHAP: the name and secret the target answers the initiator's challenge with.
+    #[serde(default)]
+    pub target_user: Option<String>,
+    #[serde(default)]
+    pub target_secret: Option<String>,
+}
+
+pub(crate) async fn put_chap(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<ChapRequest>, JsonRejection>,
+) -> ApiResult<HostView> {
+    let Json(req) = body?;
+    let mutual = match (req.target_user, req.target_secret) {
+        (Some(u), Some(t)) => Some((u, t.into_bytes())),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "mutual CHAP needs both target_user and target_secret".into(),
+            ))
+        }
+    };
+    let creds = tandem_iscsi::ChapCredentials { user: req.user, secret: req.secret.into_bytes(), mutual };
+    creds.validate().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("CHAP settings: {e}")))?;
+    let chap = tandem_clustermap::SealedChap {
+        user: creds.user.clone(),
+        secret: s.secret.seal(&name, &creds.secret),
+        target_user: creds.mutual.as_ref().map(|(u, _)| u.clone()),
+        target_secret: creds.mutual.as_ref().map(|(_, t)| s.secret.seal(&name, t)),
+    };
+    s.meta.write(MetaCmd::SetHostChap { host: name.clone(), chap: Some(chap) }).await?;
+    get_host(State(s), Path(name)).await
+}
+
+/// `DELETE /v1/hosts/{name}/chap`: the host's initiators log in without CHAP again.
+pub(crate) async fn delete_chap(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<HostView> {
+    s.meta.write(MetaCmd::SetHostChap { host: name.clone(), chap: None }).await?;
+    get_host(State(s), Path(name)).await
 }

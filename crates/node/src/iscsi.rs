@@ -20,16 +20,20 @@
 //!   (as for NBD): active-non-optimized. Every session follows the committed map; a change
 //!   reaches it as ASYMMETRIC ACCESS STATE CHANGED on its next command.
 //!
-//! Every initiator is accepted until access control lands (issue 18); `tandem host add --iqn`
-//! only chooses whose path states a session gets.
+//! Access: an initiator name that belongs to a host (`tandem host add --iqn`) is that host, and
+//! discovers and logs in to only the volumes connected to it (LUN masking, as for NBD: the same
+//! rule, `ClusterMap::may_open`); any other initiator is anonymous, which the access policy
+//! allows everything (`open`, `tls`) or nothing (`tls-required`). A host with CHAP settings
+//! must authenticate with CHAP (mutual when it has a target secret); under `tls-required`
+//! every initiator must. A session ends when its host loses access to the volume.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_clustermap::{ClusterMap, VolumeRecord};
-use tandem_frontend::{Exports, OpenError};
+use tandem_clustermap::{AccessPolicy, ClusterMap, HostRecord, VolumeRecord};
+use tandem_frontend::{Exports, OpenError, Peer};
 use tandem_iscsi::server::{Lun, Targets};
+use tandem_iscsi::ChapCredentials;
 use tandem_iscsi::DiscoveryTarget;
 use tandem_meta::store::MetaStore;
 use tandem_paths::PathState;
@@ -41,6 +45,7 @@ use tandem_wire::data::{ProbeMsg, ProbeReply};
 use tokio::sync::watch;
 
 use crate::probe::probe_call;
+use crate::security::ClusterSecret;
 use crate::volumes::{ExportedVolume, VolumeExports};
 
 /// The naming authority of every Tandem target name (RFC 3720 §3.2.6.3.1: `iqn.` + the month
@@ -84,6 +89,27 @@ pub struct Portal {
     pub exports: Arc<VolumeExports>,
     /// The node-to-node transport: resets are told to the other nodes over it.
     pub transport: Arc<dyn Transport>,
+    /// Opens the hosts' CHAP secrets, which Raft holds sealed.
+    pub secret: Arc<ClusterSecret>,
+}
+
+fn peer_of(initiator: &str) -> Peer {
+    Peer { certificate: None, initiator: Some(initiator.to_string()) }
+}
+
+/// A host's CHAP settings with their secrets opened; `None` if it has none or they cannot be
+/// opened (sealed with another cluster secret), which fails its logins.
+pub fn chap_of(secret: &ClusterSecret, host: &HostRecord) -> Option<ChapCredentials> {
+    let c = host.chap.as_ref()?;
+    let opened = secret.open(&host.name, &c.secret);
+    if opened.is_none() {
+        tracing::warn!(host = %host.name, "the host's CHAP secret does not open with this node's cluster secret");
+    }
+    let mutual = match (&c.target_user, &c.target_secret) {
+        (Some(u), Some(s)) => Some((u.clone(), secret.open(&host.name, s)?)),
+        _ => None,
+    };
+    Some(ChapCredentials { user: c.user.clone(), secret: opened?, mutual })
 }
 
 /// The access state of each group of `volume` (by node), as the initiator `initiator` sees it.
@@ -190,17 +216,34 @@ impl Portal {
 impl Targets for Portal {
     type Volume = ExportedVolume;
 
-    fn discovery(&self, _initiator: &str) -> Vec<DiscoveryTarget> {
-        self.meta.local_read(|st| {
-            let portals: Vec<String> =
-                st.map.nodes.values().filter_map(|n| n.iscsi_addr.map(|addr| format!("{addr},{}", n.id))).collect();
-            let by_name: BTreeMap<&str, &VolumeRecord> =
-                st.map.volumes.values().map(|v| (v.name.as_str(), v)).collect();
-            by_name
-                .keys()
-                .map(|name| DiscoveryTarget { name: target_name(&self.cluster, name), addresses: portals.clone() })
-                .collect()
-        })
+    fn discovery(&self, initiator: &str) -> Vec<DiscoveryTarget> {
+        let visible = self.exports.visible(&peer_of(initiator));
+        let portals: Vec<String> = self.meta.local_read(|st| {
+            st.map.nodes.values().filter_map(|n| n.iscsi_addr.map(|addr| format!("{addr},{}", n.id))).collect()
+        });
+        visible
+            .iter()
+            .map(|name| DiscoveryTarget { name: target_name(&self.cluster, name), addresses: portals.clone() })
+            .collect()
+    }
+
+    fn chap(&self, initiator: &str) -> Option<ChapCredentials> {
+        self.meta.local_read(|st| st.map.host_by_iqn(initiator).and_then(|h| chap_of(&self.secret, h)))
+    }
+
+    fn chap_required(&self) -> bool {
+        self.exports.policy() == AccessPolicy::TlsRequired
+    }
+
+    fn allowed(&self, target: &str, initiator: &str) -> bool {
+        let Some(name) = volume_of(&self.cluster, target) else { return false };
+        match self.exports.decide(name, &peer_of(initiator)) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::info!(%initiator, %target, error = %e, "iSCSI login refused");
+                false
+            }
+        }
     }
 
     fn exists(&self, target: &str) -> bool {
@@ -214,8 +257,7 @@ impl Targets for Portal {
             .meta
             .local_read(|st| st.map.volume_by_name(name).cloned())
             .ok_or_else(|| OpenError::NotFound(format!("no volume named {name:?}")))?;
-        let peer = tandem_frontend::Peer { certificate: None, initiator: Some(initiator.to_string()) };
-        let volume = self.exports.open(name, &peer).await?;
+        let volume = self.exports.open(name, &peer_of(initiator)).await?;
         let unit = self.unit(&record, target);
         let access = self.follow_access(record.id, initiator.to_string());
         Ok(Lun { volume, unit, access })

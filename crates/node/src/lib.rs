@@ -178,6 +178,7 @@ pub async fn run(
             meta: meta.clone(),
             exports: exports.clone(),
             transport: Arc::new(mesh.clone()),
+            secret: secret.clone(),
         });
         let config = tandem_iscsi::TargetConfig {
             target_portal_group_tag: u16::try_from(id.0).unwrap_or(u16::MAX),

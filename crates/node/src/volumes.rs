@@ -259,8 +259,21 @@ pub fn principal_of(map: &ClusterMap, peer: &Peer) -> Result<Principal, String> 
 }
 
 impl VolumeExports {
+    /// The access policy in force on this node now.
+    pub fn policy(&self) -> AccessPolicy {
+        self.meta.local_read(|st| st.map.access_policy(self.default_access))
+    }
+
+    /// The volumes `peer` may see, by name (every volume of the map, whether this node holds
+    /// it or proxies it).
+    pub fn visible(&self, peer: &Peer) -> Vec<String> {
+        self.meta.local_read(|st| {
+            let policy = st.map.access_policy(self.default_access);
+            principal_of(&st.map, peer).map(|who| st.map.visible_volumes(policy, &who)).unwrap_or_default()
+        })
+    }
     /// Who `peer` is and whether it may open `name`, as this node's map says now.
-    fn decide(&self, name: &str, peer: &Peer) -> Result<Principal, OpenError> {
+    pub(crate) fn decide(&self, name: &str, peer: &Peer) -> Result<Principal, OpenError> {
         self.meta.local_read(|st| {
             let policy = st.map.access_policy(self.default_access);
             let who = principal_of(&st.map, peer).map_err(OpenError::Denied)?;
@@ -314,10 +327,7 @@ impl Exports for VolumeExports {
     type Volume = ExportedVolume;
 
     fn list(&self, peer: &Peer) -> Vec<String> {
-        let visible = self.meta.local_read(|st| {
-            let policy = st.map.access_policy(self.default_access);
-            principal_of(&st.map, peer).map(|who| st.map.visible_volumes(policy, &who)).unwrap_or_default()
-        });
+        let visible = self.visible(peer);
         // Only what this node serves now.
         let served: std::collections::HashSet<String> = self.plane.volume_names().into_iter().collect();
         visible.into_iter().filter(|v| served.contains(v)).collect()
@@ -345,7 +355,7 @@ impl Exports for VolumeExports {
     }
 
     fn identity_required(&self) -> bool {
-        self.meta.local_read(|st| !st.map.access_policy(self.default_access).allows_anonymous())
+        self.policy() == AccessPolicy::TlsRequired
     }
 }
 

@@ -74,7 +74,12 @@ pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
                 api.request::<(), _>(Method::DELETE, &format!("/v1/hosts/{name}/volumes/{volume}"), None).await?;
             println!("host {} disconnected from volume {volume}", h.name);
         }
-        HostCmd::Credentials { name, out } => credentials(&api, &name, &out).await?,
+        HostCmd::Credentials { name, out, chap, mutual_chap } => {
+            credentials(&api, &name, &out).await?;
+            if chap || mutual_chap {
+                chap_credentials(&api, &name, &out, mutual_chap).await?;
+            }
+        }
         HostCmd::Remove { name } => {
             let _: serde_json::Value = api.request::<(), _>(Method::DELETE, &format!("/v1/hosts/{name}"), None).await?;
             println!("host {name} removed");
@@ -89,10 +94,12 @@ pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
                     .map(|h| {
                         let volumes = if h.volumes.is_empty() { "-".to_string() } else { h.volumes.join(",") };
                         let iqns = if h.iqns.is_empty() { "-".to_string() } else { h.iqns.join(",") };
-                        vec![h.name.clone(), h.site.clone(), volumes, iqns, h.generation.to_string()]
+                        let chap = h.chap.clone().unwrap_or_else(|| "-".into());
+                        let cert = if h.cert_sha256.is_some() { "issued" } else { "-" }.to_string();
+                        vec![h.name.clone(), h.site.clone(), volumes, iqns, chap, cert, h.generation.to_string()]
                     })
                     .collect();
-                print_table(&["NAME", "SITE", "VOLUMES", "ISCSI", "GENERATION"], &rows);
+                print_table(&["NAME", "SITE", "VOLUMES", "ISCSI", "CHAP", "CERTIFICATE", "GENERATION"], &rows);
             }
         }
         HostCmd::Agent { .. } => unreachable!("dispatched to agent::run"),
@@ -145,6 +152,48 @@ async fn credentials(api: &Api, name: &str, out: &std::path::Path) -> anyhow::Re
     if !c.iqns.is_empty() {
         println!("  iSCSI:  initiator names {}", c.iqns.join(", "));
     }
+    Ok(())
+}
+
+/// A CHAP secret: 16 random bytes as 32 hex digits (printable, as initiators' configs want).
+fn chap_secret() -> String {
+    tandem_node::security::hex(&tandem_node::security::random_bytes::<16>())
+}
+
+/// New CHAP settings for the host, recorded sealed in the cluster and written to `out/chap` in
+/// open-iscsi's and libiscsi's terms.
+async fn chap_credentials(api: &Api, name: &str, out: &std::path::Path, mutual: bool) -> anyhow::Result<()> {
+    let secret = chap_secret();
+    let target = mutual.then(|| (format!("tandem-{name}"), chap_secret()));
+    let req = tandem_node::host_api::ChapRequest {
+        user: name.to_string(),
+        secret: secret.clone(),
+        target_user: target.as_ref().map(|t| t.0.clone()),
+        target_secret: target.as_ref().map(|t| t.1.clone()),
+    };
+    let _: HostView = api.request(Method::PUT, &format!("/v1/hosts/{name}/chap"), Some(&req)).await?;
+    let mut text = format!(
+        "# iSCSI CHAP of host {name}.\n\
+         # open-iscsi (iscsiadm -m node -o update -n KEY -v VALUE, or iscsid.conf):\n\
+         node.session.auth.authmethod = CHAP\n\
+         node.session.auth.username = {name}\n\
+         node.session.auth.password = {secret}\n"
+    );
+    if let Some((user, pass)) = &target {
+        text.push_str(&format!("node.session.auth.username_in = {user}\nnode.session.auth.password_in = {pass}\n"));
+    }
+    text.push_str(&format!("# libiscsi and qemu: iscsi://{name}%{secret}@PORTAL/TARGET/0\n"));
+    if let Some((user, pass)) = &target {
+        text.push_str(&format!(
+            "# mutual: LIBISCSI_CHAP_TARGET_USERNAME={user} LIBISCSI_CHAP_TARGET_PASSWORD={pass}\n"
+        ));
+    }
+    write_with_mode(out, "chap", &text, 0o600)?;
+    println!(
+        "  iSCSI:  CHAP ({}) for user {name}: settings in {}/chap",
+        if mutual { "mutual" } else { "one-way" },
+        out.display()
+    );
     Ok(())
 }
 

@@ -301,6 +301,14 @@ pub enum HostCmd {
         name: String,
         #[arg(long)]
         out: PathBuf,
+        /// Also give the host's iSCSI initiators CHAP: a new random secret (user: the host's
+        /// name), written to DIR/chap; its initiators must then log in with it.
+        #[arg(long)]
+        chap: bool,
+        /// As --chap, and mutual: the target proves itself to the initiator with a secret of
+        /// its own.
+        #[arg(long)]
+        mutual_chap: bool,
     },
     /// Remove a host and its path map.
     Remove { name: String },
