@@ -147,7 +147,11 @@ pub async fn run(
     // A node whose store failed drops out of every volume's replicas until it restarts.
     let health = store.clone();
     leases.set_health(Box::new(move || health.failed()));
-    let coord = Arc::new(volumes::MetaCoordinator { meta: meta.clone(), leases: leases.clone() });
+    let coord = Arc::new(volumes::MetaCoordinator {
+        meta: meta.clone(),
+        leases: leases.clone(),
+        default_access: cfg.security.access,
+    });
     let plane = DataPlane::start(id, mesh.clone(), Arc::new(store.clone()), coord, DataPlaneConfig::default());
     volumes::follow_volumes(meta.clone(), plane.clone(), leases.clone());
     // Every target port serves every volume, and all of them share one set of budgets.

@@ -16,6 +16,7 @@ use tandem_replication::driver::{Coordinator, DataPlane, IoFail, ProposeError, V
 use tandem_storage::SledStore;
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId};
+use tandem_wire::data::Requester;
 
 use crate::host_watch::HostWatches;
 use crate::lease::Leases;
@@ -30,6 +31,25 @@ const PROPOSE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(
 pub struct MetaCoordinator {
     pub meta: Arc<MetaStore>,
     pub leases: Arc<Leases>,
+    /// The access policy while the cluster map holds none (the config's).
+    pub default_access: AccessPolicy,
+}
+
+/// The principal a proxied request names.
+fn principal_of_requester(requester: &Requester) -> Principal {
+    match requester {
+        Requester::Anonymous => Principal::Anonymous,
+        Requester::Host(h) => Principal::Host(h.clone()),
+    }
+}
+
+/// Why `who` may not use volume `id` under `map`, if so.
+fn access_refused(map: &ClusterMap, default: AccessPolicy, id: VolumeId, who: &Principal) -> Option<String> {
+    let Some(name) = map.volumes.get(&id).map(|v| v.name.clone()) else {
+        // Deleted: the data plane refuses the request on its own.
+        return None;
+    };
+    map.may_open(map.access_policy(default), who, &name).err().map(|r| r.to_string())
 }
 
 impl Coordinator for MetaCoordinator {
@@ -123,6 +143,28 @@ impl Coordinator for MetaCoordinator {
         })
     }
 
+    /// From this node's map; a refusal is confirmed by a linearizable read first, so a map
+    /// that lags the proxying node's (a host connected a moment ago) never refuses a request
+    /// the committed state allows.
+    fn may_access(&self, volume: VolumeId, requester: &Requester) -> BoxFuture<'_, Result<(), String>> {
+        let who = principal_of_requester(requester);
+        Box::pin(async move {
+            let default = self.default_access;
+            if self.meta.local_read(|st| access_refused(&st.map, default, volume, &who)).is_none() {
+                return Ok(());
+            }
+            match self.meta.read(|st| access_refused(&st.map, default, volume, &who)).await {
+                Ok(None) => Ok(()),
+                Ok(Some(why)) => {
+                    tracing::info!(%volume, principal = %who, reason = %why, "proxied request refused");
+                    Err(why)
+                }
+                // Unknown: the local map said no; it stands.
+                Err(e) => Err(format!("the host's access could not be confirmed: {e}")),
+            }
+        })
+    }
+
     fn confirm_primary(&self, volume: VolumeId, epoch: Epoch) -> BoxFuture<'_, Result<bool, ProposeError>> {
         Box::pin(async move {
             let me = self.leases.me();
@@ -199,6 +241,7 @@ fn volume_config(v: &VolumeRecord) -> VolumeConfig {
         isr: v.isr.clone(),
         epoch: v.epoch,
         claim: v.claim,
+        requester: None,
     }
 }
 
@@ -320,6 +363,7 @@ fn io_error(e: IoFail) -> IoError {
         IoFail::Invalid(m) => IoError::Invalid(m),
         IoFail::NoVolume(m) | IoFail::Stopping(m) => IoError::Shutdown(m),
         IoFail::Unavailable(m) | IoFail::CutOff(m) | IoFail::Io(m) => IoError::Io(m),
+        IoFail::Denied(m) => IoError::NotPermitted(m),
     }
 }
 
@@ -342,9 +386,14 @@ impl Exports for VolumeExports {
         };
         let changed = self.watches.watch_key(key);
         let who = self.decide(name, peer)?;
-        let Some(cfg) = self.plane.volume_by_name(name) else {
+        let Some(mut cfg) = self.plane.volume_by_name(name) else {
             return Err(OpenError::NotFound(format!("no volume named {name:?}")));
         };
+        // Requests proxied to the primary name the host, which checks it too.
+        cfg.requester = Some(match &who {
+            Principal::Host(h) => Requester::Host(h.clone()),
+            _ => Requester::Anonymous,
+        });
         let access = Access {
             who,
             meta: self.meta.clone(),

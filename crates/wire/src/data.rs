@@ -131,11 +131,14 @@ pub enum DataMsg {
         volume: VolumeId,
         epoch: Epoch,
     },
-    /// Any node → primary: host I/O arriving at a node that does not serve the volume.
+    /// Any node → primary: host I/O arriving at a node that does not serve the volume. Each
+    /// proxied request names the host it runs for (`requester`), and the primary checks that
+    /// host may use the volume before it executes (`None`: the proxying node's own request).
     ProxyRead {
         volume: VolumeId,
         offset: u64,
         len: u64,
+        requester: Option<Requester>,
     },
     ProxyWrite {
         volume: VolumeId,
@@ -143,6 +146,7 @@ pub enum DataMsg {
         data: Vec<u8>,
         fua: bool,
         write: WriteId,
+        requester: Option<Requester>,
     },
     ProxyZeroes {
         volume: VolumeId,
@@ -150,9 +154,11 @@ pub enum DataMsg {
         len: u64,
         fua: bool,
         write: WriteId,
+        requester: Option<Requester>,
     },
     ProxyFlush {
         volume: VolumeId,
+        requester: Option<Requester>,
     },
     /// Any node → primary: SCSI COMPARE AND WRITE: write `data` at `offset` only if the range
     /// holds `expected` (as long), atomically against every other write. `write` identifies the
@@ -164,7 +170,30 @@ pub enum DataMsg {
         expected: Vec<u8>,
         data: Vec<u8>,
         write: WriteId,
+        requester: Option<Requester>,
     },
+}
+
+/// On whose behalf a proxied request runs: a host (known by its certificate or initiator name
+/// at the node it connected to), or a client that did not identify.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Requester {
+    Anonymous,
+    Host(String),
+}
+
+impl DataMsg {
+    /// The host a proxied request runs for, if it is one that names it.
+    pub fn requester(&self) -> Option<(VolumeId, &Requester)> {
+        match self {
+            DataMsg::ProxyRead { volume, requester, .. }
+            | DataMsg::ProxyWrite { volume, requester, .. }
+            | DataMsg::ProxyZeroes { volume, requester, .. }
+            | DataMsg::ProxyFlush { volume, requester }
+            | DataMsg::ProxyCompareAndWrite { volume, requester, .. } => requester.as_ref().map(|r| (*volume, r)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +215,8 @@ pub enum DataReply {
     Miscompare {
         at: u64,
     },
+    /// The primary refused a proxied request: its host may not use the volume (LUN masking).
+    Denied(String),
 }
 
 /// Requests on the `probe` channel.

@@ -3,6 +3,7 @@
 
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId};
+use tandem_wire::data::Requester;
 
 /// What the data plane needs from the metadata store. The node implements it over Raft.
 pub trait Coordinator: Send + Sync + 'static {
@@ -24,6 +25,13 @@ pub trait Coordinator: Send + Sync + 'static {
     /// an epoch its own claim holds, so no two starts ever share an epoch (docs/PROTOCOL.md,
     /// "One primary per epoch").
     fn claim_primary(&self, volume: VolumeId, epoch: Epoch, nonce: u64) -> BoxFuture<'_, Result<(), ProposeError>>;
+    /// Whether `requester` may use `volume` now, as the cluster map says (LUN masking): the
+    /// primary asks before it executes a request another node proxied for a host. `Err` names
+    /// the reason. Everyone may, by default.
+    fn may_access(&self, volume: VolumeId, requester: &Requester) -> BoxFuture<'_, Result<(), String>> {
+        let _ = (volume, requester);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -36,6 +36,14 @@ impl<S: BlockStore> Inner<S> {
 
     /// Answers one request from a peer: one method per message.
     pub(super) async fn handle(self: Arc<Self>, from: NodeId, msg: DataMsg) -> DataReply {
+        // A request proxied for a host: the primary decides whether that host may use the
+        // volume (the proxying node did too, but its map may be behind, or the host's access
+        // may have gone since its connection opened).
+        if let Some((volume, requester)) = msg.requester() {
+            if let Err(why) = self.coord.may_access(volume, requester).await {
+                return DataReply::Denied(why);
+            }
+        }
         match msg {
             DataMsg::Open { volume, epoch, primary, start_seq } => {
                 self.on_open(from, volume, epoch, primary, start_seq).await
@@ -47,18 +55,18 @@ impl<S: BlockStore> Inner<S> {
             }
             DataMsg::Chunk { volume, epoch, offset, data } => self.on_chunk(from, volume, epoch, offset, data).await,
             DataMsg::Level { volume, epoch } => self.on_level(from, volume, epoch).await,
-            DataMsg::ProxyRead { volume, offset, len } => self.on_proxy_read(volume, offset, len).await,
+            DataMsg::ProxyRead { volume, offset, len, .. } => self.on_proxy_read(volume, offset, len).await,
             DataMsg::ProxyWrite { volume, offset, data, write, .. } => {
                 self.on_proxy_write(volume, offset, data, write).await
             }
             DataMsg::ProxyZeroes { volume, offset, len, write, .. } => {
                 self.on_proxy_zeroes(volume, offset, len, write).await
             }
-            DataMsg::ProxyFlush { volume } => match self.local_primary(volume) {
+            DataMsg::ProxyFlush { volume, .. } => match self.local_primary(volume) {
                 Some(_) => DataReply::Ok,
                 None => DataReply::Refused("not the primary".into()),
             },
-            DataMsg::ProxyCompareAndWrite { volume, offset, expected, data, write } => {
+            DataMsg::ProxyCompareAndWrite { volume, offset, expected, data, write, .. } => {
                 self.on_proxy_compare_and_write(volume, offset, expected, data, write).await
             }
         }
@@ -257,7 +265,7 @@ impl<S: BlockStore> Inner<S> {
             return DataReply::Refused("not the primary".into());
         }
         let mut buf = vec![0u8; len as usize];
-        match self.clone().read_once(volume, offset, &mut buf).await {
+        match self.clone().read_once(volume, None, offset, &mut buf).await {
             Ok(()) => DataReply::Data(buf),
             Err(e) => fail_reply(e),
         }
@@ -275,7 +283,7 @@ impl<S: BlockStore> Inner<S> {
             return DataReply::Refused("not the primary".into());
         }
         let len = data.len() as u64;
-        match self.clone().write_once(volume, write, WriteKind::Data, offset, len, Bytes::from(data)).await {
+        match self.clone().write_once(volume, None, write, WriteKind::Data, offset, len, Bytes::from(data)).await {
             Ok(()) => DataReply::Ok,
             Err(e) => fail_reply(e),
         }
@@ -286,7 +294,7 @@ impl<S: BlockStore> Inner<S> {
         if self.local_primary(volume).is_none() {
             return DataReply::Refused("not the primary".into());
         }
-        match self.clone().write_once(volume, write, WriteKind::Zeroes, offset, len, Bytes::new()).await {
+        match self.clone().write_once(volume, None, write, WriteKind::Zeroes, offset, len, Bytes::new()).await {
             Ok(()) => DataReply::Ok,
             Err(e) => fail_reply(e),
         }
@@ -305,7 +313,7 @@ impl<S: BlockStore> Inner<S> {
             return DataReply::Refused("not the primary".into());
         }
         let (expected, data) = (Bytes::from(expected), Bytes::from(data));
-        match self.clone().compare_and_write_once(volume, write, offset, expected, data).await {
+        match self.clone().compare_and_write_once(volume, None, write, offset, expected, data).await {
             Ok(None) => DataReply::Ok,
             Ok(Some(at)) => DataReply::Miscompare { at },
             Err(e) => fail_reply(e),

@@ -11,7 +11,7 @@ use tandem_storage::BlockStore;
 use tandem_types::chaos_bugs::{self, Bug};
 use tandem_types::Channel;
 use tandem_types::{NodeId, VolumeId, BLOCK_BYTES};
-use tandem_wire::data::{DataMsg, DataReply, WriteId, WriteKind};
+use tandem_wire::data::{DataMsg, DataReply, Requester, WriteId, WriteKind};
 use tokio::sync::watch;
 
 use super::primary::PrimaryDriver;
@@ -160,7 +160,13 @@ impl<S: BlockStore> Inner<S> {
         Ok(cfg.primary)
     }
 
-    pub(super) async fn read_once(self: Arc<Self>, id: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), IoFail> {
+    pub(super) async fn read_once(
+        self: Arc<Self>,
+        id: VolumeId,
+        requester: Option<Requester>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
         // Planted (chaos-bugs): a local primary serves reads whether it holds its lease or not.
         let lease = !chaos_bugs::on(Bug::ReadWithoutLease);
@@ -184,7 +190,7 @@ impl<S: BlockStore> Inner<S> {
                     .acquire_many(blocks)
                     .await
                     .map_err(|_| IoFail::Stopping("the data plane is stopping".into()))?;
-                let msg = DataMsg::ProxyRead { volume: id, offset, len: buf.len() as u64 };
+                let msg = DataMsg::ProxyRead { volume: id, offset, len: buf.len() as u64, requester };
                 match self.call_primary(id, node, &msg).await? {
                     DataReply::Data(d) if d.len() == buf.len() => {
                         buf.copy_from_slice(&d);
@@ -196,9 +202,12 @@ impl<S: BlockStore> Inner<S> {
         }
     }
 
+    // One attempt's whole description, as the proxied message carries it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn write_once(
         self: Arc<Self>,
         id: VolumeId,
+        requester: Option<Requester>,
         write: WriteId,
         kind: WriteKind,
         offset: u64,
@@ -211,9 +220,9 @@ impl<S: BlockStore> Inner<S> {
             Route::Remote(node) => {
                 let msg = match kind {
                     WriteKind::Data => {
-                        DataMsg::ProxyWrite { volume: id, offset, data: data.to_vec(), fua: false, write }
+                        DataMsg::ProxyWrite { volume: id, offset, data: data.to_vec(), fua: false, write, requester }
                     }
-                    WriteKind::Zeroes => DataMsg::ProxyZeroes { volume: id, offset, len, fua: false, write },
+                    WriteKind::Zeroes => DataMsg::ProxyZeroes { volume: id, offset, len, fua: false, write, requester },
                 };
                 match self.call_primary(id, node, &msg).await? {
                     DataReply::Ok => Ok(()),
@@ -227,6 +236,7 @@ impl<S: BlockStore> Inner<S> {
     pub(super) async fn compare_and_write_once(
         self: Arc<Self>,
         id: VolumeId,
+        requester: Option<Requester>,
         write: WriteId,
         offset: u64,
         expected: Bytes,
@@ -242,6 +252,7 @@ impl<S: BlockStore> Inner<S> {
                     expected: expected.to_vec(),
                     data: data.to_vec(),
                     write,
+                    requester,
                 };
                 match self.call_primary(id, node, &msg).await? {
                     DataReply::Ok => Ok(None),
@@ -252,14 +263,16 @@ impl<S: BlockStore> Inner<S> {
         }
     }
 
-    pub(super) async fn flush_once(self: Arc<Self>, id: VolumeId) -> Result<(), IoFail> {
+    pub(super) async fn flush_once(self: Arc<Self>, id: VolumeId, requester: Option<Requester>) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary, true).await? {
             Route::Local(_) => Ok(()),
-            Route::Remote(node) => match self.call_primary(id, node, &DataMsg::ProxyFlush { volume: id }).await? {
-                DataReply::Ok => Ok(()),
-                other => Err(reply_error(node, other)),
-            },
+            Route::Remote(node) => {
+                match self.call_primary(id, node, &DataMsg::ProxyFlush { volume: id, requester }).await? {
+                    DataReply::Ok => Ok(()),
+                    other => Err(reply_error(node, other)),
+                }
+            }
         }
     }
 
@@ -276,6 +289,7 @@ pub(super) fn reply_error(node: NodeId, reply: DataReply) -> IoFail {
     match reply {
         DataReply::Refused(why) => IoFail::Unavailable(format!("node {node}: {why}")),
         DataReply::Failed(why) => IoFail::Io(format!("node {node}: {why}")),
+        DataReply::Denied(why) => IoFail::Denied(why),
         other => IoFail::Io(format!("node {node} answered {other:?}")),
     }
 }
@@ -288,6 +302,7 @@ pub(super) fn fail_reply(e: IoFail) -> DataReply {
             DataReply::Refused(why)
         }
         IoFail::Invalid(why) | IoFail::Io(why) => DataReply::Failed(why),
+        IoFail::Denied(why) => DataReply::Denied(why),
     }
 }
 

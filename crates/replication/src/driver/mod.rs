@@ -56,7 +56,7 @@ use tandem_transport::Handler;
 use tandem_types::chaos_bugs::Bugs;
 use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId, BLOCK_BYTES};
-use tandem_wire::data::WriteKind;
+use tandem_wire::data::{Requester, WriteKind};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use tandem_replication_core::{Backup, Phase, RecentLog, CHUNK_BYTES, INFLIGHT_WRITES_MAX};
@@ -199,6 +199,9 @@ pub enum IoFail {
     Stopping(String),
     #[error("I/O error: {0}")]
     Io(String),
+    /// The host may not use the volume (the primary's LUN-masking check); definite.
+    #[error("not permitted: {0}")]
+    Denied(String),
 }
 
 /// A volume as committed in the cluster map.
@@ -213,6 +216,10 @@ pub struct VolumeConfig {
     pub epoch: Epoch,
     /// The start of the primary that claimed this epoch, if one did.
     pub claim: Option<u64>,
+    /// On whose behalf host I/O made with this configuration runs: requests proxied to the
+    /// primary carry it, and the primary checks it ([`Coordinator::may_access`]). `None` in the
+    /// committed configuration; a host protocol's opened volume sets it.
+    pub requester: Option<Requester>,
 }
 
 #[derive(Clone, Debug)]
@@ -549,7 +556,7 @@ impl<S: BlockStore> DataPlane<S> {
             let at = offset + done as u64;
             let target = &mut buf[done..done + piece];
             loop {
-                match self.inner.clone().read_once(cfg.id, at, target).await {
+                match self.inner.clone().read_once(cfg.id, cfg.requester.clone(), at, target).await {
                     Err(IoFail::Unavailable(why)) => hold.wait(&self.inner, why).await?,
                     other => {
                         other?;
@@ -581,7 +588,8 @@ impl<S: BlockStore> DataPlane<S> {
                     let before = inner.before_attempt(cfg.id, &mut last);
                     async move {
                         before.await;
-                        inner.write_once(cfg.id, write, WriteKind::Data, at, part.len() as u64, part).await
+                        let requester = cfg.requester.clone();
+                        inner.write_once(cfg.id, requester, write, WriteKind::Data, at, part.len() as u64, part).await
                     }
                 })
                 .await?;
@@ -601,7 +609,8 @@ impl<S: BlockStore> DataPlane<S> {
                 let before = inner.before_attempt(cfg.id, &mut last);
                 async move {
                     before.await;
-                    inner.write_once(cfg.id, write, WriteKind::Zeroes, offset, len, Bytes::new()).await
+                    let requester = cfg.requester.clone();
+                    inner.write_once(cfg.id, requester, write, WriteKind::Zeroes, offset, len, Bytes::new()).await
                 }
             })
             .await
@@ -630,7 +639,7 @@ impl<S: BlockStore> DataPlane<S> {
                 let before = inner.before_attempt(cfg.id, &mut last);
                 async move {
                     before.await;
-                    inner.compare_and_write_once(cfg.id, write, offset, expected, data).await
+                    inner.compare_and_write_once(cfg.id, cfg.requester.clone(), write, offset, expected, data).await
                 }
             })
             .await
@@ -640,7 +649,7 @@ impl<S: BlockStore> DataPlane<S> {
     /// has to confirm that the volume is still served.
     pub async fn flush(&self, cfg: &VolumeConfig) -> Result<(), IoFail> {
         let mut hold = Hold::new(&self.inner);
-        self.inner.retry(&mut hold, |inner| async move { inner.flush_once(cfg.id).await }).await
+        self.inner.retry(&mut hold, |inner| async move { inner.flush_once(cfg.id, cfg.requester.clone()).await }).await
     }
 }
 

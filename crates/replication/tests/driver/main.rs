@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tandem_replication::driver::{Coordinator, DataPlane, DataPlaneConfig, ProposeError, VolumeConfig};
+use tandem_replication::driver::{Coordinator, DataPlane, DataPlaneConfig, IoFail, ProposeError, VolumeConfig};
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId, BLOCK_BYTES};
+use tandem_wire::data::Requester;
 
 use mem_net::Hub;
 use mem_store::MemStore;
@@ -35,6 +36,10 @@ struct Meta {
     leases_lost: AtomicBool,
     /// Nodes (by index) that hear of no committed change while listed: a stalled process.
     deaf: Mutex<HashSet<usize>>,
+    /// Hosts the committed map does not let use the volume (`Coordinator::may_access`), and
+    /// every check made, in order.
+    denied: Mutex<HashSet<String>>,
+    access_checks: Mutex<Vec<Requester>>,
 }
 
 impl Meta {
@@ -89,6 +94,21 @@ impl Coordinator for Coord {
     fn claim_primary(&self, volume: VolumeId, epoch: Epoch, nonce: u64) -> BoxFuture<'_, Result<(), ProposeError>> {
         Box::pin(async move { self.0.change(volume, epoch, |v| v.claim = Some(nonce)) })
     }
+
+    fn may_access(&self, _: VolumeId, requester: &Requester) -> BoxFuture<'_, Result<(), String>> {
+        self.0.access_checks.lock().expect("meta lock").push(requester.clone());
+        let denied = match requester {
+            Requester::Host(h) => self.0.denied.lock().expect("meta lock").contains(h),
+            Requester::Anonymous => false,
+        };
+        Box::pin(async move {
+            if denied {
+                Err("not connected".into())
+            } else {
+                Ok(())
+            }
+        })
+    }
 }
 
 /// The planted bugs (`chaos-bugs`) are switched per process: a test that switches one holds this
@@ -140,6 +160,7 @@ async fn cluster_switching(nodes: u64) -> Cluster {
         isr: ids.clone(),
         epoch: Epoch(1),
         claim: None,
+        requester: None,
     };
     *meta.volumes.lock().expect("meta lock") = vec![cfg.clone()];
     meta.publish();
@@ -211,6 +232,43 @@ async fn a_write_through_a_backup_is_proxied_to_the_primary_and_replicated() {
     let mut buf = vec![0u8; data.len()];
     c.planes[1].read(&c.cfg, 4096, &mut buf).await.expect("proxied read");
     assert_eq!(buf, data[..]);
+}
+
+/// A request proxied for a host names it, and the primary decides: a host the map lets use
+/// the volume is served; one it does not is refused with a definite error (no retry, no hold)
+/// and nothing of its writes lands on any replica. The primary's own host requests are not
+/// asked about (their node checked at open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_refuses_a_request_proxied_for_a_host_the_map_does_not_let_in() {
+    let c = cluster(3).await;
+    c.meta.denied.lock().expect("meta lock").insert("mallory".into());
+    let as_host = |h: &str| VolumeConfig { requester: Some(Requester::Host(h.into())), ..c.cfg.clone() };
+    let (alice, mallory) = (as_host("alice"), as_host("mallory"));
+    let good = pattern(64 * 1024, 3);
+    c.planes[2].write(&alice, 0, good.clone()).await.expect("alice's proxied write");
+    let bad = pattern(64 * 1024, 4);
+    let started = Instant::now();
+    let refused = c.planes[1].write(&mallory, 0, bad.clone()).await;
+    assert!(matches!(refused, Err(IoFail::Denied(_))), "{refused:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "a refusal is definite, not held: {:?}", started.elapsed());
+    for (i, op) in ["zeroes", "read", "flush", "compare and write"].into_iter().enumerate() {
+        let result = match i {
+            0 => c.planes[1].write_zeroes(&mallory, 0, 4096).await.map(|_| ()),
+            1 => c.planes[2].read(&mallory, 0, &mut vec![0u8; 4096]).await,
+            2 => c.planes[2].flush(&mallory).await,
+            _ => c.planes[1].compare_and_write(&mallory, 0, good.slice(..4096), bad.slice(..4096)).await.map(|_| ()),
+        };
+        assert!(matches!(result, Err(IoFail::Denied(_))), "mallory's {op}: {result:?}");
+    }
+    for store in &c.stores {
+        assert_eq!(local(store, 0, good.len()), good[..], "a refused write changed a replica");
+    }
+    // The checks came from the proxies, for the hosts they named; node 1 (the primary) serves
+    // its own requests without one.
+    c.planes[0].write(&mallory, 0, good.clone()).await.expect("the primary's own request");
+    let checks = c.meta.access_checks.lock().expect("meta lock").clone();
+    assert!(checks.contains(&Requester::Host("alice".into())) && checks.contains(&Requester::Host("mallory".into())));
+    assert_eq!(checks.len(), 6, "one check per proxied request, none retried: {checks:?}");
 }
 
 /// The primary's store fails (a failed flush: it refuses changes until the node restarts). The
