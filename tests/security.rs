@@ -64,6 +64,21 @@ fn state(c: &Cluster) -> Value {
     })
 }
 
+/// A 3-node cluster with volumes v1 and v2 of `size`, host h1 connected to v1 and h2 to v2.
+fn two_hosts(size: &str) -> Cluster {
+    let c = Cluster::up(3);
+    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
+    for v in ["v1", "v2"] {
+        c.admin(&["volume", "create", v, "--size", size]);
+    }
+    for h in ["h1", "h2"] {
+        c.admin(&["host", "add", h, "--site", "local"]);
+    }
+    c.admin(&["host", "connect", "h1", "v1"]);
+    c.admin(&["host", "connect", "h2", "v2"]);
+    c
+}
+
 /// Issues credentials to `host` into a temp dir and returns its token.
 fn host_token(c: &Cluster, host: &str, dir: &std::path::Path) -> String {
     let out = dir.join(host);
@@ -73,16 +88,7 @@ fn host_token(c: &Cluster, host: &str, dir: &std::path::Path) -> String {
 
 #[test]
 fn the_api_refuses_requests_without_the_right_credential_and_changes_nothing() {
-    let c = Cluster::up(3);
-    c.agreed_leader(&[1, 2, 3], std::time::Duration::from_secs(20));
-    for v in ["v1", "v2"] {
-        c.admin(&["volume", "create", v, "--size", "4M"]);
-    }
-    for h in ["h1", "h2"] {
-        c.admin(&["host", "add", h, "--site", "local"]);
-    }
-    c.admin(&["host", "connect", "h1", "v1"]);
-    c.admin(&["host", "connect", "h2", "v2"]);
+    let c = two_hosts("4M");
     c.put_setting(1, "k", "v");
     let dir = tempfile::tempdir().expect("tempdir");
     let h1 = host_token(&c, "h1", dir.path());
@@ -136,7 +142,7 @@ fn the_api_refuses_requests_without_the_right_credential_and_changes_nothing() {
     let h1_again = host_token(&c, "h1", dir.path());
     assert_ne!(h1, h1_again);
     let url = format!("{}/v1/hosts/h1/paths", c.api(3));
-    tandem_testkit::wait_for("the old token to be refused", std::time::Duration::from_secs(10), || {
+    tandem_testkit::wait_for("the old token to be refused", Duration::from_secs(10), || {
         (http_as(Some(&h1)).get(&url).send().ok()?.status().as_u16() == 401).then_some(())
     });
     assert_eq!(http_as(Some(&h1_again)).get(&url).send().expect("get").status().as_u16(), 200);
@@ -199,16 +205,7 @@ fn io_ok(ran: &Ran) -> bool {
 #[test]
 fn nbd_over_tls_admits_each_host_to_its_own_volumes_only_and_a_disconnect_ends_its_connection() {
     require_tools(&["qemu-io", "nbdcopy", "nbdinfo"]);
-    let c = Cluster::up(3);
-    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
-    for v in ["v1", "v2"] {
-        c.admin(&["volume", "create", v, "--size", "16M"]);
-    }
-    for h in ["h1", "h2"] {
-        c.admin(&["host", "add", h, "--site", "local"]);
-    }
-    c.admin(&["host", "connect", "h1", "v1"]);
-    c.admin(&["host", "connect", "h2", "v2"]);
+    let c = two_hosts("16M");
     let dir = tempfile::tempdir().expect("tempdir");
     host_token(&c, "h1", dir.path());
     host_token(&c, "h2", dir.path());
