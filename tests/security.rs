@@ -3,7 +3,8 @@
 //!   and a host's with 403, accepts the admin's, and a refused request changes nothing; a host
 //!   reads its own path map and nobody else's; new credentials revoke the old; an audit line
 //!   names who wrote; a node refuses a secret file others can read;
-//! - NBD over TLS under `tls-required`, with qemu-io, nbdcopy and nbdinfo as hosts: a host's
+//! - NBD under each access policy (`tls`: TLS optional; `open`: none), then over TLS under
+//!   `tls-required`, with qemu-io, nbdcopy and nbdinfo as hosts: a host's
 //!   certificate opens its own volume through every node (primary and proxying) and lists only
 //!   it; another host's volume, plaintext, TLS without a certificate and a certificate of
 //!   another CA are refused; disconnecting a volume ends the host's open connection within
@@ -224,8 +225,25 @@ fn nbd_over_tls_admits_each_host_to_its_own_volumes_only_and_a_disconnect_ends_i
     std::fs::create_dir(&no_cert).expect("mkdir");
     std::fs::copy(h1.join("ca-cert.pem"), no_cert.join("ca-cert.pem")).expect("copy CA");
 
-    c.admin(&["setting", "set", "access", "tls-required"]);
     let nbd: Vec<std::net::SocketAddr> = (1..=3).map(|id| c.nbd_addr(id)).collect();
+    // `tandem up`'s policy, `tls`: TLS offered and optional. A plaintext client is anonymous
+    // and reaches every volume; h1's certificate reaches its own only.
+    for addr in &nbd {
+        assert!(io_ok(&qemu_io_tls(*addr, "v2", None, &["read 0 4k"])), "anonymous via {addr}");
+        assert!(io_ok(&qemu_io_tls(*addr, "v1", Some(&h1), &["read 0 4k"])), "h1 via {addr}");
+        assert!(!io_ok(&qemu_io_tls(*addr, "v2", Some(&h1), &["read 0 4k"])), "h1 opened v2 via {addr}");
+    }
+    // `open`: no TLS at all (STARTTLS refused), everyone anonymous.
+    c.admin(&["setting", "set", "access", "open"]);
+    tandem_testkit::wait_for("every node to stop offering TLS", Duration::from_secs(10), || {
+        nbd.iter().all(|a| !io_ok(&qemu_io_tls(*a, "v1", Some(&h1), &["read 0 4k"]))).then_some(())
+    });
+    assert!(io_ok(&qemu_io_tls(nbd[1], "v2", None, &["read 0 4k"])), "anonymous under open");
+    // libnbd, told to require TLS, gives up when STARTTLS is refused.
+    let ran = run("nbdinfo", &[&nbds_url(nbd[1], "v1", &h1)]);
+    assert!(!ran.status.success(), "nbds under open: {}", ran.text);
+
+    c.admin(&["setting", "set", "access", "tls-required"]);
     // Every node (the primary and the proxying ones) applies the setting.
     tandem_testkit::wait_for("every node to require identities", Duration::from_secs(10), || {
         nbd.iter().all(|a| !io_ok(&qemu_io_tls(*a, "v1", None, &["read 0 4k"]))).then_some(())

@@ -29,16 +29,19 @@ pub const CHAP_USER_BYTES_MAX: usize = 223;
 /// The longest sealed CHAP secret (nonce, up to 255 secret bytes, tag).
 pub const SEALED_SECRET_BYTES_MAX: usize = 12 + 255 + 16;
 
-/// How much a client must prove before it reaches a volume over a host protocol.
+/// How much a client must prove before it reaches a volume over a host protocol (for NBD, as
+/// nbdkit's `--tls=off|on|require`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum AccessPolicy {
-    /// TLS is offered; clients that do not identify are anonymous and reach every volume. A
-    /// client that identifies as a host (certificate, iSCSI name) reaches only its volumes.
-    #[default]
+    /// No TLS: NBD clients are anonymous and reach every volume. An iSCSI initiator whose name
+    /// is a host's still reaches only that host's volumes.
     Open,
-    /// As `open`, and plaintext NBD clients are told in the log that TLS is available: the
-    /// stage for moving hosts to certificates one by one.
+    /// TLS is offered and optional: a client that identifies as a host (a host certificate
+    /// over TLS, a host's iSCSI name) reaches only its volumes; one that does not is anonymous
+    /// and reaches every volume. The stage for moving hosts to certificates one by one, and
+    /// `tandem up`'s default.
+    #[default]
     Tls,
     /// Every client must identify as a host: NBD only over TLS with a host certificate
     /// (anything else gets `NBD_REP_ERR_TLS_REQD`), iSCSI only from a host's initiator name

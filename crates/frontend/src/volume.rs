@@ -56,12 +56,24 @@ pub trait Exports: Send + Sync + 'static {
     /// [`OpenError::Denied`] (or, for a name it may not even see, [`OpenError::NotFound`]).
     fn open(&self, name: &str, peer: &Peer) -> impl Future<Output = Result<Self::Volume, OpenError>> + Send;
 
-    /// Whether a client must prove who it is before anything else: NBD then answers every
-    /// option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` with `NBD_REP_ERR_TLS_REQD` until the
-    /// connection is TLS. Asked once per connection, at its start.
-    fn identity_required(&self) -> bool {
-        false
+    /// Whether clients may, or must, prove who they are (NBD: whether TLS is not offered,
+    /// offered, or required, when the server has a TLS configuration at all). Asked once per
+    /// connection, at its start.
+    fn identification(&self) -> Identification {
+        Identification::Optional
     }
+}
+
+/// How much a server asks of its clients' identities, as [`Exports::identification`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identification {
+    /// Clients cannot prove who they are (NBD offers no TLS): all are anonymous.
+    Off,
+    /// Clients may prove who they are; those that do not are anonymous.
+    Optional,
+    /// Clients must prove who they are before anything else (NBD answers every option but
+    /// `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` with `NBD_REP_ERR_TLS_REQD` until it is TLS).
+    Required,
 }
 
 /// One export's bytes. Offsets and lengths the server passes are already checked against

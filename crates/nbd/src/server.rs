@@ -12,8 +12,8 @@
 //! EINVAL and the connection is closed: its payload is not read, and the stream cannot be
 //! resynchronised without reading it.
 //!
-//! TLS: given a rustls configuration, the server offers `NBD_OPT_STARTTLS` (and requires it
-//! when [`Exports::identity_required`]); a client certificate verified by that configuration is
+//! TLS: given a rustls configuration, the server offers `NBD_OPT_STARTTLS`, or not, or requires
+//! it, as [`Exports::identification`] says; a client certificate verified by that configuration is
 //! the connection's [`Peer`], which decides what it may list and open. A volume whose opener
 //! loses access ([`Volume::revoked`]) ends the connection: requests in flight are answered,
 //! nothing more is read.
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tandem_frontend::{Budgets, BufferBudget, Exports, IoError, Peer, Volume};
+use tandem_frontend::{Budgets, BufferBudget, Exports, Identification, IoError, Peer, Volume};
 use thiserror::Error;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf,
@@ -193,10 +193,10 @@ where
     E: Exports,
 {
     assert_budgets(&budgets);
-    let mode = match (&tls, exports.identity_required()) {
-        (None, _) => TlsMode::Off,
-        (Some(_), false) => TlsMode::Offered,
-        (Some(_), true) => TlsMode::Required,
+    let mode = match (&tls, exports.identification()) {
+        (None, _) | (Some(_), Identification::Off) => TlsMode::Off,
+        (Some(_), Identification::Optional) => TlsMode::Offered,
+        (Some(_), Identification::Required) => TlsMode::Required,
     };
     let conn: Conn = BufReader::with_capacity(SOCKET_BUFFER_BYTES, Box::new(stream));
     let negotiation = negotiate(conn, &*exports, tls, mode);

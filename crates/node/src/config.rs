@@ -135,8 +135,8 @@ pub struct SecuritySection {
     /// The cluster secret (64 hex digits, mode 0600, the same file on every node): it keys the
     /// API's bearer tokens and seals CHAP secrets in Raft.
     pub secret: PathBuf,
-    /// The access policy until the cluster map holds one (`tandem setting access ...`):
-    /// `open`, `tls` or `tls-required`.
+    /// The access policy until the cluster map holds one (`tandem setting set access ...`):
+    /// `open`, `tls` (the default) or `tls-required`.
     #[serde(default)]
     pub access: AccessPolicy,
     /// Whether `GET /metrics` answers without a credential (for a scraper without a token).

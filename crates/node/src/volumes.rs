@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Serialize;
 use tandem_clustermap::{AccessPolicy, ClusterMap, MetaCmd, MetaReply, ObjectKey, Principal, Refusal, VolumeRecord};
-use tandem_frontend::{Budgets, Exports, IoError, OpenError, Peer, Volume};
+use tandem_frontend::{Budgets, Exports, Identification, IoError, OpenError, Peer, Volume};
 use tandem_meta::network::MetaError;
 use tandem_meta::state_machine::Changed;
 use tandem_meta::store::MetaStore;
@@ -403,8 +403,12 @@ impl Exports for VolumeExports {
         Ok(ExportedVolume { plane: self.plane.clone(), cfg, access })
     }
 
-    fn identity_required(&self) -> bool {
-        self.policy() == AccessPolicy::TlsRequired
+    fn identification(&self) -> Identification {
+        match self.policy() {
+            AccessPolicy::Open => Identification::Off,
+            AccessPolicy::Tls => Identification::Optional,
+            AccessPolicy::TlsRequired => Identification::Required,
+        }
     }
 }
 

@@ -199,11 +199,12 @@ fn create(dir: &Path, nodes: u32, transport: TransportKind) -> anyhow::Result<Cl
             voter_replace_after_secs: 300,
         },
         tls: TlsSection { ca_cert: "certs/ca.pem".into(), ca_key: Some("certs/ca.key".into()) },
-        // A local cluster's convenient default: clients that do not identify reach every
-        // volume (`tandem up` says so); cluster-config/'s production examples require TLS.
+        // A local cluster's convenient default: TLS is offered, and clients that do not
+        // identify reach every volume (`tandem up` says so); cluster-config/'s production
+        // examples require TLS.
         security: SecuritySection {
             secret: "certs/cluster.secret".into(),
-            access: AccessPolicy::Open,
+            access: AccessPolicy::Tls,
             metrics_open: false,
         },
         nodes: node_sections,
@@ -267,12 +268,18 @@ fn log_tail(dir: &Path, id: NodeId) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// What `tandem up` says of the access policy hosts meet.
-fn report_access(cfg: &ClusterConfig) -> String {
-    match cfg.security.access {
+/// What `tandem up` says of the access policy hosts meet: the cluster's setting, else the
+/// config's.
+async fn report_access(dir: &Path, cfg: &ClusterConfig) -> String {
+    let api = local_api(dir, cfg.nodes[0].api_addr);
+    let set = api.get::<serde_json::Value>("/v1/settings/access").await.ok();
+    let policy = set
+        .and_then(|v| v["value"].as_str().and_then(|p| p.parse::<AccessPolicy>().ok()))
+        .unwrap_or(cfg.security.access);
+    match policy {
         AccessPolicy::TlsRequired => "tls-required (hosts identify with a certificate or a known iSCSI name)".into(),
         p => format!(
-            "{p}: a local convenience, hosts that do not identify reach every volume; \
+            "{p}: a local convenience, NBD and iSCSI clients that do not identify reach every volume; \
              require identities with `tandem setting set access tls-required`"
         ),
     }
@@ -365,7 +372,7 @@ pub async fn up(
         admin_token_path(dir).display(),
         admin_token_path(dir).display()
     );
-    let access = report_access(&cfg);
+    let access = report_access(dir, &cfg).await;
     println!("host access policy: {access}");
     if detach {
         println!("\ncluster running in the background; stop it with `tandem down --dir {}`", dir.display());
