@@ -96,21 +96,33 @@ fn datasets_and_volumes_through_the_cli_and_api_survive_a_restart() {
 
     // Bad input: a non-zero exit, a clear message on stderr, and nothing changes.
     let e = ["--endpoint", api2.as_str(), "--cluster", c.path_str()];
-    refused(&["volume", "create", "bad/name", "--size", "64M", e[0], e[1]], "volume name \"bad/name\"");
-    refused(&["volume", "create", "vol-c", "--size", "5000", e[0], e[1]], "not a multiple of the block size");
-    refused(&["volume", "create", "vol-c", "--size", "12Q", e[0], e[1]], "K, M, G or T");
-    refused(&["volume", "create", "vol-c", "--size", "0", e[0], e[1]], "more than 0 bytes");
+    refused(&["volume", "create", "bad/name", "--size", "64M", e[0], e[1], e[2], e[3]], "volume name \"bad/name\"");
     refused(
-        &["volume", "create", "vol-c", "--size", "1M", "--dataset", "nope", e[0], e[1]],
+        &["volume", "create", "vol-c", "--size", "5000", e[0], e[1], e[2], e[3]],
+        "not a multiple of the block size",
+    );
+    refused(&["volume", "create", "vol-c", "--size", "12Q", e[0], e[1], e[2], e[3]], "K, M, G or T");
+    refused(&["volume", "create", "vol-c", "--size", "0", e[0], e[1], e[2], e[3]], "more than 0 bytes");
+    refused(
+        &["volume", "create", "vol-c", "--size", "1M", "--dataset", "nope", e[0], e[1], e[2], e[3]],
         "no dataset named \"nope\"",
     );
-    refused(&["volume", "create", "vol-a", "--size", "128M", e[0], e[1]], "volume \"vol-a\" already exists");
-    refused(&["volume", "delete", "nope", e[0], e[1]], "no volume named \"nope\"");
-    refused(&["dataset", "create", "pod1", "--replicas", "3", e[0], e[1]], "dataset \"pod1\" already exists");
-    refused(&["dataset", "create", "pod2", "--replicas", "5", e[0], e[1]], "number of nodes (4)");
-    refused(&["dataset", "create", "pod2", "--preferred-site", "mars", e[0], e[1]], "no node is in site \"mars\"");
-    refused(&["dataset", "delete", "pod1", e[0], e[1]], "still has volumes [vol-b]");
-    refused(&["dataset", "delete", "nope", e[0], e[1]], "no dataset named \"nope\"");
+    refused(
+        &["volume", "create", "vol-a", "--size", "128M", e[0], e[1], e[2], e[3]],
+        "volume \"vol-a\" already exists",
+    );
+    refused(&["volume", "delete", "nope", e[0], e[1], e[2], e[3]], "no volume named \"nope\"");
+    refused(
+        &["dataset", "create", "pod1", "--replicas", "3", e[0], e[1], e[2], e[3]],
+        "dataset \"pod1\" already exists",
+    );
+    refused(&["dataset", "create", "pod2", "--replicas", "5", e[0], e[1], e[2], e[3]], "number of nodes (4)");
+    refused(
+        &["dataset", "create", "pod2", "--preferred-site", "mars", e[0], e[1], e[2], e[3]],
+        "no node is in site \"mars\"",
+    );
+    refused(&["dataset", "delete", "pod1", e[0], e[1], e[2], e[3]], "still has volumes [vol-b]");
+    refused(&["dataset", "delete", "nope", e[0], e[1], e[2], e[3]], "no dataset named \"nope\"");
     // A node holding replicas stays in the cluster, its process running.
     let stderr = refused(&["node", "remove", "4", "--cluster", c.path_str()], "node 4 holds replicas");
     assert!(stderr.contains("vol-a") && stderr.contains("vol-b"), "{stderr}");
