@@ -173,20 +173,32 @@ fn a_node_refuses_to_start_with_a_secret_others_can_read() {
     assert!(c.view(1).is_some());
 }
 
-/// `qemu-io` on `volume` through `nbd` with the TLS credentials in `creds` (qemu's file names),
-/// or in plaintext without.
-fn qemu_io_tls(nbd: std::net::SocketAddr, volume: &str, creds: Option<&std::path::Path>, commands: &[&str]) -> Ran {
-    let mut args: Vec<String> = Vec::new();
+/// qemu's block options for `volume` through `nbd`, over TLS with the object `tls0` or not.
+fn nbd_image_opts(nbd: std::net::SocketAddr, volume: &str, tls: bool) -> String {
     let mut opts = format!(
         "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={},file.server.port={},file.export={volume}",
         nbd.ip(),
         nbd.port()
     );
-    if let Some(dir) = creds {
-        args.extend(["--object".into(), format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display())]);
+    if tls {
         opts.push_str(",file.tls-creds=tls0");
     }
-    args.extend(["--image-opts".into(), opts]);
+    opts
+}
+
+/// qemu's TLS object `tls0` with the credentials in `dir` (qemu's file names).
+fn tls_object(dir: &std::path::Path) -> String {
+    format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display())
+}
+
+/// `qemu-io` on `volume` through `nbd` with the TLS credentials in `creds`, or in plaintext
+/// without.
+fn qemu_io_tls(nbd: std::net::SocketAddr, volume: &str, creds: Option<&std::path::Path>, commands: &[&str]) -> Ran {
+    let mut args: Vec<String> = Vec::new();
+    if let Some(dir) = creds {
+        args.extend(["--object".into(), tls_object(dir)]);
+    }
+    args.extend(["--image-opts".into(), nbd_image_opts(nbd, volume, creds.is_some())]);
     for c in commands {
         args.extend(["-c".into(), c.to_string()]);
     }
@@ -287,7 +299,8 @@ fn nbd_over_tls_admits_each_host_to_its_own_volumes_only_and_a_disconnect_ends_i
     // A host's open connection ends when its volume is disconnected from it.
     for via in [0, 2] {
         let addr = nbd[via];
-        let mut session = interactive_qemu_io(addr, "v1", &h1);
+        let mut session =
+            qemu_io_session(&["--object", &tls_object(&h1), "--image-opts", &nbd_image_opts(addr, "v1", true)]);
         let port = addr.port();
         tandem_testkit::wait_for("h1's connection to be up", Duration::from_secs(30), || {
             (established(port) == 1).then_some(())
@@ -318,16 +331,10 @@ fn nbd_over_tls_admits_each_host_to_its_own_volumes_only_and_a_disconnect_ends_i
 /// (docs/OPERATIONS.md, "Security": the node ends it as soon as it applies the change).
 const REVOKE_BOUND: Duration = Duration::from_secs(5);
 
-/// A qemu-io that keeps its NBD connection open, waiting for commands on stdin.
-fn interactive_qemu_io(nbd: std::net::SocketAddr, volume: &str, creds: &std::path::Path) -> std::process::Child {
-    let opts = format!(
-        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={},file.server.port={},file.export={volume},file.tls-creds=tls0",
-        nbd.ip(),
-        nbd.port()
-    );
+/// A qemu-io that keeps its connection open, waiting for commands on stdin.
+fn qemu_io_session(args: &[&str]) -> std::process::Child {
     std::process::Command::new("qemu-io")
-        .args(["--object", &format!("tls-creds-x509,id=tls0,dir={},endpoint=client", creds.display())])
-        .args(["--image-opts", &opts])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -442,13 +449,7 @@ fn iscsi_initiators_reach_only_their_hosts_volumes_with_chap_when_the_host_has_i
         "driver=raw,file.driver=iscsi,file.transport=tcp,file.portal={portal},file.target={},file.lun=0,file.initiator-name={IQN2}",
         target("v2")
     );
-    let mut session = std::process::Command::new("qemu-io")
-        .args(["--image-opts", &opts])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-io");
+    let mut session = qemu_io_session(&["--image-opts", &opts]);
     tandem_testkit::wait_for("h2's iSCSI session to be up", Duration::from_secs(30), || {
         (established(port) == 1).then_some(())
     });

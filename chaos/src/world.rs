@@ -148,12 +148,7 @@ impl World {
 
     /// An HTTP client with the cluster's admin token and `timeout`.
     pub fn http(&self, timeout: std::time::Duration) -> reqwest::blocking::Client {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(t) = self.cluster.admin_token() {
-            let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).expect("a token is header-safe");
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
-        reqwest::blocking::Client::builder().timeout(timeout).default_headers(headers).build().expect("an HTTP client")
+        tandem_testkit::http_as_within(self.cluster.admin_token().as_deref(), timeout)
     }
 
     fn client(&self) -> reqwest::blocking::Client {

@@ -157,7 +157,8 @@ impl fmt::Display for Refusal {
     }
 }
 
-fn is_lower_hex(s: &str, len: usize) -> bool {
+/// Whether `s` is `len` lower-case hex digits (credential ids, fingerprints, MACs).
+pub fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 

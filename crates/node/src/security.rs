@@ -13,7 +13,7 @@ use std::path::Path;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::{aead, digest, hmac};
-use tandem_clustermap::access::CREDENTIAL_ID_HEX;
+use tandem_clustermap::access::{is_lower_hex, CREDENTIAL_ID_HEX};
 use tandem_clustermap::{ClusterMap, Principal};
 use tandem_types::validate_name;
 
@@ -116,9 +116,7 @@ fn parse_token(token: &str) -> Result<TokenParts<'_>, TokenError> {
         "h" => false,
         _ => return Err(TokenError::Malformed),
     };
-    let hex_ok =
-        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !hex_ok(id, CREDENTIAL_ID_HEX) || !hex_ok(mac, MAC_HEX) || validate_name(name).is_err() {
+    if !is_lower_hex(id, CREDENTIAL_ID_HEX) || !is_lower_hex(mac, MAC_HEX) || validate_name(name).is_err() {
         return Err(TokenError::Malformed);
     }
     Ok(TokenParts { admin, id, mac, name })

@@ -15,6 +15,7 @@ use tandem_node::config::ClusterConfig;
 pub use tandem_node::host_api::{HostView, PathMapView};
 
 use crate::client::{self, print_table};
+use crate::local::write_durable;
 use crate::{HostCmd, Target};
 
 /// How long one long-poll asks the node to wait for a newer generation. It bounds how long a
@@ -107,25 +108,6 @@ pub async fn host(target: &Target, cmd: HostCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `text` to `dir/name` with `mode`, replacing what was there.
-fn write_with_mode(dir: &std::path::Path, name: &str, text: &str, mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let path = dir.join(name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    // An existing file keeps its mode through open(2): set it.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
-    f.sync_all()?;
-    Ok(())
-}
-
 /// `tandem host credentials NAME --out DIR`: a key pair made here (the private key never leaves
 /// this machine), the certificate the cluster signs for it, the CA and the API token.
 async fn credentials(api: &Api, name: &str, out: &std::path::Path) -> anyhow::Result<()> {
@@ -137,10 +119,10 @@ async fn credentials(api: &Api, name: &str, out: &std::path::Path) -> anyhow::Re
         api.request(Method::POST, &format!("/v1/hosts/{name}/credentials"), Some(&req)).await?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))?;
-    write_with_mode(out, "ca-cert.pem", &c.ca_pem, 0o644)?;
-    write_with_mode(out, "client-cert.pem", &c.cert_pem, 0o644)?;
-    write_with_mode(out, "client-key.pem", &key_pem, 0o600)?;
-    write_with_mode(out, "token", &format!("{}\n", c.token), 0o600)?;
+    write_durable(&out.join("ca-cert.pem"), &c.ca_pem, 0o644)?;
+    write_durable(&out.join("client-cert.pem"), &c.cert_pem, 0o644)?;
+    write_durable(&out.join("client-key.pem"), &key_pem, 0o600)?;
+    write_durable(&out.join("token"), &format!("{}\n", c.token), 0o600)?;
     let nodes: Vec<NodeView> = api.get("/v1/nodes").await?;
     let nbd = nodes.first().map(|n| n.record.nbd_addr.to_string()).unwrap_or_else(|| "NODE:10809".into());
     let dir = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
@@ -188,7 +170,7 @@ async fn chap_credentials(api: &Api, name: &str, out: &std::path::Path, mutual: 
             "# mutual: LIBISCSI_CHAP_TARGET_USERNAME={user} LIBISCSI_CHAP_TARGET_PASSWORD={pass}\n"
         ));
     }
-    write_with_mode(out, "chap", &text, 0o600)?;
+    write_durable(&out.join("chap"), &text, 0o600)?;
     println!(
         "  iSCSI:  CHAP ({}) for user {name}: settings in {}/chap",
         if mutual { "mutual" } else { "one-way" },

@@ -107,7 +107,7 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
 /// (created with `mode`), fsync, rename, fsync of the folder. A node needs its config and
 /// certificates at every restart; written without fsync, a power cut soon after `tandem up`
 /// left them empty (found by the chaos suite's power-loss nemesis).
-fn write_durable(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+pub(crate) fn write_durable(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut tmp_name = path.as_os_str().to_owned();

@@ -37,7 +37,7 @@ pub mod wait;
 
 pub use binary::{tandem_bin, tandem_chaos_bin};
 pub use cluster::{take_turn, Cluster, ClusterBuilder, Paused, Turn};
-pub use http::http_as;
+pub use http::{bearer_headers, http_as, http_as_within};
 pub use nbd::{NbdClient, NbdError, Reconnecting};
 pub use process::{run_tandem, run_tandem_ok, Reap};
 pub use qemu::{qemu_io, qemu_io_ok, run_ok};

@@ -20,12 +20,8 @@ pub struct TandemClient {
 impl TandemClient {
     /// `token`: the admin's API token (every request carries it, as every client's does).
     pub fn new(leader_api: SocketAddr, token: Option<String>) -> anyhow::Result<TandemClient> {
-        let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(t) = token {
-            headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().context("header-safe token")?);
-        }
         let http = reqwest::Client::builder()
-            .default_headers(headers)
+            .default_headers(tandem_testkit::bearer_headers(token.as_deref()))
             .timeout(PUT_TIMEOUT)
             .connect_timeout(PROBE_TIMEOUT)
             .tcp_nodelay(true)

@@ -78,13 +78,8 @@ fn has_optimized_path(map: &PathMapView, node: NodeId) -> bool {
 }
 
 fn http(token: Option<String>) -> anyhow::Result<reqwest::Client> {
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = token {
-        headers
-            .insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().context("a token is header-safe")?);
-    }
     reqwest::Client::builder()
-        .default_headers(headers)
+        .default_headers(tandem_testkit::bearer_headers(token.as_deref()))
         .timeout(Duration::from_millis(WATCH_WAIT_MS) + Duration::from_secs(10))
         .connect_timeout(PROBE_TIMEOUT)
         .tcp_nodelay(true)
