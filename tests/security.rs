@@ -8,7 +8,7 @@
 //!   certificate opens its own volume through every node (primary and proxying) and lists only
 //!   it; another host's volume, plaintext, TLS without a certificate and a certificate of
 //!   another CA are refused; disconnecting a volume ends the host's open connection within
-//!   [`REVOKE_BOUND`]; a replaced certificate stops working.
+//!   [`REVOKE_BOUND`]; a replaced certificate stops working, and its open connection ends.
 
 use std::time::{Duration, Instant};
 
@@ -317,10 +317,22 @@ fn nbd_over_tls_admits_each_host_to_its_own_volumes_only_and_a_disconnect_ends_i
         let _ = session.wait();
         c.admin(&["host", "connect", "h1", "v1"]);
     }
-    // New credentials: the old certificate is refused, the new one works.
+    // New credentials: a connection open with the old certificate ends, the old certificate is
+    // refused, the new one works.
     let old = dir.path().join("h1-old");
     std::fs::rename(&h1, &old).expect("keep the old credentials");
+    let port = nbd[1].port();
+    let mut session =
+        qemu_io_session(&["--object", &tls_object(&old), "--image-opts", &nbd_image_opts(nbd[1], "v1", true)]);
+    tandem_testkit::wait_for("h1's connection to be up", Duration::from_secs(30), || {
+        (established(port) == 1).then_some(())
+    });
     host_token(&c, "h1", dir.path());
+    tandem_testkit::wait_for("the node to end the old certificate's connection", REVOKE_BOUND, || {
+        (established(port) == 0).then_some(())
+    });
+    let _ = session.kill();
+    let _ = session.wait();
     tandem_testkit::wait_for("the old certificate to be refused", Duration::from_secs(10), || {
         (!io_ok(&qemu_io_tls(nbd[1], "v1", Some(&old), &["read 0 4k"]))).then_some(())
     });

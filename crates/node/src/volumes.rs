@@ -280,6 +280,18 @@ pub struct VolumeExports {
     pub watches: Arc<HostWatches>,
 }
 
+/// Whether `peer` may open volume `name` under `map` (the policy in force, else `default`):
+/// the principal it is, or why not. The one decision a node makes for every host path, when a
+/// volume is opened and again whenever what it hangs on changes.
+fn admit(map: &ClusterMap, default: AccessPolicy, name: &str, peer: &Peer) -> Result<Principal, OpenError> {
+    let who = principal_of(map, peer).map_err(OpenError::Denied)?;
+    match map.may_open(map.access_policy(default), &who, name) {
+        Ok(_) => Ok(who),
+        Err(Refusal::NotFound(m)) => Err(OpenError::NotFound(m)),
+        Err(Refusal::IdentityRequired(m) | Refusal::NotConnected(m)) => Err(OpenError::Denied(m)),
+    }
+}
+
 /// Who `peer` is in `map`: the host its certificate or initiator name belongs to, or nobody.
 /// A certificate that belongs to no host (revoked by newer credentials, a host removed, or
 /// not a host's at all) is refused outright rather than taken as anonymous, which could reach
@@ -317,15 +329,7 @@ impl VolumeExports {
     }
     /// Who `peer` is and whether it may open `name`, as this node's map says now.
     pub(crate) fn decide(&self, name: &str, peer: &Peer) -> Result<Principal, OpenError> {
-        self.meta.local_read(|st| {
-            let policy = st.map.access_policy(self.default_access);
-            let who = principal_of(&st.map, peer).map_err(OpenError::Denied)?;
-            match st.map.may_open(policy, &who, name) {
-                Ok(_) => Ok(who),
-                Err(Refusal::NotFound(m)) => Err(OpenError::NotFound(m)),
-                Err(Refusal::IdentityRequired(m) | Refusal::NotConnected(m)) => Err(OpenError::Denied(m)),
-            }
-        })
+        self.meta.local_read(|st| admit(&st.map, self.default_access, name, peer))
     }
 }
 
@@ -339,7 +343,9 @@ pub struct ExportedVolume {
 
 /// What a volume opened by a host connection needs to tell when its opener loses access.
 struct Access {
-    who: Principal,
+    /// The opener as its protocol proved it: checked again in full on every change, so a
+    /// replaced certificate loses its connections as a disconnected host does.
+    peer: Peer,
     meta: Arc<MetaStore>,
     default_access: AccessPolicy,
     /// Changes with the opener's host record (or, for an anonymous opener, the access setting).
@@ -347,12 +353,9 @@ struct Access {
 }
 
 impl Access {
-    /// Why `who` may no longer open `volume`, if so.
+    /// Why the opener may no longer open `volume`, if so.
     fn refused(&self, volume: &str) -> Option<String> {
-        self.meta.local_read(|st| {
-            let policy = st.map.access_policy(self.default_access);
-            st.map.may_open(policy, &self.who, volume).err().map(|r| r.to_string())
-        })
+        self.meta.local_read(|st| admit(&st.map, self.default_access, volume, &self.peer).err().map(|e| e.to_string()))
     }
 }
 
@@ -395,7 +398,7 @@ impl Exports for VolumeExports {
             _ => Requester::Anonymous,
         });
         let access = Access {
-            who,
+            peer: peer.clone(),
             meta: self.meta.clone(),
             default_access: self.default_access,
             changed: tokio::sync::Mutex::new(changed),
