@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 use tandem_paths::VolumePaths;
 use tandem_types::{Epoch, Layer, NodeId, TransportKind, VolumeId};
 
+use tandem_reservations::{Nexus, Op, Outcome, Refusal};
+
 use crate::access::{HostCredential, SealedChap};
 use crate::NodeRecord;
 
@@ -146,6 +148,15 @@ pub enum MetaCmd {
         host: String,
         chap: Option<SealedChap>,
     },
+    /// A persistent-reservation command made through `nexus`, proposed by the volume's primary
+    /// in `epoch`: refused ([`MetaReply::Conflict`]) unless `epoch` is the volume's, so a
+    /// deposed primary's command never applies after its successor began to enforce the state.
+    Reserve {
+        volume: VolumeId,
+        epoch: Epoch,
+        nexus: Nexus,
+        op: Op,
+    },
 }
 
 /// The outcome of applying one command. A refused command changes nothing.
@@ -161,4 +172,6 @@ pub enum MetaReply {
     Batch(Vec<MetaReply>),
     /// A compare-and-set found another value; nothing changed.
     Conflict(String),
+    /// What a [`MetaCmd::Reserve`] did, or why the reservations refused it (nothing changed).
+    Reservation(Result<Outcome, Refusal>),
 }

@@ -14,6 +14,8 @@ pub enum ObjectKey {
     /// The counter of the next volume id (`ClusterMap::next_volume_id`).
     NextVolumeId,
     Host(String),
+    /// A volume's persistent reservations (absent while it has none).
+    Reservations(VolumeId),
 }
 
 impl ObjectKey {
@@ -24,6 +26,7 @@ impl ObjectKey {
     const VOLUME: &'static str = "volume/";
     const NEXT_VOLUME_ID: &'static str = "counter/next_volume_id";
     const HOST: &'static str = "host/";
+    const RESERVATIONS: &'static str = "reservations/";
 
     pub fn encode(&self) -> Vec<u8> {
         match self {
@@ -35,6 +38,7 @@ impl ObjectKey {
             ObjectKey::Volume(id) => format!("{}{id:020}", Self::VOLUME).into_bytes(),
             ObjectKey::NextVolumeId => Self::NEXT_VOLUME_ID.as_bytes().to_vec(),
             ObjectKey::Host(name) => format!("{}{name}", Self::HOST).into_bytes(),
+            ObjectKey::Reservations(id) => format!("{}{id:020}", Self::RESERVATIONS).into_bytes(),
         }
     }
 
@@ -48,6 +52,9 @@ impl ObjectKey {
         }
         if let Some(id) = s.strip_prefix(Self::VOLUME) {
             return id.parse().ok().map(ObjectKey::Volume);
+        }
+        if let Some(id) = s.strip_prefix(Self::RESERVATIONS) {
+            return id.parse().ok().map(ObjectKey::Reservations);
         }
         if let Some(name) = s.strip_prefix(Self::DATASET) {
             return Some(ObjectKey::Dataset(name.to_string()));

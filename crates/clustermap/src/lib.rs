@@ -18,9 +18,12 @@
 //! - [`volumes`]: volumes, ISR compare-and-set, failover, epoch claims and resync progress.
 //! - [`hosts`]: hosts, their volumes and published path maps.
 //! - [`access`]: the access policy, principals, host credentials and the LUN-masking rule.
+//! - [`reservations`]: the persistent reservations of volumes, applied by the pure
+//!   `tandem_reservations` state machine.
 //! - [`objects`]: the map as keyed objects for persistence and snapshots.
 //!
-//! Architecture invariant: this crate depends on `tandem-types`, `tandem-paths` and `serde`
+//! Architecture invariant: this crate depends on `tandem-types`, `tandem-paths`,
+//! `tandem-reservations` and `serde`
 //! only; no tokio, no openraft, no sled.
 
 pub mod access;
@@ -32,6 +35,7 @@ pub mod key;
 pub mod map;
 pub mod nodes;
 pub mod objects;
+pub mod reservations;
 pub mod volumes;
 
 #[cfg(test)]

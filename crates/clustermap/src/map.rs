@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
+use tandem_reservations::Reservations;
 use tandem_types::{Layer, NodeId, TransportKind, VolumeId};
 
 use crate::key::ObjectKey;
@@ -22,6 +23,8 @@ pub struct ClusterMap {
     /// The id the next created volume gets; starts at 1, never reused.
     pub next_volume_id: VolumeId,
     pub hosts: BTreeMap<String, HostRecord>,
+    /// The persistent reservations of the volumes that have any (`reservations.rs`).
+    pub reservations: BTreeMap<VolumeId, Reservations>,
     /// Keys changed since the last [`ClusterMap::take_touched`]; not part of the state.
     #[serde(skip)]
     pub(crate) touched: Vec<ObjectKey>,
@@ -76,6 +79,7 @@ struct MapState {
     volumes: BTreeMap<VolumeId, VolumeRecord>,
     next_volume_id: VolumeId,
     hosts: BTreeMap<String, HostRecord>,
+    reservations: BTreeMap<VolumeId, Reservations>,
 }
 
 impl From<MapState> for ClusterMap {
@@ -89,6 +93,7 @@ impl From<MapState> for ClusterMap {
             volumes: s.volumes,
             next_volume_id: s.next_volume_id,
             hosts: s.hosts,
+            reservations: s.reservations,
             touched: Vec::new(),
             index,
         }
@@ -117,6 +122,7 @@ impl Default for ClusterMap {
             volumes: BTreeMap::new(),
             next_volume_id: VolumeId(1),
             hosts: BTreeMap::new(),
+            reservations: BTreeMap::new(),
             touched: Vec::new(),
             index: Index::default(),
         }
@@ -133,6 +139,7 @@ impl PartialEq for ClusterMap {
             && self.volumes == other.volumes
             && self.next_volume_id == other.next_volume_id
             && self.hosts == other.hosts
+            && self.reservations == other.reservations
     }
 }
 

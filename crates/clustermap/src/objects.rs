@@ -6,6 +6,8 @@ use tandem_types::{TransportKind, VolumeId};
 
 use crate::key::ObjectKey;
 use crate::map::ClusterMap;
+use tandem_reservations::Reservations;
+
 use crate::{DatasetRecord, HostRecord, NodeRecord, VolumeRecord};
 
 /// One object's value, as stored.
@@ -18,6 +20,7 @@ pub enum Object {
     Volume(VolumeRecord),
     NextVolumeId(VolumeId),
     Host(HostRecord),
+    Reservations(Reservations),
 }
 
 impl ClusterMap {
@@ -39,6 +42,7 @@ impl ClusterMap {
             ObjectKey::Volume(id) => self.volumes.get(id).cloned().map(Object::Volume),
             ObjectKey::NextVolumeId => Some(Object::NextVolumeId(self.next_volume_id)),
             ObjectKey::Host(name) => self.hosts.get(name).cloned().map(Object::Host),
+            ObjectKey::Reservations(id) => self.reservations.get(id).cloned().map(Object::Reservations),
         }
     }
 
@@ -51,6 +55,7 @@ impl ClusterMap {
             + self.volumes.len()
             + 1
             + self.hosts.len()
+            + self.reservations.len()
     }
 
     /// Every object, for a full rewrite (snapshot install).
@@ -63,7 +68,17 @@ impl ClusterMap {
         let volumes = self.volumes.iter().map(|(id, v)| (ObjectKey::Volume(*id), Object::Volume(v.clone())));
         let counter = std::iter::once((ObjectKey::NextVolumeId, Object::NextVolumeId(self.next_volume_id)));
         let hosts = self.hosts.iter().map(|(name, h)| (ObjectKey::Host(name.clone()), Object::Host(h.clone())));
-        nodes.chain(settings).chain(transport).chain(datasets).chain(volumes).chain(counter).chain(hosts).collect()
+        let reservations =
+            self.reservations.iter().map(|(id, r)| (ObjectKey::Reservations(*id), Object::Reservations(r.clone())));
+        nodes
+            .chain(settings)
+            .chain(transport)
+            .chain(datasets)
+            .chain(volumes)
+            .chain(counter)
+            .chain(hosts)
+            .chain(reservations)
+            .collect()
     }
 
     /// Rebuilds a map from stored objects (the inverse of [`ClusterMap::objects`]).
@@ -91,6 +106,9 @@ impl ClusterMap {
                 }
                 (ObjectKey::Host(name), Object::Host(h)) if h.name == name => {
                     map.hosts.insert(name, h);
+                }
+                (ObjectKey::Reservations(id), Object::Reservations(r)) => {
+                    map.reservations.insert(id, r);
                 }
                 (key, _) => return Err(format!("object stored under {key:?} has the wrong kind or id")),
             }

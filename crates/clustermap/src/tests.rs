@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tandem_paths::VolumePaths;
+use tandem_reservations::{Kind, Nexus, Op, Range, Refusal};
 use tandem_types::{
     Epoch, Layer, NodeId, TransportKind, VolumeId, BLOCK_BYTES, SETTING_VALUE_BYTES_MAX, VOLUME_BYTES_MAX,
 };
@@ -570,6 +571,26 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             generation,
             paths: vec![paths_of(&volume, NodeId(node))],
         }),
+        (1u64..4, 1u64..3, "[hk]", 0u64..3, 0u64..3, 0u8..4, 0u64..6000).prop_map(
+            |(volume, epoch, host, key, new_key, op, offset)| MetaCmd::Reserve {
+                volume: VolumeId(volume),
+                epoch: Epoch(epoch),
+                nexus: Nexus::host(&host),
+                op: match op {
+                    0 => Op::Register {
+                        key,
+                        new_key,
+                        ignore_existing: true,
+                        all_ports: false,
+                        aptpl: false,
+                        also: vec![]
+                    },
+                    1 => Op::Reserve { key, kind: Kind::WriteExclusive },
+                    2 => Op::ReserveRange { key, range: Range::new(offset, 1024), kind: Kind::ExclusiveAccess },
+                    _ => Op::Clear { key },
+                },
+            }
+        ),
     ]
 }
 
@@ -828,4 +849,41 @@ mod access {
         assert_eq!(map.host_by_cert(&first.cert_sha256), None);
         assert_eq!(map.hosts["h1"].credential, Some(second));
     }
+}
+
+#[test]
+fn reservations_apply_in_the_volume_epoch_only_and_go_with_the_volume() {
+    let mut m = one_volume();
+    let epoch = m.volumes[&VolumeId(1)].epoch;
+    let a = Nexus::host("a");
+    let reserve = |epoch: Epoch, op: Op| MetaCmd::Reserve { volume: VolumeId(1), epoch, nexus: a.clone(), op };
+    let register =
+        Op::Register { key: 0, new_key: 7, ignore_existing: false, all_ports: false, aptpl: true, also: vec![] };
+
+    // A stale primary's command changes nothing.
+    let stale = m.apply(reserve(Epoch(epoch.0 + 1), register.clone()));
+    assert!(matches!(stale, MetaReply::Conflict(ref why) if why.contains("stale primary")), "{stale:?}");
+    assert!(m.reservations_of(VolumeId(1)).is_none() && m.take_touched().is_empty());
+
+    assert!(matches!(m.apply(reserve(epoch, register)), MetaReply::Reservation(Ok(ref o)) if o.changed));
+    assert_eq!(m.take_touched(), vec![ObjectKey::Reservations(VolumeId(1))]);
+    let in_range = Op::ReserveRange { key: 7, range: Range::new(0, MIB), kind: Kind::WriteExclusive };
+    assert!(matches!(m.apply(reserve(epoch, in_range)), MetaReply::Reservation(Ok(_))));
+    // A range past the end of the volume is refused before the state machine sees it.
+    let past = Op::ReserveRange { key: 7, range: Range::new(MIB, 1), kind: Kind::WriteExclusive };
+    assert!(matches!(m.apply(reserve(epoch, past)), MetaReply::Reservation(Err(Refusal::InvalidParameter(_)))));
+    // A refusal by the state machine changes nothing either.
+    m.take_touched();
+    let wrong_key = Op::Reserve { key: 8, kind: Kind::ExclusiveAccess };
+    assert!(matches!(m.apply(reserve(epoch, wrong_key)), MetaReply::Reservation(Err(Refusal::Conflict(_)))));
+    assert!(m.take_touched().is_empty());
+
+    let state = m.reservations_of(VolumeId(1)).expect("reservations").clone();
+    assert_eq!((state.registrations.len(), state.ranges.len(), state.aptpl), (1, 1, true));
+    let back = ClusterMap::from_objects(m.objects()).expect("objects");
+    assert_eq!(back.reservations_of(VolumeId(1)), Some(&state));
+
+    assert_eq!(m.apply(MetaCmd::DeleteVolume { name: "v".into() }), DONE);
+    assert!(m.reservations_of(VolumeId(1)).is_none());
+    assert!(m.take_touched().contains(&ObjectKey::Reservations(VolumeId(1))));
 }

@@ -161,6 +161,9 @@ impl ClusterMap {
         self.volumes.remove(&id);
         self.index.volume_by_name.remove(name);
         self.touched.push(ObjectKey::Volume(id));
+        if self.reservations.remove(&id).is_some() {
+            self.touched.push(ObjectKey::Reservations(id));
+        }
         for name in self.index.hosts_of_volume.remove(&id).unwrap_or_default() {
             if let Some(host) = self.hosts.get_mut(&name) {
                 host.volumes.remove(&id);
