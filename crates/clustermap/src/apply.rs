@@ -39,7 +39,7 @@ impl ClusterMap {
             MetaCmd::CasSetting { key, expect, value } => self.cas_setting(key, expect, value),
             MetaCmd::SetHostCredential { host, credential } => self.set_host_credential(&host, credential),
             MetaCmd::SetHostChap { host, chap } => self.set_host_chap(&host, chap),
-            MetaCmd::Reserve { volume, epoch, nexus, op } => self.reserve(volume, epoch, &nexus, &op),
+            MetaCmd::Reserve { volume, epoch, id, nexus, op } => self.reserve(volume, epoch, id, &nexus, &op),
             MetaCmd::Batch(cmds) => MetaReply::Batch(
                 cmds.into_iter()
                     .map(|c| match c {

@@ -151,9 +151,12 @@ pub enum MetaCmd {
     /// A persistent-reservation command made through `nexus`, proposed by the volume's primary
     /// in `epoch`: refused ([`MetaReply::Conflict`]) unless `epoch` is the volume's, so a
     /// deposed primary's command never applies after its successor began to enforce the state.
+    /// `id` is the same in every attempt of one command: a retry is answered with the first
+    /// attempt's result ([`Reservations::apply_once`](tandem_reservations::Reservations::apply_once)).
     Reserve {
         volume: VolumeId,
         epoch: Epoch,
+        id: u64,
         nexus: Nexus,
         op: Op,
     },

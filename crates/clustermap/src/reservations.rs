@@ -15,7 +15,7 @@ impl ClusterMap {
         self.reservations.get(&id)
     }
 
-    pub(crate) fn reserve(&mut self, id: VolumeId, epoch: Epoch, nexus: &Nexus, op: &Op) -> MetaReply {
+    pub(crate) fn reserve(&mut self, id: VolumeId, epoch: Epoch, command: u64, nexus: &Nexus, op: &Op) -> MetaReply {
         let Some(vol) = self.volumes.get(&id) else {
             return MetaReply::NotFound(format!("no volume with id {id}"));
         };
@@ -34,7 +34,7 @@ impl ClusterMap {
         }
         let before = self.reservations.get(&id).cloned().unwrap_or_default();
         let mut state = before.clone();
-        let result = state.apply(nexus, op);
+        let result = state.apply_once(command, nexus, op);
         if state != before {
             if state.is_empty() {
                 self.reservations.remove(&id);

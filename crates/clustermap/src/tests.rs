@@ -575,6 +575,7 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             |(volume, epoch, host, key, new_key, op, offset)| MetaCmd::Reserve {
                 volume: VolumeId(volume),
                 epoch: Epoch(epoch),
+                id: key,
                 nexus: Nexus::host(&host),
                 op: match op {
                     0 => Op::Register {
@@ -856,7 +857,7 @@ fn reservations_apply_in_the_volume_epoch_only_and_go_with_the_volume() {
     let mut m = one_volume();
     let epoch = m.volumes[&VolumeId(1)].epoch;
     let a = Nexus::host("a");
-    let reserve = |epoch: Epoch, op: Op| MetaCmd::Reserve { volume: VolumeId(1), epoch, nexus: a.clone(), op };
+    let reserve = |epoch: Epoch, op: Op| MetaCmd::Reserve { volume: VolumeId(1), epoch, id: 0, nexus: a.clone(), op };
     let register =
         Op::Register { key: 0, new_key: 7, ignore_existing: false, all_ports: false, aptpl: true, also: vec![] };
 
@@ -865,8 +866,21 @@ fn reservations_apply_in_the_volume_epoch_only_and_go_with_the_volume() {
     assert!(matches!(stale, MetaReply::Conflict(ref why) if why.contains("stale primary")), "{stale:?}");
     assert!(m.reservations_of(VolumeId(1)).is_none() && m.take_touched().is_empty());
 
-    assert!(matches!(m.apply(reserve(epoch, register)), MetaReply::Reservation(Ok(ref o)) if o.changed));
+    assert!(matches!(m.apply(reserve(epoch, register.clone())), MetaReply::Reservation(Ok(ref o)) if o.changed));
     assert_eq!(m.take_touched(), vec![ObjectKey::Reservations(VolumeId(1))]);
+    // A retried command (same id) is answered as the first time; without an id it conflicts.
+    let again = MetaCmd::Reserve { volume: VolumeId(1), epoch, id: 42, nexus: a.clone(), op: register.clone() };
+    assert!(matches!(m.apply(again.clone()), MetaReply::Reservation(Err(Refusal::Conflict(_)))));
+    let change =
+        Op::Register { key: 7, new_key: 9, ignore_existing: false, all_ports: false, aptpl: true, also: vec![] };
+    let first = MetaCmd::Reserve { volume: VolumeId(1), epoch, id: 43, nexus: a.clone(), op: change.clone() };
+    assert!(matches!(m.apply(first.clone()), MetaReply::Reservation(Ok(ref o)) if o.changed));
+    assert!(matches!(m.apply(first), MetaReply::Reservation(Ok(ref o)) if o.changed));
+    assert_eq!(m.reservations_of(VolumeId(1)).map(|r| r.registrations[0].key), Some(9));
+    let back_to_7 =
+        Op::Register { key: 9, new_key: 7, ignore_existing: false, all_ports: false, aptpl: true, also: vec![] };
+    assert!(matches!(m.apply(reserve(epoch, back_to_7)), MetaReply::Reservation(Ok(_))));
+    m.take_touched();
     let in_range = Op::ReserveRange { key: 7, range: Range::new(0, MIB), kind: Kind::WriteExclusive };
     assert!(matches!(m.apply(reserve(epoch, in_range)), MetaReply::Reservation(Ok(_))));
     // A range past the end of the volume is refused before the state machine sees it.

@@ -185,7 +185,7 @@ fn reply_result(reply: MetaReply) -> Result<MetaReply, MetaError> {
         MetaReply::Invalid(m) => Err(MetaError::Invalid(m)),
         MetaReply::Conflict(m) => Err(MetaError::Conflict(m)),
         MetaReply::Batch(_) => Err(MetaError::Internal("a batch reply reached a single writer".into())),
-        done @ MetaReply::Done { .. } => Ok(done),
+        done @ (MetaReply::Done { .. } | MetaReply::Reservation(_)) => Ok(done),
     }
 }
 
@@ -201,6 +201,15 @@ const ENTRIES_PER_APPEND_MAX: u64 = 32;
 const BATCHES_IN_FLIGHT_MAX: usize = 4;
 
 type Proposal = (MetaCmd, tokio::sync::oneshot::Sender<Result<MetaReply, MetaError>>);
+
+/// An upper estimate of a reservation command's encoded size beyond its fixed part.
+fn reserve_op_bytes(op: &tandem_reservations::Op) -> usize {
+    match op {
+        tandem_reservations::Op::Register { also, .. } => also.iter().map(|a| a.len() + 8).sum(),
+        tandem_reservations::Op::RegisterAndMove { to, .. } => to.initiator.len() + 8,
+        _ => 64,
+    }
+}
 
 /// An upper estimate of a command's encoded size.
 fn estimated_bytes(cmd: &MetaCmd) -> usize {
@@ -232,6 +241,7 @@ fn estimated_bytes(cmd: &MetaCmd) -> usize {
                         + c.target_secret.as_ref().map_or(0, Vec::len)
                 })
         }
+        MetaCmd::Reserve { nexus, op, .. } => nexus.initiator.len() + reserve_op_bytes(op),
         MetaCmd::RemoveNode { .. }
         | MetaCmd::SetTransport { .. }
         | MetaCmd::ClaimPrimary { .. }

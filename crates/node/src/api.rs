@@ -23,6 +23,7 @@ use tandem_types::{Layer, TransportKind};
 use crate::api_state::{created_status, ApiResult};
 pub use crate::api_state::{ApiError, ApiState, LinkView};
 use crate::host_api;
+use crate::reservation_api;
 use crate::volumes::FrontendStats;
 
 /// Request bodies are small JSON documents; anything larger is refused unread.
@@ -41,6 +42,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/datasets/{name}", get(get_dataset).delete(delete_dataset))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route(
+            "/v1/volumes/{name}/reservations",
+            get(reservation_api::get_reservations).post(reservation_api::post_reservation),
+        )
         .route("/v1/hosts", get(host_api::list_hosts).post(host_api::add_host))
         .route("/v1/hosts/{name}", get(host_api::get_host).delete(host_api::remove_host))
         .route("/v1/hosts/{name}/volumes", post(host_api::connect_volume))

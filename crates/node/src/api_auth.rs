@@ -19,11 +19,16 @@ use crate::api_state::{ApiError, ApiState};
 use crate::security::bearer;
 
 /// What a host's token may reach: `GET /v1/nodes`, `GET /v1/hosts/{it}`, `GET /v1/hosts/{it}/paths`, `POST
-/// /v1/hosts/{it}/probes` and `POST /v1/hosts/{it}/credentials`.
+/// /v1/hosts/{it}/probes`, `POST /v1/hosts/{it}/credentials`, and the reservations of volumes
+/// (`GET`/`POST /v1/volumes/{v}/reservations`; the handler lets a host act only for itself, on
+/// its own volumes).
 fn host_may(host: &str, method: &Method, path: &str) -> bool {
     // The members' addresses: a host's agent finds another node through them when one goes.
     if method == Method::GET && path == "/v1/nodes" {
         return true;
+    }
+    if let Some(volume) = path.strip_prefix("/v1/volumes/").and_then(|rest| rest.strip_suffix("/reservations")) {
+        return !volume.contains('/') && matches!(method, &Method::GET | &Method::POST);
     }
     let Some(rest) = path.strip_prefix("/v1/hosts/") else {
         return false;

@@ -180,7 +180,10 @@ impl PathManager {
                 }
                 ObjectKey::Host(name) => soft.stale.host(&name),
                 ObjectKey::Volume(id) => volumes.push(id),
-                ObjectKey::Setting(_) | ObjectKey::Transport(_) | ObjectKey::NextVolumeId => {}
+                ObjectKey::Setting(_)
+                | ObjectKey::Transport(_)
+                | ObjectKey::NextVolumeId
+                | ObjectKey::Reservations(_) => {}
             }
         }
         if !volumes.is_empty() {

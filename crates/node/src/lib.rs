@@ -38,6 +38,7 @@ pub mod iscsi;
 pub mod lease;
 pub mod probe;
 pub mod probe_answer;
+pub mod reservation_api;
 pub mod security;
 pub mod volumes;
 pub mod voter_keeper;

@@ -13,6 +13,7 @@ use tandem_meta::network::MetaError;
 use tandem_meta::state_machine::Changed;
 use tandem_meta::store::MetaStore;
 use tandem_replication::driver::{Coordinator, DataPlane, IoFail, ProposeError, VolumeConfig};
+use tandem_reservations::{Access as IoAccess, Conflict, Nexus, Op, Outcome, Refusal as ReservationRefusal};
 use tandem_storage::SledStore;
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId};
@@ -22,6 +23,10 @@ use crate::host_watch::HostWatches;
 use crate::lease::Leases;
 
 pub type Plane = DataPlane<SledStore>;
+
+/// How long a primary waits for this node's map to apply its own epoch before it checks a host
+/// request against the reservations (the claim committed; its apply here is a moment away).
+const EPOCH_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Between attempts of an ISR change whose outcome is not known yet.
 const PROPOSE_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(50);
@@ -37,9 +42,9 @@ pub struct MetaCoordinator {
 
 /// The principal a proxied request names.
 fn principal_of_requester(requester: &Requester) -> Principal {
-    match requester {
-        Requester::Anonymous => Principal::Anonymous,
-        Requester::Host(h) => Principal::Host(h.clone()),
+    match &requester.host {
+        None => Principal::Anonymous,
+        Some(h) => Principal::Host(h.clone()),
     }
 }
 
@@ -162,6 +167,64 @@ impl Coordinator for MetaCoordinator {
                 // Unknown: the local map said no; it stands.
                 Err(e) => Err(format!("the host's access could not be confirmed: {e}")),
             }
+        })
+    }
+
+    fn check_reservations(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        nexus: &Nexus,
+        access: IoAccess,
+        offset: u64,
+        len: u64,
+    ) -> Option<Result<(), Conflict>> {
+        self.meta.local_read(|st| {
+            if st.map.volumes.get(&volume)?.epoch != epoch {
+                return None;
+            }
+            Some(st.map.reservations_of(volume).map_or(Ok(()), |r| r.check(nexus, access, offset, len)))
+        })
+    }
+
+    fn wait_epoch_applied(&self, volume: VolumeId, epoch: Epoch) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut applied = self.meta.subscribe();
+            let wait = async {
+                loop {
+                    let at = self.meta.local_read(|st| st.map.volumes.get(&volume).map(|v| v.epoch));
+                    if at.is_none_or(|e| e >= epoch) || applied.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(EPOCH_APPLY_WAIT, wait).await;
+        })
+    }
+
+    fn reserve(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        id: u64,
+        nexus: Nexus,
+        op: Op,
+    ) -> BoxFuture<'_, Result<Result<Outcome, ReservationRefusal>, ProposeError>> {
+        Box::pin(async move {
+            let reply = match self.meta.write(MetaCmd::Reserve { volume, epoch, id, nexus, op }).await {
+                Ok(reply) => reply,
+                // A stale epoch, or the volume is gone: nothing applied.
+                Err(e @ (MetaError::Conflict(_) | MetaError::NotFound(_))) => {
+                    return Err(ProposeError::Refused(e.to_string()))
+                }
+                Err(e) => return Err(ProposeError::Unavailable(e.to_string())),
+            };
+            let MetaReply::Reservation(result) = reply else {
+                return Err(ProposeError::Refused(format!("unexpected reply {reply:?}")));
+            };
+            // Every later write is checked against this node's map: it must show the command.
+            self.meta.read(|_| ()).await.map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+            Ok(result)
         })
     }
 
@@ -367,6 +430,7 @@ fn io_error(e: IoFail) -> IoError {
         IoFail::NoVolume(m) | IoFail::Stopping(m) => IoError::Shutdown(m),
         IoFail::Unavailable(m) | IoFail::CutOff(m) | IoFail::Io(m) => IoError::Io(m),
         IoFail::Denied(m) => IoError::NotPermitted(m),
+        IoFail::Conflict(m) => IoError::ReservationConflict(m),
     }
 }
 
@@ -394,8 +458,8 @@ impl Exports for VolumeExports {
         };
         // Requests proxied to the primary name the host, which checks it too.
         cfg.requester = Some(match &who {
-            Principal::Host(h) => Requester::Host(h.clone()),
-            _ => Requester::Anonymous,
+            Principal::Host(h) => Requester::host(h),
+            _ => Requester::anonymous(),
         });
         let access = Access {
             peer: peer.clone(),

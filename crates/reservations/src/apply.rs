@@ -29,6 +29,23 @@ impl Reservations {
         }
     }
 
+    /// [`Reservations::apply`] for a command identified by `id` (the same in every attempt of
+    /// it): a command already applied is answered with its first result and not applied again.
+    /// `id` 0 is never remembered.
+    pub fn apply_once(&mut self, id: u64, nexus: &Nexus, op: &Op) -> Result<Outcome, Refusal> {
+        if let Some((_, result)) = self.recent.iter().find(|(seen, _)| id != 0 && *seen == id) {
+            return result.clone();
+        }
+        let result = self.apply(nexus, op);
+        if id != 0 {
+            self.recent.push((id, result.clone()));
+            if self.recent.len() > RECENT_MAX {
+                self.recent.drain(..1);
+            }
+        }
+        result
+    }
+
     /// The index of the registration covering `nexus`, if its key is `key`; RESERVATION
     /// CONFLICT otherwise (SPC-4: an unregistered nexus, or the wrong key).
     fn registered(&self, nexus: &Nexus, key: u64) -> Result<usize, Refusal> {

@@ -16,6 +16,10 @@ pub const ATTENTIONS_MAX: usize = 64;
 /// The longest initiator port name: an iSCSI name (at most 223 bytes) with `,i,0x` and the
 /// 12 hex digits of its ISID; host names are far shorter.
 pub const INITIATOR_BYTES_MAX: usize = 256;
+/// The results of this many of the most recent commands are kept, by their id, so that a
+/// command retried after its reply was lost is answered as it was the first time and not
+/// applied twice (a retried REGISTER would otherwise find its own key and conflict).
+pub const RECENT_MAX: usize = 64;
 /// At most this many initiators registered at once with SPEC_I_PT.
 pub const SPEC_I_PT_MAX: usize = 16;
 
@@ -401,6 +405,9 @@ pub struct Reservations {
     pub attentions: Vec<PendingAttention>,
     /// The number of the last attention raised.
     pub attention_seq: u64,
+    /// The results of the most recent commands by id ([`Reservations::apply_once`]), oldest
+    /// first ([`RECENT_MAX`]).
+    pub recent: Vec<(u64, Result<Outcome, Refusal>)>,
 }
 
 impl Reservations {

@@ -5,6 +5,7 @@ mod agent;
 mod client;
 mod hosts;
 mod local;
+mod reserve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -161,6 +162,14 @@ enum Cmd {
         /// The map as one JSON document (with --watch, one per line).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Persistent reservations of a volume, whole or by byte range (SCSI-3 style: register a
+    /// key, reserve, release, preempt, clear; and move a range reservation), made for a host.
+    Reserve {
+        #[command(subcommand)]
+        cmd: ReserveCmd,
         #[command(flatten)]
         target: Target,
     },
@@ -337,6 +346,90 @@ pub enum HostCmd {
 }
 
 #[derive(Subcommand)]
+pub enum ReserveCmd {
+    /// Register the host's key (REGISTER AND IGNORE EXISTING KEY; with --current, REGISTER,
+    /// which checks the key held now). --key 0 unregisters.
+    Register {
+        volume: String,
+        #[command(flatten)]
+        opts: ReserveOpts,
+    },
+    /// Reserve the volume, or with --range a byte range of it, with --type.
+    Reserve {
+        volume: String,
+        #[command(flatten)]
+        opts: ReserveOpts,
+    },
+    /// Release the host's reservation (of the volume, or of exactly --range).
+    Release {
+        volume: String,
+        #[command(flatten)]
+        opts: ReserveOpts,
+    },
+    /// Remove the registrations of --victim and take over its reservation (or its reservation
+    /// of exactly --range), with --type; --abort also ends its commands in progress.
+    Preempt {
+        volume: String,
+        #[command(flatten)]
+        opts: ReserveOpts,
+    },
+    /// Remove every registration and reservation (with --range: every range reservation that
+    /// overlaps it).
+    Clear {
+        volume: String,
+        #[command(flatten)]
+        opts: ReserveOpts,
+    },
+    /// Move the host's reservation of --range to --to, in one step.
+    Move {
+        volume: String,
+        #[command(flatten)]
+        opts: ReserveOpts,
+    },
+    /// The volume's registrations, its reservation and its range reservations.
+    List {
+        volume: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct ReserveOpts {
+    /// The host the command is made for.
+    #[arg(long)]
+    pub host: String,
+    /// The host's reservation key (decimal or 0x hex); for register, the key to register.
+    #[arg(long)]
+    pub key: String,
+    /// register: the key the host holds now (checked).
+    #[arg(long)]
+    pub current: Option<String>,
+    /// The reservation type: we, ea, we-ro, ea-ro, we-ar, ea-ar (write-exclusive,
+    /// exclusive-access, registrants-only, all-registrants).
+    #[arg(long = "type")]
+    pub kind: Option<String>,
+    /// A byte range START:LEN.
+    #[arg(long)]
+    pub range: Option<String>,
+    /// move: the byte range START:LEN to move the reservation to.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// preempt: the key to preempt.
+    #[arg(long)]
+    pub victim: Option<String>,
+    /// preempt: also abort the victim's commands in progress.
+    #[arg(long)]
+    pub abort: bool,
+    /// register: activate persist through power loss (reported; reservations are kept in Raft
+    /// either way).
+    #[arg(long)]
+    pub aptpl: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
 pub enum VolumeCmd {
     /// Create a volume (in the `default` dataset, on every node, unless --dataset says).
     Create {
@@ -456,6 +549,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Paths { host, volume, watch, json, target } => {
             hosts::paths(&target, &host, volume.as_deref(), watch, json).await
         }
+        Cmd::Reserve { cmd, target } => reserve::reserve(&target, cmd).await,
         Cmd::Bench { cmd } => tandem_bench::run(cmd).await,
         // The suite is blocking code (threads, blocking clients): off the async workers.
         Cmd::Chaos { cmd } => tokio::task::spawn_blocking(move || tandem_chaos::cli::main(cmd)).await?,

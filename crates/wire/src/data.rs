@@ -9,6 +9,7 @@
 //!   host I/O proxied to the primary.
 
 use serde::{Deserialize, Serialize};
+use tandem_reservations::{Nexus, Op, Outcome, Refusal};
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
 
 use crate::codec::{decode, encode, CodecError};
@@ -172,14 +173,47 @@ pub enum DataMsg {
         write: WriteId,
         requester: Option<Requester>,
     },
+    /// Any node → primary: a persistent-reservation command made through `requester`'s nexus.
+    /// The primary orders it with the volume's writes and commits it in its epoch. `id` is the
+    /// same in every attempt, so a retry is not applied twice.
+    ProxyReserve {
+        volume: VolumeId,
+        requester: Requester,
+        id: u64,
+        op: Op,
+    },
 }
 
-/// On whose behalf a proxied request runs: a host (known by its certificate or initiator name
-/// at the node it connected to), or a client that did not identify.
+/// On whose behalf a host request runs: the host (known by its certificate or initiator name at
+/// the node it connected to), or nobody for a client that did not identify; and the I_T nexus
+/// reservations know the requester by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Requester {
-    Anonymous,
-    Host(String),
+pub struct Requester {
+    pub host: Option<String>,
+    /// The initiator port ([`Nexus::initiator`]).
+    pub initiator: String,
+    /// The relative target port the request came in through ([`Nexus::port`]).
+    pub port: u16,
+}
+
+impl Requester {
+    /// The initiator port name of every anonymous client: no registration can be made for it.
+    pub const ANONYMOUS: &'static str = "anonymous";
+
+    /// A host on Tandem's own paths (NBD), one nexus through every node.
+    pub fn host(name: &str) -> Requester {
+        let nexus = Nexus::host(name);
+        Requester { host: Some(name.to_string()), initiator: nexus.initiator, port: nexus.port }
+    }
+
+    /// A client that proved no identity.
+    pub fn anonymous() -> Requester {
+        Requester { host: None, initiator: Requester::ANONYMOUS.to_string(), port: Nexus::NATIVE_PORT }
+    }
+
+    pub fn nexus(&self) -> Nexus {
+        Nexus::new(self.initiator.clone(), self.port)
+    }
 }
 
 impl DataMsg {
@@ -191,6 +225,7 @@ impl DataMsg {
             | DataMsg::ProxyZeroes { volume, requester, .. }
             | DataMsg::ProxyFlush { volume, requester }
             | DataMsg::ProxyCompareAndWrite { volume, requester, .. } => requester.as_ref().map(|r| (*volume, r)),
+            DataMsg::ProxyReserve { volume, requester, .. } => Some((*volume, requester)),
             _ => None,
         }
     }
@@ -217,6 +252,10 @@ pub enum DataReply {
     },
     /// The primary refused a proxied request: its host may not use the volume (LUN masking).
     Denied(String),
+    /// A reservation excludes the request (it was not executed).
+    Conflict(String),
+    /// What a proxied reservation command did, or why the reservations refused it.
+    Reservation(Result<Outcome, Refusal>),
 }
 
 /// Requests on the `probe` channel.

@@ -1,6 +1,7 @@
 //! [`Coordinator`]: what the data plane needs from the metadata store (Raft, in the node), and
 //! how a proposal fails ([`ProposeError`]).
 
+use tandem_reservations::{Access, Conflict, Nexus, Op, Outcome, Refusal};
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId};
 use tandem_wire::data::Requester;
@@ -31,6 +32,43 @@ pub trait Coordinator: Send + Sync + 'static {
     fn may_access(&self, volume: VolumeId, requester: &Requester) -> BoxFuture<'_, Result<(), String>> {
         let _ = (volume, requester);
         Box::pin(async { Ok(()) })
+    }
+    /// Whether the committed reservations of `volume` let `nexus` make `access` to `len` bytes
+    /// at `offset`, as this node's map holds them, if that map has applied `epoch` (the
+    /// primary's own claim: every reservation command committed before it, and none of a
+    /// deposed primary's after it). `None` while the map is behind or past `epoch`. Called for
+    /// every host request a primary executes, so it must be cheap. No reservations, by default.
+    fn check_reservations(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        nexus: &Nexus,
+        access: Access,
+        offset: u64,
+        len: u64,
+    ) -> Option<Result<(), Conflict>> {
+        let _ = (volume, epoch, nexus, access, offset, len);
+        Some(Ok(()))
+    }
+    /// Waits (briefly) until this node's map has applied `epoch` of `volume`.
+    fn wait_epoch_applied(&self, volume: VolumeId, epoch: Epoch) -> BoxFuture<'_, ()> {
+        let _ = (volume, epoch);
+        Box::pin(async {})
+    }
+    /// Commits the reservation command `op` (identified by `id` in every attempt) made through
+    /// `nexus`, in `epoch`, and returns once this node's map has applied it, with what it did.
+    /// `Refused`: the epoch moved on (nothing applied). `Unavailable`: the outcome is unknown;
+    /// a retry with the same `id` is answered as the first attempt was.
+    fn reserve(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        id: u64,
+        nexus: Nexus,
+        op: Op,
+    ) -> BoxFuture<'_, Result<Result<Outcome, Refusal>, ProposeError>> {
+        let _ = (volume, epoch, id, nexus, op);
+        Box::pin(async { Ok(Err(Refusal::InvalidParameter("this cluster keeps no reservations".into()))) })
     }
 }
 

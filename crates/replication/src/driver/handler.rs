@@ -10,7 +10,7 @@ use tandem_transport::{BoxFuture, Handler};
 use tandem_types::chaos_bugs::Bugs;
 use tandem_types::Channel;
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
-use tandem_wire::data::{DataMsg, DataReply, WriteId, WriteKind};
+use tandem_wire::data::{DataMsg, DataReply, Requester, WriteId, WriteKind};
 use tokio::sync::oneshot;
 
 use super::applier::Apply;
@@ -55,19 +55,30 @@ impl<S: BlockStore> Inner<S> {
             }
             DataMsg::Chunk { volume, epoch, offset, data } => self.on_chunk(from, volume, epoch, offset, data).await,
             DataMsg::Level { volume, epoch } => self.on_level(from, volume, epoch).await,
-            DataMsg::ProxyRead { volume, offset, len, .. } => self.on_proxy_read(volume, offset, len).await,
-            DataMsg::ProxyWrite { volume, offset, data, write, .. } => {
-                self.on_proxy_write(volume, offset, data, write).await
+            DataMsg::ProxyRead { volume, offset, len, requester } => {
+                self.on_proxy_read(volume, requester, offset, len).await
             }
-            DataMsg::ProxyZeroes { volume, offset, len, write, .. } => {
-                self.on_proxy_zeroes(volume, offset, len, write).await
+            DataMsg::ProxyWrite { volume, offset, data, write, requester, .. } => {
+                self.on_proxy_write(volume, requester, offset, data, write).await
+            }
+            DataMsg::ProxyZeroes { volume, offset, len, write, requester, .. } => {
+                self.on_proxy_zeroes(volume, requester, offset, len, write).await
             }
             DataMsg::ProxyFlush { volume, .. } => match self.local_primary(volume) {
                 Some(_) => DataReply::Ok,
                 None => DataReply::Refused("not the primary".into()),
             },
-            DataMsg::ProxyCompareAndWrite { volume, offset, expected, data, write, .. } => {
-                self.on_proxy_compare_and_write(volume, offset, expected, data, write).await
+            DataMsg::ProxyCompareAndWrite { volume, offset, expected, data, write, requester } => {
+                self.on_proxy_compare_and_write(volume, requester, offset, expected, data, write).await
+            }
+            DataMsg::ProxyReserve { volume, requester, id, op } => {
+                let Some(p) = self.local_primary(volume) else {
+                    return DataReply::Refused("not the primary".into());
+                };
+                match p.reserve(&self, &requester, id, op).await {
+                    Ok(result) => DataReply::Reservation(result),
+                    Err(e) => fail_reply(e),
+                }
             }
         }
     }
@@ -257,7 +268,13 @@ impl<S: BlockStore> Inner<S> {
     }
 
     /// A read proxied by another node, served only if this node is the primary.
-    async fn on_proxy_read(self: &Arc<Self>, volume: VolumeId, offset: u64, len: u64) -> DataReply {
+    async fn on_proxy_read(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        requester: Option<Requester>,
+        offset: u64,
+        len: u64,
+    ) -> DataReply {
         if len > PROXY_BYTES_MAX {
             return DataReply::Refused(format!("proxied read of {len} bytes is over {PROXY_BYTES_MAX}"));
         }
@@ -265,7 +282,7 @@ impl<S: BlockStore> Inner<S> {
             return DataReply::Refused("not the primary".into());
         }
         let mut buf = vec![0u8; len as usize];
-        match self.clone().read_once(volume, None, offset, &mut buf).await {
+        match self.clone().read_once(volume, requester, offset, &mut buf).await {
             Ok(()) => DataReply::Data(buf),
             Err(e) => fail_reply(e),
         }
@@ -275,6 +292,7 @@ impl<S: BlockStore> Inner<S> {
     async fn on_proxy_write(
         self: &Arc<Self>,
         volume: VolumeId,
+        requester: Option<Requester>,
         offset: u64,
         data: Vec<u8>,
         write: WriteId,
@@ -283,18 +301,25 @@ impl<S: BlockStore> Inner<S> {
             return DataReply::Refused("not the primary".into());
         }
         let len = data.len() as u64;
-        match self.clone().write_once(volume, None, write, WriteKind::Data, offset, len, Bytes::from(data)).await {
+        match self.clone().write_once(volume, requester, write, WriteKind::Data, offset, len, Bytes::from(data)).await {
             Ok(()) => DataReply::Ok,
             Err(e) => fail_reply(e),
         }
     }
 
     /// A zeroing proxied by another node, served only if this node is the primary.
-    async fn on_proxy_zeroes(self: &Arc<Self>, volume: VolumeId, offset: u64, len: u64, write: WriteId) -> DataReply {
+    async fn on_proxy_zeroes(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        requester: Option<Requester>,
+        offset: u64,
+        len: u64,
+        write: WriteId,
+    ) -> DataReply {
         if self.local_primary(volume).is_none() {
             return DataReply::Refused("not the primary".into());
         }
-        match self.clone().write_once(volume, None, write, WriteKind::Zeroes, offset, len, Bytes::new()).await {
+        match self.clone().write_once(volume, requester, write, WriteKind::Zeroes, offset, len, Bytes::new()).await {
             Ok(()) => DataReply::Ok,
             Err(e) => fail_reply(e),
         }
@@ -304,6 +329,7 @@ impl<S: BlockStore> Inner<S> {
     async fn on_proxy_compare_and_write(
         self: &Arc<Self>,
         volume: VolumeId,
+        requester: Option<Requester>,
         offset: u64,
         expected: Vec<u8>,
         data: Vec<u8>,
@@ -313,7 +339,7 @@ impl<S: BlockStore> Inner<S> {
             return DataReply::Refused("not the primary".into());
         }
         let (expected, data) = (Bytes::from(expected), Bytes::from(data));
-        match self.clone().compare_and_write_once(volume, None, write, offset, expected, data).await {
+        match self.clone().compare_and_write_once(volume, requester, write, offset, expected, data).await {
             Ok(None) => DataReply::Ok,
             Ok(Some(at)) => DataReply::Miscompare { at },
             Err(e) => fail_reply(e),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tandem_reservations::{Access, Op, Outcome, Refusal};
 use tandem_storage::BlockStore;
 use tandem_types::chaos_bugs::{self, Bug};
 use tandem_types::Channel;
@@ -172,6 +173,7 @@ impl<S: BlockStore> Inner<S> {
         let lease = !chaos_bugs::on(Bug::ReadWithoutLease);
         match self.route(id, primary, lease).await? {
             Route::Local(p) => {
+                p.check_reservations(&self, requester.as_ref(), Access::Read, offset, buf.len() as u64).await?;
                 let data = p.read(&self, offset, buf.len() as u64).await?;
                 // The data was current when this node last held its lease and served: a
                 // failover waits for the lease to lapse first. Checked again after the read,
@@ -216,7 +218,7 @@ impl<S: BlockStore> Inner<S> {
     ) -> Result<(), IoFail> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary, true).await? {
-            Route::Local(p) => p.write(&self, write, kind, offset, len, data).await,
+            Route::Local(p) => p.write(&self, requester.as_ref(), write, kind, offset, len, data).await,
             Route::Remote(node) => {
                 let msg = match kind {
                     WriteKind::Data => {
@@ -244,7 +246,7 @@ impl<S: BlockStore> Inner<S> {
     ) -> Result<Option<u64>, IoFail> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary, true).await? {
-            Route::Local(p) => p.compare_and_write(&self, write, offset, expected, data).await,
+            Route::Local(p) => p.compare_and_write(&self, requester.as_ref(), write, offset, expected, data).await,
             Route::Remote(node) => {
                 let msg = DataMsg::ProxyCompareAndWrite {
                     volume: id,
@@ -276,6 +278,27 @@ impl<S: BlockStore> Inner<S> {
         }
     }
 
+    /// One attempt of a reservation command ([`DataPlane::reserve`](super::DataPlane::reserve)).
+    pub(super) async fn reserve_once(
+        self: Arc<Self>,
+        id: VolumeId,
+        requester: Requester,
+        command: u64,
+        op: Op,
+    ) -> Result<Result<Outcome, Refusal>, IoFail> {
+        let primary = self.primary_of(id)?;
+        match self.route(id, primary, true).await? {
+            Route::Local(p) => p.reserve(&self, &requester, command, op).await,
+            Route::Remote(node) => {
+                let msg = DataMsg::ProxyReserve { volume: id, requester, id: command, op };
+                match self.call_primary(id, node, &msg).await? {
+                    DataReply::Reservation(result) => Ok(result),
+                    other => Err(reply_error(node, other)),
+                }
+            }
+        }
+    }
+
     pub(super) async fn call(&self, node: NodeId, channel: Channel, msg: &DataMsg) -> Result<DataReply, IoFail> {
         let payload = msg.encode().map_err(|e| IoFail::Io(e.to_string()))?;
         match self.net.call(node, channel, Bytes::from(payload)).await {
@@ -290,6 +313,7 @@ pub(super) fn reply_error(node: NodeId, reply: DataReply) -> IoFail {
         DataReply::Refused(why) => IoFail::Unavailable(format!("node {node}: {why}")),
         DataReply::Failed(why) => IoFail::Io(format!("node {node}: {why}")),
         DataReply::Denied(why) => IoFail::Denied(why),
+        DataReply::Conflict(why) => IoFail::Conflict(why),
         other => IoFail::Io(format!("node {node} answered {other:?}")),
     }
 }
@@ -303,6 +327,7 @@ pub(super) fn fail_reply(e: IoFail) -> DataReply {
         }
         IoFail::Invalid(why) | IoFail::Io(why) => DataReply::Failed(why),
         IoFail::Denied(why) => DataReply::Denied(why),
+        IoFail::Conflict(why) => DataReply::Conflict(why),
     }
 }
 

@@ -51,6 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tandem_reservations::{Op, Outcome, Refusal};
 use tandem_storage::{BlockStore, Lsn};
 use tandem_transport::Handler;
 use tandem_types::chaos_bugs::Bugs;
@@ -202,6 +203,9 @@ pub enum IoFail {
     /// The host may not use the volume (the primary's LUN-masking check); definite.
     #[error("not permitted: {0}")]
     Denied(String),
+    /// A persistent reservation excludes the request (it was not executed); definite.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// A volume as committed in the cluster map.
@@ -641,6 +645,25 @@ impl<S: BlockStore> DataPlane<S> {
                     before.await;
                     inner.compare_and_write_once(cfg.id, cfg.requester.clone(), write, offset, expected, data).await
                 }
+            })
+            .await
+    }
+
+    /// A persistent-reservation command made through the nexus of `cfg`'s requester, executed
+    /// by the primary in order with the volume's writes: writes sequenced before it are
+    /// acknowledged before it commits, and every write sequenced after it is checked against
+    /// the state it made. Retried through failovers like a write, with one id, so it applies
+    /// once. `Ok(Err(_))`: the reservations refused it (nothing changed).
+    pub async fn reserve(&self, cfg: &VolumeConfig, op: Op) -> Result<Result<Outcome, Refusal>, IoFail> {
+        let Some(requester) = cfg.requester.clone() else {
+            return Err(IoFail::Invalid("a reservation command needs the requester's nexus".into()));
+        };
+        let mut hold = Hold::new(&self.inner);
+        let id = new_nonce();
+        self.inner
+            .retry(&mut hold, |inner| {
+                let (requester, op) = (requester.clone(), op.clone());
+                async move { inner.reserve_once(cfg.id, requester, id, op).await }
             })
             .await
     }

@@ -10,18 +10,19 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
+use tandem_reservations::{Access, Op, Outcome, Refusal};
 use tandem_storage::{Admission, BlockStore, Lsn};
 use tandem_types::chaos_bugs::{self, Bug, Bugs};
 use tandem_types::{Epoch, NodeId, Seq, VolumeId};
-use tandem_wire::data::{WriteId, WriteKind};
+use tandem_wire::data::{Requester, WriteId, WriteKind};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::applier::{Apply, ApplyQueue};
 #[cfg(doc)]
 use super::Coordinator;
 use super::{
-    check_compare_and_write, Inner, IoFail, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX,
-    WRITE_PIECE_BYTES_MAX, ZEROES_PIECE_BYTES_MAX,
+    check_compare_and_write, Inner, IoFail, ProposeError, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX,
+    READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX, ZEROES_PIECE_BYTES_MAX,
 };
 use tandem_replication_core::recent::WritePiece;
 use tandem_replication_core::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
@@ -91,6 +92,10 @@ pub(super) struct PrimaryDriver {
     /// so on every member once reconciliation is done. A retry of one is answered without
     /// executing it again. At most [`tandem_replication_core::RECENT_WRITES_MAX`].
     pub(super) settled: HashSet<WritePiece>,
+    /// When this primary was built, and the second since then of the last refusal it logged
+    /// for a reservation conflict.
+    pub(super) built_at: Instant,
+    pub(super) conflict_logged_s: AtomicU64,
 }
 
 pub(super) struct CoreState {
@@ -211,6 +216,8 @@ impl<S: BlockStore> Inner<S> {
                 confirming: AtomicBool::new(false),
                 resumed_at: Mutex::new(Instant::now()),
                 settled,
+                built_at: Instant::now(),
+                conflict_logged_s: AtomicU64::new(0),
             });
             tokio::spawn(local_durability(Arc::downgrade(self), p.clone(), local_rx));
             tracing::info!(volume = %id, epoch = %cfg.epoch, "taking over as primary; reconciling");
@@ -298,9 +305,11 @@ impl Sequenced {
 }
 
 impl PrimaryDriver {
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn write<S: BlockStore>(
         self: &Arc<Self>,
         inner: &Arc<Inner<S>>,
+        requester: Option<&Requester>,
         write: WriteId,
         kind: WriteKind,
         offset: u64,
@@ -308,10 +317,102 @@ impl PrimaryDriver {
         data: Bytes,
     ) -> Result<(), IoFail> {
         let sequenced = {
+            // Checked under `sequencing`: a reservation command takes it whole, so every write
+            // is checked against the state before it or after it, never in between.
             let _shared = self.sequencing.read().await;
+            self.check_reservations(inner, requester, Access::Write, offset, len).await?;
             self.sequence(inner, write, kind, offset, len, data).await?
         };
         sequenced.settle().await
+    }
+
+    /// Whether the volume's reservations let `requester` (`None`: the node itself) make
+    /// `access` to `len` bytes at `offset`, by this node's map once it has applied this
+    /// primary's epoch.
+    pub(super) async fn check_reservations<S: BlockStore>(
+        &self,
+        inner: &Arc<Inner<S>>,
+        requester: Option<&Requester>,
+        access: Access,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), IoFail> {
+        let Some(requester) = requester else {
+            return Ok(());
+        };
+        let nexus = requester.nexus();
+        for first in [true, false] {
+            match inner.coord.check_reservations(self.volume, self.epoch, &nexus, access, offset, len) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(conflict)) => {
+                    self.log_conflict(&conflict.reason);
+                    return Err(IoFail::Conflict(conflict.to_string()));
+                }
+                None if first => inner.coord.wait_epoch_applied(self.volume, self.epoch).await,
+                None => {}
+            }
+        }
+        Err(IoFail::Unavailable(format!(
+            "node {}'s map has not applied epoch {} of volume {} yet",
+            inner.me, self.epoch, self.volume
+        )))
+    }
+
+    /// Logs a refused request, at most once a second per primary: a fenced host that keeps
+    /// writing must not flood the log.
+    fn log_conflict(&self, reason: &str) {
+        let now_s = self.built_at.elapsed().as_secs() + 1;
+        if self.conflict_logged_s.swap(now_s, Ordering::Relaxed) != now_s {
+            tracing::info!(volume = %self.volume, %reason, "host request refused by a reservation");
+        }
+    }
+
+    /// A persistent-reservation command (see [`DataPlane::reserve`](super::DataPlane::reserve)):
+    /// alone against every write, after the writes sequenced before it are acknowledged, and
+    /// committed in this primary's epoch before any later write is checked.
+    pub(super) async fn reserve<S: BlockStore>(
+        self: &Arc<Self>,
+        inner: &Arc<Inner<S>>,
+        requester: &Requester,
+        id: u64,
+        op: Op,
+    ) -> Result<Result<Outcome, Refusal>, IoFail> {
+        let _alone = self.sequencing.write().await;
+        let in_flight: Vec<oneshot::Receiver<()>> = {
+            let mut st = self.st.lock().expect("core lock");
+            if st.core.phase() != Phase::Serving {
+                return Err(IoFail::Unavailable("the primary stopped serving".into()));
+            }
+            st.waiters
+                .values_mut()
+                .map(|w| {
+                    let (t, r) = oneshot::channel();
+                    w.watchers.push(t);
+                    r
+                })
+                .collect()
+        };
+        for acked in in_flight {
+            acked.await.map_err(|_| IoFail::Unavailable("a write before the command was not acknowledged".into()))?;
+        }
+        if !inner.coord.lease_valid() || self.paused.load(Ordering::Acquire) {
+            return Err(IoFail::Unavailable("the primary has no lease or is confirming its epoch".into()));
+        }
+        let result = match inner.coord.reserve(self.volume, self.epoch, id, requester.nexus(), op.clone()).await {
+            Ok(result) => result,
+            Err(ProposeError::Refused(why)) | Err(ProposeError::Unavailable(why)) => {
+                return Err(IoFail::Unavailable(format!("reservation command not committed: {why}")));
+            }
+        };
+        tracing::info!(
+            volume = %self.volume,
+            initiator = %requester.initiator,
+            port = requester.port,
+            op = op.name(),
+            result = ?result,
+            "reservation command"
+        );
+        Ok(result)
     }
 
     /// SCSI COMPARE AND WRITE: writes `data` at `offset` only if the range holds `expected`
@@ -323,6 +424,7 @@ impl PrimaryDriver {
     pub(super) async fn compare_and_write<S: BlockStore>(
         self: &Arc<Self>,
         inner: &Arc<Inner<S>>,
+        requester: Option<&Requester>,
         write: WriteId,
         offset: u64,
         expected: Bytes,
@@ -331,6 +433,7 @@ impl PrimaryDriver {
         check_compare_and_write(&expected, &data)?;
         let len = data.len() as u64;
         let alone = self.sequencing.write().await;
+        self.check_reservations(inner, requester, Access::Write, offset, len).await?;
         let earlier = {
             let mut st = self.st.lock().expect("core lock");
             if st.core.phase() != Phase::Serving {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_replication::driver::{Coordinator, DataPlane, DataPlaneConfig, IoFail, ProposeError, VolumeConfig};
+use tandem_reservations::{Access, Conflict, Kind, Nexus, Op, Outcome, Range, Refusal, Reservations};
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::Requester;
@@ -40,6 +41,8 @@ struct Meta {
     /// every check made, in order.
     denied: Mutex<HashSet<String>>,
     access_checks: Mutex<Vec<Requester>>,
+    /// The volume's reservations, as the committed map would hold them.
+    reservations: Mutex<Reservations>,
 }
 
 impl Meta {
@@ -97,16 +100,43 @@ impl Coordinator for Coord {
 
     fn may_access(&self, _: VolumeId, requester: &Requester) -> BoxFuture<'_, Result<(), String>> {
         self.0.access_checks.lock().expect("meta lock").push(requester.clone());
-        let denied = match requester {
-            Requester::Host(h) => self.0.denied.lock().expect("meta lock").contains(h),
-            Requester::Anonymous => false,
-        };
+        let denied = requester.host.as_ref().is_some_and(|h| self.0.denied.lock().expect("meta lock").contains(h));
         Box::pin(async move {
             if denied {
                 Err("not connected".into())
             } else {
                 Ok(())
             }
+        })
+    }
+
+    fn check_reservations(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        nexus: &Nexus,
+        access: Access,
+        offset: u64,
+        len: u64,
+    ) -> Option<Result<(), Conflict>> {
+        let current = self.0.volumes.lock().expect("meta lock").iter().any(|v| v.id == volume && v.epoch == epoch);
+        current.then(|| self.0.reservations.lock().expect("meta lock").check(nexus, access, offset, len))
+    }
+
+    fn reserve(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        id: u64,
+        nexus: Nexus,
+        op: Op,
+    ) -> BoxFuture<'_, Result<Result<Outcome, Refusal>, ProposeError>> {
+        Box::pin(async move {
+            let mut result = None;
+            self.0.change(volume, epoch, |_| {
+                result = Some(self.0.reservations.lock().expect("meta lock").apply_once(id, &nexus, &op));
+            })?;
+            Ok(result.expect("applied"))
         })
     }
 }
@@ -242,7 +272,7 @@ async fn a_write_through_a_backup_is_proxied_to_the_primary_and_replicated() {
 async fn the_primary_refuses_a_request_proxied_for_a_host_the_map_does_not_let_in() {
     let c = cluster(3).await;
     c.meta.denied.lock().expect("meta lock").insert("mallory".into());
-    let as_host = |h: &str| VolumeConfig { requester: Some(Requester::Host(h.into())), ..c.cfg.clone() };
+    let as_host = |h: &str| VolumeConfig { requester: Some(Requester::host(h)), ..c.cfg.clone() };
     let (alice, mallory) = (as_host("alice"), as_host("mallory"));
     let good = pattern(64 * 1024, 3);
     c.planes[2].write(&alice, 0, good.clone()).await.expect("alice's proxied write");
@@ -267,8 +297,71 @@ async fn the_primary_refuses_a_request_proxied_for_a_host_the_map_does_not_let_i
     // its own requests without one.
     c.planes[0].write(&mallory, 0, good.clone()).await.expect("the primary's own request");
     let checks = c.meta.access_checks.lock().expect("meta lock").clone();
-    assert!(checks.contains(&Requester::Host("alice".into())) && checks.contains(&Requester::Host("mallory".into())));
+    assert!(checks.contains(&Requester::host("alice")) && checks.contains(&Requester::host("mallory")));
     assert_eq!(checks.len(), 6, "one check per proxied request, none retried: {checks:?}");
+}
+
+/// Reservations are decided at the primary, for requests it serves and those proxied to it: a
+/// host that a reservation excludes gets a definite conflict and nothing of its writes lands;
+/// a preempt takes effect for every write after it (through any node), and a range
+/// reservation excludes others from its range only. A reservation command runs once however
+/// often its reply is lost (same id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_enforces_reservations_on_every_path_and_a_preempt_fences_the_holder() {
+    let c = cluster(3).await;
+    let as_host = |h: &str| VolumeConfig { requester: Some(Requester::host(h)), ..c.cfg.clone() };
+    let (alice, bob) = (as_host("alice"), as_host("bob"));
+    let register = |key| Op::Register {
+        key: 0,
+        new_key: key,
+        ignore_existing: true,
+        all_ports: false,
+        aptpl: false,
+        also: vec![],
+    };
+    // Through a proxy and at the primary.
+    assert!(c.planes[1].reserve(&alice, register(0xa)).await.expect("alice registers").is_ok());
+    assert!(c.planes[0].reserve(&bob, register(0xb)).await.expect("bob registers").is_ok());
+    let reserve = Op::Reserve { key: 0xa, kind: Kind::WriteExclusive };
+    assert!(c.planes[2].reserve(&alice, reserve).await.expect("alice reserves").is_ok());
+
+    let mine = pattern(8192, 5);
+    c.planes[2].write(&alice, 0, mine.clone()).await.expect("the holder writes through a proxy");
+    let theirs = pattern(8192, 6);
+    for (node, plane) in c.planes.iter().enumerate() {
+        let refused = plane.write(&bob, 0, theirs.clone()).await;
+        assert!(matches!(refused, Err(IoFail::Conflict(_))), "bob's write via node {}: {refused:?}", node + 1);
+        plane.read(&bob, 0, &mut vec![0u8; 4096]).await.expect("write exclusive lets everyone read");
+    }
+    for store in &c.stores {
+        assert_eq!(local(store, 0, mine.len()), mine[..], "a refused write changed a replica");
+    }
+
+    // Bob preempts alice: from then on her writes conflict and his land.
+    let preempt = Op::Preempt { key: 0xb, victim: 0xa, kind: Kind::ExclusiveAccess, abort: true };
+    let outcome = c.planes[1].reserve(&bob, preempt).await.expect("bob preempts").expect("accepted");
+    assert_eq!(outcome.aborted, vec![("host:alice".to_string(), Some(0))]);
+    for plane in &c.planes {
+        assert!(matches!(plane.write(&alice, 0, mine.clone()).await, Err(IoFail::Conflict(_))));
+        assert!(matches!(plane.read(&alice, 0, &mut vec![0u8; 4096]).await, Err(IoFail::Conflict(_))));
+    }
+    c.planes[0].write(&bob, 0, theirs.clone()).await.expect("the new holder writes");
+
+    // A range: bob releases the volume and reserves a range; alice (registered again) may
+    // write outside it only.
+    assert!(c.planes[2].reserve(&bob, Op::Release { key: 0xb, kind: Kind::ExclusiveAccess }).await.unwrap().is_ok());
+    assert!(c.planes[2].reserve(&alice, register(0xa)).await.unwrap().is_ok());
+    let range = Op::ReserveRange { key: 0xb, range: Range::new(0, 8192), kind: Kind::WriteExclusive };
+    assert!(c.planes[1].reserve(&bob, range).await.unwrap().is_ok());
+    assert!(matches!(c.planes[1].write(&alice, 4096, mine.slice(..4096)).await, Err(IoFail::Conflict(_))));
+    c.planes[1].write(&alice, 8192, mine.clone()).await.expect("outside the range");
+    let overlap = Op::ReserveRange { key: 0xa, range: Range::new(4096, 8192), kind: Kind::WriteExclusive };
+    assert!(matches!(c.planes[1].reserve(&alice, overlap).await.unwrap(), Err(Refusal::Conflict(_))));
+    // Requests with no requester are the node's own: never checked.
+    let node_cfg = c.cfg.clone();
+    c.planes[0].write(&node_cfg, 0, theirs.clone()).await.expect("the node's own write");
+    let state = c.meta.reservations.lock().expect("meta lock").clone();
+    assert_eq!((state.registrations.len(), state.ranges.len(), state.reservation), (2, 1, None));
 }
 
 /// The primary's store fails (a failed flush: it refuses changes until the node restarts). The
