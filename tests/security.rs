@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::RequestBuilder;
 use reqwest::Method;
 use serde_json::{json, Value};
-use tandem_testkit::qemu::{run, run_ok, run_within, Ran};
+use tandem_testkit::qemu::{io_ok, nbd_image_opts, nbds_url, qemu_io_tls, run, run_ok, tls_object};
 use tandem_testkit::{http, http_as, require_tools, Cluster};
 
 /// Every endpoint that changes something, with a body an admin's request could carry.
@@ -174,47 +174,6 @@ fn a_node_refuses_to_start_with_a_secret_others_can_read() {
 }
 
 /// qemu's block options for `volume` through `nbd`, over TLS with the object `tls0` or not.
-fn nbd_image_opts(nbd: std::net::SocketAddr, volume: &str, tls: bool) -> String {
-    let mut opts = format!(
-        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={},file.server.port={},file.export={volume}",
-        nbd.ip(),
-        nbd.port()
-    );
-    if tls {
-        opts.push_str(",file.tls-creds=tls0");
-    }
-    opts
-}
-
-/// qemu's TLS object `tls0` with the credentials in `dir` (qemu's file names).
-fn tls_object(dir: &std::path::Path) -> String {
-    format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display())
-}
-
-/// `qemu-io` on `volume` through `nbd` with the TLS credentials in `creds`, or in plaintext
-/// without.
-fn qemu_io_tls(nbd: std::net::SocketAddr, volume: &str, creds: Option<&std::path::Path>, commands: &[&str]) -> Ran {
-    let mut args: Vec<String> = Vec::new();
-    if let Some(dir) = creds {
-        args.extend(["--object".into(), tls_object(dir)]);
-    }
-    args.extend(["--image-opts".into(), nbd_image_opts(nbd, volume, creds.is_some())]);
-    for c in commands {
-        args.extend(["-c".into(), c.to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_within("qemu-io", &args, Duration::from_secs(120))
-}
-
-fn nbds_url(nbd: std::net::SocketAddr, volume: &str, creds: &std::path::Path) -> String {
-    format!("nbds://{nbd}/{volume}?tls-certificates={}", creds.display())
-}
-
-/// Whether `ran` did its I/O: qemu-io may exit 0 after a failed request.
-fn io_ok(ran: &Ran) -> bool {
-    ran.status.success() && !ran.text.contains("failed") && !ran.text.contains("rror")
-}
-
 #[test]
 fn nbd_over_tls_admits_each_host_to_its_own_volumes_only_and_a_disconnect_ends_its_connection() {
     require_tools(&["qemu-io", "nbdcopy", "nbdinfo"]);

@@ -62,3 +62,48 @@ pub fn qemu_io_ok(url: &str, commands: &[&str]) -> String {
     assert!(!text.contains("failed"), "qemu-io {commands:?} on {url}: {text}");
     ran.text
 }
+
+/// qemu's `--image-opts` for `volume` through the NBD server at `nbd`, over TLS with the
+/// object `tls0` ([`tls_object`]) when `tls`.
+pub fn nbd_image_opts(nbd: std::net::SocketAddr, volume: &str, tls: bool) -> String {
+    let mut opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={},file.server.port={},file.export={volume}",
+        nbd.ip(),
+        nbd.port()
+    );
+    if tls {
+        opts.push_str(",file.tls-creds=tls0");
+    }
+    opts
+}
+
+/// qemu's TLS object `tls0` with the credentials in `dir` (qemu's file names, as `tandem host
+/// credentials` writes them).
+pub fn tls_object(dir: &std::path::Path) -> String {
+    format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display())
+}
+
+/// `qemu-io` on `volume` through `nbd` with the TLS credentials in `creds`, or in plaintext
+/// without.
+pub fn qemu_io_tls(nbd: std::net::SocketAddr, volume: &str, creds: Option<&std::path::Path>, commands: &[&str]) -> Ran {
+    let mut args: Vec<String> = Vec::new();
+    if let Some(dir) = creds {
+        args.extend(["--object".into(), tls_object(dir)]);
+    }
+    args.extend(["--image-opts".into(), nbd_image_opts(nbd, volume, creds.is_some())]);
+    for c in commands {
+        args.extend(["-c".into(), c.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_within("qemu-io", &args, Duration::from_secs(120))
+}
+
+/// libnbd's URI of `volume` through `nbd` over TLS with the credentials in `creds`.
+pub fn nbds_url(nbd: std::net::SocketAddr, volume: &str, creds: &std::path::Path) -> String {
+    format!("nbds://{nbd}/{volume}?tls-certificates={}", creds.display())
+}
+
+/// Whether `ran` did its I/O: qemu-io may exit 0 after a failed request.
+pub fn io_ok(ran: &Ran) -> bool {
+    ran.status.success() && !ran.text.contains("failed") && !ran.text.contains("rror")
+}
