@@ -582,7 +582,7 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
                         key,
                         new_key,
                         ignore_existing: true,
-                        all_ports: false,
+                        all_ports: vec![],
                         aptpl: false,
                         also: vec![]
                     },
@@ -859,7 +859,7 @@ fn reservations_apply_in_the_volume_epoch_only_and_go_with_the_volume() {
     let a = Nexus::host("a");
     let reserve = |epoch: Epoch, op: Op| MetaCmd::Reserve { volume: VolumeId(1), epoch, id: 0, nexus: a.clone(), op };
     let register =
-        Op::Register { key: 0, new_key: 7, ignore_existing: false, all_ports: false, aptpl: true, also: vec![] };
+        Op::Register { key: 0, new_key: 7, ignore_existing: false, all_ports: vec![], aptpl: true, also: vec![] };
 
     // A stale primary's command changes nothing.
     let stale = m.apply(reserve(Epoch(epoch.0 + 1), register.clone()));
@@ -872,13 +872,13 @@ fn reservations_apply_in_the_volume_epoch_only_and_go_with_the_volume() {
     let again = MetaCmd::Reserve { volume: VolumeId(1), epoch, id: 42, nexus: a.clone(), op: register.clone() };
     assert!(matches!(m.apply(again.clone()), MetaReply::Reservation(Err(Refusal::Conflict(_)))));
     let change =
-        Op::Register { key: 7, new_key: 9, ignore_existing: false, all_ports: false, aptpl: true, also: vec![] };
+        Op::Register { key: 7, new_key: 9, ignore_existing: false, all_ports: vec![], aptpl: true, also: vec![] };
     let first = MetaCmd::Reserve { volume: VolumeId(1), epoch, id: 43, nexus: a.clone(), op: change.clone() };
     assert!(matches!(m.apply(first.clone()), MetaReply::Reservation(Ok(ref o)) if o.changed));
     assert!(matches!(m.apply(first), MetaReply::Reservation(Ok(ref o)) if o.changed));
     assert_eq!(m.reservations_of(VolumeId(1)).map(|r| r.registrations[0].key), Some(9));
     let back_to_7 =
-        Op::Register { key: 9, new_key: 7, ignore_existing: false, all_ports: false, aptpl: true, also: vec![] };
+        Op::Register { key: 9, new_key: 7, ignore_existing: false, all_ports: vec![], aptpl: true, also: vec![] };
     assert!(matches!(m.apply(reserve(epoch, back_to_7)), MetaReply::Reservation(Ok(_))));
     m.take_touched();
     let in_range = Op::ReserveRange { key: 7, range: Range::new(0, MIB), kind: Kind::WriteExclusive };

@@ -8,10 +8,14 @@
 //! masking); a volume opened for a host ends its connection ([`Volume::revoked`]) when the
 //! host loses access to it.
 //!
+//! Persistent reservations: the [`Volume`] of an opener is one I_T nexus (its initiator port
+//! and target port, [`Volume::nexus`]); the backend checks every request against the
+//! reservations and fails those they exclude with [`IoError::ReservationConflict`]; the
+//! commands (register, reserve, release, preempt, clear, move) are [`Volume::reserve`], the
+//! state [`Volume::reservations`], and what they raise for this nexus
+//! [`Volume::take_attentions`].
+//!
 //! Room for what comes, in the shape it will take here rather than in each protocol:
-//! - Reservation checks: made by the [`Volume`] of that opener on every write-like call, which
-//!   then fails with [`IoError::ReservationConflict`]; the reservation commands themselves
-//!   (register, reserve, release, preempt, clear) will be methods of their own.
 //! - Copy by reference: token creation (a range of this volume) and "write the data of token
 //!   T here" will be methods of their own, served in metadata on every replica.
 //!
@@ -21,6 +25,8 @@
 use std::future::Future;
 
 use bytes::Bytes;
+
+use tandem_reservations::{Attention, Nexus, Op, Outcome, Refusal, Reservations};
 
 use crate::error::{IoError, OpenError};
 
@@ -33,6 +39,12 @@ pub struct Peer {
     /// The iSCSI initiator name of the session (authenticated by CHAP when the host has a
     /// secret).
     pub initiator: Option<String>,
+    /// The session's initiator port (iSCSI: `name,i,0x<ISID>`), the I_T nexus's initiator
+    /// side for reservations; `None` for protocols without one (NBD: the host is the nexus).
+    pub initiator_port: Option<String>,
+    /// The relative target port the connection came in through (0 for protocols without
+    /// SCSI target ports).
+    pub target_port: u16,
 }
 
 impl Peer {
@@ -118,6 +130,30 @@ pub trait Volume: Send + Sync + 'static {
     /// connection. Never, by default.
     fn revoked(&self) -> impl Future<Output = String> + Send {
         std::future::pending()
+    }
+
+    /// The I_T nexus this volume was opened as, for reservations; `None` if it keeps none.
+    fn nexus(&self) -> Option<Nexus> {
+        None
+    }
+
+    /// The volume's persistent reservations, as committed (PERSISTENT RESERVE IN).
+    fn reservations(&self) -> impl Future<Output = Result<Reservations, IoError>> + Send {
+        async { Err(IoError::NotSupported("this volume keeps no reservations".into())) }
+    }
+
+    /// A reservation command made through this opener's nexus (PERSISTENT RESERVE OUT, and
+    /// the range commands). `Ok(Err(_))`: the reservations refused it and nothing changed.
+    fn reserve(&self, op: Op) -> impl Future<Output = Result<Result<Outcome, Refusal>, IoError>> + Send {
+        let _ = op;
+        async { Err(IoError::NotSupported("this volume keeps no reservations".into())) }
+    }
+
+    /// The unit attentions reservation commands raised for this opener's nexus since it last
+    /// asked, oldest first. Asked before every command, so it must be cheap when nothing
+    /// changed. None, by default.
+    fn take_attentions(&self) -> Vec<Attention> {
+        Vec::new()
     }
 
     /// Makes every write completed before this call durable.

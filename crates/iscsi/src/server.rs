@@ -37,6 +37,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use ring::rand::{SecureRandom, SystemRandom};
 use tandem_frontend::{Budgets, IoError, OpenError, Volume};
+use tandem_reservations::Attention;
 use tandem_scsi::lu::{
     absent_lun, compare, decode_lun, failure_for, Access, Direction, Failure, Io, LogicalUnit, Nexus, Plan, Reply,
     UnitAttention,
@@ -152,8 +153,14 @@ pub trait Targets: Send + Sync + 'static {
         true
     }
 
-    /// Opens the logical unit of `target` for a session of `initiator`.
-    fn open(&self, target: &str, initiator: &str) -> impl Future<Output = Result<Lun<Self::Volume>, OpenError>> + Send;
+    /// Opens the logical unit of `target` for a session of `initiator`, whose initiator port
+    /// (the I_T nexus's initiator side, `name,i,0x<ISID>`) is `initiator_port`.
+    fn open(
+        &self,
+        target: &str,
+        initiator: &str,
+        initiator_port: &str,
+    ) -> impl Future<Output = Result<Lun<Self::Volume>, OpenError>> + Send;
 
     /// A LOGICAL UNIT RESET or TARGET WARM RESET of `target` came in through this portal, and
     /// its sessions here have been told: tell those through other portals of the same logical
@@ -319,8 +326,9 @@ where
         }
         SessionType::Normal => {
             let target = params.target_name.clone().unwrap_or_default();
+            let initiator_port = initiator_port_name(&params.initiator_name, params.isid);
             let lun = targets
-                .open(&target, &params.initiator_name)
+                .open(&target, &params.initiator_name, &initiator_port)
                 .await
                 .map_err(|err| ConnectionError::Open(target.clone(), err))?;
             info!(
@@ -333,6 +341,13 @@ where
             normal_session(reader, writer, targets, lun, params, config, limits, budgets, portal).await
         }
     }
+}
+
+/// The iSCSI initiator port name of a session (RFC 7143 §4.2.7.1, as SPC-4's TransportID
+/// format 01b carries it): the initiator name, `,i,0x` and the ISID in hex.
+pub fn initiator_port_name(initiator: &str, isid: crate::pdu::Isid) -> String {
+    let hex: String = isid.0.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{initiator},i,0x{hex}")
 }
 
 /// Reads one PDU; `None` when the initiator closed the connection between PDUs.
@@ -1036,6 +1051,9 @@ impl<T: Targets> Reader<T> {
             self.access.mark_unchanged();
             lock(&self.session.lun.nexus).raise(UnitAttention::AsymmetricAccessStateChanged);
         }
+        for attention in self.session.lun.volume.take_attentions() {
+            lock(&self.session.lun.nexus).raise(reservation_attention(attention));
+        }
         let access = self.access.borrow().clone();
         let plan = match decode_lun(command.lun.to_be_bytes()) {
             Some(0) => {
@@ -1383,6 +1401,17 @@ async fn execute<V: Volume>(session: &Session<V>, command: &ScsiCommand, io: Io,
     let unit = &session.lun.unit;
     let block = u64::from(unit.geometry.block_size);
     let needed_out = io.data_out_bytes();
+    match io {
+        Io::PersistentReserveIn { action, allocation } => {
+            let reply = persistent_reserve_in(session, action, allocation).await;
+            return send_reply(session, command.itt, command.lun, edtl, 0, reply).await;
+        }
+        Io::PersistentReserveOut { action, scope, kind, .. } => {
+            let reply = persistent_reserve_out(session, action, scope, kind, &data).await;
+            return send_reply(session, command.itt, command.lun, edtl, needed_out, reply).await;
+        }
+        _ => {}
+    }
     let result: Result<(), Failure> = match io {
         Io::Read { offset, len } => {
             let send = len.min(u64::from(edtl));
@@ -1479,6 +1508,7 @@ async fn execute<V: Volume>(session: &Session<V>, command: &ScsiCommand, io: Io,
             let mut nexus = lock(&session.lun.nexus);
             unit.mode_select(ten, &data, &mut nexus).map_err(Failure::Sense)
         }
+        Io::PersistentReserveIn { .. } | Io::PersistentReserveOut { .. } => unreachable!("answered above"),
     };
     let reply = {
         let nexus = lock(&session.lun.nexus);
@@ -1487,6 +1517,54 @@ async fn execute<V: Volume>(session: &Session<V>, command: &ScsiCommand, io: Io,
     let needed = if matches!(io, Io::Read { .. }) { io.data_in_bytes() } else { needed_out };
     let residual = residual(edtl, needed);
     send_status(session, command.itt, reply.status.code(), residual, reply.sense_bytes()).await;
+}
+
+/// The unit attention of a reservation change.
+fn reservation_attention(attention: Attention) -> UnitAttention {
+    match attention {
+        Attention::ReservationsPreempted => UnitAttention::ReservationsPreempted,
+        Attention::ReservationsReleased => UnitAttention::ReservationsReleased,
+        Attention::RegistrationsPreempted => UnitAttention::RegistrationsPreempted,
+    }
+}
+
+/// PERSISTENT RESERVE IN: the committed reservations, as `action` lays them out.
+async fn persistent_reserve_in<V: Volume>(session: &Session<V>, action: u8, allocation: u32) -> Reply {
+    match session.lun.volume.reservations().await {
+        Ok(state) => match tandem_scsi::pr::read(action, &state) {
+            Ok(data) => Reply::data(data, allocation),
+            Err(sense) => Reply::check(sense, &lock(&session.lun.nexus)),
+        },
+        Err(e) => session.lun.unit.finish(Err(failure_for(&e, Direction::Read)), &lock(&session.lun.nexus)),
+    }
+}
+
+/// PERSISTENT RESERVE OUT: the command its parameter list makes, through this session's
+/// nexus, carried out by the volume's primary.
+async fn persistent_reserve_out<V: Volume>(
+    session: &Session<V>,
+    action: u8,
+    scope: u8,
+    kind: u8,
+    params: &[u8],
+) -> Reply {
+    let nexus_state = || *lock(&session.lun.nexus);
+    let Some(me) = session.lun.volume.nexus() else {
+        return Reply::check(Sense::invalid_opcode(), &nexus_state());
+    };
+    let block = u64::from(session.lun.unit.geometry.block_size);
+    let op = match tandem_scsi::pr::command(action, scope, kind, params, &me, block) {
+        Ok(op) => op,
+        Err(sense) => return Reply::check(sense, &nexus_state()),
+    };
+    match session.lun.volume.reserve(op).await {
+        Ok(Ok(_)) => Reply::good(),
+        Ok(Err(refusal)) => {
+            debug!(initiator = %me.initiator, port = me.port, %refusal, "persistent reserve out refused");
+            tandem_scsi::pr::refused(&refusal, nexus_state().mode.descriptor_sense)
+        }
+        Err(e) => session.lun.unit.finish(Err(failure_for(&e, Direction::Write)), &nexus_state()),
+    }
 }
 
 enum ReadEnd {

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tandem_frontend::{Budgets, IoError, OpenError, Volume};
 use tandem_iscsi::server::{serve, Lun, Targets};
 use tandem_iscsi::{ChapCredentials, DiscoveryTarget, TargetConfig};
+use tandem_reservations::{Access as IoAccess, Attention, Nexus, Op, Outcome, Refusal, Reservations};
 use tandem_scsi::alua::{AccessState, PortGroup};
 use tandem_scsi::lu::{Access, Geometry, Identity, Limits, LogicalUnit, Port, Provisioning};
 use tandem_testkit::cunit::{self, Verdict};
@@ -46,15 +47,24 @@ const KNOWN_FAILURES: &[(&str, &str)] = &[
 
 struct MemVolume {
     data: Mutex<Vec<u8>>,
+    /// The persistent reservations, applied here at once (no cluster): the SCSI layer's half
+    /// of PERSISTENT RESERVE IN and OUT against the pure state machine.
+    reservations: Mutex<Reservations>,
 }
 
-/// The handle each session holds.
+/// The handle each session holds: the volume, and the session's I_T nexus.
 #[derive(Clone)]
-struct MemHandle(Arc<MemVolume>);
+struct MemHandle(Arc<MemVolume>, Nexus, Arc<Mutex<u64>>);
 
 impl MemHandle {
     fn range(&self, offset: u64, len: usize) -> std::ops::Range<usize> {
         offset as usize..offset as usize + len
+    }
+
+    /// What the primary checks in the cluster.
+    fn check(&self, access: IoAccess, offset: u64, len: u64) -> Result<(), IoError> {
+        let state = self.0.reservations.lock().unwrap();
+        state.check(&self.1, access, offset, len).map_err(|c| IoError::ReservationConflict(c.reason))
     }
 }
 
@@ -68,12 +78,14 @@ impl Volume for MemHandle {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        self.check(IoAccess::Read, offset, buf.len() as u64)?;
         let data = self.0.data.lock().unwrap();
         buf.copy_from_slice(&data[self.range(offset, buf.len())]);
         Ok(())
     }
 
     async fn write(&self, offset: u64, bytes: Bytes, _fua: bool) -> Result<(), IoError> {
+        self.check(IoAccess::Write, offset, bytes.len() as u64)?;
         let mut data = self.0.data.lock().unwrap();
         let range = self.range(offset, bytes.len());
         data[range].copy_from_slice(&bytes);
@@ -81,6 +93,7 @@ impl Volume for MemHandle {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> Result<(), IoError> {
+        self.check(IoAccess::Write, offset, len)?;
         let mut data = self.0.data.lock().unwrap();
         let range = self.range(offset, len as usize);
         data[range].fill(0);
@@ -95,6 +108,26 @@ impl Volume for MemHandle {
         Ok(())
     }
 
+    fn nexus(&self) -> Option<Nexus> {
+        Some(self.1.clone())
+    }
+
+    async fn reservations(&self) -> Result<Reservations, IoError> {
+        Ok(self.0.reservations.lock().unwrap().clone())
+    }
+
+    async fn reserve(&self, op: Op) -> Result<Result<Outcome, Refusal>, IoError> {
+        Ok(self.0.reservations.lock().unwrap().apply(&self.1, &op))
+    }
+
+    fn take_attentions(&self) -> Vec<Attention> {
+        let state = self.0.reservations.lock().unwrap();
+        let mut seen = self.2.lock().unwrap();
+        let taken = state.attentions_for(&self.1, *seen).map(|a| a.attention).collect();
+        *seen = state.attention_seq;
+        taken
+    }
+
     async fn compare_and_write(
         &self,
         offset: u64,
@@ -102,6 +135,7 @@ impl Volume for MemHandle {
         bytes: Bytes,
         _fua: bool,
     ) -> Result<Option<u64>, IoError> {
+        self.check(IoAccess::Write, offset, bytes.len() as u64)?;
         let mut data = self.0.data.lock().unwrap();
         let range = self.range(offset, expected.len());
         if let Some(at) = data[range.clone()].iter().zip(expected.iter()).position(|(a, b)| a != b) {
@@ -146,7 +180,7 @@ impl Targets for MemTargets {
         self.auth.required
     }
 
-    async fn open(&self, target: &str, _initiator: &str) -> Result<Lun<Self::Volume>, OpenError> {
+    async fn open(&self, target: &str, _initiator: &str, port: &str) -> Result<Lun<Self::Volume>, OpenError> {
         if target != TARGET {
             return Err(OpenError::NotFound(target.into()));
         }
@@ -159,7 +193,9 @@ impl Targets for MemTargets {
             provisioning: Provisioning { thin: true, unmapped_reads_zero: true },
             read_only: false,
         };
-        Ok(Lun { volume: MemHandle(Arc::clone(&self.volume)), unit, access: self.access.clone() })
+        let seen = self.volume.reservations.lock().unwrap().attention_seq;
+        let handle = MemHandle(Arc::clone(&self.volume), Nexus::new(port, 1), Arc::new(Mutex::new(seen)));
+        Ok(Lun { volume: handle, unit, access: self.access.clone() })
     }
 }
 
@@ -180,7 +216,10 @@ fn start_with(runtime: &tokio::runtime::Runtime, auth: Auth) -> SocketAddr {
         let (_tx, rx) = watch::channel(access);
         std::mem::forget(_tx);
         let targets = Arc::new(MemTargets {
-            volume: Arc::new(MemVolume { data: Mutex::new(vec![0; SIZE_BYTES as usize]) }),
+            volume: Arc::new(MemVolume {
+                data: Mutex::new(vec![0; SIZE_BYTES as usize]),
+                reservations: Mutex::default(),
+            }),
             portal,
             access: rx,
             auth,
@@ -247,7 +286,10 @@ async fn the_server_stops_when_told_with_or_without_sessions() {
         let access = Access { state: AccessState::ActiveOptimized, groups: Vec::new(), transition_time_s: 10 };
         let (_keep, rx) = watch::channel(access);
         let targets = Arc::new(MemTargets {
-            volume: Arc::new(MemVolume { data: Mutex::new(vec![0; SIZE_BYTES as usize]) }),
+            volume: Arc::new(MemVolume {
+                data: Mutex::new(vec![0; SIZE_BYTES as usize]),
+                reservations: Mutex::default(),
+            }),
             portal,
             access: rx,
             auth: Auth::default(),

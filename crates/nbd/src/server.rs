@@ -283,7 +283,7 @@ where
                 let plain = conn.into_inner();
                 let stream =
                     tokio_rustls::TlsAcceptor::from(config).accept(plain).await.map_err(ConnectionError::Tls)?;
-                peer = Peer { certificate: client_certificate(&stream), initiator: None };
+                peer = Peer { certificate: client_certificate(&stream), ..Peer::default() };
                 debug!(certificate = peer.certificate.is_some(), "NBD connection is TLS now");
                 conn = BufReader::with_capacity(SOCKET_BUFFER_BYTES, Box::new(stream));
                 handshake.on_tls_started();

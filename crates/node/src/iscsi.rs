@@ -94,7 +94,12 @@ pub struct Portal {
 }
 
 fn peer_of(initiator: &str) -> Peer {
-    Peer { certificate: None, initiator: Some(initiator.to_string()) }
+    Peer { initiator: Some(initiator.to_string()), ..Peer::default() }
+}
+
+/// This node's relative target port identifier (and target port group): its id.
+fn port_of(node: NodeId) -> u16 {
+    u16::try_from(node.0).unwrap_or(u16::MAX)
 }
 
 /// A host's CHAP settings with their secrets opened; `None` if it has none or they cannot be
@@ -170,7 +175,7 @@ impl Portal {
     /// The logical unit `volume` is through this node's port.
     fn unit(&self, volume: &VolumeRecord, target: &str) -> LogicalUnit {
         let naa = naa(&self.cluster, volume.id);
-        let port_id = u16::try_from(self.me.0).unwrap_or(u16::MAX);
+        let port_id = port_of(self.me);
         LogicalUnit {
             identity: Identity::tandem(naa, format!("{naa:016x}")),
             port: Port { relative_port: port_id, group: port_id, name: format!("{target},t,0x{port_id:04x}") },
@@ -251,13 +256,25 @@ impl Targets for Portal {
             .is_some_and(|name| self.meta.local_read(|st| st.map.volume_by_name(name).is_some()))
     }
 
-    async fn open(&self, target: &str, initiator: &str) -> Result<Lun<ExportedVolume>, OpenError> {
+    async fn open(
+        &self,
+        target: &str,
+        initiator: &str,
+        initiator_port: &str,
+    ) -> Result<Lun<ExportedVolume>, OpenError> {
         let name = volume_of(&self.cluster, target).ok_or_else(|| OpenError::NotFound(target.to_string()))?;
         let record = self
             .meta
             .local_read(|st| st.map.volume_by_name(name).cloned())
             .ok_or_else(|| OpenError::NotFound(format!("no volume named {name:?}")))?;
-        let volume = self.exports.open(name, &peer_of(initiator)).await?;
+        // The session is one I_T nexus: its initiator port through this node's target port.
+        // ALL_TG_PT registrations reach every node's port.
+        let peer = Peer {
+            initiator_port: Some(initiator_port.to_string()),
+            target_port: port_of(self.me),
+            ..peer_of(initiator)
+        };
+        let volume = self.exports.open(name, &peer).await?;
         let unit = self.unit(&record, target);
         let access = self.follow_access(record.id, initiator.to_string());
         Ok(Lun { volume, unit, access })

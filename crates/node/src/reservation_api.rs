@@ -92,7 +92,7 @@ impl ReserveRequest {
                     key: parse_key(current)?,
                     new_key: key,
                     ignore_existing: false,
-                    all_ports: false,
+                    all_ports: Vec::new(),
                     aptpl: self.aptpl,
                     also: Vec::new(),
                 },
@@ -100,7 +100,7 @@ impl ReserveRequest {
                     key: 0,
                     new_key: key,
                     ignore_existing: true,
-                    all_ports: false,
+                    all_ports: Vec::new(),
                     aptpl: self.aptpl,
                     also: Vec::new(),
                 },
@@ -133,8 +133,8 @@ impl ReserveRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RegistrationView {
     pub initiator: String,
-    /// The relative target port; `null`: every port.
-    pub port: Option<u16>,
+    /// The relative target port (0: Tandem's own paths).
+    pub port: u16,
     pub key: String,
 }
 
@@ -142,7 +142,7 @@ pub struct RegistrationView {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReservationView {
     pub holder: String,
-    pub port: Option<u16>,
+    pub port: u16,
     #[serde(rename = "type")]
     pub kind: String,
     /// The holder's key (`0x0` for the all-registrants types, as READ RESERVATION says).
@@ -168,9 +168,6 @@ fn key_text(key: u64) -> String {
 
 impl ReservationsView {
     pub fn of(volume: &str, r: &Reservations) -> ReservationsView {
-        let key_of = |initiator: &str, port: Option<u16>| {
-            r.registrations.iter().find(|g| g.initiator == initiator && g.port == port).map_or(0, |g| g.key)
-        };
         ReservationsView {
             volume: volume.to_string(),
             generation: r.generation,
@@ -178,11 +175,15 @@ impl ReservationsView {
             registrations: r
                 .registrations
                 .iter()
-                .map(|g| RegistrationView { initiator: g.initiator.clone(), port: g.port, key: key_text(g.key) })
+                .map(|g| RegistrationView {
+                    initiator: g.nexus.initiator.clone(),
+                    port: g.nexus.port,
+                    key: key_text(g.key),
+                })
                 .collect(),
             reservation: r.reservation.as_ref().map(|res| ReservationView {
-                holder: res.initiator.clone(),
-                port: res.port,
+                holder: res.holder.initiator.clone(),
+                port: res.holder.port,
                 kind: res.kind.name().to_string(),
                 key: key_text(r.holder_key().unwrap_or(0)),
                 range: None,
@@ -191,10 +192,10 @@ impl ReservationsView {
                 .ranges
                 .iter()
                 .map(|x| ReservationView {
-                    holder: x.initiator.clone(),
-                    port: x.port,
+                    holder: x.holder.initiator.clone(),
+                    port: x.holder.port,
                     kind: x.kind.name().to_string(),
-                    key: key_text(key_of(&x.initiator, x.port)),
+                    key: key_text(r.key_of(&x.holder).unwrap_or(0)),
                     range: Some(x.range.to_string()),
                 })
                 .collect(),
@@ -269,7 +270,7 @@ pub async fn post_reservation(
             "op": op.name(),
             "initiator": nexus.initiator,
             "changed": outcome.changed,
-            "aborted": outcome.aborted.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>(),
+            "aborted": outcome.aborted.iter().map(|n| n.initiator.clone()).collect::<Vec<_>>(),
         }))),
         Ok(Err(refusal)) => {
             let status = match refusal {

@@ -13,7 +13,9 @@ use tandem_meta::network::MetaError;
 use tandem_meta::state_machine::Changed;
 use tandem_meta::store::MetaStore;
 use tandem_replication::driver::{Coordinator, DataPlane, IoFail, ProposeError, VolumeConfig};
-use tandem_reservations::{Access as IoAccess, Conflict, Nexus, Op, Outcome, Refusal as ReservationRefusal};
+use tandem_reservations::{
+    Access as IoAccess, Attention, Conflict, Nexus, Op, Outcome, Refusal as ReservationRefusal, Reservations,
+};
 use tandem_storage::SledStore;
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId};
@@ -402,6 +404,18 @@ pub struct ExportedVolume {
     cfg: VolumeConfig,
     /// Who opened it, and what its access hangs on.
     access: Access,
+    /// The reservation unit attentions not yet taken by the opener.
+    attentions: std::sync::Mutex<AttentionFeed>,
+    meta: Arc<MetaStore>,
+}
+
+/// Where an opener stands in its volume's numbered unit attentions.
+struct AttentionFeed {
+    /// Changes when the volume's reservations do.
+    changed: tokio::sync::watch::Receiver<u64>,
+    /// The number of the last attention the opener has seen (or that was raised before it
+    /// opened: those were for the sessions of then).
+    seen: u64,
 }
 
 /// What a volume opened by a host connection needs to tell when its opener loses access.
@@ -456,18 +470,31 @@ impl Exports for VolumeExports {
         let Some(mut cfg) = self.plane.volume_by_name(name) else {
             return Err(OpenError::NotFound(format!("no volume named {name:?}")));
         };
-        // Requests proxied to the primary name the host, which checks it too.
-        cfg.requester = Some(match &who {
+        // Requests proxied to the primary name the host, which checks it too, and the I_T
+        // nexus the reservations know the connection by: the session's initiator port through
+        // this node's target port (iSCSI), or the host itself (NBD: the same nexus through
+        // every node).
+        let mut requester = match &who {
             Principal::Host(h) => Requester::host(h),
             _ => Requester::anonymous(),
-        });
+        };
+        if let Some(initiator_port) = &peer.initiator_port {
+            requester.initiator = initiator_port.clone();
+            requester.port = peer.target_port;
+        }
+        cfg.requester = Some(requester);
+        let attentions = {
+            let key = ObjectKey::Reservations(cfg.id);
+            let seen = self.meta.local_read(|st| st.map.reservations_of(cfg.id).map_or(0, |r| r.attention_seq));
+            std::sync::Mutex::new(AttentionFeed { changed: self.watches.watch_key(key), seen })
+        };
         let access = Access {
             peer: peer.clone(),
             meta: self.meta.clone(),
             default_access: self.default_access,
             changed: tokio::sync::Mutex::new(changed),
         };
-        Ok(ExportedVolume { plane: self.plane.clone(), cfg, access })
+        Ok(ExportedVolume { plane: self.plane.clone(), cfg, access, attentions, meta: self.meta.clone() })
     }
 
     fn identification(&self) -> Identification {
@@ -526,6 +553,51 @@ impl Volume for ExportedVolume {
 
     async fn flush(&self) -> Result<(), IoError> {
         self.plane.flush(&self.cfg).await.map_err(io_error)
+    }
+
+    fn nexus(&self) -> Option<Nexus> {
+        self.cfg.requester.as_ref().map(Requester::nexus)
+    }
+
+    /// As committed: a registration made through another node a moment ago is there.
+    async fn reservations(&self) -> Result<Reservations, IoError> {
+        let id = self.cfg.id;
+        self.meta
+            .read(|st| st.map.reservations_of(id).cloned().unwrap_or_default())
+            .await
+            .map_err(|e| IoError::Io(format!("the reservations could not be read: {e}")))
+    }
+
+    async fn reserve(&self, op: Op) -> Result<Result<Outcome, ReservationRefusal>, IoError> {
+        // ALL_TG_PT: through every node's target port (each node is one port).
+        let op = match op {
+            Op::Register { key, new_key, ignore_existing, all_ports, aptpl, also } if !all_ports.is_empty() => {
+                let ports = self.meta.local_read(|st| {
+                    st.map.nodes.keys().map(|n| u16::try_from(n.0).unwrap_or(u16::MAX)).collect::<Vec<u16>>()
+                });
+                Op::Register { key, new_key, ignore_existing, all_ports: ports, aptpl, also }
+            }
+            op => op,
+        };
+        self.plane.reserve(&self.cfg, op).await.map_err(io_error)
+    }
+
+    fn take_attentions(&self) -> Vec<Attention> {
+        let mut feed = self.attentions.lock().expect("attention lock");
+        if !feed.changed.has_changed().unwrap_or(false) {
+            return Vec::new();
+        }
+        feed.changed.mark_unchanged();
+        let Some(nexus) = self.nexus() else {
+            return Vec::new();
+        };
+        let seen = feed.seen;
+        let (taken, last) = self.meta.local_read(|st| match st.map.reservations_of(self.cfg.id) {
+            Some(r) => (r.attentions_for(&nexus, seen).map(|a| a.attention).collect(), r.attention_seq),
+            None => (Vec::new(), seen),
+        });
+        feed.seen = feed.seen.max(last);
+        taken
     }
 
     async fn compare_and_write(

@@ -12,7 +12,7 @@ impl Reservations {
         check_initiator(&nexus.initiator)?;
         match op {
             Op::Register { key, new_key, ignore_existing, all_ports, aptpl, also } => {
-                self.register(nexus, *key, *new_key, *ignore_existing, *all_ports, *aptpl, also)
+                self.register(nexus, *key, *new_key, *ignore_existing, all_ports, *aptpl, also)
             }
             Op::Reserve { key, kind } => self.reserve(nexus, *key, *kind),
             Op::Release { key, kind } => self.release(nexus, *key, *kind),
@@ -46,10 +46,10 @@ impl Reservations {
         result
     }
 
-    /// The index of the registration covering `nexus`, if its key is `key`; RESERVATION
-    /// CONFLICT otherwise (SPC-4: an unregistered nexus, or the wrong key).
+    /// The index of the registration of `nexus`, if its key is `key`; RESERVATION CONFLICT
+    /// otherwise (SPC-4: an unregistered nexus, or the wrong key).
     fn registered(&self, nexus: &Nexus, key: u64) -> Result<usize, Refusal> {
-        let Some(i) = self.registrations.iter().position(|r| r.covers(nexus)) else {
+        let Some(i) = self.registrations.iter().position(|r| r.nexus == *nexus) else {
             return Err(Refusal::Conflict(format!("{nexus} is not registered")));
         };
         if self.registrations[i].key != key {
@@ -60,67 +60,48 @@ impl Reservations {
 
     /// Whether registration `i` holds the whole-volume reservation.
     fn holds_index(&self, i: usize) -> bool {
-        let reg = &self.registrations[i];
-        self.reservation
-            .as_ref()
-            .is_some_and(|res| res.kind.all_registrants() || reg.same_registrant(&res.initiator, res.port))
+        let nexus = &self.registrations[i].nexus;
+        self.reservation.as_ref().is_some_and(|res| res.kind.all_registrants() || res.holder == *nexus)
     }
 
-    fn raise(&mut self, initiator: &str, port: Option<u16>, attention: Attention) {
+    fn raise(&mut self, nexus: &Nexus, attention: Attention) {
         self.attention_seq += 1;
-        self.attentions.push(PendingAttention {
-            seq: self.attention_seq,
-            initiator: initiator.to_owned(),
-            port,
-            attention,
-        });
+        self.attentions.push(PendingAttention { seq: self.attention_seq, nexus: nexus.clone(), attention });
         if self.attentions.len() > ATTENTIONS_MAX {
             let excess = self.attentions.len() - ATTENTIONS_MAX;
             self.attentions.drain(..excess);
         }
     }
 
-    /// Raises `attention` for every registration but `except`.
-    fn raise_for_others(&mut self, except: (&str, Option<u16>), attention: Attention) {
-        let others: Vec<(String, Option<u16>)> = self
-            .registrations
-            .iter()
-            .filter(|r| !r.same_registrant(except.0, except.1))
-            .map(|r| (r.initiator.clone(), r.port))
-            .collect();
-        for (initiator, port) in others {
-            self.raise(&initiator, port, attention);
+    /// Raises `attention` for every registered nexus but `except`.
+    fn raise_for_others(&mut self, except: &Nexus, attention: Attention) {
+        let others: Vec<Nexus> =
+            self.registrations.iter().filter(|r| r.nexus != *except).map(|r| r.nexus.clone()).collect();
+        for nexus in others {
+            self.raise(&nexus, attention);
         }
     }
 
     /// Removes the registrations at `victims` (with their range reservations, and the
     /// whole-volume reservation if one of them held it and it was not of an all-registrants
-    /// type), raising REGISTRATIONS PREEMPTED for each when `attention`. Returns who they were.
-    fn remove_registrations(&mut self, victims: &[usize], attention: bool) -> Vec<(String, Option<u16>)> {
-        let removed: Vec<(String, Option<u16>)> =
-            victims.iter().map(|&i| (self.registrations[i].initiator.clone(), self.registrations[i].port)).collect();
-        for (initiator, port) in &removed {
-            if let Some(res) = &self.reservation {
-                if !res.kind.all_registrants() && &res.initiator == initiator && res.port == *port {
-                    self.reservation = None;
-                }
+    /// type), raising REGISTRATIONS PREEMPTED for each but `quiet`. Returns who they were.
+    fn remove_registrations(&mut self, victims: &[usize], quiet: Option<&Nexus>) -> Vec<Nexus> {
+        let removed: Vec<Nexus> = victims.iter().map(|&i| self.registrations[i].nexus.clone()).collect();
+        for nexus in &removed {
+            if self.reservation.as_ref().is_some_and(|res| !res.kind.all_registrants() && res.holder == *nexus) {
+                self.reservation = None;
             }
-            self.ranges.retain(|r| !(&r.initiator == initiator && r.port == *port));
+            self.ranges.retain(|r| r.holder != *nexus);
         }
-        let mut index = 0;
-        self.registrations.retain(|_| {
-            let keep = !victims.contains(&index);
-            index += 1;
-            keep
-        });
+        self.registrations.retain(|r| !removed.contains(&r.nexus));
         if self.registrations.is_empty() {
             // An all-registrants reservation ends with its last registrant.
             self.reservation = None;
             self.ranges.clear();
         }
-        if attention {
-            for (initiator, port) in &removed {
-                self.raise(initiator, *port, Attention::RegistrationsPreempted);
+        for nexus in &removed {
+            if Some(nexus) != quiet {
+                self.raise(nexus, Attention::RegistrationsPreempted);
             }
         }
         removed
@@ -133,12 +114,11 @@ impl Reservations {
         key: u64,
         new_key: u64,
         ignore_existing: bool,
-        all_ports: bool,
+        all_ports: &[u16],
         aptpl: bool,
         also: &[String],
     ) -> Result<Outcome, Refusal> {
-        let existing = self.registrations.iter().position(|r| r.covers(nexus));
-        match existing {
+        match self.registrations.iter().position(|r| r.nexus == *nexus) {
             None => {
                 if !ignore_existing && key != 0 {
                     return Err(Refusal::Conflict(format!(
@@ -153,33 +133,55 @@ impl Reservations {
                         "SPEC_I_PT is not allowed with REGISTER AND IGNORE EXISTING KEY".into(),
                     ));
                 }
-                if also.len() > SPEC_I_PT_MAX {
+                if also.len() > SPEC_I_PT_MAX || all_ports.len() > PORTS_MAX {
                     return Err(Refusal::InvalidParameter(format!(
-                        "SPEC_I_PT names {} initiators; at most {SPEC_I_PT_MAX}",
-                        also.len()
+                        "at most {SPEC_I_PT_MAX} initiators (SPEC_I_PT) and {PORTS_MAX} target ports (ALL_TG_PT)"
                     )));
                 }
-                let port = if all_ports { None } else { Some(nexus.port) };
-                let mut new: Vec<Registration> = Vec::with_capacity(1 + also.len());
-                for initiator in std::iter::once(&nexus.initiator).chain(also) {
+                let mut ports: Vec<u16> = all_ports.to_vec();
+                ports.push(nexus.port);
+                ports.sort_unstable();
+                ports.dedup();
+                if all_ports.is_empty() {
+                    ports = vec![nexus.port];
+                }
+                let mut new: Vec<Registration> = Vec::new();
+                let mut rekey: Vec<usize> = Vec::new();
+                for (n, initiator) in std::iter::once(&nexus.initiator).chain(also).enumerate() {
                     check_initiator(initiator)?;
-                    let clash =
-                        self.registrations.iter().chain(&new).any(|r| {
-                            r.initiator == *initiator && (port.is_none() || r.port.is_none() || r.port == port)
-                        });
-                    if clash {
-                        return Err(if initiator == &nexus.initiator {
-                            Refusal::Conflict(format!("{initiator} is already registered through another target port"))
-                        } else {
-                            Refusal::InvalidParameter(format!("{initiator} (SPEC_I_PT) is already registered"))
-                        });
+                    if n > 0 && *initiator == nexus.initiator {
+                        return Err(Refusal::InvalidParameter(format!(
+                            "SPEC_I_PT names the sending initiator port {initiator}"
+                        )));
                     }
-                    new.push(Registration { initiator: initiator.clone(), port, key: new_key });
+                    for &port in &ports {
+                        let target = Nexus::new(initiator.clone(), port);
+                        if new.iter().any(|r| r.nexus == target) {
+                            return Err(Refusal::InvalidParameter(format!("{target} is named twice")));
+                        }
+                        match self.registrations.iter().position(|r| r.nexus == target) {
+                            // Through another port, this initiator port is registered already:
+                            // as if the request came through that port too.
+                            Some(j) if n == 0 && ignore_existing => rekey.push(j),
+                            Some(_) if n == 0 => {
+                                return Err(Refusal::Conflict(format!("{target} is already registered")))
+                            }
+                            Some(_) => {
+                                return Err(Refusal::InvalidParameter(format!(
+                                    "{target} (SPEC_I_PT) is already registered"
+                                )))
+                            }
+                            None => new.push(Registration { nexus: target, key: new_key }),
+                        }
+                    }
                 }
                 if self.registrations.len() + new.len() > REGISTRATIONS_MAX {
                     return Err(Refusal::NoResources(format!(
                         "a volume has at most {REGISTRATIONS_MAX} registrations"
                     )));
+                }
+                for j in rekey {
+                    self.registrations[j].key = new_key;
                 }
                 self.registrations.extend(new);
             }
@@ -205,14 +207,14 @@ impl Reservations {
     /// A registrant unregisters itself: a reservation it held of a registrants-only type is
     /// released with RESERVATIONS RELEASED for the other registrants (SPC-4 §5.13.11.2.3).
     fn unregister(&mut self, i: usize) {
-        let reg = self.registrations[i].clone();
+        let nexus = self.registrations[i].nexus.clone();
         let released = self.reservation.as_ref().and_then(|res| {
-            let held = !res.kind.all_registrants() && reg.same_registrant(&res.initiator, res.port);
+            let held = !res.kind.all_registrants() && res.holder == nexus;
             held.then_some(res.kind)
         });
-        self.remove_registrations(&[i], false);
+        self.remove_registrations(&[i], Some(&nexus));
         if released.is_some_and(|kind| kind.registrants_have_access()) {
-            self.raise_for_others((&reg.initiator, reg.port), Attention::ReservationsReleased);
+            self.raise_for_others(&nexus, Attention::ReservationsReleased);
         }
     }
 
@@ -226,16 +228,15 @@ impl Reservations {
                     Err(Refusal::Conflict(format!("{nexus} holds a reservation of another type ({})", res.kind)))
                 }
             }
-            Some(res) => Err(Refusal::Conflict(format!("{} holds a {} reservation", res.initiator, res.kind))),
+            Some(res) => Err(Refusal::Conflict(format!("{} holds a {} reservation", res.holder, res.kind))),
             None => {
-                let reg = &self.registrations[i];
-                if let Some(other) = self.ranges.iter().find(|r| !reg.same_registrant(&r.initiator, r.port)) {
+                if let Some(other) = self.ranges.iter().find(|r| r.holder != *nexus) {
                     return Err(Refusal::Conflict(format!(
                         "{} holds a reservation of range {}",
-                        other.initiator, other.range
+                        other.holder, other.range
                     )));
                 }
-                self.reservation = Some(Reservation { initiator: reg.initiator.clone(), port: reg.port, kind });
+                self.reservation = Some(Reservation { holder: nexus.clone(), kind });
                 Ok(Outcome { changed: true, aborted: Vec::new() })
             }
         }
@@ -254,16 +255,14 @@ impl Reservations {
         }
         self.reservation = None;
         if kind.registrants_have_access() {
-            let reg = self.registrations[i].clone();
-            self.raise_for_others((&reg.initiator, reg.port), Attention::ReservationsReleased);
+            self.raise_for_others(nexus, Attention::ReservationsReleased);
         }
         Ok(Outcome { changed: true, aborted: Vec::new() })
     }
 
     fn clear(&mut self, nexus: &Nexus, key: u64) -> Result<Outcome, Refusal> {
-        let i = self.registered(nexus, key)?;
-        let reg = self.registrations[i].clone();
-        self.raise_for_others((&reg.initiator, reg.port), Attention::ReservationsPreempted);
+        self.registered(nexus, key)?;
+        self.raise_for_others(nexus, Attention::ReservationsPreempted);
         self.registrations.clear();
         self.reservation = None;
         self.ranges.clear();
@@ -273,41 +272,42 @@ impl Reservations {
 
     fn preempt(&mut self, nexus: &Nexus, key: u64, victim: u64, kind: Kind, abort: bool) -> Result<Outcome, Refusal> {
         let i = self.registered(nexus, key)?;
-        let me = self.registrations[i].clone();
-        let victims_of = |this: &Reservations, k: u64| -> Vec<usize> {
-            (0..this.registrations.len()).filter(|&j| j != i && this.registrations[j].key == k).collect()
+        let with_key = |this: &Reservations, k: u64, except: Option<usize>| -> Vec<usize> {
+            (0..this.registrations.len()).filter(|&j| Some(j) != except && this.registrations[j].key == k).collect()
         };
         let held = self.reservation.clone();
         let removed = match held {
             Some(res) if res.kind.all_registrants() && victim == 0 => {
                 // Every other registration goes; the preemptor holds the reservation alone.
                 let victims: Vec<usize> = (0..self.registrations.len()).filter(|&j| j != i).collect();
-                let removed = self.remove_registrations(&victims, true);
-                self.reservation = Some(Reservation { initiator: me.initiator.clone(), port: me.port, kind });
+                let removed = self.remove_registrations(&victims, None);
+                self.reservation = Some(Reservation { holder: nexus.clone(), kind });
                 removed
             }
             Some(res) if !res.kind.all_registrants() && self.holder_key() == Some(victim) => {
-                // The holder is preempted: its registrations go, the preemptor holds.
-                let victims = victims_of(self, victim);
-                let removed = self.remove_registrations(&victims, true);
-                self.reservation = Some(Reservation { initiator: me.initiator.clone(), port: me.port, kind });
+                // The holder is preempted (SPC-4 §5.13.11.4.3): the registrations of its key
+                // but the preemptor's go, and the preemptor holds.
+                let victims = with_key(self, victim, Some(i));
+                let removed = self.remove_registrations(&victims, None);
+                self.reservation = Some(Reservation { holder: nexus.clone(), kind });
                 if res.kind != kind {
-                    self.raise_for_others((&me.initiator, me.port), Attention::ReservationsReleased);
+                    self.raise_for_others(nexus, Attention::ReservationsReleased);
                 }
                 removed
             }
             _ => {
-                // Registrations only (no reservation, or one the victim does not hold).
+                // Registrations only (§5.13.11.4.4): no reservation, or one the victim does
+                // not hold. Every registration of the key goes, the preemptor's too.
                 if victim == 0 {
                     return Err(Refusal::InvalidParameter(
                         "the service action reservation key must not be 0 here".into(),
                     ));
                 }
-                let victims = victims_of(self, victim);
+                let victims = with_key(self, victim, None);
                 if victims.is_empty() {
-                    return Err(Refusal::Conflict(format!("no other registrant has key {victim:#x}")));
+                    return Err(Refusal::Conflict(format!("no registrant has key {victim:#x}")));
                 }
-                self.remove_registrations(&victims, true)
+                self.remove_registrations(&victims, Some(nexus))
             }
         };
         self.generation = self.generation.wrapping_add(1);
@@ -337,30 +337,25 @@ impl Reservations {
             return Err(Refusal::InvalidParameter("the destination's reservation key must not be 0".into()));
         }
         check_initiator(&to.initiator)?;
-        if self.registrations[i].covers(to) {
-            return Err(Refusal::InvalidParameter("the destination is the nexus that sent the command".into()));
+        if to.initiator == nexus.initiator {
+            return Err(Refusal::InvalidParameter(
+                "the destination is the initiator port that sent the command".into(),
+            ));
         }
-        let dest = match self.registrations.iter().position(|r| r.covers(to)) {
-            Some(j) => j,
+        match self.registrations.iter().position(|r| r.nexus == *to) {
+            Some(j) => self.registrations[j].key = new_key,
             None => {
                 if self.registrations.len() >= REGISTRATIONS_MAX {
                     return Err(Refusal::NoResources(format!(
                         "a volume has at most {REGISTRATIONS_MAX} registrations"
                     )));
                 }
-                self.registrations.push(Registration {
-                    initiator: to.initiator.clone(),
-                    port: Some(to.port),
-                    key: new_key,
-                });
-                self.registrations.len() - 1
+                self.registrations.push(Registration { nexus: to.clone(), key: new_key });
             }
-        };
-        self.registrations[dest].key = new_key;
-        let dest_reg = self.registrations[dest].clone();
-        self.reservation = Some(Reservation { initiator: dest_reg.initiator, port: dest_reg.port, kind: res.kind });
+        }
+        self.reservation = Some(Reservation { holder: to.clone(), kind: res.kind });
         if unregister {
-            self.remove_registrations(&[i], false);
+            self.remove_registrations(&[i], Some(nexus));
         }
         self.aptpl = aptpl;
         self.generation = self.generation.wrapping_add(1);
@@ -371,9 +366,9 @@ impl Reservations {
     /// it, or the type lets registrants write.
     fn may_reserve_ranges(&self, i: usize) -> Result<(), Refusal> {
         match &self.reservation {
-            Some(res) if !self.holds_index(i) && !res.kind.registrants_have_access() => Err(Refusal::Conflict(
-                format!("{} holds a {} reservation of the whole volume", res.initiator, res.kind),
-            )),
+            Some(res) if !self.holds_index(i) && !res.kind.registrants_have_access() => {
+                Err(Refusal::Conflict(format!("{} holds a {} reservation of the whole volume", res.holder, res.kind)))
+            }
             _ => Ok(()),
         }
     }
@@ -382,38 +377,36 @@ impl Reservations {
         let i = self.registered(nexus, key)?;
         check_range(range)?;
         self.may_reserve_ranges(i)?;
-        let reg = self.registrations[i].clone();
         if let Some(other) = self.ranges.iter().find(|r| r.range.overlaps(range.offset, range.len)) {
-            if other.range == range && other.kind == kind && reg.same_registrant(&other.initiator, other.port) {
+            if other.range == range && other.kind == kind && other.holder == *nexus {
                 return Ok(Outcome::default());
             }
             return Err(Refusal::Conflict(format!(
                 "range {range} overlaps range {} reserved by {}",
-                other.range, other.initiator
+                other.range, other.holder
             )));
         }
         if self.ranges.len() >= RANGES_MAX {
             return Err(Refusal::NoResources(format!("a volume has at most {RANGES_MAX} range reservations")));
         }
-        self.ranges.push(RangeReservation { range, initiator: reg.initiator, port: reg.port, kind });
+        self.ranges.push(RangeReservation { range, holder: nexus.clone(), kind });
         Ok(Outcome { changed: true, aborted: Vec::new() })
     }
 
-    /// The index of the range reservation of exactly `range` made by registration `i`.
-    fn own_range(&self, i: usize, range: Range) -> Option<usize> {
-        let reg = &self.registrations[i];
-        self.ranges.iter().position(|r| r.range == range && reg.same_registrant(&r.initiator, r.port))
+    /// The index of the range reservation of exactly `range` that `nexus` holds.
+    fn own_range(&self, nexus: &Nexus, range: Range) -> Option<usize> {
+        self.ranges.iter().position(|r| r.range == range && r.holder == *nexus)
     }
 
     fn release_range(&mut self, nexus: &Nexus, key: u64, range: Range) -> Result<Outcome, Refusal> {
-        let i = self.registered(nexus, key)?;
+        self.registered(nexus, key)?;
         check_range(range)?;
-        let Some(r) = self.own_range(i, range) else {
+        let Some(r) = self.own_range(nexus, range) else {
             return Ok(Outcome::default()); // As RELEASE: what one does not hold stays.
         };
         let released = self.ranges.remove(r);
         if released.kind.registrants_have_access() {
-            self.raise_for_others((&released.initiator, released.port), Attention::ReservationsReleased);
+            self.raise_for_others(nexus, Attention::ReservationsReleased);
         }
         Ok(Outcome { changed: true, aborted: Vec::new() })
     }
@@ -429,33 +422,30 @@ impl Reservations {
         let i = self.registered(nexus, key)?;
         check_range(range)?;
         self.may_reserve_ranges(i)?;
-        let holder_key = |r: &RangeReservation| {
-            self.registrations.iter().find(|g| g.same_registrant(&r.initiator, r.port)).map(|g| g.key)
-        };
-        let Some(r) = self.ranges.iter().position(|r| r.range == range && holder_key(r) == Some(victim)) else {
+        let Some(r) = self.ranges.iter().position(|r| r.range == range && self.key_of(&r.holder) == Some(victim))
+        else {
             return Err(Refusal::Conflict(format!("no registrant with key {victim:#x} holds range {range}")));
         };
-        let me = self.registrations[i].clone();
-        let old = std::mem::replace(
-            &mut self.ranges[r],
-            RangeReservation { range, initiator: me.initiator.clone(), port: me.port, kind },
-        );
-        if !me.same_registrant(&old.initiator, old.port) {
-            self.raise(&old.initiator, old.port, Attention::ReservationsPreempted);
+        let new = RangeReservation { range, holder: nexus.clone(), kind };
+        if self.ranges[r] == new {
+            return Ok(Outcome::default());
+        }
+        let old = std::mem::replace(&mut self.ranges[r], new);
+        if old.holder != *nexus {
+            self.raise(&old.holder, Attention::ReservationsPreempted);
         }
         Ok(Outcome { changed: true, aborted: Vec::new() })
     }
 
     fn clear_range(&mut self, nexus: &Nexus, key: u64, range: Range) -> Result<Outcome, Refusal> {
-        let i = self.registered(nexus, key)?;
+        self.registered(nexus, key)?;
         check_range(range)?;
-        let me = self.registrations[i].clone();
         let (cleared, kept): (Vec<RangeReservation>, Vec<RangeReservation>) =
             std::mem::take(&mut self.ranges).into_iter().partition(|r| r.range.overlaps(range.offset, range.len));
         self.ranges = kept;
         for r in &cleared {
-            if !me.same_registrant(&r.initiator, r.port) {
-                self.raise(&r.initiator, r.port, Attention::ReservationsPreempted);
+            if r.holder != *nexus {
+                self.raise(&r.holder, Attention::ReservationsPreempted);
             }
         }
         Ok(Outcome { changed: !cleared.is_empty(), aborted: Vec::new() })
@@ -466,14 +456,14 @@ impl Reservations {
         check_range(from)?;
         check_range(to)?;
         self.may_reserve_ranges(i)?;
-        let Some(r) = self.own_range(i, from) else {
+        let Some(r) = self.own_range(nexus, from) else {
             return Err(Refusal::Conflict(format!("{nexus} holds no reservation of range {from}")));
         };
         let clash = self.ranges.iter().enumerate().find(|(j, o)| *j != r && o.range.overlaps(to.offset, to.len));
         if let Some((_, other)) = clash {
             return Err(Refusal::Conflict(format!(
                 "range {to} overlaps range {} reserved by {}",
-                other.range, other.initiator
+                other.range, other.holder
             )));
         }
         self.ranges[r].range = to;

@@ -45,14 +45,14 @@ impl Reservations {
         if self.reservation.is_none() && self.ranges.is_empty() {
             return Ok(());
         }
-        let reg = self.registration(nexus);
+        let registered = self.registration(nexus).is_some();
         if let Some(res) = &self.reservation {
-            let holder = reg.is_some_and(|r| res.kind.all_registrants() || r.same_registrant(&res.initiator, res.port));
-            if !permits(res.kind, holder, reg.is_some(), access) {
+            let holder = registered && (res.kind.all_registrants() || res.holder == *nexus);
+            if !permits(res.kind, holder, registered, access) {
                 return Err(Conflict {
                     reason: format!(
-                        "{} {} reservation of the whole volume excludes {nexus}'s {}",
-                        res.initiator,
+                        "{}'s {} reservation of the whole volume excludes {nexus}'s {}",
+                        res.holder,
                         res.kind,
                         access_name(access)
                     ),
@@ -60,12 +60,12 @@ impl Reservations {
             }
         }
         for r in self.ranges.iter().filter(|r| r.range.overlaps(offset, len)) {
-            let holder = reg.is_some_and(|g| r.kind.all_registrants() || g.same_registrant(&r.initiator, r.port));
-            if !permits(r.kind, holder, reg.is_some(), access) {
+            let holder = registered && (r.kind.all_registrants() || r.holder == *nexus);
+            if !permits(r.kind, holder, registered, access) {
                 return Err(Conflict {
                     reason: format!(
                         "{}'s {} reservation of range {} excludes {nexus}'s {} of {len} bytes at {offset}",
-                        r.initiator,
+                        r.holder,
                         r.kind,
                         r.range,
                         access_name(access)

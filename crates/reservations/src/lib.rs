@@ -22,7 +22,8 @@ mod model;
 pub use check::{Access, Conflict};
 pub use model::{
     Attention, Kind, Nexus, Op, Outcome, PendingAttention, Range, RangeReservation, Refusal, Registration, Reservation,
-    Reservations, ATTENTIONS_MAX, INITIATOR_BYTES_MAX, RANGES_MAX, RECENT_MAX, REGISTRATIONS_MAX, SPEC_I_PT_MAX,
+    Reservations, ATTENTIONS_MAX, INITIATOR_BYTES_MAX, PORTS_MAX, RANGES_MAX, RECENT_MAX, REGISTRATIONS_MAX,
+    SPEC_I_PT_MAX,
 };
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub const INITIATOR_BYTES_MAX: usize = 256;
 /// command retried after its reply was lost is answered as it was the first time and not
 /// applied twice (a retried REGISTER would otherwise find its own key and conflict).
 pub const RECENT_MAX: usize = 64;
+/// At most this many target ports in an ALL_TG_PT registration.
+pub const PORTS_MAX: usize = 64;
 /// At most this many initiators registered at once with SPEC_I_PT.
 pub const SPEC_I_PT_MAX: usize = 16;
 
@@ -181,34 +183,21 @@ impl fmt::Display for Range {
     }
 }
 
-/// One registration: an initiator port registered with a key on one target port, or on all of
-/// them (ALL_TG_PT).
+/// One registration: an I_T nexus registered with a key. ALL_TG_PT registers the initiator port
+/// through every target port as if it had registered through each ([`Op::Register`]), so each
+/// is a registration of its own.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
-    pub initiator: String,
-    /// `None`: registered through every target port.
-    pub port: Option<u16>,
+    pub nexus: Nexus,
     pub key: u64,
-}
-
-impl Registration {
-    /// Whether the registration covers `nexus`.
-    pub fn covers(&self, nexus: &Nexus) -> bool {
-        self.initiator == nexus.initiator && self.port.is_none_or(|p| p == nexus.port)
-    }
-
-    pub(crate) fn same_registrant(&self, initiator: &str, port: Option<u16>) -> bool {
-        self.initiator == initiator && self.port == port
-    }
 }
 
 /// The reservation of the whole volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
-    /// The registrant that holds it (for types 7 and 8, the one that made it; every registrant
+    /// The nexus that holds it (for types 7 and 8, the one that made it; every registrant
     /// holds those).
-    pub initiator: String,
-    pub port: Option<u16>,
+    pub holder: Nexus,
     pub kind: Kind,
 }
 
@@ -216,8 +205,7 @@ pub struct Reservation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeReservation {
     pub range: Range,
-    pub initiator: String,
-    pub port: Option<u16>,
+    pub holder: Nexus,
     pub kind: Kind,
 }
 
@@ -243,21 +231,13 @@ impl Attention {
     }
 }
 
-/// A unit attention waiting for the nexuses of one registrant (or former registrant), numbered
-/// in the volume's order so a gateway delivers each once.
+/// A unit attention waiting for one nexus (a registrant, or a former one), numbered in the
+/// volume's order so a gateway delivers each once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingAttention {
     pub seq: u64,
-    pub initiator: String,
-    /// `None`: every target port.
-    pub port: Option<u16>,
+    pub nexus: Nexus,
     pub attention: Attention,
-}
-
-impl PendingAttention {
-    pub fn applies_to(&self, nexus: &Nexus) -> bool {
-        self.initiator == nexus.initiator && self.port.is_none_or(|p| p == nexus.port)
-    }
 }
 
 /// One persistent-reservation command, made through a nexus (the argument of
@@ -265,13 +245,16 @@ impl PendingAttention {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// REGISTER (`ignore_existing`: REGISTER AND IGNORE EXISTING KEY): registers `new_key`,
-    /// changes the key to it, or unregisters (`new_key` 0). `all_ports` is ALL_TG_PT, `also`
-    /// the initiator ports of SPEC_I_PT (registered through the same target port, or all).
+    /// changes the key to it, or unregisters (`new_key` 0). `all_ports` is ALL_TG_PT: the
+    /// relative identifiers of every target port of the volume (the gateway knows them; the
+    /// sending port is added if missing), through each of which an unregistered initiator
+    /// port registers; empty: only the sending port. `also` names the initiator ports of
+    /// SPEC_I_PT, registered through the same ports.
     Register {
         key: u64,
         new_key: u64,
         ignore_existing: bool,
-        all_ports: bool,
+        all_ports: Vec<u16>,
         aptpl: bool,
         also: Vec<String>,
     },
@@ -360,8 +343,8 @@ impl Op {
 pub struct Outcome {
     /// Whether anything changed (a no-op such as releasing what one does not hold is `false`).
     pub changed: bool,
-    /// PREEMPT AND ABORT: the registrants whose commands in progress must end without effect.
-    pub aborted: Vec<(String, Option<u16>)>,
+    /// PREEMPT AND ABORT: the nexuses whose commands in progress must end without effect.
+    pub aborted: Vec<Nexus>,
 }
 
 /// Why an operation was refused; the state is unchanged.
@@ -418,29 +401,35 @@ impl Reservations {
             && self.reservation.is_none()
             && self.ranges.is_empty()
             && self.attentions.is_empty()
+            && self.recent.is_empty()
     }
 
-    /// The registration that covers `nexus`.
+    /// The registration of `nexus`.
     pub fn registration(&self, nexus: &Nexus) -> Option<&Registration> {
-        self.registrations.iter().find(|r| r.covers(nexus))
+        self.registrations.iter().find(|r| r.nexus == *nexus)
+    }
+
+    /// The key `nexus` is registered with.
+    pub fn key_of(&self, nexus: &Nexus) -> Option<u64> {
+        self.registration(nexus).map(|r| r.key)
     }
 
     /// Whether `nexus` holds the whole-volume reservation (for types 7 and 8: is registered).
     pub fn holds(&self, nexus: &Nexus) -> bool {
-        match (&self.reservation, self.registration(nexus)) {
-            (Some(res), Some(reg)) => res.kind.all_registrants() || reg.same_registrant(&res.initiator, res.port),
-            _ => false,
+        match &self.reservation {
+            Some(res) => self.registration(nexus).is_some() && (res.kind.all_registrants() || res.holder == *nexus),
+            None => false,
         }
     }
 
-    /// The key of the registrant holding the whole-volume reservation (0 for types 7 and 8, as
+    /// The key of the nexus holding the whole-volume reservation (0 for types 7 and 8, as
     /// READ RESERVATION reports it).
     pub fn holder_key(&self) -> Option<u64> {
         let res = self.reservation.as_ref()?;
         if res.kind.all_registrants() {
             return Some(0);
         }
-        self.registrations.iter().find(|r| r.same_registrant(&res.initiator, res.port)).map(|r| r.key)
+        self.key_of(&res.holder)
     }
 
     /// The attentions for `nexus` numbered after `after`.
@@ -449,6 +438,6 @@ impl Reservations {
         nexus: &'a Nexus,
         after: u64,
     ) -> impl Iterator<Item = &'a PendingAttention> + 'a {
-        self.attentions.iter().filter(move |a| a.seq > after && a.applies_to(nexus))
+        self.attentions.iter().filter(move |a| a.seq > after && a.nexus == *nexus)
     }
 }

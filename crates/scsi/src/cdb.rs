@@ -31,6 +31,8 @@ pub mod op {
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const MODE_SENSE_10: u8 = 0x5A;
+    pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
+    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
@@ -203,6 +205,16 @@ pub enum Command {
     ReportTargetPortGroups {
         extended: bool,
         allocation: u32,
+    },
+    PersistentReserveIn {
+        action: u8,
+        allocation: u32,
+    },
+    PersistentReserveOut {
+        action: u8,
+        scope: u8,
+        kind: u8,
+        parameter_bytes: u32,
     },
 }
 
@@ -377,6 +389,25 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
             format: cdb[1] & 0x07,
             allocation: be32(&cdb[6..10]),
         },
+        PERSISTENT_RESERVE_IN => {
+            let action = cdb[1] & 0x1F;
+            if action > 0x03 {
+                return Err(Sense::invalid_cdb_field(1, Some(4)));
+            }
+            Command::PersistentReserveIn { action, allocation: u32::from(be16(&cdb[7..9])) }
+        }
+        PERSISTENT_RESERVE_OUT => {
+            let action = cdb[1] & 0x1F;
+            if action > 0x07 {
+                return Err(Sense::invalid_cdb_field(1, Some(4)));
+            }
+            Command::PersistentReserveOut {
+                action,
+                scope: cdb[2] >> 4,
+                kind: cdb[2] & 0x0F,
+                parameter_bytes: be32(&cdb[5..9]),
+            }
+        }
         REPORT_LUNS => {
             let allocation = be32(&cdb[6..10]);
             Command::ReportLuns { select: cdb[2], allocation }
@@ -416,8 +447,20 @@ pub fn cdb_len(opcode: u8) -> Option<usize> {
         | MODE_SENSE_6
         | START_STOP_UNIT
         | PREVENT_ALLOW_MEDIUM_REMOVAL => 6,
-        READ_CAPACITY_10 | READ_10 | WRITE_10 | WRITE_AND_VERIFY_10 | VERIFY_10 | PRE_FETCH_10
-        | SYNCHRONIZE_CACHE_10 | WRITE_SAME_10 | UNMAP | MODE_SELECT_10 | MODE_SENSE_10 | READ_DEFECT_DATA_10 => 10,
+        READ_CAPACITY_10
+        | READ_10
+        | WRITE_10
+        | WRITE_AND_VERIFY_10
+        | VERIFY_10
+        | PRE_FETCH_10
+        | SYNCHRONIZE_CACHE_10
+        | WRITE_SAME_10
+        | UNMAP
+        | MODE_SELECT_10
+        | MODE_SENSE_10
+        | READ_DEFECT_DATA_10
+        | PERSISTENT_RESERVE_IN
+        | PERSISTENT_RESERVE_OUT => 10,
         REPORT_LUNS | MAINTENANCE_IN | READ_12 | WRITE_12 | WRITE_AND_VERIFY_12 | VERIFY_12 | READ_DEFECT_DATA_12 => 12,
         READ_16 | COMPARE_AND_WRITE | WRITE_16 | ORWRITE_16 | WRITE_AND_VERIFY_16 | VERIFY_16 | PRE_FETCH_16
         | SYNCHRONIZE_CACHE_16 | WRITE_SAME_16 | SERVICE_ACTION_IN_16 => 16,

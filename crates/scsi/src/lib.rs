@@ -20,6 +20,7 @@ pub mod inquiry;
 pub mod lu;
 pub mod mode;
 pub mod opcodes;
+pub mod pr;
 pub mod sense;
 
 pub use alua::{AccessState, PortGroup};

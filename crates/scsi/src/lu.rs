@@ -260,6 +260,11 @@ pub enum Io {
     Flush,
     /// Receive the parameter list, then [`LogicalUnit::mode_select`].
     ModeSelect { ten: bool, parameter_bytes: u32 },
+    /// Read the volume's reservations and answer with [`crate::pr::read`] of `action`.
+    PersistentReserveIn { action: u8, allocation: u32 },
+    /// Receive the parameter list, make the command of [`crate::pr::command`] through this
+    /// nexus, and answer with its outcome ([`crate::pr::refused`] when refused).
+    PersistentReserveOut { action: u8, scope: u8, kind: u8, parameter_bytes: u32 },
 }
 
 impl Io {
@@ -269,12 +274,17 @@ impl Io {
             Io::Write { len, .. } => len,
             Io::WriteSame { ndob: true, .. } => 0,
             Io::WriteSame { block_bytes, .. } => u64::from(block_bytes),
-            Io::Unmap { parameter_bytes } | Io::ModeSelect { parameter_bytes, .. } => u64::from(parameter_bytes),
+            Io::Unmap { parameter_bytes }
+            | Io::ModeSelect { parameter_bytes, .. }
+            | Io::PersistentReserveOut { parameter_bytes, .. } => u64::from(parameter_bytes),
             Io::CompareAndWrite { len, .. } => 2 * len,
             Io::OrWrite { len, .. } => len,
             Io::Verify { check: ByteCheck::Compare, len, .. } => len,
             Io::Verify { check: ByteCheck::CompareOne, block_bytes, .. } => u64::from(block_bytes),
-            Io::Read { .. } | Io::Verify { check: ByteCheck::None, .. } | Io::Flush => 0,
+            Io::Read { .. }
+            | Io::Verify { check: ByteCheck::None, .. }
+            | Io::Flush
+            | Io::PersistentReserveIn { .. } => 0,
         }
     }
 
@@ -378,6 +388,15 @@ impl LogicalUnit {
                 let request = SenseRequest { ten, dbd, llbaa, control, page, subpage };
                 let geometry = BlockDescriptor { blocks: self.geometry.blocks, block_size: self.geometry.block_size };
                 reply(mode::sense(request, nexus.mode, self.read_only, geometry)?, allocation)
+            }
+            Command::PersistentReserveIn { action, allocation } => {
+                Ok(Plan::Io(Io::PersistentReserveIn { action, allocation }))
+            }
+            Command::PersistentReserveOut { action, scope, kind, parameter_bytes } => {
+                if parameter_bytes > crate::pr::PARAMETER_BYTES_MAX {
+                    return Err(Sense::invalid_cdb_field(5, None));
+                }
+                Ok(Plan::Io(Io::PersistentReserveOut { action, scope, kind, parameter_bytes }))
             }
             Command::ModeSelect { ten, page_format, save, parameter_bytes } => {
                 if save {

@@ -113,6 +113,16 @@ pub const SUPPORTED: &[CommandInfo] = &[
         usage: &[op::MODE_SENSE_10, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, CONTROL],
     },
     CommandInfo {
+        opcode: op::PERSISTENT_RESERVE_IN,
+        service_action: None,
+        usage: &[op::PERSISTENT_RESERVE_IN, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, CONTROL],
+    },
+    CommandInfo {
+        opcode: op::PERSISTENT_RESERVE_OUT,
+        service_action: None,
+        usage: &[op::PERSISTENT_RESERVE_OUT, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, CONTROL],
+    },
+    CommandInfo {
         opcode: op::READ_16,
         service_action: None,
         usage: &[op::READ_16, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, CONTROL],

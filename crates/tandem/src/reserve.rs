@@ -58,7 +58,7 @@ pub async fn reserve(target: &Target, cmd: ReserveCmd) -> anyhow::Result<()> {
 }
 
 fn print_view(v: &ReservationsView) {
-    let port = |p: Option<u16>| p.map_or("all".to_string(), |p| p.to_string());
+    let port = |p: u16| p.to_string();
     println!("volume {}: generation {}, aptpl {}", v.volume, v.generation, v.aptpl);
     if v.registrations.is_empty() {
         println!("no registrations");

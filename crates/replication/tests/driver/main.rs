@@ -315,7 +315,7 @@ async fn the_primary_enforces_reservations_on_every_path_and_a_preempt_fences_th
         key: 0,
         new_key: key,
         ignore_existing: true,
-        all_ports: false,
+        all_ports: vec![],
         aptpl: false,
         also: vec![],
     };
@@ -340,7 +340,7 @@ async fn the_primary_enforces_reservations_on_every_path_and_a_preempt_fences_th
     // Bob preempts alice: from then on her writes conflict and his land.
     let preempt = Op::Preempt { key: 0xb, victim: 0xa, kind: Kind::ExclusiveAccess, abort: true };
     let outcome = c.planes[1].reserve(&bob, preempt).await.expect("bob preempts").expect("accepted");
-    assert_eq!(outcome.aborted, vec![("host:alice".to_string(), Some(0))]);
+    assert_eq!(outcome.aborted, vec![Nexus::host("alice")]);
     for plane in &c.planes {
         assert!(matches!(plane.write(&alice, 0, mine.clone()).await, Err(IoFail::Conflict(_))));
         assert!(matches!(plane.read(&alice, 0, &mut vec![0u8; 4096]).await, Err(IoFail::Conflict(_))));
