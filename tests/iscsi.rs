@@ -65,12 +65,17 @@ struct Answer {
 
 impl Initiator {
     fn login(portal: SocketAddr, target: &str) -> Initiator {
+        Initiator::login_as(portal, target, INITIATOR, 0x12_3456)
+    }
+
+    /// Logs in as initiator `name` with an ISID ending in `isid` (its initiator port).
+    fn login_as(portal: SocketAddr, target: &str, name: &str, isid: u32) -> Initiator {
         let stream = TcpStream::connect(portal).unwrap_or_else(|e| panic!("connect {portal}: {e}"));
         stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut me = Initiator { stream, cmd_sn: 1, exp_stat_sn: 0, itt: 1 };
         let mut keys = Vec::new();
         for (key, value) in [
-            ("InitiatorName", INITIATOR),
+            ("InitiatorName", name),
             ("TargetName", target),
             ("SessionType", "Normal"),
             ("HeaderDigest", "None"),
@@ -87,7 +92,10 @@ impl Initiator {
                 current_stage: Stage::LoginOperationalNegotiation,
                 version_max: 0,
                 version_min: 0,
-                isid: Isid([0x80, 0, 0, 0x12, 0x34, 0x56]),
+                isid: {
+                    let [_, a, b, c] = isid.to_be_bytes();
+                    Isid([0x80, 0, 0, a, b, c])
+                },
                 tsih: 0,
                 itt: 0,
                 cid: 1,
@@ -251,6 +259,126 @@ impl Initiator {
     fn test_unit_ready(&mut self) -> Answer {
         self.command(&[0u8; 6], 0)
     }
+
+    /// PERSISTENT RESERVE OUT `action` with scope and type byte `scope_type` and parameter
+    /// list `params`.
+    fn prout(&mut self, action: u8, scope_type: u8, params: Vec<u8>) -> Answer {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5F;
+        cdb[1] = action;
+        cdb[2] = scope_type;
+        cdb[5..9].copy_from_slice(&(params.len() as u32).to_be_bytes());
+        self.exchange(&cdb, 0, Bytes::from(params)).expect("the connection holds")
+    }
+
+    /// PERSISTENT RESERVE IN `action`.
+    fn prin(&mut self, action: u8) -> Answer {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5E;
+        cdb[1] = action;
+        cdb[7..9].copy_from_slice(&4096u16.to_be_bytes());
+        self.command(&cdb, 4096)
+    }
+}
+
+/// The basic PERSISTENT RESERVE OUT parameter list, and for the range scope the range in
+/// blocks.
+fn pr_params(key: u64, sa_key: u64, range: Option<(u64, u64)>) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&key.to_be_bytes());
+    p.extend_from_slice(&sa_key.to_be_bytes());
+    p.extend_from_slice(&[0; 8]);
+    if let Some((lba, blocks)) = range {
+        p.extend_from_slice(&lba.to_be_bytes());
+        p.extend_from_slice(&blocks.to_be_bytes());
+    }
+    p
+}
+
+const RESERVATION_CONFLICT: u8 = 0x18;
+
+/// SCSI-3 persistent reservations through three nodes' portals, as a failover cluster and
+/// Pacemaker's fence_scsi use them (type 5, PREEMPT AND ABORT): registrations made through one
+/// node are seen through another; an unregistered initiator's write gets RESERVATION CONFLICT
+/// and a registrant's lands; PREEMPT AND ABORT fences the holder, whose next command sees
+/// REGISTRATIONS PREEMPTED and whose writes then conflict and change nothing. Then Tandem's
+/// range scope: two initiators reserve disjoint block ranges and write only their own; an
+/// overlapping reservation is refused; a reservation moved to another range frees the old one.
+#[test]
+fn persistent_reservations_fence_an_initiator_through_another_node_and_ranges_guard_their_blocks() {
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let v = create_served_volume(&c, "pr", "16M");
+    let primary = v["primary"].as_u64().expect("primary");
+    let others: Vec<u64> = c.node_ids().into_iter().filter(|&n| n != primary).collect();
+    let t = target("pr");
+    let mut a = Initiator::login_as(c.iscsi_addr(primary), &t, "iqn.2026-12.io.tandem.test:a", 0xa);
+    let mut b = Initiator::login_as(c.iscsi_addr(others[0]), &t, "iqn.2026-12.io.tandem.test:b", 0xb);
+    let mut outsider = Initiator::login_as(c.iscsi_addr(others[1]), &t, "iqn.2026-12.io.tandem.test:c", 0xc);
+    let good = |answer: Answer, what: &str| assert_eq!((answer.status, answer.sense), (0, None), "{what}");
+
+    good(a.prout(0x00, 0, pr_params(0, 0xa, None)), "a registers");
+    good(b.prout(0x00, 0, pr_params(0, 0xb, None)), "b registers");
+    let keys = outsider.prin(0x00);
+    assert_eq!((keys.status, &keys.data[4..8]), (0, &16u32.to_be_bytes()[..]), "READ KEYS through a third node");
+    let mut listed: Vec<u64> = keys.data[8..24].chunks(8).map(|k| u64::from_be_bytes(k.try_into().unwrap())).collect();
+    listed.sort_unstable();
+    assert_eq!(listed, vec![0xa, 0xb]);
+    good(a.prout(0x01, 0x05, pr_params(0xa, 0, None)), "a reserves write exclusive, registrants only");
+
+    let block = |n: u8| Bytes::from(vec![n; 4096]);
+    let refused = outsider.write10(0, block(0xcc)).expect("connection");
+    assert_eq!(refused.status, RESERVATION_CONFLICT, "an unregistered initiator's write");
+    good(b.write10(0, block(0xbb)).expect("connection"), "a registrant writes");
+    let reservation = outsider.prin(0x01);
+    assert_eq!((u64::from_be_bytes(reservation.data[8..16].try_into().unwrap()), reservation.data[21]), (0xa, 0x05));
+
+    // b fences a.
+    good(b.prout(0x05, 0x05, pr_params(0xb, 0xa, None)), "b preempts and aborts a");
+    let attention = a.test_unit_ready();
+    let sense = attention.sense.expect("a unit attention");
+    assert_eq!((sense.key, sense.asc), (SenseKey::UnitAttention, asc::REGISTRATIONS_PREEMPTED), "{attention:?}");
+    let fenced = a.write10(0, block(0xaa)).expect("connection");
+    assert_eq!(fenced.status, RESERVATION_CONFLICT, "the fenced initiator's write");
+    let back = outsider.read10(0, 8);
+    assert_eq!((back.status, back.data), (0, vec![0xbb; 4096]), "nothing of the refused writes landed");
+    let reservation = outsider.prin(0x01);
+    assert_eq!(u64::from_be_bytes(reservation.data[8..16].try_into().unwrap()), 0xb, "b holds");
+
+    // Ranges (scope 1h): b clears everything, both register again, each reserves its blocks.
+    good(b.prout(0x03, 0, pr_params(0xb, 0, None)), "b clears");
+    let _ = a.test_unit_ready(); // Whatever attention the clear left.
+    good(a.prout(0x00, 0, pr_params(0, 0xa, None)), "a registers again");
+    good(b.prout(0x00, 0, pr_params(0, 0xb, None)), "b registers again");
+    good(a.prout(0x01, 0x11, pr_params(0xa, 0, Some((0, 2048)))), "a reserves blocks 0-2047");
+    good(b.prout(0x01, 0x13, pr_params(0xb, 0, Some((2048, 2048)))), "b reserves blocks 2048-4095");
+    let overlap = b.prout(0x01, 0x11, pr_params(0xb, 0, Some((1024, 2048))));
+    assert_eq!(overlap.status, RESERVATION_CONFLICT, "an overlapping range");
+    good(a.write10(8, block(0x1a)).expect("connection"), "a in its range");
+    good(b.write10(2048, block(0x2b)).expect("connection"), "b in its range");
+    assert_eq!(a.write10(2048, block(0xee)).expect("connection").status, RESERVATION_CONFLICT, "a in b's");
+    assert_eq!(b.write10(8, block(0xee)).expect("connection").status, RESERVATION_CONFLICT, "b in a's");
+    assert_eq!(a.read10(2048, 8).status, RESERVATION_CONFLICT, "b's range is exclusive access");
+    assert_eq!(outsider.read10(8, 8).data, vec![0x1a; 4096], "a's range is write exclusive: all read");
+    // a moves its reservation to blocks 8192-10239 (REGISTER AND MOVE, scope 1h).
+    let mut moved = pr_params(0xa, 0, Some((0, 2048)));
+    moved.extend_from_slice(&8192u64.to_be_bytes());
+    moved.extend_from_slice(&2048u64.to_be_bytes());
+    good(a.prout(0x07, 0x11, moved), "a moves its range");
+    good(b.write10(8, block(0x3b)).expect("connection"), "the old range is free");
+    assert_eq!(b.write10(8192, block(0xee)).expect("connection").status, RESERVATION_CONFLICT, "the new one is not");
+
+    // The API shows the iSCSI nexuses: initiator port and each node's target port.
+    let listed = c.admin(&["reserve", "list", "pr", "--json"]);
+    let state: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    let ports: BTreeMap<String, u64> = state["registrations"]
+        .as_array()
+        .expect("registrations")
+        .iter()
+        .map(|r| (r["initiator"].as_str().unwrap_or_default().to_string(), r["port"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(ports.get("iqn.2026-12.io.tandem.test:a,i,0x80000000000a"), Some(&primary), "{state}");
+    assert_eq!(ports.get("iqn.2026-12.io.tandem.test:b,i,0x80000000000b"), Some(&others[0]), "{state}");
 }
 
 /// What Debian's tgtd 1.0.85 serving a file LUN scores on this machine in the same suite (160
