@@ -301,7 +301,8 @@ const RESERVATION_CONFLICT: u8 = 0x18;
 /// Pacemaker's fence_scsi use them (type 5, PREEMPT AND ABORT): registrations made through one
 /// node are seen through another; an unregistered initiator's write gets RESERVATION CONFLICT
 /// and a registrant's lands; PREEMPT AND ABORT fences the holder, whose next command sees
-/// REGISTRATIONS PREEMPTED and whose writes then conflict and change nothing. Then Tandem's
+/// REGISTRATIONS PREEMPTED and whose writes then conflict and change nothing; REGISTER AND MOVE
+/// hands the reservation to a third initiator through a third node (APTPL reported). Then Tandem's
 /// range scope: two initiators reserve disjoint block ranges and write only their own; an
 /// overlapping reservation is refused; a reservation moved to another range frees the old one.
 #[test]
@@ -345,9 +346,29 @@ fn persistent_reservations_fence_an_initiator_through_another_node_and_ranges_gu
     let reservation = outsider.prin(0x01);
     assert_eq!(u64::from_be_bytes(reservation.data[8..16].try_into().unwrap()), 0xb, "b holds");
 
-    // Ranges (scope 1h): b clears everything, both register again, each reserves its blocks.
-    good(b.prout(0x03, 0, pr_params(0xb, 0, None)), "b clears");
-    let _ = a.test_unit_ready(); // Whatever attention the clear left.
+    // b hands the reservation to the third initiator (REGISTER AND MOVE, unregistering
+    // itself, with APTPL), through that initiator's node's port.
+    let mut handover = Vec::new();
+    handover.extend_from_slice(&0xbu64.to_be_bytes());
+    handover.extend_from_slice(&0xcu64.to_be_bytes());
+    handover.extend_from_slice(&[0, 0x03]);
+    handover.extend_from_slice(&(others[1] as u16).to_be_bytes());
+    let id = tandem_scsi::pr::transport_id("iqn.2026-12.io.tandem.test:c,i,0x80000000000c");
+    handover.extend_from_slice(&(id.len() as u32).to_be_bytes());
+    handover.extend_from_slice(&id);
+    good(b.prout(0x07, 0x05, handover), "b moves the reservation to c");
+    let reservation = a.prin(0x01);
+    assert_eq!((u64::from_be_bytes(reservation.data[8..16].try_into().unwrap()), reservation.data[21]), (0xc, 0x05));
+    let capabilities = a.prin(0x02);
+    assert_eq!(capabilities.data[3] & 0x01, 1, "PTPL_A: APTPL is active: {capabilities:?}");
+    good(outsider.write10(0, block(0xcc)).expect("connection"), "the new holder writes");
+    assert_eq!(b.write10(0, block(0xee)).expect("connection").status, RESERVATION_CONFLICT, "b unregistered itself");
+
+    // Ranges (scope 1h): c clears everything, a and b register again, each reserves its blocks.
+    good(outsider.prout(0x03, 0, pr_params(0xc, 0, None)), "c clears");
+    for who in [&mut a, &mut b] {
+        let _ = who.test_unit_ready(); // Whatever attention the clear left.
+    }
     good(a.prout(0x00, 0, pr_params(0, 0xa, None)), "a registers again");
     good(b.prout(0x00, 0, pr_params(0, 0xb, None)), "b registers again");
     good(a.prout(0x01, 0x11, pr_params(0xa, 0, Some((0, 2048)))), "a reserves blocks 0-2047");
@@ -379,6 +400,7 @@ fn persistent_reservations_fence_an_initiator_through_another_node_and_ranges_gu
         .collect();
     assert_eq!(ports.get("iqn.2026-12.io.tandem.test:a,i,0x80000000000a"), Some(&primary), "{state}");
     assert_eq!(ports.get("iqn.2026-12.io.tandem.test:b,i,0x80000000000b"), Some(&others[0]), "{state}");
+    assert_eq!(state["ranges"].as_array().map(Vec::len), Some(2), "{state}");
 }
 
 /// What Debian's tgtd 1.0.85 serving a file LUN scores on this machine in the same suite (160

@@ -7,7 +7,8 @@
 //! - fencing through failover: one host holds a write-exclusive reservation, the other keeps
 //!   writing through the surviving nodes while the primary is killed (-9): not one of its
 //!   writes lands, the holder's writes go on at the new primary, and the reservations survive
-//!   the failover and a restart of the whole cluster.
+//!   the failover, a restart of the whole cluster and a membership change (a fourth node joins
+//!   and enforces them).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -143,7 +144,7 @@ fn range_reservations_keep_each_host_to_its_own_range_through_every_node() {
 }
 
 #[test]
-fn a_fenced_host_lands_no_write_through_a_failover_and_reservations_survive_a_restart() {
+fn a_fenced_host_lands_no_write_through_a_failover_and_reservations_survive_restarts_and_new_members() {
     require_tools(&["qemu-io"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let c = shared_volume(dir.path());
@@ -213,4 +214,15 @@ fn a_fenced_host_lands_no_write_through_a_failover_and_reservations_survive_a_re
     let refused = host_io(&c, dir.path(), "h2", primary, &["write -P 0xee 1M 4k"]);
     assert!(!io_ok(&refused) && refused.text.contains("Operation not permitted"), "{}", refused.text);
     assert!(io_ok(&host_io(&c, dir.path(), "h1", primary, &["write -P 0x33 1M 4k"])), "the holder after the restart");
+
+    // A membership change: a fourth node joins and serves the volume (by proxy) under the same
+    // reservations.
+    let added = c.try_add_node(None).expect("a fourth node");
+    wait_for("the new node to serve v", Duration::from_secs(60), || {
+        io_ok(&host_io(&c, dir.path(), "h1", added, &["read -P 0x33 1M 4k"])).then_some(())
+    });
+    let refused = host_io(&c, dir.path(), "h2", added, &["write -P 0xee 1M 4k"]);
+    assert!(!io_ok(&refused) && refused.text.contains("Operation not permitted"), "via node {added}: {}", refused.text);
+    assert!(io_ok(&host_io(&c, dir.path(), "h1", added, &["write -P 0x44 1M 4k"])), "the holder via the new node");
+    assert_eq!(reservations(&c), before, "the reservations after the membership change");
 }
