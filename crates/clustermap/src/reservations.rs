@@ -2,7 +2,7 @@
 //! only by [`MetaCmd::Reserve`](crate::MetaCmd::Reserve) through the pure state machine of
 //! `tandem_reservations`, so every node holds the same registrations and reservations.
 
-use tandem_reservations::{Nexus, Op, Refusal, Reservations};
+use tandem_reservations::{Nexus, Op, Range, Refusal, Reservations};
 use tandem_types::{Epoch, VolumeId};
 
 use crate::key::ObjectKey;
@@ -25,8 +25,7 @@ impl ClusterMap {
                 vol.epoch
             ));
         }
-        if let Some(range) = op_range(op).into_iter().flatten().find(|r| r.end().is_none_or(|end| end > vol.size_bytes))
-        {
+        if let Some(range) = op_ranges(op).into_iter().find(|r| r.end().is_none_or(|end| end > vol.size_bytes)) {
             return MetaReply::Reservation(Err(Refusal::InvalidParameter(format!(
                 "range {range} runs past the end of the volume ({} bytes)",
                 vol.size_bytes
@@ -48,13 +47,13 @@ impl ClusterMap {
 }
 
 /// The byte ranges an operation names.
-fn op_range(op: &Op) -> Option<[tandem_reservations::Range; 2]> {
+fn op_ranges(op: &Op) -> Vec<Range> {
     match op {
         Op::ReserveRange { range, .. }
         | Op::ReleaseRange { range, .. }
         | Op::PreemptRange { range, .. }
-        | Op::ClearRange { range, .. } => Some([*range, *range]),
-        Op::MoveRange { from, to, .. } => Some([*from, *to]),
-        _ => None,
+        | Op::ClearRange { range, .. } => vec![*range],
+        Op::MoveRange { from, to, .. } => vec![*from, *to],
+        _ => Vec::new(),
     }
 }

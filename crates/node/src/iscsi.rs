@@ -98,7 +98,7 @@ fn peer_of(initiator: &str) -> Peer {
 }
 
 /// This node's relative target port identifier (and target port group): its id.
-fn port_of(node: NodeId) -> u16 {
+pub(crate) fn port_of(node: NodeId) -> u16 {
     u16::try_from(node.0).unwrap_or(u16::MAX)
 }
 
@@ -137,11 +137,11 @@ pub fn access_for(map: &ClusterMap, me: NodeId, volume: &VolumeRecord, initiator
                 }
                 None => default_state(n.id, volume),
             };
-            let id = u16::try_from(n.id.0).unwrap_or(u16::MAX);
+            let id = port_of(n.id);
             PortGroup { id, state, ports: vec![id] }
         })
         .collect();
-    let mine = u16::try_from(me.0).unwrap_or(u16::MAX);
+    let mine = port_of(me);
     let state = groups.iter().find(|g| g.id == mine).map_or(AccessState::ActiveNonOptimized, |g| g.state);
     Access { state, groups, transition_time_s: TRANSITION_TIME_S }
 }

@@ -186,7 +186,7 @@ pub async fn run(
             secret: secret.clone(),
         });
         let config = tandem_iscsi::TargetConfig {
-            target_portal_group_tag: u16::try_from(id.0).unwrap_or(u16::MAX),
+            target_portal_group_tag: iscsi::port_of(id),
             ..tandem_iscsi::TargetConfig::default()
         };
         let mut stop = nbd_stop_rx.clone();

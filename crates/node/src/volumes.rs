@@ -479,8 +479,7 @@ impl Exports for VolumeExports {
             _ => Requester::anonymous(),
         };
         if let Some(initiator_port) = &peer.initiator_port {
-            requester.initiator = initiator_port.clone();
-            requester.port = peer.target_port;
+            requester.nexus = Nexus::new(initiator_port.clone(), peer.target_port);
         }
         cfg.requester = Some(requester);
         let attentions = {
@@ -556,7 +555,7 @@ impl Volume for ExportedVolume {
     }
 
     fn nexus(&self) -> Option<Nexus> {
-        self.cfg.requester.as_ref().map(Requester::nexus)
+        self.cfg.requester.as_ref().map(|r| r.nexus.clone())
     }
 
     /// As committed: a registration made through another node a moment ago is there.
@@ -572,9 +571,9 @@ impl Volume for ExportedVolume {
         // ALL_TG_PT: through every node's target port (each node is one port).
         let op = match op {
             Op::Register { key, new_key, ignore_existing, all_ports, aptpl, also } if !all_ports.is_empty() => {
-                let ports = self.meta.local_read(|st| {
-                    st.map.nodes.keys().map(|n| u16::try_from(n.0).unwrap_or(u16::MAX)).collect::<Vec<u16>>()
-                });
+                let ports = self
+                    .meta
+                    .local_read(|st| st.map.nodes.keys().map(|n| crate::iscsi::port_of(*n)).collect::<Vec<u16>>());
                 Op::Register { key, new_key, ignore_existing, all_ports: ports, aptpl, also }
             }
             op => op,

@@ -193,7 +193,7 @@ pub fn command(action: u8, scope: u8, kind: u8, params: &[u8], me: &Nexus, block
         return Err(Sense::invalid_cdb_field(2, Some(7)));
     }
     if action == prout::REGISTER_AND_MOVE {
-        return if ranged { move_range(params, block_bytes) } else { register_and_move(params, me) };
+        return if ranged { move_range(params, block_bytes) } else { register_and_move(params) };
     }
     if action > prout::REGISTER_AND_MOVE {
         return Err(Sense::invalid_cdb_field(1, Some(4)));
@@ -260,7 +260,7 @@ pub fn command(action: u8, scope: u8, kind: u8, params: &[u8], me: &Nexus, block
 }
 
 /// REGISTER AND MOVE's parameter list (SPC-4 table 225).
-fn register_and_move(params: &[u8], me: &Nexus) -> Result<Op, Sense> {
+fn register_and_move(params: &[u8]) -> Result<Op, Sense> {
     if params.len() < 24 {
         return Err(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
     }
@@ -270,7 +270,6 @@ fn register_and_move(params: &[u8], me: &Nexus) -> Result<Op, Sense> {
     }
     let (initiator, _) = parse_transport_id(&params[24..])?;
     let port = u16::from_be_bytes([params[18], params[19]]);
-    let _ = me;
     Ok(Op::RegisterAndMove {
         key: be64(params),
         new_key: be64(&params[8..]),

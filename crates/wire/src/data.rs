@@ -190,10 +190,9 @@ pub enum DataMsg {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Requester {
     pub host: Option<String>,
-    /// The initiator port ([`Nexus::initiator`]).
-    pub initiator: String,
-    /// The relative target port the request came in through ([`Nexus::port`]).
-    pub port: u16,
+    /// The I_T nexus: its initiator port, and the relative target port the request came in
+    /// through.
+    pub nexus: Nexus,
 }
 
 impl Requester {
@@ -202,17 +201,12 @@ impl Requester {
 
     /// A host on Tandem's own paths (NBD), one nexus through every node.
     pub fn host(name: &str) -> Requester {
-        let nexus = Nexus::host(name);
-        Requester { host: Some(name.to_string()), initiator: nexus.initiator, port: nexus.port }
+        Requester { host: Some(name.to_string()), nexus: Nexus::host(name) }
     }
 
     /// A client that proved no identity.
     pub fn anonymous() -> Requester {
-        Requester { host: None, initiator: Requester::ANONYMOUS.to_string(), port: Nexus::NATIVE_PORT }
-    }
-
-    pub fn nexus(&self) -> Nexus {
-        Nexus::new(self.initiator.clone(), self.port)
+        Requester { host: None, nexus: Nexus::new(Requester::ANONYMOUS, Nexus::NATIVE_PORT) }
     }
 }
 

@@ -340,9 +340,8 @@ impl PrimaryDriver {
         let Some(requester) = requester else {
             return Ok(());
         };
-        let nexus = requester.nexus();
         for first in [true, false] {
-            match inner.coord.check_reservations(self.volume, self.epoch, &nexus, access, offset, len) {
+            match inner.coord.check_reservations(self.volume, self.epoch, &requester.nexus, access, offset, len) {
                 Some(Ok(())) => return Ok(()),
                 Some(Err(conflict)) => {
                     self.log_conflict(&conflict.reason);
@@ -398,7 +397,7 @@ impl PrimaryDriver {
         if !inner.coord.lease_valid() || self.paused.load(Ordering::Acquire) {
             return Err(IoFail::Unavailable("the primary has no lease or is confirming its epoch".into()));
         }
-        let result = match inner.coord.reserve(self.volume, self.epoch, id, requester.nexus(), op.clone()).await {
+        let result = match inner.coord.reserve(self.volume, self.epoch, id, requester.nexus.clone(), op.clone()).await {
             Ok(result) => result,
             Err(ProposeError::Refused(why)) | Err(ProposeError::Unavailable(why)) => {
                 return Err(IoFail::Unavailable(format!("reservation command not committed: {why}")));
@@ -406,8 +405,7 @@ impl PrimaryDriver {
         };
         tracing::info!(
             volume = %self.volume,
-            initiator = %requester.initiator,
-            port = requester.port,
+            nexus = %requester.nexus,
             op = op.name(),
             result = ?result,
             "reservation command"
