@@ -21,6 +21,17 @@ pub enum WriteKind {
     Data,
     /// The range reads as zeros afterwards (NBD WRITE_ZEROES and TRIM).
     Zeroes,
+    /// The range comes to share the blocks of `image` from `image_offset` on (a copy by
+    /// reference, `BlockStore::clone_range`; docs/PROTOCOL.md, "Copy by reference"). Every
+    /// replica the record is sent to must hold the image; one that does not refuses the record.
+    Clone { image: VolumeId, image_offset: u64 },
+}
+
+impl WriteKind {
+    /// Whether the record carries the written bytes.
+    pub fn carries_data(self) -> bool {
+        self == WriteKind::Data
+    }
 }
 
 /// The header of one replicated write. On the wire a record is this header (encoded by
@@ -76,10 +87,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(RecordHeader, &[u8]), CodecError> 
     }
     let header: RecordHeader = decode(&bytes[2..2 + hlen])?;
     let data = &bytes[2 + hlen..];
-    let expect = match header.kind {
-        WriteKind::Data => header.len,
-        WriteKind::Zeroes => 0,
-    };
+    let expect = if header.kind.carries_data() { header.len } else { 0 };
     if data.len() as u64 != expect {
         return Err(CodecError::Decode(format!("record carries {} data bytes, header says {expect}", data.len())));
     }
@@ -173,6 +181,42 @@ pub enum DataMsg {
         write: WriteId,
         requester: Option<Requester>,
     },
+    /// Any node → primary: make `image`, a frozen copy by reference of `ranges` of the volume
+    /// (block-aligned, concatenated), on the primary and every in-sync member, ordered with the
+    /// writes. The reply is [`DataReply::Image`] with the nodes that hold it.
+    MakeImage {
+        volume: VolumeId,
+        image: VolumeId,
+        ranges: Vec<(u64, u64)>,
+        requester: Option<Requester>,
+    },
+    /// Primary → in-sync member (bulk): make `image` from `ranges` of your copy, which is level
+    /// with the primary's (no write is in flight), and make it durable before answering `Ok`.
+    Image {
+        volume: VolumeId,
+        epoch: Epoch,
+        image: VolumeId,
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Any node → a holder of `image` (bulk): its bytes (at most a proxied message's worth).
+    ReadImage {
+        image: VolumeId,
+        offset: u64,
+        len: u64,
+    },
+    /// Any node → primary of `volume`: write `len` bytes of `image` from `image_offset` at
+    /// `offset`, by reference where every in-sync replica holds the image, streamed from one
+    /// of `holders` otherwise. The reply is [`DataReply::Copied`].
+    ProxyCopy {
+        volume: VolumeId,
+        offset: u64,
+        image: VolumeId,
+        image_offset: u64,
+        len: u64,
+        holders: Vec<NodeId>,
+        write: WriteId,
+        requester: Option<Requester>,
+    },
     /// Any node → primary: a persistent-reservation command made through `requester`'s nexus.
     /// The primary orders it with the volume's writes and commits it in its epoch. `id` is the
     /// same in every attempt, so a retry is not applied twice.
@@ -218,7 +262,9 @@ impl DataMsg {
             | DataMsg::ProxyWrite { volume, requester, .. }
             | DataMsg::ProxyZeroes { volume, requester, .. }
             | DataMsg::ProxyFlush { volume, requester }
-            | DataMsg::ProxyCompareAndWrite { volume, requester, .. } => requester.as_ref().map(|r| (*volume, r)),
+            | DataMsg::ProxyCompareAndWrite { volume, requester, .. }
+            | DataMsg::ProxyCopy { volume, requester, .. }
+            | DataMsg::MakeImage { volume, requester, .. } => requester.as_ref().map(|r| (*volume, r)),
             DataMsg::ProxyReserve { volume, requester, .. } => Some((*volume, requester)),
             _ => None,
         }
@@ -250,6 +296,14 @@ pub enum DataReply {
     Conflict(String),
     /// What a proxied reservation command did, or why the reservations refused it.
     Reservation(Result<Outcome, Refusal>),
+    /// An image was made; these nodes hold it (the primary first).
+    Image {
+        holders: Vec<NodeId>,
+    },
+    /// A copy was made: by reference (a clone record on every in-sync replica), or streamed.
+    Copied {
+        by_reference: bool,
+    },
 }
 
 /// Requests on the `probe` channel.
@@ -356,9 +410,15 @@ mod tests {
         let (back, data) = decode_record(&bytes).expect("decodes");
         assert_eq!(back, h);
         assert_eq!(data, b"hello");
-        let z = RecordHeader { kind: WriteKind::Zeroes, len: 1 << 20, crc: 0, ..h };
+        let z = RecordHeader { kind: WriteKind::Zeroes, len: 1 << 20, crc: 0, ..h.clone() };
         let bytes = encode_record(&z, b"").expect("encodes");
         assert_eq!(decode_record(&bytes).expect("decodes").0, z);
+        // A clone record carries no data, and its largest header fits the bound.
+        let kind = WriteKind::Clone { image: VolumeId(u64::MAX), image_offset: u64::MAX };
+        let c = RecordHeader { kind, len: u64::MAX, crc: u32::MAX, seq: Seq(u64::MAX), epoch: Epoch(u64::MAX), ..h };
+        let bytes = encode_record(&c, b"").expect("encodes");
+        assert_eq!(decode_record(&bytes).expect("decodes").0, c);
+        assert!(decode_record(&encode_record(&c, b"x").expect("encodes")).is_err(), "a clone record with data");
     }
 
     #[test]

@@ -71,6 +71,11 @@ impl<S: BlockStore> Inner<S> {
             DataMsg::ProxyCompareAndWrite { volume, offset, expected, data, write, requester } => {
                 self.on_proxy_compare_and_write(volume, requester, offset, expected, data, write).await
             }
+            DataMsg::Image { volume, epoch, image, ranges } => self.on_image(from, volume, epoch, image, ranges).await,
+            DataMsg::ReadImage { image, offset, len } => {
+                self.read_image_here(image, offset, len).await.unwrap_or_else(fail_reply)
+            }
+            msg @ (DataMsg::MakeImage { .. } | DataMsg::ProxyCopy { .. }) => self.on_image_request(msg).await,
             DataMsg::ProxyReserve { volume, requester, id, op } => {
                 let Some(p) = self.local_primary(volume) else {
                     return DataReply::Refused("not the primary".into());

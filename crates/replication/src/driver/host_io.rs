@@ -225,6 +225,9 @@ impl<S: BlockStore> Inner<S> {
                         DataMsg::ProxyWrite { volume: id, offset, data: data.to_vec(), fua: false, write, requester }
                     }
                     WriteKind::Zeroes => DataMsg::ProxyZeroes { volume: id, offset, len, fua: false, write, requester },
+                    WriteKind::Clone { .. } => {
+                        return Err(IoFail::Invalid("a clone is proxied as a copy (ProxyCopy)".into()));
+                    }
                 };
                 match self.call_primary(id, node, &msg).await? {
                     DataReply::Ok => Ok(()),

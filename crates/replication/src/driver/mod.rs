@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_reservations::{Op, Outcome, Refusal};
-use tandem_storage::{BlockStore, Lsn};
+use tandem_storage::{Admission, BlockStore, Lsn, StoreError};
 use tandem_transport::Handler;
 use tandem_types::chaos_bugs::Bugs;
 use tandem_types::Channel;
@@ -66,6 +66,7 @@ mod applier;
 mod coordinator;
 mod handler;
 mod host_io;
+mod images;
 mod mesh;
 mod network;
 mod outputs;
@@ -73,6 +74,8 @@ mod primary;
 mod replica;
 mod sender;
 mod tick;
+
+pub use images::{image_size, IMAGE_RANGES_MAX};
 
 #[cfg(doc)]
 use applier::Apply;
@@ -90,6 +93,9 @@ use tick::tick;
 pub const WRITE_PIECE_BYTES_MAX: u64 = 1024 * 1024;
 /// The largest range one zeroing record covers (it carries no data).
 pub const ZEROES_PIECE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// The largest range one clone record covers (it carries no data; the store applies it in
+/// steps of its own).
+pub const CLONE_PIECE_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 /// Proxied host I/O travels on the bulk channel, never on the replication channel: a proxied
 /// write waits for acks that a member sends on the replication channel, and a flood of
 /// proxied writes from that same member must not take every handler slot of that channel.
@@ -668,6 +674,74 @@ impl<S: BlockStore> DataPlane<S> {
             .await
     }
 
+    /// Makes `image`, a frozen copy by reference of `ranges` of the volume (block-aligned,
+    /// concatenated), on its primary and every in-sync member, ordered with the writes
+    /// (docs/PROTOCOL.md, "Copy by reference"). Returns the nodes holding it, the primary first.
+    /// `cfg`'s requester must be allowed to read the ranges. Retried through failovers.
+    pub async fn make_image(&self, cfg: &VolumeConfig, image: VolumeId, ranges: Vec<(u64, u64)>) -> Result<Vec<NodeId>, IoFail> {
+        image_size(&ranges, cfg.size_bytes)?;
+        let mut hold = Hold::new(&self.inner);
+        self.inner
+            .retry(&mut hold, |inner| {
+                let ranges = ranges.clone();
+                async move { inner.make_image_once(cfg.id, cfg.requester.clone(), image, ranges).await }
+            })
+            .await
+    }
+
+    /// Writes `len` bytes of `image` from `image_offset` at `offset` of the volume, by reference
+    /// where every in-sync replica holds the image (`Ok(true)`), streamed from one of
+    /// `holders` otherwise (`Ok(false)`). Durable on every in-sync replica when it returns;
+    /// retried through failovers with one identity, so no piece lands twice.
+    pub async fn copy(
+        &self,
+        cfg: &VolumeConfig,
+        offset: u64,
+        image: VolumeId,
+        image_offset: u64,
+        len: u64,
+        holders: Vec<NodeId>,
+    ) -> Result<bool, IoFail> {
+        check_range(cfg, offset, len)?;
+        let mut hold = Hold::new(&self.inner);
+        let write = new_nonce();
+        self.inner
+            .retry(&mut hold, |inner| {
+                let holders = holders.clone();
+                async move {
+                    inner.copy_once(cfg.id, cfg.requester.clone(), write, offset, image, image_offset, len, holders).await
+                }
+            })
+            .await
+    }
+
+    /// Reads `buf.len()` bytes of `image` at `offset` from this node's copy or a holder's.
+    pub async fn read_image(&self, image: VolumeId, offset: u64, buf: &mut [u8], holders: &[NodeId]) -> Result<(), IoFail> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let piece = (buf.len() - done).min(PROXY_BYTES_MAX as usize);
+            let data = self.inner.read_image(image, offset + done as u64, piece as u64, holders).await?;
+            buf[done..done + piece].copy_from_slice(&data);
+            done += piece;
+        }
+        Ok(())
+    }
+
+    /// The store ids this node holds that no volume of the configuration claims: images (and
+    /// copies of volumes that are gone, being released).
+    pub fn unclaimed_store_ids(&self) -> Vec<(VolumeId, u64)> {
+        let configs = self.inner.configs.lock().expect("configs lock");
+        self.inner.store.volumes().into_iter().filter(|(id, _)| !configs.contains_key(id)).collect()
+    }
+
+    /// Deletes an image held here (never a volume of the configuration).
+    pub fn delete_image(&self, image: VolumeId) -> Result<(), IoFail> {
+        if self.inner.configs.lock().expect("configs lock").contains_key(&image) {
+            return Err(IoFail::Invalid(format!("{image} is a volume, not an image")));
+        }
+        self.inner.store.delete_volume(image).map_err(|e| IoFail::Io(e.to_string()))
+    }
+
     /// Every acknowledged write is already durable on every in-sync replica, so a flush only
     /// has to confirm that the volume is still served.
     pub async fn flush(&self, cfg: &VolumeConfig) -> Result<(), IoFail> {
@@ -687,6 +761,27 @@ pub(super) fn check_compare_and_write(expected: &[u8], data: &[u8]) -> Result<()
         )));
     }
     Ok(())
+}
+
+/// Applies one record's change to the local copy: its data, its zeroes, or its clone of an
+/// image held here.
+pub(super) fn apply_change<S: BlockStore>(
+    store: &S,
+    admission: Admission,
+    volume: VolumeId,
+    kind: WriteKind,
+    offset: u64,
+    len: u64,
+    data: &[u8],
+) -> Result<Lsn, StoreError> {
+    match kind {
+        WriteKind::Data => store.write_admitted(admission, volume, offset, data),
+        WriteKind::Zeroes => store.write_zeroes_admitted(admission, volume, offset, len),
+        WriteKind::Clone { image, image_offset } => {
+            drop(admission);
+            store.clone_range(image, image_offset, volume, offset, len)
+        }
+    }
 }
 
 impl Vol {

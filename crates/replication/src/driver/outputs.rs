@@ -17,7 +17,7 @@ use super::primary::{CoreState, PrimaryDriver};
 use super::sender::SendItem;
 #[cfg(doc)]
 use super::OUTPUT_TASKS_MAX;
-use super::{Inner, IoFail, ProposeError, COPY_TIMEOUT, OPEN_TIMEOUT};
+use super::{apply_change, Inner, IoFail, ProposeError, COPY_TIMEOUT, OPEN_TIMEOUT};
 use tandem_replication_core::{Output, Phase, Token, CHUNK_BYTES, INFLIGHT_WRITES_MAX};
 
 impl PrimaryDriver {
@@ -71,10 +71,7 @@ impl PrimaryDriver {
                 // over").
                 return;
             }
-            let applied = match kind {
-                WriteKind::Data => inner.store.write_admitted(admission, p.volume, offset, &data),
-                WriteKind::Zeroes => inner.store.write_zeroes_admitted(admission, p.volume, offset, len),
-            };
+            let applied = apply_change(&*inner.store, admission, p.volume, kind, offset, len, &data);
             if applied.is_ok() {
                 // In this copy now: a retry of it reaching a primary built on this copy
                 // (this one, or a later one on this node) is not executed again.
@@ -123,10 +120,7 @@ impl PrimaryDriver {
             return;
         }
         let wire_seq = st.seq_base + seq.get();
-        let crc = match w.kind {
-            WriteKind::Data => crc32c::crc32c(&w.data),
-            WriteKind::Zeroes => 0,
-        };
+        let crc = if w.kind.carries_data() { crc32c::crc32c(&w.data) } else { 0 };
         let header = RecordHeader {
             volume: self.volume,
             epoch: self.epoch,

@@ -22,7 +22,7 @@ use super::applier::{Apply, ApplyQueue};
 use super::Coordinator;
 use super::{
     check_compare_and_write, Inner, IoFail, ProposeError, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX,
-    READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX, ZEROES_PIECE_BYTES_MAX,
+    READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX, ZEROES_PIECE_BYTES_MAX, CLONE_PIECE_BYTES_MAX,
 };
 use tandem_replication_core::recent::WritePiece;
 use tandem_replication_core::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
@@ -504,14 +504,12 @@ impl PrimaryDriver {
             let piece_max = match kind {
                 WriteKind::Data => WRITE_PIECE_BYTES_MAX,
                 WriteKind::Zeroes => ZEROES_PIECE_BYTES_MAX,
+                WriteKind::Clone { .. } => CLONE_PIECE_BYTES_MAX,
             };
             let piece = (len - at).min(piece_max);
             let room =
                 self.room.clone().acquire_owned().await.map_err(|_| IoFail::Unavailable("primary stopped".into()))?;
-            let cost = match kind {
-                WriteKind::Data => piece,
-                WriteKind::Zeroes => 0,
-            };
+            let cost = if kind.carries_data() { piece } else { 0 };
             let admission = match inner.store.admit(cost).await {
                 Ok(a) => a,
                 // The store failed (a flush failed): this primary steps down and the write,
@@ -571,9 +569,11 @@ impl PrimaryDriver {
                 }
                 let token = st.next_token;
                 st.next_token += 1;
-                let bytes = match kind {
-                    WriteKind::Data => data.slice(at as usize..(at + piece) as usize),
-                    WriteKind::Zeroes => Bytes::new(),
+                let bytes = if kind.carries_data() { data.slice(at as usize..(at + piece) as usize) } else { Bytes::new() };
+                // Each piece of a clone takes the blocks of the image from its own place on.
+                let kind = match kind {
+                    WriteKind::Clone { image, image_offset } => WriteKind::Clone { image, image_offset: image_offset + at },
+                    other => other,
                 };
                 st.waiters.insert(
                     token,

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::applier::apply_batch;
 use super::network::Network;
-use super::{Inner, ACK_CALLS_IN_FLIGHT_MAX, APPLY_BATCH_MAX};
+use super::{apply_change, Inner, ACK_CALLS_IN_FLIGHT_MAX, APPLY_BATCH_MAX};
 #[cfg(doc)]
 use tandem_replication_core::Backup;
 
@@ -126,10 +126,7 @@ impl<S: BlockStore> Inner<S> {
         }
         let mut backup = vol.backup.lock().expect("backup lock");
         backup.check(from, h.epoch, Some(h.seq)).map_err(|e| e.to_string())?;
-        let applied = match h.kind {
-            WriteKind::Data => self.store.write_admitted(admission, h.volume, h.offset, data),
-            WriteKind::Zeroes => self.store.write_zeroes_admitted(admission, h.volume, h.offset, h.len),
-        };
+        let applied = apply_change(&*self.store, admission, h.volume, h.kind, h.offset, h.len, data);
         // Recorded even if the write failed part way: the range may have changed. Taken as
         // done (for a retry of the same host write) only if it did not fail.
         let mut recent = vol.recent.lock().expect("recent lock");

@@ -587,3 +587,75 @@ async fn a_retried_compare_and_write_that_took_effect_before_a_failover_is_not_c
     assert_eq!(answer.expect("the compare and write succeeds"), None, "the retry miscompared against its own effect");
     assert!(read(&c.planes[2], &c.cfg, offset, len).await == lock[..], "the lock is not held");
 }
+
+fn image_bytes(store: &MemStore, image: VolumeId, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    tandem_storage::BlockStore::read(store, image, 0, &mut buf).expect("image read");
+    buf
+}
+
+/// An image is made on the primary and every in-sync member, frozen at the writes acknowledged
+/// before it; a copy of it lands by a clone record on every replica when all of them hold it,
+/// streamed from a holder when the primary does not, and a member that turns out not to hold it
+/// refuses the record, leaves the ISR and is resynced: no copy is lost or torn either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_is_frozen_on_every_in_sync_replica_and_copies_of_it_land_by_reference_or_streamed() {
+    let c = cluster(3).await;
+    let len = 256 * 1024;
+    let (old, new) = (pattern(len, 3), pattern(len, 200));
+    c.planes[2].write(&c.cfg, 0, old.clone()).await.expect("write");
+
+    let image = VolumeId(100);
+    let holders = c.planes[1].make_image(&c.cfg, image, vec![(0, len as u64 / 2), (len as u64 / 2, len as u64 / 2)]).await.expect("image");
+    assert_eq!(holders, vec![NodeId(1), NodeId(2), NodeId(3)], "the primary first, then every in-sync member");
+    for store in &c.stores {
+        assert_eq!(image_bytes(store, image, len), old[..], "every holder's image holds the bytes of its moment");
+    }
+    // Misaligned or out-of-range images are refused before anything is made.
+    let bad = c.planes[0].make_image(&c.cfg, VolumeId(101), vec![(512, 4096)]).await;
+    assert!(matches!(bad, Err(IoFail::Invalid(_))), "{bad:?}");
+    assert!(c.stores.iter().all(|s| tandem_storage::BlockStore::volume_size(&**s, VolumeId(101)).is_none()));
+
+    // Later writes to the source do not change the image.
+    c.planes[0].write(&c.cfg, 0, new.clone()).await.expect("overwrite");
+    let mut buf = vec![0u8; len];
+    c.planes[2].read_image(image, 0, &mut buf, &holders).await.expect("image read");
+    assert_eq!(buf, old[..]);
+
+    // By reference, asked through a backup.
+    let by_ref = c.planes[2].copy(&c.cfg, 1024 * 1024, image, 0, len as u64, holders.clone()).await.expect("copy");
+    assert!(by_ref, "every in-sync replica holds the image: a clone record");
+    for store in &c.stores {
+        assert_eq!(local(store, 1024 * 1024, len), old[..]);
+        assert_eq!(local(store, 0, len), new[..], "the source keeps its own bytes");
+    }
+
+    // The primary holds no copy: streamed from node 2, as ordinary writes.
+    let streamed = c.planes[1].copy(&c.cfg, 2 * 1024 * 1024, image, 4096, 8192, vec![NodeId(2)]).await.expect("copy");
+    assert!(!streamed, "the primary does not hold the image: streamed");
+    // Not block-aligned: streamed too.
+    let unaligned = c.planes[0].copy(&c.cfg, 3 * 1024 * 1024 + 100, image, 0, 5000, holders.clone()).await.expect("copy");
+    assert!(!unaligned);
+    for store in &c.stores {
+        assert_eq!(local(store, 2 * 1024 * 1024, 8192), old[4096..4096 + 8192]);
+        assert_eq!(local(store, 3 * 1024 * 1024 + 100, 5000), old[..5000]);
+    }
+
+    // Node 3 lost its copy of the image, but the copy names it as a holder: it refuses the
+    // clone record, leaves the ISR and is brought level again; the copy is acknowledged.
+    tandem_storage::BlockStore::delete_volume(&*c.stores[2], image).expect("delete");
+    let offset = 1536 * 1024;
+    c.planes[0].copy(&c.cfg, offset, image, 0, len as u64, holders.clone()).await.expect("copy");
+    assert!(
+        c.meta.proposals.lock().expect("meta lock").iter().any(|isr| !isr.contains(&NodeId(3))),
+        "node 3 refused the record and left the ISR"
+    );
+    let start = Instant::now();
+    while local(&c.stores[2], offset, len) != old[..] || c.meta.volumes.lock().expect("meta lock")[0].isr.len() != 3 {
+        assert!(start.elapsed() < DEADLINE, "node 3 was never brought level after refusing the clone record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for store in &c.stores[..2] {
+        assert_eq!(local(store, offset, len), old[..]);
+    }
+}
