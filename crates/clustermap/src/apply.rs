@@ -40,6 +40,17 @@ impl ClusterMap {
             MetaCmd::SetHostCredential { host, credential } => self.set_host_credential(&host, credential),
             MetaCmd::SetHostChap { host, chap } => self.set_host_chap(&host, chap),
             MetaCmd::Reserve { volume, epoch, id, nexus, op } => self.reserve(volume, epoch, id, &nexus, &op),
+            MetaCmd::CreateToken { volume, ranges, host, nonce, now_ms, lifetime_ms, idle_ms } => {
+                self.create_token(volume, ranges, host, nonce, now_ms, lifetime_ms, idle_ms)
+            }
+            MetaCmd::TokenReady { id, holders } => self.token_ready(id, holders),
+            MetaCmd::TouchToken { id, now_ms } => self.touch_token(id, now_ms),
+            MetaCmd::RevokeToken { id } => self.revoke_token(id),
+            MetaCmd::Expire { now_ms } => self.expire(now_ms),
+            MetaCmd::CloneVolume { name, source, snapshot, now_ms } => {
+                self.clone_volume(name, &source, snapshot, now_ms)
+            }
+            MetaCmd::FinishClone { volume, holders } => self.finish_clone(volume, holders),
             MetaCmd::Batch(cmds) => MetaReply::Batch(
                 cmds.into_iter()
                     .map(|c| match c {

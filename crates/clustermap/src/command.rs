@@ -8,7 +8,7 @@ use tandem_types::{Epoch, Layer, NodeId, TransportKind, VolumeId};
 use tandem_reservations::{Nexus, Op, Outcome, Refusal};
 
 use crate::access::{HostCredential, SealedChap};
-use crate::NodeRecord;
+use crate::{NodeRecord, TokenRecord};
 
 /// A command proposed through Raft. Commands carry complete values (never "increment"), so
 /// re-applying a command that a client retried after a lost reply leaves the same state.
@@ -160,6 +160,51 @@ pub enum MetaCmd {
         nexus: Nexus,
         op: Op,
     },
+    /// Records a copy token for `ranges` of `volume`, pending until its image is made
+    /// ([`MetaCmd::TokenReady`]); its id (its image's store id) is allocated from the volume
+    /// ids. `nonce` is random, chosen by the proposing node: a retry with the same nonce gets
+    /// the same token. Times are carried, not read: `now_ms` is the proposer's clock.
+    CreateToken {
+        volume: VolumeId,
+        ranges: Vec<(u64, u64)>,
+        host: Option<String>,
+        nonce: u128,
+        now_ms: u64,
+        lifetime_ms: u64,
+        idle_ms: u64,
+    },
+    /// The token's image is made and held by `holders`.
+    TokenReady {
+        id: VolumeId,
+        holders: Vec<NodeId>,
+    },
+    /// The token was used at `now_ms` (its inactivity timeout starts again); refused if it
+    /// cannot be used then.
+    TouchToken {
+        id: VolumeId,
+        now_ms: u64,
+    },
+    RevokeToken {
+        id: VolumeId,
+    },
+    /// Drops what expired at `now_ms` (proposed by the Raft leader): tokens past their
+    /// lifetime or inactivity timeout, and tokens, clones and snapshots never finished.
+    Expire {
+        now_ms: u64,
+    },
+    /// Creates volume `name` as a clone (or, `snapshot`, a read-only snapshot) of `source`:
+    /// its replicas and size, pending until its image is made ([`MetaCmd::FinishClone`]).
+    CloneVolume {
+        name: String,
+        source: String,
+        snapshot: bool,
+        now_ms: u64,
+    },
+    /// A pending clone's image is made and held by `holders`, which become its in-sync set.
+    FinishClone {
+        volume: VolumeId,
+        holders: Vec<NodeId>,
+    },
 }
 
 /// The outcome of applying one command. A refused command changes nothing.
@@ -177,4 +222,6 @@ pub enum MetaReply {
     Conflict(String),
     /// What a [`MetaCmd::Reserve`] did, or why the reservations refused it (nothing changed).
     Reservation(Result<Outcome, Refusal>),
+    /// The token a token command made or changed.
+    Token(TokenRecord),
 }

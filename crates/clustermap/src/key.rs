@@ -16,6 +16,8 @@ pub enum ObjectKey {
     Host(String),
     /// A volume's persistent reservations (absent while it has none).
     Reservations(VolumeId),
+    /// A copy token (`copies.rs`), by id.
+    Token(VolumeId),
 }
 
 impl ObjectKey {
@@ -27,6 +29,7 @@ impl ObjectKey {
     const NEXT_VOLUME_ID: &'static str = "counter/next_volume_id";
     const HOST: &'static str = "host/";
     const RESERVATIONS: &'static str = "reservations/";
+    const TOKEN: &'static str = "token/";
 
     pub fn encode(&self) -> Vec<u8> {
         match self {
@@ -39,6 +42,7 @@ impl ObjectKey {
             ObjectKey::NextVolumeId => Self::NEXT_VOLUME_ID.as_bytes().to_vec(),
             ObjectKey::Host(name) => format!("{}{name}", Self::HOST).into_bytes(),
             ObjectKey::Reservations(id) => format!("{}{id:020}", Self::RESERVATIONS).into_bytes(),
+            ObjectKey::Token(id) => format!("{}{id:020}", Self::TOKEN).into_bytes(),
         }
     }
 
@@ -55,6 +59,9 @@ impl ObjectKey {
         }
         if let Some(id) = s.strip_prefix(Self::RESERVATIONS) {
             return id.parse().ok().map(ObjectKey::Reservations);
+        }
+        if let Some(id) = s.strip_prefix(Self::TOKEN) {
+            return id.parse().ok().map(ObjectKey::Token);
         }
         if let Some(name) = s.strip_prefix(Self::DATASET) {
             return Some(ObjectKey::Dataset(name.to_string()));

@@ -20,6 +20,7 @@
 //! - [`access`]: the access policy, principals, host credentials and the LUN-masking rule.
 //! - [`reservations`]: the persistent reservations of volumes, applied by the pure
 //!   `tandem_reservations` state machine.
+//! - [`copies`]: copy tokens, clones and snapshots (copy by reference).
 //! - [`objects`]: the map as keyed objects for persistence and snapshots.
 //!
 //! Architecture invariant: this crate depends on `tandem-types`, `tandem-paths`,
@@ -29,6 +30,7 @@
 pub mod access;
 mod apply;
 pub mod command;
+pub mod copies;
 pub mod datasets;
 pub mod hosts;
 pub mod key;
@@ -43,6 +45,7 @@ mod tests;
 
 pub use access::{AccessPolicy, HostCredential, Principal, Refusal, SealedChap, ACCESS_SETTING};
 pub use command::{MetaCmd, MetaReply};
+pub use copies::{Origin, TokenRecord, TOKENS_MAX, TOKENS_PER_VOLUME_MAX, TOKEN_LIFETIME_MAX_MS, TOKEN_RANGES_MAX};
 pub use datasets::{DatasetRecord, DATASETS_MAX, DEFAULT_DATASET};
 pub use hosts::{
     path_map_bytes, validate_iscsi_name, HostRecord, HOSTS_MAX, HOST_IQNS_MAX, HOST_VOLUMES_MAX, PATH_MAP_BYTES_MAX,

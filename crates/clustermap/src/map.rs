@@ -9,7 +9,7 @@ use tandem_reservations::Reservations;
 use tandem_types::{Layer, NodeId, TransportKind, VolumeId};
 
 use crate::key::ObjectKey;
-use crate::{DatasetRecord, HostRecord, NodeRecord, VolumeRecord};
+use crate::{DatasetRecord, HostRecord, NodeRecord, TokenRecord, VolumeRecord};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(from = "MapState")]
@@ -25,6 +25,8 @@ pub struct ClusterMap {
     pub hosts: BTreeMap<String, HostRecord>,
     /// The persistent reservations of the volumes that have any (`reservations.rs`).
     pub reservations: BTreeMap<VolumeId, Reservations>,
+    /// Copy tokens by id (`copies.rs`).
+    pub tokens: BTreeMap<VolumeId, TokenRecord>,
     /// Keys changed since the last [`ClusterMap::take_touched`]; not part of the state.
     #[serde(skip)]
     pub(crate) touched: Vec<ObjectKey>,
@@ -80,6 +82,7 @@ struct MapState {
     next_volume_id: VolumeId,
     hosts: BTreeMap<String, HostRecord>,
     reservations: BTreeMap<VolumeId, Reservations>,
+    tokens: BTreeMap<VolumeId, TokenRecord>,
 }
 
 impl From<MapState> for ClusterMap {
@@ -94,6 +97,7 @@ impl From<MapState> for ClusterMap {
             next_volume_id: s.next_volume_id,
             hosts: s.hosts,
             reservations: s.reservations,
+            tokens: s.tokens,
             touched: Vec::new(),
             index,
         }
@@ -123,6 +127,7 @@ impl Default for ClusterMap {
             next_volume_id: VolumeId(1),
             hosts: BTreeMap::new(),
             reservations: BTreeMap::new(),
+            tokens: BTreeMap::new(),
             touched: Vec::new(),
             index: Index::default(),
         }
@@ -140,6 +145,7 @@ impl PartialEq for ClusterMap {
             && self.next_volume_id == other.next_volume_id
             && self.hosts == other.hosts
             && self.reservations == other.reservations
+            && self.tokens == other.tokens
     }
 }
 

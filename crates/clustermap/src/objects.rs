@@ -8,7 +8,7 @@ use crate::key::ObjectKey;
 use crate::map::ClusterMap;
 use tandem_reservations::Reservations;
 
-use crate::{DatasetRecord, HostRecord, NodeRecord, VolumeRecord};
+use crate::{DatasetRecord, HostRecord, NodeRecord, TokenRecord, VolumeRecord};
 
 /// One object's value, as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +21,7 @@ pub enum Object {
     NextVolumeId(VolumeId),
     Host(HostRecord),
     Reservations(Reservations),
+    Token(TokenRecord),
 }
 
 impl ClusterMap {
@@ -43,6 +44,7 @@ impl ClusterMap {
             ObjectKey::NextVolumeId => Some(Object::NextVolumeId(self.next_volume_id)),
             ObjectKey::Host(name) => self.hosts.get(name).cloned().map(Object::Host),
             ObjectKey::Reservations(id) => self.reservations.get(id).cloned().map(Object::Reservations),
+            ObjectKey::Token(id) => self.tokens.get(id).cloned().map(Object::Token),
         }
     }
 
@@ -56,6 +58,7 @@ impl ClusterMap {
             + 1
             + self.hosts.len()
             + self.reservations.len()
+            + self.tokens.len()
     }
 
     /// Every object, for a full rewrite (snapshot install).
@@ -70,6 +73,7 @@ impl ClusterMap {
         let hosts = self.hosts.iter().map(|(name, h)| (ObjectKey::Host(name.clone()), Object::Host(h.clone())));
         let reservations =
             self.reservations.iter().map(|(id, r)| (ObjectKey::Reservations(*id), Object::Reservations(r.clone())));
+        let tokens = self.tokens.iter().map(|(id, t)| (ObjectKey::Token(*id), Object::Token(t.clone())));
         nodes
             .chain(settings)
             .chain(transport)
@@ -78,6 +82,7 @@ impl ClusterMap {
             .chain(counter)
             .chain(hosts)
             .chain(reservations)
+            .chain(tokens)
             .collect()
     }
 
@@ -109,6 +114,9 @@ impl ClusterMap {
                 }
                 (ObjectKey::Reservations(id), Object::Reservations(r)) => {
                     map.reservations.insert(id, r);
+                }
+                (ObjectKey::Token(id), Object::Token(t)) if t.id == id => {
+                    map.tokens.insert(id, t);
                 }
                 (key, _) => return Err(format!("object stored under {key:?} has the wrong kind or id")),
             }

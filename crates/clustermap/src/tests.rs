@@ -540,7 +540,7 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
         (1u64..4, 1u64..4, 1u64..4, nodes.clone()).prop_map(|(volume, epoch, isr_version, isr)| {
             MetaCmd::SetVolumeIsr { volume: VolumeId(volume), epoch: Epoch(epoch), isr_version, isr: ids(&isr) }
         }),
-        (1u64..4, 1u64..4, 1u64..6, nodes).prop_map(|(volume, epoch, primary, isr)| MetaCmd::Failover {
+        (1u64..4, 1u64..4, 1u64..6, nodes.clone()).prop_map(|(volume, epoch, primary, isr)| MetaCmd::Failover {
             volume: VolumeId(volume),
             epoch: Epoch(epoch),
             primary: NodeId(primary),
@@ -592,6 +592,28 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
                 },
             }
         ),
+        (1u64..4, 0u64..3, 0u128..3, 0u64..4, 1u64..3).prop_map(|(volume, block, nonce, now, life)| {
+            MetaCmd::CreateToken {
+                volume: VolumeId(volume),
+                ranges: vec![(block * 4096, 4096)],
+                host: None,
+                nonce,
+                now_ms: now * 1000,
+                lifetime_ms: life * 1000,
+                idle_ms: 1000,
+            }
+        }),
+        (1u64..8, nodes.clone()).prop_map(|(id, holders)| MetaCmd::TokenReady { id: VolumeId(id), holders: ids(&holders) }),
+        (1u64..8, 0u64..5).prop_map(|(id, now)| MetaCmd::TouchToken { id: VolumeId(id), now_ms: now * 1000 }),
+        (1u64..8).prop_map(|id| MetaCmd::RevokeToken { id: VolumeId(id) }),
+        (0u64..5).prop_map(|now| MetaCmd::Expire { now_ms: now * 1000 }),
+        ("[cs]", "[vw]", any::<bool>(), 0u64..5).prop_map(|(name, source, snapshot, now)| MetaCmd::CloneVolume {
+            name,
+            source,
+            snapshot,
+            now_ms: now * 1000
+        }),
+        (1u64..8, nodes).prop_map(|(id, holders)| MetaCmd::FinishClone { volume: VolumeId(id), holders: ids(&holders) }),
     ]
 }
 
@@ -900,4 +922,150 @@ fn reservations_apply_in_the_volume_epoch_only_and_go_with_the_volume() {
     assert_eq!(m.apply(MetaCmd::DeleteVolume { name: "v".into() }), DONE);
     assert!(m.reservations_of(VolumeId(1)).is_none());
     assert!(m.take_touched().contains(&ObjectKey::Reservations(VolumeId(1))));
+}
+
+mod copies {
+    use super::*;
+    use crate::{Origin, TokenRecord, TOKENS_PER_VOLUME_MAX};
+
+    fn create(m: &mut ClusterMap, nonce: u128, now_ms: u64) -> MetaReply {
+        m.apply(MetaCmd::CreateToken {
+            volume: VolumeId(1),
+            ranges: vec![(0, 8192), (65536, 4096)],
+            host: Some("h".into()),
+            nonce,
+            now_ms,
+            lifetime_ms: 60_000,
+            idle_ms: 10_000,
+        })
+    }
+
+    fn create_with(volume: u64, ranges: Vec<(u64, u64)>, lifetime_ms: u64, idle_ms: u64, nonce: u128) -> MetaCmd {
+        MetaCmd::CreateToken { volume: VolumeId(volume), ranges, host: None, nonce, now_ms: 0, lifetime_ms, idle_ms }
+    }
+
+    fn token(reply: MetaReply) -> TokenRecord {
+        match reply {
+            MetaReply::Token(t) => t,
+            other => panic!("not a token: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_token_is_pending_until_its_image_is_held_then_expires_by_lifetime_or_inactivity() {
+        let mut m = one_volume();
+        let t = token(create(&mut m, 7, 1_000));
+        assert_eq!((t.id, t.len(), t.ready()), (VolumeId(2), 12288, false), "its id comes from the volume ids");
+        assert_eq!(m.next_volume_id, VolumeId(3));
+        assert_eq!(m.take_touched(), vec![ObjectKey::NextVolumeId, ObjectKey::Token(VolumeId(2))]);
+        // A retry with the same nonce gets the same token and allocates nothing.
+        assert_eq!(token(create(&mut m, 7, 2_000)), t);
+        assert_eq!(m.next_volume_id, VolumeId(3));
+        assert!(m.take_touched().is_empty());
+        assert!(matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: 1_500 }), MetaReply::Invalid(ref e) if e.contains("being made")));
+
+        invalid(m.apply(MetaCmd::TokenReady { id: t.id, holders: vec![] }), "at least one node");
+        invalid(m.apply(MetaCmd::TokenReady { id: t.id, holders: ids(&[9]) }), "not in the cluster");
+        let ready = token(m.apply(MetaCmd::TokenReady { id: t.id, holders: ids(&[3, 2, 2]) }));
+        assert_eq!(ready.holders, ids(&[2, 3]));
+        assert_eq!(token(m.apply(MetaCmd::TokenReady { id: t.id, holders: ids(&[2, 3]) })), ready, "a retry");
+        assert!(matches!(m.apply(MetaCmd::TokenReady { id: t.id, holders: ids(&[1]) }), MetaReply::Conflict(_)));
+
+        // Used at 9 s: idle until 19 s; its lifetime ends at 61 s.
+        assert_eq!(token(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: 9_000 })).last_used_ms, 9_000);
+        assert_eq!(m.apply(MetaCmd::Expire { now_ms: 18_999 }), SAME);
+        assert!(m.tokens.contains_key(&t.id));
+        assert_eq!(m.apply(MetaCmd::Expire { now_ms: 19_000 }), DONE);
+        assert!(m.tokens.is_empty());
+        assert!(matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: 9_500 }), MetaReply::NotFound(_)));
+
+        // Lifetime: used every few seconds, still void at 61 s.
+        let t = token(create(&mut m, 8, 1_000));
+        m.apply(MetaCmd::TokenReady { id: t.id, holders: ids(&[1]) });
+        for now in (5_000..60_000).step_by(5_000) {
+            assert!(matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: now }), MetaReply::Token(_)));
+        }
+        assert!(matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: 61_000 }), MetaReply::Invalid(ref e) if e.contains("lifetime")));
+        m.apply(MetaCmd::Expire { now_ms: 61_000 });
+        assert!(m.tokens.is_empty());
+
+        // A token whose maker never finished it goes after ten minutes.
+        let pending = token(create(&mut m, 9, 0));
+        m.apply(MetaCmd::Expire { now_ms: 599_999 });
+        assert!(m.tokens.contains_key(&pending.id));
+        m.apply(MetaCmd::Expire { now_ms: 600_000 });
+        assert!(m.tokens.is_empty());
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_and_tokens_go_with_their_volume() {
+        let mut m = one_volume();
+        let create = |volume: u64, ranges: Vec<(u64, u64)>, lifetime_ms: u64, idle_ms: u64| {
+            create_with(volume, ranges, lifetime_ms, idle_ms, 1)
+        };
+        assert!(matches!(m.apply(create(9, vec![(0, 4096)], 1000, 1000)), MetaReply::NotFound(_)));
+        invalid(m.apply(create(1, vec![], 1000, 1000)), "1 to 64 ranges");
+        invalid(m.apply(create(1, vec![(512, 4096)], 1000, 1000)), "whole 4096-byte blocks");
+        invalid(m.apply(create(1, vec![(0, 0)], 1000, 1000)), "whole 4096-byte blocks");
+        invalid(m.apply(create(1, vec![(MIB - 4096, 8192)], 1000, 1000)), "outside the volume");
+        invalid(m.apply(create(1, vec![(0, 4096)], 0, 0)), "a token lives");
+        invalid(m.apply(create(1, vec![(0, 4096)], 1000, 2000)), "inactivity");
+        invalid(m.apply(create(1, vec![(0, 4096)], u64::MAX, 1000)), "a token lives");
+        assert!(m.tokens.is_empty() && m.take_touched().is_empty(), "refusals change nothing");
+
+        for nonce in 0..TOKENS_PER_VOLUME_MAX as u128 {
+            assert!(matches!(m.apply(create_with(1, vec![(0, 4096)], 1000, 1000, nonce)), MetaReply::Token(_)));
+        }
+        invalid(m.apply(create_with(1, vec![(0, 4096)], 1000, 1000, 999)), "maximum of 128 tokens");
+        let back = ClusterMap::from_objects(m.objects()).expect("objects");
+        assert_eq!(back, m, "tokens persist as objects");
+        assert_eq!(m.apply(MetaCmd::RevokeToken { id: VolumeId(2) }), DONE);
+        assert!(matches!(m.apply(MetaCmd::RevokeToken { id: VolumeId(2) }), MetaReply::NotFound(_)));
+        m.take_touched();
+        assert_eq!(m.apply(MetaCmd::DeleteVolume { name: "v".into() }), DONE);
+        assert!(m.tokens.is_empty());
+        assert!(m.take_touched().contains(&ObjectKey::Token(VolumeId(3))));
+    }
+
+    #[test]
+    fn a_clone_is_pending_until_its_image_is_made_then_served_by_the_holders() {
+        let mut m = one_volume();
+        let clone = |name: &str, snapshot: bool| MetaCmd::CloneVolume {
+            name: name.into(),
+            source: "v".into(),
+            snapshot,
+            now_ms: 5,
+        };
+        assert_eq!(m.apply(clone("snap", true)), DONE);
+        assert_eq!(m.apply(clone("snap", true)), SAME, "a retry");
+        invalid(m.apply(clone("snap", false)), "already exists");
+        invalid(m.apply(clone("bad name", false)), "volume name");
+        let unknown = MetaCmd::CloneVolume { name: "x".into(), source: "nope".into(), snapshot: false, now_ms: 5 };
+        assert!(matches!(m.apply(unknown), MetaReply::NotFound(_)));
+        let snap = m.volume_by_name("snap").expect("snap").clone();
+        let v = m.volume_by_name("v").expect("v").clone();
+        assert!(snap.pending() && snap.read_only());
+        assert_eq!((snap.size_bytes, &snap.replicas, &snap.dataset), (v.size_bytes, &v.replicas, &v.dataset));
+        assert_eq!(snap.origin, Some(Origin { source: v.id, source_name: "v".into(), snapshot: true, made: false, created_ms: 5 }));
+        // Nothing can be made from a volume still being made.
+        invalid(m.apply(MetaCmd::CloneVolume { name: "c2".into(), source: "snap".into(), snapshot: false, now_ms: 6 }), "still being made");
+
+        invalid(m.apply(MetaCmd::FinishClone { volume: snap.id, holders: ids(&[4]) }), "holds its image");
+        // The holders become the in-sync set; the primary moves to one of them.
+        assert_eq!(m.apply(MetaCmd::FinishClone { volume: snap.id, holders: ids(&[3, 1, 4]) }), DONE);
+        let made = m.volume_by_name("snap").expect("snap").clone();
+        assert!(!made.pending() && made.read_only());
+        assert_eq!((made.isr.clone(), made.primary, made.isr_version, made.epoch), (ids(&[1, 3]), NodeId(1), 2, Epoch(1)));
+        assert_eq!(m.apply(MetaCmd::FinishClone { volume: snap.id, holders: ids(&[2]) }), SAME, "a retry");
+        invalid(m.apply(MetaCmd::FinishClone { volume: v.id, holders: ids(&[2]) }), "not made by reference");
+
+        // Deleting the source leaves the clone; one never finished is dropped after an hour.
+        assert_eq!(m.apply(clone("c", false)), DONE);
+        assert_eq!(m.apply(MetaCmd::DeleteVolume { name: "v".into() }), DONE);
+        assert!(m.volume_by_name("snap").is_some());
+        m.apply(MetaCmd::Expire { now_ms: 3_600_004 });
+        assert!(m.volume_by_name("c").is_some());
+        m.apply(MetaCmd::Expire { now_ms: 3_600_005 });
+        assert!(m.volume_by_name("c").is_none() && m.volume_by_name("snap").is_some());
+    }
 }

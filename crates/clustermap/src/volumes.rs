@@ -10,6 +10,7 @@ use tandem_types::{validate_name, Epoch, NodeId, VolumeId, BLOCK_BYTES, VOLUME_B
 use crate::datasets::DEFAULT_DATASET;
 use crate::key::ObjectKey;
 use crate::map::ClusterMap;
+use crate::copies::Origin;
 use crate::MetaReply;
 
 /// Volumes the map holds at most (a few hundred bytes each in memory and in snapshots).
@@ -50,9 +51,22 @@ pub struct VolumeRecord {
     /// most one running primary, so a late ISR change of an earlier one is refused by epoch.
     #[serde(default)]
     pub claim: Option<u64>,
+    /// Made from another volume by reference (a clone or a snapshot; `copies.rs`).
+    #[serde(default)]
+    pub origin: Option<Origin>,
 }
 
 impl VolumeRecord {
+    /// A clone or snapshot whose image is still being made: no node serves it.
+    pub fn pending(&self) -> bool {
+        self.origin.as_ref().is_some_and(|o| !o.made)
+    }
+
+    /// A snapshot: hosts may read it only.
+    pub fn read_only(&self) -> bool {
+        self.origin.as_ref().is_some_and(|o| o.snapshot)
+    }
+
     /// Asserts the shape the map promises; a violation is a bug in [`ClusterMap::apply`].
     pub(crate) fn assert_shape(&self) {
         assert!(is_sorted_set(&self.replicas), "volume {}: replicas {:?} not a sorted set", self.id, self.replicas);
@@ -144,6 +158,7 @@ impl ClusterMap {
             isr_version: 1,
             claim: None,
             resync: BTreeMap::new(),
+            origin: None,
         };
         vol.assert_shape();
         self.index.volume_by_name.insert(vol.name.clone(), id);
@@ -164,6 +179,7 @@ impl ClusterMap {
         if self.reservations.remove(&id).is_some() {
             self.touched.push(ObjectKey::Reservations(id));
         }
+        self.drop_tokens_of(id);
         for name in self.index.hosts_of_volume.remove(&id).unwrap_or_default() {
             if let Some(host) = self.hosts.get_mut(&name) {
                 host.volumes.remove(&id);

@@ -1,0 +1,350 @@
+//! Copy by reference (docs/PROTOCOL.md, "Copy by reference"): copy tokens, and volumes made
+//! from another volume by reference (clones and read-only snapshots).
+//!
+//! Both rest on an *image*, a frozen copy by reference of ranges of a volume, which the data
+//! plane makes on the volume's in-sync replicas under a store id the map allocates from the
+//! volume ids. A token is made in two steps: [`MetaCmd::CreateToken`] allocates its id (which is
+//! its image's id) and records it *pending*; once the image is made,
+//! [`MetaCmd::TokenReady`] records the nodes that hold it. A clone or snapshot likewise:
+//! [`MetaCmd::CloneVolume`] records the new volume *pending* (no node serves it), and
+//! [`MetaCmd::FinishClone`] makes it a volume like any other, its in-sync set the image's
+//! holders. Times (creation, expiry, use) are carried in the commands: apply reads no clock.
+//!
+//! [`MetaCmd::CreateToken`]: crate::MetaCmd::CreateToken
+//! [`MetaCmd::TokenReady`]: crate::MetaCmd::TokenReady
+//! [`MetaCmd::CloneVolume`]: crate::MetaCmd::CloneVolume
+//! [`MetaCmd::FinishClone`]: crate::MetaCmd::FinishClone
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tandem_types::{validate_name, Epoch, NodeId, VolumeId, BLOCK_BYTES};
+
+use crate::key::ObjectKey;
+use crate::map::ClusterMap;
+use crate::volumes::{VolumeRecord, VOLUMES_MAX};
+use crate::MetaReply;
+
+/// Tokens one volume may have at once.
+pub const TOKENS_PER_VOLUME_MAX: usize = 128;
+/// Tokens the cluster may have at once.
+pub const TOKENS_MAX: usize = 4096;
+/// Ranges one token stands for at most.
+pub const TOKEN_RANGES_MAX: usize = 64;
+/// The longest a token may live (its maximum lifetime).
+pub const TOKEN_LIFETIME_MAX_MS: u64 = 24 * 3600 * 1000;
+/// A token still pending this long after its creation (its maker died) is dropped.
+pub const TOKEN_PENDING_MAX_MS: u64 = 10 * 60 * 1000;
+/// A clone or snapshot still pending this long after its creation is dropped.
+pub const CLONE_PENDING_MAX_MS: u64 = 60 * 60 * 1000;
+
+/// A copy token: it stands for ranges of a volume as they were when it was made (its image).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The token's id, which is also its image's store id.
+    pub id: VolumeId,
+    /// The random part of the token's value, chosen by the node that made it: a value naming
+    /// this id with another nonce is not this token.
+    pub nonce: u128,
+    /// The source volume and its ranges (block-aligned), which the token's bytes concatenate.
+    pub volume: VolumeId,
+    pub ranges: Vec<(u64, u64)>,
+    /// The nodes holding the image, sorted; empty while the token is being made.
+    pub holders: Vec<NodeId>,
+    /// The host that made it (`None`: an administrator).
+    pub host: Option<String>,
+    pub created_ms: u64,
+    /// The token is void from this time on, used or not (its maximum lifetime).
+    pub expires_ms: u64,
+    /// The token is void once it has not been used for this long (its inactivity timeout).
+    pub idle_ms: u64,
+    pub last_used_ms: u64,
+}
+
+impl TokenRecord {
+    /// The number of bytes the token stands for.
+    pub fn len(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the image is made (the token can be used).
+    pub fn ready(&self) -> bool {
+        !self.holders.is_empty()
+    }
+
+    /// Why the token cannot be used at `now_ms`, if it cannot.
+    pub fn void_at(&self, now_ms: u64) -> Option<&'static str> {
+        if !self.ready() {
+            Some("it is still being made")
+        } else if now_ms >= self.expires_ms {
+            Some("it expired (its lifetime is over)")
+        } else if now_ms >= self.last_used_ms.saturating_add(self.idle_ms) {
+            Some("it expired (unused for longer than its inactivity timeout)")
+        } else {
+            None
+        }
+    }
+}
+
+/// Where a volume made by reference comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub source: VolumeId,
+    pub source_name: String,
+    /// A read-only snapshot (else a writable clone).
+    pub snapshot: bool,
+    /// False while the image is being made: no node serves the volume yet.
+    pub made: bool,
+    pub created_ms: u64,
+}
+
+/// Checks a token's ranges against a volume of `size_bytes`; returns the token's length.
+pub fn check_ranges(ranges: &[(u64, u64)], size_bytes: u64) -> Result<u64, String> {
+    if ranges.is_empty() || ranges.len() > TOKEN_RANGES_MAX {
+        return Err(format!("a token stands for 1 to {TOKEN_RANGES_MAX} ranges, not {}", ranges.len()));
+    }
+    let mut total = 0u64;
+    for &(offset, len) in ranges {
+        if len == 0 || !offset.is_multiple_of(BLOCK_BYTES) || !len.is_multiple_of(BLOCK_BYTES) {
+            return Err(format!("range {offset}+{len}: a token's ranges are whole {BLOCK_BYTES}-byte blocks, not empty"));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > size_bytes) {
+            return Err(format!("range {offset}+{len} is outside the volume of {size_bytes} bytes"));
+        }
+        total += len;
+    }
+    Ok(total)
+}
+
+impl ClusterMap {
+    /// The tokens of a volume.
+    pub fn tokens_of(&self, volume: VolumeId) -> impl Iterator<Item = &TokenRecord> {
+        self.tokens.values().filter(move |t| t.volume == volume)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn create_token(
+        &mut self,
+        volume: VolumeId,
+        ranges: Vec<(u64, u64)>,
+        host: Option<String>,
+        nonce: u128,
+        now_ms: u64,
+        lifetime_ms: u64,
+        idle_ms: u64,
+    ) -> MetaReply {
+        // A retry of a creation that took effect (its reply was lost) gets the same token.
+        if let Some(t) = self.tokens.values().find(|t| t.nonce == nonce && t.volume == volume) {
+            return MetaReply::Token(t.clone());
+        }
+        let Some(vol) = self.volumes.get(&volume) else {
+            return MetaReply::NotFound(format!("no volume with id {volume}"));
+        };
+        if vol.pending() {
+            return MetaReply::Invalid(format!("volume {:?} is still being made", vol.name));
+        }
+        if let Err(e) = check_ranges(&ranges, vol.size_bytes) {
+            return MetaReply::Invalid(e);
+        }
+        if lifetime_ms == 0 || lifetime_ms > TOKEN_LIFETIME_MAX_MS || idle_ms == 0 || idle_ms > lifetime_ms {
+            return MetaReply::Invalid(format!(
+                "a token lives 1 ms to {TOKEN_LIFETIME_MAX_MS} ms ({lifetime_ms} asked), and its inactivity \
+                 timeout is at most its lifetime ({idle_ms} asked)"
+            ));
+        }
+        if self.tokens_of(volume).count() >= TOKENS_PER_VOLUME_MAX {
+            return MetaReply::Invalid(format!(
+                "volume {:?} already has the maximum of {TOKENS_PER_VOLUME_MAX} tokens",
+                vol.name
+            ));
+        }
+        if self.tokens.len() >= TOKENS_MAX {
+            return MetaReply::Invalid(format!("the cluster already holds the maximum of {TOKENS_MAX} tokens"));
+        }
+        let id = self.next_volume_id;
+        self.next_volume_id = id.checked_next().expect("volume ids exhausted");
+        let token = TokenRecord {
+            id,
+            nonce,
+            volume,
+            ranges,
+            holders: Vec::new(),
+            host,
+            created_ms: now_ms,
+            expires_ms: now_ms.saturating_add(lifetime_ms),
+            idle_ms,
+            last_used_ms: now_ms,
+        };
+        self.tokens.insert(id, token.clone());
+        self.touched.push(ObjectKey::Token(id));
+        self.touched.push(ObjectKey::NextVolumeId);
+        MetaReply::Token(token)
+    }
+
+    pub(crate) fn token_ready(&mut self, id: VolumeId, holders: Vec<NodeId>) -> MetaReply {
+        let mut holders = holders;
+        holders.sort();
+        holders.dedup();
+        if holders.is_empty() {
+            return MetaReply::Invalid("a token's image is held by at least one node".into());
+        }
+        if let Some(n) = holders.iter().find(|n| !self.nodes.contains_key(n)) {
+            return MetaReply::Invalid(format!("node {n} is not in the cluster"));
+        }
+        let Some(t) = self.tokens.get_mut(&id) else {
+            return MetaReply::NotFound(format!("no token {id}"));
+        };
+        if t.holders == holders {
+            return MetaReply::Token(t.clone());
+        }
+        if t.ready() {
+            return MetaReply::Conflict(format!("token {id} is already made, held by {:?}", t.holders));
+        }
+        t.holders = holders;
+        self.touched.push(ObjectKey::Token(id));
+        MetaReply::Token(t.clone())
+    }
+
+    pub(crate) fn touch_token(&mut self, id: VolumeId, now_ms: u64) -> MetaReply {
+        let Some(t) = self.tokens.get_mut(&id) else {
+            return MetaReply::NotFound(format!("no token {id}"));
+        };
+        if let Some(why) = t.void_at(now_ms) {
+            return MetaReply::Invalid(format!("token {id} cannot be used: {why}"));
+        }
+        if now_ms > t.last_used_ms {
+            t.last_used_ms = now_ms;
+            self.touched.push(ObjectKey::Token(id));
+        }
+        MetaReply::Token(t.clone())
+    }
+
+    pub(crate) fn revoke_token(&mut self, id: VolumeId) -> MetaReply {
+        if self.tokens.remove(&id).is_none() {
+            return MetaReply::NotFound(format!("no token {id}"));
+        }
+        self.touched.push(ObjectKey::Token(id));
+        MetaReply::Done { changed: true }
+    }
+
+    /// Drops what has expired at `now_ms`: tokens past their lifetime or inactivity timeout,
+    /// tokens and clones whose maker never finished them.
+    pub(crate) fn expire(&mut self, now_ms: u64) -> MetaReply {
+        let gone: Vec<VolumeId> = self
+            .tokens
+            .values()
+            .filter(|t| {
+                if t.ready() {
+                    t.void_at(now_ms).is_some()
+                } else {
+                    now_ms >= t.created_ms.saturating_add(TOKEN_PENDING_MAX_MS)
+                }
+            })
+            .map(|t| t.id)
+            .collect();
+        for id in &gone {
+            self.tokens.remove(id);
+            self.touched.push(ObjectKey::Token(*id));
+        }
+        let stale: Vec<String> = self
+            .volumes
+            .values()
+            .filter(|v| v.origin.as_ref().is_some_and(|o| !o.made && now_ms >= o.created_ms.saturating_add(CLONE_PENDING_MAX_MS)))
+            .map(|v| v.name.clone())
+            .collect();
+        for name in &stale {
+            self.delete_volume(name);
+        }
+        MetaReply::Done { changed: !gone.is_empty() || !stale.is_empty() }
+    }
+
+    /// Drops the tokens of a deleted volume.
+    pub(crate) fn drop_tokens_of(&mut self, volume: VolumeId) {
+        let gone: Vec<VolumeId> = self.tokens_of(volume).map(|t| t.id).collect();
+        for id in gone {
+            self.tokens.remove(&id);
+            self.touched.push(ObjectKey::Token(id));
+        }
+    }
+
+    pub(crate) fn clone_volume(&mut self, name: String, source: &str, snapshot: bool, now_ms: u64) -> MetaReply {
+        if let Err(e) = validate_name(&name) {
+            return MetaReply::Invalid(format!("volume name {name:?} {e}"));
+        }
+        let Some(src) = self.volume_by_name(source) else {
+            return MetaReply::NotFound(format!("no volume named {source:?}"));
+        };
+        if let Some(existing) = self.volume_by_name(&name) {
+            let same = existing.origin.as_ref().is_some_and(|o| o.source == src.id && o.snapshot == snapshot);
+            if same {
+                return MetaReply::Done { changed: false };
+            }
+            return MetaReply::Invalid(format!("volume {name:?} already exists (id {})", existing.id));
+        }
+        if src.pending() {
+            return MetaReply::Invalid(format!("volume {source:?} is still being made"));
+        }
+        if self.volumes.len() >= VOLUMES_MAX {
+            return MetaReply::Invalid(format!("the cluster already holds the maximum of {VOLUMES_MAX} volumes"));
+        }
+        let id = self.next_volume_id;
+        let vol = VolumeRecord {
+            id,
+            name,
+            dataset: src.dataset.clone(),
+            size_bytes: src.size_bytes,
+            replicas: src.replicas.clone(),
+            primary: src.primary,
+            isr: src.isr.clone(),
+            epoch: Epoch(1),
+            isr_version: 1,
+            resync: BTreeMap::new(),
+            claim: None,
+            origin: Some(Origin {
+                source: src.id,
+                source_name: src.name.clone(),
+                snapshot,
+                made: false,
+                created_ms: now_ms,
+            }),
+        };
+        vol.assert_shape();
+        self.index.volume_by_name.insert(vol.name.clone(), id);
+        self.volumes.insert(id, vol);
+        self.next_volume_id = id.checked_next().expect("volume ids exhausted");
+        self.touched.push(ObjectKey::Volume(id));
+        self.touched.push(ObjectKey::NextVolumeId);
+        MetaReply::Done { changed: true }
+    }
+
+    pub(crate) fn finish_clone(&mut self, id: VolumeId, holders: Vec<NodeId>) -> MetaReply {
+        let Some(vol) = self.volumes.get_mut(&id) else {
+            return MetaReply::NotFound(format!("no volume with id {id}"));
+        };
+        let Some(origin) = vol.origin.as_mut() else {
+            return MetaReply::Invalid(format!("volume {:?} was not made by reference", vol.name));
+        };
+        let mut isr: Vec<NodeId> = holders.into_iter().filter(|n| vol.replicas.contains(n)).collect();
+        isr.sort();
+        isr.dedup();
+        if origin.made {
+            return MetaReply::Done { changed: false };
+        }
+        if isr.is_empty() {
+            return MetaReply::Invalid(format!("no replica of volume {:?} holds its image", vol.name));
+        }
+        origin.made = true;
+        if !isr.contains(&vol.primary) {
+            vol.primary = isr[0];
+        }
+        vol.isr = isr;
+        vol.isr_version += 1;
+        vol.assert_shape();
+        self.touched.push(ObjectKey::Volume(id));
+        MetaReply::Done { changed: true }
+    }
+}
