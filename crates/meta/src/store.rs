@@ -185,7 +185,7 @@ fn reply_result(reply: MetaReply) -> Result<MetaReply, MetaError> {
         MetaReply::Invalid(m) => Err(MetaError::Invalid(m)),
         MetaReply::Conflict(m) => Err(MetaError::Conflict(m)),
         MetaReply::Batch(_) => Err(MetaError::Internal("a batch reply reached a single writer".into())),
-        done @ (MetaReply::Done { .. } | MetaReply::Reservation(_)) => Ok(done),
+        done @ (MetaReply::Done { .. } | MetaReply::Reservation(_) | MetaReply::Token(_)) => Ok(done),
     }
 }
 
@@ -242,6 +242,10 @@ fn estimated_bytes(cmd: &MetaCmd) -> usize {
                 })
         }
         MetaCmd::Reserve { nexus, op, .. } => nexus.initiator.len() + reserve_op_bytes(op),
+        MetaCmd::CreateToken { ranges, host, .. } => 16 * ranges.len() + host.as_ref().map_or(0, String::len) + 64,
+        MetaCmd::TokenReady { holders, .. } | MetaCmd::FinishClone { holders, .. } => 8 * holders.len(),
+        MetaCmd::CloneVolume { name, source, .. } => name.len() + source.len(),
+        MetaCmd::TouchToken { .. } | MetaCmd::RevokeToken { .. } | MetaCmd::Expire { .. } => 0,
         MetaCmd::RemoveNode { .. }
         | MetaCmd::SetTransport { .. }
         | MetaCmd::ClaimPrimary { .. }

@@ -175,6 +175,7 @@ mod tests {
             isr_version: 1,
             resync: BTreeMap::new(),
             claim: None,
+            origin: None,
         }
     }
 

@@ -183,7 +183,8 @@ impl PathManager {
                 ObjectKey::Setting(_)
                 | ObjectKey::Transport(_)
                 | ObjectKey::NextVolumeId
-                | ObjectKey::Reservations(_) => {}
+                | ObjectKey::Reservations(_)
+                | ObjectKey::Token(_) => {}
             }
         }
         if !volumes.is_empty() {

@@ -341,6 +341,7 @@ mod tests {
             isr_version: 1,
             resync: BTreeMap::new(),
             claim: Some(9),
+            origin: None,
         };
         map.volumes.insert(volume.id, volume.clone());
         (map, volume)
