@@ -183,7 +183,7 @@ impl Portal {
             limits: Limits::default(),
             // Unmapped blocks are written as zeroes on every replica.
             provisioning: Provisioning { thin: true, unmapped_reads_zero: true },
-            read_only: false,
+            read_only: volume.read_only(),
         }
     }
 

@@ -307,6 +307,7 @@ fn volume_config(v: &VolumeRecord) -> VolumeConfig {
         epoch: v.epoch,
         claim: v.claim,
         requester: None,
+        read_only: v.read_only(),
     }
 }
 
@@ -318,7 +319,8 @@ fn volume_work(map: &ClusterMap, changed: &Changed) -> Option<VolumeWork> {
         _ => {
             return Some(VolumeWork::All {
                 nodes: map.nodes.keys().copied().collect(),
-                volumes: map.volumes.values().map(volume_config).collect(),
+                // A clone or snapshot still being made is served by no node yet.
+                volumes: map.volumes.values().filter(|v| !v.pending()).map(volume_config).collect(),
             })
         }
     };
@@ -327,6 +329,7 @@ fn volume_work(map: &ClusterMap, changed: &Changed) -> Option<VolumeWork> {
     for key in keys {
         if let ObjectKey::Volume(id) = key {
             match map.volumes.get(id) {
+                Some(v) if v.pending() => {}
                 Some(v) => changed.push(volume_config(v)),
                 None => deleted.push(*id),
             }
@@ -508,6 +511,11 @@ impl Exports for VolumeExports {
 impl Volume for ExportedVolume {
     fn size_bytes(&self) -> u64 {
         self.cfg.size_bytes
+    }
+
+    /// A snapshot is exported read-only (its data plane refuses writes too).
+    fn read_only(&self) -> bool {
+        self.cfg.read_only
     }
 
     /// Every node sends every request to the volume's one primary, and a write is acknowledged

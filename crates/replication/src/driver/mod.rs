@@ -226,6 +226,8 @@ pub struct VolumeConfig {
     pub epoch: Epoch,
     /// The start of the primary that claimed this epoch, if one did.
     pub claim: Option<u64>,
+    /// A read-only snapshot: every write is refused.
+    pub read_only: bool,
     /// On whose behalf host I/O made with this configuration runs: requests proxied to the
     /// primary carry it, and the primary checks it ([`Coordinator::may_access`]). `None` in the
     /// committed configuration; a host protocol's opened volume sets it.
@@ -583,6 +585,7 @@ impl<S: BlockStore> DataPlane<S> {
     /// in-sync replica.
     pub async fn write(&self, cfg: &VolumeConfig, offset: u64, data: Bytes) -> Result<(), IoFail> {
         check_range(cfg, offset, data.len() as u64)?;
+        check_writable(cfg)?;
         let mut hold = Hold::new(&self.inner);
         // One identity for every attempt of this request, wherever it is retried.
         let write = new_nonce();
@@ -611,6 +614,7 @@ impl<S: BlockStore> DataPlane<S> {
     /// Makes a range read as zeros (WRITE_ZEROES and TRIM).
     pub async fn write_zeroes(&self, cfg: &VolumeConfig, offset: u64, len: u64) -> Result<(), IoFail> {
         check_range(cfg, offset, len)?;
+        check_writable(cfg)?;
         let mut hold = Hold::new(&self.inner);
         let write = new_nonce();
         let mut last = None;
@@ -639,6 +643,7 @@ impl<S: BlockStore> DataPlane<S> {
         data: Bytes,
     ) -> Result<Option<u64>, IoFail> {
         check_range(cfg, offset, data.len() as u64)?;
+        check_writable(cfg)?;
         check_compare_and_write(&expected, &data)?;
         let mut hold = Hold::new(&self.inner);
         let write = new_nonce();
@@ -703,6 +708,7 @@ impl<S: BlockStore> DataPlane<S> {
         holders: Vec<NodeId>,
     ) -> Result<bool, IoFail> {
         check_range(cfg, offset, len)?;
+        check_writable(cfg)?;
         let mut hold = Hold::new(&self.inner);
         let write = new_nonce();
         self.inner
@@ -748,6 +754,14 @@ impl<S: BlockStore> DataPlane<S> {
         let mut hold = Hold::new(&self.inner);
         self.inner.retry(&mut hold, |inner| async move { inner.flush_once(cfg.id, cfg.requester.clone()).await }).await
     }
+}
+
+/// Refuses a write to a read-only snapshot.
+fn check_writable(cfg: &VolumeConfig) -> Result<(), IoFail> {
+    if cfg.read_only {
+        return Err(IoFail::Invalid(format!("volume {:?} is a read-only snapshot", cfg.name)));
+    }
+    Ok(())
 }
 
 /// A compare and write compares and writes as many bytes, one piece at most (one record, so

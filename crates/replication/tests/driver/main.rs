@@ -191,6 +191,7 @@ async fn cluster_switching(nodes: u64) -> Cluster {
         epoch: Epoch(1),
         claim: None,
         requester: None,
+        read_only: false,
     };
     *meta.volumes.lock().expect("meta lock") = vec![cfg.clone()];
     meta.publish();
