@@ -23,6 +23,7 @@ use tandem_types::{Layer, TransportKind};
 use crate::api_state::{created_status, ApiResult};
 pub use crate::api_state::{ApiError, ApiState, LinkView};
 use crate::host_api;
+use crate::copy_api;
 use crate::reservation_api;
 use crate::volumes::FrontendStats;
 
@@ -46,6 +47,11 @@ pub fn router(state: ApiState) -> Router {
             "/v1/volumes/{name}/reservations",
             get(reservation_api::get_reservations).post(reservation_api::post_reservation),
         )
+        .route("/v1/volumes/{name}/tokens", get(copy_api::list_tokens).post(copy_api::create_token))
+        .route("/v1/volumes/{name}/tokens/{id}", axum::routing::delete(copy_api::revoke_token))
+        .route("/v1/volumes/{name}/copy", post(copy_api::copy))
+        .route("/v1/volumes/{name}/clone", post(copy_api::clone_volume))
+        .route("/v1/volumes/{name}/snapshots", post(copy_api::create_snapshot))
         .route("/v1/hosts", get(host_api::list_hosts).post(host_api::add_host))
         .route("/v1/hosts/{name}", get(host_api::get_host).delete(host_api::remove_host))
         .route("/v1/hosts/{name}/volumes", post(host_api::connect_volume))
@@ -314,6 +320,19 @@ pub struct VolumeView {
     pub isr_version: u64,
     /// Replicas being resynced, by node id.
     pub resync: Vec<ResyncView>,
+    /// A clone or snapshot: the volume it was made from, by reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<OriginView>,
+}
+
+/// Where a volume made by reference comes from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OriginView {
+    pub source: String,
+    pub snapshot: bool,
+    /// False while its image is being made (no node serves it yet).
+    pub made: bool,
+    pub created_ms: u64,
 }
 
 impl From<&VolumeRecord> for VolumeView {
@@ -333,6 +352,12 @@ impl From<&VolumeRecord> for VolumeView {
                 .iter()
                 .map(|(node, p)| ResyncView { node: *node, done_bytes: p.done_bytes, total_bytes: p.total_bytes })
                 .collect(),
+            origin: v.origin.as_ref().map(|o| OriginView {
+                source: o.source_name.clone(),
+                snapshot: o.snapshot,
+                made: o.made,
+                created_ms: o.created_ms,
+            }),
         }
     }
 }

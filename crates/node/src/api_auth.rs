@@ -21,7 +21,9 @@ use crate::security::bearer;
 /// What a host's token may reach: `GET /v1/nodes`, `GET /v1/hosts/{it}`, `GET /v1/hosts/{it}/paths`, `POST
 /// /v1/hosts/{it}/probes`, `POST /v1/hosts/{it}/credentials`, and the reservations of volumes
 /// (`GET`/`POST /v1/volumes/{v}/reservations`; the handler lets a host act only for itself, on
-/// its own volumes).
+/// its own volumes), and copy tokens (`GET`/`POST /v1/volumes/{v}/tokens`, `DELETE
+/// /v1/volumes/{v}/tokens/{id}`, `POST /v1/volumes/{v}/copy`; the handlers check that the host
+/// may use the volumes).
 fn host_may(host: &str, method: &Method, path: &str) -> bool {
     // The members' addresses: a host's agent finds another node through them when one goes.
     if method == Method::GET && path == "/v1/nodes" {
@@ -29,6 +31,15 @@ fn host_may(host: &str, method: &Method, path: &str) -> bool {
     }
     if let Some(volume) = path.strip_prefix("/v1/volumes/").and_then(|rest| rest.strip_suffix("/reservations")) {
         return !volume.contains('/') && matches!(method, &Method::GET | &Method::POST);
+    }
+    // Copy tokens of its own volumes, and copies into them (the handlers check the volumes).
+    if let Some(rest) = path.strip_prefix("/v1/volumes/") {
+        let parts: Vec<&str> = rest.split('/').collect();
+        return match (method, parts.as_slice()) {
+            (&Method::GET | &Method::POST, [_, "tokens"]) | (&Method::POST, [_, "copy"]) => true,
+            (&Method::DELETE, [_, "tokens", id]) => id.parse::<u64>().is_ok(),
+            _ => false,
+        };
     }
     let Some(rest) = path.strip_prefix("/v1/hosts/") else {
         return false;
@@ -114,6 +125,10 @@ mod tests {
             (Method::POST, "/v1/hosts/esx1/probes"),
             (Method::POST, "/v1/hosts/esx1/credentials"),
             (Method::GET, "/v1/nodes"),
+            (Method::POST, "/v1/volumes/v1/tokens"),
+            (Method::GET, "/v1/volumes/v1/tokens"),
+            (Method::DELETE, "/v1/volumes/v1/tokens/12"),
+            (Method::POST, "/v1/volumes/v1/copy"),
         ] {
             assert!(allowed(&h, &m, p), "{m} {p}");
         }
@@ -125,6 +140,11 @@ mod tests {
             (Method::POST, "/v1/hosts/esx1/volumes"),
             (Method::POST, "/v1/hosts/esx1/paths"),
             (Method::GET, "/v1/volumes"),
+            (Method::POST, "/v1/volumes/v1/clone"),
+            (Method::POST, "/v1/volumes/v1/snapshots"),
+            (Method::DELETE, "/v1/volumes/v1/tokens/x"),
+            (Method::DELETE, "/v1/volumes/v1"),
+            (Method::GET, "/v1/volumes/v1/copy"),
             (Method::POST, "/v1/nodes"),
             (Method::GET, "/v1/nodes/1"),
             (Method::GET, "/v1/cluster"),

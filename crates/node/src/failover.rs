@@ -113,7 +113,8 @@ impl Supervisor {
             st.map
                 .volumes
                 .values()
-                .filter(|v| !is_alive(v.primary))
+                // A clone or snapshot still being made has no running primary to replace.
+                .filter(|v| !v.pending() && !is_alive(v.primary))
                 .filter_map(|v| decide(v, &sites, &preferred, me, is_alive))
                 .collect()
         });

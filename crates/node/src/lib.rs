@@ -27,6 +27,8 @@ pub mod api;
 pub mod api_auth;
 pub mod api_state;
 pub mod config;
+pub mod copies;
+pub mod copy_api;
 pub mod debug_bugs;
 pub mod failover;
 #[cfg(feature = "failpoints")]
@@ -155,6 +157,8 @@ pub async fn run(
     });
     let plane = DataPlane::start(id, mesh.clone(), Arc::new(store.clone()), coord, DataPlaneConfig::default());
     volumes::follow_volumes(meta.clone(), plane.clone(), leases.clone());
+    copies::spawn_expiry(meta.clone(), id);
+    copies::spawn_image_sweeper(meta.clone(), plane.clone());
     // Every target port serves every volume, and all of them share one set of budgets.
     let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::watch::channel(false);
     let host_watches = host_watch::HostWatches::spawn(&meta);

@@ -84,6 +84,8 @@ pub enum TokenError {
 pub struct ClusterSecret {
     token_key: hmac::Key,
     seal_key: [u8; 32],
+    /// Keys the MAC of copy tokens (`copies.rs`).
+    copy_key: hmac::Key,
 }
 
 impl std::fmt::Debug for ClusterSecret {
@@ -146,6 +148,7 @@ impl ClusterSecret {
         Ok(ClusterSecret {
             token_key: hmac::Key::new(hmac::HMAC_SHA256, derive("tandem/token-key/v1").as_ref()),
             seal_key,
+            copy_key: hmac::Key::new(hmac::HMAC_SHA256, derive("tandem/copy-token-key/v1").as_ref()),
         })
     }
 
@@ -178,6 +181,18 @@ impl ClusterSecret {
             Some(c) if c.id == p.id => Ok(Principal::Host(p.name.to_string())),
             _ => Err(TokenError::Revoked),
         }
+    }
+
+    /// The HMAC-SHA256 of a copy token's covered bytes.
+    pub fn copy_token_mac(&self, covered: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(hmac::sign(&self.copy_key, covered).as_ref());
+        out
+    }
+
+    /// Whether `mac` is the MAC of a copy token's covered bytes (compared in constant time).
+    pub fn verify_copy_token_mac(&self, covered: &[u8], mac: &[u8]) -> bool {
+        hmac::verify(&self.copy_key, covered, mac).is_ok()
     }
 
     /// Seals `secret` for `host` (AES-256-GCM, random nonce, the host's name bound in): the
