@@ -314,6 +314,7 @@ pub async fn volume(target: &Target, cmd: VolumeCmd) -> anyhow::Result<()> {
                 api.request::<(), _>(Method::DELETE, &format!("/v1/volumes/{name}"), None).await?;
             println!("volume {name} deleted");
         }
+        VolumeCmd::Clone { src, new } => crate::copy::made_from(target, &src, new, false).await?,
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod agent;
 mod client;
+mod copy;
 mod hosts;
 mod local;
 mod reserve;
@@ -170,6 +171,45 @@ enum Cmd {
     Reserve {
         #[command(subcommand)]
         cmd: ReserveCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Copy tokens: a token stands for ranges of a volume as they are when it is made; `tandem
+    /// copy` writes its data into a volume by reference.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Write a token's data into a volume: by reference (metadata only) on every replica when
+    /// they hold it, streamed otherwise.
+    Copy {
+        /// The token's value (hex, as `tandem token create` printed it).
+        #[arg(long)]
+        token: String,
+        /// The volume to write into.
+        #[arg(long)]
+        to: String,
+        /// Where in that volume (bytes; K, M, G, T suffixes).
+        #[arg(long, value_parser = tandem_client::parse_size)]
+        offset: u64,
+        /// Where in the token's data to start.
+        #[arg(long, value_parser = tandem_client::parse_size, default_value = "0")]
+        token_offset: u64,
+        /// How much (default: the rest of the token's data).
+        #[arg(long, value_parser = tandem_client::parse_size)]
+        length: Option<u64>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Read-only snapshots of volumes, made by reference; exported over NBD and iSCSI like
+    /// volumes.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
         #[command(flatten)]
         target: Target,
     },
@@ -430,6 +470,48 @@ pub struct ReserveOpts {
 }
 
 #[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Make a token for a range of a volume; prints its value (1024 hex digits).
+    Create {
+        volume: String,
+        #[arg(long, value_parser = tandem_client::parse_size)]
+        offset: u64,
+        #[arg(long, value_parser = tandem_client::parse_size)]
+        length: u64,
+        /// Its maximum lifetime, in seconds (default 3600).
+        #[arg(long = "ttl")]
+        lifetime: Option<u64>,
+        /// Its inactivity timeout, in seconds (default 600, at most the lifetime).
+        #[arg(long)]
+        idle: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The tokens of a volume (their values are not shown again).
+    List {
+        volume: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: it can no longer be used, and its data is released.
+    Revoke { volume: String, id: u64 },
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Snapshot VOLUME as NAME (read-only, by reference: no data is copied).
+    Create { volume: String, name: String },
+    /// Every snapshot (of VOLUME only, if given).
+    List {
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
 pub enum VolumeCmd {
     /// Create a volume (in the `default` dataset, on every node, unless --dataset says).
     Create {
@@ -447,6 +529,9 @@ pub enum VolumeCmd {
     },
     /// Delete a volume.
     Delete { name: String },
+    /// Make NEW a writable clone of SRC, by reference (no data is copied; NEW has SRC's
+    /// replicas and size).
+    Clone { src: String, new: String },
 }
 
 fn parse_transport(s: &str) -> Result<TransportKind, String> {
@@ -550,6 +635,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             hosts::paths(&target, &host, volume.as_deref(), watch, json).await
         }
         Cmd::Reserve { cmd, target } => reserve::reserve(&target, cmd).await,
+        Cmd::Token { cmd, target } => copy::token(&target, cmd).await,
+        Cmd::Copy { token, to, offset, token_offset, length, json, target } => {
+            copy::copy(&target, token, to, offset, token_offset, length, json).await
+        }
+        Cmd::Snapshot { cmd, target } => copy::snapshot(&target, cmd).await,
         Cmd::Bench { cmd } => tandem_bench::run(cmd).await,
         // The suite is blocking code (threads, blocking clients): off the async workers.
         Cmd::Chaos { cmd } => tokio::task::spawn_blocking(move || tandem_chaos::cli::main(cmd)).await?,
