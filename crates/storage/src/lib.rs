@@ -185,6 +185,25 @@ pub trait BlockStore: Send + Sync + 'static {
 
     /// Space and flush accounting.
     fn space(&self) -> SpaceStats;
+
+    /// Which parts of a range hold data (thin provisioning): consecutive extents from `offset`,
+    /// each wholly allocated or wholly not (reads as zeros, holds no space), at most `max` of
+    /// them (at least one), so they may end before `offset + len`. Blocks count whole: a range
+    /// starting or ending inside a block reports that block's state. From the index alone.
+    /// Without an index to ask, everything is reported allocated.
+    fn extents(&self, vol: VolumeId, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
+        let _ = (vol, max);
+        let _ = offset;
+        Ok(if len == 0 { Vec::new() } else { vec![Extent { len, allocated: true }] })
+    }
+}
+
+/// A piece of a volume's range, as [`BlockStore::extents`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Holds data (else it reads as zeros and takes no space).
+    pub allocated: bool,
 }
 
 /// Room reserved in a store's budget of pending changes ([`BlockStore::admit`]); given back

@@ -469,3 +469,50 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // `durable` of a position never handed out means "everything so far".
     store.durable(Lsn(u64::MAX)).await.unwrap();
 }
+
+/// The allocation map: written blocks are data, unwritten, trimmed and zeroed ones are holes,
+/// from the index (before and after a checkpoint, and across reopen), merged into extents,
+/// bounded in count; a clone shares its source's map.
+#[tokio::test]
+async fn extents_report_exactly_the_blocks_that_hold_data() {
+    use tandem_storage::Extent;
+    let (data, hole) = (|len| Extent { len, allocated: true }, |len| Extent { len, allocated: false });
+    let dir = tempfile::tempdir().unwrap();
+    let gib = 1024 * MIB;
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.create_volume(VolumeId(1), 64 * gib).unwrap();
+        assert_eq!(store.extents(VolumeId(1), 0, 64 * gib, 16).unwrap(), vec![hole(64 * gib)], "a new volume is one hole");
+        store.write(VolumeId(1), 0, &pattern(1, MIB as usize)).unwrap();
+        store.write(VolumeId(1), 40 * gib + 7 * B, &pattern(2, 3 * B as usize)).unwrap();
+        store.write(VolumeId(1), 64 * gib - B, &pattern(3, B as usize)).unwrap();
+        store.write_zeroes(VolumeId(1), 4 * B, 2 * B).unwrap();
+        let want = vec![
+            data(4 * B),
+            hole(2 * B),
+            data(MIB - 6 * B),
+            hole(40 * gib + 7 * B - MIB),
+            data(3 * B),
+            hole(64 * gib - B - (40 * gib + 10 * B)),
+            data(B),
+        ];
+        assert_eq!(store.extents(VolumeId(1), 0, 64 * gib, 16).unwrap(), want);
+        sync(&store).await;
+        // Partial blocks count whole; a window inside one extent is that extent.
+        assert_eq!(store.extents(VolumeId(1), 100, 200, 16).unwrap(), vec![data(200)]);
+        assert_eq!(store.extents(VolumeId(1), 4 * B + 5, B, 16).unwrap(), vec![hole(B)]);
+        assert_eq!(store.extents(VolumeId(1), 4 * B + 5, 2 * B, 16).unwrap(), vec![hole(2 * B - 5), data(5)]);
+        // At most `max` extents, from the start.
+        assert_eq!(store.extents(VolumeId(1), 0, 64 * gib, 3).unwrap(), want[..3].to_vec());
+        assert_eq!(store.extents(VolumeId(1), 0, 64 * gib, 1).unwrap(), want[..1].to_vec());
+        // A clone of the whole volume has the same map.
+        store.create_volume(VolumeId(2), 64 * gib).unwrap();
+        store.clone_range(VolumeId(1), 0, VolumeId(2), 0, 64 * gib).unwrap();
+        assert_eq!(store.extents(VolumeId(2), 0, 64 * gib, 16).unwrap(), want);
+        assert!(store.extents(VolumeId(1), 64 * gib - B, 2 * B, 4).is_err(), "past the end");
+        assert!(store.extents(VolumeId(9), 0, B, 4).is_err(), "no such volume");
+        sync(&store).await;
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.extents(VolumeId(2), 40 * gib, 8 * B, 16).unwrap(), vec![hole(7 * B), data(B)]);
+}

@@ -6,7 +6,7 @@ use std::future::Future;
 use tandem_types::VolumeId;
 
 use super::{lock, SledStore};
-use crate::{Admission, BlockStore, Lsn, SpaceStats, StoreError};
+use crate::{Admission, BlockStore, Extent, Lsn, SpaceStats, StoreError};
 
 impl BlockStore for SledStore {
     fn create_volume(&self, vol: VolumeId, size_bytes: u64) -> Result<(), StoreError> {
@@ -80,6 +80,10 @@ impl BlockStore for SledStore {
         len: u64,
     ) -> Result<Lsn, StoreError> {
         self.clone_blocks(src, src_offset, dst, dst_offset, len)
+    }
+
+    fn extents(&self, vol: VolumeId, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
+        self.extents_of(vol, offset, len, max)
     }
 
     fn space(&self) -> SpaceStats {

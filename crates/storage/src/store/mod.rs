@@ -66,6 +66,7 @@ mod checkpoint;
 mod checksums;
 mod clone;
 mod commit;
+mod extents;
 mod index;
 mod open;
 mod read;
