@@ -110,7 +110,9 @@ pub fn check_ranges(ranges: &[(u64, u64)], size_bytes: u64) -> Result<u64, Strin
     let mut total = 0u64;
     for &(offset, len) in ranges {
         if len == 0 || !offset.is_multiple_of(BLOCK_BYTES) || !len.is_multiple_of(BLOCK_BYTES) {
-            return Err(format!("range {offset}+{len}: a token's ranges are whole {BLOCK_BYTES}-byte blocks, not empty"));
+            return Err(format!(
+                "range {offset}+{len}: a token's ranges are whole {BLOCK_BYTES}-byte blocks, not empty"
+            ));
         }
         if offset.checked_add(len).is_none_or(|end| end > size_bytes) {
             return Err(format!("range {offset}+{len} is outside the volume of {size_bytes} bytes"));
@@ -253,7 +255,11 @@ impl ClusterMap {
         let stale: Vec<String> = self
             .volumes
             .values()
-            .filter(|v| v.origin.as_ref().is_some_and(|o| !o.made && now_ms >= o.created_ms.saturating_add(CLONE_PENDING_MAX_MS)))
+            .filter(|v| {
+                v.origin
+                    .as_ref()
+                    .is_some_and(|o| !o.made && now_ms >= o.created_ms.saturating_add(CLONE_PENDING_MAX_MS))
+            })
             .map(|v| v.name.clone())
             .collect();
         for name in &stale {

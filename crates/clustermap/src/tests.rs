@@ -603,7 +603,8 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
                 idle_ms: 1000,
             }
         }),
-        (1u64..8, nodes.clone()).prop_map(|(id, holders)| MetaCmd::TokenReady { id: VolumeId(id), holders: ids(&holders) }),
+        (1u64..8, nodes.clone())
+            .prop_map(|(id, holders)| MetaCmd::TokenReady { id: VolumeId(id), holders: ids(&holders) }),
         (1u64..8, 0u64..5).prop_map(|(id, now)| MetaCmd::TouchToken { id: VolumeId(id), now_ms: now * 1000 }),
         (1u64..8).prop_map(|id| MetaCmd::RevokeToken { id: VolumeId(id) }),
         (0u64..5).prop_map(|now| MetaCmd::Expire { now_ms: now * 1000 }),
@@ -613,7 +614,8 @@ fn cmd() -> impl Strategy<Value = MetaCmd> {
             snapshot,
             now_ms: now * 1000
         }),
-        (1u64..8, nodes).prop_map(|(id, holders)| MetaCmd::FinishClone { volume: VolumeId(id), holders: ids(&holders) }),
+        (1u64..8, nodes)
+            .prop_map(|(id, holders)| MetaCmd::FinishClone { volume: VolumeId(id), holders: ids(&holders) }),
     ]
 }
 
@@ -962,7 +964,9 @@ mod copies {
         assert_eq!(token(create(&mut m, 7, 2_000)), t);
         assert_eq!(m.next_volume_id, VolumeId(3));
         assert!(m.take_touched().is_empty());
-        assert!(matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: 1_500 }), MetaReply::Invalid(ref e) if e.contains("being made")));
+        assert!(
+            matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: 1_500 }), MetaReply::Invalid(ref e) if e.contains("being made"))
+        );
 
         invalid(m.apply(MetaCmd::TokenReady { id: t.id, holders: vec![] }), "at least one node");
         invalid(m.apply(MetaCmd::TokenReady { id: t.id, holders: ids(&[9]) }), "not in the cluster");
@@ -985,7 +989,9 @@ mod copies {
         for now in (5_000..60_000).step_by(5_000) {
             assert!(matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: now }), MetaReply::Token(_)));
         }
-        assert!(matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: 61_000 }), MetaReply::Invalid(ref e) if e.contains("lifetime")));
+        assert!(
+            matches!(m.apply(MetaCmd::TouchToken { id: t.id, now_ms: 61_000 }), MetaReply::Invalid(ref e) if e.contains("lifetime"))
+        );
         m.apply(MetaCmd::Expire { now_ms: 61_000 });
         assert!(m.tokens.is_empty());
 
@@ -1046,16 +1052,25 @@ mod copies {
         let v = m.volume_by_name("v").expect("v").clone();
         assert!(snap.pending() && snap.read_only());
         assert_eq!((snap.size_bytes, &snap.replicas, &snap.dataset), (v.size_bytes, &v.replicas, &v.dataset));
-        assert_eq!(snap.origin, Some(Origin { source: v.id, source_name: "v".into(), snapshot: true, made: false, created_ms: 5 }));
+        assert_eq!(
+            snap.origin,
+            Some(Origin { source: v.id, source_name: "v".into(), snapshot: true, made: false, created_ms: 5 })
+        );
         // Nothing can be made from a volume still being made.
-        invalid(m.apply(MetaCmd::CloneVolume { name: "c2".into(), source: "snap".into(), snapshot: false, now_ms: 6 }), "still being made");
+        invalid(
+            m.apply(MetaCmd::CloneVolume { name: "c2".into(), source: "snap".into(), snapshot: false, now_ms: 6 }),
+            "still being made",
+        );
 
         invalid(m.apply(MetaCmd::FinishClone { volume: snap.id, holders: ids(&[4]) }), "holds its image");
         // The holders become the in-sync set; the primary moves to one of them.
         assert_eq!(m.apply(MetaCmd::FinishClone { volume: snap.id, holders: ids(&[3, 1, 4]) }), DONE);
         let made = m.volume_by_name("snap").expect("snap").clone();
         assert!(!made.pending() && made.read_only());
-        assert_eq!((made.isr.clone(), made.primary, made.isr_version, made.epoch), (ids(&[1, 3]), NodeId(1), 2, Epoch(1)));
+        assert_eq!(
+            (made.isr.clone(), made.primary, made.isr_version, made.epoch),
+            (ids(&[1, 3]), NodeId(1), 2, Epoch(1))
+        );
         assert_eq!(m.apply(MetaCmd::FinishClone { volume: snap.id, holders: ids(&[2]) }), SAME, "a retry");
         invalid(m.apply(MetaCmd::FinishClone { volume: v.id, holders: ids(&[2]) }), "not made by reference");
 

@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use tandem_types::{validate_name, Epoch, NodeId, VolumeId, BLOCK_BYTES, VOLUME_BYTES_MAX};
 
+use crate::copies::Origin;
 use crate::datasets::DEFAULT_DATASET;
 use crate::key::ObjectKey;
 use crate::map::ClusterMap;
-use crate::copies::Origin;
 use crate::MetaReply;
 
 /// Volumes the map holds at most (a few hundred bytes each in memory and in snapshots).

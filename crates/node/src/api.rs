@@ -22,8 +22,8 @@ use tandem_types::{Layer, TransportKind};
 
 use crate::api_state::{created_status, ApiResult};
 pub use crate::api_state::{ApiError, ApiState, LinkView};
-use crate::host_api;
 use crate::copy_api;
+use crate::host_api;
 use crate::reservation_api;
 use crate::volumes::FrontendStats;
 

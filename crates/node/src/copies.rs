@@ -178,9 +178,10 @@ pub struct Copies {
 /// (an administrator) every volume.
 fn check_access(map: &ClusterMap, default: AccessPolicy, who: &Principal, name: &str) -> Result<(), CopyError> {
     match who {
-        Principal::Host(_) => {
-            map.may_open(map.access_policy(default), who, name).map(|_| ()).map_err(|r| CopyError::Denied(r.to_string()))
-        }
+        Principal::Host(_) => map
+            .may_open(map.access_policy(default), who, name)
+            .map(|_| ())
+            .map_err(|r| CopyError::Denied(r.to_string())),
         _ if map.volume_by_name(name).is_none() => Err(CopyError::NotFound(format!("no volume named {name:?}"))),
         _ => Ok(()),
     }
@@ -275,8 +276,9 @@ impl Copies {
                     .volumes
                     .get(&t.volume)
                     .ok_or_else(|| CopyError::Invalid("the token's source volume was deleted".into()))?;
-                check_access(&st.map, default, &asker.principal, &source.name)
-                    .map_err(|e| CopyError::Denied(format!("the token's source may not be read by this requester: {e}")))?;
+                check_access(&st.map, default, &asker.principal, &source.name).map_err(|e| {
+                    CopyError::Denied(format!("the token's source may not be read by this requester: {e}"))
+                })?;
                 Ok(t.clone())
             })
             .await?
@@ -344,13 +346,13 @@ impl Copies {
     /// pending, its image made on the source's in-sync replicas, then served by them. A retry
     /// of one already made returns it.
     pub async fn clone_volume(&self, source: &str, name: &str, snapshot: bool) -> Result<VolumeRecord, CopyError> {
-        let cmd = MetaCmd::CloneVolume { name: name.to_string(), source: source.to_string(), snapshot, now_ms: now_ms() };
+        let cmd =
+            MetaCmd::CloneVolume { name: name.to_string(), source: source.to_string(), snapshot, now_ms: now_ms() };
         self.meta.write(cmd).await?;
-        let vol = self
-            .meta
-            .read(|st| st.map.volume_by_name(name).cloned())
-            .await?
-            .ok_or_else(|| CopyError::Unavailable(format!("volume {name:?} was deleted while it was being made")))?;
+        let vol =
+            self.meta.read(|st| st.map.volume_by_name(name).cloned()).await?.ok_or_else(|| {
+                CopyError::Unavailable(format!("volume {name:?} was deleted while it was being made"))
+            })?;
         if !vol.pending() {
             return Ok(vol);
         }
@@ -365,7 +367,8 @@ impl Copies {
             return Err(e);
         }
         let vol = self.meta.read(|st| st.map.volume_by_name(name).cloned()).await?;
-        let vol = vol.ok_or_else(|| CopyError::Unavailable(format!("volume {name:?} was deleted just after it was made")))?;
+        let vol =
+            vol.ok_or_else(|| CopyError::Unavailable(format!("volume {name:?} was deleted just after it was made")))?;
         tracing::info!(volume = %name, %source, snapshot, isr = ?vol.isr, "volume made by reference");
         Ok(vol)
     }
@@ -414,7 +417,11 @@ pub fn spawn_image_sweeper(meta: Arc<MetaStore>, plane: Plane) {
                 unclaimed
                     .iter()
                     .copied()
-                    .filter(|id| !st.map.volumes.contains_key(id) && !st.map.tokens.contains_key(id) && *id < st.map.next_volume_id)
+                    .filter(|id| {
+                        !st.map.volumes.contains_key(id)
+                            && !st.map.tokens.contains_key(id)
+                            && *id < st.map.next_volume_id
+                    })
                     .collect()
             });
             for id in orphans.intersection(&suspects) {
@@ -443,7 +450,9 @@ mod tests {
         let bytes = encode_token(&s, &t);
         assert_eq!(&bytes[0..8], &[0x00, 0x80, 0x00, 0x00, 0, 0, 0x01, 0xF8], "SPC-4's ROD token header");
         assert_eq!(decode_token(&s, &bytes), Ok(t));
-        assert!(matches!(decode_token(&secret(), &bytes), Err(CopyError::Invalid(ref e)) if e.contains("not made by this cluster")));
+        assert!(
+            matches!(decode_token(&secret(), &bytes), Err(CopyError::Invalid(ref e)) if e.contains("not made by this cluster"))
+        );
         // Every byte matters: flipping any one is refused.
         for i in 0..TOKEN_BYTES {
             let mut forged = bytes;

@@ -15,7 +15,7 @@ use tandem_types::VolumeId;
 
 use crate::api::VolumeView;
 use crate::api_state::{ApiError, ApiResult, ApiState};
-use crate::copies::{Asker, CopyError, Copies, IDLE_DEFAULT, LIFETIME_DEFAULT};
+use crate::copies::{Asker, Copies, CopyError, IDLE_DEFAULT, LIFETIME_DEFAULT};
 use crate::security::{hex, unhex};
 
 impl From<CopyError> for ApiError {
@@ -187,10 +187,9 @@ pub async fn copy(
     body: Result<Json<CopyRequest>, JsonRejection>,
 ) -> ApiResult<serde_json::Value> {
     let Json(req) = body?;
-    let value = unhex(req.token.trim())
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "the token is not hex".into()))?;
-    let copied =
-        copies(&s).copy(&asker(&principal), &value, &name, req.offset, req.token_offset, req.length).await?;
+    let value =
+        unhex(req.token.trim()).ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "the token is not hex".into()))?;
+    let copied = copies(&s).copy(&asker(&principal), &value, &name, req.offset, req.token_offset, req.length).await?;
     Ok(Json(serde_json::json!({
         "volume": name,
         "offset": req.offset,
@@ -206,7 +205,12 @@ pub struct MadeFromRequest {
     pub name: String,
 }
 
-async fn made_from(s: &ApiState, source: &str, req: MadeFromRequest, snapshot: bool) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+async fn made_from(
+    s: &ApiState,
+    source: &str,
+    req: MadeFromRequest,
+    snapshot: bool,
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     let vol = copies(s).clone_volume(source, &req.name, snapshot).await?;
     Ok((StatusCode::CREATED, Json(VolumeView::from(&vol))))
 }
@@ -239,7 +243,8 @@ mod tests {
     fn token_requests_name_one_range_or_several() {
         let one: TokenRequest = serde_json::from_value(serde_json::json!({"offset": 0, "length": 4096})).unwrap();
         assert_eq!(one.ranges(), Ok(vec![(0, 4096)]));
-        let many: TokenRequest = serde_json::from_value(serde_json::json!({"ranges": [[0, 4096], [8192, 4096]]})).unwrap();
+        let many: TokenRequest =
+            serde_json::from_value(serde_json::json!({"ranges": [[0, 4096], [8192, 4096]]})).unwrap();
         assert_eq!(many.ranges(), Ok(vec![(0, 4096), (8192, 4096)]));
         let both: TokenRequest =
             serde_json::from_value(serde_json::json!({"offset": 0, "length": 1, "ranges": [[0, 4096]]})).unwrap();

@@ -321,7 +321,7 @@ fn volume_work(map: &ClusterMap, changed: &Changed) -> Option<VolumeWork> {
                 nodes: map.nodes.keys().copied().collect(),
                 // A clone or snapshot still being made is served by no node yet.
                 volumes: map.volumes.values().filter(|v| !v.pending()).map(volume_config).collect(),
-            })
+            });
         }
     };
     let mut changed = Vec::new();

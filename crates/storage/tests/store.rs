@@ -482,7 +482,11 @@ async fn extents_report_exactly_the_blocks_that_hold_data() {
     {
         let store = SledStore::open(dir.path()).unwrap();
         store.create_volume(VolumeId(1), 64 * gib).unwrap();
-        assert_eq!(store.extents(VolumeId(1), 0, 64 * gib, 16).unwrap(), vec![hole(64 * gib)], "a new volume is one hole");
+        assert_eq!(
+            store.extents(VolumeId(1), 0, 64 * gib, 16).unwrap(),
+            vec![hole(64 * gib)],
+            "a new volume is one hole"
+        );
         store.write(VolumeId(1), 0, &pattern(1, MIB as usize)).unwrap();
         store.write(VolumeId(1), 40 * gib + 7 * B, &pattern(2, 3 * B as usize)).unwrap();
         store.write(VolumeId(1), 64 * gib - B, &pattern(3, B as usize)).unwrap();

@@ -114,7 +114,9 @@ pub async fn snapshot(target: &Target, cmd: SnapshotCmd) -> anyhow::Result<()> {
             let all: Vec<VolumeView> = api.get("/v1/volumes").await?;
             let snaps: Vec<VolumeView> = all
                 .into_iter()
-                .filter(|v| v.origin.as_ref().is_some_and(|o| o.snapshot && volume.as_ref().is_none_or(|s| &o.source == s)))
+                .filter(|v| {
+                    v.origin.as_ref().is_some_and(|o| o.snapshot && volume.as_ref().is_none_or(|s| &o.source == s))
+                })
                 .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&snaps)?);
@@ -122,7 +124,13 @@ pub async fn snapshot(target: &Target, cmd: SnapshotCmd) -> anyhow::Result<()> {
                 println!("{:<24} {:<24} {:>8} MADE", "SNAPSHOT", "OF", "SIZE");
                 for v in &snaps {
                     let o = v.origin.as_ref().expect("filtered");
-                    println!("{:<24} {:<24} {:>8} {}", v.name, o.source, format_size(v.size_bytes), if o.made { "yes" } else { "being made" });
+                    println!(
+                        "{:<24} {:<24} {:>8} {}",
+                        v.name,
+                        o.source,
+                        format_size(v.size_bytes),
+                        if o.made { "yes" } else { "being made" }
+                    );
                 }
                 if snaps.is_empty() {
                     print_volumes(&[]);
@@ -136,7 +144,8 @@ pub async fn snapshot(target: &Target, cmd: SnapshotCmd) -> anyhow::Result<()> {
             if !v.origin.as_ref().is_some_and(|o| o.snapshot) {
                 anyhow::bail!("{name} is not a snapshot (tandem volume delete deletes volumes)");
             }
-            let _: serde_json::Value = api.request::<(), _>(Method::DELETE, &format!("/v1/volumes/{name}"), None).await?;
+            let _: serde_json::Value =
+                api.request::<(), _>(Method::DELETE, &format!("/v1/volumes/{name}"), None).await?;
             println!("snapshot {name} deleted");
             Ok(())
         }

@@ -24,7 +24,10 @@ pub const IMAGE_RANGES_MAX: usize = 64;
 /// most [`IMAGE_RANGES_MAX`], not empty; returns the image's size.
 pub fn image_size(ranges: &[(u64, u64)], size_bytes: u64) -> Result<u64, IoFail> {
     if ranges.is_empty() || ranges.len() > IMAGE_RANGES_MAX {
-        return Err(IoFail::Invalid(format!("an image is made of 1 to {IMAGE_RANGES_MAX} ranges, not {}", ranges.len())));
+        return Err(IoFail::Invalid(format!(
+            "an image is made of 1 to {IMAGE_RANGES_MAX} ranges, not {}",
+            ranges.len()
+        )));
     }
     let mut total = 0u64;
     for &(offset, len) in ranges {
@@ -113,9 +116,11 @@ impl PrimaryDriver {
         let store = inner.store.clone();
         let volume = self.volume;
         let local = async move {
-            let made = tokio::task::spawn_blocking(move || make_image_here(&*store, volume, image, &ranges).map(|l| (l, store)))
-                .await
-                .map_err(|e| IoFail::Io(format!("image task: {e}")))?;
+            let made = tokio::task::spawn_blocking(move || {
+                make_image_here(&*store, volume, image, &ranges).map(|l| (l, store))
+            })
+            .await
+            .map_err(|e| IoFail::Io(format!("image task: {e}")))?;
             let (lsn, store) = made.map_err(|e| IoFail::Io(format!("image {image} of volume {volume}: {e}")))?;
             store.durable(lsn).await.map_err(|e| IoFail::Io(format!("image {image}: {e}")))
         };
@@ -127,7 +132,9 @@ impl PrimaryDriver {
         for (n, answer) in answers {
             match answer {
                 Ok(DataReply::Ok) => holders.push(n),
-                other => tracing::info!(volume = %self.volume, %image, member = %n, answer = ?other, "member holds no copy of the image"),
+                other => {
+                    tracing::info!(volume = %self.volume, %image, member = %n, answer = ?other, "member holds no copy of the image")
+                }
             }
         }
         tracing::info!(volume = %self.volume, %image, ?holders, "image made");
@@ -152,10 +159,14 @@ impl PrimaryDriver {
     ) -> Result<bool, IoFail> {
         let aligned = [offset, image_offset, len].iter().all(|v| v.is_multiple_of(BLOCK_BYTES));
         let held_here = holders.contains(&inner.me)
-            && inner.store.volume_size(image).is_some_and(|size| image_offset.checked_add(len).is_some_and(|end| end <= size));
+            && inner
+                .store
+                .volume_size(image)
+                .is_some_and(|size| image_offset.checked_add(len).is_some_and(|end| end <= size));
         let members_hold = {
             let st = self.st.lock().expect("core lock");
-            let cfg = inner.volume(self.volume).map(|v| v.cfg.lock().expect("cfg lock").replicas.clone()).unwrap_or_default();
+            let cfg =
+                inner.volume(self.volume).map(|v| v.cfg.lock().expect("cfg lock").replicas.clone()).unwrap_or_default();
             cfg.iter().filter(|&&n| n != inner.me).all(|n| {
                 // Out members receive no records; every other one must hold the image.
                 matches!(st.core.member_state(*n), None | Some(MemberState::Out)) || holders.contains(n)
@@ -306,9 +317,12 @@ impl<S: BlockStore> Inner<S> {
     ) -> Result<bool, IoFail> {
         let primary = self.primary_of(id)?;
         match self.route(id, primary, true).await? {
-            Route::Local(p) => p.copy(&self, requester.as_ref(), write, offset, image, image_offset, len, &holders).await,
+            Route::Local(p) => {
+                p.copy(&self, requester.as_ref(), write, offset, image, image_offset, len, &holders).await
+            }
             Route::Remote(node) => {
-                let msg = DataMsg::ProxyCopy { volume: id, offset, image, image_offset, len, holders, write, requester };
+                let msg =
+                    DataMsg::ProxyCopy { volume: id, offset, image, image_offset, len, holders, write, requester };
                 match self.call_primary(id, node, &msg).await? {
                     DataReply::Copied { by_reference } => Ok(by_reference),
                     other => Err(reply_error(node, other)),

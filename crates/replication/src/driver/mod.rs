@@ -683,7 +683,12 @@ impl<S: BlockStore> DataPlane<S> {
     /// concatenated), on its primary and every in-sync member, ordered with the writes
     /// (docs/PROTOCOL.md, "Copy by reference"). Returns the nodes holding it, the primary first.
     /// `cfg`'s requester must be allowed to read the ranges. Retried through failovers.
-    pub async fn make_image(&self, cfg: &VolumeConfig, image: VolumeId, ranges: Vec<(u64, u64)>) -> Result<Vec<NodeId>, IoFail> {
+    pub async fn make_image(
+        &self,
+        cfg: &VolumeConfig,
+        image: VolumeId,
+        ranges: Vec<(u64, u64)>,
+    ) -> Result<Vec<NodeId>, IoFail> {
         image_size(&ranges, cfg.size_bytes)?;
         let mut hold = Hold::new(&self.inner);
         self.inner
@@ -715,14 +720,22 @@ impl<S: BlockStore> DataPlane<S> {
             .retry(&mut hold, |inner| {
                 let holders = holders.clone();
                 async move {
-                    inner.copy_once(cfg.id, cfg.requester.clone(), write, offset, image, image_offset, len, holders).await
+                    inner
+                        .copy_once(cfg.id, cfg.requester.clone(), write, offset, image, image_offset, len, holders)
+                        .await
                 }
             })
             .await
     }
 
     /// Reads `buf.len()` bytes of `image` at `offset` from this node's copy or a holder's.
-    pub async fn read_image(&self, image: VolumeId, offset: u64, buf: &mut [u8], holders: &[NodeId]) -> Result<(), IoFail> {
+    pub async fn read_image(
+        &self,
+        image: VolumeId,
+        offset: u64,
+        buf: &mut [u8],
+        holders: &[NodeId],
+    ) -> Result<(), IoFail> {
         let mut done = 0usize;
         while done < buf.len() {
             let piece = (buf.len() - done).min(PROXY_BYTES_MAX as usize);

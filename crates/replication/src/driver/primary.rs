@@ -21,8 +21,8 @@ use super::applier::{Apply, ApplyQueue};
 #[cfg(doc)]
 use super::Coordinator;
 use super::{
-    check_compare_and_write, Inner, IoFail, ProposeError, Vol, OUTPUT_TASKS_MAX, PROXIED_WRITE_ADMIT_MAX,
-    READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX, ZEROES_PIECE_BYTES_MAX, CLONE_PIECE_BYTES_MAX,
+    check_compare_and_write, Inner, IoFail, ProposeError, Vol, CLONE_PIECE_BYTES_MAX, OUTPUT_TASKS_MAX,
+    PROXIED_WRITE_ADMIT_MAX, READS_QUEUED_MAX, WRITE_PIECE_BYTES_MAX, ZEROES_PIECE_BYTES_MAX,
 };
 use tandem_replication_core::recent::WritePiece;
 use tandem_replication_core::{Phase, Primary, PrimaryConfig, Token, INFLIGHT_WRITES_MAX};
@@ -569,10 +569,13 @@ impl PrimaryDriver {
                 }
                 let token = st.next_token;
                 st.next_token += 1;
-                let bytes = if kind.carries_data() { data.slice(at as usize..(at + piece) as usize) } else { Bytes::new() };
+                let bytes =
+                    if kind.carries_data() { data.slice(at as usize..(at + piece) as usize) } else { Bytes::new() };
                 // Each piece of a clone takes the blocks of the image from its own place on.
                 let kind = match kind {
-                    WriteKind::Clone { image, image_offset } => WriteKind::Clone { image, image_offset: image_offset + at },
+                    WriteKind::Clone { image, image_offset } => {
+                        WriteKind::Clone { image, image_offset: image_offset + at }
+                    }
                     other => other,
                 };
                 st.waiters.insert(

@@ -607,7 +607,10 @@ async fn an_image_is_frozen_on_every_in_sync_replica_and_copies_of_it_land_by_re
     c.planes[2].write(&c.cfg, 0, old.clone()).await.expect("write");
 
     let image = VolumeId(100);
-    let holders = c.planes[1].make_image(&c.cfg, image, vec![(0, len as u64 / 2), (len as u64 / 2, len as u64 / 2)]).await.expect("image");
+    let holders = c.planes[1]
+        .make_image(&c.cfg, image, vec![(0, len as u64 / 2), (len as u64 / 2, len as u64 / 2)])
+        .await
+        .expect("image");
     assert_eq!(holders, vec![NodeId(1), NodeId(2), NodeId(3)], "the primary first, then every in-sync member");
     for store in &c.stores {
         assert_eq!(image_bytes(store, image, len), old[..], "every holder's image holds the bytes of its moment");
@@ -616,6 +619,14 @@ async fn an_image_is_frozen_on_every_in_sync_replica_and_copies_of_it_land_by_re
     let bad = c.planes[0].make_image(&c.cfg, VolumeId(101), vec![(512, 4096)]).await;
     assert!(matches!(bad, Err(IoFail::Invalid(_))), "{bad:?}");
     assert!(c.stores.iter().all(|s| tandem_storage::BlockStore::volume_size(&**s, VolumeId(101)).is_none()));
+
+    // A read-only snapshot's configuration refuses every write, on every path.
+    let snapshot = VolumeConfig { read_only: true, ..c.cfg.clone() };
+    let refused = c.planes[2].write(&snapshot, 0, pattern(4096, 1)).await;
+    assert!(matches!(refused, Err(IoFail::Invalid(ref e)) if e.contains("read-only")), "{refused:?}");
+    assert!(matches!(c.planes[0].write_zeroes(&snapshot, 0, 4096).await, Err(IoFail::Invalid(_))));
+    assert!(matches!(c.planes[1].copy(&snapshot, 0, image, 0, 4096, holders.clone()).await, Err(IoFail::Invalid(_))));
+    assert_eq!(local(&c.stores[0], 0, len), old[..], "nothing of them landed");
 
     // Later writes to the source do not change the image.
     c.planes[0].write(&c.cfg, 0, new.clone()).await.expect("overwrite");
@@ -635,7 +646,8 @@ async fn an_image_is_frozen_on_every_in_sync_replica_and_copies_of_it_land_by_re
     let streamed = c.planes[1].copy(&c.cfg, 2 * 1024 * 1024, image, 4096, 8192, vec![NodeId(2)]).await.expect("copy");
     assert!(!streamed, "the primary does not hold the image: streamed");
     // Not block-aligned: streamed too.
-    let unaligned = c.planes[0].copy(&c.cfg, 3 * 1024 * 1024 + 100, image, 0, 5000, holders.clone()).await.expect("copy");
+    let unaligned =
+        c.planes[0].copy(&c.cfg, 3 * 1024 * 1024 + 100, image, 0, 5000, holders.clone()).await.expect("copy");
     assert!(!unaligned);
     for store in &c.stores {
         assert_eq!(local(store, 2 * 1024 * 1024, 8192), old[4096..4096 + 8192]);

@@ -131,7 +131,14 @@ impl BlockStore for MemStore {
     }
 
     /// A copy of the bytes: the same effect as the real store's copy by reference.
-    fn clone_range(&self, src: VolumeId, src_offset: u64, dst: VolumeId, dst_offset: u64, len: u64) -> Result<Lsn, StoreError> {
+    fn clone_range(
+        &self,
+        src: VolumeId,
+        src_offset: u64,
+        dst: VolumeId,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<Lsn, StoreError> {
         self.check()?;
         let mut vols = self.volumes.lock().expect("store lock");
         let s = vols.get_mut(&src).ok_or(StoreError::UnknownVolume(src))?;

@@ -13,7 +13,13 @@ const WINDOW_CHUNKS: u64 = 1024;
 
 impl SledStore {
     /// [`BlockStore::extents`](crate::BlockStore::extents).
-    pub(super) fn extents_of(&self, vol: VolumeId, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
+    pub(super) fn extents_of(
+        &self,
+        vol: VolumeId,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<Extent>, StoreError> {
         let map = {
             let st = lock(&self.core().st);
             let rec = st.volume(vol)?;
@@ -22,11 +28,9 @@ impl SledStore {
         };
         let end = offset + len;
         let mut out: Vec<Extent> = Vec::new();
-        let mut push = |out: &mut Vec<Extent>, len: u64, allocated: bool| {
-            match out.last_mut() {
-                Some(last) if last.allocated == allocated => last.len += len,
-                _ => out.push(Extent { len, allocated }),
-            }
+        let push = |out: &mut Vec<Extent>, len: u64, allocated: bool| match out.last_mut() {
+            Some(last) if last.allocated == allocated => last.len += len,
+            _ => out.push(Extent { len, allocated }),
         };
         let mut at = offset;
         while at < end && out.len() <= max {
