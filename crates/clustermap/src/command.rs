@@ -223,5 +223,5 @@ pub enum MetaReply {
     /// What a [`MetaCmd::Reserve`] did, or why the reservations refused it (nothing changed).
     Reservation(Result<Outcome, Refusal>),
     /// The token a token command made or changed.
-    Token(TokenRecord),
+    Token(Box<TokenRecord>),
 }

@@ -141,7 +141,7 @@ impl ClusterMap {
     ) -> MetaReply {
         // A retry of a creation that took effect (its reply was lost) gets the same token.
         if let Some(t) = self.tokens.values().find(|t| t.nonce == nonce && t.volume == volume) {
-            return MetaReply::Token(t.clone());
+            return MetaReply::Token(Box::new(t.clone()));
         }
         let Some(vol) = self.volumes.get(&volume) else {
             return MetaReply::NotFound(format!("no volume with id {volume}"));
@@ -184,7 +184,7 @@ impl ClusterMap {
         self.tokens.insert(id, token.clone());
         self.touched.push(ObjectKey::Token(id));
         self.touched.push(ObjectKey::NextVolumeId);
-        MetaReply::Token(token)
+        MetaReply::Token(Box::new(token))
     }
 
     pub(crate) fn token_ready(&mut self, id: VolumeId, holders: Vec<NodeId>) -> MetaReply {
@@ -201,14 +201,14 @@ impl ClusterMap {
             return MetaReply::NotFound(format!("no token {id}"));
         };
         if t.holders == holders {
-            return MetaReply::Token(t.clone());
+            return MetaReply::Token(Box::new(t.clone()));
         }
         if t.ready() {
             return MetaReply::Conflict(format!("token {id} is already made, held by {:?}", t.holders));
         }
         t.holders = holders;
         self.touched.push(ObjectKey::Token(id));
-        MetaReply::Token(t.clone())
+        MetaReply::Token(Box::new(t.clone()))
     }
 
     pub(crate) fn touch_token(&mut self, id: VolumeId, now_ms: u64) -> MetaReply {
@@ -222,7 +222,7 @@ impl ClusterMap {
             t.last_used_ms = now_ms;
             self.touched.push(ObjectKey::Token(id));
         }
-        MetaReply::Token(t.clone())
+        MetaReply::Token(Box::new(t.clone()))
     }
 
     pub(crate) fn revoke_token(&mut self, id: VolumeId) -> MetaReply {

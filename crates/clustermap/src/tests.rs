@@ -948,7 +948,7 @@ mod copies {
 
     fn token(reply: MetaReply) -> TokenRecord {
         match reply {
-            MetaReply::Token(t) => t,
+            MetaReply::Token(t) => *t,
             other => panic!("not a token: {other:?}"),
         }
     }

@@ -235,7 +235,7 @@ impl Copies {
         let made = async {
             let holders = self.plane.make_image(&cfg, pending.id, ranges).await?;
             match self.meta.write(MetaCmd::TokenReady { id: pending.id, holders }).await? {
-                MetaReply::Token(t) => Ok(t),
+                MetaReply::Token(t) => Ok(*t),
                 other => Err(CopyError::Io(format!("the token was not made ready: {other:?}"))),
             }
         };

@@ -189,7 +189,6 @@ async fn planted_park_at_stopped_primary_runs_a_retried_write_again() {
             fua: false,
             write: 1000 + u64::from(seed),
             requester: None,
-            read_only: false,
         };
         let payload = Bytes::from(msg.encode().expect("encode"));
         for attempt in ["first", "retry"] {
