@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tandem_types::{validate_name, Epoch, NodeId, VolumeId, BLOCK_BYTES};
+use tandem_types::{validate_name, Epoch, NodeId, VolumeId};
 
 use crate::key::ObjectKey;
 use crate::map::ClusterMap;
@@ -30,7 +30,7 @@ pub const TOKENS_PER_VOLUME_MAX: usize = 128;
 /// Tokens the cluster may have at once.
 pub const TOKENS_MAX: usize = 4096;
 /// Ranges one token stands for at most.
-pub const TOKEN_RANGES_MAX: usize = 64;
+pub const TOKEN_RANGES_MAX: usize = tandem_types::COPY_RANGES_MAX;
 /// The longest a token may live (its maximum lifetime).
 pub const TOKEN_LIFETIME_MAX_MS: u64 = 24 * 3600 * 1000;
 /// A token still pending this long after its creation (its maker died) is dropped.
@@ -102,26 +102,6 @@ pub struct Origin {
     pub created_ms: u64,
 }
 
-/// Checks a token's ranges against a volume of `size_bytes`; returns the token's length.
-pub fn check_ranges(ranges: &[(u64, u64)], size_bytes: u64) -> Result<u64, String> {
-    if ranges.is_empty() || ranges.len() > TOKEN_RANGES_MAX {
-        return Err(format!("a token stands for 1 to {TOKEN_RANGES_MAX} ranges, not {}", ranges.len()));
-    }
-    let mut total = 0u64;
-    for &(offset, len) in ranges {
-        if len == 0 || !offset.is_multiple_of(BLOCK_BYTES) || !len.is_multiple_of(BLOCK_BYTES) {
-            return Err(format!(
-                "range {offset}+{len}: a token's ranges are whole {BLOCK_BYTES}-byte blocks, not empty"
-            ));
-        }
-        if offset.checked_add(len).is_none_or(|end| end > size_bytes) {
-            return Err(format!("range {offset}+{len} is outside the volume of {size_bytes} bytes"));
-        }
-        total += len;
-    }
-    Ok(total)
-}
-
 impl ClusterMap {
     /// The tokens of a volume.
     pub fn tokens_of(&self, volume: VolumeId) -> impl Iterator<Item = &TokenRecord> {
@@ -149,7 +129,7 @@ impl ClusterMap {
         if vol.pending() {
             return MetaReply::Invalid(format!("volume {:?} is still being made", vol.name));
         }
-        if let Err(e) = check_ranges(&ranges, vol.size_bytes) {
+        if let Err(e) = tandem_types::copy_ranges_len(&ranges, vol.size_bytes) {
             return MetaReply::Invalid(e);
         }
         if lifetime_ms == 0 || lifetime_ms > TOKEN_LIFETIME_MAX_MS || idle_ms == 0 || idle_ms > lifetime_ms {
@@ -318,13 +298,7 @@ impl ClusterMap {
                 created_ms: now_ms,
             }),
         };
-        vol.assert_shape();
-        self.index.volume_by_name.insert(vol.name.clone(), id);
-        self.volumes.insert(id, vol);
-        self.next_volume_id = id.checked_next().expect("volume ids exhausted");
-        self.touched.push(ObjectKey::Volume(id));
-        self.touched.push(ObjectKey::NextVolumeId);
-        MetaReply::Done { changed: true }
+        self.insert_new_volume(vol)
     }
 
     pub(crate) fn finish_clone(&mut self, id: VolumeId, holders: Vec<NodeId>) -> MetaReply {

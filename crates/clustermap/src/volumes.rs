@@ -160,6 +160,13 @@ impl ClusterMap {
             resync: BTreeMap::new(),
             origin: None,
         };
+        self.insert_new_volume(vol)
+    }
+
+    /// Adds a volume that takes the next volume id (`vol.id`), and allocates it.
+    pub(crate) fn insert_new_volume(&mut self, vol: VolumeRecord) -> MetaReply {
+        let id = vol.id;
+        assert_eq!(id, self.next_volume_id, "a new volume takes the next id");
         vol.assert_shape();
         self.index.volume_by_name.insert(vol.name.clone(), id);
         self.volumes.insert(id, vol);

@@ -172,6 +172,31 @@ pub enum NameError {
     BadCharacter,
 }
 
+/// Ranges one copy (a token, an image) is made of at most: SCSI's POPULATE TOKEN names a few.
+pub const COPY_RANGES_MAX: usize = 64;
+
+/// Checks the ranges of a copy by reference against a volume of `size_bytes`: 1 to
+/// [`COPY_RANGES_MAX`] of them, each whole blocks, not empty, inside the volume. Returns their
+/// total length (the ranges are concatenated).
+pub fn copy_ranges_len(ranges: &[(u64, u64)], size_bytes: u64) -> Result<u64, String> {
+    if ranges.is_empty() || ranges.len() > COPY_RANGES_MAX {
+        return Err(format!("a copy is made of 1 to {COPY_RANGES_MAX} ranges, not {}", ranges.len()));
+    }
+    let mut total = 0u64;
+    for &(offset, len) in ranges {
+        if len == 0 || !offset.is_multiple_of(BLOCK_BYTES) || !len.is_multiple_of(BLOCK_BYTES) {
+            return Err(format!(
+                "range {offset}+{len}: a copy's ranges are whole {BLOCK_BYTES}-byte blocks, not empty"
+            ));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > size_bytes) {
+            return Err(format!("range {offset}+{len} is outside the volume of {size_bytes} bytes"));
+        }
+        total += len;
+    }
+    Ok(total)
+}
+
 /// Validates a user-chosen name (site, setting key, and later dataset, volume and host names).
 /// Names end up in file paths, URLs and NBD export names, so the alphabet is kept small.
 pub fn validate_name(name: &str) -> Result<(), NameError> {

@@ -10,38 +10,16 @@ use tandem_reservations::Access;
 use tandem_storage::{BlockStore, Lsn, StoreError};
 use tandem_types::{Epoch, NodeId, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::{DataMsg, DataReply, Requester, WriteId, WriteKind};
-use tokio::sync::oneshot;
 
 use super::host_io::{fail_reply, reply_error, Route};
 use super::primary::PrimaryDriver;
 use super::{Inner, IoFail, PROXY_BYTES_MAX, PROXY_CHANNEL, WRITE_PIECE_BYTES_MAX};
-use tandem_replication_core::{MemberState, Phase};
+use tandem_replication_core::MemberState;
 
-/// Ranges one image is made of at most (SCSI POPULATE TOKEN names a few).
-pub const IMAGE_RANGES_MAX: usize = 64;
-
-/// Checks an image's ranges against a volume of `size_bytes`: block-aligned, inside it, at
-/// most [`IMAGE_RANGES_MAX`], not empty; returns the image's size.
+/// Checks an image's ranges against a volume of `size_bytes`
+/// ([`tandem_types::copy_ranges_len`]); returns the image's size.
 pub fn image_size(ranges: &[(u64, u64)], size_bytes: u64) -> Result<u64, IoFail> {
-    if ranges.is_empty() || ranges.len() > IMAGE_RANGES_MAX {
-        return Err(IoFail::Invalid(format!(
-            "an image is made of 1 to {IMAGE_RANGES_MAX} ranges, not {}",
-            ranges.len()
-        )));
-    }
-    let mut total = 0u64;
-    for &(offset, len) in ranges {
-        if len == 0 || !offset.is_multiple_of(BLOCK_BYTES) || !len.is_multiple_of(BLOCK_BYTES) {
-            return Err(IoFail::Invalid(format!(
-                "range {offset}+{len}: an image's ranges are whole {BLOCK_BYTES}-byte blocks"
-            )));
-        }
-        if offset.checked_add(len).is_none_or(|end| end > size_bytes) {
-            return Err(IoFail::Invalid(format!("range {offset}+{len} is outside the volume of {size_bytes} bytes")));
-        }
-        total += len;
-    }
-    Ok(total)
+    tandem_types::copy_ranges_len(ranges, size_bytes).map_err(IoFail::Invalid)
 }
 
 /// Makes `image` in this node's store from `ranges` of `volume`, one after the other. An image
@@ -79,34 +57,15 @@ impl PrimaryDriver {
         for &(offset, len) in &ranges {
             self.check_reservations(inner, requester, Access::Read, offset, len).await?;
         }
-        let (in_flight, members) = {
-            let mut st = self.st.lock().expect("core lock");
-            if st.core.phase() != Phase::Serving {
-                return Err(IoFail::Unavailable("the primary stopped serving".into()));
-            }
-            let waits: Vec<oneshot::Receiver<()>> = st
-                .waiters
-                .values_mut()
-                .map(|w| {
-                    let (t, r) = oneshot::channel();
-                    w.watchers.push(t);
-                    r
-                })
-                .collect();
-            let members: Vec<NodeId> = st
-                .core
+        self.drain_writes(inner, "the image").await?;
+        let members: Vec<NodeId> = {
+            let st = self.st.lock().expect("core lock");
+            st.core
                 .committed_isr()
                 .into_iter()
                 .filter(|&n| n != inner.me && st.core.member_state(n) == Some(MemberState::InSync))
-                .collect();
-            (waits, members)
+                .collect()
         };
-        for acked in in_flight {
-            acked.await.map_err(|_| IoFail::Unavailable("a write before the image was not acknowledged".into()))?;
-        }
-        if !inner.coord.lease_valid() || self.paused.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(IoFail::Unavailable("the primary has no lease or is confirming its epoch".into()));
-        }
         let msg = DataMsg::Image { volume: self.volume, epoch: self.epoch, image, ranges: ranges.clone() };
         let mut remote = tokio::task::JoinSet::new();
         for &n in &members {

@@ -75,7 +75,7 @@ mod replica;
 mod sender;
 mod tick;
 
-pub use images::{image_size, IMAGE_RANGES_MAX};
+pub use images::image_size;
 
 #[cfg(doc)]
 use applier::Apply;

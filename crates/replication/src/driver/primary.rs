@@ -377,6 +377,28 @@ impl PrimaryDriver {
         op: Op,
     ) -> Result<Result<Outcome, Refusal>, IoFail> {
         let _alone = self.sequencing.write().await;
+        self.drain_writes(inner, "the command").await?;
+        let result = match inner.coord.reserve(self.volume, self.epoch, id, requester.nexus.clone(), op.clone()).await {
+            Ok(result) => result,
+            Err(ProposeError::Refused(why)) | Err(ProposeError::Unavailable(why)) => {
+                return Err(IoFail::Unavailable(format!("reservation command not committed: {why}")));
+            }
+        };
+        tracing::info!(
+            volume = %self.volume,
+            nexus = %requester.nexus,
+            op = op.name(),
+            result = ?result,
+            "reservation command"
+        );
+        Ok(result)
+    }
+
+    /// Waits until every write sequenced so far is acknowledged (by every in-sync replica),
+    /// then checks that this primary still serves with a lease. The caller holds `sequencing`
+    /// alone, so no write comes in meanwhile: afterwards every in-sync replica holds exactly
+    /// this primary's bytes. `what` names the caller for the error.
+    pub(super) async fn drain_writes<S: BlockStore>(&self, inner: &Arc<Inner<S>>, what: &str) -> Result<(), IoFail> {
         let in_flight: Vec<oneshot::Receiver<()>> = {
             let mut st = self.st.lock().expect("core lock");
             if st.core.phase() != Phase::Serving {
@@ -392,25 +414,12 @@ impl PrimaryDriver {
                 .collect()
         };
         for acked in in_flight {
-            acked.await.map_err(|_| IoFail::Unavailable("a write before the command was not acknowledged".into()))?;
+            acked.await.map_err(|_| IoFail::Unavailable(format!("a write before {what} was not acknowledged")))?;
         }
         if !inner.coord.lease_valid() || self.paused.load(Ordering::Acquire) {
             return Err(IoFail::Unavailable("the primary has no lease or is confirming its epoch".into()));
         }
-        let result = match inner.coord.reserve(self.volume, self.epoch, id, requester.nexus.clone(), op.clone()).await {
-            Ok(result) => result,
-            Err(ProposeError::Refused(why)) | Err(ProposeError::Unavailable(why)) => {
-                return Err(IoFail::Unavailable(format!("reservation command not committed: {why}")));
-            }
-        };
-        tracing::info!(
-            volume = %self.volume,
-            nexus = %requester.nexus,
-            op = op.name(),
-            result = ?result,
-            "reservation command"
-        );
-        Ok(result)
+        Ok(())
     }
 
     /// SCSI COMPARE AND WRITE: writes `data` at `offset` only if the range holds `expected`
