@@ -84,6 +84,9 @@ impl PrimaryDriver {
             store.durable(lsn).await.map_err(|e| IoFail::Io(format!("image {image}: {e}")))
         };
         let local = local.await;
+        if local.is_ok() {
+            inner.made_images.lock().expect("images lock").insert(image);
+        }
         let mut answers = remote.join_all().await;
         local?;
         answers.sort_by_key(|(n, _)| *n);
@@ -235,7 +238,10 @@ impl<S: BlockStore> Inner<S> {
             Err(e) => return DataReply::Failed(format!("image task: {e}")),
         };
         match store.durable(lsn).await {
-            Ok(()) => DataReply::Ok,
+            Ok(()) => {
+                self.made_images.lock().expect("images lock").insert(image);
+                DataReply::Ok
+            }
             Err(e) => DataReply::Failed(e.to_string()),
         }
     }

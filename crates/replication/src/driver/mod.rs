@@ -303,6 +303,13 @@ struct Inner<S: BlockStore> {
     nacks: Arc<Semaphore>,
     /// The store's failure was logged ([`Inner::store_failed`]).
     store_failure_logged: AtomicBool,
+    /// Images this process made in its store (`images.rs`). A volume made from one (a clone,
+    /// a snapshot: the image's id is the volume's) holds, when its configuration first
+    /// arrives, exactly what every other holder holds, so its first primary has nothing to
+    /// reconcile. Forgotten at a restart (the copy's past is unknown then); a few ids at most
+    /// between an image and its volume, each removed when its volume arrives or when the
+    /// sweeper deletes the image.
+    made_images: Mutex<BTreeSet<VolumeId>>,
 }
 
 struct Vol {
@@ -354,6 +361,7 @@ impl<S: BlockStore> DataPlane<S> {
             records,
             nacks: Arc::new(Semaphore::new(NACKS_IN_FLIGHT_MAX)),
             store_failure_logged: AtomicBool::new(false),
+            made_images: Mutex::new(BTreeSet::new()),
         });
         let handler: Arc<dyn Handler> = Arc::new(DataHandler { inner: Arc::downgrade(&inner) });
         net.serve(Channel::Replication, handler.clone());
@@ -445,7 +453,8 @@ impl<S: BlockStore> DataPlane<S> {
                     Some(v) => v.clone(),
                     None => {
                         let fresh = cfg.epoch == Epoch(1);
-                        let existed = inner.store.volume_size(id).is_some();
+                        let made_here = inner.made_images.lock().expect("images lock").remove(&id);
+                        let existed = inner.store.volume_size(id).is_some() && !made_here;
                         if let Err(e) = inner.store.create_volume(id, cfg.size_bytes) {
                             tracing::error!(volume = %id, error = %e, "cannot create the local copy");
                             continue;
@@ -758,6 +767,7 @@ impl<S: BlockStore> DataPlane<S> {
         if self.inner.configs.lock().expect("configs lock").contains_key(&image) {
             return Err(IoFail::Invalid(format!("{image} is a volume, not an image")));
         }
+        self.inner.made_images.lock().expect("images lock").remove(&image);
         self.inner.store.delete_volume(image).map_err(|e| IoFail::Io(e.to_string()))
     }
 
