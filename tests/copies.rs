@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tandem_testkit::qemu::{io_ok, qemu_io_ok, qemu_io_tls};
-use tandem_testkit::queries::{create_served_volume, volume, wait_identical};
+use tandem_testkit::queries::{create_served_volume, try_create_served_volume_in, volume, wait_identical};
 use tandem_testkit::{require_tools, wait_for, Cluster};
 
 fn url(c: &Cluster, node: u64, volume: &str) -> String {
@@ -158,6 +158,17 @@ fn a_token_copies_the_bytes_of_its_moment_by_reference_and_bad_tokens_write_noth
     let (status, body) = post("h1", "/v1/volumes/dst/copy", serde_json::json!({"token": h1_token, "offset": 44 << 20}));
     assert_eq!((status, body["by_reference"].as_bool()), (200, Some(true)), "{body}");
     assert!(io_ok(&qemu_io_tls(c.nbd_addr(3), "dst", Some(&dir.path().join("h1")), &["read -P 0xcd 44M 64k"])));
+
+    // A source on one node only: the target's other replicas hold no image, so the copy is
+    // streamed from that node, and lands the same.
+    c.admin(&["dataset", "create", "solo", "--replicas", "1"]);
+    try_create_served_volume_in(&c, "one", "16M", Some("solo")).expect("one");
+    qemu_io_ok(&url(&c, 1, "one"), &["write -P 0x3c 1M 2M"]);
+    let one = make_token(&c, &["one", "--offset", "1M", "--length", "2M"]);
+    let copied = copy(&c, &one, "dst", "48M").expect("copy");
+    assert_eq!((copied["bytes"].as_u64(), copied["by_reference"].as_bool()), (Some(2 << 20), Some(false)), "{copied}");
+    qemu_io_ok(&url(&c, 2, "dst"), &["read -P 0x3c 48M 2M", "read -P 0 50M 4k"]);
+    wait_identical(&c, 1, "dst", &[1, 2, 3], Duration::from_secs(30));
 }
 
 #[test]
