@@ -7,7 +7,8 @@
 //! - the primary killed (-9) between the token and the copy: the copy succeeds through the new
 //!   primary;
 //! - snapshots are read-only and keep their moment's bytes, clones are writable and
-//!   independent, and both keep their data when the source is deleted.
+//!   independent, and both keep their data when the source is deleted;
+//! - a revoked token's image is deleted by every replica's sweeper and its blocks are freed.
 
 use std::time::Duration;
 
@@ -254,4 +255,41 @@ fn snapshots_are_read_only_and_keep_their_moment_and_clones_are_independent_of_t
     wait_identical(&c, 1, "snap", &[1, 2, 3], Duration::from_secs(60));
     c.admin(&["snapshot", "delete", "snap"]);
     assert!(volume(&c, 1, "snap").is_none());
+}
+
+/// A token's image holds the blocks the source has overwritten since; once the token is
+/// revoked, every replica's sweeper deletes the image and those blocks are freed.
+#[test]
+fn a_revoked_tokens_image_is_deleted_and_its_blocks_freed_on_every_replica() {
+    require_tools(&["qemu-io"]);
+    let c = Cluster::up(3);
+    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
+    create_served_volume(&c, "src", "16M");
+    qemu_io_ok(&url(&c, 1, "src"), &["write -P 0x11 0 4M"]);
+    let gauge = |n: u64, name: &str| c.metric(n, name).unwrap_or_else(|| panic!("node {n} shows no {name}"));
+    let live = |n: u64| gauge(n, "tandem_store_live_bytes");
+    let token: Value =
+        serde_json::from_str(&c.admin(&["token", "create", "src", "--offset", "0", "--length", "4M", "--json"]))
+            .expect("json");
+    let before: Vec<f64> = (1..=3).map(live).collect();
+    for n in 1..=3 {
+        assert!(gauge(n, "tandem_store_unclaimed_ids") >= 1.0, "node {n} holds the token's image");
+    }
+    // The source moves on: the image alone keeps the old blocks, on every replica.
+    qemu_io_ok(&url(&c, 2, "src"), &["write -P 0x22 0 4M"]);
+    for n in 1..=3 {
+        wait_for(&format!("node {n} to hold both versions"), Duration::from_secs(30), || {
+            (live(n) >= before[n as usize - 1] + (4 << 20) as f64).then_some(())
+        });
+    }
+    let held: Vec<f64> = (1..=3).map(live).collect();
+    c.admin(&["token", "revoke", "src", &token["id"].as_u64().expect("id").to_string()]);
+    // Two sweeps 30 s apart find the image unclaimed, then it goes.
+    for n in 1..=3 {
+        wait_for(&format!("node {n} to delete the image and free its blocks"), Duration::from_secs(150), || {
+            (gauge(n, "tandem_store_unclaimed_ids") == 0.0 && live(n) <= held[n as usize - 1] - (4 << 20) as f64)
+                .then_some(())
+        });
+    }
+    qemu_io_ok(&url(&c, 3, "src"), &["read -P 0x22 0 4M"]);
 }

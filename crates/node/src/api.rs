@@ -499,6 +499,19 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         }
         let objects = s.meta.local_read(|st| st.map.object_count());
         let _ = writeln!(out, "# TYPE tandem_meta_objects gauge\ntandem_meta_objects {objects}");
+        // The block store: bytes its volumes, clones, snapshots and images reference (a block
+        // they share counts once), what its files take on disk, and the store ids no volume of
+        // the map claims (images of copy tokens, and leftovers the sweeper deletes).
+        let space = s.plane.store_space();
+        let unclaimed = s.plane.unclaimed_store_ids().len();
+        let store = [
+            ("tandem_store_live_bytes", space.live_bytes as f64),
+            ("tandem_store_disk_bytes", space.segment_disk_bytes as f64),
+            ("tandem_store_unclaimed_ids", unclaimed as f64),
+        ];
+        for (name, value) in store {
+            let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
+        }
     }
     let links = s.links.link_stats();
     type Counter = fn(&LinkStats) -> u64;

@@ -762,6 +762,12 @@ impl<S: BlockStore> DataPlane<S> {
         self.inner.store.volumes().into_iter().filter(|(id, _)| !configs.contains_key(id)).collect()
     }
 
+    /// The local store's space accounting (a block shared by clones, snapshots and images
+    /// counts once in its `live_bytes`).
+    pub fn store_space(&self) -> tandem_storage::SpaceStats {
+        self.inner.store.space()
+    }
+
     /// Deletes an image held here (never a volume of the configuration).
     pub fn delete_image(&self, image: VolumeId) -> Result<(), IoFail> {
         if self.inner.configs.lock().expect("configs lock").contains_key(&image) {
