@@ -21,6 +21,15 @@ fn url(c: &Cluster, node: u64, volume: &str) -> String {
     format!("nbd://{}/{volume}", c.nbd_addr(node))
 }
 
+/// A 3-node cluster with a leader and volume `src` of `size`, served (qemu-io is the host).
+fn three_nodes_with_src(size: &str) -> Cluster {
+    require_tools(&["qemu-io"]);
+    let c = Cluster::up(3);
+    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
+    create_served_volume(&c, "src", size);
+    c
+}
+
 /// `qemu-io -r`: a read-only export opens only read-only.
 fn read_only(url: &str, commands: &[&str]) -> tandem_testkit::qemu::Ran {
     let mut args = vec!["-r"];
@@ -44,10 +53,7 @@ fn copy(c: &Cluster, token: &str, to: &str, offset: &str) -> Result<Value, Strin
 
 #[test]
 fn a_token_copies_the_bytes_of_its_moment_by_reference_and_bad_tokens_write_nothing() {
-    require_tools(&["qemu-io"]);
-    let c = Cluster::up(3);
-    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
-    create_served_volume(&c, "src", "64M");
+    let c = three_nodes_with_src("64M");
     create_served_volume(&c, "dst", "64M");
     qemu_io_ok(&url(&c, 2, "src"), &["write -P 0xab 0 8M", "write -P 0x5a 8M 4k"]);
 
@@ -174,10 +180,8 @@ fn a_token_copies_the_bytes_of_its_moment_by_reference_and_bad_tokens_write_noth
 
 #[test]
 fn a_copy_by_token_succeeds_through_the_new_primary_after_the_old_one_is_killed() {
-    require_tools(&["qemu-io"]);
-    let c = Cluster::up(3);
-    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
-    let src = create_served_volume(&c, "src", "32M");
+    let c = three_nodes_with_src("32M");
+    let src = volume(&c, 1, "src").expect("src");
     qemu_io_ok(&url(&c, 1, "src"), &["write -P 0x77 4M 4M"]);
     let token = make_token(&c, &["src", "--offset", "4M", "--length", "4M"]);
     // The primary that made the token's image goes; the copy goes to the same volume, so it is
@@ -213,10 +217,7 @@ fn a_copy_by_token_succeeds_through_the_new_primary_after_the_old_one_is_killed(
 
 #[test]
 fn snapshots_are_read_only_and_keep_their_moment_and_clones_are_independent_of_their_source() {
-    require_tools(&["qemu-io"]);
-    let c = Cluster::up(3);
-    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
-    create_served_volume(&c, "src", "32M");
+    let c = three_nodes_with_src("32M");
     qemu_io_ok(&url(&c, 1, "src"), &["write -P 0x21 0 4M", "write -P 0x22 16M 1M"]);
 
     let made = c.admin(&["snapshot", "create", "src", "snap"]);
@@ -261,10 +262,7 @@ fn snapshots_are_read_only_and_keep_their_moment_and_clones_are_independent_of_t
 /// revoked, every replica's sweeper deletes the image and those blocks are freed.
 #[test]
 fn a_revoked_tokens_image_is_deleted_and_its_blocks_freed_on_every_replica() {
-    require_tools(&["qemu-io"]);
-    let c = Cluster::up(3);
-    c.agreed_leader(&[1, 2, 3], Duration::from_secs(20));
-    create_served_volume(&c, "src", "16M");
+    let c = three_nodes_with_src("16M");
     qemu_io_ok(&url(&c, 1, "src"), &["write -P 0x11 0 4M"]);
     let gauge = |n: u64, name: &str| c.metric(n, name).unwrap_or_else(|| panic!("node {n} shows no {name}"));
     let live = |n: u64| gauge(n, "tandem_store_live_bytes");

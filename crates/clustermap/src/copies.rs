@@ -62,6 +62,16 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
+    /// Whether [`MetaCmd::Expire`](crate::MetaCmd::Expire) at `now_ms` drops the token: void
+    /// once made, or never made within [`TOKEN_PENDING_MAX_MS`].
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        if self.ready() {
+            self.void_at(now_ms).is_some()
+        } else {
+            now_ms >= self.created_ms.saturating_add(TOKEN_PENDING_MAX_MS)
+        }
+    }
+
     /// The number of bytes the token stands for.
     pub fn len(&self) -> u64 {
         self.ranges.iter().map(|r| r.1).sum()
@@ -87,6 +97,13 @@ impl TokenRecord {
         } else {
             None
         }
+    }
+}
+
+impl VolumeRecord {
+    /// A clone or snapshot whose maker did not finish it within [`CLONE_PENDING_MAX_MS`].
+    pub fn abandoned_at(&self, now_ms: u64) -> bool {
+        self.origin.as_ref().is_some_and(|o| !o.made && now_ms >= o.created_ms.saturating_add(CLONE_PENDING_MAX_MS))
     }
 }
 
@@ -213,35 +230,22 @@ impl ClusterMap {
         MetaReply::Done { changed: true }
     }
 
+    /// Whether [`MetaCmd::Expire`](crate::MetaCmd::Expire) at `now_ms` would drop anything: the
+    /// leader proposes it only then.
+    pub fn anything_expired(&self, now_ms: u64) -> bool {
+        self.tokens.values().any(|t| t.expired_at(now_ms)) || self.volumes.values().any(|v| v.abandoned_at(now_ms))
+    }
+
     /// Drops what has expired at `now_ms`: tokens past their lifetime or inactivity timeout,
     /// tokens and clones whose maker never finished them.
     pub(crate) fn expire(&mut self, now_ms: u64) -> MetaReply {
-        let gone: Vec<VolumeId> = self
-            .tokens
-            .values()
-            .filter(|t| {
-                if t.ready() {
-                    t.void_at(now_ms).is_some()
-                } else {
-                    now_ms >= t.created_ms.saturating_add(TOKEN_PENDING_MAX_MS)
-                }
-            })
-            .map(|t| t.id)
-            .collect();
+        let gone: Vec<VolumeId> = self.tokens.values().filter(|t| t.expired_at(now_ms)).map(|t| t.id).collect();
         for id in &gone {
             self.tokens.remove(id);
             self.touched.push(ObjectKey::Token(*id));
         }
-        let stale: Vec<String> = self
-            .volumes
-            .values()
-            .filter(|v| {
-                v.origin
-                    .as_ref()
-                    .is_some_and(|o| !o.made && now_ms >= o.created_ms.saturating_add(CLONE_PENDING_MAX_MS))
-            })
-            .map(|v| v.name.clone())
-            .collect();
+        let stale: Vec<String> =
+            self.volumes.values().filter(|v| v.abandoned_at(now_ms)).map(|v| v.name.clone()).collect();
         for name in &stale {
             self.delete_volume(name);
         }

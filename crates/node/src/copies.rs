@@ -135,7 +135,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// A copy made: how many bytes, and whether by reference on every replica or streamed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Copied {
     pub bytes: u64,
     pub by_reference: bool,
@@ -254,9 +254,10 @@ impl Copies {
         }
     }
 
-    /// The committed token a value stands for, usable now by `asker` (its source is a volume
-    /// `asker` may read).
-    pub async fn resolve(&self, asker: &Asker, value: &[u8]) -> Result<TokenRecord, CopyError> {
+    /// The committed token a value stands for, usable now by `asker` to write into volume
+    /// `target` (the token's source is a volume `asker` may read, `target` one it may write),
+    /// in one linearizable read.
+    pub async fn resolve(&self, asker: &Asker, value: &[u8], target: &str) -> Result<TokenRecord, CopyError> {
         let v = decode_token(&self.secret, value)?;
         let default = self.default_access;
         let now = now_ms();
@@ -279,6 +280,7 @@ impl Copies {
                 check_access(&st.map, default, &asker.principal, &source.name).map_err(|e| {
                     CopyError::Denied(format!("the token's source may not be read by this requester: {e}"))
                 })?;
+                check_access(&st.map, default, &asker.principal, target)?;
                 Ok(t.clone())
             })
             .await?
@@ -295,9 +297,7 @@ impl Copies {
         token_offset: u64,
         len: Option<u64>,
     ) -> Result<Copied, CopyError> {
-        let token = self.resolve(asker, value).await?;
-        let default = self.default_access;
-        self.meta.read(|st| check_access(&st.map, default, &asker.principal, target)).await??;
+        let token = self.resolve(asker, value, target).await?;
         let available = token.len().checked_sub(token_offset).ok_or_else(|| {
             CopyError::Invalid(format!("offset {token_offset} is past the token's {} bytes", token.len()))
         })?;
@@ -383,20 +383,7 @@ pub fn spawn_expiry(meta: Arc<MetaStore>, me: NodeId) {
                 continue;
             }
             let now = now_ms();
-            let due = meta.local_read(|st| {
-                st.map.tokens.values().any(|t| {
-                    if t.ready() {
-                        t.void_at(now).is_some()
-                    } else {
-                        now >= t.created_ms.saturating_add(tandem_clustermap::copies::TOKEN_PENDING_MAX_MS)
-                    }
-                }) || st.map.volumes.values().any(|v| {
-                    v.origin.as_ref().is_some_and(|o| {
-                        !o.made && now >= o.created_ms.saturating_add(tandem_clustermap::copies::CLONE_PENDING_MAX_MS)
-                    })
-                })
-            });
-            if due {
+            if meta.local_read(|st| st.map.anything_expired(now)) {
                 if let Err(e) = meta.write(MetaCmd::Expire { now_ms: now }).await {
                     tracing::warn!(error = %e, "cannot expire copy tokens yet");
                 }

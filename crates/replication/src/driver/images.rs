@@ -72,16 +72,13 @@ impl PrimaryDriver {
             let (inner, msg) = (inner.clone(), msg.clone());
             remote.spawn(async move { (n, inner.call(n, PROXY_CHANNEL, &msg).await) });
         }
-        let store = inner.store.clone();
-        let volume = self.volume;
-        let local = async move {
-            let made = tokio::task::spawn_blocking(move || {
-                make_image_here(&*store, volume, image, &ranges).map(|l| (l, store))
-            })
-            .await
-            .map_err(|e| IoFail::Io(format!("image task: {e}")))?;
-            let (lsn, store) = made.map_err(|e| IoFail::Io(format!("image {image} of volume {volume}: {e}")))?;
-            store.durable(lsn).await.map_err(|e| IoFail::Io(format!("image {image}: {e}")))
+        let (store, volume) = (inner.store.clone(), self.volume);
+        let local = async {
+            let made = tokio::task::spawn_blocking(move || make_image_here(&*store, volume, image, &ranges))
+                .await
+                .map_err(|e| IoFail::Io(format!("image task: {e}")))?;
+            let lsn = made.map_err(|e| IoFail::Io(format!("image {image} of volume {volume}: {e}")))?;
+            inner.store.durable(lsn).await.map_err(|e| IoFail::Io(format!("image {image}: {e}")))
         };
         let local = local.await;
         if local.is_ok() {
@@ -125,14 +122,15 @@ impl PrimaryDriver {
                 .store
                 .volume_size(image)
                 .is_some_and(|size| image_offset.checked_add(len).is_some_and(|end| end <= size));
+        let replicas =
+            inner.volume(self.volume).map(|v| v.cfg.lock().expect("cfg lock").replicas.clone()).unwrap_or_default();
         let members_hold = {
             let st = self.st.lock().expect("core lock");
-            let cfg =
-                inner.volume(self.volume).map(|v| v.cfg.lock().expect("cfg lock").replicas.clone()).unwrap_or_default();
-            cfg.iter().filter(|&&n| n != inner.me).all(|n| {
-                // Out members receive no records; every other one must hold the image.
-                matches!(st.core.member_state(*n), None | Some(MemberState::Out)) || holders.contains(n)
-            })
+            // Out members receive no records; every other one must hold the image.
+            replicas
+                .iter()
+                .filter(|&&n| n != inner.me)
+                .all(|n| matches!(st.core.member_state(*n), None | Some(MemberState::Out)) || holders.contains(n))
         };
         if aligned && held_here && members_hold {
             let kind = WriteKind::Clone { image, image_offset };
@@ -229,15 +227,15 @@ impl<S: BlockStore> Inner<S> {
             }
             let made = make_image_here(&*store, volume, image, &ranges);
             drop(backup);
-            made.map(|lsn| (lsn, store)).map_err(|e| DataReply::Failed(e.to_string()))
+            made.map_err(|e| DataReply::Failed(e.to_string()))
         })
         .await;
-        let (lsn, store) = match made {
-            Ok(Ok(made)) => made,
+        let lsn = match made {
+            Ok(Ok(lsn)) => lsn,
             Ok(Err(reply)) => return reply,
             Err(e) => return DataReply::Failed(format!("image task: {e}")),
         };
-        match store.durable(lsn).await {
+        match self.store.durable(lsn).await {
             Ok(()) => {
                 self.made_images.lock().expect("images lock").insert(image);
                 DataReply::Ok
