@@ -29,6 +29,13 @@ pub enum IoError {
     /// The volume is going away on this node (lost its lease, node stopping).
     #[error("shutting down: {0}")]
     Shutdown(String),
+    /// A copy token could not be used; nothing was written.
+    #[error("token refused: {1}")]
+    Token(crate::copy::TokenFault, String),
+    /// The other volume of a copy cannot be found or reached (not in this cluster, or not
+    /// visible to this host).
+    #[error("copy target unreachable: {0}")]
+    CopyTarget(String),
 }
 
 /// Why an export could not be opened.

@@ -12,9 +12,11 @@
 //! only): a rule written here (access, reservations, copy) holds for every protocol alike.
 
 pub mod budget;
+pub mod copy;
 pub mod error;
 pub mod volume;
 
 pub use budget::{Budgets, BufferBudget, BufferReservation, BUFFER_UNIT_BYTES};
+pub use copy::{CopyUnit, Token, TokenFault, TokenRequest, TOKEN_BYTES};
 pub use error::{IoError, OpenError};
 pub use volume::{Exports, Identification, Peer, Volume};

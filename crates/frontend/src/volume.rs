@@ -15,9 +15,11 @@
 //! state [`Volume::reservations`], and what they raise for this nexus
 //! [`Volume::take_attentions`].
 //!
-//! Room for what comes, in the shape it will take here rather than in each protocol:
-//! - Copy by reference: token creation (a range of this volume) and "write the data of token
-//!   T here" will be methods of their own, served in metadata on every replica.
+//! Copy by reference ([`crate::copy`]): [`Volume::populate_token`] makes a token for ranges of
+//! this volume, [`Volume::write_using_token`] writes a token's data here, and
+//! [`Volume::copy_between`] copies between two volumes named by their identifiers; the node
+//! serves all three in metadata on every replica, with the opener's access checked on both
+//! volumes.
 //!
 //! Each protocol translates its commands into these calls; the protocol's own codes (NBD
 //! errnos, SCSI sense) are chosen from the [`IoError`] kind inside the protocol's crate.
@@ -25,6 +27,8 @@
 use std::future::Future;
 
 use bytes::Bytes;
+
+use crate::copy::{CopyUnit, Token, TokenRequest};
 
 use tandem_reservations::{Attention, Nexus, Op, Outcome, Refusal, Reservations};
 
@@ -174,5 +178,47 @@ pub trait Volume: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<u64>, IoError>> + Send {
         let _ = (offset, expected, data, fua);
         async { Err(IoError::NotSupported("compare and write is not atomic on this volume".into())) }
+    }
+
+    /// Makes a token standing for `ranges` (offset, length; concatenated in that order) of this
+    /// volume as they are now: later writes do not change what it copies. The opener must be
+    /// allowed to read the volume.
+    fn populate_token(
+        &self,
+        ranges: Vec<(u64, u64)>,
+        request: TokenRequest,
+    ) -> impl Future<Output = Result<Token, IoError>> + Send {
+        let _ = (ranges, request);
+        async { Err(IoError::NotSupported("this volume makes no copy tokens".into())) }
+    }
+
+    /// Writes the token's data, from byte `token_offset` of it onward, over `ranges` (offset,
+    /// length) of this volume in order. Nothing is written for a token that cannot be used
+    /// ([`IoError::Token`]); otherwise ranges are written in order, each whole, and the error
+    /// of the first that failed is returned with the bytes written before it.
+    fn write_using_token(
+        &self,
+        token: Bytes,
+        token_offset: u64,
+        ranges: Vec<(u64, u64)>,
+    ) -> impl Future<Output = Result<u64, (u64, IoError)>> + Send {
+        let _ = (token, token_offset, ranges);
+        async { Err((0, IoError::NotSupported("this volume takes no copy tokens".into()))) }
+    }
+
+    /// Copies `len` bytes from `source_offset` of `source` to `destination_offset` of
+    /// `destination` (SCSI EXTENDED COPY, where this volume is the copy manager): by
+    /// reference where the replicas allow, streamed otherwise. The opener must be allowed to
+    /// read the source and write the destination.
+    fn copy_between(
+        &self,
+        source: CopyUnit,
+        source_offset: u64,
+        destination: CopyUnit,
+        destination_offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(), IoError>> + Send {
+        let _ = (source, source_offset, destination, destination_offset, len);
+        async { Err(IoError::NotSupported("this volume copies nothing by reference".into())) }
     }
 }

@@ -53,6 +53,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+mod copy;
+
 use crate::chap::{Chap, ChapCredentials};
 use crate::discovery::{DiscoveryResponder, DiscoveryTarget, SeqNumbers};
 use crate::login::{LoginHooks, LoginMachine, LoginOutcome, SessionParams, SessionType, TargetConfig};
@@ -674,6 +676,8 @@ struct LunState<V> {
     volume: V,
     unit: LogicalUnit,
     nexus: Arc<StdMutex<Nexus>>,
+    /// The third-party copy operations this session (its I_T nexus) finished.
+    copies: StdMutex<tandem_scsi::tpc::Operations>,
 }
 
 /// A command whose data-out is being gathered.
@@ -731,7 +735,7 @@ where
     let target = params.target_name.clone().unwrap_or_default();
     portal.register(&target, &nexus);
     let session = Arc::new(Session {
-        lun: LunState { volume, unit, nexus },
+        lun: LunState { volume, unit, nexus, copies: StdMutex::default() },
         out: out.clone(),
         window: Arc::clone(&window),
         read_budget: Arc::clone(&budgets.read_buffers),
@@ -1410,6 +1414,14 @@ async fn execute<V: Volume>(session: &Session<V>, command: &ScsiCommand, io: Io,
             let reply = persistent_reserve_out(session, action, scope, kind, &data).await;
             return send_reply(session, command.itt, command.lun, edtl, needed_out, reply).await;
         }
+        Io::CopyOut { action, list_id, .. } => {
+            let reply = copy::copy_out(session, action, list_id, &data).await;
+            return send_reply(session, command.itt, command.lun, edtl, needed_out, reply).await;
+        }
+        Io::CopyIn { action, list_id, allocation } => {
+            let reply = copy::copy_in(session, action, list_id, allocation);
+            return send_reply(session, command.itt, command.lun, edtl, 0, reply).await;
+        }
         _ => {}
     }
     let result: Result<(), Failure> = match io {
@@ -1508,7 +1520,9 @@ async fn execute<V: Volume>(session: &Session<V>, command: &ScsiCommand, io: Io,
             let mut nexus = lock(&session.lun.nexus);
             unit.mode_select(ten, &data, &mut nexus).map_err(Failure::Sense)
         }
-        Io::PersistentReserveIn { .. } | Io::PersistentReserveOut { .. } => unreachable!("answered above"),
+        Io::PersistentReserveIn { .. } | Io::PersistentReserveOut { .. } | Io::CopyOut { .. } | Io::CopyIn { .. } => {
+            unreachable!("answered above")
+        }
     };
     let reply = {
         let nexus = lock(&session.lun.nexus);

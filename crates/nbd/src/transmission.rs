@@ -123,6 +123,8 @@ pub fn errno_of_io_error(error: &IoError) -> u32 {
         IoError::NotSupported(_) => errno::ENOTSUP,
         IoError::NoMemory(_) => errno::ENOMEM,
         IoError::Shutdown(_) => errno::ESHUTDOWN,
+        // NBD has no copy by reference: nothing of it reaches here.
+        IoError::Token(..) | IoError::CopyTarget(_) => errno::EINVAL,
     }
 }
 

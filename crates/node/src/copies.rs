@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_clustermap::{AccessPolicy, ClusterMap, MetaCmd, MetaReply, Principal, TokenRecord, VolumeRecord};
+use tandem_frontend::TokenFault;
 use tandem_meta::network::MetaError;
 use tandem_meta::store::MetaStore;
 use tandem_replication::driver::IoFail;
@@ -43,9 +44,13 @@ const MAC_BYTES: usize = 32;
 pub enum CopyError {
     #[error("{0}")]
     NotFound(String),
-    /// A malformed, forged, expired or revoked token; a bad range.
+    /// A bad range or request.
     #[error("{0}")]
     Invalid(String),
+    /// A token that cannot be used: malformed or forged ([`TokenFault::Corrupt`]), expired,
+    /// revoked or its source deleted ([`TokenFault::Unknown`]), or too short for the request.
+    #[error("{1}")]
+    Token(TokenFault, String),
     /// The requester may not read the source or write the target.
     #[error("{0}")]
     Denied(String),
@@ -111,9 +116,12 @@ pub fn encode_token(secret: &ClusterSecret, t: &TokenValue) -> [u8; TOKEN_BYTES]
 /// Reads a token's value: its layout, then its MAC. Any other value is refused, and which part
 /// was wrong is not said beyond "malformed" or "not made by this cluster".
 pub fn decode_token(secret: &ClusterSecret, bytes: &[u8]) -> Result<TokenValue, CopyError> {
-    let malformed = || CopyError::Invalid("the token is malformed".into());
+    let malformed = || CopyError::Token(TokenFault::Corrupt, "the token is malformed".into());
     if bytes.len() != TOKEN_BYTES {
-        return Err(CopyError::Invalid(format!("a token is {TOKEN_BYTES} bytes, not {}", bytes.len())));
+        return Err(CopyError::Token(
+            TokenFault::Corrupt,
+            format!("a token is {TOKEN_BYTES} bytes, not {}", bytes.len()),
+        ));
     }
     let be = |r: std::ops::Range<usize>| bytes[r].iter().fold(0u128, |acc, b| (acc << 8) | u128::from(*b));
     if be(0..4) != u128::from(ROD_TYPE_POINT_IN_TIME) || be(6..8) != (TOKEN_BYTES - 8) as u128 {
@@ -123,7 +131,7 @@ pub fn decode_token(secret: &ClusterSecret, bytes: &[u8]) -> Result<TokenValue, 
         return Err(malformed());
     }
     if !secret.verify_copy_token_mac(&bytes[..MAC_AT], &bytes[MAC_AT..MAC_AT + MAC_BYTES]) {
-        return Err(CopyError::Invalid("the token was not made by this cluster".into()));
+        return Err(CopyError::Token(TokenFault::Corrupt, "the token was not made by this cluster".into()));
     }
     let len = u64::try_from(be(48..64)).map_err(|_| malformed())?;
     Ok(TokenValue { id: VolumeId(be(8..16) as u64), nonce: be(64..80), volume: VolumeId(be(80..88) as u64), len })
@@ -263,20 +271,16 @@ impl Copies {
         let now = now_ms();
         self.meta
             .read(|st| {
-                let t = st
-                    .map
-                    .tokens
-                    .get(&v.id)
-                    .filter(|t| t.nonce == v.nonce && t.volume == v.volume)
-                    .ok_or_else(|| CopyError::Invalid("the token expired or was revoked".into()))?;
+                let t =
+                    st.map.tokens.get(&v.id).filter(|t| t.nonce == v.nonce && t.volume == v.volume).ok_or_else(
+                        || CopyError::Token(TokenFault::Unknown, "the token expired or was revoked".into()),
+                    )?;
                 if let Some(why) = t.void_at(now) {
-                    return Err(CopyError::Invalid(format!("the token cannot be used: {why}")));
+                    return Err(CopyError::Token(TokenFault::Unknown, format!("the token cannot be used: {why}")));
                 }
-                let source = st
-                    .map
-                    .volumes
-                    .get(&t.volume)
-                    .ok_or_else(|| CopyError::Invalid("the token's source volume was deleted".into()))?;
+                let source = st.map.volumes.get(&t.volume).ok_or_else(|| {
+                    CopyError::Token(TokenFault::Unknown, "the token's source volume was deleted".into())
+                })?;
                 check_access(&st.map, default, &asker.principal, &source.name).map_err(|e| {
                     CopyError::Denied(format!("the token's source may not be read by this requester: {e}"))
                 })?;
@@ -299,19 +303,22 @@ impl Copies {
     ) -> Result<Copied, CopyError> {
         let token = self.resolve(asker, value, target).await?;
         let available = token.len().checked_sub(token_offset).ok_or_else(|| {
-            CopyError::Invalid(format!("offset {token_offset} is past the token's {} bytes", token.len()))
+            CopyError::Token(
+                TokenFault::TooShort,
+                format!("offset {token_offset} is past the token's {} bytes", token.len()),
+            )
         })?;
         let len = len.unwrap_or(available);
         if len > available {
-            return Err(CopyError::Invalid(format!(
-                "{len} bytes from offset {token_offset} is past the token's {} bytes",
-                token.len()
-            )));
+            return Err(CopyError::Token(
+                TokenFault::TooShort,
+                format!("{len} bytes from offset {token_offset} is past the token's {} bytes", token.len()),
+            ));
         }
         let cfg = self.config(target, asker)?;
         match self.meta.write(MetaCmd::TouchToken { id: token.id, now_ms: now_ms() }).await? {
             MetaReply::Token(_) => {}
-            other => return Err(CopyError::Invalid(format!("the token cannot be used: {other:?}"))),
+            other => return Err(CopyError::Token(TokenFault::Unknown, format!("the token cannot be used: {other:?}"))),
         }
         let by_reference = self.plane.copy(&cfg, offset, token.id, token_offset, len, token.holders.clone()).await?;
         tracing::info!(token = %token.id, %target, offset, bytes = len, by_reference, "copy by token");
@@ -438,7 +445,7 @@ mod tests {
         assert_eq!(&bytes[0..8], &[0x00, 0x80, 0x00, 0x00, 0, 0, 0x01, 0xF8], "SPC-4's ROD token header");
         assert_eq!(decode_token(&s, &bytes), Ok(t));
         assert!(
-            matches!(decode_token(&secret(), &bytes), Err(CopyError::Invalid(ref e)) if e.contains("not made by this cluster"))
+            matches!(decode_token(&secret(), &bytes), Err(CopyError::Token(_, ref e)) if e.contains("not made by this cluster"))
         );
         // Every byte matters: flipping any one is refused.
         for i in 0..TOKEN_BYTES {

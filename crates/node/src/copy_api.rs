@@ -22,7 +22,7 @@ impl From<CopyError> for ApiError {
     fn from(e: CopyError) -> ApiError {
         let status = match &e {
             CopyError::NotFound(_) => StatusCode::NOT_FOUND,
-            CopyError::Invalid(_) => StatusCode::BAD_REQUEST,
+            CopyError::Invalid(_) | CopyError::Token(..) => StatusCode::BAD_REQUEST,
             CopyError::Denied(_) => StatusCode::FORBIDDEN,
             CopyError::Conflict(_) => StatusCode::CONFLICT,
             CopyError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

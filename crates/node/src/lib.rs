@@ -167,6 +167,13 @@ pub async fn run(
         meta: meta.clone(),
         default_access: cfg.security.access,
         watches: host_watches.clone(),
+        copies: Arc::new(copies::Copies {
+            meta: meta.clone(),
+            plane: plane.clone(),
+            secret: secret.clone(),
+            default_access: cfg.security.access,
+        }),
+        cluster: cfg.cluster.name.clone(),
     });
     // NBD over TLS: the node's certificate; a host's client certificate identifies it.
     let nbd_tls = Some(identity.host_server_config()?);

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Serialize;
 use tandem_clustermap::{AccessPolicy, ClusterMap, MetaCmd, MetaReply, ObjectKey, Principal, Refusal, VolumeRecord};
-use tandem_frontend::{Budgets, Exports, Identification, IoError, OpenError, Peer, Volume};
+use tandem_frontend::{
+    Budgets, CopyUnit, Exports, Identification, IoError, OpenError, Peer, Token, TokenFault, TokenRequest, Volume,
+};
 use tandem_meta::network::MetaError;
 use tandem_meta::state_machine::Changed;
 use tandem_meta::store::MetaStore;
@@ -21,6 +23,7 @@ use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId};
 use tandem_wire::data::Requester;
 
+use crate::copies::{self, Asker, Copies, CopyError};
 use crate::host_watch::HostWatches;
 use crate::lease::Leases;
 
@@ -346,6 +349,10 @@ pub struct VolumeExports {
     pub default_access: AccessPolicy,
     /// Wakes connections when their opener's access may have changed.
     pub watches: Arc<HostWatches>,
+    /// Copy by reference (SCSI POPULATE TOKEN, WRITE USING TOKEN, EXTENDED COPY).
+    pub copies: Arc<Copies>,
+    /// The cluster's name: the volumes' SCSI identifiers derive from it.
+    pub cluster: String,
 }
 
 /// Whether `peer` may open volume `name` under `map` (the policy in force, else `default`):
@@ -410,6 +417,10 @@ pub struct ExportedVolume {
     /// The reservation unit attentions not yet taken by the opener.
     attentions: std::sync::Mutex<AttentionFeed>,
     meta: Arc<MetaStore>,
+    copies: Arc<Copies>,
+    /// The opener as copies check it (may it read a token's source, write here).
+    asker: Asker,
+    cluster: String,
 }
 
 /// Where an opener stands in its volume's numbered unit attentions.
@@ -496,7 +507,17 @@ impl Exports for VolumeExports {
             default_access: self.default_access,
             changed: tokio::sync::Mutex::new(changed),
         };
-        Ok(ExportedVolume { plane: self.plane.clone(), cfg, access, attentions, meta: self.meta.clone() })
+        let asker = Asker { principal: who, requester: cfg.requester.clone() };
+        Ok(ExportedVolume {
+            plane: self.plane.clone(),
+            cfg,
+            access,
+            attentions,
+            meta: self.meta.clone(),
+            copies: self.copies.clone(),
+            asker,
+            cluster: self.cluster.clone(),
+        })
     }
 
     fn identification(&self) -> Identification {
@@ -616,6 +637,104 @@ impl Volume for ExportedVolume {
     ) -> Result<Option<u64>, IoError> {
         // Acknowledged only once durable on every in-sync replica: FUA needs nothing more.
         self.plane.compare_and_write(&self.cfg, offset, expected, data).await.map_err(io_error)
+    }
+
+    async fn populate_token(&self, ranges: Vec<(u64, u64)>, request: TokenRequest) -> Result<Token, IoError> {
+        let idle = request.idle.unwrap_or(copies::IDLE_DEFAULT);
+        if idle > tandem_frontend::copy::TOKEN_IDLE_MAX {
+            return Err(IoError::Invalid(format!(
+                "an inactivity timeout of {idle:?} is past the most a token may have"
+            )));
+        }
+        let lifetime = copies::LIFETIME_DEFAULT;
+        let (record, value) =
+            self.copies.create_token(&self.asker, &self.cfg.name, ranges, lifetime, idle).await.map_err(copy_error)?;
+        Ok(Token { value: value.to_vec(), bytes: record.len(), lifetime, idle })
+    }
+
+    async fn write_using_token(
+        &self,
+        token: Bytes,
+        token_offset: u64,
+        ranges: Vec<(u64, u64)>,
+    ) -> Result<u64, (u64, IoError)> {
+        // Checked whole before anything is written: the token, both volumes' access, and
+        // that it holds every byte asked for.
+        let record = self.copies.resolve(&self.asker, &token, &self.cfg.name).await.map_err(|e| (0, copy_error(e)))?;
+        let wanted: u64 = ranges.iter().map(|(_, len)| len).sum();
+        if token_offset.checked_add(wanted).is_none_or(|end| end > record.len()) {
+            let why = format!("{wanted} bytes from byte {token_offset} of a token of {} bytes", record.len());
+            return Err((0, IoError::Token(TokenFault::TooShort, why)));
+        }
+        let mut done = 0;
+        for (offset, len) in ranges {
+            self.copies
+                .copy(&self.asker, &token, &self.cfg.name, offset, token_offset + done, Some(len))
+                .await
+                .map_err(|e| (done, copy_error(e)))?;
+            done += len;
+        }
+        Ok(done)
+    }
+
+    async fn copy_between(
+        &self,
+        source: CopyUnit,
+        source_offset: u64,
+        destination: CopyUnit,
+        destination_offset: u64,
+        len: u64,
+    ) -> Result<(), IoError> {
+        let source = self.unit_name(source)?;
+        let destination = self.unit_name(destination)?;
+        // A token for the source range, used once and revoked: the same image, clone record
+        // and access checks as any copy by token.
+        let (record, value) = self
+            .copies
+            .create_token(&self.asker, &source, vec![(source_offset, len)], XCOPY_TOKEN_LIFETIME, XCOPY_TOKEN_LIFETIME)
+            .await
+            .map_err(copy_error)?;
+        let copied = self.copies.copy(&self.asker, &value, &destination, destination_offset, 0, Some(len)).await;
+        if let Err(e) = self.copies.revoke(&self.asker, &source, record.id).await {
+            // Its image goes at the token's expiry instead.
+            tracing::warn!(token = %record.id, error = %e, "an EXTENDED COPY token was not revoked");
+        }
+        copied.map(|_| ()).map_err(copy_error)
+    }
+}
+
+/// How long the token behind one EXTENDED COPY segment may live if it is not revoked at once.
+const XCOPY_TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
+
+impl ExportedVolume {
+    /// The name of the volume a copy names: this one, or the one whose NAA identifier it
+    /// gives (and which this opener may see).
+    fn unit_name(&self, unit: CopyUnit) -> Result<String, IoError> {
+        match unit {
+            CopyUnit::This => Ok(self.cfg.name.clone()),
+            CopyUnit::Naa(naa) => self
+                .meta
+                .local_read(|st| {
+                    st.map
+                        .volumes
+                        .values()
+                        .find(|v| crate::iscsi::naa(&self.cluster, v.id) == naa)
+                        .map(|v| v.name.clone())
+                })
+                .ok_or_else(|| IoError::CopyTarget(format!("no volume of this cluster has NAA identifier {naa:016x}"))),
+        }
+    }
+}
+
+/// The error kind a host sees for a copy that failed.
+fn copy_error(e: CopyError) -> IoError {
+    match e {
+        CopyError::Token(fault, m) => IoError::Token(fault, m),
+        CopyError::Invalid(m) => IoError::Invalid(m),
+        CopyError::NotFound(m) => IoError::CopyTarget(m),
+        CopyError::Denied(m) => IoError::NotPermitted(m),
+        CopyError::Conflict(m) => IoError::ReservationConflict(m),
+        CopyError::Unavailable(m) | CopyError::Io(m) => IoError::Io(m),
     }
 }
 

@@ -37,6 +37,8 @@ pub mod op {
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
     pub const ORWRITE_16: u8 = 0x8B;
+    pub const THIRD_PARTY_COPY_OUT: u8 = 0x83;
+    pub const THIRD_PARTY_COPY_IN: u8 = 0x84;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8E;
     pub const VERIFY_16: u8 = 0x8F;
     pub const PRE_FETCH_16: u8 = 0x90;
@@ -215,6 +217,21 @@ pub enum Command {
         scope: u8,
         kind: u8,
         parameter_bytes: u32,
+    },
+    /// THIRD-PARTY COPY OUT: EXTENDED COPY (LID1), POPULATE TOKEN, WRITE USING TOKEN
+    /// ([`crate::tpc::out_action`]). `list_id` is the CDB's (the tokens'); EXTENDED COPY's is
+    /// in its parameter list.
+    CopyOut {
+        action: u8,
+        list_id: u32,
+        parameter_bytes: u32,
+    },
+    /// THIRD-PARTY COPY IN: RECEIVE COPY RESULTS' service actions and RECEIVE ROD TOKEN
+    /// INFORMATION ([`crate::tpc::in_action`]).
+    CopyIn {
+        action: u8,
+        list_id: u32,
+        allocation: u32,
     },
 }
 
@@ -408,6 +425,33 @@ pub fn decode(cdb: &[u8]) -> Result<Command, Sense> {
                 parameter_bytes: be32(&cdb[5..9]),
             }
         }
+        THIRD_PARTY_COPY_OUT => {
+            use crate::tpc::out_action::*;
+            let action = cdb[1] & 0x1F;
+            let parameter_bytes = be32(&cdb[10..14]);
+            match action {
+                EXTENDED_COPY_LID1 => {
+                    reserved(cdb, &[2, 3, 4, 5, 6, 7, 8, 9])?;
+                    Command::CopyOut { action, list_id: 0, parameter_bytes }
+                }
+                POPULATE_TOKEN | WRITE_USING_TOKEN => {
+                    Command::CopyOut { action, list_id: be32(&cdb[6..10]), parameter_bytes }
+                }
+                _ => return Err(Sense::invalid_cdb_field(1, Some(4))),
+            }
+        }
+        THIRD_PARTY_COPY_IN => {
+            use crate::tpc::in_action::*;
+            let action = cdb[1] & 0x1F;
+            let allocation = be32(&cdb[10..14]);
+            match action {
+                COPY_STATUS | OPERATING_PARAMETERS => {
+                    Command::CopyIn { action, list_id: u32::from(cdb[2]), allocation }
+                }
+                RECEIVE_ROD_TOKEN_INFORMATION => Command::CopyIn { action, list_id: be32(&cdb[2..6]), allocation },
+                _ => return Err(Sense::invalid_cdb_field(1, Some(4))),
+            }
+        }
         REPORT_LUNS => {
             let allocation = be32(&cdb[6..10]);
             Command::ReportLuns { select: cdb[2], allocation }
@@ -463,7 +507,9 @@ pub fn cdb_len(opcode: u8) -> Option<usize> {
         | PERSISTENT_RESERVE_OUT => 10,
         REPORT_LUNS | MAINTENANCE_IN | READ_12 | WRITE_12 | WRITE_AND_VERIFY_12 | VERIFY_12 | READ_DEFECT_DATA_12 => 12,
         READ_16 | COMPARE_AND_WRITE | WRITE_16 | ORWRITE_16 | WRITE_AND_VERIFY_16 | VERIFY_16 | PRE_FETCH_16
-        | SYNCHRONIZE_CACHE_16 | WRITE_SAME_16 | SERVICE_ACTION_IN_16 => 16,
+        | SYNCHRONIZE_CACHE_16 | WRITE_SAME_16 | SERVICE_ACTION_IN_16 | THIRD_PARTY_COPY_OUT | THIRD_PARTY_COPY_IN => {
+            16
+        }
         _ => return None,
     })
 }

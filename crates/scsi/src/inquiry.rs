@@ -20,7 +20,7 @@ const VERSION_DESCRIPTORS: [u16; 4] = [0x00A0, 0x0460, 0x04C0, 0x0960];
 pub const STANDARD_INQUIRY_BYTES: usize = 96;
 
 /// The VPD pages this target has, in ascending order as page 0x00 must list them.
-pub const SUPPORTED_VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2];
+pub const SUPPORTED_VPD_PAGES: [u8; 7] = [0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2];
 
 /// Longest unit serial number kept: VPD 0x80 fits it in one byte of length, and a multipath
 /// stack compares it whole.
@@ -37,7 +37,7 @@ pub fn standard(identity: &Identity) -> Vec<u8> {
     b[2] = 0x06; // SPC-4
     b[3] = 0x10 | 0x02; // HISUP, response data format 2
     b[4] = (STANDARD_INQUIRY_BYTES - 5) as u8;
-    b[5] = 0x10; // TPGS = 01b: implicit ALUA only
+    b[5] = 0x10 | 0x08; // TPGS = 01b: implicit ALUA only; 3PC: third-party copy (VPD 0x8F)
     b[6] = 0x10; // MULTIP: the unit has more than one port (one per node)
     b[7] = 0x02; // CMDQUE: full task management model
     b[8..16].copy_from_slice(&identity.vendor);
@@ -62,6 +62,7 @@ pub fn vpd(
         0x00 => SUPPORTED_VPD_PAGES.to_vec(),
         0x80 => serial(identity),
         0x83 => device_identification(identity, port),
+        0x8F => crate::tpc::vpd_third_party_copy(&crate::tpc::CopyLimits::for_geometry(geometry)),
         0xB0 => block_limits(limits),
         0xB1 => block_device_characteristics(),
         0xB2 => logical_block_provisioning(provisioning, geometry),

@@ -8,6 +8,8 @@
 //! - [`inquiry`], [`mode`], [`opcodes`], [`alua`]: the parameter data of INQUIRY and its VPD
 //!   pages, MODE SENSE/SELECT, REPORT SUPPORTED OPERATION CODES and REPORT TARGET PORT GROUPS.
 //! - [`sense`]: status codes and sense data in fixed and descriptor formats.
+//! - [`tpc`]: third-party copy: EXTENDED COPY, POPULATE TOKEN, WRITE USING TOKEN, their
+//!   results, and the third-party copy VPD page.
 //!
 //! Sans-IO: no sockets, no runtime, no clock. A transport (the iSCSI target in
 //! `tandem-iscsi`) moves the bytes and carries out the [`lu::Io`] a plan asks for against a
@@ -22,6 +24,7 @@ pub mod mode;
 pub mod opcodes;
 pub mod pr;
 pub mod sense;
+pub mod tpc;
 
 pub use alua::{AccessState, PortGroup};
 pub use cdb::Command;

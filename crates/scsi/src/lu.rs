@@ -11,7 +11,7 @@
 //! Nothing here does I/O or keeps a clock; the state that changes (unit attentions, mode
 //! parameters) lives in the caller's [`Nexus`].
 
-use tandem_frontend::IoError;
+use tandem_frontend::{IoError, TokenFault};
 
 use crate::alua::{self, AccessState, PortGroup};
 use crate::cdb::{self, ByteCheck, Command, Extent};
@@ -265,6 +265,13 @@ pub enum Io {
     /// Receive the parameter list, make the command of [`crate::pr::command`] through this
     /// nexus, and answer with its outcome ([`crate::pr::refused`] when refused).
     PersistentReserveOut { action: u8, scope: u8, kind: u8, parameter_bytes: u32 },
+    /// Receive the parameter list of EXTENDED COPY, POPULATE TOKEN or WRITE USING TOKEN
+    /// (`action`), read it with [`crate::tpc`], carry the copy out, and record the operation
+    /// under its list identifier for this nexus.
+    CopyOut { action: u8, list_id: u32, parameter_bytes: u32 },
+    /// Answer RECEIVE COPY RESULTS (COPY STATUS) or RECEIVE ROD TOKEN INFORMATION from the
+    /// operations this nexus finished.
+    CopyIn { action: u8, list_id: u32, allocation: u32 },
 }
 
 impl Io {
@@ -276,7 +283,8 @@ impl Io {
             Io::WriteSame { block_bytes, .. } => u64::from(block_bytes),
             Io::Unmap { parameter_bytes }
             | Io::ModeSelect { parameter_bytes, .. }
-            | Io::PersistentReserveOut { parameter_bytes, .. } => u64::from(parameter_bytes),
+            | Io::PersistentReserveOut { parameter_bytes, .. }
+            | Io::CopyOut { parameter_bytes, .. } => u64::from(parameter_bytes),
             Io::CompareAndWrite { len, .. } => 2 * len,
             Io::OrWrite { len, .. } => len,
             Io::Verify { check: ByteCheck::Compare, len, .. } => len,
@@ -284,7 +292,8 @@ impl Io {
             Io::Read { .. }
             | Io::Verify { check: ByteCheck::None, .. }
             | Io::Flush
-            | Io::PersistentReserveIn { .. } => 0,
+            | Io::PersistentReserveIn { .. }
+            | Io::CopyIn { .. } => 0,
         }
     }
 
@@ -539,6 +548,24 @@ impl LogicalUnit {
             Command::ReportSupportedOperationCodes { rctd, options, opcode, service_action, allocation } => {
                 reply(opcodes::report(rctd, options, opcode, service_action)?, allocation)
             }
+            Command::CopyOut { action, list_id, parameter_bytes } => {
+                if action != crate::tpc::out_action::POPULATE_TOKEN {
+                    // EXTENDED COPY may name other units as its destination, but a unit that
+                    // cannot be written is not a copy manager for writes at all.
+                    self.writable()?;
+                }
+                if parameter_bytes == 0 {
+                    return Ok(Plan::Reply(Reply::good()));
+                }
+                if parameter_bytes > crate::tpc::PARAMETER_BYTES_MAX {
+                    return Err(Sense::invalid_cdb_field(10, None));
+                }
+                Ok(Plan::Io(Io::CopyOut { action, list_id, parameter_bytes }))
+            }
+            Command::CopyIn { action: crate::tpc::in_action::OPERATING_PARAMETERS, allocation, .. } => {
+                reply(crate::tpc::operating_parameters(self.geometry.block_size), allocation)
+            }
+            Command::CopyIn { action, list_id, allocation } => Ok(Plan::Io(Io::CopyIn { action, list_id, allocation })),
             Command::ReportTargetPortGroups { extended, allocation } => {
                 reply(alua::report_target_port_groups(&access.groups, extended, access.transition_time_s), allocation)
             }
@@ -676,6 +703,14 @@ pub fn failure_for(error: &IoError, direction: Direction) -> Failure {
         IoError::NotSupported(_) => Failure::Sense(Sense::illegal(asc::INVALID_FIELD_IN_CDB)),
         IoError::NoMemory(_) => Failure::Status(Status::Busy),
         IoError::Shutdown(_) => Failure::Sense(access_sense(AccessState::Transitioning)),
+        IoError::Token(fault, _) => Failure::Sense(Sense::illegal(match fault {
+            TokenFault::Corrupt => asc::INVALID_TOKEN_OPERATION_TOKEN_CORRUPT,
+            TokenFault::Unknown => asc::INVALID_TOKEN_OPERATION_TOKEN_UNKNOWN,
+            TokenFault::TooShort => asc::INVALID_TOKEN_OPERATION_CAUSE_NOT_REPORTABLE,
+        })),
+        IoError::CopyTarget(_) => {
+            Failure::Sense(Sense::new(SenseKey::CopyAborted, asc::COPY_TARGET_DEVICE_NOT_REACHABLE))
+        }
     }
 }
 

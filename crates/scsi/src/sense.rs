@@ -46,6 +46,8 @@ pub enum SenseKey {
     IllegalRequest,
     UnitAttention,
     DataProtect,
+    /// A third-party copy ended before it was done (EXTENDED COPY, WRITE USING TOKEN).
+    CopyAborted,
     AbortedCommand,
     Miscompare,
 }
@@ -61,6 +63,7 @@ impl SenseKey {
             SenseKey::IllegalRequest => 0x5,
             SenseKey::UnitAttention => 0x6,
             SenseKey::DataProtect => 0x7,
+            SenseKey::CopyAborted => 0xA,
             SenseKey::AbortedCommand => 0xB,
             SenseKey::Miscompare => 0xE,
         }
@@ -76,6 +79,7 @@ impl SenseKey {
             0x5 => SenseKey::IllegalRequest,
             0x6 => SenseKey::UnitAttention,
             0x7 => SenseKey::DataProtect,
+            0xA => SenseKey::CopyAborted,
             0xB => SenseKey::AbortedCommand,
             0xE => SenseKey::Miscompare,
             _ => return None,
@@ -133,6 +137,22 @@ pub mod asc {
     pub const DATA_PHASE_ERROR: Asc = Asc(0x4B, 0x00);
     pub const DATA_OFFSET_ERROR: Asc = Asc(0x4B, 0x05);
     pub const INITIATOR_DETECTED_ERROR_MESSAGE_RECEIVED: Asc = Asc(0x48, 0x00);
+    // Third-party copy (SPC-4 6.4, 6.6; SBC-4 5.7, 5.33).
+    pub const UNREACHABLE_COPY_TARGET: Asc = Asc(0x08, 0x04);
+    pub const THIRD_PARTY_DEVICE_FAILURE: Asc = Asc(0x0D, 0x01);
+    pub const COPY_TARGET_DEVICE_NOT_REACHABLE: Asc = Asc(0x0D, 0x02);
+    pub const INVALID_TOKEN_OPERATION_CAUSE_NOT_REPORTABLE: Asc = Asc(0x23, 0x00);
+    pub const INVALID_TOKEN_OPERATION_UNSUPPORTED_TOKEN_TYPE: Asc = Asc(0x23, 0x01);
+    pub const INVALID_TOKEN_OPERATION_TOKEN_UNKNOWN: Asc = Asc(0x23, 0x04);
+    pub const INVALID_TOKEN_OPERATION_TOKEN_CORRUPT: Asc = Asc(0x23, 0x05);
+    pub const INVALID_TOKEN_OPERATION_INVALID_TOKEN_LENGTH: Asc = Asc(0x23, 0x0A);
+    pub const TOO_MANY_TARGET_DESCRIPTORS: Asc = Asc(0x26, 0x06);
+    pub const UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE: Asc = Asc(0x26, 0x07);
+    pub const TOO_MANY_SEGMENT_DESCRIPTORS: Asc = Asc(0x26, 0x08);
+    pub const UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE: Asc = Asc(0x26, 0x09);
+    pub const INLINE_DATA_LENGTH_EXCEEDED: Asc = Asc(0x26, 0x0B);
+    pub const OPERATION_IN_PROGRESS: Asc = Asc(0x00, 0x16);
+    pub const INSUFFICIENT_RESOURCES_TO_CREATE_ROD_TOKEN: Asc = Asc(0x55, 0x0D);
 }
 
 /// Which byte (and optionally bit) of the CDB or parameter list was wrong: SPC-4's sense-key
