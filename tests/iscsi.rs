@@ -19,6 +19,7 @@ use tandem_iscsi::{
 use tandem_scsi::alua::{parse_report, AccessState};
 use tandem_scsi::sense::{asc, Sense, SenseKey};
 use tandem_testkit::cunit::{self, Verdict};
+use tandem_testkit::queries::wait_identical;
 use tandem_testkit::{
     create_served_volume, qemu_io_ok, random_bytes, require_qemu_iscsi, require_tools, run_ok, seed, volume, wait_for,
     Cluster,
@@ -435,6 +436,12 @@ fn iscsi_test_cu_passes_through_the_primary_and_a_proxying_node() {
         .collect();
     println!("iscsi-test-cu through nodes {primary} and {other}: {counts:?} of {} tests", verdicts.len());
     assert!(failed.is_empty(), "failed through the cluster: {failed:?}");
+    // Third-party copy: every test of both families runs, and passes.
+    let copy: Vec<(&String, &Verdict)> = verdicts
+        .iter()
+        .filter(|(name, _)| name.starts_with("ExtendedCopy.") || name.starts_with("ReceiveCopyResults."))
+        .collect();
+    assert!(copy.len() >= 8 && copy.iter().all(|(_, v)| **v == Verdict::Pass), "third-party copy: {copy:?}");
     let passed = counts.get("PASS").copied().unwrap_or(0);
     assert!(passed > TGTD_PASSES, "{passed} tests passed, tgtd passes {TGTD_PASSES}: {counts:?}");
 }
@@ -705,4 +712,223 @@ fn qemu_img_copies_an_image_in_through_one_portal_and_every_portal_reads_it_back
     let reads: Vec<String> = (0..600).map(|i| format!("read -P {} {} 4k", 1 + i % 250, at(i))).collect();
     let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
     qemu_io_ok(&url(&c, new_primary, "img"), &reads);
+}
+
+/// THIRD-PARTY COPY OUT (83h) with `action`, the list identifier in the CDB (tokens) and
+/// `params` as data-out.
+fn copy_out(session: &mut Initiator, action: u8, list_id: u32, params: Vec<u8>) -> Answer {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x83;
+    cdb[1] = action;
+    cdb[6..10].copy_from_slice(&list_id.to_be_bytes());
+    cdb[10..14].copy_from_slice(&(params.len() as u32).to_be_bytes());
+    session.exchange(&cdb, 0, Bytes::from(params)).expect("the connection holds")
+}
+
+/// RECEIVE ROD TOKEN INFORMATION (84h/07h) of `list_id`.
+fn rrti(session: &mut Initiator, list_id: u32) -> Answer {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x84;
+    cdb[1] = 0x07;
+    cdb[2..6].copy_from_slice(&list_id.to_be_bytes());
+    cdb[10..14].copy_from_slice(&1024u32.to_be_bytes());
+    session.command(&cdb, 1024)
+}
+
+/// Block device range descriptors (SBC-4 5.7.3): (lba, blocks).
+fn range_descriptors(ranges: &[(u64, u32)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (lba, blocks) in ranges {
+        out.extend_from_slice(&lba.to_be_bytes());
+        out.extend_from_slice(&blocks.to_be_bytes());
+        out.extend_from_slice(&[0; 4]);
+    }
+    out
+}
+
+/// POPULATE TOKEN (83h/10h) of `ranges`, with an inactivity timeout (0: the default).
+fn populate_token(session: &mut Initiator, list_id: u32, ranges: &[(u64, u32)], inactivity_s: u32) -> Answer {
+    let descriptors = range_descriptors(ranges);
+    let mut params = vec![0u8; 16];
+    params[4..8].copy_from_slice(&inactivity_s.to_be_bytes());
+    params[14..16].copy_from_slice(&(descriptors.len() as u16).to_be_bytes());
+    params.extend_from_slice(&descriptors);
+    let len = (params.len() - 2) as u16;
+    params[0..2].copy_from_slice(&len.to_be_bytes());
+    copy_out(session, 0x10, list_id, params)
+}
+
+/// WRITE USING TOKEN (83h/11h): `token`'s data from `offset_blocks` of it over `ranges`.
+fn write_using_token(
+    session: &mut Initiator,
+    list_id: u32,
+    token: &[u8],
+    offset_blocks: u64,
+    ranges: &[(u64, u32)],
+) -> Answer {
+    let descriptors = range_descriptors(ranges);
+    let mut params = vec![0u8; 536];
+    params[8..16].copy_from_slice(&offset_blocks.to_be_bytes());
+    params[16..528].copy_from_slice(token);
+    params[534..536].copy_from_slice(&(descriptors.len() as u16).to_be_bytes());
+    params.extend_from_slice(&descriptors);
+    let len = (params.len() - 2) as u16;
+    params[0..2].copy_from_slice(&len.to_be_bytes());
+    copy_out(session, 0x11, list_id, params)
+}
+
+/// What RECEIVE ROD TOKEN INFORMATION says of an operation: its status, the blocks it did,
+/// and the token it made.
+fn rod_information(answer: &Answer) -> (u8, u64, Option<Vec<u8>>) {
+    assert_eq!(answer.status, 0, "RECEIVE ROD TOKEN INFORMATION: {answer:?}");
+    let d = &answer.data;
+    let sense_len = usize::from(d[13]);
+    let blocks = u64::from_be_bytes(d[16..24].try_into().expect("8 bytes"));
+    let at = 32 + sense_len;
+    let descriptors = u32::from_be_bytes(d[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let token = (descriptors > 0).then(|| d[at + 6..at + 6 + 512].to_vec());
+    (d[5], blocks, token)
+}
+
+/// The ASC/ASCQ of a CHECK CONDITION answer.
+fn refused_with(answer: &Answer) -> (SenseKey, (u8, u8)) {
+    assert_eq!(answer.status, 0x02, "expected CHECK CONDITION: {answer:?}");
+    let sense = answer.sense.expect("sense data");
+    (sense.key, (sense.asc.0, sense.asc.1))
+}
+
+/// 1 MiB in 512-byte blocks.
+const MIB_BLOCKS: u64 = 2048;
+
+/// Offloaded data transfer as a Windows host does it (SBC-4 5.7, 5.33; SPC-4 6.19): POPULATE
+/// TOKEN through one node, RECEIVE ROD TOKEN INFORMATION for the token, WRITE USING TOKEN into
+/// another volume through another node, RECEIVE ROD TOKEN INFORMATION for the count; the token
+/// holds its moment's bytes; forged, too short, expired and revoked (cancelled) tokens write
+/// nothing; the block device zero token zeroes; and the primary killed between POPULATE TOKEN
+/// and WRITE USING TOKEN: the copy succeeds through the survivors, by reference, every replica
+/// alike.
+#[test]
+fn odx_tokens_copy_between_volumes_through_any_node_and_survive_the_primary() {
+    require_qemu_iscsi();
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let src = create_served_volume(&c, "src", "64M");
+    create_served_volume(&c, "dst", "64M");
+    let primary = src["primary"].as_u64().expect("primary");
+    let others: Vec<u64> = c.node_ids().into_iter().filter(|&n| n != primary).collect();
+    qemu_io_ok(&url(&c, primary, "src"), &["write -P 0xab 0 8M", "write -P 0x5a 8M 4M"]);
+
+    let mut source = Initiator::login(c.iscsi_addr(others[0]), &target("src"));
+    let mut dest = Initiator::login(c.iscsi_addr(others[1]), &target("dst"));
+    // The token: 4 MiB at 0 and 2 MiB at 8 MiB.
+    let answer =
+        populate_token(&mut source, 1, &[(0, 4 * MIB_BLOCKS as u32), (8 * MIB_BLOCKS, 2 * MIB_BLOCKS as u32)], 0);
+    assert_eq!(answer.status, 0, "POPULATE TOKEN: {answer:?}");
+    let (status, blocks, token) = rod_information(&rrti(&mut source, 1));
+    assert_eq!((status, blocks), (0x01, 6 * MIB_BLOCKS), "completed, and the blocks it stands for");
+    let token = token.expect("the token");
+    assert_eq!(&token[0..8], &[0x00, 0x80, 0x00, 0x00, 0, 0, 0x01, 0xF8], "a point-in-time ROD token");
+    // An unknown list identifier: nothing to tell.
+    assert_eq!(refused_with(&rrti(&mut source, 77)), (SenseKey::IllegalRequest, (0x24, 0x00)));
+    // The source changes after the token was made.
+    qemu_io_ok(&url(&c, others[0], "src"), &["write -P 0xcd 0 12M"]);
+
+    let answer = write_using_token(&mut dest, 2, &token, 0, &[(16 * MIB_BLOCKS, 6 * MIB_BLOCKS as u32)]);
+    assert_eq!(answer.status, 0, "WRITE USING TOKEN: {answer:?}");
+    let (status, blocks, _) = rod_information(&rrti(&mut dest, 2));
+    assert_eq!((status, blocks), (0x01, 6 * MIB_BLOCKS), "completed, and the blocks written");
+    // From an offset into the token: its last 2 MiB.
+    let answer = write_using_token(&mut dest, 3, &token, 4 * MIB_BLOCKS, &[(32 * MIB_BLOCKS, 2 * MIB_BLOCKS as u32)]);
+    assert_eq!(answer.status, 0, "WRITE USING TOKEN at an offset: {answer:?}");
+    qemu_io_ok(
+        &url(&c, primary, "dst"),
+        &["read -P 0xab 16M 4M", "read -P 0x5a 20M 2M", "read -P 0 22M 4k", "read -P 0x5a 32M 2M", "read -P 0 34M 4k"],
+    );
+    let copied = |how: &str| c.metric(others[1], &format!("tandem_copied_bytes_total{{how=\"{how}\"}}"));
+    assert_eq!((copied("by_reference"), copied("streamed")), (Some((8 << 20) as f64), Some(0.0)), "by reference");
+
+    // Refused, each with SBC-4's reason, and nothing written at 40 MiB.
+    let mut forged = token.clone();
+    forged[100] ^= 0x01;
+    let answer = write_using_token(&mut dest, 4, &forged, 0, &[(40 * MIB_BLOCKS, MIB_BLOCKS as u32)]);
+    assert_eq!(refused_with(&answer), (SenseKey::IllegalRequest, (0x23, 0x05)), "TOKEN CORRUPT");
+    let (status, blocks, _) = rod_information(&rrti(&mut dest, 4));
+    assert_eq!((status, blocks), (0x02, 0), "completed with an error, nothing written");
+    let answer = write_using_token(&mut dest, 5, &token, 5 * MIB_BLOCKS, &[(40 * MIB_BLOCKS, 2 * MIB_BLOCKS as u32)]);
+    assert_eq!(refused_with(&answer), (SenseKey::IllegalRequest, (0x23, 0x00)), "past the token's end");
+    // A token left unused past its inactivity timeout, and one revoked (cancelled): unknown.
+    assert_eq!(populate_token(&mut source, 6, &[(0, 8)], 1).status, 0);
+    let idle = rod_information(&rrti(&mut source, 6)).2.expect("token");
+    assert_eq!(populate_token(&mut source, 7, &[(0, 8)], 0).status, 0);
+    let cancelled = rod_information(&rrti(&mut source, 7)).2.expect("token");
+    let id = u64::from_be_bytes(cancelled[8..16].try_into().expect("id"));
+    c.admin(&["token", "revoke", "src", &id.to_string()]);
+    let idle_id = u64::from_be_bytes(idle[8..16].try_into().expect("id"));
+    wait_for("the idle token to expire", Duration::from_secs(30), || {
+        let listed: serde_json::Value = serde_json::from_str(&c.admin(&["token", "list", "src", "--json"])).ok()?;
+        listed.as_array()?.iter().all(|t| t["id"].as_u64() != Some(idle_id)).then_some(())
+    });
+    for (list, dead) in [(8, &idle), (9, &cancelled)] {
+        let answer = write_using_token(&mut dest, list, dead, 0, &[(40 * MIB_BLOCKS, 8)]);
+        assert_eq!(refused_with(&answer), (SenseKey::IllegalRequest, (0x23, 0x04)), "TOKEN UNKNOWN");
+    }
+    // The block device zero token zeroes its ranges.
+    qemu_io_ok(&url(&c, others[1], "dst"), &["write -P 0x11 48M 1M"]);
+    let mut zero = vec![0u8; 512];
+    zero[0..4].copy_from_slice(&0xFFFF_0001u32.to_be_bytes());
+    zero[6..8].copy_from_slice(&0x01F8u16.to_be_bytes());
+    assert_eq!(write_using_token(&mut dest, 10, &zero, 0, &[(48 * MIB_BLOCKS, MIB_BLOCKS as u32)]).status, 0);
+    qemu_io_ok(&url(&c, others[0], "dst"), &["read -P 0 40M 2M", "read -P 0 48M 1M"]);
+
+    // POPULATE TOKEN, then the source's primary is killed before WRITE USING TOKEN: the token
+    // is in Raft and its image on the survivors.
+    assert_eq!(populate_token(&mut source, 11, &[(8 * MIB_BLOCKS, 4 * MIB_BLOCKS as u32)], 0).status, 0);
+    let survivor_token = rod_information(&rrti(&mut source, 11)).2.expect("token");
+    c.kill(primary);
+    let answer = wait_for("WRITE USING TOKEN through the survivors", Duration::from_secs(60), || {
+        let answer = write_using_token(&mut dest, 12, &survivor_token, 0, &[(56 * MIB_BLOCKS, 4 * MIB_BLOCKS as u32)]);
+        (answer.status == 0).then_some(answer)
+    });
+    assert_eq!(answer.status, 0);
+    qemu_io_ok(&url(&c, others[0], "dst"), &["read -P 0xcd 56M 4M", "read -P 0xab 16M 4M"]);
+    wait_identical(&c, others[0], "dst", &others, Duration::from_secs(60));
+}
+
+/// `qemu-img convert -C` between two volumes' LUNs: qemu sends EXTENDED COPY to the
+/// destination naming the source by its NAA identifier; its trace shows every copy offloaded
+/// and successful (qemu falls back to reads and writes silently otherwise), and the bytes
+/// compare identical through every node.
+#[test]
+fn qemu_img_convert_offloads_to_extended_copy_between_volumes() {
+    require_qemu_iscsi();
+    let c = Cluster::up(3);
+    c.agreed_leader(&c.node_ids(), LEADER_WAIT);
+    let src = create_served_volume(&c, "src", "32M");
+    create_served_volume(&c, "dst", "32M");
+    let primary = src["primary"].as_u64().expect("primary");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, random_bytes(seed("TANDEM_XCOPY_SEED"), 32 << 20)).expect("write the image");
+    let image = image.to_str().expect("utf-8");
+    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", image, &url(&c, primary, "src")]);
+
+    let other = c.node_ids().into_iter().find(|&n| n != primary).expect("another node");
+    let out = Command::new("qemu-img")
+        .args(["--trace", "iscsi_xcopy*", "convert", "-C", "-n", "-f", "raw", "-O", "raw"])
+        .args([&url(&c, other, "src"), &url(&c, primary, "dst")])
+        .output()
+        .expect("qemu-img runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "qemu-img convert -C: {text}");
+    let copies: Vec<&str> = text.lines().filter(|l| l.contains("iscsi_xcopy")).collect();
+    assert!(!copies.is_empty(), "no EXTENDED COPY was sent: {text}");
+    let failed: Vec<&&str> = copies.iter().filter(|l| !l.trim_end().ends_with("ret 0")).collect();
+    assert!(failed.is_empty(), "EXTENDED COPY failed: {failed:?}");
+    let bytes: u64 =
+        copies.iter().filter_map(|l| l.split(" bytes ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok()).sum();
+    assert_eq!(bytes, 32 << 20, "every byte went by EXTENDED COPY: {copies:?}");
+    for node in c.node_ids() {
+        let out = run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", image, &url(&c, node, "dst")]);
+        assert!(out.contains("Images are identical"), "through node {node}: {out}");
+    }
 }

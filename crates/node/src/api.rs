@@ -512,6 +512,11 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         for (name, value) in store {
             let _ = writeln!(out, "# TYPE {name} gauge\n{name} {value}");
         }
+        // Copies by token, EXTENDED COPY and WRITE USING TOKEN this node carried out.
+        let (by_reference, streamed) = s.plane.copied_bytes();
+        let _ = writeln!(out, "# TYPE tandem_copied_bytes_total counter");
+        let _ = writeln!(out, "tandem_copied_bytes_total{{how=\"by_reference\"}} {by_reference}");
+        let _ = writeln!(out, "tandem_copied_bytes_total{{how=\"streamed\"}} {streamed}");
     }
     let links = s.links.link_stats();
     type Counter = fn(&LinkStats) -> u64;

@@ -293,6 +293,9 @@ struct Inner<S: BlockStore> {
     senders_ending: Mutex<HashMap<NodeId, SenderEnd>>,
     /// Wire sequence numbers are unique for the life of the process, across primaries.
     next_wire_seq: AtomicU64,
+    /// Bytes copied by [`DataPlane::copy`] through this node: by reference, and streamed.
+    copied_by_reference: AtomicU64,
+    copied_streamed: AtomicU64,
     /// [`PROXY_READ_BYTES_MAX`], in blocks.
     proxy_read_budget: Semaphore,
     /// Since when this node has had no lease (kept by the ticker), for the hold time.
@@ -356,6 +359,8 @@ impl<S: BlockStore> DataPlane<S> {
             senders: Mutex::new(HashMap::new()),
             senders_ending: Mutex::new(HashMap::new()),
             next_wire_seq: AtomicU64::new(1),
+            copied_by_reference: AtomicU64::new(0),
+            copied_streamed: AtomicU64::new(0),
             proxy_read_budget: Semaphore::new((PROXY_READ_BYTES_MAX / BLOCK_BYTES) as usize),
             lease_lost_at: Mutex::new(None),
             records,
@@ -725,7 +730,8 @@ impl<S: BlockStore> DataPlane<S> {
         check_writable(cfg)?;
         let mut hold = Hold::new(&self.inner);
         let write = new_nonce();
-        self.inner
+        let by_reference = self
+            .inner
             .retry(&mut hold, |inner| {
                 let holders = holders.clone();
                 async move {
@@ -734,7 +740,16 @@ impl<S: BlockStore> DataPlane<S> {
                         .await
                 }
             })
-            .await
+            .await?;
+        let counter = if by_reference { &self.inner.copied_by_reference } else { &self.inner.copied_streamed };
+        counter.fetch_add(len, Ordering::Relaxed);
+        Ok(by_reference)
+    }
+
+    /// Bytes copied by [`DataPlane::copy`] through this node since it started: (by reference,
+    /// streamed).
+    pub fn copied_bytes(&self) -> (u64, u64) {
+        (self.inner.copied_by_reference.load(Ordering::Relaxed), self.inner.copied_streamed.load(Ordering::Relaxed))
     }
 
     /// Reads `buf.len()` bytes of `image` at `offset` from this node's copy or a holder's.
