@@ -847,6 +847,15 @@ fn odx_tokens_copy_between_volumes_through_any_node_and_survive_the_primary() {
     let copied = |how: &str| c.metric(others[1], &format!("tandem_copied_bytes_total{{how=\"{how}\"}}"));
     assert_eq!((copied("by_reference"), copied("streamed")), (Some((8 << 20) as f64), Some(0.0)), "by reference");
 
+    // A token's ranges are whole 4 KiB blocks (VPD 0x8F's granularity); where it is written
+    // need not be: that copy is streamed.
+    let answer = populate_token(&mut source, 13, &[(1, 7)], 0);
+    assert_eq!(refused_with(&answer), (SenseKey::IllegalRequest, (0x26, 0x00)), "an unaligned range");
+    let answer = write_using_token(&mut dest, 14, &token, 0, &[(24 * MIB_BLOCKS + 3, 16)]);
+    assert_eq!(answer.status, 0, "WRITE USING TOKEN at an unaligned LBA: {answer:?}");
+    qemu_io_ok(&url(&c, primary, "dst"), &["read -P 0 24M 1536", "read -P 0xab 25167360 8k", "read -P 0 25175552 512"]);
+    assert_eq!(copied("streamed"), Some(8192.0), "streamed");
+
     // Refused, each with SBC-4's reason, and nothing written at 40 MiB.
     let mut forged = token.clone();
     forged[100] ^= 0x01;

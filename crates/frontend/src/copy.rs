@@ -47,7 +47,9 @@ pub enum CopyUnit {
     Naa(u64),
 }
 
-/// Limits of copy by reference a protocol advertises (SCSI VPD 0x8F).
+/// Limits of copy by reference a protocol advertises (SCSI VPD 0x8F). A token's ranges are
+/// whole blocks of the store (4 KiB); the ranges written with one may start anywhere.
+pub const TOKEN_GRANULARITY_BYTES: u64 = 4096;
 pub const TOKEN_IDLE_DEFAULT: Duration = Duration::from_secs(600);
 pub const TOKEN_IDLE_MAX: Duration = Duration::from_secs(3600);
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);

@@ -470,6 +470,8 @@ pub struct CopyLimits {
     pub lifetime_s: u32,
     /// Blocks one token may stand for.
     pub token_blocks_max: u64,
+    /// A token's ranges start and end on multiples of this many blocks.
+    pub granularity_blocks: u16,
 }
 
 impl CopyLimits {
@@ -483,6 +485,8 @@ impl CopyLimits {
             inactivity_default_s: TOKEN_IDLE_DEFAULT.as_secs() as u32,
             lifetime_s: TOKEN_LIFETIME.as_secs() as u32,
             token_blocks_max: geometry.blocks,
+            granularity_blocks: (tandem_frontend::copy::TOKEN_GRANULARITY_BYTES / u64::from(geometry.block_size.max(1)))
+                .clamp(1, u64::from(u16::MAX)) as u16,
         }
     }
 }
@@ -533,7 +537,7 @@ pub fn vpd_third_party_copy(limits: &CopyLimits) -> Vec<u8> {
     let mut block = vec![0u8; 48];
     // Byte 0: peripheral device type 00h (block); bytes 2..4: descriptor length.
     block[2..4].copy_from_slice(&44u16.to_be_bytes());
-    block[6..8].copy_from_slice(&1u16.to_be_bytes()); // optimal block ROD length granularity
+    block[6..8].copy_from_slice(&limits.granularity_blocks.to_be_bytes()); // optimal block ROD length granularity
     let bytes_max = limits.token_blocks_max.saturating_mul(u64::from(limits.block_size));
     block[8..16].copy_from_slice(&bytes_max.to_be_bytes()); // maximum bytes in block ROD
     block[16..24].copy_from_slice(&bytes_max.to_be_bytes()); // optimal bytes in block ROD transfer
@@ -851,6 +855,7 @@ mod tests {
             inactivity_default_s: 600,
             lifetime_s: 3600,
             token_blocks_max: 1 << 21,
+            granularity_blocks: 8,
         };
         let b = vpd_third_party_copy(&limits);
         let mut at = 0;

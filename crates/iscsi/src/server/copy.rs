@@ -54,6 +54,14 @@ async fn populate_token<V: Volume>(session: &Session<V>, list_id: u32, params: &
     if request.inactivity_timeout_s > limits.inactivity_max_s {
         return (None, Err(Sense::invalid_parameter_field(4).into()));
     }
+    // A token's ranges are whole store blocks (VPD 0x8F's granularity): the descriptor that
+    // is not is pointed at.
+    let granularity = u64::from(limits.granularity_blocks);
+    if let Some(i) =
+        request.ranges.iter().position(|&(lba, n)| lba % granularity != 0 || u64::from(n) % granularity != 0)
+    {
+        return (None, Err(Sense::invalid_parameter_field(16 + 16 * i as u16).into()));
+    }
     let ranges: Vec<(u64, u64)> = request.ranges.iter().map(|&(lba, n)| (lba * block, u64::from(n) * block)).collect();
     let blocks: u64 = request.ranges.iter().map(|&(_, n)| u64::from(n)).sum();
     let mut op = operation(list_id, out_action::POPULATE_TOKEN, 0, ranges.len() as u16);
