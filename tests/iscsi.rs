@@ -847,14 +847,27 @@ fn odx_tokens_copy_between_volumes_through_any_node_and_survive_the_primary() {
     let copied = |how: &str| c.metric(others[1], &format!("tandem_copied_bytes_total{{how=\"{how}\"}}"));
     assert_eq!((copied("by_reference"), copied("streamed")), (Some((8 << 20) as f64), Some(0.0)), "by reference");
 
-    // A token's ranges are whole 4 KiB blocks (VPD 0x8F's granularity); where it is written
-    // need not be: that copy is streamed.
+    // Ranges that are not whole 4 KiB blocks, on either side: streamed. (The source's first
+    // 12 MiB were overwritten with 0xcd since the first token.)
     let answer = populate_token(&mut source, 13, &[(1, 7)], 0);
-    assert_eq!(refused_with(&answer), (SenseKey::IllegalRequest, (0x26, 0x00)), "an unaligned range");
-    let answer = write_using_token(&mut dest, 14, &token, 0, &[(24 * MIB_BLOCKS + 3, 16)]);
+    assert_eq!(answer.status, 0, "POPULATE TOKEN of an unaligned range: {answer:?}");
+    let unaligned = rod_information(&rrti(&mut source, 13)).2.expect("token");
+    let answer = write_using_token(&mut dest, 14, &unaligned, 0, &[(24 * MIB_BLOCKS + 3, 7)]);
+    assert_eq!(answer.status, 0, "WRITE USING TOKEN of an unaligned token: {answer:?}");
+    let answer = write_using_token(&mut dest, 15, &token, 0, &[(26 * MIB_BLOCKS + 3, 16)]);
     assert_eq!(answer.status, 0, "WRITE USING TOKEN at an unaligned LBA: {answer:?}");
-    qemu_io_ok(&url(&c, primary, "dst"), &["read -P 0 24M 1536", "read -P 0xab 25167360 8k", "read -P 0 25175552 512"]);
-    assert_eq!(copied("streamed"), Some(8192.0), "streamed");
+    qemu_io_ok(
+        &url(&c, primary, "dst"),
+        &[
+            "read -P 0 24M 1536",
+            "read -P 0xcd 25167360 3584",
+            "read -P 0 25170944 512",
+            "read -P 0 26M 1536",
+            "read -P 0xab 27264512 8k",
+            "read -P 0 27272704 512",
+        ],
+    );
+    assert_eq!(copied("streamed"), Some((3584 + 8192) as f64), "streamed");
 
     // Refused, each with SBC-4's reason, and nothing written at 40 MiB.
     let mut forged = token.clone();

@@ -46,7 +46,9 @@ pub struct TokenRecord {
     /// The random part of the token's value, chosen by the node that made it: a value naming
     /// this id with another nonce is not this token.
     pub nonce: u128,
-    /// The source volume and its ranges (block-aligned), which the token's bytes concatenate.
+    /// The source volume and its ranges (whole sectors), which the token's bytes concatenate.
+    /// Its image holds the whole store blocks that cover each range, concatenated
+    /// ([`tandem_types::covering_blocks`]).
     pub volume: VolumeId,
     pub ranges: Vec<(u64, u64)>,
     /// The nodes holding the image, sorted; empty while the token is being made.
@@ -75,6 +77,36 @@ impl TokenRecord {
     /// The number of bytes the token stands for.
     pub fn len(&self) -> u64 {
         self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// The ranges of its image to make: the whole store blocks covering each range.
+    pub fn image_ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().map(|&r| tandem_types::covering_blocks(r)).collect()
+    }
+
+    /// Where `len` bytes of the token's data from `token_offset` are in its image: (image
+    /// offset, length) pieces in order, one per range they cross. Empty if they are not all in
+    /// the token.
+    pub fn image_pieces(&self, token_offset: u64, len: u64) -> Vec<(u64, u64)> {
+        if token_offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Vec::new();
+        }
+        let mut pieces = Vec::new();
+        let (mut at, mut left) = (token_offset, len);
+        let (mut range_start, mut image_start) = (0u64, 0u64);
+        for &(offset, range_len) in &self.ranges {
+            let (cover_offset, cover_len) = tandem_types::covering_blocks((offset, range_len));
+            let range_end = range_start + range_len;
+            if left > 0 && at < range_end {
+                let n = (range_end - at).min(left);
+                pieces.push((image_start + (offset - cover_offset) + (at - range_start), n));
+                at += n;
+                left -= n;
+            }
+            range_start = range_end;
+            image_start += cover_len;
+        }
+        pieces
     }
 
     pub fn is_empty(&self) -> bool {
@@ -146,7 +178,7 @@ impl ClusterMap {
         if vol.pending() {
             return MetaReply::Invalid(format!("volume {:?} is still being made", vol.name));
         }
-        if let Err(e) = tandem_types::copy_ranges_len(&ranges, vol.size_bytes) {
+        if let Err(e) = tandem_types::copy_ranges_len_in(&ranges, vol.size_bytes, tandem_types::TOKEN_GRANULE_BYTES) {
             return MetaReply::Invalid(e);
         }
         if lifetime_ms == 0 || lifetime_ms > TOKEN_LIFETIME_MAX_MS || idle_ms == 0 || idle_ms > lifetime_ms {
@@ -330,5 +362,43 @@ impl ClusterMap {
         vol.assert_shape();
         self.touched.push(ObjectKey::Volume(id));
         MetaReply::Done { changed: true }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(ranges: Vec<(u64, u64)>) -> TokenRecord {
+        TokenRecord {
+            id: VolumeId(9),
+            nonce: 1,
+            volume: VolumeId(1),
+            ranges,
+            holders: Vec::new(),
+            host: None,
+            created_ms: 0,
+            expires_ms: 1,
+            idle_ms: 1,
+            last_used_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_tokens_bytes_map_to_its_image_of_covering_blocks() {
+        // Sectors 1..8 of block 0, then 2 blocks and a sector from 8 KiB + 512.
+        let t = token(vec![(512, 3584), (8192 + 512, 8192 + 512)]);
+        assert_eq!(t.len(), 3584 + 8704);
+        assert_eq!(t.image_ranges(), vec![(0, 4096), (8192, 12288)]);
+        // All of it: the first range from 512 in the image, the second from 4096 + 512.
+        assert_eq!(t.image_pieces(0, t.len()), vec![(512, 3584), (4096 + 512, 8704)]);
+        // Across the seam, and within the second range.
+        assert_eq!(t.image_pieces(3584 - 512, 1024), vec![(3584, 512), (4608, 512)]);
+        assert_eq!(t.image_pieces(3584 + 100, 10), vec![(4096 + 512 + 100, 10)]);
+        // Past the end: nothing.
+        assert!(t.image_pieces(t.len() - 1, 2).is_empty());
+        // Aligned ranges map one to one.
+        let aligned = token(vec![(4096, 8192), (65536, 4096)]);
+        assert_eq!(aligned.image_pieces(0, 12288), vec![(0, 8192), (8192, 4096)]);
     }
 }

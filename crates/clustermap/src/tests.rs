@@ -1011,8 +1011,8 @@ mod copies {
         };
         assert!(matches!(m.apply(create(9, vec![(0, 4096)], 1000, 1000)), MetaReply::NotFound(_)));
         invalid(m.apply(create(1, vec![], 1000, 1000)), "1 to 64 ranges");
-        invalid(m.apply(create(1, vec![(512, 4096)], 1000, 1000)), "whole 4096-byte blocks");
-        invalid(m.apply(create(1, vec![(0, 0)], 1000, 1000)), "whole 4096-byte blocks");
+        invalid(m.apply(create(1, vec![(100, 4096)], 1000, 1000)), "whole 512-byte blocks");
+        invalid(m.apply(create(1, vec![(0, 0)], 1000, 1000)), "whole 512-byte blocks");
         invalid(m.apply(create(1, vec![(MIB - 4096, 8192)], 1000, 1000)), "outside the volume");
         invalid(m.apply(create(1, vec![(0, 4096)], 0, 0)), "a token lives");
         invalid(m.apply(create(1, vec![(0, 4096)], 1000, 2000)), "inactivity");

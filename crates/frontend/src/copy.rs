@@ -48,8 +48,9 @@ pub enum CopyUnit {
 }
 
 /// Limits of copy by reference a protocol advertises (SCSI VPD 0x8F). A token's ranges are
-/// whole blocks of the store (4 KiB); the ranges written with one may start anywhere.
-pub const TOKEN_GRANULARITY_BYTES: u64 = 4096;
+/// whole sectors; those that are whole store blocks (4 KiB) copy by reference, the rest are
+/// streamed.
+pub const TOKEN_GRANULARITY_BYTES: u64 = 512;
 pub const TOKEN_IDLE_DEFAULT: Duration = Duration::from_secs(600);
 pub const TOKEN_IDLE_MAX: Duration = Duration::from_secs(3600);
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);

@@ -230,7 +230,7 @@ impl Copies {
         let nonce = u128::from_be_bytes(crate::security::random_bytes::<16>());
         let cmd = MetaCmd::CreateToken {
             volume,
-            ranges: ranges.clone(),
+            ranges,
             host: asker.host_name(),
             nonce,
             now_ms: now_ms(),
@@ -241,7 +241,7 @@ impl Copies {
             return Err(CopyError::Io("the token was not created".into()));
         };
         let made = async {
-            let holders = self.plane.make_image(&cfg, pending.id, ranges).await?;
+            let holders = self.plane.make_image(&cfg, pending.id, pending.image_ranges()).await?;
             match self.meta.write(MetaCmd::TokenReady { id: pending.id, holders }).await? {
                 MetaReply::Token(t) => Ok(*t),
                 other => Err(CopyError::Io(format!("the token was not made ready: {other:?}"))),
@@ -320,7 +320,14 @@ impl Copies {
             MetaReply::Token(_) => {}
             other => return Err(CopyError::Token(TokenFault::Unknown, format!("the token cannot be used: {other:?}"))),
         }
-        let by_reference = self.plane.copy(&cfg, offset, token.id, token_offset, len, token.holders.clone()).await?;
+        // Range by range of the token: each a piece of its image (whole blocks when the
+        // token's ranges are, by reference; streamed otherwise).
+        let mut by_reference = true;
+        let mut at = offset;
+        for (image_offset, piece) in token.image_pieces(token_offset, len) {
+            by_reference &= self.plane.copy(&cfg, at, token.id, image_offset, piece, token.holders.clone()).await?;
+            at += piece;
+        }
         tracing::info!(token = %token.id, %target, offset, bytes = len, by_reference, "copy by token");
         Ok(Copied { bytes: len, by_reference })
     }

@@ -175,19 +175,34 @@ pub enum NameError {
 /// Ranges one copy (a token, an image) is made of at most: SCSI's POPULATE TOKEN names a few.
 pub const COPY_RANGES_MAX: usize = 64;
 
-/// Checks the ranges of a copy by reference against a volume of `size_bytes`: 1 to
-/// [`COPY_RANGES_MAX`] of them, each whole blocks, not empty, inside the volume. Returns their
-/// total length (the ranges are concatenated).
+/// The granule of a copy token's ranges: a 512-byte sector, the smallest block a host
+/// addresses. An image is made of whole store blocks ([`BLOCK_BYTES`]): those that cover a
+/// token's ranges ([`covering_blocks`]).
+pub const TOKEN_GRANULE_BYTES: u64 = 512;
+
+/// Checks the ranges of an image against a volume of `size_bytes`: 1 to [`COPY_RANGES_MAX`]
+/// of them, each whole blocks, not empty, inside the volume. Returns their total length (the
+/// ranges are concatenated).
 pub fn copy_ranges_len(ranges: &[(u64, u64)], size_bytes: u64) -> Result<u64, String> {
+    copy_ranges_len_in(ranges, size_bytes, BLOCK_BYTES)
+}
+
+/// The range of whole store blocks that covers `range`.
+pub fn covering_blocks((offset, len): (u64, u64)) -> (u64, u64) {
+    let start = offset / BLOCK_BYTES * BLOCK_BYTES;
+    let end = (offset + len).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+    (start, end - start)
+}
+
+/// [`copy_ranges_len`] for ranges of whole `granule`-byte pieces (a token's: sectors).
+pub fn copy_ranges_len_in(ranges: &[(u64, u64)], size_bytes: u64, granule: u64) -> Result<u64, String> {
     if ranges.is_empty() || ranges.len() > COPY_RANGES_MAX {
         return Err(format!("a copy is made of 1 to {COPY_RANGES_MAX} ranges, not {}", ranges.len()));
     }
     let mut total = 0u64;
     for &(offset, len) in ranges {
-        if len == 0 || !offset.is_multiple_of(BLOCK_BYTES) || !len.is_multiple_of(BLOCK_BYTES) {
-            return Err(format!(
-                "range {offset}+{len}: a copy's ranges are whole {BLOCK_BYTES}-byte blocks, not empty"
-            ));
+        if len == 0 || !offset.is_multiple_of(granule) || !len.is_multiple_of(granule) {
+            return Err(format!("range {offset}+{len}: a copy's ranges are whole {granule}-byte blocks, not empty"));
         }
         if offset.checked_add(len).is_none_or(|end| end > size_bytes) {
             return Err(format!("range {offset}+{len} is outside the volume of {size_bytes} bytes"));
