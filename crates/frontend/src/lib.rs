@@ -17,4 +17,4 @@ pub mod volume;
 
 pub use budget::{Budgets, BufferBudget, BufferReservation, BUFFER_UNIT_BYTES};
 pub use error::{IoError, OpenError};
-pub use volume::{Exports, Identification, Peer, Volume};
+pub use volume::{Exports, Extent, Identification, Peer, Volume};

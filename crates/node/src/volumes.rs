@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Serialize;
 use tandem_clustermap::{AccessPolicy, ClusterMap, MetaCmd, MetaReply, ObjectKey, Principal, Refusal, VolumeRecord};
-use tandem_frontend::{Budgets, Exports, Identification, IoError, OpenError, Peer, Volume};
+use tandem_frontend::{Budgets, Exports, Extent, Identification, IoError, OpenError, Peer, Volume};
 use tandem_meta::network::MetaError;
 use tandem_meta::state_machine::Changed;
 use tandem_meta::store::MetaStore;
@@ -616,6 +616,12 @@ impl Volume for ExportedVolume {
     ) -> Result<Option<u64>, IoError> {
         // Acknowledged only once durable on every in-sync replica: FUA needs nothing more.
         self.plane.compare_and_write(&self.cfg, offset, expected, data).await.map_err(io_error)
+    }
+
+    /// From the volume's primary, which sequences its writes (proxied there from this node).
+    async fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, IoError> {
+        let map = self.plane.extents(&self.cfg, offset, len, max).await.map_err(io_error)?;
+        Ok(map.into_iter().map(|e| Extent { len: e.len, allocated: e.allocated }).collect())
     }
 }
 
