@@ -447,7 +447,11 @@ impl ClientOption {
 }
 
 /// A length-prefixed string of at most [`NAME_BYTES_MAX`] bytes.
-fn read_string(r: &mut Reader<'_>, what: &'static str, short: &dyn Fn(DecodeError) -> DecodeError) -> Result<String, DecodeError> {
+fn read_string(
+    r: &mut Reader<'_>,
+    what: &'static str,
+    short: &dyn Fn(DecodeError) -> DecodeError,
+) -> Result<String, DecodeError> {
     let len = r.u32().map_err(short)?;
     if len as usize > NAME_BYTES_MAX {
         return Err(DecodeError::TooLong { what, len: u64::from(len), max: NAME_BYTES_MAX as u64 });
@@ -743,10 +747,7 @@ impl StructuredReplyHeader {
         let mut r = Reader::new(buf);
         let magic = r.u32()?;
         if magic != STRUCTURED_REPLY_MAGIC {
-            return Err(DecodeError::BadMagic {
-                expected: u64::from(STRUCTURED_REPLY_MAGIC),
-                found: u64::from(magic),
-            });
+            return Err(DecodeError::BadMagic { expected: u64::from(STRUCTURED_REPLY_MAGIC), found: u64::from(magic) });
         }
         Ok(StructuredReplyHeader { flags: r.u16()?, reply_type: r.u16()?, cookie: r.u64()?, length: r.u32()? })
     }
@@ -803,7 +804,8 @@ pub fn encode_offset_data_header(out: &mut Vec<u8>, cookie: u64, done: bool, off
 /// read as zeroes.
 pub fn encode_offset_hole_chunk(out: &mut Vec<u8>, cookie: u64, done: bool, offset: u64, hole_len: u32) {
     assert!(hole_len > 0, "a hole chunk covers at least one byte");
-    let header = StructuredReplyHeader { flags: done_flag(done), reply_type: reply_type::OFFSET_HOLE, cookie, length: 12 };
+    let header =
+        StructuredReplyHeader { flags: done_flag(done), reply_type: reply_type::OFFSET_HOLE, cookie, length: 12 };
     header.encode(out);
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&hole_len.to_be_bytes());
@@ -848,8 +850,12 @@ pub fn encode_error_chunk(out: &mut Vec<u8>, cookie: u64, errno: u32, message: &
         Some(_) => (reply_type::ERROR_OFFSET, 8),
         None => (reply_type::ERROR, 0),
     };
-    let header =
-        StructuredReplyHeader { flags: reply_flag::DONE, reply_type: kind, cookie, length: len_u32(6 + message.len() + extra) };
+    let header = StructuredReplyHeader {
+        flags: reply_flag::DONE,
+        reply_type: kind,
+        cookie,
+        length: len_u32(6 + message.len() + extra),
+    };
     header.encode(out);
     out.extend_from_slice(&errno.to_be_bytes());
     let message_len = u16::try_from(message.len()).expect("NAME_BYTES_MAX fits 16 bits");
@@ -864,12 +870,27 @@ pub fn encode_error_chunk(out: &mut Vec<u8>, cookie: u64, errno: u32, message: &
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StructuredChunk {
     None,
-    OffsetData { offset: u64, data: Vec<u8> },
-    OffsetHole { offset: u64, length: u32 },
-    BlockStatus { context_id: u32, descriptors: Vec<BlockDescriptor> },
-    Error { errno: u32, message: String, offset: Option<u64> },
+    OffsetData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    OffsetHole {
+        offset: u64,
+        length: u32,
+    },
+    BlockStatus {
+        context_id: u32,
+        descriptors: Vec<BlockDescriptor>,
+    },
+    Error {
+        errno: u32,
+        message: String,
+        offset: Option<u64>,
+    },
     /// A type this decoder does not know; its payload is skipped.
-    Other { reply_type: u16 },
+    Other {
+        reply_type: u16,
+    },
 }
 
 impl StructuredChunk {
@@ -1160,11 +1181,13 @@ mod tests {
     #[test]
     fn oversized_and_inconsistent_chunks_are_refused() {
         let mut bytes = Vec::new();
-        StructuredReplyHeader { flags: 0, reply_type: reply_type::OFFSET_DATA, cookie: 1, length: u32::MAX }.encode(&mut bytes);
+        StructuredReplyHeader { flags: 0, reply_type: reply_type::OFFSET_DATA, cookie: 1, length: u32::MAX }
+            .encode(&mut bytes);
         assert!(matches!(StructuredChunk::decode(&bytes), Err(DecodeError::TooLong { .. })));
         // A block status payload that is not a whole number of descriptors.
         let mut bytes = Vec::new();
-        StructuredReplyHeader { flags: 0, reply_type: reply_type::BLOCK_STATUS, cookie: 1, length: 7 }.encode(&mut bytes);
+        StructuredReplyHeader { flags: 0, reply_type: reply_type::BLOCK_STATUS, cookie: 1, length: 7 }
+            .encode(&mut bytes);
         bytes.extend_from_slice(&[0; 7]);
         assert_eq!(StructuredChunk::decode(&bytes), Err(DecodeError::Malformed("block status descriptors")));
         // An error message longer than the payload.
@@ -1211,7 +1234,10 @@ mod tests {
         trailing.push(0);
         assert!(matches!(ClientOption::parse(opt::SET_META_CONTEXT, &trailing), Err(DecodeError::Malformed(_))));
         let short = query("vol", &["base:allocation"]);
-        assert!(matches!(ClientOption::parse(opt::SET_META_CONTEXT, &short[..short.len() - 1]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            ClientOption::parse(opt::SET_META_CONTEXT, &short[..short.len() - 1]),
+            Err(DecodeError::Malformed(_))
+        ));
         let mut long = query("vol", &[]);
         let at = long.len() - 4;
         long[at..].copy_from_slice(&1u32.to_be_bytes());

@@ -428,7 +428,12 @@ impl Handshake {
     /// namespace alone (`base:`) match every context. SET selects the exact names it was given
     /// (a namespace alone selects nothing), replacing the previous selection, and names each
     /// with its id. Queries matching nothing are not errors: they get no reply of their own.
-    fn on_meta_context(&mut self, option: u32, query: MetaContextQuery, result: Result<ExportInfo, OpenError>) -> Opened {
+    fn on_meta_context(
+        &mut self,
+        option: u32,
+        query: MetaContextQuery,
+        result: Result<ExportInfo, OpenError>,
+    ) -> Opened {
         let mut out = Vec::new();
         if let Err(err) = result {
             let code = if matches!(err, OpenError::Denied(_)) { rep::ERR_POLICY } else { rep::ERR_UNKNOWN };
@@ -696,7 +701,10 @@ mod tests {
             Opened::Transmission(bytes, features) => {
                 let export = replies(&bytes)[0].1.clone();
                 let flags = EXPORT.transmission_flags(features);
-                assert_eq!(Info::decode(&export), Ok(Some(Info::Export { size_bytes: EXPORT.size_bytes, transmission_flags: flags })));
+                assert_eq!(
+                    Info::decode(&export),
+                    Ok(Some(Info::Export { size_bytes: EXPORT.size_bytes, transmission_flags: flags }))
+                );
                 features
             }
             other => panic!("GO enters transmission, not {other:?}"),
@@ -750,7 +758,10 @@ mod tests {
         let mut hs = Handshake::new();
         hs.on_option(opt::STRUCTURED_REPLY, &[]);
         let selected = vec![(BASE_ALLOCATION_ID, BASE_ALLOCATION.to_string())];
-        assert_eq!(meta_context(&mut hs, opt::SET_META_CONTEXT, "vol", &["qemu:dirty-bitmap:b", BASE_ALLOCATION]), selected);
+        assert_eq!(
+            meta_context(&mut hs, opt::SET_META_CONTEXT, "vol", &["qemu:dirty-bitmap:b", BASE_ALLOCATION]),
+            selected
+        );
         // Selected for "vol" only: GO to another export gets no context.
         assert_eq!(hs.features("other"), Features { structured_replies: true, base_allocation: false });
         // A later SET replaces it; the namespace alone selects nothing.
@@ -769,7 +780,9 @@ mod tests {
             (opt::LIST_META_CONTEXT, OpenError::Unavailable("later".into()), rep::ERR_UNKNOWN),
             (opt::SET_META_CONTEXT, OpenError::Denied("not yours".into()), rep::ERR_POLICY),
         ] {
-            let Step::Open(request) = hs.on_option(option, &meta_data("x", &[BASE_ALLOCATION])) else { panic!("opens") };
+            let Step::Open(request) = hs.on_option(option, &meta_data("x", &[BASE_ALLOCATION])) else {
+                panic!("opens")
+            };
             let Opened::Reply(bytes) = hs.on_opened(request, Err(err)) else { panic!("answered") };
             let got = replies(&bytes);
             assert_eq!((got.len(), got[0].0.reply_type), (1, code));

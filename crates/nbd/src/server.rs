@@ -51,9 +51,7 @@ use crate::codec::{
 use crate::handshake::{
     ExportInfo, Features, Handshake, HandshakeError, Opened, OptionData, Step, TlsMode, BASE_ALLOCATION_ID,
 };
-use crate::transmission::{
-    block_status_descriptors, classify, errno_of_io_error, extents_wanted, Payload, Request,
-};
+use crate::transmission::{block_status_descriptors, classify, errno_of_io_error, extents_wanted, Payload, Request};
 
 /// Largest piece of a read held in memory: a longer read is streamed to the socket in pieces
 /// of this size, so its length does not change the memory it takes.

@@ -5,13 +5,10 @@
 
 mod common;
 
-use common::{
-    pseudo_random_bytes, request_bytes, require_tools, RawClient, TestServer, BROKEN_FROM, DEADLINE,
-    MIB,
-};
+use common::{pseudo_random_bytes, request_bytes, require_tools, RawClient, TestServer, BROKEN_FROM, DEADLINE, MIB};
 use tandem_nbd::codec::{
-    cmd, cmd_flag, decode_meta_context_reply, errno, opt, rep, state, tx_flag, ClientOption,
-    MetaContextQuery, StructuredChunk, BASE_ALLOCATION,
+    cmd, cmd_flag, decode_meta_context_reply, errno, opt, rep, state, tx_flag, ClientOption, MetaContextQuery,
+    StructuredChunk, BASE_ALLOCATION,
 };
 use tandem_nbd::handshake::BASE_ALLOCATION_ID;
 use tandem_nbd::READ_CHUNK_BYTES;
@@ -191,7 +188,10 @@ async fn meta_context_negotiation_offers_base_allocation_only() {
     assert_eq!(replies.last().map(|r| r.0.reply_type), Some(rep::ERR_INVALID));
     let replies = client.option(opt::SET_META_CONTEXT, &meta_data("nope", &[BASE_ALLOCATION])).await;
     assert_eq!(replies.last().map(|r| r.0.reply_type), Some(rep::ERR_UNKNOWN));
-    assert_eq!(contexts(client.option(opt::SET_META_CONTEXT, &meta_data("disk", &["qemu:x"])).await), Vec::<String>::new());
+    assert_eq!(
+        contexts(client.option(opt::SET_META_CONTEXT, &meta_data("disk", &["qemu:x"])).await),
+        Vec::<String>::new()
+    );
     // Selected for `small`, then GO to `disk`: no context there, block status is refused.
     contexts(client.option(opt::SET_META_CONTEXT, &meta_data("small", &[BASE_ALLOCATION])).await);
     let mut go = Vec::new();
@@ -274,8 +274,11 @@ async fn real_clients_map_the_written_ranges() {
     require_tools(&["nbdinfo", "qemu-img", "qemu-io"]);
     let server = TestServer::start().await;
     let url = server.url("small");
-    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 1 1M 64k", "-c", "write -P 2 20M 4k", "-c", "write -P 3 32764k 4k", &url])
-        .await;
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 1 1M 64k", "-c", "write -P 2 20M 4k", "-c", "write -P 3 32764k 4k", &url],
+    )
+    .await;
     let map = run_ok("nbdinfo", &["--map", &url]).await;
     let rows: Vec<(u64, u64, u32)> = map
         .lines()

@@ -468,7 +468,11 @@ mod tests {
     }
 
     fn requester() -> impl Strategy<Value = Option<Requester>> {
-        prop_oneof![Just(None), "[a-z]{1,12}".prop_map(|h| Some(Requester::host(&h))), Just(Some(Requester::anonymous()))]
+        prop_oneof![
+            Just(None),
+            "[a-z]{1,12}".prop_map(|h| Some(Requester::host(&h))),
+            Just(Some(Requester::anonymous()))
+        ]
     }
 
     proptest! {

@@ -122,7 +122,9 @@ impl<S: BlockStore> Inner<S> {
         max: u32,
     ) -> DataReply {
         if len == 0 || max == 0 || max > EXTENTS_MAX {
-            return DataReply::Failed(format!("an allocation map of {len} bytes in 1 to {EXTENTS_MAX} extents, not {max}"));
+            return DataReply::Failed(format!(
+                "an allocation map of {len} bytes in 1 to {EXTENTS_MAX} extents, not {max}"
+            ));
         }
         if self.local_primary(volume).is_none() {
             return DataReply::Refused("not the primary".into());
@@ -156,7 +158,10 @@ mod tests {
     #[test]
     fn proxied_maps_are_checked() {
         let extent = |len, allocated| Extent { len, allocated };
-        assert_eq!(checked_map(&[(4096, true), (8192, false)], 16384, 2), Ok(vec![extent(4096, true), extent(8192, false)]));
+        assert_eq!(
+            checked_map(&[(4096, true), (8192, false)], 16384, 2),
+            Ok(vec![extent(4096, true), extent(8192, false)])
+        );
         assert!(checked_map(&[], 4096, 4).is_err(), "no extent");
         assert!(checked_map(&[(1, true), (1, false), (1, true)], 4096, 2).is_err(), "more than asked");
         assert!(checked_map(&[(0, true)], 4096, 2).is_err(), "an empty extent");
