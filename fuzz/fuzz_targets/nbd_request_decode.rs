@@ -9,21 +9,29 @@ use tandem_nbd::codec::{
     decode_option, ClientOption, OptionHeader, RequestHeader, OPTION_DATA_BYTES_MAX, OPTION_HEADER_BYTES,
     REQUEST_HEADER_BYTES,
 };
-use tandem_nbd::handshake::{Handshake, OptionData, Step};
+use tandem_nbd::handshake::{Features, Handshake, OptionData, Step};
 use tandem_nbd::transmission::{classify, Request};
 use tandem_nbd::{ExportInfo, REQUEST_BYTES_MAX};
 
 fuzz_target!(|data: &[u8]| {
     let export =
         ExportInfo { size_bytes: 1 << 30, read_only: data.first().is_some_and(|b| b & 1 == 1), multi_conn: true };
+    let features = Features {
+        structured_replies: data.first().is_some_and(|b| b & 2 == 2),
+        base_allocation: data.first().is_some_and(|b| b & 6 == 6),
+    };
 
     if let Ok(header) = RequestHeader::decode(data) {
         let mut again = Vec::new();
         header.encode(&mut again);
         assert_eq!(&again[..], &data[..REQUEST_HEADER_BYTES]);
-        match classify(&header, &export) {
-            Ok(Request::Read { offset, length }) | Ok(Request::Write { offset, length, .. }) => {
+        match classify(&header, &export, features) {
+            Ok(Request::Read { offset, length, .. }) | Ok(Request::Write { offset, length, .. }) => {
                 assert!(length <= REQUEST_BYTES_MAX);
+                assert!(offset + u64::from(length) <= export.size_bytes);
+            }
+            Ok(Request::BlockStatus { offset, length, .. }) => {
+                assert!(features.base_allocation && length > 0);
                 assert!(offset + u64::from(length) <= export.size_bytes);
             }
             Ok(Request::Trim { offset, length, .. }) | Ok(Request::WriteZeroes { offset, length, .. }) => {
@@ -57,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
                 let _ = handshake.on_opened(request, Ok(export));
             }
             Step::Abort(_) | Step::Disconnect(_) => break,
-            Step::Reply(_) | Step::List => {}
+            Step::Reply(_) | Step::List | Step::StartTls(_) => {}
         }
         rest = &rest[OPTION_HEADER_BYTES + len..];
     }

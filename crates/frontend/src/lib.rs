@@ -19,4 +19,4 @@ pub mod volume;
 pub use budget::{Budgets, BufferBudget, BufferReservation, BUFFER_UNIT_BYTES};
 pub use copy::{CopyUnit, Token, TokenFault, TokenRequest, TOKEN_BYTES};
 pub use error::{IoError, OpenError};
-pub use volume::{Exports, Identification, Peer, Volume};
+pub use volume::{Exports, Extent, Identification, Peer, Volume};

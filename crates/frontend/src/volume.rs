@@ -221,4 +221,23 @@ pub trait Volume: Send + Sync + 'static {
         let _ = (source, source_offset, destination, destination_offset, len);
         async { Err(IoError::NotSupported("this volume copies nothing by reference".into())) }
     }
+
+    /// Which parts of `len` bytes from `offset` hold data (thin provisioning a host can see:
+    /// NBD's `base:allocation`, SCSI GET LBA STATUS): consecutive [`Extent`]s from `offset`, at
+    /// least one when `len > 0` and at most `max` (at least 1), so they may end before
+    /// `offset + len`, never after it. An unallocated extent reads as zeroes. As of a moment
+    /// after every write completed before the call. A volume that cannot tell answers
+    /// [`IoError::NotSupported`] (a protocol then reports the range as allocated).
+    fn extents(&self, offset: u64, len: u64, max: usize) -> impl Future<Output = Result<Vec<Extent>, IoError>> + Send {
+        let _ = (offset, len, max);
+        async { Err(IoError::NotSupported("this volume keeps no allocation map".into())) }
+    }
+}
+
+/// A piece of a volume's range, as [`Volume::extents`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Holds data; else it reads as zeroes and takes no space.
+    pub allocated: bool,
 }

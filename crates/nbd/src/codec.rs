@@ -21,6 +21,8 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// First 4 bytes of every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// First 4 bytes of every structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Server greeting: magic, IHAVEOPT, handshake flags.
 pub const GREETING_BYTES: usize = 18;
@@ -34,6 +36,10 @@ pub const OPTION_REPLY_HEADER_BYTES: usize = 20;
 pub const REQUEST_HEADER_BYTES: usize = 28;
 /// Magic, error, cookie.
 pub const SIMPLE_REPLY_BYTES: usize = 16;
+/// Magic, flags, type, cookie, payload length.
+pub const STRUCTURED_REPLY_HEADER_BYTES: usize = 20;
+/// One `NBD_REPLY_TYPE_BLOCK_STATUS` descriptor: extent length, status flags.
+pub const BLOCK_DESCRIPTOR_BYTES: usize = 8;
 /// Zero padding after the `NBD_OPT_EXPORT_NAME` reply unless the client set `NO_ZEROES`.
 pub const EXPORT_NAME_REPLY_ZEROES: usize = 124;
 
@@ -50,6 +56,12 @@ pub const REQUEST_BYTES_MAX: u32 = 32 * 1024 * 1024;
 pub const BLOCK_SIZE_MIN: u32 = 1;
 /// Preferred I/O unit advertised in `NBD_INFO_BLOCK_SIZE`.
 pub const BLOCK_SIZE_PREFERRED: u32 = 4096;
+/// The one metadata context this server offers: which ranges hold data (`NBD_STATE_*` in
+/// [`state`]).
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Largest structured reply chunk payload [`StructuredChunk::decode`] accepts: a read's
+/// largest data plus its offset. A server sends no longer chunk.
+pub const CHUNK_PAYLOAD_BYTES_MAX: u32 = REQUEST_BYTES_MAX + 8;
 
 /// Handshake flags (sent by the server in the greeting).
 pub mod handshake_flag {
@@ -82,6 +94,7 @@ pub mod rep {
     pub const ACK: u32 = 1;
     pub const SERVER: u32 = 2;
     pub const INFO: u32 = 3;
+    pub const META_CONTEXT: u32 = 4;
     pub const ERR_UNSUP: u32 = (1 << 31) + 1;
     pub const ERR_POLICY: u32 = (1 << 31) + 2;
     pub const ERR_INVALID: u32 = (1 << 31) + 3;
@@ -140,6 +153,35 @@ pub mod cmd_flag {
     pub const DF: u16 = 1 << 2;
     pub const REQ_ONE: u16 = 1 << 3;
     pub const FAST_ZERO: u16 = 1 << 4;
+}
+
+/// Structured reply chunk flags (`NBD_REPLY_FLAG_*`).
+pub mod reply_flag {
+    /// The last chunk of its reply.
+    pub const DONE: u16 = 1 << 0;
+}
+
+/// Structured reply chunk types (`NBD_REPLY_TYPE_*`). Errors have bit 15 set.
+pub mod reply_type {
+    pub const NONE: u16 = 0;
+    pub const OFFSET_DATA: u16 = 1;
+    pub const OFFSET_HOLE: u16 = 2;
+    pub const BLOCK_STATUS: u16 = 5;
+    pub const ERROR: u16 = (1 << 15) + 1;
+    pub const ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+    /// Whether `reply_type` is an error chunk.
+    pub fn is_error(reply_type: u16) -> bool {
+        reply_type & (1 << 15) != 0
+    }
+}
+
+/// Status flags of the `base:allocation` context (`NBD_STATE_*`).
+pub mod state {
+    /// Not allocated: holds no space.
+    pub const HOLE: u32 = 1 << 0;
+    /// Reads as zeroes.
+    pub const ZERO: u32 = 1 << 1;
 }
 
 /// Error numbers in simple replies (`NBD_E*`).
@@ -302,6 +344,15 @@ pub struct InfoQuery {
     pub info_requests: Vec<u16>,
 }
 
+/// The export and queries of `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextQuery {
+    pub name: String,
+    /// In the client's order. Their number is bounded by the option's data
+    /// ([`OPTION_DATA_BYTES_MAX`]): each takes at least 4 bytes.
+    pub queries: Vec<String>,
+}
+
 /// A client option with its data parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientOption {
@@ -313,6 +364,10 @@ pub enum ClientOption {
     Info(InfoQuery),
     Go(InfoQuery),
     StructuredReply,
+    /// `NBD_OPT_LIST_META_CONTEXT`: which metadata contexts the queries match.
+    ListMetaContext(MetaContextQuery),
+    /// `NBD_OPT_SET_META_CONTEXT`: select the contexts the queries name, for block status.
+    SetMetaContext(MetaContextQuery),
     /// `NBD_OPT_STARTTLS`: the client wants to continue over TLS.
     StartTls,
     /// Any other option number; its data is not interpreted.
@@ -337,6 +392,8 @@ impl ClientOption {
             opt::GO => Ok(ClientOption::Go(parse_info_query(data)?)),
             opt::STRUCTURED_REPLY if data.is_empty() => Ok(ClientOption::StructuredReply),
             opt::STRUCTURED_REPLY => Err(DecodeError::Malformed("NBD_OPT_STRUCTURED_REPLY with data")),
+            opt::LIST_META_CONTEXT => Ok(ClientOption::ListMetaContext(parse_meta_context_query(data)?)),
+            opt::SET_META_CONTEXT => Ok(ClientOption::SetMetaContext(parse_meta_context_query(data)?)),
             opt::STARTTLS if data.is_empty() => Ok(ClientOption::StartTls),
             opt::STARTTLS => Err(DecodeError::Malformed("NBD_OPT_STARTTLS with data")),
             option => Ok(ClientOption::Other { option, data: data.to_vec() }),
@@ -351,6 +408,8 @@ impl ClientOption {
             ClientOption::Info(_) => opt::INFO,
             ClientOption::Go(_) => opt::GO,
             ClientOption::StructuredReply => opt::STRUCTURED_REPLY,
+            ClientOption::ListMetaContext(_) => opt::LIST_META_CONTEXT,
+            ClientOption::SetMetaContext(_) => opt::SET_META_CONTEXT,
             ClientOption::StartTls => opt::STARTTLS,
             ClientOption::Other { option, .. } => *option,
         }
@@ -371,11 +430,53 @@ impl ClientOption {
                     data.extend_from_slice(&request.to_be_bytes());
                 }
             }
+            ClientOption::ListMetaContext(query) | ClientOption::SetMetaContext(query) => {
+                data.extend_from_slice(&len_u32(query.name.len()).to_be_bytes());
+                data.extend_from_slice(query.name.as_bytes());
+                data.extend_from_slice(&len_u32(query.queries.len()).to_be_bytes());
+                for q in &query.queries {
+                    data.extend_from_slice(&len_u32(q.len()).to_be_bytes());
+                    data.extend_from_slice(q.as_bytes());
+                }
+            }
             ClientOption::Other { data: other, .. } => data.extend_from_slice(other),
         }
         OptionHeader { option: self.code(), data_len: len_u32(data.len()) }.encode(out);
         out.extend_from_slice(&data);
     }
+}
+
+/// A length-prefixed string of at most [`NAME_BYTES_MAX`] bytes.
+fn read_string(
+    r: &mut Reader<'_>,
+    what: &'static str,
+    short: &dyn Fn(DecodeError) -> DecodeError,
+) -> Result<String, DecodeError> {
+    let len = r.u32().map_err(short)?;
+    if len as usize > NAME_BYTES_MAX {
+        return Err(DecodeError::TooLong { what, len: u64::from(len), max: NAME_BYTES_MAX as u64 });
+    }
+    decode_name(r.take(len as usize).map_err(short)?, what)
+}
+
+fn parse_meta_context_query(data: &[u8]) -> Result<MetaContextQuery, DecodeError> {
+    let mut r = Reader::new(data);
+    let short = |e| malformed_if_short(e, "NBD_OPT_*_META_CONTEXT data");
+    let name = read_string(&mut r, "export name", &short)?;
+    let count = r.u32().map_err(short)?;
+    // Each query takes at least its 4-byte length: a count the data cannot hold is refused
+    // before anything is reserved for it.
+    if count as usize > (data.len() - r.pos) / 4 {
+        return Err(DecodeError::Malformed("NBD_OPT_*_META_CONTEXT query count"));
+    }
+    let mut queries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        queries.push(read_string(&mut r, "metadata context query", &short)?);
+    }
+    if !r.rest().is_empty() {
+        return Err(DecodeError::Malformed("NBD_OPT_*_META_CONTEXT data length"));
+    }
+    Ok(MetaContextQuery { name, queries })
 }
 
 fn parse_info_query(data: &[u8]) -> Result<InfoQuery, DecodeError> {
@@ -469,6 +570,21 @@ pub fn decode_server_reply(data: &[u8]) -> Result<String, DecodeError> {
         return Err(DecodeError::TooLong { what: "export name", len: u64::from(len), max: NAME_BYTES_MAX as u64 });
     }
     decode_name(r.take(len as usize).map_err(short)?, "export name")
+}
+
+/// Appends an `NBD_REP_META_CONTEXT` reply to `option`: a context's id and name.
+pub fn encode_meta_context_reply(out: &mut Vec<u8>, option: u32, context_id: u32, name: &str) {
+    let mut data = Vec::with_capacity(4 + name.len());
+    data.extend_from_slice(&context_id.to_be_bytes());
+    data.extend_from_slice(name.as_bytes());
+    encode_option_reply(out, option, rep::META_CONTEXT, &data);
+}
+
+/// The context id and name in an `NBD_REP_META_CONTEXT` reply's data.
+pub fn decode_meta_context_reply(data: &[u8]) -> Result<(u32, String), DecodeError> {
+    let mut r = Reader::new(data);
+    let id = r.u32().map_err(|e| malformed_if_short(e, "NBD_REP_META_CONTEXT data"))?;
+    Ok((id, decode_name(r.rest(), "metadata context name")?))
 }
 
 /// One `NBD_REP_INFO` payload.
@@ -615,6 +731,230 @@ impl SimpleReply {
     }
 }
 
+/// The header of one structured reply chunk; `length` payload bytes follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StructuredReplyHeader {
+    /// [`reply_flag`] bits.
+    pub flags: u16,
+    /// A [`reply_type`] value.
+    pub reply_type: u16,
+    pub cookie: u64,
+    pub length: u32,
+}
+
+impl StructuredReplyHeader {
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let magic = r.u32()?;
+        if magic != STRUCTURED_REPLY_MAGIC {
+            return Err(DecodeError::BadMagic { expected: u64::from(STRUCTURED_REPLY_MAGIC), found: u64::from(magic) });
+        }
+        Ok(StructuredReplyHeader { flags: r.u16()?, reply_type: r.u16()?, cookie: r.u64()?, length: r.u32()? })
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&self.flags.to_be_bytes());
+        out.extend_from_slice(&self.reply_type.to_be_bytes());
+        out.extend_from_slice(&self.cookie.to_be_bytes());
+        out.extend_from_slice(&self.length.to_be_bytes());
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.flags & reply_flag::DONE != 0
+    }
+}
+
+fn done_flag(done: bool) -> u16 {
+    if done {
+        reply_flag::DONE
+    } else {
+        0
+    }
+}
+
+/// One extent of a block status reply: its length and its status flags (for `base:allocation`,
+/// [`state`] bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDescriptor {
+    pub length: u32,
+    pub flags: u32,
+}
+
+/// Appends an `NBD_REPLY_TYPE_NONE` chunk: the end of a reply that has nothing (more) to say.
+pub fn encode_none_chunk(out: &mut Vec<u8>, cookie: u64) {
+    StructuredReplyHeader { flags: reply_flag::DONE, reply_type: reply_type::NONE, cookie, length: 0 }.encode(out);
+}
+
+/// Appends the header and offset of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk: `data_len` bytes
+/// (1 to [`REQUEST_BYTES_MAX`]) of data read at `offset` must follow.
+pub fn encode_offset_data_header(out: &mut Vec<u8>, cookie: u64, done: bool, offset: u64, data_len: u32) {
+    assert!(data_len > 0 && data_len <= REQUEST_BYTES_MAX, "a data chunk carries 1 to {REQUEST_BYTES_MAX} bytes");
+    let header = StructuredReplyHeader {
+        flags: done_flag(done),
+        reply_type: reply_type::OFFSET_DATA,
+        cookie,
+        length: 8 + data_len,
+    };
+    header.encode(out);
+    out.extend_from_slice(&offset.to_be_bytes());
+}
+
+/// Appends an `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: `hole_len` bytes (at least 1) at `offset`
+/// read as zeroes.
+pub fn encode_offset_hole_chunk(out: &mut Vec<u8>, cookie: u64, done: bool, offset: u64, hole_len: u32) {
+    assert!(hole_len > 0, "a hole chunk covers at least one byte");
+    let header =
+        StructuredReplyHeader { flags: done_flag(done), reply_type: reply_type::OFFSET_HOLE, cookie, length: 12 };
+    header.encode(out);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&hole_len.to_be_bytes());
+}
+
+/// Appends an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for one metadata context: at least one
+/// descriptor, each of a non-zero length.
+pub fn encode_block_status_chunk(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    done: bool,
+    context_id: u32,
+    descriptors: &[BlockDescriptor],
+) {
+    assert!(!descriptors.is_empty(), "a block status chunk has at least one descriptor");
+    assert!(descriptors.iter().all(|d| d.length > 0), "block status descriptors are never empty");
+    let header = StructuredReplyHeader {
+        flags: done_flag(done),
+        reply_type: reply_type::BLOCK_STATUS,
+        cookie,
+        length: len_u32(4 + descriptors.len() * BLOCK_DESCRIPTOR_BYTES),
+    };
+    header.encode(out);
+    out.extend_from_slice(&context_id.to_be_bytes());
+    for d in descriptors {
+        out.extend_from_slice(&d.length.to_be_bytes());
+        out.extend_from_slice(&d.flags.to_be_bytes());
+    }
+}
+
+/// Appends the final chunk of a failed reply: `NBD_REPLY_TYPE_ERROR`, or
+/// `NBD_REPLY_TYPE_ERROR_OFFSET` when the failure is at a known `offset` of a read. The
+/// message is cut to [`NAME_BYTES_MAX`] bytes on a character boundary.
+pub fn encode_error_chunk(out: &mut Vec<u8>, cookie: u64, errno: u32, message: &str, offset: Option<u64>) {
+    assert!(errno != 0, "an error chunk carries an error");
+    let mut end = message.len().min(NAME_BYTES_MAX);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let message = &message.as_bytes()[..end];
+    let (kind, extra) = match offset {
+        Some(_) => (reply_type::ERROR_OFFSET, 8),
+        None => (reply_type::ERROR, 0),
+    };
+    let header = StructuredReplyHeader {
+        flags: reply_flag::DONE,
+        reply_type: kind,
+        cookie,
+        length: len_u32(6 + message.len() + extra),
+    };
+    header.encode(out);
+    out.extend_from_slice(&errno.to_be_bytes());
+    let message_len = u16::try_from(message.len()).expect("NAME_BYTES_MAX fits 16 bits");
+    out.extend_from_slice(&message_len.to_be_bytes());
+    out.extend_from_slice(message);
+    if let Some(offset) = offset {
+        out.extend_from_slice(&offset.to_be_bytes());
+    }
+}
+
+/// A structured reply chunk's payload, decoded (a client's view, and the tests').
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StructuredChunk {
+    None,
+    OffsetData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    OffsetHole {
+        offset: u64,
+        length: u32,
+    },
+    BlockStatus {
+        context_id: u32,
+        descriptors: Vec<BlockDescriptor>,
+    },
+    Error {
+        errno: u32,
+        message: String,
+        offset: Option<u64>,
+    },
+    /// A type this decoder does not know; its payload is skipped.
+    Other {
+        reply_type: u16,
+    },
+}
+
+impl StructuredChunk {
+    /// Decodes one whole chunk (header and payload) from the start of `buf`, returning its
+    /// header, its payload and the bytes used. A payload over [`CHUNK_PAYLOAD_BYTES_MAX`] is
+    /// [`DecodeError::TooLong`] before any of it is awaited.
+    pub fn decode(buf: &[u8]) -> Result<(StructuredReplyHeader, StructuredChunk, usize), DecodeError> {
+        let header = StructuredReplyHeader::decode(buf)?;
+        if header.length > CHUNK_PAYLOAD_BYTES_MAX {
+            return Err(DecodeError::TooLong {
+                what: "structured reply chunk",
+                len: u64::from(header.length),
+                max: u64::from(CHUNK_PAYLOAD_BYTES_MAX),
+            });
+        }
+        let payload = Reader::new(&buf[STRUCTURED_REPLY_HEADER_BYTES..]).take(header.length as usize)?;
+        let mut r = Reader::new(payload);
+        let short = |e| malformed_if_short(e, "structured reply chunk");
+        let chunk = match header.reply_type {
+            reply_type::NONE => StructuredChunk::None,
+            reply_type::OFFSET_DATA => {
+                let offset = r.u64().map_err(short)?;
+                StructuredChunk::OffsetData { offset, data: r.rest().to_vec() }
+            }
+            reply_type::OFFSET_HOLE => {
+                StructuredChunk::OffsetHole { offset: r.u64().map_err(short)?, length: r.u32().map_err(short)? }
+            }
+            reply_type::BLOCK_STATUS => {
+                let context_id = r.u32().map_err(short)?;
+                let rest = r.rest();
+                if rest.len() % BLOCK_DESCRIPTOR_BYTES != 0 {
+                    return Err(DecodeError::Malformed("block status descriptors"));
+                }
+                let descriptors = rest
+                    .chunks_exact(BLOCK_DESCRIPTOR_BYTES)
+                    .map(|d| BlockDescriptor {
+                        length: u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+                        flags: u32::from_be_bytes([d[4], d[5], d[6], d[7]]),
+                    })
+                    .collect();
+                StructuredChunk::BlockStatus { context_id, descriptors }
+            }
+            reply_type::ERROR | reply_type::ERROR_OFFSET => {
+                let errno = r.u32().map_err(short)?;
+                let message_len = r.u16().map_err(short)?;
+                let message = decode_name(r.take(usize::from(message_len)).map_err(short)?, "error message")?;
+                let offset = match header.reply_type {
+                    reply_type::ERROR_OFFSET => Some(r.u64().map_err(short)?),
+                    _ => None,
+                };
+                StructuredChunk::Error { errno, message, offset }
+            }
+            other => {
+                r.rest();
+                StructuredChunk::Other { reply_type: other }
+            }
+        };
+        if !r.rest().is_empty() {
+            return Err(DecodeError::Malformed("structured reply chunk length"));
+        }
+        Ok((header, chunk, STRUCTURED_REPLY_HEADER_BYTES + header.length as usize))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,8 +969,14 @@ mod tests {
             .prop_map(|(name, info_requests)| InfoQuery { name, info_requests })
     }
 
+    fn meta_query() -> impl Strategy<Value = MetaContextQuery> {
+        (name(), proptest::collection::vec(name(), 0..6)).prop_map(|(name, queries)| MetaContextQuery { name, queries })
+    }
+
     fn client_option() -> impl Strategy<Value = ClientOption> {
         prop_oneof![
+            meta_query().prop_map(ClientOption::ListMetaContext),
+            meta_query().prop_map(ClientOption::SetMetaContext),
             name().prop_map(|name| ClientOption::ExportName { name }),
             Just(ClientOption::Abort),
             Just(ClientOption::List),
@@ -739,7 +1085,8 @@ mod tests {
                 option.encode(&mut again);
                 prop_assert_eq!(decode_option(&again), Ok((option, again.len())));
             }
-            for option in [opt::EXPORT_NAME, opt::ABORT, opt::LIST, opt::INFO, opt::GO, opt::STRUCTURED_REPLY, 99] {
+            for option in [opt::EXPORT_NAME, opt::ABORT, opt::LIST, opt::INFO, opt::GO, opt::STRUCTURED_REPLY,
+                           opt::LIST_META_CONTEXT, opt::SET_META_CONTEXT, 99] {
                 let _ = ClientOption::parse(option, &bytes);
             }
             let _ = OptionHeader::decode(&bytes);
@@ -747,13 +1094,18 @@ mod tests {
             let _ = Info::decode(&bytes);
             let _ = decode_server_reply(&bytes);
             let _ = SimpleReply::decode(&bytes);
+            let _ = decode_meta_context_reply(&bytes);
+            if let Ok((header, _, used)) = StructuredChunk::decode(&bytes) {
+                prop_assert_eq!(used, STRUCTURED_REPLY_HEADER_BYTES + header.length as usize);
+            }
             let _ = decode_greeting(&bytes);
             let _ = decode_client_flags(&bytes);
         }
 
         /// Random bytes after a valid magic reach the field checks instead of stopping at the magic.
         #[test]
-        fn random_option_bodies_never_panic(option in prop_oneof![Just(opt::INFO), Just(opt::GO), Just(opt::EXPORT_NAME), any::<u32>()],
+        fn random_option_bodies_never_panic(option in prop_oneof![Just(opt::INFO), Just(opt::GO), Just(opt::EXPORT_NAME),
+                                                                  Just(opt::LIST_META_CONTEXT), Just(opt::SET_META_CONTEXT), any::<u32>()],
                                             data in proptest::collection::vec(any::<u8>(), 0..128)) {
             let mut bytes = Vec::new();
             OptionHeader { option, data_len: data.len() as u32 }.encode(&mut bytes);
@@ -763,6 +1115,134 @@ mod tests {
                 prop_assert_eq!(parsed.code(), option);
             }
         }
+    }
+
+    fn chunk_of(bytes: &[u8]) -> (StructuredReplyHeader, StructuredChunk) {
+        let (header, chunk, used) = StructuredChunk::decode(bytes).expect("a whole chunk");
+        assert_eq!(used, bytes.len());
+        (header, chunk)
+    }
+
+    proptest! {
+        /// Every chunk the server sends decodes to what was encoded, its header says how long it
+        /// is, and every prefix of it is `Incomplete`.
+        #[test]
+        fn structured_chunks_round_trip(cookie in any::<u64>(), offset in any::<u64>(), done in any::<bool>(),
+                                        data in proptest::collection::vec(any::<u8>(), 1..64), hole in 1u32..,
+                                        context_id in any::<u32>(),
+                                        descriptors in proptest::collection::vec((1u32.., any::<u32>()), 1..16),
+                                        errno in 1u32.., message in name()) {
+            let flags = if done { reply_flag::DONE } else { 0 };
+            let mut bytes = Vec::new();
+            encode_offset_data_header(&mut bytes, cookie, done, offset, data.len() as u32);
+            bytes.extend_from_slice(&data);
+            let (header, chunk) = chunk_of(&bytes);
+            prop_assert_eq!(header, StructuredReplyHeader { flags, reply_type: reply_type::OFFSET_DATA, cookie, length: 8 + data.len() as u32 });
+            prop_assert_eq!(chunk, StructuredChunk::OffsetData { offset, data: data.clone() });
+            assert_prefixes_incomplete(&bytes, StructuredChunk::decode);
+
+            let mut bytes = Vec::new();
+            encode_offset_hole_chunk(&mut bytes, cookie, done, offset, hole);
+            prop_assert_eq!(chunk_of(&bytes), (StructuredReplyHeader { flags, reply_type: reply_type::OFFSET_HOLE, cookie, length: 12 },
+                                               StructuredChunk::OffsetHole { offset, length: hole }));
+            assert_prefixes_incomplete(&bytes, StructuredChunk::decode);
+
+            let descriptors: Vec<BlockDescriptor> = descriptors.into_iter().map(|(length, flags)| BlockDescriptor { length, flags }).collect();
+            let mut bytes = Vec::new();
+            encode_block_status_chunk(&mut bytes, cookie, done, context_id, &descriptors);
+            prop_assert_eq!(bytes.len(), STRUCTURED_REPLY_HEADER_BYTES + 4 + BLOCK_DESCRIPTOR_BYTES * descriptors.len());
+            prop_assert_eq!(chunk_of(&bytes).1, StructuredChunk::BlockStatus { context_id, descriptors });
+
+            for at in [None, Some(offset)] {
+                let mut bytes = Vec::new();
+                encode_error_chunk(&mut bytes, cookie, errno, &message, at);
+                let (header, chunk) = chunk_of(&bytes);
+                prop_assert!(header.is_done() && reply_type::is_error(header.reply_type));
+                prop_assert_eq!(chunk, StructuredChunk::Error { errno, message: message.clone(), offset: at });
+                assert_prefixes_incomplete(&bytes, StructuredChunk::decode);
+            }
+
+            let mut bytes = Vec::new();
+            encode_none_chunk(&mut bytes, cookie);
+            prop_assert_eq!(chunk_of(&bytes), (StructuredReplyHeader { flags: reply_flag::DONE, reply_type: reply_type::NONE, cookie, length: 0 },
+                                               StructuredChunk::None));
+        }
+
+        #[test]
+        fn meta_context_replies_round_trip(context_id in any::<u32>(), context in name()) {
+            let mut bytes = Vec::new();
+            encode_meta_context_reply(&mut bytes, opt::SET_META_CONTEXT, context_id, &context);
+            let header = OptionReplyHeader::decode(&bytes).expect("header");
+            prop_assert_eq!((header.option, header.reply_type), (opt::SET_META_CONTEXT, rep::META_CONTEXT));
+            prop_assert_eq!(decode_meta_context_reply(&bytes[OPTION_REPLY_HEADER_BYTES..]), Ok((context_id, context)));
+        }
+    }
+
+    #[test]
+    fn oversized_and_inconsistent_chunks_are_refused() {
+        let mut bytes = Vec::new();
+        StructuredReplyHeader { flags: 0, reply_type: reply_type::OFFSET_DATA, cookie: 1, length: u32::MAX }
+            .encode(&mut bytes);
+        assert!(matches!(StructuredChunk::decode(&bytes), Err(DecodeError::TooLong { .. })));
+        // A block status payload that is not a whole number of descriptors.
+        let mut bytes = Vec::new();
+        StructuredReplyHeader { flags: 0, reply_type: reply_type::BLOCK_STATUS, cookie: 1, length: 7 }
+            .encode(&mut bytes);
+        bytes.extend_from_slice(&[0; 7]);
+        assert_eq!(StructuredChunk::decode(&bytes), Err(DecodeError::Malformed("block status descriptors")));
+        // An error message longer than the payload.
+        let mut bytes = Vec::new();
+        StructuredReplyHeader { flags: 1, reply_type: reply_type::ERROR, cookie: 1, length: 6 }.encode(&mut bytes);
+        bytes.extend_from_slice(&[0, 0, 0, 5, 0, 9]);
+        assert!(matches!(StructuredChunk::decode(&bytes), Err(DecodeError::Malformed(_))));
+        // Error messages are cut to the protocol's string limit, on a character boundary.
+        let mut bytes = Vec::new();
+        encode_error_chunk(&mut bytes, 1, errno::EIO, &"é".repeat(NAME_BYTES_MAX), Some(0));
+        let (header, StructuredChunk::Error { message, .. }) = chunk_of(&bytes) else { panic!("an error chunk") };
+        assert!(message.len() <= NAME_BYTES_MAX && header.length as usize == 6 + message.len() + 8);
+    }
+
+    #[test]
+    fn meta_context_queries_are_bounded_and_exact() {
+        let query = |name: &str, queries: &[&str]| {
+            let option = ClientOption::SetMetaContext(MetaContextQuery {
+                name: name.into(),
+                queries: queries.iter().map(|q| q.to_string()).collect(),
+            });
+            let mut bytes = Vec::new();
+            option.encode(&mut bytes);
+            bytes[OPTION_HEADER_BYTES..].to_vec()
+        };
+        let data = query("vol", &["base:allocation", "qemu:dirty-bitmap:x"]);
+        assert_eq!(
+            ClientOption::parse(opt::SET_META_CONTEXT, &data),
+            Ok(ClientOption::SetMetaContext(MetaContextQuery {
+                name: "vol".into(),
+                queries: vec!["base:allocation".into(), "qemu:dirty-bitmap:x".into()]
+            }))
+        );
+        // A count that the remaining bytes cannot hold: refused, nothing reserved for it.
+        let mut lying = query("vol", &[]);
+        let at = lying.len() - 4;
+        lying[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            ClientOption::parse(opt::LIST_META_CONTEXT, &lying),
+            Err(DecodeError::Malformed("NBD_OPT_*_META_CONTEXT query count"))
+        );
+        // Trailing bytes, a short query, and a query over the string limit.
+        let mut trailing = query("vol", &["base:allocation"]);
+        trailing.push(0);
+        assert!(matches!(ClientOption::parse(opt::SET_META_CONTEXT, &trailing), Err(DecodeError::Malformed(_))));
+        let short = query("vol", &["base:allocation"]);
+        assert!(matches!(
+            ClientOption::parse(opt::SET_META_CONTEXT, &short[..short.len() - 1]),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut long = query("vol", &[]);
+        let at = long.len() - 4;
+        long[at..].copy_from_slice(&1u32.to_be_bytes());
+        long.extend_from_slice(&(NAME_BYTES_MAX as u32 + 1).to_be_bytes());
+        assert!(matches!(ClientOption::parse(opt::SET_META_CONTEXT, &long), Err(DecodeError::TooLong { .. })));
     }
 
     #[test]

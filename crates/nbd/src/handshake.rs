@@ -7,6 +7,12 @@
 //! [`Handshake::on_option`] and act on the [`Step`]: send bytes, list exports, or open an export
 //! and pass the outcome to [`Handshake::on_opened`], until transmission, abort or disconnect.
 //!
+//! Structured replies (`NBD_OPT_STRUCTURED_REPLY`) and metadata contexts: once structured
+//! replies are on, `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT` offer exactly one
+//! context, [`BASE_ALLOCATION`] (checked against the export, which is opened to answer them);
+//! a selection counts for the export it named and is replaced by the next one. What was
+//! negotiated reaches the transmission phase as [`Features`].
+//!
 //! TLS (`NBD_OPT_STARTTLS`), as the [`TlsMode`] says: not offered (the option is refused with
 //! `NBD_REP_ERR_POLICY`), offered, or required (until the connection is TLS, every option but
 //! STARTTLS and ABORT is answered `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME`, which has
@@ -18,10 +24,10 @@ use tandem_frontend::OpenError;
 use thiserror::Error;
 
 use crate::codec::{
-    client_flag, encode_export_name_reply, encode_greeting, encode_info_reply, encode_option_error,
-    encode_option_reply, encode_server_reply, handshake_flag, info, opt, rep, tx_flag, ClientOption, DecodeError, Info,
-    InfoQuery, OptionHeader, BLOCK_SIZE_MIN, BLOCK_SIZE_PREFERRED, NAME_BYTES_MAX, OPTION_DATA_BYTES_MAX,
-    REQUEST_BYTES_MAX,
+    client_flag, encode_export_name_reply, encode_greeting, encode_info_reply, encode_meta_context_reply,
+    encode_option_error, encode_option_reply, encode_server_reply, handshake_flag, info, opt, rep, tx_flag,
+    ClientOption, DecodeError, Info, InfoQuery, MetaContextQuery, OptionHeader, BASE_ALLOCATION, BLOCK_SIZE_MIN,
+    BLOCK_SIZE_PREFERRED, NAME_BYTES_MAX, OPTION_DATA_BYTES_MAX, REQUEST_BYTES_MAX,
 };
 
 /// The server offers fixed newstyle and lets the client drop the 124 padding zeroes.
@@ -35,6 +41,10 @@ pub const HANDSHAKE_OPTIONS_MAX: u32 = 4096;
 /// the server answers and disconnects.
 pub const OPTION_DRAIN_BYTES_MAX: u32 = 1024 * 1024;
 
+/// The id the server gives [`BASE_ALLOCATION`] in `NBD_OPT_SET_META_CONTEXT` replies and
+/// block status chunks (any number would do; the client learns it here).
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
 /// What the server tells a client about an opened export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExportInfo {
@@ -44,21 +54,44 @@ pub struct ExportInfo {
 }
 
 impl ExportInfo {
-    /// Every command is supported; read-only and multi-connection safety come from the volume.
-    pub fn transmission_flags(&self) -> u16 {
+    /// Every command is supported; read-only and multi-connection safety come from the volume,
+    /// `NBD_CMD_FLAG_DF` from the negotiation (it only means something for structured replies).
+    /// Fast zeroes are always offered: zeroing is a metadata change here, never a write of zeroes.
+    pub fn transmission_flags(&self, features: Features) -> u16 {
         let mut flags = tx_flag::HAS_FLAGS
             | tx_flag::SEND_FLUSH
             | tx_flag::SEND_FUA
             | tx_flag::SEND_TRIM
-            | tx_flag::SEND_WRITE_ZEROES;
+            | tx_flag::SEND_WRITE_ZEROES
+            | tx_flag::SEND_FAST_ZERO;
         if self.read_only {
             flags |= tx_flag::READ_ONLY;
         }
         if self.multi_conn {
             flags |= tx_flag::CAN_MULTI_CONN;
         }
+        if features.structured_replies {
+            flags |= tx_flag::SEND_DF;
+        }
         flags
     }
+}
+
+/// What a connection negotiated for its transmission phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Features {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged: reads (and errors) are answered in chunks.
+    pub structured_replies: bool,
+    /// [`BASE_ALLOCATION`] was selected for the export being served: `NBD_CMD_BLOCK_STATUS`
+    /// is answered.
+    pub base_allocation: bool,
+}
+
+/// The metadata contexts `NBD_OPT_SET_META_CONTEXT` selected last, for the export it named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MetaSelection {
+    export: String,
+    base_allocation: bool,
 }
 
 /// Why the server ends a negotiation with a hard disconnect.
@@ -115,6 +148,8 @@ enum OpenKind {
     ExportName,
     Info(InfoQuery),
     Go(InfoQuery),
+    ListMetaContext(MetaContextQuery),
+    SetMetaContext(MetaContextQuery),
 }
 
 /// The outcome of one option.
@@ -140,8 +175,8 @@ pub enum Step {
 pub enum Opened {
     /// Send these bytes and wait for the next option (`NBD_OPT_INFO`, or a failed `NBD_OPT_GO`).
     Reply(Vec<u8>),
-    /// Send these bytes, then serve requests on the opened export.
-    Transmission(Vec<u8>),
+    /// Send these bytes, then serve requests on the opened export with these features.
+    Transmission(Vec<u8>, Features),
     /// Close without a reply.
     Disconnect(HandshakeError),
 }
@@ -154,6 +189,9 @@ pub struct Handshake {
     tls_mode: TlsMode,
     /// The connection runs over TLS now.
     tls: bool,
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    structured_replies: bool,
+    meta: Option<MetaSelection>,
 }
 
 impl Handshake {
@@ -169,6 +207,17 @@ impl Handshake {
     /// The TLS handshake after [`Step::StartTls`] succeeded: options go on inside TLS.
     pub fn on_tls_started(&mut self) {
         self.tls = true;
+        // Nothing negotiated before TLS counts inside it.
+        self.structured_replies = false;
+        self.meta = None;
+    }
+
+    /// The features transmission on `export` would have, as negotiated so far.
+    pub fn features(&self, export: &str) -> Features {
+        Features {
+            structured_replies: self.structured_replies,
+            base_allocation: self.meta.as_ref().is_some_and(|m| m.base_allocation && m.export == export),
+        }
     }
 
     pub fn is_tls(&self) -> bool {
@@ -271,9 +320,31 @@ impl Handshake {
                 Step::Abort(out)
             }
             ClientOption::StructuredReply => {
+                self.structured_replies = true;
                 let mut out = Vec::new();
-                encode_option_error(&mut out, option, rep::ERR_UNSUP, "this server sends simple replies only");
+                encode_option_reply(&mut out, opt::STRUCTURED_REPLY, rep::ACK, &[]);
                 Step::Reply(out)
+            }
+            ClientOption::ListMetaContext(query) | ClientOption::SetMetaContext(query) => {
+                if !self.structured_replies {
+                    return reply_error(
+                        rep::ERR_INVALID,
+                        "metadata contexts need structured replies: send NBD_OPT_STRUCTURED_REPLY first",
+                    );
+                }
+                if let Some(bad) = query.queries.iter().find(|q| !q.contains(':')) {
+                    return reply_error(
+                        rep::ERR_INVALID,
+                        &format!("metadata context query {bad:?} does not start with a namespace (\"base:\")"),
+                    );
+                }
+                let name = query.name.clone();
+                let kind = if option == opt::SET_META_CONTEXT {
+                    OpenKind::SetMetaContext(query)
+                } else {
+                    OpenKind::ListMetaContext(query)
+                };
+                Step::Open(OpenRequest { name, kind })
             }
             ClientOption::Other { option, .. } => {
                 let mut out = Vec::new();
@@ -298,6 +369,7 @@ impl Handshake {
     /// with `NBD_REP_ERR_POLICY`, each with its message (after `NBD_OPT_EXPORT_NAME`, which
     /// has no error reply, by closing the connection).
     pub fn on_opened(&mut self, request: OpenRequest, result: Result<ExportInfo, OpenError>) -> Opened {
+        let features = self.features(&request.name);
         let (option, query) = match request.kind {
             OpenKind::ExportName => {
                 return match result {
@@ -306,16 +378,18 @@ impl Handshake {
                         encode_export_name_reply(
                             &mut out,
                             export.size_bytes,
-                            export.transmission_flags(),
+                            export.transmission_flags(features),
                             self.no_zeroes,
                         );
-                        Opened::Transmission(out)
+                        Opened::Transmission(out, features)
                     }
                     Err(err) => Opened::Disconnect(HandshakeError::ExportNameFailed(err.to_string())),
                 };
             }
             OpenKind::Info(query) => (opt::INFO, query),
             OpenKind::Go(query) => (opt::GO, query),
+            OpenKind::ListMetaContext(query) => return self.on_meta_context(opt::LIST_META_CONTEXT, query, result),
+            OpenKind::SetMetaContext(query) => return self.on_meta_context(opt::SET_META_CONTEXT, query, result),
         };
         let mut out = Vec::new();
         let export = match result {
@@ -329,7 +403,7 @@ impl Handshake {
         encode_info_reply(
             &mut out,
             option,
-            &Info::Export { size_bytes: export.size_bytes, transmission_flags: export.transmission_flags() },
+            &Info::Export { size_bytes: export.size_bytes, transmission_flags: export.transmission_flags(features) },
         );
         if query.info_requests.contains(&info::NAME) {
             encode_info_reply(&mut out, option, &Info::Name(query.name.clone()));
@@ -343,17 +417,50 @@ impl Handshake {
         );
         encode_option_reply(&mut out, option, rep::ACK, &[]);
         if option == opt::GO {
-            Opened::Transmission(out)
+            Opened::Transmission(out, features)
         } else {
             Opened::Reply(out)
         }
+    }
+
+    /// The contexts `query` matches on an export that opened (or the open's error). LIST
+    /// names them with id 0 (the protocol reserves it there); an empty query list and the
+    /// namespace alone (`base:`) match every context. SET selects the exact names it was given
+    /// (a namespace alone selects nothing), replacing the previous selection, and names each
+    /// with its id. Queries matching nothing are not errors: they get no reply of their own.
+    fn on_meta_context(
+        &mut self,
+        option: u32,
+        query: MetaContextQuery,
+        result: Result<ExportInfo, OpenError>,
+    ) -> Opened {
+        let mut out = Vec::new();
+        if let Err(err) = result {
+            let code = if matches!(err, OpenError::Denied(_)) { rep::ERR_POLICY } else { rep::ERR_UNKNOWN };
+            encode_option_error(&mut out, option, code, &err.to_string());
+            return Opened::Reply(out);
+        }
+        if option == opt::LIST_META_CONTEXT {
+            let all = query.queries.is_empty();
+            if all || query.queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION) {
+                encode_meta_context_reply(&mut out, option, 0, BASE_ALLOCATION);
+            }
+        } else {
+            let base_allocation = query.queries.iter().any(|q| q == BASE_ALLOCATION);
+            self.meta = Some(MetaSelection { export: query.name, base_allocation });
+            if base_allocation {
+                encode_meta_context_reply(&mut out, option, BASE_ALLOCATION_ID, BASE_ALLOCATION);
+            }
+        }
+        encode_option_reply(&mut out, option, rep::ACK, &[]);
+        Opened::Reply(out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{decode_server_reply, OptionReplyHeader, OPTION_REPLY_HEADER_BYTES};
+    use crate::codec::{decode_meta_context_reply, decode_server_reply, OptionReplyHeader, OPTION_REPLY_HEADER_BYTES};
 
     const EXPORT: ExportInfo = ExportInfo { size_bytes: 1 << 30, read_only: false, multi_conn: true };
 
@@ -391,14 +498,20 @@ mod tests {
             panic!("GO must open the export");
         };
         assert_eq!(request.name, "vol");
-        let Opened::Transmission(bytes) = hs.on_opened(request, Ok(EXPORT)) else { panic!("GO enters transmission") };
+        let Opened::Transmission(bytes, features) = hs.on_opened(request, Ok(EXPORT)) else {
+            panic!("GO enters transmission")
+        };
+        assert_eq!(features, Features::default(), "simple replies unless negotiated");
         let got = replies(&bytes);
         let kinds: Vec<u32> = got.iter().map(|(h, _)| h.reply_type).collect();
         assert_eq!(kinds, [rep::INFO, rep::INFO, rep::INFO, rep::ACK]);
         assert!(got.iter().all(|(h, _)| h.option == opt::GO));
         assert_eq!(
             Info::decode(&got[0].1),
-            Ok(Some(Info::Export { size_bytes: 1 << 30, transmission_flags: EXPORT.transmission_flags() }))
+            Ok(Some(Info::Export {
+                size_bytes: 1 << 30,
+                transmission_flags: EXPORT.transmission_flags(Features::default())
+            }))
         );
         assert_eq!(Info::decode(&got[1].1), Ok(Some(Info::Name("vol".into()))));
         assert_eq!(Info::decode(&got[2].1), Ok(Some(Info::BlockSize { min: 1, preferred: 4096, max: 32 << 20 })));
@@ -429,11 +542,15 @@ mod tests {
         ));
         assert_eq!(
             hs.on_opened(request, Ok(EXPORT)),
-            Opened::Transmission({
-                let mut out = Vec::new();
-                encode_export_name_reply(&mut out, EXPORT.size_bytes, EXPORT.transmission_flags(), true);
-                out
-            })
+            Opened::Transmission(
+                {
+                    let mut out = Vec::new();
+                    let flags = EXPORT.transmission_flags(Features::default());
+                    encode_export_name_reply(&mut out, EXPORT.size_bytes, flags, true);
+                    out
+                },
+                Features::default()
+            )
         );
         assert!(matches!(hs.on_option(opt::EXPORT_NAME, &[0xff]), Step::Disconnect(_)));
     }
@@ -442,7 +559,7 @@ mod tests {
     fn other_options_are_answered_without_ending_negotiation() {
         let mut hs = Handshake::new();
         for (option, data, expected) in [
-            (opt::STRUCTURED_REPLY, &b""[..], rep::ERR_UNSUP),
+            (opt::STRUCTURED_REPLY, &b"x"[..], rep::ERR_INVALID),
             (opt::STARTTLS, b"", rep::ERR_POLICY),
             (12345, b"junk", rep::ERR_UNSUP),
             (opt::LIST, b"junk", rep::ERR_INVALID),
@@ -491,16 +608,26 @@ mod tests {
 
     #[test]
     fn transmission_flags_follow_the_export() {
-        let base = ExportInfo { size_bytes: 0, read_only: false, multi_conn: false }.transmission_flags();
+        let simple = Features::default();
+        let base = ExportInfo { size_bytes: 0, read_only: false, multi_conn: false }.transmission_flags(simple);
         assert_eq!(base & tx_flag::READ_ONLY, 0);
         assert_eq!(base & tx_flag::CAN_MULTI_CONN, 0);
-        for flag in
-            [tx_flag::HAS_FLAGS, tx_flag::SEND_FLUSH, tx_flag::SEND_FUA, tx_flag::SEND_TRIM, tx_flag::SEND_WRITE_ZEROES]
-        {
+        assert_eq!(base & tx_flag::SEND_DF, 0, "DF only with structured replies");
+        for flag in [
+            tx_flag::HAS_FLAGS,
+            tx_flag::SEND_FLUSH,
+            tx_flag::SEND_FUA,
+            tx_flag::SEND_TRIM,
+            tx_flag::SEND_WRITE_ZEROES,
+            tx_flag::SEND_FAST_ZERO,
+        ] {
             assert_ne!(base & flag, 0);
         }
-        let ro = ExportInfo { size_bytes: 0, read_only: true, multi_conn: true }.transmission_flags();
+        let ro = ExportInfo { size_bytes: 0, read_only: true, multi_conn: true }.transmission_flags(simple);
         assert_eq!(ro, base | tx_flag::READ_ONLY | tx_flag::CAN_MULTI_CONN);
+        let structured = Features { structured_replies: true, base_allocation: false };
+        let export = ExportInfo { size_bytes: 0, read_only: false, multi_conn: false };
+        assert_eq!(export.transmission_flags(structured), base | tx_flag::SEND_DF);
     }
 
     fn reply_type(step: &Step) -> u32 {
@@ -540,6 +667,139 @@ mod tests {
         required.on_tls_started();
         assert_eq!(required.on_option(opt::LIST, &[]), Step::List, "inside TLS");
         assert!(matches!(required.on_option(opt::GO, &go_data("vol", &[])), Step::Open(_)));
+    }
+
+    fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+        let query = MetaContextQuery { name: name.into(), queries: queries.iter().map(|q| q.to_string()).collect() };
+        let mut bytes = Vec::new();
+        ClientOption::SetMetaContext(query).encode(&mut bytes);
+        bytes[16..].to_vec()
+    }
+
+    /// Runs a LIST or SET of `queries` on an export that opens: the contexts named, then ACK.
+    fn meta_context(hs: &mut Handshake, option: u32, name: &str, queries: &[&str]) -> Vec<(u32, String)> {
+        let Step::Open(request) = hs.on_option(option, &meta_data(name, queries)) else {
+            panic!("a metadata context option on {name} opens it")
+        };
+        assert_eq!(request.name, name);
+        let Opened::Reply(bytes) = hs.on_opened(request, Ok(EXPORT)) else { panic!("answered in negotiation") };
+        let got = replies(&bytes);
+        assert_eq!(got.last().map(|(h, _)| h.reply_type), Some(rep::ACK));
+        assert!(got.iter().all(|(h, _)| h.option == option));
+        got[..got.len() - 1]
+            .iter()
+            .map(|(h, data)| {
+                assert_eq!(h.reply_type, rep::META_CONTEXT);
+                decode_meta_context_reply(data).expect("context reply")
+            })
+            .collect()
+    }
+
+    fn go(hs: &mut Handshake, name: &str) -> Features {
+        let Step::Open(request) = hs.on_option(opt::GO, &go_data(name, &[])) else { panic!("GO opens") };
+        match hs.on_opened(request, Ok(EXPORT)) {
+            Opened::Transmission(bytes, features) => {
+                let export = replies(&bytes)[0].1.clone();
+                let flags = EXPORT.transmission_flags(features);
+                assert_eq!(
+                    Info::decode(&export),
+                    Ok(Some(Info::Export { size_bytes: EXPORT.size_bytes, transmission_flags: flags }))
+                );
+                features
+            }
+            other => panic!("GO enters transmission, not {other:?}"),
+        }
+    }
+
+    #[test]
+    fn structured_replies_are_acknowledged_and_reset_by_tls() {
+        let mut hs = Handshake::with_tls(TlsMode::Offered);
+        assert_eq!(reply_type(&hs.on_option(opt::STRUCTURED_REPLY, &[])), rep::ACK);
+        assert_eq!(reply_type(&hs.on_option(opt::STRUCTURED_REPLY, &[])), rep::ACK, "again: still on");
+        assert!(hs.features("vol").structured_replies);
+        meta_context(&mut hs, opt::SET_META_CONTEXT, "vol", &[BASE_ALLOCATION]);
+        assert!(hs.features("vol").base_allocation);
+        assert!(matches!(hs.on_option(opt::STARTTLS, &[]), Step::StartTls(_)));
+        hs.on_tls_started();
+        assert_eq!(hs.features("vol"), Features::default(), "nothing from before TLS counts");
+    }
+
+    #[test]
+    fn meta_contexts_need_structured_replies_and_namespaces() {
+        let mut hs = Handshake::new();
+        for option in [opt::LIST_META_CONTEXT, opt::SET_META_CONTEXT] {
+            assert_eq!(reply_type(&hs.on_option(option, &meta_data("vol", &[BASE_ALLOCATION]))), rep::ERR_INVALID);
+        }
+        assert_eq!(reply_type(&hs.on_option(opt::STRUCTURED_REPLY, &[])), rep::ACK);
+        for option in [opt::LIST_META_CONTEXT, opt::SET_META_CONTEXT] {
+            // A query without a namespace; data that does not parse.
+            assert_eq!(reply_type(&hs.on_option(option, &meta_data("vol", &["allocation"]))), rep::ERR_INVALID);
+            assert_eq!(reply_type(&hs.on_option(option, &[0, 0, 0, 9, b'v'])), rep::ERR_INVALID);
+        }
+        assert_eq!(hs.features("vol"), Features { structured_replies: true, base_allocation: false });
+    }
+
+    #[test]
+    fn list_meta_context_offers_base_allocation_only() {
+        let mut hs = Handshake::new();
+        hs.on_option(opt::STRUCTURED_REPLY, &[]);
+        let base = vec![(0, BASE_ALLOCATION.to_string())];
+        assert_eq!(meta_context(&mut hs, opt::LIST_META_CONTEXT, "vol", &[]), base, "no query: everything");
+        assert_eq!(meta_context(&mut hs, opt::LIST_META_CONTEXT, "vol", &["base:"]), base, "the namespace");
+        assert_eq!(meta_context(&mut hs, opt::LIST_META_CONTEXT, "vol", &["qemu:", BASE_ALLOCATION, "base:"]), base);
+        for nothing in [&["base:allocations"][..], &["qemu:allocation-depth"], &["x-foo:bar"], &["Base:allocation"]] {
+            assert_eq!(meta_context(&mut hs, opt::LIST_META_CONTEXT, "vol", nothing), vec![], "{nothing:?}");
+        }
+        assert!(!hs.features("vol").base_allocation, "listing selects nothing");
+    }
+
+    #[test]
+    fn set_meta_context_selects_for_its_export_and_replaces() {
+        let mut hs = Handshake::new();
+        hs.on_option(opt::STRUCTURED_REPLY, &[]);
+        let selected = vec![(BASE_ALLOCATION_ID, BASE_ALLOCATION.to_string())];
+        assert_eq!(
+            meta_context(&mut hs, opt::SET_META_CONTEXT, "vol", &["qemu:dirty-bitmap:b", BASE_ALLOCATION]),
+            selected
+        );
+        // Selected for "vol" only: GO to another export gets no context.
+        assert_eq!(hs.features("other"), Features { structured_replies: true, base_allocation: false });
+        // A later SET replaces it; the namespace alone selects nothing.
+        assert_eq!(meta_context(&mut hs, opt::SET_META_CONTEXT, "vol", &["base:"]), vec![]);
+        assert!(!hs.features("vol").base_allocation);
+        assert_eq!(meta_context(&mut hs, opt::SET_META_CONTEXT, "vol", &[BASE_ALLOCATION]), selected);
+        assert_eq!(go(&mut hs, "vol"), Features { structured_replies: true, base_allocation: true });
+    }
+
+    #[test]
+    fn meta_contexts_of_an_unknown_or_denied_export_are_errors() {
+        let mut hs = Handshake::new();
+        hs.on_option(opt::STRUCTURED_REPLY, &[]);
+        for (option, err, code) in [
+            (opt::SET_META_CONTEXT, OpenError::NotFound("no such export \"x\"".into()), rep::ERR_UNKNOWN),
+            (opt::LIST_META_CONTEXT, OpenError::Unavailable("later".into()), rep::ERR_UNKNOWN),
+            (opt::SET_META_CONTEXT, OpenError::Denied("not yours".into()), rep::ERR_POLICY),
+        ] {
+            let Step::Open(request) = hs.on_option(option, &meta_data("x", &[BASE_ALLOCATION])) else {
+                panic!("opens")
+            };
+            let Opened::Reply(bytes) = hs.on_opened(request, Err(err)) else { panic!("answered") };
+            let got = replies(&bytes);
+            assert_eq!((got.len(), got[0].0.reply_type), (1, code));
+        }
+        assert!(!hs.features("x").base_allocation, "a failed SET selects nothing");
+    }
+
+    #[test]
+    fn export_name_carries_the_negotiated_features() {
+        let mut hs = Handshake::new();
+        hs.on_option(opt::STRUCTURED_REPLY, &[]);
+        meta_context(&mut hs, opt::SET_META_CONTEXT, "vol", &[BASE_ALLOCATION]);
+        let Step::Open(request) = hs.on_option(opt::EXPORT_NAME, b"vol") else { panic!("opens") };
+        let Opened::Transmission(bytes, features) = hs.on_opened(request, Ok(EXPORT)) else { panic!("transmission") };
+        assert_eq!(features, Features { structured_replies: true, base_allocation: true });
+        let flags = u16::from_be_bytes([bytes[8], bytes[9]]);
+        assert_ne!(flags & tx_flag::SEND_DF, 0);
     }
 
     #[test]

@@ -6,16 +6,21 @@
 //! - [`handshake`] and [`transmission`]: frames → decisions (option replies, which request to
 //!   run, which errno to answer). Sans-IO, unit-tested without sockets.
 //! - [`server`]: the tokio driver. Fixed newstyle negotiation (`NBD_OPT_GO`, `INFO`, `LIST`,
-//!   `EXPORT_NAME`, `ABORT`), then READ, WRITE, FLUSH, TRIM, WRITE_ZEROES and DISC, run
-//!   concurrently per connection with bounded memory.
+//!   `EXPORT_NAME`, `ABORT`, `STARTTLS`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`,
+//!   `SET_META_CONTEXT`), then READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with FAST_ZERO),
+//!   BLOCK_STATUS (with REQ_ONE) and DISC, run concurrently per connection with bounded memory.
 //!
 //! It is not a storage engine and knows nothing of replication: exports come from an
 //! [`Exports`] implementation of the protocol-neutral `tandem-frontend` seam (the node's,
 //! backed by replicated volumes), whose errors it maps to NBD errnos
 //! ([`transmission::errno_of_io_error`]), and the budgets shared with other connections are
 //! given to it ([`Budgets`]). It is not a client.
-//! It sends simple replies only (no structured replies, block status or metadata contexts),
-//! and has no TLS: it is meant for a host-local or trusted network.
+//! Replies are simple until the client negotiates structured replies; then reads come in
+//! chunks (a piece that reads as zeroes as a hole: sparse reads, or one chunk with DF) and
+//! errors as error chunks with a message. Block status offers exactly one metadata context,
+//! `base:allocation`, from the volume's allocation map ([`tandem_frontend::Volume::extents`]):
+//! unallocated ranges are holes that read as zeroes. TLS is the node's to offer
+//! (`NBD_OPT_STARTTLS`, see [`handshake`]). No extended headers, no `NBD_CMD_CACHE`.
 
 pub mod codec;
 pub mod handshake;

@@ -12,6 +12,14 @@
 //! EINVAL and the connection is closed: its payload is not read, and the stream cannot be
 //! resynchronised without reading it.
 //!
+//! With structured replies negotiated, a read is answered in chunks of at most
+//! [`READ_CHUNK_BYTES`], each read before it is sent: a piece that reads as zeroes goes as a
+//! hole chunk (no data on the wire), and a piece that fails ends the reply with an error chunk
+//! at its offset, so the connection survives it. With `NBD_CMD_FLAG_DF` the data goes in one
+//! chunk, streamed like a simple reply. Errors are error chunks with a message; successes
+//! without data stay simple replies (the protocol allows both). Block status asks the volume
+//! for the range's extents ([`Volume::extents`]) and answers one `base:allocation` chunk.
+//!
 //! TLS: given a rustls configuration, the server offers `NBD_OPT_STARTTLS`, or not, or requires
 //! it, as [`Exports::identification`] says; a client certificate verified by that configuration is
 //! the connection's [`Peer`], which decides what it may list and open. A volume whose opener
@@ -36,11 +44,14 @@ use tokio::task::{JoinError, JoinSet};
 use tracing::{debug, error, info, warn};
 
 use crate::codec::{
-    decode_client_flags, DecodeError, OptionHeader, RequestHeader, SimpleReply, CLIENT_FLAGS_BYTES,
+    decode_client_flags, encode_block_status_chunk, encode_error_chunk, encode_none_chunk, encode_offset_data_header,
+    encode_offset_hole_chunk, DecodeError, OptionHeader, RequestHeader, SimpleReply, CLIENT_FLAGS_BYTES,
     OPTION_HEADER_BYTES, REQUEST_BYTES_MAX, REQUEST_HEADER_BYTES,
 };
-use crate::handshake::{ExportInfo, Handshake, HandshakeError, Opened, OptionData, Step, TlsMode};
-use crate::transmission::{classify, errno_of_io_error, Payload, Request};
+use crate::handshake::{
+    ExportInfo, Features, Handshake, HandshakeError, Opened, OptionData, Step, TlsMode, BASE_ALLOCATION_ID,
+};
+use crate::transmission::{block_status_descriptors, classify, errno_of_io_error, extents_wanted, Payload, Request};
 
 /// Largest piece of a read held in memory: a longer read is streamed to the socket in pieces
 /// of this size, so its length does not change the memory it takes.
@@ -204,13 +215,13 @@ where
         .await
         .map_err(|_| ConnectionError::HandshakeTimeout)??;
     match negotiated {
-        Some((conn, volume, export)) => {
+        Some((conn, volume, export, features)) => {
             // Requests the client sent right after the handshake are in `conn`'s buffer: the
             // halves read through it.
             let (read_half, write_half) = tokio::io::split(conn);
             let reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, read_half);
             let writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, write_half);
-            transmit(reader, writer, Arc::new(volume), export, budgets.read_buffers).await
+            transmit(reader, writer, Arc::new(volume), export, features, budgets.read_buffers).await
         }
         None => Ok(()),
     }
@@ -227,7 +238,7 @@ async fn negotiate<E>(
     exports: &E,
     tls: TlsConfig,
     mode: TlsMode,
-) -> Result<Option<(Conn, E::Volume, ExportInfo)>, ConnectionError>
+) -> Result<Option<(Conn, E::Volume, ExportInfo, Features)>, ConnectionError>
 where
     E: Exports,
 {
@@ -301,13 +312,13 @@ where
                 match handshake.on_opened(request, result.clone()) {
                     Opened::Reply(bytes) => send(&mut conn, &bytes).await?,
                     Opened::Disconnect(err) => return Err(err.into()),
-                    Opened::Transmission(bytes) => {
+                    Opened::Transmission(bytes, features) => {
                         send(&mut conn, &bytes).await?;
                         let (Some(volume), Ok(export)) = (volume, result) else {
                             unreachable!("transmission starts only on an opened export")
                         };
-                        debug!(export = %name, size_bytes = export.size_bytes, "NBD transmission starts");
-                        return Ok(Some((conn, volume, export)));
+                        debug!(export = %name, size_bytes = export.size_bytes, ?features, "NBD transmission starts");
+                        return Ok(Some((conn, volume, export, features)));
                     }
                 }
             }
@@ -344,6 +355,38 @@ impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
         Ok(())
     }
 
+    /// Sends whole frames (`bytes`, then `data`), flushed.
+    async fn frame(&mut self, bytes: &[u8], data: &[u8]) -> Result<(), ConnectionError> {
+        if self.broken {
+            return Ok(());
+        }
+        self.write_or_break(bytes).await?;
+        self.write_or_break(data).await?;
+        if let Err(err) = self.sink.flush().await {
+            self.broken = true;
+            return Err(err.into());
+        }
+        Ok(())
+    }
+
+    /// The reply to a request that failed: a simple reply with the errno, or, with structured
+    /// replies, an error chunk that also says why (at `offset` of a read, if known).
+    async fn fail(
+        &mut self,
+        features: Features,
+        cookie: u64,
+        errno: u32,
+        message: &str,
+        offset: Option<u64>,
+    ) -> Result<(), ConnectionError> {
+        if !features.structured_replies {
+            return self.reply(cookie, errno).await;
+        }
+        let mut chunk = Vec::new();
+        encode_error_chunk(&mut chunk, cookie, errno, message, offset);
+        self.frame(&chunk, &[]).await
+    }
+
     async fn write_or_break(&mut self, bytes: &[u8]) -> Result<(), ConnectionError> {
         if let Err(err) = self.sink.write_all(bytes).await {
             self.broken = true;
@@ -374,6 +417,7 @@ enum Incoming {
     Rejected {
         cookie: u64,
         errno: u32,
+        reason: &'static str,
         too_large: Option<u32>,
     },
     Disconnect,
@@ -384,6 +428,7 @@ async fn transmit<S, V>(
     writer: BufWriter<WriteHalf<S>>,
     volume: Arc<V>,
     export: ExportInfo,
+    features: Features,
     read_budget: Arc<BufferBudget>,
 ) -> Result<(), ConnectionError>
 where
@@ -418,7 +463,7 @@ where
             _ = failed_rx.wait_for(|failed| *failed) => break Ok(()),
             // The opener lost access: requests running are answered, nothing more is read.
             reason = &mut revoked => break Err(ConnectionError::Revoked(reason)),
-            incoming = next_request(&mut reader, &export, &inflight, &payload_budget) => incoming,
+            incoming = next_request(&mut reader, &export, features, &inflight, &payload_budget) => incoming,
         };
         match incoming {
             Ok(Some(Incoming::Run(job))) => {
@@ -427,15 +472,15 @@ where
                 let failed_tx = Arc::clone(&failed_tx);
                 let read_budget = Arc::clone(&read_budget);
                 tasks.spawn(async move {
-                    let result = execute(job, &*volume, &writer, &read_budget).await;
+                    let result = execute(job, &*volume, &writer, &read_budget, features).await;
                     if result.is_err() {
                         failed_tx.send_replace(true);
                     }
                     result
                 });
             }
-            Ok(Some(Incoming::Rejected { cookie, errno, too_large })) => {
-                if let Err(err) = writer.lock().await.reply(cookie, errno).await {
+            Ok(Some(Incoming::Rejected { cookie, errno, reason, too_large })) => {
+                if let Err(err) = writer.lock().await.fail(features, cookie, errno, reason, None).await {
                     break Err(err);
                 }
                 if let Some(length) = too_large {
@@ -489,6 +534,7 @@ fn keep_first_error(first: &mut Option<ConnectionError>, joined: Result<Result<(
 async fn next_request<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     export: &ExportInfo,
+    features: Features,
     inflight: &Arc<Semaphore>,
     payload_budget: &Arc<Semaphore>,
 ) -> Result<Option<Incoming>, ConnectionError> {
@@ -497,7 +543,7 @@ async fn next_request<R: AsyncBufRead + Unpin>(
         return Ok(None);
     }
     let header = RequestHeader::decode(&raw).map_err(ConnectionError::BadRequest)?;
-    let request = match classify(&header, export) {
+    let request = match classify(&header, export, features) {
         Ok(Request::Disconnect) => return Ok(Some(Incoming::Disconnect)),
         Ok(request) => request,
         Err(rejection) => {
@@ -508,6 +554,7 @@ async fn next_request<R: AsyncBufRead + Unpin>(
             return Ok(Some(Incoming::Rejected {
                 cookie: header.cookie,
                 errno: rejection.errno,
+                reason: rejection.reason,
                 too_large: (rejection.payload == Payload::Disconnect).then_some(header.length),
             }));
         }
@@ -541,6 +588,7 @@ async fn execute<V, W>(
     volume: &V,
     writer: &Mutex<ReplyWriter<W>>,
     read_budget: &BufferBudget,
+    features: Features,
 ) -> Result<(), ConnectionError>
 where
     V: Volume,
@@ -548,8 +596,26 @@ where
 {
     let cookie = job.cookie;
     let outcome = match job.request {
-        Request::Read { offset, length } => {
+        Request::Read { offset, length, df } if features.structured_replies => {
+            let read = ChunkedRead { cookie, offset, length: u64::from(length), df };
+            return read.run(volume, writer, read_budget).await;
+        }
+        Request::Read { offset, length, .. } => {
             return stream_read(cookie, offset, length, volume, writer, read_budget).await
+        }
+        Request::BlockStatus { offset, length, req_one } => {
+            let extents = volume.extents(offset, u64::from(length), extents_wanted(req_one)).await;
+            return match block_status_descriptors(extents, length, req_one) {
+                Ok(descriptors) => {
+                    let mut chunk = Vec::new();
+                    encode_block_status_chunk(&mut chunk, cookie, true, BASE_ALLOCATION_ID, &descriptors);
+                    writer.lock().await.frame(&chunk, &[]).await
+                }
+                Err(err) => {
+                    warn!(cookie, offset, length, error = %err, "NBD block status failed");
+                    writer.lock().await.fail(features, cookie, errno_of_io_error(&err), &err.to_string(), None).await
+                }
+            };
         }
         Request::Write { length: 0, .. } | Request::Trim { length: 0, .. } | Request::WriteZeroes { length: 0, .. } => {
             Ok(())
@@ -563,14 +629,129 @@ where
         Request::WriteZeroes { offset, length, fua } => volume.write_zeroes(offset, u64::from(length), fua).await,
         Request::Disconnect => unreachable!("the reader handles NBD_CMD_DISC"),
     };
-    let errno = match outcome {
-        Ok(()) => 0,
+    match outcome {
+        Ok(()) => writer.lock().await.reply(cookie, 0).await,
         Err(err) => {
             warn!(cookie, request = ?job.request, error = %err, "NBD request failed");
-            errno_of_io_error(&err)
+            writer.lock().await.fail(features, cookie, errno_of_io_error(&err), &err.to_string(), None).await
         }
-    };
-    writer.lock().await.reply(cookie, errno).await
+    }
+}
+
+/// A read answered in structured reply chunks.
+struct ChunkedRead {
+    cookie: u64,
+    offset: u64,
+    length: u64,
+    /// One data chunk for the whole read (`NBD_CMD_FLAG_DF`).
+    df: bool,
+}
+
+impl ChunkedRead {
+    /// Reads piece by piece through one buffer of at most [`READ_CHUNK_BYTES`]. Without DF each
+    /// piece is its own chunk, sent once read: a hole chunk if it reads as zeroes, data
+    /// otherwise; the last one is marked done, and a failed piece ends the reply with an error
+    /// chunk at its offset. With DF, a read that fits one piece is one chunk the same way; a
+    /// longer one is a single data chunk streamed like a simple reply (a failure after its
+    /// header can only close the connection).
+    async fn run<V, W>(
+        self,
+        volume: &V,
+        writer: &Mutex<ReplyWriter<W>>,
+        read_budget: &BufferBudget,
+    ) -> Result<(), ConnectionError>
+    where
+        V: Volume,
+        W: AsyncWrite + Unpin,
+    {
+        let ChunkedRead { cookie, offset, length, df } = self;
+        let features = Features { structured_replies: true, base_allocation: false };
+        if length == 0 {
+            let mut chunk = Vec::new();
+            encode_none_chunk(&mut chunk, cookie);
+            return writer.lock().await.frame(&chunk, &[]).await;
+        }
+        let chunk_bytes = (READ_CHUNK_BYTES as u64).min(length);
+        let _budget = read_budget.reserve(chunk_bytes).await;
+        let mut buf = vec![0u8; chunk_bytes as usize];
+        if df && length > chunk_bytes {
+            return self.stream_one_chunk(volume, writer, &mut buf).await;
+        }
+        let mut done = 0u64;
+        while done < length {
+            let piece = &mut buf[..(length - done).min(chunk_bytes) as usize];
+            let at = offset + done;
+            if let Err(err) = volume.read(at, piece).await {
+                warn!(cookie, offset = at, length, error = %err, "NBD read failed");
+                let message = format!("read at {at}: {err}");
+                return writer.lock().await.fail(features, cookie, errno_of_io_error(&err), &message, Some(at)).await;
+            }
+            done += piece.len() as u64;
+            let last = done == length;
+            let piece_len = u32::try_from(piece.len()).expect("a piece is at most READ_CHUNK_BYTES");
+            let mut header = Vec::new();
+            if reads_as_zeroes(piece) {
+                encode_offset_hole_chunk(&mut header, cookie, last, at, piece_len);
+                writer.lock().await.frame(&header, &[]).await?;
+            } else {
+                encode_offset_data_header(&mut header, cookie, last, at, piece_len);
+                writer.lock().await.frame(&header, piece).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A DF read longer than one piece: its first piece is read before anything is sent, so its
+    /// failure is still an error chunk; the rest streams under the socket's lock.
+    async fn stream_one_chunk<V, W>(
+        &self,
+        volume: &V,
+        writer: &Mutex<ReplyWriter<W>>,
+        buf: &mut [u8],
+    ) -> Result<(), ConnectionError>
+    where
+        V: Volume,
+        W: AsyncWrite + Unpin,
+    {
+        let (cookie, offset, length) = (self.cookie, self.offset, self.length);
+        let features = Features { structured_replies: true, base_allocation: false };
+        if let Err(err) = volume.read(offset, buf).await {
+            warn!(cookie, offset, length, error = %err, "NBD read failed");
+            let message = format!("read at {offset}: {err}");
+            return writer.lock().await.fail(features, cookie, errno_of_io_error(&err), &message, Some(offset)).await;
+        }
+        let mut header = Vec::new();
+        let data_len = u32::try_from(length).expect("reads are at most REQUEST_BYTES_MAX");
+        encode_offset_data_header(&mut header, cookie, true, offset, data_len);
+        let mut sink = writer.lock().await;
+        if sink.broken {
+            return Ok(());
+        }
+        sink.write_or_break(&header).await?;
+        sink.write_or_break(buf).await?;
+        let chunk_bytes = buf.len() as u64;
+        let mut done = chunk_bytes;
+        while done < length {
+            let piece = &mut buf[..(length - done).min(chunk_bytes) as usize];
+            if let Err(error) = volume.read(offset + done, piece).await {
+                sink.close().await;
+                return Err(ConnectionError::StreamedRead { cookie, error });
+            }
+            sink.write_or_break(piece).await?;
+            done += piece.len() as u64;
+        }
+        if let Err(err) = sink.sink.flush().await {
+            sink.broken = true;
+            return Err(err.into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether a piece read holds nothing but zeroes (it is then sent as a hole). Checked a block
+/// at a time so a piece of data is told apart in its first block.
+fn reads_as_zeroes(piece: &[u8]) -> bool {
+    piece.chunks(4096).all(|block| block.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
 /// Sends a read reply through a buffer of at most [`READ_CHUNK_BYTES`]. The first piece is read

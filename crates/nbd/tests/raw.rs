@@ -103,7 +103,10 @@ async fn unknown_and_unavailable_exports_and_unsupported_options_keep_negotiatin
     for (bytes, option, expected, message) in [
         (go_bytes("missing"), opt::GO, rep::ERR_UNKNOWN, "missing"),
         (go_bytes("offline"), opt::GO, rep::ERR_UNKNOWN, "no primary"),
-        (option_bytes(opt::STRUCTURED_REPLY, &[]), opt::STRUCTURED_REPLY, rep::ERR_UNSUP, "simple replies"),
+        // Metadata contexts need structured replies first; structured replies take no data.
+        (option_bytes(opt::SET_META_CONTEXT, &[0; 8]), opt::SET_META_CONTEXT, rep::ERR_INVALID, "structured replies"),
+        (option_bytes(opt::LIST_META_CONTEXT, &[0; 8]), opt::LIST_META_CONTEXT, rep::ERR_INVALID, "structured replies"),
+        (option_bytes(opt::STRUCTURED_REPLY, b"x"), opt::STRUCTURED_REPLY, rep::ERR_INVALID, ""),
         (option_bytes(opt::STARTTLS, &[]), opt::STARTTLS, rep::ERR_POLICY, "does not offer TLS"),
         (option_bytes(4242, b"whatever"), 4242, rep::ERR_UNSUP, ""),
         (option_bytes(opt::LIST, b"x"), opt::LIST, rep::ERR_INVALID, ""),

@@ -504,6 +504,10 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         // the map claims (images of copy tokens, and leftovers the sweeper deletes).
         let space = s.plane.store_space();
         let unclaimed = s.plane.unclaimed_store_ids().len();
+        // Bytes host reads through this node returned: a sparse copy (nbdcopy, qemu-img
+        // convert) that skips the holes block status reports shows it here.
+        let host_read = s.plane.host_read_bytes();
+        let _ = writeln!(out, "# TYPE tandem_host_read_bytes_total counter\ntandem_host_read_bytes_total {host_read}");
         let store = [
             ("tandem_store_live_bytes", space.live_bytes as f64),
             ("tandem_store_disk_bytes", space.segment_disk_bytes as f64),

@@ -9,7 +9,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use tandem_clustermap::{AccessPolicy, ClusterMap, MetaCmd, MetaReply, ObjectKey, Principal, Refusal, VolumeRecord};
 use tandem_frontend::{
-    Budgets, CopyUnit, Exports, Identification, IoError, OpenError, Peer, Token, TokenFault, TokenRequest, Volume,
+    Budgets, CopyUnit, Exports, Extent, Identification, IoError, OpenError, Peer, Token, TokenFault, TokenRequest,
+    Volume,
 };
 use tandem_meta::network::MetaError;
 use tandem_meta::state_machine::Changed;
@@ -700,6 +701,12 @@ impl Volume for ExportedVolume {
             tracing::warn!(token = %record.id, error = %e, "an EXTENDED COPY token was not revoked");
         }
         copied.map(|_| ()).map_err(copy_error)
+    }
+
+    /// From the volume's primary, which sequences its writes (proxied there from this node).
+    async fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, IoError> {
+        let map = self.plane.extents(&self.cfg, offset, len, max).await.map_err(io_error)?;
+        Ok(map.into_iter().map(|e| Extent { len: e.len, allocated: e.allocated }).collect())
     }
 }
 

@@ -226,7 +226,22 @@ pub enum DataMsg {
         id: u64,
         op: Op,
     },
+    /// Any node → primary: which parts of `len` bytes from `offset` hold data (NBD block
+    /// status), at most `max` extents ([`EXTENTS_MAX`]). Answered by the primary, which
+    /// sequences the writes, so the map agrees with every acknowledged write. The reply is
+    /// [`DataReply::Extents`].
+    ProxyExtents {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        max: u32,
+        requester: Option<Requester>,
+    },
 }
+
+/// The most extents one [`DataMsg::ProxyExtents`] asks for and one [`DataReply::Extents`]
+/// carries (about 10 KiB encoded, far below a frame).
+pub const EXTENTS_MAX: u32 = 1024;
 
 /// On whose behalf a host request runs: the host (known by its certificate or initiator name at
 /// the node it connected to), or nobody for a client that did not identify; and the I_T nexus
@@ -264,7 +279,8 @@ impl DataMsg {
             | DataMsg::ProxyFlush { volume, requester }
             | DataMsg::ProxyCompareAndWrite { volume, requester, .. }
             | DataMsg::ProxyCopy { volume, requester, .. }
-            | DataMsg::MakeImage { volume, requester, .. } => requester.as_ref().map(|r| (*volume, r)),
+            | DataMsg::MakeImage { volume, requester, .. }
+            | DataMsg::ProxyExtents { volume, requester, .. } => requester.as_ref().map(|r| (*volume, r)),
             DataMsg::ProxyReserve { volume, requester, .. } => Some((*volume, requester)),
             _ => None,
         }
@@ -304,6 +320,9 @@ pub enum DataReply {
     Copied {
         by_reference: bool,
     },
+    /// The allocation map of a range, from its start: `(len, allocated)` per extent, at most
+    /// [`EXTENTS_MAX`] of them (the receiver checks them against what it asked).
+    Extents(Vec<(u64, bool)>),
 }
 
 /// Requests on the `probe` channel.
@@ -446,6 +465,48 @@ mod tests {
             let _ = ProbeMsg::decode(&bytes);
             let _ = ProbeReply::decode(&bytes);
         }
+    }
+
+    fn requester() -> impl Strategy<Value = Option<Requester>> {
+        prop_oneof![
+            Just(None),
+            "[a-z]{1,12}".prop_map(|h| Some(Requester::host(&h))),
+            Just(Some(Requester::anonymous()))
+        ]
+    }
+
+    proptest! {
+        /// Block status, proxied to the primary: the request and its map survive the trip, and
+        /// a map cut short anywhere is an error, never a shorter map.
+        #[test]
+        fn extents_round_trip(volume in any::<u64>(), offset in any::<u64>(), len in any::<u64>(), max in any::<u32>(),
+                              requester in requester(),
+                              map in proptest::collection::vec((any::<u64>(), any::<bool>()), 0..EXTENTS_MAX as usize)) {
+            let msg = DataMsg::ProxyExtents { volume: VolumeId(volume), offset, len, max, requester: requester.clone() };
+            prop_assert_eq!(DataMsg::decode(&msg.encode().expect("encodes")).expect("decodes"), msg.clone());
+            prop_assert_eq!(msg.requester(), requester.as_ref().map(|r| (VolumeId(volume), r)));
+            let reply = DataReply::Extents(map);
+            let bytes = reply.encode().expect("encodes");
+            prop_assert_eq!(DataReply::decode(&bytes).expect("decodes"), reply);
+            for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+                prop_assert!(DataReply::decode(&bytes[..cut]).is_err());
+            }
+        }
+    }
+
+    /// The largest map a primary sends is far below a frame, and a map whose count claims more
+    /// than its bytes hold is refused without reserving room for the claim.
+    #[test]
+    fn extent_maps_are_bounded() {
+        let full = DataReply::Extents(vec![(u64::MAX, true); EXTENTS_MAX as usize]);
+        let bytes = full.encode().expect("encodes");
+        assert!(bytes.len() < 16 * 1024, "{} bytes", bytes.len());
+        // The variant's tag, then a varint count of u64::MAX (0xfd: 8-byte varint follows).
+        let mut huge = bytes[..1].to_vec();
+        huge.push(0xfd);
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        huge.extend_from_slice(&[0u8; 9]);
+        assert!(DataReply::decode(&huge).is_err());
     }
 
     #[test]

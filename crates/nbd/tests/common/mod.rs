@@ -9,8 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_frontend::{Budgets, Exports, IoError, OpenError, Peer, Volume};
-use tandem_nbd::codec::{OptionReplyHeader, SimpleReply, OPTION_REPLY_HEADER_BYTES};
+use tandem_frontend::{Budgets, Exports, Extent, IoError, OpenError, Peer, Volume};
+use tandem_nbd::codec::{
+    OptionReplyHeader, SimpleReply, StructuredChunk, StructuredReplyHeader, OPTION_REPLY_HEADER_BYTES,
+    STRUCTURED_REPLY_HEADER_BYTES,
+};
 use tandem_nbd::READ_BUFFER_BYTES_MAX;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,7 +42,12 @@ pub struct Counters {
     pub flushes: AtomicU64,
     pub trims: AtomicU64,
     pub write_zeroes: AtomicU64,
+    pub extents_calls: AtomicU64,
 }
+
+/// The allocation unit of the in-memory volumes' map: a block is allocated when it holds a
+/// byte other than zero.
+pub const MEM_BLOCK_BYTES: u64 = 4096;
 
 pub struct MemVolume {
     pub data: Mutex<Vec<u8>>,
@@ -141,6 +149,29 @@ impl Volume for MemHandle {
         self.0.fill(offset, &vec![0; len as usize]);
         self.0.counters.write_zeroes.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Blocks of [`MEM_BLOCK_BYTES`] that hold a byte other than zero are allocated; a range
+    /// starting or ending inside a block reports that block's state.
+    async fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, IoError> {
+        self.0.counters.extents_calls.fetch_add(1, Ordering::SeqCst);
+        let data = self.0.data.lock().unwrap();
+        let end = offset + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut at = offset;
+        while at < end && out.len() <= max {
+            let block = at / MEM_BLOCK_BYTES * MEM_BLOCK_BYTES;
+            let block_end = (block + MEM_BLOCK_BYTES).min(data.len() as u64);
+            let allocated = data[block as usize..block_end as usize].iter().any(|b| *b != 0);
+            let piece = block_end.min(end) - at;
+            match out.last_mut() {
+                Some(last) if last.allocated == allocated => last.len += piece,
+                _ => out.push(Extent { len: piece, allocated }),
+            }
+            at += piece;
+        }
+        out.truncate(max.max(1));
+        Ok(out)
     }
 }
 
@@ -304,6 +335,46 @@ impl RawClient {
         let header = OptionReplyHeader::decode(&raw).expect("option reply header");
         let data = self.read_exact(header.data_len as usize).await;
         (header, data)
+    }
+
+    /// Sends an option and returns its replies up to and including the final one (an ACK or
+    /// an error).
+    pub async fn option(&mut self, option: u32, data: &[u8]) -> Vec<(OptionReplyHeader, Vec<u8>)> {
+        self.send(&option_bytes(option, data)).await;
+        let mut replies = Vec::new();
+        loop {
+            let (header, data) = self.read_option_reply().await;
+            assert_eq!(header.option, option);
+            let last = header.reply_type == 1 || header.reply_type & (1 << 31) != 0;
+            replies.push((header, data));
+            if last {
+                return replies;
+            }
+        }
+    }
+
+    /// One structured reply chunk.
+    pub async fn read_chunk(&mut self) -> (StructuredReplyHeader, StructuredChunk) {
+        let mut frame = self.read_exact(STRUCTURED_REPLY_HEADER_BYTES).await;
+        let header = StructuredReplyHeader::decode(&frame).expect("structured reply header");
+        frame.extend_from_slice(&self.read_exact(header.length as usize).await);
+        let (decoded, chunk, used) = StructuredChunk::decode(&frame).expect("structured reply chunk");
+        assert_eq!((decoded, used), (header, frame.len()));
+        (header, chunk)
+    }
+
+    /// The chunks of one reply, up to the one marked done. Every chunk carries `cookie`
+    /// (requests are sent one at a time).
+    pub async fn read_chunks(&mut self, cookie: u64) -> Vec<StructuredChunk> {
+        let mut chunks = Vec::new();
+        loop {
+            let (header, chunk) = self.read_chunk().await;
+            assert_eq!(header.cookie, cookie);
+            chunks.push(chunk);
+            if header.is_done() {
+                return chunks;
+            }
+        }
     }
 
     pub async fn read_reply(&mut self) -> SimpleReply {

@@ -1,6 +1,6 @@
 //! Requests from peers on the replication and bulk channels: a primary's `Open`, `Checksums`,
 //! `Chunk` and `Level` (replica side), members' `Acks` and `Nack`s (primary side), and proxied
-//! host I/O (served only by the primary itself).
+//! host I/O and allocation maps (served only by the primary itself).
 
 use std::sync::{Arc, Weak};
 
@@ -76,6 +76,9 @@ impl<S: BlockStore> Inner<S> {
                 self.read_image_here(image, offset, len).await.unwrap_or_else(fail_reply)
             }
             msg @ (DataMsg::MakeImage { .. } | DataMsg::ProxyCopy { .. }) => self.on_image_request(msg).await,
+            DataMsg::ProxyExtents { volume, offset, len, max, requester } => {
+                self.on_proxy_extents(volume, requester, offset, len, max).await
+            }
             DataMsg::ProxyReserve { volume, requester, id, op } => {
                 let Some(p) = self.local_primary(volume) else {
                     return DataReply::Refused("not the primary".into());

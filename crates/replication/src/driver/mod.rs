@@ -36,6 +36,7 @@
 //!   over the transport's mesh (rings, credited regions);
 //! - `coordinator.rs`: [`Coordinator`], what the driver asks of the metadata store;
 //! - `host_io.rs`: routing host I/O here or to the primary, one attempt each, the hold time;
+//! - `extents.rs`: a range's allocation map (block status), from the primary;
 //! - `primary.rs`: a primary's life (start after earlier ones drained, host writes and reads,
 //!   local durability, pause and confirmation); `outputs.rs`: the pump that carries out the
 //!   core's outputs, one named step per output, and chunk copies;
@@ -64,6 +65,7 @@ use tandem_replication_core::{Backup, Phase, RecentLog, CHUNK_BYTES, INFLIGHT_WR
 
 mod applier;
 mod coordinator;
+mod extents;
 mod handler;
 mod host_io;
 mod images;
@@ -313,6 +315,8 @@ struct Inner<S: BlockStore> {
     /// between an image and its volume, each removed when its volume arrives or when the
     /// sweeper deletes the image.
     made_images: Mutex<BTreeSet<VolumeId>>,
+    /// Bytes [`DataPlane::read`] returned (host reads through this node), for `/metrics`.
+    host_read_bytes: AtomicU64,
 }
 
 struct Vol {
@@ -367,6 +371,7 @@ impl<S: BlockStore> DataPlane<S> {
             nacks: Arc::new(Semaphore::new(NACKS_IN_FLIGHT_MAX)),
             store_failure_logged: AtomicBool::new(false),
             made_images: Mutex::new(BTreeSet::new()),
+            host_read_bytes: AtomicU64::new(0),
         });
         let handler: Arc<dyn Handler> = Arc::new(DataHandler { inner: Arc::downgrade(&inner) });
         net.serve(Channel::Replication, handler.clone());
@@ -592,7 +597,14 @@ impl<S: BlockStore> DataPlane<S> {
             }
             done += piece;
         }
+        self.inner.host_read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Bytes host reads through this node returned since it started (served here or
+    /// proxied): what a sparse copy skipped shows here.
+    pub fn host_read_bytes(&self) -> u64 {
+        self.inner.host_read_bytes.load(Ordering::Relaxed)
     }
 
     /// Writes `data` at `offset` (served here or proxied); returns once durable on every

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tandem_replication::driver::{Coordinator, DataPlane, DataPlaneConfig, IoFail, ProposeError, VolumeConfig};
 use tandem_reservations::{Access, Conflict, Kind, Nexus, Op, Outcome, Range, Refusal, Reservations};
+use tandem_storage::Extent;
 use tandem_transport::BoxFuture;
 use tandem_types::{Epoch, NodeId, VolumeId, BLOCK_BYTES};
 use tandem_wire::data::Requester;
@@ -250,6 +251,34 @@ async fn a_write_is_acknowledged_only_once_the_backup_has_it_durable() {
         assert_eq!(local(store, offset, data.len()), data[..]);
     }
     assert_eq!(c.planes[0].local_digest(VOLUME), c.planes[1].local_digest(VOLUME));
+}
+
+/// Block status: the primary's map, the same through every node (proxied from the others),
+/// bounded by the caller's count, holes again after zeroing; host reads are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allocation_map_comes_from_the_primary_through_every_node() {
+    let c = cluster(3).await;
+    let size = c.cfg.size_bytes;
+    let extent = |len, allocated| Extent { len, allocated };
+    c.planes[1].write(&c.cfg, 8192, pattern(4096, 3)).await.expect("write");
+    c.planes[2].write(&c.cfg, size - 100, pattern(100, 4)).await.expect("write at the end");
+    let want = vec![extent(8192, false), extent(4096, true), extent(size - 16384, false), extent(4096, true)];
+    for plane in &c.planes {
+        assert_eq!(plane.extents(&c.cfg, 0, size, 1024).await.expect("map"), want);
+        // At most `max` extents, from the start; a range inside one block reports that block.
+        assert_eq!(plane.extents(&c.cfg, 0, size, 2).await.expect("map"), want[..2].to_vec());
+        assert_eq!(plane.extents(&c.cfg, 8200, 10, 1).await.expect("map"), vec![extent(10, true)]);
+        assert_eq!(plane.extents(&c.cfg, 0, 0, 5).await.expect("empty"), vec![]);
+        assert!(matches!(plane.extents(&c.cfg, size - 1, 2, 5).await, Err(IoFail::Invalid(_))));
+    }
+    c.planes[2].write_zeroes(&c.cfg, 8192, 4096).await.expect("zeroes");
+    assert_eq!(
+        c.planes[1].extents(&c.cfg, 0, size, 1024).await.expect("map"),
+        vec![extent(size - 4096, false), extent(4096, true)]
+    );
+    let before = c.planes[2].host_read_bytes();
+    read(&c.planes[2], &c.cfg, 0, 5000).await;
+    assert_eq!(c.planes[2].host_read_bytes() - before, 5000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tandem_storage::{BlockStore, Lsn, SpaceStats, StoreError};
+use tandem_storage::{BlockStore, Extent, Lsn, SpaceStats, StoreError};
 use tandem_types::{VolumeId, BLOCK_BYTES};
 use tokio::sync::watch;
 
@@ -98,6 +98,28 @@ impl BlockStore for MemStore {
         let v = vols.get_mut(&vol).ok_or(StoreError::UnknownVolume(vol))?;
         Self::range(v, vol, offset, len)?.fill(0);
         Ok(self.change())
+    }
+
+    /// A block holding a byte other than zero is allocated (as if zeroes were never stored).
+    fn extents(&self, vol: VolumeId, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
+        let mut vols = self.volumes.lock().expect("store lock");
+        let v = vols.get_mut(&vol).ok_or(StoreError::UnknownVolume(vol))?;
+        Self::range(v, vol, offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut at = offset;
+        while at < offset + len && out.len() <= max {
+            let block = at / BLOCK_BYTES * BLOCK_BYTES;
+            let block_end = (block + BLOCK_BYTES).min(v.len() as u64);
+            let allocated = v[block as usize..block_end as usize].iter().any(|b| *b != 0);
+            let piece = block_end.min(offset + len) - at;
+            match out.last_mut() {
+                Some(last) if last.allocated == allocated => last.len += piece,
+                _ => out.push(Extent { len: piece, allocated }),
+            }
+            at += piece;
+        }
+        out.truncate(max.max(1));
+        Ok(out)
     }
 
     fn read(&self, vol: VolumeId, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
