@@ -44,6 +44,11 @@ impl SledStore {
                 return Ok(lsn);
             }
             drop(st);
+            #[cfg(feature = "failpoints")]
+            if let Some(arg) = crate::failpoints::eval(crate::failpoints::CLONE_BETWEEN_STEPS) {
+                let name = crate::failpoints::CLONE_BETWEEN_STEPS;
+                return Err(StoreError::Io(std::io::Error::other(format!("failpoint {name}: {arg}"))));
+            }
             st = self.lock_for_change(None)?;
             if st.volume(src)?.map != srec.map || st.volume(dst)?.map != drec.map {
                 return Err(StoreError::Invalid("a volume was deleted during clone_range".into()));

@@ -14,6 +14,7 @@
 //! - `volumes.rs`: creating and deleting volumes, releasing deleted volumes' maps;
 //! - `read.rs`: verified reads; `checksums.rs`: block checksums from the index;
 //! - `clone.rs`: copies by reference;
+//! - `check.rs`: the consistency check of the reference counts against the block maps;
 //! - `block_store.rs`: the [`BlockStore`](crate::BlockStore) impl, routing to the above.
 //!
 //! # Layers of the index
@@ -62,6 +63,7 @@
 
 mod block_store;
 mod budget;
+mod check;
 mod checkpoint;
 mod checksums;
 mod clone;
@@ -86,6 +88,8 @@ use tokio::sync::watch;
 
 use crate::layout::{Chunk, VolumeRec, CHUNK_BLOCKS, EXTENT_BLOCKS_MAX, SEGMENT_BLOCKS_MAX};
 use crate::{Lsn, StoreError};
+
+pub use check::CheckStats;
 
 /// Changes not yet durable, in bytes: data written plus the in-memory index overlay. It bounds
 /// the overlay's memory and the dirty data one `fdatasync` must write; writers wait when it is
