@@ -42,7 +42,7 @@ const NBDCOPY_TARGET: &str = "bench-copy-nbdcopy";
 const SMALL_SEED: u64 = 1;
 const LARGE_SEED: u64 = 2;
 const REPEATS_MAX: i64 = 20;
-const GIB_MAX: i64 = 1024;
+const GIB_MAX: u64 = 1024;
 /// Every replica holds a copy of both sources and of nbdcopy's target, plus the store's
 /// journal and index: the benchmark wants this much room per byte it writes per replica.
 const DISK_HEADROOM: f64 = 1.1;

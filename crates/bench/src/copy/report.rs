@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "goal copy-token-1g-speedup: 200.00x nbdcopy (target >= 100x) met",
+                "goal copy-token-1g-speedup: 200.00x nbdcopy (target >= 100.0x) met",
                 "goal copy-token-16g-vs-1g-time: 16g/1g 1.60 (target <= 2.00) met",
                 "goal copy-token-streamed-copies: 0 (target <= 0) met",
                 "goal copy-targets-differing: 0 (target <= 0) met",
