@@ -32,7 +32,9 @@ use std::future::Future;
 use tandem_types::VolumeId;
 
 pub use layout::{CHUNK_BLOCKS, EXTENT_BLOCKS_MAX, SEGMENT_BLOCKS_MAX};
-pub use store::{CheckStats, SledStore, StoreOptions, CHECKPOINT_INTERVAL, CHECKSUM_RANGE_BYTES_MAX, PENDING_BYTES_MAX};
+pub use store::{
+    CheckStats, SledStore, StoreOptions, CHECKPOINT_INTERVAL, CHECKSUM_RANGE_BYTES_MAX, PENDING_BYTES_MAX,
+};
 
 /// A position in the store's order of changes. Every change (write, trim, clone, volume create
 /// or delete) gets the next one; [`BlockStore::durable`] waits for a position.

@@ -13,6 +13,10 @@ use tokio::process::Command;
 
 /// Bytes generated and piped at a time.
 const PIPE_PIECE_BYTES: usize = 1 << 20;
+/// nbdcopy copies from a pipe with one request in flight, 256 KiB by default: at a replicated
+/// write's latency that fills a source at about 10 MB/s here. Larger requests (within the NBD
+/// server's 32 MiB) amortize it.
+const FILL_REQUEST_BYTES: usize = 16 << 20;
 /// A copy, fill or digest of up to 16 GiB at tens of MB/s takes minutes; one that takes longer
 /// than this is stuck.
 const NBDCOPY_WAIT: Duration = Duration::from_secs(1800);
@@ -60,7 +64,9 @@ pub(super) async fn copy(nbdcopy: &Path, src: &str, dst: &str) -> anyhow::Result
 /// URI`); returns their crc32c.
 pub(super) async fn fill(nbdcopy: &Path, uri: &str, seed: u64, size_bytes: u64) -> anyhow::Result<u32> {
     let mut child = Command::new(nbdcopy)
-        .args(["--flush", "-", uri])
+        .arg("--flush")
+        .arg(format!("--request-size={FILL_REQUEST_BYTES}"))
+        .args(["-", uri])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -8,7 +8,7 @@
 use serde::Serialize;
 use tandem_client::format_size;
 
-use super::{CopyArgs, NODES};
+use super::CopyArgs;
 use crate::goal::{ratio, Goal, Op};
 use crate::load;
 
@@ -143,7 +143,7 @@ pub(super) fn report(
     Report {
         benchmark: "copy",
         nbdcopy_version,
-        tandem_nodes: NODES,
+        tandem_nodes: args.nodes,
         repeats: args.repeats,
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         fills,
@@ -166,7 +166,7 @@ pub(super) fn print_table(r: &Report) {
         r.nbdcopy_version, r.repeats, r.cores
     );
     println!(
-        "tandem: {} nodes (this binary), every volume replicated {} ways; sources written whole with pseudo-random bytes first",
+        "tandem: {} node(s) (this binary), every volume replicated {} way(s); sources written whole with pseudo-random bytes first",
         r.tandem_nodes, r.tandem_nodes
     );
     for f in &r.fills {
@@ -183,7 +183,15 @@ pub(super) fn print_table(r: &Report) {
         "{:<28} {:>10} {:>10} {:>10} {:>12} {:>9}",
         "copy", "token ms", "copy ms", "total ms", "by reference", "streamed"
     );
-    println!("{:<28} {:>10} {:>10} {:>10.0} {:>12} {:>9}", format!("nbdcopy {}", format_size(r.small.bytes)), "-", "-", r.nbdcopy_ms, "-", "-");
+    println!(
+        "{:<28} {:>10} {:>10} {:>10.0} {:>12} {:>9}",
+        format!("nbdcopy {}", format_size(r.small.bytes)),
+        "-",
+        "-",
+        r.nbdcopy_ms,
+        "-",
+        "-"
+    );
     for m in [&r.small, &r.large] {
         println!(
             "{:<28} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>9}",
@@ -217,7 +225,10 @@ pub(super) fn print_table(r: &Report) {
         println!("{:>6} {:>11.0} {:>24} {:>24}", run.repeat, run.nbdcopy_ms, cell(&run.small), cell(&run.large));
     }
     let same = r.verified.iter().filter(|v| v.same).count();
-    println!("bytes read back over NBD (crc32c of the whole range): {same} of {} volumes hold their source's bytes", r.verified.len());
+    println!(
+        "bytes read back over NBD (crc32c of the whole range): {same} of {} volumes hold their source's bytes",
+        r.verified.len()
+    );
     for v in r.verified.iter().filter(|v| !v.same) {
         println!("  {} differs from {}", v.volume, v.source);
     }
@@ -236,7 +247,7 @@ mod tests {
     }
 
     fn args() -> CopyArgs {
-        CopyArgs { repeats: 3, small_gib: 1, large_gib: 16, json: false }
+        CopyArgs { repeats: 3, small_gib: 1, large_gib: 16, nodes: 3, json: false }
     }
 
     fn run(repeat: u32, nbdcopy_ms: f64, small: TokenCopy, large: TokenCopy) -> Run {

@@ -101,9 +101,9 @@ impl State {
                 Cow::Borrowed(r.as_slice())
             } else {
                 match self.db.get(refs_key(extent)).map_err(sled_err)? {
-                    Some(v) => Cow::Owned(
-                        decode_refs(&v).map_err(|e| corrupt_index(format!("extent {extent:#x}: {}", e.0)))?,
-                    ),
+                    Some(v) => {
+                        Cow::Owned(decode_refs(&v).map_err(|e| corrupt_index(format!("extent {extent:#x}: {}", e.0)))?)
+                    }
                     None => continue,
                 }
             };
