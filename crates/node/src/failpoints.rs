@@ -54,7 +54,7 @@ pub const FAILPOINTS: &[Failpoint] = &[
     },
     Failpoint {
         name: tandem_storage::failpoints::CLONE_BETWEEN_STEPS,
-        location: "crates/storage/src/store/clone.rs: clone_blocks, between two 1 GiB steps of a clone_range",
+        location: "crates/storage/src/store/clone.rs: clone_blocks, between two 16 MiB steps of a clone_range",
         on_return: "the clone fails with an I/O error after its first steps: the record or image fails",
     },
     Failpoint {

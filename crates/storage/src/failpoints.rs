@@ -17,8 +17,8 @@ pub const JOURNAL_BEFORE_FSYNC: &str = "journal-before-fsync";
 /// durable is reported failed, never the other way round.
 pub const JOURNAL_AFTER_FSYNC: &str = "journal-after-fsync";
 
-/// In `clone_range`, between two of its steps (a range over 1 GiB is cloned 1 GiB at a time,
-/// each step one change of its own): the steps before it are applied and may become durable
+/// In `clone_range`, between two of its steps (a range over 16 MiB is cloned 16 MiB at a
+/// time, each step one change of its own): the steps before it are applied and may become durable
 /// on their own, the rest are not. `return` fails the clone there with an I/O error, the steps
 /// done staying done (as a volume deleted meanwhile would); `panic` is a crash in the middle of
 /// a clone, which the crash test (`tests/clone_crash.rs`) recovers from.

@@ -2,7 +2,7 @@
 //! makes a token's image) killed in the middle of its work, then the store reopened and checked.
 //! This test binary runs itself again as the child (`child_cloner`, active only when
 //! `CHILD_DIR_ENV` is set): from a seed it runs a sequence of writes, clones between volumes
-//! (some over 1 GiB, so that `clone_range` works in several steps, each a change of its own),
+//! (some over 16 MiB, so that `clone_range` works in several steps, each a change of its own),
 //! images made the way the data plane makes them (a new volume, then a clone into it) and
 //! deletions, printing each operation's index before it starts and, from a flusher thread, the
 //! index of the last one made durable. The parent kills it (SIGKILL after a random number of
@@ -37,8 +37,8 @@ const CHILD_ABORT_AT_ENV: &str = "TANDEM_STORAGE_CLONE_CRASH_ABORT_AT";
 const SEED_ENV: &str = "TANDEM_CLONE_CRASH_SEED";
 /// The volumes the child creates first; images get ids from `IMAGE_ID_BASE` up.
 const VOLUMES: u64 = 3;
-/// Over 2 GiB, so that a clone of most of a volume takes three of the store's 1 GiB steps.
-const VOLUME_BLOCKS: u64 = 3 << 18;
+/// 256 MiB: a clone of most of a volume takes a dozen of the store's 16 MiB steps.
+const VOLUME_BLOCKS: u64 = 1 << 16;
 const IMAGE_ID_BASE: u64 = 100;
 const B: usize = BLOCK_BYTES as usize;
 /// How long the child may take to reach the kill point, and the parent to read its output.

@@ -96,9 +96,17 @@ pub use check::CheckStats;
 /// reached. 64 MiB is a few hundred milliseconds of a fast disk.
 pub const PENDING_BYTES_MAX: u64 = 64 << 20;
 
-/// Trims and clones of large ranges are applied in steps of this many blocks (1 GiB): one
-/// step's index overlay stays within a few MiB.
+/// Trims of large ranges are applied in steps of this many blocks (1 GiB): one step's index
+/// overlay stays within a few MiB.
 const STEP_BLOCKS: u64 = 1 << 18;
+
+/// Clones are applied in steps of this many blocks (16 MiB, 128 chunks). A clone step copies
+/// every chunk map and loads every extent's counts of its range under the store's mutex; a
+/// 1 GiB step of a written range held it for seconds on a loaded machine, stalling everything
+/// else that takes it (reads, writes, and the node's health check, whose stalled lease renewal
+/// made volumes fail over in the middle of `bench copy`). 16 MiB steps hold it for tens of
+/// milliseconds at most.
+const CLONE_STEP_BLOCKS: u64 = 1 << 12;
 
 /// The largest range [`BlockStore::block_checksums`](crate::BlockStore::block_checksums) answers
 /// in one call: 4 GiB, i.e. 4 MiB of checksums, below the network frame limit.
