@@ -26,10 +26,13 @@
 //!   a node's iSCSI portal (the primary's and a proxying node's) beside tgtd serving a raw file.
 //! - `failover/`: `bench failover`, `kill -9` of a volume's primary under a write load from
 //!   a minimal NBD client, repeated; the longest write stall against the failure timeout.
+//! - `copy/`: `bench copy`, copy by token of a fully written 1 GiB and 16 GiB range on a
+//!   3-node cluster beside `nbdcopy` of the same 1 GiB between two of its volumes over NBD.
 //! - `scale/`: `bench scale`, how the metadata's costs grow with the number of volumes and
 //!   hosts: write rates, memory, snapshot and catch-up, path recomputes, failover to hosts' maps.
 
 mod cluster_api;
+mod copy;
 mod failover;
 mod goal;
 mod io;
@@ -62,6 +65,11 @@ pub enum BenchCmd {
     /// Kill -9 a volume's primary under a write load that goes through another node, N times:
     /// the longest write stall, failed writes, the new primary, the time to rejoin.
     Failover(failover::FailoverArgs),
+    /// Copy by token (make a token of a range, write it to another volume) of a fully written
+    /// 1 GiB and 16 GiB range on a local 3-node cluster, beside nbdcopy of the same 1 GiB between
+    /// two volumes of the cluster over NBD, interleaved; times the token and the copy apart,
+    /// says whether each copy was by reference, and compares the bytes after.
+    Copy(copy::CopyArgs),
     /// Creates volumes, hosts and connections on a local 3-node cluster in steps (default 1,000
     /// then 10,000 volumes, 100 then 1,000 hosts) and reports, per step, the metadata write
     /// rates, the leader's memory, its snapshot and a new node's catch-up, the path manager's
@@ -86,6 +94,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             BenchCmd::Iscsi(args) => iscsi::run(args).await,
             BenchCmd::Failover(args) => failover::run(args).await,
             BenchCmd::Scale(args) => scale::run(args).await,
+            BenchCmd::Copy(args) => copy::run(args).await,
         }
     };
     let interrupted = async {

@@ -53,6 +53,11 @@ pub const FAILPOINTS: &[Failpoint] = &[
         on_return: "the flush fails although the data reached the disk: the store is poisoned",
     },
     Failpoint {
+        name: tandem_storage::failpoints::CLONE_BETWEEN_STEPS,
+        location: "crates/storage/src/store/clone.rs: clone_blocks, between two 16 MiB steps of a clone_range",
+        on_return: "the clone fails with an I/O error after its first steps: the record or image fails",
+    },
+    Failpoint {
         name: tandem_replication::failpoints::BACKUP_BEFORE_REPLY,
         location: "crates/replication/src/driver/replica.rs: send_acks, after the writes are durable",
         on_return: "the backup's acknowledgements are dropped: the primary times the member out",

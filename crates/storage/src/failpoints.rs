@@ -1,8 +1,10 @@
 //! The block store's failpoints, compiled only in a `failpoints` build (the chaos suite's;
 //! docs/ARCHITECTURE.md, "Failpoints", lists every failpoint of the node).
 //!
-//! Both sit in the commit thread, a plain thread of its own: `sleep(ms)` and `delay(ms)` stall
-//! group commit (every write waiting for durability waits with it), never an async worker.
+//! The journal's two sit in the commit thread, a plain thread of its own: `sleep(ms)` and
+//! `delay(ms)` stall group commit (every write waiting for durability waits with it), never an
+//! async worker. The clone's sits in the thread that called `clone_range` (the data plane runs
+//! it on the blocking pool), with the store's lock released.
 
 /// In `commit` (the commit thread), after a generation's journal record is written and
 /// before the `fdatasync` that makes it and its data durable. `return` fails that flush as a
@@ -14,6 +16,13 @@ pub const JOURNAL_BEFORE_FSYNC: &str = "journal-before-fsync";
 /// published. `return` fails the flush although the data reached the disk: a write that was
 /// durable is reported failed, never the other way round.
 pub const JOURNAL_AFTER_FSYNC: &str = "journal-after-fsync";
+
+/// In `clone_range`, between two of its steps (a range over 16 MiB is cloned 16 MiB at a
+/// time, each step one change of its own): the steps before it are applied and may become durable
+/// on their own, the rest are not. `return` fails the clone there with an I/O error, the steps
+/// done staying done (as a volume deleted meanwhile would); `panic` is a crash in the middle of
+/// a clone, which the crash test (`tests/clone_crash.rs`) recovers from.
+pub const CLONE_BETWEEN_STEPS: &str = "clone-between-steps";
 
 /// Evaluates failpoint `name` on this thread: `Some(argument)` (empty without one) for a
 /// `return` action. `sleep` and `delay` block the calling thread; `panic` ends the process

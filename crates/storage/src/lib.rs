@@ -32,7 +32,9 @@ use std::future::Future;
 use tandem_types::VolumeId;
 
 pub use layout::{CHUNK_BLOCKS, EXTENT_BLOCKS_MAX, SEGMENT_BLOCKS_MAX};
-pub use store::{SledStore, StoreOptions, CHECKPOINT_INTERVAL, CHECKSUM_RANGE_BYTES_MAX, PENDING_BYTES_MAX};
+pub use store::{
+    CheckStats, SledStore, StoreOptions, CHECKPOINT_INTERVAL, CHECKSUM_RANGE_BYTES_MAX, PENDING_BYTES_MAX,
+};
 
 /// A position in the store's order of changes. Every change (write, trim, clone, volume create
 /// or delete) gets the next one; [`BlockStore::durable`] waits for a position.
@@ -172,8 +174,8 @@ pub trait BlockStore: Send + Sync + 'static {
     /// Copies by reference: dst's block-aligned range comes to share src's extents. The cost
     /// depends on the number of index chunks (128 KiB each) and extents involved, not on the bytes; a later
     /// overwrite of either side gets new extents for the overwritten blocks only. `src` and
-    /// `dst` may be the same volume if the ranges do not overlap. Ranges over 1 GiB are applied
-    /// in 1 GiB steps.
+    /// `dst` may be the same volume if the ranges do not overlap. Ranges over 16 MiB are applied
+    /// in 16 MiB steps, each a change of its own (a crash may leave the first steps done).
     fn clone_range(
         &self,
         src: VolumeId,

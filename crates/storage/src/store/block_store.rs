@@ -64,7 +64,10 @@ impl BlockStore for SledStore {
     }
 
     fn failed(&self) -> Option<String> {
-        lock(&self.core().st).failed.clone()
+        // From the durability watch, not the state's mutex: the node's health check (its lease
+        // renewal, on an async worker) asks this every tick, and must not wait behind a long
+        // change holding the mutex.
+        self.core().durable_tx.borrow().failed.clone()
     }
 
     fn block_checksums(&self, vol: VolumeId, offset: u64, len: u64) -> Result<Vec<u32>, StoreError> {

@@ -1,11 +1,11 @@
 //! Copies by reference: a destination range comes to share the source's extents, in steps of
-//! [`STEP_BLOCKS`], each adding the new references before dropping the old ones.
+//! [`CLONE_STEP_BLOCKS`], each adding the new references before dropping the old ones.
 
 use std::collections::BTreeSet;
 
 use tandem_types::VolumeId;
 
-use super::{check_aligned, check_range, SledStore, State, B, STEP_BLOCKS};
+use super::{check_aligned, check_range, SledStore, State, B, CLONE_STEP_BLOCKS};
 use crate::layout::{Slot, CHUNK_BLOCKS};
 use crate::{Lsn, StoreError};
 
@@ -36,7 +36,7 @@ impl SledStore {
         let (s0, d0, n) = (src_offset / B, dst_offset / B, len / B);
         let mut done = 0;
         loop {
-            let step = (n - done).min(STEP_BLOCKS);
+            let step = (n - done).min(CLONE_STEP_BLOCKS);
             st.clone_step((src, srec.map), s0 + done, (dst, drec.map), d0 + done, step)?;
             let lsn = st.bump();
             done += step;
@@ -44,6 +44,11 @@ impl SledStore {
                 return Ok(lsn);
             }
             drop(st);
+            #[cfg(feature = "failpoints")]
+            if let Some(arg) = crate::failpoints::eval(crate::failpoints::CLONE_BETWEEN_STEPS) {
+                let name = crate::failpoints::CLONE_BETWEEN_STEPS;
+                return Err(StoreError::Io(std::io::Error::other(format!("failpoint {name}: {arg}"))));
+            }
             st = self.lock_for_change(None)?;
             if st.volume(src)?.map != srec.map || st.volume(dst)?.map != drec.map {
                 return Err(StoreError::Invalid("a volume was deleted during clone_range".into()));
@@ -54,7 +59,7 @@ impl SledStore {
 
 impl State {
     /// Makes dst blocks `[d0, d0 + n)` share src blocks `[s0, s0 + n)` (n at most
-    /// [`STEP_BLOCKS`]; the ranges do not overlap).
+    /// [`CLONE_STEP_BLOCKS`]; the ranges do not overlap).
     fn clone_step(
         &mut self,
         src: (VolumeId, u64),

@@ -14,6 +14,7 @@
 //! - `volumes.rs`: creating and deleting volumes, releasing deleted volumes' maps;
 //! - `read.rs`: verified reads; `checksums.rs`: block checksums from the index;
 //! - `clone.rs`: copies by reference;
+//! - `check.rs`: the consistency check of the reference counts against the block maps;
 //! - `block_store.rs`: the [`BlockStore`](crate::BlockStore) impl, routing to the above.
 //!
 //! # Layers of the index
@@ -62,6 +63,7 @@
 
 mod block_store;
 mod budget;
+mod check;
 mod checkpoint;
 mod checksums;
 mod clone;
@@ -87,14 +89,24 @@ use tokio::sync::watch;
 use crate::layout::{Chunk, VolumeRec, CHUNK_BLOCKS, EXTENT_BLOCKS_MAX, SEGMENT_BLOCKS_MAX};
 use crate::{Lsn, StoreError};
 
+pub use check::CheckStats;
+
 /// Changes not yet durable, in bytes: data written plus the in-memory index overlay. It bounds
 /// the overlay's memory and the dirty data one `fdatasync` must write; writers wait when it is
 /// reached. 64 MiB is a few hundred milliseconds of a fast disk.
 pub const PENDING_BYTES_MAX: u64 = 64 << 20;
 
-/// Trims and clones of large ranges are applied in steps of this many blocks (1 GiB): one
-/// step's index overlay stays within a few MiB.
+/// Trims of large ranges are applied in steps of this many blocks (1 GiB): one step's index
+/// overlay stays within a few MiB.
 const STEP_BLOCKS: u64 = 1 << 18;
+
+/// Clones are applied in steps of this many blocks (16 MiB, 128 chunks). A clone step copies
+/// every chunk map and loads every extent's counts of its range under the store's mutex; a
+/// 1 GiB step of a written range held it for seconds on a loaded machine, stalling everything
+/// else that takes it (reads, writes, and the node's health check, whose stalled lease renewal
+/// made volumes fail over in the middle of `bench copy`). 16 MiB steps hold it for tens of
+/// milliseconds at most.
+const CLONE_STEP_BLOCKS: u64 = 1 << 12;
 
 /// The largest range [`BlockStore::block_checksums`](crate::BlockStore::block_checksums) answers
 /// in one call: 4 GiB, i.e. 4 MiB of checksums, below the network frame limit.
