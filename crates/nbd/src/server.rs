@@ -728,24 +728,42 @@ impl ChunkedRead {
             return Ok(());
         }
         sink.write_or_break(&header).await?;
-        sink.write_or_break(buf).await?;
-        let chunk_bytes = buf.len() as u64;
-        let mut done = chunk_bytes;
-        while done < length {
-            let piece = &mut buf[..(length - done).min(chunk_bytes) as usize];
-            if let Err(error) = volume.read(offset + done, piece).await {
-                sink.close().await;
-                return Err(ConnectionError::StreamedRead { cookie, error });
-            }
-            sink.write_or_break(piece).await?;
-            done += piece.len() as u64;
-        }
-        if let Err(err) = sink.sink.flush().await {
-            sink.broken = true;
-            return Err(err.into());
-        }
-        Ok(())
+        stream_rest(&mut sink, volume, cookie, offset, length, buf).await
     }
+}
+
+/// Sends the first piece of a read reply already in `buf` (its header is out), then the rest of
+/// `length` bytes from `offset` through `buf`, and flushes. A failed read past the first piece
+/// can only be reported by closing the connection.
+async fn stream_rest<V, W>(
+    sink: &mut ReplyWriter<W>,
+    volume: &V,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+    buf: &mut [u8],
+) -> Result<(), ConnectionError>
+where
+    V: Volume,
+    W: AsyncWrite + Unpin,
+{
+    sink.write_or_break(buf).await?;
+    let chunk_bytes = buf.len() as u64;
+    let mut done = chunk_bytes;
+    while done < length {
+        let piece = &mut buf[..(length - done).min(chunk_bytes) as usize];
+        if let Err(error) = volume.read(offset + done, piece).await {
+            sink.close().await;
+            return Err(ConnectionError::StreamedRead { cookie, error });
+        }
+        sink.write_or_break(piece).await?;
+        done += piece.len() as u64;
+    }
+    if let Err(err) = sink.sink.flush().await {
+        sink.broken = true;
+        return Err(err.into());
+    }
+    Ok(())
 }
 
 /// Whether a piece read holds nothing but zeroes (it is then sent as a hole). Checked a block
@@ -787,22 +805,7 @@ where
         return Ok(());
     }
     sink.write_or_break(&SimpleReply { error: 0, cookie }.to_bytes()).await?;
-    sink.write_or_break(&buf).await?;
-    let mut done = chunk_bytes;
-    while done < length {
-        let piece = &mut buf[..(length - done).min(chunk_bytes) as usize];
-        if let Err(error) = volume.read(offset + done, piece).await {
-            sink.close().await;
-            return Err(ConnectionError::StreamedRead { cookie, error });
-        }
-        sink.write_or_break(piece).await?;
-        done += piece.len() as u64;
-    }
-    if let Err(err) = sink.sink.flush().await {
-        sink.broken = true;
-        return Err(err.into());
-    }
-    Ok(())
+    stream_rest(&mut sink, volume, cookie, offset, length, &mut buf).await
 }
 
 async fn send<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> io::Result<()> {

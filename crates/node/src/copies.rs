@@ -302,6 +302,20 @@ impl Copies {
         len: Option<u64>,
     ) -> Result<Copied, CopyError> {
         let token = self.resolve(asker, value, target).await?;
+        self.copy_resolved(asker, &token, target, offset, token_offset, len).await
+    }
+
+    /// [`Copies::copy`] of a token [`Copies::resolve`] returned for `asker` and `target` (a
+    /// caller copying several ranges with one token reads it once).
+    pub async fn copy_resolved(
+        &self,
+        asker: &Asker,
+        token: &TokenRecord,
+        target: &str,
+        offset: u64,
+        token_offset: u64,
+        len: Option<u64>,
+    ) -> Result<Copied, CopyError> {
         let available = token.len().checked_sub(token_offset).ok_or_else(|| {
             CopyError::Token(
                 TokenFault::TooShort,

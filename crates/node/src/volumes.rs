@@ -670,7 +670,7 @@ impl Volume for ExportedVolume {
         let mut done = 0;
         for (offset, len) in ranges {
             self.copies
-                .copy(&self.asker, &token, &self.cfg.name, offset, token_offset + done, Some(len))
+                .copy_resolved(&self.asker, &record, &self.cfg.name, offset, token_offset + done, Some(len))
                 .await
                 .map_err(|e| (done, copy_error(e)))?;
             done += len;

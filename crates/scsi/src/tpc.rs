@@ -700,10 +700,9 @@ mod tests {
         assert_eq!(extended_copy(&inline, 1, 512).unwrap_err().asc, asc::INLINE_DATA_LENGTH_EXCEEDED);
     }
 
-    fn populate(ranges: &[(u64, u32)], timeout: u32) -> Vec<u8> {
-        let mut b = vec![0u8; 16];
-        b[4..8].copy_from_slice(&timeout.to_be_bytes());
-        b[14..16].copy_from_slice(&((16 * ranges.len()) as u16).to_be_bytes());
+    /// A parameter list `header` followed by block device range descriptors, its data length
+    /// (bytes 0..2) set.
+    fn with_ranges(mut b: Vec<u8>, ranges: &[(u64, u32)]) -> Vec<u8> {
         for (lba, blocks) in ranges {
             let mut d = [0u8; 16];
             d[0..8].copy_from_slice(&lba.to_be_bytes());
@@ -713,6 +712,13 @@ mod tests {
         let len = (b.len() - 2) as u16;
         b[0..2].copy_from_slice(&len.to_be_bytes());
         b
+    }
+
+    fn populate(ranges: &[(u64, u32)], timeout: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 16];
+        b[4..8].copy_from_slice(&timeout.to_be_bytes());
+        b[14..16].copy_from_slice(&((16 * ranges.len()) as u16).to_be_bytes());
+        with_ranges(b, ranges)
     }
 
     #[test]
@@ -739,15 +745,7 @@ mod tests {
         b[8..16].copy_from_slice(&offset.to_be_bytes());
         b[16..528].copy_from_slice(token);
         b[534..536].copy_from_slice(&((16 * ranges.len()) as u16).to_be_bytes());
-        for (lba, blocks) in ranges {
-            let mut d = [0u8; 16];
-            d[0..8].copy_from_slice(&lba.to_be_bytes());
-            d[8..12].copy_from_slice(&blocks.to_be_bytes());
-            b.extend_from_slice(&d);
-        }
-        let len = (b.len() - 2) as u16;
-        b[0..2].copy_from_slice(&len.to_be_bytes());
-        b
+        with_ranges(b, ranges)
     }
 
     fn token_of(rod: u32) -> [u8; 512] {
